@@ -1,0 +1,232 @@
+"""Codec interface and the self-describing payload format shared by every codec.
+
+A payload is one contiguous byte buffer, never pickle::
+
+    magic "QVC1" | u16 format version | u8 len + codec name | u16 codec version
+    | u32 len + JSON meta (dtype, shape, params, ...) | u16 n buffers | n x u64 buffer lengths
+    | u64 xxh3_64 of everything after the header | buffers...
+
+so ``decode`` can dispatch on the codec name, reject unknown versions, and detect truncation or corruption
+before it produces a tensor. Codecs register themselves with :func:`register_codec`; ``make_codec`` builds
+one from a spec string such as ``"int8"`` or ``"int4:group=64"`` or ``"int8+zstd"``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import xxhash
+
+from qwen3vl_ray.errors import CodecError
+
+MAGIC = b"QVC1"
+FORMAT_VERSION = 1
+_HEAD = struct.Struct("<4sH")
+
+Buffer = bytes | bytearray | memoryview | np.ndarray
+
+# torch dtypes without a numpy twin travel as a same-size integer view.
+_VIEW_AS = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise CodecError(f"unknown dtype {name!r} in payload")
+    return dt
+
+
+def tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """A CPU, contiguous tensor's bytes as a flat uint8 numpy view (copies only when it must)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype in _VIEW_AS:
+        t = t.view(_VIEW_AS[t.dtype])
+    return t.numpy().reshape(-1).view(np.uint8)
+
+
+def tensor_from_bytes(buf: Buffer, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`tensor_bytes`; the result owns a copy (payload buffers may be read-only)."""
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+    if raw.size != n:
+        raise CodecError(f"payload holds {raw.size} bytes, {dtype} {tuple(shape)} needs {n}")
+    out = torch.empty(tuple(shape), dtype=dtype)
+    out_u8 = out.view(_VIEW_AS.get(dtype, dtype)).numpy().reshape(-1).view(np.uint8) if n else None
+    if n:
+        out_u8[:] = raw
+    return out
+
+
+def pack_payload(name: str, version: int, meta: dict[str, Any], buffers: Sequence[Buffer]) -> bytearray:
+    name_b = name.encode()
+    meta_b = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
+    views = [memoryview(b).cast("B") if not isinstance(b, np.ndarray) else memoryview(np.ascontiguousarray(b).view(np.uint8).reshape(-1)) for b in buffers]
+    header = bytearray(_HEAD.pack(MAGIC, FORMAT_VERSION))
+    header += struct.pack("<B", len(name_b)) + name_b + struct.pack("<H", version)
+    header += struct.pack("<I", len(meta_b)) + meta_b
+    header += struct.pack("<H", len(views)) + b"".join(struct.pack("<Q", v.nbytes) for v in views)
+    h = xxhash.xxh3_64()
+    for v in views:
+        h.update(v)
+    total = len(header) + 8 + sum(v.nbytes for v in views)
+    out = bytearray(total)
+    out[: len(header)] = header
+    out[len(header): len(header) + 8] = struct.pack("<Q", h.intdigest())
+    pos = len(header) + 8
+    for v in views:
+        out[pos: pos + v.nbytes] = v
+        pos += v.nbytes
+    return out
+
+
+def unpack_payload(payload: Buffer) -> tuple[str, int, dict[str, Any], list[memoryview]]:
+    """Parse and verify a payload. Raises :class:`CodecError` on anything malformed."""
+    mv = memoryview(payload).cast("B") if not isinstance(payload, np.ndarray) else memoryview(payload.view(np.uint8).reshape(-1))
+    try:
+        magic, fmt = _HEAD.unpack_from(mv, 0)
+        if magic != MAGIC:
+            raise CodecError("not a qwen3vl-ray codec payload (bad magic)")
+        if fmt != FORMAT_VERSION:
+            raise CodecError(f"unsupported payload format version {fmt} (this build reads {FORMAT_VERSION})")
+        pos = _HEAD.size
+        (nlen,) = struct.unpack_from("<B", mv, pos); pos += 1
+        name = bytes(mv[pos: pos + nlen]).decode(); pos += nlen
+        (version,) = struct.unpack_from("<H", mv, pos); pos += 2
+        (mlen,) = struct.unpack_from("<I", mv, pos); pos += 4
+        meta = json.loads(bytes(mv[pos: pos + mlen])); pos += mlen
+        (nbuf,) = struct.unpack_from("<H", mv, pos); pos += 2
+        lengths = struct.unpack_from(f"<{nbuf}Q", mv, pos); pos += 8 * nbuf
+        (digest,) = struct.unpack_from("<Q", mv, pos); pos += 8
+    except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CodecError(f"truncated or corrupt payload header: {exc}") from exc
+    if pos + sum(lengths) != mv.nbytes:
+        raise CodecError(f"payload length {mv.nbytes} does not match its header ({pos + sum(lengths)} expected): truncated or corrupt")
+    bufs = []
+    h = xxhash.xxh3_64()
+    for n in lengths:
+        bufs.append(mv[pos: pos + n]); h.update(bufs[-1]); pos += n
+    if h.intdigest() != digest:
+        raise CodecError("payload checksum mismatch: corrupt data")
+    return name, version, meta, bufs
+
+
+class Codec(ABC):
+    """Encodes a tensor into a self-describing payload and back to its shape, dtype and device."""
+
+    #: registry name, e.g. "int8"
+    name: str = ""
+    #: bumped when the byte layout changes; decode refuses versions it does not know
+    version: int = 1
+    #: True if decode(encode(x)) is bit-exact
+    lossless: bool = False
+
+    @abstractmethod
+    def encode(self, tensor: torch.Tensor) -> bytearray: ...
+
+    @abstractmethod
+    def decode_parts(self, meta: dict[str, Any], buffers: list[memoryview], device: torch.device | str | None) -> torch.Tensor: ...
+
+    def spec(self) -> str:
+        """The spec string that rebuilds this codec with ``make_codec``."""
+        return self.name
+
+    def decode(self, payload: Buffer, device: torch.device | str | None = None) -> torch.Tensor:
+        return decode(payload, device)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec()!r})"
+
+
+_REGISTRY: dict[str, Callable[..., Codec]] = {}
+
+
+def register_codec(name: str) -> Callable[[type[Codec]], type[Codec]]:
+    def deco(cls: type[Codec]) -> type[Codec]:
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+def available_codecs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _parse_params(text: str) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        if "=" not in item:
+            raise CodecError(f"codec parameter {item!r} must look like name=value")
+        k, v = item.split("=", 1)
+        for conv in (int, float):
+            try:
+                params[k] = conv(v)
+                break
+            except ValueError:
+                continue
+        else:
+            params[k] = {"true": True, "false": False}.get(v.lower(), v)
+    return params
+
+
+def make_codec(spec: str | Codec | None) -> Codec:
+    """Build a codec from ``"name"`` or ``"name:k=v,k=v"``; ``None``/``"none"`` is the identity codec."""
+    if isinstance(spec, Codec):
+        return spec
+    spec = (spec or "none").strip()
+    name, _, params = spec.partition(":")
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise CodecError(f"unknown codec {name!r}; available: {', '.join(available_codecs())}")
+    try:
+        return factory(**_parse_params(params))
+    except TypeError as exc:
+        raise CodecError(f"bad parameters for codec {name!r}: {exc}") from exc
+
+
+def decode(payload: Buffer, device: torch.device | str | None = None) -> torch.Tensor:
+    """Decode any payload by the codec it names."""
+    name, version, meta, bufs = unpack_payload(payload)
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise CodecError(f"payload names unknown codec {name!r}; available: {', '.join(available_codecs())}")
+    codec = factory.from_meta(meta) if hasattr(factory, "from_meta") else factory()
+    if version != codec.version:
+        raise CodecError(f"codec {name!r} payload version {version} is not supported (this build: {codec.version})")
+    return codec.decode_parts(meta, bufs, device)
+
+
+def transcode(payload: Buffer, target: str | Codec) -> bytearray:
+    """Re-encode a stored payload with another codec (e.g. host int8 -> int4 under pressure)."""
+    return make_codec(target).encode(decode(payload))
+
+
+def payload_codec_name(payload: Buffer) -> str:
+    return unpack_payload(payload)[0]
+
+
+@register_codec("none")
+class IdentityCodec(Codec):
+    """Raw bytes plus dtype/shape: bit-exact."""
+
+    lossless = True
+
+    def encode(self, tensor: torch.Tensor) -> bytearray:
+        meta = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)}
+        return pack_payload(self.name, self.version, meta, [tensor_bytes(tensor)])
+
+    def decode_parts(self, meta, buffers, device):
+        t = tensor_from_bytes(buffers[0], dtype_from_name(meta["dtype"]), meta["shape"])
+        return t.to(device) if device is not None else t

@@ -1,0 +1,104 @@
+"""The storage interface every tier implements (device, host, disk, and the Ray object-store host tier).
+
+Data side only: a tier stores and returns bytes-backed tensors and keeps its own byte accounting. It never
+decides what to evict; the :class:`~qwen3vl_ray.cache.tiered_cache.TieredCache` asks a policy and calls
+``remove``. Stores are two-phase so the cache can make room for the *encoded* size before committing:
+
+    prepared = tier.prepare_store(key, tensor)   # encodes, reserves nothing, returns its stored size
+    ... cache evicts until tier.free_bytes >= prepared.nbytes ...
+    tier.complete_store(prepared)                # -> False if it still does not fit (nothing lost)
+
+``put`` is the one-shot form (prepare + complete without eviction).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from qwen3vl_ray.keys import CacheKey
+
+
+@dataclass(slots=True)
+class PreparedStore:
+    """An entry encoded and ready to be committed to a tier. ``nbytes`` is what it will occupy."""
+
+    key: CacheKey
+    nbytes: int
+    payload: Any  # tier-specific: the tensor itself, or an encoded uint8 buffer
+    meta: dict = field(default_factory=dict)
+
+
+class Tier(ABC):
+    """A storage level with a byte budget. Implementations must be safe for one writer thread plus readers."""
+
+    #: "device", "host" or "disk" (the Ray object-store tier reports "host").
+    name: str
+    capacity_bytes: int
+
+    # -- accounting ---------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def used_bytes(self) -> int: ...
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.used_bytes
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def keys(self) -> Iterator[CacheKey]: ...
+
+    @abstractmethod
+    def entry_nbytes(self, key: CacheKey) -> int | None:
+        """Bytes ``key`` occupies in this tier, or None if absent."""
+
+    # -- two-phase store ----------------------------------------------------------------------
+    @abstractmethod
+    def prepare_store(self, key: CacheKey, tensor: torch.Tensor) -> PreparedStore:
+        """Encode ``tensor`` for this tier (no side effects on stored data). Raises ``CapacityError`` if
+        the entry is larger than the whole tier."""
+
+    @abstractmethod
+    def complete_store(self, prepared: PreparedStore) -> bool:
+        """Commit; ``False`` if there is no room (nothing stored is lost). Replaces an existing entry."""
+
+    def put(self, key: CacheKey, tensor: torch.Tensor) -> bool:
+        return self.complete_store(self.prepare_store(key, tensor))
+
+    # -- reads --------------------------------------------------------------------------------
+    @abstractmethod
+    def get(self, key: CacheKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The tensor bit-exact (or within the codec's bound), as a new tensor owned by the caller, or
+        copied into ``out`` (same shape/dtype) when given. None on a miss or a corrupt entry (counted)."""
+
+    @abstractmethod
+    def contains(self, key: CacheKey) -> bool: ...
+
+    @abstractmethod
+    def remove(self, key: CacheKey) -> bool: ...
+
+    # -- batched forms (override where one call can do better, e.g. across processes) -------------
+    def put_many(self, items: Sequence[tuple[CacheKey, torch.Tensor]]) -> list[bool]:
+        return [self.put(k, t) for k, t in items]
+
+    def get_many(self, keys: Sequence[CacheKey]) -> list[torch.Tensor | None]:
+        return [self.get(k) for k in keys]
+
+    def contains_many(self, keys: Iterable[CacheKey]) -> list[bool]:
+        return [self.contains(k) for k in keys]
+
+    def remove_many(self, keys: Iterable[CacheKey]) -> list[bool]:
+        return [self.remove(k) for k in keys]
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """At least: name, capacity_bytes, used_bytes, entries, plus tier-specific counters."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (files stay on disk)."""
