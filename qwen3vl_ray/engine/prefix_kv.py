@@ -1,0 +1,169 @@
+"""Prefix KV reuse: chunk keys, loading the longest cached prefix, storing new full chunks.
+
+Metadata vs. data: this module decides *which* chunks a prompt can reuse and moves their bytes between the
+store and a transformers ``DynamicCache``; the store decides where they live.
+
+A chunk's key chains everything before it (``qwen3vl_ray.keys.chunk_keys``) with each overlapping image's
+content hash and offsets folded in, under a namespace carrying the model fingerprint, dtype, layout and
+codecs; so two images with the same text, or the same image at another resolution, never share KV.
+
+One chunk is one tensor ``[layers, 2 (k, v), kv_heads, chunk_tokens, head_dim]`` in the model dtype. The
+keys inside already carry their rotary embedding (MRoPE positions of the *whole* prompt), which is why the
+engine computes the suffix's positions for the whole sequence and slices them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from qwen3vl_ray.engine.budget import KeyRegistry
+from qwen3vl_ray.keys import CacheKey, ImageSpan, Namespace, chunk_keys, image_extras
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class KVGeometry:
+    """Shape of the text model's KV; ``bytes_per_token`` is what one token costs across all layers."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_text_config(cls, cfg: Any, dtype: torch.dtype) -> "KVGeometry":
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def layout(self, chunk_tokens: int) -> str:
+        return f"kv:L{self.layers}xH{self.kv_heads}xD{self.head_dim}:chunk{chunk_tokens}"
+
+
+@dataclass(slots=True)
+class LoadedPrefix:
+    """KV of the first ``n_tokens`` prompt tokens, ready to continue from, and where it came from."""
+
+    cache: DynamicCache
+    n_tokens: int
+    tiers: dict[str, int] = field(default_factory=dict)
+
+
+def chunk_tensor(cache: DynamicCache, start: int, end: int) -> torch.Tensor:
+    """Tokens [start, end) of a batch-1 DynamicCache as one ``[layers, 2, kv_heads, n, head_dim]`` tensor."""
+    return torch.stack(
+        [torch.stack((layer.keys[0, :, start:end], layer.values[0, :, start:end])) for layer in cache.layers]
+    ).contiguous()
+
+
+def cache_from_chunks(chunks: Sequence[torch.Tensor], n_tokens: int, text_config: Any, device: torch.device) -> DynamicCache:
+    """A DynamicCache holding the first ``n_tokens`` tokens of the concatenated chunks (one copy each)."""
+    layers, _, heads, _, dim = chunks[0].shape
+    keys = torch.empty((layers, 1, heads, n_tokens, dim), dtype=chunks[0].dtype, device=device)
+    values = torch.empty_like(keys)
+    pos = 0
+    for chunk in chunks:
+        take = min(chunk.shape[3], n_tokens - pos)
+        if take <= 0:
+            break
+        keys[:, 0, :, pos:pos + take].copy_(chunk[:, 0, :, :take], non_blocking=True)
+        values[:, 0, :, pos:pos + take].copy_(chunk[:, 1, :, :take], non_blocking=True)
+        pos += take
+    assert pos == n_tokens, (pos, n_tokens)
+    cache = DynamicCache(config=text_config)
+    for i, layer in enumerate(cache.layers):
+        layer.lazy_initialization(keys[i], values[i])
+        layer.keys, layer.values = keys[i], values[i]
+    return cache
+
+
+class PrefixKV:
+    """Finds, loads and stores a prompt's KV chunks in a TieredCache."""
+
+    def __init__(self, store: Any, namespace: Namespace, chunk_tokens: int, text_config: Any, device: torch.device,
+                 registry: KeyRegistry):
+        self.store = store
+        self.namespace = namespace
+        self.chunk_tokens = chunk_tokens
+        self.text_config = text_config
+        self.device = device
+        self.registry = registry
+
+    def keys(self, token_ids: torch.Tensor | Sequence[int], spans: Sequence[ImageSpan]) -> list[CacheKey]:
+        """Keys of the full chunks of ``token_ids`` (images folded in by content hash and offset)."""
+        n = len(token_ids)
+        ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        extras = image_extras(spans, n, self.chunk_tokens) if spans else None
+        return chunk_keys(self.namespace, ids, self.chunk_tokens, extras)
+
+    def fetch(self, keys: Sequence[CacheKey]) -> tuple[list[torch.Tensor], list[str]]:
+        """The leading run of ``keys`` present in the store: their tensors and the tier each came from."""
+        n = self.store.longest_prefix(list(keys)) if keys else 0
+        if n == 0:
+            return [], []
+        tiers = [self.store.where(k) or "unknown" for k in keys[:n]]
+        chunks = self.store.get_many(list(keys[:n]))
+        # An entry can be evicted between longest_prefix and get: keep the leading run that arrived.
+        good = next((i for i, c in enumerate(chunks) if c is None), n)
+        if good < n:
+            logger.info("prefix shrank from %d to %d chunks while loading (concurrent eviction)", n, good)
+        for k in keys[:good]:
+            self.registry.touch(k)
+        return list(chunks[:good]), tiers[:good]
+
+    def build(self, chunks: Sequence[torch.Tensor], tiers: Sequence[str], max_tokens: int) -> LoadedPrefix | None:
+        """A DynamicCache of the first ``min(len(chunks' tokens), max_tokens)`` tokens, with per-tier counts."""
+        total = sum(int(c.shape[3]) for c in chunks)
+        n_tokens = min(total, max_tokens)
+        if n_tokens <= 0:
+            return None
+        cache = cache_from_chunks(chunks, n_tokens, self.text_config, self.device)
+        per_tier: dict[str, int] = {}
+        pos = 0
+        for chunk, tier in zip(chunks, tiers):
+            take = min(int(chunk.shape[3]), n_tokens - pos)
+            if take <= 0:
+                break
+            per_tier[tier] = per_tier.get(tier, 0) + take
+            pos += take
+        return LoadedPrefix(cache, n_tokens, per_tier)
+
+    def load(self, keys: Sequence[CacheKey], max_tokens: int) -> LoadedPrefix | None:
+        """Load the longest run of leading ``keys`` present in any tier, capped at ``max_tokens`` tokens."""
+        if max_tokens <= 0:
+            return None
+        chunks, tiers = self.fetch(keys[: -(-max_tokens // self.chunk_tokens)])
+        return self.build(chunks, tiers, max_tokens) if chunks else None
+
+    def store_new(self, cache: DynamicCache, keys: Sequence[CacheKey], owner: str | None = None) -> int:
+        """Store the full chunks of ``cache`` that the store lacks; returns how many were stored."""
+        have = cache.get_seq_length()
+        items = []
+        for i, key in enumerate(keys):
+            end = (i + 1) * self.chunk_tokens
+            if end > have:
+                break
+            if self.store.contains(key):
+                self.registry.touch(key)
+                continue
+            parent = keys[i - 1] if i else None
+            items.append((key, chunk_tensor(cache, i * self.chunk_tokens, end), parent))
+        if not items:
+            return 0
+        stored = self.store.put_many(items)
+        for (key, _, _), ok in zip(items, stored):
+            if ok:
+                self.registry.add(key, owner)
+        n_ok = sum(bool(s) for s in stored)
+        if n_ok < len(items):
+            logger.info("store kept %d of %d new KV chunks (no room)", n_ok, len(items))
+        return n_ok
