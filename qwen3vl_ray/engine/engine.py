@@ -188,12 +188,15 @@ class Qwen3VLEngine:
             metrics.stored_chunks = self.prefix.store_new(cache, keys)
 
         generated = [token]
+        steps = [logits] if req.return_logits else None
         t1 = time.perf_counter()
         pos = n
         while len(generated) < sp.max_new_tokens and not (sp.stop_on_eos and token in self.eos_ids):
             logits = self._decode_step(token, pos, rope_delta, cache)
             token = sampler(logits)
             generated.append(token)
+            if steps is not None:
+                steps.append(logits)
             pos += 1
         decode_s = time.perf_counter() - t1
         if len(generated) > 1 and decode_s > 0:
@@ -204,7 +207,8 @@ class Qwen3VLEngine:
             held = prompt.input_ids.tolist() + generated[:-1]
             metrics.stored_chunks = self.sessions.save(req.session_id, cache, held, spans)
         text = self.processor.tokenizer.decode(generated, skip_special_tokens=True)
-        return Result(rid, text=text, token_ids=generated, metrics=metrics)
+        return Result(rid, text=text, token_ids=generated, metrics=metrics,
+                      logits=torch.stack(steps).float().cpu() if steps is not None else None)
 
     def _prefill(self, prompt: Prompt, cut: int, cache: DynamicCache, metrics: Metrics) -> tuple[torch.Tensor, int]:
         """Compute prompt tokens [cut, n) on top of ``cache``; returns last-position logits and rope delta."""

@@ -55,12 +55,14 @@ class Request:
         sampling: decoding settings (greedy by default).
         session_id: a chat session; its KV (prompt and answer) is kept between turns.
         request_id: echoed in the result; defaults to the request's index in the call.
+        return_logits: also return each step's logits in ``Result.logits`` (for accuracy checks).
     """
 
     messages: list[dict[str, Any]]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     session_id: str | None = None
     request_id: str | None = None
+    return_logits: bool = False
 
 
 def validate_messages(messages: Any) -> None:
@@ -123,6 +125,7 @@ class Result:
     token_ids: list[int] = field(default_factory=list)
     metrics: Metrics = field(default_factory=Metrics)
     error: str | None = None
+    logits: Any = None  # (steps, vocab) tensor when the request asked for it
 
     @property
     def ok(self) -> bool:

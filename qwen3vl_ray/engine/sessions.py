@@ -76,30 +76,34 @@ class Sessions:
         return prefix_key(self.prefix.namespace, parent, list(token_ids[n_full * c:]), extra)
 
     def resume(self, session_id: str, prompt_ids: Sequence[int], spans: Sequence[ImageSpan], max_tokens: int) -> LoadedPrefix | None:
-        """KV of the longest prefix this prompt shares with the session's stored tokens (tail included).
+        """KV of the longest prefix this prompt shares token-for-token with the session's stored tokens.
 
-        None when the session has nothing beyond what plain prefix reuse finds (no tail overlap)."""
+        Unlike plain prefix reuse this is not limited to whole chunks: a chunk (or the tail) whose first
+        tokens match is used up to the first differing token. None if nothing is shared or it is gone."""
         s = self._sessions.get(session_id)
-        if s is None or s.tail_key is None:
+        if s is None:
             return None
         c = self.prefix.chunk_tokens
-        full = len(s.chunk_keys) * c
         common = _common_prefix(s.token_ids, prompt_ids)
         # Images in the shared region must be the same images at the same places.
-        if [sp for sp in s.spans if sp.start < common] != [sp for sp in spans if sp.start < common]:
-            common = min([common] + [sp.start for sp in spans if sp.start < common])
+        mine = [sp for sp in s.spans if sp.start < common]
+        theirs = [sp for sp in spans if sp.start < common]
+        if mine != theirs:
+            common = min(sp.start for sp in mine + theirs)
         use = min(common, max_tokens)
-        if use <= full:
+        if use <= 0:
             return None
-        chunks, tiers = self.prefix.fetch(s.chunk_keys)
-        if len(chunks) < len(s.chunk_keys):
+        n_chunks = -(-use // c)
+        chunks, tiers = self.prefix.fetch(s.chunk_keys[:n_chunks])
+        if n_chunks > len(s.chunk_keys) and len(chunks) == len(s.chunk_keys) and s.tail_key is not None:
+            tail = self.store.get(s.tail_key)
+            if tail is not None:
+                self.registry.touch(s.tail_key)
+                chunks.append(tail)
+                tiers.append(self.store.where(s.tail_key) or "unknown")
+        if not chunks:
             return None
-        tail = self.store.get(s.tail_key)
-        if tail is None:
-            return None
-        self.registry.touch(s.tail_key)
-        tiers = tiers + [self.store.where(s.tail_key) or "unknown"]
-        return self.prefix.build(chunks + [tail], tiers, use)
+        return self.prefix.build(chunks, tiers, use)
 
     def save(self, session_id: str, cache: DynamicCache, token_ids: Sequence[int], spans: Sequence[ImageSpan]) -> int:
         """Store the session's KV after a turn (``token_ids``: the tokens ``cache`` holds). Returns chunks stored."""
