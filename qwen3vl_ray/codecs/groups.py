@@ -113,7 +113,7 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, g: Grouping, shape: list[i
     x = x.view(g.pre, g.padded, g.post)
     if g.padded != g.n:
         x = x[:, : g.n]
-    return x.reshape(shape).to(dtype)
+    return x.reshape(shape).to(dtype).contiguous()
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
