@@ -32,7 +32,7 @@ from qwen3vl_ray.engine.checkpoint import model_fingerprint
 from qwen3vl_ray.engine.config import EngineConfig
 from qwen3vl_ray.engine.loading import load_model_and_processor
 from qwen3vl_ray.engine.prefix_kv import KVGeometry, PrefixKV
-from qwen3vl_ray.engine.prompt import Prompt, build_prompt
+from qwen3vl_ray.engine.prompt import ImageMemo, Prompt, build_prompt
 from qwen3vl_ray.engine.requests import Metrics, Request, RequestError, Result, SamplingParams
 from qwen3vl_ray.engine.sampling import Sampler
 from qwen3vl_ray.engine.sessions import Sessions
@@ -97,6 +97,7 @@ class Qwen3VLEngine:
             CacheConfig(tiers=self.config.tiers, policy=self.config.policy, namespace=Namespace(layout="qwen3vl-engine", **ns))
         )
         self.registry = KeyRegistry()
+        self.image_memo = ImageMemo()
         self.prefix = PrefixKV(self.store, self.kv_namespace, self.config.chunk_tokens, self.text_config, self.device, self.registry)
         self.vision = VisionCache(self.store, self.vision_namespace)
         self.sessions = Sessions(self.store, self.prefix, self.registry, self.config.session_idle_s)
@@ -159,12 +160,13 @@ class Qwen3VLEngine:
     def _run(self, req: Request, rid: str) -> Result:
         t0 = time.perf_counter()
         sp = req.sampling
-        prompt = build_prompt(self.processor, req.messages, self.config.max_pixels, self.image_token_id)
+        prompt = build_prompt(self.processor, req.messages, self.config.max_pixels, self.image_token_id, self.image_memo)
         n = len(prompt)
         need = (n + sp.max_new_tokens) * self.geometry.bytes_per_token
         self.budget.check(need, f"request {rid} ({n} prompt + {sp.max_new_tokens} new tokens)")
         spans = [im.span for im in prompt.images]
         keys = self.prefix.keys(prompt.input_ids, spans) if self.config.prefix_cache else []
+        tail = self.prefix.tail_key(prompt.input_ids, spans, keys) if self.config.prefix_cache else None
         if not self.budget.make_room(need, protect=keys):
             logger.warning("request %s: device KV budget still short after offloading everything movable", rid)
         metrics = Metrics(prompt_tokens=n)
@@ -174,7 +176,7 @@ class Qwen3VLEngine:
         if req.session_id is not None:
             loaded = self.sessions.resume(req.session_id, prompt.input_ids.tolist(), spans, n - 1)
         if loaded is None and self.config.prefix_cache:
-            loaded = self.prefix.load(keys, n - 1)
+            loaded = self.prefix.load(keys, n - 1, tail)
         cut = loaded.n_tokens if loaded else 0
         cache = loaded.cache if loaded else DynamicCache(config=self.text_config)
         if loaded:
@@ -186,6 +188,9 @@ class Qwen3VLEngine:
         metrics.ttft_s = time.perf_counter() - t0
         if self.config.prefix_cache and req.session_id is None:
             metrics.stored_chunks = self.prefix.store_new(cache, keys)
+            if tail is not None:
+                c = self.config.chunk_tokens
+                metrics.stored_chunks += self.prefix.store_tail(cache, tail, len(keys) * c, n, keys[-1] if keys else None)
 
         generated = [token]
         steps = [logits] if req.return_logits else None

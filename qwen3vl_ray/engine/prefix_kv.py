@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from qwen3vl_ray.engine.budget import KeyRegistry
-from qwen3vl_ray.keys import CacheKey, ImageSpan, Namespace, chunk_keys, image_extras
+from qwen3vl_ray.keys import CacheKey, ImageSpan, Namespace, chunk_keys, image_extras, prefix_key
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,20 @@ class PrefixKV:
         extras = image_extras(spans, n, self.chunk_tokens) if spans else None
         return chunk_keys(self.namespace, ids, self.chunk_tokens, extras)
 
+    def tail_key(self, token_ids: torch.Tensor | Sequence[int], spans: Sequence[ImageSpan],
+                 full_keys: Sequence[CacheKey]) -> CacheKey | None:
+        """Key of the partial last chunk (tokens after the last full chunk), chained to the last full key.
+
+        Only an identical token run (same images) after an identical prefix has this key, so it serves
+        exact repeats and session continuations; a longer prompt's full chunk supersedes it."""
+        ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        start = len(full_keys) * self.chunk_tokens
+        if start >= len(ids):
+            return None
+        extras = image_extras(spans, len(ids), self.chunk_tokens) if spans else []
+        extra = b"partial" + (extras[len(full_keys)] if len(full_keys) < len(extras) else b"")
+        return prefix_key(self.namespace, full_keys[-1] if full_keys else None, ids[start:], extra)
+
     def fetch(self, keys: Sequence[CacheKey]) -> tuple[list[torch.Tensor], list[str]]:
         """The leading run of ``keys`` present in the store: their tensors and the tier each came from."""
         n = self.store.longest_prefix(list(keys)) if keys else 0
@@ -137,12 +151,31 @@ class PrefixKV:
             pos += take
         return LoadedPrefix(cache, n_tokens, per_tier)
 
-    def load(self, keys: Sequence[CacheKey], max_tokens: int) -> LoadedPrefix | None:
-        """Load the longest run of leading ``keys`` present in any tier, capped at ``max_tokens`` tokens."""
+    def load(self, keys: Sequence[CacheKey], max_tokens: int, tail: CacheKey | None = None) -> LoadedPrefix | None:
+        """Load the longest run of leading ``keys`` present in any tier (then ``tail`` if every full chunk
+        was there), capped at ``max_tokens`` tokens."""
         if max_tokens <= 0:
             return None
-        chunks, tiers = self.fetch(keys[: -(-max_tokens // self.chunk_tokens)])
+        want = keys[: -(-max_tokens // self.chunk_tokens)]
+        chunks, tiers = self.fetch(want)
+        if tail is not None and len(chunks) == len(keys) and len(keys) * self.chunk_tokens < max_tokens:
+            t = self.store.get(tail)
+            if t is not None:
+                self.registry.touch(tail)
+                chunks.append(t)
+                tiers.append(self.store.where(tail) or "unknown")
         return self.build(chunks, tiers, max_tokens) if chunks else None
+
+    def store_tail(self, cache: DynamicCache, tail: CacheKey, start: int, end: int, parent: CacheKey | None,
+                   owner: str | None = None) -> bool:
+        """Store tokens [start, end) of ``cache`` as the partial entry ``tail``."""
+        if self.store.contains(tail):
+            self.registry.touch(tail)
+            return False
+        ok = bool(self.store.put(tail, chunk_tensor(cache, start, end), parent=parent))
+        if ok:
+            self.registry.add(tail, owner)
+        return ok
 
     def store_new(self, cache: DynamicCache, keys: Sequence[CacheKey], owner: str | None = None) -> int:
         """Store the full chunks of ``cache`` that the store lacks; returns how many were stored."""

@@ -7,10 +7,12 @@ vs. bytes vs. PIL) is not.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 
 from qwen3vl_ray.engine.images import load_image
 from qwen3vl_ray.engine.requests import validate_messages
@@ -66,34 +68,86 @@ def _template_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, A
     return out, images
 
 
-def build_prompt(processor: Any, messages: list[dict[str, Any]], max_pixels: int, image_token_id: int) -> Prompt:
-    """Validate ``messages``, load their images and run the processor. Raises RequestError / ImageError."""
+class ImageMemo:
+    """Preprocessed pixels, grid and content hash of recently seen images, keyed by the decoded image.
+
+    Preprocessing and hashing a 1024x1024 image costs more than loading its whole KV from host memory,
+    so a repeated image skips both. The key is a 128-bit hash of the decoded RGB bytes, size and the
+    preprocessing settings; the entry is exactly what preprocessing would produce again."""
+
+    def __init__(self, capacity_bytes: int = 256 << 20):
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor, bytes]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: bytes) -> tuple[torch.Tensor, torch.Tensor, bytes] | None:
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+        return hit
+
+    def put(self, key: bytes, pixels: torch.Tensor, grid: torch.Tensor, digest: bytes) -> None:
+        size = pixels.numel() * pixels.element_size()
+        if size > self.capacity_bytes:
+            return
+        self._entries[key] = (pixels, grid, digest)
+        self._bytes += size
+        while self._bytes > self.capacity_bytes:
+            _, (p, _, _) = self._entries.popitem(last=False)
+            self._bytes -= p.numel() * p.element_size()
+
+
+def _preprocess(processor: Any, img: Image.Image, memo: ImageMemo | None) -> tuple[torch.Tensor, torch.Tensor, bytes]:
+    """(pixel rows, grid (3,), content hash) of one image, from the memo when the same image was seen."""
+    ip = processor.image_processor
+    settings = repr(sorted((k, repr(v)) for k, v in ip.to_dict().items())).encode()
+    key = content_hash(img.mode.encode(), repr(img.size).encode(), settings, img.tobytes()) if memo else b""
+    hit = memo.get(key) if memo else None
+    if hit is not None:
+        return hit
+    out = ip(images=[img], return_tensors="pt")
+    pixels, grid = out["pixel_values"], out["image_grid_thw"][0].long()
+    digest = content_hash(pixels.float().contiguous().numpy(), grid.numpy())
+    if memo:
+        memo.put(key, pixels, grid, digest)
+    return pixels, grid, digest
+
+
+def build_prompt(processor: Any, messages: list[dict[str, Any]], max_pixels: int, image_token_id: int,
+                 memo: ImageMemo | None = None) -> Prompt:
+    """Validate ``messages``, load their images and preprocess them. Raises RequestError / ImageError.
+
+    Same result as ``processor(text=..., images=...)`` (each image is preprocessed on its own, as the
+    processor does, and its placeholder expanded to grid_t*grid_h*grid_w / merge^2 tokens)."""
     validate_messages(messages)
     tmpl, image_items = _template_messages(messages)
     pil_images = [load_image(item, max_pixels) for item in image_items]
     text = processor.apply_chat_template(tmpl, tokenize=False, add_generation_prompt=True)
-    enc = processor(text=[text], images=pil_images or None, return_tensors="pt")
-    ids = enc["input_ids"][0].long()
-    mm = enc.get("mm_token_type_ids")
-    mm = mm[0].long() if mm is not None else (ids == image_token_id).long()
-    pixel_values = enc.get("pixel_values") if pil_images else None
-    grid = enc.get("image_grid_thw") if pil_images else None
+    pre = [_preprocess(processor, img, memo) for img in pil_images]
+    merge = int(getattr(processor.image_processor, "merge_size", 2))
+    image_token = processor.image_token
+    pieces = text.split(image_token)
+    if len(pieces) - 1 != len(pre):
+        raise AssertionError(f"template produced {len(pieces) - 1} image placeholders for {len(pre)} images")
+    expanded = pieces[0]
+    for (_, grid, _), piece in zip(pre, pieces[1:]):
+        expanded += image_token * (int(grid.prod()) // (merge * merge)) + piece
+    ids = processor.tokenizer(expanded, return_tensors="pt")["input_ids"][0].long()
+    mm = (ids == image_token_id).long()
     images: list[PromptImage] = []
-    if pil_images:
-        runs = _runs(ids == image_token_id)
-        if len(runs) != len(pil_images):
-            raise AssertionError(f"{len(runs)} image-token runs for {len(pil_images)} images")
-        merge = int(getattr(processor.image_processor, "merge_size", 2))
-        patch = 0
-        for (start, end), thw in zip(runs, grid):
-            n_patches = int(thw.prod())
-            if n_patches // (merge * merge) != end - start:
-                raise AssertionError(f"image span of {end - start} tokens for grid {thw.tolist()}")
-            rows = pixel_values[patch:patch + n_patches]
-            digest = content_hash(rows.float().contiguous().numpy(), thw.long().numpy())
-            images.append(PromptImage(digest, start, end, patch, patch + n_patches, thw.long().clone()))
-            patch += n_patches
-    return Prompt(ids, mm, pixel_values, grid, images)
+    runs = _runs(ids == image_token_id)
+    if len(runs) != len(pre):
+        raise AssertionError(f"{len(runs)} image-token runs for {len(pre)} images")
+    patch = 0
+    for (start, end), (pixels, grid, digest) in zip(runs, pre):
+        n_patches = int(grid.prod())
+        if n_patches // (merge * merge) != end - start or pixels.shape[0] != n_patches:
+            raise AssertionError(f"image span of {end - start} tokens for grid {grid.tolist()}")
+        images.append(PromptImage(digest, start, end, patch, patch + n_patches, grid))
+        patch += n_patches
+    pixel_values = torch.cat([p for p, _, _ in pre]) if pre else None
+    grid_thw = torch.stack([g for _, g, _ in pre]) if pre else None
+    return Prompt(ids, mm, pixel_values, grid_thw, images)
 
 
 def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:

@@ -17,8 +17,8 @@ import torch
 from transformers import DynamicCache
 
 from qwen3vl_ray.engine.budget import KeyRegistry
-from qwen3vl_ray.engine.prefix_kv import LoadedPrefix, PrefixKV, chunk_tensor
-from qwen3vl_ray.keys import CacheKey, ImageSpan, image_extras, prefix_key
+from qwen3vl_ray.engine.prefix_kv import LoadedPrefix, PrefixKV
+from qwen3vl_ray.keys import CacheKey, ImageSpan
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +67,6 @@ class Sessions:
         s = self._sessions.get(session_id)
         return s is not None and all(self.store.contains(k) for k in s.keys)
 
-    def _tail_key(self, token_ids: Sequence[int], spans: Sequence[ImageSpan], chunk_keys: Sequence[CacheKey]) -> CacheKey:
-        c = self.prefix.chunk_tokens
-        n_full = len(chunk_keys)
-        extras = image_extras(spans, len(token_ids), c) if spans else []
-        extra = b"session-tail" + (extras[n_full] if n_full < len(extras) else b"")
-        parent = chunk_keys[-1] if chunk_keys else None
-        return prefix_key(self.prefix.namespace, parent, list(token_ids[n_full * c:]), extra)
-
     def resume(self, session_id: str, prompt_ids: Sequence[int], spans: Sequence[ImageSpan], max_tokens: int) -> LoadedPrefix | None:
         """KV of the longest prefix this prompt shares token-for-token with the session's stored tokens.
 
@@ -116,14 +108,16 @@ class Sessions:
             self.registry.add(k, session_id)
         old = self._sessions.get(session_id)
         tail_key = None
-        if len(token_ids) > len(keys) * c:
-            tail_key = self._tail_key(token_ids, spans, keys)
-            if self.store.put(tail_key, chunk_tensor(cache, len(keys) * c, len(token_ids)), parent=keys[-1] if keys else None):
-                self.registry.add(tail_key, session_id)
+        tail_key = self.prefix.tail_key(token_ids, spans, keys)
+        if tail_key is not None:
+            parent = keys[-1] if keys else None
+            if self.prefix.store_tail(cache, tail_key, len(keys) * c, len(token_ids), parent, owner=session_id):
                 stored += 1
-            else:
+            elif not self.store.contains(tail_key):
                 logger.info("session %s: no room for its %d-token tail", session_id, len(token_ids) - len(keys) * c)
                 tail_key = None
+            else:
+                self.registry.add(tail_key, session_id)
         if old is not None and old.tail_key is not None and old.tail_key != tail_key:
             self.store.remove(old.tail_key)  # superseded by the new turn's tail
             self.registry.discard(old.tail_key)
