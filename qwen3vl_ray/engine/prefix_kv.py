@@ -65,11 +65,17 @@ def chunk_tensor(cache: DynamicCache, start: int, end: int) -> torch.Tensor:
     ).contiguous()
 
 
-def cache_from_chunks(chunks: Sequence[torch.Tensor], n_tokens: int, text_config: Any, device: torch.device) -> DynamicCache:
-    """A DynamicCache holding the first ``n_tokens`` tokens of the concatenated chunks (one copy each)."""
+def cache_from_chunks(chunks: Sequence[torch.Tensor], n_tokens: int, text_config: Any, device: torch.device,
+                      workspace: torch.Tensor | None = None) -> DynamicCache:
+    """A DynamicCache holding the first ``n_tokens`` tokens of the concatenated chunks (one copy each).
+
+    ``workspace`` (``[2, layers, 1, kv_heads, >= n_tokens, head_dim]``), when given, receives the copy:
+    writing into already-touched memory runs at memcpy speed, a fresh allocation pays page faults first.
+    The cache's layers are views into it until their first update (which concatenates into new tensors)."""
     layers, _, heads, _, dim = chunks[0].shape
-    keys = torch.empty((layers, 1, heads, n_tokens, dim), dtype=chunks[0].dtype, device=device)
-    values = torch.empty_like(keys)
+    if workspace is None:
+        workspace = torch.empty((2, layers, 1, heads, n_tokens, dim), dtype=chunks[0].dtype, device=device)
+    keys, values = workspace[0, :, :, :, :n_tokens], workspace[1, :, :, :, :n_tokens]
     pos = 0
     for chunk in chunks:
         take = min(chunk.shape[3], n_tokens - pos)
@@ -97,6 +103,21 @@ class PrefixKV:
         self.text_config = text_config
         self.device = device
         self.registry = registry
+        self._workspace: torch.Tensor | None = None
+
+    def workspace(self, like: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """A reusable load buffer for ``n_tokens`` tokens shaped after chunk ``like`` (grown in whole chunks).
+
+        Reuse is safe because requests run one at a time and a loaded cache stops referencing the buffer
+        at its first update."""
+        layers, _, heads, _, dim = like.shape
+        ws = self._workspace
+        if ws is None or ws.shape[4] < n_tokens or ws.dtype != like.dtype or ws.shape[1] != layers:
+            cap = -(-n_tokens // self.chunk_tokens) * self.chunk_tokens
+            ws = torch.empty((2, layers, 1, heads, cap, dim), dtype=like.dtype, device=self.device)
+            ws.zero_()  # touch every page now, not during a request's load
+            self._workspace = ws
+        return ws
 
     def keys(self, token_ids: torch.Tensor | Sequence[int], spans: Sequence[ImageSpan]) -> list[CacheKey]:
         """Keys of the full chunks of ``token_ids`` (images folded in by content hash and offset)."""
@@ -140,7 +161,7 @@ class PrefixKV:
         n_tokens = min(total, max_tokens)
         if n_tokens <= 0:
             return None
-        cache = cache_from_chunks(chunks, n_tokens, self.text_config, self.device)
+        cache = cache_from_chunks(chunks, n_tokens, self.text_config, self.device, self.workspace(chunks[0], n_tokens))
         per_tier: dict[str, int] = {}
         pos = 0
         for chunk, tier in zip(chunks, tiers):
