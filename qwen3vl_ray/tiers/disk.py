@@ -169,7 +169,7 @@ class DiskTier(Tier):
                     continue
                 try:
                     fd = os.open(f, _OPEN_READ)
-                except OSError as exc:
+                except OSError as exc:  # e.g. a symlink (O_NOFOLLOW): never followed, never served
                     log.warning("disk tier: cannot open %s at start-up: %s", f, exc)
                     continue
                 try:
@@ -177,6 +177,9 @@ class DiskTier(Tier):
                     self._check(fmt.decode_header(os.pread(fd, fmt.MAX_HEADER, 0)), key, st.st_size)
                 except CorruptEntryError as exc:
                     self._drop_corrupt(f, st, str(exc))
+                    continue
+                except OSError as exc:  # a directory named like an entry, an I/O error: skip, keep going
+                    log.warning("disk tier: cannot read %s at start-up: %s", f, exc)
                     continue
                 finally:
                     os.close(fd)
