@@ -148,6 +148,7 @@ def test_same_seed_same_weights_other_seed_other_fingerprint(tmp_path, tiny):
     a = (tiny / "model.safetensors").read_bytes()
     assert a == (again / "model.safetensors").read_bytes()
     assert a != (other / "model.safetensors").read_bytes()
+    assert (tiny / "tokenizer.json").read_bytes() == (other / "tokenizer.json").read_bytes()
     assert model_fingerprint(tiny) == model_fingerprint(again)
     assert model_fingerprint(tiny) != model_fingerprint(other)
     assert model_fingerprint(tiny, full=True) != model_fingerprint(other, full=True)
@@ -211,7 +212,6 @@ def test_load_casts_dtype(tiny):
 
 
 def test_video_input_without_torchvision_is_a_clear_error(loaded):
-    pytest.importorskip("transformers")
     from qwen3vl_ray.engine.loading import torchvision_available
 
     if torchvision_available():
@@ -256,3 +256,41 @@ def test_bench_2b_checkpoint_loads(tmp_path):
     assert inputs["input_ids"][0].tolist().count(SPECIAL_TOKEN_IDS["<|image_pad|>"]) == 64
     with torch.no_grad():
         assert model(**inputs).logits.shape[-1] == VOCAB_SIZE
+
+
+def test_several_images_get_their_own_spans(loaded):
+    _, processor = loaded
+    msgs = [{"role": "user", "content": [{"type": "image", "image": _image(32, 64)}, {"type": "text", "text": "and"},
+                                         {"type": "image", "image": _image(96, 64, seed=2)}]}]
+    inputs = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    starts = [i for i, t in enumerate(ids) if t == SPECIAL_TOKEN_IDS["<|vision_start|>"]]
+    ends = [i for i, t in enumerate(ids) if t == SPECIAL_TOKEN_IDS["<|vision_end|>"]]
+    # 32x64 -> 1x2 merged tokens, 96x64 -> 3x2; spans in prompt order
+    assert [e - s - 1 for s, e in zip(starts, ends)] == [2, 6]
+    assert inputs["image_grid_thw"].tolist() == [[1, 2, 4], [1, 6, 4]]
+    assert inputs["pixel_values"].shape[0] == 2 * 4 + 6 * 4
+
+
+def test_concurrent_writers_agree(tmp_path, tiny):
+    import threading
+
+    target = tmp_path / "shared"
+    results, errors = [], []
+
+    def build():
+        try:
+            results.append(make_checkpoint("tiny", target))
+        except Exception as e:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and results == [target, target]
+    assert (target / MANIFEST).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["shared"]  # both temp dirs cleaned up
+    assert (target / "model.safetensors").read_bytes() == (tiny / "model.safetensors").read_bytes()

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from qwen3vl_ray.engine.chat_template import CHAT_TEMPLATE
@@ -31,6 +32,10 @@ _FORMAT = 1
 # Qwen3-VL's shipped normalisation (not the CLIP mean/std Qwen2-VL used).
 _IMAGE_MEAN = [0.5, 0.5, 0.5]
 _IMAGE_STD = [0.5, 0.5, 0.5]
+
+# torch's default RNG is process-global: two threads seeding and drawing at once would interleave
+# their streams and break "same seed -> same weights".
+_RNG_LOCK = threading.Lock()
 
 
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
@@ -109,7 +114,7 @@ def _write(out: Path, preset: str, p, seed: int) -> None:
     config = preset_config(preset)
     cls = Qwen3VLMoeForConditionalGeneration if p.moe else Qwen3VLForConditionalGeneration
     # Seed a private generator state: weights depend on (preset, seed, torch version) only.
-    with torch.random.fork_rng(devices=[]):
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(config)
     model = model.to(getattr(torch, p.dtype))
