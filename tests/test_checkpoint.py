@@ -199,6 +199,11 @@ def test_load_errors_name_the_problem(tmp_path, tiny):
     (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ConfigError, match=r"'llama'.*qwen3_vl.*qwen3_vl_moe"):
         load_model_and_processor(llama)
+    noweights = tmp_path / "noweights"
+    noweights.mkdir()
+    shutil.copy(tiny / "config.json", noweights / "config.json")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_model_and_processor(noweights)
     with pytest.raises(ConfigError, match="int8"):
         load_model_and_processor(tiny, dtype="int8")
     with pytest.raises(FileNotFoundError, match="nowhere"):

@@ -36,7 +36,8 @@ def torchvision_available() -> bool:
 def check_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
     """Validate ``path`` as a supported checkpoint; return (path, parsed config.json).
 
-    FileNotFoundError names a missing path/config; ConfigError names an unsupported model_type.
+    FileNotFoundError names a missing path, config.json or safetensors weights; ConfigError names an
+    unsupported model_type.
     """
     root = Path(path)
     if not root.exists():
@@ -55,6 +56,9 @@ def check_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
         raise ConfigError(
             f"checkpoint {str(root)!r} has model_type {model_type!r}; supported: {sorted(SUPPORTED_MODEL_TYPES)}"
         )
+    if not any(root.glob("*.safetensors")):
+        # Only safetensors: .bin weights are pickles, which this project never loads.
+        raise FileNotFoundError(f"model path {str(root)!r} has no *.safetensors weights")
     return root, cfg
 
 
@@ -106,7 +110,11 @@ def load_model_and_processor(
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"bad device {device!r}: {e}") from e
     model = cls.from_pretrained(
-        root, local_files_only=True, dtype=torch_dtype, attn_implementation=attn_implementation
+        root,
+        local_files_only=True,
+        use_safetensors=True,
+        dtype=torch_dtype,
+        attn_implementation=attn_implementation,
     )
     model = model.to(device).eval()
     processor = load_processor(root)

@@ -147,9 +147,8 @@ def build_hf_tokenizer(chat_template: str, model_max_length: int = 262144):
         split_special_tokens=False,
     )
     hf.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in _SPECIAL_TOKENS if not s])
-    hf.add_special_tokens(
-        {"additional_special_tokens": [t for t, s in _SPECIAL_TOKENS if s and t not in ("<|endoftext|>", "<|im_end|>")]}
-    )
+    extra = [t for t, s in _SPECIAL_TOKENS if s and t not in ("<|endoftext|>", "<|im_end|>")]
+    hf.add_special_tokens({"additional_special_tokens": extra})
     hf.chat_template = chat_template
     for t, i in SPECIAL_TOKEN_IDS.items():
         got = hf.convert_tokens_to_ids(t)
