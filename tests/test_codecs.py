@@ -180,6 +180,6 @@ def test_cuda_round_trip_stays_on_device(spec):
     codec = make_codec(spec)
     y = decode(codec.encode(x), x.device)
     assert y.device == x.device and y.shape == x.shape
-    assert relative_error(x, y) <= (codec.error_bound(x) if spec != "auto" else 0.01)
+    assert relative_error(x, y) <= (codec.error_bound(x) if spec != "auto" else 0.02)
     assert decode(codec.encode(x)).device.type == "cpu"
     assert not math.isnan(relative_error(x, y))
