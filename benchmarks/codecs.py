@@ -1,6 +1,7 @@
 """Codec benchmark: compression ratio vs bf16, error, and encode/decode throughput next to memcpy.
 
     PYTHONPATH=. python -m benchmarks.codecs [--json] [--device cpu|cuda] [--repeats N] [--codecs SPEC ...]
+                                             [--kv-from-checkpoint PATH]
 
 Tensors (bf16): ``kv`` -- a synthetic KV chunk [layers=2, 2, kv_heads=8, tokens=256, head_dim=128] whose
 keys carry a few large-magnitude outlier channels per head (as real keys do) and whose values are
@@ -55,6 +56,18 @@ def synthetic_vision_heavy(gen: torch.Generator) -> torch.Tensor:
     return x.to(torch.bfloat16)
 
 
+def checkpoint_kv(path: str, tokens: int = 256) -> torch.Tensor:
+    """Prefill ``tokens`` random ids through a saved Qwen3-VL checkpoint; its KV as [layers, 2, kv, tokens, d]."""
+    from qwen3vl_ray.engine.loading import load_model_and_processor
+
+    model, _ = load_model_and_processor(path)
+    ids = torch.randint(100, 1000, (1, tokens), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]).to(torch.bfloat16)
+
+
 def _timed(fn, repeats: int) -> tuple[float, object]:
     out = fn()  # warm-up
     ts = []
@@ -105,6 +118,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=15, help="timed runs per measurement (the fastest is kept)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: steadier on a shared host; memcpy uses the same)")
+    ap.add_argument("--kv-from-checkpoint", metavar="PATH",
+                    help="also measure KV captured from this checkpoint (e.g. one made by engine.checkpoint)")
     ap.add_argument("--codecs", nargs="+", default=DEFAULT_CODECS, help="codec specs (space-separated)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -113,18 +128,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     tensors = {"kv": synthetic_kv(gen).to(device), "vision": synthetic_vision(gen).to(device),
                "vision-t5": synthetic_vision_heavy(gen).to(device)}
+    if args.kv_from_checkpoint:
+        tensors["kv-ckpt"] = checkpoint_kv(args.kv_from_checkpoint).to(device)
     rows = []
     for name, x in tensors.items():
         for spec in args.codecs:
-            if (spec.startswith("kv-") and name != "kv") or ("axis=0" in spec and name == "kv"):
+            is_kv = name.startswith("kv")
+            if (spec.startswith("kv-") and not is_kv) or ("axis=0" in spec and is_kv):
                 continue  # KV layout codecs need the KV shape; axis 0 of a KV chunk is its 2 layers
             rows.append(measure(name, x, spec, args.repeats))
     print(f"device={device}  torch threads={torch.get_num_threads()}")
-    head = f"{'tensor':<7} {'codec':<22} {'ratio':>6} {'rel_err':>9} {'cosine':>8} {'enc GB/s':>9} {'dec GB/s':>9} {'memcpy':>8} {'enc/mc':>7} {'dec/mc':>7}"
+    head = f"{'tensor':<9} {'codec':<22} {'ratio':>6} {'rel_err':>9} {'cosine':>8} {'enc GB/s':>9} {'dec GB/s':>9} {'memcpy':>8} {'enc/mc':>7} {'dec/mc':>7}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['tensor']:<7} {r['codec']:<22} {r['ratio']:6.2f} {r['rel_error']:9.5f} {r['cosine']:8.5f} "
+        print(f"{r['tensor']:<9} {r['codec']:<22} {r['ratio']:6.2f} {r['rel_error']:9.5f} {r['cosine']:8.5f} "
               f"{r['encode_gbps']:9.2f} {r['decode_gbps']:9.2f} {r['memcpy_gbps']:8.2f} "
               f"{r['encode_gbps'] / r['memcpy_gbps']:7.3f} {r['decode_gbps'] / r['memcpy_gbps']:7.3f}")
     if args.json:
