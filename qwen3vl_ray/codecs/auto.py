@@ -42,6 +42,7 @@ class AutoCodec(Codec):
         specs = candidates.split("|") if isinstance(candidates, str) else list(candidates or DEFAULT_CANDIDATES)
         if any(s.split(":")[0].split("+")[0] == "auto" for s in specs):
             raise CodecError("codec 'auto' cannot list itself as a candidate")
+        self._specs = None if candidates is None else specs
         self.candidates = [make_codec(s) for s in specs]
         for c in self.candidates:
             if c.name == "lowrank":
@@ -49,7 +50,10 @@ class AutoCodec(Codec):
                 c.max_error = max(min(self.max_error * 0.98, 0.99), 1e-6)
 
     def spec(self) -> str:
-        return f"auto:max_error={self.max_error:g},candidates={'|'.join(c.spec() for c in self.candidates)}"
+        text = f"auto:max_error={self.max_error:g}"
+        if self.lowrank_max_dim != 512:
+            text += f",lowrank_max_dim={self.lowrank_max_dim}"
+        return text + (f",candidates={'|'.join(self._specs)}" if self._specs else "")
 
     def _applicable(self, codec: Codec, tensor: torch.Tensor, finite: bool) -> bool:
         if not finite and not codec.lossless:
