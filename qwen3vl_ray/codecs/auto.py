@@ -23,7 +23,7 @@ from qwen3vl_ray.errors import CodecError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CANDIDATES = ("sparse", "lowrank", "kv-int4", "int4", "kv-int8", "int8", "fp8", "bf16", "fp16")
+DEFAULT_CANDIDATES = ("sparse", "lowrank", "kv-int4", "int4", "int4:axis=0", "kv-int8", "int8", "fp8", "bf16", "fp16")
 #: bits per element of the fixed-rate codecs, ignoring the scales (they only add a few percent)
 _BITS = {"int4": 4, "kv-int4": 4, "int8": 8, "kv-int8": 8, "fp8": 8, "bf16": 16, "fp16": 16}
 
