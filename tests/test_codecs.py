@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
 
 from qwen3vl_ray.codecs import available_codecs, decode, make_codec, relative_error, transcode, unpack_payload
 from qwen3vl_ray.errors import CodecError
