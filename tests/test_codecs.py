@@ -10,7 +10,7 @@ from hypothesis import given, settings
 
 from qwen3vl_ray.codecs import available_codecs, decode, make_codec, relative_error, transcode, unpack_payload
 from qwen3vl_ray.errors import CodecError
-from tests.codec_inputs import DTYPES, float_tensors, kv_tensors, make_tensor
+from tests.test_codecs_inputs import DTYPES, float_tensors, kv_tensors, make_tensor
 
 FAST = settings(max_examples=40, deadline=None)
 LOSSLESS = ["none", "zstd", "sparse", "zstd:level=1"]
