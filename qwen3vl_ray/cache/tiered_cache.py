@@ -36,14 +36,32 @@ _VICTIM_BATCH = 8
 
 @dataclass(slots=True)
 class _Entry:
-    """Index record of one cached entry (metadata only; bytes live in the tier)."""
+    """Index record of one cached entry (metadata only; bytes live in the tier, sizes in its index).
+
+    Kept to five pointers: the per-entry budget (<= 256 B) is shared with the tier's and the policy's
+    records. ``last_access`` points at a float shared by every entry touched in the same second.
+    """
 
     tier: int
-    nbytes: int
     parent: CacheKey | None
     last_access: float
     pins: int = 0
     in_flight: int = 0
+
+
+class _CoarseClock:
+    """``time.monotonic()`` rounded to whole seconds, one float object per second (idle TTLs are minutes)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self) -> None:
+        self._value = float(int(time.monotonic()))
+
+    def __call__(self) -> float:
+        now = int(time.monotonic())
+        if now != self._value:
+            self._value = float(now)
+        return self._value
 
 
 @dataclass(slots=True)
@@ -85,6 +103,7 @@ class TieredCache:
         if len(self.policies) != len(self.tiers):
             raise ConfigError(f"{len(self.policies)} policies given for {len(self.tiers)} tiers")
         self._lock = threading.RLock()
+        self._clock = _CoarseClock()
         self._index: dict[CacheKey, _Entry] = {}
         self._counters = [_TierCounters() for _ in self.tiers]
         self._misses = 0
@@ -101,7 +120,7 @@ class TieredCache:
                 nbytes = tier.entry_nbytes(key)
                 if nbytes is None or key in self._index:
                     continue
-                self._index[key] = _Entry(i, nbytes, None, time.monotonic())
+                self._index[key] = _Entry(i, None, self._clock())
                 self.policies[i].on_insert(key, nbytes, None)
 
     # ------------------------------------------------------------------ queries
@@ -171,7 +190,7 @@ class TieredCache:
                         if old.tier != i:
                             self.tiers[old.tier].remove(key)
                         self.policies[old.tier].on_remove(key)
-                    self._index[key] = _Entry(i, prepared.nbytes, parent, time.monotonic())
+                    self._index[key] = _Entry(i, parent, self._clock())
                     policy.on_insert(key, prepared.nbytes, parent)
                     return True
                 self._counters[i].rejected += 1
@@ -213,7 +232,7 @@ class TieredCache:
                     self._forget(key, e)
                 self._misses += 1
                 return None, None
-            e.last_access = time.monotonic()
+            e.last_access = self._clock()
             self._counters[src].hits += 1
             self.policies[src].on_access(key)
             tier_name = self.tiers[src].name
@@ -418,7 +437,7 @@ class TieredCache:
             e.pins -= 1
         self.tiers[src].remove(key)
         self.policies[src].on_remove(key)
-        e.tier, e.nbytes = dst, prepared.nbytes
+        e.tier = dst
         self.policies[dst].on_insert(key, prepared.nbytes, e.parent)
         c = self._counters[dst]
         if dst < src:
