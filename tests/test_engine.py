@@ -14,6 +14,7 @@ from qwen3vl_ray.codecs.base import available_codecs, make_codec
 from qwen3vl_ray.engine.checkpoint import make_checkpoint
 from qwen3vl_ray.engine.config import EngineConfig
 from qwen3vl_ray.engine.engine import Qwen3VLEngine
+from qwen3vl_ray.engine.loading import load_processor
 from qwen3vl_ray.engine.prompt import build_prompt
 from qwen3vl_ray.engine.reference import reference_generate
 from qwen3vl_ray.engine.requests import Request, SamplingParams
@@ -132,16 +133,26 @@ def test_several_images_in_one_prompt(engine):
 
 
 def test_cut_inside_an_image_span(ckpt):
-    # chunk 8 puts chunk boundaries inside the image's token span; the suffix gets a slice of features
-    with Qwen3VLEngine(ckpt, EngineConfig(chunk_tokens=8, device="cpu", tiers=tiers("host"), vision_cache=False)) as eng:
-        img = picture(10, 128, 128)
-        msgs = chat("Look:", img, text="Now answer question A about it.")
+    img = picture(10, 128, 128)
+    msgs = chat("Look:", img, text="Now answer question A about it.")
+    other = chat("Look:", img, text="And question B, different words.")
+    span = build_prompt(load_processor(ckpt), other, 1 << 30, _image_token_id(ckpt)).images[0]
+    # a chunk size whose first boundary falls in the middle of the image's token span
+    chunk = span.start + (span.end - span.start) // 2
+    cfg = EngineConfig(chunk_tokens=chunk, device="cpu", tiers=tiers("host"), vision_cache=False)
+    with Qwen3VLEngine(ckpt, cfg) as eng:
         run(eng, msgs)
-        other = chat("Look:", img, text="And question B, different words.")
         res = run(eng, other)
         assert res.token_ids == ref(eng, other)
-        span = build_prompt(eng.processor, other, 1 << 30, eng.image_token_id).images[0]
-        assert span.start < res.metrics.cached_tokens < span.end  # the reused prefix ends mid-image
+        assert res.metrics.cached_tokens == chunk and span.start < chunk < span.end
+        assert res.metrics.images_encoded == 1  # the suffix needs the rest of the image's features
+
+
+def _image_token_id(ckpt):
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(ckpt) / "config.json").read_text())["image_token_id"]
 
 
 def test_three_turn_chat_keeps_kv(engine):
@@ -163,19 +174,21 @@ def test_three_turn_chat_keeps_kv(engine):
     # token level: a next prompt that starts with everything the session holds reuses all of it
     held = engine.sessions.get("chat-1")
     loaded = engine.sessions.resume("chat-1", held.token_ids + [5, 6, 7], held.spans, len(held.token_ids) + 2)
-    assert loaded.n_tokens == len(held.token_ids) and loaded.n_tokens % CHUNK != 0
+    assert loaded.n_tokens == len(held.token_ids)
 
 
 def test_served_from_host_tier(ckpt):
-    # a 64 KiB device tier holds no chunk of this prompt's KV for long: it is demoted to host
-    cfg = EngineConfig(chunk_tokens=CHUNK, device="cpu", tiers=[TierConfig("device", 64 << 10, block_bytes=16 << 10),
-                                                                 TierConfig("host", 64 * MiB, block_bytes=16 << 10)])
+    cfg = EngineConfig(chunk_tokens=CHUNK, device="cpu", tiers=tiers("device", "host"))
     with Qwen3VLEngine(ckpt, cfg) as eng:
         msgs = chat(PREAMBLE, picture(12))
         run(eng, msgs)
+        # swap everything this engine stored down to the host tier (what device pressure does)
+        for key, _ in eng.registry.items():
+            assert eng.store.where(key) == "device" and eng.store.demote(key)
+            assert eng.store.where(key) == "host"
         res = run(eng, msgs)
         assert res.token_ids == ref(eng, msgs)
-        assert res.metrics.cached_tiers.get("host", 0) > 0
+        assert res.metrics.cached_tiers == {"host": res.metrics.prompt_tokens - 1}
 
 
 def test_served_from_disk_after_restart(ckpt, tmp_path):

@@ -102,7 +102,7 @@ def test_request_that_can_never_fit_the_device_budget(ckpt):
 
 
 def test_unknown_model_path(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         Qwen3VLEngine(str(tmp_path / "no-such-model"), EngineConfig(device="cpu"))
 
 
@@ -117,7 +117,7 @@ def test_checkpoint_of_another_architecture(tmp_path):
 
 def test_directory_without_config(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
         Qwen3VLEngine(str(tmp_path / "empty"), EngineConfig(device="cpu"))
 
 

@@ -10,6 +10,8 @@ from PIL import Image
 from qwen3vl_ray.engine.checkpoint import make_checkpoint
 from qwen3vl_ray.engine.config import EngineConfig
 from qwen3vl_ray.engine.engine import Qwen3VLEngine
+from qwen3vl_ray.engine.loading import load_processor
+from qwen3vl_ray.engine.prompt import build_prompt
 from qwen3vl_ray.engine.reference import reference_generate
 from qwen3vl_ray.engine.requests import Request, SamplingParams
 from qwen3vl_ray.tiers.config import TierConfig
@@ -31,14 +33,18 @@ def chat(seed, text):
 
 
 def test_idle_session_swapped_down_and_resumed_without_recompute(ckpt):
-    # tiny KV is 1 KiB/token. A ~110-token turn needs ~120 KiB live; the budget (200 KiB) cannot hold that
-    # next to another session's ~110 KiB on the device tier, so the idle session is demoted to host.
-    cfg = EngineConfig(chunk_tokens=16, device="cpu", kv_device_budget_bytes=200 * KiB, session_idle_s=0.0,
-                       tiers=[TierConfig("device", 192 * KiB, block_bytes=4 * KiB),
-                              TierConfig("host", 64 * MiB, block_bytes=4 * KiB)])
+    # The budget is 1.5x one turn's live KV: after A's turn its entries fill most of the device tier,
+    # so B's turn only fits once idle A is demoted to host.
     sp = SamplingParams(max_new_tokens=6)
+    a1 = chat(1, "Session A, turn one.")
+    n = len(build_prompt(load_processor(ckpt), a1, 1 << 30, _image_token_id(ckpt)))
+    need = (n + sp.max_new_tokens) * KiB  # tiny: 2 layers x 2 (k, v) x 2 heads x 32 dims x 4 bytes = 1 KiB/token
+    budget = need * 3 // 2
+    cfg = EngineConfig(chunk_tokens=16, device="cpu", kv_device_budget_bytes=budget, session_idle_s=0.0,
+                       tiers=[TierConfig("device", budget, block_bytes=4 * KiB),
+                              TierConfig("host", 64 * MiB, block_bytes=4 * KiB)])
     with Qwen3VLEngine(ckpt, cfg) as eng:
-        a1 = chat(1, "Session A, turn one.")
+        assert eng.geometry.bytes_per_token == KiB
         ra = eng.generate([Request(a1, sp, session_id="A")])[0]
         assert ra.ok, ra.error
         a_keys = eng.sessions.get("A").keys
@@ -62,6 +68,13 @@ def test_idle_session_swapped_down_and_resumed_without_recompute(ckpt):
         assert r2.metrics.cached_tokens >= ra.metrics.prompt_tokens
         assert r2.metrics.cached_tiers.get("host", 0) > 0
         assert r2.metrics.images_encoded == 0
+
+
+def _image_token_id(ckpt):
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(ckpt) / "config.json").read_text())["image_token_id"]
 
 
 def test_close_session_drops_its_tail(ckpt):

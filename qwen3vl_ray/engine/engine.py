@@ -17,7 +17,6 @@ the attention-score matrix is never materialised, so unlike the original design 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -30,41 +29,16 @@ from qwen3vl_ray.cache import CacheConfig, TieredCache
 from qwen3vl_ray.engine.budget import DeviceBudget, KeyRegistry
 from qwen3vl_ray.engine.checkpoint import model_fingerprint
 from qwen3vl_ray.engine.config import EngineConfig
-from qwen3vl_ray.engine.loading import load_model_and_processor
+from qwen3vl_ray.engine.loading import check_checkpoint, load_model_and_processor
 from qwen3vl_ray.engine.prefix_kv import KVGeometry, PrefixKV
 from qwen3vl_ray.engine.prompt import ImageMemo, Prompt, build_prompt
 from qwen3vl_ray.engine.requests import Metrics, Request, RequestError, Result, SamplingParams
 from qwen3vl_ray.engine.sampling import Sampler
 from qwen3vl_ray.engine.sessions import Sessions
 from qwen3vl_ray.engine.vision_cache import ImageFeatures, VisionCache
-from qwen3vl_ray.errors import ConfigError
 from qwen3vl_ray.keys import Namespace
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
-
-
-def check_checkpoint(path: str | Path) -> Path:
-    """Refuse a missing directory or a checkpoint of another architecture, naming what was found."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ConfigError(f"model path {str(path)!r} does not exist or is not a directory")
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise ConfigError(f"model path {str(path)!r} has no config.json: not a transformers checkpoint")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{cfg_file}: unreadable config ({exc})") from exc
-    model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"checkpoint {str(path)!r} is model_type {model_type!r} (architectures {cfg.get('architectures')}); "
-            f"this engine serves {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    return p
-
 
 class Qwen3VLEngine:
     """Generates for Qwen3-VL chats, reusing KV and vision features from a TieredCache.
@@ -76,10 +50,11 @@ class Qwen3VLEngine:
 
     def __init__(self, checkpoint_path: str | Path, config: EngineConfig | None = None, store: Any | None = None):
         self.config = config or EngineConfig()
-        self.path = check_checkpoint(checkpoint_path)
+        # a missing path or another architecture fails here, naming what was found
+        self.path, _ = check_checkpoint(checkpoint_path)
         self.device = self.config.resolved_device()
         self.model, self.processor = load_model_and_processor(
-            str(self.path), self.config.torch_dtype, self.device, self.config.attn_implementation
+            self.path, dtype=self.config.torch_dtype, device=self.device, attn_implementation=self.config.attn_implementation
         )
         self.model.eval()
         mcfg = self.model.config

@@ -141,19 +141,26 @@ class PrefixKV:
         return prefix_key(self.namespace, full_keys[-1] if full_keys else None, ids[start:], extra)
 
     def fetch(self, keys: Sequence[CacheKey]) -> tuple[list[torch.Tensor], list[str]]:
-        """The leading run of ``keys`` present in the store: their tensors and the tier each came from."""
+        """The leading run of ``keys`` present in the store: their tensors and the tier each was found in."""
         n = self.store.longest_prefix(list(keys)) if keys else 0
-        if n == 0:
-            return [], []
-        tiers = [self.store.where(k) or "unknown" for k in keys[:n]]
-        chunks = self.store.get_many(list(keys[:n]))
-        # An entry can be evicted between longest_prefix and get: keep the leading run that arrived.
-        good = next((i for i, c in enumerate(chunks) if c is None), n)
-        if good < n:
-            logger.info("prefix shrank from %d to %d chunks while loading (concurrent eviction)", n, good)
-        for k in keys[:good]:
-            self.registry.touch(k)
-        return list(chunks[:good]), tiers[:good]
+        chunks: list[torch.Tensor] = []
+        tiers: list[str] = []
+        for key in keys[:n]:
+            tensor, tier = self.store.lookup(key)  # promotes a lower hit; reports where it was found
+            if tensor is None:
+                # Evicted between longest_prefix and now: keep the leading run that arrived.
+                logger.info("prefix shrank from %d to %d chunks while loading (concurrent eviction)", n, len(chunks))
+                break
+            self.registry.touch(key)
+            chunks.append(tensor)
+            tiers.append(tier)
+        return chunks, tiers
+
+    def fetch_one(self, key: CacheKey) -> tuple[torch.Tensor | None, str | None]:
+        tensor, tier = self.store.lookup(key)
+        if tensor is not None:
+            self.registry.touch(key)
+        return tensor, tier
 
     def build(self, chunks: Sequence[torch.Tensor], tiers: Sequence[str], max_tokens: int) -> LoadedPrefix | None:
         """A DynamicCache of the first ``min(len(chunks' tokens), max_tokens)`` tokens, with per-tier counts."""
@@ -180,11 +187,10 @@ class PrefixKV:
         want = keys[: -(-max_tokens // self.chunk_tokens)]
         chunks, tiers = self.fetch(want)
         if tail is not None and len(chunks) == len(keys) and len(keys) * self.chunk_tokens < max_tokens:
-            t = self.store.get(tail)
+            t, where = self.fetch_one(tail)
             if t is not None:
-                self.registry.touch(tail)
                 chunks.append(t)
-                tiers.append(self.store.where(tail) or "unknown")
+                tiers.append(where)
         return self.build(chunks, tiers, max_tokens) if chunks else None
 
     def store_tail(self, cache: DynamicCache, tail: CacheKey, start: int, end: int, parent: CacheKey | None,

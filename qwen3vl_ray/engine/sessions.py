@@ -88,11 +88,10 @@ class Sessions:
         n_chunks = -(-use // c)
         chunks, tiers = self.prefix.fetch(s.chunk_keys[:n_chunks])
         if n_chunks > len(s.chunk_keys) and len(chunks) == len(s.chunk_keys) and s.tail_key is not None:
-            tail = self.store.get(s.tail_key)
+            tail, where = self.prefix.fetch_one(s.tail_key)
             if tail is not None:
-                self.registry.touch(s.tail_key)
                 chunks.append(tail)
-                tiers.append(self.store.where(s.tail_key) or "unknown")
+                tiers.append(where)
         if not chunks:
             return None
         return self.prefix.build(chunks, tiers, use)
