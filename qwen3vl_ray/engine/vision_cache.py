@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from qwen3vl_ray.errors import CapacityError, CodecError
 from qwen3vl_ray.keys import CacheKey, Namespace, content_key
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class VisionCache:
     def __init__(self, store: Any, namespace: Namespace):
         self.store = store
         self.namespace = namespace
+        self._warned = False
 
     def key(self, image_hash: bytes) -> CacheKey:
         return content_key(self.namespace, "vision", image_hash)
@@ -56,4 +58,12 @@ class VisionCache:
         return ImageFeatures.unpack(packed)
 
     def put(self, image_hash: bytes, features: ImageFeatures) -> bool:
-        return bool(self.store.put(self.key(image_hash), features.pack()))
+        """Store the features; False (logged once) if the store cannot take them, which only costs speed:
+        e.g. a tier whose codec is KV-only (``kv-int8``) refuses non-KV tensors, or no tier is big enough."""
+        try:
+            return bool(self.store.put(self.key(image_hash), features.pack()))
+        except (CodecError, CapacityError) as exc:
+            if not self._warned:
+                logger.warning("vision features not cached: %s", exc)
+                self._warned = True
+            return False
