@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
             n = len(prompt)
             kv_bytes = n * eng.geometry.bytes_per_token
             copy_s = memcpy_seconds(kv_bytes)
-            loaded = eng.prefix.load(eng.prefix.keys(prompt.input_ids, [im.span for im in prompt.images]), n - 1)
             with torch.inference_mode():
+                loaded = eng.prefix.load(eng.prefix.keys(prompt.input_ids, [im.span for im in prompt.images]), n - 1)
                 steps = []
                 for _ in range(3):
                     cache = loaded.cache

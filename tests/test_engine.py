@@ -246,3 +246,22 @@ def test_store_off_matches_too(ckpt):
         a, b = run(eng, msgs), run(eng, msgs)
         assert a.token_ids == b.token_ids == ref(eng, msgs)
         assert b.metrics.cached_tokens == 0 and b.metrics.images_encoded == 1
+
+
+def test_stored_chunk_layout_and_image_keys(engine):
+    msgs = chat(PREAMBLE, picture(18), text="Layout check.")
+    res = run(engine, msgs)
+    prompt = build_prompt(engine.processor, msgs, 1 << 30, engine.image_token_id)
+    keys = engine.prefix.keys(prompt.input_ids, [im.span for im in prompt.images])
+    chunk = engine.store.get(keys[0], promote=False)
+    g = engine.geometry
+    # one chunk = one tensor [layers, 2 (k, v), kv_heads, chunk_tokens, head_dim] in the model dtype
+    assert tuple(chunk.shape) == (g.layers, 2, g.kv_heads, CHUNK, g.head_dim) and chunk.dtype == torch.float32
+    assert res.ok and all(engine.store.contains(k) for k in keys)
+    # another image with the same size and text changes every key from the image's chunk on, never before
+    other = build_prompt(engine.processor, chat(PREAMBLE, picture(19), text="Layout check."), 1 << 30, engine.image_token_id)
+    other_keys = engine.prefix.keys(other.input_ids, [im.span for im in other.images])
+    first_image_chunk = prompt.images[0].start // CHUNK
+    assert other.input_ids.tolist() == prompt.input_ids.tolist()  # identical token ids...
+    assert other_keys[:first_image_chunk] == keys[:first_image_chunk]
+    assert all(a != b for a, b in zip(other_keys[first_image_chunk:], keys[first_image_chunk:]))  # ...other keys

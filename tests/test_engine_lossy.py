@@ -52,5 +52,6 @@ def test_int8_codecs_token_agreement_and_logits_cosine(ckpt, codec):
                 if a != b:
                     break  # later steps continue from different tokens: not comparable
             total += len(want) - step - 1  # positions after a divergence count as disagreements
+    print(f"{codec}: token agreement {agree}/{total} = {agree / total:.3f}, worst logits cosine {min(cosines):.5f}")
     assert agree / total >= 0.95, f"{codec}: token agreement {agree}/{total}"
     assert min(cosines) >= 0.99, f"{codec}: worst logits cosine {min(cosines):.4f}"

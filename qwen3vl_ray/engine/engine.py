@@ -36,6 +36,7 @@ from qwen3vl_ray.engine.requests import Metrics, Request, RequestError, Result, 
 from qwen3vl_ray.engine.sampling import Sampler
 from qwen3vl_ray.engine.sessions import Sessions
 from qwen3vl_ray.engine.vision_cache import ImageFeatures, VisionCache
+from qwen3vl_ray.errors import CapacityError, CodecError
 from qwen3vl_ray.keys import Namespace
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ class Qwen3VLEngine:
         )
         self.registry = KeyRegistry()
         self.image_memo = ImageMemo()
-        self.prefix = PrefixKV(self.store, self.kv_namespace, self.config.chunk_tokens, self.text_config, self.device, self.registry)
+        self.prefix = PrefixKV(self.store, self.kv_namespace, self.config.chunk_tokens, self.text_config, self.device,
+                              self.registry, self.geometry)
         self.vision = VisionCache(self.store, self.vision_namespace)
         self.sessions = Sessions(self.store, self.prefix, self.registry, self.config.session_idle_s)
         self.budget = DeviceBudget(self.store, self.registry, self.config.kv_device_budget_bytes, self.sessions.idle_order)
@@ -148,12 +150,13 @@ class Qwen3VLEngine:
 
         # At least the last prompt token is computed: its logits give the first new token.
         loaded = None
+        capacity = n + sp.max_new_tokens
         if req.session_id is not None:
-            loaded = self.sessions.resume(req.session_id, prompt.input_ids.tolist(), spans, n - 1)
+            loaded = self.sessions.resume(req.session_id, prompt.input_ids.tolist(), spans, n - 1, capacity)
         if loaded is None and self.config.prefix_cache:
-            loaded = self.prefix.load(keys, n - 1, tail)
+            loaded = self.prefix.load(keys, n - 1, tail, capacity)
         cut = loaded.n_tokens if loaded else 0
-        cache = loaded.cache if loaded else DynamicCache(config=self.text_config)
+        cache = loaded.cache if loaded else self.prefix.new_cache(capacity)
         if loaded:
             metrics.cached_tokens, metrics.cached_tiers = cut, dict(loaded.tiers)
 
@@ -162,10 +165,7 @@ class Qwen3VLEngine:
         token = sampler(logits)
         metrics.ttft_s = time.perf_counter() - t0
         if self.config.prefix_cache and req.session_id is None:
-            metrics.stored_chunks = self.prefix.store_new(cache, keys)
-            if tail is not None:
-                c = self.config.chunk_tokens
-                metrics.stored_chunks += self.prefix.store_tail(cache, tail, len(keys) * c, n, keys[-1] if keys else None)
+            metrics.stored_chunks = self._store_safely(self._store_prompt, cache, keys, tail, n)
 
         generated = [token]
         steps = [logits] if req.return_logits else None
@@ -185,10 +185,26 @@ class Qwen3VLEngine:
         if req.session_id is not None:
             # The cache holds the prompt and every generated token but the last (never fed back).
             held = prompt.input_ids.tolist() + generated[:-1]
-            metrics.stored_chunks = self.sessions.save(req.session_id, cache, held, spans)
+            metrics.stored_chunks = self._store_safely(self.sessions.save, req.session_id, cache, held, spans)
         text = self.processor.tokenizer.decode(generated, skip_special_tokens=True)
         return Result(rid, text=text, token_ids=generated, metrics=metrics,
                       logits=torch.stack(steps).float().cpu() if steps is not None else None)
+
+    def _store_prompt(self, cache: DynamicCache, keys: list, tail: Any, n: int) -> int:
+        stored = self.prefix.store_new(cache, keys)
+        if tail is not None:
+            c = self.config.chunk_tokens
+            stored += self.prefix.store_tail(cache, tail, len(keys) * c, n, keys[-1] if keys else None)
+        return stored
+
+    @staticmethod
+    def _store_safely(fn: Any, *args: Any) -> int:
+        # The answer is already computed: a store that cannot take an entry costs reuse, not the request.
+        try:
+            return fn(*args)
+        except (CapacityError, CodecError) as exc:
+            logger.warning("KV not stored: %s", exc)
+            return 0
 
     def _prefill(self, prompt: Prompt, cut: int, cache: DynamicCache, metrics: Metrics) -> tuple[torch.Tensor, int]:
         """Compute prompt tokens [cut, n) on top of ``cache``; returns last-position logits and rope delta."""

@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from qwen3vl_ray.engine.budget import KeyRegistry
+from qwen3vl_ray.engine.kv_layer import growing_cache
 from qwen3vl_ray.keys import CacheKey, ImageSpan, Namespace, chunk_keys, image_extras, prefix_key
 
 logger = logging.getLogger(__name__)
@@ -65,59 +66,53 @@ def chunk_tensor(cache: DynamicCache, start: int, end: int) -> torch.Tensor:
     ).contiguous()
 
 
-def cache_from_chunks(chunks: Sequence[torch.Tensor], n_tokens: int, text_config: Any, device: torch.device,
-                      workspace: torch.Tensor | None = None) -> DynamicCache:
-    """A DynamicCache holding the first ``n_tokens`` tokens of the concatenated chunks (one copy each).
-
-    ``workspace`` (``[2, layers, 1, kv_heads, >= n_tokens, head_dim]``), when given, receives the copy:
-    writing into already-touched memory runs at memcpy speed, a fresh allocation pays page faults first.
-    The cache's layers are views into it until their first update (which concatenates into new tensors)."""
-    layers, _, heads, _, dim = chunks[0].shape
-    if workspace is None:
-        workspace = torch.empty((2, layers, 1, heads, n_tokens, dim), dtype=chunks[0].dtype, device=device)
-    keys, values = workspace[0, :, :, :, :n_tokens], workspace[1, :, :, :, :n_tokens]
+def fill_workspace(chunks: Sequence[torch.Tensor], n_tokens: int, workspace: torch.Tensor) -> None:
+    """Copy the first ``n_tokens`` tokens of the concatenated chunks into ``workspace``
+    (``[2, layers, 1, kv_heads, >= n_tokens, head_dim]``): one copy per chunk, into memory already touched."""
     pos = 0
     for chunk in chunks:
         take = min(chunk.shape[3], n_tokens - pos)
         if take <= 0:
             break
-        keys[:, 0, :, pos:pos + take].copy_(chunk[:, 0, :, :take], non_blocking=True)
-        values[:, 0, :, pos:pos + take].copy_(chunk[:, 1, :, :take], non_blocking=True)
+        src = chunk[:, :, :, :take].to(workspace.device, non_blocking=True)
+        workspace[:, :, 0, :, pos:pos + take].copy_(src.transpose(0, 1))
         pos += take
     assert pos == n_tokens, (pos, n_tokens)
-    cache = DynamicCache(config=text_config)
-    for i, layer in enumerate(cache.layers):
-        layer.lazy_initialization(keys[i], values[i])
-        layer.keys, layer.values = keys[i], values[i]
-    return cache
 
 
 class PrefixKV:
     """Finds, loads and stores a prompt's KV chunks in a TieredCache."""
 
     def __init__(self, store: Any, namespace: Namespace, chunk_tokens: int, text_config: Any, device: torch.device,
-                 registry: KeyRegistry):
+                 registry: KeyRegistry, geometry: "KVGeometry"):
         self.store = store
         self.namespace = namespace
         self.chunk_tokens = chunk_tokens
         self.text_config = text_config
         self.device = device
         self.registry = registry
+        self.geometry = geometry
         self._workspace: torch.Tensor | None = None
 
-    def workspace(self, like: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """A reusable load buffer for ``n_tokens`` tokens shaped after chunk ``like`` (grown in whole chunks).
+    def workspace(self, geometry: "KVGeometry", n_tokens: int) -> torch.Tensor:
+        """The reusable KV buffer ``[2, layers, 1, kv_heads, capacity, head_dim]`` for ``n_tokens`` tokens.
 
-        Reuse is safe because requests run one at a time and a loaded cache stops referencing the buffer
-        at its first update."""
-        layers, _, heads, _, dim = like.shape
+        Reused by every request (grown in whole chunks when one needs more): a fresh allocation per
+        request would pay page faults on every byte. Safe because requests run one at a time and a
+        request's cache is dropped before the next starts."""
         ws = self._workspace
-        if ws is None or ws.shape[4] < n_tokens or ws.dtype != like.dtype or ws.shape[1] != layers:
+        if ws is None or ws.shape[4] < n_tokens:
             cap = -(-n_tokens // self.chunk_tokens) * self.chunk_tokens
-            ws = torch.empty((2, layers, 1, heads, cap, dim), dtype=like.dtype, device=self.device)
-            ws.zero_()  # touch every page now, not during a request's load
+            self._workspace = None  # free the old one first
+            with torch.inference_mode(False):  # a normal tensor: usable in and outside inference mode
+                ws = torch.zeros((2, geometry.layers, 1, geometry.kv_heads, cap, geometry.head_dim),
+                                 dtype=geometry.dtype, device=self.device)  # zeros: touch every page now
             self._workspace = ws
         return ws
+
+    def new_cache(self, capacity_tokens: int) -> DynamicCache:
+        """An empty cache for a request of up to ``capacity_tokens`` tokens (prompt + new tokens)."""
+        return growing_cache(self.text_config, self.workspace(self.geometry, capacity_tokens), 0)
 
     def keys(self, token_ids: torch.Tensor | Sequence[int], spans: Sequence[ImageSpan]) -> list[CacheKey]:
         """Keys of the full chunks of ``token_ids`` (images folded in by content hash and offset)."""
@@ -162,13 +157,17 @@ class PrefixKV:
             self.registry.touch(key)
         return tensor, tier
 
-    def build(self, chunks: Sequence[torch.Tensor], tiers: Sequence[str], max_tokens: int) -> LoadedPrefix | None:
-        """A DynamicCache of the first ``min(len(chunks' tokens), max_tokens)`` tokens, with per-tier counts."""
+    def build(self, chunks: Sequence[torch.Tensor], tiers: Sequence[str], max_tokens: int,
+              capacity_tokens: int = 0) -> LoadedPrefix | None:
+        """A cache holding the first ``min(chunks' tokens, max_tokens)`` tokens, room for
+        ``capacity_tokens`` in all, and the tokens per tier."""
         total = sum(int(c.shape[3]) for c in chunks)
         n_tokens = min(total, max_tokens)
         if n_tokens <= 0:
             return None
-        cache = cache_from_chunks(chunks, n_tokens, self.text_config, self.device, self.workspace(chunks[0], n_tokens))
+        ws = self.workspace(self.geometry, max(n_tokens, capacity_tokens))
+        fill_workspace(chunks, n_tokens, ws)
+        cache = growing_cache(self.text_config, ws, n_tokens)
         per_tier: dict[str, int] = {}
         pos = 0
         for chunk, tier in zip(chunks, tiers):
@@ -179,7 +178,8 @@ class PrefixKV:
             pos += take
         return LoadedPrefix(cache, n_tokens, per_tier)
 
-    def load(self, keys: Sequence[CacheKey], max_tokens: int, tail: CacheKey | None = None) -> LoadedPrefix | None:
+    def load(self, keys: Sequence[CacheKey], max_tokens: int, tail: CacheKey | None = None,
+             capacity_tokens: int = 0) -> LoadedPrefix | None:
         """Load the longest run of leading ``keys`` present in any tier (then ``tail`` if every full chunk
         was there), capped at ``max_tokens`` tokens."""
         if max_tokens <= 0:
@@ -191,7 +191,7 @@ class PrefixKV:
             if t is not None:
                 chunks.append(t)
                 tiers.append(where)
-        return self.build(chunks, tiers, max_tokens) if chunks else None
+        return self.build(chunks, tiers, max_tokens, capacity_tokens) if chunks else None
 
     def store_tail(self, cache: DynamicCache, tail: CacheKey, start: int, end: int, parent: CacheKey | None,
                    owner: str | None = None) -> bool:

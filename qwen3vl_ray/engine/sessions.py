@@ -67,7 +67,8 @@ class Sessions:
         s = self._sessions.get(session_id)
         return s is not None and all(self.store.contains(k) for k in s.keys)
 
-    def resume(self, session_id: str, prompt_ids: Sequence[int], spans: Sequence[ImageSpan], max_tokens: int) -> LoadedPrefix | None:
+    def resume(self, session_id: str, prompt_ids: Sequence[int], spans: Sequence[ImageSpan], max_tokens: int,
+               capacity_tokens: int = 0) -> LoadedPrefix | None:
         """KV of the longest prefix this prompt shares token-for-token with the session's stored tokens.
 
         Unlike plain prefix reuse this is not limited to whole chunks: a chunk (or the tail) whose first
@@ -94,7 +95,7 @@ class Sessions:
                 tiers.append(where)
         if not chunks:
             return None
-        return self.prefix.build(chunks, tiers, use)
+        return self.prefix.build(chunks, tiers, use, capacity_tokens)
 
     def save(self, session_id: str, cache: DynamicCache, token_ids: Sequence[int], spans: Sequence[ImageSpan]) -> int:
         """Store the session's KV after a turn (``token_ids``: the tokens ``cache`` holds). Returns chunks stored."""
