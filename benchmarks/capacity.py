@@ -61,9 +61,9 @@ def probe(ckpt: str, session_tokens: int, chunk: int):
 
 def run_config(ckpt: str, name: str, d: int, h: int, s: int, codec: str, ratio: float, live: int,
                session_tokens: int, chunk: int, tmp: Path) -> dict:
-    tiers = [TierConfig("device", d, block_bytes=64 << 10)]
+    tiers = [TierConfig("device", d, block_bytes=4 << 10)]
     if h:
-        tiers.append(TierConfig("host", h, codec=codec, block_bytes=64 << 10))
+        tiers.append(TierConfig("host", h, codec=codec, block_bytes=4 << 10))
     if s:
         tiers.append(TierConfig("disk", s, codec=codec, path=str(tmp / f"disk-{name.replace(' ', '_')}")))
     # the live KV of one turn sits next to the device tier: the budget is D plus one session's KV

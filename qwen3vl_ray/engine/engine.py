@@ -263,7 +263,9 @@ class Qwen3VLEngine:
         if missing:
             pv = torch.cat([prompt.pixel_values[images[i].patch_start:images[i].patch_end] for i in missing]).to(self.device)
             grid = torch.stack([images[i].grid_thw for i in missing]).to(self.device)
+            t0 = time.perf_counter()
             out = self.model.model.get_image_features(pv, grid, return_dict=True)
+            metrics.vision_encode_s += time.perf_counter() - t0
             for j, i in enumerate(missing):
                 f = ImageFeatures(out.pooler_output[j], [ds[j] for ds in out.deepstack_features])
                 assert f.embeds.shape[0] * merge == int(grid[j].prod()), (f.embeds.shape, grid[j])

@@ -102,6 +102,7 @@ class Metrics:
         cached_tiers: tokens loaded per tier name (``{"device": 256, "host": 512}``).
         vision_cache_hits: images whose features came from the store (encoder skipped).
         images_encoded: images run through the vision encoder.
+        vision_encode_s: seconds spent in the vision encoder for this request.
         decode_tokens_per_s: generated tokens after the first, per second of decode.
         stored_chunks: new KV chunks written to the store by this request.
     """
@@ -112,6 +113,7 @@ class Metrics:
     cached_tiers: dict[str, int] = field(default_factory=dict)
     vision_cache_hits: int = 0
     images_encoded: int = 0
+    vision_encode_s: float = 0.0
     decode_tokens_per_s: float = 0.0
     stored_chunks: int = 0
 
