@@ -265,3 +265,18 @@ def test_stored_chunk_layout_and_image_keys(engine):
     assert other.input_ids.tolist() == prompt.input_ids.tolist()  # identical token ids...
     assert other_keys[:first_image_chunk] == keys[:first_image_chunk]
     assert all(a != b for a, b in zip(other_keys[first_image_chunk:], keys[first_image_chunk:]))  # ...other keys
+
+
+def test_positions_shortcut_matches_get_rope_index(engine):
+    # several images of different shapes, then text: the grid-based offset equals the per-token pass
+    msgs = chat("a", picture(20, 64, 128), "b", picture(21, 128, 64), "c", picture(22, 96, 96), text="tail text")
+    prompt = build_prompt(engine.processor, msgs, 1 << 30, engine.image_token_id)
+    n = len(prompt)
+    pos3, delta = engine.model.model.get_rope_index(prompt.input_ids[None], mm_token_type_ids=prompt.mm_token_type_ids[None],
+                                                    image_grid_thw=prompt.image_grid_thw)
+    for cut in (prompt.images[-1].end, n - 1):
+        fast, fast_delta = engine._positions(prompt, cut)
+        assert fast_delta == int(delta)
+        assert torch.equal(fast[1:], pos3[:, :, cut:]) and torch.equal(fast[0, 0], torch.arange(cut, n))
+    slow, _ = engine._positions(prompt, prompt.images[0].start)  # before an image: the full pass
+    assert torch.equal(slow[1:], pos3[:, :, prompt.images[0].start:])

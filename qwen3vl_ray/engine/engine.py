@@ -211,13 +211,7 @@ class Qwen3VLEngine:
         dev = self.device
         ids = prompt.input_ids.to(dev)
         n = ids.shape[0]
-        grid = prompt.image_grid_thw.to(dev) if prompt.image_grid_thw is not None else None
-        # 3-D positions for the WHOLE prompt, then sliced: the cached keys were rotated with these.
-        pos3, delta = self.model.model.get_rope_index(
-            ids[None], mm_token_type_ids=prompt.mm_token_type_ids.to(dev)[None], image_grid_thw=grid
-        )
-        text_pos = torch.arange(n, device=dev).view(1, 1, n)
-        position_ids = torch.cat([text_pos, pos3.to(dev)], dim=0)[:, :, cut:]
+        position_ids, delta = self._positions(prompt, cut)
 
         suffix = ids[cut:]
         embeds = self.model.model.get_input_embeddings()(suffix[None])
@@ -242,7 +236,29 @@ class Qwen3VLEngine:
             visual_pos_masks=visual_mask, deepstack_visual_embeds=deepstack,
         )
         logits = self.model.lm_head(out.last_hidden_state[:, -1])[0]
-        return logits, int(delta.flatten()[0])
+        return logits, delta
+
+    def _positions(self, prompt: Prompt, cut: int) -> tuple[torch.Tensor, int]:
+        """Position ids ``[4 (text, t, h, w), 1, n - cut]`` of prompt tokens [cut, n) and the rope delta.
+
+        The 3-D MRoPE positions come from the WHOLE prompt (``get_rope_index``) and are sliced, because the
+        cached keys were rotated with them. When the suffix lies after every image (a full or text-only
+        hit), its positions are text positions shifted by the images' total offset, computed from the grids
+        without the per-token pass (each image advances the position by max(h, w) / merge while taking
+        t*h*w / merge^2 tokens); tests check this against ``get_rope_index``."""
+        dev = self.device
+        n = len(prompt)
+        text_pos = torch.arange(cut, n, device=dev).view(1, 1, n - cut)
+        merge = self.model.config.vision_config.spatial_merge_size
+        if all(im.end <= cut for im in prompt.images):
+            delta = sum(max(int(im.grid_thw[1]), int(im.grid_thw[2])) // merge - (im.end - im.start) for im in prompt.images)
+            return torch.cat([text_pos, (text_pos + delta).expand(3, 1, n - cut)], dim=0), delta
+        ids = prompt.input_ids.to(dev)
+        grid = prompt.image_grid_thw.to(dev) if prompt.image_grid_thw is not None else None
+        pos3, delta = self.model.model.get_rope_index(
+            ids[None], mm_token_type_ids=prompt.mm_token_type_ids.to(dev)[None], image_grid_thw=grid
+        )
+        return torch.cat([text_pos, pos3.to(dev)[:, :, cut:]], dim=0), int(delta.flatten()[0])
 
     def _decode_step(self, token: int, pos: int, rope_delta: int, cache: DynamicCache) -> torch.Tensor:
         dev = self.device

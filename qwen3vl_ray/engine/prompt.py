@@ -77,6 +77,7 @@ class ImageMemo:
 
     def __init__(self, capacity_bytes: int = 256 << 20):
         self.capacity_bytes = capacity_bytes
+        self.settings: bytes | None = None  # the image processor's settings, part of every key
         self._entries: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor, bytes]] = OrderedDict()
         self._bytes = 0
 
@@ -100,8 +101,11 @@ class ImageMemo:
 def _preprocess(processor: Any, img: Image.Image, memo: ImageMemo | None) -> tuple[torch.Tensor, torch.Tensor, bytes]:
     """(pixel rows, grid (3,), content hash) of one image, from the memo when the same image was seen."""
     ip = processor.image_processor
-    settings = repr(sorted((k, repr(v)) for k, v in ip.to_dict().items())).encode()
-    key = content_hash(img.mode.encode(), repr(img.size).encode(), settings, img.tobytes()) if memo else b""
+    key = b""
+    if memo:
+        if memo.settings is None:  # one processor per engine: its settings are read once
+            memo.settings = repr(sorted((k, repr(v)) for k, v in ip.to_dict().items())).encode()
+        key = content_hash(img.mode.encode(), repr(img.size).encode(), memo.settings, img.tobytes())
     hit = memo.get(key) if memo else None
     if hit is not None:
         return hit
