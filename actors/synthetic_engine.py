@@ -1,0 +1,51 @@
+"""A deterministic KV workload for exercising the service without model weights.
+
+Not a model: each chunk's "KV" is a seeded random tensor derived from the chunk's chained key (so it depends
+on the whole prefix, like real KV), with the shape and dtype of a small Qwen3-VL layer stack. The request's
+output is a digest of every chunk's bytes, cached or computed, so any stale, mixed-up or corrupt chunk served
+from the cache changes the output and tests catch it by comparing against a cache-free run. Workers use the
+real engine (``qwen3vl_ray.engine:Qwen3VLEngine``) through the same interface when configured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+
+from qwen3vl_ray.codecs.base import dtype_from_name
+from qwen3vl_ray.keys import CacheKey, Namespace
+
+
+class SyntheticKVEngine:
+    """``prefill(token_ids, keys, cached)`` -> new chunks for ``keys[len(cached):]`` and an output digest."""
+
+    def __init__(self, layers: int = 2, kv_heads: int = 2, head_dim: int = 32, chunk_tokens: int = 64,
+                 dtype: str = "bfloat16") -> None:
+        self.layers, self.kv_heads, self.head_dim, self.chunk_tokens = layers, kv_heads, head_dim, chunk_tokens
+        self.dtype = dtype_from_name(dtype)
+        self.namespace = self.namespace_for(layers, kv_heads, head_dim, chunk_tokens, dtype)
+
+    @staticmethod
+    def namespace_for(layers: int = 2, kv_heads: int = 2, head_dim: int = 32, chunk_tokens: int = 64,
+                      dtype: str = "bfloat16") -> Namespace:
+        return Namespace(model="synthetic-kv", dtype=dtype, layout=f"kv:L{layers}xH{kv_heads}xD{head_dim}:chunk{chunk_tokens}")
+
+    @property
+    def chunk_bytes(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.chunk_tokens * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def chunk_kv(self, key: CacheKey) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & ((1 << 63) - 1))
+        shape = (2, self.layers, self.kv_heads, self.chunk_tokens, self.head_dim)
+        return torch.randn(shape, generator=g).to(self.dtype)
+
+    def prefill(self, token_ids: Sequence[int], keys: Sequence[CacheKey], cached: Sequence[torch.Tensor]) -> dict:
+        if len(cached) > len(keys):
+            raise ValueError(f"{len(cached)} cached chunks for a {len(keys)}-chunk prompt")
+        new = [self.chunk_kv(k) for k in keys[len(cached):]]
+        h = hashlib.blake2b(digest_size=16)
+        for t in list(cached) + new:
+            h.update(t.contiguous().view(torch.uint8 if t.element_size() == 1 else torch.int16 if t.element_size() == 2 else torch.int32).numpy().tobytes())
+        return {"new_chunks": new, "output": h.hexdigest()}

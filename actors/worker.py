@@ -1,0 +1,153 @@
+"""Qwen3-VL worker: serves requests with the engine, reusing cached prefixes from any node.
+
+``WorkerLogic`` is plain Python over ports (the local agent, other nodes' agents, the coordinator): it finds a
+request's cached prefix (local agent first, then the cluster directory), fetches it in one batched call per
+node plus one batched object-store read (a cross-node hit is Ray's object transfer from the holder's store),
+runs the engine for the rest, and ships the new chunks to the agent the coordinator places them on in one
+batched call. The device tier stays in the engine; host and disk are the agents'. Agent failures turn into
+misses: a request never fails because the cache did.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from typing import Any, Callable
+
+from actors.config import NAMESPACE, ServiceConfig, WorkerConfig
+from actors.metrics import Metrics
+from actors.node_agent import ChunkRef, materialize, to_wire
+from actors.object_store_tier import ObjectStore
+from qwen3vl_ray.keys import chunk_keys
+
+logger = logging.getLogger(__name__)
+
+
+def load_engine(spec: str, args: dict) -> Any:
+    module, _, name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"engine {spec!r} cannot be loaded ({exc}); expected 'module:callable'") from exc
+    return factory(**args)
+
+
+class WorkerLogic:
+    def __init__(self, worker_id: str, node_id: str, engine: Any, agent_for: Callable[[str], Any], coordinator: Any,
+                 store: ObjectStore, config: WorkerConfig, metrics: Metrics | None = None) -> None:
+        self.worker_id, self.node_id = worker_id, node_id
+        self.engine, self.agent_for, self.coordinator, self.store = engine, agent_for, coordinator, store
+        self.config = config
+        self.metrics = metrics if metrics is not None else Metrics(node_id)
+
+    def _fetch_prefix(self, keys: list) -> tuple[list, int]:
+        """The longest cached prefix as tensors, and how many of its chunks came from other nodes."""
+        try:
+            local = self.agent_for(self.node_id).contains_many(keys)
+        except Exception:
+            logger.warning("local agent unreachable; treating its entries as misses", exc_info=True)
+            local = [None] * len(keys)
+        remote = self.coordinator.lookup(keys) if not all(local) else [None] * len(keys)
+        plan: list[str] = []
+        for i in range(len(keys)):
+            if local[i]:
+                plan.append(self.node_id)
+            elif remote[i] is not None:
+                plan.append(remote[i][0])
+            else:
+                break
+        refs: list[ChunkRef | None] = [None] * len(plan)
+        for node in dict.fromkeys(plan):  # one batched call per holding node
+            idx = [i for i, n in enumerate(plan) if n == node]
+            try:
+                got = self.agent_for(node).get_chunks([keys[i] for i in idx])
+            except Exception:
+                logger.warning("agent of %s unreachable; its chunks are misses", node[:12], exc_info=True)
+                got = [None] * len(idx)
+            for i, r in zip(idx, got):
+                refs[i] = r
+        n = next((i for i, r in enumerate(refs) if r is None), len(refs))
+        try:
+            tensors = materialize(refs[:n], self.store)  # one batched read; remote refs are pulled by Ray
+        except Exception:
+            logger.warning("fetching %d cached chunks failed; recomputing", n, exc_info=True)
+            return [], 0
+        remote_idx = [i for i in range(n) if plan[i] != self.node_id]
+        if remote_idx:
+            self.metrics.inc("qwen3vl_ray_cross_node_bytes",
+                             sum(tensors[i].numel() * tensors[i].element_size() for i in remote_idx), tier="host")
+        cross = len(remote_idx)
+        return tensors, cross
+
+    def process(self, request: dict) -> dict:
+        t0 = time.perf_counter()
+        token_ids = request["token_ids"]
+        keys = chunk_keys(self.engine.namespace, token_ids, self.config.chunk_tokens)
+        cached, cross = self._fetch_prefix(keys)
+        result = self.engine.prefill(token_ids, keys, cached)
+        ttft = time.perf_counter() - t0
+        new = result["new_chunks"]
+        stored = 0
+        if new:
+            first = len(cached)
+            items = [(keys[first + j], to_wire(t), keys[first + j - 1] if first + j else None) for j, t in enumerate(new)]
+            nbytes = sum(t.numel() * t.element_size() for t in new)
+            try:
+                target = self.coordinator.place(self.node_id, nbytes)
+                tiers = self.agent_for(target).put_chunks(items)
+                self.coordinator.record(target, [k for k, _, _ in items], tiers)
+                stored = sum(1 for t in tiers if t)
+            except Exception:
+                logger.warning("storing %d new chunks failed; they will be recomputed next time", len(new), exc_info=True)
+        n_tok = len(token_ids)
+        cached_tokens = len(cached) * self.config.chunk_tokens
+        self.metrics.observe("qwen3vl_ray_ttft_seconds", ttft)
+        self.metrics.observe("qwen3vl_ray_cached_token_ratio", cached_tokens / n_tok if n_tok else 0.0)
+        self.metrics.inc("qwen3vl_ray_requests", result="ok")
+        return {"id": request.get("id"), "worker": self.worker_id, "node": self.node_id, "output": result["output"],
+                "cached_tokens": cached_tokens, "cross_node_chunks": cross, "computed_chunks": len(new),
+                "stored_chunks": stored, "ttft_s": ttft}
+
+
+class Worker:
+    """Ray actor wrapper (``num_gpus=1`` per worker on GPU clusters, CPU workers otherwise)."""
+
+    def __init__(self, worker_id: str, config: ServiceConfig) -> None:
+        import ray
+
+        from actors.coordinator import COORDINATOR_NAME, RayAgentPort
+        from actors.metrics import RayMetrics
+        from actors.node_agent import agent_name, get_or_create_agent
+        from actors.object_store_tier import RayObjectStore
+
+        logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_LOG", "INFO"))
+        node = ray.get_runtime_context().get_node_id()
+        self._ports: dict[str, RayAgentPort] = {node: RayAgentPort(get_or_create_agent(node, config.agent))}
+
+        def agent_for(node_id: str) -> RayAgentPort:
+            port = self._ports.get(node_id)
+            if port is None:
+                port = self._ports[node_id] = RayAgentPort(ray.get_actor(agent_name(node_id), namespace=NAMESPACE))
+            return port
+
+        coordinator = RayAgentPort(ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE), timeout_s=60)
+        engine = load_engine(config.worker.engine, config.worker.engine_args)
+        self.logic = WorkerLogic(worker_id, node, engine, agent_for, coordinator, RayObjectStore(), config.worker,
+                                 RayMetrics(node))
+        coordinator.register_worker(worker_id, node)
+
+    def process(self, request):
+        return self.logic.process(request)
+
+    def node_id(self):
+        return self.logic.node_id
+
+    def pid(self):
+        return os.getpid()
+
+
+def worker_options(worker_id: str, config: WorkerConfig) -> dict:
+    return dict(name=worker_id, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
+                max_task_retries=0, num_cpus=config.num_cpus, num_gpus=config.num_gpus, scheduling_strategy="SPREAD")
