@@ -138,6 +138,9 @@ class WorkerConfig:
             raise ConfigError(f"WorkerConfig.chunk_tokens must be > 0, got {self.chunk_tokens}")
         if self.max_retries < 0:
             raise ConfigError(f"WorkerConfig.max_retries must be >= 0, got {self.max_retries}")
+        if self.engine_args.get("chunk_tokens", self.chunk_tokens) != self.chunk_tokens:
+            raise ConfigError(f"WorkerConfig.chunk_tokens={self.chunk_tokens} differs from the engine's "
+                              f"chunk_tokens={self.engine_args['chunk_tokens']}; keys would not match")
 
 
 @dataclass

@@ -432,6 +432,9 @@ class Coordinator:
     def stop(self):
         self._stop.set()
 
+    def pid(self):
+        return os.getpid()
+
 
 def coordinator_options() -> dict:
     return dict(name=COORDINATOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,

@@ -411,6 +411,9 @@ class NodeAgent:
     def node_id(self):
         return self.logic.node_id
 
+    def pid(self):
+        return os.getpid()
+
 
 def agent_options(node_id: str) -> dict:
     """Exactly one agent per node: pinned to the node, named by node id, detached, restarted on failure."""

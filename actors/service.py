@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from actors.config import NAMESPACE, ServiceConfig
 from actors.coordinator import COORDINATOR_NAME, WORKER_PREFIX, get_or_create_coordinator
-from actors.worker import Worker, worker_options
+from actors.worker import worker_class, worker_options
 from qwen3vl_ray.keys import chunk_keys
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,6 @@ def ensure_service(config: ServiceConfig | None = None, address: str | None = No
     workers = {}
     for i in range(num_workers):
         name = f"{WORKER_PREFIX}{i}"
-        workers[name] = ray.remote(Worker).options(**worker_options(name, config.worker)).remote(name, config)
+        workers[name] = worker_class().options(**worker_options(name, config.worker)).remote(name, config)
     ray.get([w.node_id.remote() for w in workers.values()], timeout=timeout_s)
     return ServiceHandle(ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE), workers, config)

@@ -10,6 +10,7 @@ real engine (``qwen3vl_ray.engine:Qwen3VLEngine``) through the same interface wh
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Sequence
 
 import torch
@@ -22,14 +23,18 @@ class SyntheticKVEngine:
     """``prefill(token_ids, keys, cached)`` -> new chunks for ``keys[len(cached):]`` and an output digest."""
 
     def __init__(self, layers: int = 2, kv_heads: int = 2, head_dim: int = 32, chunk_tokens: int = 64,
-                 dtype: str = "bfloat16") -> None:
+                 dtype: str = "bfloat16", compute_s_per_chunk: float = 0.0) -> None:
+        if compute_s_per_chunk < 0:
+            raise ValueError(f"compute_s_per_chunk must be >= 0, got {compute_s_per_chunk}")
+        # Simulated prefill time per computed chunk, so fault tests can catch a request in flight.
+        self.compute_s_per_chunk = compute_s_per_chunk
         self.layers, self.kv_heads, self.head_dim, self.chunk_tokens = layers, kv_heads, head_dim, chunk_tokens
         self.dtype = dtype_from_name(dtype)
         self.namespace = self.namespace_for(layers, kv_heads, head_dim, chunk_tokens, dtype)
 
     @staticmethod
     def namespace_for(layers: int = 2, kv_heads: int = 2, head_dim: int = 32, chunk_tokens: int = 64,
-                      dtype: str = "bfloat16") -> Namespace:
+                      dtype: str = "bfloat16", **_: object) -> Namespace:
         return Namespace(model="synthetic-kv", dtype=dtype, layout=f"kv:L{layers}xH{kv_heads}xD{head_dim}:chunk{chunk_tokens}")
 
     @property
@@ -44,7 +49,11 @@ class SyntheticKVEngine:
     def prefill(self, token_ids: Sequence[int], keys: Sequence[CacheKey], cached: Sequence[torch.Tensor]) -> dict:
         if len(cached) > len(keys):
             raise ValueError(f"{len(cached)} cached chunks for a {len(keys)}-chunk prompt")
-        new = [self.chunk_kv(k) for k in keys[len(cached):]]
+        new = []
+        for k in keys[len(cached):]:
+            new.append(self.chunk_kv(k))
+            if self.compute_s_per_chunk:
+                time.sleep(self.compute_s_per_chunk)
         h = hashlib.blake2b(digest_size=16)
         for t in list(cached) + new:
             h.update(t.contiguous().view(torch.uint8 if t.element_size() == 1 else torch.int16 if t.element_size() == 2 else torch.int32).numpy().tobytes())

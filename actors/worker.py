@@ -16,6 +16,8 @@ import os
 import time
 from typing import Any, Callable
 
+import ray
+
 from actors.config import NAMESPACE, ServiceConfig, WorkerConfig
 from actors.metrics import Metrics
 from actors.node_agent import ChunkRef, materialize, to_wire
@@ -115,8 +117,6 @@ class Worker:
     """Ray actor wrapper (``num_gpus=1`` per worker on GPU clusters, CPU workers otherwise)."""
 
     def __init__(self, worker_id: str, config: ServiceConfig) -> None:
-        import ray
-
         from actors.coordinator import COORDINATOR_NAME, RayAgentPort
         from actors.metrics import RayMetrics
         from actors.node_agent import agent_name, get_or_create_agent
@@ -141,11 +141,20 @@ class Worker:
     def process(self, request):
         return self.logic.process(request)
 
+    # Control calls run in their own concurrency group so they answer while a request is being served
+    # (a restarted coordinator asks every worker for its node while the workers wait on it).
+    @ray.method(concurrency_group="control")
     def node_id(self):
         return self.logic.node_id
 
+    @ray.method(concurrency_group="control")
     def pid(self):
         return os.getpid()
+
+
+def worker_class():
+    """The Worker actor class: requests run one at a time; control methods in a separate group."""
+    return ray.remote(concurrency_groups={"control": 1})(Worker)
 
 
 def worker_options(worker_id: str, config: WorkerConfig) -> dict:
