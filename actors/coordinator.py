@@ -229,7 +229,8 @@ class CoordinatorLogic:
                 need = host["used"] - host["low"] * host["capacity"]
                 # 1. re-encode cold host entries with a stronger codec before anything leaves the tier
                 if cfg.recompress_codec and cfg.recompress_max_per_pass:
-                    res = port.recompress(port.cold_keys("host", cfg.recompress_max_per_pass), cfg.recompress_codec)
+                    res = port.recompress(port.cold_keys("host", cfg.recompress_max_per_pass), cfg.recompress_codec,
+                                          int(need))
                     if res["entries"]:
                         decisions.append(self._decide("recompress", node_id, "host", res["entries"],
                                                       bytes=res["bytes"], codec=cfg.recompress_codec))

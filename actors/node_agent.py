@@ -108,26 +108,16 @@ def node_disk_dir(config: AgentConfig, node_id: str) -> str:
 
 
 def build_node_cache(node_id: str, config: AgentConfig, host: JournalingTier, journal: Journal):
-    """Compose the host (+ disk) tiers. Uses the core TieredCache and disk tier when the installed core has
-    them, else the agent's own NodeCache and file disk tier (same API subset)."""
-    try:
-        from qwen3vl_ray.cache import CacheConfig, TieredCache
-        from qwen3vl_ray.tiers.config import TierConfig
-        from qwen3vl_ray.tiers.factory import make_tier
-    except ImportError:
-        TieredCache = None
-    disk = None
-    if TieredCache is None:
-        from actors.disk_tier_interim import FileDiskTier
-        from actors.node_cache import NodeCache
+    """Compose the host (+ disk) tiers. The disk tier is the core ``DiskTier`` (index rebuilt from its files on
+    open). The composition is the core TieredCache when the installed core has it, else the agent's NodeCache
+    (the same API subset)."""
+    from qwen3vl_ray.tiers.config import TierConfig
+    from qwen3vl_ray.tiers.factory import make_tier
 
-        if config.disk_bytes:
-            disk = JournalingTier(FileDiskTier(node_disk_dir(config, node_id), config.disk_bytes, config.disk_codec,
-                                               config.disk_fsync), journal)
-        return NodeCache([host] + ([disk] if disk is not None else [])), disk
     cfgs = [TierConfig("host", config.host_bytes, codec=config.host_codec, high_watermark=config.high_watermark,
                        low_watermark=config.low_watermark)]
     tiers = [host]
+    disk = None
     if config.disk_bytes:
         dcfg = TierConfig("disk", config.disk_bytes, codec=config.disk_codec, path=node_disk_dir(config, node_id),
                           fsync=config.disk_fsync, high_watermark=config.high_watermark,
@@ -135,6 +125,12 @@ def build_node_cache(node_id: str, config: AgentConfig, host: JournalingTier, jo
         disk = JournalingTier(make_tier(dcfg, AGENT_NAMESPACE), journal)
         cfgs.append(dcfg)
         tiers.append(disk)
+    try:
+        from qwen3vl_ray.cache import CacheConfig, TieredCache
+    except ImportError:
+        from actors.node_cache import NodeCache
+
+        return NodeCache(tiers), disk
     cache = TieredCache(CacheConfig(tiers=cfgs, policy=config.policy, namespace=AGENT_NAMESPACE), tiers=tiers)
     return cache, disk
 
@@ -283,11 +279,14 @@ class NodeAgentLogic:
                 self.metrics.inc("qwen3vl_ray_swap_bytes_out", nb, tier="host")
         return {"bytes": moved, "entries": count}
 
-    def recompress(self, keys: Sequence[CacheKey], codec: str) -> dict:
-        """Re-encode raw host entries with ``codec`` where that makes them smaller. Returns bytes saved."""
+    def recompress(self, keys: Sequence[CacheKey], codec: str, need_bytes: int | None = None) -> dict:
+        """Re-encode raw host entries with ``codec`` where that makes them smaller, in order, until
+        ``need_bytes`` are saved (all of them if None). Returns bytes saved."""
         c = make_codec(codec)
         saved = count = 0
         for key in keys:
+            if need_bytes is not None and saved >= need_bytes:
+                break
             got = self.host.read_array(key)
             if got is None or got[1].codec != RAW:
                 continue
@@ -384,8 +383,8 @@ class NodeAgent:
     def demote_cold(self, n_bytes):
         return self.logic.demote_cold(n_bytes)
 
-    def recompress(self, keys, codec):
-        return self.logic.recompress(keys, codec)
+    def recompress(self, keys, codec, need_bytes=None):
+        return self.logic.recompress(keys, codec, need_bytes)
 
     def cold_keys(self, tier, n):
         return self.logic.cold_keys(tier, n)
