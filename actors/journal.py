@@ -75,6 +75,14 @@ class JournalingTier(Tier):
             self.journal.record(prepared.key, self._code, True)
         return ok
 
+    def complete_store_many(self, prepared: Sequence[PreparedStore]) -> list[bool]:
+        inner = getattr(self.inner, "complete_store_many", None)
+        oks = inner(prepared) if inner else [self.inner.complete_store(p) for p in prepared]
+        for p, ok in zip(prepared, oks):
+            if ok:
+                self.journal.record(p.key, self._code, True)
+        return oks
+
     def put(self, key: CacheKey, tensor: torch.Tensor) -> bool:
         ok = self.inner.put(key, tensor)
         if ok:

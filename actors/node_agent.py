@@ -30,8 +30,9 @@ from actors.config import NAMESPACE, AgentConfig
 from actors.directory import TIER_CODES
 from actors.journal import Journal, JournalingTier
 from actors.metrics import Metrics
-from actors.object_store_tier import RAW, LocalObjectStore, ObjectStore, ObjectStoreTier, array_to_tensor, tensor_to_array
-from qwen3vl_ray.codecs.base import decode, make_codec
+from actors.object_store_tier import (RAW, LocalObjectStore, ObjectStore, ObjectStoreTier, array_to_tensor, slice_of,
+                                      tensor_to_array)
+from qwen3vl_ray.codecs.base import decode
 from qwen3vl_ray.keys import CacheKey, Namespace, validate_key
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,9 @@ def check_node_id(node_id: str) -> str:
 class ChunkRef:
     """Where a chunk can be read: a store handle (ObjectRef under Ray) plus how to decode it."""
 
-    handle: Any
+    handle: Any  # the slab holding the chunk
+    index: int  # position in the slab
+    nbytes: int
     codec: str  # RAW or a codec spec
     dtype: str
     shape: tuple[int, ...]
@@ -66,17 +69,26 @@ class ChunkRef:
 
 
 def materialize(refs: Sequence[ChunkRef | None], store: ObjectStore) -> list[torch.Tensor | None]:
-    """Read many chunks in one batched store read (zero-copy views) and copy each out into a tensor."""
-    present = [r for r in refs if r is not None]
-    arrays = iter(store.get_many([r.handle for r in present]))
+    """Read many chunks with one batched store read of their slabs (zero-copy views; each slab once) and
+    copy each chunk out into a tensor."""
+    handles: dict[Any, Any] = {}
+    for r in refs:
+        if r is not None:
+            handles.setdefault(_handle_id(r.handle), r.handle)
+    arrays = dict(zip(handles, store.get_many(list(handles.values()))))
     out: list[torch.Tensor | None] = []
     for r in refs:
         if r is None:
             out.append(None)
             continue
-        arr = next(arrays)
+        arr = slice_of(arrays[_handle_id(r.handle)], r.index, r.nbytes)
         out.append(array_to_tensor(arr, r.dtype, r.shape) if r.codec == RAW else decode(arr))
     return out
+
+
+def _handle_id(handle: Any) -> Any:
+    # ObjectRefs hash by object id; LocalObjectStore handles are arrays (identity)
+    return handle if hasattr(handle, "binary") else id(handle)
 
 
 def as_tensor(x: Any) -> torch.Tensor:
@@ -220,15 +232,15 @@ class NodeAgentLogic:
                 e = self.host.entry(key)
                 if e is None:
                     arr, dtype = to_wire(t)
-                    out.append(ChunkRef(self.store.put(arr), RAW, dtype, tuple(t.shape), "disk"))
+                    out.append(ChunkRef(self.store.put(arr), 0, arr.nbytes, RAW, dtype, tuple(t.shape), "disk"))
                 else:
-                    out.append(ChunkRef(e.handle, e.codec, e.dtype, e.shape, "disk"))
+                    out.append(ChunkRef(e.handle, e.index, e.nbytes, e.codec, e.dtype, e.shape, "disk"))
             else:
                 e = self.host.entry(key)
                 if e is None:
                     out.append(None)
                     continue
-                out.append(ChunkRef(e.handle, e.codec, e.dtype, e.shape, "host"))
+                out.append(ChunkRef(e.handle, e.index, e.nbytes, e.codec, e.dtype, e.shape, "host"))
             self.metrics.inc("qwen3vl_ray_hits", tier=tier)
             info = self._info.setdefault(key, [0, now, 0])
             info[0] += 1
@@ -264,37 +276,48 @@ class NodeAgentLogic:
         return keys[:n]
 
     def demote_cold(self, n_bytes: int) -> dict:
-        """Move the coldest host entries down to disk until ``n_bytes`` are freed on the host tier."""
-        moved = count = 0
+        """Move the coldest host entries down to disk until ``n_bytes`` of host memory are free again. A slab
+        returns its memory only when empty, so slabs left with a few hot entries are re-packed (compacted)."""
+        count = 0
         if self.disk is None:
             return {"bytes": 0, "entries": 0}
+        start = self.host.used_bytes
+        planned, slabs = 0, set()
         for key in self.cold_keys("host", len(self.host)):
-            if moved >= n_bytes:
+            if planned >= n_bytes:
                 break
+            e = self.host.entry(key)
+            if e is None:
+                continue
             nb = self.host.entry_nbytes(key) or 0
             if self.cache.demote(key):
-                moved += nb
+                planned += nb
+                slabs.add(e.slab)
                 count += 1
                 self.metrics.inc("qwen3vl_ray_demotions", tier="host")
                 self.metrics.inc("qwen3vl_ray_swap_bytes_out", nb, tier="host")
-        return {"bytes": moved, "entries": count}
+        leftovers = [k for k in self.host.keys() if self.host.entry(k).slab in slabs]
+        if leftovers:
+            self.host.recompress_slabs(leftovers, None)
+        return {"bytes": start - self.host.used_bytes, "entries": count}
 
     def recompress(self, keys: Sequence[CacheKey], codec: str, need_bytes: int | None = None) -> dict:
-        """Re-encode raw host entries with ``codec`` where that makes them smaller, in order, until
-        ``need_bytes`` are saved (all of them if None). Returns bytes saved."""
-        c = make_codec(codec)
+        """Re-encode the raw host entries in the slabs of ``keys`` with ``codec`` (coldest first, slab by
+        slab) until ``need_bytes`` are saved (all if None). Returns bytes saved and entries re-encoded."""
         saved = count = 0
+        done: set = set()
         for key in keys:
             if need_bytes is not None and saved >= need_bytes:
                 break
-            got = self.host.read_array(key)
-            if got is None or got[1].codec != RAW:
+            e = self.host.entry(key)
+            if e is None or e.slab in done or e.codec != RAW:
                 continue
-            arr, e = got
-            payload = c.encode(array_to_tensor(arr, e.dtype, e.shape))
-            if len(payload) < e.nbytes and self.host.replace_payload(key, payload, c.spec()):
-                saved += e.nbytes - len(payload)
-                count += 1
+            done.add(e.slab)
+            res = self.host.recompress_slabs([key], codec)
+            saved += res["bytes"]
+            count += res["entries"]
+        if saved:
+            self.metrics.set("qwen3vl_ray_compression_ratio", self.host.stats()["compression_ratio"], tier="host")
         return {"bytes": saved, "entries": count}
 
     def value(self, key: CacheKey, recompute_s_per_mib: float, now: float | None = None) -> float:

@@ -68,7 +68,31 @@ class NodeCache:
         return True
 
     def put_many(self, items: Sequence[tuple[CacheKey, torch.Tensor, Any]]) -> list[bool]:
-        return [self._store(0, k, t) for k, t, _ in items]
+        """One batch into the top tier: room is made for all of it, then it is committed in one call (the
+        object-store tier packs it into one slab)."""
+        top, lru = self.tiers[0], self._lru[0]
+        batch_many = getattr(top, "complete_store_many", None)
+        if batch_many is None:
+            return [self._store(0, k, t) for k, t, _ in items]
+        prepared = [top.prepare_store(k, t) for k, t, _ in items]
+        for p in prepared:  # replaced entries leave first (their room counts)
+            if top.remove(p.key):
+                lru.pop(p.key, None)
+        self._make_room(0, min(sum(p.nbytes for p in prepared), top.capacity_bytes))
+        oks = batch_many(prepared)
+        for p, ok in zip(prepared, oks):
+            if ok:
+                lru[p.key] = None
+                for level in range(1, len(self.tiers)):  # one copy per node
+                    if self.tiers[level].remove(p.key):
+                        self._lru[level].pop(p.key, None)
+        # what did not fit in the top tier (the tail of the batch) goes straight to the next tier
+        for i, (p, ok) in enumerate(zip(prepared, oks)):
+            if not ok and len(self.tiers) > 1:
+                oks[i] = self._store(1, p.key, items[i][1])
+            if not oks[i]:
+                self.counts["rejected"] += 1
+        return oks
 
     def put(self, key: CacheKey, tensor: torch.Tensor, parent: Any = None) -> bool:
         return self._store(0, key, tensor)

@@ -39,7 +39,7 @@ def agent_cfg(tmp_path, host_chunks=4, disk_chunks=8, **kw) -> AgentConfig:
 def test_object_store_tier_roundtrip_and_budget():
     tier = ObjectStoreTier(3 * CHUNK, store=LocalObjectStore())
     # 3 chunks fill the budget exactly; a 4th is refused (no room is False, not an error) and counted
-    assert tier.put_many([(key(i), chunk(i)) for i in range(3)]) == [True, True, True]
+    assert [tier.put(key(i), chunk(i)) for i in range(3)] == [True, True, True]
     assert tier.put(key(3), chunk(3)) is False
     assert tier.used_bytes == 3 * CHUNK and tier.stats()["rejected"] == 1
     got = tier.get_many([key(0), key(9), key(2)])
@@ -47,6 +47,7 @@ def test_object_store_tier_roundtrip_and_budget():
     assert got[0].dtype == torch.bfloat16
     # replacing an entry re-accounts instead of double-counting
     assert tier.put(key(1), chunk(7)) and tier.used_bytes == 3 * CHUNK
+    assert torch.equal(tier.get(key(1)), chunk(7))
     assert tier.remove(key(1)) and tier.used_bytes == 2 * CHUNK and not tier.contains(key(1))
     with pytest.raises(CapacityError, match="exceeds"):
         tier.prepare_store(key(5), torch.zeros(4 * CHUNK, dtype=torch.uint8))
@@ -54,12 +55,29 @@ def test_object_store_tier_roundtrip_and_budget():
         ObjectStoreTier(0)
 
 
+def test_object_store_tier_packs_a_batch_into_one_slab_freed_with_its_last_entry():
+    tier = ObjectStoreTier(8 * CHUNK, store=LocalObjectStore())
+    # a batch of 5 is one object in the store; a batch larger than the room keeps the prefix that fits
+    assert tier.put_many([(key(i), chunk(i), ) for i in range(5)]) == [True] * 5
+    assert tier.stats()["slabs"] == 1 and tier.used_bytes == 5 * CHUNK
+    assert tier.put_many([(key(i), chunk(i)) for i in range(10, 15)]) == [True] * 3 + [False] * 2
+    # removing part of a slab frees nothing (the store still holds the object) ...
+    for i in range(4):
+        tier.remove(key(i))
+    assert tier.used_bytes == 8 * CHUNK and torch.equal(tier.get(key(4)), chunk(4))
+    # ... re-packing its survivor returns the rest; removing the last entry frees it all
+    assert tier.recompress_slabs([key(4)], None)["bytes"] == 4 * CHUNK
+    assert torch.equal(tier.get(key(4)), chunk(4)) and tier.used_bytes == 4 * CHUNK
+    tier.remove(key(4))
+    assert tier.used_bytes == 3 * CHUNK and tier.stats()["slabs"] == 1
+
+
 def test_object_store_tier_reads_zero_copy_arrays_but_returns_owned_tensors():
     store = LocalObjectStore()
     tier = ObjectStoreTier(CHUNK, store=store)
     tier.put(key(0), chunk(0))
-    arr, entry = tier.read_array(key(0))
-    assert not arr.flags.writeable and entry.dtype == "bfloat16"
+    entry = tier.entry(key(0))
+    assert not entry.handle[entry.index].flags.writeable and entry.dtype == "bfloat16"
     t = tier.get(key(0))
     t += 1  # the caller owns its copy; the stored entry is unchanged
     assert torch.equal(tier.get(key(0)), chunk(0))
@@ -86,8 +104,9 @@ def test_directory_follows_demotions_in_either_event_order():
 # -- node agent ---------------------------------------------------------------------------------
 def test_agent_demotes_lru_to_disk_and_promotes_on_hit(tmp_path):
     agent = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=3), LocalObjectStore())
-    # put 4 chunks into a 3-chunk host tier -> the oldest one is demoted to disk
-    assert agent.put_chunks([(key(i), chunk(i), None) for i in range(4)]) == ["disk"] + ["host"] * 3
+    # put 4 chunks one call each into a 3-chunk host tier -> the oldest one is demoted to disk
+    for i in range(4):
+        agent.put_chunks([(key(i), chunk(i), None)])
     assert agent.contains_many([key(i) for i in range(5)]) == ["disk", "host", "host", "host", None]
     # a disk hit comes back bit-exact and is promoted (pushing the next LRU entry down)
     got = agent.get_tensors([key(0), key(4)])
@@ -97,19 +116,26 @@ def test_agent_demotes_lru_to_disk_and_promotes_on_hit(tmp_path):
     assert agent.metrics.total("qwen3vl_ray_hits") == 1 and agent.metrics.total("qwen3vl_ray_misses") == 1
 
 
+def test_agent_batch_larger_than_the_host_tier_overflows_its_tail_to_disk(tmp_path):
+    agent = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=3), LocalObjectStore())
+    # one batch of 5: the head of the prefix (fast to reuse) stays in host, the tail goes to disk
+    assert agent.put_chunks([(key(i), chunk(i), None) for i in range(5)]) == ["host"] * 3 + ["disk"] * 2
+    assert all(torch.equal(t, chunk(i)) for i, t in enumerate(agent.get_tensors([key(i) for i in range(5)])))
+
+
 def test_agent_restart_serves_disk_entries_and_misses_lost_host_entries(tmp_path):
     cfg = agent_cfg(tmp_path, host_chunks=2)
     first = NodeAgentLogic(NODES[0], cfg, LocalObjectStore())
-    first.put_chunks([(key(i), chunk(i), None) for i in range(4)])  # 0,1 on disk; 2,3 on host
+    assert first.put_chunks([(key(i), chunk(i), None) for i in range(4)]) == ["host"] * 2 + ["disk"] * 2
     # the agent dies (its object store entries with it); a new one opens the same node directory
     again = NodeAgentLogic(NODES[0], cfg, LocalObjectStore())
     assert again.epoch != first.epoch
     got = again.get_tensors([key(0), key(1), key(2), key(3)])
-    assert torch.equal(got[0], chunk(0)) and torch.equal(got[1], chunk(1))
-    assert got[2] is None and got[3] is None  # lost host entries are misses, not errors
+    assert got[0] is None and got[1] is None  # lost host entries are misses, not errors
+    assert torch.equal(got[2], chunk(2)) and torch.equal(got[3], chunk(3))
     # another node's directory is separate
     other = NodeAgentLogic(NODES[1], cfg, LocalObjectStore())
-    assert other.contains_many([key(0)]) == [None]
+    assert other.contains_many([key(2)]) == [None]
 
 
 def test_agent_journal_keeps_a_directory_equal_to_its_snapshot(tmp_path):
@@ -138,12 +164,14 @@ def make_cluster(tmp_path, config: CoordinatorConfig | None = None, **agent_kw):
 def test_policy_pass_demotes_cold_host_entries_to_the_low_watermark(tmp_path):
     coord, agents = make_cluster(tmp_path, host_chunks=8, high_watermark=0.7, low_watermark=0.5)
     a = agents[NODES[0]]
-    a.put_chunks([(key(i), chunk(i), None) for i in range(7)])  # 7/8 > 0.7 high watermark
+    a.put_chunks([(key(i), chunk(i), None) for i in range(7)])  # one slab; 7/8 > 0.7 high watermark
     a.get_tensors([key(0)])  # chunk 0 is now the hottest
     decisions = coord.policy_pass()
     assert [d["action"] for d in decisions] == ["demote"]
-    assert a.host.used_bytes <= 0.5 * a.host.capacity_bytes
-    assert a.contains_many([key(0), key(1)]) == ["host", "disk"]  # coldest went first
+    # the 3 coldest went down; the survivors were re-packed so the slab's memory really came back
+    assert a.host.used_bytes == 4 * CHUNK <= 0.5 * a.host.capacity_bytes
+    assert a.contains_many([key(i) for i in range(7)]) == ["host", "disk", "disk", "disk", "host", "host", "host"]
+    assert all(torch.equal(t, chunk(i)) for i, t in enumerate(a.get_tensors([key(i) for i in range(7)])))
     assert coord.lookup([key(1)]) == [(NODES[0], "disk")]
     assert coord.metrics.total("qwen3vl_ray_coordinator_actions", action="demote") == 3
 
@@ -166,7 +194,8 @@ def test_cluster_eviction_drops_lowest_value_entries_first(tmp_path):
     cfg = CoordinatorConfig(recompress_codec="", demote_cold=False, period_s=0)
     coord, agents = make_cluster(tmp_path, cfg, host_chunks=2, disk_chunks=6, high_watermark=0.6, low_watermark=0.4)
     a, b = agents[NODES[0]], agents[NODES[1]]
-    a.put_chunks([(key(i), chunk(i), None) for i in range(6)])  # disk: 0-3, host: 4, 5
+    for i in range(6):
+        a.put_chunks([(key(i), chunk(i), None)])  # disk: 0-3, host: 4, 5
     a.get_tensors([key(0), key(1)])  # reused: promoted to host, pushing 4 and 5 down to disk
     b.put_chunks([(key(10), chunk(10), None)])  # node b is not under pressure
     assert a.value(key(0), 0.05) > a.value(key(2), 0.05)  # reuse raises an entry's value
