@@ -278,3 +278,24 @@ def test_configs_validate():
     assert cfg.agent.host_bytes == 1024 and cfg.coordinator.admission_mode == "queue"
     with pytest.raises(ConfigError, match="QWEN3VL_RAY_HOST_BYTES"):
         ServiceConfig.from_env({"QWEN3VL_RAY_HOST_BYTES": "lots"})
+
+
+def test_metrics_recorder_validates_names_and_tags_and_the_dashboard_plots_every_metric():
+    import json
+    import re
+    from pathlib import Path
+
+    from actors.metrics import METRICS, Metrics
+
+    m = Metrics("n1")
+    m.inc("qwen3vl_ray_hits", tier="host")
+    m.inc("qwen3vl_ray_coordinator_actions", 2, action="demote")
+    assert m.total("qwen3vl_ray_hits", tier="host") == 1 and m.total("qwen3vl_ray_coordinator_actions") == 2
+    with pytest.raises(ValueError, match="unknown metric"):
+        m.inc("hits")
+    with pytest.raises(ValueError, match="takes tags"):
+        m.inc("qwen3vl_ray_hits", color="red")
+    dash = json.loads((Path(__file__).parent.parent / "dashboards" / "grafana_qwen3vl_ray.json").read_text())
+    plotted = {name for p in dash["panels"] for t in p["targets"]
+               for name in re.findall(r"ray_(qwen3vl_ray_[a-z_]+?)(?:_total|_bucket|_sum|_count)?\{", t["expr"])}
+    assert plotted == set(METRICS)

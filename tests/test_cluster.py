@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -58,9 +60,15 @@ def wait_for(pred, timeout=60.0, what="condition"):
 def cluster(tmp_path_factory):
     os.environ["PYTHONPATH"] = REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
     node_args = dict(num_cpus=1, object_store_memory=80 * MiB)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    metrics_port = sock.getsockname()[1]
+    sock.close()
     # fast failure detection so a removed node is declared dead in about a second
     system = {"health_check_period_ms": 300, "health_check_failure_threshold": 3, "health_check_timeout_ms": 300}
-    c = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, _system_config=system, **node_args))
+    c = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, _system_config=system,
+                                                                metrics_export_port=metrics_port, **node_args))
+    c.metrics_port = metrics_port
     for _ in range(2):
         c.add_node(**node_args)
     ray.init(address=c.address, namespace=NAMESPACE)
@@ -226,3 +234,28 @@ def test_workload_three_times_the_budgets_stays_within_every_budget(cluster):
         for name, tier in s["tiers"].items():
             assert tier["used"] <= tier["capacity"] + CHUNK_BYTES + 4096, (s["node_id"], name, tier)
     assert sum(s["tiers"]["disk"]["used"] > 0 for s in samples) > 0  # pressure really reached the disk tier
+
+
+def test_metrics_reach_the_prometheus_endpoint(cluster):
+    c, _, _ = cluster
+    head = c.head_node.node_id
+    # the head node's agent exports its tier gauges and hit counters, tagged by node and tier
+    want = ["ray_qwen3vl_ray_bytes_used{", "ray_qwen3vl_ray_bytes_budget{", "ray_qwen3vl_ray_hits_total{"]
+    body = ""
+    agent = agents_by_node()[head]
+    k = chunk_keys(ENGINE.namespace, prompt(5, 1), CHUNK_TOKENS)
+    ray.get(agent.put_chunks.remote([(k[0], to_wire(ENGINE.chunk_kv(k[0])), None)]))
+    assert ray.get(agent.get_chunks.remote(k))[0] is not None  # one hit on the head node
+
+    def exported():
+        nonlocal body
+        ray.get(agents_by_node()[head].pressure.remote())
+        body = urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=5).read().decode()
+        return all(w in body for w in want)
+
+    try:
+        wait_for(exported, timeout=60, what="qwen3vl_ray metrics on the head node's endpoint")
+    except AssertionError:
+        raise AssertionError([l for l in body.splitlines() if "qwen3vl" in l and not l.startswith("#")][:20]) from None
+    line = next(l for l in body.splitlines() if l.startswith("ray_qwen3vl_ray_bytes_budget{") and 'tier="host"' in l)
+    assert f'node="{head}"' in line and float(line.rsplit(" ", 1)[1]) == HOST
