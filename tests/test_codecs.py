@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
 
 from qwen3vl_ray.codecs import available_codecs, decode, make_codec, relative_error, transcode, unpack_payload
 from qwen3vl_ray.errors import CodecError
-from tests.codec_inputs import DTYPES, float_tensors, kv_tensors, make_tensor
+from tests.test_codecs_inputs import DTYPES, float_tensors, kv_tensors, make_tensor
 
 FAST = settings(max_examples=40, deadline=None)
 LOSSLESS = ["none", "zstd", "sparse", "zstd:level=1"]
@@ -180,6 +180,6 @@ def test_cuda_round_trip_stays_on_device(spec):
     codec = make_codec(spec)
     y = decode(codec.encode(x), x.device)
     assert y.device == x.device and y.shape == x.shape
-    assert relative_error(x, y) <= (codec.error_bound(x) if spec != "auto" else 0.01)
+    assert relative_error(x, y) <= (codec.error_bound(x) if spec != "auto" else 0.02)
     assert decode(codec.encode(x)).device.type == "cpu"
     assert not math.isnan(relative_error(x, y))

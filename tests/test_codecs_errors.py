@@ -36,6 +36,15 @@ def test_bad_params_name_what_is_allowed(spec, match):
         make_codec(spec)
 
 
+@pytest.mark.parametrize("spec", ["none", "zstd:level=5", "fp16", "bf16", "int8:group=64,axis=0", "int4", "fp8:group=32",
+                                  "kv-int4:group=32,residual=16", "lowrank:max_error=0.05", "sparse", "int8+zstd",
+                                  "auto", "auto:max_error=0.1,candidates=int8|int4|sparse"])
+def test_spec_rebuilds_the_same_codec(spec):
+    codec = make_codec(spec)
+    again = make_codec(codec.spec())
+    assert type(again) is type(codec) and again.spec() == codec.spec()
+
+
 def test_axis_out_of_range_at_encode():
     with pytest.raises(CodecError, match=r"axis 2 out of range for a 2-d tensor \(allowed -2..1\)"):
         make_codec("int8:axis=2").encode(torch.randn(3, 4))

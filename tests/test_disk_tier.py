@@ -231,3 +231,15 @@ def test_fsync_path_works(tmp_path):
     t = disk(tmp_path, fsync=True)
     assert t.put(key(1), content(1))
     assert torch.equal(disk(tmp_path).get(key(1)), content(1))
+
+
+def test_odd_things_in_the_directory_do_not_break_start_up(tmp_path):
+    t = disk(tmp_path)
+    t.put(key(1), content(1))
+    sub = t.path_of(key(1)).parent
+    (sub / (key_hex(key(2)) + ".qvt")).mkdir()  # a directory named like an entry
+    os.symlink("/etc/passwd", sub / (key_hex(key(3)) + ".qvt"))  # a planted symlink is never followed
+    (sub / "README").write_text("not an entry")
+    (t.dir / "stray-file").write_text("x")
+    t2 = disk(tmp_path)
+    assert set(t2.keys()) == {key(1)} and t2.get(key(3)) is None

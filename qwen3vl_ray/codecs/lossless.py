@@ -10,7 +10,7 @@ import zstandard
 
 from qwen3vl_ray.codecs import groups as G
 from qwen3vl_ray.codecs.base import (
-    Codec, IdentityCodec, decode, dtype_from_name, dtype_name, make_codec, pack_payload, register_codec,
+    Codec, decode, dtype_from_name, dtype_name, make_codec, pack_payload, register_codec,
     tensor_bytes,
 )
 from qwen3vl_ray.errors import CodecError

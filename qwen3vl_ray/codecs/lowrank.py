@@ -8,7 +8,6 @@ device; cost grows as ``m * n * min(m, n)``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

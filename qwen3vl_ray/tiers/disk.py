@@ -28,9 +28,10 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import xxhash
 
 from qwen3vl_ray.codecs import decode, make_codec
-from qwen3vl_ray.codecs.base import dtype_from_name, dtype_name, tensor_bytes
+from qwen3vl_ray.codecs.base import dtype_from_name, dtype_name
 from qwen3vl_ray.errors import CapacityError, CodecError, CorruptEntryError
 from qwen3vl_ray.keys import CacheKey, Namespace, key_from_hex, key_hex, validate_key
 from qwen3vl_ray.tiers import disk_format as fmt
@@ -76,15 +77,29 @@ def _write_all(fd: int, bufs: list) -> int:
     return total
 
 
-def _read_into(fd: int, view: memoryview, offset: int) -> int:
-    """Fill ``view`` from ``offset``; returns the bytes read (< len on a short file)."""
-    got = 0
-    while got < view.nbytes:
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
+def _np_bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a flat uint8 numpy view (CPU; copies only when it must be made contiguous)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    flat = t.contiguous().reshape(-1)
+    return (flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)).numpy()
+
+
+READ_CHUNK = 1 << 20  # hash each chunk right after reading it, while it is still in L2
+
+
+def _read_and_hash(fd: int, view: memoryview, offset: int) -> tuple[int, bytes]:
+    """Fill ``view`` from ``offset`` and return (bytes read, xxh3_128 of them)."""
+    h = xxhash.xxh3_128()
+    got, n = 0, view.nbytes
+    while got < n:
+        r = os.preadv(fd, [view[got: got + READ_CHUNK]], offset + got)
+        if r == 0:
             break
-        got += n
-    return got
+        h.update(view[got: got + r])
+        got += r
+    return got, h.digest()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -114,6 +129,7 @@ class DiskTier(Tier):
         _private_dir(self.root)
         self.dir = self.root / namespace.hex
         _private_dir(self.dir)
+        self._dir_str = str(self.dir)
         self._index: dict[CacheKey, int] = {}  # key -> file size in bytes (header + payload)
         self._used = 0
         self._reserved = 0
@@ -125,8 +141,11 @@ class DiskTier(Tier):
 
     # -- paths -----------------------------------------------------------------------------------
     def path_of(self, key: CacheKey) -> Path:
+        return Path(self._path_str(key))
+
+    def _path_str(self, key: CacheKey) -> str:
         h = key_hex(key)
-        return self.dir / h[:2] / (h + fmt.SUFFIX)
+        return f"{self._dir_str}/{h[:2]}/{h}{fmt.SUFFIX}"
 
     # -- start-up --------------------------------------------------------------------------------
     def _rebuild(self) -> None:
@@ -150,7 +169,7 @@ class DiskTier(Tier):
                     continue
                 try:
                     fd = os.open(f, _OPEN_READ)
-                except OSError as exc:
+                except OSError as exc:  # e.g. a symlink (O_NOFOLLOW): never followed, never served
                     log.warning("disk tier: cannot open %s at start-up: %s", f, exc)
                     continue
                 try:
@@ -158,6 +177,9 @@ class DiskTier(Tier):
                     self._check(fmt.decode_header(os.pread(fd, fmt.MAX_HEADER, 0)), key, st.st_size)
                 except CorruptEntryError as exc:
                     self._drop_corrupt(f, st, str(exc))
+                    continue
+                except OSError as exc:  # a directory named like an entry, an I/O error: skip, keep going
+                    log.warning("disk tier: cannot read %s at start-up: %s", f, exc)
                     continue
                 finally:
                     os.close(fd)
@@ -244,7 +266,7 @@ class DiskTier(Tier):
 
     def _write(self, prepared: PreparedStore) -> bool:
         key, meta = prepared.key, prepared.meta
-        data = tensor_bytes(prepared.payload) if self._raw else np.frombuffer(prepared.payload, dtype=np.uint8)
+        data = _np_bytes(prepared.payload) if self._raw else np.frombuffer(prepared.payload, dtype=np.uint8)
         header = fmt.encode_header(key, self.namespace.digest, meta["dtype"], self.codec.spec(), meta["shape"],
                                    data.nbytes, fmt.payload_checksum(data))
         final = self.path_of(key)
@@ -288,7 +310,7 @@ class DiskTier(Tier):
                 self._c["misses"] += 1
         if not present:
             return None
-        path = self.path_of(key)
+        path = self._path_str(key)
         try:
             fd = os.open(path, _OPEN_READ)
         except FileNotFoundError:  # removed under us (concurrent remove, or by hand)
@@ -323,7 +345,7 @@ class DiskTier(Tier):
             dst = out if direct else torch.empty(shape, dtype=dtype)
             if dst.numel() * dst.element_size() != h.payload_len:
                 raise CorruptEntryError(f"payload is {h.payload_len} bytes, {h.dtype} {shape} needs {dst.numel() * dst.element_size()}")
-            view = memoryview(tensor_bytes(dst)) if h.payload_len else memoryview(b"")
+            view = memoryview(_np_bytes(dst)) if h.payload_len else memoryview(b"")
             self._fill(fd, view, h)
             if out is not None and not direct:
                 out.copy_(dst)
@@ -341,10 +363,10 @@ class DiskTier(Tier):
 
     @staticmethod
     def _fill(fd: int, view: memoryview, h: fmt.EntryHeader) -> None:
-        got = _read_into(fd, view, h.header_len)
+        got, digest = _read_and_hash(fd, view, h.header_len)
         if got != h.payload_len:
             raise CorruptEntryError(f"read {got} of {h.payload_len} payload bytes: truncated")
-        if fmt.payload_checksum(view) != h.checksum:
+        if digest != h.checksum:
             raise CorruptEntryError("payload checksum mismatch")
 
     def contains(self, key: CacheKey) -> bool:
@@ -362,7 +384,7 @@ class DiskTier(Tier):
         return True
 
     # -- failure handling ---------------------------------------------------------------------------
-    def _drop_corrupt(self, path: Path, st: os.stat_result | None, why: str, key: CacheKey | None = None) -> None:
+    def _drop_corrupt(self, path: Path | str, st: os.stat_result | None, why: str, key: CacheKey | None = None) -> None:
         log.warning("disk tier: corrupt entry %s removed (%s)", path, why)
         with self._lock:
             self._c["corrupt"] += 1
@@ -378,7 +400,7 @@ class DiskTier(Tier):
                 if key is not None and key in self._index:
                     self._used -= self._index.pop(key)
 
-    def _forget_missing(self, key: CacheKey, path: Path) -> None:
+    def _forget_missing(self, key: CacheKey, path: str) -> None:
         with self._lock:
             self._c["misses"] += 1
             if key in self._index and not os.path.lexists(path):
