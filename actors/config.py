@@ -29,7 +29,8 @@ class AgentConfig:
             (default ``/tmp/qwen3vl_ray_disk``). Never Ray's spill directory.
         disk_codec: codec spec of disk entries (default ``"none"``).
         disk_fsync: fsync each disk store (crash safety; default True).
-        policy: eviction policy name inside the node (``qwen3vl_ray.policies``; default ``"lru"``).
+        policy: eviction policy name inside the node (``qwen3vl_ray.policies``); None (default) takes the
+            project default.
         high_watermark: fraction of a tier's budget above which the agent reports pressure (0.9).
         low_watermark: fraction that pressure relief drains a tier down to (0.75).
     """
@@ -40,7 +41,7 @@ class AgentConfig:
     disk_dir: str = "/tmp/qwen3vl_ray_disk"
     disk_codec: str = "none"
     disk_fsync: bool = True
-    policy: str = "lru"
+    policy: str | None = None
     high_watermark: float = 0.9
     low_watermark: float = 0.75
 

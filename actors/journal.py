@@ -129,5 +129,5 @@ class JournalingTier(Tier):
         self.inner.close()
 
     def __getattr__(self, name: str) -> Any:
-        # Tier-specific extras (entry(), read_array(), replace_payload() of the object-store tier).
+        # Tier-specific extras of the object-store tier (entry(), stage_many(), compact(), ...).
         return getattr(self.__dict__["inner"], name)

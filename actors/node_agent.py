@@ -120,9 +120,9 @@ def node_disk_dir(config: AgentConfig, node_id: str) -> str:
 
 
 def build_node_cache(node_id: str, config: AgentConfig, host: JournalingTier, journal: Journal):
-    """Compose the host (+ disk) tiers. The disk tier is the core ``DiskTier`` (index rebuilt from its files on
-    open). The composition is the core TieredCache when the installed core has it, else the agent's NodeCache
-    (the same API subset)."""
+    """Compose the node's tiers with the core TieredCache: the object-store host tier (injected) over the core
+    DiskTier (its index is rebuilt from its files on open, so a restarted agent serves them again)."""
+    from qwen3vl_ray.cache import CacheConfig, TieredCache
     from qwen3vl_ray.tiers.config import TierConfig
     from qwen3vl_ray.tiers.factory import make_tier
 
@@ -137,13 +137,9 @@ def build_node_cache(node_id: str, config: AgentConfig, host: JournalingTier, jo
         disk = JournalingTier(make_tier(dcfg, AGENT_NAMESPACE), journal)
         cfgs.append(dcfg)
         tiers.append(disk)
-    try:
-        from qwen3vl_ray.cache import CacheConfig, TieredCache
-    except ImportError:
-        from actors.node_cache import NodeCache
-
-        return NodeCache(tiers), disk
-    cache = TieredCache(CacheConfig(tiers=cfgs, policy=config.policy, namespace=AGENT_NAMESPACE), tiers=tiers)
+    # prefetch_threads=0: the agent runs one call at a time; promotions happen inside get_chunks
+    cache = TieredCache(CacheConfig(tiers=cfgs, policy=config.policy, namespace=AGENT_NAMESPACE, prefetch_threads=0),
+                        tiers=tiers)
     return cache, disk
 
 
@@ -170,15 +166,24 @@ class NodeAgentLogic:
 
     # -- writes --------------------------------------------------------------------------------
     def put_chunks(self, items: Sequence[tuple[CacheKey, Any, CacheKey | None]]) -> list[str | None]:
-        """Store many chunks (into the host tier; the cache demotes victims to disk). Returns the tier each
-        chunk landed in, or None if it was not admitted."""
+        """Store many chunks. The batch is made room for in the host tier (the cache demotes victims to disk)
+        and put into the object store as one slab; the cache then commits each chunk (index, policy).
+        Returns the tier each chunk is in afterwards, or None if it was not stored."""
         now = time.monotonic()
         batch = []
         for key, chunk, parent in items:
             t = as_tensor(chunk)
             batch.append((validate_key(key), t, parent))
             self._info[key] = [0, now, t.numel() * t.element_size()]
-        oks = self.cache.put_many(batch)
+        inner = self.host.inner
+        total = min(sum(t.numel() * t.element_size() for _, t, _ in batch), inner.capacity_bytes)
+        if inner.free_bytes < total:
+            self.cache.relieve("host", inner.capacity_bytes - total)
+        try:
+            inner.stage_many([(k, t) for k, t, _ in batch])
+            oks = self.cache.put_many(batch)
+        finally:
+            inner.unstage_all()
         where = [self._where(k) if ok else None for (k, _, _), ok in zip(batch, oks)]
         for (k, t, _), w in zip(batch, where):
             if w is None:
@@ -242,10 +247,20 @@ class NodeAgentLogic:
                     continue
                 out.append(ChunkRef(e.handle, e.index, e.nbytes, e.codec, e.dtype, e.shape, "host"))
             self.metrics.inc("qwen3vl_ray_hits", tier=tier)
+            if tier == "host":
+                self._touch(key)
             info = self._info.setdefault(key, [0, now, 0])
             info[0] += 1
             info[1] = now
         return out
+
+    def _touch(self, key: CacheKey) -> None:
+        """A host hit served by handle bypasses the cache's read path; tell its policy about the access."""
+        touch = getattr(self.cache, "touch", None)
+        if touch is not None:
+            touch(key)
+        elif hasattr(self.cache, "policies"):
+            self.cache.policies[0].on_access(key)
 
     def get_tensors(self, keys: Sequence[CacheKey]) -> list[torch.Tensor | None]:
         """Tensors for many chunks, for in-process callers (tests, the benchmark)."""
@@ -276,8 +291,8 @@ class NodeAgentLogic:
         return keys[:n]
 
     def demote_cold(self, n_bytes: int) -> dict:
-        """Move the coldest host entries down to disk until ``n_bytes`` of host memory are free again. A slab
-        returns its memory only when empty, so slabs left with a few hot entries are re-packed (compacted)."""
+        """Move the coldest host entries down to disk until ``n_bytes`` of host memory are free again (the
+        tier compacts slabs left mostly empty, so the bytes really return)."""
         count = 0
         if self.disk is None:
             return {"bytes": 0, "entries": 0}
@@ -287,18 +302,14 @@ class NodeAgentLogic:
             if planned >= n_bytes:
                 break
             e = self.host.entry(key)
-            if e is None:
-                continue
             nb = self.host.entry_nbytes(key) or 0
-            if self.cache.demote(key):
+            if e is not None and self.cache.demote(key):
                 planned += nb
                 slabs.add(e.slab)
                 count += 1
                 self.metrics.inc("qwen3vl_ray_demotions", tier="host")
                 self.metrics.inc("qwen3vl_ray_swap_bytes_out", nb, tier="host")
-        leftovers = [k for k in self.host.keys() if self.host.entry(k).slab in slabs]
-        if leftovers:
-            self.host.recompress_slabs(leftovers, None)
+        self.host.compact(list(slabs))  # survivors of the slabs we thinned out move, so the memory returns
         return {"bytes": start - self.host.used_bytes, "entries": count}
 
     def recompress(self, keys: Sequence[CacheKey], codec: str, need_bytes: int | None = None) -> dict:

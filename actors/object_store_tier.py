@@ -13,6 +13,13 @@ slabs (what the store really holds); entries of a batch age together, so LRU ord
 Readers get the slab zero-copy and copy their slice out; a cross-node reader pulls the whole slab (the chunks
 of one prefix are stored together, so that is usually what it wants).
 
+Staging: the TieredCache commits entries one ``complete_store`` at a time. ``stage_many`` first puts a whole
+batch as one slab; ``prepare_store`` of a staged key then hands back the staged entry and ``complete_store``
+only commits it (charging its bytes), so the cache's index, policies and room-making run per entry while the
+bytes moved in one ``put``. ``unstage_all`` drops what was staged but not committed. Staged bytes are not
+charged until committed; staging only takes what fits in the free budget, so the store never holds more than
+the budget.
+
 Raw entries keep the tensor's bytes (bf16 as an int16 view); another codec stores its self-describing
 payload. The backing store is injected: :class:`RayObjectStore` in the service, :class:`LocalObjectStore`
 (plain process memory, same semantics) when the node logic is driven without Ray.
@@ -23,7 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -40,7 +47,7 @@ logger = logging.getLogger(__name__)
 _VIEW_AS = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
 RAW = "raw"
 ALIGN = 64
-DEFAULT_SLAB_BYTES = 64 << 20
+DEFAULT_SLAB_BYTES = 32 << 20
 
 
 def _aligned(n: int) -> int:
@@ -87,7 +94,11 @@ class LocalObjectStore:
 class Slab:
     handle: Any
     nbytes: int
-    live: int  # entries still pointing into it
+    live: int  # committed entries still pointing into it
+    pending: int = 0  # staged entries not committed yet
+    charged: int = 0  # bytes counted in used_bytes (committed entries' bytes; kept until the slab dies)
+    live_bytes: int = 0  # bytes of the committed entries still in it
+    members: set = field(default_factory=set)  # their keys
 
 
 @dataclass(slots=True)
@@ -156,12 +167,14 @@ class ObjectStoreTier(Tier):
         self.codec = make_codec(codec)
         self._store: ObjectStore = store if store is not None else RayObjectStore()
         self._entries: dict[CacheKey, StoredEntry] = {}
+        self._staged: dict[CacheKey, StoredEntry] = {}
         self._slabs: dict[int, Slab] = {}
         self._ids = itertools.count()
         self._used = 0
         self._lock = threading.Lock()
         self._counts = {"hits": 0, "misses": 0, "stores": 0, "rejected": 0, "removes": 0, "corrupt": 0,
-                        "bytes_in": 0, "bytes_out": 0, "recompressed": 0, "slabs_put": 0}
+                        "bytes_in": 0, "bytes_out": 0, "recompressed": 0, "slabs_put": 0,
+                        "compactions": 0}
 
     # -- accounting ---------------------------------------------------------------------------
     @property
@@ -190,6 +203,12 @@ class ObjectStoreTier(Tier):
     # -- stores -------------------------------------------------------------------------------
     def prepare_store(self, key: CacheKey, tensor: torch.Tensor) -> PreparedStore:
         key = validate_key(key)
+        staged = self._staged.get(key)
+        if staged is not None:
+            return PreparedStore(key=key, nbytes=_aligned(staged.nbytes), payload=None, meta={"staged": staged})
+        return self._encode(key, tensor)
+
+    def _encode(self, key: CacheKey, tensor: torch.Tensor) -> PreparedStore:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"ObjectStoreTier stores torch tensors, got {type(tensor).__name__}")
         logical = tensor.numel() * tensor.element_size()
@@ -208,9 +227,12 @@ class ObjectStoreTier(Tier):
 
     def complete_store_many(self, prepared: Sequence[PreparedStore]) -> list[bool]:
         """Commit a batch: replaced keys are dropped first, then the longest prefix of the batch that fits is
-        packed into slabs of at most ``slab_bytes`` (one ``put`` each); the rest is refused (False)."""
+        committed: staged entries are charged, the others packed into slabs of at most ``slab_bytes`` (one
+        ``put`` each); the rest is refused (False)."""
         with self._lock:
             for p in prepared:
+                if "staged" not in p.meta:
+                    self._staged_drop(p.key)
                 self._drop(p.key)
             room = self.capacity_bytes - self._used
             n_fit = 0
@@ -220,32 +242,89 @@ class ObjectStoreTier(Tier):
                 room -= p.nbytes
                 n_fit += 1
             self._counts["rejected"] += len(prepared) - n_fit
+            fresh = []
+            for p in prepared[:n_fit]:
+                staged = p.meta.get("staged")
+                if staged is None:
+                    fresh.append(p)
+                elif self._staged.get(p.key) is staged:
+                    del self._staged[p.key]
+                    slab = self._slabs[staged.slab]
+                    slab.pending -= 1
+                    slab.live += 1
+                    slab.charged += p.nbytes
+                    slab.live_bytes += p.nbytes
+                    slab.members.add(p.key)
+                    self._used += p.nbytes
+                    self._entries[p.key] = staged
+                    self._counts["stores"] += 1
+        for group in self._slab_groups(fresh):
+            self._put_slab(group, staged=False)
+        return [True] * n_fit + [False] * (len(prepared) - n_fit)
+
+    def _slab_groups(self, prepared: Sequence[PreparedStore]) -> list[list[PreparedStore]]:
         groups: list[list[PreparedStore]] = []
         size = 0
-        for p in prepared[:n_fit]:
+        for p in prepared:
             if not groups or size + p.nbytes > self.slab_bytes:
                 groups.append([])
                 size = 0
             groups[-1].append(p)
             size += p.nbytes
-        for group in groups:
-            self._put_slab(group)
-        return [True] * n_fit + [False] * (len(prepared) - n_fit)
+        return groups
 
-    def _put_slab(self, group: Sequence[PreparedStore]) -> None:
+    def stage_many(self, items: Sequence[tuple[CacheKey, torch.Tensor]]) -> int:
+        """Put the longest prefix of ``items`` that fits the free budget into the store as one slab per
+        ``slab_bytes``, staged for ``complete_store``. Returns how many were staged."""
+        prepared = [self._encode(validate_key(k), t) for k, t in items]
+        with self._lock:
+            room = self.capacity_bytes - self._used - sum(_aligned(e.nbytes) for e in self._staged.values())
+            n_fit = 0
+            for p in prepared:
+                if p.nbytes > room:
+                    break
+                room -= p.nbytes
+                n_fit += 1
+        for group in self._slab_groups(prepared[:n_fit]):
+            self._put_slab(group, staged=True)
+        return n_fit
+
+    def unstage_all(self) -> int:
+        """Drop staged entries that were never committed. Returns how many."""
+        with self._lock:
+            keys = list(self._staged)
+            for k in keys:
+                self._staged_drop(k)
+            return len(keys)
+
+    def _staged_drop(self, key: CacheKey) -> None:
+        e = self._staged.pop(key, None)
+        if e is not None:
+            self._slabs[e.slab].pending -= 1
+            self._free_if_empty(e.slab)
+
+    def _put_slab(self, group: Sequence[PreparedStore], staged: bool) -> None:
         total = sum(p.nbytes for p in group)
         handle = self._store.put([p.payload for p in group])  # one object, each array copied once
         with self._lock:
             sid = next(self._ids)
-            self._slabs[sid] = Slab(handle, total, 0)
-            self._used += total
+            slab = self._slabs[sid] = Slab(handle, total, 0)
             for i, p in enumerate(group):
-                self._drop(p.key)  # a concurrent store of the same key lost the race
                 m = p.meta
-                self._entries[p.key] = StoredEntry(sid, handle, i, int(p.payload.nbytes), m["logical"], m["codec"],
-                                                   m["dtype"], m["shape"])
-                self._slabs[sid].live += 1
-            self._counts["stores"] += len(group)
+                e = StoredEntry(sid, handle, i, int(p.payload.nbytes), m["logical"], m["codec"], m["dtype"], m["shape"])
+                if staged:
+                    self._staged_drop(p.key)
+                    self._staged[p.key] = e
+                    slab.pending += 1
+                else:
+                    self._drop(p.key)  # a concurrent store of the same key lost the race
+                    self._entries[p.key] = e
+                    slab.live += 1
+                    slab.charged += p.nbytes
+                    slab.live_bytes += p.nbytes
+                    slab.members.add(p.key)
+                    self._used += p.nbytes
+                    self._counts["stores"] += 1
             self._counts["bytes_in"] += total
             self._counts["slabs_put"] += 1
 
@@ -253,16 +332,22 @@ class ObjectStoreTier(Tier):
         return self.complete_store_many([self.prepare_store(k, t) for k, t in items])
 
     def _drop(self, key: CacheKey) -> bool:
-        """Remove an entry; free its slab if it was the last one. Caller holds the lock."""
+        """Remove a committed entry; free its slab if it was the last one. Caller holds the lock."""
         e = self._entries.pop(key, None)
         if e is None:
             return False
         slab = self._slabs[e.slab]
         slab.live -= 1
-        if slab.live == 0:
-            del self._slabs[e.slab]  # dropping the last handle frees the object once no reader holds it
-            self._used -= slab.nbytes
+        slab.live_bytes -= _aligned(e.nbytes)
+        slab.members.discard(key)
+        self._free_if_empty(e.slab)
         return True
+
+    def _free_if_empty(self, sid: int) -> None:
+        slab = self._slabs[sid]
+        if slab.live == 0 and slab.pending == 0:
+            del self._slabs[sid]  # dropping the last handle frees the object once no reader holds it
+            self._used -= slab.charged
 
     def recompress_slabs(self, keys: Sequence[CacheKey], codec: str | None) -> dict:
         """Re-pack every slab holding one of ``keys`` into a new slab, re-encoding its raw entries with
@@ -272,7 +357,7 @@ class ObjectStoreTier(Tier):
         c = make_codec(codec) if codec else None
         with self._lock:
             slab_ids = {self._entries[k].slab for k in keys if k in self._entries}
-            members = [(k, e) for k, e in self._entries.items() if e.slab in slab_ids]
+            members = [(k, self._entries[k]) for s in slab_ids for k in self._slabs[s].members]
         if not members:
             return {"bytes": 0, "entries": 0}
         arrays = dict(zip(slab_ids, self._store.get_many([self._slabs[s].handle for s in slab_ids])))
@@ -299,6 +384,14 @@ class ObjectStoreTier(Tier):
         if not all(ok):  # cannot happen: the new slab is never larger than the old ones
             logger.warning("re-pack kept only %d of %d entries", sum(ok), len(ok))
         return {"bytes": before - self._used, "entries": count}
+
+    def compact(self, slab_ids: Sequence[int]) -> int:
+        """Re-pack the survivors of the given slabs (those still partly dead). Returns bytes freed."""
+        with self._lock:
+            keys = [next(iter(self._slabs[s].members)) for s in set(slab_ids)
+                    if s in self._slabs and self._slabs[s].live and self._slabs[s].pending == 0
+                    and self._slabs[s].live_bytes < self._slabs[s].charged]
+        return self.recompress_slabs(keys, None)["bytes"] if keys else 0
 
     # -- reads --------------------------------------------------------------------------------
     def get(self, key: CacheKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -342,11 +435,23 @@ class ObjectStoreTier(Tier):
         return key in self._entries
 
     def remove(self, key: CacheKey) -> bool:
+        """Remove an entry. A slab whose live entries fell to half its charged bytes or less is compacted (its
+        survivors re-packed into a new slab), so removals free memory promptly and an evicting cache stops
+        after about the bytes it needed instead of emptying whole slabs."""
         with self._lock:
+            e = self._entries.get(key)
             ok = self._drop(key)
-            if ok:
-                self._counts["removes"] += 1
-            return ok
+            if not ok:
+                return False
+            self._counts["removes"] += 1
+            slab = self._slabs.get(e.slab)
+            survivor = None
+            if slab is not None and slab.pending == 0 and slab.live and 2 * slab.live_bytes <= slab.charged:
+                survivor = next(iter(slab.members))
+        if survivor is not None:
+            self.recompress_slabs([survivor], None)
+            self._counts["compactions"] += 1
+        return True
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -360,5 +465,6 @@ class ObjectStoreTier(Tier):
     def close(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._staged.clear()
             self._slabs.clear()
             self._used = 0
