@@ -31,7 +31,7 @@ import itertools
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -452,6 +452,24 @@ class ObjectStoreTier(Tier):
             self.recompress_slabs([survivor], None)
             self._counts["compactions"] += 1
         return True
+
+    def remove_many(self, keys: Iterable[CacheKey]) -> list[bool]:
+        """Remove many entries, then compact the slabs they leave half-empty or worse (once, not per key)."""
+        touched: set[int] = set()
+        out = []
+        with self._lock:
+            for k in keys:
+                e = self._entries.get(k)
+                ok = self._drop(k)
+                out.append(ok)
+                if ok:
+                    self._counts["removes"] += 1
+                    touched.add(e.slab)
+            thin = [sid for sid in touched if sid in self._slabs
+                    and 2 * self._slabs[sid].live_bytes <= self._slabs[sid].charged]
+        if thin:
+            self.compact(thin)
+        return out
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

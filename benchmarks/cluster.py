@@ -65,8 +65,7 @@ class Bench:
                 np.copyto(d, s)
 
         def put():
-            for k in keys:
-                tier.remove(k)
+            tier.remove_many(keys)
             assert all(tier.put_many(list(zip(keys, chunks))))
 
         def get():
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         import tempfile
 
         disk_dir = tempfile.mkdtemp(prefix="qwen3vl_ray_bench_")
-        config = ServiceConfig(agent=AgentConfig(host_bytes=store_mem // 2, disk_bytes=0, disk_dir=disk_dir),
+        config = ServiceConfig(agent=AgentConfig(host_bytes=store_mem - 32 * MiB, disk_bytes=0, disk_dir=disk_dir),
                                coordinator=CoordinatorConfig(period_s=0), worker=WorkerConfig())
         service = ensure_service(config, num_workers=0)
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
