@@ -222,24 +222,10 @@ class CoordinatorLogic:
                     logger.warning("agent %s unreachable for pressure", node_id[:12], exc_info=True)
                     self.reports.pop(node_id, None)
             for node_id, rep in list(self.reports.items()):
-                port = self.agents[node_id]
-                host = rep["tiers"].get("host")
-                if host is None or host["used"] <= host["high"] * host["capacity"]:
-                    continue
-                need = host["used"] - host["low"] * host["capacity"]
-                # 1. re-encode cold host entries with a stronger codec before anything leaves the tier
-                if cfg.recompress_codec and cfg.recompress_max_per_pass:
-                    res = port.recompress(port.cold_keys("host", cfg.recompress_max_per_pass), cfg.recompress_codec,
-                                          int(need))
-                    if res["entries"]:
-                        decisions.append(self._decide("recompress", node_id, "host", res["entries"],
-                                                      bytes=res["bytes"], codec=cfg.recompress_codec))
-                        need -= res["bytes"]
-                # 2. demote the coldest entries to the node's disk down to the low watermark
-                if need > 0 and cfg.demote_cold and "disk" in rep["tiers"]:
-                    res = port.demote_cold(int(need))
-                    if res["entries"]:
-                        decisions.append(self._decide("demote", node_id, "host", res["entries"], bytes=res["bytes"]))
+                try:
+                    decisions += self._relieve_host(node_id, rep)
+                except Exception:  # one unreachable agent must not stop the others' policies
+                    logger.warning("host relief on %s failed", node_id[:12], exc_info=True)
             if cfg.cluster_eviction:
                 decisions += self._evict_by_value()
             self.sync_journals()
@@ -249,6 +235,28 @@ class CoordinatorLogic:
                 except Exception:
                     logger.debug("pressure refresh failed for %s", node_id[:12], exc_info=True)
             self._room.notify_all()
+        return decisions
+
+    def _relieve_host(self, node_id: str, rep: dict) -> list[dict]:
+        """A node's host tier above its high watermark: re-encode cold entries with the stronger codec first,
+        then demote the coldest to the node's disk, down to the low watermark."""
+        cfg = self.config
+        decisions: list[dict] = []
+        port = self.agents[node_id]
+        host = rep["tiers"].get("host")
+        if host is None or host["used"] <= host["high"] * host["capacity"]:
+            return decisions
+        need = host["used"] - host["low"] * host["capacity"]
+        if cfg.recompress_codec and cfg.recompress_max_per_pass:
+            res = port.recompress(port.cold_keys("host", cfg.recompress_max_per_pass), cfg.recompress_codec, int(need))
+            if res["entries"]:
+                decisions.append(self._decide("recompress", node_id, "host", res["entries"], bytes=res["bytes"],
+                                              codec=cfg.recompress_codec))
+                need -= res["bytes"]
+        if need > 0 and cfg.demote_cold and "disk" in rep["tiers"]:
+            res = port.demote_cold(int(need))
+            if res["entries"]:
+                decisions.append(self._decide("demote", node_id, "host", res["entries"], bytes=res["bytes"]))
         return decisions
 
     def _evict_by_value(self) -> list[dict]:
@@ -296,7 +304,11 @@ class CoordinatorLogic:
             need[n] = need.get(n, 0) - nbytes
             cluster_need -= nbytes
         for n, keys in doomed.items():
-            got = self.agents[n].evict(keys)
+            try:
+                got = self.agents[n].evict(keys)
+            except Exception:
+                logger.warning("eviction on %s failed", n[:12], exc_info=True)
+                continue
             self.directory.remove_many(n, keys)
             decisions.append(self._decide("evict_by_value", n, bottom[n], got))
         return decisions

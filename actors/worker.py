@@ -1,11 +1,12 @@
 """Qwen3-VL worker: serves requests with the engine, reusing cached prefixes from any node.
 
 ``WorkerLogic`` is plain Python over ports (the local agent, other nodes' agents, the coordinator): it finds a
-request's cached prefix (local agent first, then the cluster directory), fetches it in one batched call per
+request's cached prefix (its own device tier first, then the local agent, then the cluster directory), fetches it in one batched call per
 node plus one batched object-store read (a cross-node hit is Ray's object transfer from the holder's store),
 runs the engine for the rest, and ships the new chunks to the agent the coordinator places them on in one
-batched call. The device tier stays in the engine; host and disk are the agents'. Agent failures turn into
-misses: a request never fails because the cache did.
+batched call. The device tier is the worker's own (a core TieredCache with one device tier: hot chunks
+never leave the process); host and disk are the agents'. Agent failures turn into misses: a request never
+fails because the cache did.
 """
 
 from __future__ import annotations
@@ -43,9 +44,38 @@ class WorkerLogic:
         self.engine, self.agent_for, self.coordinator, self.store = engine, agent_for, coordinator, store
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics(node_id)
+        self.device = None
+        if config.device_bytes:
+            from qwen3vl_ray.cache import CacheConfig, TieredCache
+            from qwen3vl_ray.tiers.config import TierConfig
 
-    def _fetch_prefix(self, keys: list) -> tuple[list, int]:
-        """The longest cached prefix as tensors, and how many of its chunks came from other nodes."""
+            self.device = TieredCache(CacheConfig(tiers=[TierConfig("device", config.device_bytes)],
+                                                  namespace=engine.namespace, prefetch_threads=0))
+
+    def _fetch_prefix(self, keys: list) -> tuple[list, int, int]:
+        """The longest cached prefix as tensors, how many chunks came from the device tier, and how many
+        from other nodes."""
+        on_device: list = []
+        if self.device is not None:
+            for t in self.device.get_many(keys[:self.device.longest_prefix(keys)]):
+                if t is None:
+                    break
+                on_device.append(t)
+        if len(on_device) == len(keys):
+            self.metrics.inc("qwen3vl_ray_hits", len(on_device), tier="device")
+            return on_device, len(on_device), 0
+        rest, cross = self._fetch_from_agents(keys[len(on_device):])
+        if self.device is not None and rest:
+            first = len(on_device)
+            self.device.put_many([(keys[first + i], t, keys[first + i - 1] if first + i else None) for i, t in enumerate(rest)])
+        if on_device:
+            self.metrics.inc("qwen3vl_ray_hits", len(on_device), tier="device")
+        return on_device + rest, len(on_device), cross
+
+    def _fetch_from_agents(self, keys: list) -> tuple[list, int]:
+        """The longest prefix of ``keys`` held by agents, as tensors, and how many came from other nodes."""
+        if not keys:
+            return [], 0
         try:
             local = self.agent_for(self.node_id).contains_many(keys)
         except Exception:
@@ -87,7 +117,7 @@ class WorkerLogic:
         t0 = time.perf_counter()
         token_ids = request["token_ids"]
         keys = chunk_keys(self.engine.namespace, token_ids, self.config.chunk_tokens)
-        cached, cross = self._fetch_prefix(keys)
+        cached, from_device, cross = self._fetch_prefix(keys)
         result = self.engine.prefill(token_ids, keys, cached)
         ttft = time.perf_counter() - t0
         new = result["new_chunks"]
@@ -96,6 +126,8 @@ class WorkerLogic:
             first = len(cached)
             items = [(keys[first + j], to_wire(t), keys[first + j - 1] if first + j else None) for j, t in enumerate(new)]
             nbytes = sum(t.numel() * t.element_size() for t in new)
+            if self.device is not None:
+                self.device.put_many([(k, t, p) for (k, _, p), t in zip(items, new)])
             try:
                 target = self.coordinator.place(self.node_id, nbytes)
                 tiers = self.agent_for(target).put_chunks(items)
@@ -109,7 +141,7 @@ class WorkerLogic:
         self.metrics.observe("qwen3vl_ray_cached_token_ratio", cached_tokens / n_tok if n_tok else 0.0)
         self.metrics.inc("qwen3vl_ray_requests", result="ok")
         return {"id": request.get("id"), "worker": self.worker_id, "node": self.node_id, "output": result["output"],
-                "cached_tokens": cached_tokens, "cross_node_chunks": cross, "computed_chunks": len(new),
+                "cached_tokens": cached_tokens, "device_chunks": from_device, "cross_node_chunks": cross, "computed_chunks": len(new),
                 "stored_chunks": stored, "ttft_s": ttft}
 
 

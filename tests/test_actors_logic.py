@@ -260,7 +260,7 @@ def test_admission_rejects_with_numbers_or_queues_until_release(tmp_path):
 def test_worker_reuses_a_prefix_cached_on_another_node(tmp_path):
     coord, agents = make_cluster(tmp_path, host_chunks=16)
     engine = SyntheticKVEngine(layers=1, kv_heads=1, head_dim=16, chunk_tokens=16)
-    wcfg = WorkerConfig(chunk_tokens=16)
+    wcfg = WorkerConfig(chunk_tokens=16, device_bytes=0)
     store = agents[NODES[0]].store  # LocalObjectStore handles are arrays: readable from any "node"
     workers = [WorkerLogic(f"w{i}", n, engine, agents.__getitem__, coord, store, wcfg) for i, n in enumerate(NODES[:2])]
     prompt = {"token_ids": list(range(80))}  # 5 full chunks
@@ -271,6 +271,19 @@ def test_worker_reuses_a_prefix_cached_on_another_node(tmp_path):
     assert second["output"] == first["output"]  # same bytes as computing from scratch
     longer = workers[1].process({"token_ids": list(range(80)) + [7] * 40})
     assert longer["cached_tokens"] == 80 and longer["computed_chunks"] == 2
+
+
+def test_worker_serves_hot_chunks_from_its_own_device_tier(tmp_path):
+    coord, agents = make_cluster(tmp_path, host_chunks=16)
+    engine = SyntheticKVEngine(layers=1, kv_heads=1, head_dim=16, chunk_tokens=16)
+    w = WorkerLogic("w0", NODES[0], engine, agents.__getitem__, coord, agents[NODES[0]].store,
+                    WorkerConfig(chunk_tokens=16, device_bytes=1 << 20))
+    first = w.process({"token_ids": list(range(48))})
+    # the agent restarts empty (host entries lost): the worker still has the chunks in its device tier
+    agents[NODES[0]] = NodeAgentLogic(NODES[0], agent_cfg(tmp_path / "fresh", host_chunks=16), LocalObjectStore())
+    again = w.process({"token_ids": list(range(48)) + [1] * 16})
+    assert again["device_chunks"] == 3 and again["cached_tokens"] == 48 and again["computed_chunks"] == 1
+    assert w.process({"token_ids": list(range(48))})["output"] == first["output"]
 
 
 def test_configs_validate():

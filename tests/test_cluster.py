@@ -102,6 +102,20 @@ def test_one_agent_per_node_and_ensure_service_is_idempotent(cluster):
     assert len(agents_by_node()) == 3
 
 
+def test_admission_rejects_sessions_past_the_cluster_budget_with_a_clear_error(cluster):
+    _, service, _ = cluster
+    from actors.coordinator import ClusterSaturatedError
+
+    ray.get(service.coordinator.policy_pass.remote())  # fresh pressure reports
+    budget = service.state()["budget"]
+    assert budget == 3 * (HOST + DISK)
+    sid = service.admit(budget // 2)
+    with pytest.raises(ClusterSaturatedError, match="cluster saturated"):
+        service.admit(budget // 2 + 1)
+    service.release(sid)
+    service.release(service.admit(budget // 2 + 1))
+
+
 def test_cross_node_hit_serves_the_same_bytes(cluster):
     _, service, _ = cluster
     tokens = prompt(1, 4)
