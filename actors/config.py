@@ -119,7 +119,6 @@ class WorkerConfig:
         engine_args: keyword arguments for the engine factory (default empty).
         num_gpus: GPUs per worker (default 0: CPU workers; 1 on GPU clusters).
         num_cpus: CPUs reserved per worker (default 0.5).
-        chunk_tokens: tokens per cached chunk (default 64).
         device_bytes: the worker's own device tier (GPU when present, else CPU memory), bytes (default 64 MiB;
             0 disables it). Hot chunks are served from it without asking the agent.
         max_retries: how many other workers a failed request is retried on (default 2).
@@ -129,7 +128,6 @@ class WorkerConfig:
     engine_args: dict = field(default_factory=dict)
     num_gpus: float = 0
     num_cpus: float = 0.5
-    chunk_tokens: int = 64
     device_bytes: int = 64 * MiB
     max_retries: int = 2
 
@@ -138,15 +136,10 @@ class WorkerConfig:
             raise ConfigError(f"WorkerConfig.engine must look like 'module:callable', got {self.engine!r}")
         if self.num_gpus < 0 or self.num_cpus < 0:
             raise ConfigError(f"WorkerConfig num_gpus/num_cpus must be >= 0, got {self.num_gpus}/{self.num_cpus}")
-        if self.chunk_tokens <= 0:
-            raise ConfigError(f"WorkerConfig.chunk_tokens must be > 0, got {self.chunk_tokens}")
         if self.device_bytes < 0:
             raise ConfigError(f"WorkerConfig.device_bytes must be >= 0, got {self.device_bytes}")
         if self.max_retries < 0:
             raise ConfigError(f"WorkerConfig.max_retries must be >= 0, got {self.max_retries}")
-        if self.engine_args.get("chunk_tokens", self.chunk_tokens) != self.chunk_tokens:
-            raise ConfigError(f"WorkerConfig.chunk_tokens={self.chunk_tokens} differs from the engine's "
-                              f"chunk_tokens={self.engine_args['chunk_tokens']}; keys would not match")
 
 
 @dataclass

@@ -20,7 +20,6 @@ from typing import Any, Sequence
 from actors.config import NAMESPACE, ServiceConfig
 from actors.coordinator import COORDINATOR_NAME, WORKER_PREFIX, get_or_create_coordinator
 from actors.worker import worker_class, worker_options
-from qwen3vl_ray.keys import chunk_keys
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,9 +34,9 @@ class ServiceHandle:
         self.config = config
         module, _, name = config.worker.engine.partition(":")
         cls = getattr(importlib.import_module(module), name)
-        ns_for = getattr(cls, "namespace_for", None)
-        # Routing by cached prefix needs the engine's key namespace; without it requests route by load only.
-        self.namespace = ns_for(**config.worker.engine_args) if ns_for else None
+        # Routing by cached prefix needs the request's keys on the client; an engine that cannot compute them
+        # without its model (no ``route_keys``) is routed by load only.
+        self._route_keys = getattr(cls, "route_keys", None)
 
     def _worker(self, name: str) -> Any:
         import ray
@@ -48,9 +47,9 @@ class ServiceHandle:
         return h
 
     def keys_for(self, request: dict) -> list:
-        if self.namespace is None:
+        if self._route_keys is None:
             return []
-        return chunk_keys(self.namespace, request["token_ids"], self.config.worker.chunk_tokens)
+        return self._route_keys(request, **self.config.worker.engine_args)
 
     def process(self, requests: Sequence[dict], timeout_s: float = 600.0) -> list[dict]:
         """Serve requests concurrently; a request whose worker dies is retried on another worker (up to
@@ -59,8 +58,8 @@ class ServiceHandle:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
         for r in requests:
-            if not isinstance(r, dict) or not isinstance(r.get("token_ids"), (list, tuple)) or not r["token_ids"]:
-                raise ValueError(f"a request is a dict with a non-empty 'token_ids' list, got {r!r:.200}")
+            if not isinstance(r, dict) or not (r.get("token_ids") or r.get("messages")):
+                raise ValueError(f"a request is a dict with non-empty 'token_ids' or 'messages', got {str(r)[:200]}")
         results: list[dict | None] = [None] * len(requests)
         tried: dict[int, list[str]] = {i: [] for i in range(len(requests))}
         keys = [self.keys_for(r) for r in requests]

@@ -16,11 +16,12 @@ from typing import Sequence
 import torch
 
 from qwen3vl_ray.codecs.base import dtype_from_name
-from qwen3vl_ray.keys import CacheKey, Namespace
+from qwen3vl_ray.keys import CacheKey, Namespace, chunk_keys
 
 
 class SyntheticKVEngine:
-    """``prefill(token_ids, keys, cached)`` -> new chunks for ``keys[len(cached):]`` and an output digest."""
+    """The worker's engine protocol (see ``actors.worker``): ``namespace``, ``chunk_tokens``,
+    ``request_keys(request)`` and ``run(request, keys, cached)``; requests are ``{"token_ids": [...]}``."""
 
     def __init__(self, layers: int = 2, kv_heads: int = 2, head_dim: int = 32, chunk_tokens: int = 64,
                  dtype: str = "bfloat16", compute_s_per_chunk: float = 0.0) -> None:
@@ -45,6 +46,23 @@ class SyntheticKVEngine:
         g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & ((1 << 63) - 1))
         shape = (2, self.layers, self.kv_heads, self.chunk_tokens, self.head_dim)
         return torch.randn(shape, generator=g).to(self.dtype)
+
+    @classmethod
+    def route_keys(cls, request: dict, **engine_args) -> list[CacheKey]:
+        """The request's chunk keys computed client-side (for prefix-aware routing) from the engine args."""
+        ns = cls.namespace_for(**engine_args)
+        return chunk_keys(ns, request["token_ids"], engine_args.get("chunk_tokens", 64))
+
+    def request_keys(self, request: dict) -> list[CacheKey]:
+        tokens = request.get("token_ids")
+        if not isinstance(tokens, (list, tuple)) or not tokens:
+            raise ValueError(f"a synthetic request needs a non-empty 'token_ids' list, got {str(request)[:200]}")
+        return chunk_keys(self.namespace, tokens, self.chunk_tokens)
+
+    def run(self, request: dict, keys: Sequence[CacheKey], cached: Sequence[torch.Tensor]) -> dict:
+        out = self.prefill(request["token_ids"], keys, cached)
+        out["prompt_tokens"] = len(request["token_ids"])
+        return out
 
     def prefill(self, token_ids: Sequence[int], keys: Sequence[CacheKey], cached: Sequence[torch.Tensor]) -> dict:
         if len(cached) > len(keys):

@@ -23,7 +23,6 @@ from actors.config import NAMESPACE, ServiceConfig, WorkerConfig
 from actors.metrics import Metrics
 from actors.node_agent import ChunkRef, materialize, to_wire
 from actors.object_store_tier import ObjectStore
-from qwen3vl_ray.keys import chunk_keys
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +37,18 @@ def load_engine(spec: str, args: dict) -> Any:
 
 
 class WorkerLogic:
+    """Serves one request at a time with an engine that follows this protocol:
+
+    - ``namespace`` (keys' namespace; the device tier's) and ``chunk_tokens``;
+    - ``request_keys(request) -> list[CacheKey]``: the chained keys of the request's full prompt chunks;
+    - ``run(request, keys, cached) -> dict``: run with ``cached`` (tensors of ``keys[:len(cached)]``) as the
+      reused prefix; returns ``new_chunks`` (tensors of the keys that follow, in order), ``output``, and
+      optionally ``prompt_tokens`` and ``ttft_s``.
+
+    ``actors.synthetic_engine.SyntheticKVEngine`` and ``actors.engine_adapter.Qwen3VLEngineAdapter`` (the
+    real model) implement it.
+    """
+
     def __init__(self, worker_id: str, node_id: str, engine: Any, agent_for: Callable[[str], Any], coordinator: Any,
                  store: ObjectStore, config: WorkerConfig, metrics: Metrics | None = None) -> None:
         self.worker_id, self.node_id = worker_id, node_id
@@ -115,11 +126,10 @@ class WorkerLogic:
 
     def process(self, request: dict) -> dict:
         t0 = time.perf_counter()
-        token_ids = request["token_ids"]
-        keys = chunk_keys(self.engine.namespace, token_ids, self.config.chunk_tokens)
+        keys = self.engine.request_keys(request)
         cached, from_device, cross = self._fetch_prefix(keys)
-        result = self.engine.prefill(token_ids, keys, cached)
-        ttft = time.perf_counter() - t0
+        result = self.engine.run(request, keys, cached)
+        ttft = result.get("ttft_s", time.perf_counter() - t0)
         new = result["new_chunks"]
         stored = 0
         if new:
@@ -135,8 +145,8 @@ class WorkerLogic:
                 stored = sum(1 for t in tiers if t)
             except Exception:
                 logger.warning("storing %d new chunks failed; they will be recomputed next time", len(new), exc_info=True)
-        n_tok = len(token_ids)
-        cached_tokens = len(cached) * self.config.chunk_tokens
+        n_tok = result.get("prompt_tokens") or len(keys) * self.engine.chunk_tokens
+        cached_tokens = len(cached) * self.engine.chunk_tokens
         self.metrics.observe("qwen3vl_ray_ttft_seconds", ttft)
         self.metrics.observe("qwen3vl_ray_cached_token_ratio", cached_tokens / n_tok if n_tok else 0.0)
         self.metrics.inc("qwen3vl_ray_requests", result="ok")

@@ -260,7 +260,7 @@ def test_admission_rejects_with_numbers_or_queues_until_release(tmp_path):
 def test_worker_reuses_a_prefix_cached_on_another_node(tmp_path):
     coord, agents = make_cluster(tmp_path, host_chunks=16)
     engine = SyntheticKVEngine(layers=1, kv_heads=1, head_dim=16, chunk_tokens=16)
-    wcfg = WorkerConfig(chunk_tokens=16, device_bytes=0)
+    wcfg = WorkerConfig(device_bytes=0)
     store = agents[NODES[0]].store  # LocalObjectStore handles are arrays: readable from any "node"
     workers = [WorkerLogic(f"w{i}", n, engine, agents.__getitem__, coord, store, wcfg) for i, n in enumerate(NODES[:2])]
     prompt = {"token_ids": list(range(80))}  # 5 full chunks
@@ -277,7 +277,7 @@ def test_worker_serves_hot_chunks_from_its_own_device_tier(tmp_path):
     coord, agents = make_cluster(tmp_path, host_chunks=16)
     engine = SyntheticKVEngine(layers=1, kv_heads=1, head_dim=16, chunk_tokens=16)
     w = WorkerLogic("w0", NODES[0], engine, agents.__getitem__, coord, agents[NODES[0]].store,
-                    WorkerConfig(chunk_tokens=16, device_bytes=1 << 20))
+                    WorkerConfig(device_bytes=1 << 20))
     first = w.process({"token_ids": list(range(48))})
     # the agent restarts empty (host entries lost): the worker still has the chunks in its device tier
     agents[NODES[0]] = NodeAgentLogic(NODES[0], agent_cfg(tmp_path / "fresh", host_chunks=16), LocalObjectStore())

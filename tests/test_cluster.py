@@ -76,8 +76,7 @@ def cluster(tmp_path_factory):
         agent=AgentConfig(host_bytes=HOST, disk_bytes=DISK, disk_dir=str(tmp_path_factory.mktemp("disk")),
                           disk_fsync=False, high_watermark=0.9, low_watermark=0.7),
         coordinator=CoordinatorConfig(period_s=0.5, node_sync_period_s=1.0, recompress_codec=""),
-        worker=WorkerConfig(engine_args=dict(ENGINE_ARGS, compute_s_per_chunk=0.05), chunk_tokens=CHUNK_TOKENS,
-                            num_cpus=0.25),
+        worker=WorkerConfig(engine_args=dict(ENGINE_ARGS, compute_s_per_chunk=0.05), num_cpus=0.25),
     )
     service = ensure_service(config, num_workers=3)
     yield c, service, config
