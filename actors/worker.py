@@ -128,8 +128,11 @@ class WorkerLogic:
         t0 = time.perf_counter()
         keys = self.engine.request_keys(request)
         cached, from_device, cross = self._fetch_prefix(keys)
+        t_fetch = time.perf_counter() - t0
+        t1 = time.perf_counter()
         result = self.engine.run(request, keys, cached)
-        ttft = result.get("ttft_s", time.perf_counter() - t0)
+        # the engine's own TTFT (when it reports one) excludes decoding; add the prefix fetch before it
+        ttft = t_fetch + result.get("ttft_s", time.perf_counter() - t1)
         new = result["new_chunks"]
         stored = 0
         if new:
