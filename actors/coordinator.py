@@ -244,7 +244,7 @@ class CoordinatorLogic:
         decisions: list[dict] = []
         port = self.agents[node_id]
         host = rep["tiers"].get("host")
-        if host is None or host["used"] <= host["high"] * host["capacity"]:
+        if host is None or (host["used"] <= host["high"] * host["capacity"] and not host.get("system")):
             return decisions
         need = host["used"] - host["low"] * host["capacity"]
         if cfg.recompress_codec and cfg.recompress_max_per_pass:

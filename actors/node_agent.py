@@ -156,6 +156,9 @@ class NodeAgentLogic:
         self.journal = Journal()
         self.host = JournalingTier(ObjectStoreTier(config.host_bytes, config.host_codec, self.store), self.journal)
         self.cache, self.disk = cache_factory(node_id, config, self.host, self.journal)
+        from qwen3vl_ray.cache.pressure import PressureConfig, PressureMonitor
+
+        self.monitor = PressureMonitor(self.cache, PressureConfig(min_interval_s=0))
         # key -> [hits, last access (monotonic s), logical bytes]; drives coldness and value
         self._info: dict[bytes, list] = {}
         if self.disk is not None:
@@ -268,19 +271,20 @@ class NodeAgentLogic:
 
     # -- policy hooks (called by the coordinator) ----------------------------------------------
     def pressure(self) -> dict:
+        """Fill levels against the watermarks, from the core pressure monitor: a tier whose physical memory or
+        disk is short (``system``) counts as over its high watermark even within its own budget."""
+        report = self.monitor.sample()
         tiers = {}
-        for tier in (self.host, self.disk):
-            if tier is None:
-                continue
-            used, cap = tier.used_bytes, tier.capacity_bytes
-            tiers[tier.name] = {"used": used, "capacity": cap, "entries": len(tier),
-                                "high": self.config.high_watermark, "low": self.config.low_watermark}
-            self.metrics.set("qwen3vl_ray_bytes_used", used, tier=tier.name)
-            self.metrics.set("qwen3vl_ray_bytes_budget", cap, tier=tier.name)
-            self.metrics.set("qwen3vl_ray_entries", len(tier), tier=tier.name)
-        hs = self.host.stats()
-        self.metrics.set("qwen3vl_ray_compression_ratio", hs["compression_ratio"], tier="host")
-        return {"node_id": self.node_id, "epoch": self.epoch, "tiers": tiers}
+        for tp in report.tiers:
+            tiers[tp.name] = {"used": tp.used_bytes, "capacity": tp.capacity_bytes, "entries": len(
+                self.host if tp.name == "host" else self.disk), "high": tp.high_watermark, "low": tp.low_watermark,
+                "system": tp.system_pressure}
+            self.metrics.set("qwen3vl_ray_bytes_used", tp.used_bytes, tier=tp.name)
+            self.metrics.set("qwen3vl_ray_bytes_budget", tp.capacity_bytes, tier=tp.name)
+            self.metrics.set("qwen3vl_ray_entries", tiers[tp.name]["entries"], tier=tp.name)
+        self.metrics.set("qwen3vl_ray_compression_ratio", self.host.stats()["compression_ratio"], tier="host")
+        return {"node_id": self.node_id, "epoch": self.epoch, "tiers": tiers,
+                "host_memory": [report.host_used_bytes, report.host_total_bytes], "disk_free": report.disk_free_bytes}
 
     def cold_keys(self, tier: str, n: int) -> list[CacheKey]:
         t = self.host if tier == "host" else self.disk
