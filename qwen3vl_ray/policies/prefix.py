@@ -1,4 +1,5 @@
-"""Prefix-aware eviction: leaf-first over the chain tree, by recency or by recency plus reuse.
+"""Prefix-aware eviction: leaf-first over the chain tree, by recency (``prefix-lru``) or by recency with
+first-time blocks ranked lower by an adaptive margin (``prefix-2q``).
 
 Metadata side only. KV blocks form chains (``parent`` = the previous block of the same prefix), and a
 block is only usable while every block before it is cached: a prefix hit stops at the first missing
@@ -44,7 +45,7 @@ class PrefixLRUPolicy(EvictionPolicy):
     """Leaf-first LRU over the chain tree (SGLang's radix-tree LRU).
 
     Eviction order: among entries with no cached child, the least recently used first. O(log n).
-    Subclasses change only ``_priority`` (lower = evicted sooner).
+    Subclasses change ``_priority`` (lower = evicted sooner) and use the ``_on_new`` / ``_on_gone`` hooks.
     """
 
     name = "prefix-lru"
