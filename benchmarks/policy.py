@@ -148,29 +148,38 @@ def op_cost_ns(name: str, n: int, ops: int = 20_000) -> float:
     always = lambda k: True  # noqa: E731
     rng = random.Random(0)
     probe = [keys[rng.randrange(n)] for _ in range(ops)]
-    t0 = time.perf_counter()
-    for j in range(ops):
-        policy.on_access(probe[j])
-        victims = policy.victims(always)
-        victim = next(victims)
-        policy.on_remove(victim)
-        victims.close()
-        k = keys[n + j]
-        policy.on_miss(k)
-        policy.on_insert(k, 1, None)
-    return (time.perf_counter() - t0) / ops * 1e9
+    best = float("inf")
+    for lo in range(0, ops, ops // _ROUNDS):  # best of rounds: the machine is shared and noisy
+        t0 = time.perf_counter()
+        for j in range(lo, lo + ops // _ROUNDS):
+            policy.on_access(probe[j])
+            victims = policy.victims(always)
+            victim = next(victims)
+            policy.on_remove(victim)
+            victims.close()
+            k = keys[n + j]
+            policy.on_miss(k)
+            policy.on_insert(k, 1, None)
+        best = min(best, (time.perf_counter() - t0) / (ops // _ROUNDS))
+    return best * 1e9
+
+
+_ROUNDS = 4
 
 
 def _dict_cost_ns(keys: list[bytes], n: int, ops: int) -> float:
     index = dict.fromkeys(keys[:n], 0)
     rng = random.Random(0)
     probe = [keys[rng.randrange(n)] for _ in range(ops)]
-    t0 = time.perf_counter()
-    for j in range(ops):
-        index[probe[j]] = j
-        index.pop(keys[j], None)  # the oldest key, as an LRU victim would be
-        index[keys[n + j]] = j
-    return (time.perf_counter() - t0) / ops * 1e9
+    best = float("inf")
+    for lo in range(0, ops, ops // _ROUNDS):
+        t0 = time.perf_counter()
+        for j in range(lo, lo + ops // _ROUNDS):
+            index[probe[j]] = j
+            index.pop(keys[j], None)  # the oldest key, as an LRU victim would be
+            index[keys[n + j]] = j
+        best = min(best, (time.perf_counter() - t0) / (ops // _ROUNDS))
+    return best * 1e9
 
 
 def synthetic_traces() -> dict[str, tuple[Trace, list[int]]]:

@@ -193,10 +193,10 @@ class Prefix2QPolicy(PrefixLRUPolicy):
     - "Came back" is asked of TinyLFU's doorkeeper (``Doorkeeper``; Einziger et al., ACM ToS 2017), a
       Bloom filter over the last ``window_factor`` x entries .. twice that many misses: a few bytes per
       entry instead of 2Q's ghost list of keys, and a memory long enough for KV reuse, which returns
-      after minutes (median first reuse on the Mooncake trace: ~440 requests later).
+      after minutes (on the Mooncake trace a block's first reuse comes a median ~560 requests later).
     - Probation is soft: a first-time entry is ranked as if last used ``penalty`` x entries accesses
-      earlier than it was (strict 2Q-style "probation first" costs up to 14% on multi-turn chats, whose
-      new tail blocks are reused one turn later).
+      earlier than it was (strict 2Q-style "probation first" lost up to 14 points of hit ratio on multi-turn
+      chats, whose new tail blocks are reused one turn later).
     - ``penalty`` adapts, ARC-style (Megiddo & Modha, FAST 2003): a hit on a first-time entry says new
       blocks do get reused soon and lowers it; the re-insert of a block the doorkeeper has seen says the
       cache dropped something that came back and raises it; it stays in [0, ``max_penalty``]. At 0 the
