@@ -157,6 +157,21 @@ def test_agent_journal_keeps_a_directory_equal_to_its_snapshot(tmp_path):
     assert len(d) == len(expected)
 
 
+def test_overflowed_journal_or_restarted_agent_is_resynced_from_a_snapshot(tmp_path):
+    coord, agents = make_cluster(tmp_path, host_chunks=8)
+    a = agents[NODES[0]]
+    a.journal.max_events = 2  # the coordinator was away for a while: the journal overflowed
+    a.put_chunks([(key(i), chunk(i), None) for i in range(5)])
+    coord.sync_journals()
+    assert coord.lookup([key(i) for i in range(5)]) == [(NODES[0], "host")] * 5
+    # counted per entry resynced: the 5 came from the snapshot, not the (lost) journal
+    assert coord.metrics.total("qwen3vl_ray_coordinator_actions", action="resync", node=NODES[0]) == 5
+    # the agent restarts (new epoch, host entries gone): its directory part is rebuilt, not patched
+    coord.agents[NODES[0]] = agents[NODES[0]] = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=8), LocalObjectStore())
+    coord.sync_journals()
+    assert coord.lookup([key(0)]) == [None]
+
+
 # -- coordinator --------------------------------------------------------------------------------
 def make_cluster(tmp_path, config: CoordinatorConfig | None = None, **agent_kw):
     coord = CoordinatorLogic(config or CoordinatorConfig(recompress_codec="", period_s=0))

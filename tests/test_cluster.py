@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import socket
 import threading
 import time
@@ -99,6 +101,18 @@ def test_one_agent_per_node_and_ensure_service_is_idempotent(cluster):
     assert ray.get(again.coordinator.pid.remote()) == coord_pid
     assert {ray.get(w.pid.remote()) for w in again.workers.values()} == {ray.get(w.pid.remote()) for w in service.workers.values()}
     assert len(agents_by_node()) == 3
+
+
+def test_a_second_driver_attaches_to_the_running_service(cluster):
+    c, service, _ = cluster
+    # what a job or the CLI does: a new process, RAY_ADDRESS set, ensure_service with its own (default) config
+    code = ("from actors.service import ensure_service; import ray; s = ensure_service(num_workers=3); "
+            "print('PIDS', ray.get(s.coordinator.pid.remote()), len(s.state()['nodes']))")
+    env = dict(os.environ, RAY_ADDRESS=c.address)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pids = next(line for line in out.stdout.splitlines() if line.startswith("PIDS")).split()
+    assert int(pids[1]) == ray.get(service.coordinator.pid.remote()) and int(pids[2]) == 3
 
 
 def test_admission_rejects_sessions_past_the_cluster_budget_with_a_clear_error(cluster):
