@@ -167,10 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         c.add_node(num_cpus=1, object_store_memory=store_mem)
     ray.init(address=c.address, namespace=NAMESPACE)
     try:
-        import tempfile
-
-        disk_dir = tempfile.mkdtemp(prefix="qwen3vl_ray_bench_")
-        config = ServiceConfig(agent=AgentConfig(host_bytes=store_mem - 32 * MiB, disk_bytes=0, disk_dir=disk_dir),
+        # host tier only (disk_bytes=0): these measurements are about the object store
+        config = ServiceConfig(agent=AgentConfig(host_bytes=store_mem - 32 * MiB, disk_bytes=0),
                                coordinator=CoordinatorConfig(period_s=0), worker=WorkerConfig())
         service = ensure_service(config, num_workers=0)
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
