@@ -435,10 +435,6 @@ class Coordinator:
     def worker_failed(self, worker_id):
         return self.logic.worker_failed(worker_id)
 
-    def agent(self, node_id):
-        """The agent handle of a node, for workers that fetch from it (cross-node hits)."""
-        return [self.handles.get(node_id)]
-
     def state(self):
         return self.logic.state()
 
