@@ -66,7 +66,8 @@ class CoordinatorConfig:
         demote_cold: move the coldest host entries to disk when a node's host tier is above its high
             watermark (default True).
         recompress_codec: codec spec cold host entries are re-encoded with before they are evicted
-            (default ``"int8"``); ``""`` disables re-encoding.
+            (default ``"int8"``, lossy: a re-encoded entry is served within the codec's error bound, not
+            bit-exact); ``""`` disables re-encoding.
         recompress_max_per_pass: at most this many entries re-encoded per node per pass (default 64).
         cluster_eviction: evict the lowest-value entries cluster-wide when the cluster's disk tiers are above
             their high watermark (default True). Value = recompute seconds saved per byte x reuse likelihood.

@@ -60,7 +60,8 @@ def wait_for(pred, timeout=60.0, what="condition"):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    os.environ["PYTHONPATH"] = REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    old_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = REPO_ROOT + os.pathsep + (old_path or "")  # the nodes' workers import actors
     node_args = dict(num_cpus=1, object_store_memory=80 * MiB)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -84,6 +85,10 @@ def cluster(tmp_path_factory):
     yield c, service, config
     ray.shutdown()
     c.shutdown()
+    if old_path is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old_path
 
 
 def agents_by_node():
