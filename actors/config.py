@@ -118,7 +118,7 @@ class WorkerConfig:
             ``engine_args`` (default ``"actors.synthetic_engine:SyntheticKVEngine"``; the real model is
             ``"qwen3vl_ray.engine:Qwen3VLEngine"``).
         engine_args: keyword arguments for the engine factory (default empty).
-        num_gpus: GPUs per worker (default 0: CPU workers; 1 on GPU clusters).
+        num_gpus: GPUs per worker; None (default) means 1 when the cluster has GPUs, else 0 (CPU workers).
         num_cpus: CPUs reserved per worker (default 0.5).
         device_bytes: the worker's own device tier (GPU when present, else CPU memory), bytes (default 64 MiB;
             0 disables it). Hot chunks are served from it without asking the agent.
@@ -127,7 +127,7 @@ class WorkerConfig:
 
     engine: str = "actors.synthetic_engine:SyntheticKVEngine"
     engine_args: dict = field(default_factory=dict)
-    num_gpus: float = 0
+    num_gpus: float | None = None
     num_cpus: float = 0.5
     device_bytes: int = 64 * MiB
     max_retries: int = 2
@@ -135,7 +135,7 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if ":" not in self.engine:
             raise ConfigError(f"WorkerConfig.engine must look like 'module:callable', got {self.engine!r}")
-        if self.num_gpus < 0 or self.num_cpus < 0:
+        if (self.num_gpus is not None and self.num_gpus < 0) or self.num_cpus < 0:
             raise ConfigError(f"WorkerConfig num_gpus/num_cpus must be >= 0, got {self.num_gpus}/{self.num_cpus}")
         if self.device_bytes < 0:
             raise ConfigError(f"WorkerConfig.device_bytes must be >= 0, got {self.device_bytes}")
@@ -158,7 +158,7 @@ class ServiceConfig:
         for var, (section, name) in ENV.items():
             if var in env:
                 target = getattr(cfg, section)
-                kind = {f.name: f.type for f in fields(target)}[name]
+                kind = {f.name: f.type for f in fields(target)}[name].replace(" | None", "")
                 raw = env[var]
                 try:
                     value = {"int": int, "float": float, "bool": lambda s: s.lower() in ("1", "true", "yes")}.get(kind, str)(raw)

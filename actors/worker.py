@@ -203,5 +203,9 @@ def worker_class():
 
 
 def worker_options(worker_id: str, config: WorkerConfig) -> dict:
+    """Named, detached, restarted; one GPU each on a GPU cluster (``num_gpus=None``), else CPU workers."""
+    gpus = config.num_gpus
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     return dict(name=worker_id, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
-                max_task_retries=0, num_cpus=config.num_cpus, num_gpus=config.num_gpus, scheduling_strategy="SPREAD")
+                max_task_retries=0, num_cpus=config.num_cpus, num_gpus=gpus, scheduling_strategy="SPREAD")

@@ -308,8 +308,9 @@ def test_configs_validate():
         AgentConfig(host_bytes=0)
     with pytest.raises(ConfigError, match="module:callable"):
         WorkerConfig(engine="nocolon")
-    cfg = ServiceConfig.from_env({"QWEN3VL_RAY_HOST_BYTES": "1024", "QWEN3VL_RAY_ADMISSION": "queue"})
-    assert cfg.agent.host_bytes == 1024 and cfg.coordinator.admission_mode == "queue"
+    cfg = ServiceConfig.from_env({"QWEN3VL_RAY_HOST_BYTES": "1024", "QWEN3VL_RAY_ADMISSION": "queue",
+                                  "QWEN3VL_RAY_WORKER_GPUS": "1"})
+    assert cfg.agent.host_bytes == 1024 and cfg.coordinator.admission_mode == "queue" and cfg.worker.num_gpus == 1.0
     with pytest.raises(ConfigError, match="QWEN3VL_RAY_HOST_BYTES"):
         ServiceConfig.from_env({"QWEN3VL_RAY_HOST_BYTES": "lots"})
 
