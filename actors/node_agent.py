@@ -259,11 +259,7 @@ class NodeAgentLogic:
 
     def _touch(self, key: CacheKey) -> None:
         """A host hit served by handle bypasses the cache's read path; tell its policy about the access."""
-        touch = getattr(self.cache, "touch", None)
-        if touch is not None:
-            touch(key)
-        elif hasattr(self.cache, "policies"):
-            self.cache.policies[0].on_access(key)
+        self.cache.touch(key)
 
     def get_tensors(self, keys: Sequence[CacheKey]) -> list[torch.Tensor | None]:
         """Tensors for many chunks, for in-process callers (tests, the benchmark)."""
