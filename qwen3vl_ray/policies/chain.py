@@ -21,8 +21,16 @@ turn reuses. So here:
   smaller class's ghost hits weigh more. The penalty stays in [0, ``max_penalty``]; at 0 this is
   leaf-first LRU, at ``max_penalty`` nearly strict "cold first".
 
-Measured with ``python -m benchmarks.policy`` (the module's docstring has the table): never below LRU on
-the Mooncake trace and the synthetic Zipf / scan / multi-turn traces, above ``prefix-2q`` almost everywhere.
+Measured with ``python -m benchmarks.policy``: never below LRU on the Mooncake trace and the synthetic
+Zipf / scan / multi-turn traces, at or above ``prefix-2q`` everywhere but Mooncake @ 30k blocks (0.6260 vs
+0.6267; LRU 0.6242) and multi-turn @ 788 (0.6752 vs 0.6754). Mooncake @ 3k: 0.2045 (LRU 0.1878, Belady
+0.4467); Zipf @ 239: 0.3166 (LRU 0.2669, Belady 0.4796); Zipf+scan @ 613: 0.1998 (LRU 0.1385, Belady 0.3095).
+``step`` (4 or 8) and ``window_factor`` (4 or 8) move these by < 0.005; ``ghost_factor`` 2 is worse.
+
+Tried and not kept (Mooncake @ 3k): strict cold-first 0.203 (0.599 @ 30k, below LRU); per-chain request
+count as a bonus <= 0.198; LHD-style hit density by (chain count, age) 0.201; random chain admission worse
+than LRU; ranking hot chains by their head's mean request gap 0.215 (0.380 on Zipf @ 239) but below LRU on
+multi-turn, whose chain heads are system prompts shared by many chats.
 """
 
 from __future__ import annotations
