@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.policy import belady, replay
+from benchmarks.policy import ChainOracle, belady, replay
 from benchmarks.traces import (MOONCAKE_TRACE, SYNTHETIC, check_prefix_property, load_mooncake,
                                multi_turn_chats, zipf_documents, zipf_with_scans)
 from qwen3vl_ray.errors import ConfigError
@@ -379,6 +379,16 @@ def test_replay_counts_prefix_hits_only():
     assert belady(trace, 3) == pytest.approx(3 / 7)
     # a request's own blocks are in flight: with 2 slots, 3 finds nothing evictable and is not cached
     assert replay(make_policy("lru"), [[1, 2, 3], [1, 2, 3]], 2) == pytest.approx(2 / 6)
+
+
+def test_chain_oracle_drops_chains_with_no_request_left_first():
+    # 2 slots. Chain 1 -> 2 comes back in request 3; chain 3 never does.
+    trace = [[1, 2], [3], [1, 2]]
+    # request 2 must evict the only leaf, 2; request 3 hits 1, then needs a slot for 2: the oracle drops 3
+    # (no request left on its chain) rather than 1 (in flight anyway) -> 1 hit of 5
+    assert replay(ChainOracle(trace), trace, 2) == pytest.approx(1 / 5)
+    assert replay(make_policy("lru"), trace, 2) == 0.0  # LRU dropped 1, the head: request 3 misses at once
+    assert belady(trace, 2) == pytest.approx(2 / 5)  # MIN bypasses 3
 
 
 SMALL_TRACES = {
