@@ -6,12 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.policy import belady, replay
+from benchmarks.policy import ChainOracle, belady, replay
 from benchmarks.traces import (MOONCAKE_TRACE, SYNTHETIC, check_prefix_property, load_mooncake,
                                multi_turn_chats, zipf_documents, zipf_with_scans)
 from qwen3vl_ray.errors import ConfigError
-from qwen3vl_ray.policies import (DEFAULT_POLICY, POLICIES, Doorkeeper, LRUPolicy, Prefix2QPolicy,
-                                  PrefixLRUPolicy, make_policy)
+from qwen3vl_ray.policies import (DEFAULT_POLICY, POLICIES, ChainARCPolicy, Doorkeeper, LRUPolicy,
+                                  Prefix2QPolicy, PrefixLRUPolicy, make_policy)
 
 ALL = lambda key: True  # noqa: E731
 
@@ -215,6 +215,87 @@ def test_prefix_2q_is_leaf_first():
     assert names(drain(p)) == ["c", "b", "a"]
 
 
+# -- chain-level 2Q with ARC adaptation -------------------------------------------------------------------
+
+def missed_chain(policy, *names_, first_parent=None):
+    """Blocks inserted as the replay does after a miss: on_miss, then on_insert with the parent."""
+    parent = first_parent
+    for name in names_:
+        policy.on_miss(k(name))
+        policy.on_insert(k(name), 1, parent)
+        parent = k(name)
+
+
+def test_chain_arc_new_blocks_of_a_returning_chain_outrank_a_fresh_chain():
+    p = ChainARCPolicy(penalty=1.0, max_penalty=1.0, step=0.0)
+    # chain a -> a1 is cached, then dropped (tail first)
+    missed_chain(p, "a", "a1")
+    p.on_remove(k("a1"))
+    p.on_remove(k("a"))
+    # a comes back (its head is remembered: hot) and appends a new block a2, which inherits hot although
+    # a2 itself was never seen; then a fresh chain n -> n1 (cold) arrives, newer than both
+    missed_chain(p, "a", "a2")
+    missed_chain(p, "n", "n1")
+    # clocks a:3 a2:4 n:5 n1:6; cold ranks 1 x entries (3, then 4) earlier: n 2, n1 2 < a 3, a2 4
+    assert names(drain(p)) == ["n1", "n", "a2", "a"]
+    # leaf-first LRU on the same events keeps the fresh chain instead
+    q = PrefixLRUPolicy()
+    missed_chain(q, "a", "a1")
+    q.on_remove(k("a1"))
+    q.on_remove(k("a"))
+    missed_chain(q, "a", "a2")
+    missed_chain(q, "n", "n1")
+    assert names(drain(q)) == ["a2", "a", "n1", "n"]
+
+
+def test_chain_arc_a_hit_makes_a_cold_block_hot():
+    p = ChainARCPolicy(penalty=1.0, max_penalty=1.0, step=0.0)
+    missed_chain(p, "x")
+    p.on_access(k("x"))  # x (clock 2) is hot now
+    missed_chain(p, "y")  # cold, clock 3 - 2 entries = 1
+    missed_chain(p, "z")  # cold, clock 4 - 3 entries = 1 (tie broken by key)
+    assert names(drain(p)) == ["y", "z", "x"]
+
+
+def test_chain_arc_is_leaf_first():
+    p = ChainARCPolicy()
+    missed_chain(p, "a", "b", "c")
+    missed_chain(p, "d")
+    assert names(drain(p)) == ["c", "b", "a", "d"]
+
+
+def test_chain_arc_ghost_hits_move_the_penalty_and_it_stays_in_bounds():
+    p = ChainARCPolicy(penalty=1.0, max_penalty=2.0, step=1.0)
+    missed_chain(p, "a")
+    missed_chain(p, "b")
+    p.on_remove(k("a"))  # a leaves cold: the cold ghost remembers it
+    p.on_miss(k("a"))  # ... and it is wanted again: cold blocks went too early -> lower by step / entries
+    assert p.penalty == pytest.approx(0.0)
+    p.on_miss(k("a"))
+    assert p.penalty == 0.0  # clamped
+    p.on_access(k("b"))  # b is hot now
+    p.on_remove(k("b"))  # ... and leaves hot: the hot ghost remembers it
+    # hot came back -> higher, by step x max(1, cold/hot evictions) / max(1, entries) (empty tier: 1)
+    p.on_miss(k("b"))
+    assert p.penalty == pytest.approx(1.0, abs=0.01)
+    for _ in range(3):
+        p.on_miss(k("b"))
+    assert p.penalty == 2.0  # clamped at max_penalty
+    p.on_miss(k("never-seen"))  # in neither ghost: no change
+    assert p.penalty == 2.0
+
+
+def test_chain_arc_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="penalty"):
+        ChainARCPolicy(penalty=3.0, max_penalty=2.0)
+    with pytest.raises(ValueError, match="step"):
+        ChainARCPolicy(step=-1.0)
+    with pytest.raises(ValueError, match="window_factor"):
+        ChainARCPolicy(window_factor=0)
+    with pytest.raises(ValueError, match="ghost_factor"):
+        ChainARCPolicy(ghost_factor=-2)
+
+
 # -- doorkeeper ---------------------------------------------------------------------------------------
 
 def test_doorkeeper_remembers_one_to_two_windows():
@@ -298,6 +379,16 @@ def test_replay_counts_prefix_hits_only():
     assert belady(trace, 3) == pytest.approx(3 / 7)
     # a request's own blocks are in flight: with 2 slots, 3 finds nothing evictable and is not cached
     assert replay(make_policy("lru"), [[1, 2, 3], [1, 2, 3]], 2) == pytest.approx(2 / 6)
+
+
+def test_chain_oracle_drops_chains_with_no_request_left_first():
+    # 2 slots. Chain 1 -> 2 comes back in request 3; chain 3 never does.
+    trace = [[1, 2], [3], [1, 2]]
+    # request 2 must evict the only leaf, 2; request 3 hits 1, then needs a slot for 2: the oracle drops 3
+    # (no request left on its chain) rather than 1 (in flight anyway) -> 1 hit of 5
+    assert replay(ChainOracle(trace), trace, 2) == pytest.approx(1 / 5)
+    assert replay(make_policy("lru"), trace, 2) == 0.0  # LRU dropped 1, the head: request 3 misses at once
+    assert belady(trace, 2) == pytest.approx(2 / 5)  # MIN bypasses 3
 
 
 SMALL_TRACES = {
