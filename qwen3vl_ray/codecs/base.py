@@ -71,26 +71,52 @@ def tensor_from_bytes(buf: Buffer, dtype: torch.dtype, shape: Sequence[int]) -> 
     return out
 
 
-def pack_payload(name: str, version: int, meta: dict[str, Any], buffers: Sequence[Buffer]) -> bytearray:
+def _header(name: str, version: int, meta: dict[str, Any], lengths: Sequence[int]) -> bytes:
     name_b = name.encode()
     meta_b = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
-    views = [memoryview(b).cast("B") if not isinstance(b, np.ndarray) else memoryview(np.ascontiguousarray(b).view(np.uint8).reshape(-1)) for b in buffers]
     header = bytearray(_HEAD.pack(MAGIC, FORMAT_VERSION))
     header += struct.pack("<B", len(name_b)) + name_b + struct.pack("<H", version)
     header += struct.pack("<I", len(meta_b)) + meta_b
-    header += struct.pack("<H", len(views)) + b"".join(struct.pack("<Q", v.nbytes) for v in views)
-    h = xxhash.xxh3_64(bytes(header))
-    for v in views:
-        h.update(v)
-    total = len(header) + 8 + sum(v.nbytes for v in views)
-    out = bytearray(total)
-    out[: len(header)] = header
-    out[len(header): len(header) + 8] = struct.pack("<Q", h.intdigest())
-    pos = len(header) + 8
-    for v in views:
-        out[pos: pos + v.nbytes] = v
-        pos += v.nbytes
-    return out
+    header += struct.pack("<H", len(lengths)) + b"".join(struct.pack("<Q", n) for n in lengths)
+    return bytes(header)
+
+
+class PayloadWriter:
+    """A payload whose buffer sizes are known up front, filled in place (no build-then-copy).
+
+    The codec writes each of ``buffers`` (writable memoryviews into the final bytearray) and feeds every
+    buffer's bytes to ``hasher`` in buffer order -- tile by tile while they are still in cache, if it likes;
+    :meth:`finish` stores the digest. The byte layout is exactly :func:`pack_payload`'s.
+    """
+
+    def __init__(self, name: str, version: int, meta: dict[str, Any], lengths: Sequence[int]):
+        header = _header(name, version, meta, lengths)
+        # bytearray(n) zero-fills lazily (fresh pages), so the codec's writes are the only pass over it
+        self._out = bytearray(len(header) + 8 + sum(lengths))
+        self._out[: len(header)] = header
+        self._digest_at = len(header)
+        mv = memoryview(self._out)
+        pos = len(header) + 8
+        self.buffers: list[memoryview] = []
+        for n in lengths:
+            self.buffers.append(mv[pos: pos + n])
+            pos += n
+        self.hasher = xxhash.xxh3_64(header)
+
+    def finish(self) -> bytearray:
+        """Store the checksum and hand over the payload."""
+        struct.pack_into("<Q", self._out, self._digest_at, self.hasher.intdigest())
+        self.buffers = []  # views die with the codec's last tensor over them; the bytearray is then resizable
+        return self._out
+
+
+def pack_payload(name: str, version: int, meta: dict[str, Any], buffers: Sequence[Buffer]) -> bytearray:
+    views = [memoryview(b).cast("B") if not isinstance(b, np.ndarray) else memoryview(np.ascontiguousarray(b).view(np.uint8).reshape(-1)) for b in buffers]
+    w = PayloadWriter(name, version, meta, [v.nbytes for v in views])
+    for dst, v in zip(w.buffers, views):
+        dst[:] = v
+        w.hasher.update(v)
+    return w.finish()
 
 
 def unpack_payload(payload: Buffer) -> tuple[str, int, dict[str, Any], list[memoryview]]:
