@@ -49,10 +49,11 @@ _LITTLE = sys.byteorder == "little"
 class Unit:
     """One ``[pre, n, post]`` piece: source (or destination) view plus its offsets in the code/scale buffers."""
 
-    x3: torch.Tensor
+    x3: torch.Tensor  # [pre, n, post], or [pre, q, n, post] when q rows per index cannot merge into one view
     pre: int
     code_off: int  # first code index (element, not byte) in the [pre_total, padded, post] layout
     scale_off: int  # first scale row (index into dim 0 of the [pre_total, G, post] scales)
+    q: int = 1  # rows of the [pre_total, ...] layout per index of x3's dim 0
 
 
 def units(x: torch.Tensor, g: Grouping) -> list[Unit]:
@@ -68,21 +69,32 @@ def units(x: torch.Tensor, g: Grouping) -> list[Unit]:
         return [Unit(flat, flat.shape[0], 0, 0)]
     except RuntimeError:
         pass
+    try:
+        # keys of a KV chunk: heads x tokens merge, layers do not (values sit between them); tiles then
+        # span whole layers, so 36 layers cost a few tiles instead of one tile (and ~15 dispatches) each
+        x4 = x.view(x.shape[0], -1, x.shape[-2], x.shape[-1])
+        if x4.shape[1] * g.padded * g.post <= TILE_ELEMS:
+            return [Unit(x4, x4.shape[0], 0, 0, x4.shape[1])]
+    except RuntimeError:
+        pass
     out: list[Unit] = []
     inner = math.prod(x.shape[1:-2])
     for i in range(x.shape[0]):
         for u in units(x[i], g):
-            out.append(Unit(u.x3, u.pre, u.code_off + i * inner * g.padded * g.post, u.scale_off + i * inner))
+            out.append(Unit(u.x3, u.pre, u.code_off + i * inner * g.padded * g.post, u.scale_off + i * inner, u.q))
     return out
 
 
-def plan(g: Grouping, pre: int, pack4: bool, tile: int | None = None) -> list[tuple[int, int, int, int]] | None:
-    """Tiles ``(p0, p1, g0, g1)`` over one unit's rows and groups; None when int4 pairs cannot be kept aligned."""
+def plan(g: Grouping, pre: int, pack4: bool, tile: int | None = None, q: int = 1) -> list[tuple[int, int, int, int]] | None:
+    """Tiles ``(p0, p1, g0, g1)`` over one unit's rows and groups; None when int4 pairs cannot be kept aligned.
+
+    With ``q > 1`` a row is ``q`` layout rows and is never split (:func:`units` makes sure one fits a tile).
+    """
     tile = tile or TILE_ELEMS
-    row = g.padded * g.post
+    row = q * g.padded * g.post
     gsize = g.group * g.post
     tiles = []
-    if row <= tile or g.ngroups == 1:
+    if row <= tile or g.ngroups == 1 or q > 1:
         rows = max(1, tile // max(row, 1))
         if pack4 and row % 2:
             rows = max(2, rows - rows % 2)
@@ -99,7 +111,7 @@ def plan(g: Grouping, pre: int, pack4: bool, tile: int | None = None) -> list[tu
                 tiles.append((p, p + 1, g0, min(g.ngroups, g0 + per)))
     if pack4:
         for p0, p1, g0, g1 in tiles[:-1]:
-            if ((p1 - p0) * (g1 - g0) * gsize) % 2:
+            if ((p1 - p0) * q * (g1 - g0) * gsize) % 2:
                 return None
     return tiles
 
@@ -114,65 +126,70 @@ class Scratch:
         self.i16b = torch.empty((elems + 1) // 2 + 1, dtype=torch.int16)
 
 
-def _tile_elems(tiles, g: Grouping) -> int:
-    return max(((p1 - p0) * (g1 - g0) * g.group * g.post for p0, p1, g0, g1 in tiles), default=0)
+def _tile_elems(tiles, g: Grouping, q: int) -> int:
+    return max(((p1 - p0) * q * (g1 - g0) * g.group * g.post for p0, p1, g0, g1 in tiles), default=0)
 
 
-def _group_absmax(src: torch.Tensor, width: int, gb: int, g: Grouping, sc: Scratch, out: torch.Tensor) -> None:
-    """Per-group max |x| of a tile ``src`` [pb, m, post] (m <= width; the missing tail counts as 0) into ``out``.
+def _fill(buf: torch.Tensor, src: torch.Tensor, width: int) -> torch.Tensor:
+    """Copy tile ``src`` [..., m, post] into scratch ``buf`` as [..., width, post], zeroing the padded tail."""
+    *lead, m, post = src.shape
+    dst = buf[: math.prod(lead) * width * post].view(*lead, width, post)
+    dst[..., :m, :].copy_(src)
+    if m < width:
+        dst[..., m:, :].zero_()
+    return dst
 
-    Non-finite inputs give a non-finite maximum; the caller checks all scales once at the end.
+
+def _group_absmax(src: torch.Tensor, rows: int, width: int, gb: int, g: Grouping, sc: Scratch, out: torch.Tensor) -> None:
+    """Per-group max |x| of a tile ``src`` [..., m, post] (``rows`` layout rows; m <= width, the missing tail
+    counts as 0) into ``out`` [rows, gb, post]. Non-finite inputs give a non-finite maximum; the caller checks
+    all scales once at the end.
     """
-    pb, m, post = src.shape
-    cnt = pb * width * post
     spec = _ABS_BITS.get(src.dtype)
     if spec is not None and sc.bits is not None:
         # |x| ordering equals the ordering of the sign-cleared bit pattern: one integer pass, no upcast
         idt, mask = spec
-        b = sc.bits[:cnt].view(pb, width, post)
-        torch.bitwise_and(src.view(idt), mask, out=b[:, :m])
+        *lead, m, post = src.shape
+        b = sc.bits[: rows * width * post].view(*lead, width, post)
+        torch.bitwise_and(src.view(idt), mask, out=b[..., :m, :])
         if m < width:
-            b[:, m:].zero_()
-        out.copy_(b.view(pb, gb, g.group, post).amax(2).view(src.dtype))
+            b[..., m:, :].zero_()
+        out.copy_(b.view(rows, gb, g.group, g.post).amax(2).view(src.dtype))
     else:
-        f = sc.f[:cnt].view(pb, width, post)
-        f[:, :m].copy_(src)
-        if m < width:
-            f[:, m:].zero_()
-        fg = f.view(pb, gb, g.group, post)
+        fg = _fill(sc.f, src, width).view(rows, gb, g.group, g.post)
         torch.maximum(fg.amax(2), fg.amin(2).neg_(), out=out)
 
 
-def quantize_into(x3: torch.Tensor, g: Grouping, pre_off: int, code_off: int, qmax: int, pack4: bool,
-                  codes: torch.Tensor, scales: torch.Tensor, tiles, sc: Scratch, hasher) -> None:
-    """Quantize unit ``x3`` [pre, n, post] into ``codes`` (flat int8, or flat uint8 packed pairs) and ``scales``.
+def _tile_src(x3: torch.Tensor, p0: int, p1: int, n0: int, n1: int) -> torch.Tensor:
+    return x3[p0:p1, n0:n1] if x3.dim() == 3 else x3[p0:p1, :, n0:n1]
+
+
+def quantize_into(u: Unit, g: Grouping, qmax: int, pack4: bool, codes: torch.Tensor, scales: torch.Tensor,
+                  tiles, sc: Scratch, hasher) -> None:
+    """Quantize unit ``u`` into ``codes`` (flat int8, or flat uint8 packed pairs) and ``scales`` [pre, G, post].
 
     ``hasher`` (xxh3 or None) is fed each tile's code bytes in payload order. NaN/inf inputs leave non-finite
     scales (and garbage codes): :func:`quantize` checks the scales once and refuses the payload.
     """
     grp, post, n = g.group, g.post, g.n
     for p0, p1, g0, g1 in tiles:
-        pb, gb = p1 - p0, g1 - g0
+        rows, gb = (p1 - p0) * u.q, g1 - g0
         width = gb * grp
         n0, n1 = g0 * grp, min(g1 * grp, n)
-        m = n1 - n0
-        cnt = pb * width * post
-        src = x3[p0:p1, n0:n1]
-        s = scales[pre_off + p0: pre_off + p1, g0:g1]
-        _group_absmax(src, width, gb, g, sc, s)
+        cnt = rows * width * post
+        src = _tile_src(u.x3, p0, p1, n0, n1)
+        s = scales[u.scale_off + p0 * u.q: u.scale_off + p1 * u.q, g0:g1]
+        _group_absmax(src, rows, width, gb, g, sc, s)
         # the plain path's ``qmax / amax`` is reciprocal-then-multiply in torch; same ops, same bits
         inv = s.reciprocal().mul_(qmax).masked_fill_(s <= TINY, 0.0)
         s.div_(qmax)
-        f = sc.f[:cnt].view(pb, width, post)
-        f[:, :m].copy_(src)
-        if m < width:
-            f[:, m:].zero_()
-        f.view(pb, gb, grp, post).mul_(inv.unsqueeze(2))
+        f = _fill(sc.f, src, width).view(rows, gb, grp, post)
+        f.mul_(inv.unsqueeze(2))
         f.round_()
-        start = code_off + (p0 * g.padded + n0) * post
+        start = u.code_off + (p0 * u.q * g.padded + n0) * post
         if not pack4:
             out = codes[start: start + cnt]
-            out.view(pb, width, post).copy_(f)
+            out.view(rows, gb, grp, post).copy_(f)
         else:
             out = _pack4(f, cnt, start, codes, sc)
         if hasher is not None:
@@ -197,27 +214,28 @@ def _pack4(f: torch.Tensor, cnt: int, start: int, packed: torch.Tensor, sc: Scra
     return out
 
 
-def dequantize_into(out3: torch.Tensor, g: Grouping, pre_off: int, code_off: int, pack4: bool,
-                    codes: torch.Tensor, scales: torch.Tensor, tiles, sc: Scratch, hasher) -> None:
-    """Inverse of :func:`quantize_into`: codes times scales, written into the unit view ``out3`` [pre, n, post]."""
+def dequantize_into(u: Unit, g: Grouping, pack4: bool, codes: torch.Tensor, scales: torch.Tensor, tiles,
+                    sc: Scratch, hasher) -> None:
+    """Inverse of :func:`quantize_into`: codes times scales, written into the unit's view of the result."""
     grp, post, n = g.group, g.post, g.n
     for p0, p1, g0, g1 in tiles:
-        pb, gb = p1 - p0, g1 - g0
+        rows, gb = (p1 - p0) * u.q, g1 - g0
         width = gb * grp
         n0, n1 = g0 * grp, min(g1 * grp, n)
-        cnt = pb * width * post
-        start = code_off + (p0 * g.padded + n0) * post
-        f = sc.f[:cnt].view(pb, width, post)
+        cnt = rows * width * post
+        start = u.code_off + (p0 * u.q * g.padded + n0) * post
+        f = sc.f[:cnt]
         if not pack4:
             src = codes[start: start + cnt]
-            f.copy_(src.view(pb, width, post))
+            f.copy_(src)
         else:
             src = codes[start // 2: start // 2 + (cnt + 1) // 2]
-            f.view(-1).copy_(_unpack4(src, cnt, sc))
+            f.copy_(_unpack4(src, cnt, sc))
         if hasher is not None:
             hasher.update(src.numpy())
-        f.view(pb, gb, grp, post).mul_(scales[pre_off + p0: pre_off + p1, g0:g1].unsqueeze(2))
-        out3[p0:p1, n0:n1].copy_(f[:, : n1 - n0])
+        f.view(rows, gb, grp, post).mul_(scales[u.scale_off + p0 * u.q: u.scale_off + p1 * u.q, g0:g1].unsqueeze(2))
+        dst = _tile_src(u.x3, p0, p1, n0, n1)
+        dst.copy_(f.view(*dst.shape[:-2], width, post)[..., : n1 - n0, :])
 
 
 def _unpack4(p: torch.Tensor, cnt: int, sc: Scratch) -> torch.Tensor:
@@ -264,12 +282,12 @@ def payload_tensor(buf, dtype: torch.dtype) -> torch.Tensor:
 
 def _layout(x: torch.Tensor, g: Grouping, pack4: bool) -> tuple[list[Unit], list[list[tuple[int, int, int, int]]], int]:
     us = units(x, g)
-    tiles = [plan(g, u.pre, pack4) for u in us]
+    tiles = [plan(g, u.pre, pack4, q=u.q) for u in us]
     if pack4 and (any(t is None for t in tiles) or any(u.code_off % 2 for u in us)):
         # no even split: one tile over the whole tensor (odd test shapes only; real KV has even head_dim)
         x3 = x.reshape(g.pre, g.n, g.post)
         us, tiles = [Unit(x3, g.pre, 0, 0)], [[(0, g.pre, 0, g.ngroups)]]
-    return us, tiles, max((_tile_elems(t, g) for t in tiles), default=0)
+    return us, tiles, max((_tile_elems(t, g, u.q) for u, t in zip(us, tiles)), default=0)
 
 
 def quantize(x: torch.Tensor, g: Grouping, qmax: int, pack4: bool, codes: torch.Tensor, scales: torch.Tensor,
@@ -281,7 +299,7 @@ def quantize(x: torch.Tensor, g: Grouping, qmax: int, pack4: bool, codes: torch.
     us, tiles, elems = _layout(x, g, pack4)
     sc = Scratch(elems, _ABS_BITS.get(x.dtype, (None,))[0])
     for u, t in zip(us, tiles):
-        quantize_into(u.x3, g, u.scale_off, u.code_off, qmax, pack4, codes, scales, t, sc, hasher)
+        quantize_into(u, g, qmax, pack4, codes, scales, t, sc, hasher)
     if not bool(torch.isfinite(scales).all()):
         raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
 
@@ -292,6 +310,6 @@ def dequantize(out: torch.Tensor, g: Grouping, pack4: bool, codes: torch.Tensor,
     us, tiles, elems = _layout(out, g, pack4)
     sc = Scratch(elems, None)
     for u, t in zip(us, tiles):
-        dequantize_into(u.x3, g, u.scale_off, u.code_off, pack4, codes, scales, t, sc, hasher)
+        dequantize_into(u, g, pack4, codes, scales, t, sc, hasher)
     if len(us) == 1 and us[0].x3.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
         out.copy_(us[0].x3.view(out.shape))  # the one-tile fallback had to reshape ``out`` into a copy
