@@ -66,7 +66,9 @@ def tensor_from_bytes(buf: Buffer, dtype: torch.dtype, shape: Sequence[int]) -> 
     n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
     if raw.size != n:
         raise CodecError(f"payload holds {raw.size} bytes, {dtype} {tuple(shape)} needs {n}")
-    out = torch.empty(tuple(shape), dtype=dtype)
+    # numpy asks for transparent huge pages on large buffers, torch does not: first-touch faults on a fresh
+    # 36 MiB torch buffer cost several memcpys of it (see codecs.blocked.empty)
+    out = torch.from_numpy(np.empty(n, dtype=np.uint8)).view(dtype).view(tuple(shape)) if n >= 1 << 22 else torch.empty(tuple(shape), dtype=dtype)
     out_u8 = out.view(_VIEW_AS.get(dtype, dtype)).numpy().reshape(-1).view(np.uint8) if n else None
     if n:
         out_u8[:] = raw

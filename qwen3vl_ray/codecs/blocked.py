@@ -23,7 +23,6 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ from qwen3vl_ray.errors import CodecError
 #: ~2-3 us each), 512 Ki and 1 Mi are equal, so the smaller of those keeps the scratch nearer the core.
 TILE_ELEMS = 1 << 19
 
-# magnitude bits and the first non-finite pattern of each float dtype, read as a same-size integer
+# each float dtype read as a same-size integer, and the mask that clears its sign bit
 _ABS_BITS = {
     torch.bfloat16: (torch.int16, 0x7FFF),
     torch.float16: (torch.int16, 0x7FFF),
