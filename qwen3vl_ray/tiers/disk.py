@@ -97,7 +97,8 @@ def _np_bytes(t: torch.Tensor) -> np.ndarray:
 # after it was handed to the kernel (write), while its cache lines are still in L2/L3: the checksum then
 # costs compute only, not a second pass over DRAM. 2 MiB: small enough that a chunk is still in this core's
 # caches when it is hashed (neighbours thrash the shared L3), large enough that syscalls stay few (32 per
-# 64 MiB). 1, 2 and 4 MiB measured within noise of each other here; 8 MiB+ let the hash spill to DRAM.
+# 64 MiB). On the shared 2-core dev box, 1, 2 and 4 MiB measured within noise of each other (CPU time
+# favoured larger chunks for 8 MiB entries, wall time smaller ones for 64 MiB entries).
 CHUNK = 2 << 20
 FADVISE_MIN = 1 << 20  # payloads this large get POSIX_FADV_SEQUENTIAL (bigger readahead when cold)
 _fadvise = getattr(os, "posix_fadvise", None)  # Linux; absent on macOS
