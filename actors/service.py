@@ -47,9 +47,19 @@ class ServiceHandle:
         return h
 
     def keys_for(self, request: dict) -> list:
+        """The request's chunk keys for routing by longest cached prefix (the real engine computes them
+        with ``RequestKeyer``: tokenizer and processor only, no weights). A bad request raises here, before
+        any remote call; a keyer that cannot be built on this machine degrades to routing by load."""
         if self._route_keys is None:
             return []
-        return self._route_keys(request, **self.config.worker.engine_args)
+        try:
+            return self._route_keys(request, **self.config.worker.engine_args)
+        except ValueError:
+            raise
+        except Exception:
+            logger.warning("cannot compute routing keys here; routing by load only", exc_info=True)
+            self._route_keys = None
+            return []
 
     def process(self, requests: Sequence[dict], timeout_s: float = 600.0) -> list[dict]:
         """Serve requests concurrently; a request whose worker dies is retried on another worker (up to
