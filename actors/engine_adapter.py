@@ -117,6 +117,11 @@ class Qwen3VLEngineAdapter:
                 keyer = _keyers[key] = RequestKeyer(path, _engine_config(device_tier_bytes, **engine_config))
             return keyer
 
+    def routing_spec(self) -> dict:
+        """What a router needs to build a ``RequestKeyer`` giving this engine's exact keys (no weights):
+        the checkpoint directory and the engine's resolved config."""
+        return {"checkpoint_path": str(self.engine.path), "config": self.engine.config}
+
     def _request(self, request: dict) -> Any:
         from qwen3vl_ray.engine.requests import Request, SamplingParams
 

@@ -208,6 +208,12 @@ class Worker:
         return self.logic.node_id
 
     @ray.method(concurrency_group="control")
+    def routing_spec(self):
+        """The engine's key configuration for client-side prefix routing (None if it has none)."""
+        spec = getattr(self.logic.engine, "routing_spec", None)
+        return spec() if spec is not None else None
+
+    @ray.method(concurrency_group="control")
     def pid(self):
         return os.getpid()
 

@@ -22,6 +22,7 @@ from PIL import Image  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from actors.config import NAMESPACE, AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig  # noqa: E402
+from actors.engine_adapter import Qwen3VLEngineAdapter  # noqa: E402
 from actors.service import REPO_ROOT, ensure_service  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.multinode, pytest.mark.slow]
@@ -109,6 +110,8 @@ def test_cross_node_prefix_hit_serves_the_same_tokens(setup):
     assert second["token_ids"] == want
     # the router (keys from the tokenizer and processor only) sends the prompt to the holder's node
     keys = service.keys_for(req)
+    assert service._request_keyer() is not None  # configured from a worker's engine
+    assert keys == Qwen3VLEngineAdapter.route_keys(req, **service.config.worker.engine_args)
     assert len(keys) == first["stored_chunks"]
     route = ray.get(service.coordinator.route.remote(keys))
     ray.get(service.coordinator.done.remote(route["worker"]))
