@@ -119,7 +119,8 @@ class WorkerConfig:
         engine: ``"module:callable"`` returning the engine a worker wraps, called with the worker's
             ``engine_args`` (default ``"actors.engine_adapter:Qwen3VLEngineAdapter"``: the real Qwen3-VL
             engine). A factory returning a bare ``Qwen3VLEngine`` is wrapped in that adapter. The model-free
-            ``"actors.synthetic_engine:SyntheticKVEngine"`` is for tests and benchmarks only.
+            ``"actors.synthetic_engine:SyntheticKVEngine"`` is for tests and benchmarks only. ``"qwen3vl"``
+            (the users' settings name) means the default.
         engine_args: keyword arguments for the engine factory (default empty: for the real engine, the
             ``QWEN3VL_RAY_MODEL`` checkpoint directory or preset, else the ``tiny`` preset generated into
             ``~/.cache/qwen3vl-ray/checkpoints``; any ``EngineConfig`` field may be given, e.g.
@@ -140,8 +141,10 @@ class WorkerConfig:
     max_retries: int = 2
 
     def __post_init__(self) -> None:
+        if self.engine == "qwen3vl":  # the users' settings name for the real engine
+            self.engine = DEFAULT_ENGINE
         if ":" not in self.engine:
-            raise ConfigError(f"WorkerConfig.engine must look like 'module:callable', got {self.engine!r}")
+            raise ConfigError(f"WorkerConfig.engine must be 'qwen3vl' or look like 'module:callable', got {self.engine!r}")
         if (self.num_gpus is not None and self.num_gpus < 0) or self.num_cpus < 0:
             raise ConfigError(f"WorkerConfig num_gpus/num_cpus must be >= 0, got {self.num_gpus}/{self.num_cpus}")
         if self.device_bytes < 0:
