@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -83,6 +84,16 @@ def checkpoint_kv(path: str, tokens: int = 256) -> torch.Tensor:
         out = model(input_ids=ids, use_cache=True)
     cache = getattr(out, "cache", None) or out.past_key_values
     return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]).to(torch.bfloat16)
+
+
+def _checkpoint_path(name: str) -> str:
+    """A checkpoint directory as given, or a preset generated once under the user's cache directory."""
+    from qwen3vl_ray.engine.checkpoint import make_checkpoint
+    from qwen3vl_ray.engine.presets import PRESETS
+
+    if name in PRESETS:
+        return str(make_checkpoint(name, os.path.expanduser(f"~/.cache/qwen3vl-ray/checkpoints/{name}")))
+    return name
 
 
 _CLOCK = time.perf_counter
@@ -151,8 +162,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="wall: perf_counter; cpu: this thread's CPU time (time.thread_time), which leaves out "
                          "time other tenants' processes hold the core; only meaningful with --threads 1")
     ap.add_argument("--no-large", action="store_true", help="skip the realistic-size rows (kv-batch16, kv-8b)")
-    ap.add_argument("--kv-from-checkpoint", metavar="PATH",
-                    help="also measure KV captured from this checkpoint (e.g. one made by engine.checkpoint)")
+    ap.add_argument("--kv-from-checkpoint", metavar="PATH|PRESET", default="tiny",
+                    help="also measure KV captured from this checkpoint directory, or from a preset generated on "
+                         "first use (default: the tiny Qwen3-VL preset); 'none' skips it")
     ap.add_argument("--codecs", nargs="+", default=DEFAULT_CODECS, help="codec specs (space-separated)")
     args = ap.parse_args(argv)
     if args.threads > 0:
@@ -167,8 +179,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     tensors = {"kv": synthetic_kv(gen).to(device), "vision": synthetic_vision(gen).to(device),
                "vision-t5": synthetic_vision_heavy(gen).to(device)}
-    if args.kv_from_checkpoint:
-        tensors["kv-ckpt"] = checkpoint_kv(args.kv_from_checkpoint).to(device)
+    if args.kv_from_checkpoint and args.kv_from_checkpoint != "none":
+        tensors["kv-ckpt"] = checkpoint_kv(_checkpoint_path(args.kv_from_checkpoint)).to(device)
     large: dict[str, torch.Tensor | list[torch.Tensor]] = {}
     if not args.no_large:
         large["kv-batch16"] = [synthetic_kv(gen).to(device) for _ in range(16)]

@@ -49,15 +49,21 @@ def dtype_from_name(name: str) -> torch.dtype:
     return dt
 
 
-def tensor_bytes(t: torch.Tensor) -> np.ndarray:
-    """A CPU, contiguous tensor's bytes as a flat uint8 numpy view (copies only when it must)."""
+def tensor_array(t: torch.Tensor) -> np.ndarray:
+    """A CPU, contiguous numpy view of ``t`` with its shape (copies only when it must); dtypes without a numpy
+    twin (bf16, fp8) come back as a same-size integer view."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
     if t.dtype in _VIEW_AS:
         t = t.view(_VIEW_AS[t.dtype])
-    return t.numpy().reshape(-1).view(np.uint8)
+    return t.numpy()
+
+
+def tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """A CPU, contiguous tensor's bytes as a flat uint8 numpy view (copies only when it must)."""
+    return tensor_array(t).reshape(-1).view(np.uint8)
 
 
 def tensor_from_bytes(buf: Buffer, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
