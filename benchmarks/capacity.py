@@ -7,7 +7,8 @@ sessions than can fit (one turn each, distinct text), then counts the sessions w
 still in some tier (``Qwen3VLEngine.session_resumable``: the next turn recomputes none of the old tokens).
 Limit = (D + H x r_H + S x r_S) / session KV bytes, where r is the codec's measured compression ratio on
 this model's KV chunks (1 without a codec). Target: sessions / limit >= 0.9. One resumed turn per
-configuration is checked to load all its old tokens from the store.
+configuration is checked to load all its old tokens from the store. Rows name the eviction policy: the
+project default and plain LRU (which keeps whole sessions together best on this sequential workload).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from qwen3vl_ray.engine.checkpoint import make_checkpoint
 from qwen3vl_ray.engine.config import EngineConfig
 from qwen3vl_ray.engine.engine import Qwen3VLEngine
 from qwen3vl_ray.engine.requests import Request, SamplingParams
+from qwen3vl_ray.policies import DEFAULT_POLICY
 from qwen3vl_ray.tiers.config import TierConfig
 
 MiB = 1 << 20
@@ -60,14 +62,15 @@ def probe(ckpt: str, session_tokens: int, chunk: int):
 
 
 def run_config(ckpt: str, name: str, d: int, h: int, s: int, codec: str, ratio: float, live: int,
-               session_tokens: int, chunk: int, tmp: Path) -> dict:
+               session_tokens: int, chunk: int, tmp: Path, policy: str | None = None) -> dict:
     tiers = [TierConfig("device", d, block_bytes=4 << 10)]
     if h:
         tiers.append(TierConfig("host", h, codec=codec, block_bytes=4 << 10))
     if s:
         tiers.append(TierConfig("disk", s, codec=codec, path=str(tmp / f"disk-{name.replace(' ', '_')}")))
     # the live KV of one turn sits next to the device tier: the budget is D plus one session's KV
-    cfg = EngineConfig(chunk_tokens=chunk, device="cpu", tiers=tiers, kv_device_budget_bytes=d + live, session_idle_s=0.0)
+    cfg = EngineConfig(chunk_tokens=chunk, device="cpu", tiers=tiers, kv_device_budget_bytes=d + live, session_idle_s=0.0,
+                       policy=policy)
     with Qwen3VLEngine(ckpt, cfg) as eng:
         session_bytes = session_tokens * eng.geometry.bytes_per_token
         limit = (d + (h + s) * ratio) / session_bytes
@@ -89,7 +92,7 @@ def run_config(ckpt: str, name: str, d: int, h: int, s: int, codec: str, ratio: 
                     {"role": "user", "content": "and then?"}]
             r2 = eng.generate([Request(msgs, SamplingParams(max_new_tokens=1), session_id=sid)])[0]
             resumed_ok = r2.ok and r2.metrics.cached_tokens >= held - 1
-    return {"config": name, "device_bytes": d, "host_bytes": h, "disk_bytes": s, "codec": codec,
+    return {"config": name, "policy": policy or DEFAULT_POLICY, "device_bytes": d, "host_bytes": h, "disk_bytes": s, "codec": codec,
             "codec_ratio": ratio, "session_tokens": prompt_tokens, "session_bytes": session_bytes,
             "tried": n_try, "sessions": len(alive), "limit": limit, "ratio": len(alive) / limit,
             "resume_without_recompute": resumed_ok}
@@ -112,17 +115,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not args.checkpoint:
             make_checkpoint(args.preset, ckpt)
         sample, live = probe(ckpt, args.session_tokens, args.chunk_tokens)
-        for name, codec, dhs in [("D+H+S", "none", (1, 2, 4)), ("device only", "none", (4, 0, 0)),
-                                 ("D+H+S int8", "int8", (1, 2, 4)), ("D+H+S kv-int4", "kv-int4", (1, 2, 4))]:
+        for name, codec, dhs, policy in [("D+H+S", "none", (1, 2, 4), None), ("D+H+S", "none", (1, 2, 4), "lru"),
+                                         ("device only", "none", (4, 0, 0), None),
+                                         ("D+H+S int8", "int8", (1, 2, 4), None), ("D+H+S kv-int4", "kv-int4", (1, 2, 4), None)]:
             r = codec_ratio(codec, sample)
             # compressed tiers get budgets shrunk by the codec ratio so every row runs about as many sessions
             d, h, s = dhs[0] * u, int(dhs[1] * u / r), int(dhs[2] * u / r)
-            rows.append(run_config(ckpt, name, d, h, s, codec, r, live, args.session_tokens, args.chunk_tokens, tmp))
+            rows.append(run_config(ckpt, f"{name} {policy or DEFAULT_POLICY}", d, h, s, codec, r, live,
+                                   args.session_tokens, args.chunk_tokens, tmp, policy))
     print(f"resumable {args.session_tokens}-token sessions vs (D + H*r + S*r) / session bytes ({args.checkpoint or args.preset})")
-    print(f"{'config':16s} {'D/H/S MiB':>14s} {'codec':>8s} {'r':>5s} {'tried':>6s} {'sessions':>9s} {'limit':>7s} {'ratio':>6s} {'resume':>7s}")
+    print(f"{'config':26s} {'D/H/S MiB':>14s} {'codec':>8s} {'r':>5s} {'tried':>6s} {'sessions':>9s} {'limit':>7s} {'ratio':>6s} {'resume':>7s}")
     for r in rows:
         dhs = f"{r['device_bytes'] / MiB:.1f}/{r['host_bytes'] / MiB:.1f}/{r['disk_bytes'] / MiB:.1f}"
-        print(f"{r['config']:16s} {dhs:>14s} {r['codec']:>8s} {r['codec_ratio']:5.2f} {r['tried']:6d} {r['sessions']:9d} "
+        print(f"{r['config']:26s} {dhs:>14s} {r['codec']:>8s} {r['codec_ratio']:5.2f} {r['tried']:6d} {r['sessions']:9d} "
               f"{r['limit']:7.1f} {r['ratio']:6.2f} {str(r['resume_without_recompute']):>7s}")
     if args.json:
         print(json.dumps([{k: v for k, v in r.items() if k != "store"} for r in rows]))

@@ -127,6 +127,7 @@ def test_directory_without_config(tmp_path):
     ({"device": "tpu"}, "device"),
     ({"max_pixels": -1}, "max_pixels"),
     ({"tiers": []}, "at least one"),
+    ({"policy": "fifo-ish"}, "unknown eviction policy"),
     ({"tiers": [TierConfig("host", MiB), TierConfig("device", MiB)]}, "ordered"),
     ({"kv_device_budget_bytes": MiB, "tiers": [TierConfig("device", 2 * MiB)]}, "exceeds kv_device_budget_bytes"),
 ])

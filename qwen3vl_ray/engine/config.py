@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen3vl_ray.errors import ConfigError
+from qwen3vl_ray.policies import POLICIES
 from qwen3vl_ray.tiers.config import TierConfig
 
 MiB = 1 << 20
@@ -36,7 +37,8 @@ class EngineConfig:
             with the device tier emptied fails with a ``CapacityError`` message.
         tiers: the store's tiers, top (fastest) first; default a 256 MiB device and 1 GiB host tier.
             The device tier's capacity must not exceed ``kv_device_budget_bytes``.
-        policy: eviction policy name (``qwen3vl_ray.policies``), default ``"prefix-lru"``.
+        policy: eviction policy name (``qwen3vl_ray.policies.POLICIES``); None (default) takes the project
+            default ``qwen3vl_ray.policies.DEFAULT_POLICY``.
         prefix_cache: reuse and store prompt KV chunks (default True).
         vision_cache: reuse and store image embeddings + DeepStack features (default True).
         session_idle_s: seconds without a turn after which a session counts as idle and is the first
@@ -51,7 +53,7 @@ class EngineConfig:
     max_pixels: int = 4096 * 4096
     kv_device_budget_bytes: int = 1024 * MiB
     tiers: list[TierConfig] = field(default_factory=_default_tiers)
-    policy: str = "prefix-lru"
+    policy: str | None = None
     prefix_cache: bool = True
     vision_cache: bool = True
     session_idle_s: float = 30.0
@@ -81,6 +83,8 @@ class EngineConfig:
                 raise ConfigError(
                     f"device tier capacity {t.capacity_bytes} exceeds kv_device_budget_bytes {self.kv_device_budget_bytes}"
                 )
+        if self.policy is not None and self.policy not in POLICIES:
+            raise ConfigError(f"unknown eviction policy {self.policy!r}; valid: {', '.join(sorted(POLICIES))}")
         if self.session_idle_s < 0:
             raise ConfigError(f"session_idle_s must be >= 0, got {self.session_idle_s}")
         if not self.tenant:
