@@ -15,6 +15,7 @@ engine computes the suffix's positions for the whole sequence and slices them.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -137,8 +138,15 @@ class PrefixKV:
         extra = b"partial" + (extras[len(full_keys)] if len(full_keys) < len(extras) else b"")
         return prefix_key(self.namespace, full_keys[-1] if full_keys else None, ids[start:], extra)
 
+    def pinned(self, keys: Sequence[CacheKey | None]):
+        """Hold ``keys`` in the store while a prefix is read: promoting its first chunks makes room by
+        demoting others, and without pins that cascade can evict the very chunks still to be read."""
+        keys = [k for k in keys if k is not None]
+        return self.store.pinned(keys) if hasattr(self.store, "pinned") else nullcontext()
+
     def fetch(self, keys: Sequence[CacheKey]) -> tuple[list[torch.Tensor], list[str]]:
-        """The leading run of ``keys`` present in the store: their tensors and the tier each was found in."""
+        """The leading run of ``keys`` present in the store: their tensors and the tier each was found in.
+        Callers hold :meth:`pinned` on the keys."""
         n = self.store.longest_prefix(list(keys)) if keys else 0
         chunks: list[torch.Tensor] = []
         tiers: list[str] = []
@@ -187,12 +195,13 @@ class PrefixKV:
         if max_tokens <= 0:
             return None
         want = keys[: -(-max_tokens // self.chunk_tokens)]
-        chunks, tiers = self.fetch(want)
-        if tail is not None and len(chunks) == len(keys) and len(keys) * self.chunk_tokens < max_tokens:
-            t, where = self.fetch_one(tail)
-            if t is not None:
-                chunks.append(t)
-                tiers.append(where)
+        with self.pinned(list(want) + [tail]):
+            chunks, tiers = self.fetch(want)
+            if tail is not None and len(chunks) == len(keys) and len(keys) * self.chunk_tokens < max_tokens:
+                t, where = self.fetch_one(tail)
+                if t is not None:
+                    chunks.append(t)
+                    tiers.append(where)
         return self.build(chunks, tiers, max_tokens, capacity_tokens) if chunks else None
 
     def store_tail(self, cache: DynamicCache, tail: CacheKey, start: int, end: int, parent: CacheKey | None,

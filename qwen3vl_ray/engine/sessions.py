@@ -87,12 +87,13 @@ class Sessions:
         if use <= 0:
             return None
         n_chunks = -(-use // c)
-        chunks, tiers = self.prefix.fetch(s.chunk_keys[:n_chunks])
-        if n_chunks > len(s.chunk_keys) and len(chunks) == len(s.chunk_keys) and s.tail_key is not None:
-            tail, where = self.prefix.fetch_one(s.tail_key)
-            if tail is not None:
-                chunks.append(tail)
-                tiers.append(where)
+        with self.prefix.pinned(s.chunk_keys[:n_chunks] + [s.tail_key]):
+            chunks, tiers = self.prefix.fetch(s.chunk_keys[:n_chunks])
+            if n_chunks > len(s.chunk_keys) and len(chunks) == len(s.chunk_keys) and s.tail_key is not None:
+                tail, where = self.prefix.fetch_one(s.tail_key)
+                if tail is not None:
+                    chunks.append(tail)
+                    tiers.append(where)
         if not chunks:
             return None
         return self.prefix.build(chunks, tiers, use, capacity_tokens)
