@@ -222,8 +222,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", "engine", "int", 0, "",
            "Sampling seed (used when temperature > 0).", "SamplingParams.seed"),
     # -- service ----------------------------------------------------------------------------------------
-    Option("engine", "service", "str", "qwen3vl_ray.engine:Qwen3VLEngine", "",
-           "module:callable the workers wrap (the real Qwen3-VL engine by default).", "WorkerConfig.engine"),
+    Option("engine", "service", "str", "qwen3vl_ray.settings:build_engine", "",
+           "module:callable that builds each worker's engine; the default builds the real Qwen3VLEngine from "
+           "these settings (a factory of another name is called with no arguments).", "WorkerConfig.engine"),
     Option("num_workers", "service", "int", 1, "workers",
            "Qwen3-VL worker actors to run (one per GPU; CPU workers on a CPU-only cluster).",
            "ensure_service(num_workers)"),
@@ -248,6 +249,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("address", "jobs", "str", "", "",
            "Ray cluster to attach to (ray://host:10001, host:6379 or auto); empty = RAY_ADDRESS if set "
            "(as inside `ray job submit`), else an embedded Ray.", "ray.init(address)"),
+    Option("log_level", "jobs", "str", "WARNING", "",
+           "Log level of the CLI and the jobs.", "logging", ("DEBUG", "INFO", "WARNING", "ERROR")),
     Option("metrics_export_port", "jobs", "int", 0, "port",
            "Prometheus port of an embedded Ray (0 = Ray's choice). Ignored when attaching to a cluster.",
            "ray.init(_metrics_export_port)"),
@@ -406,6 +409,71 @@ def _safe_tag(tag: str) -> str:
 def sampling_kwargs(s: Settings) -> dict:
     """Sampling parameters of a request (greedy when temperature is 0)."""
     return {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "seed": s.seed}
+
+
+def is_preset(model: str) -> bool:
+    """True if ``model`` names a generated-checkpoint preset rather than a directory."""
+    from qwen3vl_ray.engine.presets import PRESETS
+
+    return model in PRESETS and not os.path.sep in model
+
+
+def resolve_checkpoint(s: Settings) -> str:
+    """The checkpoint directory for ``s.model``: a preset is generated on first use into
+    ``<checkpoint_dir>/<preset>`` (atomic and idempotent, so concurrent workers agree); anything else must
+    be an existing directory."""
+    model = s.model
+    if os.path.isdir(model):
+        return os.path.abspath(model)
+    if is_preset(model):
+        from qwen3vl_ray.engine.checkpoint import make_checkpoint
+
+        return str(make_checkpoint(model, os.path.join(s.checkpoint_dir, model)))
+    from qwen3vl_ray.engine.presets import PRESETS
+
+    raise ConfigError(f"model {model!r} is neither a checkpoint directory nor a preset "
+                      f"({', '.join(sorted(PRESETS))})")
+
+
+def resolved_device(s: Settings) -> str:
+    if s.device != "auto":
+        return s.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolved_dtype(s: Settings) -> str:
+    if s.dtype != "auto":
+        return s.dtype
+    return "bfloat16" if resolved_device(s).startswith("cuda") else "float32"
+
+
+def engine_config(s: Settings, tiers: list | None = None, node_tag: str | None = None):
+    """The ``EngineConfig`` for these settings; ``tiers`` overrides the tier list (the Ray workers keep
+    only the device tier locally and use the node agent for host and disk)."""
+    from qwen3vl_ray.engine.config import EngineConfig
+
+    return EngineConfig(
+        chunk_tokens=s.chunk_tokens, dtype=resolved_dtype(s), device=s.device,
+        attn_implementation=s.attn_implementation, max_pixels=s.max_pixels,
+        kv_device_budget_bytes=max(s.kv_device_budget_bytes, s.device_bytes),
+        tiers=tiers if tiers is not None else tier_configs(s, node_tag), policy=s.policy,
+        prefix_cache=s.prefix_cache, vision_cache=s.vision_cache, session_idle_s=s.session_idle_s,
+        tenant=s.tenant)
+
+
+def build_engine(env: Mapping[str, str], local_tiers: Iterable[str] = ("device",)):
+    """A ``Qwen3VLEngine`` from settings in environment form (``Settings.to_env()``); the factory the Ray
+    workers call (``WorkerConfig.engine = "qwen3vl_ray.settings:build_engine"``). The checkpoint is resolved
+    here, on the worker's node, so a preset is generated where it is used. ``local_tiers``: the tiers the
+    engine keeps in-process (the Ray layer's agents hold host and disk)."""
+    from qwen3vl_ray.engine.engine import Qwen3VLEngine
+
+    s = resolve(env=env)
+    keep = set(local_tiers)
+    tiers = [t for t in tier_configs(s) if t.kind in keep]
+    return Qwen3VLEngine(resolve_checkpoint(s), engine_config(s, tiers=tiers))
 
 
 # -- docs ------------------------------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""The Ray service as a job runner, and the CLI's ``service`` / ``status`` calls.
+
+Settings become the service's config here (``service_config``), so the CLI, the jobs and the workers read
+the same table (``qwen3vl_ray.settings``). Workers build their engine with
+``qwen3vl_ray.settings:build_engine`` from the settings' environment form, so a preset checkpoint is
+generated on each worker's own node (a driver-side path may not exist there).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from jobs.dataset import Item
+from jobs.runner import result_row
+from qwen3vl_ray import settings as S
+
+logger = logging.getLogger(__name__)
+
+
+def service_config(s: S.Settings, gpus_available: bool = False):
+    from actors.config import AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig
+
+    gpus = s.worker_gpus if s.worker_gpus >= 0 else (1.0 if gpus_available else 0.0)
+    return ServiceConfig(
+        agent=AgentConfig(host_bytes=s.host_bytes, host_codec=s.host_codec, disk_bytes=s.disk_bytes,
+                          disk_dir=s.disk_dir, disk_codec=s.disk_codec, disk_fsync=s.disk_fsync, policy=s.policy,
+                          high_watermark=s.high_watermark, low_watermark=s.low_watermark),
+        coordinator=CoordinatorConfig(period_s=s.period_s, admission_mode=s.admission,
+                                      recompress_codec=s.recompress_codec),
+        worker=WorkerConfig(engine=s.engine, engine_args=_engine_args(s), num_gpus=gpus, num_cpus=s.worker_cpus,
+                            chunk_tokens=s.chunk_tokens, max_retries=s.max_retries),
+    )
+
+
+def _engine_args(s: S.Settings) -> dict:
+    if s.engine == "qwen3vl_ray.settings:build_engine":
+        # The factory resolves the checkpoint and the engine config on the worker, from these settings.
+        return {"env": s.to_env()}
+    return {}
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _init_ray(s: S.Settings, address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    from actors.config import NAMESPACE
+
+    kwargs: dict[str, Any] = {"namespace": NAMESPACE, "ignore_reinit_error": True}
+    address = address or None
+    import os
+
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # embedded: workers must import this checkout; metrics port when asked for
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": root}}
+        if s.metrics_export_port:
+            kwargs["_metrics_export_port"] = s.metrics_export_port
+    ray.init(address=address, **kwargs)
+
+
+def ensure(s: S.Settings, num_workers: int | None = None):
+    """Attach to (or start) Ray and make sure the service exists; returns the service handle."""
+    from actors.service import ensure_service
+
+    _init_ray(s, s.address)
+    cfg = service_config(s, _cluster_has_gpus())
+    return ensure_service(cfg, address=s.address or None, num_workers=s.num_workers if num_workers is None else num_workers)
+
+
+def start_service(s: S.Settings) -> dict:
+    handle = ensure(s)
+    return handle.state()
+
+
+class ServiceRunner:
+    """Rows -> the Ray service (coordinator routes, workers generate, agents hold host and disk tiers)."""
+
+    name = "service"
+
+    def __init__(self, settings: S.Settings):
+        self.settings = settings
+        self.handle = ensure(settings)
+
+    def run(self, items: list[Item], session: str | None = None) -> list[dict]:
+        requests = [{"id": it.id, "messages": it.messages, "session_id": session,
+                     "sampling": S.sampling_kwargs(self.settings)} for it in items]
+        results = self.handle.process(requests)
+        return [result_row(it.id, r) for it, r in zip(items, results)]
+
+    def stats(self) -> dict:
+        return cluster_status_from(self.handle)
+
+    def close(self) -> None:
+        # The service is detached and stays up for the next job; only this driver's connection goes.
+        pass
+
+
+def cluster_status(address: str) -> dict:
+    s = S.resolve({"address": address})
+    _init_ray(s, address)
+    from actors.coordinator import COORDINATOR_NAME
+    from actors.config import NAMESPACE
+    import ray
+
+    try:
+        coordinator = ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise SystemExit(f"no qwen3vl-ray coordinator on this cluster ({address}); start it with "
+                         f"`qwen3vl-ray service`") from None
+    return _collect(ray.get(coordinator.state.remote()))
+
+
+def cluster_status_from(handle: Any) -> dict:
+    return _collect(handle.state())
+
+
+def _collect(state: dict) -> dict:
+    """Coordinator state plus each agent's pressure report (per tier: used, capacity, entries, ...)."""
+    import ray
+
+    from actors.config import NAMESPACE
+    from actors.node_agent import agent_name
+
+    nodes = {}
+    for node in state.get("nodes", []):
+        try:
+            agent = ray.get_actor(agent_name(node), namespace=NAMESPACE)
+            nodes[node] = ray.get(agent.pressure.remote(), timeout=30)
+        except Exception as e:  # a dead agent is a row saying so, not a failed status
+            nodes[node] = {"error": f"{type(e).__name__}: {e}"}
+    return {"coordinator": state, "nodes": nodes}
