@@ -1,0 +1,125 @@
+"""jobs.infer submitted with the real `ray job submit` CLI to a `ray start --head` started here (token auth
+on, as Ray's default), then the Prometheus endpoint shows the qwen3vl_ray_ metrics with non-zero hits.
+
+The head is started with --block in its own process group and stopped with SIGTERM to that group: never
+`ray stop`, which would stop every Ray on the machine.
+"""
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    ports = {k: _free_port() for k in ("gcs", "dashboard", "metrics", "agent", "runtime_env", "client")}
+    temp = tempfile.mkdtemp(prefix="q3r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the job's `python` is this venv's
+    env.pop("RAY_ADDRESS", None)
+    log = open(os.path.join(temp, "head.log"), "w")
+    proc = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={ports['gcs']}", f"--dashboard-port={ports['dashboard']}",
+         f"--metrics-export-port={ports['metrics']}", f"--dashboard-agent-listen-port={ports['agent']}",
+         f"--runtime-env-agent-port={ports['runtime_env']}", f"--ray-client-server-port={ports['client']}",
+         f"--temp-dir={temp}", "--num-cpus=2", "--object-store-memory=300000000", "--include-dashboard=true",
+         "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{ports['dashboard']}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # it answers (401 without the token): up
+            except OSError:
+                assert proc.poll() is None, Path(temp, "head.log").read_text()[-3000:]
+                assert time.time() < deadline, "ray head did not come up in 120 s"
+                time.sleep(0.5)
+        yield {"url": url, "env": env, "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics", "temp": temp}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _submit(head, args, env_vars):
+    cmd = [RAY, "job", "submit", "--address", head["url"], "--working-dir", str(ROOT),
+           "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", "python", "-m", "jobs.infer", *args]
+    return subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=600)
+
+
+def test_submit_without_token_is_refused(ray_head):
+    env = {k: v for k, v in ray_head["env"].items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    r = subprocess.run([RAY, "job", "list", "--address", ray_head["url"]], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0
+
+
+def _hits(metrics_text: str) -> float:
+    total = 0.0
+    for line in metrics_text.splitlines():
+        m = re.match(r"^ray_qwen3vl_ray_hits(?:_total)?\{[^}]*\}\s+([0-9.eE+-]+)$", line)
+        if m:
+            total += float(m.group(1))
+    return total
+
+
+def test_infer_job_with_ray_job_submit_and_prometheus_metrics(ray_head, tmp_path):
+    shutil.copytree(ROOT / "jobs" / "data" / "images", tmp_path / "images")
+    shutil.copy(ROOT / "jobs" / "data" / "prompts.jsonl", tmp_path / "in.jsonl")
+    env_vars = {"QWEN3VL_RAY_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "QWEN3VL_RAY_DISK_DIR": str(tmp_path / "disk"),
+                "QWEN3VL_RAY_MAX_NEW_TOKENS": "3", "QWEN3VL_RAY_CHUNK_TOKENS": "32",
+                "QWEN3VL_RAY_HOST_BYTES": "64MiB", "QWEN3VL_RAY_DISK_BYTES": "128MiB"}
+    common = ["--input", str(tmp_path / "in.jsonl"), "--model", "tiny", "--no-progress", "--num-workers", "1"]
+    # the same dataset twice: the second run is served from the store
+    for name in ("cold", "warm"):
+        r = _submit(ray_head, common + ["--output", str(tmp_path / f"{name}.parquet")], env_vars)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        assert "succeeded" in (r.stdout + r.stderr)
+    warm = pq.read_table(tmp_path / "warm.parquet").to_pylist()
+    assert len(warm) == 8 and all(row["error"] is None for row in warm)
+    assert sum(row["cached_tokens"] for row in warm) > 0
+    # Prometheus endpoint of the head: the project's metrics with non-zero hits (export is periodic)
+    deadline, text = time.time() + 90, ""
+    while time.time() < deadline:
+        text = urllib.request.urlopen(ray_head["metrics"], timeout=10).read().decode()
+        if _hits(text) > 0:
+            break
+        time.sleep(3)
+    assert "ray_qwen3vl_ray_" in text
+    assert _hits(text) > 0
