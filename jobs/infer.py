@@ -110,12 +110,14 @@ def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str
             bar = tqdm(total=len(order), initial=already, unit="row", desc="infer", dynamic_ncols=True,
                        file=sys.stderr)
         own_runner = isinstance(runner, str)
+        kind, active = (runner, None) if own_runner else (None, runner)
         if todo:
-            if own_runner:
-                runner = make_runner(settings, runner)
             try:
                 for batch in _batches(items, settings.batch_size):
-                    rows = _run_batch(runner, batch, stats)
+                    if active is None and any(it.error is None for it in batch):
+                        # Lazily: a dataset of bad rows (or a resumed one) never starts Ray or loads a model.
+                        active = make_runner(settings, kind)
+                    rows = _run_batch(active, batch, stats)
                     writer.write(rows)  # durable before it counts as done
                     for r in rows:
                         stats["rows"] += 1
@@ -128,8 +130,8 @@ def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str
             finally:
                 if bar is not None:
                     bar.close()
-                if own_runner:
-                    runner.close()
+                if own_runner and active is not None:
+                    active.close()
         total = writer.compact(order)
     summary = {
         "output": str(Path(output).resolve()),
