@@ -4,7 +4,7 @@ A payload is one contiguous byte buffer, never pickle::
 
     magic "QVC1" | u16 format version | u8 len + codec name | u16 codec version
     | u32 len + JSON meta (dtype, shape, params, ...) | u16 n buffers | n x u64 buffer lengths
-    | u64 xxh3_64 of everything after the header | buffers...
+    | u64 xxh3_64 of the header and every buffer | buffers...
 
 so ``decode`` can dispatch on the codec name, reject unknown versions, and detect truncation or corruption
 before it produces a tensor. Codecs register themselves with :func:`register_codec`; ``make_codec`` builds
@@ -13,7 +13,9 @@ one from a spec string such as ``"int8"`` or ``"int4:group=64"`` or ``"int8+zstd
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import struct
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Sequence
@@ -77,7 +79,7 @@ def pack_payload(name: str, version: int, meta: dict[str, Any], buffers: Sequenc
     header += struct.pack("<B", len(name_b)) + name_b + struct.pack("<H", version)
     header += struct.pack("<I", len(meta_b)) + meta_b
     header += struct.pack("<H", len(views)) + b"".join(struct.pack("<Q", v.nbytes) for v in views)
-    h = xxhash.xxh3_64()
+    h = xxhash.xxh3_64(bytes(header))
     for v in views:
         h.update(v)
     total = len(header) + 8 + sum(v.nbytes for v in views)
@@ -108,13 +110,14 @@ def unpack_payload(payload: Buffer) -> tuple[str, int, dict[str, Any], list[memo
         meta = json.loads(bytes(mv[pos: pos + mlen])); pos += mlen
         (nbuf,) = struct.unpack_from("<H", mv, pos); pos += 2
         lengths = struct.unpack_from(f"<{nbuf}Q", mv, pos); pos += 8 * nbuf
+        header_end = pos
         (digest,) = struct.unpack_from("<Q", mv, pos); pos += 8
     except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CodecError(f"truncated or corrupt payload header: {exc}") from exc
     if pos + sum(lengths) != mv.nbytes:
         raise CodecError(f"payload length {mv.nbytes} does not match its header ({pos + sum(lengths)} expected): truncated or corrupt")
     bufs = []
-    h = xxhash.xxh3_64()
+    h = xxhash.xxh3_64(mv[:header_end])
     for n in lengths:
         bufs.append(mv[pos: pos + n]); h.update(bufs[-1]); pos += n
     if h.intdigest() != digest:
@@ -141,6 +144,14 @@ class Codec(ABC):
     def spec(self) -> str:
         """The spec string that rebuilds this codec with ``make_codec``."""
         return self.name
+
+    def error_bound(self, tensor: torch.Tensor) -> float:
+        """Upper bound on ``relative_error(tensor, decode(encode(tensor)))`` for this finite tensor.
+
+        Lossless codecs return 0.0. Lossy ones compute it from the tensor (group maxima, rank budget, ...)
+        so tests and ``auto`` can check the codec against it.
+        """
+        return 0.0
 
     def decode(self, payload: Buffer, device: torch.device | str | None = None) -> torch.Tensor:
         return decode(payload, device)
@@ -181,19 +192,42 @@ def _parse_params(text: str) -> dict[str, Any]:
     return params
 
 
-def make_codec(spec: str | Codec | None) -> Codec:
-    """Build a codec from ``"name"`` or ``"name:k=v,k=v"``; ``None``/``"none"`` is the identity codec."""
-    if isinstance(spec, Codec):
-        return spec
-    spec = (spec or "none").strip()
-    name, _, params = spec.partition(":")
+def _params_of(factory: Callable[..., Codec]) -> str:
+    try:
+        names = [p for p in inspect.signature(factory).parameters if p != "self"]
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        names = []
+    return ", ".join(names) or "none"
+
+
+def _make_one(part: str) -> Codec:
+    name, _, params = part.strip().partition(":")
     factory = _REGISTRY.get(name)
     if factory is None:
         raise CodecError(f"unknown codec {name!r}; available: {', '.join(available_codecs())}")
     try:
         return factory(**_parse_params(params))
     except TypeError as exc:
-        raise CodecError(f"bad parameters for codec {name!r}: {exc}") from exc
+        raise CodecError(f"bad parameters {params!r} for codec {name!r} ({exc}); it takes: {_params_of(factory)}") from exc
+
+
+def make_codec(spec: str | Codec | None) -> Codec:
+    """Build a codec from ``"name"`` or ``"name:k=v,k=v"``; ``None``/``"none"`` is the identity codec.
+
+    A ``"+zstd"`` suffix (``"int8+zstd"``, ``"int4:group=64+zstd:level=9"``) runs zstd over the payload
+    of the codec before it.
+    """
+    if isinstance(spec, Codec):
+        return spec
+    spec = (spec or "none").strip()
+    base, *wrappers = spec.split("+")
+    codec = _make_one(base)
+    for w in wrappers:
+        outer = _make_one(w)
+        if not hasattr(outer, "wrap"):
+            raise CodecError(f"codec {w!r} cannot follow '+' in {spec!r}; only byte compressors can: zstd")
+        codec = outer.wrap(codec)
+    return codec
 
 
 def decode(payload: Buffer, device: torch.device | str | None = None) -> torch.Tensor:
@@ -205,12 +239,28 @@ def decode(payload: Buffer, device: torch.device | str | None = None) -> torch.T
     codec = factory.from_meta(meta) if hasattr(factory, "from_meta") else factory()
     if version != codec.version:
         raise CodecError(f"codec {name!r} payload version {version} is not supported (this build: {codec.version})")
-    return codec.decode_parts(meta, bufs, device)
+    try:
+        return codec.decode_parts(meta, bufs, device)
+    except CodecError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise CodecError(f"corrupt {name!r} payload: {exc!r}") from exc
 
 
 def transcode(payload: Buffer, target: str | Codec) -> bytearray:
     """Re-encode a stored payload with another codec (e.g. host int8 -> int4 under pressure)."""
     return make_codec(target).encode(decode(payload))
+
+
+def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """``||reference - approx||_F / ||reference||_F`` in float64 (0.0 when both are all zeros)."""
+    a = reference.detach().to("cpu", torch.float64)
+    b = approx.detach().to("cpu", torch.float64)
+    num = float(torch.linalg.vector_norm(a - b)) if a.numel() else 0.0
+    den = float(torch.linalg.vector_norm(a)) if a.numel() else 0.0
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
 
 
 def payload_codec_name(payload: Buffer) -> str:

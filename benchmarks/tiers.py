@@ -1,0 +1,214 @@
+"""Host and disk tier throughput beside the limits measured in the same run.
+
+For 8 MiB and 64 MiB entries (float32 tensors), each repetition runs, interleaved so machine noise hits
+all alike (medians reported):
+
+Memory cases, disk writes, warm reads and cold reads run as separate phases; within a phase the
+order of the cases is shuffled every repetition. Ratios are medians of per-repetition ratios (each tier time against the limit measured beside it).
+
+* memcpy limit: the faster of ``np.copyto`` (one plain memcpy) and ``torch.Tensor.copy_`` (torch's
+  intra-op threads) from the source into preallocated, already-faulted buffers (``memcpy``, the limit
+  for puts), and from those buffers into one output buffer (``memcpy_read``, the limit for gets).
+* host tier put and get into a preallocated ``out`` (the path the cache uses); ``host_get_alloc`` is a
+  get that returns a fresh tensor (pays first-touch page faults, informational).
+* disk raw write limit: open a new file, one sequential write, fsync, close (the tier also fsyncs; it
+  additionally writes a header, renames and fsyncs the directory). Each rep's file replaces the last.
+* disk put: ``tier.put`` with fsync on.
+* disk reads, two caching conditions, same for raw and tier:
+  - warm: the file was just written, so its pages are in the page cache (raw = ``preadv`` into a
+    preallocated buffer; tier = ``get(out=preallocated)``, which also verifies the xxh3-128 checksum);
+  - cold: ``posix_fadvise(POSIX_FADV_DONTNEED)`` on the (fsynced, hence clean) file before each read
+    drops its pages, so the read comes from the device.
+  ``disk_raw_read_gbps``/``disk_get_gbps`` are the warm numbers; cold ones are in ``sizes``.
+  Raw files, tier entries and memcpy buffers each form a ring (>= 128 MiB in total, four times this machine's 32 MiB L3)
+  and every repetition moves to the next one, so a warm read comes from the page cache in DRAM, not from
+  the CPU cache the previous repetition left it in (which would make any per-byte work look huge).
+
+    python -m benchmarks.tiers [--json] [--reps N] [--dir PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from qwen3vl_ray.keys import Namespace
+from qwen3vl_ray.tiers.config import TierConfig
+from qwen3vl_ray.tiers.factory import make_tier
+
+MiB = 1 << 20
+RING_BYTES = 128 * MiB
+NS = Namespace(model="bench-tiers")
+
+
+def _t(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _drop_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def bench_size(size: int, reps: int, root: str) -> dict:
+    src = torch.randint(-1000, 1000, (size // 4,), dtype=torch.int32).view(torch.float32)
+    src_bytes = src.view(torch.uint8).numpy()
+    ring = max(2, -(-RING_BYTES // size))
+    dsts = [torch.empty_like(src) for _ in range(ring)]
+    for d in dsts:
+        d.copy_(src)
+    out = torch.empty_like(src)
+    out.copy_(src)
+    raw_buf = torch.empty(size, dtype=torch.uint8)
+    raw_buf.fill_(0)
+    raw_view = memoryview(raw_buf.numpy())
+
+    host = make_tier(TierConfig("host", (ring + 1) * size), NS)
+    disk = make_tier(TierConfig("disk", (ring + 1) * (size + 4096), path=os.path.join(root, "tier")), NS)
+    key = b"bench-key-000001"
+    keys = [b"bench-ring-%05d" % i for i in range(ring)]
+    raw_dir = os.path.join(root, "raw")
+    os.makedirs(raw_dir, exist_ok=True)
+    raw_paths = [os.path.join(raw_dir, f"raw{i}.bin") for i in range(ring)]
+    counter = [0]
+    pos = {"w": 0, "r": 0, "pw": 0, "g": 0, "rc": 0, "gc": 0, "mn": 0, "mt": 0, "mr": 0, "hp": 0, "hg": 0}
+
+    def nxt(name: str) -> int:
+        pos[name] = (pos[name] + 1) % ring
+        return pos[name]
+
+    def raw_write():
+        counter[0] += 1
+        raw_path = raw_paths[nxt("w")]
+        tmp = f"{raw_path}.{counter[0]}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        view = memoryview(src_bytes)
+        done = 0
+        while done < size:
+            done += os.write(fd, view[done:])
+        os.fsync(fd)
+        os.close(fd)
+        os.replace(tmp, raw_path)
+
+    def raw_read(raw_path=None):
+        raw_path = raw_path or raw_paths[nxt("r")]
+        fd = os.open(raw_path, os.O_RDONLY)
+        got = 0
+        while got < size:
+            got += os.preadv(fd, [raw_view[got:]], got)
+        os.close(fd)
+
+    def raw_read_cold():
+        path = raw_paths[nxt("rc")]
+        _drop_cache(path)
+        return _t(lambda: raw_read(path))
+
+    def disk_get_cold():
+        k = keys[nxt("gc")]
+        _drop_cache(str(disk.path_of(k)))
+        return _t(lambda: disk.get(k, out=out))
+
+    dst_np, src_np, out_np = [d.numpy() for d in dsts], src.numpy(), out.numpy()
+    cases = {
+        "memcpy_np": lambda: _t(lambda: np.copyto(dst_np[nxt("mn")], src_np)),
+        "memcpy_torch": lambda: _t(lambda: dsts[nxt("mt")].copy_(src)),
+        "memcpy_read": lambda: _t(lambda: np.copyto(out_np, dst_np[nxt("mr")])),
+        "host_put": lambda: _t(lambda: host.put(keys[nxt("hp")], src)),
+        "host_get": lambda: _t(lambda: host.get(keys[nxt("hg")], out=out)),
+        "host_get_alloc": lambda: _t(lambda: host.get(keys[0])),
+        "disk_raw_write": lambda: _t(raw_write),
+        "disk_put": lambda: _t(lambda: disk.put(keys[nxt("pw")], src)),
+        "disk_raw_read": lambda: _t(raw_read),
+        "disk_get": lambda: _t(lambda: disk.get(keys[nxt("g")], out=out)),
+        "disk_raw_read_cold": raw_read_cold,
+        "disk_get_cold": disk_get_cold,
+    }
+    for _ in range(ring):  # fill the rings (files and entries the reads use)
+        raw_write()
+        disk.put(keys[nxt("pw")], src)
+        host.put(keys[nxt("hp")], src)
+    for fn in cases.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    shuffle = random.Random(size).shuffle
+    # Each tier runs beside its own limits; phases keep fsyncs and page-cache churn of the disk cases
+    # from landing in the middle of the memory-speed cases.
+    phases = [[k for k in cases if k.startswith(("memcpy", "host"))],
+              ["disk_raw_write", "disk_put"], ["disk_raw_read", "disk_get"], ["disk_raw_read_cold", "disk_get_cold"]]
+    for order in phases:
+        for _ in range(reps):
+            shuffle(order)  # no case always runs right after the same neighbour (cache/position bias)
+            for name in order:
+                times[name].append(cases[name]())
+    same = lambda a: torch.equal(a.view(torch.int32), src.view(torch.int32))  # noqa: E731 - bit patterns, NaNs included
+    assert same(out) and same(disk.get(keys[0])) and same(host.get(keys[1])), "benchmark read back wrong data"
+    r = {f"{k}_gbps": size / statistics.median(v) / 1e9 for k, v in times.items()}
+    r["memcpy_gbps"] = max(r["memcpy_np_gbps"], r["memcpy_torch_gbps"])
+    r["size_mib"] = size // MiB
+    # Ratios pair each repetition's tier time with the limit measured right beside it (same moment, same
+    # noise from other processes) and take the median of those per-repetition ratios.
+    mem = "memcpy_np" if r["memcpy_np_gbps"] >= r["memcpy_torch_gbps"] else "memcpy_torch"
+
+    def paired(tier_case: str, limit_case: str) -> float:
+        return statistics.median(b / a for a, b in zip(times[tier_case], times[limit_case]))
+
+    r["host_put_vs_memcpy"] = paired("host_put", mem)
+    r["host_get_vs_memcpy"] = paired("host_get", "memcpy_read")
+    r["disk_put_vs_raw_write"] = paired("disk_put", "disk_raw_write")
+    r["disk_get_vs_raw_read"] = paired("disk_get", "disk_raw_read")
+    r["disk_get_cold_vs_raw_read_cold"] = paired("disk_get_cold", "disk_raw_read_cold")
+    host.close()
+    disk.remove_many(keys)
+    for p in raw_paths:
+        os.unlink(p)
+    return r
+
+
+def run(sizes=(8 * MiB, 64 * MiB), reps: int = 11, directory: str | None = None) -> dict:
+    with tempfile.TemporaryDirectory(dir=directory, prefix="bench-tiers-") as root:
+        per = {f"{s // MiB}MiB": bench_size(s, reps, root) for s in sizes}
+    big = per[f"{max(sizes) // MiB}MiB"]
+    headline = {k: big[k] for k in ("memcpy_gbps", "memcpy_read_gbps", "host_put_gbps", "host_get_gbps", "disk_raw_write_gbps",
+                                    "disk_raw_read_gbps", "disk_put_gbps", "disk_get_gbps")}
+    ratios = ("host_put_vs_memcpy", "host_get_vs_memcpy", "disk_put_vs_raw_write", "disk_get_vs_raw_read")
+    worst = {k: min(p[k] for p in per.values()) for k in ratios}
+    return {**headline, "headline_size_mib": max(sizes) // MiB, "worst_ratios": worst,
+            "targets_met": all(v >= 0.8 for v in worst.values()), "sizes": per}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--reps", type=int, default=11)
+    ap.add_argument("--dir", default=None, help="where the disk tier and the raw files go (default: $TMPDIR)")
+    args = ap.parse_args(argv)
+    res = run(reps=args.reps, directory=args.dir)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CUDA {torch.cuda.is_available()}, dir {args.dir or tempfile.gettempdir()}")
+    cols = ["memcpy_np", "memcpy_torch", "memcpy", "memcpy_read", "host_put", "host_get", "host_get_alloc", "disk_raw_write", "disk_put", "disk_raw_read",
+            "disk_get", "disk_raw_read_cold", "disk_get_cold"]
+    print(f"{'GB/s':<20}" + "".join(f"{k:>10}" for k in res["sizes"]))
+    for c in cols:
+        print(f"{c:<20}" + "".join(f"{p[c + '_gbps']:>10.2f}" for p in res["sizes"].values()))
+    for c in ("host_put_vs_memcpy", "host_get_vs_memcpy", "disk_put_vs_raw_write", "disk_get_vs_raw_read",
+              "disk_get_cold_vs_raw_read_cold"):
+        print(f"{c:<31}" + "".join(f"{p[c]:>7.2f}x" for p in res["sizes"].values()))
+    print(f"targets (>= 0.8x, worst size): {'met' if res['targets_met'] else 'NOT met'} {res['worst_ratios']}")
+    if args.json:
+        print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

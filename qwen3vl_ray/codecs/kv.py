@@ -1,0 +1,115 @@
+"""KV-cache layout quantizers ``kv-int8`` / ``kv-int4`` (KIVI-style).
+
+Expected layout: ``[..., 2, kv_heads, tokens, head_dim]`` where index 0 of the ``2`` axis is keys and 1 is
+values -- the engine's KV chunk ``[layers, 2, kv_heads, tokens, head_dim]`` fits as is. Keys have a few
+outlier channels, so they are quantized per channel (groups of ``group`` tokens along the tokens axis,
+one scale per (head, channel, token group)); values are quantized per token (groups of ``group`` along
+head_dim). The ``residual`` most recent tokens are kept in the original dtype (default 0: a stored chunk
+is complete, so a full-precision window only helps the still-growing tail of a sequence).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from qwen3vl_ray.codecs import groups as G
+from qwen3vl_ray.codecs.base import Codec, dtype_from_name, dtype_name, pack_payload, register_codec, tensor_bytes
+from qwen3vl_ray.errors import CodecError
+
+_KEY_AXIS, _VALUE_AXIS = -2, -1  # in the [..., heads, tokens, head_dim] view of one of k / v
+
+
+class KVQuantCodec(Codec):
+    bits = 8
+
+    def __init__(self, group: int = 128, residual: int = 0):
+        if not isinstance(group, int) or isinstance(group, bool) or not 1 <= group <= 1 << 20:
+            raise CodecError(f"codec {self.name!r}: group must be an integer in 1..{1 << 20}, got {group!r}")
+        if not isinstance(residual, int) or isinstance(residual, bool) or residual < 0:
+            raise CodecError(f"codec {self.name!r}: residual must be an integer >= 0 (tokens kept full precision), got {residual!r}")
+        self.group, self.residual = group, residual
+        self.qmax = 127 if self.bits == 8 else 7
+
+    def spec(self) -> str:
+        return f"{self.name}:group={self.group},residual={self.residual}"
+
+    def _split(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        if tensor.dim() < 4 or tensor.shape[-4] != 2:
+            raise CodecError(f"codec {self.name!r} expects a KV tensor [..., 2(k/v), kv_heads, tokens, head_dim], got shape {tuple(tensor.shape)}; use 'int8'/'int4' for other tensors")
+        if not tensor.is_floating_point():
+            raise CodecError(f"codec {self.name!r} needs a floating-point tensor, got {tensor.dtype}")
+        t = tensor.detach()
+        tokens = t.shape[-2]
+        cut = tokens - min(self.residual, tokens)
+        head = t[..., :cut, :]
+        rest = t[..., cut:, :] if cut < tokens else None
+        return head.select(-4, 0), head.select(-4, 1), rest, cut
+
+    def _quant(self, part: torch.Tensor, axis: int) -> tuple[G.Grouping, torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = G.grouping(part.shape, axis % part.dim(), self.group)
+        xg = G.grouped_float(part, g)
+        amax = G.group_amax(xg, self.name)
+        return g, xg, amax, part
+
+    def encode(self, tensor: torch.Tensor) -> bytearray:
+        keys, values, rest, cut = self._split(tensor)
+        meta: dict[str, Any] = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "cut": cut}
+        bufs = []
+        for tag, part, axis in (("k", keys, _KEY_AXIS), ("v", values, _VALUE_AXIS)):
+            g, xg, amax, _ = self._quant(part, axis)
+            q, scales = G.quantize_int(xg, amax, self.qmax)
+            if self.bits == 4:
+                q = G.pack_int4(q)
+            meta[tag] = g.meta()
+            bufs += [G.host_bytes(q), G.host_bytes(scales)]
+        if rest is not None and not bool(torch.isfinite(rest).all()):
+            raise CodecError(f"codec {self.name!r} cannot encode NaN or inf values; use 'none' or 'bf16'")
+        bufs.append(tensor_bytes(rest) if rest is not None else b"")
+        return pack_payload(self.name, self.version, meta, bufs)
+
+    def decode_parts(self, meta: dict[str, Any], buffers, device) -> torch.Tensor:
+        dtype = dtype_from_name(meta["dtype"])
+        shape = list(meta["shape"])
+        cut = int(meta["cut"])
+        out = torch.empty(shape, dtype=dtype, device=device or "cpu")
+        head_shape = shape[:-2] + [cut, shape[-1]]
+        part_shape = head_shape[:-4] + head_shape[-3:]
+        for i, tag in enumerate(("k", "v")):
+            g = G.Grouping.from_meta(meta[tag])
+            count = g.pre * g.padded * g.post
+            scales = G.buffer_tensor(buffers[2 * i + 1], torch.float32, [g.pre, g.ngroups, g.post]).to(out.device)
+            if self.bits == 4:
+                packed = G.buffer_tensor(buffers[2 * i], torch.uint8, [(count + 1) // 2]).to(out.device)
+                q = G.unpack_int4(packed, count)
+            else:
+                q = G.buffer_tensor(buffers[2 * i], torch.int8, [count]).to(out.device)
+            out[..., :cut, :].select(-4, i).copy_(G.dequantize(q, scales, g, part_shape, dtype))
+        if cut < shape[-2]:
+            rest_shape = shape[:-2] + [shape[-2] - cut, shape[-1]]
+            out[..., cut:, :].copy_(G.buffer_tensor(buffers[4], dtype, rest_shape))
+        return out
+
+    def error_bound(self, tensor: torch.Tensor) -> float:
+        keys, values, _, _ = self._split(tensor)
+        err_sq = 0.0
+        for part, axis in ((keys, _KEY_AXIS), (values, _VALUE_AXIS)):
+            g, _, amax, _ = self._quant(part, axis)
+            err_sq += G.int_err_sq(amax, g, self.qmax)
+        return G.finish_bound(math.sqrt(err_sq), G.fnorm(tensor), tensor.numel(), tensor.dtype)
+
+
+@register_codec("kv-int8")
+class KVInt8Codec(KVQuantCodec):
+    """KV layout int8: keys per channel, values per token, optional full-precision recent window."""
+
+    bits = 8
+
+
+@register_codec("kv-int4")
+class KVInt4Codec(KVQuantCodec):
+    """KV layout int4 (two codes per byte): keys per channel, values per token, optional residual window."""
+
+    bits = 4

@@ -1,0 +1,430 @@
+"""Disk tier: one file per entry under ``<path>/<namespace hex>/<key hex[:2]>/<key hex>.qvt`` (data side).
+
+Crash safety: a store writes a temp file in the entry's directory, fsyncs it, renames it over the final
+name and fsyncs the directory, so a file with the final name is always complete (a kill leaves at most a
+temp file, removed at the next start). Every read checks the header checksum, the file length and the
+payload's xxh3_128 checksum; a file that fails is removed, counted in ``corrupt`` and served as a miss.
+
+Restart: the index (key -> file size) is rebuilt from the directory by reading headers only, so a new
+process serves what the last one left. Only this namespace's directory is read; a header whose namespace
+or key disagrees with where it lies is treated as corrupt. Keys become paths only through ``key_hex``.
+
+Budget: ``used_bytes`` counts whole files (header + payload) plus stores in flight, and a store is refused
+(``False``) if it would take the directory over ``capacity_bytes`` even for a moment.
+
+Threads: one lock guards the index and the accounting; file I/O runs outside it except the rename that
+publishes a store and the unlink of a remove. A reader opens by path, so a concurrent replace gives it
+either the old or the new complete file. One writing process per directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import xxhash
+
+from qwen3vl_ray.codecs import decode, make_codec
+from qwen3vl_ray.codecs.base import dtype_from_name, dtype_name
+from qwen3vl_ray.errors import CapacityError, CodecError, CorruptEntryError
+from qwen3vl_ray.keys import CacheKey, Namespace, key_from_hex, key_hex, validate_key
+from qwen3vl_ray.tiers import disk_format as fmt
+from qwen3vl_ray.tiers.base import PreparedStore, Tier
+from qwen3vl_ray.tiers.config import TierConfig
+
+log = logging.getLogger(__name__)
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+TMP_SUFFIX = ".tmp"
+_OPEN_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_OPEN_WRITE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) mode 0700; tighten it if it exists but is wider (we own it)."""
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    if (path.stat().st_mode & 0o777) != DIR_MODE:
+        os.chmod(path, DIR_MODE)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, bufs: list) -> int:
+    views = [memoryview(b).cast("B") for b in bufs]
+    total = sum(v.nbytes for v in views)
+    done = 0
+    while views:
+        n = os.writev(fd, views)
+        done += n
+        while views and n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    return total
+
+
+def _np_bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a flat uint8 numpy view (CPU; copies only when it must be made contiguous)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    flat = t.contiguous().reshape(-1)
+    return (flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)).numpy()
+
+
+READ_CHUNK = 1 << 20  # hash each chunk right after reading it, while it is still in L2
+
+
+def _read_and_hash(fd: int, view: memoryview, offset: int) -> tuple[int, bytes]:
+    """Fill ``view`` from ``offset`` and return (bytes read, xxh3_128 of them)."""
+    h = xxhash.xxh3_128()
+    got, n = 0, view.nbytes
+    while got < n:
+        r = os.preadv(fd, [view[got: got + READ_CHUNK]], offset + got)
+        if r == 0:
+            break
+        h.update(view[got: got + r])
+        got += r
+    return got, h.digest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DiskTier(Tier):
+    """Entries as checksummed files under ``cfg.path``. Built by :func:`~qwen3vl_ray.tiers.factory.make_tier`."""
+
+    name = "disk"
+
+    def __init__(self, cfg: TierConfig, namespace: Namespace) -> None:
+        if cfg.kind != "disk" or not cfg.path:
+            raise ValueError(f"DiskTier needs a disk TierConfig with a path, got kind={cfg.kind!r} path={cfg.path!r}")
+        self.cfg = cfg
+        self.namespace = namespace
+        self.capacity_bytes = cfg.capacity_bytes
+        self.codec = make_codec(cfg.codec)
+        self._raw = self.codec.name == "none"
+        self.root = Path(cfg.path)
+        _private_dir(self.root)
+        self.dir = self.root / namespace.hex
+        _private_dir(self.dir)
+        self._dir_str = str(self.dir)
+        self._index: dict[CacheKey, int] = {}  # key -> file size in bytes (header + payload)
+        self._used = 0
+        self._reserved = 0
+        self._lock = threading.Lock()
+        self._tmp_ids = itertools.count()
+        self._c = dict(puts=0, gets=0, hits=0, misses=0, rejected=0, removes=0, corrupt=0, io_errors=0,
+                       bytes_written=0, bytes_read=0, recovered=0, stray_tmp_removed=0, trimmed_on_start=0)
+        self._rebuild()
+
+    # -- paths -----------------------------------------------------------------------------------
+    def path_of(self, key: CacheKey) -> Path:
+        return Path(self._path_str(key))
+
+    def _path_str(self, key: CacheKey) -> str:
+        h = key_hex(key)
+        return f"{self._dir_str}/{h[:2]}/{h}{fmt.SUFFIX}"
+
+    # -- start-up --------------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        found: list[tuple[float, CacheKey, int]] = []
+        for sub in self.dir.iterdir():
+            if not sub.is_dir() or sub.is_symlink():
+                continue
+            for f in sub.iterdir():
+                name = f.name
+                if name.endswith(TMP_SUFFIX):
+                    self._remove_stray_tmp(f)
+                    continue
+                if not name.endswith(fmt.SUFFIX):
+                    continue
+                try:
+                    key = key_from_hex(name[: -len(fmt.SUFFIX)])
+                except ValueError:
+                    continue  # not ours to judge
+                if name[:2] != sub.name:
+                    self._drop_corrupt(f, None, "file lies in the wrong directory")
+                    continue
+                try:
+                    fd = os.open(f, _OPEN_READ)
+                except OSError as exc:  # e.g. a symlink (O_NOFOLLOW): never followed, never served
+                    log.warning("disk tier: cannot open %s at start-up: %s", f, exc)
+                    continue
+                try:
+                    st = os.fstat(fd)
+                    self._check(fmt.decode_header(os.pread(fd, fmt.MAX_HEADER, 0)), key, st.st_size)
+                except CorruptEntryError as exc:
+                    self._drop_corrupt(f, st, str(exc))
+                    continue
+                except OSError as exc:  # a directory named like an entry, an I/O error: skip, keep going
+                    log.warning("disk tier: cannot read %s at start-up: %s", f, exc)
+                    continue
+                finally:
+                    os.close(fd)
+                found.append((st.st_mtime, key, st.st_size))
+        self._index = {k: size for _, k, size in found}
+        self._used = sum(size for _, _, size in found)
+        if self._used > self.capacity_bytes:  # budget shrank since the files were written: oldest go
+            for _, key, size in sorted(found):
+                if self._used <= self.capacity_bytes:
+                    break
+                self._unlink_quiet(self.path_of(key))
+                del self._index[key]
+                self._used -= size
+                self._c["trimmed_on_start"] += 1
+        self._c["recovered"] = len(self._index)
+        log.info("disk tier %s: %d entries (%d bytes) recovered, %d corrupt removed, %d temp files removed",
+                 self.dir, len(self._index), self._used, self._c["corrupt"], self._c["stray_tmp_removed"])
+
+    def _remove_stray_tmp(self, f: Path) -> None:
+        # Temp names are ".<hex>.<pid>.<n>.tmp": a live writer's in-flight file is left alone.
+        parts = f.name.split(".")
+        try:
+            pid = int(parts[-3])
+        except (ValueError, IndexError):
+            pid = -1
+        if pid == os.getpid() or (pid > 0 and _pid_alive(pid)):
+            return
+        self._unlink_quiet(f)
+        self._c["stray_tmp_removed"] += 1
+
+    def _check(self, h: fmt.EntryHeader, key: CacheKey, size: int) -> None:
+        if h.key != key:
+            raise CorruptEntryError(f"header names key {h.key.hex()}, file name says {key.hex()}")
+        if h.namespace != self.namespace.digest:
+            raise CorruptEntryError(f"entry belongs to namespace {h.namespace.hex()}, not {self.namespace.hex}")
+        if h.file_len != size:
+            raise CorruptEntryError(f"file is {size} bytes, header says {h.file_len}: truncated or overwritten")
+
+    # -- accounting ------------------------------------------------------------------------------
+    @property
+    def used_bytes(self) -> int:
+        return self._used + self._reserved
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def keys(self) -> Iterator[CacheKey]:
+        with self._lock:
+            return iter(list(self._index))
+
+    def entry_nbytes(self, key: CacheKey) -> int | None:
+        return self._index.get(key)
+
+    # -- store -----------------------------------------------------------------------------------
+    def prepare_store(self, key: CacheKey, tensor: torch.Tensor) -> PreparedStore:
+        key = validate_key(key)
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"disk tier stores torch.Tensor, got {type(tensor).__name__}")
+        dtype = dtype_name(tensor.dtype)
+        shape = tuple(tensor.shape)
+        if self._raw:
+            payload: Any = tensor.detach()
+            plen = payload.numel() * payload.element_size()
+        else:
+            payload = self.codec.encode(tensor)
+            plen = len(payload)
+        nbytes = fmt.header_len(dtype, self.codec.spec(), len(shape)) + plen
+        if nbytes > self.capacity_bytes:
+            raise CapacityError(f"entry of {nbytes} bytes (header included) is larger than the whole disk tier ({self.capacity_bytes} bytes)")
+        return PreparedStore(key, nbytes, payload, {"dtype": dtype, "shape": shape, "len": plen})
+
+    def complete_store(self, prepared: PreparedStore) -> bool:
+        size = prepared.nbytes
+        with self._lock:
+            if self._used + self._reserved + size > self.capacity_bytes:
+                self._c["rejected"] += 1
+                return False
+            self._reserved += size
+        try:
+            return self._write(prepared)
+        finally:
+            with self._lock:
+                self._reserved -= size
+
+    def _write(self, prepared: PreparedStore) -> bool:
+        key, meta = prepared.key, prepared.meta
+        data = _np_bytes(prepared.payload) if self._raw else np.frombuffer(prepared.payload, dtype=np.uint8)
+        header = fmt.encode_header(key, self.namespace.digest, meta["dtype"], self.codec.spec(), meta["shape"],
+                                   data.nbytes, fmt.payload_checksum(data))
+        final = self.path_of(key)
+        sub = final.parent
+        tmp = sub / f".{final.stem}.{os.getpid()}.{next(self._tmp_ids)}{TMP_SUFFIX}"
+        try:
+            if not sub.is_dir():
+                _private_dir(sub)
+            fd = os.open(tmp, _OPEN_WRITE, FILE_MODE)
+            try:
+                _write_all(fd, [header, data])
+                if self.cfg.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            with self._lock:
+                os.replace(tmp, final)
+                old = self._index.get(key)
+                self._index[key] = prepared.nbytes
+                self._used += prepared.nbytes - (old or 0)
+                self._c["puts"] += 1
+                self._c["bytes_written"] += prepared.nbytes
+            if self.cfg.fsync:
+                _fsync_dir(sub)  # makes the rename durable; the file is complete either way
+        except OSError:
+            log.warning("disk tier: store of %s failed", key_hex(key), exc_info=True)
+            self._unlink_quiet(tmp)
+            with self._lock:
+                self._c["io_errors"] += 1
+                self._c["rejected"] += 1
+            return False
+        return True
+
+    # -- reads -----------------------------------------------------------------------------------
+    def get(self, key: CacheKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        key = validate_key(key)
+        with self._lock:
+            self._c["gets"] += 1
+            present = key in self._index
+            if not present:
+                self._c["misses"] += 1
+        if not present:
+            return None
+        path = self._path_str(key)
+        try:
+            fd = os.open(path, _OPEN_READ)
+        except FileNotFoundError:  # removed under us (concurrent remove, or by hand)
+            self._forget_missing(key, path)
+            return None
+        st = None
+        try:
+            st = os.fstat(fd)
+            h = fmt.decode_header(os.pread(fd, fmt.MAX_HEADER, 0))
+            self._check(h, key, st.st_size)
+            result = self._read_payload(fd, h, out)
+        except (CorruptEntryError, CodecError) as exc:
+            self._drop_corrupt(path, st, str(exc), key)
+            return None
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._c["hits"] += 1
+            self._c["bytes_read"] += h.file_len
+        return result
+
+    def _read_payload(self, fd: int, h: fmt.EntryHeader, out: torch.Tensor | None) -> torch.Tensor:
+        shape = h.shape
+        try:
+            dtype = dtype_from_name(h.dtype)
+        except CodecError as exc:
+            raise CorruptEntryError(str(exc)) from exc
+        if out is not None and (tuple(out.shape) != shape or out.dtype != dtype):
+            raise ValueError(f"out is {out.dtype} {tuple(out.shape)}, entry is {dtype} {shape}")
+        if h.codec == "none":
+            direct = out is not None and out.device.type == "cpu" and out.is_contiguous()
+            dst = out if direct else torch.empty(shape, dtype=dtype)
+            if dst.numel() * dst.element_size() != h.payload_len:
+                raise CorruptEntryError(f"payload is {h.payload_len} bytes, {h.dtype} {shape} needs {dst.numel() * dst.element_size()}")
+            view = memoryview(_np_bytes(dst)) if h.payload_len else memoryview(b"")
+            self._fill(fd, view, h)
+            if out is not None and not direct:
+                out.copy_(dst)
+                return out
+            return dst
+        buf = bytearray(h.payload_len)
+        self._fill(fd, memoryview(buf), h)
+        t = decode(buf)
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise CorruptEntryError(f"payload decodes to {t.dtype} {tuple(t.shape)}, header says {dtype} {shape}")
+        if out is not None:
+            out.copy_(t)
+            return out
+        return t
+
+    @staticmethod
+    def _fill(fd: int, view: memoryview, h: fmt.EntryHeader) -> None:
+        got, digest = _read_and_hash(fd, view, h.header_len)
+        if got != h.payload_len:
+            raise CorruptEntryError(f"read {got} of {h.payload_len} payload bytes: truncated")
+        if digest != h.checksum:
+            raise CorruptEntryError("payload checksum mismatch")
+
+    def contains(self, key: CacheKey) -> bool:
+        return validate_key(key) in self._index
+
+    def remove(self, key: CacheKey) -> bool:
+        key = validate_key(key)
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is None:
+                return False
+            self._used -= size
+            self._c["removes"] += 1
+            self._unlink_quiet(self.path_of(key))
+        return True
+
+    # -- failure handling ---------------------------------------------------------------------------
+    def _drop_corrupt(self, path: Path | str, st: os.stat_result | None, why: str, key: CacheKey | None = None) -> None:
+        log.warning("disk tier: corrupt entry %s removed (%s)", path, why)
+        with self._lock:
+            self._c["corrupt"] += 1
+            if key is not None:
+                self._c["misses"] += 1
+            try:
+                now = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+            # Unlink only the file we judged: a concurrent store may have just renamed a good one in.
+            if now is not None and (st is None or (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)):
+                self._unlink_quiet(path)
+                if key is not None and key in self._index:
+                    self._used -= self._index.pop(key)
+
+    def _forget_missing(self, key: CacheKey, path: str) -> None:
+        with self._lock:
+            self._c["misses"] += 1
+            if key in self._index and not os.path.lexists(path):
+                self._used -= self._index.pop(key)
+
+    @staticmethod
+    def _unlink_quiet(path: Path) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "name": self.name,
+                "path": str(self.dir),
+                "codec": self.codec.spec(),
+                "capacity_bytes": self.capacity_bytes,
+                "used_bytes": self._used + self._reserved,
+                "free_bytes": self.capacity_bytes - self._used - self._reserved,
+                "entries": len(self._index),
+                **self._c,
+            }
+
+    def __repr__(self) -> str:
+        return f"DiskTier({str(self.dir)!r}, {self.capacity_bytes} B, codec={self.codec.spec()!r})"

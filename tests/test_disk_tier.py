@@ -1,0 +1,245 @@
+"""Disk tier: file format, restart, corruption detection, path safety, budget."""
+
+import os
+import stat
+
+import pytest
+import torch
+
+from qwen3vl_ray.keys import Namespace, key_hex
+from qwen3vl_ray.tiers import disk_format as fmt
+from qwen3vl_ray.tiers.config import TierConfig
+from qwen3vl_ray.tiers.disk import DiskTier
+
+NS = Namespace(model="disk-test")
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def disk(tmp_path, capacity=1 << 20, ns=NS, **kw):
+    kw.setdefault("fsync", False)
+    return DiskTier(TierConfig("disk", capacity, path=str(tmp_path / "cache"), **kw), ns)
+
+
+def content(i: int, n: int = 300) -> torch.Tensor:
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(n, generator=g)
+
+
+def test_layout_and_modes(tmp_path):
+    t = disk(tmp_path)
+    t.put(key(0xABC), content(1))
+    h = key_hex(key(0xABC))
+    path = tmp_path / "cache" / NS.hex / h[:2] / f"{h}.qvt"
+    assert t.path_of(key(0xABC)) == path and path.is_file()
+    for d in (tmp_path / "cache", tmp_path / "cache" / NS.hex, path.parent):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_existing_wide_directory_is_tightened(tmp_path):
+    (tmp_path / "cache").mkdir(mode=0o755)
+    os.chmod(tmp_path / "cache", 0o755)
+    disk(tmp_path)
+    assert stat.S_IMODE((tmp_path / "cache").stat().st_mode) == 0o700
+
+
+def test_file_is_header_plus_raw_payload_not_pickle(tmp_path):
+    t = disk(tmp_path)
+    x = content(2)
+    t.put(key(1), x)
+    raw = t.path_of(key(1)).read_bytes()
+    h = fmt.decode_header(raw[: fmt.MAX_HEADER])
+    assert raw.startswith(fmt.MAGIC)
+    assert (h.key, h.namespace, h.dtype, h.shape, h.codec) == (key(1), NS.digest, "float32", (300,), "none")
+    assert h.header_len % 64 == 0 and len(raw) == h.file_len == t.entry_nbytes(key(1))
+    assert raw[h.header_len:] == x.numpy().tobytes()  # the payload is the tensor's bytes, nothing else
+
+
+def test_restart_serves_what_is_on_disk(tmp_path):
+    t = disk(tmp_path)
+    xs = {i: content(i, 100 + i) for i in range(20)}
+    for i, x in xs.items():
+        t.put(key(i), x)
+    t.put(key(3), content(333))  # replaced before the restart
+    used = t.used_bytes
+    t2 = disk(tmp_path)  # a fresh tier rebuilds its index from the directory
+    assert len(t2) == 20 and t2.used_bytes == used and t2.stats()["recovered"] == 20
+    for i, x in xs.items():
+        assert torch.equal(t2.get(key(i)), content(333) if i == 3 else x)
+
+
+def test_bfloat16_and_shapes_survive_restart(tmp_path):
+    t = disk(tmp_path)
+    x = torch.randn(2, 3, 4, 5).to(torch.bfloat16)
+    t.put(key(1), x)
+    t.put(key(2), torch.tensor(3.5))  # 0-d
+    t2 = disk(tmp_path)
+    y = t2.get(key(1))
+    assert y.dtype == torch.bfloat16 and torch.equal(y.view(torch.int16), x.view(torch.int16))
+    assert t2.get(key(2)).shape == () and float(t2.get(key(2))) == 3.5
+
+
+def test_namespaces_never_share_entries(tmp_path):
+    a = disk(tmp_path, ns=NS)
+    b = disk(tmp_path, ns=Namespace(model="disk-test", dtype="bfloat16"))
+    a.put(key(1), content(1))
+    assert b.get(key(1)) is None and len(b) == 0
+    # a file copied into the other namespace's directory is refused as corrupt, never served
+    src = a.path_of(key(1))
+    dst = b.path_of(key(1))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(src.read_bytes())
+    b2 = disk(tmp_path, ns=Namespace(model="disk-test", dtype="bfloat16"))
+    assert b2.get(key(1)) is None and b2.stats()["corrupt"] == 1 and not dst.exists()
+    assert torch.equal(a.get(key(1)), content(1))
+
+
+def test_file_under_wrong_key_name_is_refused(tmp_path):
+    t = disk(tmp_path)
+    t.put(key(1), content(1))
+    wrong = t.path_of(key(2))
+    wrong.parent.mkdir(parents=True, exist_ok=True)
+    os.link(t.path_of(key(1)), wrong)
+    t2 = disk(tmp_path)
+    assert not t2.contains(key(2)) and t2.stats()["corrupt"] == 1
+    assert torch.equal(t2.get(key(1)), content(1))
+
+
+def test_stray_temp_files_removed_on_start(tmp_path):
+    t = disk(tmp_path)
+    t.put(key(1), content(1))
+    sub = t.path_of(key(1)).parent
+    dead = sub / f".{key_hex(key(1))}.999999999.0.tmp"  # left by a killed writer (no such pid)
+    dead.write_bytes(b"partial")
+    junk = sub / ".garbage.tmp"
+    junk.write_bytes(b"x")
+    t2 = disk(tmp_path)
+    assert not dead.exists() and not junk.exists() and t2.stats()["stray_tmp_removed"] == 2
+    assert len(t2) == 1
+
+
+@pytest.mark.parametrize("where", ["header", "payload"])
+def test_every_flipped_byte_is_detected(tmp_path, where):
+    t = disk(tmp_path)
+    x = content(7, 64)  # 256-byte payload
+    t.put(key(1), x)
+    path = t.path_of(key(1))
+    good = path.read_bytes()
+    hlen = fmt.decode_header(good).header_len
+    positions = range(hlen) if where == "header" else range(hlen, len(good))
+    detected = 0
+    for pos in positions:
+        bad = bytearray(good)
+        bad[pos] ^= 0x40
+        path.write_bytes(bad)
+        assert t.get(key(1)) is None, f"flip at {pos} served as data"
+        assert not path.exists(), f"corrupt file (flip at {pos}) not removed"
+        detected += 1
+        assert t.put(key(1), x)  # put it back for the next position
+    assert t.stats()["corrupt"] == detected == len(positions)
+    assert torch.equal(t.get(key(1)), x)
+
+
+def test_every_cut_tail_is_detected_on_read_and_on_restart(tmp_path):
+    t = disk(tmp_path)
+    x = content(8, 100)
+    t.put(key(1), x)
+    path = t.path_of(key(1))
+    good = path.read_bytes()
+    for cut in range(len(good)):
+        path.write_bytes(good[:cut])
+        assert t.get(key(1)) is None and not path.exists(), cut
+        t.put(key(1), x)
+    # truncation is caught by the restart scan too (file length vs header), without reading payloads
+    for cut in (0, 10, 100, len(good) - 1):
+        path.write_bytes(good[:cut])
+        t2 = disk(tmp_path)
+        assert not t2.contains(key(1)) and t2.stats()["corrupt"] == 1 and not path.exists()
+        t2.put(key(1), x)
+    assert t.stats()["corrupt"] == len(good)
+
+
+def test_appended_junk_and_header_flips_caught_on_restart(tmp_path):
+    t = disk(tmp_path)
+    t.put(key(1), content(1))
+    path = t.path_of(key(1))
+    path.write_bytes(path.read_bytes() + b"junk")
+    t2 = disk(tmp_path)
+    assert not t2.contains(key(1)) and t2.stats()["corrupt"] == 1
+    t2.put(key(1), content(1))
+    raw = bytearray(path.read_bytes())
+    raw[20] ^= 1  # inside the key field of the header
+    path.write_bytes(raw)
+    assert not disk(tmp_path).contains(key(1))
+
+
+def test_out_buffer_and_miss_after_external_delete(tmp_path):
+    t = disk(tmp_path)
+    x = content(3, 50).reshape(5, 10)
+    t.put(key(1), x)
+    out = torch.empty(5, 10)
+    assert t.get(key(1), out=out) is out and torch.equal(out, x)
+    os.unlink(t.path_of(key(1)))
+    assert t.get(key(1)) is None and not t.contains(key(1)) and t.used_bytes == 0
+
+
+def test_path_safety(tmp_path):
+    t = disk(tmp_path)
+    root = (tmp_path / "cache").resolve()
+    nasty = [b"../../etc/passwd", b"../../../../etc/", b"/" * 16, b"\x00" * 16, b"..\\..\\..\\..\\xy\x00\xff", b"\xff" * 16]
+    for k in nasty:
+        assert t.put(k, content(1))
+        p = t.path_of(k).resolve()
+        assert p.is_relative_to(root / NS.hex) and p.name == k.hex() + ".qvt"
+        assert torch.equal(t.get(k), content(1))
+    for bad in ["../../etc/passwd", b"../etc/passwd", b"", b"x" * 17, 12345]:
+        with pytest.raises((TypeError, ValueError)):
+            t.put(bad, content(1))
+    # everything written lies under the namespace directory
+    for dirpath, _, files in os.walk(tmp_path):
+        for f in files:
+            assert (tmp_path / dirpath / f).resolve().is_relative_to(root / NS.hex)
+
+
+def test_budget_counts_headers_and_is_never_exceeded(tmp_path):
+    t = disk(tmp_path, capacity=10_000)
+    n_ok = 0
+    for i in range(40):
+        ok = t.put(key(i), content(i, 400))  # 1,600 B payload + header each
+        n_ok += ok
+        on_disk = sum(p.stat().st_size for p in t.dir.rglob("*.qvt"))
+        assert on_disk == t.used_bytes <= 10_000
+    assert n_ok == 10_000 // t.entry_nbytes(key(0)) and t.stats()["rejected"] == 40 - n_ok
+
+
+def test_restart_with_smaller_budget_trims_oldest(tmp_path):
+    t = disk(tmp_path, capacity=1 << 20)
+    for i in range(10):
+        t.put(key(i), content(i, 400))
+        os.utime(t.path_of(key(i)), (1000 + i, 1000 + i))  # deterministic ages
+    size = t.entry_nbytes(key(0))
+    t2 = disk(tmp_path, capacity=4 * size)
+    assert len(t2) == 4 and t2.used_bytes <= 4 * size and t2.stats()["trimmed_on_start"] == 6
+    assert set(t2.keys()) == {key(i) for i in range(6, 10)}
+
+
+def test_fsync_path_works(tmp_path):
+    t = disk(tmp_path, fsync=True)
+    assert t.put(key(1), content(1))
+    assert torch.equal(disk(tmp_path).get(key(1)), content(1))
+
+
+def test_odd_things_in_the_directory_do_not_break_start_up(tmp_path):
+    t = disk(tmp_path)
+    t.put(key(1), content(1))
+    sub = t.path_of(key(1)).parent
+    (sub / (key_hex(key(2)) + ".qvt")).mkdir()  # a directory named like an entry
+    os.symlink("/etc/passwd", sub / (key_hex(key(3)) + ".qvt"))  # a planted symlink is never followed
+    (sub / "README").write_text("not an entry")
+    (t.dir / "stray-file").write_text("x")
+    t2 = disk(tmp_path)
+    assert set(t2.keys()) == {key(1)} and t2.get(key(3)) is None

@@ -1,0 +1,179 @@
+import os
+
+import pytest
+import torch
+
+from qwen3vl_ray.cache import CacheConfig, TieredCache
+from qwen3vl_ray.errors import CapacityError, ConfigError
+from qwen3vl_ray.keys import Namespace, prefix_key
+from qwen3vl_ray.tiers.config import TierConfig
+
+ENTRY = 1024  # float32 elements -> 4 KiB per entry
+BLOCK = 512
+NS = Namespace(model="test-model")
+
+
+def key(i: int):
+    return prefix_key(NS, None, [i])
+
+
+def tensor(i: int) -> torch.Tensor:
+    return torch.full((ENTRY,), float(i)) + torch.arange(ENTRY, dtype=torch.float32)
+
+
+def make_cache(tmp_path, host_entries=3, disk_entries=None, policy="lru", ns=NS, **kw) -> TieredCache:
+    tiers = [TierConfig("host", host_entries * ENTRY * 4, block_bytes=BLOCK)]
+    if disk_entries:
+        # a disk entry is its payload plus a small header; leave room for exactly disk_entries
+        tiers.append(TierConfig("disk", disk_entries * (ENTRY * 4 + 512), path=str(tmp_path / "disk")))
+    return TieredCache(CacheConfig(tiers=tiers, policy=policy, namespace=ns, **kw))
+
+
+def test_put_get_roundtrip_and_where(tmp_path):
+    with make_cache(tmp_path) as c:
+        assert c.put(key(1), tensor(1))
+        assert c.where(key(1)) == "host" and c.contains(key(1))
+        assert torch.equal(c.get(key(1)), tensor(1))
+        assert c.get(key(2)) is None
+        s = c.stats()
+        assert (s["hits"], s["misses"], s["entries"]) == (1, 1, 1)
+
+
+def test_full_top_tier_demotes_lru_victim_and_hit_promotes_it_back(tmp_path):
+    with make_cache(tmp_path, host_entries=3, disk_entries=10) as c:
+        for i in range(3):
+            assert c.put(key(i), tensor(i))
+        c.get(key(0))  # 0 is now most recent; 1 is the LRU entry
+        # put a 4th entry into a 3-slot host tier -> the LRU one (1) is demoted to disk
+        assert c.put(key(3), tensor(3))
+        assert [c.where(key(i)) for i in range(4)] == ["host", "disk", "host", "host"]
+        # a hit on disk promotes it to host, which demotes host's LRU entry (2)
+        t, tier = c.lookup(key(1))
+        assert tier == "disk" and torch.equal(t, tensor(1))
+        assert c.where(key(1)) == "host" and c.where(key(2)) == "disk"
+        tiers = c.stats()["tiers"]
+        assert tiers[0]["promotions_in"] == 1 and tiers[1]["demotions_in"] == 2
+
+
+def test_last_tier_drops_and_counts(tmp_path):
+    with make_cache(tmp_path, host_entries=2) as c:
+        for i in range(3):
+            c.put(key(i), tensor(i))
+        assert c.where(key(0)) is None and len(c) == 2
+        assert c.stats()["dropped"] == 1 and c.stats()["tiers"][0]["evictions"] == 1
+
+
+def test_pinned_entries_are_never_evicted_and_failed_put_loses_nothing(tmp_path):
+    with make_cache(tmp_path, host_entries=2) as c:
+        c.put(key(0), tensor(0))
+        c.put(key(1), tensor(1))
+        assert c.pin(key(0)) and c.pin(key(1))
+        # everything is pinned: no room is a normal outcome, and both old entries survive
+        assert c.put(key(2), tensor(2)) is False
+        assert torch.equal(c.get(key(0)), tensor(0)) and torch.equal(c.get(key(1)), tensor(1))
+        c.unpin(key(0))
+        assert c.put(key(2), tensor(2))
+        assert c.where(key(0)) is None and c.where(key(1)) == "host"
+
+
+def test_replacing_a_key_keeps_one_copy(tmp_path):
+    with make_cache(tmp_path, host_entries=2, disk_entries=4) as c:
+        c.put(key(0), tensor(0))
+        c.demote(key(0))
+        assert c.where(key(0)) == "disk"
+        assert c.put(key(0), tensor(5))
+        assert c.where(key(0)) == "host" and len(c) == 1
+        assert torch.equal(c.get(key(0)), tensor(5))
+        assert c.stats()["tiers"][1]["entries"] == 0
+
+
+def test_bad_calls_raise_clear_errors(tmp_path):
+    with make_cache(tmp_path, host_entries=1) as c:
+        with pytest.raises(CapacityError):
+            c.put(key(0), torch.zeros(ENTRY * 4))  # 4x larger than the only tier
+        with pytest.raises(TypeError, match="bytes"):
+            c.put("not-a-key", tensor(0))
+        with pytest.raises(TypeError, match="Tensor"):
+            c.put(key(0), [1, 2, 3])
+        with pytest.raises(ConfigError, match="unknown tier"):
+            c.relieve("gpu9", 0)
+    with pytest.raises(ConfigError, match="capacity_bytes"):
+        TierConfig("host", 0)
+    with pytest.raises(ConfigError, match="unknown tier kind"):
+        TierConfig("ssd", 10)
+    with pytest.raises(ConfigError):
+        make_cache(tmp_path, policy="no-such-policy")
+    with pytest.raises(ConfigError, match="at least one tier"):
+        CacheConfig(tiers=[])
+
+
+def test_prefetch_moves_entries_up_without_blocking(tmp_path):
+    with make_cache(tmp_path, host_entries=3, disk_entries=10) as c:
+        for i in range(6):
+            c.put(key(i), tensor(i))
+        on_disk = [key(i) for i in range(6) if c.where(key(i)) == "disk"]
+        assert len(on_disk) == 3
+        fut = c.prefetch(on_disk[:2])
+        assert fut.result(timeout=30) == 2
+        assert [c.where(k) for k in on_disk[:2]] == ["host", "host"]
+        for i in range(6):
+            assert torch.equal(c.get(key(i), promote=False), tensor(i))
+
+
+def test_longest_prefix_stops_at_first_gap(tmp_path):
+    with make_cache(tmp_path, host_entries=3) as c:
+        chain = [key(i) for i in range(4)]
+        c.put(chain[0], tensor(0))
+        c.put(chain[1], tensor(1), parent=chain[0])
+        c.put(chain[3], tensor(3), parent=chain[2])
+        assert c.longest_prefix(chain) == 2
+
+
+def test_disk_entries_survive_restart_and_namespaces_are_isolated(tmp_path):
+    with make_cache(tmp_path, host_entries=1, disk_entries=10) as c:
+        for i in range(4):
+            c.put(key(i), tensor(i))
+        on_disk = [i for i in range(4) if c.where(key(i)) == "disk"]
+    assert len(on_disk) == 3
+    with make_cache(tmp_path, host_entries=1, disk_entries=10) as c2:
+        for i in on_disk:
+            assert torch.equal(c2.get(key(i)), tensor(i))
+    other = Namespace(model="another-model")
+    with make_cache(tmp_path, host_entries=1, disk_entries=10, ns=other) as c3:
+        assert len(c3) == 0 and all(c3.get(key(i)) is None for i in range(4))
+
+
+def test_corrupt_disk_entry_is_a_miss_not_data(tmp_path):
+    with make_cache(tmp_path, host_entries=1, disk_entries=10) as c:
+        c.put(key(0), tensor(0))
+        c.put(key(1), tensor(1))
+        assert c.where(key(0)) == "disk"
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "disk") for f in fs]
+    assert len(files) == 1
+    with open(files[0], "r+b") as f:
+        f.seek(-10, os.SEEK_END)
+        f.write(b"\xff" * 10)
+    with make_cache(tmp_path, host_entries=1, disk_entries=10) as c2:
+        assert c2.get(key(0)) is None
+        assert c2.where(key(0)) is None
+
+
+def test_expire_idle_drops_only_idle_unpinned(tmp_path):
+    with make_cache(tmp_path, host_entries=3, idle_ttl_s=10.0) as c:
+        c.put(key(0), tensor(0))
+        c.put(key(1), tensor(1))
+        c.pin(key(1))
+        import time
+
+        assert c.expire_idle(now=time.monotonic() + 5) == 0
+        assert c.expire_idle(now=time.monotonic() + 20) == 1
+        assert c.where(key(0)) is None and c.where(key(1)) == "host"
+
+
+def test_relieve_drains_to_target(tmp_path):
+    with make_cache(tmp_path, host_entries=4, disk_entries=10) as c:
+        for i in range(4):
+            c.put(key(i), tensor(i))
+        freed = c.relieve("host", 2 * ENTRY * 4)
+        assert freed == 2 * ENTRY * 4
+        assert sum(c.where(key(i)) == "disk" for i in range(4)) == 2

@@ -1,0 +1,99 @@
+"""Property test: the tiered cache against a reference dict, under any sequence of operations.
+
+Invariants: ``get`` returns None or exactly what was last put under that key (never another key's data,
+never a torn copy); no tier ever holds more bytes than its budget; the index agrees with the tiers.
+"""
+
+import shutil
+import tempfile
+
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from qwen3vl_ray.cache import CacheConfig, TieredCache
+from qwen3vl_ray.keys import Namespace, prefix_key
+from qwen3vl_ray.tiers.config import TierConfig
+
+NS = Namespace(model="prop")
+KEYS = [prefix_key(NS, None, [i]) for i in range(12)]
+
+
+class CacheMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.mkdtemp()
+        self.cache = TieredCache(CacheConfig(
+            tiers=[
+                TierConfig("device", 8 * 1024, device="cpu", block_bytes=256),
+                TierConfig("host", 16 * 1024, block_bytes=256),
+                TierConfig("disk", 24 * 1024, path=self.dir),
+            ],
+            namespace=NS,
+            prefetch_threads=0,
+        ))
+        self.model: dict[bytes, torch.Tensor] = {}
+        self.version = 0
+
+    def teardown(self):
+        self.cache.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @rule(k=st.integers(0, len(KEYS) - 1), n=st.integers(1, 700))
+    def put(self, k, n):
+        self.version += 1
+        t = torch.arange(n, dtype=torch.float32) * 0.5 + self.version
+        if self.cache.put(KEYS[k], t):
+            self.model[KEYS[k]] = t
+        else:
+            # a failed put may not lose the previous value of this key either
+            pass
+
+    @rule(k=st.integers(0, len(KEYS) - 1), promote=st.booleans())
+    def get(self, k, promote):
+        got = self.cache.get(KEYS[k], promote=promote)
+        if got is not None:
+            assert KEYS[k] in self.model, "served a key that was never stored or was removed"
+            assert torch.equal(got, self.model[KEYS[k]])
+
+    @rule(k=st.integers(0, len(KEYS) - 1))
+    def remove(self, k):
+        self.cache.remove(KEYS[k])
+        self.model.pop(KEYS[k], None)
+
+    @rule(ks=st.lists(st.integers(0, len(KEYS) - 1), max_size=4))
+    def prefetch(self, ks):
+        self.cache.prefetch([KEYS[k] for k in ks]).result()
+
+    @rule(k=st.integers(0, len(KEYS) - 1))
+    def demote(self, k):
+        self.cache.demote(KEYS[k])
+
+    @rule(k=st.integers(0, len(KEYS) - 1))
+    def pin_unpin(self, k):
+        if self.cache.pin(KEYS[k]):
+            assert self.cache.unpin(KEYS[k])
+
+    @precondition(lambda self: len(self.cache) > 0)
+    @rule()
+    def relieve_host(self):
+        self.cache.relieve("host", 4 * 1024)
+
+    @invariant()
+    def budgets_hold(self):
+        for t in self.cache.tiers:
+            assert 0 <= t.used_bytes <= t.capacity_bytes, (t.name, t.used_bytes, t.capacity_bytes)
+
+    @invariant()
+    def index_matches_tiers(self):
+        for k in KEYS:
+            where = self.cache.where(k)
+            for t in self.cache.tiers:
+                assert t.contains(k) == (t.name == where)
+            if where is not None:
+                assert k in self.model
+
+
+CacheMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+TestTieredCacheProperties = CacheMachine.TestCase
