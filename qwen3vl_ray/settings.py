@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from qwen3vl_ray.errors import ConfigError
+from qwen3vl_ray.policies import DEFAULT_POLICY, POLICIES
 
 ENV_PREFIX = "QWEN3VL_RAY_"
 
@@ -185,9 +186,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("low_watermark", "tiers", "float", 0.75, "fraction",
            "Tier usage that pressure relief drains down to.", "TierConfig.low_watermark"),
     # -- cache ------------------------------------------------------------------------------------------
-    Option("policy", "cache", "str", "prefix-lru", "",
-           "Eviction policy name from qwen3vl_ray.policies, used by the engine's store and the node agents.",
-           "EngineConfig.policy, AgentConfig.policy"),
+    Option("policy", "cache", "str", DEFAULT_POLICY, "",
+           "Eviction policy of the engine's store and the node agents (the default is the project's measured "
+           "best on prefix-shaped reuse).", "EngineConfig.policy, AgentConfig.policy", tuple(sorted(POLICIES))),
     Option("tenant", "cache", "str", "default", "",
            "Tenant in the key namespace: tenants sharing a cluster never share entries.", "EngineConfig.tenant"),
     Option("prefix_cache", "cache", "bool", True, "",
