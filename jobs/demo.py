@@ -23,9 +23,11 @@ from jobs.table import fmt_bytes, render
 from qwen3vl_ray import settings as S
 
 DATA = Path(__file__).resolve().parent / "data"
-# The sample prompts are short; small chunks let their shared prefixes (system prompt, images) be reused.
-DEMO_DEFAULTS = {"chunk_tokens": 32, "max_new_tokens": 12, "device_bytes": 64 << 20, "host_bytes": 256 << 20,
-                 "disk_bytes": 512 << 20}
+# The sample prompts are short and the tiny model's KV is small (~32 KiB per 32-token chunk): small chunks
+# let the shared prefixes (system prompt, images) be reused, and small tiers make entries travel down the
+# hierarchy, so the summary shows every tier at work. Flags and QWEN3VL_RAY_* variables override these.
+DEMO_DEFAULTS = {"chunk_tokens": 32, "max_new_tokens": 12, "block_bytes": 64 << 10, "device_bytes": 512 << 10,
+                 "host_bytes": 1 << 20, "disk_bytes": 256 << 20, "kv_device_budget_bytes": 64 << 20}
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -90,24 +92,32 @@ def _batch_stats(rows: list[dict]) -> dict:
             "vision_cache_hits": sum(r.get("vision_cache_hits", 0) for r in ok), "cached_tokens_by_tier": per_tier}
 
 
+def _tier_list(store: dict) -> list[dict]:
+    """Tier stats dicts from an engine (``{"store": {"tiers": [...]}}``) or a service status
+    (``{"nodes": {node: {"tiers": {name: {...}}}}}``), each with a ``name``."""
+    if "nodes" in store:
+        out = []
+        for node, report in sorted(store["nodes"].items()):
+            for name, t in (report.get("tiers") or {}).items():
+                out.append(dict(t, name=f"{name} @{node[:8]}"))
+        return out
+    tiers = store.get("store", store).get("tiers", [])
+    if isinstance(tiers, dict):
+        tiers = [dict(t, name=n) for n, t in tiers.items()]
+    return list(tiers)
+
+
 def _tier_rows(store: dict) -> list[list]:
-    """Per-tier rows from a store stats dict (``{"tiers": {name: {...}}}`` or ``{name: {...}}``)."""
-    tiers = store.get("tiers", store) if isinstance(store, dict) else {}
     rows = []
-    for name in list(TIER_ORDER) + sorted(k for k in tiers if k not in TIER_ORDER):
-        t = tiers.get(name)
-        if not isinstance(t, dict):
-            continue
+    for t in _tier_list(store):
         used = t.get("used_bytes", t.get("used"))
         cap = t.get("capacity_bytes", t.get("capacity"))
-        logical, stored = t.get("logical_bytes"), t.get("stored_bytes", used)
         ratio = t.get("compression_ratio")
-        if ratio is None and logical and stored:
-            ratio = logical / stored
-        hits, misses = t.get("hits"), t.get("misses")
-        hit_ratio = hits / (hits + misses) if hits is not None and misses is not None and hits + misses else None
-        rows.append([name, t.get("entries"), hits, misses, hit_ratio,
-                     f"{fmt_bytes(used)} / {fmt_bytes(cap)}", ratio])
+        if ratio is None and t.get("codec") == "none":
+            ratio = 1.0  # stored as is
+        hits = t.get("hits")
+        rows.append([t["name"], t.get("entries"), hits, fmt_bytes(t.get("bytes_read")), fmt_bytes(t.get("bytes_written")),
+                     f"{fmt_bytes(used)} / {fmt_bytes(cap)}", f"{ratio:.2f}x" if ratio else None])
     return rows
 
 
@@ -173,8 +183,8 @@ def render_summary(s: dict) -> str:
            ""]
     tiers = _tier_rows(s["store"])
     if tiers:
-        out += [render(["tier", "entries", "hits", "misses", "hit ratio", "used / budget", "compression"], tiers,
-                       title="Store"), ""]
+        out += [render(["tier", "entries", "hits", "bytes read", "bytes written", "used / budget", "compression"],
+                       tiers, title="Store (after both passes and the chat)"), ""]
     out += [f"checkpoint: {s['checkpoint']}" + (f" (generated in {s['checkpoint_s']:.1f} s)" if s["checkpoint_s"] > 1 else ""),
             f"dashboard:  {s['dashboard']}  (metrics: qwen3vl_ray_* in its Metrics view / Prometheus endpoint)"]
     if s["errors"]:
