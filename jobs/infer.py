@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from jobs.dataset import DatasetError, Item, Limits, ids_in_order, load
+from jobs.metrics import JobMetrics
 from jobs.output import OutputBusyError, PartWriter
 from jobs.runner import RUNNERS, Runner, error_row, make_runner
 from qwen3vl_ray import settings as S
@@ -111,6 +112,7 @@ def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str
                        file=sys.stderr)
         own_runner = isinstance(runner, str)
         kind, active = (runner, None) if own_runner else (None, runner)
+        metrics = None
         if todo:
             try:
                 for batch in _batches(items, settings.batch_size):
@@ -119,6 +121,10 @@ def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str
                         active = make_runner(settings, kind)
                     rows = _run_batch(active, batch, stats)
                     writer.write(rows)  # durable before it counts as done
+                    if metrics is None and active is not None:
+                        metrics = JobMetrics.create(Path(output).name)  # Ray is up once the runner is
+                    if metrics is not None:
+                        metrics.record(rows)
                     for r in rows:
                         stats["rows"] += 1
                         stats["errors"] += r["error"] is not None
