@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from jobs.dataset import DatasetError, Item, Limits, ids_in_order, load
-from jobs.metrics import JobMetrics
+from jobs.metrics import JobMetrics, attach_for_metrics
 from jobs.output import OutputBusyError, PartWriter
 from jobs.runner import RUNNERS, Runner, error_row, make_runner
 from qwen3vl_ray import settings as S
@@ -118,6 +118,8 @@ def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str
                 for batch in _batches(items, settings.batch_size):
                     if active is None and any(it.error is None for it in batch):
                         # Lazily: a dataset of bad rows (or a resumed one) never starts Ray or loads a model.
+                        if kind != "service":
+                            attach_for_metrics(settings.address)
                         active = make_runner(settings, kind)
                     rows = _run_batch(active, batch, stats)
                     writer.write(rows)  # durable before it counts as done
@@ -133,6 +135,8 @@ def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str
                     if bar is not None:
                         bar.update(len(rows))
                         bar.set_postfix(hit=f"{_ratio(stats):.0%}", err=stats["errors"], refresh=False)
+                if metrics is not None:
+                    metrics.flush()
             finally:
                 if bar is not None:
                     bar.close()

@@ -49,3 +49,28 @@ class JobMetrics:
                     self.cached.inc(n, tags={**self.tags, "tier": str(tier)})
             if r.get("ttft_s") is not None:
                 self.ttft.observe(r["ttft_s"], tags=self.tags)
+
+    def flush(self) -> None:
+        """Wait for one export interval so the final counts leave this process before it exits (the core
+        worker exports metrics periodically, every ``metrics_report_interval_ms``, and not on exit)."""
+        import time
+
+        import ray
+
+        interval_s = max(ray._config.metrics_report_interval_ms(), 1000) / 1000.0
+        time.sleep(interval_s * 1.5)
+
+
+def attach_for_metrics(address: str | None) -> bool:
+    """Inside ``ray job submit`` (``RAY_ADDRESS`` set) or with ``--address``, attach to the cluster even when
+    the runner itself needs no Ray (engine, plain), so the job's metrics reach the cluster's Prometheus."""
+    import os
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return False
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    return True

@@ -90,22 +90,34 @@ def test_submit_without_token_is_refused(ray_head):
     assert r.returncode != 0
 
 
-def _hits(metrics_text: str) -> float:
+def _metric_total(metrics_text: str, name: str) -> float:
+    """Sum of every series of the Prometheus counter ``ray_<name>`` (any tags)."""
     total = 0.0
     for line in metrics_text.splitlines():
-        m = re.match(r"^ray_qwen3vl_ray_hits(?:_total)?\{[^}]*\}\s+([0-9.eE+-]+)$", line)
+        m = re.match(r"^ray_%s(?:_total)?\{[^}]*\}\s+([0-9.eE+-]+)$" % re.escape(name), line)
         if m:
             total += float(m.group(1))
     return total
 
 
-def test_infer_job_with_ray_job_submit_and_prometheus_metrics(ray_head, tmp_path):
+# runner -> the counters that must be non-zero after a warm run:
+#   engine: the engine runs in the job's driver; its store's disk tier survives between jobs, and the job
+#           exports qwen3vl_ray_job_* metrics;
+#   service: the Ray service's agents count store hits per tier (qwen3vl_ray_hits).
+EXPECTED = {"engine": ["qwen3vl_ray_job_cached_tokens"],
+            "service": ["qwen3vl_ray_hits", "qwen3vl_ray_job_cached_tokens"]}
+
+
+@pytest.mark.parametrize("runner", ["engine", "service"])
+def test_infer_job_with_ray_job_submit_and_prometheus_metrics(ray_head, tmp_path, runner):
     shutil.copytree(ROOT / "jobs" / "data" / "images", tmp_path / "images")
     shutil.copy(ROOT / "jobs" / "data" / "prompts.jsonl", tmp_path / "in.jsonl")
     env_vars = {"QWEN3VL_RAY_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "QWEN3VL_RAY_DISK_DIR": str(tmp_path / "disk"),
                 "QWEN3VL_RAY_MAX_NEW_TOKENS": "3", "QWEN3VL_RAY_CHUNK_TOKENS": "32",
+                "QWEN3VL_RAY_BLOCK_BYTES": "64KiB", "QWEN3VL_RAY_DEVICE_BYTES": "2MiB",
                 "QWEN3VL_RAY_HOST_BYTES": "64MiB", "QWEN3VL_RAY_DISK_BYTES": "128MiB"}
-    common = ["--input", str(tmp_path / "in.jsonl"), "--model", "tiny", "--no-progress", "--num-workers", "1"]
+    common = ["--input", str(tmp_path / "in.jsonl"), "--model", "tiny", "--no-progress", "--num-workers", "1",
+              "--runner", runner]
     # the same dataset twice: the second run is served from the store
     for name in ("cold", "warm"):
         r = _submit(ray_head, common + ["--output", str(tmp_path / f"{name}.parquet")], env_vars)
@@ -114,12 +126,13 @@ def test_infer_job_with_ray_job_submit_and_prometheus_metrics(ray_head, tmp_path
     warm = pq.read_table(tmp_path / "warm.parquet").to_pylist()
     assert len(warm) == 8 and all(row["error"] is None for row in warm)
     assert sum(row["cached_tokens"] for row in warm) > 0
-    # Prometheus endpoint of the head: the project's metrics with non-zero hits (export is periodic)
+    # the head's Prometheus endpoint: the project's metrics with non-zero hits (export is periodic)
     deadline, text = time.time() + 90, ""
     while time.time() < deadline:
         text = urllib.request.urlopen(ray_head["metrics"], timeout=10).read().decode()
-        if _hits(text) > 0:
+        if all(_metric_total(text, n) > 0 for n in EXPECTED[runner]):
             break
         time.sleep(3)
     assert "ray_qwen3vl_ray_" in text
-    assert _hits(text) > 0
+    for name in EXPECTED[runner]:
+        assert _metric_total(text, name) > 0, name
