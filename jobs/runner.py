@@ -24,7 +24,7 @@ from qwen3vl_ray.settings import Settings
 logger = logging.getLogger(__name__)
 
 RUNNERS = ("service", "engine", "plain")
-TIER_ORDER = ("device", "host", "disk")
+TIER_ORDER = ("device", "host", "disk", "agent", "remote")
 
 
 class Runner(Protocol):
@@ -58,27 +58,50 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
 
 
 def result_row(item_id: str, result: Any) -> dict:
-    """An engine ``Result`` (object or dict form, as it may come back through Ray) -> an output row."""
+    """An engine ``Result`` (object or dict form) or a Ray service result dict -> an output row.
+
+    Service results carry ``output`` (the text) and chunk counts; their ``tier`` is ``device`` (the worker's
+    own tier), ``agent`` (its node agent's host/disk tiers) and/or ``remote`` (another node's agent).
+    """
     error = _get(result, "error")
     if error:
         return error_row(item_id, str(error))
-    m = _get(result, "metrics") or {}
-    tiers = _get(m, "cached_tiers") or _get(m, "tiers") or {}
+    m = _get(result, "metrics") or result
+    tiers = _get(m, "cached_tiers") or _get(m, "tiers")
     if isinstance(tiers, (list, tuple)):
         tiers = {t: 1 for t in tiers}
+    cached = int(_get(m, "cached_tokens", 0) or 0)
+    if tiers is None:
+        tiers = _service_tiers(result, cached)
+    token_ids = _get(result, "token_ids")
+    prompt = _get(m, "prompt_tokens")
+    text = _get(result, "text")
     return {
         "id": item_id,
-        "text": _get(result, "text", ""),
-        "prompt_tokens": int(_get(m, "prompt_tokens", 0)),
-        "completion_tokens": len(_get(result, "token_ids") or []),
-        "cached_tokens": int(_get(m, "cached_tokens", 0)),
+        "text": text if text is not None else _get(result, "output"),
+        "prompt_tokens": int(prompt) if prompt is not None else None,
+        "completion_tokens": len(token_ids) if token_ids is not None else None,
+        "cached_tokens": cached,
         "ttft_s": float(_get(m, "ttft_s", 0.0)),
         "tier": tier_label(tiers),
         "error": None,
-        # not output columns (jobs.output keeps only SCHEMA's): for the demo's summary
+        # not output columns (jobs.output keeps only SCHEMA's): for the demo's summary and job metrics
         "cached_tiers": dict(tiers),
         "vision_cache_hits": int(_get(m, "vision_cache_hits", 0) or 0),
     }
+
+
+def _service_tiers(result: Any, cached_tokens: int) -> dict[str, int]:
+    """Where a service result's cached prefix came from. The worker reports chunk counts for its own
+    device tier and for other nodes; the rest of the cached chunks came from its node agent."""
+    if not cached_tokens:
+        return {}
+    out = {"device": int(_get(result, "device_chunks", 0) or 0), "remote": int(_get(result, "cross_node_chunks", 0) or 0)}
+    out = {k: v for k, v in out.items() if v}
+    cached_chunks = _get(result, "cached_chunks")
+    if cached_chunks is None or int(cached_chunks) > sum(out.values()):
+        out["agent"] = int(cached_chunks) - sum(out.values()) if cached_chunks is not None else 1
+    return out
 
 
 def make_runner(settings: Settings, kind: str = "service") -> Runner:

@@ -1,9 +1,9 @@
 """The Ray service as a job runner, and the CLI's ``service`` / ``status`` calls.
 
 Settings become the service's config here (``service_config``), so the CLI, the jobs and the workers read
-the same table (``qwen3vl_ray.settings``). Workers build their engine with
-``qwen3vl_ray.settings:build_engine`` from the settings' environment form, so a preset checkpoint is
-generated on each worker's own node (a driver-side path may not exist there).
+the same table (``qwen3vl_ray.settings``). With ``engine = qwen3vl`` (the default) each worker runs the real
+``Qwen3VLEngine`` through ``actors.engine_adapter``; any other ``module:callable`` is passed through (e.g.
+``actors.synthetic_engine:SyntheticKVEngine``, a model-free KV workload).
 """
 
 from __future__ import annotations
@@ -18,26 +18,40 @@ from qwen3vl_ray import settings as S
 logger = logging.getLogger(__name__)
 
 
+REAL_ENGINE = "qwen3vl"
+ADAPTER = "actors.engine_adapter:Qwen3VLEngineAdapter"
+
+
 def service_config(s: S.Settings, gpus_available: bool = False):
+    """The ServiceConfig for these settings. The default engine setting (the real Qwen3-VL engine) runs in
+    the workers through the Ray layer's adapter; the engine's own store is the worker's device tier."""
     from actors.config import AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig
 
     gpus = s.worker_gpus if s.worker_gpus >= 0 else (1.0 if gpus_available else 0.0)
+    if s.engine == REAL_ENGINE:
+        engine, engine_args, device_bytes = ADAPTER, _adapter_args(s, gpus), 0
+    else:
+        engine, engine_args, device_bytes = s.engine, {}, s.device_bytes
     return ServiceConfig(
         agent=AgentConfig(host_bytes=s.host_bytes, host_codec=s.host_codec, disk_bytes=s.disk_bytes,
                           disk_dir=s.disk_dir, disk_codec=s.disk_codec, disk_fsync=s.disk_fsync, policy=s.policy,
                           high_watermark=s.high_watermark, low_watermark=s.low_watermark),
         coordinator=CoordinatorConfig(period_s=s.period_s, admission_mode=s.admission,
                                       recompress_codec=s.recompress_codec),
-        worker=WorkerConfig(engine=s.engine, engine_args=_engine_args(s), num_gpus=gpus, num_cpus=s.worker_cpus,
-                            chunk_tokens=s.chunk_tokens, max_retries=s.max_retries),
+        worker=WorkerConfig(engine=engine, engine_args=engine_args, num_gpus=gpus, num_cpus=s.worker_cpus,
+                            device_bytes=device_bytes, max_retries=s.max_retries),
     )
 
 
-def _engine_args(s: S.Settings) -> dict:
-    if s.engine == "qwen3vl_ray.settings:build_engine":
-        # The factory resolves the checkpoint and the engine config on the worker, from these settings.
-        return {"env": s.to_env()}
-    return {}
+def _adapter_args(s: S.Settings, gpus: float) -> dict:
+    # NOTE: a preset is generated here, on the driver's node, and workers get its path: on a multi-machine
+    # cluster the same path must exist on every node (cluster.yaml generates the tiny preset on each node).
+    return {"checkpoint_path": S.resolve_checkpoint(s), "device_tier_bytes": s.device_bytes,
+            "chunk_tokens": s.chunk_tokens, "dtype": s.dtype if s.dtype != "auto" else ("bfloat16" if gpus else "float32"), "device": s.device,
+            "attn_implementation": s.attn_implementation, "max_pixels": s.max_pixels,
+            "kv_device_budget_bytes": max(s.kv_device_budget_bytes, s.device_bytes), "policy": s.policy,
+            "prefix_cache": s.prefix_cache, "vision_cache": s.vision_cache, "session_idle_s": s.session_idle_s,
+            "tenant": s.tenant}
 
 
 def _cluster_has_gpus() -> bool:

@@ -223,9 +223,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", "engine", "int", 0, "",
            "Sampling seed (used when temperature > 0).", "SamplingParams.seed"),
     # -- service ----------------------------------------------------------------------------------------
-    Option("engine", "service", "str", "qwen3vl_ray.settings:build_engine", "",
-           "module:callable that builds each worker's engine; the default builds the real Qwen3VLEngine from "
-           "these settings (a factory of another name is called with no arguments).", "WorkerConfig.engine"),
+    Option("engine", "service", "str", "qwen3vl", "",
+           "What the Ray workers run: qwen3vl (the real Qwen3VLEngine, through actors.engine_adapter) or the "
+           "module:callable of another engine (e.g. actors.synthetic_engine:SyntheticKVEngine, no model).",
+           "WorkerConfig.engine"),
     Option("num_workers", "service", "int", 1, "workers",
            "Qwen3-VL worker actors to run (one per GPU; CPU workers on a CPU-only cluster).",
            "ensure_service(num_workers)"),
@@ -462,19 +463,6 @@ def engine_config(s: Settings, tiers: list | None = None, node_tag: str | None =
         tiers=tiers if tiers is not None else tier_configs(s, node_tag), policy=s.policy,
         prefix_cache=s.prefix_cache, vision_cache=s.vision_cache, session_idle_s=s.session_idle_s,
         tenant=s.tenant)
-
-
-def build_engine(env: Mapping[str, str], local_tiers: Iterable[str] = ("device",)):
-    """A ``Qwen3VLEngine`` from settings in environment form (``Settings.to_env()``); the factory the Ray
-    workers call (``WorkerConfig.engine = "qwen3vl_ray.settings:build_engine"``). The checkpoint is resolved
-    here, on the worker's node, so a preset is generated where it is used. ``local_tiers``: the tiers the
-    engine keeps in-process (the Ray layer's agents hold host and disk)."""
-    from qwen3vl_ray.engine.engine import Qwen3VLEngine
-
-    s = resolve(env=env)
-    keep = set(local_tiers)
-    tiers = [t for t in tier_configs(s) if t.kind in keep]
-    return Qwen3VLEngine(resolve_checkpoint(s), engine_config(s, tiers=tiers))
 
 
 # -- docs ------------------------------------------------------------------------------------------------
