@@ -99,8 +99,10 @@ def _service_tiers(result: Any, cached_tokens: int) -> dict[str, int]:
     out = {"device": int(_get(result, "device_chunks", 0) or 0), "remote": int(_get(result, "cross_node_chunks", 0) or 0)}
     out = {k: v for k, v in out.items() if v}
     cached_chunks = _get(result, "cached_chunks")
-    if cached_chunks is None or int(cached_chunks) > sum(out.values()):
-        out["agent"] = int(cached_chunks) - sum(out.values()) if cached_chunks is not None else 1
+    if cached_chunks is not None and int(cached_chunks) > sum(out.values()):
+        out["agent"] = int(cached_chunks) - sum(out.values())
+    elif cached_chunks is None and not out:
+        out["agent"] = 1  # cached, neither on the worker's device tier nor remote: the local agent
     return out
 
 
