@@ -80,15 +80,17 @@ def _median(xs: list[float]) -> float | None:
 
 def _batch_stats(rows: list[dict]) -> dict:
     ok = [r for r in rows if not r["error"]]
-    prompt = sum(r["prompt_tokens"] for r in ok)
-    cached = sum(r["cached_tokens"] for r in ok)
+    known = [r for r in ok if r["prompt_tokens"] is not None]  # a service result may not report it
+    prompt = sum(r["prompt_tokens"] for r in known)
+    cached = sum(r["cached_tokens"] or 0 for r in known)
     per_tier: dict[str, int] = {}
     for r in ok:
         for t, n in (r.get("cached_tiers") or {}).items():
             per_tier[t] = per_tier.get(t, 0) + int(n)
     return {"rows": len(rows), "errors": len(rows) - len(ok), "ttft_median_s": _median([r["ttft_s"] for r in ok]),
             "ttft_mean_s": statistics.fmean([r["ttft_s"] for r in ok]) if ok else None,
-            "cached_ratio": cached / prompt if prompt else 0.0, "prompt_tokens": prompt, "cached_tokens": cached,
+            "cached_ratio": cached / prompt if prompt else None, "prompt_tokens": prompt,
+            "cached_tokens": sum(r["cached_tokens"] or 0 for r in ok),
             "vision_cache_hits": sum(r.get("vision_cache_hits", 0) for r in ok), "cached_tokens_by_tier": per_tier}
 
 
@@ -168,7 +170,7 @@ def render_summary(s: dict) -> str:
     speed = cold["ttft_median_s"] / warm["ttft_median_s"] if cold["ttft_median_s"] and warm["ttft_median_s"] else None
     out = [render(["batch", "rows", "errors", "TTFT median s", "TTFT mean s", "cached-token ratio", "vision hits"],
                   [[p, s[p]["rows"], s[p]["errors"], s[p]["ttft_median_s"], s[p]["ttft_mean_s"],
-                    f"{s[p]['cached_ratio']:.0%}", s[p]["vision_cache_hits"]] for p in ("cold", "warm")],
+                    f"{s[p]['cached_ratio']:.0%}" if s[p]["cached_ratio"] is not None else f"{s[p]['cached_tokens']} tok", s[p]["vision_cache_hits"]] for p in ("cold", "warm")],
                   title=f"Sample batch ({cold['rows']} requests) run twice; warm TTFT speedup: "
                         f"{speed:.1f}x" if speed else "Sample batch run twice"),
            "",

@@ -130,8 +130,9 @@ def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str
                     for r in rows:
                         stats["rows"] += 1
                         stats["errors"] += r["error"] is not None
-                        stats["prompt_tokens"] += r["prompt_tokens"] or 0
-                        stats["cached_tokens"] += r["cached_tokens"] or 0
+                        if r["prompt_tokens"]:  # hit ratio over rows that report their prompt size
+                            stats["prompt_tokens"] += r["prompt_tokens"]
+                            stats["cached_tokens"] += r["cached_tokens"] or 0
                     if bar is not None:
                         bar.update(len(rows))
                         bar.set_postfix(hit=f"{_ratio(stats):.0%}", err=stats["errors"], refresh=False)

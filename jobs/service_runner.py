@@ -61,6 +61,13 @@ def _cluster_has_gpus() -> bool:
 
 
 def _init_ray(s: S.Settings, address: str | None) -> None:
+    """Attach to ``address`` / ``RAY_ADDRESS`` (as inside ``ray job submit``), else start an embedded Ray.
+
+    Embedded means ``address="local"``: a plain ``ray.init()`` would silently attach to any other Ray
+    already running on this machine (``/tmp/ray/ray_current_cluster``), someone else's included.
+    """
+    import os
+
     import ray
 
     if ray.is_initialized():
@@ -68,11 +75,10 @@ def _init_ray(s: S.Settings, address: str | None) -> None:
     from actors.config import NAMESPACE
 
     kwargs: dict[str, Any] = {"namespace": NAMESPACE, "ignore_reinit_error": True}
-    address = address or None
-    import os
-
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        # embedded: workers must import this checkout; metrics port when asked for
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        address = "local"
+        # embedded: the workers import this checkout; Prometheus port when one was asked for
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": root}}
         if s.metrics_export_port:
@@ -86,7 +92,8 @@ def ensure(s: S.Settings, num_workers: int | None = None):
 
     _init_ray(s, s.address)
     cfg = service_config(s, _cluster_has_gpus())
-    return ensure_service(cfg, address=s.address or None, num_workers=s.num_workers if num_workers is None else num_workers)
+    # Ray is initialised above, so ensure_service only creates (or finds) the actors.
+    return ensure_service(cfg, num_workers=s.num_workers if num_workers is None else num_workers)
 
 
 def start_service(s: S.Settings) -> dict:
