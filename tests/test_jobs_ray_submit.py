@@ -64,7 +64,8 @@ def ray_head():
                 assert proc.poll() is None, Path(temp, "head.log").read_text()[-3000:]
                 assert time.time() < deadline, "ray head did not come up in 120 s"
                 time.sleep(0.5)
-        yield {"url": url, "env": env, "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics", "temp": temp}
+        yield {"url": url, "env": env, "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics", "temp": temp,
+               "gcs": f"127.0.0.1:{ports['gcs']}"}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -136,3 +137,13 @@ def test_infer_job_with_ray_job_submit_and_prometheus_metrics(ray_head, tmp_path
     assert "ray_qwen3vl_ray_" in text
     for name in EXPECTED[runner]:
         assert _metric_total(text, name) > 0, name
+
+
+def test_status_shows_each_node_and_tier(ray_head):
+    # after the service test above: the coordinator and the head's agent are up on this cluster
+    r = subprocess.run([sys.executable, "-m", "jobs.cli", "status", "--address", ray_head["gcs"]], cwd=ROOT,
+                       env=ray_head["env"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "1 node(s)" in r.stdout
+    for word in ("host", "disk", "used / budget", "pressure", "qwen3vl_ray_worker_"):
+        assert word in r.stdout, word
