@@ -147,3 +147,39 @@ def test_status_shows_each_node_and_tier(ray_head):
     assert "1 node(s)" in r.stdout
     for word in ("host", "disk", "used / budget", "pressure", "qwen3vl_ray_worker_"):
         assert word in r.stdout, word
+
+
+def test_stopped_job_resumes_without_duplicates_or_gaps(ray_head, tmp_path):
+    # `ray job stop` halfway through (SIGTERM to the driver), then the same job again: every id once
+    shutil.copytree(ROOT / "jobs" / "data" / "images", tmp_path / "images")
+    imgs = ["images/gradient.png", "images/checker.png", "images/circles.png", "images/waves.png"]
+    n = 40
+    (tmp_path / "in.jsonl").write_text("".join(
+        json.dumps({"id": f"r{i:03d}", "prompt": f"question {i}", "images": [imgs[i % 4]]}) + "\n" for i in range(n)))
+    env_vars = {"QWEN3VL_RAY_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "QWEN3VL_RAY_DISK_DIR": str(tmp_path / "disk"),
+                "QWEN3VL_RAY_MAX_NEW_TOKENS": "16"}
+    out = tmp_path / "out.parquet"
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model", "tiny", "--no-progress",
+            "--batch-size", "1"]
+    sub = subprocess.run([RAY, "job", "submit", "--no-wait", "--address", ray_head["url"], "--working-dir", str(ROOT),
+                          "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", "python", "-m", "jobs.infer",
+                          *args], env=ray_head["env"], capture_output=True, text=True, timeout=300)
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    job_id = re.search(r"(raysubmit_\w+)", sub.stdout + sub.stderr).group(1)
+    parts = tmp_path / "out.parquet.parts"
+    deadline = time.time() + 300
+    while len(list(parts.glob("part-*.parquet"))) < 3:
+        assert time.time() < deadline and not out.exists(), "job finished or stalled before the stop"
+        time.sleep(0.2)
+    stop = subprocess.run([RAY, "job", "stop", "--address", ray_head["url"], job_id], env=ray_head["env"],
+                          capture_output=True, text=True, timeout=300)
+    assert stop.returncode == 0, stop.stderr[-3000:]
+    assert not out.exists()
+    n_parts = len(list(parts.glob("part-*.parquet")))
+    assert 3 <= n_parts < n
+
+    r = _submit(ray_head, args, env_vars)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    ids = pq.read_table(out).column("id").to_pylist()
+    assert ids == [f"r{i:03d}" for i in range(n)]
+    assert not parts.exists()
