@@ -95,3 +95,15 @@ def test_duplicate_ids_and_unknown_format_are_dataset_errors(tmp_path):
     (tmp_path / "in.csv").write_text("id\n1\n")
     with pytest.raises(DatasetError, match="unknown format '.csv'"):
         list(load(tmp_path / "in.csv"))
+
+
+def test_parquet_input_with_nested_messages(tmp_path, imgdir):
+    # a list<struct<role, content: list<struct<type, text, image>>>> column, as pyarrow writes dicts
+    msgs = [{"role": "system", "content": [{"type": "text", "text": "be brief", "image": None}]},
+            {"role": "user", "content": [{"type": "image", "text": None, "image": "imgs/ok.png"},
+                                         {"type": "text", "text": "what is it?", "image": None}]}]
+    pq.write_table(pa.Table.from_pylist([{"id": "n1", "messages": msgs}]), tmp_path / "in.parquet")
+    [item] = list(load(tmp_path / "in.parquet"))
+    assert item.error is None
+    assert item.messages[1]["content"][0]["image"] == (imgdir / "ok.png").read_bytes()
+    assert item.messages[1]["content"][1] == {"type": "text", "text": "what is it?"}
