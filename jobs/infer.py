@@ -59,6 +59,17 @@ def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
+def error_text(e: BaseException, limit: int = 1000) -> str:
+    """One line for a row's ``error``: a remote failure (Ray's RayTaskError) is reported by its cause, not by
+    the remote traceback."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    text = f"{type(e).__name__}: {lines[-1] if lines else ''}".strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _run_batch(runner: Runner, batch: list[Item], state: dict) -> list[dict]:
     """Output rows for ``batch`` in order: invalid items keep their error; valid ones go to the runner."""
     valid = [it for it in batch if it.error is None]
@@ -77,7 +88,7 @@ def _run_batch(runner: Runner, batch: list[Item], state: dict) -> list[dict]:
                 try:
                     rows += runner.run([it])
                 except Exception as e1:
-                    rows.append(error_row(it.id, f"{type(e1).__name__}: {e1}"))
+                    rows.append(error_row(it.id, error_text(e1)))
             if all(r["error"] for r in rows):
                 state["failed_batches"] += 1
                 if state["failed_batches"] >= MAX_FAILED_BATCHES:

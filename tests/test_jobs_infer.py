@@ -106,3 +106,14 @@ def test_killed_job_resumes_without_duplicates_or_gaps(ckpt_env, tmp_path):
     ids = pq.read_table(out).column("id").to_pylist()
     assert ids == [f"r{i:02d}" for i in range(12)]  # every id once, in input order
     assert not parts.exists()
+
+
+def test_error_text_reports_the_remote_cause():
+    class RemoteError(Exception):  # shaped like ray.exceptions.RayTaskError: a traceback text and a .cause
+        def __init__(self, cause):
+            super().__init__("ray::Worker.process() (pid=1)\n  File x.py, line 3\n    boom\nValueError: bad image")
+            self.cause = cause
+
+    assert infer.error_text(RemoteError(ValueError("bad image"))) == "ValueError: bad image"
+    assert infer.error_text(RuntimeError("a\nb\n")) == "RuntimeError: b"
+    assert len(infer.error_text(RuntimeError("x" * 5000))) == 1000
