@@ -114,7 +114,8 @@ def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str
         already = len(skip.intersection(order))
         items = load(input_path, limits, skip)  # lazily: also checks duplicate ids before the first row
         todo = len(order) - already
-        stats = {"rows": 0, "errors": 0, "prompt_tokens": 0, "cached_tokens": 0, "failed_batches": 0}
+        stats = {"rows": 0, "errors": 0, "prompt_tokens": 0, "cached_tokens": 0, "cached_total": 0,
+                 "failed_batches": 0}
         bar = None
         if progress and todo:
             from tqdm import tqdm
@@ -141,12 +142,14 @@ def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str
                     for r in rows:
                         stats["rows"] += 1
                         stats["errors"] += r["error"] is not None
+                        stats["cached_total"] += r["cached_tokens"] or 0
                         if r["prompt_tokens"]:  # hit ratio over rows that report their prompt size
                             stats["prompt_tokens"] += r["prompt_tokens"]
                             stats["cached_tokens"] += r["cached_tokens"] or 0
                     if bar is not None:
                         bar.update(len(rows))
-                        bar.set_postfix(hit=f"{_ratio(stats):.0%}", err=stats["errors"], refresh=False)
+                        hit = f"{_ratio(stats):.0%}" if stats["prompt_tokens"] else f"{stats['cached_total']} tok"
+                        bar.set_postfix(hit=hit, err=stats["errors"], refresh=False)
                 if metrics is not None:
                     metrics.flush()
             finally:
@@ -162,7 +165,8 @@ def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str
         "rows_skipped": already,
         "errors_run": stats["errors"],
         "errors_total": _count_errors(output, set(order)),
-        "hit_ratio": round(_ratio(stats), 4),
+        "hit_ratio": round(_ratio(stats), 4) if stats["prompt_tokens"] else None,
+        "cached_tokens": stats["cached_total"],
         "rows_per_s": round(stats["rows"] / max(time.perf_counter() - t0, 1e-9), 3),
         "rows_in_output": total,
     }
