@@ -41,7 +41,9 @@ def ray_head():
     ports = {k: _free_port() for k in ("gcs", "dashboard", "metrics", "agent", "runtime_env", "client")}
     temp = tempfile.mkdtemp(prefix="q3r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the job's `python` is this venv's
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python` is this venv's
+           # as if installed on the node (cluster.yaml pip-installs it): actors started outside a job import it
+           "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     log = open(os.path.join(temp, "head.log"), "w")
     proc = subprocess.Popen(
@@ -139,13 +141,20 @@ def test_infer_job_with_ray_job_submit_and_prometheus_metrics(ray_head, tmp_path
         assert _metric_total(text, name) > 0, name
 
 
-def test_status_shows_each_node_and_tier(ray_head):
-    # after the service test above: the coordinator and the head's agent are up on this cluster
-    r = subprocess.run([sys.executable, "-m", "jobs.cli", "status", "--address", ray_head["gcs"]], cwd=ROOT,
-                       env=ray_head["env"], capture_output=True, text=True, timeout=300)
+def test_service_then_status_shows_each_node_and_tier(ray_head, tmp_path):
+    # `qwen3vl-ray service` (what cluster.yaml runs on the head) creates or reuses the actors; `status` reads them
+    env = {**ray_head["env"], "QWEN3VL_RAY_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
+           "QWEN3VL_RAY_DISK_DIR": str(tmp_path / "disk")}
+    cli = [sys.executable, "-m", "jobs.cli"]
+    r = subprocess.run(cli + ["service", "--address", ray_head["gcs"], "--num-workers", "1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert json.loads(r.stdout)["nodes"]
+    r = subprocess.run(cli + ["status", "--address", ray_head["gcs"]], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "1 node(s)" in r.stdout
-    for word in ("host", "disk", "used / budget", "pressure", "qwen3vl_ray_worker_"):
+    for word in ("host", "disk", "used / budget", "pressure", "qwen3vl_ray_worker_0"):
         assert word in r.stdout, word
 
 
