@@ -1,6 +1,6 @@
 """Eviction policies on prefix-shaped block traces, beside LRU and Belady's optimum.
 
-    PYTHONPATH=. python -m benchmarks.policy [--json] [--trace PATH] [--quick]
+    PYTHONPATH=. python -m benchmarks.policy [--json] [--trace PATH] [--policies a,b] [--no-synthetic]
 
 Replay (prefix-hit semantics, as ``../shared/traces/README.md``): a request's hits are its leading blocks
 that are cached, stopping at the first missing one; then every block of the request is used in order, a
@@ -13,7 +13,25 @@ cache, drop whichever of the cached blocks *or the incoming one* is used again f
 Prefix semantics need no special case: every request that uses a block uses its whole prefix first, so a
 parent's next use always comes before its child's. MIN therefore never drops a parent while a child that
 will be used stays, the cache is always a union of usable prefixes, and prefix hits equal flat hits (the
-replay counts prefix hits anyway and would show any difference).
+replay counts prefix hits anyway and would show any difference). On the Mooncake trace this reproduces
+the README's reference figures (LRU 0.082 / 0.188 / 0.423 / 0.624 and Belady 0.277 / 0.447 / 0.618 / 0.640
+at 1k / 3k / 10k / 30k blocks); MIN without bypass scores within 0.01 of it (0.269 / 0.444 / 0.617 / 0.640).
+
+Chain oracle (``ChainOracle``, offline, column ``chain-oracle``): leaf-first with perfect per-chain
+statistics (requests left on each chain, each chain's request rate) but not the arrival times. On the
+Mooncake trace it scores 0.104 / 0.259 / 0.535 / 0.640: even exact chain statistics close only 28% of the
+LRU->Belady gap at 3k blocks, because chains come back after a median ~560 requests (~17k block accesses,
+far beyond a 3k-block cache) at times that per-chain history barely predicts (log consecutive gaps of a
+chain correlate at 0.31). The rest of Belady's lead is clairvoyance about *when*. (It is no bound on the
+multi-turn trace, whose chain heads are shared system prompts: see ``ChainOracle``.)
+
+Measured here (2 shared cores): the default ``chain-arc`` is >= LRU at every capacity of every trace; at the
+largest LRU->Belady gap it closes 6% on Mooncake (0.2045 vs LRU 0.1878 @ 3k; prefix-2q 0.1972), 23% on
+Zipf, 36% on Zipf+scan and 3% on multi-turn.
+
+Traces: the Mooncake trace at 1k/3k/10k/30k blocks, and the synthetic ones of ``benchmarks.traces`` (Zipf
+documents, Zipf with long one-shot scans, multi-turn chats on shared system prompts) at 2%, 5%, 12.5% and
+33% of their unique blocks.
 
 Also printed: index memory per entry (tracemalloc over 100k inserts) and lookup/update cost as the number
 of entries grows (should stay flat).
@@ -25,7 +43,7 @@ import argparse
 import heapq
 import json
 import os
-import sys
+import random
 import time
 import tracemalloc
 from pathlib import Path
@@ -33,6 +51,7 @@ from pathlib import Path
 from benchmarks.traces import MOONCAKE_TRACE, SYNTHETIC, Trace, load_mooncake
 from qwen3vl_ray.policies import DEFAULT_POLICY, POLICIES, make_policy
 from qwen3vl_ray.policies.base import EvictionPolicy
+from qwen3vl_ray.policies.prefix import PrefixLRUPolicy, _Node
 
 BLOCK = 1  # every block has the same size; capacities are in blocks
 
@@ -113,29 +132,198 @@ def belady(trace: Trace, capacity: int) -> float:
     return hits / total if total else 0.0
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--trace", type=Path, default=MOONCAKE_TRACE)
-    ap.add_argument("--policies", default=",".join(POLICIES))
-    args = ap.parse_args(argv)
-    traces = {"mooncake": (load_mooncake(args.trace), [1000, 3000, 10000, 30000])}
+class ChainOracle(PrefixLRUPolicy):
+    """An offline reference between LRU and Belady: leaf-first, and it knows, for every chain head, how many
+    more requests will use that chain and the chain's mean request rate over its lifetime (not *when* they
+    come). Leaves of chains with no request left go first, then chains by ascending rate, LRU within a rate.
+    It bounds what per-chain statistics alone (reuse count, frequency) can buy an online policy: an online
+    policy can only estimate these numbers, so scoring near this line means the rest of the gap to Belady
+    needs the arrival times themselves. Only meaningful where a chain head is one conversation or document
+    (Mooncake, Zipf); on the multi-turn trace the heads are system prompts shared by many chats, their
+    statistics say nothing about one chat, and this line falls below LRU."""
+
+    name = "chain-oracle"
+
+    def __init__(self, trace: Trace) -> None:
+        super().__init__()
+        uses: dict[int, list[int]] = {}
+        for i, req in enumerate(trace):
+            if req:
+                uses.setdefault(req[0], []).append(i)
+        self._left = {head: len(idx) for head, idx in uses.items()}
+        # requests per request of lifetime; a chain used once has no rate
+        self._rate = {h: (len(ix) / (ix[-1] - ix[0] + 1) if len(ix) > 1 else 0.0) for h, ix in uses.items()}
+
+    def _head(self, node: _Node) -> _Node:
+        while isinstance(node.parent, _Node):
+            node = node.parent
+        return node
+
+    def _priority(self, node: _Node) -> int:
+        head = self._head(node).key
+        if self._left.get(head, 0) <= 0:
+            return self._clock - (1 << 40)
+        return self._clock + int(self._rate[head] * (1 << 20))
+
+    def _on_new(self, node: _Node) -> None:
+        if node.parent is None and node.key in self._left:
+            self._left[node.key] -= 1
+
+    def on_access(self, key: int) -> None:
+        node = self._nodes.get(key)
+        if node is not None and node.parent is None and key in self._left:
+            self._left[key] -= 1
+        super().on_access(key)
+
+
+def metadata_bytes_per_entry(name: str, n: int = 100_000, chain: int = 16) -> float:
+    """Index memory per entry: tracemalloc growth while ``n`` chained 16-byte keys are inserted (the keys
+    themselves are allocated before measuring: the cache owns them)."""
+    keys = [os.urandom(16) for _ in range(n)]
+    policy = make_policy(name)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i, k in enumerate(keys):
+        policy.on_insert(k, 1, keys[i - 1] if i % chain else None)
+    for k in keys[::7]:
+        policy.on_access(k)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return used / n
+
+
+def op_cost_ns(name: str, n: int, ops: int = 20_000) -> float:
+    """Mean cost of one access plus one insert-with-eviction on a full policy of ``n`` entries. ``name``
+    "dict" is the baseline: the same lookups, pops and inserts on a plain dict of ``n`` keys (what any
+    index pays; its growth with ``n`` is the machine's cache hierarchy, not the policy)."""
+    keys = [os.urandom(16) for _ in range(n + ops)]
+    if name == "dict":
+        return _dict_cost_ns(keys, n, ops)
+    policy = make_policy(name)
+    for i in range(n):
+        policy.on_insert(keys[i], 1, keys[i - 1] if i % 16 else None)
+    always = lambda k: True  # noqa: E731
+    rng = random.Random(0)
+    probe = [keys[rng.randrange(n)] for _ in range(ops)]
+    best = float("inf")
+    for lo in range(0, ops, ops // _ROUNDS):  # best of rounds: the machine is shared and noisy
+        t0 = time.perf_counter()
+        for j in range(lo, lo + ops // _ROUNDS):
+            policy.on_access(probe[j])
+            victims = policy.victims(always)
+            victim = next(victims)
+            policy.on_remove(victim)
+            victims.close()
+            k = keys[n + j]
+            policy.on_miss(k)
+            policy.on_insert(k, 1, None)
+        best = min(best, (time.perf_counter() - t0) / (ops // _ROUNDS))
+    return best * 1e9
+
+
+_ROUNDS = 4
+
+
+def _dict_cost_ns(keys: list[bytes], n: int, ops: int) -> float:
+    index = dict.fromkeys(keys[:n], 0)
+    rng = random.Random(0)
+    probe = [keys[rng.randrange(n)] for _ in range(ops)]
+    best = float("inf")
+    for lo in range(0, ops, ops // _ROUNDS):
+        t0 = time.perf_counter()
+        for j in range(lo, lo + ops // _ROUNDS):
+            index[probe[j]] = j
+            index.pop(keys[j], None)  # the oldest key, as an LRU victim would be
+            index[keys[n + j]] = j
+        best = min(best, (time.perf_counter() - t0) / (ops // _ROUNDS))
+    return best * 1e9
+
+
+def synthetic_traces() -> dict[str, tuple[Trace, list[int]]]:
+    """Each synthetic trace with capacities at 2%, 5%, 12.5% and 33% of its unique blocks."""
+    out = {}
     for name, gen in SYNTHETIC.items():
-        t = gen()
-        u = len({b for r in t for b in r})
-        traces[name] = (t, [u // 50, u // 20, u // 8, u // 3])
-    rows = []
+        trace = gen()
+        unique = len({b for req in trace for b in req})
+        out[name] = (trace, [unique // 50, unique // 20, unique // 8, unique // 3])
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Replay block traces through each eviction policy, LRU and Belady.")
+    ap.add_argument("--json", action="store_true", help="print one JSON list as the last line")
+    ap.add_argument("--trace", type=Path, default=MOONCAKE_TRACE, help="Mooncake-format jsonl trace")
+    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy names")
+    ap.add_argument("--no-synthetic", action="store_true", help="replay only the Mooncake trace")
+    args = ap.parse_args(argv)
+    names = [p for p in args.policies.split(",") if p]
+    for p in names:
+        make_policy(p)  # fail fast on a bad name
+    traces = {"mooncake": (load_mooncake(args.trace), [1000, 3000, 10000, 30000])}
+    if not args.no_synthetic:
+        traces.update(synthetic_traces())
+
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    slowest = 0.0
     for tname, (trace, caps) in traces.items():
+        accesses = sum(map(len, trace))
+        print(f"\n{tname}: {len(trace)} requests, {accesses} block accesses")
+        refs = ["chain-oracle", "belady"]
+        print(f"{'capacity':>9} " + " ".join(f"{p:>12}" for p in names + refs) + "  default-LRU  gap closed")
         for cap in caps:
-            for pname in args.policies.split(","):
+            ratios = {}
+            for p in names:
                 t0 = time.perf_counter()
-                r = replay(make_policy(pname), trace, cap)
-                dt = time.perf_counter() - t0
-                rows.append({"trace": tname, "capacity": cap, "policy": pname, "hit_ratio": round(r, 4)})
-                print(f"{tname:11s} {cap:6d} {pname:12s} {r:.4f}  {dt:.1f}s", file=sys.stderr)
-            rows.append({"trace": tname, "capacity": cap, "policy": "belady", "hit_ratio": round(belady(trace, cap), 4)})
-            print(rows[-1], file=sys.stderr)
-    print(json.dumps(rows))
+                ratios[p] = replay(make_policy(p), trace, cap)
+                slowest = max(slowest, time.perf_counter() - t0)
+            ratios["chain-oracle"] = replay(ChainOracle(trace), trace, cap)
+            ratios["belady"] = belady(trace, cap)
+            for p, r in ratios.items():
+                rows.append({"trace": tname, "capacity": cap, "policy": p, "hit_ratio": round(r, 4)})
+            line = f"{cap:>9} " + " ".join(f"{ratios[p]:>12.4f}" for p in names + refs)
+            if "lru" in ratios and DEFAULT_POLICY in ratios:
+                gain = ratios[DEFAULT_POLICY] - ratios["lru"]
+                gap = ratios["belady"] - ratios["lru"]
+                line += f"  {gain:+11.4f}  {gain / gap if gap > 1e-9 else float('nan'):10.2f}"
+            print(line)
+    print(f"\nslowest single replay {slowest:.1f} s; all replays {time.perf_counter() - t_start:.0f} s")
+    if "lru" in names and DEFAULT_POLICY in names:
+        print(summary(rows))
+
+    print("\nindex memory per entry (tracemalloc, 100k chained entries; target <= 256 B) and the cost of one")
+    print("access + evict + insert vs entries, as ns and as a multiple of a plain dict doing the same at that size:")
+    print(f"{'policy':>11} {'B/entry':>8} " + " ".join(f"{'ns@' + str(n):>10} {'x dict':>6}" for n in COST_SIZES))
+    base = [op_cost_ns("dict", n) for n in COST_SIZES]
+    print(f"{'dict':>11} {'':>8} " + " ".join(f"{c:>10.0f} {1:>6.1f}" for c in base))
+    memory = {}
+    for p in names:
+        memory[p] = metadata_bytes_per_entry(p)
+        costs = [op_cost_ns(p, n) for n in COST_SIZES]
+        print(f"{p:>11} {memory[p]:>8.0f} " + " ".join(f"{c:>10.0f} {c / b:>6.1f}" for c, b in zip(costs, base)))
+    if args.json:
+        print(json.dumps(rows))
+
+
+COST_SIZES = (1_000, 10_000, 100_000)
+
+
+def summary(rows: list[dict]) -> str:
+    """Checks the issue's targets: default >= LRU everywhere; share of the LRU->Belady gap it closes where
+    that gap is largest (per trace)."""
+    by = {(r["trace"], r["capacity"], r["policy"]): r["hit_ratio"] for r in rows}
+    out = [f"\ndefault policy: {DEFAULT_POLICY}"]
+    worst = min((by[(t, c, DEFAULT_POLICY)] - by[(t, c, "lru")], t, c) for (t, c, p) in by if p == "lru")
+    out.append(f"default - LRU, worst case: {worst[0]:+.4f} ({worst[1]} @ {worst[2]})"
+               f" -> {'OK' if worst[0] >= 0 else 'BELOW LRU'}")
+    for trace in dict.fromkeys(t for (t, _, _) in by):
+        caps = [c for (t, c, p) in by if t == trace and p == "lru"]
+        cap = max(caps, key=lambda c: by[(trace, c, "belady")] - by[(trace, c, "lru")])
+        gap = by[(trace, cap, "belady")] - by[(trace, cap, "lru")]
+        gain = by[(trace, cap, DEFAULT_POLICY)] - by[(trace, cap, "lru")]
+        out.append(f"{trace}: largest LRU->Belady gap {gap:.4f} @ {cap}; default closes {gain / gap:.0%} of it"
+                   f" (target >= 25%)")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def zipf_documents(n_docs: int = 4000, n_requests: int = 12000, alpha: float = 0
 
 
 def zipf_with_scans(n_docs: int = 3000, n_requests: int = 8000, alpha: float = 0.9, max_len: int = 6,
-                    scan_every: int = 40, scan_len: int = 300, seed: int = 2) -> Trace:
+                    scan_every: int = 50, scan_len: int = 150, seed: int = 2) -> Trace:
     """Zipf documents interrupted by long one-shot prompts (``scan_len`` fresh blocks every
     ``scan_every`` requests): a policy that lets one-hit blocks flush its hot set loses here."""
     rng = random.Random(seed)
@@ -98,7 +98,7 @@ def zipf_with_scans(n_docs: int = 3000, n_requests: int = 8000, alpha: float = 0
     return trace
 
 
-def multi_turn_chats(n_conversations: int = 1500, n_system_prompts: int = 20, system_len: tuple[int, int] = (2, 8),
+def multi_turn_chats(n_conversations: int = 1000, n_system_prompts: int = 20, system_len: tuple[int, int] = (2, 8),
                      turns: tuple[int, int] = (1, 8), turn_len: tuple[int, int] = (1, 6), active: int = 60,
                      alpha: float = 1.1, seed: int = 3) -> Trace:
     """Chat sessions: each starts from a shared system prompt (Zipf-popular), then every turn resends the

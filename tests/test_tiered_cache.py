@@ -177,3 +177,14 @@ def test_relieve_drains_to_target(tmp_path):
         freed = c.relieve("host", 2 * ENTRY * 4)
         assert freed == 2 * ENTRY * 4
         assert sum(c.where(key(i)) == "disk" for i in range(4)) == 2
+
+
+def test_touch_counts_a_hit_and_refreshes_recency(tmp_path):
+    with make_cache(tmp_path, host_entries=3, disk_entries=10) as c:
+        for i in range(3):
+            c.put(key(i), tensor(i))
+        # a hit served outside the copy path (an object-store handle) still counts as the latest use of 0
+        assert c.touch(key(0)) and not c.touch(key(9))
+        c.put(key(3), tensor(3))
+        assert c.where(key(0)) == "host" and c.where(key(1)) == "disk"
+        assert c.stats()["tiers"][0]["hits"] == 1

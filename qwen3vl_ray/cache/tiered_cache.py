@@ -240,6 +240,19 @@ class TieredCache:
                 self._move(key, e, src, 0, tensor)
         return (tensor.to(device) if device is not None else tensor), tier_name
 
+    def touch(self, key: CacheKey) -> bool:
+        """Record a hit served without copying through the cache (e.g. the Ray agent hands out an object-store
+        reference): the entry's policy and idle clock see the access. False if absent."""
+        key = validate_key(key)
+        with self._lock:
+            e = self._index.get(key)
+            if e is None:
+                return False
+            e.last_access = self._clock()
+            self._counters[e.tier].hits += 1
+            self.policies[e.tier].on_access(key)
+            return True
+
     def get_many(self, keys: Sequence[CacheKey], promote: bool | None = None) -> list[torch.Tensor | None]:
         return [self.get(k, promote=promote) for k in keys]
 

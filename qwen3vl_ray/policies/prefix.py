@@ -1,4 +1,5 @@
-"""Prefix-aware eviction: leaf-first over the chain tree, by recency or by recency plus reuse.
+"""Prefix-aware eviction: leaf-first over the chain tree, by recency (``prefix-lru``) or by recency with
+first-time blocks ranked lower by an adaptive margin (``prefix-2q``).
 
 Metadata side only. KV blocks form chains (``parent`` = the previous block of the same prefix), and a
 block is only usable while every block before it is cached: a prefix hit stops at the first missing
@@ -44,7 +45,7 @@ class PrefixLRUPolicy(EvictionPolicy):
     """Leaf-first LRU over the chain tree (SGLang's radix-tree LRU).
 
     Eviction order: among entries with no cached child, the least recently used first. O(log n).
-    Subclasses change only ``_priority`` (lower = evicted sooner).
+    Subclasses change ``_priority`` (lower = evicted sooner) and use the ``_on_new`` / ``_on_gone`` hooks.
     """
 
     name = "prefix-lru"
@@ -53,17 +54,10 @@ class PrefixLRUPolicy(EvictionPolicy):
         self._nodes: dict[CacheKey, _Node] = {}
         # Children whose parent key is not (yet) here: parent key -> one _Node or a list of them.
         self._waiting: dict[CacheKey, _Node | list[_Node]] = {}
-        # One heap of leaves per segment; segment 0 is emptied first. Lazily invalidated (_is_current).
-        self._heaps: list[list[tuple[int, _Node]]] = [[] for _ in range(self.segments)]
+        self._heap: list[tuple[int, _Node]] = []  # leaves, lazily invalidated (see _is_current)
         self._clock = 0
 
     # -- priority ------------------------------------------------------------------------------------
-    segments = 1
-    """How many eviction classes; a leaf of a lower class always goes before any leaf of a higher one."""
-
-    def _segment(self, node: _Node) -> int:
-        return 0
-
     def _priority(self, node: _Node) -> int:
         return self._clock
 
@@ -75,25 +69,14 @@ class PrefixLRUPolicy(EvictionPolicy):
 
     # -- heap ----------------------------------------------------------------------------------------
     def _push(self, node: _Node) -> None:
-        heap = self._heaps[self._segment(node)]
-        heapq.heappush(heap, (node.prio, node))
-        if len(heap) > 2 * len(self._nodes) + 64:
+        heapq.heappush(self._heap, (node.prio, node))
+        if len(self._heap) > 2 * len(self._nodes) + 64:
             self._rebuild()
 
     def _rebuild(self) -> None:
-        heaps: list[list[tuple[int, _Node]]] = [[] for _ in range(self.segments)]
-        for n in self._nodes.values():
-            if n.children == 0:
-                heaps[self._segment(n)].append((n.prio, n))
-        for h in heaps:
-            heapq.heapify(h)
-        self._heaps = heaps
-
-    def _next_heap(self) -> list[tuple[int, _Node]] | None:
-        for heap in self._heaps:
-            if heap:
-                return heap
-        return None
+        # Stale entries (older priorities, removed or interior nodes) outnumber live ones: start over.
+        self._heap = [(n.prio, n) for n in self._nodes.values() if n.children == 0]
+        heapq.heapify(self._heap)
 
     def _is_current(self, prio: int, node: _Node) -> bool:
         return node.children == 0 and node.prio == prio and self._nodes.get(node.key) is node
@@ -174,15 +157,15 @@ class PrefixLRUPolicy(EvictionPolicy):
         kept: list[tuple[int, _Node]] = []
         yielded: set[CacheKey] = set()
         try:
-            while (heap := self._next_heap()) is not None:  # re-read: a rebuild may swap the heaps
-                prio, node = heapq.heappop(heap)
+            while self._heap:  # re-read each time: a rebuild during a yield replaces the list
+                prio, node = heapq.heappop(self._heap)
                 if not self._is_current(prio, node) or node.key in yielded:
                     continue
                 kept.append((prio, node))
                 if evictable(node.key):
                     yielded.add(node.key)
                     yield node.key
-            rest = sorted((n for n in self._nodes.values() if n.children > 0), key=lambda n: (self._segment(n), n.prio))
+            rest = sorted((n for n in self._nodes.values() if n.children > 0), key=lambda n: n.prio)
             for node in rest:
                 if self._nodes.get(node.key) is node and node.key not in yielded and evictable(node.key):
                     yielded.add(node.key)
@@ -190,7 +173,7 @@ class PrefixLRUPolicy(EvictionPolicy):
         finally:
             for prio, node in kept:
                 if self._is_current(prio, node):
-                    heapq.heappush(self._heaps[self._segment(node)], (prio, node))
+                    heapq.heappush(self._heap, (prio, node))
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -200,42 +183,55 @@ class PrefixLRUPolicy(EvictionPolicy):
 
 
 class Prefix2QPolicy(PrefixLRUPolicy):
-    """Leaf-first 2Q: blocks seen for the first time are evicted before blocks that came back.
+    """Leaf-first LRU in which blocks seen for the first time count as older, by an adaptive margin.
 
-    2Q (Johnson & Shasha, VLDB 1994) keeps first-time entries in a probation queue (A1in), remembers the
-    keys it dropped from there (A1out), and lets only a key found in A1out, or hit while on probation,
-    into the main LRU queue (Am). Two changes for prefix KV:
+    Most first-time KV blocks are one-shot prompts (58% of the Mooncake trace's blocks are never used
+    again), and each long one-shot prompt flushes an LRU of the chains that do come back. The idea is 2Q's
+    (Johnson & Shasha, VLDB 1994): a first-time entry stays on probation and only an entry that comes back
+    earns a full place. Three changes for prefix KV:
 
-    - The A1out ghost list is TinyLFU's doorkeeper (``Doorkeeper``): a Bloom filter over the last
-      ``window_factor`` x entries .. twice that many misses, a few bytes per cached entry instead of a key
-      per ghost. Real KV reuse comes back after minutes (on the Mooncake trace the median first reuse of
-      a block is ~440 requests later, far beyond what an LRU of a few thousand blocks keeps), so a long,
-      cheap memory of "seen before" matters more than an exact one.
-    - Probation leaves always go before main leaves (A1in of minimal size). Most first-time blocks are
-      one-shot prompts (58% of the Mooncake trace's blocks are never used again); dropping them first
-      stops each long one-shot prompt from flushing the chains that do come back. Within each class the
-      order is leaf-first LRU (``PrefixLRUPolicy``), so a kept chain is always a usable prefix.
+    - "Came back" is asked of TinyLFU's doorkeeper (``Doorkeeper``; Einziger et al., ACM ToS 2017), a
+      Bloom filter over the last ``window_factor`` x entries .. twice that many misses: a few bytes per
+      entry instead of 2Q's ghost list of keys, and a memory long enough for KV reuse, which returns
+      after minutes (on the Mooncake trace a block's first reuse comes a median ~560 requests later).
+    - Probation is soft: a first-time entry is ranked as if last used ``penalty`` x entries accesses
+      earlier than it was (strict 2Q-style "probation first" lost up to 14 points of hit ratio on multi-turn
+      chats, whose new tail blocks are reused one turn later).
+    - ``penalty`` adapts, ARC-style (Megiddo & Modha, FAST 2003): a hit on a first-time entry says new
+      blocks do get reused soon and lowers it; the re-insert of a block the doorkeeper has seen says the
+      cache dropped something that came back and raises it; it stays in [0, ``max_penalty``]. At 0 the
+      policy is exactly leaf-first LRU.
 
-    Measured by ``python -m benchmarks.policy`` against LRU and Belady on the Mooncake trace and on
-    synthetic Zipf / scan / multi-turn traces; see the README performance section.
+    Order within that ranking is leaf-first (``PrefixLRUPolicy``), so a kept chain is always a usable
+    prefix. ``python -m benchmarks.policy`` compares it with LRU and Belady on the Mooncake trace and on
+    synthetic Zipf / scan / multi-turn traces.
     """
 
     name = "prefix-2q"
-    segments = 2  # 0: probation (first-time, never hit), 1: main
 
-    def __init__(self, window_factor: float = 4.0) -> None:
+    def __init__(self, window_factor: float = 4.0, penalty: float = 0.5, max_penalty: float = 1.0,
+                 step: float = 1.0) -> None:
         if not window_factor > 0:
             raise ValueError(f"window_factor must be > 0 (multiple of the entry count), got {window_factor}")
+        if not 0.0 <= penalty <= max_penalty:
+            raise ValueError(f"need 0 <= penalty <= max_penalty, got penalty={penalty}, max_penalty={max_penalty}")
+        if not step >= 0:
+            raise ValueError(f"step must be >= 0 (entries of penalty per event), got {step}")
         super().__init__()
         self._window_factor = window_factor
+        self.penalty = penalty
+        self._max_penalty = max_penalty
+        self._step = step
         self._doorkeeper = Doorkeeper(self._window())
         self._miss: tuple[CacheKey, bool] | None = None  # (key, seen before) from the latest on_miss
 
     def _window(self) -> int:
         return max(1024, int(self._window_factor * len(self._nodes)))
 
-    def _segment(self, node: _Node) -> int:
-        return 1 if node.hits else 0
+    def _priority(self, node: _Node) -> int:
+        if node.hits:
+            return self._clock
+        return self._clock - int(self.penalty * len(self._nodes))
 
     def on_miss(self, key: CacheKey) -> None:
         self._miss = (key, self._doorkeeper.seen_then_add(key, self._window()))
@@ -246,9 +242,18 @@ class Prefix2QPolicy(PrefixLRUPolicy):
             seen = miss[1]
         else:  # inserted without a reported miss (demotion from the tier above, a plain put)
             seen = self._doorkeeper.seen_then_add(node.key, self._window())
+        # hits doubles as the class: 0 = first time (on probation), >= 1 = came back or was hit.
         node.hits = 1 if seen else 0
+        if seen:
+            self.penalty = min(self._max_penalty, self.penalty + self._step / len(self._nodes))
+
+    def on_access(self, key: CacheKey) -> None:
+        node = self._nodes.get(key)
+        if node is not None and node.hits == 0:
+            self.penalty = max(0.0, self.penalty - self._step / len(self._nodes))
+        super().on_access(key)
 
     @property
-    def metadata_nbytes(self) -> int:
-        """Bytes of the doorkeeper's bit arrays (the per-entry objects are measured by tracemalloc)."""
+    def doorkeeper_nbytes(self) -> int:
+        """Bytes of the doorkeeper's bit arrays."""
         return self._doorkeeper.nbytes

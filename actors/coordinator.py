@@ -1,0 +1,456 @@
+"""Coordinator: the cluster directory, global tiering policies, request routing and admission control.
+
+``CoordinatorLogic`` is plain Python driving agents through "ports" (objects with the agent's methods:
+``NodeAgentLogic`` itself in tests, a ``RayAgentPort`` over an actor handle in the service). The
+``Coordinator`` actor adds what needs Ray: following ``ray.nodes()`` (nodes that join get an agent, dead
+nodes' entries are forgotten), the periodic policy loop, and rebuilding its state after a restart.
+
+Metadata side only; chunks never pass through the coordinator (migrations hand ObjectRefs from agent to agent).
+Every decision is logged at debug level and counted in ``qwen3vl_ray_coordinator_actions{action=...}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from actors.config import NAMESPACE, AgentConfig, CoordinatorConfig
+from actors.directory import Directory, tier_code
+from actors.metrics import Metrics
+from qwen3vl_ray.errors import CapacityError
+from qwen3vl_ray.keys import CacheKey
+
+logger = logging.getLogger(__name__)
+
+COORDINATOR_NAME = "qwen3vl_ray_coordinator"
+WORKER_PREFIX = "qwen3vl_ray_worker_"
+
+
+class ClusterSaturatedError(CapacityError):
+    """New sessions cannot be admitted: the cluster's reserved bytes are at the admission limit."""
+
+
+@dataclass(slots=True)
+class WorkerState:
+    node_id: str
+    inflight: int = 0
+    available: bool = True
+
+
+class CoordinatorLogic:
+    """Thread-safe (one lock); agent calls made during a pass happen under it, routing waits meanwhile."""
+
+    def __init__(self, config: CoordinatorConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else Metrics("coordinator")
+        self.directory = Directory()
+        self.agents: dict[str, Any] = {}
+        self.epochs: dict[str, str] = {}
+        self.reports: dict[str, dict] = {}
+        self.workers: dict[str, WorkerState] = {}
+        self.reserved: dict[str, int] = {}
+        self._lock = threading.RLock()
+        self._room = threading.Condition(self._lock)
+
+    def _decide(self, action: str, node: str = "", tier: str = "all", n: int = 1, **detail: Any) -> dict:
+        logger.debug("decision %s node=%s tier=%s n=%d %s", action, node[:12], tier, n, detail)
+        self.metrics.inc("qwen3vl_ray_coordinator_actions", n, action=action, node=node, tier=tier)
+        return {"action": action, "node": node, "tier": tier, "n": n, **detail}
+
+    # -- agents and the directory ----------------------------------------------------------------
+    def add_agent(self, node_id: str, port: Any) -> None:
+        with self._lock:
+            self.agents[node_id] = port
+            self.resync(node_id)
+
+    def remove_agent(self, node_id: str) -> int:
+        """Forget a node (dead or removed): its entries become misses. Returns how many were forgotten."""
+        with self._lock:
+            self.agents.pop(node_id, None)
+            self.epochs.pop(node_id, None)
+            self.reports.pop(node_id, None)
+            for st in self.workers.values():
+                if st.node_id == node_id:
+                    st.available = False
+            n = self.directory.forget_node(node_id)
+            self._decide("forget_node", node_id, n=n)
+            return n
+
+    def resync(self, node_id: str) -> None:
+        """Rebuild one node's part of the directory from its agent's snapshot."""
+        snap = self.agents[node_id].snapshot()
+        self.directory.forget_node(node_id)
+        self.directory.apply_events(node_id, ((k, c, True) for k, c in snap["entries"]))
+        self.epochs[node_id] = snap["epoch"]
+        self._decide("resync", node_id, n=len(snap["entries"]))
+
+    def sync_journals(self) -> None:
+        """Apply each agent's journal; an agent with a new epoch (restarted) or an overflowed journal is
+        resynced from a snapshot, so entries it lost become misses."""
+        with self._lock:
+            for node_id, port in list(self.agents.items()):
+                try:
+                    j = port.drain_journal()
+                except Exception:
+                    logger.warning("agent %s unreachable during journal sync", node_id[:12], exc_info=True)
+                    continue
+                if j["epoch"] != self.epochs.get(node_id) or j["overflow"]:
+                    self.resync(node_id)
+                else:
+                    self.directory.apply_events(node_id, j["events"])
+
+    def record(self, node_id: str, keys: Sequence[CacheKey], tiers: Sequence[str | None]) -> None:
+        """A worker reports where its new chunks landed (so routing sees them before the next journal sync)."""
+        with self._lock:
+            if node_id not in self.agents:
+                return
+            for tier in ("host", "disk"):
+                self.directory.set_many(node_id, [k for k, t in zip(keys, tiers) if t == tier], tier)
+
+    def lookup(self, keys: Sequence[CacheKey]) -> list[tuple[str, str] | None]:
+        with self._lock:
+            return self.directory.get_many(keys)
+
+    # -- routing --------------------------------------------------------------------------------
+    def register_worker(self, worker_id: str, node_id: str) -> None:
+        with self._lock:
+            self.workers[worker_id] = WorkerState(node_id)
+            self._decide("register_worker", node_id, worker=worker_id)
+
+    def worker_failed(self, worker_id: str) -> None:
+        with self._lock:
+            st = self.workers.get(worker_id)
+            if st is not None:
+                st.available = False
+                st.inflight = 0
+                self._decide("worker_failed", st.node_id, worker=worker_id)
+
+    def route(self, keys: Sequence[CacheKey], exclude: Iterable[str] = ()) -> dict:
+        """The worker whose node holds the most of the request's cached prefix, minus a load penalty."""
+        exclude = set(exclude)
+        with self._lock:
+            prefix_nodes = self.directory.longest_prefix(keys)
+            best, best_score = None, None
+            for wid in sorted(self.workers):
+                st = self.workers[wid]
+                if not st.available or wid in exclude or st.node_id not in self.agents:
+                    continue
+                local = sum(1 for n in prefix_nodes if n == st.node_id)
+                score = (local - self.config.load_weight * st.inflight, -st.inflight)
+                if best_score is None or score > best_score:
+                    best, best_score = wid, score
+            if best is None:
+                raise RuntimeError(f"no available worker (registered: {sorted(self.workers)}, excluded: {sorted(exclude)})")
+            st = self.workers[best]
+            st.inflight += 1
+            local = sum(1 for n in prefix_nodes if n == st.node_id)
+            self.metrics.inc("qwen3vl_ray_coordinator_actions", action="route", node=st.node_id)
+            return {"worker": best, "node": st.node_id, "cached_chunks": len(prefix_nodes), "local_chunks": local}
+
+    def done(self, worker_id: str) -> None:
+        with self._lock:
+            st = self.workers.get(worker_id)
+            if st is not None and st.inflight > 0:
+                st.inflight -= 1
+
+    # -- placement and admission --------------------------------------------------------------------
+    def place(self, node_id: str, nbytes: int) -> str:
+        """Where new entries from ``node_id`` should go: home while its host tier stays under the high
+        watermark, else the node with the most host room, else home (its own cache demotes to disk)."""
+        with self._lock:
+            def room(n: str) -> float:
+                h = self.reports.get(n, {}).get("tiers", {}).get("host")
+                return -1.0 if h is None else h["high"] * h["capacity"] - h["used"]
+
+            if not self.config.placement or room(node_id) >= nbytes or node_id not in self.agents:
+                return node_id
+            other = max((n for n in self.agents if n != node_id), key=room, default=None)
+            if other is not None and room(other) >= nbytes:
+                self.reports[other]["tiers"]["host"]["used"] += nbytes  # until the next pressure report
+                self._decide("place_remote", other, tier="host", nbytes=nbytes, home=node_id)
+                return other
+            return node_id
+
+    def total_budget(self) -> int:
+        return sum(t["capacity"] for r in self.reports.values() for t in r["tiers"].values())
+
+    def admit(self, session_id: str, nbytes: int) -> dict:
+        """Reserve ``nbytes`` for a new session, or queue/reject it when the cluster is saturated.
+        Raises :class:`ClusterSaturatedError` naming the numbers; never lets sessions overcommit memory."""
+        if nbytes < 0:
+            raise ValueError(f"session bytes must be >= 0, got {nbytes}")
+        deadline = time.monotonic() + (self.config.admission_timeout_s if self.config.admission_mode == "queue" else 0)
+        with self._room:
+            while True:
+                limit = self.config.admission_limit * self.total_budget()
+                used = sum(self.reserved.values())
+                if used + nbytes <= limit:
+                    self.reserved[session_id] = self.reserved.get(session_id, 0) + nbytes
+                    self.metrics.inc("qwen3vl_ray_admissions", result="admitted")
+                    return {"admitted": True, "reserved": used + nbytes, "limit": int(limit)}
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.metrics.inc("qwen3vl_ray_admissions", result="rejected")
+                    self._decide("reject_session", session=session_id, nbytes=nbytes)
+                    raise ClusterSaturatedError(
+                        f"cluster saturated: session {session_id!r} needs {nbytes} B but {used} of "
+                        f"{int(limit)} B admissible are reserved (admission_limit={self.config.admission_limit} x "
+                        f"{self.total_budget()} B of tier budgets); retry later or add nodes")
+                self.metrics.inc("qwen3vl_ray_admissions", result="queued")
+                self._room.wait(timeout=left)
+
+    def release(self, session_id: str) -> None:
+        with self._room:
+            if self.reserved.pop(session_id, None) is not None:
+                self._room.notify_all()
+
+    # -- global policy pass ---------------------------------------------------------------------
+    def policy_pass(self) -> list[dict]:
+        """Read every agent's pressure and apply the global policies. Returns the decisions made."""
+        cfg = self.config
+        decisions: list[dict] = []
+        with self._lock:
+            self.sync_journals()
+            for node_id, port in list(self.agents.items()):
+                try:
+                    self.reports[node_id] = port.pressure()
+                except Exception:
+                    logger.warning("agent %s unreachable for pressure", node_id[:12], exc_info=True)
+                    self.reports.pop(node_id, None)
+            for node_id, rep in list(self.reports.items()):
+                try:
+                    decisions += self._relieve_host(node_id, rep)
+                except Exception:  # one unreachable agent must not stop the others' policies
+                    logger.warning("host relief on %s failed", node_id[:12], exc_info=True)
+            if cfg.cluster_eviction:
+                decisions += self._evict_by_value()
+            self.sync_journals()
+            for node_id in self.agents:  # refresh reports after the moves (placement and admission read them)
+                try:
+                    self.reports[node_id] = self.agents[node_id].pressure()
+                except Exception:
+                    logger.debug("pressure refresh failed for %s", node_id[:12], exc_info=True)
+            self._room.notify_all()
+        return decisions
+
+    def _relieve_host(self, node_id: str, rep: dict) -> list[dict]:
+        """A node's host tier above its high watermark: re-encode cold entries with the stronger codec first,
+        then demote the coldest to the node's disk, down to the low watermark."""
+        cfg = self.config
+        decisions: list[dict] = []
+        port = self.agents[node_id]
+        host = rep["tiers"].get("host")
+        if host is None or (host["used"] <= host["high"] * host["capacity"] and not host.get("system")):
+            return decisions
+        need = host["used"] - host["low"] * host["capacity"]
+        if cfg.recompress_codec and cfg.recompress_max_per_pass:
+            res = port.recompress(port.cold_keys("host", cfg.recompress_max_per_pass), cfg.recompress_codec, int(need))
+            if res["entries"]:
+                decisions.append(self._decide("recompress", node_id, "host", res["entries"], bytes=res["bytes"],
+                                              codec=cfg.recompress_codec))
+                need -= res["bytes"]
+        if need > 0 and cfg.demote_cold and "disk" in rep["tiers"]:
+            res = port.demote_cold(int(need))
+            if res["entries"]:
+                decisions.append(self._decide("demote", node_id, "host", res["entries"], bytes=res["bytes"]))
+        return decisions
+
+    def _evict_by_value(self) -> list[dict]:
+        """For the bottom tier of each node (disk, or host without disk): when a node is above its high
+        watermark or the cluster's total is, drop the lowest-value entries of the whole cluster first
+        (value = recompute seconds saved per byte x reuse likelihood), until each pressured node and the
+        total are back at the low watermark."""
+        decisions: list[dict] = []
+        for n, port in self.agents.items():  # fresh numbers: the demotions above moved bytes
+            try:
+                self.reports[n] = port.pressure()
+            except Exception:
+                logger.warning("agent %s unreachable for pressure", n[:12], exc_info=True)
+                self.reports.pop(n, None)
+        bottom = {n: ("disk" if "disk" in r["tiers"] else "host") for n, r in self.reports.items()}
+        need: dict[str, float] = {}
+        used = cap = 0.0
+        for n, r in self.reports.items():
+            t = r["tiers"][bottom[n]]
+            used += t["used"]
+            cap += t["capacity"]
+            if t["used"] > t["high"] * t["capacity"]:
+                need[n] = t["used"] - t["low"] * t["capacity"]
+        any_r = next(iter(self.reports.values()), None)
+        cluster_need = 0.0
+        if any_r is not None:
+            t0 = any_r["tiers"][bottom[next(iter(self.reports))]]
+            if used > t0["high"] * cap:
+                cluster_need = used - t0["low"] * cap
+        if not need and cluster_need <= 0:
+            return decisions
+        cands = []
+        for n in self.reports:
+            try:
+                for key, nbytes, value in self.agents[n].candidates(bottom[n], 256, self.config.recompute_s_per_mib):
+                    cands.append((value, n, key, nbytes))
+            except Exception:
+                logger.warning("agent %s unreachable for candidates", n[:12], exc_info=True)
+        cands.sort(key=lambda c: c[0])
+        doomed: dict[str, list] = {}
+        for value, n, key, nbytes in cands:
+            if need.get(n, 0) <= 0 and cluster_need <= 0:
+                continue
+            doomed.setdefault(n, []).append(key)
+            need[n] = need.get(n, 0) - nbytes
+            cluster_need -= nbytes
+        for n, keys in doomed.items():
+            try:
+                got = self.agents[n].evict(keys)
+            except Exception:
+                logger.warning("eviction on %s failed", n[:12], exc_info=True)
+                continue
+            self.directory.remove_many(n, keys)
+            decisions.append(self._decide("evict_by_value", n, bottom[n], got))
+        return decisions
+
+    def state(self) -> dict:
+        with self._lock:
+            return {"nodes": sorted(self.agents), "entries": len(self.directory),
+                    "by_node": self.directory.count_by_node(),
+                    "workers": {w: {"node": s.node_id, "inflight": s.inflight, "available": s.available}
+                                for w, s in self.workers.items()},
+                    "reserved": sum(self.reserved.values()), "budget": self.total_budget()}
+
+
+class RayAgentPort:
+    """Calls an agent actor synchronously, so the logic can treat it like a local object."""
+
+    def __init__(self, handle: Any, timeout_s: float = 30.0) -> None:
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    def __getattr__(self, name: str):
+        import ray
+
+        method = getattr(self.handle, name)
+        return lambda *args: ray.get(method.remote(*args), timeout=self.timeout_s)
+
+
+class Coordinator:
+    """Ray actor: the logic plus node tracking, the periodic loop and state rebuild after a restart."""
+
+    def __init__(self, config: CoordinatorConfig, agent_config: AgentConfig) -> None:
+        from actors.metrics import RayMetrics
+
+        logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_LOG", "INFO"))
+        self.logic = CoordinatorLogic(config, RayMetrics("coordinator"))
+        self.agent_config = agent_config
+        self.handles: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self.sync_nodes()
+        self._rebuild_workers()
+        self.logic.policy_pass()
+        if config.period_s > 0:
+            threading.Thread(target=self._loop, name="qwen3vl-ray-policy", daemon=True).start()
+
+    def _loop(self) -> None:
+        last_sync = time.monotonic()
+        while not self._stop.wait(self.logic.config.period_s):
+            try:
+                if time.monotonic() - last_sync >= self.logic.config.node_sync_period_s:
+                    self.sync_nodes()
+                    last_sync = time.monotonic()
+                self.logic.policy_pass()
+            except Exception:  # the loop must survive a bad pass; the next one retries
+                logger.warning("policy pass failed", exc_info=True)
+
+    def sync_nodes(self) -> dict:
+        """One agent per alive node; agents of dead nodes are killed and their entries forgotten."""
+        import ray
+
+        from actors.node_agent import get_or_create_agent
+
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        added, removed = [], []
+        for node_id in sorted(alive - set(self.handles)):
+            handle = get_or_create_agent(node_id, self.agent_config)
+            try:
+                ray.get(handle.ping.remote(), timeout=60)
+            except Exception:
+                logger.warning("agent on %s did not come up; retry on next sync", node_id[:12], exc_info=True)
+                continue
+            self.handles[node_id] = handle
+            self.logic.add_agent(node_id, RayAgentPort(handle))
+            added.append(node_id)
+        for node_id in sorted(set(self.handles) - alive):
+            handle = self.handles.pop(node_id)
+            self.logic.remove_agent(node_id)
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:
+                logger.debug("kill of agent on dead node %s failed", node_id[:12], exc_info=True)
+            removed.append(node_id)
+        return {"added": added, "removed": removed, "nodes": sorted(self.handles)}
+
+    def _rebuild_workers(self) -> None:
+        import ray
+
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry.get("namespace") != NAMESPACE or not entry["name"].startswith(WORKER_PREFIX):
+                continue
+            try:
+                h = ray.get_actor(entry["name"], namespace=NAMESPACE)
+                self.logic.register_worker(entry["name"], ray.get(h.node_id.remote(), timeout=10))
+            except Exception:
+                logger.info("worker %s not reachable while rebuilding; it registers when back", entry["name"])
+
+    # thin delegation
+    def policy_pass(self):
+        return self.logic.policy_pass()
+
+    def route(self, keys, exclude=()):
+        return self.logic.route(keys, exclude)
+
+    def done(self, worker_id):
+        return self.logic.done(worker_id)
+
+    def lookup(self, keys):
+        return self.logic.lookup(keys)
+
+    def record(self, node_id, keys, tiers):
+        return self.logic.record(node_id, keys, tiers)
+
+    def place(self, node_id, nbytes):
+        return self.logic.place(node_id, nbytes)
+
+    def admit(self, session_id, nbytes):
+        return self.logic.admit(session_id, nbytes)
+
+    def release(self, session_id):
+        return self.logic.release(session_id)
+
+    def register_worker(self, worker_id, node_id):
+        return self.logic.register_worker(worker_id, node_id)
+
+    def worker_failed(self, worker_id):
+        return self.logic.worker_failed(worker_id)
+
+    def state(self):
+        return self.logic.state()
+
+    def stop(self):
+        self._stop.set()
+
+    def pid(self):
+        return os.getpid()
+
+
+def coordinator_options() -> dict:
+    return dict(name=COORDINATOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                max_restarts=-1, max_task_retries=-1, num_cpus=0, max_concurrency=16)
+
+
+def get_or_create_coordinator(config: CoordinatorConfig, agent_config: AgentConfig):
+    import ray
+
+    return ray.remote(Coordinator).options(**coordinator_options()).remote(config, agent_config)

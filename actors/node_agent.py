@@ -1,0 +1,464 @@
+"""Node agent: the one process per node that owns the node's host tier (Ray object store) and disk tier.
+
+``NodeAgentLogic`` holds everything and runs without Ray (inject a :class:`LocalObjectStore`); the
+``NodeAgent`` actor is a thin wrapper. Data side: the agent stores and serves chunks; metadata it keeps for the
+coordinator's policies: per-entry access stats (coldness, value), pressure, and a journal of where entries
+come and go (``drain_journal``) so the cluster directory follows the moves without scanning.
+
+Reads hand out handles, not bytes: ``get_chunks`` returns the ObjectRef of each host entry (promoting disk
+hits into the host tier first), so a worker on this node reads it zero-copy and a worker on another node
+pulls it through Ray's object transfer (cross-node hit). Restart semantics: host entries die with the agent
+(misses afterwards); the disk tier reopens its directory and serves its entries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from actors.config import NAMESPACE, AgentConfig
+from actors.directory import TIER_CODES
+from actors.journal import Journal, JournalingTier
+from actors.metrics import Metrics
+from actors.object_store_tier import (RAW, LocalObjectStore, ObjectStore, ObjectStoreTier, array_to_tensor, slice_of,
+                                      tensor_to_array)
+from qwen3vl_ray.codecs.base import decode
+from qwen3vl_ray.keys import CacheKey, Namespace, validate_key
+
+logger = logging.getLogger(__name__)
+
+AGENT_PREFIX = "qwen3vl_ray_agent_"
+_NODE_ID_RE = re.compile(r"^[0-9a-f]{16,128}$")
+#: Namespace of the agent's own tiers (keys are already namespaced by their producers).
+AGENT_NAMESPACE = Namespace(model="qwen3vl_ray-node-agent", dtype="any", layout="chunks")
+REUSE_HALF_LIFE_S = 300.0
+
+
+def agent_name(node_id: str) -> str:
+    return AGENT_PREFIX + check_node_id(node_id)
+
+
+def check_node_id(node_id: str) -> str:
+    """Node ids become actor names and directory names: only hex is accepted."""
+    if not isinstance(node_id, str) or not _NODE_ID_RE.match(node_id):
+        raise ValueError(f"node id must be 16-128 lowercase hex characters, got {node_id!r}")
+    return node_id
+
+
+@dataclass(slots=True)
+class ChunkRef:
+    """Where a chunk can be read: a store handle (ObjectRef under Ray) plus how to decode it."""
+
+    handle: Any  # the slab holding the chunk
+    index: int  # position in the slab
+    nbytes: int
+    codec: str  # RAW or a codec spec
+    dtype: str
+    shape: tuple[int, ...]
+    tier: str  # tier it was found in on the agent ("host" or "disk")
+
+
+def materialize(refs: Sequence[ChunkRef | None], store: ObjectStore) -> list[torch.Tensor | None]:
+    """Read many chunks with one batched store read of their slabs (zero-copy views; each slab once) and
+    copy each chunk out into a tensor."""
+    handles: dict[Any, Any] = {}
+    for r in refs:
+        if r is not None:
+            handles.setdefault(_handle_id(r.handle), r.handle)
+    arrays = dict(zip(handles, store.get_many(list(handles.values()))))
+    out: list[torch.Tensor | None] = []
+    for r in refs:
+        if r is None:
+            out.append(None)
+            continue
+        arr = slice_of(arrays[_handle_id(r.handle)], r.index, r.nbytes)
+        out.append(array_to_tensor(arr, r.dtype, r.shape) if r.codec == RAW else decode(arr))
+    return out
+
+
+def _handle_id(handle: Any) -> Any:
+    # ObjectRefs hash by object id; LocalObjectStore handles are arrays (identity)
+    return handle if hasattr(handle, "binary") else id(handle)
+
+
+def as_tensor(x: Any) -> torch.Tensor:
+    """Chunks arrive as tensors or as (array, dtype name) pairs (bf16 travels as an int16 view)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, tuple) and len(x) == 2:
+        arr, dtype = x
+        with warnings.catch_warnings():  # read-only arrays from the object store; never written
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(np.asarray(arr))
+        from qwen3vl_ray.codecs.base import dtype_from_name
+
+        want = dtype_from_name(dtype)
+        return t.view(want) if t.dtype != want else t
+    if isinstance(x, np.ndarray):
+        return as_tensor((x, str(torch.from_numpy(np.zeros(0, x.dtype)).dtype).removeprefix("torch.")))
+    raise TypeError(f"a chunk must be a torch.Tensor or (numpy array, dtype name), got {type(x).__name__}")
+
+
+def to_wire(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """The form a chunk crosses process boundaries in: a numpy view (zero-copy through Ray) + dtype."""
+    return tensor_to_array(t), str(t.dtype).removeprefix("torch.")
+
+
+def node_disk_dir(config: AgentConfig, node_id: str) -> str:
+    """Per-node disk directory, so nodes of a one-machine test cluster never share files."""
+    return os.path.join(config.disk_dir, f"node-{check_node_id(node_id)}")
+
+
+def build_node_cache(node_id: str, config: AgentConfig, host: JournalingTier, journal: Journal):
+    """Compose the node's tiers with the core TieredCache: the object-store host tier (injected) over the core
+    DiskTier (its index is rebuilt from its files on open, so a restarted agent serves them again)."""
+    from qwen3vl_ray.cache import CacheConfig, TieredCache
+    from qwen3vl_ray.tiers.config import TierConfig
+    from qwen3vl_ray.tiers.factory import make_tier
+
+    cfgs = [TierConfig("host", config.host_bytes, codec=config.host_codec, high_watermark=config.high_watermark,
+                       low_watermark=config.low_watermark)]
+    tiers = [host]
+    disk = None
+    if config.disk_bytes:
+        dcfg = TierConfig("disk", config.disk_bytes, codec=config.disk_codec, path=node_disk_dir(config, node_id),
+                          fsync=config.disk_fsync, high_watermark=config.high_watermark,
+                          low_watermark=config.low_watermark)
+        disk = JournalingTier(make_tier(dcfg, AGENT_NAMESPACE), journal)
+        cfgs.append(dcfg)
+        tiers.append(disk)
+    # prefetch_threads=0: the agent runs one call at a time; promotions happen inside get_chunks
+    cache = TieredCache(CacheConfig(tiers=cfgs, policy=config.policy, namespace=AGENT_NAMESPACE, prefetch_threads=0),
+                        tiers=tiers)
+    return cache, disk
+
+
+class NodeAgentLogic:
+    """All of a node agent's behaviour. Not thread-safe: the actor runs one call at a time."""
+
+    def __init__(self, node_id: str, config: AgentConfig, store: ObjectStore | None = None,
+                 metrics: Metrics | None = None, cache_factory=build_node_cache) -> None:
+        self.node_id = check_node_id(node_id)
+        self.config = config
+        self.epoch = uuid.uuid4().hex  # changes on every (re)start: the coordinator resyncs on a new epoch
+        self.store = store if store is not None else LocalObjectStore()
+        self.metrics = metrics if metrics is not None else Metrics(node_id)
+        self.journal = Journal()
+        self.host = JournalingTier(ObjectStoreTier(config.host_bytes, config.host_codec, self.store), self.journal)
+        self.cache, self.disk = cache_factory(node_id, config, self.host, self.journal)
+        from qwen3vl_ray.cache.pressure import PressureConfig, PressureMonitor
+
+        self.monitor = PressureMonitor(self.cache, PressureConfig(min_interval_s=0))
+        # key -> [hits, last access (monotonic s), logical bytes]; drives coldness and value
+        self._info: dict[bytes, list] = {}
+        if self.disk is not None:
+            for k in self.disk.keys():  # entries found on disk after a restart: cold, unknown reuse
+                self._info[k] = [0, 0.0, self.disk.entry_nbytes(k) or 0]
+        logger.info("node agent %s up (epoch %s): host %d B, disk %d B with %d entries", node_id[:12], self.epoch[:8],
+                    config.host_bytes, config.disk_bytes, 0 if self.disk is None else len(self.disk))
+
+    # -- writes --------------------------------------------------------------------------------
+    def put_chunks(self, items: Sequence[tuple[CacheKey, Any, CacheKey | None]]) -> list[str | None]:
+        """Store many chunks. The batch is made room for in the host tier (the cache demotes victims to disk)
+        and put into the object store as one slab; the cache then commits each chunk (index, policy).
+        Returns the tier each chunk is in afterwards, or None if it was not stored."""
+        now = time.monotonic()
+        batch = []
+        for key, chunk, parent in items:
+            t = as_tensor(chunk)
+            batch.append((validate_key(key), t, parent))
+            self._info[key] = [0, now, t.numel() * t.element_size()]
+        inner = self.host.inner
+        total = min(sum(t.numel() * t.element_size() for _, t, _ in batch), inner.capacity_bytes)
+        if inner.free_bytes < total:
+            self.cache.relieve("host", inner.capacity_bytes - total)
+        try:
+            inner.stage_many([(k, t) for k, t, _ in batch])
+            oks = self.cache.put_many(batch)
+        finally:
+            inner.unstage_all()
+        where = [self._where(k) if ok else None for (k, _, _), ok in zip(batch, oks)]
+        for (k, t, _), w in zip(batch, where):
+            if w is None:
+                self._info.pop(k, None)
+            else:
+                self.metrics.inc("qwen3vl_ray_swap_bytes_in", t.numel() * t.element_size(), tier=w)
+        return where
+
+    def put_refs(self, refs: Sequence[tuple[CacheKey, ChunkRef, CacheKey | None]]) -> list[str | None]:
+        """Take chunks another agent holds (migration/placement): read them through the store, store here."""
+        tensors = materialize([r for _, r, _ in refs], self.store)
+        return self.put_chunks([(k, t, p) for (k, _, p), t in zip(refs, tensors)])
+
+    def remove_many(self, keys: Sequence[CacheKey]) -> list[bool]:
+        out = []
+        for k in keys:
+            out.append(bool(self.cache.remove(k)))
+            self._info.pop(k, None)
+        return out
+
+    # -- reads ---------------------------------------------------------------------------------
+    def _where(self, key: CacheKey) -> str | None:
+        if self.host.contains(key):
+            return "host"
+        if self.disk is not None and self.disk.contains(key):
+            return "disk"
+        return None
+
+    def contains_many(self, keys: Sequence[CacheKey]) -> list[str | None]:
+        return [self._where(k) for k in keys]
+
+    def get_chunks(self, keys: Sequence[CacheKey]) -> list[ChunkRef | None]:
+        """Handles for many chunks in one call. Disk hits are promoted into the host tier first (or, if the
+        host tier has no room, put as a transient object that lives while the caller holds its handle)."""
+        now = time.monotonic()
+        out: list[ChunkRef | None] = []
+        for key in keys:
+            tier = self._where(key)
+            if tier is None:
+                self.metrics.inc("qwen3vl_ray_misses")
+                out.append(None)
+                continue
+            if tier == "disk":
+                t = self.cache.get(key, promote=True)
+                if t is None:  # corrupt or raced away: a miss, never an error
+                    self.metrics.inc("qwen3vl_ray_misses")
+                    out.append(None)
+                    continue
+                if self.host.contains(key):
+                    self.metrics.inc("qwen3vl_ray_promotions", tier="host")
+                e = self.host.entry(key)
+                if e is None:
+                    arr, dtype = to_wire(t)
+                    out.append(ChunkRef(self.store.put(arr), 0, arr.nbytes, RAW, dtype, tuple(t.shape), "disk"))
+                else:
+                    out.append(ChunkRef(e.handle, e.index, e.nbytes, e.codec, e.dtype, e.shape, "disk"))
+            else:
+                e = self.host.entry(key)
+                if e is None:
+                    out.append(None)
+                    continue
+                out.append(ChunkRef(e.handle, e.index, e.nbytes, e.codec, e.dtype, e.shape, "host"))
+            self.metrics.inc("qwen3vl_ray_hits", tier=tier)
+            if tier == "host":
+                self._touch(key)
+            info = self._info.setdefault(key, [0, now, 0])
+            info[0] += 1
+            info[1] = now
+        return out
+
+    def _touch(self, key: CacheKey) -> None:
+        """A host hit served by handle bypasses the cache's read path; tell its policy about the access."""
+        self.cache.touch(key)
+
+    def get_tensors(self, keys: Sequence[CacheKey]) -> list[torch.Tensor | None]:
+        """Tensors for many chunks, for in-process callers (tests, the benchmark)."""
+        return materialize(self.get_chunks(keys), self.store)
+
+    # -- policy hooks (called by the coordinator) ----------------------------------------------
+    def pressure(self) -> dict:
+        """Fill levels against the watermarks, from the core pressure monitor: a tier whose physical memory or
+        disk is short (``system``) counts as over its high watermark even within its own budget."""
+        report = self.monitor.sample()
+        tiers = {}
+        for tp in report.tiers:
+            tiers[tp.name] = {"used": tp.used_bytes, "capacity": tp.capacity_bytes, "entries": len(
+                self.host if tp.name == "host" else self.disk), "high": tp.high_watermark, "low": tp.low_watermark,
+                "system": tp.system_pressure}
+            self.metrics.set("qwen3vl_ray_bytes_used", tp.used_bytes, tier=tp.name)
+            self.metrics.set("qwen3vl_ray_bytes_budget", tp.capacity_bytes, tier=tp.name)
+            self.metrics.set("qwen3vl_ray_entries", tiers[tp.name]["entries"], tier=tp.name)
+        self.metrics.set("qwen3vl_ray_compression_ratio", self.host.stats()["compression_ratio"], tier="host")
+        return {"node_id": self.node_id, "epoch": self.epoch, "tiers": tiers,
+                "host_memory": [report.host_used_bytes, report.host_total_bytes], "disk_free": report.disk_free_bytes}
+
+    def cold_keys(self, tier: str, n: int) -> list[CacheKey]:
+        t = self.host if tier == "host" else self.disk
+        if t is None:
+            return []
+        keys = list(t.keys())
+        keys.sort(key=lambda k: self._info.get(k, (0, 0.0))[1])
+        return keys[:n]
+
+    def demote_cold(self, n_bytes: int) -> dict:
+        """Move the coldest host entries down to disk until ``n_bytes`` of host memory are free again (the
+        tier compacts slabs left mostly empty, so the bytes really return)."""
+        count = 0
+        if self.disk is None:
+            return {"bytes": 0, "entries": 0}
+        start = self.host.used_bytes
+        planned, slabs = 0, set()
+        for key in self.cold_keys("host", len(self.host)):
+            if planned >= n_bytes:
+                break
+            e = self.host.entry(key)
+            nb = self.host.entry_nbytes(key) or 0
+            if e is not None and self.cache.demote(key):
+                planned += nb
+                slabs.add(e.slab)
+                count += 1
+                self.metrics.inc("qwen3vl_ray_demotions", tier="host")
+                self.metrics.inc("qwen3vl_ray_swap_bytes_out", nb, tier="host")
+        self.host.compact(list(slabs))  # survivors of the slabs we thinned out move, so the memory returns
+        return {"bytes": start - self.host.used_bytes, "entries": count}
+
+    def recompress(self, keys: Sequence[CacheKey], codec: str, need_bytes: int | None = None) -> dict:
+        """Re-encode the raw host entries in the slabs of ``keys`` with ``codec`` (coldest first, slab by
+        slab) until ``need_bytes`` are saved (all if None). Returns bytes saved and entries re-encoded."""
+        saved = count = 0
+        done: set = set()
+        for key in keys:
+            if need_bytes is not None and saved >= need_bytes:
+                break
+            e = self.host.entry(key)
+            if e is None or e.slab in done or e.codec != RAW:
+                continue
+            done.add(e.slab)
+            res = self.host.recompress_slabs([key], codec)
+            saved += res["bytes"]
+            count += res["entries"]
+        if saved:
+            self.metrics.set("qwen3vl_ray_compression_ratio", self.host.stats()["compression_ratio"], tier="host")
+        return {"bytes": saved, "entries": count}
+
+    def value(self, key: CacheKey, recompute_s_per_mib: float, now: float | None = None) -> float:
+        """Recompute seconds saved per stored byte x likelihood of reuse (hits and recency)."""
+        hits, last, logical = self._info.get(key, (0, 0.0, 0))
+        stored = self.host.entry_nbytes(key) or (self.disk.entry_nbytes(key) if self.disk is not None else None) or 1
+        now = time.monotonic() if now is None else now
+        reuse = (hits + 1) / (hits + 2) * math.exp(-max(0.0, now - last) * math.log(2) / REUSE_HALF_LIFE_S)
+        return (logical or stored) / (1 << 20) * recompute_s_per_mib / stored * reuse
+
+    def candidates(self, tier: str, n: int, recompute_s_per_mib: float) -> list[tuple[bytes, int, float]]:
+        """The ``n`` lowest-value entries of ``tier`` as (key, stored bytes, value)."""
+        t = self.host if tier == "host" else self.disk
+        if t is None:
+            return []
+        now = time.monotonic()
+        scored = [(k, t.entry_nbytes(k) or 0, self.value(k, recompute_s_per_mib, now)) for k in t.keys()]
+        scored.sort(key=lambda x: x[2])
+        return scored[:n]
+
+    def evict(self, keys: Sequence[CacheKey]) -> int:
+        """Drop entries from every tier (cluster-wide eviction). Returns how many were present."""
+        n = sum(self.remove_many(keys))
+        if n:
+            self.metrics.inc("qwen3vl_ray_evictions", n)
+        return n
+
+    # -- directory sync --------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Every key this node holds with its tier code, for a full directory rebuild."""
+        entries = [(k, TIER_CODES["host"]) for k in self.host.keys()]
+        if self.disk is not None:
+            entries += [(k, TIER_CODES["disk"]) for k in self.disk.keys() if not self.host.contains(k)]
+        self.journal.drain()  # the snapshot supersedes everything journaled so far
+        return {"node_id": self.node_id, "epoch": self.epoch, "entries": entries}
+
+    def drain_journal(self) -> dict:
+        events, overflow = self.journal.drain()
+        return {"node_id": self.node_id, "epoch": self.epoch, "events": events, "overflow": overflow}
+
+    def stats(self) -> dict:
+        s = {"node_id": self.node_id, "epoch": self.epoch, "host": self.host.stats()}
+        if self.disk is not None:
+            s["disk"] = self.disk.stats()
+        try:
+            s["cache"] = self.cache.stats()
+        except Exception:  # stats are diagnostics; never fail a call for them
+            logger.debug("cache stats failed", exc_info=True)
+        return s
+
+    def ping(self) -> str:
+        return self.epoch
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+class NodeAgent:
+    """Ray actor wrapper: builds the logic with the real object store and Ray metrics. Thin by design."""
+
+    def __init__(self, node_id: str, config: AgentConfig) -> None:
+        from actors.metrics import RayMetrics
+        from actors.object_store_tier import RayObjectStore
+
+        logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_LOG", "INFO"))
+        self.logic = NodeAgentLogic(node_id, config, RayObjectStore(), RayMetrics(node_id))
+
+    def put_chunks(self, items):
+        return self.logic.put_chunks(items)
+
+    def put_refs(self, refs):
+        return self.logic.put_refs(refs)
+
+    def get_chunks(self, keys):
+        return self.logic.get_chunks(keys)
+
+    def contains_many(self, keys):
+        return self.logic.contains_many(keys)
+
+    def remove_many(self, keys):
+        return self.logic.remove_many(keys)
+
+    def pressure(self):
+        return self.logic.pressure()
+
+    def demote_cold(self, n_bytes):
+        return self.logic.demote_cold(n_bytes)
+
+    def recompress(self, keys, codec, need_bytes=None):
+        return self.logic.recompress(keys, codec, need_bytes)
+
+    def cold_keys(self, tier, n):
+        return self.logic.cold_keys(tier, n)
+
+    def candidates(self, tier, n, recompute_s_per_mib):
+        return self.logic.candidates(tier, n, recompute_s_per_mib)
+
+    def evict(self, keys):
+        return self.logic.evict(keys)
+
+    def snapshot(self):
+        return self.logic.snapshot()
+
+    def drain_journal(self):
+        return self.logic.drain_journal()
+
+    def stats(self):
+        return self.logic.stats()
+
+    def ping(self):
+        return self.logic.ping()
+
+    def node_id(self):
+        return self.logic.node_id
+
+    def pid(self):
+        return os.getpid()
+
+
+def agent_options(node_id: str) -> dict:
+    """Exactly one agent per node: pinned to the node, named by node id, detached, restarted on failure."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return dict(name=agent_name(node_id), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                max_restarts=-1, max_task_retries=0, num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+
+
+def get_or_create_agent(node_id: str, config: AgentConfig):
+    """The node's agent handle; creates it if it does not exist (idempotent, race-free by name)."""
+    import ray
+
+    return ray.remote(NodeAgent).options(**agent_options(node_id)).remote(node_id, config)

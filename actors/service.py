@@ -1,0 +1,135 @@
+"""Start-up helper and client of the Ray service (used by the CLI and the jobs).
+
+``ensure_service`` attaches to the running cluster (``address`` or ``RAY_ADDRESS``) or starts an embedded one
+(``ray.init()`` with no address), then makes sure the coordinator, one agent per alive node (the coordinator
+creates them) and ``num_workers`` workers exist. Everything is named and detached in the ``qwen3vl_ray``
+namespace and created with ``get_if_exists``, so a second call reuses what is there.
+
+``ServiceHandle.process`` routes each request through the coordinator and retries a request whose worker
+died on another worker. Ray's token authentication stays on (its default); nothing here disables it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import uuid
+from typing import Any, Sequence
+
+from actors.config import NAMESPACE, ServiceConfig
+from actors.coordinator import COORDINATOR_NAME, WORKER_PREFIX, get_or_create_coordinator
+from actors.worker import worker_class, worker_options
+
+logger = logging.getLogger(__name__)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ServiceHandle:
+    """Client side: validates requests before any remote call, routes, retries on worker failure."""
+
+    def __init__(self, coordinator: Any, workers: dict[str, Any], config: ServiceConfig) -> None:
+        self.coordinator = coordinator
+        self.workers = workers
+        self.config = config
+        module, _, name = config.worker.engine.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        # Routing by cached prefix needs the request's keys on the client; an engine that cannot compute them
+        # without its model (no ``route_keys``) is routed by load only.
+        self._route_keys = getattr(cls, "route_keys", None)
+
+    def _worker(self, name: str) -> Any:
+        import ray
+
+        h = self.workers.get(name)
+        if h is None:
+            h = self.workers[name] = ray.get_actor(name, namespace=NAMESPACE)
+        return h
+
+    def keys_for(self, request: dict) -> list:
+        if self._route_keys is None:
+            return []
+        return self._route_keys(request, **self.config.worker.engine_args)
+
+    def process(self, requests: Sequence[dict], timeout_s: float = 600.0) -> list[dict]:
+        """Serve requests concurrently; a request whose worker dies is retried on another worker (up to
+        ``worker.max_retries`` times). Results come back in request order."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        for r in requests:
+            if not isinstance(r, dict) or not (r.get("token_ids") or r.get("messages")):
+                raise ValueError(f"a request is a dict with non-empty 'token_ids' or 'messages', got {str(r)[:200]}")
+        results: list[dict | None] = [None] * len(requests)
+        tried: dict[int, list[str]] = {i: [] for i in range(len(requests))}
+        keys = [self.keys_for(r) for r in requests]
+        pending: dict[Any, tuple[int, str]] = {}
+
+        def submit(i: int) -> None:
+            route = ray.get(self.coordinator.route.remote(keys[i], tried[i]))
+            tried[i].append(route["worker"])
+            pending[self._worker(route["worker"]).process.remote(requests[i])] = (i, route["worker"])
+
+        for i in range(len(requests)):
+            submit(i)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
+            if not ready:
+                raise TimeoutError(f"{len(pending)} requests still running after {timeout_s} s")
+            i, wid = pending.pop(ready[0])
+            try:
+                results[i] = ray.get(ready[0])
+                self.coordinator.done.remote(wid)
+            except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+                logger.warning("worker %s failed on request %s (%s); retrying elsewhere", wid, i, type(exc).__name__)
+                self.coordinator.worker_failed.remote(wid)
+                if len(tried[i]) > self.config.worker.max_retries:
+                    raise RuntimeError(f"request {i} failed on workers {tried[i]}") from exc
+                submit(i)
+            if results[i] is not None:
+                results[i]["attempts"] = len(tried[i])
+        return results  # type: ignore[return-value]
+
+    def admit(self, nbytes: int, session_id: str | None = None) -> str:
+        """Reserve room for a session (raises ClusterSaturatedError when saturated). Returns its id."""
+        import ray
+
+        sid = session_id or uuid.uuid4().hex
+        ray.get(self.coordinator.admit.remote(sid, int(nbytes)))
+        return sid
+
+    def release(self, session_id: str) -> None:
+        import ray
+
+        ray.get(self.coordinator.release.remote(session_id))
+
+    def state(self) -> dict:
+        import ray
+
+        return ray.get(self.coordinator.state.remote())
+
+
+def ensure_service(config: ServiceConfig | None = None, address: str | None = None, num_workers: int = 1,
+                   timeout_s: float = 120.0) -> ServiceHandle:
+    """Attach to (or start) Ray and make sure the coordinator, the agents and ``num_workers`` workers exist.
+    Idempotent: named, detached actors are reused by a second call."""
+    import ray
+
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    config = config or ServiceConfig.from_env()
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        kwargs: dict[str, Any] = {"namespace": NAMESPACE, "ignore_reinit_error": True}
+        if address is None:
+            # Embedded cluster: its workers must import this package.
+            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": REPO_ROOT}}
+        ray.init(address=address, **kwargs)
+    coordinator = get_or_create_coordinator(config.coordinator, config.agent)
+    ray.get(coordinator.state.remote(), timeout=timeout_s)
+    workers = {}
+    for i in range(num_workers):
+        name = f"{WORKER_PREFIX}{i}"
+        workers[name] = worker_class().options(**worker_options(name, config.worker)).remote(name, config)
+    ray.get([w.node_id.remote() for w in workers.values()], timeout=timeout_s)
+    return ServiceHandle(ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE), workers, config)

@@ -1,0 +1,211 @@
+"""Qwen3-VL worker: serves requests with the engine, reusing cached prefixes from any node.
+
+``WorkerLogic`` is plain Python over ports (the local agent, other nodes' agents, the coordinator): it finds a
+request's cached prefix (its own device tier first, then the local agent, then the cluster directory), fetches it in one batched call per
+node plus one batched object-store read (a cross-node hit is Ray's object transfer from the holder's store),
+runs the engine for the rest, and ships the new chunks to the agent the coordinator places them on in one
+batched call. The device tier is the worker's own (a core TieredCache with one device tier: hot chunks
+never leave the process); host and disk are the agents'. Agent failures turn into misses: a request never
+fails because the cache did.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import ray
+
+from actors.config import NAMESPACE, ServiceConfig, WorkerConfig
+from actors.metrics import Metrics
+from actors.node_agent import ChunkRef, materialize, to_wire
+from actors.object_store_tier import ObjectStore
+
+logger = logging.getLogger(__name__)
+
+
+def load_engine(spec: str, args: dict) -> Any:
+    module, _, name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"engine {spec!r} cannot be loaded ({exc}); expected 'module:callable'") from exc
+    return factory(**args)
+
+
+class WorkerLogic:
+    """Serves one request at a time with an engine that follows this protocol:
+
+    - ``namespace`` (keys' namespace; the device tier's) and ``chunk_tokens``;
+    - ``request_keys(request) -> list[CacheKey]``: the chained keys of the request's full prompt chunks;
+    - ``run(request, keys, cached) -> dict``: run with ``cached`` (tensors of ``keys[:len(cached)]``) as the
+      reused prefix; returns ``new_chunks`` (tensors of the keys that follow, in order), ``output``, and
+      optionally ``prompt_tokens`` and ``ttft_s``.
+
+    ``actors.synthetic_engine.SyntheticKVEngine`` and ``actors.engine_adapter.Qwen3VLEngineAdapter`` (the
+    real model) implement it.
+    """
+
+    def __init__(self, worker_id: str, node_id: str, engine: Any, agent_for: Callable[[str], Any], coordinator: Any,
+                 store: ObjectStore, config: WorkerConfig, metrics: Metrics | None = None) -> None:
+        self.worker_id, self.node_id = worker_id, node_id
+        self.engine, self.agent_for, self.coordinator, self.store = engine, agent_for, coordinator, store
+        self.config = config
+        self.metrics = metrics if metrics is not None else Metrics(node_id)
+        self.device = None
+        if config.device_bytes:
+            from qwen3vl_ray.cache import CacheConfig, TieredCache
+            from qwen3vl_ray.tiers.config import TierConfig
+
+            self.device = TieredCache(CacheConfig(tiers=[TierConfig("device", config.device_bytes)],
+                                                  namespace=engine.namespace, prefetch_threads=0))
+
+    def _fetch_prefix(self, keys: list) -> tuple[list, int, int]:
+        """The longest cached prefix as tensors, how many chunks came from the device tier, and how many
+        from other nodes."""
+        on_device: list = []
+        if self.device is not None:
+            for t in self.device.get_many(keys[:self.device.longest_prefix(keys)]):
+                if t is None:
+                    break
+                on_device.append(t)
+        if len(on_device) == len(keys):
+            self.metrics.inc("qwen3vl_ray_hits", len(on_device), tier="device")
+            return on_device, len(on_device), 0
+        rest, cross = self._fetch_from_agents(keys[len(on_device):])
+        if self.device is not None and rest:
+            first = len(on_device)
+            self.device.put_many([(keys[first + i], t, keys[first + i - 1] if first + i else None) for i, t in enumerate(rest)])
+        if on_device:
+            self.metrics.inc("qwen3vl_ray_hits", len(on_device), tier="device")
+        return on_device + rest, len(on_device), cross
+
+    def _fetch_from_agents(self, keys: list) -> tuple[list, int]:
+        """The longest prefix of ``keys`` held by agents, as tensors, and how many came from other nodes."""
+        if not keys:
+            return [], 0
+        try:
+            local = self.agent_for(self.node_id).contains_many(keys)
+        except Exception:
+            logger.warning("local agent unreachable; treating its entries as misses", exc_info=True)
+            local = [None] * len(keys)
+        remote = self.coordinator.lookup(keys) if not all(local) else [None] * len(keys)
+        plan: list[str] = []
+        for i in range(len(keys)):
+            if local[i]:
+                plan.append(self.node_id)
+            elif remote[i] is not None:
+                plan.append(remote[i][0])
+            else:
+                break
+        refs: list[ChunkRef | None] = [None] * len(plan)
+        for node in dict.fromkeys(plan):  # one batched call per holding node
+            idx = [i for i, n in enumerate(plan) if n == node]
+            try:
+                got = self.agent_for(node).get_chunks([keys[i] for i in idx])
+            except Exception:
+                logger.warning("agent of %s unreachable; its chunks are misses", node[:12], exc_info=True)
+                got = [None] * len(idx)
+            for i, r in zip(idx, got):
+                refs[i] = r
+        n = next((i for i, r in enumerate(refs) if r is None), len(refs))
+        try:
+            tensors = materialize(refs[:n], self.store)  # one batched read; remote refs are pulled by Ray
+        except Exception:
+            logger.warning("fetching %d cached chunks failed; recomputing", n, exc_info=True)
+            return [], 0
+        remote_idx = [i for i in range(n) if plan[i] != self.node_id]
+        if remote_idx:
+            self.metrics.inc("qwen3vl_ray_cross_node_bytes",
+                             sum(tensors[i].numel() * tensors[i].element_size() for i in remote_idx), tier="host")
+        cross = len(remote_idx)
+        return tensors, cross
+
+    def process(self, request: dict) -> dict:
+        t0 = time.perf_counter()
+        keys = self.engine.request_keys(request)
+        cached, from_device, cross = self._fetch_prefix(keys)
+        t_fetch = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        result = self.engine.run(request, keys, cached)
+        # the engine's own TTFT (when it reports one) excludes decoding; add the prefix fetch before it
+        ttft = t_fetch + result.get("ttft_s", time.perf_counter() - t1)
+        new = result["new_chunks"]
+        stored = 0
+        if new:
+            first = len(cached)
+            items = [(keys[first + j], to_wire(t), keys[first + j - 1] if first + j else None) for j, t in enumerate(new)]
+            nbytes = sum(t.numel() * t.element_size() for t in new)
+            if self.device is not None:
+                self.device.put_many([(k, t, p) for (k, _, p), t in zip(items, new)])
+            try:
+                target = self.coordinator.place(self.node_id, nbytes)
+                tiers = self.agent_for(target).put_chunks(items)
+                self.coordinator.record(target, [k for k, _, _ in items], tiers)
+                stored = sum(1 for t in tiers if t)
+            except Exception:
+                logger.warning("storing %d new chunks failed; they will be recomputed next time", len(new), exc_info=True)
+        n_tok = result.get("prompt_tokens") or len(keys) * self.engine.chunk_tokens
+        cached_tokens = len(cached) * self.engine.chunk_tokens
+        self.metrics.observe("qwen3vl_ray_ttft_seconds", ttft)
+        self.metrics.observe("qwen3vl_ray_cached_token_ratio", cached_tokens / n_tok if n_tok else 0.0)
+        self.metrics.inc("qwen3vl_ray_requests", result="ok")
+        return {"id": request.get("id"), "worker": self.worker_id, "node": self.node_id, "output": result["output"],
+                "cached_tokens": cached_tokens, "device_chunks": from_device, "cross_node_chunks": cross, "computed_chunks": len(new),
+                "stored_chunks": stored, "ttft_s": ttft}
+
+
+class Worker:
+    """Ray actor wrapper (``num_gpus=1`` per worker on GPU clusters, CPU workers otherwise)."""
+
+    def __init__(self, worker_id: str, config: ServiceConfig) -> None:
+        from actors.coordinator import COORDINATOR_NAME, RayAgentPort
+        from actors.metrics import RayMetrics
+        from actors.node_agent import agent_name, get_or_create_agent
+        from actors.object_store_tier import RayObjectStore
+
+        logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_LOG", "INFO"))
+        node = ray.get_runtime_context().get_node_id()
+        self._ports: dict[str, RayAgentPort] = {node: RayAgentPort(get_or_create_agent(node, config.agent))}
+
+        def agent_for(node_id: str) -> RayAgentPort:
+            port = self._ports.get(node_id)
+            if port is None:
+                port = self._ports[node_id] = RayAgentPort(ray.get_actor(agent_name(node_id), namespace=NAMESPACE))
+            return port
+
+        coordinator = RayAgentPort(ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE), timeout_s=60)
+        engine = load_engine(config.worker.engine, config.worker.engine_args)
+        self.logic = WorkerLogic(worker_id, node, engine, agent_for, coordinator, RayObjectStore(), config.worker,
+                                 RayMetrics(node))
+        coordinator.register_worker(worker_id, node)
+
+    def process(self, request):
+        return self.logic.process(request)
+
+    # Control calls run in their own concurrency group so they answer while a request is being served
+    # (a restarted coordinator asks every worker for its node while the workers wait on it).
+    @ray.method(concurrency_group="control")
+    def node_id(self):
+        return self.logic.node_id
+
+    @ray.method(concurrency_group="control")
+    def pid(self):
+        return os.getpid()
+
+
+def worker_class():
+    """The Worker actor class: requests run one at a time; control methods in a separate group."""
+    return ray.remote(concurrency_groups={"control": 1})(Worker)
+
+
+def worker_options(worker_id: str, config: WorkerConfig) -> dict:
+    """Named, detached, restarted; one GPU each on a GPU cluster (``num_gpus=None``), else CPU workers."""
+    gpus = config.num_gpus
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    return dict(name=worker_id, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
+                max_task_retries=0, num_cpus=config.num_cpus, num_gpus=gpus, scheduling_strategy="SPREAD")

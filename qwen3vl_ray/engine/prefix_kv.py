@@ -1,0 +1,229 @@
+"""Prefix KV reuse: chunk keys, loading the longest cached prefix, storing new full chunks.
+
+Metadata vs. data: this module decides *which* chunks a prompt can reuse and moves their bytes between the
+store and a transformers ``DynamicCache``; the store decides where they live.
+
+A chunk's key chains everything before it (``qwen3vl_ray.keys.chunk_keys``) with each overlapping image's
+content hash and offsets folded in, under a namespace carrying the model fingerprint, dtype, layout and
+codecs; so two images with the same text, or the same image at another resolution, never share KV.
+
+One chunk is one tensor ``[layers, 2 (k, v), kv_heads, chunk_tokens, head_dim]`` in the model dtype. The
+keys inside already carry their rotary embedding (MRoPE positions of the *whole* prompt), which is why the
+engine computes the suffix's positions for the whole sequence and slices them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from qwen3vl_ray.engine.budget import KeyRegistry
+from qwen3vl_ray.engine.kv_layer import growing_cache
+from qwen3vl_ray.keys import CacheKey, ImageSpan, Namespace, chunk_keys, image_extras, prefix_key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class KVGeometry:
+    """Shape of the text model's KV; ``bytes_per_token`` is what one token costs across all layers."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_text_config(cls, cfg: Any, dtype: torch.dtype) -> "KVGeometry":
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def layout(self, chunk_tokens: int) -> str:
+        return f"kv:L{self.layers}xH{self.kv_heads}xD{self.head_dim}:chunk{chunk_tokens}"
+
+
+@dataclass(slots=True)
+class LoadedPrefix:
+    """KV of the first ``n_tokens`` prompt tokens, ready to continue from, and where it came from."""
+
+    cache: DynamicCache
+    n_tokens: int
+    tiers: dict[str, int] = field(default_factory=dict)
+
+
+def chunk_tensor(cache: DynamicCache, start: int, end: int) -> torch.Tensor:
+    """Tokens [start, end) of a batch-1 DynamicCache as one ``[layers, 2, kv_heads, n, head_dim]`` tensor."""
+    return torch.stack(
+        [torch.stack((layer.keys[0, :, start:end], layer.values[0, :, start:end])) for layer in cache.layers]
+    ).contiguous()
+
+
+def fill_workspace(chunks: Sequence[torch.Tensor], n_tokens: int, workspace: torch.Tensor) -> None:
+    """Copy the first ``n_tokens`` tokens of the concatenated chunks into ``workspace``
+    (``[2, layers, 1, kv_heads, >= n_tokens, head_dim]``): one copy per chunk, into memory already touched."""
+    pos = 0
+    for chunk in chunks:
+        take = min(chunk.shape[3], n_tokens - pos)
+        if take <= 0:
+            break
+        src = chunk[:, :, :, :take].to(workspace.device, non_blocking=True)
+        workspace[:, :, 0, :, pos:pos + take].copy_(src.transpose(0, 1))
+        pos += take
+    assert pos == n_tokens, (pos, n_tokens)
+
+
+class PrefixKV:
+    """Finds, loads and stores a prompt's KV chunks in a TieredCache."""
+
+    def __init__(self, store: Any, namespace: Namespace, chunk_tokens: int, text_config: Any, device: torch.device,
+                 registry: KeyRegistry, geometry: "KVGeometry"):
+        self.store = store
+        self.namespace = namespace
+        self.chunk_tokens = chunk_tokens
+        self.text_config = text_config
+        self.device = device
+        self.registry = registry
+        self.geometry = geometry
+        self._workspace: torch.Tensor | None = None
+
+    def workspace(self, geometry: "KVGeometry", n_tokens: int) -> torch.Tensor:
+        """The reusable KV buffer ``[2, layers, 1, kv_heads, capacity, head_dim]`` for ``n_tokens`` tokens.
+
+        Reused by every request (grown in whole chunks when one needs more): a fresh allocation per
+        request would pay page faults on every byte. Safe because requests run one at a time and a
+        request's cache is dropped before the next starts."""
+        ws = self._workspace
+        if ws is None or ws.shape[4] < n_tokens:
+            cap = -(-n_tokens // self.chunk_tokens) * self.chunk_tokens
+            self._workspace = None  # free the old one first
+            with torch.inference_mode(False):  # a normal tensor: usable in and outside inference mode
+                ws = torch.zeros((2, geometry.layers, 1, geometry.kv_heads, cap, geometry.head_dim),
+                                 dtype=geometry.dtype, device=self.device)  # zeros: touch every page now
+            self._workspace = ws
+        return ws
+
+    def new_cache(self, capacity_tokens: int) -> DynamicCache:
+        """An empty cache for a request of up to ``capacity_tokens`` tokens (prompt + new tokens)."""
+        return growing_cache(self.text_config, self.workspace(self.geometry, capacity_tokens), 0)
+
+    def keys(self, token_ids: torch.Tensor | Sequence[int], spans: Sequence[ImageSpan]) -> list[CacheKey]:
+        """Keys of the full chunks of ``token_ids`` (images folded in by content hash and offset)."""
+        n = len(token_ids)
+        ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        extras = image_extras(spans, n, self.chunk_tokens) if spans else None
+        return chunk_keys(self.namespace, ids, self.chunk_tokens, extras)
+
+    def tail_key(self, token_ids: torch.Tensor | Sequence[int], spans: Sequence[ImageSpan],
+                 full_keys: Sequence[CacheKey]) -> CacheKey | None:
+        """Key of the partial last chunk (tokens after the last full chunk), chained to the last full key.
+
+        Only an identical token run (same images) after an identical prefix has this key, so it serves
+        exact repeats and session continuations; a longer prompt's full chunk supersedes it."""
+        ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        start = len(full_keys) * self.chunk_tokens
+        if start >= len(ids):
+            return None
+        extras = image_extras(spans, len(ids), self.chunk_tokens) if spans else []
+        extra = b"partial" + (extras[len(full_keys)] if len(full_keys) < len(extras) else b"")
+        return prefix_key(self.namespace, full_keys[-1] if full_keys else None, ids[start:], extra)
+
+    def fetch(self, keys: Sequence[CacheKey]) -> tuple[list[torch.Tensor], list[str]]:
+        """The leading run of ``keys`` present in the store: their tensors and the tier each was found in."""
+        n = self.store.longest_prefix(list(keys)) if keys else 0
+        chunks: list[torch.Tensor] = []
+        tiers: list[str] = []
+        for key in keys[:n]:
+            tensor, tier = self.store.lookup(key)  # promotes a lower hit; reports where it was found
+            if tensor is None:
+                # Evicted between longest_prefix and now: keep the leading run that arrived.
+                logger.info("prefix shrank from %d to %d chunks while loading (concurrent eviction)", n, len(chunks))
+                break
+            self.registry.touch(key)
+            chunks.append(tensor)
+            tiers.append(tier)
+        return chunks, tiers
+
+    def fetch_one(self, key: CacheKey) -> tuple[torch.Tensor | None, str | None]:
+        tensor, tier = self.store.lookup(key)
+        if tensor is not None:
+            self.registry.touch(key)
+        return tensor, tier
+
+    def build(self, chunks: Sequence[torch.Tensor], tiers: Sequence[str], max_tokens: int,
+              capacity_tokens: int = 0) -> LoadedPrefix | None:
+        """A cache holding the first ``min(chunks' tokens, max_tokens)`` tokens, room for
+        ``capacity_tokens`` in all, and the tokens per tier."""
+        total = sum(int(c.shape[3]) for c in chunks)
+        n_tokens = min(total, max_tokens)
+        if n_tokens <= 0:
+            return None
+        ws = self.workspace(self.geometry, max(n_tokens, capacity_tokens))
+        fill_workspace(chunks, n_tokens, ws)
+        cache = growing_cache(self.text_config, ws, n_tokens)
+        per_tier: dict[str, int] = {}
+        pos = 0
+        for chunk, tier in zip(chunks, tiers):
+            take = min(int(chunk.shape[3]), n_tokens - pos)
+            if take <= 0:
+                break
+            per_tier[tier] = per_tier.get(tier, 0) + take
+            pos += take
+        return LoadedPrefix(cache, n_tokens, per_tier)
+
+    def load(self, keys: Sequence[CacheKey], max_tokens: int, tail: CacheKey | None = None,
+             capacity_tokens: int = 0) -> LoadedPrefix | None:
+        """Load the longest run of leading ``keys`` present in any tier (then ``tail`` if every full chunk
+        was there), capped at ``max_tokens`` tokens."""
+        if max_tokens <= 0:
+            return None
+        want = keys[: -(-max_tokens // self.chunk_tokens)]
+        chunks, tiers = self.fetch(want)
+        if tail is not None and len(chunks) == len(keys) and len(keys) * self.chunk_tokens < max_tokens:
+            t, where = self.fetch_one(tail)
+            if t is not None:
+                chunks.append(t)
+                tiers.append(where)
+        return self.build(chunks, tiers, max_tokens, capacity_tokens) if chunks else None
+
+    def store_tail(self, cache: DynamicCache, tail: CacheKey, start: int, end: int, parent: CacheKey | None,
+                   owner: str | None = None) -> bool:
+        """Store tokens [start, end) of ``cache`` as the partial entry ``tail``."""
+        if self.store.contains(tail):
+            self.registry.touch(tail)
+            return False
+        ok = bool(self.store.put(tail, chunk_tensor(cache, start, end), parent=parent))
+        if ok:
+            self.registry.add(tail, owner)
+        return ok
+
+    def store_new(self, cache: DynamicCache, keys: Sequence[CacheKey], owner: str | None = None) -> int:
+        """Store the full chunks of ``cache`` that the store lacks; returns how many were stored."""
+        have = cache.get_seq_length()
+        items = []
+        for i, key in enumerate(keys):
+            end = (i + 1) * self.chunk_tokens
+            if end > have:
+                break
+            if self.store.contains(key):
+                self.registry.touch(key)
+                continue
+            parent = keys[i - 1] if i else None
+            items.append((key, chunk_tensor(cache, i * self.chunk_tokens, end), parent))
+        if not items:
+            return 0
+        stored = self.store.put_many(items)
+        for (key, _, _), ok in zip(items, stored):
+            if ok:
+                self.registry.add(key, owner)
+        n_ok = sum(bool(s) for s in stored)
+        if n_ok < len(items):
+            logger.info("store kept %d of %d new KV chunks (no room)", n_ok, len(items))
+        return n_ok

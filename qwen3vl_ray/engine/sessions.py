@@ -1,0 +1,142 @@
+"""Chat sessions: a multi-turn chat keeps its KV (prompt *and* answer) between turns.
+
+After each turn the session's KV goes to the store as full chunks (shared, content-keyed, like any
+prompt's) plus one partial "tail" entry for the last < chunk_tokens tokens. The next turn's prompt starts
+with the same tokens, so it reloads all of it, tail included, and computes only the new message. Under
+device pressure the budget demotes idle sessions' entries first; they come back from host or disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from qwen3vl_ray.engine.budget import KeyRegistry
+from qwen3vl_ray.engine.prefix_kv import LoadedPrefix, PrefixKV
+from qwen3vl_ray.keys import CacheKey, ImageSpan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Session:
+    """What one chat has stored: the tokens whose KV exists, their chunk keys and the tail entry."""
+
+    session_id: str
+    token_ids: list[int] = field(default_factory=list)
+    spans: list[ImageSpan] = field(default_factory=list)
+    chunk_keys: list[CacheKey] = field(default_factory=list)
+    tail_key: CacheKey | None = None
+    last_used: float = 0.0
+    turns: int = 0
+
+    @property
+    def keys(self) -> list[CacheKey]:
+        return self.chunk_keys + ([self.tail_key] if self.tail_key is not None else [])
+
+
+class Sessions:
+    """The session table of one engine (metadata side; bytes live in the store)."""
+
+    def __init__(self, store: Any, prefix: PrefixKV, registry: KeyRegistry, idle_s: float):
+        self.store = store
+        self.prefix = prefix
+        self.registry = registry
+        self.idle_s = idle_s
+        self._sessions: dict[str, Session] = {}
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def idle_order(self) -> list[str]:
+        """Session ids idle for at least ``idle_s``, most idle first."""
+        now = time.monotonic()
+        idle = [s for s in self._sessions.values() if now - s.last_used >= self.idle_s]
+        return [s.session_id for s in sorted(idle, key=lambda s: s.last_used)]
+
+    def resumable(self, session_id: str) -> bool:
+        """True if every entry of the session is still in some tier (its next turn recomputes nothing old)."""
+        s = self._sessions.get(session_id)
+        return s is not None and all(self.store.contains(k) for k in s.keys)
+
+    def resume(self, session_id: str, prompt_ids: Sequence[int], spans: Sequence[ImageSpan], max_tokens: int,
+               capacity_tokens: int = 0) -> LoadedPrefix | None:
+        """KV of the longest prefix this prompt shares token-for-token with the session's stored tokens.
+
+        Unlike plain prefix reuse this is not limited to whole chunks: a chunk (or the tail) whose first
+        tokens match is used up to the first differing token. None if nothing is shared or it is gone."""
+        s = self._sessions.get(session_id)
+        if s is None:
+            return None
+        c = self.prefix.chunk_tokens
+        common = _common_prefix(s.token_ids, prompt_ids)
+        # Images in the shared region must be the same images at the same places.
+        mine = [sp for sp in s.spans if sp.start < common]
+        theirs = [sp for sp in spans if sp.start < common]
+        if mine != theirs:
+            common = min(sp.start for sp in mine + theirs)
+        use = min(common, max_tokens)
+        if use <= 0:
+            return None
+        n_chunks = -(-use // c)
+        chunks, tiers = self.prefix.fetch(s.chunk_keys[:n_chunks])
+        if n_chunks > len(s.chunk_keys) and len(chunks) == len(s.chunk_keys) and s.tail_key is not None:
+            tail, where = self.prefix.fetch_one(s.tail_key)
+            if tail is not None:
+                chunks.append(tail)
+                tiers.append(where)
+        if not chunks:
+            return None
+        return self.prefix.build(chunks, tiers, use, capacity_tokens)
+
+    def save(self, session_id: str, cache: DynamicCache, token_ids: Sequence[int], spans: Sequence[ImageSpan]) -> int:
+        """Store the session's KV after a turn (``token_ids``: the tokens ``cache`` holds). Returns chunks stored."""
+        token_ids = list(token_ids)
+        assert cache.get_seq_length() == len(token_ids), (cache.get_seq_length(), len(token_ids))
+        c = self.prefix.chunk_tokens
+        keys = self.prefix.keys(token_ids, spans)
+        stored = self.prefix.store_new(cache, keys, owner=session_id)
+        for k in keys:
+            self.registry.add(k, session_id)
+        old = self._sessions.get(session_id)
+        tail_key = None
+        tail_key = self.prefix.tail_key(token_ids, spans, keys)
+        if tail_key is not None:
+            parent = keys[-1] if keys else None
+            if self.prefix.store_tail(cache, tail_key, len(keys) * c, len(token_ids), parent, owner=session_id):
+                stored += 1
+            elif not self.store.contains(tail_key):
+                logger.info("session %s: no room for its %d-token tail", session_id, len(token_ids) - len(keys) * c)
+                tail_key = None
+            else:
+                self.registry.add(tail_key, session_id)
+        if old is not None and old.tail_key is not None and old.tail_key != tail_key:
+            self.store.remove(old.tail_key)  # superseded by the new turn's tail
+            self.registry.discard(old.tail_key)
+        self._sessions[session_id] = Session(
+            session_id, token_ids, list(spans), keys, tail_key, time.monotonic(), (old.turns if old else 0) + 1
+        )
+        return stored
+
+    def close(self, session_id: str) -> None:
+        """Forget a session and drop its tail (its full chunks stay as shared prefix entries)."""
+        s = self._sessions.pop(session_id, None)
+        if s is not None and s.tail_key is not None:
+            self.store.remove(s.tail_key)
+            self.registry.discard(s.tail_key)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    ta = torch.as_tensor(list(a[:n]))
+    tb = torch.as_tensor(list(b[:n]))
+    diff = torch.nonzero(ta != tb)
+    return int(diff[0]) if len(diff) else n

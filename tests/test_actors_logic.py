@@ -1,0 +1,336 @@
+"""The Ray service's logic classes, driven without Ray (LocalObjectStore + agents called in-process)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from actors.config import AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig
+from actors.coordinator import ClusterSaturatedError, CoordinatorLogic
+from actors.directory import Directory, TIER_CODES
+from actors.node_agent import NodeAgentLogic, materialize
+from actors.object_store_tier import LocalObjectStore, ObjectStoreTier
+from actors.synthetic_engine import SyntheticKVEngine
+from actors.worker import WorkerLogic
+from qwen3vl_ray.errors import CapacityError, ConfigError
+from qwen3vl_ray.keys import CacheKey
+
+NODES = ["a" * 32, "b" * 32, "c" * 32]
+CHUNK = 4096  # bytes of one test chunk: 2048 bf16 values
+
+
+def key(i: int) -> CacheKey:
+    return CacheKey(i.to_bytes(16, "little"))
+
+
+def chunk(i: int) -> torch.Tensor:
+    return (torch.arange(2048, dtype=torch.float32) * 0.001 + i).to(torch.bfloat16).reshape(2, 1024)
+
+
+def agent_cfg(tmp_path, host_chunks=4, disk_chunks=8, **kw) -> AgentConfig:
+    return AgentConfig(host_bytes=host_chunks * CHUNK, disk_bytes=disk_chunks * CHUNK, disk_dir=str(tmp_path),
+                       disk_fsync=False, **{"policy": "lru", **kw})
+
+
+# -- object-store tier --------------------------------------------------------------------------
+def test_object_store_tier_roundtrip_and_budget():
+    tier = ObjectStoreTier(3 * CHUNK, store=LocalObjectStore())
+    # 3 chunks fill the budget exactly; a 4th is refused (no room is False, not an error) and counted
+    assert [tier.put(key(i), chunk(i)) for i in range(3)] == [True, True, True]
+    assert tier.put(key(3), chunk(3)) is False
+    assert tier.used_bytes == 3 * CHUNK and tier.stats()["rejected"] == 1
+    got = tier.get_many([key(0), key(9), key(2)])
+    assert torch.equal(got[0], chunk(0)) and got[1] is None and torch.equal(got[2], chunk(2))
+    assert got[0].dtype == torch.bfloat16
+    # replacing an entry re-accounts instead of double-counting
+    assert tier.put(key(1), chunk(7)) and tier.used_bytes == 3 * CHUNK
+    assert torch.equal(tier.get(key(1)), chunk(7))
+    assert tier.remove(key(1)) and tier.used_bytes == 2 * CHUNK and not tier.contains(key(1))
+    with pytest.raises(CapacityError, match="exceeds"):
+        tier.prepare_store(key(5), torch.zeros(4 * CHUNK, dtype=torch.uint8))
+    with pytest.raises(ConfigError):
+        ObjectStoreTier(0)
+
+
+def test_object_store_tier_packs_a_batch_into_one_slab_freed_with_its_last_entry():
+    tier = ObjectStoreTier(8 * CHUNK, store=LocalObjectStore())
+    # a batch of 5 is one object in the store; a batch larger than the room keeps the prefix that fits
+    assert tier.put_many([(key(i), chunk(i), ) for i in range(5)]) == [True] * 5
+    assert tier.stats()["slabs"] == 1 and tier.used_bytes == 5 * CHUNK
+    assert tier.put_many([(key(i), chunk(i)) for i in range(10, 15)]) == [True] * 3 + [False] * 2
+    # removing part of a slab frees nothing while most of it lives (the store still holds the object) ...
+    tier.remove(key(0)), tier.remove(key(1))
+    assert tier.used_bytes == 8 * CHUNK and tier.stats()["compactions"] == 0
+    # ... once half or less lives, the survivors are re-packed and the rest returns
+    tier.remove(key(2))
+    assert tier.used_bytes == 5 * CHUNK and tier.stats()["compactions"] == 1
+    assert torch.equal(tier.get(key(3)), chunk(3)) and torch.equal(tier.get(key(4)), chunk(4))
+    tier.remove(key(3)), tier.remove(key(4))
+    assert tier.used_bytes == 3 * CHUNK and tier.stats()["slabs"] == 1
+
+
+def test_object_store_tier_reads_zero_copy_arrays_but_returns_owned_tensors():
+    store = LocalObjectStore()
+    tier = ObjectStoreTier(CHUNK, store=store)
+    tier.put(key(0), chunk(0))
+    entry = tier.entry(key(0))
+    assert not entry.handle[entry.index].flags.writeable and entry.dtype == "bfloat16"
+    t = tier.get(key(0))
+    t += 1  # the caller owns its copy; the stored entry is unchanged
+    assert torch.equal(tier.get(key(0)), chunk(0))
+
+
+# -- directory ----------------------------------------------------------------------------------
+def test_directory_follows_demotions_in_either_event_order():
+    d = Directory()
+    d.set_many(NODES[0], [key(1), key(2)], "host")
+    host, disk = TIER_CODES["host"], TIER_CODES["disk"]
+    # key 1 demoted: disk add before host remove; key 2: host remove before disk add
+    d.apply_events(NODES[0], [(key(1), disk, True), (key(1), host, False), (key(2), host, False), (key(2), disk, True)])
+    assert d.get(key(1)) == (NODES[0], "disk") and d.get(key(2)) == (NODES[0], "disk")
+    # a newer copy on another node is not cleared by the old node's removal
+    d.set_many(NODES[1], [key(1)], "host")
+    d.apply_events(NODES[0], [(key(1), disk, False)])
+    assert d.get(key(1)) == (NODES[1], "host")
+    assert d.longest_prefix([key(1), key(2), key(3), key(2)]) == [NODES[1], NODES[0]]
+    assert d.forget_node(NODES[0]) == 1 and d.get(key(2)) is None and len(d) == 1
+    with pytest.raises(ValueError, match="unknown tier"):
+        d.set_many(NODES[0], [key(1)], "gpu")
+
+
+# -- node agent ---------------------------------------------------------------------------------
+def test_agent_demotes_lru_to_disk_and_promotes_on_hit(tmp_path):
+    agent = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=3), LocalObjectStore())
+    # put 4 chunks one call each into a 3-chunk host tier -> the oldest one is demoted to disk
+    for i in range(4):
+        agent.put_chunks([(key(i), chunk(i), None)])
+    assert agent.contains_many([key(i) for i in range(5)]) == ["disk", "host", "host", "host", None]
+    # a disk hit comes back bit-exact and is promoted (pushing the next LRU entry down)
+    got = agent.get_tensors([key(0), key(4)])
+    assert torch.equal(got[0], chunk(0)) and got[1] is None
+    assert agent.contains_many([key(0), key(1)]) == ["host", "disk"]
+    assert agent.host.used_bytes <= agent.host.capacity_bytes
+    assert agent.metrics.total("qwen3vl_ray_hits") == 1 and agent.metrics.total("qwen3vl_ray_misses") == 1
+
+
+def test_agent_batch_larger_than_the_host_tier_is_one_slab_plus_lru_demotions(tmp_path):
+    agent = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=3), LocalObjectStore())
+    # one batch of 5 into a 3-chunk host tier: the 3 that fit go into the store as one slab, the cache commits
+    # all 5 in order and (LRU) demotes the oldest two to disk to make room for the last two
+    assert agent.put_chunks([(key(i), chunk(i), None) for i in range(5)]) == ["disk"] * 2 + ["host"] * 3
+    assert agent.host.used_bytes <= agent.host.capacity_bytes and agent.host.inner.unstage_all() == 0
+    assert all(torch.equal(t, chunk(i)) for i, t in enumerate(agent.get_tensors([key(i) for i in range(5)])))
+    # a batch that fits is one object in the store, committed entry by entry through the cache
+    roomy = NodeAgentLogic(NODES[1], agent_cfg(tmp_path, host_chunks=8), LocalObjectStore())
+    assert roomy.put_chunks([(key(i), chunk(i), None) for i in range(5)]) == ["host"] * 5
+    assert roomy.host.stats()["slabs_put"] == 1 and roomy.cache.where(key(4)) == "host"
+
+
+def test_agent_restart_serves_disk_entries_and_misses_lost_host_entries(tmp_path):
+    cfg = agent_cfg(tmp_path, host_chunks=2)
+    first = NodeAgentLogic(NODES[0], cfg, LocalObjectStore())
+    assert first.put_chunks([(key(i), chunk(i), None) for i in range(4)]) == ["disk"] * 2 + ["host"] * 2
+    # the agent dies (its object store entries with it); a new one opens the same node directory
+    again = NodeAgentLogic(NODES[0], cfg, LocalObjectStore())
+    assert again.epoch != first.epoch
+    got = again.get_tensors([key(0), key(1), key(2), key(3)])
+    assert torch.equal(got[0], chunk(0)) and torch.equal(got[1], chunk(1))
+    assert got[2] is None and got[3] is None  # lost host entries are misses, not errors
+    # another node's directory is separate
+    other = NodeAgentLogic(NODES[1], cfg, LocalObjectStore())
+    assert other.contains_many([key(0)]) == [None]
+
+
+def test_agent_journal_keeps_a_directory_equal_to_its_snapshot(tmp_path):
+    agent = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=2, disk_chunks=3), LocalObjectStore())
+    d = Directory()
+    d.apply_events(NODES[0], ((k, c, True) for k, c in agent.snapshot()["entries"]))
+    for i in range(7):  # churn: demotions and disk evictions
+        agent.put_chunks([(key(i), chunk(i), None)])
+        agent.get_tensors([key(max(0, i - 3))])
+    d.apply_events(NODES[0], agent.drain_journal()["events"])
+    expected = {k: c for k, c in agent.snapshot()["entries"]}
+    assert {k: d.get(k) for k in expected} == {k: (NODES[0], "host" if c == 1 else "disk") for k, c in expected.items()}
+    assert len(d) == len(expected)
+
+
+def test_overflowed_journal_or_restarted_agent_is_resynced_from_a_snapshot(tmp_path):
+    coord, agents = make_cluster(tmp_path, host_chunks=8)
+    a = agents[NODES[0]]
+    a.journal.max_events = 2  # the coordinator was away for a while: the journal overflowed
+    a.put_chunks([(key(i), chunk(i), None) for i in range(5)])
+    coord.sync_journals()
+    assert coord.lookup([key(i) for i in range(5)]) == [(NODES[0], "host")] * 5
+    # counted per entry resynced: the 5 came from the snapshot, not the (lost) journal
+    assert coord.metrics.total("qwen3vl_ray_coordinator_actions", action="resync", node=NODES[0]) == 5
+    # the agent restarts (new epoch, host entries gone): its directory part is rebuilt, not patched
+    coord.agents[NODES[0]] = agents[NODES[0]] = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=8), LocalObjectStore())
+    coord.sync_journals()
+    assert coord.lookup([key(0)]) == [None]
+
+
+# -- coordinator --------------------------------------------------------------------------------
+def make_cluster(tmp_path, config: CoordinatorConfig | None = None, **agent_kw):
+    coord = CoordinatorLogic(config or CoordinatorConfig(recompress_codec="", period_s=0))
+    agents = {}
+    for n in NODES:
+        agents[n] = NodeAgentLogic(n, agent_cfg(tmp_path, **agent_kw), LocalObjectStore())
+        coord.add_agent(n, agents[n])
+    return coord, agents
+
+
+def test_policy_pass_demotes_cold_host_entries_to_the_low_watermark(tmp_path):
+    coord, agents = make_cluster(tmp_path, host_chunks=8, high_watermark=0.7, low_watermark=0.5)
+    a = agents[NODES[0]]
+    a.put_chunks([(key(i), chunk(i), None) for i in range(7)])  # one slab; 7/8 > 0.7 high watermark
+    a.get_tensors([key(0)])  # chunk 0 is now the hottest
+    decisions = coord.policy_pass()
+    assert [d["action"] for d in decisions] == ["demote"]
+    # the 3 coldest went down; the survivors were re-packed so the slab's memory really came back
+    assert a.host.used_bytes == 4 * CHUNK <= 0.5 * a.host.capacity_bytes
+    assert a.contains_many([key(i) for i in range(7)]) == ["host", "disk", "disk", "disk", "host", "host", "host"]
+    assert all(torch.equal(t, chunk(i)) for i, t in enumerate(a.get_tensors([key(i) for i in range(7)])))
+    assert coord.lookup([key(1)]) == [(NODES[0], "disk")]
+    assert coord.metrics.total("qwen3vl_ray_coordinator_actions", action="demote") == 3
+
+
+def test_policy_pass_recompresses_cold_host_entries_before_demoting(tmp_path):
+    cfg = CoordinatorConfig(recompress_codec="int8", recompress_max_per_pass=8, period_s=0)
+    coord, agents = make_cluster(tmp_path, cfg, host_chunks=8, high_watermark=0.7, low_watermark=0.5)
+    a = agents[NODES[0]]
+    a.put_chunks([(key(i), chunk(i), None) for i in range(7)])  # 7/8 > 0.7
+    # int8 halves a bf16 chunk: re-encoding the cold entries frees enough, so nothing has to leave the host
+    assert [d["action"] for d in coord.policy_pass()] == ["recompress"]
+    assert a.host.used_bytes <= 0.5 * a.host.capacity_bytes
+    assert a.contains_many([key(i) for i in range(7)]) == ["host"] * 7
+    assert a.host.entry(key(0)).codec.startswith("int8") and a.host.stats()["compression_ratio"] > 1.5
+    back = a.get_tensors([key(0)])[0]
+    assert back.dtype == torch.bfloat16 and torch.allclose(back.float(), chunk(0).float(), atol=0.02)
+
+
+def test_cluster_eviction_drops_lowest_value_entries_first(tmp_path):
+    cfg = CoordinatorConfig(recompress_codec="", demote_cold=False, period_s=0)
+    coord, agents = make_cluster(tmp_path, cfg, host_chunks=2, disk_chunks=6, high_watermark=0.6, low_watermark=0.4)
+    a, b = agents[NODES[0]], agents[NODES[1]]
+    for i in range(6):
+        a.put_chunks([(key(i), chunk(i), None)])  # disk: 0-3, host: 4, 5
+    a.get_tensors([key(0), key(1)])  # reused: promoted to host, pushing 4 and 5 down to disk
+    b.put_chunks([(key(10), chunk(10), None)])  # node b is not under pressure
+    assert a.value(key(0), 0.05) > a.value(key(2), 0.05)  # reuse raises an entry's value
+    decisions = coord.policy_pass()
+    assert [d["action"] for d in decisions] == ["evict_by_value"]
+    # node a's disk went back under its low watermark by dropping its two lowest-value (never reused,
+    # oldest) entries; the reused ones and node b's entry stay
+    assert a.disk.used_bytes <= 0.4 * a.disk.capacity_bytes
+    assert a.contains_many([key(i) for i in range(6)]) == ["host", "host", None, None, "disk", "disk"]
+    assert b.contains_many([key(10)]) == ["host"]
+    assert coord.lookup([key(2), key(4)]) == [None, (NODES[0], "disk")]
+    assert a.metrics.total("qwen3vl_ray_evictions") == 2
+
+
+def test_route_prefers_the_prefix_holder_balanced_against_load(tmp_path):
+    coord, agents = make_cluster(tmp_path)
+    for i, n in enumerate(NODES):
+        coord.register_worker(f"w{i}", n)
+    keys = [key(i) for i in range(3)]
+    coord.record(NODES[1], keys, ["host"] * 3)
+    assert coord.route(keys)["worker"] == "w1"
+    # w1 now has 1 in flight: 3 local chunks - 4 x 1 < 0 - 0 -> the next goes to an idle worker
+    assert coord.route(keys)["worker"] != "w1"
+    coord.done("w1")
+    assert coord.route(keys, exclude=["w1"])["worker"] != "w1"
+    coord.worker_failed("w0")
+    assert all(coord.route([])["worker"] != "w0" for _ in range(3))
+
+
+def test_placement_sends_new_entries_to_a_node_with_room(tmp_path):
+    coord, agents = make_cluster(tmp_path, host_chunks=4)
+    agents[NODES[0]].put_chunks([(key(i), chunk(i), None) for i in range(4)])
+    coord.policy_pass()  # refreshes reports (demotes node a back under its watermark)
+    agents[NODES[0]].put_chunks([(key(i), chunk(i), None) for i in range(10, 14)])
+    coord.reports[NODES[0]] = agents[NODES[0]].pressure()
+    assert coord.place(NODES[0], CHUNK) != NODES[0]
+    assert coord.place(NODES[1], CHUNK) == NODES[1]
+
+
+def test_admission_rejects_with_numbers_or_queues_until_release(tmp_path):
+    coord, _ = make_cluster(tmp_path)
+    coord.policy_pass()
+    budget = coord.total_budget()
+    coord.admit("s1", int(budget * 0.9))
+    with pytest.raises(ClusterSaturatedError, match="cluster saturated: session 's2' needs"):
+        coord.admit("s2", int(budget * 0.2))
+    coord.config = CoordinatorConfig(admission_mode="queue", admission_timeout_s=5)
+    threading.Timer(0.2, coord.release, args=("s1",)).start()
+    t0 = time.monotonic()
+    assert coord.admit("s2", int(budget * 0.2))["admitted"]
+    assert time.monotonic() - t0 >= 0.1  # it waited for the release
+    assert coord.metrics.total("qwen3vl_ray_admissions", result="rejected") == 1
+
+
+# -- worker ------------------------------------------------------------------------------------
+def test_worker_reuses_a_prefix_cached_on_another_node(tmp_path):
+    coord, agents = make_cluster(tmp_path, host_chunks=16)
+    engine = SyntheticKVEngine(layers=1, kv_heads=1, head_dim=16, chunk_tokens=16)
+    wcfg = WorkerConfig(device_bytes=0)
+    store = agents[NODES[0]].store  # LocalObjectStore handles are arrays: readable from any "node"
+    workers = [WorkerLogic(f"w{i}", n, engine, agents.__getitem__, coord, store, wcfg) for i, n in enumerate(NODES[:2])]
+    prompt = {"token_ids": list(range(80))}  # 5 full chunks
+    first = workers[0].process(prompt)
+    assert first["cached_tokens"] == 0 and first["stored_chunks"] == 5
+    second = workers[1].process(prompt)  # another node: every chunk is a cross-node hit
+    assert second["cached_tokens"] == 80 and second["cross_node_chunks"] == 5 and second["computed_chunks"] == 0
+    assert second["output"] == first["output"]  # same bytes as computing from scratch
+    longer = workers[1].process({"token_ids": list(range(80)) + [7] * 40})
+    assert longer["cached_tokens"] == 80 and longer["computed_chunks"] == 2
+
+
+def test_worker_serves_hot_chunks_from_its_own_device_tier(tmp_path):
+    coord, agents = make_cluster(tmp_path, host_chunks=16)
+    engine = SyntheticKVEngine(layers=1, kv_heads=1, head_dim=16, chunk_tokens=16)
+    w = WorkerLogic("w0", NODES[0], engine, agents.__getitem__, coord, agents[NODES[0]].store,
+                    WorkerConfig(device_bytes=1 << 20))
+    first = w.process({"token_ids": list(range(48))})
+    # the agent restarts empty (host entries lost): the worker still has the chunks in its device tier
+    agents[NODES[0]] = NodeAgentLogic(NODES[0], agent_cfg(tmp_path / "fresh", host_chunks=16), LocalObjectStore())
+    again = w.process({"token_ids": list(range(48)) + [1] * 16})
+    assert again["device_chunks"] == 3 and again["cached_tokens"] == 48 and again["computed_chunks"] == 1
+    assert w.process({"token_ids": list(range(48))})["output"] == first["output"]
+
+
+def test_configs_validate():
+    with pytest.raises(ConfigError, match="admission_mode"):
+        CoordinatorConfig(admission_mode="drop")
+    with pytest.raises(ConfigError, match="host_bytes"):
+        AgentConfig(host_bytes=0)
+    with pytest.raises(ConfigError, match="module:callable"):
+        WorkerConfig(engine="nocolon")
+    cfg = ServiceConfig.from_env({"QWEN3VL_RAY_HOST_BYTES": "1024", "QWEN3VL_RAY_ADMISSION": "queue",
+                                  "QWEN3VL_RAY_WORKER_GPUS": "1"})
+    assert cfg.agent.host_bytes == 1024 and cfg.coordinator.admission_mode == "queue" and cfg.worker.num_gpus == 1.0
+    with pytest.raises(ConfigError, match="QWEN3VL_RAY_HOST_BYTES"):
+        ServiceConfig.from_env({"QWEN3VL_RAY_HOST_BYTES": "lots"})
+
+
+def test_metrics_recorder_validates_names_and_tags_and_the_dashboard_plots_every_metric():
+    import json
+    import re
+    from pathlib import Path
+
+    from actors.metrics import METRICS, Metrics
+
+    m = Metrics("n1")
+    m.inc("qwen3vl_ray_hits", tier="host")
+    m.inc("qwen3vl_ray_coordinator_actions", 2, action="demote")
+    assert m.total("qwen3vl_ray_hits", tier="host") == 1 and m.total("qwen3vl_ray_coordinator_actions") == 2
+    with pytest.raises(ValueError, match="unknown metric"):
+        m.inc("hits")
+    with pytest.raises(ValueError, match="takes tags"):
+        m.inc("qwen3vl_ray_hits", color="red")
+    dash = json.loads((Path(__file__).parent.parent / "dashboards" / "grafana_qwen3vl_ray.json").read_text())
+    plotted = {name for p in dash["panels"] for t in p["targets"]
+               for name in re.findall(r"ray_(qwen3vl_ray_[a-z_]+?)(?:_total|_bucket|_sum|_count)?\{", t["expr"])}
+    assert plotted == set(METRICS)

@@ -1,0 +1,293 @@
+"""The Ray service on a real multi-node cluster (ray.cluster_utils.Cluster, 3+ nodes on one machine).
+
+One cluster per module; tests run in file order and each asserts one behaviour. Faults are real: actor
+processes are SIGKILLed and a node's processes are killed with ``remove_node(allow_graceful=False)``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from actors.config import NAMESPACE, AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig  # noqa: E402
+from actors.coordinator import COORDINATOR_NAME  # noqa: E402
+from actors.node_agent import agent_name, to_wire  # noqa: E402
+from actors.service import REPO_ROOT, ensure_service  # noqa: E402
+from actors.synthetic_engine import SyntheticKVEngine  # noqa: E402
+from qwen3vl_ray.keys import chunk_keys  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.multinode, pytest.mark.slow]
+
+MiB = 1 << 20
+CHUNK_TOKENS = 64
+ENGINE_ARGS = dict(layers=2, kv_heads=2, head_dim=64, chunk_tokens=CHUNK_TOKENS)  # 64 KiB bf16 chunks
+HOST, DISK = 2 * MiB, 4 * MiB
+ENGINE = SyntheticKVEngine(**ENGINE_ARGS)
+CHUNK_BYTES = ENGINE.chunk_bytes
+
+
+def reference(tokens: list[int]) -> str:
+    """The output computed from scratch, without any cache."""
+    return ENGINE.prefill(tokens, chunk_keys(ENGINE.namespace, tokens, CHUNK_TOKENS), [])["output"]
+
+
+def prompt(seed: int, n_chunks: int) -> list[int]:
+    return [(seed * 7919 + i) % 50_000 for i in range(n_chunks * CHUNK_TOKENS)]
+
+
+def wait_for(pred, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except Exception:  # the thing waited for may be restarting
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    old_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = REPO_ROOT + os.pathsep + (old_path or "")  # the nodes' workers import actors
+    node_args = dict(num_cpus=1, object_store_memory=80 * MiB)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    metrics_port = sock.getsockname()[1]
+    sock.close()
+    # fast failure detection so a removed node is declared dead in about a second
+    system = {"health_check_period_ms": 300, "health_check_failure_threshold": 3, "health_check_timeout_ms": 300}
+    c = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, _system_config=system,
+                                                                metrics_export_port=metrics_port, **node_args))
+    c.metrics_port = metrics_port
+    for _ in range(2):
+        c.add_node(**node_args)
+    ray.init(address=c.address, namespace=NAMESPACE)
+    config = ServiceConfig(
+        agent=AgentConfig(host_bytes=HOST, disk_bytes=DISK, disk_dir=str(tmp_path_factory.mktemp("disk")),
+                          disk_fsync=False, high_watermark=0.9, low_watermark=0.7),
+        coordinator=CoordinatorConfig(period_s=0.5, node_sync_period_s=1.0, recompress_codec=""),
+        worker=WorkerConfig(engine_args=dict(ENGINE_ARGS, compute_s_per_chunk=0.05), num_cpus=0.25),
+    )
+    service = ensure_service(config, num_workers=3)
+    yield c, service, config
+    ray.shutdown()
+    c.shutdown()
+    if old_path is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old_path
+
+
+def agents_by_node():
+    alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    return {n: ray.get_actor(agent_name(n), namespace=NAMESPACE) for n in alive}
+
+
+def test_one_agent_per_node_and_ensure_service_is_idempotent(cluster):
+    c, service, config = cluster
+    agents = agents_by_node()
+    assert len(agents) == 3
+    assert {n: ray.get(a.node_id.remote()) for n, a in agents.items()} == {n: n for n in agents}
+    coord_pid = ray.get(service.coordinator.pid.remote())
+    again = ensure_service(config, num_workers=3)  # a second call reuses the coordinator, agents, workers
+    assert ray.get(again.coordinator.pid.remote()) == coord_pid
+    assert {ray.get(w.pid.remote()) for w in again.workers.values()} == {ray.get(w.pid.remote()) for w in service.workers.values()}
+    assert len(agents_by_node()) == 3
+
+
+def test_a_second_driver_attaches_to_the_running_service(cluster):
+    c, service, _ = cluster
+    # what a job or the CLI does: a new process, RAY_ADDRESS set, ensure_service with its own (default) config
+    code = ("from actors.service import ensure_service; import ray; s = ensure_service(num_workers=3); "
+            "print('PIDS', ray.get(s.coordinator.pid.remote()), len(s.state()['nodes']))")
+    env = dict(os.environ, RAY_ADDRESS=c.address)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pids = next(line for line in out.stdout.splitlines() if line.startswith("PIDS")).split()
+    assert int(pids[1]) == ray.get(service.coordinator.pid.remote()) and int(pids[2]) == 3
+
+
+def test_admission_rejects_sessions_past_the_cluster_budget_with_a_clear_error(cluster):
+    _, service, _ = cluster
+    from actors.coordinator import ClusterSaturatedError
+
+    ray.get(service.coordinator.policy_pass.remote())  # fresh pressure reports
+    budget = service.state()["budget"]
+    assert budget == 3 * (HOST + DISK)
+    sid = service.admit(budget // 2)
+    with pytest.raises(ClusterSaturatedError, match="cluster saturated"):
+        service.admit(budget // 2 + 1)
+    service.release(sid)
+    service.release(service.admit(budget // 2 + 1))
+
+
+def test_cross_node_hit_serves_the_same_bytes(cluster):
+    _, service, _ = cluster
+    tokens = prompt(1, 4)
+    [first] = service.process([{"token_ids": tokens}])
+    assert first["cached_tokens"] == 0 and first["stored_chunks"] == 4
+    holder = first["node"]
+    other = next(w for w, h in service.workers.items() if ray.get(h.node_id.remote()) != holder)
+    second = ray.get(service.workers[other].process.remote({"token_ids": tokens}))
+    assert second["cross_node_chunks"] == 4 and second["cached_tokens"] == len(tokens)
+    assert second["output"] == first["output"] == reference(tokens)
+    # the router sends the prompt back to a worker on the holder's node
+    route = ray.get(service.coordinator.route.remote(service.keys_for({"token_ids": tokens})))
+    ray.get(service.coordinator.done.remote(route["worker"]))
+    assert route["node"] == holder and route["local_chunks"] == 4
+
+
+def test_killed_worker_requests_retried_and_its_entries_still_served(cluster):
+    _, service, _ = cluster
+    early = prompt(2, 3)
+    [done] = service.process([{"token_ids": early}])
+    victim = done["worker"]
+    victim_pid = ray.get(service.workers[victim].pid.remote())
+    # 6 long requests (20 chunks x 50 ms) spread over the workers; the victim dies while serving one
+    reqs = [{"token_ids": prompt(100 + i, 20), "id": i} for i in range(6)]
+    killer = threading.Timer(1.0, os.kill, args=(victim_pid, signal.SIGKILL))
+    killer.start()
+    results = service.process(reqs)
+    killer.join()
+    assert [r["output"] for r in results] == [reference(r["token_ids"]) for r in reqs]
+    assert any(r["attempts"] > 1 for r in results)  # some request was retried on another worker
+    # the host-tier entries the dead worker produced live on in its node's agent
+    survivor = next(w for w in service.workers if w != victim)
+    again = ray.get(service.workers[survivor].process.remote({"token_ids": early}))
+    assert again["cached_tokens"] == len(early) and again["output"] == reference(early)
+
+
+def test_killed_agent_restarts_serves_disk_entries_and_lost_host_entries_miss(cluster):
+    _, service, _ = cluster
+    node, agent = sorted(agents_by_node().items())[-1]
+    tokens = prompt(3, 48)  # 48 x 64 KiB = 3 MiB > 2 MiB host budget: the oldest chunks go to disk
+    keys = chunk_keys(ENGINE.namespace, tokens, CHUNK_TOKENS)
+    chunks = [ENGINE.chunk_kv(k) for k in keys]
+    ray.get(agent.put_chunks.remote([(k, to_wire(t), None) for k, t in zip(keys, chunks)]))
+    where = ray.get(agent.contains_many.remote(keys))  # now, just before the kill
+    on_disk = [i for i, w in enumerate(where) if w == "disk"]
+    on_host = [i for i, w in enumerate(where) if w == "host"]
+    assert on_disk and on_host
+    old_epoch = ray.get(agent.ping.remote())
+    os.kill(ray.get(agent.pid.remote()), signal.SIGKILL)
+    wait_for(lambda: ray.get(agent.ping.remote(), timeout=5) != old_epoch, what="agent restart")
+    from actors.node_agent import materialize
+    from actors.object_store_tier import RayObjectStore
+
+    refs = ray.get(agent.get_chunks.remote(keys))
+    tensors = materialize(refs, RayObjectStore())
+    # every chunk is either served bit-exact or a miss; all that were on disk before the kill are served
+    assert all(t is None or t.equal(c) for t, c in zip(tensors, chunks))
+    assert all(tensors[i] is not None for i in on_disk)
+    lost = [i for i, t in enumerate(tensors) if t is None]
+    assert lost and set(lost) <= set(on_host)  # lost host entries are misses, not errors
+    # the coordinator notices the new epoch and forgets the lost entries
+    ray.get(service.coordinator.policy_pass.remote())
+    locs = ray.get(service.coordinator.lookup.remote([keys[i] for i in lost]))
+    assert locs == [None] * len(lost)
+
+
+def test_killed_coordinator_restarts_rebuilds_and_jobs_continue(cluster):
+    _, service, _ = cluster
+    before = ray.get(service.coordinator.state.remote())
+    assert before["entries"] > 0
+    reqs = [{"token_ids": prompt(200 + i, 12)} for i in range(4)]
+    killer = threading.Timer(0.3, lambda: os.kill(ray.get(service.coordinator.pid.remote()), signal.SIGKILL))
+    killer.start()
+    results = service.process(reqs)
+    killer.join()
+    assert [r["output"] for r in results] == [reference(r["token_ids"]) for r in reqs]
+    after = ray.get(service.coordinator.state.remote())
+    assert after["nodes"] == before["nodes"] and after["entries"] > 0  # rebuilt from the agents
+    assert sorted(after["workers"]) == sorted(service.workers)  # workers found again by name
+
+
+def test_removed_node_entries_become_misses_and_requests_continue(cluster):
+    c, service, config = cluster
+    node = c.add_node(num_cpus=1, object_store_memory=80 * MiB)
+    new_id = node.node_id
+    wait_for(lambda: new_id in ray.get(service.coordinator.state.remote())["nodes"], what="agent on the new node")
+    agent = ray.get_actor(agent_name(new_id), namespace=NAMESPACE)
+    tokens = prompt(4, 4)
+    keys = chunk_keys(ENGINE.namespace, tokens, CHUNK_TOKENS)
+    tiers = ray.get(agent.put_chunks.remote([(k, to_wire(ENGINE.chunk_kv(k)), None) for k in keys]))
+    ray.get(service.coordinator.record.remote(new_id, keys, tiers))
+    assert ray.get(service.coordinator.lookup.remote(keys)) == [(new_id, "host")] * 4
+    c.remove_node(node, allow_graceful=False)
+    wait_for(lambda: new_id not in ray.get(service.coordinator.state.remote())["nodes"], what="node removal")
+    assert ray.get(service.coordinator.lookup.remote(keys)) == [None] * 4
+    [r] = service.process([{"token_ids": tokens}])
+    assert r["cached_tokens"] == 0 and r["output"] == reference(tokens)
+
+
+def test_workload_three_times_the_budgets_stays_within_every_budget(cluster):
+    _, service, config = cluster
+    agents = agents_by_node()
+    total = len(agents) * (HOST + DISK)
+    n_chunks = 3 * total // CHUNK_BYTES
+    reqs = [{"token_ids": prompt(1000 + i, 16)} for i in range(n_chunks // 16 + 1)]
+    samples: list[dict] = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            for a in agents.values():
+                try:
+                    samples.append(ray.get(a.pressure.remote(), timeout=10))
+                except Exception:
+                    pass
+            time.sleep(0.1)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        for i in range(0, len(reqs), 6):
+            batch = reqs[i:i + 6]
+            out = service.process(batch)
+            assert [r["output"] for r in out] == [reference(r["token_ids"]) for r in batch]
+    finally:
+        stop.set()
+        t.join()
+    assert len(samples) > 3 * len(agents)
+    for s in samples:
+        for name, tier in s["tiers"].items():
+            assert tier["used"] <= tier["capacity"] + CHUNK_BYTES + 4096, (s["node_id"], name, tier)
+    assert sum(s["tiers"]["disk"]["used"] > 0 for s in samples) > 0  # pressure really reached the disk tier
+
+
+def test_metrics_reach_the_prometheus_endpoint(cluster):
+    c, _, _ = cluster
+    head = c.head_node.node_id
+    # the head node's agent exports its tier gauges and hit counters, tagged by node and tier
+    want = ["ray_qwen3vl_ray_bytes_used{", "ray_qwen3vl_ray_bytes_budget{", "ray_qwen3vl_ray_hits_total{"]
+    body = ""
+    agent = agents_by_node()[head]
+    k = chunk_keys(ENGINE.namespace, prompt(5, 1), CHUNK_TOKENS)
+    ray.get(agent.put_chunks.remote([(k[0], to_wire(ENGINE.chunk_kv(k[0])), None)]))
+    assert ray.get(agent.get_chunks.remote(k))[0] is not None  # one hit on the head node
+
+    def exported():
+        nonlocal body
+        ray.get(agents_by_node()[head].pressure.remote())
+        body = urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=5).read().decode()
+        return all(w in body for w in want)
+
+    try:
+        wait_for(exported, timeout=60, what="qwen3vl_ray metrics on the head node's endpoint")
+    except AssertionError:
+        raise AssertionError([l for l in body.splitlines() if "qwen3vl" in l and not l.startswith("#")][:20]) from None
+    line = next(l for l in body.splitlines() if l.startswith("ray_qwen3vl_ray_bytes_budget{") and 'tier="host"' in l)
+    assert f'node="{head}"' in line and float(line.rsplit(" ", 1)[1]) == HOST

@@ -1,0 +1,415 @@
+"""Eviction policies: scripted scenarios with exact orders, the registry, a property test, small replays."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks.policy import ChainOracle, belady, replay
+from benchmarks.traces import (MOONCAKE_TRACE, SYNTHETIC, check_prefix_property, load_mooncake,
+                               multi_turn_chats, zipf_documents, zipf_with_scans)
+from qwen3vl_ray.errors import ConfigError
+from qwen3vl_ray.policies import (DEFAULT_POLICY, POLICIES, ChainARCPolicy, Doorkeeper, LRUPolicy,
+                                  Prefix2QPolicy, PrefixLRUPolicy, make_policy)
+
+ALL = lambda key: True  # noqa: E731
+
+
+def k(name: str) -> bytes:
+    """A 16-byte key that reads as its name in failure messages."""
+    return name.encode().ljust(16, b".")
+
+
+def drain(policy, evictable=ALL, remove=True) -> list[bytes]:
+    """Every victim in order; with ``remove`` the cache removes each one as it goes (on_remove)."""
+    out = []
+    for key in policy.victims(evictable):
+        out.append(key)
+        if remove:
+            policy.on_remove(key)
+    return out
+
+
+def names(keys) -> list[str]:
+    return [key.rstrip(b".").decode() for key in keys]
+
+
+# -- registry -----------------------------------------------------------------------------------------
+
+def test_make_policy_builds_each_registered_policy_fresh():
+    for name in POLICIES:
+        a, b = make_policy(name), make_policy(name)
+        assert a.name == name and a is not b and len(a) == 0
+    assert DEFAULT_POLICY in POLICIES
+
+
+@pytest.mark.parametrize("bad", ["LRU", "arc", "", None, 3])
+def test_make_policy_rejects_unknown_names_listing_valid_ones(bad):
+    with pytest.raises(ConfigError) as err:
+        make_policy(bad)
+    assert repr(bad) in str(err.value)
+    for name in POLICIES:
+        assert name in str(err.value)
+
+
+# -- LRU ----------------------------------------------------------------------------------------------
+
+def test_lru_evicts_least_recently_used_first():
+    p = LRUPolicy()
+    for name in "abcd":
+        p.on_insert(k(name), 100)
+    p.on_access(k("a"))  # a becomes the most recent
+    p.on_insert(k("b"), 100)  # re-insert (replace) also counts as a use
+    assert names(drain(p)) == ["c", "d", "a", "b"]
+    assert len(p) == 0
+
+
+def test_lru_skips_pinned_keys_without_losing_them():
+    p = LRUPolicy()
+    for name in "abc":
+        p.on_insert(k(name), 1)
+    # a is pinned: the walk goes past it and a stays, still the oldest
+    assert names(drain(p, lambda key: key != k("a"))) == ["b", "c"]
+    assert len(p) == 1 and k("a") in p
+    assert names(drain(p)) == ["a"]
+
+
+def test_lru_walk_survives_removals_and_accesses_between_steps():
+    p = LRUPolicy()
+    for name in "abcde":
+        p.on_insert(k(name), 1)
+    walk = p.victims(ALL)
+    assert next(walk) == k("a")
+    p.on_remove(k("a"))
+    p.on_remove(k("b"))  # the cache drops the next one for its own reasons (explicit remove)
+    assert next(walk) == k("c")
+    # the cache stops without removing c: c keeps its place
+    walk.close()
+    assert names(drain(p)) == ["c", "d", "e"]
+
+
+def test_lru_ignores_events_for_unknown_keys():
+    p = LRUPolicy()
+    p.on_access(k("x"))
+    p.on_remove(k("x"))
+    assert len(p) == 0 and drain(p) == []
+
+
+# -- leaf-first prefix LRU -----------------------------------------------------------------------------
+
+def chain(policy, *names_, first_parent=None):
+    parent = first_parent
+    for name in names_:
+        policy.on_insert(k(name), 1, parent)
+        parent = k(name)
+
+
+def test_prefix_lru_evicts_a_chain_from_its_tail():
+    # chain a -> b -> c, then an unrelated d. LRU would take a first (oldest) and leave b, c useless.
+    for policy, expected in ((LRUPolicy(), ["a", "b", "c", "d"]), (PrefixLRUPolicy(), ["c", "b", "a", "d"])):
+        chain(policy, "a", "b", "c")
+        chain(policy, "d")
+        assert names(drain(policy)) == expected, policy.name
+
+
+def test_prefix_lru_shared_parent_goes_after_all_its_children():
+    # system prompt s with two conversations s -> x1 and s -> y1 -> y2; s is used by both
+    p = PrefixLRUPolicy()
+    chain(p, "s", "x1")
+    chain(p, "y1", "y2", first_parent=k("s"))
+    p.on_access(k("s"))
+    p.on_access(k("x1"))  # x1 is the most recent leaf
+    assert names(drain(p)) == ["y2", "y1", "x1", "s"]
+
+
+def test_prefix_lru_pinned_leaf_is_skipped_and_kept():
+    p = PrefixLRUPolicy()
+    chain(p, "a", "b", "c")
+    chain(p, "d")
+    # c is in flight: d is the only other leaf; then the interior a, b follow (fallback, oldest first)
+    # so that the cache can still make room
+    assert names(drain(p, lambda key: key != k("c"), remove=False)) == ["d", "a", "b"]
+    assert len(p) == 4
+    assert names(drain(p)) == ["c", "b", "a", "d"]
+
+
+def test_prefix_lru_links_a_child_that_arrived_before_its_parent():
+    # a tier below receives c (tail) before p (its parent); c is used again after p arrives
+    p = PrefixLRUPolicy()
+    p.on_insert(k("c"), 1, k("p"))
+    p.on_insert(k("p"), 1, None)
+    p.on_access(k("c"))
+    # p is older, but c depends on it: c goes first
+    assert names(drain(p)) == ["c", "p"]
+
+
+def test_prefix_lru_orphan_removed_before_its_parent_arrives_leaves_no_trace():
+    p = PrefixLRUPolicy()
+    p.on_insert(k("c"), 1, k("p"))
+    p.on_remove(k("c"))
+    p.on_insert(k("p"), 1, None)
+    assert names(drain(p)) == ["p"]
+    assert p._waiting == {}
+
+
+def test_prefix_lru_removing_an_interior_entry_keeps_its_children_evictable():
+    p = PrefixLRUPolicy()
+    chain(p, "a", "b", "c")
+    p.on_remove(k("b"))  # explicit remove of the middle; c is a chain head from now on
+    # a has no cached child any more: a leaf again, and older than c
+    assert names(drain(p)) == ["a", "c"]
+
+
+def test_prefix_lru_victims_never_repeats_a_key_it_was_not_told_was_removed():
+    p = PrefixLRUPolicy()
+    chain(p, "a", "b")
+    p.on_access(k("b"))
+    p.on_access(k("b"))  # several stale heap entries for b
+    assert names(drain(p, remove=False)) == ["b", "a"]
+
+
+# -- prefix 2Q ----------------------------------------------------------------------------------------
+
+def test_prefix_2q_ranks_first_time_blocks_below_blocks_that_came_back():
+    p = Prefix2QPolicy(penalty=1.0, max_penalty=1.0, step=0.0)
+    # o is seen, dropped, and comes back: the doorkeeper remembers it
+    p.on_miss(k("o"))
+    p.on_insert(k("o"), 1)
+    p.on_remove(k("o"))
+    p.on_miss(k("o"))
+    p.on_insert(k("o"), 1)
+    # n is newer but seen for the first time: ranked 1 x entries older -> goes first (LRU: o first)
+    p.on_miss(k("n"))
+    p.on_insert(k("n"), 1)
+    assert names(drain(p)) == ["n", "o"]
+
+
+def test_prefix_2q_a_hit_promotes_a_first_time_block():
+    p = Prefix2QPolicy(penalty=1.0, max_penalty=1.0, step=0.0)
+    for name in "ab":
+        p.on_miss(k(name))
+        p.on_insert(k(name), 1)
+    p.on_access(k("a"))  # a is reused while cached: no longer on probation
+    assert names(drain(p)) == ["b", "a"]
+
+
+def test_prefix_2q_penalty_adapts_and_stays_in_bounds():
+    p = Prefix2QPolicy(penalty=0.5, max_penalty=1.0, step=1.0)
+    p.on_insert(k("a"), 1)
+    p.on_insert(k("b"), 1)
+    p.on_access(k("a"))  # hit on a first-time block: new blocks get reused soon -> lower
+    assert p.penalty == pytest.approx(0.0)
+    p.on_access(k("b"))
+    assert p.penalty == 0.0  # clamped
+    p.on_remove(k("a"))
+    p.on_insert(k("a"), 1)  # a came back after being dropped -> higher
+    assert p.penalty == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="penalty"):
+        Prefix2QPolicy(penalty=2.0, max_penalty=1.0)
+
+
+def test_prefix_2q_is_leaf_first():
+    p = Prefix2QPolicy()
+    chain(p, "a", "b", "c")
+    assert names(drain(p)) == ["c", "b", "a"]
+
+
+# -- chain-level 2Q with ARC adaptation -------------------------------------------------------------------
+
+def missed_chain(policy, *names_, first_parent=None):
+    """Blocks inserted as the replay does after a miss: on_miss, then on_insert with the parent."""
+    parent = first_parent
+    for name in names_:
+        policy.on_miss(k(name))
+        policy.on_insert(k(name), 1, parent)
+        parent = k(name)
+
+
+def test_chain_arc_new_blocks_of_a_returning_chain_outrank_a_fresh_chain():
+    p = ChainARCPolicy(penalty=1.0, max_penalty=1.0, step=0.0)
+    # chain a -> a1 is cached, then dropped (tail first)
+    missed_chain(p, "a", "a1")
+    p.on_remove(k("a1"))
+    p.on_remove(k("a"))
+    # a comes back (its head is remembered: hot) and appends a new block a2, which inherits hot although
+    # a2 itself was never seen; then a fresh chain n -> n1 (cold) arrives, newer than both
+    missed_chain(p, "a", "a2")
+    missed_chain(p, "n", "n1")
+    # clocks a:3 a2:4 n:5 n1:6; cold ranks 1 x entries (3, then 4) earlier: n 2, n1 2 < a 3, a2 4
+    assert names(drain(p)) == ["n1", "n", "a2", "a"]
+    # leaf-first LRU on the same events keeps the fresh chain instead
+    q = PrefixLRUPolicy()
+    missed_chain(q, "a", "a1")
+    q.on_remove(k("a1"))
+    q.on_remove(k("a"))
+    missed_chain(q, "a", "a2")
+    missed_chain(q, "n", "n1")
+    assert names(drain(q)) == ["a2", "a", "n1", "n"]
+
+
+def test_chain_arc_a_hit_makes_a_cold_block_hot():
+    p = ChainARCPolicy(penalty=1.0, max_penalty=1.0, step=0.0)
+    missed_chain(p, "x")
+    p.on_access(k("x"))  # x (clock 2) is hot now
+    missed_chain(p, "y")  # cold, clock 3 - 2 entries = 1
+    missed_chain(p, "z")  # cold, clock 4 - 3 entries = 1 (tie broken by key)
+    assert names(drain(p)) == ["y", "z", "x"]
+
+
+def test_chain_arc_is_leaf_first():
+    p = ChainARCPolicy()
+    missed_chain(p, "a", "b", "c")
+    missed_chain(p, "d")
+    assert names(drain(p)) == ["c", "b", "a", "d"]
+
+
+def test_chain_arc_ghost_hits_move_the_penalty_and_it_stays_in_bounds():
+    p = ChainARCPolicy(penalty=1.0, max_penalty=2.0, step=1.0)
+    missed_chain(p, "a")
+    missed_chain(p, "b")
+    p.on_remove(k("a"))  # a leaves cold: the cold ghost remembers it
+    p.on_miss(k("a"))  # ... and it is wanted again: cold blocks went too early -> lower by step / entries
+    assert p.penalty == pytest.approx(0.0)
+    p.on_miss(k("a"))
+    assert p.penalty == 0.0  # clamped
+    p.on_access(k("b"))  # b is hot now
+    p.on_remove(k("b"))  # ... and leaves hot: the hot ghost remembers it
+    # hot came back -> higher, by step x max(1, cold/hot evictions) / max(1, entries) (empty tier: 1)
+    p.on_miss(k("b"))
+    assert p.penalty == pytest.approx(1.0, abs=0.01)
+    for _ in range(3):
+        p.on_miss(k("b"))
+    assert p.penalty == 2.0  # clamped at max_penalty
+    p.on_miss(k("never-seen"))  # in neither ghost: no change
+    assert p.penalty == 2.0
+
+
+def test_chain_arc_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="penalty"):
+        ChainARCPolicy(penalty=3.0, max_penalty=2.0)
+    with pytest.raises(ValueError, match="step"):
+        ChainARCPolicy(step=-1.0)
+    with pytest.raises(ValueError, match="window_factor"):
+        ChainARCPolicy(window_factor=0)
+    with pytest.raises(ValueError, match="ghost_factor"):
+        ChainARCPolicy(ghost_factor=-2)
+
+
+# -- doorkeeper ---------------------------------------------------------------------------------------
+
+def test_doorkeeper_remembers_one_to_two_windows():
+    d = Doorkeeper(window=1000)
+    assert not any(d.seen_then_add(i) for i in range(1000, 1100))
+    assert all(i in d for i in range(1000, 1100))
+    for i in range(2000, 2900):
+        d.seen_then_add(i)  # first generation full: it becomes the old one
+    assert all(i in d for i in range(1000, 1100))
+    for i in range(3000, 4000):
+        d.seen_then_add(i)  # a second window later the first keys are gone (bar false positives)
+    assert sum(i in d for i in range(1000, 1100)) <= 10
+    with pytest.raises(ValueError, match="window"):
+        Doorkeeper(0)
+
+
+# -- property: every policy is a consistent ordering of its live keys ----------------------------------
+
+OPS = st.lists(st.tuples(st.sampled_from(["insert", "access", "remove", "evict", "miss"]),
+                         st.integers(0, 11), st.integers(0, 11)), max_size=80)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@settings(max_examples=60, deadline=None)
+@given(ops=OPS, pinned=st.sets(st.integers(0, 11), max_size=4))
+def test_victims_is_a_permutation_of_live_evictable_keys(name, ops, pinned):
+    policy = make_policy(name)
+    live: set[bytes] = set()
+    for op, a, b in ops:
+        key = k(f"k{a}")
+        if op == "insert":
+            policy.on_insert(key, 1, k(f"k{b}") if b < a else None)
+            live.add(key)
+        elif op == "access" and key in live:
+            policy.on_access(key)
+        elif op == "remove":
+            policy.on_remove(key)
+            live.discard(key)
+        elif op == "miss" and key not in live:
+            policy.on_miss(key)
+        elif op == "evict":  # the cache takes the first victim, if any
+            victim = next(policy.victims(ALL), None)
+            assert (victim is None) == (not live)
+            if victim is not None:
+                assert victim in live
+                policy.on_remove(victim)
+                live.discard(victim)
+        assert len(policy) == len(live)
+    evictable = lambda key: key not in {k(f"k{i}") for i in pinned}  # noqa: E731
+    walked = drain(policy, evictable, remove=False)
+    assert len(walked) == len(set(walked))
+    assert set(walked) == {key for key in live if evictable(key)}
+    assert len(policy) == len(live)  # a walk that removes nothing loses nothing
+    assert sorted(drain(policy)) == sorted(live)
+
+
+# -- traces and replay --------------------------------------------------------------------------------
+
+def test_synthetic_traces_are_prefix_traces_and_deterministic():
+    for gen in SYNTHETIC.values():
+        trace = gen()
+        check_prefix_property(trace)
+        assert trace == gen()
+    with pytest.raises(ValueError, match="follows"):
+        check_prefix_property([[1, 2], [3, 2]])
+
+
+def test_load_mooncake_names_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_mooncake(tmp_path / "nope.jsonl")
+
+
+def test_replay_counts_prefix_hits_only():
+    # 3 slots. Request 1 caches 1 -> 2 -> 3; request 2 (block 4) needs a slot.
+    trace = [[1, 2, 3], [4], [1, 2, 3]]
+    # LRU drops 1, the chain head: request 3 finds 2 and 3 cached but its hit stops at 1 -> 0 hits of 7
+    assert replay(make_policy("lru"), trace, 3) == 0.0
+    # leaf-first drops 3: request 3 hits 1 and 2
+    assert replay(make_policy("prefix-lru"), trace, 3) == pytest.approx(2 / 7)
+    # Belady knows 4 is never used again and bypasses it: request 3 hits all three
+    assert belady(trace, 3) == pytest.approx(3 / 7)
+    # a request's own blocks are in flight: with 2 slots, 3 finds nothing evictable and is not cached
+    assert replay(make_policy("lru"), [[1, 2, 3], [1, 2, 3]], 2) == pytest.approx(2 / 6)
+
+
+def test_chain_oracle_drops_chains_with_no_request_left_first():
+    # 2 slots. Chain 1 -> 2 comes back in request 3; chain 3 never does.
+    trace = [[1, 2], [3], [1, 2]]
+    # request 2 must evict the only leaf, 2; request 3 hits 1, then needs a slot for 2: the oracle drops 3
+    # (no request left on its chain) rather than 1 (in flight anyway) -> 1 hit of 5
+    assert replay(ChainOracle(trace), trace, 2) == pytest.approx(1 / 5)
+    assert replay(make_policy("lru"), trace, 2) == 0.0  # LRU dropped 1, the head: request 3 misses at once
+    assert belady(trace, 2) == pytest.approx(2 / 5)  # MIN bypasses 3
+
+
+SMALL_TRACES = {
+    "zipf": (zipf_documents(n_docs=800, n_requests=3000, seed=5), [40, 150, 500]),
+    "zipf+scan": (zipf_with_scans(n_docs=600, n_requests=2000, scan_every=40, scan_len=60, seed=6), [60, 200]),
+    "multi-turn": (multi_turn_chats(n_conversations=200, active=20, seed=7), [60, 200]),
+}
+
+
+@pytest.mark.parametrize("trace_name", sorted(SMALL_TRACES))
+def test_default_policy_is_never_below_lru_and_belady_bounds_all(trace_name):
+    trace, capacities = SMALL_TRACES[trace_name]
+    for cap in capacities:
+        lru = replay(make_policy("lru"), trace, cap)
+        default = replay(make_policy(DEFAULT_POLICY), trace, cap)
+        best = belady(trace, cap)
+        assert default >= lru, (trace_name, cap, default, lru)
+        assert best >= default and best >= lru
+
+
+@pytest.mark.skipif(not MOONCAKE_TRACE.is_file(), reason="shared Mooncake trace not present")
+def test_mooncake_slice_default_not_below_lru():
+    trace = load_mooncake()[:1200]
+    assert replay(make_policy(DEFAULT_POLICY), trace, 1500) >= replay(make_policy("lru"), trace, 1500)
