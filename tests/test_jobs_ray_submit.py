@@ -162,11 +162,11 @@ def test_stopped_job_resumes_without_duplicates_or_gaps(ray_head, tmp_path):
     # `ray job stop` halfway through (SIGTERM to the driver), then the same job again: every id once
     shutil.copytree(ROOT / "jobs" / "data" / "images", tmp_path / "images")
     imgs = ["images/gradient.png", "images/checker.png", "images/circles.png", "images/waves.png"]
-    n = 40
+    n = 80
     (tmp_path / "in.jsonl").write_text("".join(
         json.dumps({"id": f"r{i:03d}", "prompt": f"question {i}", "images": [imgs[i % 4]]}) + "\n" for i in range(n)))
     env_vars = {"QWEN3VL_RAY_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "QWEN3VL_RAY_DISK_DIR": str(tmp_path / "disk"),
-                "QWEN3VL_RAY_MAX_NEW_TOKENS": "16"}
+                "QWEN3VL_RAY_MAX_NEW_TOKENS": "48"}
     out = tmp_path / "out.parquet"
     args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model", "tiny", "--no-progress",
             "--batch-size", "1"]
