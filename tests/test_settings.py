@@ -88,3 +88,17 @@ def test_tier_configs_follow_settings(tmp_path):
 def test_library_has_no_ray_import():
     code = "import sys, qwen3vl_ray.settings as s; s.resolve(env={}); assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_engine_config_follows_settings(tmp_path):
+    s = S.resolve({"chunk_tokens": 64, "dtype": "float32", "policy": "lru", "device_bytes": "2MiB",
+                   "disk_dir": str(tmp_path), "vision_cache": False, "tenant": "t1"}, env={})
+    cfg = S.engine_config(s)
+    assert (cfg.chunk_tokens, cfg.dtype, cfg.policy, cfg.vision_cache, cfg.tenant) == (64, "float32", "lru", False, "t1")
+    assert [t.kind for t in cfg.tiers] == ["device", "host", "disk"] and cfg.tiers[0].capacity_bytes == 2 << 20
+    assert S.resolved_dtype(s.replace(dtype="auto")) in ("float32", "bfloat16")
+
+
+def test_resolve_checkpoint_rejects_unknown_model(tmp_path):
+    with pytest.raises(ConfigError, match="neither a checkpoint directory nor a preset"):
+        S.resolve_checkpoint(S.resolve({"model": "no-such-model", "checkpoint_dir": str(tmp_path)}, env={}))
