@@ -36,6 +36,8 @@ def test_validation_catches_a_broken_config():
 
 def test_aws_workers_have_nvme_instance_store():
     config = _load("cluster.yaml")
+    # jobs on the (GPU-less) head must ask for GPU workers, so the autoscaler launches GPU nodes
+    assert "QWEN3VL_RAY_WORKER_GPUS=1" in "\n".join(config["head_start_ray_commands"])
     assert config["provider"]["type"] == "aws"
     workers = {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
     assert workers
