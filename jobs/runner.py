@@ -14,6 +14,7 @@ the columns of ``jobs.output.SCHEMA``. A per-request failure is that row's ``err
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import time
 from typing import Any, Protocol
@@ -143,12 +144,41 @@ class EngineRunner:
         return [result_row(it.id, r) for it, r in zip(items, results)]
 
     def stats(self) -> dict:
-        return self.engine.stats() if hasattr(self.engine, "stats") else {}
+        out = self.engine.stats()
+        ratios = codec_ratios(self.engine.store)
+        for t in out.get("store", {}).get("tiers", []):
+            if t.get("name") in ratios:
+                t["compression_ratio"] = ratios[t["name"]]
+        return out
 
     def close(self) -> None:
         close = getattr(self.engine, "close", None)
         if close:
             close()
+
+
+def codec_ratios(store: Any, sample: int = 8) -> dict[str, float]:
+    """Per tier: raw bytes / encoded bytes of its codec, measured on up to ``sample`` of its stored entries.
+
+    The tiers' own byte counts are in whole pool blocks (or files with headers), so they show occupancy,
+    not what the codec saves; this re-encodes real entries with the tier's codec to measure that.
+    """
+    from qwen3vl_ray.codecs import make_codec
+
+    out = {}
+    for tier in getattr(store, "tiers", []):
+        spec = tier.stats().get("codec", "none")
+        raw = enc = 0
+        codec = make_codec(spec)
+        for key in list(itertools.islice(tier.keys(), sample)):
+            t = tier.get(key)
+            if t is None:
+                continue
+            raw += t.numel() * t.element_size()
+            enc += len(codec.encode(t))
+        if enc:
+            out[tier.name] = raw / enc
+    return out
 
 
 class PlainRunner:
