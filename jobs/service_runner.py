@@ -154,7 +154,25 @@ def _collect(state: dict) -> dict:
     for node in state.get("nodes", []):
         try:
             agent = ray.get_actor(agent_name(node), namespace=NAMESPACE)
-            nodes[node] = ray.get(agent.pressure.remote(), timeout=30)
+            report, stats = ray.get([agent.pressure.remote(), agent.stats.remote()], timeout=30)
+            nodes[node] = _merge_stats(report, stats)
         except Exception as e:  # a dead agent is a row saying so, not a failed status
             nodes[node] = {"error": f"{type(e).__name__}: {e}"}
     return {"coordinator": state, "nodes": nodes}
+
+
+# Not the tiers' own hit counters: the agent serves chunks by reference (get_chunks), which those do not
+# count; its hits per tier are the qwen3vl_ray_hits metric.
+_STAT_KEYS = ("compression_ratio", "bytes_read", "bytes_written", "codec")
+
+
+def _merge_stats(report: dict, stats: dict) -> dict:
+    """Pressure report (used/capacity/entries/watermarks per tier) + the agent's tier stats (hits, codec,
+    compression) in one dict per tier."""
+    per_tier = {t.get("name"): t for t in (stats.get("cache") or {}).get("tiers", []) if isinstance(t, dict)}
+    for name, tier in report.get("tiers", {}).items():
+        for src in (stats.get(name) or {}, per_tier.get(name) or {}):
+            for k in _STAT_KEYS:
+                if k in src and k not in tier:
+                    tier[k] = src[k]
+    return report
