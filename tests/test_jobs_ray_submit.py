@@ -73,10 +73,14 @@ def ray_head():
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
+            pass
+        try:  # anything of this head still up after the grace period (all in its process group)
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        except ProcessLookupError:
+            pass
+        proc.wait()
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
