@@ -13,8 +13,11 @@ Each module keeps its logic in a plain class that tests drive without Ray and wr
   global policy pass (recompress -> demote -> evict by value), placement, admission, routing; follows
   ``ray.nodes()``; rebuilds from the agents after a restart.
 - ``worker``: ``WorkerLogic``/``Worker``: device tier in process, prefix fetch from any node (cross-node hit =
-  Ray object transfer), engine protocol; ``engine_adapter`` wraps the real ``Qwen3VLEngine``,
-  ``synthetic_engine`` is the weight-free workload for tests and benchmarks.
-- ``service``: ``ensure_service`` (attach or embed, idempotent) and the client ``ServiceHandle``.
+  Ray object transfer), engine protocol; ``engine_adapter`` wraps the real ``Qwen3VLEngine`` (the default
+  engine; its store is the device tier), ``synthetic_engine`` is the weight-free workload that tests and
+  benchmarks name explicitly.
+- ``service``: ``ensure_service`` (attach or embed, idempotent) and the client ``ServiceHandle``, which
+  routes by longest cached prefix using keys from ``qwen3vl_ray.engine.request_keys.RequestKeyer``
+  (tokenizer/processor only, configured from a worker's engine).
 - ``metrics``: ``qwen3vl_ray_*`` metrics tagged by node and tier (``dashboards/grafana_qwen3vl_ray.json``).
 """

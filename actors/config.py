@@ -14,6 +14,8 @@ from qwen3vl_ray.errors import ConfigError
 MiB = 1 << 20
 NAMESPACE = "qwen3vl_ray"
 """Ray namespace every named actor of the service lives in."""
+DEFAULT_ENGINE = "actors.engine_adapter:Qwen3VLEngineAdapter"
+"""What workers run unless told otherwise: the real Qwen3-VL engine."""
 
 
 @dataclass
@@ -115,17 +117,23 @@ class WorkerConfig:
 
     Attributes:
         engine: ``"module:callable"`` returning the engine a worker wraps, called with the worker's
-            ``engine_args`` (default ``"actors.synthetic_engine:SyntheticKVEngine"``; the real model is
-            ``"qwen3vl_ray.engine:Qwen3VLEngine"``).
-        engine_args: keyword arguments for the engine factory (default empty).
+            ``engine_args`` (default ``"actors.engine_adapter:Qwen3VLEngineAdapter"``: the real Qwen3-VL
+            engine). A factory returning a bare ``Qwen3VLEngine`` is wrapped in that adapter. The model-free
+            ``"actors.synthetic_engine:SyntheticKVEngine"`` is for tests and benchmarks only. ``"qwen3vl"``
+            (the users' settings name) means the default.
+        engine_args: keyword arguments for the engine factory (default empty: for the real engine, the
+            ``QWEN3VL_RAY_MODEL`` checkpoint directory or preset, else the ``tiny`` preset generated into
+            ``~/.cache/qwen3vl-ray/checkpoints``; any ``EngineConfig`` field may be given, e.g.
+            ``{"model": "/ckpt/Qwen3-VL-8B", "chunk_tokens": 256, "device_tier_bytes": 1 << 30}``).
         num_gpus: GPUs per worker; None (default) means 1 when the cluster has GPUs, else 0 (CPU workers).
         num_cpus: CPUs reserved per worker (default 0.5).
         device_bytes: the worker's own device tier (GPU when present, else CPU memory), bytes (default 64 MiB;
-            0 disables it). Hot chunks are served from it without asking the agent.
+            0 disables it). Hot chunks are served from it without asking the agent. Unused with an engine
+            that owns its device tier (the real engine: ``engine_args["device_tier_bytes"]`` sizes it).
         max_retries: how many other workers a failed request is retried on (default 2).
     """
 
-    engine: str = "actors.synthetic_engine:SyntheticKVEngine"
+    engine: str = DEFAULT_ENGINE
     engine_args: dict = field(default_factory=dict)
     num_gpus: float | None = None
     num_cpus: float = 0.5
@@ -133,8 +141,10 @@ class WorkerConfig:
     max_retries: int = 2
 
     def __post_init__(self) -> None:
+        if self.engine == "qwen3vl":  # the users' settings name for the real engine
+            self.engine = DEFAULT_ENGINE
         if ":" not in self.engine:
-            raise ConfigError(f"WorkerConfig.engine must look like 'module:callable', got {self.engine!r}")
+            raise ConfigError(f"WorkerConfig.engine must be 'qwen3vl' or look like 'module:callable', got {self.engine!r}")
         if (self.num_gpus is not None and self.num_gpus < 0) or self.num_cpus < 0:
             raise ConfigError(f"WorkerConfig num_gpus/num_cpus must be >= 0, got {self.num_gpus}/{self.num_cpus}")
         if self.device_bytes < 0:
@@ -166,6 +176,11 @@ class ServiceConfig:
                     raise ConfigError(f"{var}={raw!r} is not a valid {kind}") from exc
                 setattr(target, name, value)
                 target.__post_init__()
+        # The real engine's model: passed explicitly so the workers and the client-side router (which
+        # computes the same keys) resolve the same checkpoint whatever their own environments hold.
+        for var, arg in ENGINE_ARGS_ENV.items():
+            if var in env and env[var] and cfg.worker.engine == DEFAULT_ENGINE:
+                cfg.worker.engine_args[arg] = env[var]
         return cfg
 
 
@@ -180,4 +195,10 @@ ENV: dict[str, tuple[str, str]] = {
     "QWEN3VL_RAY_ADMISSION": ("coordinator", "admission_mode"),
     "QWEN3VL_RAY_ENGINE": ("worker", "engine"),
     "QWEN3VL_RAY_WORKER_GPUS": ("worker", "num_gpus"),
+}
+
+#: environment variable -> engine_args key of the default (real) engine
+ENGINE_ARGS_ENV: dict[str, str] = {
+    "QWEN3VL_RAY_MODEL": "model",
+    "QWEN3VL_RAY_CHECKPOINT_DIR": "checkpoint_dir",
 }

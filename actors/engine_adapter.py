@@ -1,18 +1,26 @@
 """The real Qwen3-VL engine behind the worker's engine protocol (see ``actors.worker.WorkerLogic``).
 
-The engine keeps its own device tier (its ``store``); the adapter makes the Ray layer's prefix reuse work
-with it: before a request, the chunks the worker fetched from the agents (local or another node's) are put
-into the engine's store under the engine's own keys, so its prefix loader finds them; after it, the new prompt
-chunks the engine stored are handed back for the worker to ship to its agent in one batched call.
+This is what workers run by default (``WorkerConfig()``): ``engine_args`` name the model as a checkpoint
+directory or a preset (``model="tiny"``, generated on first use into ``checkpoint_dir``, the same rule and
+defaults as the users' settings) plus any ``EngineConfig`` field (``chunk_tokens``, ``dtype``, ``device``,
+...). ``checkpoint_path`` is accepted as a synonym of ``model`` (what the jobs layer passes).
 
-Configure with ``WorkerConfig(engine="actors.engine_adapter:Qwen3VLEngineAdapter", engine_args={"checkpoint_path":
-..., "chunk_tokens": 256, ...}, device_bytes=0)`` (the engine's store is the device tier, so the worker needs
-none of its own). Requests are the engine's: ``{"messages": [...], "sampling": {...}}``.
+The adapter owns the engine's store, a TieredCache with the device tier only (host and disk belong to the
+node agent), and so owns the worker's device tier (``owns_device_tier``). Before a request, the chunks the
+worker fetched from the agents (local or another node's) are put into that store under the request's keys,
+so the engine's prefix loader finds them; after it, the new prompt chunks are handed back for the worker to
+ship to its agent in one batched call. Keys come from ``qwen3vl_ray.engine.request_keys.RequestKeyer``, the
+same keys a router computes client-side without weights (``route_keys``), checked against the engine's own
+namespace at start-up.
+
+Requests are the engine's: ``{"messages": [...], "sampling": {...}, "session_id": ...}``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from typing import Any, Sequence
 
 import torch
@@ -21,36 +29,116 @@ from qwen3vl_ray.keys import CacheKey
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MODEL = "tiny"
+"""Model of the default worker: the users' settings default (``QWEN3VL_RAY_MODEL``)."""
+DEFAULT_CHECKPOINT_DIR = "~/.cache/qwen3vl-ray/checkpoints"
+"""Where presets are generated: the users' settings default (``QWEN3VL_RAY_CHECKPOINT_DIR``)."""
+_ADAPTER_ONLY = ("model", "checkpoint_path", "checkpoint_dir", "device_tier_bytes")
+
+
+def _engine_config(device_tier_bytes: int, **engine_config: Any):
+    from qwen3vl_ray.engine.config import EngineConfig
+    from qwen3vl_ray.tiers.config import TierConfig
+
+    # Host and disk belong to the node agent; the engine's own store is the device tier only.
+    engine_config.setdefault("tiers", [TierConfig("device", device_tier_bytes)])
+    if engine_config.get("dtype") == "auto":
+        engine_config["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
+    return EngineConfig(**engine_config)
+
+
+def _checkpoint(model: str | None, checkpoint_path: str | None, checkpoint_dir: str | None) -> str:
+    from qwen3vl_ray.engine.request_keys import checkpoint_path_for
+
+    if model and checkpoint_path and os.path.abspath(model) != os.path.abspath(checkpoint_path):
+        raise ValueError(f"give model or checkpoint_path, not both ({model!r} vs {checkpoint_path!r})")
+    name = model or checkpoint_path or os.environ.get("QWEN3VL_RAY_MODEL", DEFAULT_MODEL)
+    cdir = checkpoint_dir or os.environ.get("QWEN3VL_RAY_CHECKPOINT_DIR", DEFAULT_CHECKPOINT_DIR)
+    return str(checkpoint_path_for(name, cdir))
+
+
+_keyers: dict[tuple, Any] = {}
+_keyers_lock = threading.Lock()
+
 
 class Qwen3VLEngineAdapter:
-    def __init__(self, checkpoint_path: str, device_tier_bytes: int = 256 << 20, **engine_config: Any) -> None:
-        from qwen3vl_ray.engine.config import EngineConfig
-        from qwen3vl_ray.engine.engine import Qwen3VLEngine
-        from qwen3vl_ray.tiers.config import TierConfig
+    owns_device_tier = True
+    """The engine's store is the worker's device tier: the worker keeps none of its own."""
 
-        # Host and disk belong to the node agent; the engine's own store is the device tier only.
-        engine_config.setdefault("tiers", [TierConfig("device", device_tier_bytes)])
-        self.engine = Qwen3VLEngine(checkpoint_path, EngineConfig(**engine_config))
-        self.namespace = self.engine.kv_namespace
-        self.chunk_tokens = self.engine.config.chunk_tokens
+    def __init__(self, model: str | None = None, checkpoint_path: str | None = None, checkpoint_dir: str | None = None,
+                 device_tier_bytes: int = 256 << 20, *, engine: Any | None = None, **engine_config: Any) -> None:
+        from qwen3vl_ray.engine.request_keys import RequestKeyer
+
+        if engine is None:
+            from qwen3vl_ray.cache import CacheConfig, TieredCache
+            from qwen3vl_ray.engine.engine import Qwen3VLEngine
+            from qwen3vl_ray.keys import Namespace
+
+            path = _checkpoint(model, checkpoint_path, checkpoint_dir)
+            config = _engine_config(device_tier_bytes, **engine_config)
+            from qwen3vl_ray.engine.checkpoint import model_fingerprint
+
+            ns = Namespace(model=model_fingerprint(path), dtype=config.dtype, layout="qwen3vl-ray-worker",
+                           tenant=config.tenant)
+            self.store = TieredCache(CacheConfig(tiers=config.tiers, policy=config.policy, namespace=ns))
+            engine = Qwen3VLEngine(path, config, store=self.store)
+            keyer = RequestKeyer(path, config, processor=engine.processor, memo=engine.image_memo)
+        else:  # a ready engine (e.g. from a settings factory): its store is the device tier
+            self.store = engine.store
+            keyer = RequestKeyer(engine.path, engine.config, processor=engine.processor, memo=engine.image_memo)
+        if keyer.namespace != engine.kv_namespace:
+            # Keys that differ from the engine's would make every fetched chunk invisible to it.
+            raise RuntimeError(f"request keys' namespace {keyer.namespace} differs from the engine's "
+                               f"{engine.kv_namespace}; qwen3vl_ray.engine.request_keys is out of date")
+        self.engine, self.keyer = engine, keyer
+        self.namespace = keyer.namespace
+        self.chunk_tokens = keyer.chunk_tokens
+
+    @classmethod
+    def from_engine(cls, engine: Any) -> "Qwen3VLEngineAdapter":
+        return cls(engine=engine)
+
+    @classmethod
+    def route_keys(cls, request: dict, **engine_args: Any) -> list[CacheKey]:
+        """The request's chunk keys for workers built with ``engine_args``, computed client-side without
+        loading weights (one cached ``RequestKeyer`` per configuration)."""
+        return cls.keyer_for(**engine_args).keys(request["messages"])
+
+    @classmethod
+    def keyer_for(cls, model: str | None = None, checkpoint_path: str | None = None, checkpoint_dir: str | None = None,
+                  device_tier_bytes: int = 256 << 20, **engine_config: Any):
+        from qwen3vl_ray.engine.request_keys import RequestKeyer
+
+        path = _checkpoint(model, checkpoint_path, checkpoint_dir)
+        key = (path, device_tier_bytes, repr(sorted(engine_config.items())))
+        with _keyers_lock:
+            keyer = _keyers.get(key)
+            if keyer is None:
+                keyer = _keyers[key] = RequestKeyer(path, _engine_config(device_tier_bytes, **engine_config))
+            return keyer
+
+    def routing_spec(self) -> dict:
+        """What a router needs to build a ``RequestKeyer`` giving this engine's exact keys (no weights):
+        the checkpoint directory and the engine's resolved config."""
+        return {"checkpoint_path": str(self.engine.path), "config": self.engine.config}
 
     def _request(self, request: dict) -> Any:
         from qwen3vl_ray.engine.requests import Request, SamplingParams
 
         sampling = request.get("sampling") or {}
         return Request(messages=request["messages"], sampling=SamplingParams(**sampling),
-                       request_id=request.get("id"), session_id=request.get("session_id"))
+                       request_id=None if request.get("id") is None else str(request["id"]),
+                       session_id=request.get("session_id"))
 
     def request_keys(self, request: dict) -> list[CacheKey]:
         """The engine's chunk keys for the request's prompt (template, tokens, image hashes folded in)."""
-        from qwen3vl_ray.engine.prompt import build_prompt
-
-        e = self.engine
-        prompt = build_prompt(e.processor, request["messages"], e.config.max_pixels, e.image_token_id, e.image_memo)
-        return e.prefix.keys(prompt.input_ids, [im.span for im in prompt.images])
+        messages = request.get("messages") if isinstance(request, dict) else None
+        if not messages:
+            raise ValueError(f"a Qwen3-VL request needs a non-empty 'messages' list, got {str(request)[:200]}")
+        return self.keyer.keys(messages)
 
     def run(self, request: dict, keys: Sequence[CacheKey], cached: Sequence[torch.Tensor]) -> dict:
-        store = self.engine.store
+        store = self.store
         for i, t in enumerate(cached):  # fetched from the agents: make them visible to the prefix loader
             if not store.contains(keys[i]):
                 store.put(keys[i], t, keys[i - 1] if i else None)
@@ -64,5 +152,5 @@ class Qwen3VLEngineAdapter:
                 break
             new.append(t)
         m = result.metrics
-        return {"new_chunks": new, "output": result.text, "token_ids": result.token_ids,
+        return {"new_chunks": new, "output": result.text, "token_ids": list(result.token_ids),
                 "prompt_tokens": m.prompt_tokens, "ttft_s": m.ttft_s, "engine_cached_tokens": m.cached_tokens}

@@ -36,15 +36,13 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from qwen3vl_ray.codecs.base import decode, dtype_from_name, dtype_name, make_codec
+from qwen3vl_ray.codecs.base import _VIEW_AS, decode, dtype_from_name, dtype_name, make_codec, tensor_array
 from qwen3vl_ray.errors import CapacityError, CodecError, ConfigError
 from qwen3vl_ray.keys import CacheKey, validate_key
 from qwen3vl_ray.tiers.base import PreparedStore, Tier
 
 logger = logging.getLogger(__name__)
 
-# torch dtypes without a numpy twin travel as a same-size integer view.
-_VIEW_AS = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
 RAW = "raw"
 ALIGN = 64
 DEFAULT_SLAB_BYTES = 32 << 20
@@ -115,15 +113,7 @@ class StoredEntry:
     shape: tuple[int, ...]
 
 
-def tensor_to_array(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU contiguous numpy view of ``tensor`` with its shape (copies only if it must)."""
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    if t.dtype in _VIEW_AS:
-        t = t.view(_VIEW_AS[t.dtype])
-    return t.numpy()
+tensor_to_array = tensor_array  # the codecs' view: bf16/fp8 travel as same-size integers
 
 
 def array_to_tensor(array: np.ndarray, dtype: str, shape: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:

@@ -37,6 +37,7 @@ class ServiceHandle:
         # Routing by cached prefix needs the request's keys on the client; an engine that cannot compute them
         # without its model (no ``route_keys``) is routed by load only.
         self._route_keys = getattr(cls, "route_keys", None)
+        self._keyer: Any = False  # not asked yet; see _request_keyer
 
     def _worker(self, name: str) -> Any:
         import ray
@@ -46,10 +47,52 @@ class ServiceHandle:
             h = self.workers[name] = ray.get_actor(name, namespace=NAMESPACE)
         return h
 
+    def _request_keyer(self) -> Any:
+        """A ``RequestKeyer`` configured exactly like the running workers' engine (checkpoint and resolved
+        engine config asked from a worker, so driver-side defaults such as ``dtype="auto"`` cannot make the
+        keys differ); None when no worker has one or it cannot be built here."""
+        if self._keyer is not False:
+            return self._keyer
+        import ray
+
+        self._keyer = None
+        for name, h in list(self.workers.items()):
+            try:
+                spec = ray.get(h.routing_spec.remote(), timeout=30)
+            except Exception:
+                logger.info("worker %s did not give its routing spec; asking another", name, exc_info=True)
+                continue
+            if spec is None:
+                break
+            try:
+                from qwen3vl_ray.engine.request_keys import RequestKeyer
+
+                self._keyer = RequestKeyer(spec["checkpoint_path"], spec["config"])
+            except Exception:
+                logger.warning("cannot build request keys for %s here; routing by load only",
+                               spec["checkpoint_path"], exc_info=True)
+            break
+        return self._keyer
+
     def keys_for(self, request: dict) -> list:
+        """The request's chunk keys for routing by longest cached prefix: the real engine's computed by a
+        ``RequestKeyer`` (tokenizer and processor only, no weights), other engines' by their ``route_keys``.
+        A bad request raises here, before any remote call; keys that cannot be computed on this machine
+        degrade to routing by load."""
+        if isinstance(request, dict) and request.get("messages"):
+            keyer = self._request_keyer()
+            if keyer is not None:
+                return keyer.keys(request["messages"])
         if self._route_keys is None:
             return []
-        return self._route_keys(request, **self.config.worker.engine_args)
+        try:
+            return self._route_keys(request, **self.config.worker.engine_args)
+        except ValueError:
+            raise
+        except Exception:
+            logger.warning("cannot compute routing keys here; routing by load only", exc_info=True)
+            self._route_keys = None
+            return []
 
     def process(self, requests: Sequence[dict], timeout_s: float = 600.0) -> list[dict]:
         """Serve requests concurrently; a request whose worker dies is retried on another worker (up to

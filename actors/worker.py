@@ -28,12 +28,23 @@ logger = logging.getLogger(__name__)
 
 
 def load_engine(spec: str, args: dict) -> Any:
+    """Call the ``module:callable`` factory with ``args``. A bare ``Qwen3VLEngine`` (e.g. from a settings
+    factory, or ``qwen3vl_ray.engine:Qwen3VLEngine``) is wrapped in the adapter that speaks the worker protocol."""
     module, _, name = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"engine {spec!r} cannot be loaded ({exc}); expected 'module:callable'") from exc
-    return factory(**args)
+    engine = factory(**args)
+    if not hasattr(engine, "request_keys") and type(engine).__name__ == "Qwen3VLEngine":
+        from actors.engine_adapter import Qwen3VLEngineAdapter
+
+        engine = Qwen3VLEngineAdapter.from_engine(engine)
+    for attr in ("namespace", "chunk_tokens", "request_keys", "run"):
+        if not hasattr(engine, attr):
+            raise ValueError(f"engine {spec!r} built a {type(engine).__name__} without {attr!r}; "
+                             "see actors.worker.WorkerLogic for the engine protocol")
+    return engine
 
 
 class WorkerLogic:
@@ -43,10 +54,13 @@ class WorkerLogic:
     - ``request_keys(request) -> list[CacheKey]``: the chained keys of the request's full prompt chunks;
     - ``run(request, keys, cached) -> dict``: run with ``cached`` (tensors of ``keys[:len(cached)]``) as the
       reused prefix; returns ``new_chunks`` (tensors of the keys that follow, in order), ``output``, and
-      optionally ``prompt_tokens`` and ``ttft_s``.
+      optionally ``prompt_tokens``, ``ttft_s`` and ``token_ids`` (generated tokens);
+    - optionally ``owns_device_tier = True`` when the engine keeps the device tier itself;
+    - optionally a classmethod ``route_keys(request, **engine_args)`` computing the keys without a model,
+      which the service's client uses to route by longest cached prefix.
 
-    ``actors.synthetic_engine.SyntheticKVEngine`` and ``actors.engine_adapter.Qwen3VLEngineAdapter`` (the
-    real model) implement it.
+    ``actors.engine_adapter.Qwen3VLEngineAdapter`` (the real model, the default) and
+    ``actors.synthetic_engine.SyntheticKVEngine`` (model-free test/benchmark workload) implement it.
     """
 
     def __init__(self, worker_id: str, node_id: str, engine: Any, agent_for: Callable[[str], Any], coordinator: Any,
@@ -56,7 +70,8 @@ class WorkerLogic:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics(node_id)
         self.device = None
-        if config.device_bytes:
+        # An engine that keeps its own device tier (the real engine's store) needs no second copy here.
+        if config.device_bytes and not getattr(engine, "owns_device_tier", False):
             from qwen3vl_ray.cache import CacheConfig, TieredCache
             from qwen3vl_ray.tiers.config import TierConfig
 
@@ -155,7 +170,7 @@ class WorkerLogic:
         self.metrics.inc("qwen3vl_ray_requests", result="ok")
         return {"id": request.get("id"), "worker": self.worker_id, "node": self.node_id, "output": result["output"],
                 "cached_tokens": cached_tokens, "device_chunks": from_device, "cross_node_chunks": cross, "computed_chunks": len(new),
-                "stored_chunks": stored, "ttft_s": ttft}
+                "stored_chunks": stored, "ttft_s": ttft, "token_ids": result.get("token_ids")}
 
 
 class Worker:
@@ -191,6 +206,12 @@ class Worker:
     @ray.method(concurrency_group="control")
     def node_id(self):
         return self.logic.node_id
+
+    @ray.method(concurrency_group="control")
+    def routing_spec(self):
+        """The engine's key configuration for client-side prefix routing (None if it has none)."""
+        spec = getattr(self.logic.engine, "routing_spec", None)
+        return spec() if spec is not None else None
 
     @ray.method(concurrency_group="control")
     def pid(self):

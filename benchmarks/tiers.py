@@ -4,7 +4,8 @@ For 8 MiB and 64 MiB entries (float32 tensors), each repetition runs, interleave
 all alike (medians reported):
 
 Memory cases, disk writes, warm reads and cold reads run as separate phases; within a phase the
-order of the cases is shuffled every repetition. Ratios are medians of per-repetition ratios (each tier time against the limit measured beside it).
+order of the cases is shuffled every repetition. Ratios are medians of per-repetition ratios (each tier time against the limit measured beside it);
+their quartiles are printed (``*_iqr`` in JSON) because on a shared machine they spread widely.
 
 * memcpy limit: the faster of ``np.copyto`` (one plain memcpy) and ``torch.Tensor.copy_`` (torch's
   intra-op threads) from the source into preallocated, already-faulted buffers (``memcpy``, the limit
@@ -162,14 +163,17 @@ def bench_size(size: int, reps: int, root: str) -> dict:
     # noise from other processes) and take the median of those per-repetition ratios.
     mem = "memcpy_np" if r["memcpy_np_gbps"] >= r["memcpy_torch_gbps"] else "memcpy_torch"
 
-    def paired(tier_case: str, limit_case: str) -> float:
-        return statistics.median(b / a for a, b in zip(times[tier_case], times[limit_case]))
+    def paired(name: str, tier_case: str, limit_case: str) -> None:
+        ratios = [b / a for a, b in zip(times[tier_case], times[limit_case])]
+        r[name] = statistics.median(ratios)
+        q = statistics.quantiles(ratios, n=4)
+        r[name + "_iqr"] = [q[0], q[2]]  # spread of the per-repetition ratios: how noisy the machine was
 
-    r["host_put_vs_memcpy"] = paired("host_put", mem)
-    r["host_get_vs_memcpy"] = paired("host_get", "memcpy_read")
-    r["disk_put_vs_raw_write"] = paired("disk_put", "disk_raw_write")
-    r["disk_get_vs_raw_read"] = paired("disk_get", "disk_raw_read")
-    r["disk_get_cold_vs_raw_read_cold"] = paired("disk_get_cold", "disk_raw_read_cold")
+    paired("host_put_vs_memcpy", "host_put", mem)
+    paired("host_get_vs_memcpy", "host_get", "memcpy_read")
+    paired("disk_put_vs_raw_write", "disk_put", "disk_raw_write")
+    paired("disk_get_vs_raw_read", "disk_get", "disk_raw_read")
+    paired("disk_get_cold_vs_raw_read_cold", "disk_get_cold", "disk_raw_read_cold")
     host.close()
     disk.remove_many(keys)
     for p in raw_paths:
@@ -177,7 +181,7 @@ def bench_size(size: int, reps: int, root: str) -> dict:
     return r
 
 
-def run(sizes=(8 * MiB, 64 * MiB), reps: int = 11, directory: str | None = None) -> dict:
+def run(sizes=(8 * MiB, 64 * MiB), reps: int = 21, directory: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(dir=directory, prefix="bench-tiers-") as root:
         per = {f"{s // MiB}MiB": bench_size(s, reps, root) for s in sizes}
     big = per[f"{max(sizes) // MiB}MiB"]
@@ -192,19 +196,23 @@ def run(sizes=(8 * MiB, 64 * MiB), reps: int = 11, directory: str | None = None)
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--reps", type=int, default=11)
+    ap.add_argument("--reps", type=int, default=21)
     ap.add_argument("--dir", default=None, help="where the disk tier and the raw files go (default: $TMPDIR)")
     args = ap.parse_args(argv)
+    load0 = os.getloadavg()[0]
     res = run(reps=args.reps, directory=args.dir)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CUDA {torch.cuda.is_available()}, dir {args.dir or tempfile.gettempdir()}")
+    res["loadavg_1min"] = [load0, os.getloadavg()[0]]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CUDA {torch.cuda.is_available()}, dir {args.dir or tempfile.gettempdir()}, "
+          f"{os.cpu_count()} CPUs, load average {load0:.1f} -> {os.getloadavg()[0]:.1f} (other processes share the machine)")
     cols = ["memcpy_np", "memcpy_torch", "memcpy", "memcpy_read", "host_put", "host_get", "host_get_alloc", "disk_raw_write", "disk_put", "disk_raw_read",
             "disk_get", "disk_raw_read_cold", "disk_get_cold"]
     print(f"{'GB/s':<20}" + "".join(f"{k:>10}" for k in res["sizes"]))
     for c in cols:
         print(f"{c:<20}" + "".join(f"{p[c + '_gbps']:>10.2f}" for p in res["sizes"].values()))
+    print("ratios: median of per-repetition ratios [quartiles]")
     for c in ("host_put_vs_memcpy", "host_get_vs_memcpy", "disk_put_vs_raw_write", "disk_get_vs_raw_read",
               "disk_get_cold_vs_raw_read_cold"):
-        print(f"{c:<31}" + "".join(f"{p[c]:>7.2f}x" for p in res["sizes"].values()))
+        print(f"{c:<31}" + "".join(f"{p[c]:>7.2f}x [{p[c + '_iqr'][0]:.2f}-{p[c + '_iqr'][1]:.2f}]" for p in res["sizes"].values()))
     print(f"targets (>= 0.8x, worst size): {'met' if res['targets_met'] else 'NOT met'} {res['worst_ratios']}")
     if args.json:
         print(json.dumps(res))

@@ -1,5 +1,6 @@
 """The worker path with the real Qwen3-VL engine (tiny random-weight checkpoint, CPU), driven without Ray:
-a prefix computed on one node is fetched by a worker on another node and reused by the engine."""
+request keys computed without weights equal the engine's own, and a prefix computed on one node is fetched
+by a worker on another node and reused by the engine."""
 
 from __future__ import annotations
 
@@ -10,21 +11,74 @@ pytest.importorskip("qwen3vl_ray.engine.engine", reason="the engine is not on th
 
 from PIL import Image  # noqa: E402
 
-from actors.config import AgentConfig, CoordinatorConfig, WorkerConfig  # noqa: E402
+from actors.config import AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig  # noqa: E402
 from actors.coordinator import CoordinatorLogic  # noqa: E402
 from actors.engine_adapter import Qwen3VLEngineAdapter  # noqa: E402
 from actors.node_agent import NodeAgentLogic  # noqa: E402
 from actors.object_store_tier import LocalObjectStore  # noqa: E402
-from actors.worker import WorkerLogic  # noqa: E402
+from actors.worker import WorkerLogic, load_engine  # noqa: E402
 from qwen3vl_ray.engine.checkpoint import make_checkpoint  # noqa: E402
+from qwen3vl_ray.engine.request_keys import RequestKeyer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 NODES = ["a" * 32, "b" * 32]
 
 
-def test_cross_node_prefix_reuse_with_the_real_engine_gives_the_same_answer(tmp_path):
-    ckpt = make_checkpoint("tiny", tmp_path / "ckpt")
-    args = dict(checkpoint_path=str(ckpt), chunk_tokens=16, device="cpu", device_tier_bytes=8 << 20)
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def image_request(seed: int = 1, text: str = "describe this picture in detail " * 3) -> dict:
+    img = Image.fromarray((np.random.RandomState(seed).rand(64, 96, 3) * 255).astype("uint8"))
+    return {"messages": [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": text}]}],
+            "sampling": {"max_new_tokens": 4}}
+
+
+def test_request_keyer_keys_equal_the_keys_the_engine_stores_for_a_request_with_an_image(ckpt):
+    from qwen3vl_ray.engine.config import EngineConfig
+    from qwen3vl_ray.engine.engine import Qwen3VLEngine
+    from qwen3vl_ray.tiers.config import TierConfig
+
+    cfg = EngineConfig(chunk_tokens=16, device="cpu", tiers=[TierConfig("device", 8 << 20)])
+    keyer = RequestKeyer(ckpt, cfg)  # processor and config.json only: no weights loaded
+    req = image_request()
+    keys, n_tokens = keyer.prompt_keys(req["messages"])
+    assert len(keys) == n_tokens // 16 >= 2
+    with Qwen3VLEngine(ckpt, cfg) as engine:
+        assert keyer.namespace == engine.kv_namespace
+        from qwen3vl_ray.engine.requests import SamplingParams
+
+        [res] = engine.generate([dict(req, sampling=SamplingParams(**req["sampling"]))])
+        assert res.error is None and res.metrics.prompt_tokens == n_tokens
+        # every full chunk the engine stored is under exactly the keyer's key
+        assert res.metrics.stored_chunks >= len(keys)
+        assert all(engine.store.contains(k) for k in keys)
+    # the image is part of the keys: another image with the same text gives other keys
+    other = keyer.keys(image_request(seed=2)["messages"])
+    assert len(other) == len(keys) and other != keys
+    # another chunk size or tenant is another namespace
+    assert RequestKeyer(ckpt, EngineConfig(chunk_tokens=16, device="cpu", tenant="t2",
+                                           tiers=[TierConfig("device", 8 << 20)])).keys(req["messages"])[0] != keys[0]
+
+
+def test_default_worker_config_runs_the_real_engine_from_a_preset_or_path(ckpt, tmp_path):
+    cfg = WorkerConfig()
+    assert cfg.engine == "actors.engine_adapter:Qwen3VLEngineAdapter"
+    env_cfg = ServiceConfig.from_env({"QWEN3VL_RAY_MODEL": str(ckpt)})
+    engine = load_engine(env_cfg.worker.engine, dict(env_cfg.worker.engine_args, chunk_tokens=16, device="cpu"))
+    assert isinstance(engine, Qwen3VLEngineAdapter) and engine.owns_device_tier
+    assert str(engine.engine.path) == str(ckpt)
+    # a preset name is generated into checkpoint_dir, the same rule as the users' settings
+    keyer = Qwen3VLEngineAdapter.keyer_for(model="tiny", checkpoint_dir=str(tmp_path), chunk_tokens=16, device="cpu")
+    assert keyer.path == (tmp_path / "tiny").resolve() and keyer.namespace == engine.namespace
+    # a factory returning a bare Qwen3VLEngine is wrapped in the adapter
+    bare = load_engine("qwen3vl_ray.engine:Qwen3VLEngine", {"checkpoint_path": str(ckpt)})
+    assert isinstance(bare, Qwen3VLEngineAdapter)
+
+
+def test_cross_node_prefix_reuse_with_the_real_engine_gives_the_same_answer(ckpt, tmp_path):
+    args = dict(model=str(ckpt), chunk_tokens=16, device="cpu", device_tier_bytes=8 << 20)
     coord = CoordinatorLogic(CoordinatorConfig(period_s=0))
     agents = {n: NodeAgentLogic(n, AgentConfig(host_bytes=64 << 20, disk_bytes=0, disk_dir=str(tmp_path)), LocalObjectStore())
               for n in NODES}
@@ -32,15 +86,19 @@ def test_cross_node_prefix_reuse_with_the_real_engine_gives_the_same_answer(tmp_
         coord.add_agent(n, agents[n])
     store = agents[NODES[0]].store  # in-process store handles are readable from either "node"
     workers = [WorkerLogic(f"w{i}", n, Qwen3VLEngineAdapter(**args), agents.__getitem__, coord, store,
-                           WorkerConfig(device_bytes=0)) for i, n in enumerate(NODES)]
-    img = Image.fromarray((np.random.RandomState(1).rand(64, 96, 3) * 255).astype("uint8"))
-    req = {"messages": [{"role": "user", "content": [{"type": "image", "image": img},
-                                                      {"type": "text", "text": "describe this picture in detail " * 3}]}],
-           "sampling": {"max_new_tokens": 4}}
+                           WorkerConfig()) for i, n in enumerate(NODES)]
+    assert all(w.device is None for w in workers)  # the engine's store is the device tier
+    req = image_request()
     first = workers[0].process(req)
     assert first["cached_tokens"] == 0 and first["stored_chunks"] == first["computed_chunks"] > 0
+    # routing by the keys computed client-side sends the prompt to node a
+    route_keys = Qwen3VLEngineAdapter.route_keys(req, **args)
+    assert route_keys == workers[0].engine.request_keys(req)
+    for w in workers:
+        coord.register_worker(w.worker_id, w.node_id)
+    assert coord.route(route_keys)["node"] == NODES[0]
     # a worker on the other node pulls the chunks from node a's agent; its engine reuses them
     second = workers[1].process(req)
     assert second["cross_node_chunks"] == first["stored_chunks"] and second["computed_chunks"] == 0
     assert second["cached_tokens"] == 16 * first["stored_chunks"]
-    assert second["output"] == first["output"]
+    assert second["token_ids"] == first["token_ids"] and second["output"] == first["output"]

@@ -308,6 +308,13 @@ def test_configs_validate():
         AgentConfig(host_bytes=0)
     with pytest.raises(ConfigError, match="module:callable"):
         WorkerConfig(engine="nocolon")
+    # the real engine is the default, also under the users' settings name; the model comes from the env
+    assert WorkerConfig().engine == WorkerConfig(engine="qwen3vl").engine == "actors.engine_adapter:Qwen3VLEngineAdapter"
+    env_cfg = ServiceConfig.from_env({"QWEN3VL_RAY_MODEL": "tiny", "QWEN3VL_RAY_CHECKPOINT_DIR": "/ckpts"})
+    assert env_cfg.worker.engine_args == {"model": "tiny", "checkpoint_dir": "/ckpts"}
+    synthetic = ServiceConfig.from_env({"QWEN3VL_RAY_ENGINE": "actors.synthetic_engine:SyntheticKVEngine",
+                                        "QWEN3VL_RAY_MODEL": "tiny"})
+    assert synthetic.worker.engine_args == {}  # the model setting is the real engine's only
     cfg = ServiceConfig.from_env({"QWEN3VL_RAY_HOST_BYTES": "1024", "QWEN3VL_RAY_ADMISSION": "queue",
                                   "QWEN3VL_RAY_WORKER_GPUS": "1"})
     assert cfg.agent.host_bytes == 1024 and cfg.coordinator.admission_mode == "queue" and cfg.worker.num_gpus == 1.0

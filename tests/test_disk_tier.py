@@ -9,6 +9,7 @@ import torch
 from qwen3vl_ray.keys import Namespace, key_hex
 from qwen3vl_ray.tiers import disk_format as fmt
 from qwen3vl_ray.tiers.config import TierConfig
+from qwen3vl_ray.tiers import disk as disk_mod
 from qwen3vl_ray.tiers.disk import DiskTier
 
 NS = Namespace(model="disk-test")
@@ -243,3 +244,134 @@ def test_odd_things_in_the_directory_do_not_break_start_up(tmp_path):
     (t.dir / "stray-file").write_text("x")
     t2 = disk(tmp_path)
     assert set(t2.keys()) == {key(1)} and t2.get(key(3)) is None
+
+
+# -- chunked I/O: payloads move in CHUNK-sized pieces, hashed as they go ------------------------------
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 1,000 bytes (not a multiple of anything) so a few-KiB payload spans many of them."""
+    monkeypatch.setattr(disk_mod, "CHUNK", 1000)
+    return 1000
+
+
+@pytest.mark.parametrize("n", [0, 1, 250, 251, 1000, 2500])  # float32 count: 0 B .. 10,000 B payloads
+def test_multi_chunk_roundtrip_and_layout(tmp_path, small_chunks, n):
+    t = disk(tmp_path)
+    x = content(n, n)
+    assert t.put(key(1), x)
+    raw = t.path_of(key(1)).read_bytes()
+    h = fmt.decode_header(raw[: fmt.MAX_HEADER])
+    assert len(raw) == h.file_len and raw[h.header_len:] == x.numpy().tobytes()
+    assert h.checksum == fmt.payload_checksum(x.numpy().tobytes())  # hash-while-writing == one-shot hash
+    out = torch.full_like(x, float("nan"))
+    assert t.get(key(1), out=out) is out and torch.equal(out, x)
+    assert torch.equal(t.get(key(1)), x) and torch.equal(disk(tmp_path).get(key(1)), x)
+
+
+def test_flips_in_every_chunk_are_detected(tmp_path, small_chunks):
+    t = disk(tmp_path)
+    x = content(9, 1500)  # 6,000-byte payload: 6 chunks
+    t.put(key(1), x)
+    path = t.path_of(key(1))
+    good = path.read_bytes()
+    hlen = fmt.decode_header(good).header_len
+    positions = [hlen + p for c in range(6) for p in (c * small_chunks, c * small_chunks + 517, c * small_chunks + 999)]
+    for pos in positions:
+        bad = bytearray(good)
+        bad[pos] ^= 0x01
+        path.write_bytes(bad)
+        out = torch.zeros_like(x)
+        assert t.get(key(1), out=out) is None and not path.exists(), pos
+        assert t.put(key(1), x)
+    assert t.stats()["corrupt"] == len(positions)
+
+
+def test_cut_tails_of_multi_chunk_payload_are_detected(tmp_path, small_chunks):
+    t = disk(tmp_path)
+    x = content(10, 1500)
+    t.put(key(1), x)
+    path = t.path_of(key(1))
+    good = path.read_bytes()
+    hlen = fmt.decode_header(good).header_len
+    cuts = [hlen + c * small_chunks + d for c in range(6) for d in (0, 1, 999)]
+    for cut in cuts:
+        path.write_bytes(good[:cut])
+        assert t.get(key(1)) is None and not path.exists(), cut
+        t.put(key(1), x)
+    assert t.stats()["corrupt"] == len(cuts)
+
+
+@pytest.mark.parametrize("n", [100, 2500])  # one chunk, many chunks
+def test_short_reads_and_writes_are_carried_on(tmp_path, monkeypatch, small_chunks, n):
+    """The kernel may move fewer bytes than asked; the tier must continue, not call the entry corrupt."""
+    real_preadv, real_pwrite = os.preadv, os.pwrite
+
+    def short_preadv(fd, bufs, offset):
+        return real_preadv(fd, [memoryview(bufs[0])[:333]], offset)
+
+    def short_pwrite(fd, data, offset):
+        return real_pwrite(fd, memoryview(data)[:333], offset)
+
+    t = disk(tmp_path)
+    x = content(n, n)
+    monkeypatch.setattr(os, "pwrite", short_pwrite)
+    assert t.put(key(1), x)
+    monkeypatch.setattr(os, "preadv", short_preadv)
+    assert torch.equal(t.get(key(1)), x) and t.stats()["corrupt"] == 0
+    monkeypatch.setattr(os, "preadv", real_preadv)
+    assert t.path_of(key(1)).read_bytes()[-n * 4:] == x.numpy().tobytes()
+
+
+def test_failed_write_leaves_no_temp_and_loses_nothing(tmp_path, monkeypatch):
+    t = disk(tmp_path)
+    t.put(key(1), content(1))
+    real_pwrite = os.pwrite
+
+    def full_disk(fd, data, offset):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    assert not t.put(key(1), content(2)) and not t.put(key(2), content(2))
+    st = t.stats()
+    assert st["io_errors"] == 2 and st["rejected"] == 2 and t.used_bytes == t.entry_nbytes(key(1))
+
+    def interrupted(fd, data, offset):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "pwrite", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        t.put(key(3), content(3))
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert not list(t.dir.rglob("*.tmp")) and t.used_bytes == t.entry_nbytes(key(1))
+    assert torch.equal(t.get(key(1)), content(1)) and len(t) == 1
+
+
+def test_directory_fsync_failure_after_rename_keeps_the_entry(tmp_path, monkeypatch):
+    t = disk(tmp_path, fsync=True)
+
+    def broken(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(disk_mod, "_fsync_dir", broken)
+    assert t.put(key(1), content(1))  # the file is complete and published; only durability is in doubt
+    assert t.stats()["io_errors"] == 1 and torch.equal(t.get(key(1)), content(1))
+
+
+def test_bad_header_fields_fail_before_any_file_exists(tmp_path):
+    t = disk(tmp_path)
+    with pytest.raises(ValueError, match="dims"):
+        fmt.check_fields("float32", "none", fmt.MAX_NDIM + 1)
+    with pytest.raises(ValueError, match="longer than 255"):
+        fmt.check_fields("x" * 256, "none", 1)
+    assert not list(t.dir.rglob("*"))
+
+
+def test_out_of_other_layouts_and_dtypes(tmp_path, small_chunks):
+    t = disk(tmp_path)
+    x = torch.randn(40, 30, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    t.put(key(1), x)
+    out = torch.empty(30, 40, dtype=torch.bfloat16).t()  # non-contiguous: read into a staging tensor, copied
+    assert t.get(key(1), out=out) is out and torch.equal(out, x)
+    with pytest.raises(ValueError, match="out is"):
+        t.get(key(1), out=torch.empty(40, 30))

@@ -188,3 +188,27 @@ def test_touch_counts_a_hit_and_refreshes_recency(tmp_path):
         c.put(key(3), tensor(3))
         assert c.where(key(0)) == "host" and c.where(key(1)) == "disk"
         assert c.stats()["tiers"][0]["hits"] == 1
+
+
+def test_compressing_host_and_disk_tiers_read_back_within_bound(tmp_path):
+    from qwen3vl_ray.codecs import make_codec
+
+    # host int8, disk int8+zstd: entries demoted through both come back within the codecs' declared bound
+    cfg = CacheConfig(tiers=[
+        TierConfig("host", 2 * ENTRY * 4, block_bytes=BLOCK, codec="int8"),
+        TierConfig("disk", 1 << 20, path=str(tmp_path / "disk"), codec="int8+zstd"),
+    ], policy="lru", namespace=NS)
+    x = {i: torch.randn(4, ENTRY // 4) * (i + 1) for i in range(8)}
+    with TieredCache(cfg) as c:
+        for i, t in x.items():
+            assert c.put(key(i), t)
+        # int8 payloads are ~1/4 of fp32, so the host tier holds more entries than its raw size allows
+        assert sum(c.where(key(i)) == "host" for i in x) > 2
+        assert any(c.where(key(i)) == "disk" for i in x)
+        bound = make_codec("int8").error_bound
+        for i, t in x.items():
+            got = c.get(key(i), promote=False)
+            assert got.shape == t.shape and got.dtype == t.dtype
+            rel = float((got - t).norm() / t.norm())
+            # demoted entries were quantized twice at most (host int8, then disk int8 of the dequantized copy)
+            assert rel <= 2 * bound(t) + 1e-6, (i, rel)

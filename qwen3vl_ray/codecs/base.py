@@ -13,10 +13,12 @@ one from a spec string such as ``"int8"`` or ``"int4:group=64"`` or ``"int8+zstd
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import json
 import math
 import struct
+import sys
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Sequence
 
@@ -47,15 +49,21 @@ def dtype_from_name(name: str) -> torch.dtype:
     return dt
 
 
-def tensor_bytes(t: torch.Tensor) -> np.ndarray:
-    """A CPU, contiguous tensor's bytes as a flat uint8 numpy view (copies only when it must)."""
+def tensor_array(t: torch.Tensor) -> np.ndarray:
+    """A CPU, contiguous numpy view of ``t`` with its shape (copies only when it must); dtypes without a numpy
+    twin (bf16, fp8) come back as a same-size integer view."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
     if t.dtype in _VIEW_AS:
         t = t.view(_VIEW_AS[t.dtype])
-    return t.numpy().reshape(-1).view(np.uint8)
+    return t.numpy()
+
+
+def tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """A CPU, contiguous tensor's bytes as a flat uint8 numpy view (copies only when it must)."""
+    return tensor_array(t).reshape(-1).view(np.uint8)
 
 
 def tensor_from_bytes(buf: Buffer, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
@@ -64,33 +72,93 @@ def tensor_from_bytes(buf: Buffer, dtype: torch.dtype, shape: Sequence[int]) -> 
     n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
     if raw.size != n:
         raise CodecError(f"payload holds {raw.size} bytes, {dtype} {tuple(shape)} needs {n}")
-    out = torch.empty(tuple(shape), dtype=dtype)
+    # numpy asks for transparent huge pages on large buffers, torch does not: first-touch faults on a fresh
+    # 36 MiB torch buffer cost several memcpys of it (see codecs.blocked.empty)
+    out = torch.from_numpy(np.empty(n, dtype=np.uint8)).view(dtype).view(tuple(shape)) if n >= 1 << 22 else torch.empty(tuple(shape), dtype=dtype)
     out_u8 = out.view(_VIEW_AS.get(dtype, dtype)).numpy().reshape(-1).view(np.uint8) if n else None
     if n:
         out_u8[:] = raw
     return out
 
 
-def pack_payload(name: str, version: int, meta: dict[str, Any], buffers: Sequence[Buffer]) -> bytearray:
+def _header(name: str, version: int, meta: dict[str, Any], lengths: Sequence[int]) -> bytes:
     name_b = name.encode()
     meta_b = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
-    views = [memoryview(b).cast("B") if not isinstance(b, np.ndarray) else memoryview(np.ascontiguousarray(b).view(np.uint8).reshape(-1)) for b in buffers]
     header = bytearray(_HEAD.pack(MAGIC, FORMAT_VERSION))
     header += struct.pack("<B", len(name_b)) + name_b + struct.pack("<H", version)
     header += struct.pack("<I", len(meta_b)) + meta_b
-    header += struct.pack("<H", len(views)) + b"".join(struct.pack("<Q", v.nbytes) for v in views)
-    h = xxhash.xxh3_64(bytes(header))
-    for v in views:
-        h.update(v)
-    total = len(header) + 8 + sum(v.nbytes for v in views)
-    out = bytearray(total)
-    out[: len(header)] = header
-    out[len(header): len(header) + 8] = struct.pack("<Q", h.intdigest())
-    pos = len(header) + 8
-    for v in views:
-        out[pos: pos + v.nbytes] = v
-        pos += v.nbytes
+    header += struct.pack("<H", len(lengths)) + b"".join(struct.pack("<Q", n) for n in lengths)
+    return bytes(header)
+
+
+#: payloads at least this large skip bytearray's zero-fill and ask for transparent huge pages
+UNINIT_MIN = 1 << 22
+_MADV_HUGEPAGE = 14
+try:
+    _bytearray_uninit = ctypes.pythonapi.PyByteArray_FromStringAndSize
+    _bytearray_uninit.restype = ctypes.py_object
+    _bytearray_uninit.argtypes = [ctypes.c_char_p, ctypes.c_ssize_t]
+    _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+    if _libc is not None:
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+except (AttributeError, OSError):  # pragma: no cover - non-CPython or no libc: plain bytearrays
+    _bytearray_uninit, _libc = None, None
+
+
+def alloc_payload(n: int) -> bytearray:
+    """A bytearray of ``n`` bytes whose every byte the caller will write.
+
+    Why: ``bytearray(n)`` memsets, and on fresh 4 KiB pages that pass costs as much as quantizing (18 MiB:
+    ~12 ms here); the C API's uninitialized bytearray plus ``madvise(MADV_HUGEPAGE)`` before first touch
+    costs ~4 ms and lets the codec's own writes fault the pages in. Small payloads keep ``bytearray(n)``.
+    """
+    if n < UNINIT_MIN or _bytearray_uninit is None:
+        return bytearray(n)
+    out = _bytearray_uninit(None, n)
+    if _libc is not None:
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(out))
+        lo, hi = (addr + (1 << 21) - 1) & ~((1 << 21) - 1), (addr + n) & ~((1 << 21) - 1)
+        if hi > lo:
+            _libc.madvise(lo, hi - lo, _MADV_HUGEPAGE)  # advisory: a refusal just leaves 4 KiB pages
     return out
+
+
+class PayloadWriter:
+    """A payload whose buffer sizes are known up front, filled in place (no build-then-copy).
+
+    The codec writes each of ``buffers`` (writable memoryviews into the final bytearray) and feeds every
+    buffer's bytes to ``hasher`` in buffer order -- tile by tile while they are still in cache, if it likes;
+    :meth:`finish` stores the digest. The byte layout is exactly :func:`pack_payload`'s.
+    """
+
+    def __init__(self, name: str, version: int, meta: dict[str, Any], lengths: Sequence[int]):
+        header = _header(name, version, meta, lengths)
+        # uninitialized: the header, digest and every buffer byte are written before finish()
+        self._out = alloc_payload(len(header) + 8 + sum(lengths))
+        self._out[: len(header)] = header
+        self._digest_at = len(header)
+        mv = memoryview(self._out)
+        pos = len(header) + 8
+        self.buffers: list[memoryview] = []
+        for n in lengths:
+            self.buffers.append(mv[pos: pos + n])
+            pos += n
+        self.hasher = xxhash.xxh3_64(header)
+
+    def finish(self) -> bytearray:
+        """Store the checksum and hand over the payload."""
+        struct.pack_into("<Q", self._out, self._digest_at, self.hasher.intdigest())
+        self.buffers = []  # views die with the codec's last tensor over them; the bytearray is then resizable
+        return self._out
+
+
+def pack_payload(name: str, version: int, meta: dict[str, Any], buffers: Sequence[Buffer]) -> bytearray:
+    views = [memoryview(b).cast("B") if not isinstance(b, np.ndarray) else memoryview(np.ascontiguousarray(b).view(np.uint8).reshape(-1)) for b in buffers]
+    w = PayloadWriter(name, version, meta, [v.nbytes for v in views])
+    for dst, v in zip(w.buffers, views):
+        dst[:] = v
+        w.hasher.update(v)
+    return w.finish()
 
 
 def unpack_payload(payload: Buffer) -> tuple[str, int, dict[str, Any], list[memoryview]]:

@@ -15,8 +15,11 @@ from typing import Any
 
 import torch
 
+from qwen3vl_ray.codecs import blocked as B
 from qwen3vl_ray.codecs import groups as G
-from qwen3vl_ray.codecs.base import Codec, dtype_from_name, dtype_name, pack_payload, register_codec, tensor_bytes
+from qwen3vl_ray.codecs.base import (
+    _VIEW_AS, Codec, PayloadWriter, dtype_from_name, dtype_name, pack_payload, register_codec, tensor_bytes,
+)
 from qwen3vl_ray.errors import CodecError
 
 _KEY_AXIS, _VALUE_AXIS = -2, -1  # in the [..., heads, tokens, head_dim] view of one of k / v
@@ -56,6 +59,8 @@ class KVQuantCodec(Codec):
 
     def encode(self, tensor: torch.Tensor) -> bytearray:
         keys, values, rest, cut = self._split(tensor)
+        if B.usable(tensor) and keys.numel():
+            return self._encode_blocked(tensor, cut)
         meta: dict[str, Any] = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "cut": cut}
         bufs = []
         for tag, part, axis in (("k", keys, _KEY_AXIS), ("v", values, _VALUE_AXIS)):
@@ -70,10 +75,66 @@ class KVQuantCodec(Codec):
         bufs.append(tensor_bytes(rest) if rest is not None else b"")
         return pack_payload(self.name, self.version, meta, bufs)
 
+    @staticmethod
+    def _parts(t: torch.Tensor, cut: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of ``t`` [..., 2, H, T, D]: keys [A, H, cut, D], values [A, H, cut, D, 1], residual [A, 2, H, T-cut, D]."""
+        t5 = t.view(-1, *t.shape[-4:])
+        head = t5[:, :, :, :cut]
+        return head[:, 0], head[:, 1].unsqueeze(-1), t5[:, :, :, cut:]
+
+    def _encode_blocked(self, tensor: torch.Tensor, cut: int) -> bytearray:
+        """CPU fast path: cache-sized tiles quantized straight into the payload (same bytes as the plain path)."""
+        t = tensor.detach().contiguous()
+        keys, values, rest = self._parts(t, cut)
+        part_shape = list(t.shape[:-4]) + list(t.shape[-3:-2]) + [cut, t.shape[-1]]
+        gs = {tag: G.grouping(part_shape, axis % len(part_shape), self.group) for tag, axis in (("k", _KEY_AXIS), ("v", _VALUE_AXIS))}
+        pack4 = self.bits == 4
+        lengths = []
+        for g in gs.values():
+            count = g.pre * g.padded * g.post
+            lengths += [(count + 1) // 2 if pack4 else count, 4 * g.pre * g.ngroups * g.post]
+        lengths.append(rest.numel() * t.element_size())
+        meta = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "cut": cut, "k": gs["k"].meta(), "v": gs["v"].meta()}
+        w = PayloadWriter(self.name, self.version, meta, lengths)
+        for i, (g, part) in enumerate(((gs["k"], keys), (gs["v"], values))):
+            codes = B.payload_tensor(w.buffers[2 * i], torch.uint8 if pack4 else torch.int8)
+            scales = B.payload_tensor(w.buffers[2 * i + 1], torch.float32).view(g.pre, g.ngroups, g.post)
+            B.quantize(part, g, self.qmax, pack4, codes, scales, w.hasher, self.name)
+            w.hasher.update(scales.numpy())
+            del codes, scales
+        if rest.numel():
+            if not bool(torch.isfinite(rest).all()):
+                raise CodecError(f"codec {self.name!r} cannot encode NaN or inf values; use 'none' or 'bf16'")
+            dst = B.payload_tensor(w.buffers[4], _VIEW_AS.get(t.dtype, t.dtype)).view(t.dtype).view(rest.shape)
+            dst.copy_(rest)
+            w.hasher.update(w.buffers[4])
+            del dst
+        return w.finish()
+
+    def _decode_blocked(self, meta: dict[str, Any], buffers, dtype: torch.dtype, shape: list[int], cut: int) -> torch.Tensor:
+        pack4 = self.bits == 4
+        out = B.empty(shape, dtype)
+        keys, values, rest = self._parts(out, cut)
+        for i, (tag, part) in enumerate((("k", keys), ("v", values))):
+            g = G.Grouping.from_meta(meta[tag])
+            count = g.pre * g.padded * g.post
+            need = ((count + 1) // 2 if pack4 else count, 4 * g.pre * g.ngroups * g.post)
+            got = (memoryview(buffers[2 * i]).nbytes, memoryview(buffers[2 * i + 1]).nbytes)
+            if got != need or g.pre * g.n * g.post != part.numel():
+                raise CodecError(f"corrupt {self.name!r} payload: {tag} buffers of {list(got)} bytes, groups {g.meta()} need {list(need)}")
+            codes = B.payload_tensor(buffers[2 * i], torch.uint8 if pack4 else torch.int8)
+            scales = B.payload_tensor(buffers[2 * i + 1], torch.float32).view(g.pre, g.ngroups, g.post)
+            B.dequantize(part, g, pack4, codes, scales)
+        if rest.numel():
+            rest.copy_(G.buffer_tensor(buffers[4], dtype, list(rest.shape)))
+        return out
+
     def decode_parts(self, meta: dict[str, Any], buffers, device) -> torch.Tensor:
         dtype = dtype_from_name(meta["dtype"])
         shape = list(meta["shape"])
         cut = int(meta["cut"])
+        if (device is None or torch.device(device).type == "cpu") and cut and len(shape) >= 4 and all(shape) and B.usable(torch.empty(0)):
+            return self._decode_blocked(meta, buffers, dtype, shape, cut)
         out = torch.empty(shape, dtype=dtype, device=device or "cpu")
         head_shape = shape[:-2] + [cut, shape[-1]]
         part_shape = head_shape[:-4] + head_shape[-3:]

@@ -11,8 +11,11 @@ from typing import Any
 
 import torch
 
+from qwen3vl_ray.codecs import blocked as B
 from qwen3vl_ray.codecs import groups as G
-from qwen3vl_ray.codecs.base import Codec, IdentityCodec, dtype_from_name, dtype_name, pack_payload, register_codec
+from qwen3vl_ray.codecs.base import (
+    Codec, IdentityCodec, PayloadWriter, dtype_from_name, dtype_name, pack_payload, register_codec,
+)
 from qwen3vl_ray.errors import CodecError
 
 
@@ -42,6 +45,8 @@ class GroupQuantCodec(Codec):
         if not tensor.is_floating_point():
             # integer/bool tensors (token ids, masks) are stored exactly; the payload says "none"
             return IdentityCodec().encode(tensor)
+        if self.kind != "fp8" and B.usable(tensor) and tensor.numel():
+            return self._encode_blocked(tensor)
         g, xg, amax = self._prepare(tensor)
         if self.kind == "fp8":
             q, scales = G.quantize_fp8(xg, amax)
@@ -52,9 +57,25 @@ class GroupQuantCodec(Codec):
         meta = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "groups": g.meta()}
         return pack_payload(self.name, self.version, meta, [G.host_bytes(q), G.host_bytes(scales)])
 
+    def _encode_blocked(self, tensor: torch.Tensor) -> bytearray:
+        """CPU fast path: cache-sized tiles quantized straight into the payload (same bytes as the plain path)."""
+        g = G.grouping(tensor.shape, G.normalize_axis(self.axis, tensor.dim(), self.name), self.group)
+        count = g.pre * g.padded * g.post
+        pack4 = self.kind == "int4"
+        meta = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "groups": g.meta()}
+        w = PayloadWriter(self.name, self.version, meta, [(count + 1) // 2 if pack4 else count, 4 * g.pre * g.ngroups * g.post])
+        codes = B.payload_tensor(w.buffers[0], torch.uint8 if pack4 else torch.int8)
+        scales = B.payload_tensor(w.buffers[1], torch.float32).view(g.pre, g.ngroups, g.post)
+        B.quantize(tensor.detach().reshape(g.pre, g.n, g.post), g, self.qmax, pack4, codes, scales, w.hasher, self.name)
+        w.hasher.update(scales.numpy())
+        del codes, scales
+        return w.finish()
+
     def decode_parts(self, meta: dict[str, Any], buffers, device) -> torch.Tensor:
         g = G.Grouping.from_meta(meta["groups"])
         count = g.pre * g.padded * g.post
+        if self.kind != "fp8" and (device is None or torch.device(device).type == "cpu") and count and B.usable(torch.empty(0)):
+            return self._decode_blocked(meta, g, count, buffers)
         scales = G.buffer_tensor(buffers[1], torch.float32, [g.pre, g.ngroups, g.post])
         if self.kind == "int4":
             q = G.buffer_tensor(buffers[0], torch.uint8, [(count + 1) // 2])
@@ -65,6 +86,19 @@ class GroupQuantCodec(Codec):
         if self.kind == "int4":
             q = G.unpack_int4(q, count)
         return G.dequantize(q, scales, g, meta["shape"], dtype_from_name(meta["dtype"]))
+
+    def _decode_blocked(self, meta: dict[str, Any], g: G.Grouping, count: int, buffers) -> torch.Tensor:
+        pack4 = self.kind == "int4"
+        need = ((count + 1) // 2 if pack4 else count, 4 * g.pre * g.ngroups * g.post)
+        if tuple(memoryview(b).nbytes for b in buffers[:2]) != need or len(buffers) != 2:
+            raise CodecError(f"corrupt {self.name!r} payload: buffers of {[memoryview(b).nbytes for b in buffers]} bytes, layout needs {list(need)}")
+        codes = B.payload_tensor(buffers[0], torch.uint8 if pack4 else torch.int8)
+        scales = B.payload_tensor(buffers[1], torch.float32).view(g.pre, g.ngroups, g.post)
+        out = B.empty(meta["shape"], dtype_from_name(meta["dtype"]))
+        if out.numel() != g.pre * g.n * g.post:
+            raise CodecError(f"corrupt {self.name!r} payload: shape {meta['shape']} does not match groups {g.meta()}")
+        B.dequantize(out.view(g.pre, g.n, g.post), g, pack4, codes, scales)
+        return out
 
     def error_bound(self, tensor: torch.Tensor) -> float:
         if not tensor.is_floating_point():

@@ -14,10 +14,12 @@ sees blocks that a concurrent remove/replace has handed to another entry.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from qwen3vl_ray.codecs import decode, make_codec
@@ -59,6 +61,8 @@ class _Entry:
 
 def _as_runs(ids: list[int]) -> int | tuple[int, ...]:
     ids.sort()
+    if ids[-1] - ids[0] == len(ids) - 1:  # ids are distinct: this is one run (the common case), no loop
+        return ids[0]
     flat: list[int] = []
     start = prev = ids[0]
     for i in ids[1:]:
@@ -82,6 +86,18 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's bytes as a flat uint8 view (no copy)."""
     flat = t.reshape(-1)
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def _cpu_bytes_np(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's bytes as a flat uint8 numpy array, no copy, valid while ``t`` lives.
+
+    ctypes instead of ``t.reshape(-1).view(torch.uint8).numpy()``: four torch dispatches cost a few us per
+    put, which is most of the Python overhead of a put; this also works for dtypes numpy lacks (bfloat16).
+    """
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return np.empty(0, dtype=np.uint8)
+    return np.frombuffer((ctypes.c_ubyte * n).from_address(t.data_ptr()), dtype=np.uint8)
 
 
 class PooledTier(Tier):
@@ -153,7 +169,11 @@ class PooledTier(Tier):
         nbytes = meta["len"]
         need = self._blocks(nbytes)
         if self._raw:
-            src = _byte_view(prepared.payload.contiguous())
+            t = prepared.payload
+            if self._flat_np is not None and t.device.type == "cpu" and t.is_contiguous():
+                src = _cpu_bytes_np(t)  # ``prepared`` keeps ``t`` alive until the copy is done
+            else:
+                src = _byte_view(t.contiguous())
         else:
             src = torch.frombuffer(prepared.payload, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
         spec_key = (meta["dtype"], meta["shape"], not self._raw)
@@ -178,9 +198,11 @@ class PooledTier(Tier):
             self._c["bytes_written"] += nbytes
         return True
 
-    def _copy_in(self, src: torch.Tensor, runs: int | tuple, nblocks: int) -> None:
-        B, flat, pos, total = self.block_bytes, self._flat, 0, src.numel()
-        if self._flat_np is not None and src.device.type == "cpu":
+    def _copy_in(self, src: torch.Tensor | np.ndarray, runs: int | tuple, nblocks: int) -> None:
+        B, flat, pos, total = self.block_bytes, self._flat, 0, (src.size if isinstance(src, np.ndarray) else src.numel())
+        if isinstance(src, np.ndarray):
+            flat = self._flat_np
+        elif self._flat_np is not None and src.device.type == "cpu":
             flat, src = self._flat_np, src.numpy()
         for start, count in _iter_runs(runs, nblocks) if nblocks else ():
             n = min(count * B, total - pos)
@@ -188,9 +210,12 @@ class PooledTier(Tier):
             pos += n
 
     def _copy_out(self, dst: torch.Tensor, e: _Entry) -> None:
+        """Copy entry ``e`` into ``dst`` (contiguous, exactly ``e.nbytes`` bytes, any dtype)."""
         B, flat, pos, total = self.block_bytes, self._flat, 0, e.nbytes
         if self._flat_np is not None and dst.device.type == "cpu":
-            flat, dst = self._flat_np, dst.detach().numpy()
+            flat, dst = self._flat_np, _cpu_bytes_np(dst)  # the caller holds ``dst``
+        else:
+            dst = _byte_view(dst)
         for start, count in _iter_runs(e.runs, self._blocks(total)) if total else ():
             n = min(count * B, total - pos)
             dst[pos: pos + n] = flat[start * B: start * B + n]
@@ -198,7 +223,11 @@ class PooledTier(Tier):
 
     def _release(self, e: _Entry) -> None:
         nblocks = self._blocks(e.nbytes)
-        if nblocks:
+        if not nblocks:
+            return
+        if isinstance(e.runs, int):  # one run: hand the pool a range, no per-block list
+            self.pool.release_ids(range(e.runs, e.runs + nblocks))
+        else:
             self.pool.release_ids([i for s, c in _iter_runs(e.runs, nblocks) for i in range(s, s + c)])
 
     # -- reads -----------------------------------------------------------------------------------
@@ -219,7 +248,7 @@ class PooledTier(Tier):
             else:
                 direct = out is not None and out.is_contiguous()
                 result = out if direct else torch.empty(shape, dtype=dtype, device=self.device)
-                self._copy_out(_byte_view(result), e)
+                self._copy_out(result, e)
             self._c["hits"] += 1
             self._c["bytes_read"] += e.nbytes
         if encoded:
