@@ -51,19 +51,21 @@ def cmd_make_checkpoint(argv: list[str]) -> int:
 # -- bench -----------------------------------------------------------------------------------------------
 
 def list_benchmarks() -> list[tuple[str, str]]:
-    """(name, first docstring line) of each module in ``benchmarks/``."""
+    """(name, first docstring line) of each benchmark in ``benchmarks/``: a module with a ``main``
+    (helpers such as trace loaders have none)."""
     import benchmarks
 
     out = []
     for m in pkgutil.iter_modules(benchmarks.__path__):
         if m.name.startswith("_") or m.ispkg:
             continue
-        doc = ""
         try:
-            doc = (importlib.import_module(f"benchmarks.{m.name}").__doc__ or "").strip().splitlines()[0]
+            mod = importlib.import_module(f"benchmarks.{m.name}")
         except Exception as e:  # a benchmark whose imports are missing is still listed
-            doc = f"(cannot import: {type(e).__name__}: {e})"
-        out.append((m.name, doc))
+            out.append((m.name, f"(cannot import: {type(e).__name__}: {e})"))
+            continue
+        if callable(getattr(mod, "main", None)):
+            out.append((m.name, ((mod.__doc__ or "").strip().splitlines() or [""])[0]))
     return out
 
 

@@ -25,9 +25,12 @@ def fmt(value: Any) -> str:
 
 
 def render(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> str:
+    """Columns padded to width; numbers right-aligned, text left-aligned."""
     cells = [[fmt(c) for c in r] for r in rows]
+    numeric = [[isinstance(c, (int, float)) and not isinstance(c, bool) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     out = ([title] if title else []) + [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    out += ["  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, nums)).rstrip()
+            for r, nums in zip(cells, numeric)]
     return "\n".join(out)
