@@ -103,7 +103,7 @@ def _service_tiers(result: Any, cached_tokens: int) -> dict[str, int]:
     if cached_chunks is not None and int(cached_chunks) > sum(out.values()):
         out["agent"] = int(cached_chunks) - sum(out.values())
     elif cached_chunks is None and not out:
-        out["agent"] = 1  # cached, neither on the worker's device tier nor remote: the local agent
+        out["agent"] = cached_tokens  # neither the worker's device tier nor another node: its own agent
     return out
 
 
