@@ -165,7 +165,9 @@ def ensure_service(config: ServiceConfig | None = None, address: str | None = No
         address = address or os.environ.get("RAY_ADDRESS") or None
         kwargs: dict[str, Any] = {"namespace": NAMESPACE, "ignore_reinit_error": True}
         if address is None:
-            # Embedded cluster: its workers must import this package.
+            # Embedded cluster: "local" always starts a new one (a bare ray.init() would silently attach to any
+            # other Ray running on this machine); its workers must import this package.
+            address = "local"
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": REPO_ROOT}}
         ray.init(address=address, **kwargs)
     coordinator = get_or_create_coordinator(config.coordinator, config.agent)

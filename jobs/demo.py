@@ -1,0 +1,211 @@
+"""``qwen3vl-ray demo``: the store at work in a minute, on one machine.
+
+1. Generates the ``tiny`` checkpoint on first use (into ``checkpoint_dir``; reused afterwards).
+2. Starts the service on an embedded Ray (``--runner engine``: one in-process engine, no Ray).
+3. Runs the sample batch shipped in ``jobs/data/`` twice: cold, then warm (its prefixes and images are
+   now in the store), and a three-turn chat about one image.
+4. Prints a summary: TTFT cold vs warm, cached-token ratio, hits and bytes per tier, compression ratio,
+   and where the Ray dashboard is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from jobs.dataset import Item, Limits, load, read_image
+from jobs.runner import RUNNERS, TIER_ORDER, make_runner
+from jobs.table import fmt_bytes, render
+from qwen3vl_ray import settings as S
+
+DATA = Path(__file__).resolve().parent / "data"
+# The sample prompts are short and the tiny model's KV is small (~32 KiB per 32-token chunk): small chunks
+# let the shared prefixes (system prompt, images) be reused, and small tiers make entries travel down the
+# hierarchy, so the summary shows every tier at work. Flags and QWEN3VL_RAY_* variables override these.
+# The lower tiers compress (int8, then int8+zstd on disk), so the summary shows what the codecs save.
+DEMO_DEFAULTS = {"chunk_tokens": 32, "max_new_tokens": 12, "block_bytes": 64 << 10, "device_bytes": 512 << 10,
+                 "host_bytes": 1 << 20, "disk_bytes": 256 << 20, "kv_device_budget_bytes": 64 << 20,
+                 "host_codec": "int8", "disk_codec": "int8+zstd"}
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--runner", choices=RUNNERS, default="service",
+                   help="service: Ray service on an embedded Ray (default); engine: in-process engine, no Ray")
+    p.add_argument("--data", default=str(DATA / "prompts.jsonl"), help="batch to run twice [jobs/data/prompts.jsonl]")
+    p.add_argument("--json", action="store_true", help="also print the summary as one JSON object (last line)")
+    S.add_arguments(p)
+    return p
+
+
+def _settings(args: argparse.Namespace) -> S.Settings:
+    """Flags over the environment over the demo's defaults over the table's defaults."""
+    s = S.from_args(args)
+    demo = {k: v for k, v in DEMO_DEFAULTS.items() if s.source(k) == "default"}
+    return s.replace(**demo) if demo else s
+
+
+def _chat_turns() -> tuple[str, list[dict]]:
+    chat = json.loads((DATA / "chat.json").read_text())
+    turns = []
+    for msg in chat["turns"]:
+        content = msg["content"]
+        if isinstance(content, list):
+            content = [dict(p, image=read_image(p["image"], DATA, Limits())) if p["type"] == "image" else p
+                       for p in content]
+        turns.append({"role": msg["role"], "content": content})
+    return chat["id"], turns
+
+
+def run_chat(runner, session: str, turns: list[dict]) -> list[dict]:
+    """Sends the user turns one by one, each with the whole history so far, under one session."""
+    history, rows = [], []
+    for msg in turns:
+        history.append(msg)
+        if msg["role"] != "user":
+            continue
+        [row] = runner.run([Item(f"{session}-turn{len(rows) + 1}", [dict(m) for m in history])], session=session)
+        rows.append(row)
+        if row["error"]:
+            break
+        history.append({"role": "assistant", "content": row["text"] or ""})
+    return rows
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def _batch_stats(rows: list[dict]) -> dict:
+    ok = [r for r in rows if not r["error"]]
+    known = [r for r in ok if r["prompt_tokens"] is not None]  # a service result may not report it
+    prompt = sum(r["prompt_tokens"] for r in known)
+    cached = sum(r["cached_tokens"] or 0 for r in known)
+    per_tier: dict[str, int] = {}
+    for r in ok:
+        for t, n in (r.get("cached_tiers") or {}).items():
+            per_tier[t] = per_tier.get(t, 0) + int(n)
+    return {"rows": len(rows), "errors": len(rows) - len(ok), "ttft_median_s": _median([r["ttft_s"] for r in ok]),
+            "ttft_mean_s": statistics.fmean([r["ttft_s"] for r in ok]) if ok else None,
+            "cached_ratio": cached / prompt if prompt else None, "prompt_tokens": prompt,
+            "cached_tokens": sum(r["cached_tokens"] or 0 for r in ok),
+            "vision_cache_hits": sum(r.get("vision_cache_hits", 0) for r in ok), "cached_tokens_by_tier": per_tier}
+
+
+def _tier_list(store: dict) -> list[dict]:
+    """Tier stats dicts from an engine (``{"store": {"tiers": [...]}}``) or a service status
+    (``{"nodes": {node: {"tiers": {name: {...}}}}}``), each with a ``name``."""
+    if "nodes" in store:
+        out = []
+        for node, report in sorted(store["nodes"].items()):
+            for name, t in (report.get("tiers") or {}).items():
+                out.append(dict(t, name=f"{name} @{node[:8]}"))
+        return out
+    tiers = store.get("store", store).get("tiers", [])
+    if isinstance(tiers, dict):
+        tiers = [dict(t, name=n) for n, t in tiers.items()]
+    return list(tiers)
+
+
+def _tier_rows(store: dict) -> list[list]:
+    rows = []
+    for t in _tier_list(store):
+        used = t.get("used_bytes", t.get("used"))
+        cap = t.get("capacity_bytes", t.get("capacity"))
+        ratio = t.get("compression_ratio")
+        if ratio is None and t.get("codec") == "none":
+            ratio = 1.0  # stored as is
+        hits = t.get("hits")
+        rows.append([t["name"], t.get("entries"), hits, fmt_bytes(t.get("bytes_read")), fmt_bytes(t.get("bytes_written")),
+                     f"{fmt_bytes(used)} / {fmt_bytes(cap)}", f"{ratio:.2f}x" if ratio else None])
+    return rows
+
+
+def dashboard_url() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            url = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") else None
+            url = url or ray._private.worker.global_worker.node.address_info.get("webui_url")
+            if url:
+                return url if url.startswith("http") else f"http://{url}"
+    except Exception:
+        pass
+    return "(no Ray in this run)"
+
+
+def run_demo(settings: S.Settings, runner_kind: str, data: str) -> dict:
+    t0 = time.perf_counter()
+    ckpt = S.resolve_checkpoint(settings)  # generated on first use
+    t_ckpt = time.perf_counter() - t0
+    runner = make_runner(settings, runner_kind)
+    try:
+        limits = Limits(max_pixels=settings.max_pixels, max_image_bytes=settings.max_image_bytes)
+        items = list(load(data, limits))
+        runs = {}
+        for phase in ("cold", "warm"):
+            rows = []
+            for i in range(0, len(items), settings.batch_size):
+                rows += runner.run(items[i:i + settings.batch_size])
+            runs[phase] = rows
+        session, turns = _chat_turns()
+        chat = run_chat(runner, session, turns)
+        store = runner.stats()
+        url = dashboard_url()
+    finally:
+        runner.close()
+    return {"checkpoint": ckpt, "checkpoint_s": t_ckpt, "runner": runner_kind,
+            "cold": _batch_stats(runs["cold"]), "warm": _batch_stats(runs["warm"]),
+            "chat": [{k: r.get(k) for k in ("id", "prompt_tokens", "cached_tokens", "ttft_s", "tier", "error")}
+                     for r in chat],
+            "store": store, "dashboard": url, "answers": {r["id"]: r["text"] for r in runs["warm"]},
+            "errors": [f"{r['id']}: {r['error']}" for r in runs["cold"] + runs["warm"] + chat if r["error"]]}
+
+
+def render_summary(s: dict) -> str:
+    cold, warm = s["cold"], s["warm"]
+    speed = cold["ttft_median_s"] / warm["ttft_median_s"] if cold["ttft_median_s"] and warm["ttft_median_s"] else None
+    out = [render(["batch", "rows", "errors", "TTFT median s", "TTFT mean s", "cached-token ratio", "vision hits"],
+                  [[p, s[p]["rows"], s[p]["errors"], s[p]["ttft_median_s"], s[p]["ttft_mean_s"],
+                    f"{s[p]['cached_ratio']:.0%}" if s[p]["cached_ratio"] is not None else f"{s[p]['cached_tokens']} tok", s[p]["vision_cache_hits"]] for p in ("cold", "warm")],
+                  title=f"Sample batch ({cold['rows']} requests) run twice; warm TTFT speedup: "
+                        f"{speed:.1f}x" if speed else "Sample batch run twice"),
+           "",
+           render(["cached tokens from", "cold", "warm"],
+                  [[t, cold["cached_tokens_by_tier"].get(t, 0), warm["cached_tokens_by_tier"].get(t, 0)]
+                   for t in sorted(set(cold["cached_tokens_by_tier"]) | set(warm["cached_tokens_by_tier"]) | {"device"},
+                                   key=lambda t: (TIER_ORDER.index(t) if t in TIER_ORDER else 9, t))]),
+           "",
+           render(["chat turn", "prompt tokens", "cached tokens", "TTFT s", "from tier"],
+                  [[r["id"], r["prompt_tokens"], r["cached_tokens"], r["ttft_s"], r["tier"] or r["error"]]
+                   for r in s["chat"]], title="Three-turn chat (one session)"),
+           ""]
+    tiers = _tier_rows(s["store"])
+    if tiers:
+        out += [render(["tier", "entries", "hits", "bytes read", "bytes written", "used / budget", "compression"],
+                       tiers, title="Store (after both passes and the chat)"), ""]
+    out += [f"checkpoint: {s['checkpoint']}" + (f" (generated in {s['checkpoint_s']:.1f} s)" if s["checkpoint_s"] > 1 else ""),
+            f"dashboard:  {s['dashboard']}  (metrics: qwen3vl_ray_* in its Metrics view / Prometheus endpoint)"]
+    if s["errors"]:
+        out += ["errors:"] + [f"  {e}" for e in s["errors"]]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m jobs.demo") -> int:
+    args = build_parser(prog).parse_args(argv)
+    settings = _settings(args)
+    print(f"qwen3vl-ray demo: runner={args.runner}, model={settings.model}", file=sys.stderr, flush=True)
+    summary = run_demo(settings, args.runner, args.data)
+    print(render_summary(summary))
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "answers"}, default=str))
+    return 1 if summary["errors"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""Batch inference job: a JSONL/Parquet dataset of chats -> a Parquet file of answers.
+
+    python -m jobs.infer --input data.jsonl --output out.parquet --model tiny          # embedded Ray
+    ray job submit --working-dir . -- python -m jobs.infer --input ... --output ...    # on a cluster
+
+Inside ``ray job submit`` a plain ``ray.init()`` attaches to the cluster (``RAY_ADDRESS``); run by hand it
+starts an embedded Ray. ``--address`` attaches to a given cluster instead.
+
+Output columns: id, text, prompt_tokens, completion_tokens, cached_tokens, ttft_s, tier, error. A bad row
+(missing or corrupt image, too large, malformed messages) gets its error in its row and the job goes on;
+``--fail-on-error`` makes the exit status 1 when any row has an error. Finished rows are made durable per
+batch (``jobs.output``): a rerun with the same ``--output`` skips the ids already done (``--retry-errors``
+redoes rows that failed), and a killed job loses no finished row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from jobs.dataset import DatasetError, Item, Limits, ids_in_order, load
+from jobs.metrics import JobMetrics, attach_for_metrics
+from jobs.output import OutputBusyError, PartWriter
+from jobs.runner import RUNNERS, Runner, error_row, make_runner
+from qwen3vl_ray import settings as S
+from qwen3vl_ray.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# A batch that raises is retried row by row; this many batches in a row failing entirely means the runner
+# itself is broken (cluster gone, model unloadable), and finishing the dataset with errors would only hide it.
+MAX_FAILED_BATCHES = 3
+
+
+def build_parser(prog: str = "python -m jobs.infer") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="dataset: .jsonl or .parquet (rows: id + messages, or id + prompt + images)")
+    p.add_argument("--output", required=True, help="result .parquet (parts are kept in OUTPUT.parts/ while running)")
+    p.add_argument("--runner", choices=RUNNERS, default="service",
+                   help="service: the Ray service (default); engine: one in-process engine, no Ray; "
+                        "plain: transformers generate without the store (reference)")
+    p.add_argument("--fail-on-error", action="store_true", help="exit with status 1 if any row has an error")
+    p.add_argument("--retry-errors", action="store_true", help="redo rows whose earlier result was an error")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    S.add_arguments(p)
+    return p
+
+
+def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def error_text(e: BaseException, limit: int = 1000) -> str:
+    """One line for a row's ``error``: a remote failure (Ray's RayTaskError) is reported by its cause, not by
+    the remote traceback."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    text = f"{type(e).__name__}: {lines[-1] if lines else ''}".strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _run_batch(runner: Runner, batch: list[Item], state: dict) -> list[dict]:
+    """Output rows for ``batch`` in order: invalid items keep their error; valid ones go to the runner."""
+    valid = [it for it in batch if it.error is None]
+    by_id: dict[str, dict] = {it.id: error_row(it.id, it.error) for it in batch if it.error is not None}
+    if valid:
+        try:
+            rows = runner.run(valid)
+            if len(rows) != len(valid):
+                raise RuntimeError(f"runner returned {len(rows)} rows for {len(valid)} requests")
+            state["failed_batches"] = 0
+        except Exception as e:
+            logger.warning("batch of %d failed (%s: %s); retrying row by row", len(valid), type(e).__name__, e,
+                           exc_info=True)
+            rows = []
+            for it in valid:
+                try:
+                    rows += runner.run([it])
+                except Exception as e1:
+                    rows.append(error_row(it.id, error_text(e1)))
+            if all(r["error"] for r in rows):
+                state["failed_batches"] += 1
+                if state["failed_batches"] >= MAX_FAILED_BATCHES:
+                    raise RuntimeError(f"{MAX_FAILED_BATCHES} batches in a row failed entirely; last error: "
+                                       f"{rows[-1]['error']}") from e
+            else:
+                state["failed_batches"] = 0
+        for r in rows:
+            by_id[r["id"]] = r
+    return [by_id[it.id] for it in batch]
+
+
+def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str = "service",
+        retry_errors: bool = False, progress: bool = True) -> dict:
+    """Run the dataset; returns a summary dict. Raises DatasetError/ConfigError/OutputBusyError for
+    problems with the job as a whole."""
+    limits = Limits(max_pixels=settings.max_pixels, max_image_bytes=settings.max_image_bytes)
+    order = ids_in_order(input_path)
+    t0 = time.perf_counter()
+    with PartWriter(output) as writer:
+        done = writer.done()
+        skip = {rid for rid, failed in done.items() if not (failed and retry_errors)}
+        already = len(skip.intersection(order))
+        items = load(input_path, limits, skip)  # lazily: also checks duplicate ids before the first row
+        todo = len(order) - already
+        stats = {"rows": 0, "errors": 0, "prompt_tokens": 0, "cached_tokens": 0, "cached_total": 0,
+                 "failed_batches": 0}
+        bar = None
+        if progress and todo:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(order), initial=already, unit="row", desc="infer", dynamic_ncols=True,
+                       file=sys.stderr)
+        own_runner = isinstance(runner, str)
+        kind, active = (runner, None) if own_runner else (None, runner)
+        metrics = None
+        if todo:
+            try:
+                for batch in _batches(items, settings.batch_size):
+                    if active is None and any(it.error is None for it in batch):
+                        # Lazily: a dataset of bad rows (or a resumed one) never starts Ray or loads a model.
+                        if kind != "service":
+                            attach_for_metrics(settings.address)
+                        active = make_runner(settings, kind)
+                    rows = _run_batch(active, batch, stats)
+                    writer.write(rows)  # durable before it counts as done
+                    if metrics is None and active is not None:
+                        metrics = JobMetrics.create(Path(output).name)  # Ray is up once the runner is
+                    if metrics is not None:
+                        metrics.record(rows)
+                    for r in rows:
+                        stats["rows"] += 1
+                        stats["errors"] += r["error"] is not None
+                        stats["cached_total"] += r["cached_tokens"] or 0
+                        if r["prompt_tokens"]:  # hit ratio over rows that report their prompt size
+                            stats["prompt_tokens"] += r["prompt_tokens"]
+                            stats["cached_tokens"] += r["cached_tokens"] or 0
+                    if bar is not None:
+                        bar.update(len(rows))
+                        hit = f"{_ratio(stats):.0%}" if stats["prompt_tokens"] else f"{stats['cached_total']} tok"
+                        bar.set_postfix(hit=hit, err=stats["errors"], refresh=False)
+                if metrics is not None:
+                    metrics.flush()
+            finally:
+                if bar is not None:
+                    bar.close()
+                if own_runner and active is not None:
+                    active.close()
+        total = writer.compact(order)
+    summary = {
+        "output": str(Path(output).resolve()),
+        "rows_total": len(order),
+        "rows_run": stats["rows"],
+        "rows_skipped": already,
+        "errors_run": stats["errors"],
+        "errors_total": _count_errors(output, set(order)),
+        "hit_ratio": round(_ratio(stats), 4) if stats["prompt_tokens"] else None,
+        "cached_tokens": stats["cached_total"],
+        "rows_per_s": round(stats["rows"] / max(time.perf_counter() - t0, 1e-9), 3),
+        "rows_in_output": total,
+    }
+    return summary
+
+
+def _ratio(stats: dict) -> float:
+    return stats["cached_tokens"] / stats["prompt_tokens"] if stats["prompt_tokens"] else 0.0
+
+
+def _count_errors(output: str, ids: set[str]) -> int:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(output, columns=["id", "error"])
+    return sum(1 for rid, err in zip(t.column("id").to_pylist(), t.column("error").to_pylist())
+               if rid in ids and err is not None)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m jobs.infer") -> int:
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = S.from_args(args)
+        summary = run(args.input, args.output, settings, runner=args.runner, retry_errors=args.retry_errors,
+                      progress=not args.no_progress)
+    except (DatasetError, ConfigError, OutputBusyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("summary: " + json.dumps(summary), flush=True)
+    if args.fail_on_error and summary["errors_total"]:
+        print(f"error: {summary['errors_total']} row(s) have errors (--fail-on-error)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

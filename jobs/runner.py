@@ -1,0 +1,250 @@
+"""Runners: the seam between the batch job and whatever generates. Rows in, output rows out.
+
+A runner takes validated ``Item``s (``jobs.dataset``) and returns one output row per item, in order, with
+the columns of ``jobs.output.SCHEMA``. A per-request failure is that row's ``error``; an exception from
+``run`` means the runner itself is broken (the job retries rows one by one, then gives up).
+
+- ``service``: the Ray service (coordinator + node agents + Qwen3-VL workers) through
+  ``actors.service.ensure_service``: attaches to ``--address`` / ``RAY_ADDRESS`` (inside ``ray job submit``)
+  or starts an embedded Ray. The default.
+- ``engine``: one in-process ``qwen3vl_ray.Qwen3VLEngine`` (tiered store, no Ray).
+- ``plain``: transformers ``generate`` with no store: the reference a cached run is compared against.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import time
+from typing import Any, Protocol
+
+from jobs.dataset import Item
+from qwen3vl_ray.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RUNNERS = ("service", "engine", "plain")
+TIER_ORDER = ("device", "host", "disk", "agent", "remote")
+
+
+class Runner(Protocol):
+    name: str
+
+    def run(self, items: list[Item], session: str | None = None) -> list[dict]: ...
+
+    def stats(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+def error_row(item_id: str, error: str) -> dict:
+    return {"id": item_id, "text": None, "prompt_tokens": None, "completion_tokens": None,
+            "cached_tokens": None, "ttft_s": None, "tier": None, "error": error}
+
+
+def tier_label(cached_tiers: dict[str, int] | None) -> str | None:
+    """Where the cached prompt tokens came from: ``"host"``, ``"device+disk"``, ... or None (nothing cached)."""
+    if not cached_tiers:
+        return None
+    names = [t for t in TIER_ORDER if cached_tiers.get(t)] + sorted(
+        t for t, n in cached_tiers.items() if n and t not in TIER_ORDER)
+    return "+".join(names) or None
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def result_row(item_id: str, result: Any) -> dict:
+    """An engine ``Result`` (object or dict form) or a Ray service result dict -> an output row.
+
+    Service results carry ``output`` (the text) and chunk counts; their ``tier`` is ``device`` (the worker's
+    own tier), ``agent`` (its node agent's host/disk tiers) and/or ``remote`` (another node's agent).
+    """
+    error = _get(result, "error")
+    if error:
+        return error_row(item_id, str(error))
+    m = _get(result, "metrics") or result
+    tiers = _get(m, "cached_tiers") or _get(m, "tiers")
+    if isinstance(tiers, (list, tuple)):
+        tiers = {t: 1 for t in tiers}
+    cached = int(_get(m, "cached_tokens", 0) or 0)
+    if tiers is None:
+        tiers = _service_tiers(result, cached)
+    token_ids = _get(result, "token_ids")
+    prompt = _get(m, "prompt_tokens")
+    text = _get(result, "text")
+    return {
+        "id": item_id,
+        "text": text if text is not None else _get(result, "output"),
+        "prompt_tokens": int(prompt) if prompt is not None else None,
+        "completion_tokens": len(token_ids) if token_ids is not None else None,
+        "cached_tokens": cached,
+        "ttft_s": float(_get(m, "ttft_s", 0.0)),
+        "tier": tier_label(tiers),
+        "error": None,
+        # not output columns (jobs.output keeps only SCHEMA's): for the demo's summary and job metrics
+        "cached_tiers": dict(tiers),
+        "vision_cache_hits": int(_get(m, "vision_cache_hits", 0) or 0),
+    }
+
+
+def _service_tiers(result: Any, cached_tokens: int) -> dict[str, int]:
+    """Where a service result's cached prefix came from. The worker reports chunk counts for its own
+    device tier and for other nodes; the rest of the cached chunks came from its node agent."""
+    if not cached_tokens:
+        return {}
+    out = {"device": int(_get(result, "device_chunks", 0) or 0), "remote": int(_get(result, "cross_node_chunks", 0) or 0)}
+    out = {k: v for k, v in out.items() if v}
+    cached_chunks = _get(result, "cached_chunks")
+    if cached_chunks is not None and int(cached_chunks) > sum(out.values()):
+        out["agent"] = int(cached_chunks) - sum(out.values())
+    elif cached_chunks is None and not out:
+        out["agent"] = cached_tokens  # neither the worker's device tier nor another node: its own agent
+    return out
+
+
+def make_runner(settings: Settings, kind: str = "service") -> Runner:
+    if kind == "service":
+        from jobs.service_runner import ServiceRunner
+
+        return ServiceRunner(settings)
+    if kind == "engine":
+        return EngineRunner(settings)
+    if kind == "plain":
+        return PlainRunner(settings)
+    raise ValueError(f"unknown runner {kind!r}; allowed: {', '.join(RUNNERS)}")
+
+
+def build_requests(items: list[Item], settings: Settings, session: str | None = None) -> list:
+    from qwen3vl_ray.engine.requests import Request, SamplingParams
+
+    sampling = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                              seed=settings.seed)
+    return [Request(messages=it.messages, sampling=sampling, session_id=session, request_id=it.id) for it in items]
+
+
+class EngineRunner:
+    """One in-process engine with its tiered store (no Ray)."""
+
+    name = "engine"
+
+    def __init__(self, settings: Settings):
+        from qwen3vl_ray import settings as S
+        from qwen3vl_ray.engine import Qwen3VLEngine
+
+        self.settings = settings
+        self.engine = Qwen3VLEngine(S.resolve_checkpoint(settings), S.engine_config(settings))
+
+    def run(self, items: list[Item], session: str | None = None) -> list[dict]:
+        results = self.engine.generate(build_requests(items, self.settings, session))
+        return [result_row(it.id, r) for it, r in zip(items, results)]
+
+    def stats(self) -> dict:
+        out = self.engine.stats()
+        ratios = codec_ratios(self.engine.store)
+        for t in out.get("store", {}).get("tiers", []):
+            if t.get("name") in ratios:
+                t["compression_ratio"] = ratios[t["name"]]
+        return out
+
+    def close(self) -> None:
+        close = getattr(self.engine, "close", None)
+        if close:
+            close()
+
+
+def codec_ratios(store: Any, sample: int = 8) -> dict[str, float]:
+    """Per tier: raw bytes / encoded bytes of its codec, measured on up to ``sample`` of its stored entries.
+
+    The tiers' own byte counts are in whole pool blocks (or files with headers), so they show occupancy,
+    not what the codec saves; this re-encodes real entries with the tier's codec to measure that.
+    """
+    from qwen3vl_ray.codecs import make_codec
+
+    out = {}
+    for tier in getattr(store, "tiers", []):
+        spec = tier.stats().get("codec", "none")
+        raw = enc = 0
+        codec = make_codec(spec)
+        for key in list(itertools.islice(tier.keys(), sample)):
+            t = tier.get(key)
+            if t is None:
+                continue
+            raw += t.numel() * t.element_size()
+            enc += len(codec.encode(t))
+        if enc:
+            out[tier.name] = raw / enc
+    return out
+
+
+class PlainRunner:
+    """transformers ``generate`` on the same checkpoint, no store: the uncached reference.
+
+    One request at a time (no padding effects on greedy output); TTFT is the time to the first logits
+    processor call, i.e. prefill plus the first decode step's sampling.
+    """
+
+    name = "plain"
+
+    def __init__(self, settings: Settings):
+        from qwen3vl_ray import settings as S
+        from qwen3vl_ray.engine.loading import load_model_and_processor
+
+        self.settings = settings
+        self.device = S.resolved_device(settings)
+        self.model, self.processor = load_model_and_processor(
+            S.resolve_checkpoint(settings), dtype=S.resolved_dtype(settings), device=self.device,
+            attn_implementation=settings.attn_implementation)
+
+    def _inputs(self, messages: list[dict]):
+        from PIL import Image
+
+        msgs = []
+        for m in messages:
+            content = m["content"]
+            if isinstance(content, list):
+                content = [dict(p, image=Image.open(io.BytesIO(p["image"])).convert("RGB"))
+                           if p["type"] == "image" and isinstance(p.get("image"), bytes) else p for p in content]
+            msgs.append({"role": m["role"], "content": content})
+        return self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True, return_tensors="pt").to(self.device)
+
+    def run(self, items: list[Item], session: str | None = None) -> list[dict]:
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        rows = []
+        for it in items:
+            try:
+                inputs = self._inputs(it.messages)
+            except Exception as e:  # the processor's message for a bad chat/image is the useful part
+                rows.append(error_row(it.id, f"preprocessing failed: {type(e).__name__}: {e}"))
+                continue
+            first: list[float] = []
+
+            class _FirstToken(LogitsProcessor):
+                def __call__(self, input_ids, scores):
+                    if not first:
+                        first.append(time.perf_counter())
+                    return scores
+
+            n_prompt = int(inputs["input_ids"].shape[1])
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = self.model.generate(**inputs, max_new_tokens=self.settings.max_new_tokens, do_sample=False,
+                                          logits_processor=LogitsProcessorList([_FirstToken()]))
+            new = out[0, n_prompt:].tolist()
+            rows.append({"id": it.id, "text": self.processor.decode(new, skip_special_tokens=True),
+                         "prompt_tokens": n_prompt, "completion_tokens": len(new), "cached_tokens": 0,
+                         "ttft_s": (first[0] if first else time.perf_counter()) - t0, "tier": None, "error": None})
+        return rows
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,178 @@
+"""The Ray service as a job runner, and the CLI's ``service`` / ``status`` calls.
+
+Settings become the service's config here (``service_config``), so the CLI, the jobs and the workers read
+the same table (``qwen3vl_ray.settings``). With ``engine = qwen3vl`` (the default) each worker runs the real
+``Qwen3VLEngine`` through ``actors.engine_adapter``; any other ``module:callable`` is passed through (e.g.
+``actors.synthetic_engine:SyntheticKVEngine``, a model-free KV workload).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from jobs.dataset import Item
+from jobs.runner import result_row
+from qwen3vl_ray import settings as S
+
+logger = logging.getLogger(__name__)
+
+
+REAL_ENGINE = "qwen3vl"
+ADAPTER = "actors.engine_adapter:Qwen3VLEngineAdapter"
+
+
+def service_config(s: S.Settings, gpus_available: bool = False):
+    """The ServiceConfig for these settings. The default engine setting (the real Qwen3-VL engine) runs in
+    the workers through the Ray layer's adapter; the engine's own store is the worker's device tier."""
+    from actors.config import AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig
+
+    gpus = s.worker_gpus if s.worker_gpus >= 0 else (1.0 if gpus_available else 0.0)
+    if s.engine == REAL_ENGINE:
+        engine, engine_args, device_bytes = ADAPTER, _adapter_args(s, gpus), 0
+    else:
+        engine, engine_args, device_bytes = s.engine, {}, s.device_bytes
+    return ServiceConfig(
+        agent=AgentConfig(host_bytes=s.host_bytes, host_codec=s.host_codec, disk_bytes=s.disk_bytes,
+                          disk_dir=s.disk_dir, disk_codec=s.disk_codec, disk_fsync=s.disk_fsync, policy=s.policy,
+                          high_watermark=s.high_watermark, low_watermark=s.low_watermark),
+        coordinator=CoordinatorConfig(period_s=s.period_s, admission_mode=s.admission,
+                                      recompress_codec=s.recompress_codec),
+        worker=WorkerConfig(engine=engine, engine_args=engine_args, num_gpus=gpus, num_cpus=s.worker_cpus,
+                            device_bytes=device_bytes, max_retries=s.max_retries),
+    )
+
+
+def _adapter_args(s: S.Settings, gpus: float) -> dict:
+    # NOTE: a preset is generated here, on the driver's node, and workers get its path: on a multi-machine
+    # cluster the same path must exist on every node (cluster.yaml generates the tiny preset on each node).
+    return {"checkpoint_path": S.resolve_checkpoint(s), "device_tier_bytes": s.device_bytes,
+            "chunk_tokens": s.chunk_tokens, "dtype": s.dtype if s.dtype != "auto" else ("bfloat16" if gpus else "float32"), "device": s.device,
+            "attn_implementation": s.attn_implementation, "max_pixels": s.max_pixels,
+            "kv_device_budget_bytes": max(s.kv_device_budget_bytes, s.device_bytes), "policy": s.policy,
+            "prefix_cache": s.prefix_cache, "vision_cache": s.vision_cache, "session_idle_s": s.session_idle_s,
+            "tenant": s.tenant}
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _init_ray(s: S.Settings, address: str | None) -> None:
+    """Attach to ``address`` / ``RAY_ADDRESS`` (as inside ``ray job submit``), else start an embedded Ray.
+
+    Embedded means ``address="local"``: a plain ``ray.init()`` would silently attach to any other Ray
+    already running on this machine (``/tmp/ray/ray_current_cluster``), someone else's included.
+    """
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    from actors.config import NAMESPACE
+
+    kwargs: dict[str, Any] = {"namespace": NAMESPACE, "ignore_reinit_error": True}
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        address = "local"
+        # embedded: the workers import this checkout; Prometheus port when one was asked for
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": root}}
+        if s.metrics_export_port:
+            kwargs["_metrics_export_port"] = s.metrics_export_port
+    ray.init(address=address, **kwargs)
+
+
+def ensure(s: S.Settings, num_workers: int | None = None):
+    """Attach to (or start) Ray and make sure the service exists; returns the service handle."""
+    from actors.service import ensure_service
+
+    _init_ray(s, s.address)
+    cfg = service_config(s, _cluster_has_gpus())
+    # Ray is initialised above, so ensure_service only creates (or finds) the actors.
+    return ensure_service(cfg, num_workers=s.num_workers if num_workers is None else num_workers)
+
+
+def start_service(s: S.Settings) -> dict:
+    handle = ensure(s)
+    return handle.state()
+
+
+class ServiceRunner:
+    """Rows -> the Ray service (coordinator routes, workers generate, agents hold host and disk tiers)."""
+
+    name = "service"
+
+    def __init__(self, settings: S.Settings):
+        self.settings = settings
+        self.handle = ensure(settings)
+
+    def run(self, items: list[Item], session: str | None = None) -> list[dict]:
+        requests = [{"id": it.id, "messages": it.messages, "session_id": session,
+                     "sampling": S.sampling_kwargs(self.settings)} for it in items]
+        results = self.handle.process(requests)
+        return [result_row(it.id, r) for it, r in zip(items, results)]
+
+    def stats(self) -> dict:
+        return cluster_status_from(self.handle)
+
+    def close(self) -> None:
+        # The service is detached and stays up for the next job; only this driver's connection goes.
+        pass
+
+
+def cluster_status(address: str) -> dict:
+    s = S.resolve({"address": address})
+    _init_ray(s, address)
+    from actors.coordinator import COORDINATOR_NAME
+    from actors.config import NAMESPACE
+    import ray
+
+    try:
+        coordinator = ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise SystemExit(f"no qwen3vl-ray coordinator on this cluster ({address}); start it with "
+                         f"`qwen3vl-ray service`") from None
+    return _collect(ray.get(coordinator.state.remote()))
+
+
+def cluster_status_from(handle: Any) -> dict:
+    return _collect(handle.state())
+
+
+def _collect(state: dict) -> dict:
+    """Coordinator state plus each agent's pressure report (per tier: used, capacity, entries, ...)."""
+    import ray
+
+    from actors.config import NAMESPACE
+    from actors.node_agent import agent_name
+
+    nodes = {}
+    for node in state.get("nodes", []):
+        try:
+            agent = ray.get_actor(agent_name(node), namespace=NAMESPACE)
+            report, stats = ray.get([agent.pressure.remote(), agent.stats.remote()], timeout=30)
+            nodes[node] = _merge_stats(report, stats)
+        except Exception as e:  # a dead agent is a row saying so, not a failed status
+            nodes[node] = {"error": f"{type(e).__name__}: {e}"}
+    return {"coordinator": state, "nodes": nodes}
+
+
+# Not the tiers' own hit counters: the agent serves chunks by reference (get_chunks), which those do not
+# count; its hits per tier are the qwen3vl_ray_hits metric.
+_STAT_KEYS = ("compression_ratio", "bytes_read", "bytes_written", "codec")
+
+
+def _merge_stats(report: dict, stats: dict) -> dict:
+    """Pressure report (used/capacity/entries/watermarks per tier) + the agent's tier stats (hits, codec,
+    compression) in one dict per tier."""
+    per_tier = {t.get("name"): t for t in (stats.get("cache") or {}).get("tiers", []) if isinstance(t, dict)}
+    for name, tier in report.get("tiers", {}).items():
+        for src in (stats.get(name) or {}, per_tier.get(name) or {}):
+            for k in _STAT_KEYS:
+                if k in src and k not in tier:
+                    tier[k] = src[k]
+    return report
