@@ -207,7 +207,7 @@ def _collect(state: dict) -> dict:
 
 
 # Not the tiers' own hit counters: the agent serves chunks by reference (get_chunks), which those do not
-# count; its hits per tier are the qwen3vl_ray_hits metric.
+# count; its own counts of those (``served``) become each tier's ``served_hits`` (and the agent's misses).
 _STAT_KEYS = ("compression_ratio", "bytes_read", "bytes_written", "codec")
 
 
@@ -215,7 +215,12 @@ def _merge_stats(report: dict, stats: dict) -> dict:
     """Pressure report (used/capacity/entries/watermarks per tier) + the agent's tier stats (hits, codec,
     compression) in one dict per tier."""
     per_tier = {t.get("name"): t for t in (stats.get("cache") or {}).get("tiers", []) if isinstance(t, dict)}
+    served = stats.get("served") or {}
+    if "misses" in served:
+        report["served_misses"] = served["misses"]
     for name, tier in report.get("tiers", {}).items():
+        if name in (served.get("hits") or {}):
+            tier["served_hits"] = served["hits"][name]
         for src in (stats.get(name) or {}, per_tier.get(name) or {}):
             for k in _STAT_KEYS:
                 if k in src and k not in tier:
