@@ -143,15 +143,29 @@ class WorkerLogic:
 
     def process(self, request: dict) -> dict:
         """Serve one request. A request the engine rejects (bad image, bad messages, ``Result.error``) is a
-        result with ``error`` set, never an exception: the service's other requests go on, and only a
-        worker crash makes the service retry elsewhere."""
+        result with ``error`` set, never an exception: the service's other requests go on. Failures of the
+        service itself (coordinator, a crashed worker) still raise, so the service retries elsewhere."""
+        t0 = time.perf_counter()
         try:
-            return self._process(request)
+            keys = self.engine.request_keys(request)
         except Exception as exc:  # a bad request, not a broken worker: report it on its row
-            logger.warning("request %s failed: %s: %s", request.get("id") if isinstance(request, dict) else None,
-                           type(exc).__name__, exc)
-            self.metrics.inc("qwen3vl_ray_requests", result="error")
-            return self._error(request, f"{type(exc).__name__}: {exc}")
+            return self._rejected(request, exc)
+        cached, sources = self._fetch_prefix(keys)
+        t_fetch = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        try:
+            result = self.engine.run(request, keys, cached)
+        except Exception as exc:
+            return self._rejected(request, exc)
+        if result.get("error"):
+            return self._rejected(request, result["error"])
+        return self._finish(request, keys, cached, sources, result, t_fetch, t1)
+
+    def _rejected(self, request: Any, error: Any) -> dict:
+        text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+        logger.warning("request %s failed: %s", request.get("id") if isinstance(request, dict) else None, text)
+        self.metrics.inc("qwen3vl_ray_requests", result="error")
+        return self._error(request, text)
 
     def _error(self, request: Any, error: str) -> dict:
         return {"id": request.get("id") if isinstance(request, dict) else None, "worker": self.worker_id,
@@ -159,16 +173,8 @@ class WorkerLogic:
                 "completion_tokens": None, "cached_tokens": None, "cached_tiers": {}, "vision_cache_hits": 0,
                 "ttft_s": None, "token_ids": None}
 
-    def _process(self, request: dict) -> dict:
-        t0 = time.perf_counter()
-        keys = self.engine.request_keys(request)
-        cached, sources = self._fetch_prefix(keys)
-        t_fetch = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        result = self.engine.run(request, keys, cached)
-        if result.get("error"):
-            self.metrics.inc("qwen3vl_ray_requests", result="error")
-            return self._error(request, str(result["error"]))
+    def _finish(self, request: dict, keys: list, cached: list, sources: list[str], result: dict, t_fetch: float,
+                t1: float) -> dict:
         # the engine's own TTFT (when it reports one) excludes decoding; add the prefix fetch before it
         ttft = t_fetch + result.get("ttft_s", time.perf_counter() - t1)
         new = result["new_chunks"]
