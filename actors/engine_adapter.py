@@ -139,12 +139,15 @@ class Qwen3VLEngineAdapter:
 
     def run(self, request: dict, keys: Sequence[CacheKey], cached: Sequence[torch.Tensor]) -> dict:
         store = self.store
+        held = 0  # leading fetched chunks already in the engine's store: device-tier hits
         for i, t in enumerate(cached):  # fetched from the agents: make them visible to the prefix loader
-            if not store.contains(keys[i]):
+            if store.contains(keys[i]):
+                held += held == i
+            else:
                 store.put(keys[i], t, keys[i - 1] if i else None)
         [result] = self.engine.generate([self._request(request)])
-        if result.error:
-            raise RuntimeError(f"engine failed request {result.request_id}: {result.error}")
+        if result.error:  # a bad request (corrupt image, ...): its row's error, not the worker's
+            return {"error": result.error, "new_chunks": [], "output": None}
         new = []
         for k in keys[len(cached):]:
             t = store.get(k, promote=False)
@@ -153,4 +156,5 @@ class Qwen3VLEngineAdapter:
             new.append(t)
         m = result.metrics
         return {"new_chunks": new, "output": result.text, "token_ids": list(result.token_ids),
-                "prompt_tokens": m.prompt_tokens, "ttft_s": m.ttft_s, "engine_cached_tokens": m.cached_tokens}
+                "prompt_tokens": m.prompt_tokens, "ttft_s": m.ttft_s, "engine_cached_tokens": m.cached_tokens,
+                "device_chunks": held, "vision_cache_hits": m.vision_cache_hits}

@@ -161,6 +161,8 @@ class NodeAgentLogic:
         self.monitor = PressureMonitor(self.cache, PressureConfig(min_interval_s=0))
         # key -> [hits, last access (monotonic s), logical bytes]; drives coldness and value
         self._info: dict[bytes, list] = {}
+        # chunks served by handle through get_chunks, per tier (the tiers' own counters do not see them)
+        self._served = {"hits": {"host": 0, "disk": 0}, "misses": 0}
         if self.disk is not None:
             for k in self.disk.keys():  # entries found on disk after a restart: cold, unknown reuse
                 self._info[k] = [0, 0.0, self.disk.entry_nbytes(k) or 0]
@@ -227,12 +229,14 @@ class NodeAgentLogic:
             tier = self._where(key)
             if tier is None:
                 self.metrics.inc("qwen3vl_ray_misses")
+                self._served["misses"] += 1
                 out.append(None)
                 continue
             if tier == "disk":
                 t = self.cache.get(key, promote=True)
                 if t is None:  # corrupt or raced away: a miss, never an error
                     self.metrics.inc("qwen3vl_ray_misses")
+                    self._served["misses"] += 1
                     out.append(None)
                     continue
                 if self.host.contains(key):
@@ -246,10 +250,12 @@ class NodeAgentLogic:
             else:
                 e = self.host.entry(key)
                 if e is None:
+                    self._served["misses"] += 1
                     out.append(None)
                     continue
                 out.append(ChunkRef(e.handle, e.index, e.nbytes, e.codec, e.dtype, e.shape, "host"))
             self.metrics.inc("qwen3vl_ray_hits", tier=tier)
+            self._served["hits"][tier] = self._served["hits"].get(tier, 0) + 1
             if tier == "host":
                 self._touch(key)
             info = self._info.setdefault(key, [0, now, 0])
@@ -370,7 +376,8 @@ class NodeAgentLogic:
         return {"node_id": self.node_id, "epoch": self.epoch, "events": events, "overflow": overflow}
 
     def stats(self) -> dict:
-        s = {"node_id": self.node_id, "epoch": self.epoch, "host": self.host.stats()}
+        s = {"node_id": self.node_id, "epoch": self.epoch, "host": self.host.stats(),
+             "served": {"hits": dict(self._served["hits"]), "misses": self._served["misses"]}}
         if self.disk is not None:
             s["disk"] = self.disk.stats()
         try:

@@ -54,7 +54,9 @@ class WorkerLogic:
     - ``request_keys(request) -> list[CacheKey]``: the chained keys of the request's full prompt chunks;
     - ``run(request, keys, cached) -> dict``: run with ``cached`` (tensors of ``keys[:len(cached)]``) as the
       reused prefix; returns ``new_chunks`` (tensors of the keys that follow, in order), ``output``, and
-      optionally ``prompt_tokens``, ``ttft_s`` and ``token_ids`` (generated tokens);
+      optionally ``prompt_tokens``, ``ttft_s``, ``token_ids`` (generated tokens), ``vision_cache_hits``,
+      ``engine_cached_tokens`` / ``device_chunks`` (an engine owning the device tier: tokens it really reused,
+      fetched chunks it already held), or ``error`` (the request failed; the worker returns it on the result);
     - optionally ``owns_device_tier = True`` when the engine keeps the device tier itself;
     - optionally a classmethod ``route_keys(request, **engine_args)`` computing the keys without a model,
       which the service's client uses to route by longest cached prefix.
@@ -78,30 +80,30 @@ class WorkerLogic:
             self.device = TieredCache(CacheConfig(tiers=[TierConfig("device", config.device_bytes)],
                                                   namespace=engine.namespace, prefetch_threads=0))
 
-    def _fetch_prefix(self, keys: list) -> tuple[list, int, int]:
-        """The longest cached prefix as tensors, how many chunks came from the device tier, and how many
-        from other nodes."""
+    def _fetch_prefix(self, keys: list) -> tuple[list, list[str]]:
+        """The longest cached prefix as tensors, and per chunk the tier it came from: ``device`` (this
+        worker's own tier), ``host``/``disk`` (the local agent's) or ``remote`` (another node's agent)."""
         on_device: list = []
         if self.device is not None:
             for t in self.device.get_many(keys[:self.device.longest_prefix(keys)]):
                 if t is None:
                     break
                 on_device.append(t)
-        if len(on_device) == len(keys):
+        if on_device:
             self.metrics.inc("qwen3vl_ray_hits", len(on_device), tier="device")
-            return on_device, len(on_device), 0
-        rest, cross = self._fetch_from_agents(keys[len(on_device):])
+        if len(on_device) == len(keys):
+            return on_device, ["device"] * len(on_device)
+        rest, sources = self._fetch_from_agents(keys[len(on_device):])
         if self.device is not None and rest:
             first = len(on_device)
             self.device.put_many([(keys[first + i], t, keys[first + i - 1] if first + i else None) for i, t in enumerate(rest)])
-        if on_device:
-            self.metrics.inc("qwen3vl_ray_hits", len(on_device), tier="device")
-        return on_device + rest, len(on_device), cross
+        return on_device + rest, ["device"] * len(on_device) + sources
 
-    def _fetch_from_agents(self, keys: list) -> tuple[list, int]:
-        """The longest prefix of ``keys`` held by agents, as tensors, and how many came from other nodes."""
+    def _fetch_from_agents(self, keys: list) -> tuple[list, list[str]]:
+        """The longest prefix of ``keys`` held by agents, as tensors, and per chunk its source tier
+        (``host``/``disk`` on the local agent, ``remote`` for another node's)."""
         if not keys:
-            return [], 0
+            return [], []
         try:
             local = self.agent_for(self.node_id).contains_many(keys)
         except Exception:
@@ -131,21 +133,48 @@ class WorkerLogic:
             tensors = materialize(refs[:n], self.store)  # one batched read; remote refs are pulled by Ray
         except Exception:
             logger.warning("fetching %d cached chunks failed; recomputing", n, exc_info=True)
-            return [], 0
+            return [], []
         remote_idx = [i for i in range(n) if plan[i] != self.node_id]
         if remote_idx:
             self.metrics.inc("qwen3vl_ray_cross_node_bytes",
                              sum(tensors[i].numel() * tensors[i].element_size() for i in remote_idx), tier="host")
-        cross = len(remote_idx)
-        return tensors, cross
+        sources = ["remote" if plan[i] != self.node_id else (getattr(refs[i], "tier", None) or "host") for i in range(n)]
+        return tensors, sources
 
     def process(self, request: dict) -> dict:
+        """Serve one request. A request the engine rejects (bad image, bad messages, ``Result.error``) is a
+        result with ``error`` set, never an exception: the service's other requests go on. Failures of the
+        service itself (coordinator, a crashed worker) still raise, so the service retries elsewhere."""
         t0 = time.perf_counter()
-        keys = self.engine.request_keys(request)
-        cached, from_device, cross = self._fetch_prefix(keys)
+        try:
+            keys = self.engine.request_keys(request)
+        except Exception as exc:  # a bad request, not a broken worker: report it on its row
+            return self._rejected(request, exc)
+        cached, sources = self._fetch_prefix(keys)
         t_fetch = time.perf_counter() - t0
         t1 = time.perf_counter()
-        result = self.engine.run(request, keys, cached)
+        try:
+            result = self.engine.run(request, keys, cached)
+        except Exception as exc:
+            return self._rejected(request, exc)
+        if result.get("error"):
+            return self._rejected(request, result["error"])
+        return self._finish(request, keys, cached, sources, result, t_fetch, t1)
+
+    def _rejected(self, request: Any, error: Any) -> dict:
+        text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+        logger.warning("request %s failed: %s", request.get("id") if isinstance(request, dict) else None, text)
+        self.metrics.inc("qwen3vl_ray_requests", result="error")
+        return self._error(request, text)
+
+    def _error(self, request: Any, error: str) -> dict:
+        return {"id": request.get("id") if isinstance(request, dict) else None, "worker": self.worker_id,
+                "node": self.node_id, "output": None, "error": error, "prompt_tokens": None,
+                "completion_tokens": None, "cached_tokens": None, "cached_tiers": {}, "vision_cache_hits": 0,
+                "ttft_s": None, "token_ids": None}
+
+    def _finish(self, request: dict, keys: list, cached: list, sources: list[str], result: dict, t_fetch: float,
+                t1: float) -> dict:
         # the engine's own TTFT (when it reports one) excludes decoding; add the prefix fetch before it
         ttft = t_fetch + result.get("ttft_s", time.perf_counter() - t1)
         new = result["new_chunks"]
@@ -163,14 +192,40 @@ class WorkerLogic:
                 stored = sum(1 for t in tiers if t)
             except Exception:
                 logger.warning("storing %d new chunks failed; they will be recomputed next time", len(new), exc_info=True)
+        cached_tiers = self._cached_tiers(sources, result)
+        cached_tokens = sum(cached_tiers.values())
         n_tok = result.get("prompt_tokens") or len(keys) * self.engine.chunk_tokens
-        cached_tokens = len(cached) * self.engine.chunk_tokens
+        token_ids = result.get("token_ids")
         self.metrics.observe("qwen3vl_ray_ttft_seconds", ttft)
         self.metrics.observe("qwen3vl_ray_cached_token_ratio", cached_tokens / n_tok if n_tok else 0.0)
         self.metrics.inc("qwen3vl_ray_requests", result="ok")
         return {"id": request.get("id"), "worker": self.worker_id, "node": self.node_id, "output": result["output"],
-                "cached_tokens": cached_tokens, "device_chunks": from_device, "cross_node_chunks": cross, "computed_chunks": len(new),
-                "stored_chunks": stored, "ttft_s": ttft, "token_ids": result.get("token_ids")}
+                "error": None, "prompt_tokens": result.get("prompt_tokens"),
+                "completion_tokens": len(token_ids) if token_ids is not None else None,
+                "cached_tokens": cached_tokens, "cached_tiers": cached_tiers,
+                "vision_cache_hits": int(result.get("vision_cache_hits") or 0),
+                "device_chunks": sources.count("device"), "cross_node_chunks": sources.count("remote"),
+                "computed_chunks": len(new), "stored_chunks": stored, "ttft_s": ttft, "token_ids": token_ids}
+
+    def _cached_tiers(self, sources: list[str], result: dict) -> dict[str, int]:
+        """Reused prompt tokens per tier. An engine that owns the device tier reports how many of the fetched
+        chunks it already held (``device_chunks``: those are device hits, not the agent's) and how many
+        tokens it reused (``engine_cached_tokens``): more than fetched are extra hits in its device tier."""
+        ct = self.engine.chunk_tokens
+        sources = list(sources)
+        d = min(int(result.get("device_chunks") or 0), len(sources))
+        sources[:d] = ["device"] * d
+        per_token = [s for s in sources for _ in range(ct)]
+        engine_cached = result.get("engine_cached_tokens")
+        if engine_cached is not None:
+            engine_cached = int(engine_cached)
+            # fewer than fetched: the engine recomputes a fully cached prompt's last token; the chunks were
+            # still loaded, so they count
+            per_token += ["device"] * max(0, engine_cached - len(per_token))
+        out: dict[str, int] = {}
+        for s in per_token:
+            out[s] = out.get(s, 0) + 1
+        return out
 
 
 class Worker:

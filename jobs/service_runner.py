@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from jobs.dataset import Item
-from jobs.runner import result_row
+from jobs.runner import error_row, tier_label
 from qwen3vl_ray import settings as S
 
 logger = logging.getLogger(__name__)
@@ -113,8 +113,28 @@ class ServiceRunner:
     def run(self, items: list[Item], session: str | None = None) -> list[dict]:
         requests = [{"id": it.id, "messages": it.messages, "session_id": session,
                      "sampling": S.sampling_kwargs(self.settings)} for it in items]
-        results = self.handle.process(requests)
-        return [result_row(it.id, r) for it, r in zip(items, results)]
+        try:
+            results = self.handle.process(requests)
+        except Exception as exc:
+            # The client computes routing keys before any remote call, and a bad row (a corrupt image) raises
+            # there: find the rows that fail alone, give them their error, and run the others.
+            bad = self._bad_rows(requests)
+            if not bad:
+                raise
+            logger.warning("%d of %d rows rejected before routing (%s)", len(bad), len(requests), exc)
+            good = [i for i in range(len(requests)) if i not in bad]
+            done = dict(zip(good, self.handle.process([requests[i] for i in good]))) if good else {}
+            return [error_row(it.id, bad[i]) if i in bad else service_row(it.id, done[i]) for i, it in enumerate(items)]
+        return [service_row(it.id, r) for it, r in zip(items, results)]
+
+    def _bad_rows(self, requests: list[dict]) -> dict[int, str]:
+        bad = {}
+        for i, r in enumerate(requests):
+            try:
+                self.handle.keys_for(r)
+            except Exception as exc:
+                bad[i] = f"{type(exc).__name__}: {exc}"
+        return bad
 
     def stats(self) -> dict:
         return cluster_status_from(self.handle)
@@ -122,6 +142,31 @@ class ServiceRunner:
     def close(self) -> None:
         # The service is detached and stays up for the next job; only this driver's connection goes.
         pass
+
+
+def service_row(item_id: str, r: dict) -> dict:
+    """A worker's result (``actors.worker.WorkerLogic.process``) -> an output row. The worker reports the
+    engine's prompt tokens, generated tokens, TTFT, vision-cache hits and the reused prompt tokens per tier
+    (``device``: its own store; ``host``/``disk``: its node agent's; ``remote``: another node's agent)."""
+    if r.get("error"):
+        return error_row(item_id, str(r["error"]))
+    tiers = {t: int(n) for t, n in (r.get("cached_tiers") or {}).items() if n}
+    prompt, completion = r.get("prompt_tokens"), r.get("completion_tokens")
+    if completion is None and r.get("token_ids") is not None:
+        completion = len(r["token_ids"])
+    return {
+        "id": item_id,
+        "text": r.get("output"),
+        "prompt_tokens": int(prompt) if prompt is not None else None,
+        "completion_tokens": int(completion) if completion is not None else None,
+        "cached_tokens": int(r.get("cached_tokens") or 0),
+        "ttft_s": float(r["ttft_s"]) if r.get("ttft_s") is not None else None,
+        "tier": tier_label(tiers),
+        "error": None,
+        # not output columns (jobs.output keeps only SCHEMA's): for the demo's summary and job metrics
+        "cached_tiers": tiers,
+        "vision_cache_hits": int(r.get("vision_cache_hits") or 0),
+    }
 
 
 def cluster_status(address: str) -> dict:
@@ -162,7 +207,7 @@ def _collect(state: dict) -> dict:
 
 
 # Not the tiers' own hit counters: the agent serves chunks by reference (get_chunks), which those do not
-# count; its hits per tier are the qwen3vl_ray_hits metric.
+# count; its own counts of those (``served``) become each tier's ``served_hits`` (and the agent's misses).
 _STAT_KEYS = ("compression_ratio", "bytes_read", "bytes_written", "codec")
 
 
@@ -170,7 +215,12 @@ def _merge_stats(report: dict, stats: dict) -> dict:
     """Pressure report (used/capacity/entries/watermarks per tier) + the agent's tier stats (hits, codec,
     compression) in one dict per tier."""
     per_tier = {t.get("name"): t for t in (stats.get("cache") or {}).get("tiers", []) if isinstance(t, dict)}
+    served = stats.get("served") or {}
+    if "misses" in served:
+        report["served_misses"] = served["misses"]
     for name, tier in report.get("tiers", {}).items():
+        if name in (served.get("hits") or {}):
+            tier["served_hits"] = served["hits"][name]
         for src in (stats.get(name) or {}, per_tier.get(name) or {}):
             for k in _STAT_KEYS:
                 if k in src and k not in tier:

@@ -117,3 +117,74 @@ def test_error_text_reports_the_remote_cause():
     assert infer.error_text(RemoteError(ValueError("bad image"))) == "ValueError: bad image"
     assert infer.error_text(RuntimeError("a\nb\n")) == "RuntimeError: b"
     assert len(infer.error_text(RuntimeError("x" * 5000))) == 1000
+
+
+class InProcessService:
+    """The service handle's two calls, served in this process by a real WorkerLogic (tiny Qwen3-VL engine,
+    a node agent on a LocalObjectStore): keys first, raising on a bad row before any request runs, as the
+    Ray client does."""
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def keys_for(self, request):
+        return self.worker.engine.request_keys(request)
+
+    def process(self, requests):
+        for r in requests:
+            self.keys_for(r)
+        return [self.worker.process(r) for r in requests]
+
+
+def test_service_runner_rows_carry_tokens_tiers_and_a_bad_rows_own_error(ckpt_env, tmp_path):
+    from actors.config import AgentConfig, CoordinatorConfig, WorkerConfig
+    from actors.coordinator import CoordinatorLogic
+    from actors.engine_adapter import Qwen3VLEngineAdapter
+    from actors.node_agent import NodeAgentLogic
+    from actors.object_store_tier import LocalObjectStore
+    from actors.worker import WorkerLogic
+    from jobs.dataset import Item
+    from jobs.service_runner import ServiceRunner
+    from qwen3vl_ray import settings as S
+
+    node = "a" * 32
+    agent = NodeAgentLogic(node, AgentConfig(host_bytes=64 << 20, disk_bytes=0, policy="lru"), LocalObjectStore())
+    coord = CoordinatorLogic(CoordinatorConfig(recompress_codec="", period_s=0))
+    coord.add_agent(node, agent)
+    ckpt = os.path.join(ckpt_env["QWEN3VL_RAY_CHECKPOINT_DIR"], "tiny")
+    engine = Qwen3VLEngineAdapter(checkpoint_path=ckpt, chunk_tokens=16, device_tier_bytes=64 << 20)
+    worker = WorkerLogic("w0", node, engine, {node: agent}.__getitem__, coord, agent.store, WorkerConfig(device_bytes=0))
+    runner = object.__new__(ServiceRunner)  # everything but the Ray attach in __init__
+    runner.settings = S.resolve({"max_new_tokens": 3}, env={})
+    runner.handle = InProcessService(worker)
+
+    png = (DATA / "images" / "waves.png").read_bytes()
+
+    def item(rid, image):
+        return Item(rid, [{"role": "user", "content": [{"type": "image", "image": image},
+                                                       {"type": "text", "text": "What is in this picture, in detail?"}]}])
+
+    rows = runner.run([item("ok-1", png), item("bad", png[:500]), item("ok-2", png)])
+    assert [r["id"] for r in rows] == ["ok-1", "bad", "ok-2"]
+    assert "corrupt" in rows[1]["error"] and rows[1]["text"] is None
+    for r in (rows[0], rows[2]):
+        assert r["error"] is None and r["text"] and r["prompt_tokens"] > 16 and r["completion_tokens"] == 3
+        assert r["ttft_s"] > 0 and set(SCHEMA.names) <= set(r)
+    assert rows[0]["cached_tokens"] == 0 and rows[0]["tier"] is None
+    # the same prompt again: its prefix is in the worker's own (engine) device tier
+    assert rows[2]["cached_tokens"] > 0 and rows[2]["tier"] == "device"
+    assert rows[2]["text"] == rows[0]["text"]
+    # a bad request that reaches the worker is an error result there, and its row's error
+    from jobs.service_runner import service_row
+
+    row = service_row("bad-2", worker.process({"id": "bad-2", "messages": item("bad-2", png[:500]).messages}))
+    assert "corrupt" in row["error"] and row["prompt_tokens"] is None
+
+
+def test_status_merges_the_agents_served_hits_per_tier():
+    from jobs.service_runner import _merge_stats
+
+    merged = _merge_stats({"tiers": {"host": {"used": 1}, "disk": {"used": 2}}},
+                          {"served": {"hits": {"host": 4, "disk": 1}, "misses": 2}})
+    assert merged["tiers"]["host"]["served_hits"] == 4 and merged["tiers"]["disk"]["served_hits"] == 1
+    assert merged["served_misses"] == 2
