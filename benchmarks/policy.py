@@ -25,9 +25,11 @@ far beyond a 3k-block cache) at times that per-chain history barely predicts (lo
 chain correlate at 0.31). The rest of Belady's lead is clairvoyance about *when*. (It is no bound on the
 multi-turn trace, whose chain heads are shared system prompts: see ``ChainOracle``.)
 
-Measured here (2 shared cores): the default ``chain-arc`` is >= LRU at every capacity of every trace; at the
-largest LRU->Belady gap it closes 6% on Mooncake (0.2045 vs LRU 0.1878 @ 3k; prefix-2q 0.1972), 23% on
-Zipf, 36% on Zipf+scan and 3% on multi-turn.
+Measured here (2 shared cores): the default ``prefix-lru`` is >= LRU at every capacity of every trace; at
+the largest LRU->Belady gap it closes 1% on Mooncake (0.1906 vs LRU 0.1878 @ 3k). The opt-in ``chain-arc`` is
+also >= LRU everywhere and closes 6% on Mooncake (0.2045), 23% on Zipf, 36% on Zipf+scan and 3% on
+multi-turn; it is not the default because it breaks more chat sessions under pressure (``benchmarks.capacity``,
+see ``qwen3vl_ray.policies``).
 
 Traces: the Mooncake trace at 1k/3k/10k/30k blocks, and the synthetic ones of ``benchmarks.traces`` (Zipf
 documents, Zipf with long one-shot scans, multi-turn chats on shared system prompts) at 2%, 5%, 12.5% and
