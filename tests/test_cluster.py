@@ -23,7 +23,7 @@ import urllib.request
 
 import pytest
 
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from actors.config import NAMESPACE, AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig  # noqa: E402

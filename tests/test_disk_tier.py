@@ -41,11 +41,15 @@ def test_layout_and_modes(tmp_path):
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_existing_wide_directory_is_tightened(tmp_path):
-    (tmp_path / "cache").mkdir(mode=0o755)
+def test_existing_root_is_left_alone_but_the_entries_directory_is_private(tmp_path):
+    # the configured root may be the user's /tmp or a shared mount: never chmod it; what the tier creates
+    # below it (the namespace directory, which holds every entry) is 0700, tightened if it was wider
+    (tmp_path / "cache" / NS.hex).mkdir(mode=0o755, parents=True)
     os.chmod(tmp_path / "cache", 0o755)
+    os.chmod(tmp_path / "cache" / NS.hex, 0o755)
     disk(tmp_path)
-    assert stat.S_IMODE((tmp_path / "cache").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "cache").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "cache" / NS.hex).stat().st_mode) == 0o700
 
 
 def test_file_is_header_plus_raw_payload_not_pickle(tmp_path):

@@ -198,3 +198,15 @@ def test_pool_matches_reference_model(ops):
             held.pop(i % len(held)).release()
         assert pool.in_use == len(held)
     assert pool.stats().high_water <= 5
+
+
+def test_release_ids_with_a_bad_id_releases_nothing():
+    pool = BlockPool((8,), torch.uint8, capacity=4, device="cpu")
+    ids = pool.acquire_ids(3)
+    # a bad id (or a repeated one) in the middle: the call fails whole, no slot is half-released
+    with pytest.raises(ValueError):
+        pool.release_ids([ids[0], 99, ids[1]])
+    with pytest.raises(ValueError, match="twice"):
+        pool.release_ids([ids[0], ids[0]])
+    pool.release_ids(ids)  # all three are still acquired, so this succeeds
+    assert len(pool.acquire_ids(4)) == 4

@@ -164,3 +164,18 @@ def test_lifetimes_swap_out_idle_handles(tmp_path):
     assert life.tick(time.monotonic() + 60)["swapped_idle"] == 1
     assert not h.resident and torch.equal(h.get(), torch.ones(KIB4))
     cache.close()
+
+
+def test_swapped_out_tensor_survives_eviction_pressure_and_idle_expiry(tmp_path):
+    cache = host_disk_cache(tmp_path, host_kib=8, disk_kib=16)
+    swap = SwapSpace(cache, SwapConfig(resident_budget_bytes=64 * 1024))
+    x = torch.randn(KIB4)
+    h = swap.register(x.clone())
+    assert h.swap_out()
+    # other traffic fills every tier and idle expiry runs: the swapped-out tensor is the only copy, kept
+    for i in range(12):
+        cache.put(key(100 + i), torch.full((KIB4,), float(i)))
+    cache.expire_idle(ttl_s=1, now=time.monotonic() + 3600)
+    assert torch.equal(h.get(), x)
+    h.release()
+    cache.close()

@@ -212,3 +212,63 @@ def test_compressing_host_and_disk_tiers_read_back_within_bound(tmp_path):
             rel = float((got - t).norm() / t.norm())
             # demoted entries were quantized twice at most (host int8, then disk int8 of the dequantized copy)
             assert rel <= 2 * bound(t) + 1e-6, (i, rel)
+
+
+def test_concurrent_readers_and_writers_keep_one_copy_and_exact_values(tmp_path):
+    import threading
+
+    # readers promote from disk while writers demote: every entry stays in exactly one tier, the tiers'
+    # byte accounting matches the index, and every value read is exactly what was put under its key
+    with make_cache(tmp_path, host_entries=3, disk_entries=40) as c:
+        for i in range(12):
+            c.put(key(i), tensor(i))
+        errors = []
+
+        def reader(seed):
+            import random
+
+            rng = random.Random(seed)
+            for _ in range(150):
+                i = rng.randrange(12)
+                got = c.get(key(i))
+                if got is not None and not torch.equal(got, tensor(i)):
+                    errors.append(i)
+
+        def writer():
+            for n in range(150):
+                c.demote(key(n % 12))
+
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(3)] + [threading.Thread(target=writer)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        for i in range(12):
+            holders = [t.name for t in c.tiers if t.contains(key(i))]
+            assert holders == ([c.where(key(i))] if c.where(key(i)) else []), (i, holders)
+        for t in c.tiers:
+            assert t.used_bytes == sum(t.entry_nbytes(k) for k in list(t.keys()))
+            assert t.used_bytes <= t.capacity_bytes
+
+
+def test_replacing_in_a_full_tier_evicts_nothing_else(tmp_path):
+    with make_cache(tmp_path, host_entries=3) as c:
+        for i in range(3):
+            c.put(key(i), tensor(i))
+        # replacing an entry of a full tier reuses its own room: the other two stay
+        assert c.put(key(1), tensor(7))
+        assert [c.where(key(i)) for i in range(3)] == ["host", "host", "host"]
+        assert torch.equal(c.get(key(1)), tensor(7))
+
+
+def test_codec_refusing_a_victim_does_not_fail_an_unrelated_put(tmp_path):
+    # the host tier's KV-layout codec refuses a non-KV tensor: the victim is dropped, the put succeeds
+    cfg = CacheConfig(tiers=[TierConfig("device", 2 * ENTRY * 4, device="cpu", block_bytes=BLOCK),
+                             TierConfig("host", 1 << 20, codec="kv-int8", block_bytes=BLOCK)],
+                      policy="lru", namespace=NS)
+    with TieredCache(cfg) as c:
+        assert c.put(key(0), tensor(0)) and c.put(key(1), tensor(1))
+        assert c.put(key(2), tensor(2))
+        assert c.where(key(0)) is None and c.where(key(2)) == "device"
+        assert c.stats()["dropped"] == 1

@@ -2,8 +2,8 @@
 
 ``register(tensor, priority)`` hands a tensor to the swap space and returns a :class:`SwapHandle`. While
 resident the handle holds the tensor itself (no copy). Under pressure the lowest-priority, least recently
-used handles are written to the cache's tiers (host, then disk as those fill) and their device memory is
-released; ``handle.get()`` brings the tensor back on its original device, dtype and shape.
+used handles are written to the cache's top tier and pinned there (a swapped-out tensor exists nowhere
+else, so neither eviction nor idle expiry may drop it), and their device memory is released; ``handle.get()`` brings the tensor back on its original device, dtype and shape.
 
 Swap must be bit-exact, so every tier of the backing cache must use a lossless codec. Handles are tracked
 by a counter id, never ``id(tensor)``; a handle dropped without ``release()`` is reclaimed by a finalizer
@@ -197,6 +197,9 @@ class SwapSpace:
             if not self.cache.put(rec.key, rec.tensor):
                 log.warning("swap-out of %d bytes found no room in any tier; it stays resident", rec.nbytes)
                 return False
+            # A swapped-out tensor exists nowhere else: pinned, so neither eviction nor idle expiry can
+            # drop it (it stays where it landed until swap-in or release).
+            self.cache.pin(rec.key)
             rec.tensor = None
             self.resident_bytes -= rec.nbytes
             self.swapped_out_bytes += rec.nbytes
@@ -214,6 +217,7 @@ class SwapSpace:
                 self.lost += 1
                 raise LookupError("swapped-out tensor is gone from every tier (lost with a node or evicted)")
             t = t.to(device=rec.device, dtype=rec.dtype).reshape(rec.shape)
+            self.cache.unpin(rec.key)
             self.cache.remove(rec.key)
             rec.tensor = t
             self.resident_bytes += rec.nbytes
@@ -228,6 +232,7 @@ class SwapSpace:
             if rec.tensor is not None:
                 self.resident_bytes -= rec.nbytes
             else:
+                self.cache.unpin(rec.key)
                 self.cache.remove(rec.key)
 
     def _reclaim_leak(self, hid: int) -> None:

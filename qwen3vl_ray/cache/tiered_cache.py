@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from qwen3vl_ray.cache.config import CacheConfig
-from qwen3vl_ray.errors import CapacityError, ConfigError
+from qwen3vl_ray.errors import CapacityError, CodecError, ConfigError
 from qwen3vl_ray.keys import CacheKey, validate_key
 from qwen3vl_ray.policies import DEFAULT_POLICY, make_policy
 from qwen3vl_ray.policies.base import EvictionPolicy
@@ -180,16 +180,19 @@ class TieredCache:
                     return False
                 if old is not None:
                     old.pins += 1  # keep the old value until the new one is in: a failed put loses nothing
+                # A replace in the same tier frees the old entry's bytes as it lands (pooled tiers reuse them).
+                freed = (tier.entry_nbytes(key) or 0) if old is not None and old.tier == i else 0
                 try:
-                    stored = self._make_room(i, prepared.nbytes) and tier.complete_store(prepared)
+                    stored = self._make_room(i, prepared.nbytes - freed) and tier.complete_store(prepared)
                 finally:
                     if old is not None:
                         old.pins -= 1
                 if stored:
-                    if old is not None:
-                        if old.tier != i:
-                            self.tiers[old.tier].remove(key)
+                    if old is not None and old.tier != i:
+                        self.tiers[old.tier].remove(key)
                         self.policies[old.tier].on_remove(key)
+                    # Same tier: on_insert of a present key is a use, which keeps the policy's links to the
+                    # entry's cached children (remove + insert would orphan them).
                     self._index[key] = _Entry(i, parent, self._clock())
                     policy.on_insert(key, prepared.nbytes, parent)
                     return True
@@ -222,10 +225,14 @@ class TieredCache:
             src = e.tier
         try:
             tensor = self.tiers[src].get(key)  # bytes move outside the lock (two-phase load)
-        finally:
+        except BaseException:
             with self._lock:
                 e.in_flight -= 1
+            raise
+        # Release the in-flight mark and finish in one critical section: in between, another thread could
+        # demote the entry, and a promotion from the stale ``src`` would leave two copies.
         with self._lock:
+            e.in_flight -= 1
             if tensor is None:
                 # The tier found it corrupt (and removed it) or lost it: a miss, never wrong data.
                 if self._index.get(key) is e:
@@ -234,10 +241,11 @@ class TieredCache:
                 return None, None
             e.last_access = self._clock()
             self._counters[src].hits += 1
-            self.policies[src].on_access(key)
             tier_name = self.tiers[src].name
-            if promote and src > 0 and self._index.get(key) is e:
-                self._move(key, e, src, 0, tensor)
+            if self._index.get(key) is e and e.tier == src:
+                self.policies[src].on_access(key)
+                if promote and src > 0:
+                    self._move(key, e, src, 0, tensor)
         return (tensor.to(device) if device is not None else tensor), tier_name
 
     def touch(self, key: CacheKey) -> bool:
@@ -438,8 +446,10 @@ class TieredCache:
         """Copy ``tensor`` into tier ``dst`` (making room there), then release it from ``src``."""
         try:
             prepared = self.tiers[dst].prepare_store(key, tensor)
-        except CapacityError:
-            log.debug("entry %s does not fit tier %s", key.hex()[:8], self.tiers[dst].name)
+        except (CapacityError, CodecError) as exc:
+            # Too big for that tier, or its codec refuses this tensor (a KV-layout codec and a vision
+            # feature; NaN under int8): the entry cannot move there, which must not fail the caller's put.
+            log.debug("entry %s cannot move to tier %s: %s", key.hex()[:8], self.tiers[dst].name, exc)
             return False
         # Pin while we make room below so the recursive demotions cannot pick this very entry.
         e.pins += 1

@@ -216,9 +216,13 @@ class BlockPool:
     def release_ids(self, ids: Sequence[int]) -> None:
         with self._lock:
             out = self._out
+            # Validate everything first: a bad or repeated id must not leave earlier slots half-released.
             for i in ids:
                 if not (0 <= i < self.capacity) or not out[i]:
                     raise ValueError(f"slot {i} is not acquired from this pool (capacity {self.capacity})")
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"slot ids released twice in one call: {sorted(ids)}")
+            for i in ids:
                 out[i] = 0
             if self.zero_on_release:
                 for i in ids:

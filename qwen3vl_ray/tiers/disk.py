@@ -50,10 +50,17 @@ _OPEN_WRITE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0
 
 
 def _private_dir(path: Path) -> None:
-    """Create ``path`` (and parents) mode 0700; tighten it if it exists but is wider (we own it)."""
+    """Create ``path`` (and parents) mode 0700; tighten it if it exists but is wider (the tier owns it)."""
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     if (path.stat().st_mode & 0o777) != DIR_MODE:
         os.chmod(path, DIR_MODE)
+
+
+def _root_dir(path: Path) -> None:
+    """The configured root: created 0700 when missing, left as it is when it exists (it may be the user's
+    ``/tmp`` or a shared mount). Privacy comes from the per-namespace directory below it, always 0700."""
+    if not path.exists():
+        path.mkdir(mode=DIR_MODE, parents=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -162,7 +169,7 @@ class DiskTier(Tier):
         self.codec = make_codec(cfg.codec)
         self._raw = self.codec.name == "none"
         self.root = Path(cfg.path)
-        _private_dir(self.root)
+        _root_dir(self.root)
         self.dir = self.root / namespace.hex
         _private_dir(self.dir)
         self._dir_str = str(self.dir)
@@ -379,6 +386,14 @@ class DiskTier(Tier):
             result = self._read_payload(fd, h, out)
         except (CorruptEntryError, CodecError) as exc:
             self._drop_corrupt(path, st, str(exc), key)
+            return None
+        except OSError as exc:
+            # A failing device (EIO) is a miss, counted, not an exception through the cache; the file stays
+            # (it may read fine later, and it is checksummed whenever it does).
+            log.warning("disk tier read of %s failed: %s", path, exc)
+            with self._lock:
+                self._c["io_errors"] += 1
+                self._c["misses"] += 1
             return None
         finally:
             os.close(fd)
