@@ -32,6 +32,7 @@ from qwen3vl_ray.engine.config import EngineConfig
 from qwen3vl_ray.engine.loading import check_checkpoint, load_model_and_processor
 from qwen3vl_ray.engine.prefix_kv import KVGeometry, PrefixKV
 from qwen3vl_ray.engine.prompt import ImageMemo, Prompt, build_prompt
+from qwen3vl_ray.engine.request_keys import kv_namespace
 from qwen3vl_ray.engine.requests import Metrics, Request, RequestError, Result, SamplingParams
 from qwen3vl_ray.engine.sampling import Sampler
 from qwen3vl_ray.engine.sessions import Sessions
@@ -66,7 +67,7 @@ class Qwen3VLEngine:
         self.fingerprint = model_fingerprint(str(self.path))
         codecs = "|".join(f"{t.kind}={t.codec}" for t in self.config.tiers)
         ns = dict(model=self.fingerprint, dtype=self.config.dtype, codec=codecs, tenant=self.config.tenant)
-        self.kv_namespace = Namespace(layout=self.geometry.layout(self.config.chunk_tokens), **ns)
+        self.kv_namespace = kv_namespace(self.fingerprint, self.geometry, self.config)  # the one definition
         self.vision_namespace = Namespace(layout=f"vision:deepstack{self.n_deepstack}", **ns)
         self._owns_store = store is None
         self.store = store if store is not None else TieredCache(

@@ -35,11 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 def kv_namespace(fingerprint: str, geometry: KVGeometry, config: EngineConfig) -> Namespace:
-    """The namespace of the engine's prefix-KV keys.
-
-    Mirrors ``Qwen3VLEngine.__init__`` (which builds it inline; see the module docstring of the adapter for
-    the requested shared helper). ``tests/test_actors_engine.py`` asserts equality with
-    ``Qwen3VLEngine.kv_namespace`` so any drift fails a test rather than silently costing every hit."""
+    """The namespace of the engine's prefix-KV keys: the one definition, used by ``Qwen3VLEngine`` and by the
+    weight-free ``RequestKeyer`` (so routing keys and stored keys cannot drift apart)."""
     codecs = "|".join(f"{t.kind}={t.codec}" for t in config.tiers)
     return Namespace(model=fingerprint, dtype=config.dtype, layout=geometry.layout(config.chunk_tokens),
                      codec=codecs, tenant=config.tenant)
