@@ -459,7 +459,7 @@ def engine_config(s: Settings, tiers: list | None = None, node_tag: str | None =
     return EngineConfig(
         chunk_tokens=s.chunk_tokens, dtype=resolved_dtype(s), device=s.device,
         attn_implementation=s.attn_implementation, max_pixels=s.max_pixels,
-        kv_device_budget_bytes=max(s.kv_device_budget_bytes, s.device_bytes),
+        kv_device_budget_bytes=s.kv_device_budget_bytes,  # EngineConfig refuses a device tier above it, by name
         tiers=tiers if tiers is not None else tier_configs(s, node_tag), policy=s.policy,
         prefix_cache=s.prefix_cache, vision_cache=s.vision_cache, session_idle_s=s.session_idle_s,
         tenant=s.tenant)
