@@ -121,13 +121,17 @@ class CoordinatorLogic:
             self.workers[worker_id] = WorkerState(node_id)
             self._decide("register_worker", node_id, worker=worker_id)
 
-    def worker_failed(self, worker_id: str) -> None:
+    def worker_failed(self, worker_id: str, permanent: bool = True) -> None:
+        """A request failed on ``worker_id``. ``permanent`` (the actor died) takes it out of routing until it
+        registers again; a temporary failure (``ActorUnavailableError``: restarting, network blip) keeps it
+        routable, since the client already excludes it for the failed request."""
         with self._lock:
             st = self.workers.get(worker_id)
             if st is not None:
-                st.available = False
-                st.inflight = 0
-                self._decide("worker_failed", st.node_id, worker=worker_id)
+                if permanent:
+                    st.available = False
+                    st.inflight = 0
+                self._decide("worker_failed", st.node_id, worker=worker_id, permanent=permanent)
 
     def route(self, keys: Sequence[CacheKey], exclude: Iterable[str] = ()) -> dict:
         """The worker whose node holds the most of the request's cached prefix, minus a load penalty."""
@@ -340,11 +344,13 @@ class Coordinator:
     """Ray actor: the logic plus node tracking, the periodic loop and state rebuild after a restart."""
 
     def __init__(self, config: CoordinatorConfig, agent_config: AgentConfig) -> None:
+        from actors.config_check import coordinator_fields
         from actors.metrics import RayMetrics
 
         logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_LOG", "INFO"))
         self.logic = CoordinatorLogic(config, RayMetrics("coordinator"))
         self.agent_config = agent_config
+        self._config_fields = coordinator_fields(config, agent_config)
         self.handles: dict[str, Any] = {}
         self._stop = threading.Event()
         self.sync_nodes()
@@ -432,8 +438,8 @@ class Coordinator:
     def register_worker(self, worker_id, node_id):
         return self.logic.register_worker(worker_id, node_id)
 
-    def worker_failed(self, worker_id):
-        return self.logic.worker_failed(worker_id)
+    def worker_failed(self, worker_id, permanent=True):
+        return self.logic.worker_failed(worker_id, permanent)
 
     def state(self):
         return self.logic.state()
@@ -443,6 +449,10 @@ class Coordinator:
 
     def pid(self):
         return os.getpid()
+
+    def config_fields(self):
+        """Canonical fields of the configs this coordinator was built with (``actors.config_check``)."""
+        return self._config_fields
 
 
 def coordinator_options() -> dict:

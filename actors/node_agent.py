@@ -397,11 +397,13 @@ class NodeAgent:
     """Ray actor wrapper: builds the logic with the real object store and Ray metrics. Thin by design."""
 
     def __init__(self, node_id: str, config: AgentConfig) -> None:
+        from actors.config_check import agent_fields
         from actors.metrics import RayMetrics
         from actors.object_store_tier import RayObjectStore
 
         logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_LOG", "INFO"))
         self.logic = NodeAgentLogic(node_id, config, RayObjectStore(), RayMetrics(node_id))
+        self._config_fields = agent_fields(config)
 
     def put_chunks(self, items):
         return self.logic.put_chunks(items)
@@ -453,6 +455,10 @@ class NodeAgent:
 
     def pid(self):
         return os.getpid()
+
+    def config_fields(self):
+        """Canonical fields of the config this agent was built with (``actors.config_check``)."""
+        return self._config_fields
 
 
 def agent_options(node_id: str) -> dict:

@@ -18,6 +18,7 @@ import uuid
 from typing import Any, Sequence
 
 from actors.config import NAMESPACE, ServiceConfig
+from actors.config_check import agent_fields, check_same_config, coordinator_fields, worker_fields
 from actors.coordinator import COORDINATOR_NAME, WORKER_PREFIX, get_or_create_coordinator
 from actors.worker import worker_class, worker_options
 
@@ -111,26 +112,43 @@ class ServiceHandle:
         def submit(i: int) -> None:
             route = ray.get(self.coordinator.route.remote(keys[i], tried[i]))
             tried[i].append(route["worker"])
-            pending[self._worker(route["worker"]).process.remote(requests[i])] = (i, route["worker"])
-
-        for i in range(len(requests)):
-            submit(i)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
-            if not ready:
-                raise TimeoutError(f"{len(pending)} requests still running after {timeout_s} s")
-            i, wid = pending.pop(ready[0])
             try:
-                results[i] = ray.get(ready[0])
-                self.coordinator.done.remote(wid)
-            except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
-                logger.warning("worker %s failed on request %s (%s); retrying elsewhere", wid, i, type(exc).__name__)
-                self.coordinator.worker_failed.remote(wid)
-                if len(tried[i]) > self.config.worker.max_retries:
-                    raise RuntimeError(f"request {i} failed on workers {tried[i]}") from exc
+                ref = self._worker(route["worker"]).process.remote(requests[i])
+            except BaseException:
+                self.coordinator.done.remote(route["worker"])  # routed but never sent
+                raise
+            pending[ref] = (i, route["worker"])
+
+        try:
+            for i in range(len(requests)):
                 submit(i)
-            if results[i] is not None:
-                results[i]["attempts"] = len(tried[i])
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
+                if not ready:
+                    raise TimeoutError(f"{len(pending)} requests still running after {timeout_s} s")
+                i, wid = pending.pop(ready[0])
+                try:
+                    results[i] = ray.get(ready[0])
+                except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+                    # A restarting (unavailable) worker comes back; only a dead one leaves the routing table.
+                    permanent = not isinstance(exc, ActorUnavailableError)
+                    logger.warning("worker %s failed on request %s (%s); retrying elsewhere", wid, i, type(exc).__name__)
+                    self.coordinator.worker_failed.remote(wid, permanent)
+                    if len(tried[i]) > self.config.worker.max_retries:
+                        raise RuntimeError(f"request {i} failed on workers {tried[i]}") from exc
+                    submit(i)
+                finally:
+                    self.coordinator.done.remote(wid)  # finished, failed or raising: never leak the in-flight count
+                if results[i] is not None:
+                    results[i]["attempts"] = len(tried[i])
+        finally:
+            # Requests still routed when we stop waiting (timeout, a raise above): release their in-flight slots.
+            for _, wid in pending.values():
+                try:
+                    self.coordinator.done.remote(wid)
+                except Exception:
+                    logger.debug("done(%s) not delivered", wid, exc_info=True)
+            pending.clear()
         return results  # type: ignore[return-value]
 
     def admit(self, nbytes: int, session_id: str | None = None) -> str:
@@ -155,12 +173,13 @@ class ServiceHandle:
 def ensure_service(config: ServiceConfig | None = None, address: str | None = None, num_workers: int = 1,
                    timeout_s: float = 120.0) -> ServiceHandle:
     """Attach to (or start) Ray and make sure the coordinator, the agents and ``num_workers`` workers exist.
-    Idempotent: named, detached actors are reused by a second call."""
+    Idempotent: named, detached actors are reused by a second call. An actor already running with another
+    configuration than ``config`` raises ``ConfigMismatchError`` naming the differing fields; ``config=None``
+    adopts the running service's configuration (``ServiceConfig.from_env()`` when none runs)."""
     import ray
 
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    config = config or ServiceConfig.from_env()
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         kwargs: dict[str, Any] = {"namespace": NAMESPACE, "ignore_reinit_error": True}
@@ -170,11 +189,49 @@ def ensure_service(config: ServiceConfig | None = None, address: str | None = No
             address = "local"
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": REPO_ROOT}}
         ray.init(address=address, **kwargs)
+    # No config asked for: attach to the running service as it is (its workers know its whole config).
+    config = config or _running_config(timeout_s) or ServiceConfig.from_env()
     coordinator = get_or_create_coordinator(config.coordinator, config.agent)
     ray.get(coordinator.state.remote(), timeout=timeout_s)
+    # get_if_exists reuses actors whatever config they were built with: refuse a mismatch loudly.
+    check_same_config(f"the coordinator {COORDINATOR_NAME!r}", ray.get(coordinator.config_fields.remote(), timeout=timeout_s),
+                      coordinator_fields(config.coordinator, config.agent))
     workers = {}
     for i in range(num_workers):
         name = f"{WORKER_PREFIX}{i}"
         workers[name] = worker_class().options(**worker_options(name, config.worker)).remote(name, config)
     ray.get([w.node_id.remote() for w in workers.values()], timeout=timeout_s)
+    wanted = worker_fields(config.worker)
+    for name, w in workers.items():
+        check_same_config(f"worker {name!r}", ray.get(w.config_fields.remote(), timeout=timeout_s), wanted)
+    _check_agents(coordinator, config, timeout_s)
     return ServiceHandle(ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE), workers, config)
+
+
+def _running_config(timeout_s: float) -> ServiceConfig | None:
+    """The ServiceConfig of a running worker of this service, None when no worker runs."""
+    import ray
+
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry.get("namespace") != NAMESPACE or not entry["name"].startswith(WORKER_PREFIX):
+            continue
+        try:
+            return ray.get(ray.get_actor(entry["name"], namespace=NAMESPACE).service_config.remote(), timeout=timeout_s)
+        except Exception:
+            logger.info("worker %s did not give its config; asking another", entry["name"], exc_info=True)
+    return None
+
+
+def _check_agents(coordinator: Any, config: ServiceConfig, timeout_s: float) -> None:
+    import ray
+
+    from actors.node_agent import agent_name
+
+    wanted = agent_fields(config.agent)
+    for node_id in ray.get(coordinator.state.remote(), timeout=timeout_s).get("nodes", []):
+        try:
+            agent = ray.get_actor(agent_name(node_id), namespace=NAMESPACE)
+        except ValueError:  # not created yet: the coordinator creates it with its (checked) config
+            continue
+        check_same_config(f"the agent of node {node_id[:12]}", ray.get(agent.config_fields.remote(), timeout=timeout_s),
+                          wanted)

@@ -238,6 +238,7 @@ class Worker:
         from actors.object_store_tier import RayObjectStore
 
         logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_LOG", "INFO"))
+        self._config = config
         node = ray.get_runtime_context().get_node_id()
         self._ports: dict[str, RayAgentPort] = {node: RayAgentPort(get_or_create_agent(node, config.agent))}
 
@@ -271,6 +272,18 @@ class Worker:
     @ray.method(concurrency_group="control")
     def pid(self):
         return os.getpid()
+
+    @ray.method(concurrency_group="control")
+    def config_fields(self):
+        """Canonical fields of this worker's config (``actors.config_check.worker_fields``)."""
+        from actors.config_check import worker_fields
+
+        return worker_fields(self._config.worker)
+
+    @ray.method(concurrency_group="control")
+    def service_config(self):
+        """The whole ServiceConfig this worker was built with (a driver without its own config adopts it)."""
+        return self._config
 
 
 def worker_class():

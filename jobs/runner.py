@@ -61,19 +61,18 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
 def result_row(item_id: str, result: Any) -> dict:
     """An engine ``Result`` (object or dict form) or a Ray service result dict -> an output row.
 
-    Service results carry ``output`` (the text) and chunk counts; their ``tier`` is ``device`` (the worker's
-    own tier), ``agent`` (its node agent's host/disk tiers) and/or ``remote`` (another node's agent).
+    Service results carry ``output`` (the text) and ``cached_tiers``: cached tokens per tier the worker
+    fetched them from.
     """
     error = _get(result, "error")
     if error:
         return error_row(item_id, str(error))
     m = _get(result, "metrics") or result
-    tiers = _get(m, "cached_tiers") or _get(m, "tiers")
+    # engine results carry ``tiers``, service results ``cached_tiers`` (always set by the worker)
+    tiers = _get(m, "cached_tiers") or _get(m, "tiers") or {}
     if isinstance(tiers, (list, tuple)):
         tiers = {t: 1 for t in tiers}
     cached = int(_get(m, "cached_tokens", 0) or 0)
-    if tiers is None:
-        tiers = _service_tiers(result, cached)
     token_ids = _get(result, "token_ids")
     prompt = _get(m, "prompt_tokens")
     text = _get(result, "text")
@@ -90,21 +89,6 @@ def result_row(item_id: str, result: Any) -> dict:
         "cached_tiers": dict(tiers),
         "vision_cache_hits": int(_get(m, "vision_cache_hits", 0) or 0),
     }
-
-
-def _service_tiers(result: Any, cached_tokens: int) -> dict[str, int]:
-    """Where a service result's cached prefix came from. The worker reports chunk counts for its own
-    device tier and for other nodes; the rest of the cached chunks came from its node agent."""
-    if not cached_tokens:
-        return {}
-    out = {"device": int(_get(result, "device_chunks", 0) or 0), "remote": int(_get(result, "cross_node_chunks", 0) or 0)}
-    out = {k: v for k, v in out.items() if v}
-    cached_chunks = _get(result, "cached_chunks")
-    if cached_chunks is not None and int(cached_chunks) > sum(out.values()):
-        out["agent"] = int(cached_chunks) - sum(out.values())
-    elif cached_chunks is None and not out:
-        out["agent"] = cached_tokens  # neither the worker's device tier nor another node: its own agent
-    return out
 
 
 def make_runner(settings: Settings, kind: str = "service") -> Runner:

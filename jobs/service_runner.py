@@ -207,20 +207,30 @@ def _collect(state: dict) -> dict:
 
 
 # Not the tiers' own hit counters: the agent serves chunks by reference (get_chunks), which those do not
-# count; its own counts of those (``served``) become each tier's ``served_hits`` (and the agent's misses).
+# count; its own counts of those (``served``) become each tier's ``served_hits`` (and the agent's misses),
+# and the ``hits``/``misses`` that ``status`` and ``demo`` show.
 _STAT_KEYS = ("compression_ratio", "bytes_read", "bytes_written", "codec")
 
 
 def _merge_stats(report: dict, stats: dict) -> dict:
     """Pressure report (used/capacity/entries/watermarks per tier) + the agent's tier stats (hits, codec,
-    compression) in one dict per tier."""
+    compression) in one dict per tier.
+
+    The agent looks a chunk up top-down (host, then disk), so a tier's misses are the lookups that reached it
+    and were not found there: the hits of the tiers below it plus the agent's misses."""
     per_tier = {t.get("name"): t for t in (stats.get("cache") or {}).get("tiers", []) if isinstance(t, dict)}
     served = stats.get("served") or {}
+    served_hits = served.get("hits") or {}
     if "misses" in served:
         report["served_misses"] = served["misses"]
-    for name, tier in report.get("tiers", {}).items():
-        if name in (served.get("hits") or {}):
-            tier["served_hits"] = served["hits"][name]
+    names = list(report.get("tiers", {}))
+    for j, name in enumerate(names):
+        tier = report["tiers"][name]
+        if name in served_hits:
+            tier["served_hits"] = served_hits[name]
+            if "misses" in served:
+                tier["hits"] = served_hits[name]
+                tier["misses"] = sum(served_hits.get(n, 0) for n in names[j + 1:]) + served["misses"]
         for src in (stats.get(name) or {}, per_tier.get(name) or {}):
             for k in _STAT_KEYS:
                 if k in src and k not in tier:

@@ -418,3 +418,51 @@ def test_metrics_recorder_validates_names_and_tags_and_the_dashboard_plots_every
     plotted = {name for p in dash["panels"] for t in p["targets"]
                for name in re.findall(r"ray_(qwen3vl_ray_[a-z_]+?)(?:_total|_bucket|_sum|_count)?\{", t["expr"])}
     assert plotted == set(METRICS)
+
+
+def test_worker_failed_temporarily_keeps_the_worker_routable_but_a_dead_one_is_dropped(tmp_path):
+    coord, _ = make_cluster(tmp_path)
+    coord.register_worker("w0", NODES[0])
+    coord.register_worker("w1", NODES[1])
+    coord.worker_failed("w0", permanent=False)  # ActorUnavailableError: restarting, comes back
+    assert coord.state()["workers"]["w0"]["available"]
+    assert "w0" in {coord.route([])["worker"] for _ in range(4)}
+    coord.worker_failed("w0")  # ActorDiedError
+    assert not coord.state()["workers"]["w0"]["available"]
+    assert all(coord.route([])["worker"] == "w1" for _ in range(3))
+
+
+# -- config check of reused actors (get_if_exists) ---------------------------------------------
+def test_config_check_names_the_differing_worker_fields():
+    from actors.config_check import ConfigMismatchError, check_same_config, config_digest, worker_fields
+
+    a = WorkerConfig(engine="actors.synthetic_engine:SyntheticKVEngine", engine_args={"model": "A", "chunk": 4})
+    same = WorkerConfig(engine="actors.synthetic_engine:SyntheticKVEngine", engine_args={"chunk": 4, "model": "A"},
+                        max_retries=5)  # key order and the client-side retry count do not matter
+    check_same_config("worker 'w0'", worker_fields(a), worker_fields(same))
+    assert config_digest(worker_fields(a)) == config_digest(worker_fields(same))
+    b = WorkerConfig(engine_args={"model": "B", "chunk": 4})
+    with pytest.raises(ConfigMismatchError) as err:
+        check_same_config("worker 'w0'", worker_fields(a), worker_fields(b))
+    msg = str(err.value)
+    assert "worker.engine:" in msg and "worker.engine_args:" in msg and '"model":"B"' in msg and '"model":"A"' in msg
+    assert "worker.num_cpus" not in msg
+    assert isinstance(err.value, ConfigError)
+
+
+def test_config_check_of_coordinator_and_agent_fields(tmp_path):
+    from pathlib import Path
+
+    from actors.config_check import ConfigMismatchError, agent_fields, check_same_config, coordinator_fields
+
+    running = coordinator_fields(CoordinatorConfig(period_s=0.5), agent_cfg(tmp_path))
+    check_same_config("the coordinator", running, coordinator_fields(CoordinatorConfig(period_s=0.5), agent_cfg(tmp_path)))
+    with pytest.raises(ConfigMismatchError, match=r"agent.host_bytes: running=16384 requested=32768"):
+        check_same_config("the coordinator", running,
+                          coordinator_fields(CoordinatorConfig(period_s=0.5), agent_cfg(tmp_path, host_chunks=8)))
+    with pytest.raises(ConfigMismatchError, match=r"coordinator.period_s"):
+        check_same_config("the coordinator", running, coordinator_fields(CoordinatorConfig(), agent_cfg(tmp_path)))
+    # non-JSON values (a Path) are compared by their text
+    p = agent_cfg(tmp_path)
+    p.disk_dir = Path(tmp_path)
+    check_same_config("an agent", agent_fields(agent_cfg(tmp_path)), agent_fields(p))

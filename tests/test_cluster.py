@@ -12,6 +12,7 @@ killed-worker retry are in ``test_cluster_engine.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from actors.config import NAMESPACE, AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig  # noqa: E402
 from actors.coordinator import COORDINATOR_NAME  # noqa: E402
 from actors.node_agent import agent_name, to_wire  # noqa: E402
+from actors.config_check import ConfigMismatchError  # noqa: E402
 from actors.service import REPO_ROOT, ensure_service  # noqa: E402
 from actors.synthetic_engine import SyntheticKVEngine  # noqa: E402
 from qwen3vl_ray.keys import chunk_keys  # noqa: E402
@@ -113,6 +115,11 @@ def test_one_agent_per_node_and_ensure_service_is_idempotent(cluster):
     assert ray.get(again.coordinator.pid.remote()) == coord_pid
     assert {ray.get(w.pid.remote()) for w in again.workers.values()} == {ray.get(w.pid.remote()) for w in service.workers.values()}
     assert len(agents_by_node()) == 3
+    # the same names with another model: refused, naming the field, instead of answers from the running one
+    other = dataclasses.replace(config, worker=dataclasses.replace(
+        config.worker, engine_args=dict(config.worker.engine_args, compute_s_per_chunk=0.01)))
+    with pytest.raises(ConfigMismatchError, match="worker.engine_args"):
+        ensure_service(other, num_workers=3)
 
 
 def test_a_second_driver_attaches_to_the_running_service(cluster):
@@ -176,10 +183,13 @@ def test_killed_coordinator_restarts_rebuilds_and_jobs_continue(cluster):
     before = ray.get(service.coordinator.state.remote())
     assert before["entries"] > 0
     reqs = [{"token_ids": prompt(200 + i, 12)} for i in range(4)]
-    killer = threading.Timer(0.3, lambda: os.kill(ray.get(service.coordinator.pid.remote()), signal.SIGKILL))
+    old_pid = ray.get(service.coordinator.pid.remote())
+    killer = threading.Timer(0.3, lambda: os.kill(old_pid, signal.SIGKILL))
     killer.start()
     results = service.process(reqs)
     killer.join()
+    # the Timer's callback fails silently: prove the kill happened (a restarted coordinator has a new pid)
+    wait_for(lambda: ray.get(service.coordinator.pid.remote()) != old_pid, what="coordinator restart")
     assert [r["output"] for r in results] == [reference(r["token_ids"]) for r in reqs]
     after = ray.get(service.coordinator.state.remote())
     assert after["nodes"] == before["nodes"] and after["entries"] > 0  # rebuilt from the agents
@@ -201,6 +211,8 @@ def test_removed_node_entries_become_misses_and_requests_continue(cluster):
     wait_for(lambda: new_id not in ray.get(service.coordinator.state.remote())["nodes"], what="node removal")
     assert ray.get(service.coordinator.lookup.remote(keys)) == [None] * 4
     [r] = service.process([{"token_ids": tokens}])
+    # every routed request was marked done: no in-flight count leaks into later routing
+    wait_for(lambda: all(w["inflight"] == 0 for w in service.state()["workers"].values()), what="in-flight back to 0")
     assert r["cached_tokens"] == 0 and r["output"] == reference(tokens)
 
 

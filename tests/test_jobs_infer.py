@@ -188,3 +188,12 @@ def test_status_merges_the_agents_served_hits_per_tier():
                           {"served": {"hits": {"host": 4, "disk": 1}, "misses": 2}})
     assert merged["tiers"]["host"]["served_hits"] == 4 and merged["tiers"]["disk"]["served_hits"] == 1
     assert merged["served_misses"] == 2
+    # looked up host first, then disk: host missed what disk served plus the agent's misses
+    assert (merged["tiers"]["host"]["hits"], merged["tiers"]["host"]["misses"]) == (4, 3)
+    assert (merged["tiers"]["disk"]["hits"], merged["tiers"]["disk"]["misses"]) == (1, 2)
+    from jobs.status import render_status
+
+    table = render_status({"coordinator": {"entries": 5}, "nodes": {"n" * 32: merged}})
+    host_row = next(line for line in table.splitlines() if " host " in line)
+    assert "57%" in host_row  # 4 / (4 + 3), not "-"
+    assert "33%" in next(line for line in table.splitlines() if " disk " in line)

@@ -85,6 +85,16 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def service_env(tmp_path_factory):
+    """Settings shared by every job and CLI call of this module: the service's actors live as long as the head
+    and refuse a caller asking for another configuration, so all of them must ask for the same one."""
+    d = tmp_path_factory.mktemp("service")
+    return {"QWEN3VL_RAY_CHECKPOINT_DIR": str(d / "ckpt"), "QWEN3VL_RAY_DISK_DIR": str(d / "disk"),
+            "QWEN3VL_RAY_CHUNK_TOKENS": "32", "QWEN3VL_RAY_BLOCK_BYTES": "64KiB", "QWEN3VL_RAY_DEVICE_BYTES": "2MiB",
+            "QWEN3VL_RAY_HOST_BYTES": "64MiB", "QWEN3VL_RAY_DISK_BYTES": "128MiB"}
+
+
 def _submit(head, args, env_vars):
     cmd = [RAY, "job", "submit", "--address", head["url"], "--working-dir", str(ROOT),
            "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", "python", "-m", "jobs.infer", *args]
@@ -118,13 +128,10 @@ EXPECTED = {"engine": ["qwen3vl_ray_job_cached_tokens"],
 
 
 @pytest.mark.parametrize("runner", ["engine", "service"])
-def test_infer_job_with_ray_job_submit_and_prometheus_metrics(ray_head, tmp_path, runner):
+def test_infer_job_with_ray_job_submit_and_prometheus_metrics(ray_head, service_env, tmp_path, runner):
     shutil.copytree(ROOT / "jobs" / "data" / "images", tmp_path / "images")
     shutil.copy(ROOT / "jobs" / "data" / "prompts.jsonl", tmp_path / "in.jsonl")
-    env_vars = {"QWEN3VL_RAY_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "QWEN3VL_RAY_DISK_DIR": str(tmp_path / "disk"),
-                "QWEN3VL_RAY_MAX_NEW_TOKENS": "3", "QWEN3VL_RAY_CHUNK_TOKENS": "32",
-                "QWEN3VL_RAY_BLOCK_BYTES": "64KiB", "QWEN3VL_RAY_DEVICE_BYTES": "2MiB",
-                "QWEN3VL_RAY_HOST_BYTES": "64MiB", "QWEN3VL_RAY_DISK_BYTES": "128MiB"}
+    env_vars = {**service_env, "QWEN3VL_RAY_MAX_NEW_TOKENS": "3"}
     common = ["--input", str(tmp_path / "in.jsonl"), "--model", "tiny", "--no-progress", "--num-workers", "1",
               "--runner", runner]
     # the same dataset twice: the second run is served from the store
@@ -147,32 +154,45 @@ def test_infer_job_with_ray_job_submit_and_prometheus_metrics(ray_head, tmp_path
         assert _metric_total(text, name) > 0, name
 
 
-def test_service_then_status_shows_each_node_and_tier(ray_head, tmp_path):
+def test_service_then_status_shows_each_node_and_tier(ray_head, service_env, tmp_path):
     # `qwen3vl-ray service` (what cluster.yaml runs on the head) creates or reuses the actors; `status` reads them
-    env = {**ray_head["env"], "QWEN3VL_RAY_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
-           "QWEN3VL_RAY_DISK_DIR": str(tmp_path / "disk")}
+    env = {**ray_head["env"], **service_env}
     cli = [sys.executable, "-m", "jobs.cli"]
     r = subprocess.run(cli + ["service", "--address", ray_head["gcs"], "--num-workers", "1"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert json.loads(r.stdout)["nodes"]
+    # a job through the service, then its agents' hits show as a hit ratio
+    shutil.copytree(ROOT / "jobs" / "data" / "images", tmp_path / "images")
+    shutil.copy(ROOT / "jobs" / "data" / "prompts.jsonl", tmp_path / "in.jsonl")
+    for name in ("cold", "warm"):
+        r = _submit(ray_head, ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / f"{name}.parquet"),
+                               "--model", "tiny", "--no-progress", "--num-workers", "1", "--runner", "service"],
+                    {**service_env, "QWEN3VL_RAY_MAX_NEW_TOKENS": "2"})
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     r = subprocess.run(cli + ["status", "--address", ray_head["gcs"]], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "1 node(s)" in r.stdout
     for word in ("host", "disk", "used / budget", "pressure", "qwen3vl_ray_worker_0"):
         assert word in r.stdout, word
+    host = next(line for line in r.stdout.splitlines() if " host " in line)
+    assert len(re.findall(r"\d+%", host)) == 2, host  # the hit ratio and the pressure: the ratio is not "-"
+
+    # the same service names with another model configuration: refused, naming the differing fields
+    r = subprocess.run(cli + ["service", "--address", ray_head["gcs"], "--num-workers", "1"], cwd=ROOT,
+                       env={**env, "QWEN3VL_RAY_CHUNK_TOKENS": "64"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "engine_args" in (r.stdout + r.stderr), (r.stdout + r.stderr)[-3000:]
 
 
-def test_stopped_job_resumes_without_duplicates_or_gaps(ray_head, tmp_path):
+def test_stopped_job_resumes_without_duplicates_or_gaps(ray_head, service_env, tmp_path):
     # `ray job stop` halfway through (SIGTERM to the driver), then the same job again: every id once
     shutil.copytree(ROOT / "jobs" / "data" / "images", tmp_path / "images")
     imgs = ["images/gradient.png", "images/checker.png", "images/circles.png", "images/waves.png"]
     n = 80
     (tmp_path / "in.jsonl").write_text("".join(
         json.dumps({"id": f"r{i:03d}", "prompt": f"question {i}", "images": [imgs[i % 4]]}) + "\n" for i in range(n)))
-    env_vars = {"QWEN3VL_RAY_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "QWEN3VL_RAY_DISK_DIR": str(tmp_path / "disk"),
-                "QWEN3VL_RAY_MAX_NEW_TOKENS": "48"}
+    env_vars = {**service_env, "QWEN3VL_RAY_MAX_NEW_TOKENS": "48"}
     out = tmp_path / "out.parquet"
     args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model", "tiny", "--no-progress",
             "--batch-size", "1"]
