@@ -52,6 +52,18 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def _fitting_prefix(prepared: Sequence[PreparedStore], room: int) -> int:
+    """How many leading entries of a batch fit in ``room`` bytes (a batch is stored in order: a chain's
+    later chunks are useless without its earlier ones)."""
+    n = 0
+    for p in prepared:
+        if p.nbytes > room:
+            break
+        room -= p.nbytes
+        n += 1
+    return n
+
+
 class ObjectStore(Protocol):
     """Where the bytes live. ``put`` returns a handle; ``get_many`` returns read-only arrays (zero-copy)."""
 
@@ -224,13 +236,7 @@ class ObjectStoreTier(Tier):
                 if "staged" not in p.meta:
                     self._staged_drop(p.key)
                 self._drop(p.key)
-            room = self.capacity_bytes - self._used
-            n_fit = 0
-            for p in prepared:
-                if p.nbytes > room:
-                    break
-                room -= p.nbytes
-                n_fit += 1
+            n_fit = _fitting_prefix(prepared, self.capacity_bytes - self._used)
             self._counts["rejected"] += len(prepared) - n_fit
             fresh = []
             for p in prepared[:n_fit]:
@@ -268,13 +274,8 @@ class ObjectStoreTier(Tier):
         ``slab_bytes``, staged for ``complete_store``. Returns how many were staged."""
         prepared = [self._encode(validate_key(k), t) for k, t in items]
         with self._lock:
-            room = self.capacity_bytes - self._used - sum(_aligned(e.nbytes) for e in self._staged.values())
-            n_fit = 0
-            for p in prepared:
-                if p.nbytes > room:
-                    break
-                room -= p.nbytes
-                n_fit += 1
+            n_fit = _fitting_prefix(
+                prepared, self.capacity_bytes - self._used - sum(_aligned(e.nbytes) for e in self._staged.values()))
         for group in self._slab_groups(prepared[:n_fit]):
             self._put_slab(group, staged=True)
         return n_fit
