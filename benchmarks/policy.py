@@ -58,6 +58,16 @@ from qwen3vl_ray.policies.prefix import PrefixLRUPolicy, _Node
 BLOCK = 1  # every block has the same size; capacities are in blocks
 
 
+def prefix_hits(req, cached) -> int:
+    """Leading blocks of ``req`` present in ``cached``: a prefix hit stops at the first missing block."""
+    n = 0
+    for b in req:
+        if b not in cached:
+            break
+        n += 1
+    return n
+
+
 def replay(policy: EvictionPolicy, trace: Trace, capacity: int) -> float:
     """Block-level prefix-hit ratio of ``policy`` with room for ``capacity`` blocks."""
     cached: set[int] = set()
@@ -66,10 +76,7 @@ def replay(policy: EvictionPolicy, trace: Trace, capacity: int) -> float:
     not_in_flight = lambda k: k not in in_flight  # noqa: E731
     for req in trace:
         total += len(req)
-        for b in req:
-            if b not in cached:
-                break
-            hits += 1
+        hits += prefix_hits(req, cached)
         in_flight = set(req)
         parent = None
         for b in req:
@@ -109,10 +116,7 @@ def belady(trace: Trace, capacity: int) -> float:
     i = 0
     for req in trace:
         total += len(req)
-        for b in req:
-            if b not in cached:
-                break
-            hits += 1
+        hits += prefix_hits(req, cached)
         for b in req:
             n = nxt[i]
             i += 1
