@@ -252,6 +252,40 @@ def test_concurrent_readers_and_writers_keep_one_copy_and_exact_values(tmp_path)
             assert t.used_bytes <= t.capacity_bytes
 
 
+def test_a_reader_finishing_first_does_not_promote_an_entry_another_reader_is_copying(tmp_path):
+    import threading
+
+    # Regression (CI flake): reader A finished, promoted the disk entry to host and deleted the disk file
+    # while reader B was still about to read it; B saw None, took it for a lost entry and forgot the index
+    # record, leaving host holding an entry the cache no longer knew.
+    with make_cache(tmp_path, host_entries=3, disk_entries=10) as c:
+        for i in range(4):
+            c.put(key(i), tensor(i))
+        assert c.where(key(0)) == "disk"
+        disk = c.tiers[1]
+        real_get = disk.get
+        b_entered, a_done = threading.Event(), threading.Event()
+
+        def gated_get(k, *args, **kw):
+            if threading.current_thread().name == "reader-b":
+                b_entered.set()
+                assert a_done.wait(10)
+            return real_get(k, *args, **kw)
+
+        disk.get = gated_get
+        results = {}
+        b = threading.Thread(target=lambda: results.setdefault("b", c.get(key(0))), name="reader-b")
+        b.start()
+        assert b_entered.wait(10)
+        results["a"] = c.get(key(0))
+        a_done.set()
+        b.join(10)
+        assert torch.equal(results["a"], tensor(0)) and torch.equal(results["b"], tensor(0))
+        # B's copy was valid, then the entry is promoted by B (the last reader out): one holder, indexed.
+        holders = [t.name for t in c.tiers if t.contains(key(0))]
+        assert holders == [c.where(key(0))] == ["host"]
+
+
 def test_replacing_in_a_full_tier_evicts_nothing_else(tmp_path):
     with make_cache(tmp_path, host_entries=3) as c:
         for i in range(3):

@@ -233,18 +233,23 @@ class TieredCache:
         # demote the entry, and a promotion from the stale ``src`` would leave two copies.
         with self._lock:
             e.in_flight -= 1
+            current = self._index.get(key) is e and e.tier == src
             if tensor is None:
-                # The tier found it corrupt (and removed it) or lost it: a miss, never wrong data.
-                if self._index.get(key) is e:
-                    self._forget(key, e)
+                # The tier found it corrupt (and removed it) or lost it: a miss, never wrong data. Only an
+                # entry still indexed where we read it is forgotten, and through its tier too, so the index
+                # and the tiers never disagree about who holds it.
+                if current:
+                    self._drop(key, e, count_eviction=False)
                 self._misses += 1
                 return None, None
             e.last_access = self._clock()
             self._counters[src].hits += 1
             tier_name = self.tiers[src].name
-            if self._index.get(key) is e and e.tier == src:
+            if current:
                 self.policies[src].on_access(key)
-                if promote and src > 0:
+                # Never move an entry another reader is still copying out of ``src``: its read would find
+                # the bytes gone and report a false miss.
+                if promote and src > 0 and not e.in_flight:
                     self._move(key, e, src, 0, tensor)
         return (tensor.to(device) if device is not None else tensor), tier_name
 
