@@ -82,6 +82,8 @@ class CoordinatorConfig:
         admission_mode: ``"reject"`` (raise ``ClusterSaturatedError``) or ``"queue"`` (wait up to
             ``admission_timeout_s`` for room, then reject). Default ``"reject"``.
         admission_timeout_s: longest wait of a queued admission, seconds (default 10.0).
+        session_ttl_s: a session reservation not renewed by a request for this many seconds is released
+            (default 900.0; 0 keeps reservations until released). Covers clients that exit without releasing.
         load_weight: routing: chunks of locally cached prefix one queued request is worth (default 4.0).
         node_sync_period_s: seconds between ``ray.nodes()`` checks that add/remove agents (default 5.0).
     """
@@ -96,11 +98,13 @@ class CoordinatorConfig:
     admission_limit: float = 0.97
     admission_mode: str = "reject"
     admission_timeout_s: float = 10.0
+    session_ttl_s: float = 900.0
     load_weight: float = 4.0
     node_sync_period_s: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("period_s", "recompute_s_per_mib", "admission_timeout_s", "load_weight", "node_sync_period_s"):
+        for name in ("period_s", "recompute_s_per_mib", "admission_timeout_s", "session_ttl_s", "load_weight",
+                     "node_sync_period_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"CoordinatorConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.recompress_max_per_pass < 0:

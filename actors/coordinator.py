@@ -52,7 +52,8 @@ class CoordinatorLogic:
         self.epochs: dict[str, str] = {}
         self.reports: dict[str, dict] = {}
         self.workers: dict[str, WorkerState] = {}
-        self.reserved: dict[str, int] = {}
+        self.reserved: dict[str, int] = {}  # admitted sessions -> reserved KV bytes
+        self._reserved_at: dict[str, float] = {}  # -> when last admitted (monotonic), for session_ttl_s
         self._lock = threading.RLock()
         self._room = threading.Condition(self._lock)
 
@@ -182,20 +183,28 @@ class CoordinatorLogic:
     def total_budget(self) -> int:
         return sum(t["capacity"] for r in self.reports.values() for t in r["tiers"].values())
 
-    def admit(self, session_id: str, nbytes: int) -> dict:
-        """Reserve ``nbytes`` for a new session, or queue/reject it when the cluster is saturated.
-        Raises :class:`ClusterSaturatedError` naming the numbers; never lets sessions overcommit memory."""
+    def admit(self, session_id: str, nbytes: int, wait: bool = True) -> dict:
+        """Reserve ``nbytes`` of KV for ``session_id``, or queue/reject it when the cluster is saturated.
+
+        A session's reservation is the largest size asked for it: each turn of a chat resends the whole
+        history, so a later turn needs only its growth. ``wait=False`` never queues (a client with requests of
+        its own in flight waits for those instead). Raises :class:`ClusterSaturatedError` naming the numbers;
+        never lets sessions overcommit memory."""
         if nbytes < 0:
             raise ValueError(f"session bytes must be >= 0, got {nbytes}")
-        deadline = time.monotonic() + (self.config.admission_timeout_s if self.config.admission_mode == "queue" else 0)
+        queue = wait and self.config.admission_mode == "queue"
+        deadline = time.monotonic() + (self.config.admission_timeout_s if queue else 0)
         with self._room:
             while True:
+                self._expire_reservations()
                 limit = self.config.admission_limit * self.total_budget()
+                have = self.reserved.get(session_id, 0)
                 used = sum(self.reserved.values())
-                if used + nbytes <= limit:
-                    self.reserved[session_id] = self.reserved.get(session_id, 0) + nbytes
+                if used - have + max(have, nbytes) <= limit:
+                    self.reserved[session_id] = max(have, nbytes)
+                    self._reserved_at[session_id] = time.monotonic()
                     self.metrics.inc("qwen3vl_ray_admissions", result="admitted")
-                    return {"admitted": True, "reserved": used + nbytes, "limit": int(limit)}
+                    return {"admitted": True, "reserved": used - have + max(have, nbytes), "limit": int(limit)}
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.metrics.inc("qwen3vl_ray_admissions", result="rejected")
@@ -205,12 +214,25 @@ class CoordinatorLogic:
                         f"{int(limit)} B admissible are reserved (admission_limit={self.config.admission_limit} x "
                         f"{self.total_budget()} B of tier budgets); retry later or add nodes")
                 self.metrics.inc("qwen3vl_ray_admissions", result="queued")
-                self._room.wait(timeout=left)
+                self._room.wait(timeout=min(left, 1.0))  # wake up to expire idle sessions too
 
     def release(self, session_id: str) -> None:
         with self._room:
+            self._reserved_at.pop(session_id, None)
             if self.reserved.pop(session_id, None) is not None:
                 self._room.notify_all()
+
+    def _expire_reservations(self) -> None:
+        """Release sessions not renewed within ``session_ttl_s`` (their client went away without releasing;
+        their KV is idle and moves down and out like any other entry)."""
+        ttl = self.config.session_ttl_s
+        if not ttl:
+            return
+        now = time.monotonic()
+        for sid in [s for s, t in self._reserved_at.items() if now - t > ttl]:
+            self._reserved_at.pop(sid)
+            self.reserved.pop(sid, None)
+            self._decide("expire_session", session=sid)
 
     # -- global policy pass ---------------------------------------------------------------------
     def policy_pass(self) -> list[dict]:
@@ -429,8 +451,8 @@ class Coordinator:
     def place(self, node_id, nbytes):
         return self.logic.place(node_id, nbytes)
 
-    def admit(self, session_id, nbytes):
-        return self.logic.admit(session_id, nbytes)
+    def admit(self, session_id, nbytes, wait=True):
+        return self.logic.admit(session_id, nbytes, wait)
 
     def release(self, session_id):
         return self.logic.release(session_id)

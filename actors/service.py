@@ -5,8 +5,10 @@
 creates them) and ``num_workers`` workers exist. Everything is named and detached in the ``qwen3vl_ray``
 namespace and created with ``get_if_exists``, so a second call reuses what is there.
 
-``ServiceHandle.process`` routes each request through the coordinator and retries a request whose worker
-died on another worker. Ray's token authentication stays on (its default); nothing here disables it.
+``ServiceHandle.process`` computes each request's keys and KV size on the client (a bad request gets its own
+error result), reserves the size at the coordinator (admission control: back-pressure, then reject or queue),
+routes it through the coordinator and retries a request whose worker died on another worker. Ray's token
+authentication stays on (its default); nothing here disables it.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import importlib
 import logging
 import os
 import uuid
+from collections import deque
 from typing import Any, Sequence
 
 from actors.config import NAMESPACE, ServiceConfig
 from actors.config_check import agent_fields, check_same_config, coordinator_fields, worker_fields
 from actors.coordinator import COORDINATOR_NAME, WORKER_PREFIX, get_or_create_coordinator
-from actors.worker import worker_class, worker_options
+from actors.worker import error_result, worker_class, worker_options
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +41,7 @@ class ServiceHandle:
         # Routing by cached prefix needs the request's keys on the client; an engine that cannot compute them
         # without its model (no ``route_keys``) is routed by load only.
         self._route_keys = getattr(cls, "route_keys", None)
+        self._kv_bytes = getattr(cls, "kv_bytes", None)  # admission size of a request without a keyer
         self._keyer: Any = False  # not asked yet; see _request_keyer
 
     def _worker(self, name: str) -> Any:
@@ -76,41 +80,70 @@ class ServiceHandle:
         return self._keyer
 
     def keys_for(self, request: dict) -> list:
-        """The request's chunk keys for routing by longest cached prefix: the real engine's computed by a
-        ``RequestKeyer`` (tokenizer and processor only, no weights), other engines' by their ``route_keys``.
-        A bad request raises here, before any remote call; keys that cannot be computed on this machine
-        degrade to routing by load."""
-        if isinstance(request, dict) and request.get("messages"):
+        """The request's chunk keys for routing by longest cached prefix (see ``plan``)."""
+        return self.plan(request)[0]
+
+    def plan(self, request: dict) -> tuple[list, int]:
+        """``(chunk keys, KV bytes to reserve)`` of a request, computed on the client before any remote call.
+
+        Keys: the real engine's computed by a ``RequestKeyer`` (tokenizer and processor only, no weights),
+        other engines' by their ``route_keys``; keys that cannot be computed on this machine degrade to
+        routing by load. Bytes: (prompt tokens + ``max_new_tokens``) x the model's KV bytes per token, or the
+        engine's ``kv_bytes(request)``; 0 when unknown (admission then only sees other sessions). A bad
+        request raises here, naming what is wrong."""
+        if not isinstance(request, dict) or not (request.get("token_ids") or request.get("messages")):
+            raise ValueError(f"a request is a dict with non-empty 'token_ids' or 'messages', got {str(request)[:200]}")
+        if request.get("messages"):
             keyer = self._request_keyer()
             if keyer is not None:
-                return keyer.keys(request["messages"])
+                keys, prompt_tokens = keyer.prompt_keys(request["messages"])
+                return keys, (prompt_tokens + _max_new_tokens(request)) * keyer.geometry.bytes_per_token
         if self._route_keys is None:
-            return []
+            return [], 0
         try:
-            return self._route_keys(request, **self.config.worker.engine_args)
+            keys = self._route_keys(request, **self.config.worker.engine_args)
         except ValueError:
             raise
         except Exception:
             logger.warning("cannot compute routing keys here; routing by load only", exc_info=True)
             self._route_keys = None
-            return []
+            return [], 0
+        return keys, int(self._kv_bytes(request, **self.config.worker.engine_args)) if self._kv_bytes else 0
 
     def process(self, requests: Sequence[dict], timeout_s: float = 600.0) -> list[dict]:
-        """Serve requests concurrently; a request whose worker dies is retried on another worker (up to
-        ``worker.max_retries`` times). Results come back in request order."""
+        """Serve requests concurrently; results come back in request order.
+
+        - A bad request (malformed, unreadable image, ...) gets a result with ``error`` set; the others run.
+        - Admission: each request reserves its KV bytes at the coordinator before it is sent (a request with a
+          ``session_id`` reserves for its session, which keeps the reservation between turns until ``release``
+          or ``CoordinatorConfig.session_ttl_s``; one without is released when it finishes). While requests of
+          this call are running, one that does not fit waits for them (back-pressure, in order); with none
+          running, the coordinator's ``admission_mode`` decides: reject at once, or queue up to
+          ``admission_timeout_s``. A request still refused gets a ``ClusterSaturatedError`` in its result.
+        - A request whose worker dies is retried on another worker (up to ``worker.max_retries`` times)."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-        for r in requests:
-            if not isinstance(r, dict) or not (r.get("token_ids") or r.get("messages")):
-                raise ValueError(f"a request is a dict with non-empty 'token_ids' or 'messages', got {str(r)[:200]}")
-        results: list[dict | None] = [None] * len(requests)
-        tried: dict[int, list[str]] = {i: [] for i in range(len(requests))}
-        keys = [self.keys_for(r) for r in requests]
+        from actors.coordinator import ClusterSaturatedError
+
+        n = len(requests)
+        results: list[dict | None] = [None] * n
+        plans: dict[int, tuple[list, int]] = {}
+        for i, r in enumerate(requests):
+            try:
+                plans[i] = self.plan(r)
+            except Exception as exc:  # this request's own problem: its row, never the whole call
+                logger.warning("request %s rejected before routing: %s", i, exc)
+                results[i] = error_result(r, f"{type(exc).__name__}: {exc}")
+        sessions = {i: requests[i].get("session_id") or f"request-{uuid.uuid4().hex}" for i in plans}
+        scoped = {i for i in plans if not requests[i].get("session_id")}  # reservations this call releases
+        tried: dict[int, list[str]] = {i: [] for i in plans}
+        waiting = deque(plans)
+        admitted: set[int] = set()
         pending: dict[Any, tuple[int, str]] = {}
 
         def submit(i: int) -> None:
-            route = ray.get(self.coordinator.route.remote(keys[i], tried[i]))
+            route = ray.get(self.coordinator.route.remote(plans[i][0], tried[i]))
             tried[i].append(route["worker"])
             try:
                 ref = self._worker(route["worker"]).process.remote(requests[i])
@@ -119,9 +152,30 @@ class ServiceHandle:
                 raise
             pending[ref] = (i, route["worker"])
 
-        try:
-            for i in range(len(requests)):
+        def finish(i: int) -> None:
+            if i in admitted and i in scoped:
+                admitted.discard(i)
+                ray.get(self.coordinator.release.remote(sessions[i]))
+
+        def admit_waiting() -> None:
+            while waiting:
+                i = waiting[0]
+                try:
+                    # With our own requests running, never queue at the coordinator: their releases (which
+                    # this thread delivers) are what frees room, so wait for them here instead.
+                    ray.get(self.coordinator.admit.remote(sessions[i], plans[i][1], not pending))
+                except ClusterSaturatedError as exc:
+                    if pending:
+                        return
+                    waiting.popleft()
+                    results[i] = error_result(requests[i], f"ClusterSaturatedError: {exc}")
+                    continue
+                waiting.popleft()
+                admitted.add(i)
                 submit(i)
+
+        try:
+            admit_waiting()
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
                 if not ready:
@@ -141,14 +195,22 @@ class ServiceHandle:
                     self.coordinator.done.remote(wid)  # finished, failed or raising: never leak the in-flight count
                 if results[i] is not None:
                     results[i]["attempts"] = len(tried[i])
+                    finish(i)
+                admit_waiting()
         finally:
-            # Requests still routed when we stop waiting (timeout, a raise above): release their in-flight slots.
+            # Requests still routed when we stop waiting (timeout, a raise above): release their in-flight slots
+            # and their reservations.
             for _, wid in pending.values():
                 try:
                     self.coordinator.done.remote(wid)
                 except Exception:
                     logger.debug("done(%s) not delivered", wid, exc_info=True)
             pending.clear()
+            for i in [i for i in admitted if i in scoped]:
+                try:
+                    self.coordinator.release.remote(sessions[i])
+                except Exception:
+                    logger.debug("release(%s) not delivered", sessions[i], exc_info=True)
         return results  # type: ignore[return-value]
 
     def admit(self, nbytes: int, session_id: str | None = None) -> str:
@@ -160,6 +222,7 @@ class ServiceHandle:
         return sid
 
     def release(self, session_id: str) -> None:
+        """End a session: its reservation goes (its cached KV stays, as cold entries)."""
         import ray
 
         ray.get(self.coordinator.release.remote(session_id))
@@ -168,6 +231,13 @@ class ServiceHandle:
         import ray
 
         return ray.get(self.coordinator.state.remote())
+
+
+def _max_new_tokens(request: dict) -> int:
+    from qwen3vl_ray.engine.requests import SamplingParams
+
+    value = (request.get("sampling") or {}).get("max_new_tokens")
+    return SamplingParams.max_new_tokens if value is None else int(value)
 
 
 def ensure_service(config: ServiceConfig | None = None, address: str | None = None, num_workers: int = 1,

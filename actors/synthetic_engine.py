@@ -53,6 +53,13 @@ class SyntheticKVEngine:
         ns = cls.namespace_for(**engine_args)
         return chunk_keys(ns, request["token_ids"], engine_args.get("chunk_tokens", 64))
 
+    @classmethod
+    def kv_bytes(cls, request: dict, layers: int = 2, kv_heads: int = 2, head_dim: int = 32, chunk_tokens: int = 64,
+                 dtype: str = "bfloat16", **_: object) -> int:
+        """KV bytes the request's prompt occupies (its chunks, the last one partial): its admission size."""
+        per_token = 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype_from_name(dtype)).element_size()
+        return len(request["token_ids"]) * per_token
+
     def request_keys(self, request: dict) -> list[CacheKey]:
         tokens = request.get("token_ids")
         if not isinstance(tokens, (list, tuple)) or not tokens:

@@ -168,10 +168,7 @@ class WorkerLogic:
         return self._error(request, text)
 
     def _error(self, request: Any, error: str) -> dict:
-        return {"id": request.get("id") if isinstance(request, dict) else None, "worker": self.worker_id,
-                "node": self.node_id, "output": None, "error": error, "prompt_tokens": None,
-                "completion_tokens": None, "cached_tokens": None, "cached_tiers": {}, "vision_cache_hits": 0,
-                "ttft_s": None, "token_ids": None}
+        return error_result(request, error, self.worker_id, self.node_id)
 
     def _finish(self, request: dict, keys: list, cached: list, sources: list[str], result: dict, t_fetch: float,
                 t1: float) -> dict:
@@ -226,6 +223,14 @@ class WorkerLogic:
         for s in per_token:
             out[s] = out.get(s, 0) + 1
         return out
+
+
+def error_result(request: Any, error: str, worker: str | None = None, node: str | None = None) -> dict:
+    """The result of a request that failed on its own (bad input, no room): ``error`` set, the rest empty.
+    The same shape whether a worker or the client (``actors.service``) rejected it."""
+    return {"id": request.get("id") if isinstance(request, dict) else None, "worker": worker, "node": node,
+            "output": None, "error": error, "prompt_tokens": None, "completion_tokens": None, "cached_tokens": None,
+            "cached_tiers": {}, "vision_cache_hits": 0, "ttft_s": None, "token_ids": None}
 
 
 class Worker:

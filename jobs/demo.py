@@ -154,7 +154,10 @@ def run_demo(settings: S.Settings, runner_kind: str, data: str) -> dict:
                 rows += runner.run(items[i:i + settings.batch_size])
             runs[phase] = rows
         session, turns = _chat_turns()
-        chat = run_chat(runner, session, turns)
+        try:
+            chat = run_chat(runner, session, turns)
+        finally:
+            runner.end_session(session)
         store = runner.stats()
         url = dashboard_url()
     finally:

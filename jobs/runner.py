@@ -33,6 +33,9 @@ class Runner(Protocol):
 
     def run(self, items: list[Item], session: str | None = None) -> list[dict]: ...
 
+    def end_session(self, session: str) -> None:
+        """The chat ``session`` is over: release what it holds beyond its cached prefix."""
+
     def stats(self) -> dict: ...
 
     def close(self) -> None: ...
@@ -126,6 +129,9 @@ class EngineRunner:
     def run(self, items: list[Item], session: str | None = None) -> list[dict]:
         results = self.engine.generate(build_requests(items, self.settings, session))
         return [result_row(it.id, r) for it, r in zip(items, results)]
+
+    def end_session(self, session: str) -> None:
+        self.engine.close_session(session)
 
     def stats(self) -> dict:
         out = self.engine.stats()
@@ -226,6 +232,10 @@ class PlainRunner:
                          "prompt_tokens": n_prompt, "completion_tokens": len(new), "cached_tokens": 0,
                          "ttft_s": (first[0] if first else time.perf_counter()) - t0, "tier": None, "error": None})
         return rows
+
+    def end_session(self, session: str) -> None:
+        # Plain transformers recomputes every turn from scratch: a session holds nothing here.
+        return None
 
     def stats(self) -> dict:
         return {}

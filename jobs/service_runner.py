@@ -113,28 +113,17 @@ class ServiceRunner:
     def run(self, items: list[Item], session: str | None = None) -> list[dict]:
         requests = [{"id": it.id, "messages": it.messages, "session_id": session,
                      "sampling": S.sampling_kwargs(self.settings)} for it in items]
-        try:
-            results = self.handle.process(requests)
-        except Exception as exc:
-            # The client computes routing keys before any remote call, and a bad row (a corrupt image) raises
-            # there: find the rows that fail alone, give them their error, and run the others.
-            bad = self._bad_rows(requests)
-            if not bad:
-                raise
-            logger.warning("%d of %d rows rejected before routing (%s)", len(bad), len(requests), exc)
-            good = [i for i in range(len(requests)) if i not in bad]
-            done = dict(zip(good, self.handle.process([requests[i] for i in good]))) if good else {}
-            return [error_row(it.id, bad[i]) if i in bad else service_row(it.id, done[i]) for i, it in enumerate(items)]
-        return [service_row(it.id, r) for it, r in zip(items, results)]
+        # A bad row (a corrupt image, malformed messages, no room in the cluster) comes back with its error;
+        # the service runs the others.
+        results = self.handle.process(requests)
+        rows = [service_row(it.id, r) for it, r in zip(items, results)]
+        if session is not None and any(r.get("error") for r in results):
+            self.handle.release(session)  # a broken chat holds no reservation
+        return rows
 
-    def _bad_rows(self, requests: list[dict]) -> dict[int, str]:
-        bad = {}
-        for i, r in enumerate(requests):
-            try:
-                self.handle.keys_for(r)
-            except Exception as exc:
-                bad[i] = f"{type(exc).__name__}: {exc}"
-        return bad
+    def end_session(self, session: str) -> None:
+        """The chat is over: release its admission reservation (its KV stays cached as cold entries)."""
+        self.handle.release(session)
 
     def stats(self) -> dict:
         return cluster_status_from(self.handle)

@@ -271,6 +271,37 @@ def test_admission_rejects_with_numbers_or_queues_until_release(tmp_path):
     assert coord.metrics.total("qwen3vl_ray_admissions", result="rejected") == 1
 
 
+def test_a_sessions_reservation_is_its_largest_turn_and_wait_false_never_queues(tmp_path):
+    coord, _ = make_cluster(tmp_path)
+    coord.policy_pass()
+    budget = coord.total_budget()
+    coord.config = CoordinatorConfig(admission_mode="queue", admission_timeout_s=30)
+    # each turn resends the history: turn 2 (0.6) replaces turn 1's 0.5, it does not add to it
+    coord.admit("chat", int(budget * 0.5))
+    coord.admit("chat", int(budget * 0.6))
+    assert coord.reserved == {"chat": int(budget * 0.6)}
+    t0 = time.monotonic()
+    with pytest.raises(ClusterSaturatedError):
+        coord.admit("other", int(budget * 0.5), wait=False)  # queue mode, but the caller asked not to wait
+    assert time.monotonic() - t0 < 5
+    coord.release("chat")
+    assert coord.admit("other", int(budget * 0.5), wait=False)["admitted"]
+
+
+def test_an_abandoned_sessions_reservation_expires(tmp_path):
+    coord, _ = make_cluster(tmp_path)
+    coord.policy_pass()
+    budget = coord.total_budget()
+    coord.config = CoordinatorConfig(session_ttl_s=0.2)
+    coord.admit("gone", int(budget * 0.9))
+    with pytest.raises(ClusterSaturatedError):
+        coord.admit("new", int(budget * 0.5))
+    time.sleep(0.3)
+    assert coord.admit("new", int(budget * 0.5))["admitted"]
+    assert "gone" not in coord.reserved
+    assert coord.metrics.total("qwen3vl_ray_coordinator_actions", action="expire_session") == 1
+
+
 # -- worker ------------------------------------------------------------------------------------
 def test_worker_reuses_a_prefix_cached_on_another_node(tmp_path):
     coord, agents = make_cluster(tmp_path, host_chunks=16)

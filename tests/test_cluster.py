@@ -148,6 +148,42 @@ def test_admission_rejects_sessions_past_the_cluster_budget_with_a_clear_error(c
     service.release(service.admit(budget // 2 + 1))
 
 
+def test_process_admits_requests_under_back_pressure_and_rejects_one_that_never_fits(cluster):
+    _, service, _ = cluster
+    ray.get(service.coordinator.policy_pass.remote())
+    limit = int(0.97 * service.state()["budget"])
+    per_request = SyntheticKVEngine.kv_bytes({"token_ids": prompt(0, 4)}, **ENGINE_ARGS)
+    assert per_request == 4 * CHUNK_BYTES
+    # another session holds all but room for two requests: a batch of six must run two at a time
+    filler = service.admit(limit - int(2.5 * per_request))
+    reserved: list[int] = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            reserved.append(service.state()["reserved"])
+            time.sleep(0.02)
+
+    reqs = [{"id": f"r{i}", "token_ids": prompt(500 + i, 4)} for i in range(6)]
+    reqs.insert(3, {"id": "too-big", "token_ids": prompt(600, 12)})  # needs 3 requests' room: never fits
+    reqs.append({"id": "malformed"})  # no token_ids: its own error, before any remote call
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        out = service.process(reqs)
+    finally:
+        stop.set()
+        t.join()
+        service.release(filler)
+    by_id = {r["id"]: r for r in out}
+    for r in reqs[:3] + reqs[4:-1]:
+        assert by_id[r["id"]]["error"] is None and by_id[r["id"]]["output"] == reference(r["token_ids"])
+    assert "ClusterSaturatedError" in by_id["too-big"]["error"] and "cluster saturated" in by_id["too-big"]["error"]
+    assert "token_ids" in by_id["malformed"]["error"]
+    assert max(reserved) <= limit  # never overcommitted
+    assert service.state()["reserved"] == 0  # every request's reservation was released, the filler too
+
+
 def test_killed_agent_restarts_serves_disk_entries_and_lost_host_entries_miss(cluster):
     _, service, _ = cluster
     node, agent = sorted(agents_by_node().items())[-1]

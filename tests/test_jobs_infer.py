@@ -120,20 +120,32 @@ def test_error_text_reports_the_remote_cause():
 
 
 class InProcessService:
-    """The service handle's two calls, served in this process by a real WorkerLogic (tiny Qwen3-VL engine,
-    a node agent on a LocalObjectStore): keys first, raising on a bad row before any request runs, as the
-    Ray client does."""
+    """The service handle's calls, served in this process by a real WorkerLogic (tiny Qwen3-VL engine, a node
+    agent on a LocalObjectStore): keys first, and a row whose keys cannot be computed gets its own error
+    result without being sent, as the Ray client (``ServiceHandle.process``) does."""
 
     def __init__(self, worker):
         self.worker = worker
+        self.released = []
 
     def keys_for(self, request):
         return self.worker.engine.request_keys(request)
 
     def process(self, requests):
+        from actors.worker import error_result
+
+        out = []
         for r in requests:
-            self.keys_for(r)
-        return [self.worker.process(r) for r in requests]
+            try:
+                self.keys_for(r)
+            except Exception as exc:
+                out.append(error_result(r, f"{type(exc).__name__}: {exc}"))
+                continue
+            out.append(self.worker.process(r))
+        return out
+
+    def release(self, session_id):
+        self.released.append(session_id)
 
 
 def test_service_runner_rows_carry_tokens_tiers_and_a_bad_rows_own_error(ckpt_env, tmp_path):
