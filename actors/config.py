@@ -1,13 +1,15 @@
 """Configuration of the Ray service: node agents, coordinator policies, workers.
 
 One dataclass per subsystem, each field documented with its unit and default and validated on
-construction. ``ServiceConfig.from_env`` is the one table that maps environment variables onto it.
+construction. The users' options (flags, ``QWEN3VL_RAY_*`` variables, defaults) live in one table,
+``qwen3vl_ray.settings``; ``ServiceConfig.from_settings`` / ``from_env`` map them onto these dataclasses.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from qwen3vl_ray.errors import ConfigError
 
@@ -16,6 +18,8 @@ NAMESPACE = "qwen3vl_ray"
 """Ray namespace every named actor of the service lives in."""
 DEFAULT_ENGINE = "actors.engine_adapter:Qwen3VLEngineAdapter"
 """What workers run unless told otherwise: the real Qwen3-VL engine."""
+REAL_ENGINE_NAME = "qwen3vl"
+"""The users' name (``--engine``) of the real Qwen3-VL engine."""
 
 
 @dataclass
@@ -145,7 +149,7 @@ class WorkerConfig:
     max_retries: int = 2
 
     def __post_init__(self) -> None:
-        if self.engine == "qwen3vl":  # the users' settings name for the real engine
+        if self.engine == REAL_ENGINE_NAME:  # the users' settings name for the real engine
             self.engine = DEFAULT_ENGINE
         if ":" not in self.engine:
             raise ConfigError(f"WorkerConfig.engine must be 'qwen3vl' or look like 'module:callable', got {self.engine!r}")
@@ -159,50 +163,59 @@ class WorkerConfig:
 
 @dataclass
 class ServiceConfig:
-    """The whole service. ``ServiceConfig.from_env()`` applies the table ``ENV`` on top of the defaults."""
+    """The whole service: ``ServiceConfig()`` for the dataclass defaults, ``from_settings`` / ``from_env`` for the
+    users' settings."""
 
     agent: AgentConfig = field(default_factory=AgentConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
 
     @classmethod
-    def from_env(cls, environ: dict | None = None) -> "ServiceConfig":
-        env = os.environ if environ is None else environ
-        cfg = cls()
-        for var, (section, name) in ENV.items():
-            if var in env:
-                target = getattr(cfg, section)
-                kind = {f.name: f.type for f in fields(target)}[name].replace(" | None", "")
-                raw = env[var]
-                try:
-                    value = {"int": int, "float": float, "bool": lambda s: s.lower() in ("1", "true", "yes")}.get(kind, str)(raw)
-                except ValueError as exc:
-                    raise ConfigError(f"{var}={raw!r} is not a valid {kind}") from exc
-                setattr(target, name, value)
-                target.__post_init__()
-        # The real engine's model: passed explicitly so the workers and the client-side router (which
-        # computes the same keys) resolve the same checkpoint whatever their own environments hold.
-        for var, arg in ENGINE_ARGS_ENV.items():
-            if var in env and env[var] and cfg.worker.engine == DEFAULT_ENGINE:
-                cfg.worker.engine_args[arg] = env[var]
-        return cfg
+    def from_settings(cls, s: Any, gpus_available: bool = False, resolve_model: bool = True) -> "ServiceConfig":
+        """The ServiceConfig of the users' settings (``qwen3vl_ray.settings``, the one table of options shared
+        by the CLI, the jobs and the library).
+
+        ``resolve_model``: turn a preset name into a checkpoint directory here (generated on first use, as the
+        jobs do: workers then get its path); False passes the model name and checkpoint directory to the
+        workers, which resolve them on their own nodes."""
+        gpus = s.worker_gpus if s.worker_gpus >= 0 else (1.0 if gpus_available else 0.0)
+        if s.engine in (REAL_ENGINE_NAME, DEFAULT_ENGINE):
+            engine, engine_args, device_bytes = DEFAULT_ENGINE, _adapter_args(s, gpus, resolve_model), 0
+        else:
+            engine, engine_args, device_bytes = s.engine, {}, s.device_bytes
+        return cls(
+            agent=AgentConfig(host_bytes=s.host_bytes, host_codec=s.host_codec, disk_bytes=s.disk_bytes,
+                              disk_dir=s.disk_dir, disk_codec=s.disk_codec, disk_fsync=s.disk_fsync,
+                              policy=s.policy, high_watermark=s.high_watermark, low_watermark=s.low_watermark),
+            coordinator=CoordinatorConfig(period_s=s.period_s, admission_mode=s.admission,
+                                          recompress_codec=s.recompress_codec),
+            worker=WorkerConfig(engine=engine, engine_args=engine_args, num_gpus=gpus, num_cpus=s.worker_cpus,
+                                device_bytes=device_bytes, max_retries=s.max_retries),
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, gpus_available: bool = False) -> "ServiceConfig":
+        """``from_settings`` of the ``QWEN3VL_RAY_*`` variables in ``environ`` (default ``os.environ``) over the
+        settings' defaults; the model is resolved by the workers. Bad values raise ``ConfigError`` naming the
+        variable."""
+        from qwen3vl_ray import settings as S
+
+        return cls.from_settings(S.resolve({}, env=os.environ if environ is None else environ), gpus_available,
+                                 resolve_model=False)
 
 
-#: environment variable -> (config section, field)
-ENV: dict[str, tuple[str, str]] = {
-    "QWEN3VL_RAY_HOST_BYTES": ("agent", "host_bytes"),
-    "QWEN3VL_RAY_DISK_BYTES": ("agent", "disk_bytes"),
-    "QWEN3VL_RAY_DISK_DIR": ("agent", "disk_dir"),
-    "QWEN3VL_RAY_HOST_CODEC": ("agent", "host_codec"),
-    "QWEN3VL_RAY_POLICY": ("agent", "policy"),
-    "QWEN3VL_RAY_PERIOD_S": ("coordinator", "period_s"),
-    "QWEN3VL_RAY_ADMISSION": ("coordinator", "admission_mode"),
-    "QWEN3VL_RAY_ENGINE": ("worker", "engine"),
-    "QWEN3VL_RAY_WORKER_GPUS": ("worker", "num_gpus"),
-}
+def _adapter_args(s: Any, gpus: float, resolve_model: bool) -> dict:
+    """engine_args of the real engine's adapter from the users' settings."""
+    from qwen3vl_ray import settings as S
 
-#: environment variable -> engine_args key of the default (real) engine
-ENGINE_ARGS_ENV: dict[str, str] = {
-    "QWEN3VL_RAY_MODEL": "model",
-    "QWEN3VL_RAY_CHECKPOINT_DIR": "checkpoint_dir",
-}
+    # A preset resolved here is generated on this (the driver's) node and workers get its path: on a
+    # multi-machine cluster the same path must exist on every node (cluster.yaml generates the tiny preset on
+    # each node). Unresolved, each worker resolves the name on its own node.
+    model = ({"checkpoint_path": S.resolve_checkpoint(s)} if resolve_model
+             else {"model": s.model, "checkpoint_dir": s.checkpoint_dir})
+    return {**model, "device_tier_bytes": s.device_bytes, "chunk_tokens": s.chunk_tokens,
+            "dtype": s.dtype if s.dtype != "auto" else ("bfloat16" if gpus else "float32"), "device": s.device,
+            "attn_implementation": s.attn_implementation, "max_pixels": s.max_pixels,
+            "kv_device_budget_bytes": max(s.kv_device_budget_bytes, s.device_bytes), "policy": s.policy,
+            "prefix_cache": s.prefix_cache, "vision_cache": s.vision_cache, "session_idle_s": s.session_idle_s,
+            "tenant": s.tenant}

@@ -260,7 +260,8 @@ def ensure_service(config: ServiceConfig | None = None, address: str | None = No
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": REPO_ROOT}}
         ray.init(address=address, **kwargs)
     # No config asked for: attach to the running service as it is (its workers know its whole config).
-    config = config or _running_config(timeout_s) or ServiceConfig.from_env()
+    config = config or _running_config(timeout_s) or ServiceConfig.from_env(
+        gpus_available=ray.cluster_resources().get("GPU", 0) > 0)
     coordinator = get_or_create_coordinator(config.coordinator, config.agent)
     ray.get(coordinator.state.remote(), timeout=timeout_s)
     # get_if_exists reuses actors whatever config they were built with: refuse a mismatch loudly.

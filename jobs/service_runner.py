@@ -18,40 +18,12 @@ from qwen3vl_ray import settings as S
 logger = logging.getLogger(__name__)
 
 
-REAL_ENGINE = "qwen3vl"
-ADAPTER = "actors.engine_adapter:Qwen3VLEngineAdapter"
-
-
 def service_config(s: S.Settings, gpus_available: bool = False):
-    """The ServiceConfig for these settings. The default engine setting (the real Qwen3-VL engine) runs in
-    the workers through the Ray layer's adapter; the engine's own store is the worker's device tier."""
-    from actors.config import AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig
+    """The ServiceConfig for these settings (``ServiceConfig.from_settings``): the default engine setting runs
+    the real Qwen3-VL engine in the workers through the Ray layer's adapter, on a checkpoint resolved here."""
+    from actors.config import ServiceConfig
 
-    gpus = s.worker_gpus if s.worker_gpus >= 0 else (1.0 if gpus_available else 0.0)
-    if s.engine == REAL_ENGINE:
-        engine, engine_args, device_bytes = ADAPTER, _adapter_args(s, gpus), 0
-    else:
-        engine, engine_args, device_bytes = s.engine, {}, s.device_bytes
-    return ServiceConfig(
-        agent=AgentConfig(host_bytes=s.host_bytes, host_codec=s.host_codec, disk_bytes=s.disk_bytes,
-                          disk_dir=s.disk_dir, disk_codec=s.disk_codec, disk_fsync=s.disk_fsync, policy=s.policy,
-                          high_watermark=s.high_watermark, low_watermark=s.low_watermark),
-        coordinator=CoordinatorConfig(period_s=s.period_s, admission_mode=s.admission,
-                                      recompress_codec=s.recompress_codec),
-        worker=WorkerConfig(engine=engine, engine_args=engine_args, num_gpus=gpus, num_cpus=s.worker_cpus,
-                            device_bytes=device_bytes, max_retries=s.max_retries),
-    )
-
-
-def _adapter_args(s: S.Settings, gpus: float) -> dict:
-    # NOTE: a preset is generated here, on the driver's node, and workers get its path: on a multi-machine
-    # cluster the same path must exist on every node (cluster.yaml generates the tiny preset on each node).
-    return {"checkpoint_path": S.resolve_checkpoint(s), "device_tier_bytes": s.device_bytes,
-            "chunk_tokens": s.chunk_tokens, "dtype": s.dtype if s.dtype != "auto" else ("bfloat16" if gpus else "float32"), "device": s.device,
-            "attn_implementation": s.attn_implementation, "max_pixels": s.max_pixels,
-            "kv_device_budget_bytes": max(s.kv_device_budget_bytes, s.device_bytes), "policy": s.policy,
-            "prefix_cache": s.prefix_cache, "vision_cache": s.vision_cache, "session_idle_s": s.session_idle_s,
-            "tenant": s.tenant}
+    return ServiceConfig.from_settings(s, gpus_available)
 
 
 def _cluster_has_gpus() -> bool:

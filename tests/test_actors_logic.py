@@ -418,16 +418,24 @@ def test_configs_validate():
         WorkerConfig(engine="nocolon")
     # the real engine is the default, also under the users' settings name; the model comes from the env
     assert WorkerConfig().engine == WorkerConfig(engine="qwen3vl").engine == "actors.engine_adapter:Qwen3VLEngineAdapter"
-    env_cfg = ServiceConfig.from_env({"QWEN3VL_RAY_MODEL": "tiny", "QWEN3VL_RAY_CHECKPOINT_DIR": "/ckpts"})
-    assert env_cfg.worker.engine_args == {"model": "tiny", "checkpoint_dir": "/ckpts"}
+    # The environment is read through the users' one table of options (qwen3vl_ray.settings): the same
+    # variables, parsing and defaults as the CLI and the jobs; the workers resolve the model themselves.
+    env_cfg = ServiceConfig.from_env({"QWEN3VL_RAY_MODEL": "tiny", "QWEN3VL_RAY_CHECKPOINT_DIR": "/ckpts",
+                                      "QWEN3VL_RAY_CHUNK_TOKENS": "64"})
+    args = env_cfg.worker.engine_args
+    assert (args["model"], args["checkpoint_dir"], args["chunk_tokens"]) == ("tiny", "/ckpts", 64)
+    assert "checkpoint_path" not in args and args["dtype"] == "float32"  # auto: no GPU -> float32
+    assert ServiceConfig.from_env({}, gpus_available=True).worker.engine_args["dtype"] == "bfloat16"
     synthetic = ServiceConfig.from_env({"QWEN3VL_RAY_ENGINE": "actors.synthetic_engine:SyntheticKVEngine",
                                         "QWEN3VL_RAY_MODEL": "tiny"})
     assert synthetic.worker.engine_args == {}  # the model setting is the real engine's only
-    cfg = ServiceConfig.from_env({"QWEN3VL_RAY_HOST_BYTES": "1024", "QWEN3VL_RAY_ADMISSION": "queue",
+    cfg = ServiceConfig.from_env({"QWEN3VL_RAY_HOST_BYTES": "1GiB", "QWEN3VL_RAY_ADMISSION": "queue",
                                   "QWEN3VL_RAY_WORKER_GPUS": "1"})
-    assert cfg.agent.host_bytes == 1024 and cfg.coordinator.admission_mode == "queue" and cfg.worker.num_gpus == 1.0
+    assert cfg.agent.host_bytes == 1 << 30 and cfg.coordinator.admission_mode == "queue" and cfg.worker.num_gpus == 1.0
     with pytest.raises(ConfigError, match="QWEN3VL_RAY_HOST_BYTES"):
         ServiceConfig.from_env({"QWEN3VL_RAY_HOST_BYTES": "lots"})
+    with pytest.raises(ConfigError, match="QWEN3VL_RAY_HOTS_BYTES"):  # a typo is an error, not ignored
+        ServiceConfig.from_env({"QWEN3VL_RAY_HOTS_BYTES": "1GiB"})
 
 
 def test_metrics_recorder_validates_names_and_tags_and_the_dashboard_plots_every_metric():
