@@ -100,3 +100,22 @@ def test_large_decode_result_is_an_ordinary_tensor():
     assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
     y.add_(1)  # writable
     assert torch.isfinite(y.float()).all()
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4", "kv-int8", "kv-int4", "int8:axis=0", "kv-int8:residual=7"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tile", [1 << 12, 3 << 12, 1 << 15])
+def test_uniform_tile_loops_match_plain(spec, dtype, tile):
+    # KV-chunk geometry: whole-row tiles of equal size take the batched loops (_quantize_uniform /
+    # _dequantize_uniform), a ragged last tile the general loop; both must equal the plain path
+    gen = torch.Generator().manual_seed(tile)
+    x = (torch.randn(3, 2, 2, 32, 64, generator=gen) * torch.logspace(-3, 2, 64)).to(dtype)
+    x[1, 0, 1, :5] = 0  # all-zero groups: zero scales and zero codes on both paths
+    with pytest.MonkeyPatch.context() as mp:
+        calls = []
+        real = blocked._quantize_uniform
+        mp.setattr(blocked, "_quantize_uniform", lambda *a: (calls.append(1), real(*a)))
+        (fast, fy), (plain, py) = both_paths(mp, spec, x, tile)
+    assert calls, "the batched loop was not used"
+    assert_same_payload(fast, plain)
+    assert fy.shape == py.shape and fy.dtype == py.dtype and torch.equal(fy, py)

@@ -131,6 +131,12 @@ class Scratch:
         self.bits = self._arena("bits", elems * 8)[: elems * torch.empty((), dtype=idt).element_size()].view(idt) if idt is not None else None
         self.i16 = self._arena("i16", half * 2).view(torch.int16)
         self.i16b = self._arena("i16b", half * 2).view(torch.int16)
+        # per-group scratch of the uniform loops (at most elems / group + 1 groups per tile)
+        self.amax_bits = self._arena("amax_bits", (elems + 1) * 8)
+        if idt is not None:
+            self.amax_bits = self.amax_bits[: (elems + 1) * torch.empty((), dtype=idt).element_size()].view(idt)
+        self.inv = self._arena("inv", (elems + 1) * 4).view(torch.float32)
+        self.tiny = self._arena("tiny", elems + 1).view(torch.bool)
 
     @classmethod
     def _arena(cls, name: str, nbytes: int) -> torch.Tensor:
@@ -254,6 +260,116 @@ def dequantize_into(u: Unit, g: Grouping, pack4: bool, codes: torch.Tensor, scal
         dst.copy_(f.view(*dst.shape[:-2], width, post)[..., : n1 - n0, :])
 
 
+def _uniform(u: Unit, g: Grouping, tiles) -> tuple[int, int]:
+    """(full tiles, unit rows per tile) of the leading run of equal whole-row tiles, or (0, 0).
+
+    Those tiles take the batched loops below: every per-tile view comes out of one ``unbind``, so a tile
+    costs ~12 torch calls instead of ~35 (each ~3 us here: at 36 tiles per 8B chunk, a fifth of the work).
+    Padded groups, group-split rows and the ragged last tile take the general loop.
+    """
+    if g.padded != g.n or not tiles or tiles[0][2:] != (0, g.ngroups):
+        return 0, 0
+    rows = tiles[0][1] - tiles[0][0]
+    full = u.pre // rows
+    if full < 1 or any(t != (i * rows, (i + 1) * rows, 0, g.ngroups) for i, t in enumerate(tiles[:full])):
+        return 0, 0
+    return full, rows
+
+
+def _tile_shapes(u: Unit, g: Grouping, rows: int) -> tuple[list[int], list[int]]:
+    """Grouped shape of one uniform tile ``[rows, (q), G, group, post]`` and of its scales ``[rows, (q), G, post]``."""
+    mid = [u.x3.shape[1]] if u.x3.dim() == 4 else []
+    return [rows, *mid, g.ngroups, g.group, g.post], [rows, *mid, g.ngroups, g.post]
+
+
+def _unit_tiles(x3: torch.Tensor, full: int, rows: int, tshape: list[int]) -> tuple[torch.Tensor, ...]:
+    """The unit's first ``full * rows`` rows as ``full`` grouped tile views (dims only split: always a view)."""
+    return x3[: full * rows].view(full, *tshape).unbind(0)
+
+
+def _quantize_uniform(u: Unit, g: Grouping, qmax: int, pack4: bool, codes: torch.Tensor, scales: torch.Tensor,
+                      full: int, rows: int, sc: Scratch, hasher) -> None:
+    """:func:`quantize_into` for ``full`` equal whole-row tiles, same arithmetic in the same order."""
+    tshape, sshape = _tile_shapes(u, g, rows)
+    cnt, ns = math.prod(tshape), math.prod(sshape)
+    xs = _unit_tiles(u.x3, full, rows, tshape)
+    spec = _ABS_BITS.get(u.x3.dtype)
+    use_bits = spec is not None and sc.bits is not None
+    if use_bits:
+        idt, mask = spec
+        bs = _unit_tiles(u.x3.view(idt), full, rows, tshape)
+        bits = sc.bits[:cnt].view(tshape)
+        a16 = sc.amax_bits[:ns].view(sshape)
+        a16f = a16.view(u.x3.dtype)
+    s0 = u.scale_off
+    ss = scales[s0: s0 + full * rows * u.q].view(full, *sshape).unbind(0)
+    inv = sc.inv[:ns].view(sshape)
+    tiny = sc.tiny[:ns].view(sshape)
+    inv_b = inv.unsqueeze(-2)
+    f = sc.f[:cnt].view(tshape)
+    f_flat = sc.f[:cnt]
+    step = cnt  # codes per tile
+    c0 = u.code_off
+    if not pack4:
+        cs = codes[c0: c0 + full * step].view(full, *tshape).unbind(0)
+        cnp = codes.numpy()
+    for i in range(full):
+        s = ss[i]
+        if use_bits:
+            # |x| ordering equals the ordering of the sign-cleared bit pattern: one integer pass, no upcast
+            torch.bitwise_and(bs[i], mask, out=bits)
+            torch.amax(bits, -2, out=a16)
+            s.copy_(a16f)
+        else:
+            f.copy_(xs[i])
+            torch.maximum(f.amax(-2), f.amin(-2).neg_(), out=s)
+        # the plain path's ``qmax / amax`` is reciprocal-then-multiply in torch; same ops, same bits
+        torch.reciprocal(s, out=inv)
+        inv.mul_(qmax)
+        torch.le(s, TINY, out=tiny)
+        inv.masked_fill_(tiny, 0.0)
+        s.div_(qmax)
+        f.copy_(xs[i])
+        f.mul_(inv_b)
+        f.round_()
+        start = c0 + i * step
+        if not pack4:
+            cs[i].copy_(f)
+            if hasher is not None:
+                hasher.update(cnp[start: start + step])
+        else:
+            out = _pack4(f_flat, cnt, start, codes, sc)
+            if hasher is not None:
+                hasher.update(out.numpy())
+
+
+def _dequantize_uniform(u: Unit, g: Grouping, pack4: bool, codes: torch.Tensor, scales: torch.Tensor,
+                        full: int, rows: int, sc: Scratch, hasher) -> None:
+    """:func:`dequantize_into` for ``full`` equal whole-row tiles (three torch calls per tile for int8)."""
+    tshape, sshape = _tile_shapes(u, g, rows)
+    cnt = math.prod(tshape)
+    xs = _unit_tiles(u.x3, full, rows, tshape)
+    s0, c0 = u.scale_off, u.code_off
+    ss = scales[s0: s0 + full * rows * u.q].view(full, *sshape).unsqueeze(-2).unbind(0)
+    f = sc.f[:cnt].view(tshape)
+    if not pack4:
+        cs = codes[c0: c0 + full * cnt].view(full, *tshape).unbind(0)
+        cnp = codes.numpy()
+    for i in range(full):
+        start = c0 + i * cnt
+        if not pack4:
+            f.copy_(cs[i])
+            if hasher is not None:
+                hasher.update(cnp[start: start + cnt])
+        else:
+            src = codes[start // 2: start // 2 + (cnt + 1) // 2]
+            sc.f[:cnt].copy_(_unpack4(src, cnt, sc))
+            if hasher is not None:
+                hasher.update(src.numpy())
+        f.mul_(ss[i])
+        xs[i].copy_(f)
+
+
 def _unpack4(p: torch.Tensor, cnt: int, sc: Scratch) -> torch.Tensor:
     """Packed uint8 pairs -> ``cnt`` int8 codes in [-8, 7] (scratch-backed)."""
     w = sc.i16[: p.numel()]
@@ -315,7 +431,10 @@ def quantize(x: torch.Tensor, g: Grouping, qmax: int, pack4: bool, codes: torch.
     us, tiles, elems = _layout(x, g, pack4)
     sc = Scratch(elems, _ABS_BITS.get(x.dtype, (None,))[0])
     for u, t in zip(us, tiles):
-        quantize_into(u, g, qmax, pack4, codes, scales, t, sc, hasher)
+        full, rows = _uniform(u, g, t)
+        if full:
+            _quantize_uniform(u, g, qmax, pack4, codes, scales, full, rows, sc, hasher)
+        quantize_into(u, g, qmax, pack4, codes, scales, t[full:], sc, hasher)
     if not bool(torch.isfinite(scales).all()):
         raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
 
@@ -326,6 +445,9 @@ def dequantize(out: torch.Tensor, g: Grouping, pack4: bool, codes: torch.Tensor,
     us, tiles, elems = _layout(out, g, pack4)
     sc = Scratch(elems, None)
     for u, t in zip(us, tiles):
-        dequantize_into(u, g, pack4, codes, scales, t, sc, hasher)
+        full, rows = _uniform(u, g, t)
+        if full:
+            _dequantize_uniform(u, g, pack4, codes, scales, full, rows, sc, hasher)
+        dequantize_into(u, g, pack4, codes, scales, t[full:], sc, hasher)
     if len(us) == 1 and us[0].x3.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
         out.copy_(us[0].x3.view(out.shape))  # the one-tile fallback had to reshape ``out`` into a copy

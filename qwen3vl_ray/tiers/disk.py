@@ -106,6 +106,12 @@ def _np_bytes(t: torch.Tensor) -> np.ndarray:
 # caches when it is hashed (neighbours thrash the shared L3), large enough that syscalls stay few (32 per
 # 64 MiB). On the shared 2-core dev box, 1, 2 and 4 MiB measured within noise of each other (CPU time
 # favoured larger chunks for 8 MiB entries, wall time smaller ones for 64 MiB entries).
+# Tried and measured worse here (benchmarks.tiers, paired with the old code on the same box): hashing on
+# a helper thread beside the I/O (xxhash and preadv both release the GIL). Waiting for the helper cost a
+# scheduler wake-up per get (8 MiB warm get fell to 0.2x the plain read at load 6); a helper the reader
+# never waits for (it folds in what the helper has not) still lost ~0.1-0.2x at 8 MiB at load 3: GIL
+# hand-offs between the two threads and no free core on the shared 2-core box. The hash here is xxhash's
+# dispatched SIMD build, ~30 GB/s on this box, so a serial hash caps an 8 MiB warm get near 0.8x.
 CHUNK = 2 << 20
 FADVISE_MIN = 1 << 20  # payloads this large get POSIX_FADV_SEQUENTIAL (bigger readahead when cold)
 _fadvise = getattr(os, "posix_fadvise", None)  # Linux; absent on macOS
