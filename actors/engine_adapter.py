@@ -8,7 +8,7 @@ defaults as the users' settings) plus any ``EngineConfig`` field (``chunk_tokens
 The adapter owns the engine's store, a TieredCache with the device tier only (host and disk belong to the
 node agent), and so owns the worker's device tier (``owns_device_tier``). Before a request, the chunks the
 worker fetched from the agents (local or another node's) are put into that store under the request's keys,
-so the engine's prefix loader finds them; after it, the new prompt chunks are handed back for the worker to
+so the engine's prefix loader finds them (chunks the store already holds, ``held_prefix``, are not fetched); after it, the new prompt chunks are handed back for the worker to
 ship to its agent in one batched call. Keys come from ``qwen3vl_ray.engine.request_keys.RequestKeyer``, the
 same keys a router computes client-side without weights (``route_keys``), checked against the engine's own
 namespace at start-up.
@@ -137,12 +137,18 @@ class Qwen3VLEngineAdapter:
             raise ValueError(f"a Qwen3-VL request needs a non-empty 'messages' list, got {str(request)[:200]}")
         return self.keyer.keys(messages)
 
-    def run(self, request: dict, keys: Sequence[CacheKey], cached: Sequence[torch.Tensor]) -> dict:
+    def held_prefix(self, keys: Sequence[CacheKey]) -> int:
+        """How many leading ``keys`` the engine's store (the worker's device tier) already holds."""
+        return self.store.longest_prefix(keys)
+
+    def run(self, request: dict, keys: Sequence[CacheKey], cached: Sequence[torch.Tensor | None]) -> dict:
         store = self.store
-        held = 0  # leading fetched chunks already in the engine's store: device-tier hits
+        held = 0  # leading chunks already in the engine's store (``None`` in ``cached``): device-tier hits
         for i, t in enumerate(cached):  # fetched from the agents: make them visible to the prefix loader
             if store.contains(keys[i]):
                 held += held == i
+            elif t is None:  # held when the worker asked, gone since: the prefix ends here
+                break
             else:
                 store.put(keys[i], t, keys[i - 1] if i else None)
         [result] = self.engine.generate([self._request(request)])

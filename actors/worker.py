@@ -57,7 +57,9 @@ class WorkerLogic:
       optionally ``prompt_tokens``, ``ttft_s``, ``token_ids`` (generated tokens), ``vision_cache_hits``,
       ``engine_cached_tokens`` / ``device_chunks`` (an engine owning the device tier: tokens it really reused,
       fetched chunks it already held), or ``error`` (the request failed; the worker returns it on the result);
-    - optionally ``owns_device_tier = True`` when the engine keeps the device tier itself;
+    - optionally ``owns_device_tier = True`` when the engine keeps the device tier itself, with
+      ``held_prefix(keys) -> int``: how many leading ``keys`` that tier holds. The worker fetches only the
+      chunks after those from the agents and passes ``None`` in ``cached`` for the held ones;
     - optionally a classmethod ``route_keys(request, **engine_args)`` computing the keys without a model,
       which the service's client uses to route by longest cached prefix.
 
@@ -84,7 +86,11 @@ class WorkerLogic:
         """The longest cached prefix as tensors, and per chunk the tier it came from: ``device`` (this
         worker's own tier), ``host``/``disk`` (the local agent's) or ``remote`` (another node's agent)."""
         on_device: list = []
-        if self.device is not None:
+        held = getattr(self.engine, "held_prefix", None) if getattr(self.engine, "owns_device_tier", False) else None
+        if held is not None:
+            # The engine's own device tier serves these: no copy out of it, no fetch from an agent.
+            on_device = [None] * held(keys)
+        elif self.device is not None:
             for t in self.device.get_many(keys[:self.device.longest_prefix(keys)]):
                 if t is None:
                     break
@@ -94,7 +100,7 @@ class WorkerLogic:
         if len(on_device) == len(keys):
             return on_device, ["device"] * len(on_device)
         rest, sources = self._fetch_from_agents(keys[len(on_device):])
-        if self.device is not None and rest:
+        if self.device is not None and held is None and rest:
             first = len(on_device)
             self.device.put_many([(keys[first + i], t, keys[first + i - 1] if first + i else None) for i, t in enumerate(rest)])
         return on_device + rest, ["device"] * len(on_device) + sources

@@ -102,3 +102,23 @@ def test_cross_node_prefix_reuse_with_the_real_engine_gives_the_same_answer(ckpt
     assert second["cross_node_chunks"] == first["stored_chunks"] and second["computed_chunks"] == 0
     assert second["cached_tokens"] == 16 * first["stored_chunks"]
     assert second["token_ids"] == first["token_ids"] and second["output"] == first["output"]
+
+
+def test_a_prefix_in_the_engines_own_device_tier_is_not_fetched_from_the_agents(ckpt, tmp_path):
+    args = dict(model=str(ckpt), chunk_tokens=16, device="cpu", device_tier_bytes=8 << 20)
+    coord = CoordinatorLogic(CoordinatorConfig(period_s=0))
+    agent = NodeAgentLogic(NODES[0], AgentConfig(host_bytes=64 << 20, disk_bytes=0, disk_dir=str(tmp_path)),
+                           LocalObjectStore())
+    coord.add_agent(NODES[0], agent)
+    worker = WorkerLogic("w0", NODES[0], Qwen3VLEngineAdapter(**args), {NODES[0]: agent}.__getitem__, coord,
+                         agent.store, WorkerConfig())
+    req = image_request()
+    first = worker.process(req)
+    assert first["stored_chunks"] > 0  # shipped to the agent too
+    served = agent.stats()["served"]
+    again = worker.process(req)
+    # every chunk came from the engine's own tier: the agent served nothing and counted no hit
+    assert again["device_chunks"] == first["stored_chunks"] and again["computed_chunks"] == 0
+    assert again["cached_tiers"] == {"device": 16 * first["stored_chunks"]}
+    assert agent.stats()["served"] == served
+    assert again["token_ids"] == first["token_ids"]
