@@ -104,7 +104,9 @@ def test_bad_calls_raise_clear_errors(tmp_path):
     with pytest.raises(ConfigError):
         make_cache(tmp_path, policy="no-such-policy")
     with pytest.raises(ConfigError, match="at least one tier"):
-        CacheConfig(tiers=[])
+        CacheConfig(tiers=[], namespace=NS)
+    with pytest.raises(ConfigError, match="namespace must be a keys.Namespace"):
+        CacheConfig(tiers=[TierConfig("host", 1 << 20)])
 
 
 def test_prefetch_moves_entries_up_without_blocking(tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qwen3vl_ray.errors import ConfigError
 from qwen3vl_ray.keys import Namespace
@@ -18,7 +18,8 @@ class CacheConfig:
         policy: eviction/admission strategy name per tier (``qwen3vl_ray.policies.make_policy``);
             ``None`` takes the project default, which is never worse than LRU on the Mooncake trace.
         namespace: what the entries are valid for (model fingerprint, dtype, layout, codec, tenant).
-            Disk files are kept per namespace, so two models never read each other's entries.
+            Required: disk files are kept per namespace, so two models or tenants never read each other's
+            entries, and a shared default would silently pool them.
         promote_on_hit: move an entry to the top tier when ``get`` finds it lower (default True).
         idle_ttl_s: entries not accessed for this many seconds are dropped by ``expire_idle``
             (``None``: never). Seconds.
@@ -27,12 +28,15 @@ class CacheConfig:
 
     tiers: list[TierConfig]
     policy: str | None = None
-    namespace: Namespace = field(default_factory=lambda: Namespace(model="default"))
+    namespace: Namespace | None = None
     promote_on_hit: bool = True
     idle_ttl_s: float | None = None
     prefetch_threads: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.namespace, Namespace):
+            raise ConfigError(f"CacheConfig.namespace must be a keys.Namespace naming the model (and dtype, layout, "
+                              f"codec, tenant) the entries belong to, got {self.namespace!r}")
         if not self.tiers:
             raise ConfigError("a cache needs at least one tier")
         for t in self.tiers:
