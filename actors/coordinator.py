@@ -42,7 +42,8 @@ class WorkerState:
 
 
 class CoordinatorLogic:
-    """Thread-safe (one lock); agent calls made during a pass happen under it, routing waits meanwhile."""
+    """Thread-safe: one lock guards the directory, reports, workers and reservations; calls to the agents
+    happen outside it, so routing never waits for a slow or dead agent."""
 
     def __init__(self, config: CoordinatorConfig, metrics: Metrics | None = None) -> None:
         self.config = config
@@ -54,8 +55,9 @@ class CoordinatorLogic:
         self.workers: dict[str, WorkerState] = {}
         self.reserved: dict[str, int] = {}  # admitted sessions -> reserved KV bytes
         self._reserved_at: dict[str, float] = {}  # -> when last admitted (monotonic), for session_ttl_s
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the state above; never held across a call to an agent
         self._room = threading.Condition(self._lock)
+        self._pass_lock = threading.Lock()  # one policy pass at a time
 
     def _decide(self, action: str, node: str = "", tier: str = "all", n: int = 1, **detail: Any) -> dict:
         logger.debug("decision %s node=%s tier=%s n=%d %s", action, node[:12], tier, n, detail)
@@ -64,9 +66,10 @@ class CoordinatorLogic:
 
     # -- agents and the directory ----------------------------------------------------------------
     def add_agent(self, node_id: str, port: Any) -> None:
+        snap = port.snapshot()  # a remote call: never under the lock (routing would wait on it)
         with self._lock:
             self.agents[node_id] = port
-            self.resync(node_id)
+            self._apply_snapshot(node_id, snap)
 
     def remove_agent(self, node_id: str) -> int:
         """Forget a node (dead or removed): its entries become misses. Returns how many were forgotten."""
@@ -83,7 +86,14 @@ class CoordinatorLogic:
 
     def resync(self, node_id: str) -> None:
         """Rebuild one node's part of the directory from its agent's snapshot."""
-        snap = self.agents[node_id].snapshot()
+        with self._lock:
+            port = self.agents[node_id]
+        snap = port.snapshot()
+        with self._lock:
+            if self.agents.get(node_id) is port:  # not removed (or replaced) while we asked
+                self._apply_snapshot(node_id, snap)
+
+    def _apply_snapshot(self, node_id: str, snap: dict) -> None:
         self.directory.forget_node(node_id)
         self.directory.apply_events(node_id, ((k, c, True) for k, c in snap["entries"]))
         self.epochs[node_id] = snap["epoch"]
@@ -91,18 +101,28 @@ class CoordinatorLogic:
 
     def sync_journals(self) -> None:
         """Apply each agent's journal; an agent with a new epoch (restarted) or an overflowed journal is
-        resynced from a snapshot, so entries it lost become misses."""
-        with self._lock:
-            for node_id, port in list(self.agents.items()):
-                try:
-                    j = port.drain_journal()
-                except Exception:
-                    logger.warning("agent %s unreachable during journal sync", node_id[:12], exc_info=True)
+        resynced from a snapshot, so entries it lost become misses. Only the policy pass calls this (one
+        pass at a time), so journals are applied in the order they were drained."""
+        for node_id, port in self._agents():
+            try:
+                j = port.drain_journal()
+            except Exception:
+                logger.warning("agent %s unreachable during journal sync", node_id[:12], exc_info=True)
+                continue
+            with self._lock:
+                if self.agents.get(node_id) is not port:
                     continue
-                if j["epoch"] != self.epochs.get(node_id) or j["overflow"]:
-                    self.resync(node_id)
-                else:
+                if j["epoch"] == self.epochs.get(node_id) and not j["overflow"]:
                     self.directory.apply_events(node_id, j["events"])
+                    continue
+            try:
+                self.resync(node_id)
+            except Exception:
+                logger.warning("agent %s unreachable for its snapshot", node_id[:12], exc_info=True)
+
+    def _agents(self) -> list[tuple[str, Any]]:
+        with self._lock:
+            return list(self.agents.items())
 
     def record(self, node_id: str, keys: Sequence[CacheKey], tiers: Sequence[str | None]) -> None:
         """A worker reports where its new chunks landed (so routing sees them before the next journal sync)."""
@@ -236,18 +256,16 @@ class CoordinatorLogic:
 
     # -- global policy pass ---------------------------------------------------------------------
     def policy_pass(self) -> list[dict]:
-        """Read every agent's pressure and apply the global policies. Returns the decisions made."""
+        """Read every agent's pressure and apply the global policies. Returns the decisions made.
+
+        One pass at a time (``_pass_lock``). The agents are called without holding the state lock, so
+        routing, lookups, records and admission go on during a pass, and an unreachable agent (each call
+        times out after ``RayAgentPort.timeout_s``) slows only the pass."""
         cfg = self.config
         decisions: list[dict] = []
-        with self._lock:
+        with self._pass_lock:
             self.sync_journals()
-            for node_id, port in list(self.agents.items()):
-                try:
-                    self.reports[node_id] = port.pressure()
-                except Exception:
-                    logger.warning("agent %s unreachable for pressure", node_id[:12], exc_info=True)
-                    self.reports.pop(node_id, None)
-            for node_id, rep in list(self.reports.items()):
+            for node_id, rep in self._refresh_reports().items():
                 try:
                     decisions += self._relieve_host(node_id, rep)
                 except Exception:  # one unreachable agent must not stop the others' policies
@@ -255,22 +273,39 @@ class CoordinatorLogic:
             if cfg.cluster_eviction:
                 decisions += self._evict_by_value()
             self.sync_journals()
-            for node_id in self.agents:  # refresh reports after the moves (placement and admission read them)
-                try:
-                    self.reports[node_id] = self.agents[node_id].pressure()
-                except Exception:
-                    logger.debug("pressure refresh failed for %s", node_id[:12], exc_info=True)
-            self._room.notify_all()
+            self._refresh_reports()  # after the moves: placement and admission read them
+            with self._room:
+                self._room.notify_all()
         return decisions
+
+    def _refresh_reports(self) -> dict[str, dict]:
+        """Ask every agent for its pressure (no lock held while asking); returns the fresh reports."""
+        fresh: dict[str, tuple[Any, dict | None]] = {}
+        for node_id, port in self._agents():
+            try:
+                fresh[node_id] = (port, port.pressure())
+            except Exception:
+                logger.warning("agent %s unreachable for pressure", node_id[:12], exc_info=True)
+                fresh[node_id] = (port, None)
+        with self._lock:
+            for node_id, (port, rep) in fresh.items():
+                if self.agents.get(node_id) is not port:
+                    continue
+                if rep is None:
+                    self.reports.pop(node_id, None)
+                else:
+                    self.reports[node_id] = rep
+            return {n: r for n, (p, r) in fresh.items() if r is not None and self.agents.get(n) is p}
 
     def _relieve_host(self, node_id: str, rep: dict) -> list[dict]:
         """A node's host tier above its high watermark: re-encode cold entries with the stronger codec first,
         then demote the coldest to the node's disk, down to the low watermark."""
         cfg = self.config
         decisions: list[dict] = []
-        port = self.agents[node_id]
+        with self._lock:
+            port = self.agents.get(node_id)
         host = rep["tiers"].get("host")
-        if host is None or (host["used"] <= host["high"] * host["capacity"] and not host.get("system")):
+        if port is None or host is None or (host["used"] <= host["high"] * host["capacity"] and not host.get("system")):
             return decisions
         need = host["used"] - host["low"] * host["capacity"]
         if cfg.recompress_codec and cfg.recompress_max_per_pass:
@@ -291,33 +326,29 @@ class CoordinatorLogic:
         (value = recompute seconds saved per byte x reuse likelihood), until each pressured node and the
         total are back at the low watermark."""
         decisions: list[dict] = []
-        for n, port in self.agents.items():  # fresh numbers: the demotions above moved bytes
-            try:
-                self.reports[n] = port.pressure()
-            except Exception:
-                logger.warning("agent %s unreachable for pressure", n[:12], exc_info=True)
-                self.reports.pop(n, None)
-        bottom = {n: ("disk" if "disk" in r["tiers"] else "host") for n, r in self.reports.items()}
+        reports = self._refresh_reports()  # fresh numbers: the demotions above moved bytes
+        agents = dict(self._agents())
+        bottom = {n: ("disk" if "disk" in r["tiers"] else "host") for n, r in reports.items()}
         need: dict[str, float] = {}
         used = cap = 0.0
-        for n, r in self.reports.items():
+        for n, r in reports.items():
             t = r["tiers"][bottom[n]]
             used += t["used"]
             cap += t["capacity"]
             if t["used"] > t["high"] * t["capacity"]:
                 need[n] = t["used"] - t["low"] * t["capacity"]
-        any_r = next(iter(self.reports.values()), None)
+        any_r = next(iter(reports.values()), None)
         cluster_need = 0.0
         if any_r is not None:
-            t0 = any_r["tiers"][bottom[next(iter(self.reports))]]
+            t0 = any_r["tiers"][bottom[next(iter(reports))]]
             if used > t0["high"] * cap:
                 cluster_need = used - t0["low"] * cap
         if not need and cluster_need <= 0:
             return decisions
         cands = []
-        for n in self.reports:
+        for n in reports:
             try:
-                for key, nbytes, value in self.agents[n].candidates(bottom[n], 256, self.config.recompute_s_per_mib):
+                for key, nbytes, value in agents[n].candidates(bottom[n], 256, self.config.recompute_s_per_mib):
                     cands.append((value, n, key, nbytes))
             except Exception:
                 logger.warning("agent %s unreachable for candidates", n[:12], exc_info=True)
@@ -331,11 +362,12 @@ class CoordinatorLogic:
             cluster_need -= nbytes
         for n, keys in doomed.items():
             try:
-                got = self.agents[n].evict(keys)
+                got = agents[n].evict(keys)
             except Exception:
                 logger.warning("eviction on %s failed", n[:12], exc_info=True)
                 continue
-            self.directory.remove_many(n, keys)
+            with self._lock:
+                self.directory.remove_many(n, keys)
             decisions.append(self._decide("evict_by_value", n, bottom[n], got))
         return decisions
 

@@ -182,6 +182,44 @@ def make_cluster(tmp_path, config: CoordinatorConfig | None = None, **agent_kw):
     return coord, agents
 
 
+def test_routing_and_admission_go_on_while_a_policy_pass_waits_on_a_hung_agent(tmp_path):
+    coord, agents = make_cluster(tmp_path)
+    coord.register_worker("w0", NODES[0])
+    agents[NODES[0]].put_chunks([(key(i), chunk(i), None) for i in range(3)])
+    coord.record(NODES[0], [key(i) for i in range(3)], ["host"] * 3)
+    coord.policy_pass()  # budgets known (admission needs them)
+    hung, release = threading.Event(), threading.Event()
+
+    class HungPressure:  # an agent whose pressure call hangs (a dead node until Ray's timeout fires)
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def pressure(self):
+            hung.set()
+            assert release.wait(30)
+            return self.inner.pressure()
+
+    coord.agents[NODES[1]] = HungPressure(agents[NODES[1]])
+    passing = threading.Thread(target=coord.policy_pass)
+    passing.start()
+    try:
+        assert hung.wait(10)
+        t0 = time.monotonic()
+        assert coord.route([key(i) for i in range(3)])["worker"] == "w0"
+        assert coord.lookup([key(0)]) == [(NODES[0], "host")]
+        assert coord.admit("s", 1)["admitted"]
+        coord.done("w0")
+        assert time.monotonic() - t0 < 5  # none of them waited for the hung agent
+        assert passing.is_alive()
+    finally:
+        release.set()
+        passing.join(30)
+    assert not passing.is_alive()
+
+
 def test_policy_pass_demotes_cold_host_entries_to_the_low_watermark(tmp_path):
     coord, agents = make_cluster(tmp_path, host_chunks=8, high_watermark=0.7, low_watermark=0.5)
     a = agents[NODES[0]]
