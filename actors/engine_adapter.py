@@ -78,9 +78,16 @@ class Qwen3VLEngineAdapter:
             config = _engine_config(device_tier_bytes, **engine_config)
             from qwen3vl_ray.engine.checkpoint import model_fingerprint
 
+            from transformers import AutoConfig
+
+            from qwen3vl_ray.engine.prefix_kv import KVGeometry, chunk_fitted_tiers
+
             ns = Namespace(model=model_fingerprint(path), dtype=config.dtype, layout="qwen3vl-ray-worker",
                            tenant=config.tenant)
-            self.store = TieredCache(CacheConfig(tiers=config.tiers, policy=config.policy, namespace=ns))
+            text_config = AutoConfig.from_pretrained(path, local_files_only=True).text_config
+            chunk_bytes = KVGeometry.from_text_config(text_config, config.torch_dtype).bytes_per_token * config.chunk_tokens
+            self.store = TieredCache(CacheConfig(tiers=chunk_fitted_tiers(config.tiers, chunk_bytes),
+                                                 policy=config.policy, namespace=ns))
             engine = Qwen3VLEngine(path, config, store=self.store)
             keyer = RequestKeyer(path, config, processor=engine.processor, memo=engine.image_memo)
         else:  # a ready engine (e.g. from a settings factory): its store is the device tier
@@ -123,10 +130,10 @@ class Qwen3VLEngineAdapter:
         return {"checkpoint_path": str(self.engine.path), "config": self.engine.config}
 
     def _request(self, request: dict) -> Any:
-        from qwen3vl_ray.engine.requests import Request, SamplingParams
+        from qwen3vl_ray.engine.requests import Request
 
-        sampling = request.get("sampling") or {}
-        return Request(messages=request["messages"], sampling=SamplingParams(**sampling),
+        # a dict of SamplingParams fields (unknown names are a RequestError naming the valid ones)
+        return Request(messages=request["messages"], sampling=request.get("sampling") or {},
                        request_id=None if request.get("id") is None else str(request["id"]),
                        session_id=request.get("session_id"))
 

@@ -280,3 +280,21 @@ def test_positions_shortcut_matches_get_rope_index(engine):
         assert torch.equal(fast[1:], pos3[:, :, cut:]) and torch.equal(fast[0, 0], torch.arange(cut, n))
     slow, _ = engine._positions(prompt, prompt.images[0].start)  # before an image: the full pass
     assert torch.equal(slow[1:], pos3[:, :, prompt.images[0].start:])
+
+
+def test_pool_blocks_fit_the_kv_chunk_so_a_tier_holds_what_it_was_sized_for(ckpt):
+    from qwen3vl_ray.engine.prefix_kv import chunk_fitted_tiers
+
+    # 8B geometry at 16 tokens: 16 x 147,456 B = 2.25 MiB = 9 x 256 KiB -> 256 KiB blocks, no waste
+    fitted = chunk_fitted_tiers([TierConfig("device", 64 * MiB), TierConfig("host", 64 * MiB, codec="int8"),
+                                 TierConfig("disk", 64 * MiB, path="/x")], 16 * 147_456)
+    assert [t.block_bytes for t in fitted] == [256 << 10, 32 << 10, 1 * MiB]  # codec: 8x finer; disk unpooled
+    assert chunk_fitted_tiers([TierConfig("device", MiB, block_bytes=8192)], 1 << 20)[0].block_bytes == 8192  # never raised
+    # the tiny model's 16-token chunk is 16 KiB: a default (1 MiB-block) device tier must still hold ~64 per MiB
+    eng = Qwen3VLEngine(ckpt, EngineConfig(chunk_tokens=CHUNK, device="cpu", tiers=[TierConfig("device", 16 * MiB)]))
+    [r] = eng.generate([Request([{"role": "user", "content": "word " * 200}], SamplingParams(max_new_tokens=2))])
+    assert r.error is None
+    chunk_bytes = eng.geometry.bytes_per_token * CHUNK
+    kv_chunks = r.metrics.prompt_tokens // CHUNK
+    used = eng.store.stats()["tiers"][0]["used_bytes"]
+    assert kv_chunks * chunk_bytes <= used <= (kv_chunks + 2) * chunk_bytes  # + the session's partial tail

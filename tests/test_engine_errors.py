@@ -144,3 +144,17 @@ def test_engine_config_validation(kwargs, needle):
 def test_sampling_params_validation(kwargs, needle):
     with pytest.raises(RequestError, match=needle):
         SamplingParams(**kwargs)
+
+
+def test_requests_given_as_json_dicts_take_sampling_as_a_dict_and_name_unknown_fields(engine):
+    msgs = good().messages
+    ok, unknown, typed = engine.generate([
+        {"messages": msgs, "sampling": {"max_new_tokens": 3}, "id": 7},
+        {"messages": msgs, "sampling": {"max_tokens": 3}},
+        Request(msgs, SamplingParams(max_new_tokens=3)),
+    ])
+    assert ok.error is None and len(ok.token_ids) == 3 and ok.request_id == "7"
+    assert list(ok.token_ids) == list(typed.token_ids)
+    assert "unknown sampling parameter(s) 'max_tokens'" in unknown.error and "max_new_tokens" in unknown.error
+    with pytest.raises(RequestError, match="sampling must be a SamplingParams"):
+        Request(msgs, sampling=3)

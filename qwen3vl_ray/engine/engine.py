@@ -30,7 +30,7 @@ from qwen3vl_ray.engine.budget import DeviceBudget, KeyRegistry
 from qwen3vl_ray.engine.checkpoint import model_fingerprint
 from qwen3vl_ray.engine.config import EngineConfig
 from qwen3vl_ray.engine.loading import check_checkpoint, load_model_and_processor
-from qwen3vl_ray.engine.prefix_kv import KVGeometry, PrefixKV
+from qwen3vl_ray.engine.prefix_kv import KVGeometry, PrefixKV, chunk_fitted_tiers
 from qwen3vl_ray.engine.prompt import ImageMemo, Prompt, build_prompt
 from qwen3vl_ray.engine.request_keys import kv_namespace
 from qwen3vl_ray.engine.requests import Metrics, Request, RequestError, Result, SamplingParams
@@ -70,9 +70,9 @@ class Qwen3VLEngine:
         self.kv_namespace = kv_namespace(self.fingerprint, self.geometry, self.config)  # the one definition
         self.vision_namespace = Namespace(layout=f"vision:deepstack{self.n_deepstack}", **ns)
         self._owns_store = store is None
-        self.store = store if store is not None else TieredCache(
-            CacheConfig(tiers=self.config.tiers, policy=self.config.policy, namespace=Namespace(layout="qwen3vl-engine", **ns))
-        )
+        self.store = store if store is not None else TieredCache(CacheConfig(
+            tiers=chunk_fitted_tiers(self.config.tiers, self.geometry.bytes_per_token * self.config.chunk_tokens),
+            policy=self.config.policy, namespace=Namespace(layout="qwen3vl-engine", **ns)))
         self.registry = KeyRegistry()
         self.image_memo = ImageMemo()
         self.prefix = PrefixKV(self.store, self.kv_namespace, self.config.chunk_tokens, self.text_config, self.device,
@@ -130,8 +130,12 @@ class Qwen3VLEngine:
         if isinstance(req, Request):
             return req
         if isinstance(req, dict) and "messages" in req:
+            # ``sampling`` may be a SamplingParams or a plain dict of its fields (a request read from JSON);
+            # ``id`` is accepted for ``request_id`` (the jobs' row id).
+            rid = req.get("request_id", req.get("id"))
             return Request(messages=req["messages"], sampling=req.get("sampling") or sampling or SamplingParams(),
-                           session_id=req.get("session_id"), request_id=req.get("request_id"))
+                           session_id=req.get("session_id"), request_id=None if rid is None else str(rid),
+                           return_logits=bool(req.get("return_logits", False)))
         raise RequestError(f"a request must be a Request or a dict with 'messages', got {type(req).__name__}")
 
     @torch.inference_mode()

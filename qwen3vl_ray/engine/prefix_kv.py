@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -25,8 +25,37 @@ from transformers import DynamicCache
 from qwen3vl_ray.engine.budget import KeyRegistry
 from qwen3vl_ray.engine.kv_layer import growing_cache
 from qwen3vl_ray.keys import CacheKey, ImageSpan, Namespace, chunk_keys, image_extras, prefix_key
+from qwen3vl_ray.tiers.config import TierConfig
 
 logger = logging.getLogger(__name__)
+
+
+_MIN_BLOCK = 4096
+
+
+def chunk_fitted_tiers(tiers: Sequence[TierConfig], chunk_bytes: int) -> list[TierConfig]:
+    """``tiers`` with each pooled (device/host) tier's ``block_bytes`` lowered so a raw KV chunk of
+    ``chunk_bytes`` fills whole blocks: the largest power of two dividing ``chunk_bytes`` that is not above
+    the configured size (never below 4 KiB). A tier with a codec stores smaller, odd-sized payloads, so its
+    blocks are a further 8x smaller (each payload wastes under an eighth of a raw chunk).
+
+    Why: a pool accounts in whole blocks. With the default 1 MiB block, a 16 KiB chunk of a small model (or a
+    2.25 MiB chunk of the 8B at 16 tokens) would occupy 1 MiB (3 MiB): the tier's budget would hold a
+    fraction of the KV it was sized for."""
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+    pow2 = chunk_bytes & -chunk_bytes  # largest power of two dividing chunk_bytes
+    out = []
+    for t in tiers:
+        if t.kind in ("device", "host"):
+            block = min(t.block_bytes, pow2)
+            if t.codec != "none":
+                block //= 8
+            block = max(_MIN_BLOCK, block)
+            if block < t.block_bytes:
+                t = replace(t, block_bytes=block)
+        out.append(t)
+    return out
 
 
 @dataclass(slots=True)

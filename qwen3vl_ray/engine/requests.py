@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
 
 _ROLES = ("system", "user", "assistant")
 _CONTENT_TYPES = ("text", "image")
@@ -43,6 +43,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "SamplingParams":
+        """From a plain dict (a request given as JSON); an unknown name is an error naming the valid ones."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise RequestError(f"unknown sampling parameter(s) {', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
+        return cls(**values)
+
 
 @dataclass
 class Request:
@@ -63,6 +72,14 @@ class Request:
     session_id: str | None = None
     request_id: str | None = None
     return_logits: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sampling is None:
+            self.sampling = SamplingParams()
+        elif isinstance(self.sampling, Mapping):
+            self.sampling = SamplingParams.from_mapping(self.sampling)
+        elif not isinstance(self.sampling, SamplingParams):
+            raise RequestError(f"sampling must be a SamplingParams or a dict of its fields, got {type(self.sampling).__name__}")
 
 
 def validate_messages(messages: Any) -> None:

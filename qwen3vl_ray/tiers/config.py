@@ -22,7 +22,8 @@ class TierConfig:
         path: disk tier directory (created 0700). Required for ``disk``; keep it apart from Ray's spill dir.
         device: device tier placement: ``"auto"`` (CUDA if present, else CPU), ``"cpu"``, ``"cuda:N"``.
         block_bytes: pool block size for device/host tiers, bytes (default 1 MiB). Entries take
-            ceil(size / block) blocks, so accounting is in whole blocks.
+            ceil(size / block) blocks, so accounting is in whole blocks. The engine lowers it for its
+            store so a KV chunk fills whole blocks (``engine.prefix_kv.chunk_fitted_tiers``).
         pinned: host tier: page-lock its slab when CUDA is present (fast async H2D/D2H). Default True.
         fsync: disk tier: fsync file and directory on each store (crash safety). Default True.
         high_watermark: fraction of capacity above which the pressure monitor reports pressure (0.9).
