@@ -218,4 +218,4 @@ def _adapter_args(s: Any, gpus: float, resolve_model: bool) -> dict:
             "attn_implementation": s.attn_implementation, "max_pixels": s.max_pixels,
             "kv_device_budget_bytes": max(s.kv_device_budget_bytes, s.device_bytes), "policy": s.policy,
             "prefix_cache": s.prefix_cache, "vision_cache": s.vision_cache, "session_idle_s": s.session_idle_s,
-            "tenant": s.tenant}
+            "tenant": s.tenant, "fingerprint": s.fingerprint}

@@ -82,17 +82,20 @@ class Qwen3VLEngineAdapter:
 
             from qwen3vl_ray.engine.prefix_kv import KVGeometry, chunk_fitted_tiers
 
-            ns = Namespace(model=model_fingerprint(path), dtype=config.dtype, layout="qwen3vl-ray-worker",
+            ns = Namespace(model=model_fingerprint(path, full=config.fingerprint == "full"), dtype=config.dtype,
+                           layout="qwen3vl-ray-worker",
                            tenant=config.tenant)
             text_config = AutoConfig.from_pretrained(path, local_files_only=True).text_config
             chunk_bytes = KVGeometry.from_text_config(text_config, config.torch_dtype).bytes_per_token * config.chunk_tokens
             self.store = TieredCache(CacheConfig(tiers=chunk_fitted_tiers(config.tiers, chunk_bytes),
                                                  policy=config.policy, namespace=ns))
             engine = Qwen3VLEngine(path, config, store=self.store)
-            keyer = RequestKeyer(path, config, processor=engine.processor, memo=engine.image_memo)
+            keyer = RequestKeyer(path, config, processor=engine.processor, memo=engine.image_memo,
+                                 fingerprint=engine.fingerprint)
         else:  # a ready engine (e.g. from a settings factory): its store is the device tier
             self.store = engine.store
-            keyer = RequestKeyer(engine.path, engine.config, processor=engine.processor, memo=engine.image_memo)
+            keyer = RequestKeyer(engine.path, engine.config, processor=engine.processor, memo=engine.image_memo,
+                                 fingerprint=engine.fingerprint)
         if keyer.namespace != engine.kv_namespace:
             # Keys that differ from the engine's would make every fetched chunk invisible to it.
             raise RuntimeError(f"request keys' namespace {keyer.namespace} differs from the engine's "
@@ -126,8 +129,10 @@ class Qwen3VLEngineAdapter:
 
     def routing_spec(self) -> dict:
         """What a router needs to build a ``RequestKeyer`` giving this engine's exact keys (no weights):
-        the checkpoint directory and the engine's resolved config."""
-        return {"checkpoint_path": str(self.engine.path), "config": self.engine.config}
+        the checkpoint directory, the engine's resolved config and its model fingerprint (so the router
+        never hashes the weights itself)."""
+        return {"checkpoint_path": str(self.engine.path), "config": self.engine.config,
+                "fingerprint": self.engine.fingerprint}
 
     def _request(self, request: dict) -> Any:
         from qwen3vl_ray.engine.requests import Request

@@ -72,7 +72,7 @@ class ServiceHandle:
             try:
                 from qwen3vl_ray.engine.request_keys import RequestKeyer
 
-                self._keyer = RequestKeyer(spec["checkpoint_path"], spec["config"])
+                self._keyer = RequestKeyer(spec["checkpoint_path"], spec["config"], fingerprint=spec.get("fingerprint"))
             except Exception:
                 logger.warning("cannot build request keys for %s here; routing by load only",
                                spec["checkpoint_path"], exc_info=True)

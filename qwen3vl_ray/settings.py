@@ -153,6 +153,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", "model", "str", "auto", "",
            "Model and device-tier placement: auto (CUDA if present, else CPU), cpu, cuda, cuda:N.",
            "TierConfig(device).device"),
+    Option("fingerprint", "model", "str", "full", "",
+           "How the model is identified in cache keys: full (hash every weight byte, once per checkpoint "
+           "version and machine) or sampled (~4 MiB per weight file; a fine-tune differing only between "
+           "samples would share entries).", "EngineConfig.fingerprint", ("full", "sampled")),
     Option("dtype", "model", "str", "auto", "",
            "Model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.",
            "Qwen3VLEngine(dtype)", ("auto", "float32", "bfloat16", "float16")),
@@ -462,7 +466,7 @@ def engine_config(s: Settings, tiers: list | None = None, node_tag: str | None =
         kv_device_budget_bytes=s.kv_device_budget_bytes,  # EngineConfig refuses a device tier above it, by name
         tiers=tiers if tiers is not None else tier_configs(s, node_tag), policy=s.policy,
         prefix_cache=s.prefix_cache, vision_cache=s.vision_cache, session_idle_s=s.session_idle_s,
-        tenant=s.tenant)
+        tenant=s.tenant, fingerprint=s.fingerprint)
 
 
 # -- docs ------------------------------------------------------------------------------------------------

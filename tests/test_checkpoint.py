@@ -299,3 +299,39 @@ def test_concurrent_writers_agree(tmp_path, tiny):
     assert (target / MANIFEST).is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["shared"]  # both temp dirs cleaned up
     assert (target / "model.safetensors").read_bytes() == (tiny / "model.safetensors").read_bytes()
+
+
+def test_a_full_fingerprint_is_remembered_per_checkpoint_version(tmp_path, tiny, monkeypatch):
+    from qwen3vl_ray.engine import checkpoint as C
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny, copy)
+    memo = tmp_path / "memo"
+    fp = model_fingerprint(copy, full=True, memo_dir=memo)
+    [file] = list(memo.iterdir())
+    assert (memo.stat().st_mode & 0o777) == 0o700 and all(c in "0123456789abcdef" for c in file.stem)
+    assert json.loads(file.read_text())["fingerprint"] == fp
+    # another process (empty in-process memo) reads it back instead of hashing every byte again
+    monkeypatch.setattr(C, "_fingerprint_memo", {})
+    monkeypatch.setattr(C, "_hash_checkpoint", lambda *a: pytest.fail("hashed again"))
+    assert model_fingerprint(copy, full=True, memo_dir=memo) == fp
+    monkeypatch.undo()
+    # a new version of the weights (size or mtime changed) is hashed again; a garbled memo is ignored
+    with open(copy / "model.safetensors", "ab") as f:
+        f.write(b"\0")
+    assert model_fingerprint(copy, full=True, memo_dir=memo) != fp
+    file.write_text('{"stats": "x", "fingerprint": "../../etc"}')
+    monkeypatch.setattr(C, "_fingerprint_memo", {})
+    assert model_fingerprint(copy, full=True, memo_dir=memo) == model_fingerprint(copy, full=True, memo_dir=None)
+
+
+def test_the_engine_identifies_the_model_by_every_weight_byte_by_default(tiny):
+    from qwen3vl_ray.engine.config import EngineConfig
+    from qwen3vl_ray.engine.request_keys import RequestKeyer
+
+    assert EngineConfig().fingerprint == "full"
+    keyer = RequestKeyer(tiny, EngineConfig(device="cpu"))
+    assert keyer.fingerprint == model_fingerprint(tiny, full=True) != model_fingerprint(tiny)
+    assert RequestKeyer(tiny, EngineConfig(device="cpu", fingerprint="sampled")).fingerprint == model_fingerprint(tiny)
+    with pytest.raises(ConfigError, match="fingerprint must be 'full' or 'sampled'"):
+        EngineConfig(fingerprint="md5")

@@ -184,17 +184,23 @@ def _fsync_dir(d: Path) -> None:
 _SAMPLES_PER_FILE = 64
 _SAMPLE_BYTES = 64 << 10
 _fingerprint_memo: dict[tuple, str] = {}
+FINGERPRINT_MEMO_DIR = "~/.cache/qwen3vl-ray/fingerprints"
+"""Where full fingerprints are remembered between processes (one small JSON file per checkpoint)."""
 
 
-def model_fingerprint(path: str | os.PathLike, *, full: bool = False) -> str:
+def model_fingerprint(path: str | os.PathLike, *, full: bool = False,
+                      memo_dir: str | os.PathLike | None = FINGERPRINT_MEMO_DIR) -> str:
     """A 32-hex-digit id of the model weights + architecture, for the cache key namespace.
 
     Covers config.json, every ``*.safetensors`` file's name, size and header (tensor names, dtypes,
-    shapes) and, by default, 64 evenly spaced 64 KiB samples of its data: cheap (a few MiB read per
-    file) yet different for any two checkpoints whose weights differ broadly (other seed, fine-tune,
-    other dtype). ``full=True`` hashes every byte instead. Tokenizer and processor files are left
-    out on purpose: cached KV depends on token ids and pixels, which the keys already carry.
-    Memoised per (path, file sizes, mtimes).
+    shapes) and its data: every byte with ``full=True`` (what the engine uses by default), else 64 evenly
+    spaced 64 KiB samples per file (cheap, yet different for any two checkpoints whose weights differ
+    broadly; two that differ only between the samples, e.g. a fine-tune of one small module, would collide).
+    Tokenizer and processor files are left out on purpose: cached KV depends on token ids and pixels, which
+    the keys already carry.
+
+    Memoised per (path, file sizes, mtimes) in this process; a full fingerprint is also remembered in
+    ``memo_dir`` (JSON, 0700 directory; None disables), so each checkpoint version is hashed once per machine.
     """
     root = Path(path)
     cfg = root / "config.json"
@@ -203,10 +209,21 @@ def model_fingerprint(path: str | os.PathLike, *, full: bool = False) -> str:
     weights = sorted(root.glob("*.safetensors"))
     if not weights:
         raise FileNotFoundError(f"no *.safetensors weights in checkpoint path {str(root)!r}")
-    stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in [cfg, *weights])
-    memo_key = (str(root.resolve()), full, stats)
+    stats = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in [cfg, *weights]]
+    memo_key = (str(root.resolve()), full, repr(stats))
     if memo_key in _fingerprint_memo:
         return _fingerprint_memo[memo_key]
+    memo_file = _memo_file(memo_dir, root) if full and memo_dir is not None else None
+    fp = _read_memo(memo_file, stats) if memo_file is not None else None
+    if fp is None:
+        fp = _hash_checkpoint(cfg, weights, full)
+        if memo_file is not None:
+            _write_memo(memo_file, stats, fp)
+    _fingerprint_memo[memo_key] = fp
+    return fp
+
+
+def _hash_checkpoint(cfg: Path, weights: list[Path], full: bool) -> str:
     h = hashlib.blake2b(digest_size=16, person=b"q3vl-model-fp1")
     h.update(cfg.read_bytes())
     for f in weights:
@@ -224,6 +241,31 @@ def model_fingerprint(path: str | os.PathLike, *, full: bool = False) -> str:
                 for i in range(_SAMPLES_PER_FILE):  # the first and last samples touch both ends
                     fh.seek(data_start + (span - _SAMPLE_BYTES) * i // (_SAMPLES_PER_FILE - 1))
                     h.update(fh.read(_SAMPLE_BYTES))
-    fp = h.hexdigest()
-    _fingerprint_memo[memo_key] = fp
+    return h.hexdigest()
+
+
+def _memo_file(memo_dir: str | os.PathLike, root: Path) -> Path:
+    # the checkpoint's path becomes a file name only as a hash: no path can name anything outside memo_dir
+    name = hashlib.blake2b(str(root.resolve()).encode(), digest_size=16).hexdigest()
+    return Path(os.path.expanduser(str(memo_dir))) / f"{name}.json"
+
+
+def _read_memo(memo_file: Path, stats: list) -> str | None:
+    try:
+        data = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        return None
+    fp = data.get("fingerprint") if isinstance(data, dict) else None
+    if data.get("stats") != stats or not isinstance(fp, str) or len(fp) != 32 or not all(c in "0123456789abcdef" for c in fp):
+        return None  # another version of the checkpoint (sizes or mtimes changed), or not ours
     return fp
+
+
+def _write_memo(memo_file: Path, stats: list, fp: str) -> None:
+    try:
+        memo_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"stats": stats, "fingerprint": fp}))
+        os.replace(tmp, memo_file)
+    except OSError as exc:  # a read-only home: hash again next time, never fail the load
+        logger.info("cannot remember the fingerprint in %s: %s", memo_file.parent, exc)

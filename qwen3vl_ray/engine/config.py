@@ -44,6 +44,10 @@ class EngineConfig:
         session_idle_s: seconds without a turn after which a session counts as idle and is the first
             to be swapped down the tiers under device pressure (default 30.0).
         tenant: namespace tenant; tenants never share entries (default ``"default"``).
+        fingerprint: how the model is identified in the key namespace: ``"full"`` (default) hashes every
+            weight byte, once per checkpoint version and machine (remembered by file sizes and mtimes);
+            ``"sampled"`` reads ~4 MiB per weight file (instant, but two checkpoints differing only between
+            the samples would share entries).
     """
 
     chunk_tokens: int = 256
@@ -58,6 +62,7 @@ class EngineConfig:
     vision_cache: bool = True
     session_idle_s: float = 30.0
     tenant: str = "default"
+    fingerprint: str = "full"
 
     def __post_init__(self) -> None:
         if not isinstance(self.chunk_tokens, int) or self.chunk_tokens <= 0:
@@ -72,6 +77,8 @@ class EngineConfig:
             raise ConfigError(f"max_pixels must be a positive int, got {self.max_pixels!r}")
         if not isinstance(self.kv_device_budget_bytes, int) or self.kv_device_budget_bytes <= 0:
             raise ConfigError(f"kv_device_budget_bytes must be a positive int, got {self.kv_device_budget_bytes!r}")
+        if self.fingerprint not in ("full", "sampled"):
+            raise ConfigError(f"fingerprint must be 'full' or 'sampled', got {self.fingerprint!r}")
         if not self.tiers:
             raise ConfigError("tiers must list at least one TierConfig")
         kinds = [t.kind for t in self.tiers]

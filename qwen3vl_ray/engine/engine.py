@@ -64,7 +64,7 @@ class Qwen3VLEngine:
         self.image_token_id = int(mcfg.image_token_id)
         self.n_deepstack = len(mcfg.vision_config.deepstack_visual_indexes)
         self.geometry = KVGeometry.from_text_config(self.text_config, self.config.torch_dtype)
-        self.fingerprint = model_fingerprint(str(self.path))
+        self.fingerprint = model_fingerprint(str(self.path), full=self.config.fingerprint == "full")
         codecs = "|".join(f"{t.kind}={t.codec}" for t in self.config.tiers)
         ns = dict(model=self.fingerprint, dtype=self.config.dtype, codec=codecs, tenant=self.config.tenant)
         self.kv_namespace = kv_namespace(self.fingerprint, self.geometry, self.config)  # the one definition

@@ -51,10 +51,12 @@ class RequestKeyer:
             dtype, tiers' codecs and tenant are part of the keys.
         processor: an already loaded processor of the same checkpoint (skips loading one).
         memo: an ``ImageMemo`` to share (e.g. the engine's), so an image is preprocessed once.
+        fingerprint: the model fingerprint, when the caller already has it (a router gets it from a worker,
+            so it never hashes the weights itself); else computed as ``config.fingerprint`` says.
     """
 
     def __init__(self, checkpoint_path: str | os.PathLike, config: EngineConfig | None = None,
-                 processor: Any | None = None, memo: ImageMemo | None = None) -> None:
+                 processor: Any | None = None, memo: ImageMemo | None = None, fingerprint: str | None = None) -> None:
         from transformers import AutoConfig
 
         self.config = config or EngineConfig()
@@ -62,7 +64,7 @@ class RequestKeyer:
         mcfg = AutoConfig.from_pretrained(self.path, local_files_only=True)
         self.image_token_id = int(mcfg.image_token_id)
         self.geometry = KVGeometry.from_text_config(mcfg.text_config, self.config.torch_dtype)
-        self.fingerprint = model_fingerprint(str(self.path))
+        self.fingerprint = fingerprint or model_fingerprint(str(self.path), full=self.config.fingerprint == "full")
         self.namespace = kv_namespace(self.fingerprint, self.geometry, self.config)
         self.processor = processor if processor is not None else load_processor(self.path)
         self.memo = memo if memo is not None else ImageMemo(64 << 20)
