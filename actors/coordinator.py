@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+import ray
+
 from actors.config import NAMESPACE, AgentConfig, CoordinatorConfig
 from actors.directory import Directory, tier_code
 from actors.metrics import Metrics
@@ -39,6 +41,7 @@ class WorkerState:
     node_id: str
     inflight: int = 0
     available: bool = True
+    incarnation: int = 0  # bumped by each registration (a restarted worker registers again)
 
 
 class CoordinatorLogic:
@@ -139,15 +142,19 @@ class CoordinatorLogic:
     # -- routing --------------------------------------------------------------------------------
     def register_worker(self, worker_id: str, node_id: str) -> None:
         with self._lock:
-            self.workers[worker_id] = WorkerState(node_id)
+            old = self.workers.get(worker_id)
+            self.workers[worker_id] = WorkerState(node_id, incarnation=(old.incarnation + 1) if old else 0)
             self._decide("register_worker", node_id, worker=worker_id)
 
-    def worker_failed(self, worker_id: str, permanent: bool = True) -> None:
+    def worker_failed(self, worker_id: str, permanent: bool = True, incarnation: int | None = None) -> None:
         """A request failed on ``worker_id``. ``permanent`` (the actor died) takes it out of routing until it
         registers again; a temporary failure (``ActorUnavailableError``: restarting, network blip) keeps it
-        routable, since the client already excludes it for the failed request."""
+        routable, since the client already excludes it for the failed request. ``incarnation`` (from the
+        route) ignores a report that arrives after the worker has already restarted and registered again."""
         with self._lock:
             st = self.workers.get(worker_id)
+            if st is not None and incarnation is not None and incarnation != st.incarnation:
+                return  # about an earlier life of this worker
             if st is not None:
                 if permanent:
                     st.available = False
@@ -174,7 +181,8 @@ class CoordinatorLogic:
             st.inflight += 1
             local = sum(1 for n in prefix_nodes if n == st.node_id)
             self.metrics.inc("qwen3vl_ray_coordinator_actions", action="route", node=st.node_id)
-            return {"worker": best, "node": st.node_id, "cached_chunks": len(prefix_nodes), "local_chunks": local}
+            return {"worker": best, "node": st.node_id, "cached_chunks": len(prefix_nodes), "local_chunks": local,
+                    "incarnation": st.incarnation}
 
     def done(self, worker_id: str) -> None:
         with self._lock:
@@ -226,7 +234,7 @@ class CoordinatorLogic:
                     self.metrics.inc("qwen3vl_ray_admissions", result="admitted")
                     return {"admitted": True, "reserved": used - have + max(have, nbytes), "limit": int(limit)}
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or max(have, nbytes) > limit:  # out of time, or it could never fit
                     self.metrics.inc("qwen3vl_ray_admissions", result="rejected")
                     self._decide("reject_session", session=session_id, nbytes=nbytes)
                     raise ClusterSaturatedError(
@@ -388,8 +396,6 @@ class RayAgentPort:
         self.timeout_s = timeout_s
 
     def __getattr__(self, name: str):
-        import ray
-
         method = getattr(self.handle, name)
         return lambda *args: ray.get(method.remote(*args), timeout=self.timeout_s)
 
@@ -401,7 +407,7 @@ class Coordinator:
         from actors.config_check import coordinator_fields
         from actors.metrics import RayMetrics
 
-        logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_LOG", "INFO"))
+        logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_ACTOR_LOG_LEVEL", "INFO").upper())
         self.logic = CoordinatorLogic(config, RayMetrics("coordinator"))
         self.agent_config = agent_config
         self._config_fields = coordinator_fields(config, agent_config)
@@ -426,8 +432,6 @@ class Coordinator:
 
     def sync_nodes(self) -> dict:
         """One agent per alive node; agents of dead nodes are killed and their entries forgotten."""
-        import ray
-
         from actors.node_agent import get_or_create_agent
 
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -453,8 +457,6 @@ class Coordinator:
         return {"added": added, "removed": removed, "nodes": sorted(self.handles)}
 
     def _rebuild_workers(self) -> None:
-        import ray
-
         for entry in ray.util.list_named_actors(all_namespaces=True):
             if entry.get("namespace") != NAMESPACE or not entry["name"].startswith(WORKER_PREFIX):
                 continue
@@ -483,6 +485,9 @@ class Coordinator:
     def place(self, node_id, nbytes):
         return self.logic.place(node_id, nbytes)
 
+    # Queued admissions block for up to admission_timeout_s: they wait in their own thread pool, so the
+    # releases, routes and records that free room (or just serve requests) are never stuck behind them.
+    @ray.method(concurrency_group="admission")
     def admit(self, session_id, nbytes, wait=True):
         return self.logic.admit(session_id, nbytes, wait)
 
@@ -492,8 +497,8 @@ class Coordinator:
     def register_worker(self, worker_id, node_id):
         return self.logic.register_worker(worker_id, node_id)
 
-    def worker_failed(self, worker_id, permanent=True):
-        return self.logic.worker_failed(worker_id, permanent)
+    def worker_failed(self, worker_id, permanent=True, incarnation=None):
+        return self.logic.worker_failed(worker_id, permanent, incarnation)
 
     def state(self):
         return self.logic.state()
@@ -514,7 +519,10 @@ def coordinator_options() -> dict:
                 max_restarts=-1, max_task_retries=-1, num_cpus=0, max_concurrency=16)
 
 
-def get_or_create_coordinator(config: CoordinatorConfig, agent_config: AgentConfig):
-    import ray
+ADMISSION_THREADS = 64
+"""Threads for (possibly waiting) admissions, apart from the coordinator's other calls."""
 
-    return ray.remote(Coordinator).options(**coordinator_options()).remote(config, agent_config)
+
+def get_or_create_coordinator(config: CoordinatorConfig, agent_config: AgentConfig):
+    return (ray.remote(concurrency_groups={"admission": ADMISSION_THREADS})(Coordinator)
+            .options(**coordinator_options()).remote(config, agent_config))

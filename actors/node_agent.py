@@ -401,7 +401,7 @@ class NodeAgent:
         from actors.metrics import RayMetrics
         from actors.object_store_tier import RayObjectStore
 
-        logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_LOG", "INFO"))
+        logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_ACTOR_LOG_LEVEL", "INFO").upper())
         self.logic = NodeAgentLogic(node_id, config, RayObjectStore(), RayMetrics(node_id))
         self._config_fields = agent_fields(config)
 

@@ -108,7 +108,7 @@ class ServiceHandle:
             logger.warning("cannot compute routing keys here; routing by load only", exc_info=True)
             self._route_keys = None
             return [], 0
-        return keys, int(self._kv_bytes(request, **self.config.worker.engine_args)) if self._kv_bytes else 0
+        return keys, max(0, int(self._kv_bytes(request, **self.config.worker.engine_args))) if self._kv_bytes else 0
 
     def process(self, requests: Sequence[dict], timeout_s: float = 600.0) -> list[dict]:
         """Serve requests concurrently; results come back in request order.
@@ -120,9 +120,11 @@ class ServiceHandle:
           this call are running, one that does not fit waits for them (back-pressure, in order); with none
           running, the coordinator's ``admission_mode`` decides: reject at once, or queue up to
           ``admission_timeout_s``. A request still refused gets a ``ClusterSaturatedError`` in its result.
-        - A request whose worker dies is retried on another worker (up to ``worker.max_retries`` times)."""
+        - A request whose worker dies is retried on another worker (up to ``worker.max_retries`` times); one
+          that still fails (a poison request killing every worker it reaches) gets a ``WorkerFailedError``
+          result, and the others complete."""
         import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
         from actors.coordinator import ClusterSaturatedError
 
@@ -140,7 +142,7 @@ class ServiceHandle:
         tried: dict[int, list[str]] = {i: [] for i in plans}
         waiting = deque(plans)
         admitted: set[int] = set()
-        pending: dict[Any, tuple[int, str]] = {}
+        pending: dict[Any, tuple[int, str, int]] = {}  # ref -> (request, worker, worker incarnation)
 
         def submit(i: int) -> None:
             route = ray.get(self.coordinator.route.remote(plans[i][0], tried[i]))
@@ -150,7 +152,7 @@ class ServiceHandle:
             except BaseException:
                 self.coordinator.done.remote(route["worker"])  # routed but never sent
                 raise
-            pending[ref] = (i, route["worker"])
+            pending[ref] = (i, route["worker"], route.get("incarnation"))
 
         def finish(i: int) -> None:
             if i in admitted and i in scoped:
@@ -168,7 +170,7 @@ class ServiceHandle:
                     if pending:
                         return
                     waiting.popleft()
-                    results[i] = error_result(requests[i], f"ClusterSaturatedError: {exc}")
+                    results[i] = error_result(requests[i], f"ClusterSaturatedError: {getattr(exc, 'cause', None) or exc}")
                     continue
                 waiting.popleft()
                 admitted.add(i)
@@ -180,17 +182,27 @@ class ServiceHandle:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
                 if not ready:
                     raise TimeoutError(f"{len(pending)} requests still running after {timeout_s} s")
-                i, wid = pending.pop(ready[0])
+                i, wid, incarnation = pending.pop(ready[0])
                 try:
                     results[i] = ray.get(ready[0])
                 except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
                     # A restarting (unavailable) worker comes back; only a dead one leaves the routing table.
                     permanent = not isinstance(exc, ActorUnavailableError)
                     logger.warning("worker %s failed on request %s (%s); retrying elsewhere", wid, i, type(exc).__name__)
-                    self.coordinator.worker_failed.remote(wid, permanent)
+                    self.coordinator.worker_failed.remote(wid, permanent, incarnation)
                     if len(tried[i]) > self.config.worker.max_retries:
-                        raise RuntimeError(f"request {i} failed on workers {tried[i]}") from exc
-                    submit(i)
+                        # A request that kills every worker it reaches fails alone; the others go on.
+                        results[i] = error_result(requests[i], f"WorkerFailedError: the request failed on workers "
+                                                               f"{tried[i]} ({type(exc).__name__}); not retried again")
+                    else:
+                        try:
+                            submit(i)
+                        except RuntimeError as route_exc:  # no worker left that it has not failed on
+                            results[i] = error_result(requests[i], f"WorkerFailedError: {route_exc}")
+                except RayTaskError as exc:  # the worker raised while serving it: this request's error only
+                    cause = exc.cause if exc.cause is not None else exc
+                    logger.warning("request %s failed on worker %s: %r", i, wid, cause)
+                    results[i] = error_result(requests[i], f"{type(cause).__name__}: {cause}")
                 finally:
                     self.coordinator.done.remote(wid)  # finished, failed or raising: never leak the in-flight count
                 if results[i] is not None:
@@ -200,17 +212,20 @@ class ServiceHandle:
         finally:
             # Requests still routed when we stop waiting (timeout, a raise above): release their in-flight slots
             # and their reservations.
-            for _, wid in pending.values():
+            for _, wid, _ in pending.values():
                 try:
                     self.coordinator.done.remote(wid)
                 except Exception:
                     logger.debug("done(%s) not delivered", wid, exc_info=True)
             pending.clear()
-            for i in [i for i in admitted if i in scoped]:
-                try:
-                    self.coordinator.release.remote(sessions[i])
-                except Exception:
-                    logger.debug("release(%s) not delivered", sessions[i], exc_info=True)
+            # Awaited (briefly): the coordinator runs calls on many threads, so a release not yet applied could
+            # refuse this client's next call.
+            releases = [self.coordinator.release.remote(sessions[i]) for i in admitted if i in scoped]
+            try:
+                ray.get(releases, timeout=30)
+            except Exception:
+                logger.warning("%d reservations not released; they expire after session_ttl_s", len(releases),
+                               exc_info=True)
         return results  # type: ignore[return-value]
 
     def admit(self, nbytes: int, session_id: str | None = None) -> str:
@@ -234,10 +249,12 @@ class ServiceHandle:
 
 
 def _max_new_tokens(request: dict) -> int:
+    """The request's ``max_new_tokens``, validated as the engine will (a bad value raises ``RequestError``)."""
     from qwen3vl_ray.engine.requests import SamplingParams
 
-    value = (request.get("sampling") or {}).get("max_new_tokens")
-    return SamplingParams.max_new_tokens if value is None else int(value)
+    sampling = request.get("sampling") or {}
+    params = sampling if isinstance(sampling, SamplingParams) else SamplingParams.from_mapping(sampling)
+    return params.max_new_tokens
 
 
 def ensure_service(config: ServiceConfig | None = None, address: str | None = None, num_workers: int = 1,

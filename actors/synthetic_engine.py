@@ -10,6 +10,7 @@ real engine (``qwen3vl_ray.engine:Qwen3VLEngine``) through the same interface wh
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from typing import Sequence
 
@@ -67,6 +68,10 @@ class SyntheticKVEngine:
         return chunk_keys(self.namespace, tokens, self.chunk_tokens)
 
     def run(self, request: dict, keys: Sequence[CacheKey], cached: Sequence[torch.Tensor]) -> dict:
+        if request.get("crash_worker"):
+            # Fault injection for tests: a request that kills the worker process serving it, wherever it
+            # runs (a poison request: an input that crashes the model, or a GPU fault).
+            os._exit(17)
         out = self.prefill(request["token_ids"], keys, cached)
         out["prompt_tokens"] = len(request["token_ids"])
         return out

@@ -248,7 +248,7 @@ class Worker:
         from actors.node_agent import agent_name, get_or_create_agent
         from actors.object_store_tier import RayObjectStore
 
-        logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_LOG", "INFO"))
+        logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_ACTOR_LOG_LEVEL", "INFO").upper())
         self._config = config
         node = ray.get_runtime_context().get_node_id()
         self._ports: dict[str, RayAgentPort] = {node: RayAgentPort(get_or_create_agent(node, config.agent))}

@@ -122,3 +122,20 @@ def test_a_prefix_in_the_engines_own_device_tier_is_not_fetched_from_the_agents(
     assert again["cached_tiers"] == {"device": 16 * first["stored_chunks"]}
     assert agent.stats()["served"] == served
     assert again["token_ids"] == first["token_ids"]
+
+
+def test_the_client_plans_keys_and_kv_bytes_and_a_bad_sampling_value_is_that_requests_error(ckpt):
+    from actors.service import ServiceHandle
+    from qwen3vl_ray.engine.config import EngineConfig
+    from qwen3vl_ray.engine.requests import RequestError
+
+    handle = ServiceHandle(None, {}, ServiceConfig(worker=WorkerConfig(engine_args={"model": str(ckpt)})))
+    handle._keyer = keyer = RequestKeyer(ckpt, EngineConfig(chunk_tokens=16, device="cpu"))  # as from a worker
+    req = image_request()
+    keys, nbytes = handle.plan(dict(req, sampling={"max_new_tokens": 5}))
+    prompt_keys, prompt_tokens = keyer.prompt_keys(req["messages"])
+    assert keys == prompt_keys and nbytes == (prompt_tokens + 5) * keyer.geometry.bytes_per_token
+    with pytest.raises(RequestError, match="max_new_tokens must be an int >= 1"):
+        handle.plan(dict(req, sampling={"max_new_tokens": -1000}))
+    with pytest.raises(RequestError, match="unknown sampling parameter"):
+        handle.plan(dict(req, sampling={"max_tokens": 3}))

@@ -320,9 +320,10 @@ def test_a_full_fingerprint_is_remembered_per_checkpoint_version(tmp_path, tiny,
     with open(copy / "model.safetensors", "ab") as f:
         f.write(b"\0")
     assert model_fingerprint(copy, full=True, memo_dir=memo) != fp
-    file.write_text('{"stats": "x", "fingerprint": "../../etc"}')
-    monkeypatch.setattr(C, "_fingerprint_memo", {})
-    assert model_fingerprint(copy, full=True, memo_dir=memo) == model_fingerprint(copy, full=True, memo_dir=None)
+    for garbled in ('{"stats": "x", "fingerprint": "../../etc"}', "[]", "not json"):
+        file.write_text(garbled)
+        monkeypatch.setattr(C, "_fingerprint_memo", {})
+        assert model_fingerprint(copy, full=True, memo_dir=memo) == model_fingerprint(copy, full=True, memo_dir=None)
 
 
 def test_the_engine_identifies_the_model_by_every_weight_byte_by_default(tiny):

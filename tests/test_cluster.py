@@ -252,6 +252,27 @@ def test_removed_node_entries_become_misses_and_requests_continue(cluster):
     assert r["cached_tokens"] == 0 and r["output"] == reference(tokens)
 
 
+def test_a_request_that_kills_every_worker_fails_alone_and_the_workers_come_back(cluster):
+    _, service, config = cluster
+    before = {w: ray.get(h.pid.remote()) for w, h in service.workers.items()}
+    ok = [{"id": f"ok{i}", "token_ids": prompt(700 + i, 2)} for i in range(3)]
+    out = service.process([ok[0], {"id": "poison", "token_ids": prompt(799, 2), "crash_worker": True}, *ok[1:]])
+    by_id = {r["id"]: r for r in out}
+    assert "WorkerFailedError" in by_id["poison"]["error"]
+    assert all(by_id[r["id"]]["output"] == reference(r["token_ids"]) for r in ok)
+    # every worker it reached was killed, restarted by Ray, registered again and serves the next batch
+    after: dict = {}
+
+    def restarted():
+        after.update({w: ray.get(h.pid.remote(), timeout=10) for w, h in service.workers.items()})
+        return sum(before[w] != after[w] for w in before) == config.worker.max_retries + 1
+
+    wait_for(restarted, what="the killed workers restarted")
+    wait_for(lambda: all(s["available"] for s in service.state()["workers"].values()), what="workers registered")
+    again = service.process(ok)
+    assert [r["output"] for r in again] == [reference(r["token_ids"]) for r in ok]
+
+
 def test_workload_three_times_the_budgets_stays_within_every_budget(cluster):
     _, service, config = cluster
     agents = agents_by_node()

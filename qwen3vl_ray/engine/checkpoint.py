@@ -199,7 +199,7 @@ def model_fingerprint(path: str | os.PathLike, *, full: bool = False,
     Tokenizer and processor files are left out on purpose: cached KV depends on token ids and pixels, which
     the keys already carry.
 
-    Memoised per (path, file sizes, mtimes) in this process; a full fingerprint is also remembered in
+    Memoised per (path, file sizes, mtimes, inodes, ctimes) in this process; a full fingerprint is also remembered in
     ``memo_dir`` (JSON, 0700 directory; None disables), so each checkpoint version is hashed once per machine.
     """
     root = Path(path)
@@ -209,7 +209,10 @@ def model_fingerprint(path: str | os.PathLike, *, full: bool = False,
     weights = sorted(root.glob("*.safetensors"))
     if not weights:
         raise FileNotFoundError(f"no *.safetensors weights in checkpoint path {str(root)!r}")
-    stats = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in [cfg, *weights]]
+    # inode and ctime too: tools that copy or replace weights in place can keep size and mtime (cp -p,
+    # rsync -a, fixed-mtime image builds) but not the ctime, which only the kernel sets
+    stats = [[f.name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+             for f in [cfg, *weights] for st in [f.stat()]]
     memo_key = (str(root.resolve()), full, repr(stats))
     if memo_key in _fingerprint_memo:
         return _fingerprint_memo[memo_key]
@@ -255,7 +258,9 @@ def _read_memo(memo_file: Path, stats: list) -> str | None:
         data = json.loads(memo_file.read_text())
     except (OSError, ValueError):
         return None
-    fp = data.get("fingerprint") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    fp = data.get("fingerprint")
     if data.get("stats") != stats or not isinstance(fp, str) or len(fp) != 32 or not all(c in "0123456789abcdef" for c in fp):
         return None  # another version of the checkpoint (sizes or mtimes changed), or not ours
     return fp
