@@ -27,8 +27,8 @@ DATA = Path(__file__).resolve().parent / "data"
 # let the shared prefixes (system prompt, images) be reused, and small tiers make entries travel down the
 # hierarchy, so the summary shows every tier at work. Flags and QWEN3VL_RAY_* variables override these.
 # The lower tiers compress (int8, then int8+zstd on disk), so the summary shows what the codecs save.
-DEMO_DEFAULTS = {"chunk_tokens": 32, "max_new_tokens": 12, "block_bytes": 64 << 10, "device_bytes": 512 << 10,
-                 "host_bytes": 1 << 20, "disk_bytes": 256 << 20, "kv_device_budget_bytes": 64 << 20,
+DEMO_DEFAULTS = {"chunk_tokens": 32, "max_new_tokens": 12, "block_bytes": 64 << 10, "device_bytes": 256 << 10,
+                 "host_bytes": 192 << 10, "disk_bytes": 256 << 20, "kv_device_budget_bytes": 64 << 20,
                  "host_codec": "int8", "disk_codec": "int8+zstd"}
 
 

@@ -88,10 +88,12 @@ def ray_head():
 @pytest.fixture(scope="module")
 def service_env(tmp_path_factory):
     """Settings shared by every job and CLI call of this module: the service's actors live as long as the head
-    and refuse a caller asking for another configuration, so all of them must ask for the same one."""
+    and refuse a caller asking for another configuration, so all of them must ask for the same one. The
+    worker's device tier holds only a few 32 KiB chunks, so a second pass fetches most of its prefixes from
+    the node agent's host tier."""
     d = tmp_path_factory.mktemp("service")
     return {"QWEN3VL_RAY_CHECKPOINT_DIR": str(d / "ckpt"), "QWEN3VL_RAY_DISK_DIR": str(d / "disk"),
-            "QWEN3VL_RAY_CHUNK_TOKENS": "32", "QWEN3VL_RAY_BLOCK_BYTES": "64KiB", "QWEN3VL_RAY_DEVICE_BYTES": "2MiB",
+            "QWEN3VL_RAY_CHUNK_TOKENS": "32", "QWEN3VL_RAY_BLOCK_BYTES": "64KiB", "QWEN3VL_RAY_DEVICE_BYTES": "128KiB",
             "QWEN3VL_RAY_HOST_BYTES": "64MiB", "QWEN3VL_RAY_DISK_BYTES": "128MiB"}
 
 
