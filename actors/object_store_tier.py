@@ -5,9 +5,11 @@ entry: entries outlive the worker that produced them (Ray >= 2.56 has no ``ray.p
 die with the agent (objects made by ``ray.put`` are never reconstructed), which the directory treats as
 misses.
 
-Slabs: one ``ray.put`` costs ~1 ms of fixed overhead here, so putting 1 MiB chunks one by one runs at
-~1 GB/s while one 64 MiB object runs at ~10 GB/s (near memcpy). A batch (``complete_store_many``) is therefore
-stored as one object (a slab, at most ``slab_bytes``): a list of the entries' arrays, which Ray serializes
+Slabs: one ``ray.put`` costs ~1-1.5 ms of fixed overhead here (serialization, create and seal round trips to
+the raylet), and one ``ray.get`` ~0.3-0.5 ms, so putting 1 MiB chunks one by one runs at ~1 GB/s while one
+64 MiB object runs near memcpy. A batch (``complete_store_many``) is therefore stored as one object (a slab, at
+most ``slab_bytes``, default 64 MiB: with 32 MiB slabs a 64 MiB batch paid the fixed cost twice, ~30% of the
+copy, measured by ``benchmarks.cluster`` part (a)): a list of the entries' arrays, which Ray serializes
 out-of-band, so each array is copied once, straight into the store, and comes back as a zero-copy view. A slab's memory returns to the store only when its last entry goes, so ``used_bytes`` counts whole live
 slabs (what the store really holds); entries of a batch age together, so LRU order tends to empty whole slabs.
 Readers get the slab zero-copy and copy their slice out; a cross-node reader pulls the whole slab (the chunks
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import pickle  # only for PickleBuffer (out-of-band raw buffers); nothing here pickles or unpickles cache data
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol, Sequence
@@ -45,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 RAW = "raw"
 ALIGN = 64
-DEFAULT_SLAB_BYTES = 32 << 20
+DEFAULT_SLAB_BYTES = 64 << 20
 
 
 def _aligned(n: int) -> int:
@@ -72,11 +75,20 @@ class ObjectStore(Protocol):
 
 
 class RayObjectStore:
-    """The node's Ray object store. Handles are ``ObjectRef``s owned by the calling process."""
+    """The node's Ray object store. Handles are ``ObjectRef``s owned by the calling process.
+
+    A slab travels as a list of ``pickle.PickleBuffer``s over the entries' contiguous arrays: Ray copies each
+    buffer once, straight into the store, and ``ray.get`` hands back read-only zero-copy buffers
+    (``ray._raylet.SubBuffer``) that keep the store object mapped while referenced. Bare buffers instead of
+    numpy arrays: no array reconstruction (dtype unpickling, ``_frombuffer``) per entry on every read, which cost
+    ~0.2 ms of a ~0.5 ms ``ray.get`` of a 64-entry slab here; the tier keeps dtype and shape in its own index.
+    """
 
     def put(self, value: np.ndarray | list[np.ndarray]) -> Any:
         import ray  # only this backend needs Ray
 
+        if isinstance(value, list):
+            return ray.put([pickle.PickleBuffer(np.ascontiguousarray(a)) for a in value])
         return ray.put(value)
 
     def get_many(self, handles: Sequence[Any]) -> list[Any]:
@@ -128,26 +140,42 @@ class StoredEntry:
 tensor_to_array = tensor_array  # the codecs' view: bf16/fp8 travel as same-size integers
 
 
+_HUGE_OUT = 1 << 22  # fresh outputs this large come from numpy, which asks for transparent huge pages (fewer faults)
+
+
 def array_to_tensor(array: np.ndarray, dtype: str, shape: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Copy stored raw bytes (any dtype/shape view of them) into a new tensor (or ``out``)."""
+    """Copy stored raw bytes (any dtype/shape view of them) into a new tensor (or ``out``, which may be strided).
+
+    The hot path of every host-tier read: one torch->numpy view of the destination and one ``np.copyto`` (a
+    memcpy) per entry, ~2 us of Python around the copy."""
     tdtype = dtype_from_name(dtype)
     if out is None:
-        out = torch.empty(tuple(shape), dtype=tdtype)
-    elif out.dtype != tdtype or tuple(out.shape) != tuple(shape):
+        n = array.nbytes
+        if n >= _HUGE_OUT:
+            out = torch.from_numpy(np.empty(n, dtype=np.uint8)).view(tdtype).view(tuple(shape))
+        else:
+            out = torch.empty(tuple(shape), dtype=tdtype)
+    elif out.dtype != tdtype or out.shape != tuple(shape):
         raise ValueError(f"out is {out.dtype} {tuple(out.shape)}, entry is {tdtype} {tuple(shape)}")
-    if out.numel():
-        dst = out.view(_VIEW_AS.get(tdtype, tdtype)).numpy().reshape(-1).view(np.uint8)
-        src = array.reshape(-1).view(np.uint8)
-        if src.nbytes != dst.nbytes:
-            raise CodecError(f"stored entry holds {src.nbytes} bytes, {tdtype} {tuple(shape)} needs {dst.nbytes}")
-        np.copyto(dst, src, casting="no")
+    if not out.numel():
+        return out
+    src = array.reshape(-1).view(np.uint8)
+    view_as = _VIEW_AS.get(tdtype)
+    dst = (out if view_as is None else out.view(view_as)).numpy()
+    if src.nbytes != dst.nbytes:
+        raise CodecError(f"stored entry holds {src.nbytes} bytes, {tdtype} {tuple(shape)} needs {dst.nbytes}")
+    if out.is_contiguous():
+        np.copyto(dst.reshape(-1).view(np.uint8), src)
+    else:  # reshape of a strided view would copy: write through the strided view instead
+        np.copyto(dst, src.view(dst.dtype).reshape(dst.shape))
     return out
 
 
 def slice_of(slab: Any, index: int, nbytes: int) -> np.ndarray:
-    """Entry ``index`` of a slab as read from the store (a list of arrays; a bare array for one entry)."""
+    """Entry ``index`` of a slab as read from the store (a list of arrays or raw buffers; a bare array for one
+    entry), as a flat read-only uint8 view that keeps the store's buffer alive."""
     arr = slab[index] if isinstance(slab, list) else slab
-    flat = arr.reshape(-1).view(np.uint8)
+    flat = arr.reshape(-1).view(np.uint8) if isinstance(arr, np.ndarray) else np.frombuffer(arr, dtype=np.uint8)
     if flat.nbytes != nbytes:
         raise CodecError(f"slab entry {index} holds {flat.nbytes} bytes, its index says {nbytes}")
     return flat
@@ -214,8 +242,8 @@ class ObjectStoreTier(Tier):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"ObjectStoreTier stores torch tensors, got {type(tensor).__name__}")
         logical = tensor.numel() * tensor.element_size()
-        if self.codec.name == "none":
-            payload, codec = tensor_to_array(tensor), RAW
+        if self.codec.name == "none":  # flat bytes: the slab holds 1-D uint8 buffers, dtype/shape live in the index
+            payload, codec = tensor_to_array(tensor).reshape(-1).view(np.uint8), RAW
         else:
             payload, codec = np.frombuffer(self.codec.encode(tensor), dtype=np.uint8), self.codec.spec()
         nbytes = _aligned(payload.nbytes)
