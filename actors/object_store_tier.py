@@ -143,11 +143,23 @@ tensor_to_array = tensor_array  # the codecs' view: bf16/fp8 travel as same-size
 _HUGE_OUT = 1 << 22  # fresh outputs this large come from numpy, which asks for transparent huge pages (fewer faults)
 
 
-def array_to_tensor(array: np.ndarray, dtype: str, shape: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Copy stored raw bytes (any dtype/shape view of them) into a new tensor (or ``out``, which may be strided).
+def raw_bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a flat uint8 numpy view (no copy for a contiguous CPU tensor, the common case, which
+    skips the general path's ~3 us per entry; anything else goes through the codecs' ``tensor_array``)."""
+    if t.is_contiguous() and not t.requires_grad and t.device.type == "cpu":
+        view_as = _VIEW_AS.get(t.dtype)
+        return (t if view_as is None else t.view(view_as)).numpy().reshape(-1).view(np.uint8)
+    return tensor_to_array(t).reshape(-1).view(np.uint8)
 
-    The hot path of every host-tier read: one torch->numpy view of the destination and one ``np.copyto`` (a
-    memcpy) per entry, ~2 us of Python around the copy."""
+
+def copy_plan(array: np.ndarray, dtype: str, shape: Sequence[int],
+              out: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray | None]:
+    """Validate one raw entry against its destination and return ``(tensor, dst, src)``: ``np.copyto(dst, src)``
+    fills ``tensor`` (a new one, or ``out``, which may be strided); ``dst`` is None for an empty tensor.
+
+    Split from the copy so a batch validates and plans every entry first and then runs its copies back to back:
+    interleaving ~20 Python operations with each 1 MiB copy made them run cache-cold, which cost ~15 us per
+    entry (~1 ms per 64 MiB get, ~15% of the copy) instead of ~3 us."""
     tdtype = dtype_from_name(dtype)
     if out is None:
         n = array.nbytes
@@ -157,18 +169,26 @@ def array_to_tensor(array: np.ndarray, dtype: str, shape: Sequence[int], out: to
             out = torch.empty(tuple(shape), dtype=tdtype)
     elif out.dtype != tdtype or out.shape != tuple(shape):
         raise ValueError(f"out is {out.dtype} {tuple(out.shape)}, entry is {tdtype} {tuple(shape)}")
-    if not out.numel():
-        return out
     src = array.reshape(-1).view(np.uint8)
+    if not out.numel():
+        if src.nbytes:
+            raise CodecError(f"stored entry holds {src.nbytes} bytes, {tdtype} {tuple(shape)} needs 0")
+        return out, None, None
     view_as = _VIEW_AS.get(tdtype)
     dst = (out if view_as is None else out.view(view_as)).numpy()
     if src.nbytes != dst.nbytes:
         raise CodecError(f"stored entry holds {src.nbytes} bytes, {tdtype} {tuple(shape)} needs {dst.nbytes}")
     if out.is_contiguous():
-        np.copyto(dst.reshape(-1).view(np.uint8), src)
-    else:  # reshape of a strided view would copy: write through the strided view instead
-        np.copyto(dst, src.view(dst.dtype).reshape(dst.shape))
-    return out
+        return out, dst.reshape(-1).view(np.uint8), src
+    return out, dst, src.view(dst.dtype).reshape(dst.shape)  # reshape of a strided view would copy: write through it
+
+
+def array_to_tensor(array: np.ndarray, dtype: str, shape: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy stored raw bytes (any dtype/shape view of them) into a new tensor (or ``out``)."""
+    t, dst, src = copy_plan(array, dtype, shape, out)
+    if dst is not None:
+        np.copyto(dst, src)
+    return t
 
 
 def slice_of(slab: Any, index: int, nbytes: int) -> np.ndarray:
@@ -243,7 +263,7 @@ class ObjectStoreTier(Tier):
             raise TypeError(f"ObjectStoreTier stores torch tensors, got {type(tensor).__name__}")
         logical = tensor.numel() * tensor.element_size()
         if self.codec.name == "none":  # flat bytes: the slab holds 1-D uint8 buffers, dtype/shape live in the index
-            payload, codec = tensor_to_array(tensor).reshape(-1).view(np.uint8), RAW
+            payload, codec = raw_bytes(tensor), RAW
         else:
             payload, codec = np.frombuffer(self.codec.encode(tensor), dtype=np.uint8), self.codec.spec()
         nbytes = _aligned(payload.nbytes)
@@ -417,38 +437,50 @@ class ObjectStoreTier(Tier):
         return self.get_many([key], outs=[out])[0]
 
     def get_many(self, keys: Sequence[CacheKey], outs: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
-        """One batched read of the slabs involved (zero-copy views), then a copy out per entry."""
+        """One batched read of the slabs involved (zero-copy views), then a copy out per entry into tensors the
+        caller owns (``outs[i]`` when given). Every entry is validated and planned before the first copy, and the
+        copies then run back to back (see :func:`copy_plan`)."""
         with self._lock:
             entries = [self._entries.get(k) for k in keys]
-        handles = {e.slab: e.handle for e in entries if e is not None}
+        handles: dict[int, Any] = {}
+        for e in entries:
+            if e is not None and e.slab not in handles:
+                handles[e.slab] = e.handle
         arrays = dict(zip(handles, self._store.get_many(list(handles.values()))))
-        result: list[torch.Tensor | None] = []
+        result: list[torch.Tensor | None] = [None] * len(keys)
+        copies: list[tuple[np.ndarray, np.ndarray]] = []
+        misses = hits = nbytes = 0
         for i, e in enumerate(entries):
             if e is None:
-                self._counts["misses"] += 1
-                result.append(None)
+                misses += 1
                 continue
-            result.append(self._decode(keys[i], e, slice_of(arrays[e.slab], e.index, e.nbytes), outs[i] if outs else None))
+            out = outs[i] if outs else None
+            try:
+                array = slice_of(arrays[e.slab], e.index, e.nbytes)
+                if e.codec == RAW:
+                    t, dst, src = copy_plan(array, e.dtype, e.shape, out)
+                    if dst is not None:
+                        copies.append((dst, src))
+                else:
+                    t = decode(array)
+                    if out is not None:
+                        out.copy_(t)
+                        t = out
+            except CodecError:
+                # A corrupt payload is a miss, never wrong data: drop it and count it.
+                logger.warning("host tier: corrupt entry %s dropped", keys[i].hex(), exc_info=True)
+                self._counts["corrupt"] += 1
+                self.remove(keys[i])
+                continue
+            result[i] = t
+            hits += 1
+            nbytes += e.nbytes
+        for dst, src in copies:
+            np.copyto(dst, src)
+        self._counts["misses"] += misses
+        self._counts["hits"] += hits
+        self._counts["bytes_out"] += nbytes
         return result
-
-    def _decode(self, key: CacheKey, e: StoredEntry, array: np.ndarray, out: torch.Tensor | None) -> torch.Tensor | None:
-        try:
-            if e.codec == RAW:
-                t = array_to_tensor(array, e.dtype, e.shape, out)
-            else:
-                t = decode(array)
-                if out is not None:
-                    out.copy_(t)
-                    t = out
-        except CodecError:
-            # A corrupt payload is a miss, never wrong data: drop it and count it.
-            logger.warning("host tier: corrupt entry %s dropped", key.hex(), exc_info=True)
-            self._counts["corrupt"] += 1
-            self.remove(key)
-            return None
-        self._counts["hits"] += 1
-        self._counts["bytes_out"] += e.nbytes
-        return t
 
     def contains(self, key: CacheKey) -> bool:
         return key in self._entries
