@@ -9,8 +9,9 @@ Slabs: one ``ray.put`` costs ~1-1.5 ms of fixed overhead here (serialization, cr
 the raylet), and one ``ray.get`` ~0.3-0.5 ms, so putting 1 MiB chunks one by one runs at ~1 GB/s while one
 64 MiB object runs near memcpy. A batch (``complete_store_many``) is therefore stored as one object (a slab, at
 most ``slab_bytes``, default 64 MiB: with 32 MiB slabs a 64 MiB batch paid the fixed cost twice, ~30% of the
-copy, measured by ``benchmarks.cluster`` part (a)): a list of the entries' arrays, which Ray serializes
-out-of-band, so each array is copied once, straight into the store, and comes back as a zero-copy view. A slab's memory returns to the store only when its last entry goes, so ``used_bytes`` counts whole live
+copy, measured by ``benchmarks.cluster`` part (a); the price is a coarser unit of memory return and up to
+64 MiB pulled by a cross-node reader): a list of the entries' raw bytes, which Ray serializes out-of-band, so
+each entry is copied once, straight into the store, and comes back as a read-only zero-copy buffer. A slab's memory returns to the store only when its last entry goes, so ``used_bytes`` counts whole live
 slabs (what the store really holds); entries of a batch age together, so LRU order tends to empty whole slabs.
 Readers get the slab zero-copy and copy their slice out; a cross-node reader pulls the whole slab (the chunks
 of one prefix are stored together, so that is usually what it wants).
@@ -121,6 +122,7 @@ class Slab:
     charged: int = 0  # bytes counted in used_bytes (committed entries' bytes; kept until the slab dies)
     live_bytes: int = 0  # bytes of the committed entries still in it
     members: set = field(default_factory=set)  # their keys
+    views: Any = None  # the slab as read from the store (read-only zero-copy buffers), held while the slab lives
 
 
 @dataclass(slots=True)
@@ -157,9 +159,9 @@ def copy_plan(array: np.ndarray, dtype: str, shape: Sequence[int],
     """Validate one raw entry against its destination and return ``(tensor, dst, src)``: ``np.copyto(dst, src)``
     fills ``tensor`` (a new one, or ``out``, which may be strided); ``dst`` is None for an empty tensor.
 
-    Split from the copy so a batch validates and plans every entry first and then runs its copies back to back:
-    interleaving ~20 Python operations with each 1 MiB copy made them run cache-cold, which cost ~15 us per
-    entry (~1 ms per 64 MiB get, ~15% of the copy) instead of ~3 us."""
+    Split from the copy so a batch validates and plans every entry first (~3-4 us of Python each) and then runs
+    its copies back to back, instead of interleaving that Python work, cache-cold after every 1 MiB copy, with
+    the copies; and so a bad entry is found before any byte of the batch is written."""
     tdtype = dtype_from_name(dtype)
     if out is None:
         n = array.nbytes
@@ -207,13 +209,19 @@ class ObjectStoreTier(Tier):
     name = "host"
 
     def __init__(self, capacity_bytes: int, codec: str = "none", store: ObjectStore | None = None,
-                 slab_bytes: int = DEFAULT_SLAB_BYTES) -> None:
+                 slab_bytes: int = DEFAULT_SLAB_BYTES, map_slabs: bool = True) -> None:
+        """``map_slabs``: read each slab back once when it is stored and hold its zero-copy buffers while it
+        lives, so this process's reads make no store round trip (a ``ray.get`` is an IPC to the raylet, 0.3-1 ms
+        on a loaded node, ~10% of a 64 MiB read). The cost moves to the store path, which is off the critical
+        path of a hit. Mapped slabs are "in use" for Ray, so Ray will not spill them: keep the tier's budget
+        below the node's object store (``AgentConfig.host_bytes`` says so)."""
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise ConfigError(f"ObjectStoreTier capacity_bytes must be a positive int, got {capacity_bytes!r}")
         if slab_bytes <= 0:
             raise ConfigError(f"ObjectStoreTier slab_bytes must be > 0, got {slab_bytes}")
         self.capacity_bytes = capacity_bytes
         self.slab_bytes = slab_bytes
+        self.map_slabs = map_slabs
         self.codec = make_codec(codec)
         self._store: ObjectStore = store if store is not None else RayObjectStore()
         self._entries: dict[CacheKey, StoredEntry] = {}
@@ -345,9 +353,10 @@ class ObjectStoreTier(Tier):
     def _put_slab(self, group: Sequence[PreparedStore], staged: bool) -> None:
         total = sum(p.nbytes for p in group)
         handle = self._store.put([p.payload for p in group])  # one object, each array copied once
+        views = self._store.get_many([handle])[0] if self.map_slabs else None
         with self._lock:
             sid = next(self._ids)
-            slab = self._slabs[sid] = Slab(handle, total, 0)
+            slab = self._slabs[sid] = Slab(handle, total, 0, views=views)
             for i, p in enumerate(group):
                 m = p.meta
                 e = StoredEntry(sid, handle, i, int(p.payload.nbytes), m["logical"], m["codec"], m["dtype"], m["shape"])
@@ -440,13 +449,19 @@ class ObjectStoreTier(Tier):
         """One batched read of the slabs involved (zero-copy views), then a copy out per entry into tensors the
         caller owns (``outs[i]`` when given). Every entry is validated and planned before the first copy, and the
         copies then run back to back (see :func:`copy_plan`)."""
+        arrays: dict[int, Any] = {}  # slab id -> the slab's buffers
+        handles: dict[int, Any] = {}  # slabs not mapped yet: read from the store, in one call
         with self._lock:
             entries = [self._entries.get(k) for k in keys]
-        handles: dict[int, Any] = {}
-        for e in entries:
-            if e is not None and e.slab not in handles:
-                handles[e.slab] = e.handle
-        arrays = dict(zip(handles, self._store.get_many(list(handles.values()))))
+            for e in entries:
+                if e is not None and e.slab not in arrays and e.slab not in handles:
+                    slab = self._slabs.get(e.slab)
+                    if slab is not None and slab.views is not None:
+                        arrays[e.slab] = slab.views  # held here, so valid even if the slab dies meanwhile
+                    else:
+                        handles[e.slab] = e.handle
+        if handles:
+            arrays.update(zip(handles, self._store.get_many(list(handles.values()))))
         result: list[torch.Tensor | None] = [None] * len(keys)
         copies: list[tuple[np.ndarray, np.ndarray]] = []
         misses = hits = nbytes = 0

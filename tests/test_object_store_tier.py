@@ -133,3 +133,28 @@ def test_a_batch_larger_than_a_slab_is_split_and_still_reads_back():
     assert tier.stats()["slabs"] == 5
     got = tier.get_many([key(i) for i in range(10)])
     assert all(torch.equal(g, t) for g, t in zip(got, ts))
+
+
+class CountingStore(LocalObjectStore):
+    def __init__(self):
+        self.reads = 0
+
+    def get_many(self, handles):
+        self.reads += 1
+        return super().get_many(handles)
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_mapped_slabs_are_read_without_a_store_round_trip(mapped):
+    store = CountingStore()
+    tier = ObjectStoreTier(1 << 20, store=store, map_slabs=mapped)
+    ts = [torch.full((16,), float(i)) for i in range(4)]
+    tier.put_many([(key(i), t) for i, t in enumerate(ts)])
+    reads_after_put = store.reads
+    assert reads_after_put == (1 if mapped else 0)
+    got = tier.get_many([key(3), key(0), key(7)])
+    assert torch.equal(got[0], ts[3]) and torch.equal(got[1], ts[0]) and got[2] is None
+    assert store.reads == reads_after_put + (0 if mapped else 1)
+    # the mapping dies with the slab: once its entries are gone, nothing holds it
+    tier.remove_many([key(i) for i in range(4)])
+    assert tier.stats()["slabs"] == 0 and not tier._slabs
