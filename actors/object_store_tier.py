@@ -5,10 +5,13 @@ entry: entries outlive the worker that produced them (Ray >= 2.56 has no ``ray.p
 die with the agent (objects made by ``ray.put`` are never reconstructed), which the directory treats as
 misses.
 
-Slabs: one ``ray.put`` costs ~1 ms of fixed overhead here, so putting 1 MiB chunks one by one runs at
-~1 GB/s while one 64 MiB object runs at ~10 GB/s (near memcpy). A batch (``complete_store_many``) is therefore
-stored as one object (a slab, at most ``slab_bytes``): a list of the entries' arrays, which Ray serializes
-out-of-band, so each array is copied once, straight into the store, and comes back as a zero-copy view. A slab's memory returns to the store only when its last entry goes, so ``used_bytes`` counts whole live
+Slabs: one ``ray.put`` costs ~1-1.5 ms of fixed overhead here (serialization, create and seal round trips to
+the raylet), and one ``ray.get`` ~0.3-0.5 ms, so putting 1 MiB chunks one by one runs at ~1 GB/s while one
+64 MiB object runs near memcpy. A batch (``complete_store_many``) is therefore stored as one object (a slab, at
+most ``slab_bytes``, default 64 MiB: with 32 MiB slabs a 64 MiB batch paid the fixed cost twice, ~30% of the
+copy, measured by ``benchmarks.cluster`` part (a); the price is a coarser unit of memory return and up to
+64 MiB pulled by a cross-node reader): a list of the entries' raw bytes, which Ray serializes out-of-band, so
+each entry is copied once, straight into the store, and comes back as a read-only zero-copy buffer. A slab's memory returns to the store only when its last entry goes, so ``used_bytes`` counts whole live
 slabs (what the store really holds); entries of a batch age together, so LRU order tends to empty whole slabs.
 Readers get the slab zero-copy and copy their slice out; a cross-node reader pulls the whole slab (the chunks
 of one prefix are stored together, so that is usually what it wants).
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import pickle  # only for PickleBuffer (out-of-band raw buffers); nothing here pickles or unpickles cache data
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol, Sequence
@@ -45,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 RAW = "raw"
 ALIGN = 64
-DEFAULT_SLAB_BYTES = 32 << 20
+DEFAULT_SLAB_BYTES = 64 << 20
 
 
 def _aligned(n: int) -> int:
@@ -72,11 +76,20 @@ class ObjectStore(Protocol):
 
 
 class RayObjectStore:
-    """The node's Ray object store. Handles are ``ObjectRef``s owned by the calling process."""
+    """The node's Ray object store. Handles are ``ObjectRef``s owned by the calling process.
+
+    A slab travels as a list of ``pickle.PickleBuffer``s over the entries' contiguous arrays: Ray copies each
+    buffer once, straight into the store, and ``ray.get`` hands back read-only zero-copy buffers
+    (``ray._raylet.SubBuffer``) that keep the store object mapped while referenced. Bare buffers instead of
+    numpy arrays: no array reconstruction (dtype unpickling, ``_frombuffer``) per entry on every read, which cost
+    ~0.2 ms of a ~0.5 ms ``ray.get`` of a 64-entry slab here; the tier keeps dtype and shape in its own index.
+    """
 
     def put(self, value: np.ndarray | list[np.ndarray]) -> Any:
         import ray  # only this backend needs Ray
 
+        if isinstance(value, list):
+            return ray.put([pickle.PickleBuffer(np.ascontiguousarray(a)) for a in value])
         return ray.put(value)
 
     def get_many(self, handles: Sequence[Any]) -> list[Any]:
@@ -109,6 +122,7 @@ class Slab:
     charged: int = 0  # bytes counted in used_bytes (committed entries' bytes; kept until the slab dies)
     live_bytes: int = 0  # bytes of the committed entries still in it
     members: set = field(default_factory=set)  # their keys
+    views: Any = None  # the slab as read from the store (read-only zero-copy buffers), held while the slab lives
 
 
 @dataclass(slots=True)
@@ -128,26 +142,62 @@ class StoredEntry:
 tensor_to_array = tensor_array  # the codecs' view: bf16/fp8 travel as same-size integers
 
 
-def array_to_tensor(array: np.ndarray, dtype: str, shape: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Copy stored raw bytes (any dtype/shape view of them) into a new tensor (or ``out``)."""
+_HUGE_OUT = 1 << 22  # fresh outputs this large come from numpy, which asks for transparent huge pages (fewer faults)
+
+
+def raw_bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a flat uint8 numpy view (no copy for a contiguous CPU tensor, the common case, which
+    skips the general path's ~3 us per entry; anything else goes through the codecs' ``tensor_array``)."""
+    if t.is_contiguous() and not t.requires_grad and t.device.type == "cpu":
+        view_as = _VIEW_AS.get(t.dtype)
+        return (t if view_as is None else t.view(view_as)).numpy().reshape(-1).view(np.uint8)
+    return tensor_to_array(t).reshape(-1).view(np.uint8)
+
+
+def copy_plan(array: np.ndarray, dtype: str, shape: Sequence[int],
+              out: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray | None]:
+    """Validate one raw entry against its destination and return ``(tensor, dst, src)``: ``np.copyto(dst, src)``
+    fills ``tensor`` (a new one, or ``out``, which may be strided); ``dst`` is None for an empty tensor.
+
+    Split from the copy so a batch validates and plans every entry first (~3-4 us of Python each) and then runs
+    its copies back to back, instead of interleaving that Python work, cache-cold after every 1 MiB copy, with
+    the copies; and so a bad entry is found before any byte of the batch is written."""
     tdtype = dtype_from_name(dtype)
     if out is None:
-        out = torch.empty(tuple(shape), dtype=tdtype)
-    elif out.dtype != tdtype or tuple(out.shape) != tuple(shape):
+        n = array.nbytes
+        if n >= _HUGE_OUT:
+            out = torch.from_numpy(np.empty(n, dtype=np.uint8)).view(tdtype).view(tuple(shape))
+        else:
+            out = torch.empty(tuple(shape), dtype=tdtype)
+    elif out.dtype != tdtype or out.shape != tuple(shape):
         raise ValueError(f"out is {out.dtype} {tuple(out.shape)}, entry is {tdtype} {tuple(shape)}")
-    if out.numel():
-        dst = out.view(_VIEW_AS.get(tdtype, tdtype)).numpy().reshape(-1).view(np.uint8)
-        src = array.reshape(-1).view(np.uint8)
-        if src.nbytes != dst.nbytes:
-            raise CodecError(f"stored entry holds {src.nbytes} bytes, {tdtype} {tuple(shape)} needs {dst.nbytes}")
-        np.copyto(dst, src, casting="no")
-    return out
+    src = array.reshape(-1).view(np.uint8)
+    if not out.numel():
+        if src.nbytes:
+            raise CodecError(f"stored entry holds {src.nbytes} bytes, {tdtype} {tuple(shape)} needs 0")
+        return out, None, None
+    view_as = _VIEW_AS.get(tdtype)
+    dst = (out if view_as is None else out.view(view_as)).numpy()
+    if src.nbytes != dst.nbytes:
+        raise CodecError(f"stored entry holds {src.nbytes} bytes, {tdtype} {tuple(shape)} needs {dst.nbytes}")
+    if out.is_contiguous():
+        return out, dst.reshape(-1).view(np.uint8), src
+    return out, dst, src.view(dst.dtype).reshape(dst.shape)  # reshape of a strided view would copy: write through it
+
+
+def array_to_tensor(array: np.ndarray, dtype: str, shape: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy stored raw bytes (any dtype/shape view of them) into a new tensor (or ``out``)."""
+    t, dst, src = copy_plan(array, dtype, shape, out)
+    if dst is not None:
+        np.copyto(dst, src)
+    return t
 
 
 def slice_of(slab: Any, index: int, nbytes: int) -> np.ndarray:
-    """Entry ``index`` of a slab as read from the store (a list of arrays; a bare array for one entry)."""
+    """Entry ``index`` of a slab as read from the store (a list of arrays or raw buffers; a bare array for one
+    entry), as a flat read-only uint8 view that keeps the store's buffer alive."""
     arr = slab[index] if isinstance(slab, list) else slab
-    flat = arr.reshape(-1).view(np.uint8)
+    flat = arr.reshape(-1).view(np.uint8) if isinstance(arr, np.ndarray) else np.frombuffer(arr, dtype=np.uint8)
     if flat.nbytes != nbytes:
         raise CodecError(f"slab entry {index} holds {flat.nbytes} bytes, its index says {nbytes}")
     return flat
@@ -159,13 +209,19 @@ class ObjectStoreTier(Tier):
     name = "host"
 
     def __init__(self, capacity_bytes: int, codec: str = "none", store: ObjectStore | None = None,
-                 slab_bytes: int = DEFAULT_SLAB_BYTES) -> None:
+                 slab_bytes: int = DEFAULT_SLAB_BYTES, map_slabs: bool = True) -> None:
+        """``map_slabs``: read each slab back once when it is stored and hold its zero-copy buffers while it
+        lives, so this process's reads make no store round trip (a ``ray.get`` is an IPC to the raylet, 0.3-1 ms
+        on a loaded node, ~10% of a 64 MiB read). The cost moves to the store path, which is off the critical
+        path of a hit. Mapped slabs are "in use" for Ray, so Ray will not spill them: keep the tier's budget
+        below the node's object store (``AgentConfig.host_bytes`` says so)."""
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise ConfigError(f"ObjectStoreTier capacity_bytes must be a positive int, got {capacity_bytes!r}")
         if slab_bytes <= 0:
             raise ConfigError(f"ObjectStoreTier slab_bytes must be > 0, got {slab_bytes}")
         self.capacity_bytes = capacity_bytes
         self.slab_bytes = slab_bytes
+        self.map_slabs = map_slabs
         self.codec = make_codec(codec)
         self._store: ObjectStore = store if store is not None else RayObjectStore()
         self._entries: dict[CacheKey, StoredEntry] = {}
@@ -214,8 +270,8 @@ class ObjectStoreTier(Tier):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"ObjectStoreTier stores torch tensors, got {type(tensor).__name__}")
         logical = tensor.numel() * tensor.element_size()
-        if self.codec.name == "none":
-            payload, codec = tensor_to_array(tensor), RAW
+        if self.codec.name == "none":  # flat bytes: the slab holds 1-D uint8 buffers, dtype/shape live in the index
+            payload, codec = raw_bytes(tensor), RAW
         else:
             payload, codec = np.frombuffer(self.codec.encode(tensor), dtype=np.uint8), self.codec.spec()
         nbytes = _aligned(payload.nbytes)
@@ -297,9 +353,10 @@ class ObjectStoreTier(Tier):
     def _put_slab(self, group: Sequence[PreparedStore], staged: bool) -> None:
         total = sum(p.nbytes for p in group)
         handle = self._store.put([p.payload for p in group])  # one object, each array copied once
+        views = self._store.get_many([handle])[0] if self.map_slabs else None
         with self._lock:
             sid = next(self._ids)
-            slab = self._slabs[sid] = Slab(handle, total, 0)
+            slab = self._slabs[sid] = Slab(handle, total, 0, views=views)
             for i, p in enumerate(group):
                 m = p.meta
                 e = StoredEntry(sid, handle, i, int(p.payload.nbytes), m["logical"], m["codec"], m["dtype"], m["shape"])
@@ -389,38 +446,56 @@ class ObjectStoreTier(Tier):
         return self.get_many([key], outs=[out])[0]
 
     def get_many(self, keys: Sequence[CacheKey], outs: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
-        """One batched read of the slabs involved (zero-copy views), then a copy out per entry."""
+        """One batched read of the slabs involved (zero-copy views), then a copy out per entry into tensors the
+        caller owns (``outs[i]`` when given). Every entry is validated and planned before the first copy, and the
+        copies then run back to back (see :func:`copy_plan`)."""
+        arrays: dict[int, Any] = {}  # slab id -> the slab's buffers
+        handles: dict[int, Any] = {}  # slabs not mapped yet: read from the store, in one call
         with self._lock:
             entries = [self._entries.get(k) for k in keys]
-        handles = {e.slab: e.handle for e in entries if e is not None}
-        arrays = dict(zip(handles, self._store.get_many(list(handles.values()))))
-        result: list[torch.Tensor | None] = []
+            for e in entries:
+                if e is not None and e.slab not in arrays and e.slab not in handles:
+                    slab = self._slabs.get(e.slab)
+                    if slab is not None and slab.views is not None:
+                        arrays[e.slab] = slab.views  # held here, so valid even if the slab dies meanwhile
+                    else:
+                        handles[e.slab] = e.handle
+        if handles:
+            arrays.update(zip(handles, self._store.get_many(list(handles.values()))))
+        result: list[torch.Tensor | None] = [None] * len(keys)
+        copies: list[tuple[np.ndarray, np.ndarray]] = []
+        misses = hits = nbytes = 0
         for i, e in enumerate(entries):
             if e is None:
-                self._counts["misses"] += 1
-                result.append(None)
+                misses += 1
                 continue
-            result.append(self._decode(keys[i], e, slice_of(arrays[e.slab], e.index, e.nbytes), outs[i] if outs else None))
+            out = outs[i] if outs else None
+            try:
+                array = slice_of(arrays[e.slab], e.index, e.nbytes)
+                if e.codec == RAW:
+                    t, dst, src = copy_plan(array, e.dtype, e.shape, out)
+                    if dst is not None:
+                        copies.append((dst, src))
+                else:
+                    t = decode(array)
+                    if out is not None:
+                        out.copy_(t)
+                        t = out
+            except CodecError:
+                # A corrupt payload is a miss, never wrong data: drop it and count it.
+                logger.warning("host tier: corrupt entry %s dropped", keys[i].hex(), exc_info=True)
+                self._counts["corrupt"] += 1
+                self.remove(keys[i])
+                continue
+            result[i] = t
+            hits += 1
+            nbytes += e.nbytes
+        for dst, src in copies:
+            np.copyto(dst, src)
+        self._counts["misses"] += misses
+        self._counts["hits"] += hits
+        self._counts["bytes_out"] += nbytes
         return result
-
-    def _decode(self, key: CacheKey, e: StoredEntry, array: np.ndarray, out: torch.Tensor | None) -> torch.Tensor | None:
-        try:
-            if e.codec == RAW:
-                t = array_to_tensor(array, e.dtype, e.shape, out)
-            else:
-                t = decode(array)
-                if out is not None:
-                    out.copy_(t)
-                    t = out
-        except CodecError:
-            # A corrupt payload is a miss, never wrong data: drop it and count it.
-            logger.warning("host tier: corrupt entry %s dropped", key.hex(), exc_info=True)
-            self._counts["corrupt"] += 1
-            self.remove(key)
-            return None
-        self._counts["hits"] += 1
-        self._counts["bytes_out"] += e.nbytes
-        return t
 
     def contains(self, key: CacheKey) -> bool:
         return key in self._entries
