@@ -255,17 +255,41 @@ def synthetic_traces() -> dict[str, tuple[Trace, list[int]]]:
     return out
 
 
+MOONCAKE_CAPACITIES = [1000, 3000, 10000, 30000]  # the trace README's reference points (of 43,924 unique blocks)
+
+
+def trace_capacities(trace: Trace, args: argparse.Namespace) -> list[int]:
+    """The capacities to replay ``trace`` at: ``--capacities``, the reference points for the shipped trace,
+    or the same fractions of another trace's unique blocks (so a larger trace is not measured at tiny caches)."""
+    if args.capacities:
+        try:
+            caps = [int(c) for c in args.capacities.split(",") if c.strip()]
+        except ValueError:
+            raise SystemExit(f"--capacities must be comma-separated block counts, got {args.capacities!r}") from None
+        if not caps or min(caps) < 1:
+            raise SystemExit(f"--capacities must be block counts >= 1, got {args.capacities!r}")
+        return caps
+    if args.trace == MOONCAKE_TRACE:
+        return MOONCAKE_CAPACITIES
+    unique = len({b for req in trace for b in req})
+    return sorted({max(1, unique * c // 43_924) for c in MOONCAKE_CAPACITIES})
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Replay block traces through each eviction policy, LRU and Belady.")
     ap.add_argument("--json", action="store_true", help="print one JSON list as the last line")
     ap.add_argument("--trace", type=Path, default=MOONCAKE_TRACE, help="Mooncake-format jsonl trace")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy names")
+    ap.add_argument("--capacities", default="",
+                    help="comma-separated capacities in blocks for --trace (default: 1k,3k,10k,30k for the shipped "
+                         "Mooncake trace, else the same fractions of the trace's unique blocks: 1/44, 3/44, 10/44, 30/44)")
     ap.add_argument("--no-synthetic", action="store_true", help="replay only the Mooncake trace")
     args = ap.parse_args(argv)
     names = [p for p in args.policies.split(",") if p]
     for p in names:
         make_policy(p)  # fail fast on a bad name
-    traces = {"mooncake": (load_mooncake(args.trace), [1000, 3000, 10000, 30000])}
+    trace = load_mooncake(args.trace)
+    traces = {"mooncake" if args.trace == MOONCAKE_TRACE else args.trace.stem: (trace, trace_capacities(trace, args))}
     if not args.no_synthetic:
         traces.update(synthetic_traces())
 

@@ -27,21 +27,26 @@ MOONCAKE_TRACE = TRACE_DIR / "mooncake_synthetic_trace.jsonl"
 
 
 def load_mooncake(path: str | Path = MOONCAKE_TRACE) -> Trace:
-    """Requests' ``hash_ids`` in file order (the file is sorted by timestamp)."""
+    """Requests' ``hash_ids`` in arrival order: by ``timestamp`` when every record has one (stable, so equal
+    times keep file order, as the Mooncake traces' multi-turn conversations need), else in file order."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"trace file {str(path)!r} not found (expected the Mooncake jsonl trace)")
-    trace: Trace = []
+    records: list[tuple[float | None, list[int]]] = []
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                ids = json.loads(line)["hash_ids"]
-            except (ValueError, KeyError) as e:
-                raise ValueError(f"{path}:{lineno}: not a trace record with 'hash_ids': {e}") from e
-            trace.append([int(b) for b in ids])
-    return trace
+                rec = json.loads(line)
+                ids = [int(b) for b in rec["hash_ids"]]
+                ts = rec.get("timestamp")
+                records.append((None if ts is None else float(ts), ids))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}:{lineno}: not a trace record with a 'hash_ids' list of ints: {e}") from e
+    if records and all(ts is not None for ts, _ in records):
+        records.sort(key=lambda r: r[0])  # stable
+    return [ids for _, ids in records]
 
 
 def check_prefix_property(trace: Trace) -> None:

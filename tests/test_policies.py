@@ -368,6 +368,26 @@ def test_load_mooncake_names_a_missing_file(tmp_path):
         load_mooncake(tmp_path / "nope.jsonl")
 
 
+def test_load_mooncake_orders_by_timestamp_and_names_a_bad_record(tmp_path):
+    import argparse
+    import json
+
+    from benchmarks.policy import trace_capacities
+
+    f = tmp_path / "t.jsonl"
+    recs = [{"timestamp": 5, "hash_ids": [3]}, {"timestamp": 1, "hash_ids": [1, 2]}, {"timestamp": 5, "hash_ids": [4]}]
+    f.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert load_mooncake(f) == [[1, 2], [3], [4]]  # by time; equal times keep file order
+    # another trace's capacities scale with its unique blocks (the shipped one keeps its reference points)
+    args = argparse.Namespace(capacities="", trace=f)
+    assert trace_capacities([[i] for i in range(43_924 * 10)], args) == [10_000, 30_000, 100_000, 300_000]
+    assert trace_capacities([], argparse.Namespace(capacities="", trace=MOONCAKE_TRACE)) == [1000, 3000, 10000, 30000]
+    assert trace_capacities([], argparse.Namespace(capacities="5,50", trace=f)) == [5, 50]
+    f.write_text('{"timestamp": 1, "hash_ids": ["x"]}\n')
+    with pytest.raises(ValueError, match="t.jsonl:1: not a trace record"):
+        load_mooncake(f)
+
+
 def test_replay_counts_prefix_hits_only():
     # 3 slots. Request 1 caches 1 -> 2 -> 3; request 2 (block 4) needs a slot.
     trace = [[1, 2, 3], [4], [1, 2, 3]]
