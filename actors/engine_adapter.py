@@ -8,8 +8,8 @@ defaults as the users' settings) plus any ``EngineConfig`` field (``chunk_tokens
 The adapter owns the engine's store, a TieredCache with the device tier only (host and disk belong to the
 node agent), and so owns the worker's device tier (``owns_device_tier``). Before a request, the chunks the
 worker fetched from the agents (local or another node's) are put into that store under the request's keys,
-so the engine's prefix loader finds them (chunks the store already holds, ``held_prefix``, are not fetched); after it, the new prompt chunks are handed back for the worker to
-ship to its agent in one batched call. Keys come from ``qwen3vl_ray.engine.request_keys.RequestKeyer``, the
+so the engine's prefix loader finds them (chunks the store already holds, ``held_prefix``, are not fetched);
+after it, the new prompt chunks are handed back for the worker to ship to its agent in one batched call. Keys come from ``qwen3vl_ray.engine.request_keys.RequestKeyer``, the
 same keys a router computes client-side without weights (``route_keys``), checked against the engine's own
 namespace at start-up.
 
@@ -70,21 +70,19 @@ class Qwen3VLEngineAdapter:
         from qwen3vl_ray.engine.request_keys import RequestKeyer
 
         if engine is None:
+            from transformers import AutoConfig
+
             from qwen3vl_ray.cache import CacheConfig, TieredCache
+            from qwen3vl_ray.engine.checkpoint import model_fingerprint
             from qwen3vl_ray.engine.engine import Qwen3VLEngine
+            from qwen3vl_ray.engine.prefix_kv import KVGeometry, chunk_fitted_tiers
             from qwen3vl_ray.keys import Namespace
 
             path = _checkpoint(model, checkpoint_path, checkpoint_dir)
             config = _engine_config(device_tier_bytes, **engine_config)
-            from qwen3vl_ray.engine.checkpoint import model_fingerprint
-
-            from transformers import AutoConfig
-
-            from qwen3vl_ray.engine.prefix_kv import KVGeometry, chunk_fitted_tiers
-
             ns = Namespace(model=model_fingerprint(path, full=config.fingerprint == "full"), dtype=config.dtype,
-                           layout="qwen3vl-ray-worker",
-                           tenant=config.tenant)
+                           layout="qwen3vl-ray-worker", tenant=config.tenant)
+            # the store exists before the engine (it is handed in), so size its blocks from the config here
             text_config = AutoConfig.from_pretrained(path, local_files_only=True).text_config
             chunk_bytes = KVGeometry.from_text_config(text_config, config.torch_dtype).bytes_per_token * config.chunk_tokens
             self.store = TieredCache(CacheConfig(tiers=chunk_fitted_tiers(config.tiers, chunk_bytes),
