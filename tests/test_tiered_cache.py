@@ -308,3 +308,21 @@ def test_codec_refusing_a_victim_does_not_fail_an_unrelated_put(tmp_path):
         assert c.put(key(2), tensor(2))
         assert c.where(key(0)) is None and c.where(key(2)) == "device"
         assert c.stats()["dropped"] == 1
+
+
+def test_get_into_a_callers_buffer_from_any_tier(tmp_path):
+    with make_cache(tmp_path, host_entries=2, disk_entries=10) as c:
+        for i in range(4):
+            c.put(key(i), tensor(i))
+        assert c.where(key(0)) == "disk"
+        buf = torch.empty(ENTRY)
+        got, tier = c.lookup(key(0), out=buf)
+        assert got is buf and tier == "disk" and torch.equal(buf, tensor(0))
+        assert c.where(key(0)) == "host"  # promoted from the caller's buffer; the buffer is free to reuse
+        buf.zero_()
+        assert torch.equal(c.get(key(0)), tensor(0))
+        assert c.get(key(3), out=buf) is buf and torch.equal(buf, tensor(3))
+        where = {i: c.where(key(i)) for i in range(4)}
+        with pytest.raises(ValueError, match="out is"):
+            c.get(key(1), out=torch.empty(ENTRY, dtype=torch.float16))
+        assert {i: c.where(key(i)) for i in range(4)} == where and torch.equal(c.get(key(1)), tensor(1))

@@ -206,13 +206,19 @@ class TieredCache:
         return [self.put(*item) for item in items]
 
     # ------------------------------------------------------------------ load
-    def get(self, key: CacheKey, promote: bool | None = None, device: torch.device | str | None = None) -> torch.Tensor | None:
-        return self.lookup(key, promote=promote, device=device)[0]
+    def get(self, key: CacheKey, promote: bool | None = None, device: torch.device | str | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor | None:
+        return self.lookup(key, promote=promote, device=device, out=out)[0]
 
     def lookup(
-        self, key: CacheKey, promote: bool | None = None, device: torch.device | str | None = None
+        self, key: CacheKey, promote: bool | None = None, device: torch.device | str | None = None,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, str | None]:
-        """``(tensor, tier name it was found in)`` or ``(None, None)``. Promotes a lower hit to the top."""
+        """``(tensor, tier name it was found in)`` or ``(None, None)``. Promotes a lower hit to the top.
+
+        ``out``: a tensor of the entry's dtype and shape to read into (returned on a hit) instead of a new one:
+        a caller reading many entries reuses one buffer and skips a fresh allocation's page faults per read.
+        A mismatched ``out`` raises ``ValueError`` from the tier, nothing moved."""
         key = validate_key(key)
         promote = self.config.promote_on_hit if promote is None else promote
         with self._lock:
@@ -224,7 +230,7 @@ class TieredCache:
             e.in_flight += 1
             src = e.tier
         try:
-            tensor = self.tiers[src].get(key)  # bytes move outside the lock (two-phase load)
+            tensor = self.tiers[src].get(key, out=out)  # bytes move outside the lock (two-phase load)
         except BaseException:
             with self._lock:
                 e.in_flight -= 1

@@ -96,22 +96,6 @@ def chunk_tensor(cache: DynamicCache, start: int, end: int) -> torch.Tensor:
     ).contiguous()
 
 
-def fill_workspace(chunks: Sequence[torch.Tensor], n_tokens: int, workspace: torch.Tensor) -> None:
-    """Copy the first ``n_tokens`` tokens of the concatenated chunks into ``workspace``
-    (``[2, layers, 1, kv_heads, >= n_tokens, head_dim]``): one copy per chunk, into memory already touched."""
-    pos = 0
-    for chunk in chunks:
-        take = min(chunk.shape[3], n_tokens - pos)
-        if take <= 0:
-            break
-        src = chunk.to(workspace.device, non_blocking=True)
-        # k and v separately: a transposed source defeats the copy kernel's coalescing (~20x slower on CPU)
-        workspace[0, :, 0, :, pos:pos + take].copy_(src[:, 0, :, :take])
-        workspace[1, :, 0, :, pos:pos + take].copy_(src[:, 1, :, :take])
-        pos += take
-    assert pos == n_tokens, (pos, n_tokens)
-
-
 class PrefixKV:
     """Finds, loads and stores a prompt's KV chunks in a TieredCache."""
 
@@ -125,6 +109,7 @@ class PrefixKV:
         self.registry = registry
         self.geometry = geometry
         self._workspace: torch.Tensor | None = None
+        self._staging_buf: torch.Tensor | None = None
 
     def workspace(self, geometry: "KVGeometry", n_tokens: int) -> torch.Tensor:
         """The reusable KV buffer ``[2, layers, 1, kv_heads, capacity, head_dim]`` for ``n_tokens`` tokens.
@@ -173,65 +158,80 @@ class PrefixKV:
         keys = [k for k in keys if k is not None]
         return self.store.pinned(keys) if hasattr(self.store, "pinned") else nullcontext()
 
-    def fetch(self, keys: Sequence[CacheKey]) -> tuple[list[torch.Tensor], list[str]]:
-        """The leading run of ``keys`` present in the store: their tensors and the tier each was found in.
-        Callers hold :meth:`pinned` on the keys."""
-        n = self.store.longest_prefix(list(keys)) if keys else 0
-        chunks: list[torch.Tensor] = []
-        tiers: list[str] = []
-        for key in keys[:n]:
-            tensor, tier = self.store.lookup(key)  # promotes a lower hit; reports where it was found
-            if tensor is None:
-                # Evicted between longest_prefix and now: keep the leading run that arrived.
-                logger.info("prefix shrank from %d to %d chunks while loading (concurrent eviction)", n, len(chunks))
-                break
-            self.registry.touch(key)
-            chunks.append(tensor)
-            tiers.append(tier)
-        return chunks, tiers
+    def read(self, full_keys: Sequence[CacheKey], tail: CacheKey | None, max_tokens: int,
+             capacity_tokens: int = 0) -> LoadedPrefix | None:
+        """A cache holding the first ``min(cached tokens, max_tokens)`` tokens of the leading run of
+        ``full_keys`` present in the store (then ``tail``, the partial chunk after them, if every full chunk
+        was there and more tokens are wanted), with room for ``capacity_tokens`` in all.
 
-    def fetch_one(self, key: CacheKey) -> tuple[torch.Tensor | None, str | None]:
-        tensor, tier = self.store.lookup(key)
+        Each chunk is read into one reusable staging buffer and copied straight into the workspace, so a
+        hit allocates nothing per chunk (a fresh chunk-sized tensor costs page faults on every byte)."""
+        if max_tokens <= 0:
+            return None
+        c = self.chunk_tokens
+        full_keys = list(full_keys[: -(-max_tokens // c)])
+        with self.pinned(full_keys + [tail]):
+            n = self.store.longest_prefix(full_keys) if full_keys else 0
+            want_tail = tail is not None and n == len(full_keys) and n * c < max_tokens
+            if n == 0 and not want_tail:
+                return None
+            # sized for all that can arrive before the first copy: growing it later would drop what is in it
+            ws = self.workspace(self.geometry, max(min(max_tokens, n * c + (c if want_tail else 0)), capacity_tokens))
+            staging = self._staging()
+            pos, per_tier = 0, {}
+            for key in full_keys[:n]:
+                tensor, tier = self._lookup(key, staging)
+                if tensor is None:
+                    # Evicted between longest_prefix and now: keep the leading run that arrived.
+                    logger.info("prefix shrank from %d to %d chunks while loading (concurrent eviction)", n, pos // c)
+                    want_tail = False
+                    break
+                pos = self._append(tensor, tier, pos, max_tokens, ws, per_tier)
+            if want_tail and pos == n * c:
+                tensor, tier = self._lookup(tail, None)  # a partial chunk: its own shape
+                if tensor is not None:
+                    pos = self._append(tensor, tier, pos, max_tokens, ws, per_tier)
+        if pos == 0:
+            return None
+        return LoadedPrefix(growing_cache(self.text_config, ws, pos), pos, per_tier)
+
+    def _lookup(self, key: CacheKey, out: torch.Tensor | None) -> tuple[torch.Tensor | None, str | None]:
+        try:
+            tensor, tier = self.store.lookup(key, out=out)  # promotes a lower hit; reports where it was found
+        except (TypeError, ValueError):  # a store without ``out``, or an entry of another shape: plain read
+            tensor, tier = self.store.lookup(key)
         if tensor is not None:
             self.registry.touch(key)
         return tensor, tier
 
-    def build(self, chunks: Sequence[torch.Tensor], tiers: Sequence[str], max_tokens: int,
-              capacity_tokens: int = 0) -> LoadedPrefix | None:
-        """A cache holding the first ``min(chunks' tokens, max_tokens)`` tokens, room for
-        ``capacity_tokens`` in all, and the tokens per tier."""
-        total = sum(int(c.shape[3]) for c in chunks)
-        n_tokens = min(total, max_tokens)
-        if n_tokens <= 0:
-            return None
-        ws = self.workspace(self.geometry, max(n_tokens, capacity_tokens))
-        fill_workspace(chunks, n_tokens, ws)
-        cache = growing_cache(self.text_config, ws, n_tokens)
-        per_tier: dict[str, int] = {}
-        pos = 0
-        for chunk, tier in zip(chunks, tiers):
-            take = min(int(chunk.shape[3]), n_tokens - pos)
-            if take <= 0:
-                break
+    @staticmethod
+    def _append(chunk: torch.Tensor, tier: str, pos: int, max_tokens: int, ws: torch.Tensor,
+                per_tier: dict[str, int]) -> int:
+        """Copy ``chunk``'s tokens (up to ``max_tokens`` in all) into ``ws`` at ``pos``; the new position."""
+        take = min(int(chunk.shape[3]), max_tokens - pos)
+        if take > 0:
+            src = chunk.to(ws.device, non_blocking=True)
+            # k and v separately: a transposed source defeats the copy kernel's coalescing (~20x slower on CPU)
+            ws[0, :, 0, :, pos:pos + take].copy_(src[:, 0, :, :take])
+            ws[1, :, 0, :, pos:pos + take].copy_(src[:, 1, :, :take])
             per_tier[tier] = per_tier.get(tier, 0) + take
-            pos += take
-        return LoadedPrefix(cache, n_tokens, per_tier)
+        return pos + max(take, 0)
+
+    def _staging(self) -> torch.Tensor:
+        """One full chunk ``[layers, 2, kv_heads, chunk_tokens, head_dim]`` on the model's device, reused by
+        every read (requests run one at a time, and each chunk is copied out before the next is read)."""
+        g = self.geometry
+        shape = (g.layers, 2, g.kv_heads, self.chunk_tokens, g.head_dim)
+        if self._staging_buf is None or tuple(self._staging_buf.shape) != shape:
+            with torch.inference_mode(False):
+                self._staging_buf = torch.zeros(shape, dtype=g.dtype, device=self.device)  # zeros: pages touched now
+        return self._staging_buf
 
     def load(self, keys: Sequence[CacheKey], max_tokens: int, tail: CacheKey | None = None,
              capacity_tokens: int = 0) -> LoadedPrefix | None:
         """Load the longest run of leading ``keys`` present in any tier (then ``tail`` if every full chunk
         was there), capped at ``max_tokens`` tokens."""
-        if max_tokens <= 0:
-            return None
-        want = keys[: -(-max_tokens // self.chunk_tokens)]
-        with self.pinned(list(want) + [tail]):
-            chunks, tiers = self.fetch(want)
-            if tail is not None and len(chunks) == len(keys) and len(keys) * self.chunk_tokens < max_tokens:
-                t, where = self.fetch_one(tail)
-                if t is not None:
-                    chunks.append(t)
-                    tiers.append(where)
-        return self.build(chunks, tiers, max_tokens, capacity_tokens) if chunks else None
+        return self.read(keys, tail, max_tokens, capacity_tokens)
 
     def store_tail(self, cache: DynamicCache, tail: CacheKey, start: int, end: int, parent: CacheKey | None,
                    owner: str | None = None) -> bool:

@@ -76,7 +76,6 @@ class Sessions:
         s = self._sessions.get(session_id)
         if s is None:
             return None
-        c = self.prefix.chunk_tokens
         common = _common_prefix(s.token_ids, prompt_ids)
         # Images in the shared region must be the same images at the same places.
         mine = [sp for sp in s.spans if sp.start < common]
@@ -86,17 +85,8 @@ class Sessions:
         use = min(common, max_tokens)
         if use <= 0:
             return None
-        n_chunks = -(-use // c)
-        with self.prefix.pinned(s.chunk_keys[:n_chunks] + [s.tail_key]):
-            chunks, tiers = self.prefix.fetch(s.chunk_keys[:n_chunks])
-            if n_chunks > len(s.chunk_keys) and len(chunks) == len(s.chunk_keys) and s.tail_key is not None:
-                tail, where = self.prefix.fetch_one(s.tail_key)
-                if tail is not None:
-                    chunks.append(tail)
-                    tiers.append(where)
-        if not chunks:
-            return None
-        return self.prefix.build(chunks, tiers, use, capacity_tokens)
+        # the tail (partial chunk) is read only when every full chunk was there and ``use`` reaches past them
+        return self.prefix.read(s.chunk_keys, s.tail_key, use, capacity_tokens)
 
     def save(self, session_id: str, cache: DynamicCache, token_ids: Sequence[int], spans: Sequence[ImageSpan]) -> int:
         """Store the session's KV after a turn (``token_ids``: the tokens ``cache`` holds). Returns chunks stored."""
