@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import socket
 import threading
 import time
 import urllib.request
@@ -72,18 +71,15 @@ def cluster(tmp_path_factory):
     old_path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = REPO_ROOT + os.pathsep + (old_path or "")  # the nodes' workers import actors
     node_args = dict(num_cpus=1, object_store_memory=80 * MiB)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    metrics_port = sock.getsockname()[1]
-    sock.close()
     # fast failure detection so a removed node is declared dead in about a second
     system = {"health_check_period_ms": 300, "health_check_failure_threshold": 3, "health_check_timeout_ms": 300}
-    c = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, _system_config=system,
-                                                                metrics_export_port=metrics_port, **node_args))
-    c.metrics_port = metrics_port
+    # Ray picks every port itself (a port chosen here could collide with one it picks at random for another
+    # component, which it refuses at start-up); the head's metrics port is read back from ray.nodes().
+    c = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, _system_config=system, **node_args))
     for _ in range(2):
         c.add_node(**node_args)
     ray.init(address=c.address, namespace=NAMESPACE)
+    c.metrics_port = next(n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == c.head_node.node_id)
     config = ServiceConfig(
         agent=AgentConfig(host_bytes=HOST, disk_bytes=DISK, disk_dir=str(tmp_path_factory.mktemp("disk")),
                           disk_fsync=False, high_watermark=0.9, low_watermark=0.7),

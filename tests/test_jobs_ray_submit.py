@@ -30,15 +30,51 @@ BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(names) -> dict[str, int]:
+    """Distinct free ports (all held open until every one is picked, so none is handed out twice)."""
+    socks = []
+    try:
+        for _ in names:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return {name: s.getsockname()[1] for name, s in zip(names, socks)}
+    finally:
+        for s in socks:
+            s.close()
+
+
+PORT_FLAGS = {"gcs": "--port", "dashboard": "--dashboard-port", "metrics": "--metrics-export-port",
+              "agent": "--dashboard-agent-listen-port", "agent_grpc": "--dashboard-agent-grpc-port",
+              "runtime_env": "--runtime-env-agent-port", "client": "--ray-client-server-port",
+              "node_manager": "--node-manager-port", "object_manager": "--object-manager-port"}
+
+
+def _start_head(env: dict, temp: str, log) -> tuple[subprocess.Popen, dict[str, int]]:
+    """``ray start --head`` with every component's port chosen here: a port Ray picks at random for a
+    component left unset can collide with one given here, which Ray refuses at start-up. Such a refusal
+    (another process took a port in between) is retried with new ports."""
+    for attempt in range(3):
+        ports = _free_ports(list(PORT_FLAGS))
+        log.seek(0)
+        log.truncate()
+        proc = subprocess.Popen(
+            [RAY, "start", "--head", "--block", *(f"{PORT_FLAGS[k]}={v}" for k, v in ports.items()),
+             f"--temp-dir={temp}", "--num-cpus=2", "--object-store-memory=300000000", "--include-dashboard=true",
+             "--disable-usage-stats"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=8)  # a port refusal ends it within seconds; a healthy head blocks
+        except subprocess.TimeoutExpired:
+            return proc, ports
+        text = Path(temp, "head.log").read_text()
+        if not any(m in text for m in ("port number", "already in use")) or attempt == 2:
+            return proc, ports  # exited for another reason: the caller reports its log
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    ports = {k: _free_port() for k in ("gcs", "dashboard", "metrics", "agent", "runtime_env", "client")}
     temp = tempfile.mkdtemp(prefix="q3r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python` is this venv's
@@ -48,13 +84,7 @@ def ray_head():
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     log = open(os.path.join(temp, "head.log"), "w")
-    proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={ports['gcs']}", f"--dashboard-port={ports['dashboard']}",
-         f"--metrics-export-port={ports['metrics']}", f"--dashboard-agent-listen-port={ports['agent']}",
-         f"--runtime-env-agent-port={ports['runtime_env']}", f"--ray-client-server-port={ports['client']}",
-         f"--temp-dir={temp}", "--num-cpus=2", "--object-store-memory=300000000", "--include-dashboard=true",
-         "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc, ports = _start_head(env, temp, log)
     url = f"http://127.0.0.1:{ports['dashboard']}"
     try:
         deadline = time.time() + 120
