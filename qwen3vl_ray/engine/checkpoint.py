@@ -262,7 +262,7 @@ def _read_memo(memo_file: Path, stats: list) -> str | None:
         return None
     fp = data.get("fingerprint")
     if data.get("stats") != stats or not isinstance(fp, str) or len(fp) != 32 or not all(c in "0123456789abcdef" for c in fp):
-        return None  # another version of the checkpoint (sizes or mtimes changed), or not ours
+        return None  # another version of the checkpoint (its files' metadata changed), or not ours
     return fp
 
 

@@ -198,7 +198,7 @@ class PrefixKV:
     def _lookup(self, key: CacheKey, out: torch.Tensor | None) -> tuple[torch.Tensor | None, str | None]:
         try:
             tensor, tier = self.store.lookup(key, out=out)  # promotes a lower hit; reports where it was found
-        except (TypeError, ValueError):  # a store without ``out``, or an entry of another shape: plain read
+        except ValueError:  # an entry of another shape than the staging buffer (nothing moved): plain read
             tensor, tier = self.store.lookup(key)
         if tensor is not None:
             self.registry.touch(key)
