@@ -24,14 +24,13 @@ import urllib.request
 import pytest
 
 import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
 
 from actors.config import NAMESPACE, AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig  # noqa: E402
-from actors.coordinator import COORDINATOR_NAME  # noqa: E402
 from actors.node_agent import agent_name, to_wire  # noqa: E402
 from actors.config_check import ConfigMismatchError  # noqa: E402
 from actors.service import REPO_ROOT, ensure_service  # noqa: E402
 from actors.synthetic_engine import SyntheticKVEngine  # noqa: E402
+from conftest import local_cluster  # noqa: E402
 from qwen3vl_ray.keys import chunk_keys  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.multinode, pytest.mark.slow]
@@ -68,32 +67,14 @@ def wait_for(pred, timeout=60.0, what="condition"):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    old_path = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = REPO_ROOT + os.pathsep + (old_path or "")  # the nodes' workers import actors
-    node_args = dict(num_cpus=1, object_store_memory=80 * MiB)
-    # fast failure detection so a removed node is declared dead in about a second
-    system = {"health_check_period_ms": 300, "health_check_failure_threshold": 3, "health_check_timeout_ms": 300}
-    # Ray picks every port itself (a port chosen here could collide with one it picks at random for another
-    # component, which it refuses at start-up); the head's metrics port is read back from ray.nodes().
-    c = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, _system_config=system, **node_args))
-    for _ in range(2):
-        c.add_node(**node_args)
-    ray.init(address=c.address, namespace=NAMESPACE)
-    c.metrics_port = next(n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == c.head_node.node_id)
     config = ServiceConfig(
         agent=AgentConfig(host_bytes=HOST, disk_bytes=DISK, disk_dir=str(tmp_path_factory.mktemp("disk")),
                           disk_fsync=False, high_watermark=0.9, low_watermark=0.7),
         coordinator=CoordinatorConfig(period_s=0.5, node_sync_period_s=1.0, recompress_codec=""),
         worker=WorkerConfig(engine=SYNTHETIC, engine_args=dict(ENGINE_ARGS, compute_s_per_chunk=0.05), num_cpus=0.25),
     )
-    service = ensure_service(config, num_workers=3)
-    yield c, service, config
-    ray.shutdown()
-    c.shutdown()
-    if old_path is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = old_path
+    with local_cluster(3) as c:
+        yield c, ensure_service(config, num_workers=3), config
 
 
 def agents_by_node():

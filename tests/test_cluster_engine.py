@@ -19,11 +19,11 @@ import pytest
 import ray  # noqa: E402
 import qwen3vl_ray.engine.engine  # noqa: F401,E402 - a broken engine must fail these tests, not skip them
 from PIL import Image  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
 
-from actors.config import NAMESPACE, AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig  # noqa: E402
+from actors.config import AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig  # noqa: E402
 from actors.engine_adapter import Qwen3VLEngineAdapter  # noqa: E402
-from actors.service import REPO_ROOT, ensure_service  # noqa: E402
+from actors.service import ensure_service  # noqa: E402
+from conftest import local_cluster  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.multinode, pytest.mark.slow]
 
@@ -62,14 +62,6 @@ def setup(tmp_path_factory):
         assert r.error is None, r.error
         return list(r.token_ids)
 
-    old_path = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = REPO_ROOT + os.pathsep + (old_path or "")  # the nodes' workers import actors
-    node_args = dict(num_cpus=1, object_store_memory=80 * MiB)
-    system = {"health_check_period_ms": 300, "health_check_failure_threshold": 3, "health_check_timeout_ms": 300}
-    c = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, _system_config=system, **node_args))
-    for _ in range(2):
-        c.add_node(**node_args)
-    ray.init(address=c.address, namespace=NAMESPACE)
     config = ServiceConfig(
         agent=AgentConfig(host_bytes=16 * MiB, disk_bytes=0, disk_dir=str(tmp_path_factory.mktemp("disk"))),
         coordinator=CoordinatorConfig(period_s=0.5, node_sync_period_s=1.0, recompress_codec=""),
@@ -77,15 +69,9 @@ def setup(tmp_path_factory):
         worker=WorkerConfig(engine_args=dict(model=str(ckpt), chunk_tokens=CHUNK, device="cpu",
                                              device_tier_bytes=4 * MiB), num_cpus=0.25),
     )
-    service = ensure_service(config, num_workers=3)
-    yield service, reference
-    ray.shutdown()
-    c.shutdown()
+    with local_cluster(3):
+        yield ensure_service(config, num_workers=3), reference
     plain.close()
-    if old_path is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = old_path
 
 
 def node_of(service, worker: str) -> str:
