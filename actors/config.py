@@ -31,8 +31,12 @@ class AgentConfig:
             node's ``object_store_memory`` so Ray never spills our entries to its own spill directory.
         host_codec: codec spec applied to host entries on store (default ``"none"``: raw bytes, zero-copy).
         disk_bytes: disk-tier budget, bytes (default 1 GiB). 0 disables the disk tier.
-        disk_dir: parent directory of the disk tiers; each node uses ``<disk_dir>/node-<node id>``
-            (default ``/tmp/qwen3vl_ray_disk``). Never Ray's spill directory.
+        disk_dir: parent directory of the disk tiers (default ``/tmp/qwen3vl_ray_disk``). Never Ray's spill
+            directory. Each node agent uses ``<disk_dir>/machine-<machine tag>-<slot>``: named by the machine
+            (and disk), not the Ray node id, so a restarted node or a later run serves what an earlier one
+            stored; the slot (lowest free, flock-held while the agent lives) keeps agents of a one-machine
+            cluster apart. Unheld directories of other machines, slots or namespaces count against
+            ``disk_bytes`` and the least recently written go when over it (``qwen3vl_ray.tiers.disk_home``).
         disk_codec: codec spec of disk entries (default ``"none"``).
         disk_fsync: fsync each disk store (crash safety; default True).
         policy: eviction policy name inside the node (``qwen3vl_ray.policies``); None (default) takes the

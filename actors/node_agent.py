@@ -114,27 +114,43 @@ def to_wire(t: torch.Tensor) -> tuple[np.ndarray, str]:
     return tensor_to_array(t), str(t.dtype).removeprefix("torch.")
 
 
-def node_disk_dir(config: AgentConfig, node_id: str) -> str:
-    """Per-node disk directory, so nodes of a one-machine test cluster never share files."""
-    return os.path.join(config.disk_dir, f"node-{check_node_id(node_id)}")
+def node_disk_home(config: AgentConfig, node_id: str):
+    """The node's disk-tier home: ``<disk_dir>/machine-<machine tag>-<slot>``, the lowest slot of this machine
+    no live agent holds (``qwen3vl_ray.tiers.disk_home``). Stable across Ray sessions, unlike the node id, so
+    a restarted node or a later embedded run serves what an earlier one stored; agents of a one-machine test
+    cluster still never share one. Held (flock) until the disk tier closes or the process exits."""
+    from qwen3vl_ray.tiers.disk_home import DiskHome
+
+    return DiskHome.claim(config.disk_dir, owner=check_node_id(node_id))
 
 
 def build_node_cache(node_id: str, config: AgentConfig, host: JournalingTier, journal: Journal):
     """Compose the node's tiers with the core TieredCache: the object-store host tier (injected) over the core
-    DiskTier (its index is rebuilt from its files on open, so a restarted agent serves them again)."""
+    DiskTier in the node's disk home (its index is rebuilt from its files on open, so a restarted agent serves
+    them again; other unheld homes are then trimmed to the disk budget)."""
     from qwen3vl_ray.cache import CacheConfig, TieredCache
     from qwen3vl_ray.tiers.config import TierConfig
-    from qwen3vl_ray.tiers.factory import make_tier
+    from qwen3vl_ray.tiers.disk import DiskTier
 
     cfgs = [TierConfig("host", config.host_bytes, codec=config.host_codec, high_watermark=config.high_watermark,
                        low_watermark=config.low_watermark)]
     tiers = [host]
     disk = None
     if config.disk_bytes:
-        dcfg = TierConfig("disk", config.disk_bytes, codec=config.disk_codec, path=node_disk_dir(config, node_id),
-                          fsync=config.disk_fsync, high_watermark=config.high_watermark,
-                          low_watermark=config.low_watermark)
-        disk = JournalingTier(make_tier(dcfg, AGENT_NAMESPACE), journal)
+        home = node_disk_home(config, node_id)
+        try:
+            dcfg = TierConfig("disk", config.disk_bytes, codec=config.disk_codec, path=str(home.path),
+                              fsync=config.disk_fsync, high_watermark=config.high_watermark,
+                              low_watermark=config.low_watermark)
+            tier = DiskTier(dcfg, AGENT_NAMESPACE, lease=home)  # the tier's close() releases the home
+        except BaseException:
+            home.release()
+            raise
+        try:
+            home.trim(config.disk_bytes, tier.used_bytes, AGENT_NAMESPACE.hex)
+        except OSError:  # trimming is housekeeping: the tier serves without it
+            logger.warning("disk home %s: trimming other directories failed", home.path, exc_info=True)
+        disk = JournalingTier(tier, journal)
         cfgs.append(dcfg)
         tiers.append(disk)
     # prefetch_threads=0: the agent runs one call at a time; promotions happen inside get_chunks

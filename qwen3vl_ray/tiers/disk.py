@@ -166,11 +166,14 @@ class DiskTier(Tier):
 
     name = "disk"
 
-    def __init__(self, cfg: TierConfig, namespace: Namespace) -> None:
+    def __init__(self, cfg: TierConfig, namespace: Namespace, lease: Any = None) -> None:
+        """``lease``: anything with ``release()`` held for the tier's life and released by :meth:`close`
+        (the :class:`~qwen3vl_ray.tiers.disk_home.DiskHome` that ``cfg.path`` is)."""
         if cfg.kind != "disk" or not cfg.path:
             raise ValueError(f"DiskTier needs a disk TierConfig with a path, got kind={cfg.kind!r} path={cfg.path!r}")
         self.cfg = cfg
         self.namespace = namespace
+        self.lease = lease
         self.capacity_bytes = cfg.capacity_bytes
         self.codec = make_codec(cfg.codec)
         self._raw = self.codec.name == "none"
@@ -491,6 +494,10 @@ class DiskTier(Tier):
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+    def close(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
