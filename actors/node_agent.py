@@ -179,6 +179,10 @@ class NodeAgentLogic:
         self._info: dict[bytes, list] = {}
         # chunks served by handle through get_chunks, per tier (the tiers' own counters do not see them)
         self._served = {"hits": {"host": 0, "disk": 0}, "misses": 0}
+        # rare events are exported at 0 from the start: their panels read 0, not "no data"
+        for name in ("qwen3vl_ray_promotions", "qwen3vl_ray_demotions", "qwen3vl_ray_swap_bytes_out"):
+            self.metrics.declare(name, tier="host")
+        self.metrics.declare("qwen3vl_ray_evictions")
         if self.disk is not None:
             for k in self.disk.keys():  # entries found on disk after a restart: cold, unknown reuse
                 self._info[k] = [0, 0.0, self.disk.entry_nbytes(k) or 0]
@@ -244,14 +248,12 @@ class NodeAgentLogic:
         for key in keys:
             tier = self._where(key)
             if tier is None:
-                self.metrics.inc("qwen3vl_ray_misses")
                 self._served["misses"] += 1
                 out.append(None)
                 continue
             if tier == "disk":
                 t = self.cache.get(key, promote=True)
                 if t is None:  # corrupt or raced away: a miss, never an error
-                    self.metrics.inc("qwen3vl_ray_misses")
                     self._served["misses"] += 1
                     out.append(None)
                     continue
@@ -270,7 +272,7 @@ class NodeAgentLogic:
                     out.append(None)
                     continue
                 out.append(ChunkRef(e.handle, e.index, e.nbytes, e.codec, e.dtype, e.shape, "host"))
-            self.metrics.inc("qwen3vl_ray_hits", tier=tier)
+            # qwen3vl_ray_hits/misses are counted in tokens by the worker, which knows what the request reused
             self._served["hits"][tier] = self._served["hits"].get(tier, 0) + 1
             if tier == "host":
                 self._touch(key)

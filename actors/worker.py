@@ -73,6 +73,7 @@ class WorkerLogic:
         self.engine, self.agent_for, self.coordinator, self.store = engine, agent_for, coordinator, store
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics(node_id)
+        self.metrics.declare("qwen3vl_ray_cross_node_bytes", tier="host")  # 0 until a cross-node hit, not "no data"
         self.device = None
         # An engine that keeps its own device tier (the real engine's store) needs no second copy here.
         if config.device_bytes and not getattr(engine, "owns_device_tier", False):
@@ -95,8 +96,6 @@ class WorkerLogic:
                 if t is None:
                     break
                 on_device.append(t)
-        if on_device:
-            self.metrics.inc("qwen3vl_ray_hits", len(on_device), tier="device")
         if len(on_device) == len(keys):
             return on_device, ["device"] * len(on_device)
         rest, sources = self._fetch_from_agents(keys[len(on_device):])
@@ -199,9 +198,7 @@ class WorkerLogic:
         cached_tokens = sum(cached_tiers.values())
         n_tok = result.get("prompt_tokens") or len(keys) * self.engine.chunk_tokens
         token_ids = result.get("token_ids")
-        self.metrics.observe("qwen3vl_ray_ttft_seconds", ttft)
-        self.metrics.observe("qwen3vl_ray_cached_token_ratio", cached_tokens / n_tok if n_tok else 0.0)
-        self.metrics.inc("qwen3vl_ray_requests", result="ok")
+        self._record(cached_tiers, cached_tokens, n_tok, ttft)
         return {"id": request.get("id"), "worker": self.worker_id, "node": self.node_id, "output": result["output"],
                 "error": None, "prompt_tokens": result.get("prompt_tokens"),
                 "completion_tokens": len(token_ids) if token_ids is not None else None,
@@ -209,6 +206,23 @@ class WorkerLogic:
                 "vision_cache_hits": int(result.get("vision_cache_hits") or 0),
                 "device_chunks": sources.count("device"), "cross_node_chunks": sources.count("remote"),
                 "computed_chunks": len(new), "stored_chunks": stored, "ttft_s": ttft, "token_ids": token_ids}
+
+    def _record(self, cached_tiers: dict[str, int], cached_tokens: int, n_tok: int, ttft: float) -> None:
+        """Hits and misses in prompt tokens, as the rows count them: a hit per tier that served tokens (here,
+        where the request's outcome is known, not in the agents, which see chunks and not tokens), a miss for
+        every token recomputed, a cold request's whole prompt included."""
+        for tier, n in cached_tiers.items():
+            self.metrics.inc("qwen3vl_ray_hits", n, tier=tier)
+        self.metrics.inc("qwen3vl_ray_misses", max(0, n_tok - cached_tokens))
+        self.metrics.observe("qwen3vl_ray_ttft_seconds", ttft)
+        self.metrics.observe("qwen3vl_ray_cached_token_ratio", min(1.0, cached_tokens / n_tok) if n_tok else 0.0)
+        self.metrics.inc("qwen3vl_ray_requests", result="ok")
+        store = self.device if self.device is not None else getattr(self.engine, "store", None)
+        for tier in getattr(store, "tiers", ()):  # the worker's own device tier (the engine's store)
+            if tier.name == "device":
+                self.metrics.set("qwen3vl_ray_bytes_used", tier.used_bytes, tier="device")
+                self.metrics.set("qwen3vl_ray_bytes_budget", tier.capacity_bytes, tier="device")
+                self.metrics.set("qwen3vl_ray_entries", len(tier), tier="device")
 
     def _cached_tiers(self, sources: list[str], result: dict) -> dict[str, int]:
         """Reused prompt tokens per tier. An engine that owns the device tier reports how many of the fetched

@@ -1,7 +1,14 @@
-"""Job-level metrics of ``jobs.infer`` (rows, tokens, cached tokens by tier, TTFT), exported through
-``ray.util.metrics`` when the job runs on Ray, so a batch job's progress shows in the dashboard's Grafana
-panels next to the service's ``qwen3vl_ray_*`` store metrics. Without Ray (``--runner engine|plain`` by
-hand) there is nowhere to export to, and ``JobMetrics.create`` returns None."""
+"""Job-level metrics of ``jobs.infer`` (rows, prompt tokens, cached tokens by tier, TTFT), exported through Ray
+when the job runs on Ray, so a batch job's progress shows in the Grafana dashboard's "Jobs" panel next to the
+service's ``qwen3vl_ray_*`` store metrics. Without Ray (``--runner engine|plain`` by hand) there is nowhere to
+export to, and ``JobMetrics.create`` returns None.
+
+The increments go to the cluster's metrics sink (``actors.metrics.MetricsSink``, a detached actor), not to
+this process's own exporter: Ray exports a process's metrics only every ``metrics_report_interval_ms``
+(10 s) and not on exit, so a driver recording its own would have to sleep through an export interval before
+exiting (15 s measured at the end of every job) or lose its last rows. Sending to a long-lived process costs
+one asynchronous call per batch and, at the end, one wait for the last call (milliseconds).
+"""
 
 from __future__ import annotations
 
@@ -9,20 +16,33 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-TTFT_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+FLUSH_TIMEOUT_S = 10.0
+
+
+def row_ops(job: str, rows: list[dict]) -> list[tuple[str, str, float, dict]]:
+    """The metric increments for finished ``rows`` as ``(op, name, value, tags)`` (see ``actors.metrics``)."""
+    ops: list[tuple[str, str, float, dict]] = []
+    for r in rows:
+        ok = r.get("error") is None
+        ops.append(("inc", "qwen3vl_ray_job_rows", 1, {"job": job, "status": "ok" if ok else "error"}))
+        if not ok:
+            continue
+        if r.get("prompt_tokens"):
+            ops.append(("inc", "qwen3vl_ray_job_prompt_tokens", r["prompt_tokens"], {"job": job}))
+        for tier, n in (r.get("cached_tiers") or {}).items():
+            if n:
+                ops.append(("inc", "qwen3vl_ray_job_cached_tokens", n, {"job": job, "tier": str(tier)}))
+        if r.get("ttft_s") is not None:
+            ops.append(("observe", "qwen3vl_ray_job_ttft_seconds", r["ttft_s"], {"job": job}))
+    return ops
 
 
 class JobMetrics:
-    def __init__(self, job: str):
-        from ray.util.metrics import Counter, Histogram
+    """Sends a job's row metrics to the cluster's metrics sink, one asynchronous call per batch."""
 
-        self.tags = {"job": job}
-        self.rows = Counter("qwen3vl_ray_job_rows", "Rows finished by jobs.infer", tag_keys=("job", "status"))
-        self.prompt = Counter("qwen3vl_ray_job_prompt_tokens", "Prompt tokens of finished rows", tag_keys=("job",))
-        self.cached = Counter("qwen3vl_ray_job_cached_tokens", "Prompt tokens served from the store, by tier",
-                              tag_keys=("job", "tier"))
-        self.ttft = Histogram("qwen3vl_ray_job_ttft_seconds", "Time to first token of finished rows",
-                              boundaries=TTFT_BOUNDARIES, tag_keys=("job",))
+    def __init__(self, job: str, sink) -> None:
+        self.job, self.sink = job, sink
+        self._last = None  # the latest record call: flush waits for it (calls to one actor run in order)
 
     @classmethod
     def create(cls, job: str) -> "JobMetrics | None":
@@ -31,34 +51,30 @@ class JobMetrics:
 
             if not ray.is_initialized():
                 return None
-            return cls(job)
+            from actors.metrics import get_or_create_sink
+
+            return cls(job, get_or_create_sink())
         except Exception:  # metrics must never fail a job
             logger.warning("job metrics unavailable", exc_info=True)
             return None
 
     def record(self, rows: list[dict]) -> None:
-        for r in rows:
-            ok = r.get("error") is None
-            self.rows.inc(1, tags={**self.tags, "status": "ok" if ok else "error"})
-            if not ok:
-                continue
-            if r.get("prompt_tokens"):
-                self.prompt.inc(r["prompt_tokens"], tags=self.tags)
-            for tier, n in (r.get("cached_tiers") or {}).items():
-                if n:
-                    self.cached.inc(n, tags={**self.tags, "tier": str(tier)})
-            if r.get("ttft_s") is not None:
-                self.ttft.observe(r["ttft_s"], tags=self.tags)
+        ops = row_ops(self.job, rows)
+        if ops:
+            self._last = self.sink.record.remote(ops)
 
     def flush(self) -> None:
-        """Wait for one export interval so the final counts leave this process before it exits (the core
-        worker exports metrics periodically, every ``metrics_report_interval_ms``, and not on exit)."""
-        import time
-
+        """Wait until the sink has recorded everything sent (it exports on Ray's schedule from then on)."""
+        if self._last is None:
+            return
         import ray
 
-        interval_s = max(ray._config.metrics_report_interval_ms(), 1000) / 1000.0
-        time.sleep(interval_s * 1.5)
+        try:
+            ray.get(self._last, timeout=FLUSH_TIMEOUT_S)
+        except Exception:  # metrics must never fail a job
+            logger.warning("the job's last metrics did not reach the metrics sink in %.0f s", FLUSH_TIMEOUT_S,
+                           exc_info=True)
+        self._last = None
 
 
 def attach_for_metrics(address: str | None) -> bool:
