@@ -288,8 +288,9 @@ def test_workload_three_times_the_budgets_stays_within_every_budget(cluster):
 def test_metrics_reach_the_prometheus_endpoint(cluster):
     c, _, _ = cluster
     head = c.head_node.node_id
-    # the head node's agent exports its tier gauges and hit counters, tagged by node and tier
-    want = ["ray_qwen3vl_ray_bytes_used{", "ray_qwen3vl_ray_bytes_budget{", "ray_qwen3vl_ray_hits_total{"]
+    # the head node's agent exports its tier gauges and byte counters, tagged by node and tier (hits and misses
+    # are the workers', in tokens: tests/test_metrics_dashboard.py)
+    want = ["ray_qwen3vl_ray_bytes_used{", "ray_qwen3vl_ray_bytes_budget{", "ray_qwen3vl_ray_swap_bytes_in_total{"]
     body = ""
     agent = agents_by_node()[head]
     k = chunk_keys(ENGINE.namespace, prompt(5, 1), CHUNK_TOKENS)
