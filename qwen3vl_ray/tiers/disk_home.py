@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import weakref
@@ -83,7 +84,7 @@ def _disk_id(root: Path) -> str:
             raise OSError(errno.EINVAL, f"{path} does not hold a 32-hex-digit id; remove it to make a new one")
         except FileNotFoundError:
             pass
-        tmp = root / f".{ID_FILE}.{os.getpid()}.tmp"
+        tmp = root / f"{ID_FILE}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, FILE_MODE)
         try:
             os.write(fd, os.urandom(16).hex().encode() + b"\n")
@@ -236,8 +237,8 @@ def _try_lock(home: Path, slot: int, make_dir: bool) -> _Lock | None:
             except FileExistsError:
                 return None  # a file or a link by that name: not ours, skip the slot
             st = os.stat(home, follow_symlinks=False)
-            if not os.path.isdir(home) or os.path.islink(home) or st.st_uid != os.geteuid():
-                return None
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                return None  # a link, or someone else's directory: skip the slot
             if st.st_mode & 0o777 != DIR_MODE:
                 os.chmod(home, DIR_MODE)
         try:
