@@ -9,8 +9,10 @@ canonical fields of its config; ``ensure_service`` compares them with the reques
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import os
 from typing import Any, Iterable
 
 from qwen3vl_ray.errors import ConfigError
@@ -39,25 +41,65 @@ def config_digest(fields: dict[str, str]) -> str:
     return hashlib.sha256(_canonical(fields).encode()).hexdigest()
 
 
+CODE_FIELD = "code.version"
+"""The field every actor's config carries for the service code it runs (``code_version``)."""
+SERVICE_PACKAGES = ("qwen3vl_ray", "actors")
+"""The packages whose code the service's actors run (``jobs`` is the client side)."""
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """sha256 (16 hex) over the source of the service packages as this process imports them: relative path and
+    bytes of every ``.py`` file under ``qwen3vl_ray/`` and ``actors/``.
+
+    A job submitted with ``--working-dir .`` imports the code it ships, while the coordinator and agents started
+    by ``qwen3vl-ray service`` run the copy installed on the head: comparing this digest is how a job finds out
+    that the two differ (and says so) instead of mixing two versions of the chunk format or the protocol."""
+    h = hashlib.sha256()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for package in SERVICE_PACKAGES:
+        files = []
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, package)):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            files += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+        for path in sorted(files):
+            h.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(f.read() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def check_same_config(what: str, running: dict[str, str], requested: dict[str, str]) -> None:
-    """Raise ``ConfigMismatchError`` naming each field where ``running`` and ``requested`` differ."""
+    """Raise ``ConfigMismatchError`` naming each field where ``running`` and ``requested`` differ; a difference in
+    the code alone (``CODE_FIELD``) gets its own message, since no setting fixes it."""
     if config_digest(running) == config_digest(requested):
         return
-    diff = [f"{k}: running={running.get(k, '<absent>')} requested={requested.get(k, '<absent>')}"
-            for k in sorted(set(running) | set(requested)) if running.get(k) != requested.get(k)]
+    differing = [k for k in sorted(set(running) | set(requested)) if running.get(k) != requested.get(k)]
+    if differing == [CODE_FIELD]:
+        raise ConfigMismatchError(
+            f"{what} runs other qwen3vl-ray code than this job (code version {running.get(CODE_FIELD, '<unknown>')} "
+            f"on the cluster, {requested[CODE_FIELD]} here: qwen3vl_ray/ or actors/ differ); submit the job from the "
+            f"checkout the cluster runs, or sync and restart the service with this code (`ray up cluster.yaml` "
+            f"re-runs its start commands)")
+    diff = [f"{k}: running={running.get(k, '<absent>')} requested={requested.get(k, '<absent>')}" for k in differing]
     raise ConfigMismatchError(
         f"{what} already runs with another configuration ({'; '.join(diff)}); stop the service "
         f"(or use another Ray cluster) to change it, or request the running configuration")
 
 
+def _with_code(fields: dict[str, str]) -> dict[str, str]:
+    return {**fields, CODE_FIELD: _canonical(code_version())}
+
+
 def worker_fields(worker_config: Any) -> dict[str, str]:
-    """The worker fields that shape its answers and resources (``max_retries`` is client-side only)."""
-    return config_fields(worker_config, "worker.", skip=("max_retries",))
+    """The worker fields that shape its answers and resources (``max_retries`` is client-side only), and the
+    code it runs."""
+    return _with_code(config_fields(worker_config, "worker.", skip=("max_retries",)))
 
 
 def coordinator_fields(coordinator_config: Any, agent_config: Any) -> dict[str, str]:
-    return {**config_fields(coordinator_config, "coordinator."), **config_fields(agent_config, "agent.")}
+    return _with_code({**config_fields(coordinator_config, "coordinator."), **config_fields(agent_config, "agent.")})
 
 
 def agent_fields(agent_config: Any) -> dict[str, str]:
-    return config_fields(agent_config, "agent.")
+    return _with_code(config_fields(agent_config, "agent."))

@@ -258,11 +258,15 @@ def _max_new_tokens(request: dict) -> int:
 
 
 def ensure_service(config: ServiceConfig | None = None, address: str | None = None, num_workers: int = 1,
-                   timeout_s: float = 120.0) -> ServiceHandle:
+                   timeout_s: float = 120.0, worker_start_timeout_s: float = 1800.0) -> ServiceHandle:
     """Attach to (or start) Ray and make sure the coordinator, the agents and ``num_workers`` workers exist.
     Idempotent: named, detached actors are reused by a second call. An actor already running with another
-    configuration than ``config`` raises ``ConfigMismatchError`` naming the differing fields; ``config=None``
-    adopts the running service's configuration (``ServiceConfig.from_env()`` when none runs)."""
+    configuration than ``config`` (or other code: ``actors.config_check.code_version``) raises
+    ``ConfigMismatchError`` naming the differing fields; ``config=None`` adopts the running service's
+    configuration (``ServiceConfig.from_env()`` when none runs).
+
+    ``timeout_s`` bounds each call to a running actor; ``worker_start_timeout_s`` is how long workers may wait
+    for their resources (an autoscaling cluster launches GPU nodes for them: see ``wait_for_workers``)."""
     import ray
 
     if num_workers < 0:
@@ -285,15 +289,79 @@ def ensure_service(config: ServiceConfig | None = None, address: str | None = No
     check_same_config(f"the coordinator {COORDINATOR_NAME!r}", ray.get(coordinator.config_fields.remote(), timeout=timeout_s),
                       coordinator_fields(config.coordinator, config.agent))
     workers = {}
+    options = {}
     for i in range(num_workers):
         name = f"{WORKER_PREFIX}{i}"
-        workers[name] = worker_class().options(**worker_options(name, config.worker)).remote(name, config)
-    ray.get([w.node_id.remote() for w in workers.values()], timeout=timeout_s)
+        options[name] = worker_options(name, config.worker)
+        workers[name] = worker_class().options(**options[name]).remote(name, config)
+    wait_for_workers(workers, options, worker_start_timeout_s)
     wanted = worker_fields(config.worker)
     for name, w in workers.items():
         check_same_config(f"worker {name!r}", ray.get(w.config_fields.remote(), timeout=timeout_s), wanted)
     _check_agents(coordinator, config, timeout_s)
     return ServiceHandle(ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE), workers, config)
+
+
+class WorkersUnavailableError(RuntimeError):
+    """Workers did not start within ``worker_start_timeout_s`` (no node offered their resources)."""
+
+
+#: How often ``wait_for_workers`` says what it is waiting for.
+WAIT_REPORT_INTERVAL_S = 30.0
+
+
+def wait_for_workers(workers: dict[str, Any], options: dict[str, dict], timeout_s: float,
+                     report_interval_s: float = WAIT_REPORT_INTERVAL_S) -> None:
+    """Wait until every worker has started (placed on a node and its engine loaded), the way Ray's own libraries
+    wait on an autoscaling cluster: a worker asking for a GPU that no node has yet is pending demand, which makes
+    the autoscaler launch a GPU node (boot + set-up take minutes). Every ``report_interval_s`` it logs what it
+    asked for and what the cluster has; after ``timeout_s`` it removes the workers that never started (so no
+    demand is left behind) and raises ``WorkersUnavailableError`` saying the same. A worker that fails to start
+    raises its own error at once."""
+    import time
+
+    import ray
+
+    refs = {w.node_id.remote(): name for name, w in workers.items()}
+    pending = dict(refs)
+    start = time.monotonic()
+    deadline = start + timeout_s
+    while pending:
+        step = min(report_interval_s, max(0.0, deadline - time.monotonic()))
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=step)
+        for ref in ready:
+            ray.get(ref)  # a worker whose engine cannot load raises here, naming why
+            pending.pop(ref)
+        if not pending:
+            return
+        names = sorted(pending.values())
+        asks = _demand(options[names[0]])
+        waited = time.monotonic() - start
+        summary = (f"{len(names)} of {len(workers)} workers not started after {waited:.0f} s (each asks {asks}; "
+                   f"the cluster has {_resources(ray.available_resources())} free of "
+                   f"{_resources(ray.cluster_resources())})")
+        if time.monotonic() >= deadline:
+            for name in names:
+                try:
+                    ray.kill(workers[name], no_restart=True)
+                except Exception:
+                    logger.debug("could not remove pending worker %s", name, exc_info=True)
+            raise WorkersUnavailableError(
+                f"{summary}; gave up after worker_start_timeout_s={timeout_s:g}: add nodes with these resources "
+                f"(an autoscaling cluster launches them: see `ray status`), ask for fewer workers, or raise "
+                f"QWEN3VL_RAY_WORKER_START_TIMEOUT_S")
+        logger.warning("waiting for resources: %s; an autoscaling cluster is launching nodes for them "
+                       "(giving up after %.0f s)", summary, timeout_s)
+
+
+def _demand(options: dict) -> str:
+    asks = {"CPU": options.get("num_cpus") or 0, "GPU": options.get("num_gpus") or 0}
+    return _resources({k: v for k, v in asks.items() if v})
+
+
+def _resources(resources: dict) -> str:
+    shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU")}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}" if shown else "{}"
 
 
 def _running_config(timeout_s: float) -> ServiceConfig | None:
