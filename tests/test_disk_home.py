@@ -162,3 +162,31 @@ def test_trim_never_follows_links_or_touches_others_files(tmp_path):
     os.symlink(outside, tmp_path / "root" / f"machine-{M}-7")
     assert home.trim(0, used_bytes=0, keep_namespace=NS.hex) == []
     assert (outside / "f.qvt").exists()
+
+
+# -- the node agent on top -------------------------------------------------------------------------
+def test_an_agent_under_a_new_node_id_serves_the_last_ones_disk_entries_and_trims_old_node_dirs(tmp_path):
+    from actors.config import AgentConfig
+    from actors.node_agent import NodeAgentLogic
+    from actors.object_store_tier import LocalObjectStore
+    from qwen3vl_ray.keys import CacheKey
+
+    chunk = 4096  # bytes of one chunk: 2048 bf16 values
+    cfg = AgentConfig(host_bytes=2 * chunk, disk_bytes=8 * chunk, disk_dir=str(tmp_path), disk_fsync=False,
+                      policy="lru")
+    keys = [CacheKey(i.to_bytes(16, "little")) for i in range(4)]
+    data = [torch.full((2, 1024), float(i), dtype=torch.bfloat16) for i in range(4)]
+    # an old per-Ray-session directory and another machine's home, unheld: 6 + 4 chunks > the 8-chunk budget
+    legacy = fill(tmp_path / ("node-" + "1" * 56), 6 * chunk, age_s=600)
+    stale = fill(tmp_path / f"machine-{'e' * 16}-0", 4 * chunk, age_s=300)
+    first = NodeAgentLogic("a" * 32, cfg, LocalObjectStore())
+    assert not legacy.exists() and stale.exists()  # the oldest went; 4 chunks fit beside an empty tier
+    assert first.put_chunks(list(zip(keys, data, [None] * 4))) == ["disk"] * 2 + ["host"] * 2
+    first.close()
+    # the next Ray session: a new node id, the same machine and disk -> the same home, its entries served
+    again = NodeAgentLogic("b" * 32, cfg, LocalObjectStore())
+    assert again.disk.inner.dir == first.disk.inner.dir
+    assert stale.exists()  # 2 chunks on disk + 4 unheld still fit the budget
+    got = again.get_tensors(keys)
+    assert torch.equal(got[0], data[0]) and torch.equal(got[1], data[1]) and got[2] is None and got[3] is None
+    again.close()
