@@ -23,7 +23,7 @@ import subprocess
 import sys
 
 from qwen3vl_ray import settings as S
-from qwen3vl_ray.errors import ConfigError
+from qwen3vl_ray.errors import ClusterError, ConfigError
 
 logger = logging.getLogger(__name__)
 PROG = "qwen3vl-ray"
@@ -163,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_LOG_LEVEL", "WARNING").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Exit status 2: the command could not run as asked (a setting, the checkpoint, the cluster), said in one
+    # line with the fix; anything else is a bug and keeps its traceback.
     try:
+        logging.basicConfig(level=S.env_value("log_level"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return COMMANDS[name][0](rest)
-    except ConfigError as e:
+    except (ConfigError, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

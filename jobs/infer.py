@@ -19,6 +19,8 @@ import argparse
 import itertools
 import json
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,13 +31,15 @@ from jobs.metrics import JobMetrics, attach_for_metrics
 from jobs.output import OutputBusyError, PartWriter
 from jobs.runner import RUNNERS, Runner, error_row, make_runner
 from qwen3vl_ray import settings as S
-from qwen3vl_ray.errors import ConfigError
+from qwen3vl_ray.errors import ClusterError, ConfigError
 
 logger = logging.getLogger(__name__)
 
 # A batch that raises is retried row by row; this many batches in a row failing entirely means the runner
 # itself is broken (cluster gone, model unloadable), and finishing the dataset with errors would only hide it.
 MAX_FAILED_BATCHES = 3
+# The summary and --fail-on-error name this many failed ids (the error column has them all).
+FAILED_IDS_SHOWN = 5
 
 
 def build_parser(prog: str = "python -m jobs.infer") -> argparse.ArgumentParser:
@@ -164,7 +168,7 @@ def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str
         "rows_run": stats["rows"],
         "rows_skipped": already,
         "errors_run": stats["errors"],
-        "errors_total": _count_errors(output, set(order)),
+        **_errors(output, set(order)),
         "hit_ratio": round(_ratio(stats), 4) if stats["prompt_tokens"] else None,
         "cached_tokens": stats["cached_total"],
         "rows_per_s": round(stats["rows"] / max(time.perf_counter() - t0, 1e-9), 3),
@@ -177,12 +181,39 @@ def _ratio(stats: dict) -> float:
     return stats["cached_tokens"] / stats["prompt_tokens"] if stats["prompt_tokens"] else 0.0
 
 
-def _count_errors(output: str, ids: set[str]) -> int:
+def _errors(output: str, ids: set[str]) -> dict:
+    """The output's failed rows among ``ids``: how many, the first few ids, and a count per error kind."""
     import pyarrow.parquet as pq
 
     t = pq.read_table(output, columns=["id", "error"])
-    return sum(1 for rid, err in zip(t.column("id").to_pylist(), t.column("error").to_pylist())
-               if rid in ids and err is not None)
+    failed = [(rid, err) for rid, err in zip(t.column("id").to_pylist(), t.column("error").to_pylist())
+              if rid in ids and err is not None]
+    kinds: dict[str, int] = {}
+    for _, err in failed:
+        kinds[error_kind(err)] = kinds.get(error_kind(err), 0) + 1
+    return {"errors_total": len(failed), "failed_ids": [rid for rid, _ in failed[:FAILED_IDS_SHOWN]],
+            "error_kinds": dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))}
+
+
+# "ValueError: ...", "ray.exceptions.RayTaskError: ...", "preprocessing failed: ValueError: ..."
+_KIND_RE = re.compile(r"^(?:[\w ]+: )?(?:[\w]+\.)*([A-Z]\w*(?:Error|Exception|Exit|Timeout))\s*:")
+
+
+def error_kind(error: str) -> str:
+    """The exception class a row's ``error`` names (``"ImageError: ..."`` -> ``ImageError``, also after a
+    prefix such as ``preprocessing failed:``). The dataset's own checks write their message bare: those are
+    ``RowError`` (``jobs.dataset``)."""
+    m = _KIND_RE.match(error)
+    return m.group(1) if m else "RowError"
+
+
+def failed_rows_text(summary: dict) -> str:
+    """``3 row(s) have errors (RowError: 2, ImageError: 1); failed ids: a, b, c``, for one line."""
+    kinds = ", ".join(f"{k}: {n}" for k, n in summary["error_kinds"].items())
+    shown = summary["failed_ids"]
+    more = f" and {summary['errors_total'] - len(shown)} more" if summary["errors_total"] > len(shown) else ""
+    return (f"{summary['errors_total']} row(s) have errors ({kinds}); failed ids: {', '.join(map(str, shown))}"
+            f"{more} (the error column of {summary['output']})")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m jobs.infer") -> int:
@@ -190,15 +221,22 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.infer") -> i
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = S.from_args(args)
+        address = settings.address or os.environ.get("RAY_ADDRESS")
+        if address and args.runner != "service":  # the job attaches for its metrics: a bad address is one line
+            from jobs.service_runner import check_cluster
+
+            check_cluster(address)
         summary = run(args.input, args.output, settings, runner=args.runner, retry_errors=args.retry_errors,
                       progress=not args.no_progress)
-    except (DatasetError, ConfigError, OutputBusyError) as e:
+    except (DatasetError, ConfigError, ClusterError, OutputBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("summary: " + json.dumps(summary), flush=True)
-    if args.fail_on_error and summary["errors_total"]:
-        print(f"error: {summary['errors_total']} row(s) have errors (--fail-on-error)", file=sys.stderr)
-        return 1
+    if summary["errors_total"]:
+        if args.fail_on_error:
+            print(f"error: {failed_rows_text(summary)} (--fail-on-error)", file=sys.stderr)
+            return 1
+        print(f"warning: {failed_rows_text(summary)}", file=sys.stderr)
     return 0
 
 

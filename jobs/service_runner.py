@@ -9,13 +9,22 @@ the same table (``qwen3vl_ray.settings``). With ``engine = qwen3vl`` (the defaul
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from jobs.dataset import Item
 from jobs.runner import error_row, tier_label
 from qwen3vl_ray import settings as S
+from qwen3vl_ray.errors import ClusterError, ConfigError
 
 logger = logging.getLogger(__name__)
+
+# One gRPC call to the GCS answers in milliseconds; ray.init waits ~20 s on a token it lacks and minutes on
+# an address where nothing listens.
+PROBE_TIMEOUT_S = 5.0
+_START_HEAD = "start one with `ray start --head`, or pass --address (or RAY_ADDRESS) of a running cluster's head"
+_TOKEN_FIX = ("set RAY_AUTH_MODE=token with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
+              "(`ray get-auth-token` on the head prints it)")
 
 
 def service_config(s: S.Settings, gpus_available: bool = False):
@@ -32,14 +41,76 @@ def _cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def _init_ray(s: S.Settings, address: str | None) -> None:
+def check_cluster(address: str) -> str | None:
+    """Raise ClusterError (one line: the address, the problem, the fix) when no Ray cluster answers at
+    ``address`` (``host:port`` or ``auto``) or it needs a token this process does not send; else return the
+    GCS address probed. Client addresses (``ray://``) and anything the probe cannot judge are left to
+    ``ray.init``."""
+    if "://" in address:
+        return None
+    try:
+        import grpc
+        from ray._private import services
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # another Ray than the one this probe was written against: ray.init decides
+        logger.debug("cannot probe the Ray cluster at %s", address, exc_info=True)
+        return None
+    try:
+        gcs = services.canonicalize_bootstrap_address_or_die(address)
+    except ConnectionError as e:
+        if "multiple" in str(e):
+            raise ClusterError(f"--address {address}: {e}") from None
+        raise ClusterError(f"no Ray cluster is running on this machine (--address {address}); {_START_HEAD}"
+                           ) from None
+    except ValueError as e:
+        raise ConfigError(f"--address {address!r} is not a Ray address ({e}); use auto, HOST:PORT or "
+                          f"ray://HOST:10001") from None
+    with grpc.insecure_channel(gcs) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=PROBE_TIMEOUT_S, metadata=_auth_metadata())
+            return gcs
+        except grpc.RpcError as e:
+            code = e.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        why = "connection refused" if code == grpc.StatusCode.UNAVAILABLE else f"no answer in {PROBE_TIMEOUT_S:g} s"
+        raise ClusterError(f"no Ray cluster at {address} ({gcs}: {why}); {_START_HEAD}")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        if _auth_metadata():
+            raise ClusterError(f"the Ray cluster at {address} rejected this process's token; put the cluster's "
+                               f"token in ~/.ray/auth_token or RAY_AUTH_TOKEN (`ray get-auth-token` on the head "
+                               f"prints it)")
+        raise ClusterError(f"the Ray cluster at {address} requires token authentication and this process sends "
+                           f"no token; {_TOKEN_FIX}")
+    return gcs
+
+
+def _auth_metadata() -> tuple:
+    """The token header Ray's own clients send: only with RAY_AUTH_MODE=token, as Ray does."""
+    try:
+        from ray._private.authentication.grpc_authentication_client_interceptor import (
+            _get_authentication_metadata_tuple)
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+    except ImportError:
+        return ()
+    if get_authentication_mode() != AuthenticationMode.TOKEN:
+        return ()
+    try:
+        return _get_authentication_metadata_tuple()
+    except Exception:  # ray.exceptions.AuthenticationError: the mode is on but no token is set
+        raise ClusterError(f"RAY_AUTH_MODE=token but no token is set; put the cluster's token in "
+                           f"~/.ray/auth_token or RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it)"
+                           ) from None
+
+
+def _init_ray(s: S.Settings, address: str | None, quiet: bool = False) -> None:
     """Attach to ``address`` / ``RAY_ADDRESS`` (as inside ``ray job submit``), else start an embedded Ray.
 
     Embedded means ``address="local"``: a plain ``ray.init()`` would silently attach to any other Ray
     already running on this machine (``/tmp/ray/ray_current_cluster``), someone else's included.
+    Attaching, ``check_cluster`` turns an address without a cluster or a missing token into one line first.
+    ``quiet``: none of Ray's connection messages or the cluster's log lines (a command that prints a table).
     """
-    import os
-
     import ray
 
     if ray.is_initialized():
@@ -55,13 +126,26 @@ def _init_ray(s: S.Settings, address: str | None) -> None:
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": root}}
         if s.metrics_export_port:
             kwargs["_metrics_export_port"] = s.metrics_export_port
-    ray.init(address=address, **kwargs)
+    else:
+        check_cluster(address)
+    if quiet:
+        kwargs.update(logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        ray.init(address=address, **kwargs)
+    except ray.exceptions.AuthenticationError:
+        raise ClusterError(f"the Ray cluster at {address} refused this process's authentication; "
+                           f"{_TOKEN_FIX}") from None
+    except ConnectionError as e:
+        text = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ClusterError(f"cannot attach to the Ray cluster at {address}: {text}") from None
 
 
 def ensure(s: S.Settings, num_workers: int | None = None):
     """Attach to (or start) Ray and make sure the service exists; returns the service handle."""
     from actors.service import ensure_service
 
+    if s.engine == "qwen3vl":
+        S.resolve_checkpoint(s)  # a bad --model is one line now, not a worker's abort after Ray started
     _init_ray(s, s.address)
     cfg = service_config(s, _cluster_has_gpus())
     # Ray is initialised above, so ensure_service only creates (or finds) the actors.
@@ -69,6 +153,12 @@ def ensure(s: S.Settings, num_workers: int | None = None):
 
 
 def start_service(s: S.Settings) -> dict:
+    """Start (or reuse) the detached service on the cluster at ``--address`` / ``RAY_ADDRESS``. Refused
+    without one: on an embedded Ray the detached actors would stop with this command."""
+    if not (s.address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError("`service` needs a running Ray cluster: pass --address (auto, or the head's host:port) "
+                          "or set RAY_ADDRESS; an embedded Ray and its service would stop with this command "
+                          "(`ray start --head` starts a local cluster)")
     handle = ensure(s)
     return handle.state()
 
@@ -79,6 +169,8 @@ class ServiceRunner:
     name = "service"
 
     def __init__(self, settings: S.Settings):
+        if settings.num_workers < 1:  # 0 suits `qwen3vl-ray service` only: a job needs a worker to run on
+            raise ConfigError(f"num_workers must be > 0 for a job, got {settings.num_workers}")
         self.settings = settings
         self.handle = ensure(settings)
 
@@ -132,7 +224,7 @@ def service_row(item_id: str, r: dict) -> dict:
 
 def cluster_status(address: str) -> dict:
     s = S.resolve({"address": address})
-    _init_ray(s, address)
+    _init_ray(s, address, quiet=True)
     from actors.coordinator import COORDINATOR_NAME
     from actors.config import NAMESPACE
     import ray
@@ -140,8 +232,8 @@ def cluster_status(address: str) -> dict:
     try:
         coordinator = ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE)
     except ValueError:
-        raise SystemExit(f"no qwen3vl-ray coordinator on this cluster ({address}); start it with "
-                         f"`qwen3vl-ray service`") from None
+        raise ClusterError(f"no qwen3vl-ray coordinator on the Ray cluster at {address}; start it with "
+                           f"`qwen3vl-ray service --address {address}`") from None
     return _collect(ray.get(coordinator.state.remote()))
 
 

@@ -19,3 +19,8 @@ class CodecError(ValueError):
 
 class CapacityError(ValueError):
     """A single entry or request can never fit, even with everything else evicted."""
+
+
+class ClusterError(ConnectionError):
+    """The Ray cluster cannot be used from here: nothing answers at the address, or it refuses this process
+    (token authentication without the token). The message names the address and the fix."""

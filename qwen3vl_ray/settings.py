@@ -88,6 +88,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "bool": _parse_bool,
     "str": str,
     "path": lambda v: os.path.expanduser(str(v)),
+    "level": lambda v: str(v).strip().upper(),  # a logging level name: "debug" is DEBUG
 }
 
 
@@ -98,7 +99,8 @@ class Option:
     Attributes:
         name: snake_case name, unique.
         section: group in the docs and in ``--help`` (model, tiers, cache, engine, service, jobs).
-        kind: value type: bytes (accepts ``64MiB``), int, float, bool, str, path (``~`` expanded).
+        kind: value type: bytes (accepts ``64MiB``), int, float, bool, str, path (``~`` expanded), level (a
+            logging level name, any case).
         default: value when neither a flag nor the environment sets it (already parsed).
         unit: unit shown in the docs (``bytes``, ``s``, ``tokens``, ...), ``""`` when none.
         help: one sentence; what it does and why one would change it.
@@ -255,10 +257,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("address", "jobs", "str", "", "",
            "Ray cluster to attach to (ray://host:10001, host:6379 or auto); empty = RAY_ADDRESS if set "
            "(as inside `ray job submit`), else an embedded Ray.", "ray.init(address)"),
-    Option("actor_log_level", "service", "str", "INFO", "",
+    Option("actor_log_level", "service", "level", "INFO", "",
            "Log level of the service's actors (coordinator, agents, workers); read from the environment of the "
            "Ray nodes' processes.", "logging", ("DEBUG", "INFO", "WARNING", "ERROR")),
-    Option("log_level", "jobs", "str", "WARNING", "",
+    Option("log_level", "jobs", "level", "WARNING", "",
            "Log level of the CLI and the jobs.", "logging", ("DEBUG", "INFO", "WARNING", "ERROR")),
     Option("metrics_export_port", "jobs", "int", 0, "port",
            "Prometheus port of an embedded Ray (0 = Ray's choice). Ignored when attaching to a cluster.",
@@ -350,11 +352,25 @@ def resolve(overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] |
     return Settings(values, sources)
 
 
+def env_value(name: str, env: Mapping[str, str] | None = None) -> Any:
+    """One option from the environment (else its default), parsed and checked like ``resolve`` does: for what
+    is needed before the rest resolves, such as the CLI's log level."""
+    o = option(name)
+    env = os.environ if env is None else env
+    try:
+        return o.parse(env[o.env] if o.env in env else o.default)
+    except ConfigError as e:
+        raise ConfigError(f"option {o.name} ({o.flag} / {o.env}): {e}") from None
+
+
 def _check(v: Mapping[str, Any]) -> None:
     for name in ("device_bytes", "host_bytes", "block_bytes", "chunk_tokens", "max_pixels", "max_image_bytes",
-                 "max_new_tokens", "num_workers", "batch_size"):
+                 "max_new_tokens", "batch_size"):
         if v[name] <= 0:
             raise ConfigError(f"{name} must be > 0, got {v[name]}")
+    # 0 is for `qwen3vl-ray service` (coordinator and node agents; jobs add their workers): a job checks > 0
+    if v["num_workers"] < 0:
+        raise ConfigError(f"num_workers must be >= 0, got {v['num_workers']}")
     if v["disk_bytes"] < 0:
         raise ConfigError(f"disk_bytes must be >= 0 (0 disables the disk tier), got {v['disk_bytes']}")
     if not (0.0 < v["low_watermark"] <= v["high_watermark"] <= 1.0):
@@ -430,10 +446,12 @@ def is_preset(model: str) -> bool:
 def resolve_checkpoint(s: Settings) -> str:
     """The checkpoint directory for ``s.model``: a preset is generated on first use into
     ``<checkpoint_dir>/<preset>`` (atomic and idempotent, so concurrent workers agree); anything else must
-    be an existing directory."""
+    be an existing directory holding a checkpoint the loader accepts (ConfigError naming what is missing)."""
     model = s.model
     if os.path.isdir(model):
-        return os.path.abspath(model)
+        from qwen3vl_ray.engine.checkpoint import check_checkpoint_dir
+
+        return os.path.abspath(check_checkpoint_dir(model))
     if is_preset(model):
         from qwen3vl_ray.engine.checkpoint import make_checkpoint
 

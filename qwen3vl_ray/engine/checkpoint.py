@@ -43,6 +43,36 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def check_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """Check that ``path`` holds a Qwen3-VL checkpoint the loader accepts, before anything is started for it
+    (Ray, workers): a config.json with a supported ``model_type``, ``*.safetensors`` weights, a tokenizer
+    (tokenizer.json, or vocab.json + merges.txt) and the image processor's preprocessor_config.json.
+
+    Raises ConfigError with one line naming the first missing piece and what ``--model`` accepts: the
+    loader's own failures come much later, from inside a worker, as a C++ stack and an abort.
+    """
+    from qwen3vl_ray.engine.loading import check_checkpoint
+
+    root = Path(path)
+    try:
+        check_checkpoint(root)
+        missing = None
+        if not ((root / "tokenizer.json").is_file() or
+                ((root / "vocab.json").is_file() and (root / "merges.txt").is_file())):
+            missing = "no tokenizer (tokenizer.json, or vocab.json + merges.txt)"
+        elif not (root / "preprocessor_config.json").is_file():
+            missing = "no preprocessor_config.json (the image processor's settings)"
+        if missing:
+            raise FileNotFoundError(f"model path {str(root)!r} has {missing}")
+    except (OSError, ConfigError) as e:
+        from qwen3vl_ray.engine.presets import PRESETS
+
+        raise ConfigError(f"{e}; --model takes a Qwen3-VL checkpoint directory (config.json, *.safetensors, "
+                          f"tokenizer.json, preprocessor_config.json) or a preset ({', '.join(sorted(PRESETS))})"
+                          ) from None
+    return root
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     """The generator's manifest of a complete checkpoint (preset, seed, format)."""
     return json.loads((Path(path) / MANIFEST).read_text())
