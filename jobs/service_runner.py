@@ -149,7 +149,8 @@ def ensure(s: S.Settings, num_workers: int | None = None):
     _init_ray(s, s.address)
     cfg = service_config(s, _cluster_has_gpus())
     # Ray is initialised above, so ensure_service only creates (or finds) the actors.
-    return ensure_service(cfg, num_workers=s.num_workers if num_workers is None else num_workers)
+    return ensure_service(cfg, num_workers=s.num_workers if num_workers is None else num_workers,
+                          worker_start_timeout_s=s.worker_start_timeout_s)
 
 
 def start_service(s: S.Settings) -> dict:

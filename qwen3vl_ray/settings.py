@@ -174,7 +174,9 @@ OPTIONS: tuple[Option, ...] = (
            "TierConfig(disk).capacity_bytes"),
     Option("disk_dir", "tiers", "path", os.path.join(_CACHE_HOME, "disk-tier"), "",
            "Disk-tier directory (local NVMe in production; created 0700; keep it apart from Ray's spill dir). "
-           "Each node uses <disk_dir>/<node id>.",
+           "Node agents keep their tier in <disk_dir>/machine-<machine tag>-<slot>, stable across Ray sessions on "
+           "the same machine and disk; unheld directories of other machines, slots or namespaces are trimmed to "
+           "the disk budget, oldest first.",
            "TierConfig(disk).path"),
     Option("device_codec", "tiers", "str", "none", "",
            "Codec of the device tier.", "TierConfig(device).codec"),
@@ -240,6 +242,10 @@ OPTIONS: tuple[Option, ...] = (
            "GPUs per worker; -1 = 1 when the cluster has GPUs, else 0.", "WorkerConfig.num_gpus"),
     Option("worker_cpus", "service", "float", 0.5, "CPUs",
            "CPUs reserved per worker.", "WorkerConfig.num_cpus"),
+    Option("worker_start_timeout_s", "service", "float", 1800.0, "s",
+           "How long a job waits for its workers' resources (an autoscaling cluster boots and sets up GPU nodes "
+           "for them: minutes); it reports what it is waiting for meanwhile, then gives up with an error.",
+           "ensure_service(worker_start_timeout_s)"),
     Option("max_retries", "service", "int", 2, "",
            "How many other workers a failed request is retried on.", "WorkerConfig.max_retries"),
     Option("period_s", "service", "float", 2.0, "s",
