@@ -3,7 +3,9 @@
     qwen3vl-ray demo                         embedded Ray, tiny checkpoint, cold vs warm + a chat, summary
     qwen3vl-ray infer --input D --output O   a dataset, locally or against --address (same flags as jobs.infer)
     qwen3vl-ray status [--address A]         per-node, per-tier table from the coordinator
-    qwen3vl-ray service [--num-workers N]    start (or reuse) the coordinator, node agents and workers
+    qwen3vl-ray service --address A [--num-workers N]
+                                             start (or reuse) the coordinator, node agents and workers on a
+                                             running cluster (refused on an embedded Ray, which would stop with it)
     qwen3vl-ray make-checkpoint tiny|bench-2b [--path P]
     qwen3vl-ray bench [NAME [ARGS...]]       list the benchmarks, or run one
     qwen3vl-ray config [--markdown]          the resolved settings, or the configuration reference
@@ -101,8 +103,9 @@ def cmd_service(argv: list[str]) -> int:
     from jobs import service_runner
 
     p = argparse.ArgumentParser(prog=f"{PROG} service",
-                                description="Start (or reuse) the coordinator, the node agents and N workers, "
-                                            "then exit; they are detached and keep running.")
+                                description="Start (or reuse) the coordinator, the node agents and N workers "
+                                            "(0: jobs add them) on the running cluster at --address / "
+                                            "RAY_ADDRESS, then exit; they are detached and keep running.")
     S.add_arguments(p)
     args = p.parse_args(argv)
     s = S.from_args(args)

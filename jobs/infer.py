@@ -8,7 +8,8 @@ starts an embedded Ray. ``--address`` attaches to a given cluster instead.
 
 Output columns: id, text, prompt_tokens, completion_tokens, cached_tokens, ttft_s, tier, error. A bad row
 (missing or corrupt image, too large, malformed messages) gets its error in its row and the job goes on;
-``--fail-on-error`` makes the exit status 1 when any row has an error. Finished rows are made durable per
+``--fail-on-error`` makes the exit status 1 when any row has an error (its one line, like the summary, names
+the first failed ids and counts the errors per kind). Finished rows are made durable per
 batch (``jobs.output``): a rerun with the same ``--output`` skips the ids already done (``--retry-errors``
 redoes rows that failed), and a killed job loses no finished row.
 """

@@ -142,10 +142,17 @@ def _init_ray(s: S.Settings, address: str | None, quiet: bool = False) -> None:
 
 def ensure(s: S.Settings, num_workers: int | None = None):
     """Attach to (or start) Ray and make sure the service exists; returns the service handle."""
+    import ray
+
     from actors.service import ensure_service
 
+    # One line, before anything is generated or started: the cluster to attach to (if any), then the model
+    # (a bad --model would otherwise be a worker's abort after Ray started).
+    address = s.address or os.environ.get("RAY_ADDRESS")
+    if address and not ray.is_initialized():
+        check_cluster(address)
     if s.engine == "qwen3vl":
-        S.resolve_checkpoint(s)  # a bad --model is one line now, not a worker's abort after Ray started
+        S.resolve_checkpoint(s)
     _init_ray(s, s.address)
     cfg = service_config(s, _cluster_has_gpus())
     # Ray is initialised above, so ensure_service only creates (or finds) the actors.

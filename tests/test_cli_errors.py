@@ -121,10 +121,16 @@ def test_checkpoint_directory_checks_name_the_missing_piece(tmp_path):
 
 # -- cluster ---------------------------------------------------------------------------------------------------
 
-def test_status_with_nothing_at_the_address_fails_fast_in_one_line():
+def test_nothing_at_the_address_fails_fast_in_one_line(tmp_path):
     port = _closed_port()
     r = _run([CLI, "status", "--address", f"127.0.0.1:{port}"], timeout=60)
     _assert_one_line_error(r, 2, f"no Ray cluster at 127.0.0.1:{port}", "connection refused", "ray start --head")
+    # a job: the cluster is checked before its (preset) checkpoint is generated
+    r = _run([CLI, "infer", "--input", str(ROOT / "jobs/data/prompts.jsonl"), "--output", str(tmp_path / "o.parquet"),
+              "--address", f"127.0.0.1:{port}", "--no-progress"],
+             env=_env(QWEN3VL_RAY_CHECKPOINT_DIR=str(tmp_path / "ckpt")), timeout=60)
+    _assert_one_line_error(r, 2, f"no Ray cluster at 127.0.0.1:{port}", "connection refused")
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_status_with_no_cluster_on_this_machine_is_one_line():
