@@ -46,7 +46,9 @@ def check_cluster(address: str) -> str | None:
     ``address`` (``host:port`` or ``auto``) or it needs a token this process does not send; else return the
     GCS address probed. Client addresses (``ray://``) and anything the probe cannot judge are left to
     ``ray.init``."""
-    if "://" in address:
+    if address.startswith("ray://"):
+        return _check_client_server(address)
+    if "://" in address or address == "local":
         return None
     try:
         import grpc
@@ -85,6 +87,21 @@ def check_cluster(address: str) -> str | None:
     return gcs
 
 
+def _check_client_server(address: str) -> None:
+    """A Ray client address (``ray://host[:10001]``): only whether anything listens there (its protocol and
+    token are ``ray.init``'s to check), so that a wrong one fails at once rather than after Ray's retries."""
+    import socket
+
+    hostport = address.removeprefix("ray://").split("/", 1)[0]
+    host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "10001")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except (OSError, ValueError) as e:
+        raise ClusterError(f"no Ray client server at {address} ({type(e).__name__}: {e}); {_START_HEAD} "
+                           f"(ray://HOST:10001)") from None
+    return None
+
+
 def _auth_metadata() -> tuple:
     """The token header Ray's own clients send: only with RAY_AUTH_MODE=token, as Ray does."""
     try:
@@ -118,9 +135,8 @@ def _init_ray(s: S.Settings, address: str | None, quiet: bool = False) -> None:
     from actors.config import NAMESPACE
 
     kwargs: dict[str, Any] = {"namespace": NAMESPACE, "ignore_reinit_error": True}
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:
-        address = "local"
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
         # embedded: the workers import this checkout; Prometheus port when one was asked for
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": root}}
@@ -163,7 +179,7 @@ def ensure(s: S.Settings, num_workers: int | None = None):
 def start_service(s: S.Settings) -> dict:
     """Start (or reuse) the detached service on the cluster at ``--address`` / ``RAY_ADDRESS``. Refused
     without one: on an embedded Ray the detached actors would stop with this command."""
-    if not (s.address or os.environ.get("RAY_ADDRESS")):
+    if (s.address or os.environ.get("RAY_ADDRESS") or "local") == "local":
         raise ConfigError("`service` needs a running Ray cluster: pass --address (auto, or the head's host:port) "
                           "or set RAY_ADDRESS; an embedded Ray and its service would stop with this command "
                           "(`ray start --head` starts a local cluster)")
