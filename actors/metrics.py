@@ -22,7 +22,6 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 STORE_TAGS = ("node", "tier")
-TAGS = STORE_TAGS  # the tags of every store metric
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Ray's Histogram refuses a boundary <= 0; a ratio of 0 (a cold request) falls in the first bucket.
 RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
@@ -208,10 +207,15 @@ class MetricsSink:
 
 
 def get_or_create_sink():
-    """The cluster's metrics sink (created on first use, then shared by every job)."""
+    """The cluster's metrics sink (created on first use, then shared by every job). It is placed on the
+    creating driver's node (the head, for ``ray job submit``): holding no resources, it would not keep an
+    autoscaled GPU node up, and a restart elsewhere resets its counters."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from actors.config import NAMESPACE
 
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return ray.remote(MetricsSink).options(name=SINK_NAME, namespace=NAMESPACE, lifetime="detached",
-                                           get_if_exists=True, num_cpus=0, max_restarts=-1).remote()
+                                           get_if_exists=True, num_cpus=0, max_restarts=-1,
+                                           scheduling_strategy=here).remote()
