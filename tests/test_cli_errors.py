@@ -125,6 +125,8 @@ def test_nothing_at_the_address_fails_fast_in_one_line(tmp_path):
     port = _closed_port()
     r = _run([CLI, "status", "--address", f"127.0.0.1:{port}"], timeout=60)
     _assert_one_line_error(r, 2, f"no Ray cluster at 127.0.0.1:{port}", "connection refused", "ray start --head")
+    r = _run([CLI, "status", "--address", f"ray://127.0.0.1:{port}"], timeout=60)  # a Ray client address
+    _assert_one_line_error(r, 2, f"no Ray client server at ray://127.0.0.1:{port}", "Connection refused")
     # a job: the cluster is checked before its (preset) checkpoint is generated
     r = _run([CLI, "infer", "--input", str(ROOT / "jobs/data/prompts.jsonl"), "--output", str(tmp_path / "o.parquet"),
               "--address", f"127.0.0.1:{port}", "--no-progress"],
