@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from qwen3vl_ray.engine.images import load_image
-from qwen3vl_ray.engine.requests import validate_messages
+from qwen3vl_ray.engine.requests import RequestError, validate_messages
 from qwen3vl_ray.keys import ImageSpan, content_hash
 
 
@@ -66,6 +66,38 @@ def _template_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, A
                 items.append({"type": "text", "text": item["text"]})
         out.append({"role": m["role"], "content": items})
     return out, images
+
+
+def _image_places(messages: list[dict[str, Any]]) -> list[str]:
+    """``messages[i].content[j]`` of each image item, in the order ``_template_messages`` returns them."""
+    return [f"messages[{i}].content[{j}]" for i, m in enumerate(messages) if not isinstance(m["content"], str)
+            for j, item in enumerate(m["content"]) if item["type"] == "image"]
+
+
+def _vision_tokens(processor: Any) -> list[str]:
+    """The tokens only the template may write: typed in text they would become image placeholders."""
+    names = ("image_token", "video_token", "vision_start_token", "vision_end_token")
+    return [t for t in (getattr(processor, n, None) for n in names) if t]
+
+
+def check_text(messages: list[dict[str, Any]], processor: Any) -> None:
+    """Refuse text items that contain a vision token (``<|image_pad|>``, ``<|vision_start|>``, ...).
+
+    Plain transformers renders such text into the prompt as the real token, so ``<|image_pad|>`` counts
+    as an image placeholder: with no image to fill it the processor raises ``ValueError`` (a count
+    mismatch), or the model does at generate. Their ids cannot be told apart from the template's, so
+    the request is refused with a :class:`RequestError` naming the token and where it was typed. Chat
+    control tokens (``<|im_start|>``, ``<|im_end|>``) are left as transformers leaves them."""
+    tokens = _vision_tokens(processor)
+    for i, m in enumerate(messages):
+        content = m["content"]
+        texts = [(f"messages[{i}].content", content)] if isinstance(content, str) else [
+            (f"messages[{i}].content[{j}].text", item["text"]) for j, item in enumerate(content) if item["type"] == "text"]
+        for where, text in texts:
+            for token in tokens:
+                if token in text:
+                    raise RequestError(f"{where} contains the vision token {token!r}, which only the chat template "
+                                       "may place (one per image item); remove it or pass the image as an image item")
 
 
 class ImageMemo:
@@ -121,11 +153,14 @@ def build_prompt(processor: Any, messages: list[dict[str, Any]], max_pixels: int
                  memo: ImageMemo | None = None) -> Prompt:
     """Validate ``messages``, load their images and preprocess them. Raises RequestError / ImageError.
 
+    The image-token counts below are invariants once ``check_text`` has refused vision tokens in user text.
+
     Same result as ``processor(text=..., images=...)`` (each image is preprocessed on its own, as the
     processor does, and its placeholder expanded to grid_t*grid_h*grid_w / merge^2 tokens)."""
     validate_messages(messages)
+    check_text(messages, processor)
     tmpl, image_items = _template_messages(messages)
-    pil_images = [load_image(item, max_pixels) for item in image_items]
+    pil_images = [load_image(item, max_pixels, where) for item, where in zip(image_items, _image_places(messages))]
     text = processor.apply_chat_template(tmpl, tokenize=False, add_generation_prompt=True)
     pre = [_preprocess(processor, img, memo) for img in pil_images]
     merge = int(getattr(processor.image_processor, "merge_size", 2))

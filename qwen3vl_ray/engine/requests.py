@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -13,15 +15,63 @@ class RequestError(ValueError):
     """A request is malformed (empty messages, unknown role or content type, bad sampling value)."""
 
 
+#: torch.Generator.manual_seed takes any value in [0, 2**64); a seed outside it is a caller mistake.
+_SEED_LIMIT = 1 << 64
+
+
+def _int_field(name: str, value: Any) -> int:
+    # bool is an int subclass: max_new_tokens=True would silently mean 1
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise RequestError(f"{name} must be an int, got {type(value).__name__} {value!r:.40}")
+    return int(value)
+
+
+def _real_field(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise RequestError(f"{name} must be a number, got {type(value).__name__} {value!r:.40}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise RequestError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def _check_sampling_field(name: str, value: Any) -> Any:
+    """The validated (and normalised: numpy scalars become int/float) value of one SamplingParams field."""
+    if name == "max_new_tokens":
+        value = _int_field(name, value)
+        if value < 1:
+            raise RequestError(f"max_new_tokens must be >= 1, got {value}")
+    elif name == "temperature":
+        value = _real_field(name, value)
+        if value < 0:
+            raise RequestError(f"temperature must be >= 0, got {value!r}")
+    elif name == "top_p":
+        value = _real_field(name, value)
+        if not 0.0 < value <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {value!r}")
+    elif name == "seed":
+        if value is not None:
+            value = _int_field(name, value)
+            if not 0 <= value < _SEED_LIMIT:
+                raise RequestError(f"seed must be in [0, 2**64), got {value}")
+    elif name == "stop_on_eos":
+        if not isinstance(value, bool):
+            raise RequestError(f"stop_on_eos must be a bool, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
 @dataclass
 class SamplingParams:
     """Decoding settings. Greedy by default.
 
+    Every field is checked when set (on construction and on any later assignment): a wrong type, NaN,
+    infinity or a value out of range raises :class:`RequestError` naming the field and the value.
+
     Attributes:
-        max_new_tokens: tokens to generate at most (default 32, >= 1).
-        temperature: 0 means greedy (default 0.0); > 0 samples from softmax(logits / temperature).
+        max_new_tokens: tokens to generate at most (default 32, an int >= 1; a bool is refused).
+        temperature: 0 means greedy (default 0.0); > 0 samples from softmax(logits / temperature). Finite.
         top_p: nucleus mass kept when sampling, in (0, 1] (default 1.0).
-        seed: seed of this request's sampler; None draws from torch's global generator.
+        seed: seed of this request's sampler, an int in [0, 2**64); None draws from torch's global generator.
         stop_on_eos: stop at the model's end-of-sequence tokens (default True).
     """
 
@@ -31,13 +81,10 @@ class SamplingParams:
     seed: int | None = None
     stop_on_eos: bool = True
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Checked per field on every assignment (the dataclass __init__ assigns each field), so a value
+        # changed after construction cannot reach the sampler unchecked.
+        super().__setattr__(name, _check_sampling_field(name, value))
 
     @property
     def greedy(self) -> bool:
