@@ -15,14 +15,14 @@ class RequestError(ValueError):
     """A request is malformed (empty messages, unknown role or content type, bad sampling value)."""
 
 
-#: torch.Generator.manual_seed takes any value in [0, 2**64); a seed outside it is a caller mistake.
-_SEED_LIMIT = 1 << 64
+#: the seeds torch.Generator.manual_seed takes, [-2**63, 2**64); one outside is a caller mistake.
+_SEED_RANGE = range(-(1 << 63), 1 << 64)
 
 
-def _int_field(name: str, value: Any) -> int:
+def _int_field(name: str, value: Any, what: str = "an int") -> int:
     # bool is an int subclass: max_new_tokens=True would silently mean 1
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise RequestError(f"{name} must be an int, got {type(value).__name__} {value!r:.40}")
+        raise RequestError(f"{name} must be {what}, got {type(value).__name__} {value!r:.40}")
     return int(value)
 
 
@@ -38,9 +38,9 @@ def _real_field(name: str, value: Any) -> float:
 def _check_sampling_field(name: str, value: Any) -> Any:
     """The validated (and normalised: numpy scalars become int/float) value of one SamplingParams field."""
     if name == "max_new_tokens":
-        value = _int_field(name, value)
+        value = _int_field(name, value, "an int >= 1")
         if value < 1:
-            raise RequestError(f"max_new_tokens must be >= 1, got {value}")
+            raise RequestError(f"max_new_tokens must be an int >= 1, got {value}")
     elif name == "temperature":
         value = _real_field(name, value)
         if value < 0:
@@ -52,8 +52,8 @@ def _check_sampling_field(name: str, value: Any) -> Any:
     elif name == "seed":
         if value is not None:
             value = _int_field(name, value)
-            if not 0 <= value < _SEED_LIMIT:
-                raise RequestError(f"seed must be in [0, 2**64), got {value}")
+            if value not in _SEED_RANGE:
+                raise RequestError(f"seed must be in [-2**63, 2**64), got {value}")
     elif name == "stop_on_eos":
         if not isinstance(value, bool):
             raise RequestError(f"stop_on_eos must be a bool, got {type(value).__name__} {value!r:.40}")
@@ -71,7 +71,7 @@ class SamplingParams:
         max_new_tokens: tokens to generate at most (default 32, an int >= 1; a bool is refused).
         temperature: 0 means greedy (default 0.0); > 0 samples from softmax(logits / temperature). Finite.
         top_p: nucleus mass kept when sampling, in (0, 1] (default 1.0).
-        seed: seed of this request's sampler, an int in [0, 2**64); None draws from torch's global generator.
+        seed: seed of this request's sampler, an int in [-2**63, 2**64) as torch takes; None draws from torch's global generator.
         stop_on_eos: stop at the model's end-of-sequence tokens (default True).
     """
 
