@@ -91,6 +91,7 @@ def test_sigkill_writer_never_leaves_bad_entries(tmp_path):
         assert not list(tier.dir.rglob("*.tmp")), "temp files of the dead writer survived the restart"
         total_served += verify(tier)
         stray_removed += s["stray_tmp_removed"]
+        tier.close()  # one process per directory: the next writer (another process) needs the lock
         assert time.monotonic() < deadline
     assert total_served > ROUNDS  # the test really stored and served entries
     assert stray_removed >= 1  # and at least one kill landed inside a write

@@ -354,7 +354,7 @@ def test_failed_write_leaves_no_temp_and_loses_nothing(tmp_path, monkeypatch):
 def test_directory_fsync_failure_after_rename_keeps_the_entry(tmp_path, monkeypatch):
     t = disk(tmp_path, fsync=True)
 
-    def broken(path):
+    def broken(*args):
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(disk_mod, "_fsync_dir", broken)

@@ -2,8 +2,26 @@
 
 Crash safety: a store writes a temp file in the entry's directory, fsyncs it, renames it over the final
 name and fsyncs the directory, so a file with the final name is always complete (a kill leaves at most a
-temp file, removed at the next start). Every read checks the header checksum, the file length and the
-payload's xxh3_128 checksum; a file that fails is removed, counted in ``corrupt`` and served as a miss.
+temp file, removed at the next start). A new 2-hex directory is fsynced in its parent, and a remove fsyncs
+the entry's directory, so a power loss neither loses a committed entry nor brings back a removed one.
+Every read checks the header checksum, the file length and the payload's xxh3_128 checksum; a file that
+fails is removed, counted in ``corrupt`` and served as a miss.
+
+Trust (fails closed): the root and the namespace directory must be this user's and writable by nobody
+else (``disk_home.open_private_root``/``open_private_subdir``: anything else is refused in one line naming
+the path and the fix). The namespace directory is held open and every entry is reached relative to that
+descriptor, so renaming directories under a live tier never redirects it. Entry files are opened with
+``O_NOFOLLOW | O_NONBLOCK`` and served only if they are regular files of this user; anything else under an
+entry's name (a link, a FIFO, another user's file) is unlinked, counted in ``unsafe`` and a miss, never a
+hang. A 2-hex sub-directory that is a link is removed at start-up, never followed; one of another owner
+is refused. Every OS error on a read is a counted miss (``io_errors``) and the entry leaves the index
+(except the process-wide, passing ones: out of descriptors or memory); on a store, a failed put.
+
+One process per directory: the tier holds an exclusive ``flock`` on its namespace directory
+(``disk_home.lock_dir``), so a second process fails at once with ``DirectoryInUseError`` instead of
+storing a second budget's worth. Tiers of one process share the lock. Temp files carry a random token of
+the process that wrote them: at start-up (lock held, so no other process writes here) every temp file
+without this process' token is a dead writer's and is removed. No PIDs, so a reused PID keeps nothing.
 
 Restart: the index (key -> file size) is rebuilt from the directory by reading headers only, so a new
 process serves what the last one left. Only this namespace's directory is read; a header whose namespace
@@ -13,18 +31,22 @@ Budget: ``used_bytes`` counts whole files (header + payload) plus stores in flig
 (``False``) if it would take the directory over ``capacity_bytes`` even for a moment.
 
 Threads: one lock guards the index and the accounting; file I/O runs outside it except the rename that
-publishes a store and the unlink of a remove. A reader opens by path, so a concurrent replace gives it
-either the old or the new complete file. One writing process per directory.
+publishes a store and the unlink of a remove or a drop. A reader opens by name, so a concurrent replace
+gives it either the old or the new complete file.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import logging
 import math
 import os
+import re
+import stat
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,6 +59,7 @@ from qwen3vl_ray.codecs.base import dtype_from_name, dtype_name
 from qwen3vl_ray.errors import CapacityError, CodecError, CorruptEntryError
 from qwen3vl_ray.keys import CacheKey, Namespace, key_from_hex, key_hex, validate_key
 from qwen3vl_ray.tiers import disk_format as fmt
+from qwen3vl_ray.tiers import disk_home
 from qwen3vl_ray.tiers.base import PreparedStore, Tier
 from qwen3vl_ray.tiers.config import TierConfig
 
@@ -45,26 +68,37 @@ log = logging.getLogger(__name__)
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 TMP_SUFFIX = ".tmp"
-_OPEN_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-_OPEN_WRITE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# O_NONBLOCK: a FIFO planted under an entry's name opens at once (then fails the regular-file check) instead
+# of waiting forever for a writer; on a regular file it changes nothing.
+_OPEN_READ = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
+_OPEN_WRITE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+_OPEN_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
+_HEX2 = re.compile(r"^[0-9a-f]{2}$")
+# Errors of the process, not of the entry: a miss, but the file is fine and stays indexed.
+_PASSING = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.ENOBUFS})
 
 
-def _private_dir(path: Path) -> None:
-    """Create ``path`` (and parents) mode 0700; tighten it if it exists but is wider (the tier owns it)."""
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    if (path.stat().st_mode & 0o777) != DIR_MODE:
-        os.chmod(path, DIR_MODE)
+class UnsafeEntryError(CorruptEntryError):
+    """Something other than this user's regular file lies under an entry's name (link, FIFO, foreign file)."""
 
 
-def _root_dir(path: Path) -> None:
-    """The configured root: created 0700 when missing, left as it is when it exists (it may be the user's
-    ``/tmp`` or a shared mount). Privacy comes from the per-namespace directory below it, always 0700."""
-    if not path.exists():
-        path.mkdir(mode=DIR_MODE, parents=True)
+_token_of: tuple[int, str] = (-1, "")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+def _process_token() -> str:
+    """16 random hex characters naming this process in temp-file names (new after a fork)."""
+    global _token_of
+    pid = os.getpid()
+    if _token_of[0] != pid:
+        _token_of = (pid, os.urandom(8).hex())
+    return _token_of[1]
+
+
+def _fsync_dir(name: str, dir_fd: int) -> None:
+    """fsync the directory ``name`` (``"."``: ``dir_fd`` itself) inside the directory open as ``dir_fd``."""
+    fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
     try:
         os.fsync(fd)
     finally:
@@ -151,16 +185,6 @@ def _write_and_hash(fd: int, view: memoryview, offset: int) -> bytes:
     return h.digest()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class DiskTier(Tier):
     """Entries as checksummed files under ``cfg.path``. Built by :func:`~qwen3vl_ray.tiers.factory.make_tier`."""
 
@@ -168,7 +192,11 @@ class DiskTier(Tier):
 
     def __init__(self, cfg: TierConfig, namespace: Namespace, lease: Any = None) -> None:
         """``lease``: anything with ``release()`` held for the tier's life and released by :meth:`close`
-        (the :class:`~qwen3vl_ray.tiers.disk_home.DiskHome` that ``cfg.path`` is)."""
+        (the :class:`~qwen3vl_ray.tiers.disk_home.DiskHome` that ``cfg.path`` is).
+
+        Raises :class:`~qwen3vl_ray.tiers.disk_home.UnsafeDirectoryError` when the root or the namespace
+        directory is not this user's alone, and :class:`~qwen3vl_ray.tiers.disk_home.DirectoryInUseError`
+        when another process holds the directory."""
         if cfg.kind != "disk" or not cfg.path:
             raise ValueError(f"DiskTier needs a disk TierConfig with a path, got kind={cfg.kind!r} path={cfg.path!r}")
         self.cfg = cfg
@@ -177,90 +205,145 @@ class DiskTier(Tier):
         self.capacity_bytes = cfg.capacity_bytes
         self.codec = make_codec(cfg.codec)
         self._raw = self.codec.name == "none"
-        self.root = Path(cfg.path)
-        _root_dir(self.root)
+        self.root = Path(os.path.expanduser(cfg.path))
         self.dir = self.root / namespace.hex
-        _private_dir(self.dir)
         self._dir_str = str(self.dir)
+        self._uid = os.geteuid()
+        root_fd = disk_home.open_private_root(self.root, fsync=cfg.fsync)
+        try:
+            self._dfd = disk_home.open_private_subdir(root_fd, namespace.hex, self.dir, fsync=cfg.fsync)
+        finally:
+            os.close(root_fd)
+        # Closed only when the tier is collected: close() may race a reader still using the descriptor.
+        self._close_fd = weakref.finalize(self, os.close, self._dfd)
+        try:
+            lock = disk_home.lock_dir(self._dfd, self.dir)
+        except BaseException:
+            self._close_fd()
+            raise
+        self._unlock = weakref.finalize(self, lock.release)
+        self._closed = False
         self._index: dict[CacheKey, int] = {}  # key -> file size in bytes (header + payload)
         self._used = 0
         self._reserved = 0
         self._lock = threading.Lock()
         self._tmp_ids = itertools.count()
-        self._c = dict(puts=0, gets=0, hits=0, misses=0, rejected=0, removes=0, corrupt=0, io_errors=0,
+        self._c = dict(puts=0, gets=0, hits=0, misses=0, rejected=0, removes=0, corrupt=0, unsafe=0, io_errors=0,
                        bytes_written=0, bytes_read=0, recovered=0, stray_tmp_removed=0, trimmed_on_start=0)
-        self._rebuild()
+        try:
+            self._rebuild()
+        except BaseException:
+            self._unlock()
+            raise
 
     # -- paths -----------------------------------------------------------------------------------
     def path_of(self, key: CacheKey) -> Path:
-        return Path(self._path_str(key))
+        """Where the entry of ``key`` lies (for people and tests; the tier itself opens names relative to
+        the namespace directory's descriptor)."""
+        return Path(f"{self._dir_str}/{self._rel(key)}")
 
-    def _path_str(self, key: CacheKey) -> str:
+    @staticmethod
+    def _rel(key: CacheKey) -> str:
         h = key_hex(key)
-        return f"{self._dir_str}/{h[:2]}/{h}{fmt.SUFFIX}"
+        return f"{h[:2]}/{h}{fmt.SUFFIX}"
 
     # -- start-up --------------------------------------------------------------------------------
     def _rebuild(self) -> None:
         found: list[tuple[float, CacheKey, int]] = []
-        for sub in self.dir.iterdir():
-            if not sub.is_dir() or sub.is_symlink():
+        with os.scandir(self._dfd) as it:
+            subs = sorted(e.name for e in it if _HEX2.match(e.name))
+        for name in subs:
+            sfd = self._open_subdir_at_start(name)
+            if sfd is None:
                 continue
-            for f in sub.iterdir():
-                name = f.name
-                if name.endswith(TMP_SUFFIX):
-                    self._remove_stray_tmp(f)
-                    continue
-                if not name.endswith(fmt.SUFFIX):
-                    continue
-                try:
-                    key = key_from_hex(name[: -len(fmt.SUFFIX)])
-                except ValueError:
-                    continue  # not ours to judge
-                if name[:2] != sub.name:
-                    self._drop_corrupt(f, None, "file lies in the wrong directory")
-                    continue
-                try:
-                    fd = os.open(f, _OPEN_READ)
-                except OSError as exc:  # e.g. a symlink (O_NOFOLLOW): never followed, never served
-                    log.warning("disk tier: cannot open %s at start-up: %s", f, exc)
-                    continue
-                try:
-                    st = os.fstat(fd)
-                    self._check(fmt.decode_header(os.pread(fd, fmt.MAX_HEADER, 0)), key, st.st_size)
-                except CorruptEntryError as exc:
-                    self._drop_corrupt(f, st, str(exc))
-                    continue
-                except OSError as exc:  # a directory named like an entry, an I/O error: skip, keep going
-                    log.warning("disk tier: cannot read %s at start-up: %s", f, exc)
-                    continue
-                finally:
-                    os.close(fd)
-                found.append((st.st_mtime, key, st.st_size))
+            try:
+                self._scan_subdir(name, sfd, found)
+            finally:
+                os.close(sfd)
         self._index = {k: size for _, k, size in found}
         self._used = sum(size for _, _, size in found)
         if self._used > self.capacity_bytes:  # budget shrank since the files were written: oldest go
             for _, key, size in sorted(found):
                 if self._used <= self.capacity_bytes:
                     break
-                self._unlink_quiet(self.path_of(key))
+                self._unlink_quiet(self._rel(key))
                 del self._index[key]
                 self._used -= size
                 self._c["trimmed_on_start"] += 1
         self._c["recovered"] = len(self._index)
-        log.info("disk tier %s: %d entries (%d bytes) recovered, %d corrupt removed, %d temp files removed",
-                 self.dir, len(self._index), self._used, self._c["corrupt"], self._c["stray_tmp_removed"])
+        log.info("disk tier %s: %d entries (%d bytes) recovered, %d corrupt and %d unsafe removed, %d temp files "
+                 "removed", self.dir, len(self._index), self._used, self._c["corrupt"], self._c["unsafe"],
+                 self._c["stray_tmp_removed"])
 
-    def _remove_stray_tmp(self, f: Path) -> None:
-        # Temp names are ".<hex>.<pid>.<n>.tmp": a live writer's in-flight file is left alone.
-        parts = f.name.split(".")
-        try:
-            pid = int(parts[-3])
-        except (ValueError, IndexError):
-            pid = -1
-        if pid == os.getpid() or (pid > 0 and _pid_alive(pid)):
-            return
-        self._unlink_quiet(f)
-        self._c["stray_tmp_removed"] += 1
+    def _open_subdir_at_start(self, name: str) -> int | None:
+        """A 2-hex sub-directory's descriptor; a link there is removed (never followed), another user's
+        directory refused (we cannot empty it, and what it holds is not ours)."""
+        st = os.stat(name, dir_fd=self._dfd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            log.warning("disk tier: %s/%s is a symbolic link; removed, never followed", self.dir, name)
+            self._unlink_quiet(name)
+            self._c["unsafe"] += 1
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            return None  # a file by that name: stores under this prefix fail (counted), nothing is served
+        return disk_home.open_private_subdir(self._dfd, name, self.dir / name, create=False, fsync=False)
+
+    def _scan_subdir(self, sub: str, sfd: int, found: list) -> None:
+        token = _process_token()
+        with os.scandir(sfd) as it:
+            names = [e.name for e in it]
+        for name in names:
+            rel = f"{sub}/{name}"
+            if name.endswith(TMP_SUFFIX):
+                # ".<hex>.<token>.<n>.tmp": we hold the directory's lock, so only this process writes here;
+                # a temp file without our token is a dead writer's.
+                parts = name.split(".")
+                if len(parts) < 4 or parts[-3] != token:
+                    self._unlink_quiet(rel)
+                    self._c["stray_tmp_removed"] += 1
+                continue
+            if not name.endswith(fmt.SUFFIX):
+                continue
+            try:
+                key = key_from_hex(name[: -len(fmt.SUFFIX)])
+            except ValueError:
+                continue  # not ours to judge
+            if name[:2] != sub:
+                self._drop(rel, None, "file lies in the wrong directory")
+                continue
+            try:
+                fd = os.open(rel, _OPEN_READ, dir_fd=self._dfd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EACCES, errno.EPERM):  # a link, a socket, not ours
+                    self._drop(rel, None, f"cannot be opened safely ({exc.strerror})", unsafe=True)
+                else:
+                    log.warning("disk tier: cannot open %s/%s at start-up: %s", self.dir, rel, exc)
+                continue
+            st = None
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISDIR(st.st_mode):
+                    continue  # a directory named like an entry: not ours to judge, never served
+                self._check_file(st)
+                self._check(fmt.decode_header(os.pread(fd, fmt.MAX_HEADER, 0)), key, st.st_size)
+            except UnsafeEntryError as exc:
+                self._drop(rel, st, str(exc), unsafe=True)
+                continue
+            except CorruptEntryError as exc:
+                self._drop(rel, st, str(exc))
+                continue
+            except OSError as exc:  # an I/O error: skip, keep going
+                log.warning("disk tier: cannot read %s/%s at start-up: %s", self.dir, rel, exc)
+                continue
+            finally:
+                os.close(fd)
+            found.append((st.st_mtime, key, st.st_size))
+
+    def _check_file(self, st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeEntryError(f"not a regular file (mode {st.st_mode:o})")
+        if st.st_uid != self._uid:
+            raise UnsafeEntryError(f"file belongs to uid {st.st_uid}, not this user")
 
     def _check(self, h: fmt.EntryHeader, key: CacheKey, size: int) -> None:
         if h.key != key:
@@ -307,7 +390,7 @@ class DiskTier(Tier):
     def complete_store(self, prepared: PreparedStore) -> bool:
         size = prepared.nbytes
         with self._lock:
-            if self._used + self._reserved + size > self.capacity_bytes:
+            if self._closed or self._used + self._reserved + size > self.capacity_bytes:
                 self._c["rejected"] += 1
                 return False
             self._reserved += size
@@ -322,16 +405,17 @@ class DiskTier(Tier):
         data = memoryview(_np_bytes(prepared.payload) if self._raw else prepared.payload).cast("B")
         spec = self.codec.spec()
         hlen = fmt.header_len(meta["dtype"], spec, len(meta["shape"]))
-        final = self._path_str(key)
-        sub = os.path.dirname(final)
-        tmp = f"{sub}/.{os.path.basename(final)[: -len(fmt.SUFFIX)]}.{os.getpid()}.{next(self._tmp_ids)}{TMP_SUFFIX}"
+        dfd = self._dfd
+        final = self._rel(key)
+        sub = final[:2]
+        tmp = f"{sub}/.{final[3: -len(fmt.SUFFIX)]}.{_process_token()}.{next(self._tmp_ids)}{TMP_SUFFIX}"
         fd, published = -1, False
         try:
             try:
-                fd = os.open(tmp, _OPEN_WRITE, FILE_MODE)
+                fd = os.open(tmp, _OPEN_WRITE, FILE_MODE, dir_fd=dfd)
             except FileNotFoundError:  # first entry under this 2-hex-digit prefix
-                _private_dir(Path(sub))
-                fd = os.open(tmp, _OPEN_WRITE, FILE_MODE)
+                self._make_subdir(sub)
+                fd = os.open(tmp, _OPEN_WRITE, FILE_MODE, dir_fd=dfd)
             try:
                 # Payload first (hashed chunk by chunk as it goes out), then the header that carries its
                 # checksum. Nobody can see the file before the rename, so the order is safe.
@@ -343,7 +427,7 @@ class DiskTier(Tier):
             finally:
                 os.close(fd)
             with self._lock:
-                os.replace(tmp, final)
+                os.replace(tmp, final, src_dir_fd=dfd, dst_dir_fd=dfd)
                 old = self._index.get(key)
                 self._index[key] = prepared.nbytes
                 self._used += prepared.nbytes - (old or 0)
@@ -351,7 +435,7 @@ class DiskTier(Tier):
                 self._c["bytes_written"] += prepared.nbytes
             published = True
             if self.cfg.fsync:
-                _fsync_dir(sub)  # makes the rename durable; the file is complete either way
+                _fsync_dir(sub, dfd)  # makes the rename durable; the file is complete either way
         except OSError:
             if published:  # only the directory fsync failed: the entry is complete, indexed and served
                 log.warning("disk tier: directory fsync after storing %s failed", key_hex(key), exc_info=True)
@@ -371,38 +455,48 @@ class DiskTier(Tier):
             raise
         return True
 
+    def _make_subdir(self, sub: str) -> None:
+        """Create the 2-hex directory ``sub`` (0700), durable in its parent before any entry lands in it.
+        Raises ``OSError`` (a failed put) if what is there is a link or not ours."""
+        try:
+            os.close(disk_home.open_private_subdir(self._dfd, sub, self.dir / sub, fsync=self.cfg.fsync))
+        except disk_home.UnsafeDirectoryError as exc:
+            raise OSError(errno.EPERM, str(exc)) from exc
+
     # -- reads -----------------------------------------------------------------------------------
     def get(self, key: CacheKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
         key = validate_key(key)
         with self._lock:
             self._c["gets"] += 1
-            present = key in self._index
+            present = key in self._index and not self._closed
             if not present:
                 self._c["misses"] += 1
         if not present:
             return None
-        path = self._path_str(key)
+        rel = self._rel(key)
         try:
-            fd = os.open(path, _OPEN_READ)
+            fd = os.open(rel, _OPEN_READ, dir_fd=self._dfd)
         except FileNotFoundError:  # removed under us (concurrent remove, or by hand)
-            self._forget_missing(key, path)
+            self._forget_missing(key, rel)
+            return None
+        except OSError as exc:  # a link (ELOOP), a socket (ENXIO), no permission, out of descriptors, ...
+            self._read_failed(key, rel, None, exc)
             return None
         st = None
         try:
             st = os.fstat(fd)
+            self._check_file(st)
             h = fmt.decode_header(os.pread(fd, fmt.MAX_HEADER, 0))
             self._check(h, key, st.st_size)
             result = self._read_payload(fd, h, out)
+        except UnsafeEntryError as exc:
+            self._drop(rel, st, str(exc), key, unsafe=True)
+            return None
         except (CorruptEntryError, CodecError) as exc:
-            self._drop_corrupt(path, st, str(exc), key)
+            self._drop(rel, st, str(exc), key)
             return None
         except OSError as exc:
-            # A failing device (EIO) is a miss, counted, not an exception through the cache; the file stays
-            # (it may read fine later, and it is checksummed whenever it does).
-            log.warning("disk tier read of %s failed: %s", path, exc)
-            with self._lock:
-                self._c["io_errors"] += 1
-                self._c["misses"] += 1
+            self._read_failed(key, rel, st, exc)
             return None
         finally:
             os.close(fd)
@@ -456,46 +550,85 @@ class DiskTier(Tier):
 
     def remove(self, key: CacheKey) -> bool:
         key = validate_key(key)
+        rel = self._rel(key)
         with self._lock:
             size = self._index.pop(key, None)
             if size is None:
                 return False
             self._used -= size
             self._c["removes"] += 1
-            self._unlink_quiet(self.path_of(key))
+            self._unlink_quiet(rel)
+        if self.cfg.fsync:  # a power loss must not bring the entry back
+            try:
+                _fsync_dir(rel[:2], self._dfd)
+            except OSError:
+                log.warning("disk tier: directory fsync after removing %s failed", rel, exc_info=True)
+                with self._lock:
+                    self._c["io_errors"] += 1
         return True
 
     # -- failure handling ---------------------------------------------------------------------------
-    def _drop_corrupt(self, path: Path | str, st: os.stat_result | None, why: str, key: CacheKey | None = None) -> None:
-        log.warning("disk tier: corrupt entry %s removed (%s)", path, why)
+    def _read_failed(self, key: CacheKey, rel: str, st: os.stat_result | None, exc: OSError) -> None:
+        """An OS error reading ``key``: a counted miss, never an exception. The entry leaves the index (its
+        file removed, so the budget stays true) unless the error is the process' own and passing."""
+        if exc.errno in _PASSING:
+            log.warning("disk tier read of %s/%s failed (%s); entry kept", self.dir, rel, exc)
+            with self._lock:
+                self._c["io_errors"] += 1
+                self._c["misses"] += 1
+            return
         with self._lock:
-            self._c["corrupt"] += 1
+            self._c["io_errors"] += 1
+        self._drop(rel, st, f"read failed: {exc}", key, unsafe=exc.errno in (errno.ELOOP, errno.ENXIO), counted=False)
+
+    def _drop(self, rel: str, st: os.stat_result | None, why: str, key: CacheKey | None = None,
+              unsafe: bool = False, counted: bool = True) -> None:
+        """Remove the file at ``rel`` (relative to the namespace directory) that was judged bad, and its
+        index entry; a miss when ``key`` is given. ``counted``: in ``unsafe`` or ``corrupt``."""
+        log.warning("disk tier: %s entry %s/%s removed (%s)", "unsafe" if unsafe else "bad", self.dir, rel, why)
+        with self._lock:
+            if counted:
+                self._c["unsafe" if unsafe else "corrupt"] += 1
             if key is not None:
                 self._c["misses"] += 1
             try:
-                now = os.stat(path, follow_symlinks=False)
-            except FileNotFoundError:
+                now = os.stat(rel, dir_fd=self._dfd, follow_symlinks=False)
+            except OSError:
                 now = None
-            # Unlink only the file we judged: a concurrent store may have just renamed a good one in.
+            # Unlink only the file we judged: a concurrent store may have just renamed a good one in. Both
+            # renames and drops happen under this lock, so what is here now is what the index describes.
             if now is not None and (st is None or (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)):
-                self._unlink_quiet(path)
+                if not stat.S_ISDIR(now.st_mode):
+                    self._unlink_quiet(rel)
                 if key is not None and key in self._index:
                     self._used -= self._index.pop(key)
-
-    def _forget_missing(self, key: CacheKey, path: str) -> None:
-        with self._lock:
-            self._c["misses"] += 1
-            if key in self._index and not os.path.lexists(path):
+            elif now is None and key is not None and key in self._index:
                 self._used -= self._index.pop(key)
 
-    @staticmethod
-    def _unlink_quiet(path: Path) -> None:
+    def _forget_missing(self, key: CacheKey, rel: str) -> None:
+        with self._lock:
+            self._c["misses"] += 1
+            try:
+                os.stat(rel, dir_fd=self._dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                if key in self._index:
+                    self._used -= self._index.pop(key)
+            except OSError:
+                pass
+
+    def _unlink_quiet(self, rel: str) -> None:
         try:
-            os.unlink(path)
+            os.unlink(rel, dir_fd=self._dfd)
         except FileNotFoundError:
             pass
+        except OSError:
+            log.warning("disk tier: cannot remove %s/%s", self.dir, rel, exc_info=True)
 
     def close(self) -> None:
+        """Stop serving and storing, and let the directory (and the lease) go for the next process. Idempotent."""
+        with self._lock:
+            self._closed = True
+        self._unlock()
         if self.lease is not None:
             self.lease.release()
 
