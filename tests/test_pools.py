@@ -105,10 +105,30 @@ def test_zero_on_release_clears_slot():
     assert h2.slot == 0 and int(h2.tensor.abs().sum()) == 0
 
 
-def test_no_zeroing_keeps_bytes_by_default():
-    pool = BlockPool((3,), torch.int32, capacity=1, device="cpu")
+def test_zero_on_release_is_the_default_for_single_slots_and_runs():
+    # pools are shared between tenants: a released slot reads back as zeros, whoever acquires it next
+    pool = BlockPool((4,), torch.bfloat16, capacity=6, device="cpu")
+    ids = pool.acquire_ids(6)
+    pool.slab[:] = 7
+    pool.release_ids(range(1, 4))          # one run of three slots
+    pool.release_ids([5, 0])               # scattered slots, any order
+    assert pool.slab[[0, 1, 2, 3, 5]].eq(0).all() and pool.slab[4].eq(7).all()  # slot 4 is still held
+    assert ids == list(range(6)) and PoolManager().zero_on_release
+
+
+def test_no_zeroing_when_turned_off():
+    pool = BlockPool((3,), torch.int32, capacity=1, device="cpu", zero_on_release=False)
     pool.store(torch.tensor([1, 2, 3], dtype=torch.int32)).release()
     assert pool.acquire().tensor.tolist() == [1, 2, 3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_zero_on_release_on_the_device():
+    pool = BlockPool((1024,), torch.uint8, capacity=4, device="cuda")
+    h = pool.store(torch.full((1024,), 9, dtype=torch.uint8, device="cuda"))
+    slot = h.slot
+    h.release()
+    assert int(pool.slab[slot].sum()) == 0
 
 
 def test_bad_pool_config_raises():

@@ -269,6 +269,31 @@ def test_small_tier_shrinks_its_blocks():
     assert t.block_bytes == 4 << 10 and t.capacity_bytes == 64 << 10
 
 
+@pytest.mark.parametrize("kind", ["device", "host"])
+def test_released_blocks_read_back_as_zeros(kind, tmp_path):
+    # tenant A's entry is removed (or replaced by a smaller one): the blocks it held are zero before anyone
+    # else can get them, so a later entry's unwritten tail or a raw look at the slab shows no A bytes
+    t = tier_of(kind, tmp_path, capacity=16 << 10, block_bytes=1024)
+    secret = torch.full((3 << 10,), 0xA5, dtype=torch.uint8)
+    assert t.put(key(1), secret) and t.put(key(2), torch.full((2 << 10,), 0x5A, dtype=torch.uint8))
+    first = t._index[key(1)].runs
+    t.remove(key(1))
+    assert int(t.pool.slab[first: first + 3].count_nonzero()) == 0
+    assert t.put(key(2), torch.ones(100, dtype=torch.uint8))  # replaced: its old two blocks are zeroed too
+    assert int((t.pool.slab == 0x5A).sum()) == 0 and int((t.pool.slab == 0xA5).sum()) == 0
+    assert t.put(key(3), torch.full((1500,), 3, dtype=torch.uint8))  # half of its second block is unwritten
+    runs = t._index[key(3)].runs
+    assert int(t.pool.slab[runs + 1][1500 - 1024:].count_nonzero()) == 0
+
+
+def test_zero_on_release_can_be_turned_off(tmp_path):
+    t = tier_of("host", tmp_path, capacity=16 << 10, block_bytes=1024, zero_on_release=False)
+    t.put(key(1), torch.full((1024,), 7, dtype=torch.uint8))
+    first = t._index[key(1)].runs
+    t.remove(key(1))
+    assert not t.pool.zero_on_release and int(t.pool.slab[first].eq(7).sum()) == 1024
+
+
 def test_close_frees_everything(tmp_path):
     t = tier_of("device", tmp_path)
     t.put(key(1), torch.zeros(100))

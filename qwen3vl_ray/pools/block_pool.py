@@ -133,7 +133,8 @@ class BlockPool:
         dtype: element dtype of every slot.
         capacity: number of slots (> 0).
         device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda:N"``.
-        zero_on_release: zero a slot when it comes back, so no tenant ever sees another's data.
+        zero_on_release: zero a slot when it comes back, so no tenant ever sees another's data (default
+            True: pools are shared between tenants; ``benchmarks.pools`` measures what it costs).
         pin_memory: page-lock a CPU slab; honoured only when CUDA is present (ignored otherwise).
     """
 
@@ -143,7 +144,7 @@ class BlockPool:
         dtype: torch.dtype,
         capacity: int,
         device: str | torch.device | None = "auto",
-        zero_on_release: bool = False,
+        zero_on_release: bool = True,
         pin_memory: bool = False,
     ) -> None:
         shape = tuple(int(s) for s in shape)
@@ -161,6 +162,9 @@ class BlockPool:
         self.pinned = bool(pin_memory and self.device.type == "cpu" and pinning_available())
         self.slab = _allocate_slab((capacity, *shape), dtype, self.device, self.pinned)
         self.slot_bytes = self.slab[0].numel() * self.slab.element_size()
+        # CPU slabs are zeroed through numpy (one memset per run of slots); torch's zero_ splits large fills
+        # over its intra-op threads, which on a busy host ran slower than a single memset.
+        self._slab_np = self.slab.reshape(-1).view(torch.uint8).numpy() if self.device.type == "cpu" else None
         self._lock = threading.Lock()
         # Stack of free slot indices, lowest on top so fresh acquisitions come out ascending (contiguous).
         self._free = list(range(capacity - 1, -1, -1))
@@ -225,11 +229,28 @@ class BlockPool:
             for i in ids:
                 out[i] = 0
             if self.zero_on_release:
-                for i in ids:
-                    self.slab[i].zero_()
+                self._zero(ids)
             # Push in reverse so the next acquire_ids pops them in the same ascending order.
             self._free.extend(reversed(ids))
             self._releases += len(ids)
+
+    def _zero(self, ids: Sequence[int]) -> None:
+        """Zero the slots ``ids``, one fill per run of consecutive slots (a tier releases whole runs)."""
+        if isinstance(ids, range) and ids.step == 1:
+            runs = [(ids.start, ids.stop)] if len(ids) else []
+        else:
+            runs, order = [], sorted(ids)
+            for i in order:
+                if runs and runs[-1][1] == i:
+                    runs[-1][1] = i + 1
+                else:
+                    runs.append([i, i + 1])
+        B = self.slot_bytes
+        for a, b in runs:
+            if self._slab_np is not None:
+                self._slab_np[a * B: b * B] = 0
+            else:  # on the device: queued on the current stream, so it lands before any later copy into it
+                self.slab[a:b].zero_()
 
     def _reclaim_leaked(self, slot: int) -> None:
         self.release_ids((slot,))

@@ -23,7 +23,9 @@ PoolKey = tuple[tuple[int, ...], torch.dtype, torch.device]
 class PoolManager:
     """Creates pools on demand and routes acquisitions by (shape, dtype, device)."""
 
-    def __init__(self, zero_on_release: bool = False) -> None:
+    def __init__(self, zero_on_release: bool = True) -> None:
+        """``zero_on_release``: every pool zeroes a slot when it comes back (default True: slots are shared
+        between tenants, and a released KV or vision block must not be readable by the next holder)."""
         self.zero_on_release = zero_on_release
         self._pools: dict[PoolKey, BlockPool] = {}
         self._lock = threading.Lock()

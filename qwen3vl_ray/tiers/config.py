@@ -25,6 +25,9 @@ class TierConfig:
             ceil(size / block) blocks, so accounting is in whole blocks. The engine lowers it for its
             store so a KV chunk fills whole blocks (``engine.prefix_kv.chunk_fitted_tiers``).
         pinned: host tier: page-lock its slab when CUDA is present (fast async H2D/D2H). Default True.
+        zero_on_release: device/host tiers: zero the blocks of a removed or replaced entry, so the bytes of one
+            tenant's entry are never left in a slab that the next entry (any tenant's) gets. Default True;
+            the cost is one memset of the released bytes (``python -m benchmarks.pools``).
         fsync: disk tier: fsync file and directory on each store (crash safety). Default True.
         high_watermark: fraction of capacity above which the pressure monitor reports pressure (0.9).
         low_watermark: fraction that pressure relief drains the tier down to (0.75).
@@ -37,6 +40,7 @@ class TierConfig:
     device: str = "auto"
     block_bytes: int = 1 * MiB
     pinned: bool = True
+    zero_on_release: bool = True
     fsync: bool = True
     high_watermark: float = 0.9
     low_watermark: float = 0.75

@@ -111,7 +111,8 @@ class PooledTier(Tier):
         self._raw = self.codec.name == "none"
         self.block_bytes = effective_block_bytes(cfg.capacity_bytes, cfg.block_bytes)
         nblocks = cfg.capacity_bytes // self.block_bytes
-        self.pool = BlockPool((self.block_bytes,), torch.uint8, nblocks, device, pin_memory=pin_memory)
+        self.pool = BlockPool((self.block_bytes,), torch.uint8, nblocks, device, zero_on_release=cfg.zero_on_release,
+                              pin_memory=pin_memory)
         self.device = self.pool.device
         # Usable bytes: whole blocks only, so free_bytes never promises room a block cannot give.
         self.capacity_bytes = nblocks * self.block_bytes
