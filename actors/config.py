@@ -48,7 +48,7 @@ class AgentConfig:
     host_bytes: int = 256 * MiB
     host_codec: str = "none"
     disk_bytes: int = 1024 * MiB
-    disk_dir: str = "/tmp/qwen3vl_ray_disk"
+    disk_dir: str = "~/.cache/qwen3vl-ray/disk-tier"
     disk_codec: str = "none"
     disk_fsync: bool = True
     policy: str | None = None
