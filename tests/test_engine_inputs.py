@@ -137,6 +137,16 @@ def test_numpy_scalars_and_ints_are_accepted_as_plain_numbers():
     assert type(sp.max_new_tokens) is int and type(sp.temperature) is float and type(sp.seed) is int
 
 
+def test_tiny_temperature_samples_like_greedy_instead_of_failing(engine):
+    # 1e-300 is 0 in float32: logits / it would be +-inf and the probabilities NaN; the sampler shifts by
+    # the max and floors the temperature, so the argmax gets all the mass
+    msgs = chat(picture(), "Hi")
+    greedy, tiny = engine.generate([Request(msgs, SamplingParams(max_new_tokens=4)),
+                                    Request(msgs, SamplingParams(max_new_tokens=4, temperature=1e-300, seed=5))])
+    assert greedy.ok and tiny.ok, tiny.error
+    assert tiny.token_ids == greedy.token_ids
+
+
 @pytest.mark.parametrize("sampling, needle", [
     ({"temperature": math.nan, "max_new_tokens": 3}, "temperature must be finite"),
     ({"temperature": "hot"}, "temperature must be a number"),

@@ -21,7 +21,12 @@ class Sampler:
         """``logits``: (vocab,) for the last position."""
         if self.params.greedy:
             return int(torch.argmax(logits))
-        scores = logits.float() / self.params.temperature
+        # Shifted by the max first (softmax does not change) and the temperature kept >= float32's smallest
+        # normal value: a tiny temperature such as 1e-300 (0 in float32) would otherwise divide by zero
+        # into inf - inf = NaN probabilities. Shifted, the max stays 0 and the rest go to -inf: greedy.
+        logits = logits.float()
+        temperature = max(self.params.temperature, torch.finfo(torch.float32).tiny)
+        scores = (logits - logits.max()) / temperature
         if self.params.top_p < 1.0:
             # Same rule as transformers' TopPLogitsWarper: drop the low tail whose mass is <= 1 - top_p,
             # always keeping the most likely token.
