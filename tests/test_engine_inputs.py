@@ -230,7 +230,8 @@ def test_exif_rotated_jpeg_gives_the_same_tokens_as_plain_transformers(engine, t
     # the upright image is 48 wide, 96 high; ignoring the tag would give the transposed grid
     with Image.open(path) as raw:
         assert raw.size == (96, 48)
-        ignored_grid = engine.processor.image_processor(images=[raw.convert("RGB")], return_tensors="pt")["image_grid_thw"][0].tolist()
+        ignored = engine.processor.image_processor(images=[raw.convert("RGB")], return_tensors="pt")
+        ignored_grid = ignored["image_grid_thw"][0].tolist()
     assert want_grid != ignored_grid and want_grid[1:] == ignored_grid[1:][::-1]
 
     with Image.open(path) as as_pil:  # a path, its bytes and a PIL image opened by the caller: all upright

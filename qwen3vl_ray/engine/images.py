@@ -85,8 +85,6 @@ def _decode(img: Image.Image, name: str) -> Image.Image:
             # exif_transpose returns a new image: a caller's PIL image is never changed. With no
             # orientation to apply it would only copy, so it is skipped (same pixels, no copy).
             img = ImageOps.exif_transpose(img)
-    except Image.DecompressionBombError as exc:  # a lazily opened PIL image given by the caller
-        raise ImageError(f"{name}: refused as a decompression bomb ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: not a readable image (corrupt or unsupported format: {exc})") from exc
     return img

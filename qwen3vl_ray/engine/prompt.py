@@ -91,8 +91,11 @@ def check_text(messages: list[dict[str, Any]], processor: Any) -> None:
     tokens = _vision_tokens(processor)
     for i, m in enumerate(messages):
         content = m["content"]
-        texts = [(f"messages[{i}].content", content)] if isinstance(content, str) else [
-            (f"messages[{i}].content[{j}].text", item["text"]) for j, item in enumerate(content) if item["type"] == "text"]
+        if isinstance(content, str):
+            texts = [(f"messages[{i}].content", content)]
+        else:
+            texts = [(f"messages[{i}].content[{j}].text", item["text"])
+                     for j, item in enumerate(content) if item["type"] == "text"]
         for where, text in texts:
             for token in tokens:
                 if token in text:

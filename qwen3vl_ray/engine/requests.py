@@ -71,7 +71,8 @@ class SamplingParams:
         max_new_tokens: tokens to generate at most (default 32, an int >= 1; a bool is refused).
         temperature: 0 means greedy (default 0.0); > 0 samples from softmax(logits / temperature). Finite.
         top_p: nucleus mass kept when sampling, in (0, 1] (default 1.0).
-        seed: seed of this request's sampler, an int in [-2**63, 2**64) as torch takes; None draws from torch's global generator.
+        seed: seed of this request's sampler, an int in [-2**63, 2**64) as torch takes; None draws from
+            torch's global generator.
         stop_on_eos: stop at the model's end-of-sequence tokens (default True).
     """
 
