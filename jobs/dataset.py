@@ -221,6 +221,8 @@ def read_image(ref: str, base: Path, limits: Limits) -> bytes:
             im.load()  # decodes every pixel: a truncated file fails here, not later on a worker
     except RowError:
         raise
+    except Image.DecompressionBombError as e:  # refused by PIL from the header, before any pixel is decoded
+        raise RowError(f"image {ref!r} is refused as a decompression bomb: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise RowError(f"image {ref!r} is corrupt or not an image: {e}") from None
     return data

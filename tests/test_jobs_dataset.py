@@ -107,3 +107,14 @@ def test_parquet_input_with_nested_messages(tmp_path, imgdir):
     assert item.error is None
     assert item.messages[1]["content"][0]["image"] == (imgdir / "ok.png").read_bytes()
     assert item.messages[1]["content"][1] == {"type": "text", "text": "what is it?"}
+
+
+def test_a_decompression_bomb_header_is_the_rows_error(tmp_path, imgdir):
+    from tests.test_engine_inputs import png
+
+    (imgdir / "bomb.png").write_bytes(png(20000, 20000, complete=False))  # header only: nothing big is allocated
+    src = _write_jsonl(tmp_path / "in.jsonl", [{"id": "bomb", "prompt": "x", "images": ["imgs/bomb.png"]},
+                                               {"id": "ok", "prompt": "x", "images": ["imgs/ok.png"]}])
+    items = {i.id: i for i in load(src)}
+    assert "imgs/bomb.png" in items["bomb"].error and "decompression bomb" in items["bomb"].error
+    assert items["ok"].error is None
