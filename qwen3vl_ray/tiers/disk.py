@@ -577,9 +577,10 @@ class DiskTier(Tier):
                 self._c["io_errors"] += 1
                 self._c["misses"] += 1
             return
+        unsafe = exc.errno in (errno.ELOOP, errno.ENXIO)  # a link or a socket under the entry's name
         with self._lock:
             self._c["io_errors"] += 1
-        self._drop(rel, st, f"read failed: {exc}", key, unsafe=exc.errno in (errno.ELOOP, errno.ENXIO), counted=False)
+        self._drop(rel, st, f"read failed: {exc}", key, unsafe=unsafe, counted=unsafe)
 
     def _drop(self, rel: str, st: os.stat_result | None, why: str, key: CacheKey | None = None,
               unsafe: bool = False, counted: bool = True) -> None:
