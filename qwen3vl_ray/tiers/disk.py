@@ -278,7 +278,10 @@ class DiskTier(Tier):
     def _open_subdir_at_start(self, name: str) -> int | None:
         """A 2-hex sub-directory's descriptor; a link there is removed (never followed), another user's
         directory refused (we cannot empty it, and what it holds is not ours)."""
-        st = os.stat(name, dir_fd=self._dfd, follow_symlinks=False)
+        try:
+            st = os.stat(name, dir_fd=self._dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
         if stat.S_ISLNK(st.st_mode):
             log.warning("disk tier: %s/%s is a symbolic link; removed, never followed", self.dir, name)
             self._unlink_quiet(name)
