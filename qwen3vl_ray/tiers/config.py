@@ -19,7 +19,9 @@ class TierConfig:
             swaps in an object-store tier of the same kind) or ``"disk"`` (files under ``path``).
         capacity_bytes: byte budget; the tier never holds more. Must be > 0.
         codec: codec spec applied on store (``"none"``, ``"int8"``, ``"int8+zstd"``, ...). Default none.
-        path: disk tier directory (created 0700). Required for ``disk``; keep it apart from Ray's spill dir.
+        path: disk tier directory (created 0700; ``~`` expanded). Required for ``disk``; keep it apart from
+            Ray's spill dir. It must be the running user's and writable by nobody else, and no directory above
+            it writable by a stranger: the tier refuses anything else (never under a shared ``/tmp`` path).
         device: device tier placement: ``"auto"`` (CUDA if present, else CPU), ``"cpu"``, ``"cuda:N"``.
         block_bytes: pool block size for device/host tiers, bytes (default 1 MiB). Entries take
             ceil(size / block) blocks, so accounting is in whole blocks. The engine lowers it for its
