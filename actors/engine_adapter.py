@@ -18,9 +18,11 @@ Requests are the engine's: ``{"messages": [...], "sampling": {...}, "session_id"
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+import time
 from typing import Any, Sequence
 
 import torch
@@ -152,25 +154,44 @@ class Qwen3VLEngineAdapter:
         return self.store.longest_prefix(keys)
 
     def run(self, request: dict, keys: Sequence[CacheKey], cached: Sequence[torch.Tensor | None]) -> dict:
-        store = self.store
-        held = 0  # leading chunks already in the engine's store (``None`` in ``cached``): device-tier hits
-        for i, t in enumerate(cached):  # fetched from the agents: make them visible to the prefix loader
-            if store.contains(keys[i]):
-                held += held == i
-            elif t is None:  # held when the worker asked, gone since: the prefix ends here
-                break
-            else:
-                store.put(keys[i], t, keys[i - 1] if i else None)
+        t0 = time.perf_counter()
+        held, staged = self._stage(keys, cached)
+        t_stage = time.perf_counter() - t0
         [result] = self.engine.generate([self._request(request)])
         if result.error:  # a bad request (corrupt image, ...): its row's error, not the worker's
             return {"error": result.error, "new_chunks": [], "output": None}
         new = []
         for k in keys[len(cached):]:
-            t = store.get(k, promote=False)
+            t = self.store.get(k, promote=False)
             if t is None:  # the engine stores chunks in order; the first gap ends what it produced
                 break
             new.append(t)
         m = result.metrics
+        if staged < len(cached):
+            logger.info("request %s: %d of %d fetched chunks fit in the device tier; the engine recomputes the "
+                        "rest", request.get("id"), staged, len(cached))
+        # staging the fetched chunks is part of the time to the first token
         return {"new_chunks": new, "output": result.text, "token_ids": list(result.token_ids),
-                "prompt_tokens": m.prompt_tokens, "ttft_s": m.ttft_s, "engine_cached_tokens": m.cached_tokens,
+                "prompt_tokens": m.prompt_tokens, "ttft_s": m.ttft_s + t_stage, "engine_cached_tokens": m.cached_tokens,
                 "device_chunks": held, "vision_cache_hits": m.vision_cache_hits}
+
+    def _stage(self, keys: Sequence[CacheKey], cached: Sequence[torch.Tensor | None]) -> tuple[int, int]:
+        """Put the chunks fetched from the agents into the engine's store (the device tier), where its prefix
+        loader finds them. Returns (leading chunks the store already held, chunks of the prefix now in it).
+
+        Each staged chunk stays pinned until the whole prefix is staged: the store is the device tier alone, so
+        making room for chunk i would otherwise evict chunk 0 of the same prefix for good (nothing is below
+        it), and a prefix longer than the tier would be fetched and then recomputed from its first token. One
+        that does not fit is staged as far as it fits."""
+        store = self.store
+        held = 0  # leading chunks already in the engine's store (``None`` in ``cached``): device-tier hits
+        n = 0
+        with contextlib.ExitStack() as pins:
+            for i, t in enumerate(cached):
+                if store.contains(keys[i]):
+                    held += held == i
+                elif t is None or not store.put(keys[i], t, keys[i - 1] if i else None):
+                    break  # gone since the worker asked, or no room left beside the pinned prefix
+                pins.enter_context(store.pinned([keys[i]]))
+                n = i + 1
+        return held, n

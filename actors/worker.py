@@ -23,6 +23,7 @@ from actors.config import NAMESPACE, ServiceConfig, WorkerConfig
 from actors.metrics import Metrics
 from actors.node_agent import ChunkRef, materialize, to_wire
 from actors.object_store_tier import ObjectStore
+from actors.tenancy import tenant_checked, with_tenant
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,8 @@ class WorkerLogic:
                 "cached_tokens": cached_tokens, "cached_tiers": cached_tiers,
                 "vision_cache_hits": int(result.get("vision_cache_hits") or 0),
                 "device_chunks": sources.count("device"), "cross_node_chunks": sources.count("remote"),
-                "computed_chunks": len(new), "stored_chunks": stored, "ttft_s": ttft, "token_ids": token_ids}
+                "computed_chunks": len(new), "stored_chunks": stored, "ttft_s": ttft, "fetch_s": t_fetch,
+                "engine_cached_tokens": result.get("engine_cached_tokens"), "token_ids": token_ids}
 
     def _record(self, cached_tiers: dict[str, int], cached_tokens: int, n_tok: int, ttft: float) -> None:
         """Hits and misses in prompt tokens, as the rows count them: a hit per tier that served tokens (here,
@@ -217,17 +219,33 @@ class WorkerLogic:
         self.metrics.observe("qwen3vl_ray_ttft_seconds", ttft)
         self.metrics.observe("qwen3vl_ray_cached_token_ratio", min(1.0, cached_tokens / n_tok) if n_tok else 0.0)
         self.metrics.inc("qwen3vl_ray_requests", result="ok")
-        store = self.device if self.device is not None else getattr(self.engine, "store", None)
-        for tier in getattr(store, "tiers", ()):  # the worker's own device tier (the engine's store)
+        for tier in getattr(self._device_store(), "tiers", ()):  # the worker's own device tier
             if tier.name == "device":
                 self.metrics.set("qwen3vl_ray_bytes_used", tier.used_bytes, tier="device")
                 self.metrics.set("qwen3vl_ray_bytes_budget", tier.capacity_bytes, tier="device")
                 self.metrics.set("qwen3vl_ray_entries", len(tier), tier="device")
 
+    def _device_store(self) -> Any:
+        """The store holding this worker's device tier: its own, or its engine's (``owns_device_tier``)."""
+        return self.device if self.device is not None else getattr(self.engine, "store", None)
+
+    def device_stats(self) -> dict | None:
+        """This worker's device tier as the agents report theirs (entries, used and budget bytes, hits, bytes
+        read and written): the device row of ``demo`` and ``status``. None without a device tier."""
+        store = self._device_store()
+        if store is None:
+            return None
+        for tier in store.stats().get("tiers", []):
+            if tier.get("name") == "device":
+                return {**tier, "used": tier.get("used_bytes"), "capacity": tier.get("capacity_bytes"),
+                        "worker": self.worker_id, "node": self.node_id}
+        return None
+
     def _cached_tiers(self, sources: list[str], result: dict) -> dict[str, int]:
         """Reused prompt tokens per tier. An engine that owns the device tier reports how many of the fetched
         chunks it already held (``device_chunks``: those are device hits, not the agent's) and how many
-        tokens it reused (``engine_cached_tokens``): more than fetched are extra hits in its device tier."""
+        tokens it reused (``engine_cached_tokens``): more than fetched are extra hits in its device tier, fewer
+        leave the chunks it did not use uncounted."""
         ct = self.engine.chunk_tokens
         sources = list(sources)
         d = min(int(result.get("device_chunks") or 0), len(sources))
@@ -236,8 +254,10 @@ class WorkerLogic:
         engine_cached = result.get("engine_cached_tokens")
         if engine_cached is not None:
             engine_cached = int(engine_cached)
-            # fewer than fetched: the engine recomputes a fully cached prompt's last token; the chunks were
-            # still loaded, so they count
+            # Fewer than fetched: chunks the engine did not use (a prefix longer than its device tier) are
+            # recomputed, not reused, and do not count. Within the last used chunk they still count: the
+            # engine recomputes a fully cached prompt's last token, but that chunk was loaded.
+            del per_token[-(-engine_cached // ct) * ct:]
             per_token += ["device"] * max(0, engine_cached - len(per_token))
         out: dict[str, int] = {}
         for s in per_token:
@@ -253,27 +273,32 @@ def error_result(request: Any, error: str, worker: str | None = None, node: str 
             "cached_tiers": {}, "vision_cache_hits": 0, "ttft_s": None, "token_ids": None}
 
 
+@tenant_checked
 class Worker:
-    """Ray actor wrapper (``num_gpus=1`` per worker on GPU clusters, CPU workers otherwise)."""
+    """Ray actor wrapper (``num_gpus=1`` per worker on GPU clusters, CPU workers otherwise). One tenant's: every
+    method runs only with its key (``auth``), and it calls only that tenant's agents and coordinator."""
 
     def __init__(self, worker_id: str, config: ServiceConfig) -> None:
-        from actors.coordinator import COORDINATOR_NAME, RayAgentPort
+        from actors.coordinator import RayAgentPort, coordinator_name
         from actors.metrics import RayMetrics
         from actors.node_agent import agent_name, get_or_create_agent
         from actors.object_store_tier import RayObjectStore
 
         logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_ACTOR_LOG_LEVEL", "INFO").upper())
         self._config = config
+        self.tenant = tenant = config.tenant
         node = ray.get_runtime_context().get_node_id()
-        self._ports: dict[str, RayAgentPort] = {node: RayAgentPort(get_or_create_agent(node, config.agent))}
+        self._ports: dict[str, RayAgentPort] = {node: RayAgentPort(get_or_create_agent(node, config.agent, tenant))}
 
         def agent_for(node_id: str) -> RayAgentPort:
             port = self._ports.get(node_id)
             if port is None:
-                port = self._ports[node_id] = RayAgentPort(ray.get_actor(agent_name(node_id), namespace=NAMESPACE))
+                handle = ray.get_actor(agent_name(node_id, tenant), namespace=NAMESPACE)
+                port = self._ports[node_id] = RayAgentPort(with_tenant(handle, tenant))
             return port
 
-        coordinator = RayAgentPort(ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE), timeout_s=60)
+        coordinator = RayAgentPort(with_tenant(ray.get_actor(coordinator_name(tenant), namespace=NAMESPACE), tenant),
+                                   timeout_s=60)
         engine = load_engine(config.worker.engine, config.worker.engine_args)
         self.logic = WorkerLogic(worker_id, node, engine, agent_for, coordinator, RayObjectStore(), config.worker,
                                  RayMetrics(node))
@@ -295,6 +320,10 @@ class Worker:
         return spec() if spec is not None else None
 
     @ray.method(concurrency_group="control")
+    def device_stats(self):
+        return self.logic.device_stats()
+
+    @ray.method(concurrency_group="control")
     def pid(self):
         return os.getpid()
 
@@ -309,6 +338,28 @@ class Worker:
     def service_config(self):
         """The whole ServiceConfig this worker was built with (a driver without its own config adopts it)."""
         return self._config
+
+
+def device_stats_of(worker_ids: list[str], timeout_s: float = 30.0) -> dict[str, dict]:
+    """The device tier of each named worker (``Worker.device_stats``), by worker id: the tier the node agents
+    do not hold, so a cluster's status asks the workers for it. A worker that does not answer gets
+    ``{"error": ...}``; one without a device tier is left out."""
+    out: dict[str, dict] = {}
+    refs = {}
+    for w in worker_ids:
+        try:
+            refs[w] = ray.get_actor(w, namespace=NAMESPACE).device_stats.remote()
+        except Exception as e:  # gone since the coordinator listed it
+            out[w] = {"error": f"{type(e).__name__}: {e}"}
+    for w, ref in refs.items():
+        try:
+            stats = ray.get(ref, timeout=timeout_s)
+        except Exception as e:
+            out[w] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        if stats is not None:
+            out[w] = stats
+    return out
 
 
 def worker_class():

@@ -4,16 +4,22 @@
 2. Starts the service on an embedded Ray (``--runner engine``: one in-process engine, no Ray).
 3. Runs the sample batch shipped in ``jobs/data/`` twice: cold, then warm (its prefixes and images are
    now in the store), and a three-turn chat about one image.
-4. Prints a summary: TTFT cold vs warm, cached-token ratio, hits and bytes per tier, compression ratio,
-   and where the Ray dashboard is.
+4. Prints a summary: TTFT cold vs warm, cached-token ratio, hits and bytes per tier (the workers' device
+   tiers and the node agents' host and disk tiers), compression ratio, and where the Ray dashboard is (up
+   while the demo runs; ``--keep-alive`` keeps it up until Ctrl-C).
+
+The disk tier gets a fresh temporary directory unless ``--disk-dir`` (or ``QWEN3VL_RAY_DISK_DIR``) names one:
+the first pass is then cold.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +36,11 @@ DATA = Path(__file__).resolve().parent / "data"
 DEMO_DEFAULTS = {"chunk_tokens": 32, "max_new_tokens": 12, "block_bytes": 64 << 10, "device_bytes": 256 << 10,
                  "host_bytes": 192 << 10, "disk_bytes": 256 << 20, "kv_device_budget_bytes": 64 << 20,
                  "host_codec": "int8", "disk_codec": "int8+zstd"}
+# The service's workers write every new chunk through to their node agent (host, then disk), so those tiers
+# fill whatever the device tier holds; the device tier is the worker's engine store alone (nothing below it
+# in the process) and must hold a request's whole prefix and images (the longest sample prompt is ~340 KiB of
+# KV, an image's features ~80 KiB). 2 MiB holds the sample batch's working set, as a GPU would.
+RUNNER_DEFAULTS = {"service": {"device_bytes": 2 << 20}}
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -38,14 +49,17 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="service: Ray service on an embedded Ray (default); engine: in-process engine, no Ray")
     p.add_argument("--data", default=str(DATA / "prompts.jsonl"), help="batch to run twice [jobs/data/prompts.jsonl]")
     p.add_argument("--json", action="store_true", help="also print the summary as one JSON object (last line)")
+    p.add_argument("--keep-alive", action="store_true",
+                   help="after the summary, keep the embedded Ray and its dashboard up until Ctrl-C")
     S.add_arguments(p)
     return p
 
 
 def _settings(args: argparse.Namespace) -> S.Settings:
-    """Flags over the environment over the demo's defaults over the table's defaults."""
+    """Flags over the environment over the demo's defaults (per runner) over the table's defaults."""
     s = S.from_args(args)
-    demo = {k: v for k, v in DEMO_DEFAULTS.items() if s.source(k) == "default"}
+    defaults = {**DEMO_DEFAULTS, **RUNNER_DEFAULTS.get(getattr(args, "runner", "service"), {})}
+    demo = {k: v for k, v in defaults.items() if s.source(k) == "default"}
     return s.replace(**demo) if demo else s
 
 
@@ -98,9 +112,14 @@ def _batch_stats(rows: list[dict]) -> dict:
 
 def _tier_list(store: dict) -> list[dict]:
     """Tier stats dicts from an engine (``{"store": {"tiers": [...]}}``) or a service status
-    (``{"nodes": {node: {"tiers": {name: {...}}}}}``), each with a ``name``."""
+    (``{"nodes": {node: {"tiers": {name: {...}}}}, "devices": {worker: {...}}}``), each with a ``name``:
+    the workers' device tiers first, then each node agent's host and disk tiers."""
     if "nodes" in store:
         out = []
+        devices = {w: t for w, t in (store.get("devices") or {}).items() if "error" not in t}
+        for worker, t in sorted(devices.items()):
+            name = f"device @{str(t.get('node', ''))[:8]}"
+            out.append(dict(t, name=f"{name} {worker}" if len(devices) > 1 else name))
         for node, report in sorted(store["nodes"].items()):
             for name, t in (report.get("tiers") or {}).items():
                 out.append(dict(t, name=f"{name} @{node[:8]}"))
@@ -123,6 +142,11 @@ def _tier_rows(store: dict) -> list[list]:
         rows.append([t["name"], t.get("entries"), hits, fmt_bytes(t.get("bytes_read")), fmt_bytes(t.get("bytes_written")),
                      f"{fmt_bytes(used)} / {fmt_bytes(cap)}", f"{ratio:.2f}x" if ratio else None])
     return rows
+
+
+def _embedded(settings: S.Settings) -> bool:
+    """True when the service runner starts its own Ray (no --address / RAY_ADDRESS): it ends with the demo."""
+    return not (settings.address or os.environ.get("RAY_ADDRESS"))
 
 
 def dashboard_url() -> str:
@@ -159,10 +183,16 @@ def run_demo(settings: S.Settings, runner_kind: str, data: str) -> dict:
         finally:
             runner.end_session(session)
         store = runner.stats()
+        if runner_kind == "service":
+            from actors.worker import device_stats_of
+
+            # the device tier is each worker's own (the agents hold host and disk): ask the workers
+            store["devices"] = device_stats_of(sorted((store.get("coordinator") or {}).get("workers") or {}))
         url = dashboard_url()
     finally:
         runner.close()
-    return {"checkpoint": ckpt, "checkpoint_s": t_ckpt, "runner": runner_kind,
+    return {"checkpoint": ckpt, "checkpoint_s": t_ckpt, "runner": runner_kind, "disk_dir": settings.disk_dir,
+            "embedded_ray": runner_kind == "service" and _embedded(settings),
             "cold": _batch_stats(runs["cold"]), "warm": _batch_stats(runs["warm"]),
             "chat": [{k: r.get(k) for k in ("id", "prompt_tokens", "cached_tokens", "ttft_s", "tier", "error")}
                      for r in chat],
@@ -170,7 +200,7 @@ def run_demo(settings: S.Settings, runner_kind: str, data: str) -> dict:
             "errors": [f"{r['id']}: {r['error']}" for r in runs["cold"] + runs["warm"] + chat if r["error"]]}
 
 
-def render_summary(s: dict) -> str:
+def render_summary(s: dict, keep_alive: bool = False) -> str:
     cold, warm = s["cold"], s["warm"]
     speed = cold["ttft_median_s"] / warm["ttft_median_s"] if cold["ttft_median_s"] and warm["ttft_median_s"] else None
     out = [render(["batch", "rows", "errors", "TTFT median s", "TTFT mean s", "cached-token ratio", "vision hits"],
@@ -178,6 +208,8 @@ def render_summary(s: dict) -> str:
                     f"{s[p]['cached_ratio']:.0%}" if s[p]["cached_ratio"] is not None else f"{s[p]['cached_tokens']} tok", s[p]["vision_cache_hits"]] for p in ("cold", "warm")],
                   title=f"Sample batch ({cold['rows']} requests) run twice; warm TTFT speedup: "
                         f"{speed:.1f}x" if speed else "Sample batch run twice"),
+           "warm: each prompt's KV and image features come from the store and only its last token is computed; "
+           "the tiny model prefills a prompt in ~10 ms on a CPU, so the gap is ms here (README: bench-2b).",
            "",
            render(["cached tokens from", "cold", "warm"],
                   [[t, cold["cached_tokens_by_tier"].get(t, 0), warm["cached_tokens_by_tier"].get(t, 0)]
@@ -193,20 +225,62 @@ def render_summary(s: dict) -> str:
         out += [render(["tier", "entries", "hits", "bytes read", "bytes written", "used / budget", "compression"],
                        tiers, title="Store (after both passes and the chat)"), ""]
     out += [f"checkpoint: {s['checkpoint']}" + (f" (generated in {s['checkpoint_s']:.1f} s)" if s["checkpoint_s"] > 1 else ""),
-            f"dashboard:  {s['dashboard']}  (metrics: qwen3vl_ray_* in its Metrics view / Prometheus endpoint)"]
+            f"disk tier:  {s['disk_dir']}" + ("  (a fresh directory for this run, so the first pass is cold; "
+                                               "--disk-dir keeps one)" if s.get("fresh_disk_dir") else "")]
+    if not s["dashboard"].startswith("http"):
+        out.append(f"dashboard:  {s['dashboard']}")
+    elif s.get("embedded_ray") and not keep_alive:
+        out.append(f"dashboard:  {s['dashboard']} (qwen3vl_ray_* metrics) is up only while the demo runs: it stops "
+                   f"with the demo's embedded Ray; --keep-alive keeps it up until Ctrl-C")
+    elif s.get("embedded_ray"):
+        out.append(f"dashboard:  {s['dashboard']} (qwen3vl_ray_* metrics), up until Ctrl-C (--keep-alive)")
+    else:
+        out.append(f"dashboard:  {s['dashboard']} (qwen3vl_ray_* metrics in its Metrics view)")
     if s["errors"]:
         out += ["errors:"] + [f"  {e}" for e in s["errors"]]
     return "\n".join(out)
+
+
+def _wait_for_ctrl_c(url: str) -> None:
+    print(f"qwen3vl-ray demo: Ray and its dashboard ({url}) stay up; Ctrl-C stops them", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("qwen3vl-ray demo: stopping", file=sys.stderr, flush=True)
+
+
+def _stop_ray() -> None:
+    try:
+        import ray
+    except ImportError:
+        return
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m jobs.demo") -> int:
     args = build_parser(prog).parse_args(argv)
     settings = _settings(args)
     print(f"qwen3vl-ray demo: runner={args.runner}, model={settings.model}", file=sys.stderr, flush=True)
-    summary = run_demo(settings, args.runner, args.data)
-    print(render_summary(summary))
-    if args.json:
-        print(json.dumps({k: v for k, v in summary.items() if k != "answers"}, default=str))
+    with tempfile.TemporaryDirectory(prefix="qwen3vl-ray-demo-", ignore_cleanup_errors=True) as tmp:
+        fresh = settings.source("disk_dir") == "default"
+        if fresh:
+            # The disk tier outlives the process (that is its point), so with the shared directory the "cold"
+            # pass would be served from an earlier run's entries.
+            settings = settings.replace(disk_dir=os.path.join(tmp, "disk-tier"))
+        try:
+            summary = run_demo(settings, args.runner, args.data)
+            summary["fresh_disk_dir"] = fresh
+            print(render_summary(summary, keep_alive=args.keep_alive))
+            if args.json:
+                print(json.dumps({k: v for k, v in summary.items() if k != "answers"}, default=str))
+            sys.stdout.flush()
+            if args.keep_alive and summary.get("embedded_ray") and summary["dashboard"].startswith("http"):
+                _wait_for_ctrl_c(summary["dashboard"])
+        finally:
+            if args.runner == "service" and _embedded(settings):
+                _stop_ray()  # before its disk tier's directory goes
     return 1 if summary["errors"] else 0
 
 
