@@ -109,13 +109,6 @@ def shared():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def chown_tree(path: Path, uid: int) -> None:
-    for dirpath, dirnames, filenames in os.walk(path):
-        os.chown(dirpath, uid, uid)
-        for n in filenames:
-            os.chown(os.path.join(dirpath, n), uid, uid, follow_symlinks=False)
-
-
 # -- the root ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777])
 def test_a_root_others_can_write_is_refused_and_left_as_it_is(tmp_path, mode):
