@@ -235,10 +235,15 @@ class WorkerLogic:
         store = self._device_store()
         if store is None:
             return None
-        for tier in store.stats().get("tiers", []):
+        stats = store.stats()
+        tiers = stats.get("tiers", [])
+        for tier in tiers:
             if tier.get("name") == "device":
-                return {**tier, "used": tier.get("used_bytes"), "capacity": tier.get("capacity_bytes"),
-                        "worker": self.worker_id, "node": self.node_id}
+                out = {**tier, "used": tier.get("used_bytes"), "capacity": tier.get("capacity_bytes"),
+                       "worker": self.worker_id, "node": self.node_id}
+                if len(tiers) == 1:  # the store's misses are this tier's (nothing below it in the process)
+                    out["misses"] = stats.get("misses")
+                return out
         return None
 
     def _cached_tiers(self, sources: list[str], result: dict) -> dict[str, int]:

@@ -14,8 +14,18 @@ def _pressure(used, cap, high) -> str:
 
 
 def render_status(status: dict) -> str:
-    """Per-node, per-tier table: used / budget, entries, hit ratio, pressure; then the workers."""
+    """Per-node, per-tier table: used / budget, entries, hit ratio, pressure (the workers' device tiers when
+    ``status["devices"]`` has them, then each node agent's tiers); then the workers."""
     rows = []
+    # the workers' own device tiers (``actors.worker.device_stats_of``), when the status carries them
+    for worker, t in sorted((status.get("devices") or {}).items()):
+        if "error" in t:
+            rows.append([str(t.get("node", ""))[:12], "device", "-", "-", "-", f"worker {worker} unreachable: {t['error']}"])
+            continue
+        hits, misses = t.get("hits"), t.get("misses")
+        ratio = f"{hits / (hits + misses):.0%}" if hits is not None and misses is not None and hits + misses else "-"
+        rows.append([str(t.get("node", ""))[:12], "device", f"{fmt_bytes(t.get('used'))} / {fmt_bytes(t.get('capacity'))}",
+                     t.get("entries"), ratio, _pressure(t.get("used", 0), t.get("capacity"), None)])
     for node, report in sorted(status.get("nodes", {}).items()):
         short = node[:12]
         if "error" in report:
