@@ -13,12 +13,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen3vl_ray.codecs import base, blocked, decode, make_codec, unpack_payload
+from qwen3vl_ray.codecs import base, blocked, decode, fused, make_codec, unpack_payload
 from qwen3vl_ray.errors import CodecError
 from tests.test_codecs_inputs import float_tensors, kv_tensors
 
 GENERIC = ["int8", "int4", "int8:group=7,axis=0", "int4:group=3", "int4:group=5,axis=0", "int8:group=1"]
 KV = ["kv-int8", "kv-int4", "kv-int8:group=8,residual=5", "kv-int4:group=3,residual=2", "kv-int4:group=16,residual=100"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def torch_paths():
+    """These tests compare the two torch paths; the fused kernels have their own (test_codecs_fused.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "ENABLED", False)
+        yield
 
 
 def assert_same_payload(fast: bytearray, plain: bytearray) -> None:

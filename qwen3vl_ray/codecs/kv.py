@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from qwen3vl_ray.codecs import blocked as B
+from qwen3vl_ray.codecs import fused as F
 from qwen3vl_ray.codecs import groups as G
 from qwen3vl_ray.codecs.base import (
     _VIEW_AS, Codec, PayloadWriter, dtype_from_name, dtype_name, pack_payload, register_codec, tensor_bytes,
@@ -59,6 +60,8 @@ class KVQuantCodec(Codec):
 
     def encode(self, tensor: torch.Tensor) -> bytearray:
         keys, values, rest, cut = self._split(tensor)
+        if F.available(tensor) and keys.numel() and tensor.is_contiguous():
+            return self._encode_fused(tensor, cut)
         if B.usable(tensor) and keys.numel():
             return self._encode_blocked(tensor, cut)
         meta: dict[str, Any] = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "cut": cut}
@@ -81,6 +84,31 @@ class KVQuantCodec(Codec):
         t5 = t.view(-1, *t.shape[-4:])
         head = t5[:, :, :, :cut]
         return head[:, 0], head[:, 1].unsqueeze(-1), t5[:, :, :, cut:]
+
+    def _encode_fused(self, t: torch.Tensor, cut: int) -> bytearray:
+        """CPU fast path: one numba pass per part straight into the payload (same bytes as the other paths)."""
+        t = t.detach()
+        rest = self._parts(t, cut)[2]
+        parts = F.kv_parts(t.shape, cut, self.group)
+        pack4 = self.bits == 4
+        lengths = []
+        for g in parts:
+            count = g.U * g.H * g.T * -(-g.n // g.group) * g.group * g.post
+            lengths += [(count + 1) // 2 if pack4 else count, 4 * count // g.group]
+        lengths.append(rest.numel() * t.element_size())
+        head = list(t.shape[:-4]) + list(t.shape[-3:-2]) + [cut, t.shape[-1]]
+        gk, gv = (G.grouping(head, axis % len(head), self.group) for axis in (_KEY_AXIS, _VALUE_AXIS))
+        meta = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "cut": cut, "k": gk.meta(), "v": gv.meta()}
+        w = PayloadWriter(self.name, self.version, meta, lengths)
+        F.quantize_parts(F.as_bits(t), list(parts), self.qmax, pack4, w.buffers, w.hasher, self.name)
+        if rest.numel():
+            if not bool(torch.isfinite(rest).all()):
+                raise CodecError(f"codec {self.name!r} cannot encode NaN or inf values; use 'none' or 'bf16'")
+            dst = B.payload_tensor(w.buffers[4], _VIEW_AS.get(t.dtype, t.dtype)).view(t.dtype).view(rest.shape)
+            dst.copy_(rest)
+            w.hasher.update(w.buffers[4])
+            del dst
+        return w.finish()
 
     def _encode_blocked(self, tensor: torch.Tensor, cut: int) -> bytearray:
         """CPU fast path: cache-sized tiles quantized straight into the payload (same bytes as the plain path)."""
@@ -111,6 +139,21 @@ class KVQuantCodec(Codec):
             del dst
         return w.finish()
 
+    def _decode_fused(self, meta: dict[str, Any], buffers, dtype: torch.dtype, shape: list[int], cut: int) -> torch.Tensor:
+        if len(buffers) != 5 or shape[-4] != 2 or not 0 < cut <= shape[-2]:
+            raise CodecError(f"corrupt {self.name!r} payload: shape {shape}, cut {cut}, {len(buffers)} buffers")
+        # the groups the payload recorded (decode builds this codec with default parameters)
+        parts = F.kv_parts(shape, cut, int(meta["k"][3]), int(meta["v"][3]))
+        for tag, g in zip(("k", "v"), parts):
+            if G.Grouping.from_meta(meta[tag]).meta() != [g.U * g.H * g.T, g.n, g.post, g.group]:
+                raise CodecError(f"corrupt {self.name!r} payload: {tag} groups {meta[tag]} do not fit shape {shape}")
+        out = B.empty(shape, dtype)
+        F.dequantize_parts(F.as_bits(out), list(parts), self.bits == 4, buffers, self.name)
+        rest = self._parts(out, cut)[2]
+        if rest.numel():
+            rest.copy_(G.buffer_tensor(buffers[4], dtype, list(rest.shape)))
+        return out
+
     def _decode_blocked(self, meta: dict[str, Any], buffers, dtype: torch.dtype, shape: list[int], cut: int) -> torch.Tensor:
         pack4 = self.bits == 4
         out = B.empty(shape, dtype)
@@ -133,7 +176,10 @@ class KVQuantCodec(Codec):
         dtype = dtype_from_name(meta["dtype"])
         shape = list(meta["shape"])
         cut = int(meta["cut"])
-        if (device is None or torch.device(device).type == "cpu") and cut and len(shape) >= 4 and all(shape) and B.usable(torch.empty(0)):
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        if on_cpu and cut and len(shape) >= 4 and all(shape) and F.available(torch.empty(0, dtype=dtype)):
+            return self._decode_fused(meta, buffers, dtype, shape, cut)
+        if on_cpu and cut and len(shape) >= 4 and all(shape) and B.usable(torch.empty(0)):
             return self._decode_blocked(meta, buffers, dtype, shape, cut)
         out = torch.empty(shape, dtype=dtype, device=device or "cpu")
         head_shape = shape[:-2] + [cut, shape[-1]]

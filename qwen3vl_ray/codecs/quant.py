@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from qwen3vl_ray.codecs import blocked as B
+from qwen3vl_ray.codecs import fused as F
 from qwen3vl_ray.codecs import groups as G
 from qwen3vl_ray.codecs.base import (
     Codec, IdentityCodec, PayloadWriter, dtype_from_name, dtype_name, pack_payload, register_codec,
@@ -45,6 +46,8 @@ class GroupQuantCodec(Codec):
         if not tensor.is_floating_point():
             # integer/bool tensors (token ids, masks) are stored exactly; the payload says "none"
             return IdentityCodec().encode(tensor)
+        if self.kind != "fp8" and F.available(tensor) and tensor.numel() and tensor.is_contiguous():
+            return self._encode_fused(tensor)
         if self.kind != "fp8" and B.usable(tensor) and tensor.numel():
             return self._encode_blocked(tensor)
         g, xg, amax = self._prepare(tensor)
@@ -56,6 +59,20 @@ class GroupQuantCodec(Codec):
                 q = G.pack_int4(q)
         meta = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "groups": g.meta()}
         return pack_payload(self.name, self.version, meta, [G.host_bytes(q), G.host_bytes(scales)])
+
+    def _layout(self, tensor: torch.Tensor) -> tuple[G.Grouping, dict[str, Any], list[int]]:
+        g = G.grouping(tensor.shape, G.normalize_axis(self.axis, tensor.dim(), self.name), self.group)
+        count = g.pre * g.padded * g.post
+        meta = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "groups": g.meta()}
+        return g, meta, [(count + 1) // 2 if self.kind == "int4" else count, 4 * g.pre * g.ngroups * g.post]
+
+    def _encode_fused(self, tensor: torch.Tensor) -> bytearray:
+        """CPU fast path: one numba pass straight into the payload (same bytes as the other paths)."""
+        g, meta, lengths = self._layout(tensor)
+        w = PayloadWriter(self.name, self.version, meta, lengths)
+        F.quantize_parts(F.as_bits(tensor.detach()), [F.Geometry.plain(g.pre, g.n, g.post, g.group)], self.qmax,
+                         self.kind == "int4", w.buffers, w.hasher, self.name)
+        return w.finish()
 
     def _encode_blocked(self, tensor: torch.Tensor) -> bytearray:
         """CPU fast path: cache-sized tiles quantized straight into the payload (same bytes as the plain path)."""
@@ -74,7 +91,11 @@ class GroupQuantCodec(Codec):
     def decode_parts(self, meta: dict[str, Any], buffers, device) -> torch.Tensor:
         g = G.Grouping.from_meta(meta["groups"])
         count = g.pre * g.padded * g.post
-        if self.kind != "fp8" and (device is None or torch.device(device).type == "cpu") and count and B.usable(torch.empty(0)):
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        dtype = dtype_from_name(meta["dtype"])
+        if self.kind != "fp8" and on_cpu and count and F.available(torch.empty(0, dtype=dtype)):
+            return self._decode_fused(meta, g, dtype, buffers)
+        if self.kind != "fp8" and on_cpu and count and B.usable(torch.empty(0)):
             return self._decode_blocked(meta, g, count, buffers)
         scales = G.buffer_tensor(buffers[1], torch.float32, [g.pre, g.ngroups, g.post])
         if self.kind == "int4":
@@ -86,6 +107,16 @@ class GroupQuantCodec(Codec):
         if self.kind == "int4":
             q = G.unpack_int4(q, count)
         return G.dequantize(q, scales, g, meta["shape"], dtype_from_name(meta["dtype"]))
+
+    def _decode_fused(self, meta: dict[str, Any], g: G.Grouping, dtype: torch.dtype, buffers) -> torch.Tensor:
+        if len(buffers) != 2:
+            raise CodecError(f"corrupt {self.name!r} payload: {len(buffers)} buffers, layout needs 2")
+        out = B.empty(meta["shape"], dtype)
+        if out.numel() != g.pre * g.n * g.post:
+            raise CodecError(f"corrupt {self.name!r} payload: shape {meta['shape']} does not match groups {g.meta()}")
+        F.dequantize_parts(F.as_bits(out), [F.Geometry.plain(g.pre, g.n, g.post, g.group)], self.kind == "int4",
+                           buffers, self.name)
+        return out
 
     def _decode_blocked(self, meta: dict[str, Any], g: G.Grouping, count: int, buffers) -> torch.Tensor:
         pack4 = self.kind == "int4"

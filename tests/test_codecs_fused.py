@@ -1,0 +1,183 @@
+"""The fused numba kernels write byte-identical payloads to the torch paths and decode bit for bit like them.
+
+The torch paths stay the oracle: :mod:`blocked` (today's CPU bytes) and :mod:`groups` (the whole-tensor
+reference; its all-zero groups carry a -0.0 scale, which decodes the same). Chunks are shrunk to a few groups
+so small tensors cross many chunk boundaries (odd groups, padded last groups, int4 pairs across chunks).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qwen3vl_ray.codecs import base, blocked, decode, fused, make_codec
+from qwen3vl_ray.codecs.groups import TINY
+from qwen3vl_ray.errors import CodecError
+from tests.test_codecs_inputs import float_tensors, kv_tensors, make_tensor
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="numba is not installed")
+
+GENERIC = ["int8", "int4", "int8:group=7,axis=0", "int4:group=3", "int4:group=5,axis=0", "int8:group=1", "int4:group=1"]
+KV = ["kv-int8", "kv-int4", "kv-int8:group=8,residual=5", "kv-int4:group=3,residual=2", "kv-int4:group=16,residual=100"]
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (NaN payloads and the sign of zero included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(_BITS[a.dtype]), b.view(_BITS[b.dtype]))
+
+
+def fused_and_torch(spec: str, x: torch.Tensor, chunk: int):
+    """(payload, decoded) from the fused kernels with ``chunk``-element chunks, then from the torch path."""
+    codec = make_codec(spec)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "CHUNK_ELEMS", chunk)
+        # uninitialized payload memory: any byte the kernels forget shows up as a mismatch
+        mp.setattr(base, "UNINIT_MIN", 0)
+        mp.setattr(blocked, "quantize", _must_not_run)
+        mp.setattr(blocked, "dequantize", _must_not_run)
+        fast = codec.encode(x)
+        fast_y = decode(fast)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "ENABLED", False)
+        ref = codec.encode(x)
+        ref_y = decode(ref)
+        fast_by_torch = decode(fast)
+    assert same_bits(fast_by_torch, ref_y), "the torch path decodes a fused payload differently"
+    return (fast, fast_y), (ref, ref_y)
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the torch blocked path ran where the fused kernel should have")
+
+
+def _check(spec: str, x: torch.Tensor, chunk: int) -> None:
+    try:
+        (fast, fy), (ref, ry) = fused_and_torch(spec, x, chunk)
+    except CodecError as exc:
+        # refused (non-finite, fp16 overflow...): the torch path must refuse too
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(CodecError):
+            mp.setattr(fused, "ENABLED", False)
+            make_codec(spec).encode(x)
+        assert "NaN or inf" in str(exc)
+        return
+    assert bytes(fast) == bytes(ref)
+    assert same_bits(fy, ry)
+
+
+@pytest.mark.parametrize("spec", GENERIC)
+@settings(max_examples=40, deadline=None)
+@given(x=float_tensors(), chunk=st.sampled_from([1, 2, 7, 64, 1 << 15]))
+def test_fused_matches_torch_generic(spec, x, chunk):
+    _check(spec, x.contiguous(), chunk)
+
+
+@pytest.mark.parametrize("spec", KV)
+@settings(max_examples=40, deadline=None)
+@given(x=kv_tensors(), chunk=st.sampled_from([1, 2, 7, 64, 1 << 15]))
+def test_fused_matches_torch_kv(spec, x, chunk):
+    _check(spec, x.contiguous(), chunk)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:axis=0", "kv-int4"])
+def test_non_contiguous_input_takes_the_torch_path(spec):
+    # a strided view is not what the kernels index: the blocked torch path handles it, same bytes as a copy
+    x = make_tensor((2, 2, 3, 16, 8), torch.bfloat16, "outliers", 1, "transpose")
+    assert not x.is_contiguous()
+    assert bytes(make_codec(spec).encode(x)) == bytes(make_codec(spec).encode(x.contiguous()))
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4", "int8:axis=0", "kv-int8", "kv-int4", "kv-int4:residual=3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_non_finite_is_refused(spec, dtype, bad, where):
+    x = torch.randn(2, 2, 3, 8, 8).to(dtype)
+    # "last" lands in kv's residual window (tokens kept as is) when there is one
+    x.view(-1)[0 if where == "first" else -1] = bad
+    with pytest.raises(CodecError, match="NaN or inf"):
+        make_codec(spec).encode(x)
+
+
+def test_float64_beyond_float32_range_is_refused():
+    x = torch.ones(4, 128, dtype=torch.float64)
+    x[2, 5] = 1e300  # finite in float64, inf in the float32 the codecs compute in
+    with pytest.raises(CodecError, match="NaN or inf"):
+        make_codec("int8").encode(x)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4", "kv-int8", "kv-int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_adversarial_groups(spec, dtype):
+    # one tensor with every awkward group: all-equal, all-zero, -0.0, at and just above the TINY threshold,
+    # exact half-step ties (round half to even), subnormal-sized, and an outlier channel
+    x = torch.randn(2, 2, 4, 32, 16, dtype=torch.float32)
+    x[0, 0, 0] = 3.0
+    x[0, 0, 1] = 0.0
+    x[0, 1, 0] = -0.0
+    x[0, 1, 1] = float(np.float32(TINY))
+    x[0, 1, 2] = float(np.nextafter(np.float32(TINY), np.float32(1)))
+    x[1, 0, 0] = torch.arange(32 * 16, dtype=torch.float32).view(32, 16) % 9 - 4.5  # ties at amax 4.5
+    x[1, 0, 1] = 1e-3
+    x[1, 1, :, :, 3] *= 1000  # outlier channel
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)
+    _check(spec, x.to(dtype), 64)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3,), (1, 1), (5, 129), (7, 3, 1), (1, 2, 1, 1, 1), (2, 2, 1, 5, 3)])
+@pytest.mark.parametrize("spec", ["int8", "int4", "int4:axis=0,group=2", "kv-int4", "kv-int8:residual=1"])
+def test_odd_shapes(spec, shape):
+    x = make_tensor(shape, torch.bfloat16, "normal", 7)
+    if spec.startswith("kv") and (len(shape) < 4 or shape[-4] != 2):
+        return
+    _check(spec, x, 2)
+
+
+@pytest.mark.parametrize("spec", ["int8", "kv-int4"])
+def test_torch_payloads_still_decode(spec):
+    # a payload written by the torch paths (today's files) decodes through the kernels to the same bits
+    x = make_tensor((2, 2, 4, 40, 16), torch.bfloat16, "outliers", 3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "ENABLED", False)
+        old = make_codec(spec).encode(x)
+        want = decode(old)
+    readonly = bytes(old)  # as read from disk: the kernels take read-only buffers too
+    assert same_bits(decode(readonly), want)
+
+
+def test_threads_take_turns():
+    # numba's workqueue layer must never see two launches at once: many threads, the same bytes each time
+    x = make_tensor((4, 2, 8, 64, 64), torch.bfloat16, "normal", 5)
+    want = bytes(make_codec("kv-int4").encode(x))
+    got, errors = [], []
+
+    def work():
+        try:
+            for _ in range(5):
+                p = make_codec("kv-int4").encode(x)
+                got.append(bytes(p) == want and same_bits(decode(p), decode(want)))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    ts = [threading.Thread(target=work) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors and got == [True] * 20
+
+
+def test_env_var_forces_the_torch_path():
+    code = "from qwen3vl_ray.codecs import fused; print(fused.ENABLED, fused.available())"
+    env = dict(os.environ, QWEN3VL_CODEC_KERNELS="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
