@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from actors.tenancy import Tenant
 from qwen3vl_ray.errors import ConfigError
 
 MiB = 1 << 20
@@ -31,8 +32,10 @@ class AgentConfig:
             node's ``object_store_memory`` so Ray never spills our entries to its own spill directory.
         host_codec: codec spec applied to host entries on store (default ``"none"``: raw bytes, zero-copy).
         disk_bytes: disk-tier budget, bytes (default 1 GiB). 0 disables the disk tier.
-        disk_dir: parent directory of the disk tiers (default ``/tmp/qwen3vl_ray_disk``). Never Ray's spill
-            directory. Each node agent uses ``<disk_dir>/machine-<machine tag>-<slot>``: named by the machine
+        disk_dir: parent directory of the disk tiers (default ``~/.cache/qwen3vl-ray/disk-tier``; it must be
+            owned by this user and not writable by others). Never Ray's spill directory. Each node agent of the
+            default tenant uses ``<disk_dir>/machine-<machine tag>-<slot>`` (another tenant's
+            ``<disk_dir>/tenant-<tenant id>/machine-...``): named by the machine
             (and disk), not the Ray node id, so a restarted node or a later run serves what an earlier one
             stored; the slot (lowest free, flock-held while the agent lives) keeps agents of a one-machine
             cluster apart. Unheld directories of other machines, slots or namespaces count against
@@ -168,11 +171,13 @@ class WorkerConfig:
 @dataclass
 class ServiceConfig:
     """The whole service: ``ServiceConfig()`` for the dataclass defaults, ``from_settings`` / ``from_env`` for the
-    users' settings."""
+    users' settings. ``tenant`` is whose service it is (``actors.tenancy``): each tenant runs its own coordinator,
+    agents and workers, callable only with its key."""
 
     agent: AgentConfig = field(default_factory=AgentConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    tenant: Tenant = field(default_factory=Tenant)
 
     @classmethod
     def from_settings(cls, s: Any, gpus_available: bool = False, resolve_model: bool = True) -> "ServiceConfig":
@@ -195,6 +200,7 @@ class ServiceConfig:
                                           recompress_codec=s.recompress_codec),
             worker=WorkerConfig(engine=engine, engine_args=engine_args, num_gpus=gpus, num_cpus=s.worker_cpus,
                                 device_bytes=device_bytes, max_retries=s.max_retries),
+            tenant=Tenant.from_settings(s),
         )
 
     @classmethod

@@ -23,6 +23,7 @@ import ray
 from actors.config import NAMESPACE, AgentConfig, CoordinatorConfig
 from actors.directory import Directory, tier_code
 from actors.metrics import Metrics
+from actors.tenancy import Tenant, tenant_checked, with_tenant
 from qwen3vl_ray.errors import CapacityError
 from qwen3vl_ray.keys import CacheKey
 
@@ -30,6 +31,22 @@ logger = logging.getLogger(__name__)
 
 COORDINATOR_NAME = "qwen3vl_ray_coordinator"
 WORKER_PREFIX = "qwen3vl_ray_worker_"
+
+
+def coordinator_name(tenant: Tenant = Tenant()) -> str:
+    """The named actor of ``tenant``'s coordinator (``COORDINATOR_NAME`` for the default tenant)."""
+    return COORDINATOR_NAME + tenant.suffix
+
+
+def worker_prefix(tenant: Tenant = Tenant()) -> str:
+    """What ``tenant``'s worker names start with; a worker's name is this plus its index."""
+    return WORKER_PREFIX + ("" if tenant.is_default else f"t{tenant.id}_")
+
+
+def is_worker_of(name: str, tenant: Tenant = Tenant()) -> bool:
+    """Whether a named actor is one of ``tenant``'s workers (not another tenant's, whose names share the prefix)."""
+    prefix = worker_prefix(tenant)
+    return name.startswith(prefix) and name[len(prefix):].isdigit()
 
 
 class ClusterSaturatedError(CapacityError):
@@ -400,20 +417,24 @@ class RayAgentPort:
         return lambda *args: ray.get(method.remote(*args), timeout=self.timeout_s)
 
 
+@tenant_checked
 class Coordinator:
-    """Ray actor: the logic plus node tracking, the periodic loop and state rebuild after a restart."""
+    """Ray actor: the logic plus node tracking, the periodic loop and state rebuild after a restart. One per
+    tenant; every method runs only for that tenant (``auth=<tenant key>``: ``actors.tenancy``)."""
 
-    def __init__(self, config: CoordinatorConfig, agent_config: AgentConfig) -> None:
+    def __init__(self, config: CoordinatorConfig, agent_config: AgentConfig, tenant: Tenant = Tenant()) -> None:
         from actors.config_check import coordinator_fields
         from actors.metrics import RayMetrics
 
         logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_ACTOR_LOG_LEVEL", "INFO").upper())
         self.logic = CoordinatorLogic(config, RayMetrics("coordinator"))
         self.agent_config = agent_config
+        self.tenant = tenant
         self._config_fields = coordinator_fields(config, agent_config)
         self.handles: dict[str, Any] = {}
+        self.agent_errors: dict[str, str] = {}  # node -> why its agent did not start (last sync)
         self._stop = threading.Event()
-        self.sync_nodes()
+        self._sync_nodes()
         self._rebuild_workers()
         self.logic.policy_pass()
         if config.period_s > 0:
@@ -424,25 +445,27 @@ class Coordinator:
         while not self._stop.wait(self.logic.config.period_s):
             try:
                 if time.monotonic() - last_sync >= self.logic.config.node_sync_period_s:
-                    self.sync_nodes()
+                    self._sync_nodes()
                     last_sync = time.monotonic()
                 self.logic.policy_pass()
             except Exception:  # the loop must survive a bad pass; the next one retries
                 logger.warning("policy pass failed", exc_info=True)
 
-    def sync_nodes(self) -> dict:
-        """One agent per alive node; agents of dead nodes are killed and their entries forgotten."""
+    def _sync_nodes(self) -> dict:
+        """One agent of this tenant per alive node; agents of dead nodes are killed and their entries forgotten."""
         from actors.node_agent import get_or_create_agent
 
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         added, removed = [], []
         for node_id in sorted(alive - set(self.handles)):
-            handle = get_or_create_agent(node_id, self.agent_config)
+            handle = get_or_create_agent(node_id, self.agent_config, self.tenant)
             try:
                 ray.get(handle.ping.remote(), timeout=60)
-            except Exception:
+            except Exception as e:
                 logger.warning("agent on %s did not come up; retry on next sync", node_id[:12], exc_info=True)
+                self.agent_errors[node_id] = _root_error(e)
                 continue
+            self.agent_errors.pop(node_id, None)
             self.handles[node_id] = handle
             self.logic.add_agent(node_id, RayAgentPort(handle))
             added.append(node_id)
@@ -450,7 +473,7 @@ class Coordinator:
             handle = self.handles.pop(node_id)
             self.logic.remove_agent(node_id)
             try:
-                ray.kill(handle, no_restart=True)
+                ray.kill(handle.actor, no_restart=True)
             except Exception:
                 logger.debug("kill of agent on dead node %s failed", node_id[:12], exc_info=True)
             removed.append(node_id)
@@ -458,15 +481,18 @@ class Coordinator:
 
     def _rebuild_workers(self) -> None:
         for entry in ray.util.list_named_actors(all_namespaces=True):
-            if entry.get("namespace") != NAMESPACE or not entry["name"].startswith(WORKER_PREFIX):
+            if entry.get("namespace") != NAMESPACE or not is_worker_of(entry["name"], self.tenant):
                 continue
             try:
-                h = ray.get_actor(entry["name"], namespace=NAMESPACE)
+                h = with_tenant(ray.get_actor(entry["name"], namespace=NAMESPACE), self.tenant)
                 self.logic.register_worker(entry["name"], ray.get(h.node_id.remote(), timeout=10))
             except Exception:
                 logger.info("worker %s not reachable while rebuilding; it registers when back", entry["name"])
 
     # thin delegation
+    def sync_nodes(self) -> dict:
+        return self._sync_nodes()
+
     def policy_pass(self):
         return self.logic.policy_pass()
 
@@ -501,7 +527,7 @@ class Coordinator:
         return self.logic.worker_failed(worker_id, permanent, incarnation)
 
     def state(self):
-        return self.logic.state()
+        return {**self.logic.state(), "agent_errors": dict(self.agent_errors)}
 
     def stop(self):
         self._stop.set()
@@ -514,8 +540,19 @@ class Coordinator:
         return self._config_fields
 
 
-def coordinator_options() -> dict:
-    return dict(name=COORDINATOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+def _root_error(e: BaseException) -> str:
+    """The line naming the original error of a failed actor start (Ray wraps it in its own message and
+    traceback), e.g. ``UnsafeDirectoryError: disk tier refuses ...``."""
+    import re
+
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    causes = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", ln)]
+    text = causes[-1] if causes else f"{type(e).__name__}: {lines[0] if lines else e}"
+    return re.sub(r"^(?:[a-z_][\w]*\.)+", "", text)  # drop the module path of the exception class
+
+
+def coordinator_options(tenant: Tenant = Tenant()) -> dict:
+    return dict(name=coordinator_name(tenant), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
                 max_restarts=-1, max_task_retries=-1, num_cpus=0, max_concurrency=16)
 
 
@@ -523,6 +560,7 @@ ADMISSION_THREADS = 64
 """Threads for (possibly waiting) admissions, apart from the coordinator's other calls."""
 
 
-def get_or_create_coordinator(config: CoordinatorConfig, agent_config: AgentConfig):
-    return (ray.remote(concurrency_groups={"admission": ADMISSION_THREADS})(Coordinator)
-            .options(**coordinator_options()).remote(config, agent_config))
+def get_or_create_coordinator(config: CoordinatorConfig, agent_config: AgentConfig, tenant: Tenant = Tenant()):
+    """``tenant``'s coordinator (created if it does not exist), as a handle calling with the tenant's key."""
+    return with_tenant(ray.remote(concurrency_groups={"admission": ADMISSION_THREADS})(Coordinator)
+                       .options(**coordinator_options(tenant)).remote(config, agent_config, tenant), tenant)

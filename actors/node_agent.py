@@ -30,6 +30,7 @@ from actors.config import NAMESPACE, AgentConfig
 from actors.directory import TIER_CODES
 from actors.journal import Journal, JournalingTier
 from actors.metrics import Metrics
+from actors.tenancy import Tenant, tenant_checked
 from actors.object_store_tier import (RAW, LocalObjectStore, ObjectStore, ObjectStoreTier, array_to_tensor, slice_of,
                                       tensor_to_array)
 from qwen3vl_ray.codecs.base import decode
@@ -39,13 +40,20 @@ logger = logging.getLogger(__name__)
 
 AGENT_PREFIX = "qwen3vl_ray_agent_"
 _NODE_ID_RE = re.compile(r"^[0-9a-f]{16,128}$")
-#: Namespace of the agent's own tiers (keys are already namespaced by their producers).
+#: Namespace of the default tenant agent's own tiers (keys are already namespaced by their producers).
 AGENT_NAMESPACE = Namespace(model="qwen3vl_ray-node-agent", dtype="any", layout="chunks")
+
+
+def agent_namespace(tenant: Tenant) -> Namespace:
+    """The namespace of a tenant's agent tiers: its disk files live apart from every other tenant's."""
+    return AGENT_NAMESPACE if tenant.is_default else Namespace(model=AGENT_NAMESPACE.model, dtype="any",
+                                                                layout="chunks", tenant=tenant.id)
 REUSE_HALF_LIFE_S = 300.0
 
 
-def agent_name(node_id: str) -> str:
-    return AGENT_PREFIX + check_node_id(node_id)
+def agent_name(node_id: str, tenant: Tenant = Tenant()) -> str:
+    """The named actor of ``tenant``'s agent on ``node_id`` (one per tenant and node)."""
+    return AGENT_PREFIX + check_node_id(node_id) + tenant.suffix
 
 
 def check_node_id(node_id: str) -> str:
@@ -114,17 +122,28 @@ def to_wire(t: torch.Tensor) -> tuple[np.ndarray, str]:
     return tensor_to_array(t), str(t.dtype).removeprefix("torch.")
 
 
-def node_disk_home(config: AgentConfig, node_id: str):
-    """The node's disk-tier home: ``<disk_dir>/machine-<machine tag>-<slot>``, the lowest slot of this machine
-    no live agent holds (``qwen3vl_ray.tiers.disk_home``). Stable across Ray sessions, unlike the node id, so
-    a restarted node or a later embedded run serves what an earlier one stored; agents of a one-machine test
+def tenant_disk_dir(config: AgentConfig, tenant: Tenant) -> str:
+    """Where a tenant's agents keep their disk tiers: ``disk_dir`` for the default tenant, else
+    ``<disk_dir>/tenant-<tenant id>`` (created 0700), so each tenant's homes, budget and trimming stay its own."""
+    if tenant.is_default:
+        return config.disk_dir
+    path = os.path.join(config.disk_dir, f"tenant-{tenant.id}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def node_disk_home(config: AgentConfig, node_id: str, tenant: Tenant = Tenant()):
+    """The node's disk-tier home: ``<tenant disk dir>/machine-<machine tag>-<slot>``, the lowest slot of this
+    machine no live agent holds (``qwen3vl_ray.tiers.disk_home``). Stable across Ray sessions, unlike the node id,
+    so a restarted node or a later embedded run serves what an earlier one stored; agents of a one-machine test
     cluster still never share one. Held (flock) until the disk tier closes or the process exits."""
     from qwen3vl_ray.tiers.disk_home import DiskHome
 
-    return DiskHome.claim(config.disk_dir, owner=check_node_id(node_id))
+    return DiskHome.claim(tenant_disk_dir(config, tenant), owner=check_node_id(node_id))
 
 
-def build_node_cache(node_id: str, config: AgentConfig, host: JournalingTier, journal: Journal):
+def build_node_cache(node_id: str, config: AgentConfig, host: JournalingTier, journal: Journal,
+                     tenant: Tenant = Tenant()):
     """Compose the node's tiers with the core TieredCache: the object-store host tier (injected) over the core
     DiskTier in the node's disk home (its index is rebuilt from its files on open, so a restarted agent serves
     them again; other unheld homes are then trimmed to the disk budget)."""
@@ -137,25 +156,26 @@ def build_node_cache(node_id: str, config: AgentConfig, host: JournalingTier, jo
     tiers = [host]
     disk = None
     if config.disk_bytes:
-        home = node_disk_home(config, node_id)
+        namespace = agent_namespace(tenant)
+        home = node_disk_home(config, node_id, tenant)
         try:
             dcfg = TierConfig("disk", config.disk_bytes, codec=config.disk_codec, path=str(home.path),
                               fsync=config.disk_fsync, high_watermark=config.high_watermark,
                               low_watermark=config.low_watermark)
-            tier = DiskTier(dcfg, AGENT_NAMESPACE, lease=home)  # the tier's close() releases the home
+            tier = DiskTier(dcfg, namespace, lease=home)  # the tier's close() releases the home
         except BaseException:
             home.release()
             raise
         try:
-            home.trim(config.disk_bytes, tier.used_bytes, AGENT_NAMESPACE.hex)
+            home.trim(config.disk_bytes, tier.used_bytes, namespace.hex)
         except OSError:  # trimming is housekeeping: the tier serves without it
             logger.warning("disk home %s: trimming other directories failed", home.path, exc_info=True)
         disk = JournalingTier(tier, journal)
         cfgs.append(dcfg)
         tiers.append(disk)
     # prefetch_threads=0: the agent runs one call at a time; promotions happen inside get_chunks
-    cache = TieredCache(CacheConfig(tiers=cfgs, policy=config.policy, namespace=AGENT_NAMESPACE, prefetch_threads=0),
-                        tiers=tiers)
+    cache = TieredCache(CacheConfig(tiers=cfgs, policy=config.policy, namespace=agent_namespace(tenant),
+                                    prefetch_threads=0), tiers=tiers)
     return cache, disk
 
 
@@ -163,15 +183,17 @@ class NodeAgentLogic:
     """All of a node agent's behaviour. Not thread-safe: the actor runs one call at a time."""
 
     def __init__(self, node_id: str, config: AgentConfig, store: ObjectStore | None = None,
-                 metrics: Metrics | None = None, cache_factory=build_node_cache) -> None:
+                 metrics: Metrics | None = None, cache_factory=build_node_cache, tenant: Tenant = Tenant()) -> None:
         self.node_id = check_node_id(node_id)
         self.config = config
+        self.tenant = tenant
         self.epoch = uuid.uuid4().hex  # changes on every (re)start: the coordinator resyncs on a new epoch
         self.store = store if store is not None else LocalObjectStore()
         self.metrics = metrics if metrics is not None else Metrics(node_id)
         self.journal = Journal()
         self.host = JournalingTier(ObjectStoreTier(config.host_bytes, config.host_codec, self.store), self.journal)
-        self.cache, self.disk = cache_factory(node_id, config, self.host, self.journal)
+        self.cache, self.disk = (cache_factory(node_id, config, self.host, self.journal) if tenant.is_default
+                                 else cache_factory(node_id, config, self.host, self.journal, tenant))
         from qwen3vl_ray.cache.pressure import PressureConfig, PressureMonitor
 
         self.monitor = PressureMonitor(self.cache, PressureConfig(min_interval_s=0))
@@ -216,11 +238,6 @@ class NodeAgentLogic:
             else:
                 self.metrics.inc("qwen3vl_ray_swap_bytes_in", t.numel() * t.element_size(), tier=w)
         return where
-
-    def put_refs(self, refs: Sequence[tuple[CacheKey, ChunkRef, CacheKey | None]]) -> list[str | None]:
-        """Take chunks another agent holds (migration/placement): read them through the store, store here."""
-        tensors = materialize([r for _, r, _ in refs], self.store)
-        return self.put_chunks([(k, t, p) for (k, _, p), t in zip(refs, tensors)])
 
     def remove_many(self, keys: Sequence[CacheKey]) -> list[bool]:
         out = []
@@ -411,23 +428,23 @@ class NodeAgentLogic:
         self.cache.close()
 
 
+@tenant_checked
 class NodeAgent:
-    """Ray actor wrapper: builds the logic with the real object store and Ray metrics. Thin by design."""
+    """Ray actor wrapper: builds the logic with the real object store and Ray metrics. Thin by design. Every
+    method runs only for the agent's tenant (``auth=<tenant key>``: ``actors.tenancy``)."""
 
-    def __init__(self, node_id: str, config: AgentConfig) -> None:
+    def __init__(self, node_id: str, config: AgentConfig, tenant: Tenant = Tenant()) -> None:
         from actors.config_check import agent_fields
         from actors.metrics import RayMetrics
         from actors.object_store_tier import RayObjectStore
 
         logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_ACTOR_LOG_LEVEL", "INFO").upper())
-        self.logic = NodeAgentLogic(node_id, config, RayObjectStore(), RayMetrics(node_id))
+        self.tenant = tenant
+        self.logic = NodeAgentLogic(node_id, config, RayObjectStore(), RayMetrics(node_id), tenant=tenant)
         self._config_fields = agent_fields(config)
 
     def put_chunks(self, items):
         return self.logic.put_chunks(items)
-
-    def put_refs(self, refs):
-        return self.logic.put_refs(refs)
 
     def get_chunks(self, keys):
         return self.logic.get_chunks(keys)
@@ -479,17 +496,22 @@ class NodeAgent:
         return self._config_fields
 
 
-def agent_options(node_id: str) -> dict:
-    """Exactly one agent per node: pinned to the node, named by node id, detached, restarted on failure."""
+def agent_options(node_id: str, tenant: Tenant = Tenant()) -> dict:
+    """Exactly one agent per node and tenant: pinned to the node, named by node id (and tenant), detached,
+    restarted on failure."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return dict(name=agent_name(node_id), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+    return dict(name=agent_name(node_id, tenant), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
                 max_restarts=-1, max_task_retries=0, num_cpus=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
 
 
-def get_or_create_agent(node_id: str, config: AgentConfig):
-    """The node's agent handle; creates it if it does not exist (idempotent, race-free by name)."""
+def get_or_create_agent(node_id: str, config: AgentConfig, tenant: Tenant = Tenant()):
+    """The handle of ``tenant``'s agent on the node, calling with the tenant's key; creates the agent if it does
+    not exist (idempotent, race-free by name)."""
     import ray
 
-    return ray.remote(NodeAgent).options(**agent_options(node_id)).remote(node_id, config)
+    from actors.tenancy import with_tenant
+
+    return with_tenant(ray.remote(NodeAgent).options(**agent_options(node_id, tenant)).remote(node_id, config, tenant),
+                       tenant)

@@ -22,7 +22,9 @@ from typing import Any, Sequence
 
 from actors.config import NAMESPACE, ServiceConfig
 from actors.config_check import agent_fields, check_same_config, coordinator_fields, worker_fields
-from actors.coordinator import COORDINATOR_NAME, WORKER_PREFIX, get_or_create_coordinator
+from actors.coordinator import coordinator_name, get_or_create_coordinator, is_worker_of, worker_prefix
+from actors.tenancy import Tenant, with_tenant
+from qwen3vl_ray.errors import ClusterError, ConfigError
 from actors.worker import error_result, worker_class, worker_options
 
 logger = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class ServiceHandle:
 
         h = self.workers.get(name)
         if h is None:
-            h = self.workers[name] = ray.get_actor(name, namespace=NAMESPACE)
+            h = self.workers[name] = with_tenant(ray.get_actor(name, namespace=NAMESPACE), self.config.tenant)
         return h
 
     def _request_keyer(self) -> Any:
@@ -280,29 +282,40 @@ def ensure_service(config: ServiceConfig | None = None, address: str | None = No
             address = "local"
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": REPO_ROOT}}
         ray.init(address=address, **kwargs)
-    # No config asked for: attach to the running service as it is (its workers know its whole config).
-    config = config or _running_config(timeout_s) or ServiceConfig.from_env(
-        gpus_available=ray.cluster_resources().get("GPU", 0) > 0)
-    coordinator = get_or_create_coordinator(config.coordinator, config.agent)
-    ray.get(coordinator.state.remote(), timeout=timeout_s)
+    # No config asked for: attach to the running service of this environment's tenant as it is (its workers know
+    # its whole config).
+    if config is None:
+        config = ServiceConfig.from_env(gpus_available=ray.cluster_resources().get("GPU", 0) > 0)
+        config = _running_config(timeout_s, config.tenant) or config
+    tenant = config.tenant
+    coordinator = get_or_create_coordinator(config.coordinator, config.agent, tenant)
+    state = ray.get(coordinator.state.remote(), timeout=timeout_s)
+    if not state["nodes"] and state.get("agent_errors"):  # nothing can be stored anywhere: say why, now
+        node, why = next(iter(state["agent_errors"].items()))
+        raise ServiceStartError(f"no node agent could start (node {node[:12]}: {why})")
     # get_if_exists reuses actors whatever config they were built with: refuse a mismatch loudly.
-    check_same_config(f"the coordinator {COORDINATOR_NAME!r}", ray.get(coordinator.config_fields.remote(), timeout=timeout_s),
+    check_same_config(f"the coordinator {coordinator_name(tenant)!r}",
+                      ray.get(coordinator.config_fields.remote(), timeout=timeout_s),
                       coordinator_fields(config.coordinator, config.agent))
     workers = {}
     options = {}
     for i in range(num_workers):
-        name = f"{WORKER_PREFIX}{i}"
+        name = f"{worker_prefix(tenant)}{i}"
         options[name] = worker_options(name, config.worker)
-        workers[name] = worker_class().options(**options[name]).remote(name, config)
+        workers[name] = with_tenant(worker_class().options(**options[name]).remote(name, config), tenant)
     wait_for_workers(workers, options, worker_start_timeout_s)
     wanted = worker_fields(config.worker)
     for name, w in workers.items():
         check_same_config(f"worker {name!r}", ray.get(w.config_fields.remote(), timeout=timeout_s), wanted)
     _check_agents(coordinator, config, timeout_s)
-    return ServiceHandle(ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE), workers, config)
+    return ServiceHandle(coordinator, workers, config)
 
 
-class WorkersUnavailableError(RuntimeError):
+class ServiceStartError(ConfigError):
+    """The service cannot serve: no node agent started (the cause names why, e.g. an unsafe disk directory)."""
+
+
+class WorkersUnavailableError(ClusterError):
     """Workers did not start within ``worker_start_timeout_s`` (no node offered their resources)."""
 
 
@@ -343,7 +356,7 @@ def wait_for_workers(workers: dict[str, Any], options: dict[str, dict], timeout_
         if time.monotonic() >= deadline:
             for name in names:
                 try:
-                    ray.kill(workers[name], no_restart=True)
+                    ray.kill(getattr(workers[name], "actor", workers[name]), no_restart=True)
                 except Exception:
                     logger.debug("could not remove pending worker %s", name, exc_info=True)
             raise WorkersUnavailableError(
@@ -364,15 +377,16 @@ def _resources(resources: dict) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}" if shown else "{}"
 
 
-def _running_config(timeout_s: float) -> ServiceConfig | None:
-    """The ServiceConfig of a running worker of this service, None when no worker runs."""
+def _running_config(timeout_s: float, tenant: Tenant) -> ServiceConfig | None:
+    """The ServiceConfig of a running worker of ``tenant``'s service, None when none runs."""
     import ray
 
     for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry.get("namespace") != NAMESPACE or not entry["name"].startswith(WORKER_PREFIX):
+        if entry.get("namespace") != NAMESPACE or not is_worker_of(entry["name"], tenant):
             continue
         try:
-            return ray.get(ray.get_actor(entry["name"], namespace=NAMESPACE).service_config.remote(), timeout=timeout_s)
+            worker = with_tenant(ray.get_actor(entry["name"], namespace=NAMESPACE), tenant)
+            return ray.get(worker.service_config.remote(), timeout=timeout_s)
         except Exception:
             logger.info("worker %s did not give its config; asking another", entry["name"], exc_info=True)
     return None
@@ -386,7 +400,7 @@ def _check_agents(coordinator: Any, config: ServiceConfig, timeout_s: float) -> 
     wanted = agent_fields(config.agent)
     for node_id in ray.get(coordinator.state.remote(), timeout=timeout_s).get("nodes", []):
         try:
-            agent = ray.get_actor(agent_name(node_id), namespace=NAMESPACE)
+            agent = with_tenant(ray.get_actor(agent_name(node_id, config.tenant), namespace=NAMESPACE), config.tenant)
         except ValueError:  # not created yet: the coordinator creates it with its (checked) config
             continue
         check_same_config(f"the agent of node {node_id[:12]}", ray.get(agent.config_fields.remote(), timeout=timeout_s),

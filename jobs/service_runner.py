@@ -247,35 +247,40 @@ def service_row(item_id: str, r: dict) -> dict:
 
 
 def cluster_status(address: str) -> dict:
+    """The status of this environment's tenant's service (``QWEN3VL_RAY_TENANT`` / ``_KEY``) on the cluster."""
     s = S.resolve({"address": address})
     _init_ray(s, address, quiet=True)
-    from actors.coordinator import COORDINATOR_NAME
     from actors.config import NAMESPACE
+    from actors.coordinator import coordinator_name
+    from actors.tenancy import Tenant, with_tenant
     import ray
 
+    tenant = Tenant.from_settings(s)
     try:
-        coordinator = ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE)
+        coordinator = with_tenant(ray.get_actor(coordinator_name(tenant), namespace=NAMESPACE), tenant)
     except ValueError:
-        raise ClusterError(f"no qwen3vl-ray coordinator on the Ray cluster at {address}; start it with "
+        who = "" if tenant.is_default else f" of tenant {tenant.name!r}"
+        raise ClusterError(f"no qwen3vl-ray coordinator{who} on the Ray cluster at {address}; start it with "
                            f"`qwen3vl-ray service --address {address}`") from None
-    return _collect(ray.get(coordinator.state.remote()))
+    return _collect(ray.get(coordinator.state.remote()), tenant)
 
 
 def cluster_status_from(handle: Any) -> dict:
-    return _collect(handle.state())
+    return _collect(handle.state(), handle.config.tenant)
 
 
-def _collect(state: dict) -> dict:
+def _collect(state: dict, tenant: Any) -> dict:
     """Coordinator state plus each agent's pressure report (per tier: used, capacity, entries, ...)."""
     import ray
 
     from actors.config import NAMESPACE
     from actors.node_agent import agent_name
+    from actors.tenancy import with_tenant
 
     nodes = {}
     for node in state.get("nodes", []):
         try:
-            agent = ray.get_actor(agent_name(node), namespace=NAMESPACE)
+            agent = with_tenant(ray.get_actor(agent_name(node, tenant), namespace=NAMESPACE), tenant)
             report, stats = ray.get([agent.pressure.remote(), agent.stats.remote()], timeout=30)
             nodes[node] = _merge_stats(report, stats)
         except Exception as e:  # a dead agent is a row saying so, not a failed status

@@ -198,7 +198,12 @@ OPTIONS: tuple[Option, ...] = (
            "Eviction policy of the engine's store and the node agents (the default is the project's measured "
            "best on prefix-shaped reuse).", "EngineConfig.policy, AgentConfig.policy", tuple(sorted(POLICIES))),
     Option("tenant", "cache", "str", "default", "",
-           "Tenant in the key namespace: tenants sharing a cluster never share entries.", "EngineConfig.tenant"),
+           "Tenant in the key namespace: tenants sharing a cluster never share entries. On Ray each tenant gets its "
+           "own coordinator, node agents (own budgets and disk directory) and workers.", "EngineConfig.tenant"),
+    Option("tenant_key", "cache", "str", "", "",
+           "The tenant's secret (16+ characters; required for any tenant but default): every call into the "
+           "tenant's actors must carry it, so other jobs on the cluster cannot use them. Set it in the "
+           "environment, not as a flag (flags show in process lists); never printed.", "actors.tenancy.Tenant.key"),
     Option("prefix_cache", "cache", "bool", True, "",
            "Reuse and store prompt KV chunks.", "EngineConfig.prefix_cache"),
     Option("vision_cache", "cache", "bool", True, "",
@@ -529,6 +534,10 @@ def markdown() -> str:
     return "\n".join(lines)
 
 
+SECRET_OPTIONS = frozenset({"tenant_key"})
+"""Options whose values are never printed."""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Print the configuration reference or the resolved settings.")
     p.add_argument("--markdown", action="store_true", help="print docs/configuration.md")
@@ -538,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         s = resolve()
         for o in OPTIONS:
-            print(f"{o.name:22} {s[o.name]!s:40} ({s.source(o.name)})")
+            value = "<set>" if o.name in SECRET_OPTIONS and s[o.name] else s[o.name]
+            print(f"{o.name:22} {value!s:40} ({s.source(o.name)})")
     return 0
 
 

@@ -102,3 +102,21 @@ def test_code_difference_is_named_as_such():
     with pytest.raises(ConfigMismatchError, match="runs other qwen3vl-ray code than this job"):
         check_same_config("worker 'w0'", running, wanted)
     check_same_config("worker 'w0'", dict(wanted), wanted)  # same code, same config: no error
+
+
+def test_a_service_whose_agents_cannot_start_says_why_at_once(tmp_path):
+    """An unsafe disk directory (a parent anyone may write) stops every agent: ensure_service names the cause
+    instead of serving with no tier at all (every request refused as 'cluster saturated')."""
+    from actors.config import AgentConfig, CoordinatorConfig, ServiceConfig
+    from actors.service import ServiceStartError, ensure_service
+    from conftest import local_cluster
+
+    open_parent = tmp_path / "shared"
+    open_parent.mkdir()
+    open_parent.chmod(0o777)
+    config = ServiceConfig(agent=AgentConfig(host_bytes=8 << 20, disk_bytes=8 << 20,
+                                             disk_dir=str(open_parent / "tiers")),
+                           coordinator=CoordinatorConfig(period_s=0))
+    with local_cluster(nodes=1):
+        with pytest.raises(ServiceStartError, match=r"no node agent could start .*UnsafeDirectoryError: .*shared"):
+            ensure_service(config, num_workers=0)
