@@ -181,3 +181,24 @@ def test_env_var_forces_the_torch_path():
     env = dict(os.environ, QWEN3VL_CODEC_KERNELS="torch")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("spec", ["none", "int8", "int4:axis=0", "kv-int8", "kv-int4:residual=3", "fp8", "bf16", "int8+zstd", "zstd"])
+def test_decode_into_preallocated_out(spec):
+    x = make_tensor((2, 2, 3, 16, 8), torch.float32, "outliers", 2)
+    p = make_codec(spec).encode(x)
+    want = decode(p)
+    # a contiguous out takes the direct path; a strided one (a transposed view) the decode-and-copy fallback
+    for out in (torch.full_like(x, 7.0), torch.full((2, 2, 3, 8, 16), 7.0).transpose(-1, -2)):
+        got = decode(p, out=out)
+        assert got is out and same_bits(got.contiguous(), want)
+
+
+@pytest.mark.parametrize("spec", ["int8", "kv-int4", "int8+zstd", "none"])
+def test_decode_into_wrong_out_is_a_value_error(spec):
+    x = make_tensor((2, 2, 3, 16, 8), torch.bfloat16, "normal", 2)
+    p = make_codec(spec).encode(x)
+    with pytest.raises(ValueError, match=r"out is float32 \[2, 2, 3, 16, 8\], the payload holds bfloat16"):
+        decode(p, out=torch.empty(x.shape, dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"out is bfloat16 \[2, 2, 3, 8, 16\]"):
+        decode(p, out=torch.empty((2, 2, 3, 8, 16), dtype=torch.bfloat16))

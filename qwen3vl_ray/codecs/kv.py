@@ -139,7 +139,15 @@ class KVQuantCodec(Codec):
             del dst
         return w.finish()
 
-    def _decode_fused(self, meta: dict[str, Any], buffers, dtype: torch.dtype, shape: list[int], cut: int) -> torch.Tensor:
+    def decode_into(self, meta: dict[str, Any], buffers, out: torch.Tensor) -> None:
+        cut = int(meta["cut"])
+        if F.available(out) and out.is_contiguous() and cut and out.dim() >= 4 and out.numel():
+            self._decode_fused(meta, buffers, out.dtype, list(out.shape), cut, out)
+        else:
+            out.copy_(self.decode_parts(meta, buffers, out.device))
+
+    def _decode_fused(self, meta: dict[str, Any], buffers, dtype: torch.dtype, shape: list[int], cut: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
         if len(buffers) != 5 or shape[-4] != 2 or not 0 < cut <= shape[-2]:
             raise CodecError(f"corrupt {self.name!r} payload: shape {shape}, cut {cut}, {len(buffers)} buffers")
         # the groups the payload recorded (decode builds this codec with default parameters)
@@ -147,7 +155,7 @@ class KVQuantCodec(Codec):
         for tag, g in zip(("k", "v"), parts):
             if G.Grouping.from_meta(meta[tag]).meta() != [g.U * g.H * g.T, g.n, g.post, g.group]:
                 raise CodecError(f"corrupt {self.name!r} payload: {tag} groups {meta[tag]} do not fit shape {shape}")
-        out = B.empty(shape, dtype)
+        out = B.empty(shape, dtype) if out is None else out
         F.dequantize_parts(F.as_bits(out), list(parts), self.bits == 4, buffers, self.name)
         rest = self._parts(out, cut)[2]
         if rest.numel():

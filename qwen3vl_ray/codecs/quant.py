@@ -108,10 +108,18 @@ class GroupQuantCodec(Codec):
             q = G.unpack_int4(q, count)
         return G.dequantize(q, scales, g, meta["shape"], dtype_from_name(meta["dtype"]))
 
-    def _decode_fused(self, meta: dict[str, Any], g: G.Grouping, dtype: torch.dtype, buffers) -> torch.Tensor:
+    def decode_into(self, meta: dict[str, Any], buffers, out: torch.Tensor) -> None:
+        g = G.Grouping.from_meta(meta["groups"])
+        if self.kind != "fp8" and F.available(out) and out.is_contiguous() and out.numel():
+            self._decode_fused(meta, g, out.dtype, buffers, out)
+        else:
+            out.copy_(self.decode_parts(meta, buffers, out.device))
+
+    def _decode_fused(self, meta: dict[str, Any], g: G.Grouping, dtype: torch.dtype, buffers,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
         if len(buffers) != 2:
             raise CodecError(f"corrupt {self.name!r} payload: {len(buffers)} buffers, layout needs 2")
-        out = B.empty(meta["shape"], dtype)
+        out = B.empty(meta["shape"], dtype) if out is None else out
         if out.numel() != g.pre * g.n * g.post:
             raise CodecError(f"corrupt {self.name!r} payload: shape {meta['shape']} does not match groups {g.meta()}")
         F.dequantize_parts(F.as_bits(out), [F.Geometry.plain(g.pre, g.n, g.post, g.group)], self.kind == "int4",
