@@ -1,6 +1,7 @@
 """`qwen3vl-ray demo` end to end, on an embedded Ray (the service) and on one in-process engine: the tiny
-checkpoint is generated on first use, the sample batch runs cold then warm, the chat runs, and the summary
-shows reuse: warm faster than cold, vision-cache hits, the workers' device tier in the store table. The
+checkpoint is generated on first use, the sample batch runs cold then warm (and, on the service, once more
+after its workers restart), the chat runs, and the summary shows reuse: warm faster than cold, vision-cache
+hits, the workers' device tier in the store table, host and disk serving the restarted workers. The
 service demo's dashboard answers while the demo runs (``--keep-alive`` holds it until Ctrl-C) and is gone after."""
 
 import json
@@ -92,6 +93,10 @@ def test_demo(tmp_path, runner):
         # warm is faster than cold (medians over the 8 rows: the warm pass computes one token per prompt)
         assert warm["ttft_median_s"] < cold["ttft_median_s"], (cold, warm)
         assert warm["cached_tokens_by_tier"].get("device", 0) > 0
+        # after the workers restart (empty device tiers) the node agent's host and disk tiers serve the KV
+        restart = summary["restart"]
+        assert restart["errors"] == 0 and restart["cached_tokens"] > cold["cached_tokens"]
+        assert restart["cached_tokens_by_tier"].get("host", 0) + restart["cached_tokens_by_tier"].get("disk", 0) > 0
         # the workers' own device tier, from the workers: entries, real bytes, hits; and its row in the table
         [device] = summary["store"]["devices"].values()
         assert device["entries"] > 0 and device["used"] > 0 and device["hits"] > 0 and device["bytes_written"] > 0
