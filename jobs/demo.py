@@ -2,8 +2,9 @@
 
 1. Generates the ``tiny`` checkpoint on first use (into ``checkpoint_dir``; reused afterwards).
 2. Starts the service on an embedded Ray (``--runner engine``: one in-process engine, no Ray).
-3. Runs the sample batch shipped in ``jobs/data/`` twice: cold, then warm (its prefixes and images are
-   now in the store), and a three-turn chat about one image.
+3. Runs the sample batch shipped in ``jobs/data/`` cold, then warm (its prefixes and images are now in the
+   store), on the service once more after restarting its workers (their device tiers lost, the node
+   agents' host and disk tiers kept), and a three-turn chat about one image.
 4. Prints a summary: TTFT cold vs warm, cached-token ratio, hits and bytes per tier (the workers' device
    tiers and the node agents' host and disk tiers), compression ratio, and where the Ray dashboard is (up
    while the demo runs; ``--keep-alive`` keeps it up until Ctrl-C).
@@ -201,8 +202,10 @@ def run_demo(settings: S.Settings, runner_kind: str, data: str) -> dict:
         items = list(load(data, limits))
         runs = {}
         # service: a third pass after the workers restart (their device tiers empty): the node agents' host
-        # and disk tiers serve it, as they would a new worker or one on another node
-        phases = ("cold", "warm", "restart") if runner_kind == "service" else ("cold", "warm")
+        # and disk tiers serve it, as they would a new worker or one on another node. Only on the demo's own
+        # embedded Ray: the workers of a cluster it attached to serve others.
+        restart = runner_kind == "service" and _embedded(settings)
+        phases = ("cold", "warm", "restart") if restart else ("cold", "warm")
         for phase in phases:
             if phase == "restart":
                 restart_workers()
