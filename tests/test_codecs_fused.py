@@ -202,3 +202,31 @@ def test_decode_into_wrong_out_is_a_value_error(spec):
         decode(p, out=torch.empty(x.shape, dtype=torch.float32))
     with pytest.raises(ValueError, match=r"out is bfloat16 \[2, 2, 3, 8, 16\]"):
         decode(p, out=torch.empty((2, 2, 3, 8, 16), dtype=torch.bfloat16))
+
+
+def _encode_in_child(conn, spec, x):
+    try:
+        p = make_codec(spec).encode(x)
+        conn.send((bytes(p), decode(p).view(torch.int16).numpy().tobytes()))  # plain bytes: no tensor sharing
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        conn.send(repr(exc))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_forked_child_encodes_after_the_parent_did():
+    # GNU OpenMP is not fork-safe: the child must not launch a parallel kernel after the parent has (it would
+    # abort); it runs the serial twins and writes the same bytes
+    import multiprocessing as mp
+
+    x = make_tensor((2, 2, 3, 16, 8), torch.bfloat16, "outliers", 4)
+    want = bytes(make_codec("kv-int4").encode(x))
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_encode_in_child, args=(child, "kv-int4", x))
+    proc.start()
+    assert parent.poll(120), "the forked child hung"
+    got = parent.recv()
+    proc.join(10)
+    assert not isinstance(got, str), got
+    assert got[0] == want and got[1] == decode(want).view(torch.int16).numpy().tobytes()
+    assert proc.exitcode == 0

@@ -47,18 +47,24 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 
 #: module switch: False forces the torch paths (tests and ``benchmarks.codecs --kernels torch``)
 ENABLED = os.environ.get("QWEN3VL_CODEC_KERNELS", "fused").strip().lower() != "torch"
+#: cap on kernel threads (None: every core in the process's affinity mask); benchmarks match it to torch's
+MAX_THREADS: int | None = None
 #: elements per prange chunk: big enough that per-chunk scratch and scheduling cost nothing, small enough
 #: that a 2 MiB tensor still splits over every core
 CHUNK_ELEMS = 1 << 15
 
-if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
-    # workqueue is fork-safe and ships with numba; GNU OpenMP (numba's pick when present) is not fork-safe and
-    # would run a second OpenMP pool beside torch's
-    numba.config.THREADING_LAYER = "workqueue"
+if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+    # OpenMP first: a parallel launch costs ~2 us there against ~30-50 us on workqueue (measured here), which
+    # is most of the kernel time of a 2 MiB chunk; torch ships the same libgomp. workqueue (always present)
+    # is the fallback.
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
-# numba's "workqueue" threading layer aborts the process when two Python threads launch parallel
-# kernels at once; the kernels already use every core, so callers take turns
+# the workqueue layer aborts the process when two Python threads launch parallel kernels at once, and
+# concurrent launches would only split the same cores: callers take turns
 _LOCK = threading.Lock()
+# GNU OpenMP is not fork-safe: a child forked after this process launched a parallel kernel must not launch
+# one (numba aborts it). Such a child runs the serial twins of the kernels instead.
+_LAUNCH_PID: int | None = None
 
 #: numpy dtypes the kernels read and write each torch dtype as (bf16 / fp16 differ by signedness only)
 _NP = {torch.bfloat16: (torch.uint16, np.uint16), torch.float16: (torch.int16, np.int16),
@@ -78,7 +84,7 @@ def _threads() -> int:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         n = os.cpu_count() or 1
-    return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    return max(1, min(n, MAX_THREADS or n, numba.config.NUMBA_NUM_THREADS))
 
 
 def as_bits(t: torch.Tensor) -> np.ndarray:
@@ -125,21 +131,39 @@ def _per(g: Geometry, pack4: bool) -> int:
     return per + (per % 2)
 
 
+_SERIAL: dict[str, object] = {}
+
+
+def _kernel(name: str):
+    """The parallel kernel, or in a child forked after this process launched one, its serial twin
+    (compiled on first use there: numba's cache would mix the two up, as both come from one function)."""
+    global _LAUNCH_PID
+    pid = os.getpid()
+    if _LAUNCH_PID is None:
+        _LAUNCH_PID = pid
+    if pid == _LAUNCH_PID:
+        return globals()[name]
+    if name not in _SERIAL:
+        log.info("fused codec kernels: forked child of a process that ran them; running them on one thread")
+        _SERIAL[name] = numba.njit(parallel=False, fastmath=False, cache=False, nogil=True)(globals()[name].py_func)
+    return _SERIAL[name]
+
+
 def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray, scales: np.ndarray) -> None:
     """Quantize ``x``'s part ``g`` into ``codes`` (flat uint8: int8 codes, or packed int4 pairs) and ``scales``
     (flat float32). Non-finite inputs leave non-finite scales (the caller checks and refuses)."""
     with _LOCK:
         numba.set_num_threads(_threads())
-        _encode(x, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, np.float32(qmax), pack4,
-                _per(g, pack4), codes, scales)
+        _kernel("_encode")(x, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, np.float32(qmax),
+                           pack4, _per(g, pack4), codes, scales)
 
 
 def decode(out: np.ndarray, g: Geometry, pack4: bool, codes: np.ndarray, scales: np.ndarray) -> None:
     """Write ``codes * scales`` into ``out``'s part ``g`` (``out`` flat, in :func:`as_bits`'s dtype)."""
     with _LOCK:
         numba.set_num_threads(_threads())
-        _decode(out, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, pack4, _per(g, pack4),
-                codes, scales)
+        _kernel("_decode")(out, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, pack4,
+                           _per(g, pack4), codes, scales)
 
 
 def _nscales(g: Geometry) -> int:
