@@ -345,15 +345,18 @@ class Worker:
         return self._config
 
 
-def device_stats_of(worker_ids: list[str], timeout_s: float = 30.0) -> dict[str, dict]:
-    """The device tier of each named worker (``Worker.device_stats``), by worker id: the tier the node agents
-    do not hold, so a cluster's status asks the workers for it. A worker that does not answer gets
-    ``{"error": ...}``; one without a device tier is left out."""
+def device_stats_of(worker_ids: list[str], tenant: Any = None, timeout_s: float = 30.0) -> dict[str, dict]:
+    """The device tier of each named worker (``Worker.device_stats``) of ``tenant`` (an ``actors.tenancy.Tenant``;
+    None: the default one), by worker id: the tier the node agents do not hold, so a cluster's status asks the
+    workers for it. A worker that does not answer gets ``{"error": ...}``; one without a device tier is left out."""
+    from actors.tenancy import Tenant
+
+    tenant = tenant if tenant is not None else Tenant()
     out: dict[str, dict] = {}
     refs = {}
     for w in worker_ids:
         try:
-            refs[w] = ray.get_actor(w, namespace=NAMESPACE).device_stats.remote()
+            refs[w] = with_tenant(ray.get_actor(w, namespace=NAMESPACE), tenant).device_stats.remote()
         except Exception as e:  # gone since the coordinator listed it
             out[w] = {"error": f"{type(e).__name__}: {e}"}
     for w, ref in refs.items():

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from jobs.dataset import Item, Limits, load, read_image
 from jobs.runner import RUNNERS, TIER_ORDER, make_runner
@@ -164,20 +165,22 @@ def dashboard_url() -> str:
     return "(no Ray in this run)"
 
 
-def restart_workers(timeout_s: float = 120.0) -> list[str]:
-    """Kill the service's workers and wait until Ray has restarted each (a new process, model loaded, registered
-    again with the coordinator): their device tiers are gone, their node agents' host and disk tiers are not."""
+def restart_workers(tenant: Any, timeout_s: float = 120.0) -> list[str]:
+    """Kill the service's workers (``tenant``'s) and wait until Ray has restarted each (a new process, model
+    loaded, registered again with the coordinator): their device tiers are gone, their node agents' host and
+    disk tiers are not."""
     import ray
 
     from actors.config import NAMESPACE
-    from actors.coordinator import COORDINATOR_NAME
+    from actors.coordinator import coordinator_name
+    from actors.tenancy import with_tenant
 
-    coordinator = ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE)
+    coordinator = with_tenant(ray.get_actor(coordinator_name(tenant), namespace=NAMESPACE), tenant)
     workers = sorted(ray.get(coordinator.state.remote()).get("workers") or {})
-    handles = {w: ray.get_actor(w, namespace=NAMESPACE) for w in workers}
+    handles = {w: with_tenant(ray.get_actor(w, namespace=NAMESPACE), tenant) for w in workers}
     pids = dict(zip(workers, ray.get([h.pid.remote() for h in handles.values()])))
     for h in handles.values():
-        ray.kill(h, no_restart=False)
+        ray.kill(h.actor, no_restart=False)
     deadline = time.monotonic() + timeout_s
     for w, h in handles.items():
         while True:  # pid answers once __init__ (model load, registration) is done
@@ -208,7 +211,7 @@ def run_demo(settings: S.Settings, runner_kind: str, data: str) -> dict:
         phases = ("cold", "warm", "restart") if restart else ("cold", "warm")
         for phase in phases:
             if phase == "restart":
-                restart_workers()
+                restart_workers(runner.handle.config.tenant)
             rows = []
             for i in range(0, len(items), settings.batch_size):
                 rows += runner.run(items[i:i + settings.batch_size])
@@ -223,7 +226,8 @@ def run_demo(settings: S.Settings, runner_kind: str, data: str) -> dict:
             from actors.worker import device_stats_of
 
             # the device tier is each worker's own (the agents hold host and disk): ask the workers
-            store["devices"] = device_stats_of(sorted((store.get("coordinator") or {}).get("workers") or {}))
+            store["devices"] = device_stats_of(sorted((store.get("coordinator") or {}).get("workers") or {}),
+                                               runner.handle.config.tenant)
         url = dashboard_url()
     finally:
         runner.close()
