@@ -221,13 +221,7 @@ def run_demo(settings: S.Settings, runner_kind: str, data: str) -> dict:
             chat = run_chat(runner, session, turns)
         finally:
             runner.end_session(session)
-        store = runner.stats()
-        if runner_kind == "service":
-            from actors.worker import device_stats_of
-
-            # the device tier is each worker's own (the agents hold host and disk): ask the workers
-            store["devices"] = device_stats_of(sorted((store.get("coordinator") or {}).get("workers") or {}),
-                                               runner.handle.config.tenant)
+        store = runner.stats()  # on the service: the agents' tiers and the workers' device tiers ("devices")
         url = dashboard_url()
     finally:
         runner.close()

@@ -285,7 +285,11 @@ def _collect(state: dict, tenant: Any) -> dict:
             nodes[node] = _merge_stats(report, stats)
         except Exception as e:  # a dead agent is a row saying so, not a failed status
             nodes[node] = {"error": f"{type(e).__name__}: {e}"}
-    return {"coordinator": state, "nodes": nodes}
+    from actors.worker import device_stats_of
+
+    # the workers' own device tiers: no agent holds them
+    devices = device_stats_of(sorted(state.get("workers") or {}), tenant)
+    return {"coordinator": state, "nodes": nodes, "devices": devices}
 
 
 # Not the tiers' own hit counters: the agent serves chunks by reference (get_chunks), which those do not
