@@ -230,3 +230,41 @@ def test_forked_child_encodes_after_the_parent_did():
     assert not isinstance(got, str), got
     assert got[0] == want and got[1] == decode(want).view(torch.int16).numpy().tobytes()
     assert proc.exitcode == 0
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:group=5", "int8:axis=0,group=3", "kv-int8", "kv-int4:group=3,residual=2"])
+@settings(max_examples=25, deadline=None)
+@given(x=float_tensors() | kv_tensors(), chunk=st.sampled_from([2, 64, 1 << 15]))
+def test_measured_error_is_relative_error(spec, x, chunk):
+    # the error the kernel sums while quantizing is the error of the decoded tensor (float64, another order)
+    from qwen3vl_ray.codecs import relative_error
+
+    x = x.contiguous()
+    codec = make_codec(spec)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "CHUNK_ELEMS", chunk)
+        try:
+            payload, err = codec.encode_measured(x)
+        except CodecError:
+            return
+    assert bytes(payload) == bytes(codec.encode(x))
+    if err is None:  # no fused path for this tensor (integer, empty, no KV head part)
+        return
+    want = relative_error(x, decode(payload))
+    assert err == pytest.approx(want, rel=1e-9, abs=1e-300)
+
+
+def test_auto_screens_large_tensors_on_a_sample_and_keeps_the_budget():
+    from qwen3vl_ray.codecs import auto, relative_error
+
+    x = make_tensor((8, 2, 4, 64, 64), torch.bfloat16, "normal", 9)
+    x[:, 0, :, :, 5] *= 30  # an outlier key channel
+    assert x.numel() >= auto.SAMPLE_MIN_ELEMS
+    part = auto.sample(x)
+    # whole slices of the layers and heads: the k/v axis and the grouped (tokens, head_dim) dims stay whole
+    assert part.shape[1] == 2 and part.shape[-2:] == x.shape[-2:] and part.numel() * 8 <= x.numel()
+    assert auto.sample(x, axis0=True).shape[:-1] == x.shape[:-1]
+    for budget, name in ((0.02, "kv-int8"), (0.15, "kv-int4")):
+        chosen, payload = make_codec(f"auto:max_error={budget}").choose(x)
+        assert chosen.name == name
+        assert relative_error(x, decode(payload)) <= budget

@@ -4,16 +4,25 @@ Params: ``max_error`` (default 0.02, i.e. 2% relative Frobenius error, cosine >=
 codec specs, default :data:`DEFAULT_CANDIDATES`), ``lowrank_max_dim`` (default 512: lowrank is only tried
 when the matrix view's smaller side is at most this, since SVD costs ``m * n * min(m, n)``).
 
-Candidates are tried on the whole tensor (no sampling, so the budget is a guarantee): each is encoded,
-decoded and measured. Fixed-rate codecs go in order of bits per element and stop at the first one within
-budget (nothing after it can be smaller); variable-size ones (sparse, lowrank, ``+zstd``) are always tried.
-``none`` is the last resort. The result is the chosen codec's own payload, so it records the choice and ``decode`` needs
-nothing from ``auto``. Tensors with NaN/inf only get lossless candidates (sparse, none).
+The budget is a guarantee: a payload is only chosen after its error was measured on the whole tensor -- by
+the fused kernels as they quantize (``encode_measured``: no decode), else by decoding. Choosing is kept cheap
+by screening on a sample first (tensors with at least ``SAMPLE_MIN_ELEMS`` elements): about 1/``SAMPLE_SHRINK``
+of the slices along the leading dims (never the last two, which hold the groups, nor a KV chunk's k/v axis;
+for an ``axis=0`` quantizer, slices of the last dim). A candidate whose sample error is over
+``SCREEN_SLACK`` x budget, or whose payload scaled from the sample would not beat the best so far, is not
+tried on the whole tensor, nor is one at the rate of a fixed-rate winner or above; lowrank is screened by the
+rank a row sample (2 x its columns) needs. Screening can only make the
+choice less thrifty, never break the budget. Fixed-rate codecs go in order of bits per element and stop
+at the first one within budget (nothing after it can be smaller); then the variable-size ones (sparse,
+lowrank, ``+zstd``). ``none`` is the last resort. The result is the chosen codec's own payload, so it
+records the choice and ``decode`` needs nothing from ``auto``. Tensors with NaN/inf only end up with
+lossless candidates (lossy ones refuse them or fail the budget).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -26,6 +35,42 @@ log = logging.getLogger(__name__)
 DEFAULT_CANDIDATES = ("sparse", "lowrank", "kv-int4", "int4", "int4:axis=0", "kv-int8", "int8", "fp8", "bf16", "fp16")
 #: bits per element of the fixed-rate codecs, ignoring the scales (they only add a few percent)
 _BITS = {"int4": 4, "kv-int4": 4, "int8": 8, "kv-int8": 8, "fp8": 8, "bf16": 16, "fp16": 16}
+#: tensors below this many elements are not screened (a whole-tensor trial is already cheap)
+SAMPLE_MIN_ELEMS = 1 << 16
+#: a sample is about 1/SAMPLE_SHRINK of the tensor
+SAMPLE_SHRINK = 64
+#: screening slack: a sample error up to this times the budget still earns a whole-tensor trial
+SCREEN_SLACK = 1.25
+#: a measured error this close above the budget counts as over it (the kernel sums in another order)
+_MEASURE_SLACK = 1e-9
+
+
+def sample(tensor: torch.Tensor, axis0: bool = False) -> torch.Tensor | None:
+    """About ``1/SAMPLE_SHRINK`` of ``tensor`` as whole slices (see the module docstring); None when too small."""
+    nd = tensor.dim()
+    if tensor.numel() < SAMPLE_MIN_ELEMS or nd < 2:
+        return None
+    if axis0:
+        dims = [nd - 1]
+    else:
+        dims = [d for d in range(max(1, nd - 2)) if not (nd >= 4 and d == nd - 4 and tensor.shape[d] == 2)]
+    keep = {d: tensor.shape[d] for d in dims}
+    target = tensor.numel() // SAMPLE_SHRINK
+    size = tensor.numel()
+    while size > target:
+        d = max(keep, key=keep.get)
+        if keep[d] <= 1:
+            break
+        size = size // keep[d] * ((keep[d] + 1) // 2)
+        keep[d] = (keep[d] + 1) // 2
+    if all(keep[d] == tensor.shape[d] for d in dims):
+        return None
+    out = tensor
+    for d, k in keep.items():
+        if k < tensor.shape[d]:
+            idx = torch.linspace(0, tensor.shape[d] - 1, k).round().long().to(tensor.device)
+            out = out.index_select(d, idx)
+    return out.contiguous()
 
 
 @register_codec("auto")
@@ -55,9 +100,7 @@ class AutoCodec(Codec):
             text += f",lowrank_max_dim={self.lowrank_max_dim}"
         return text + (f",candidates={'|'.join(self._specs)}" if self._specs else "")
 
-    def _applicable(self, codec: Codec, tensor: torch.Tensor, finite: bool) -> bool:
-        if not finite and not codec.lossless:
-            return False
+    def _applicable(self, codec: Codec, tensor: torch.Tensor) -> bool:
         if codec.name == "sparse":
             # indices cost 4 bytes each: pointless above ~1/3 density
             return int(torch.count_nonzero(tensor)) * 3 <= tensor.numel()
@@ -67,33 +110,98 @@ class AutoCodec(Codec):
             return min(m, n) <= self.lowrank_max_dim and tensor.numel() >= 4096
         return True
 
+    def _trial(self, codec: Codec, tensor: torch.Tensor) -> tuple[bytearray, float] | None:
+        """(payload, measured relative error) of ``codec`` on ``tensor``, or None if it refuses it."""
+        try:
+            if hasattr(codec, "encode_measured"):
+                payload, err = codec.encode_measured(tensor)
+            else:
+                payload, err = codec.encode(tensor), None
+        except CodecError as exc:  # e.g. kv-int4 on a non-KV shape, fp16 overflow, NaN in a quantizer
+            log.debug("auto: candidate %s skipped: %s", codec.spec(), exc)
+            return None
+        if err is None:
+            err = 0.0 if codec.lossless else relative_error(tensor, decode(payload, tensor.device))
+        return payload, err
+
+    def _lowrank_hopeless(self, codec: Codec, tensor: torch.Tensor, best: int) -> bool:
+        """True when a row sample already needs a rank whose factors are no smaller than ``best`` bytes."""
+        n = tensor.shape[-1]
+        mat = tensor.detach().reshape(-1, n)
+        m = mat.shape[0]
+        rows = min(m, 2 * n)
+        if rows == m:
+            return False
+        idx = torch.linspace(0, m - 1, rows).round().long().to(mat.device)
+        s = torch.linalg.svdvals(mat.index_select(0, idx).to(torch.float32)).to(torch.float64)
+        if not bool(torch.isfinite(s).all()):
+            return True
+        tail = torch.flip(torch.cumsum(torch.flip(s * s, [0]), 0), [0])
+        total = float(tail[0]) if tail.numel() else 0.0
+        if total == 0.0:
+            return False
+        over = tail > (codec.max_error ** 2) * total
+        rank = int(over.sum())
+        return 4 * rank * (m + n) >= best
+
     def choose(self, tensor: torch.Tensor) -> tuple[Codec, bytearray]:
         """The winning codec and its payload."""
         fallback = IdentityCodec()
         if not tensor.is_floating_point() or tensor.numel() == 0:
             return fallback, fallback.encode(tensor)
-        finite = bool(torch.isfinite(tensor).all())
         best: tuple[int, Codec, bytearray] | None = None
         raw = tensor.numel() * tensor.element_size()
-        # fixed-rate codecs in order of bits per element: the first that meets the budget beats every later
-        # one, so they stop there; variable-size ones (sparse, lowrank, +zstd) are always tried
-        fixed = sorted((c for c in self.candidates if _BITS.get(c.name)), key=lambda c: _BITS[c.name])
-        variable = [c for c in self.candidates if not _BITS.get(c.name)]
-        for codec in variable + fixed:
-            if best is not None and _BITS.get(codec.name) and tensor.numel() * _BITS[codec.name] / 8 >= best[0]:
-                continue
-            if not self._applicable(codec, tensor, finite):
-                continue
-            try:
-                payload = codec.encode(tensor)
-            except CodecError as exc:  # e.g. kv-int4 on a non-KV shape, fp16 overflow
-                log.debug("auto: candidate %s skipped: %s", codec.spec(), exc)
-                continue
+        budget = self.max_error * (1 - _MEASURE_SLACK)
+        samples: dict[bool, torch.Tensor | None] = {}
+
+        def screened_out(codec: Codec) -> bool:
+            axis0 = getattr(codec, "axis", None) is not None and codec.axis % max(tensor.dim(), 1) == 0
+            if axis0 not in samples:
+                samples[axis0] = sample(tensor, axis0)
+            part = samples[axis0]
+            if part is None or not self._applicable(codec, part):
+                return False
+            got = self._trial(codec, part)
+            if got is None:
+                return True
+            est = len(got[0]) * tensor.numel() / part.numel()
+            return got[1] > self.max_error * SCREEN_SLACK or (best is not None and est >= best[0] * 0.995)
+
+        def consider(codec: Codec) -> None:
+            nonlocal best
+            got = self._trial(codec, tensor)
+            if got is None:
+                return
+            payload, err = got
             # near-ties (same rate, a few header bytes apart) keep the earlier, more accurate candidate
             if len(payload) >= raw or (best is not None and len(payload) >= best[0] * 0.995):
-                continue
-            if codec.lossless or relative_error(tensor, decode(payload, tensor.device)) <= self.max_error:
+                return
+            if codec.lossless or err <= budget:
                 best = (len(payload), codec, payload)
+
+        # fixed-rate codecs in order of bits per element: the first that meets the budget beats every later
+        # one, so they stop there; variable-size ones (sparse, lowrank, +zstd) come after, against that size
+        fixed = sorted((c for c in self.candidates if _BITS.get(c.name)), key=lambda c: _BITS[c.name])
+        variable = [c for c in self.candidates if not _BITS.get(c.name)]
+        for codec in fixed + variable:
+            if best is not None and _BITS.get(codec.name) and (tensor.numel() * _BITS[codec.name] / 8 >= best[0] or (
+                    _BITS.get(best[1].name, 99) <= _BITS[codec.name])):
+                continue  # a fixed-rate winner is as small as anything at its rate or above (near-ties keep it)
+            if codec.name == "lowrank" and (not self._applicable(codec, tensor) or (
+                    best is not None and self._lowrank_hopeless(codec, tensor, best[0]))):
+                continue
+            if codec.name == "sparse":
+                # density on the sample first: counting the whole tensor is a pass of its own
+                if False not in samples:
+                    samples[False] = sample(tensor)
+                part = samples[False]
+                if part is not None and int(torch.count_nonzero(part)) * 2 > part.numel():
+                    continue
+            if not codec.lossless and screened_out(codec):
+                continue
+            if not self._applicable(codec, tensor):
+                continue
+            consider(codec)
         if best is None:
             return fallback, fallback.encode(tensor)
         return best[1], best[2]

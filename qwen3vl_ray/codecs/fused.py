@@ -24,6 +24,7 @@ set :data:`ENABLED` to False (tests and benchmarks compare both paths).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -149,13 +150,22 @@ def _kernel(name: str):
     return _SERIAL[name]
 
 
-def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray, scales: np.ndarray) -> None:
+def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray, scales: np.ndarray,
+           measure: bool = False) -> tuple[float, float]:
     """Quantize ``x``'s part ``g`` into ``codes`` (flat uint8: int8 codes, or packed int4 pairs) and ``scales``
-    (flat float32). Non-finite inputs leave non-finite scales (the caller checks and refuses)."""
+    (flat float32). Non-finite inputs leave non-finite scales (the caller checks and refuses).
+
+    With ``measure``: also (sum of squared errors of the decoded values, sum of squares of the inputs), in
+    float64, from the codes while they are in cache (what ``auto`` needs, without a decode); else (0, 0).
+    """
+    per = _per(g, pack4)
+    nchunks = -(-g.U * g.H * g.T * -(-g.n // g.group) // per)
+    err = np.zeros(2 * nchunks if measure else 0, dtype=np.float64)
     with _LOCK:
         numba.set_num_threads(_threads())
         _kernel("_encode")(x, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, np.float32(qmax),
-                           pack4, _per(g, pack4), codes, scales)
+                           pack4, per, codes, scales, err)
+    return (float(err[0::2].sum()), float(err[1::2].sum())) if measure else (0.0, 0.0)
 
 
 def decode(out: np.ndarray, g: Geometry, pack4: bool, codes: np.ndarray, scales: np.ndarray) -> None:
@@ -175,24 +185,35 @@ def _ncodes(g: Geometry, pack4: bool) -> int:
     return (count + 1) // 2 if pack4 else count
 
 
+def relative(e2: float, x2: float) -> float:
+    """``relative_error`` from a squared error and a squared norm (0.0 when both are zero)."""
+    if x2 == 0.0:
+        return 0.0 if e2 == 0.0 else math.inf
+    return math.sqrt(e2 / x2)
+
+
 def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool, buffers: list[memoryview],
-                   hasher, codec: str) -> None:
-    """Quantize each part of ``x`` into payload buffers ``codes_i, scales_i`` (in order) and hash them in order.
+                   hasher, codec: str, measure: bool = False) -> tuple[float, float]:
+    """Quantize each part of ``x`` into payload buffers ``codes_i, scales_i`` (in order) and hash them in order;
+    with ``measure``, returns the parts' summed (squared error, squared norm) (see :func:`encode`).
 
     Scales go through an aligned scratch array: a payload buffer's offset is arbitrary, and an unaligned
     array would be one more kernel specialization to compile.
     """
+    e2 = x2 = 0.0
     for i, g in enumerate(parts):
         codes = np.frombuffer(buffers[2 * i], dtype=np.uint8)
         scales = np.empty(_nscales(g), dtype=np.float32)
         if codes.size != _ncodes(g, pack4) or buffers[2 * i + 1].nbytes != scales.nbytes:
             raise AssertionError(f"payload buffers {codes.size}/{buffers[2 * i + 1].nbytes} B do not fit {g}")
-        encode(x, g, qmax, pack4, codes, scales)
+        a, b = encode(x, g, qmax, pack4, codes, scales, measure)
+        e2, x2 = e2 + a, x2 + b
         if not np.isfinite(scales).all():
             raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
         np.frombuffer(buffers[2 * i + 1], dtype=np.uint8)[:] = scales.view(np.uint8)
         hasher.update(codes)
         hasher.update(scales)
+    return e2, x2
 
 
 def dequantize_parts(out: np.ndarray, parts: list[Geometry], pack4: bool, buffers, codec: str) -> None:
@@ -323,15 +344,62 @@ if numba is not None:
     def _nib(f, s):
         return np.uint8(np.int32(np.rint(f * s)) + 8)
 
+    def _decoded(x, f):  # pragma: no cover - replaced by the overload inside jitted code
+        raise NotImplementedError
+
+    @overload(_decoded, inline="always")
+    def _decoded_impl(x, f):
+        """float32 ``f`` as decode stores it in ``x``'s dtype, read back as float64."""
+        dt = x.dtype
+        if dt == types.uint16:
+            def bf16(x, f):
+                u = _bits_from_f32(f)
+                u = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+                return np.float64(_f32_from_bits(u))
+            return bf16
+        if dt == types.int16:
+            return lambda x, f: np.float64(_f32_from_half(_half_from_f32(f)))
+        if dt in (types.float32, types.float64):
+            return lambda x, f: np.float64(f)
+        return None
+
+    def _orig(x, i):  # pragma: no cover - replaced by the overload inside jitted code
+        raise NotImplementedError
+
+    @overload(_orig, inline="always")
+    def _orig_impl(x, i):
+        if x.dtype == types.float64:
+            return lambda x, i: x[i]
+        return lambda x, i: np.float64(_load(x, i))
+
+    # reassoc only here (a sum of squares may be added in any order; it vectorizes that way), never in the
+    # kernels, whose every rounding step must match torch's
+    @numba.njit(fastmath={"reassoc"}, cache=True, nogil=True)
+    def _sq_err(xs, cs, ss, sstep, nibbles, m):
+        """(sum of squared errors, sum of squares) of ``m`` inputs ``xs`` against their codes ``cs`` (int8 bits,
+        or nibbles ``code + 8``) times ``ss[j * sstep]``, rounded as decode rounds them."""
+        e2 = 0.0
+        x2 = 0.0
+        for j in range(m):
+            q = np.int32(cs[j]) - 8 if nibbles else np.int32(cs[j] ^ np.uint8(128)) - 128
+            o = _orig(xs, j)
+            e = o - _decoded(xs, np.float32(q) * ss[j * sstep])
+            e2 += e * e
+            x2 += o * o
+        return e2, x2
+
     @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
-    def _encode(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales):
+    def _encode(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err):
         G = (n + group - 1) // group
         items = U * H * T * G
         gsize = group * post
         nchunks = (items + per - 1) // per
+        measure = err.size > 0
         for c in prange(nchunks):
             i0 = c * per
             i1 = min(items, i0 + per)
+            e2 = 0.0
+            x2 = 0.0
             amax = np.empty(post, np.uint32)
             inv = np.empty(post, np.float32)
             nib = np.empty(per * gsize if pack4 else 0, np.uint8)
@@ -359,17 +427,21 @@ if numba is not None:
                     scales[it] = a / qmax
                     s = _inv(a, qmax)
                     if pack4:
-                        ns = nib[nb: nb + group]
+                        cs = nib[nb: nb + group]
                         for j in range(j1 - j0):
-                            ns[j] = _nib(_load(xs, j), s)
+                            cs[j] = _nib(_load(xs, j), s)
                         for j in range(j1 - j0, group):
-                            ns[j] = np.uint8(8)
+                            cs[j] = np.uint8(8)
                     else:
                         cs = codes[cb: cb + group]
                         for j in range(j1 - j0):
                             cs[j] = _code8(_load(xs, j), s)
                         for j in range(j1 - j0, group):
                             cs[j] = np.uint8(0)
+                    if measure:
+                        a, b = _sq_err(xs, cs, scales[it: it + 1], 0, pack4, j1 - j0)
+                        e2 += a
+                        x2 += b
                 else:
                     for k in range(post):
                         amax[k] = np.uint32(0)
@@ -387,12 +459,12 @@ if numba is not None:
                         xs = x[src + j * post: src + (j + 1) * post]
                         d = (j - j0) * post
                         if pack4:
-                            ns = nib[nb + d: nb + d + post]
+                            cs = nib[nb + d: nb + d + post]
                             if j < j1:
                                 for k in range(post):
-                                    ns[k] = _nib(_load(xs, k), inv[k])
+                                    cs[k] = _nib(_load(xs, k), inv[k])
                             else:
-                                ns[:] = np.uint8(8)
+                                cs[:] = np.uint8(8)
                         else:
                             cs = codes[cb + d: cb + d + post]
                             if j < j1:
@@ -400,6 +472,10 @@ if numba is not None:
                                     cs[k] = _code8(_load(xs, k), inv[k])
                             else:
                                 cs[:] = np.uint8(0)
+                        if measure and j < j1:
+                            a, b = _sq_err(xs, cs, scales[sb: sb + post], 1, pack4, post)
+                            e2 += a
+                            x2 += b
                 gi += 1
                 if gi == G:
                     gi = 0
@@ -418,6 +494,9 @@ if numba is not None:
                     out[p] = nib[2 * p] | (nib[2 * p + 1] << np.uint8(4))
                 if cnt % 2:  # only the very last code of an odd total: it pairs with a zero code (nibble 8)
                     out[cnt // 2] = nib[cnt - 1] | np.uint8(8 << 4)
+            if measure:
+                err[2 * c] = e2
+                err[2 * c + 1] = x2
 
     @numba.njit(inline="always")
     def _lo(b):

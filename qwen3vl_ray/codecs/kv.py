@@ -61,7 +61,7 @@ class KVQuantCodec(Codec):
     def encode(self, tensor: torch.Tensor) -> bytearray:
         keys, values, rest, cut = self._split(tensor)
         if F.available(tensor) and keys.numel() and tensor.is_contiguous():
-            return self._encode_fused(tensor, cut)
+            return self._encode_fused(tensor, cut)[0]
         if B.usable(tensor) and keys.numel():
             return self._encode_blocked(tensor, cut)
         meta: dict[str, Any] = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "cut": cut}
@@ -85,8 +85,18 @@ class KVQuantCodec(Codec):
         head = t5[:, :, :, :cut]
         return head[:, 0], head[:, 1].unsqueeze(-1), t5[:, :, :, cut:]
 
-    def _encode_fused(self, t: torch.Tensor, cut: int) -> bytearray:
-        """CPU fast path: one numba pass per part straight into the payload (same bytes as the other paths)."""
+    def encode_measured(self, tensor: torch.Tensor) -> tuple[bytearray, float | None]:
+        """The payload and its ``relative_error``, measured by the fused kernels as they quantize (no decode);
+        None where the fused path does not run."""
+        keys, _, _, cut = self._split(tensor)
+        if not (F.available(tensor) and keys.numel() and tensor.is_contiguous()):
+            return self.encode(tensor), None
+        payload, e2, x2 = self._encode_fused(tensor, cut, measure=True)
+        return payload, F.relative(e2, x2)
+
+    def _encode_fused(self, t: torch.Tensor, cut: int, measure: bool = False) -> tuple[bytearray, float, float]:
+        """CPU fast path: one numba pass per part straight into the payload (same bytes as the other paths);
+        with ``measure``, also the squared error and squared norm (the residual window is exact)."""
         t = t.detach()
         rest = self._parts(t, cut)[2]
         parts = F.kv_parts(t.shape, cut, self.group)
@@ -100,7 +110,7 @@ class KVQuantCodec(Codec):
         gk, gv = (G.grouping(head, axis % len(head), self.group) for axis in (_KEY_AXIS, _VALUE_AXIS))
         meta = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "cut": cut, "k": gk.meta(), "v": gv.meta()}
         w = PayloadWriter(self.name, self.version, meta, lengths)
-        F.quantize_parts(F.as_bits(t), list(parts), self.qmax, pack4, w.buffers, w.hasher, self.name)
+        e2, x2 = F.quantize_parts(F.as_bits(t), list(parts), self.qmax, pack4, w.buffers, w.hasher, self.name, measure)
         if rest.numel():
             if not bool(torch.isfinite(rest).all()):
                 raise CodecError(f"codec {self.name!r} cannot encode NaN or inf values; use 'none' or 'bf16'")
@@ -108,7 +118,9 @@ class KVQuantCodec(Codec):
             dst.copy_(rest)
             w.hasher.update(w.buffers[4])
             del dst
-        return w.finish()
+            if measure:
+                x2 += float(torch.linalg.vector_norm(rest.double())) ** 2
+        return w.finish(), e2, x2
 
     def _encode_blocked(self, tensor: torch.Tensor, cut: int) -> bytearray:
         """CPU fast path: cache-sized tiles quantized straight into the payload (same bytes as the plain path)."""

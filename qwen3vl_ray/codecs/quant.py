@@ -46,8 +46,8 @@ class GroupQuantCodec(Codec):
         if not tensor.is_floating_point():
             # integer/bool tensors (token ids, masks) are stored exactly; the payload says "none"
             return IdentityCodec().encode(tensor)
-        if self.kind != "fp8" and F.available(tensor) and tensor.numel() and tensor.is_contiguous():
-            return self._encode_fused(tensor)
+        if self._fused(tensor):
+            return self._encode_fused(tensor)[0]
         if self.kind != "fp8" and B.usable(tensor) and tensor.numel():
             return self._encode_blocked(tensor)
         g, xg, amax = self._prepare(tensor)
@@ -66,13 +66,24 @@ class GroupQuantCodec(Codec):
         meta = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "groups": g.meta()}
         return g, meta, [(count + 1) // 2 if self.kind == "int4" else count, 4 * g.pre * g.ngroups * g.post]
 
-    def _encode_fused(self, tensor: torch.Tensor) -> bytearray:
+    def _fused(self, tensor: torch.Tensor) -> bool:
+        return self.kind != "fp8" and F.available(tensor) and tensor.numel() > 0 and tensor.is_contiguous()
+
+    def encode_measured(self, tensor: torch.Tensor) -> tuple[bytearray, float | None]:
+        """The payload and its ``relative_error``, measured by the fused kernel as it quantizes (no decode);
+        None where the fused path does not run."""
+        if not self._fused(tensor):
+            return self.encode(tensor), None
+        payload, e2, x2 = self._encode_fused(tensor, measure=True)
+        return payload, F.relative(e2, x2)
+
+    def _encode_fused(self, tensor: torch.Tensor, measure: bool = False) -> tuple[bytearray, float, float]:
         """CPU fast path: one numba pass straight into the payload (same bytes as the other paths)."""
         g, meta, lengths = self._layout(tensor)
         w = PayloadWriter(self.name, self.version, meta, lengths)
-        F.quantize_parts(F.as_bits(tensor.detach()), [F.Geometry.plain(g.pre, g.n, g.post, g.group)], self.qmax,
-                         self.kind == "int4", w.buffers, w.hasher, self.name)
-        return w.finish()
+        e2, x2 = F.quantize_parts(F.as_bits(tensor.detach()), [F.Geometry.plain(g.pre, g.n, g.post, g.group)],
+                                  self.qmax, self.kind == "int4", w.buffers, w.hasher, self.name, measure)
+        return w.finish(), e2, x2
 
     def _encode_blocked(self, tensor: torch.Tensor) -> bytearray:
         """CPU fast path: cache-sized tiles quantized straight into the payload (same bytes as the plain path)."""
