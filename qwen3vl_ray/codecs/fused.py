@@ -373,19 +373,45 @@ if numba is not None:
         return lambda x, i: np.float64(_load(x, i))
 
     # reassoc only here (a sum of squares may be added in any order; it vectorizes that way), never in the
-    # kernels, whose every rounding step must match torch's
+    # kernels, whose every rounding step must match torch's. float64 sums: squares of tiny inputs (1e-35)
+    # underflow float32, and an error of exactly 0 must stay distinguishable from a small one.
     @numba.njit(fastmath={"reassoc"}, cache=True, nogil=True)
-    def _sq_err(xs, cs, ss, sstep, nibbles, m):
+    def _sq_err(xs, cs, s, nibbles, m):
         """(sum of squared errors, sum of squares) of ``m`` inputs ``xs`` against their codes ``cs`` (int8 bits,
-        or nibbles ``code + 8``) times ``ss[j * sstep]``, rounded as decode rounds them."""
+        or nibbles ``code + 8``) times the one scale ``s``, rounded as decode rounds them."""
         e2 = 0.0
         x2 = 0.0
-        for j in range(m):
-            q = np.int32(cs[j]) - 8 if nibbles else np.int32(cs[j] ^ np.uint8(128)) - 128
-            o = _orig(xs, j)
-            e = o - _decoded(xs, np.float32(q) * ss[j * sstep])
-            e2 += e * e
-            x2 += o * o
+        if nibbles:
+            for j in range(m):
+                o = _orig(xs, j)
+                e = o - _decoded(xs, np.float32(np.int32(cs[j]) - 8) * s)
+                e2 += e * e
+                x2 += o * o
+        else:
+            for j in range(m):
+                o = _orig(xs, j)
+                e = o - _decoded(xs, np.float32(np.int32(cs[j] ^ np.uint8(128)) - 128) * s)
+                e2 += e * e
+                x2 += o * o
+        return e2, x2
+
+    @numba.njit(fastmath={"reassoc"}, cache=True, nogil=True)
+    def _sq_err_row(xs, cs, ss, nibbles, m):
+        """:func:`_sq_err` with a scale per element (a row of a per-channel group)."""
+        e2 = 0.0
+        x2 = 0.0
+        if nibbles:
+            for j in range(m):
+                o = _orig(xs, j)
+                e = o - _decoded(xs, np.float32(np.int32(cs[j]) - 8) * ss[j])
+                e2 += e * e
+                x2 += o * o
+        else:
+            for j in range(m):
+                o = _orig(xs, j)
+                e = o - _decoded(xs, np.float32(np.int32(cs[j] ^ np.uint8(128)) - 128) * ss[j])
+                e2 += e * e
+                x2 += o * o
         return e2, x2
 
     @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
@@ -439,7 +465,7 @@ if numba is not None:
                         for j in range(j1 - j0, group):
                             cs[j] = np.uint8(0)
                     if measure:
-                        a, b = _sq_err(xs, cs, scales[it: it + 1], 0, pack4, j1 - j0)
+                        a, b = _sq_err(xs, cs, scales[it], pack4, j1 - j0)
                         e2 += a
                         x2 += b
                 else:
@@ -473,7 +499,7 @@ if numba is not None:
                             else:
                                 cs[:] = np.uint8(0)
                         if measure and j < j1:
-                            a, b = _sq_err(xs, cs, scales[sb: sb + post], 1, pack4, post)
+                            a, b = _sq_err_row(xs, cs, scales[sb: sb + post], pack4, post)
                             e2 += a
                             x2 += b
                 gi += 1
