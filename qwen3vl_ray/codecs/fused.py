@@ -428,7 +428,10 @@ if numba is not None:
             x2 = 0.0
             amax = np.empty(post, np.uint32)
             inv = np.empty(post, np.float32)
-            nib = np.empty(per * gsize if pack4 else 0, np.uint8)
+            # int4 packs straight into the payload when every group (or, per channel, every row) starts on a
+            # byte; else (odd sizes) and when measuring, nibbles go through the chunk's scratch first
+            direct = pack4 and not measure and (group % 2 == 0 if post == 1 else post % 2 == 0)
+            nib = np.empty(per * gsize if pack4 and not direct else 0, np.uint8)
             # (u, h, t, gi) of group i0, then advanced by carries: no division per group
             r = i0 // G
             gi = i0 - r * G
@@ -452,7 +455,16 @@ if numba is not None:
                     a = _unkey(x, m)
                     scales[it] = a / qmax
                     s = _inv(a, qmax)
-                    if pack4:
+                    if direct:
+                        ob = codes[cb // 2: cb // 2 + group // 2]
+                        mm = j1 - j0
+                        for e in range(mm // 2):
+                            ob[e] = _nib(_load(xs, 2 * e), s) | (_nib(_load(xs, 2 * e + 1), s) << np.uint8(4))
+                        if mm % 2:
+                            ob[mm // 2] = _nib(_load(xs, mm - 1), s) | np.uint8(8 << 4)
+                        for e in range((mm + 1) // 2, group // 2):
+                            ob[e] = np.uint8(0x88)
+                    elif pack4:
                         cs = nib[nb: nb + group]
                         for j in range(j1 - j0):
                             cs[j] = _nib(_load(xs, j), s)
@@ -484,7 +496,15 @@ if numba is not None:
                     for j in range(j0, j0 + group):
                         xs = x[src + j * post: src + (j + 1) * post]
                         d = (j - j0) * post
-                        if pack4:
+                        if direct:
+                            ob = codes[(cb + d) // 2: (cb + d) // 2 + post // 2]
+                            if j < j1:
+                                for kk in range(post // 2):
+                                    k = 2 * kk
+                                    ob[kk] = _nib(_load(xs, k), inv[k]) | (_nib(_load(xs, k + 1), inv[k + 1]) << np.uint8(4))
+                            else:
+                                ob[:] = np.uint8(0x88)
+                        elif pack4:
                             cs = nib[nb + d: nb + d + post]
                             if j < j1:
                                 for k in range(post):
@@ -512,7 +532,7 @@ if numba is not None:
                         if h == H:
                             h = 0
                             u += 1
-            if pack4:
+            if pack4 and not direct:
                 cnt = (i1 - i0) * gsize
                 pb = (i0 * gsize) // 2  # i0 is even (per is), so the chunk starts on a byte
                 out = codes[pb: pb + (cnt + 1) // 2]
