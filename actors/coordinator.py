@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import ray
 
 from actors.config import NAMESPACE, AgentConfig, CoordinatorConfig
-from actors.directory import Directory, tier_code
+from actors.directory import Directory
 from actors.metrics import Metrics
 from actors.tenancy import Tenant, tenant_checked, with_tenant
 from qwen3vl_ray.errors import CapacityError

@@ -30,9 +30,9 @@ from actors.config import NAMESPACE, AgentConfig
 from actors.directory import TIER_CODES
 from actors.journal import Journal, JournalingTier
 from actors.metrics import Metrics
-from actors.tenancy import Tenant, tenant_checked
 from actors.object_store_tier import (RAW, LocalObjectStore, ObjectStore, ObjectStoreTier, array_to_tensor, slice_of,
                                       tensor_to_array)
+from actors.tenancy import Tenant, tenant_checked
 from qwen3vl_ray.codecs.base import decode
 from qwen3vl_ray.keys import CacheKey, Namespace, validate_key
 

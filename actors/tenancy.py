@@ -82,8 +82,8 @@ class Tenant:
         """Raise ``TenantError`` unless ``auth`` is this tenant's key (constant-time comparison)."""
         given = auth if isinstance(auth, str) else ""
         if not hmac.compare_digest(given.encode(), self.key.encode()):
-            raise TenantError(f"this actor belongs to another tenant; call it with its tenant's key "
-                              f"(QWEN3VL_RAY_TENANT / QWEN3VL_RAY_TENANT_KEY of the job that owns it)")
+            raise TenantError("this actor belongs to another tenant; call it with its tenant's key "
+                              "(QWEN3VL_RAY_TENANT / QWEN3VL_RAY_TENANT_KEY of the job that owns it)")
 
     @classmethod
     def from_settings(cls, s: Any) -> "Tenant":

@@ -115,8 +115,8 @@ def _auth_metadata() -> tuple:
     try:
         return _get_authentication_metadata_tuple()
     except Exception:  # ray.exceptions.AuthenticationError: the mode is on but no token is set
-        raise ClusterError(f"RAY_AUTH_MODE=token but no token is set; put the cluster's token in "
-                           f"~/.ray/auth_token or RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it)"
+        raise ClusterError("RAY_AUTH_MODE=token but no token is set; put the cluster's token in "
+                           "~/.ray/auth_token or RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it)"
                            ) from None
 
 

@@ -10,12 +10,9 @@ with SIGTERM to its process group (never ``ray stop``, which would stop every Ra
 import json
 import os
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -189,34 +186,16 @@ def test_error_kinds_are_the_exception_class_names(tmp_path):
 @pytest.fixture(scope="module")
 def token_head(tmp_path_factory):
     """A ``ray start --head`` with token auth on, its token in ``<home>/.ray/auth_token``."""
-    from tests.test_jobs_ray_submit import _start_head
+    from tests.ray_head import running_head
 
     home = tmp_path_factory.mktemp("home")
     (home / ".ray").mkdir()
     token = secrets.token_hex(32)
     (home / ".ray" / "auth_token").write_text(token)
-    temp = tempfile.mkdtemp(prefix="q3t", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = _env(HOME=str(home), RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONPATH=str(ROOT),  # the service's actors import this checkout
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
-    log = open(os.path.join(temp, "head.log"), "w")
-    proc, ports = _start_head(env, temp, log)
-    try:
-        assert proc.poll() is None, Path(temp, "head.log").read_text()[-3000:]
+               PYTHONPATH=str(ROOT))  # the service's actors import this checkout
+    with running_head(env, wait_dashboard=False) as (ports, _):
         yield {"gcs": f"127.0.0.1:{ports['gcs']}", "env": env, "home": home, "token": token}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # anything of this head still up after the grace period (all in its process group)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.ray

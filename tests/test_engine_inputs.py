@@ -3,7 +3,6 @@ token, while the other requests of the same call complete; EXIF-rotated photos m
 
 from __future__ import annotations
 
-import io
 import math
 import struct
 import zlib

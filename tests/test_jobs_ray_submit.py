@@ -1,8 +1,7 @@
 """jobs.infer submitted with the real `ray job submit` CLI to a `ray start --head` started here (token auth
 on, as Ray's default), then the Prometheus endpoint shows the qwen3vl_ray_ metrics with non-zero hits.
 
-The head is started with --block in its own process group and stopped with SIGTERM to that group: never
-`ray stop`, which would stop every Ray on the machine.
+The head is ``tests.ray_head.running_head``: its own process group, stopped without `ray stop`.
 """
 
 import json
@@ -10,11 +9,8 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,96 +19,23 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tests.ray_head import BIN, RAY, running_head
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-RAY = str(BIN / "ray")
-
-
-def _free_ports(names) -> dict[str, int]:
-    """Distinct free ports (all held open until every one is picked, so none is handed out twice)."""
-    socks = []
-    try:
-        for _ in names:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return {name: s.getsockname()[1] for name, s in zip(names, socks)}
-    finally:
-        for s in socks:
-            s.close()
-
-
-PORT_FLAGS = {"gcs": "--port", "dashboard": "--dashboard-port", "metrics": "--metrics-export-port",
-              "agent": "--dashboard-agent-listen-port", "agent_grpc": "--dashboard-agent-grpc-port",
-              "runtime_env": "--runtime-env-agent-port", "client": "--ray-client-server-port",
-              "node_manager": "--node-manager-port", "object_manager": "--object-manager-port"}
-
-
-def _start_head(env: dict, temp: str, log) -> tuple[subprocess.Popen, dict[str, int]]:
-    """``ray start --head`` with every component's port chosen here: a port Ray picks at random for a
-    component left unset can collide with one given here, which Ray refuses at start-up. Such a refusal
-    (another process took a port in between) is retried with new ports."""
-    for attempt in range(3):
-        ports = _free_ports(list(PORT_FLAGS))
-        log.seek(0)
-        log.truncate()
-        proc = subprocess.Popen(
-            [RAY, "start", "--head", "--block", *(f"{PORT_FLAGS[k]}={v}" for k, v in ports.items()),
-             f"--temp-dir={temp}", "--num-cpus=2", "--object-store-memory=300000000", "--include-dashboard=true",
-             "--disable-usage-stats"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(timeout=8)  # a port refusal ends it within seconds; a healthy head blocks
-        except subprocess.TimeoutExpired:
-            return proc, ports
-        text = Path(temp, "head.log").read_text()
-        if not any(m in text for m in ("port number", "already in use")) or attempt == 2:
-            return proc, ports  # exited for another reason: the caller reports its log
-    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    temp = tempfile.mkdtemp(prefix="q3r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python` is this venv's
            # as if installed on the node (cluster.yaml pip-installs it): actors started outside a job import it
-           "PYTHONPATH": str(ROOT),
-           # a test head has nothing to drain on SIGTERM: tear down at once instead of after 30 s
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    env.pop("RAY_ADDRESS", None)
-    log = open(os.path.join(temp, "head.log"), "w")
-    proc, ports = _start_head(env, temp, log)
-    url = f"http://127.0.0.1:{ports['dashboard']}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # it answers (401 without the token): up
-            except OSError:
-                assert proc.poll() is None, Path(temp, "head.log").read_text()[-3000:]
-                assert time.time() < deadline, "ray head did not come up in 120 s"
-                time.sleep(0.5)
-        yield {"url": url, "env": env, "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics", "temp": temp,
+           "PYTHONPATH": str(ROOT)}
+    with running_head(env) as (ports, temp):
+        yield {"url": f"http://127.0.0.1:{ports['dashboard']}", "env": {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
+               "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics", "temp": temp,
                "gcs": f"127.0.0.1:{ports['gcs']}"}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # anything of this head still up after the grace period (all in its process group)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

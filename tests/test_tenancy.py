@@ -9,7 +9,6 @@ run the model-free synthetic engine, whose keys are the same for both tenants: B
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from actors.tenancy import Tenant, TenantError
-from tests.test_jobs_ray_submit import _start_head
+from tests.ray_head import running_head
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -90,24 +89,14 @@ PROBE = textwrap.dedent("""
 def head():
     import secrets
 
-    temp = tempfile.mkdtemp(prefix="q3rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     # Not under Ray's temp dir, which Ray makes writable by everyone (the disk tier refuses such a parent).
     disk = tempfile.mkdtemp(prefix="q3rt-disk-")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "PYTHONPATH": str(ROOT), "QWEN3VL_RAY_DISK_DIR": os.path.join(disk, "tiers"),
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    env.pop("RAY_ADDRESS", None)
-    log = open(os.path.join(temp, "head.log"), "w")
-    proc, ports = _start_head(env, temp, log)
+           "PYTHONPATH": str(ROOT), "QWEN3VL_RAY_DISK_DIR": os.path.join(disk, "tiers")}
     try:
-        yield env, f"127.0.0.1:{ports['gcs']}"
+        with running_head(env, wait_dashboard=False) as (ports, _):
+            yield env, f"127.0.0.1:{ports['gcs']}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
         shutil.rmtree(disk, ignore_errors=True)
 
 
