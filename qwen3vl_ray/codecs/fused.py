@@ -135,6 +135,14 @@ def _per(g: Geometry, pack4: bool) -> int:
 _SERIAL: dict[str, object] = {}
 
 
+def _schedule(nchunks: int) -> None:
+    """Threads for the next launch, and dynamic scheduling in ~8 pieces per thread: on a shared host a static
+    split waits for the thread whose core another process holds; pieces let the other threads take over."""
+    threads = _threads()
+    numba.set_num_threads(threads)
+    numba.set_parallel_chunksize(max(1, nchunks // (8 * threads)))
+
+
 def _kernel(name: str):
     """The parallel kernel, or in a child forked after this process launched one, its serial twin
     (compiled on first use there: numba's cache would mix the two up, as both come from one function)."""
@@ -162,7 +170,7 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
     nchunks = -(-g.U * g.H * g.T * -(-g.n // g.group) // per)
     err = np.zeros(2 * nchunks if measure else 0, dtype=np.float64)
     with _LOCK:
-        numba.set_num_threads(_threads())
+        _schedule(nchunks)
         _kernel("_encode")(x, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, np.float32(qmax),
                            pack4, per, codes, scales, err)
     return (float(err[0::2].sum()), float(err[1::2].sum())) if measure else (0.0, 0.0)
@@ -170,10 +178,11 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
 
 def decode(out: np.ndarray, g: Geometry, pack4: bool, codes: np.ndarray, scales: np.ndarray) -> None:
     """Write ``codes * scales`` into ``out``'s part ``g`` (``out`` flat, in :func:`as_bits`'s dtype)."""
+    per = _per(g, pack4)
     with _LOCK:
-        numba.set_num_threads(_threads())
-        _kernel("_decode")(out, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, pack4,
-                           _per(g, pack4), codes, scales)
+        _schedule(-(-g.U * g.H * g.T * -(-g.n // g.group) // per))
+        _kernel("_decode")(out, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, pack4, per,
+                           codes, scales)
 
 
 def _nscales(g: Geometry) -> int:
