@@ -268,3 +268,15 @@ def test_auto_screens_large_tensors_on_a_sample_and_keeps_the_budget():
         chosen, payload = make_codec(f"auto:max_error={budget}").choose(x)
         assert chosen.name == name
         assert relative_error(x, decode(payload)) <= budget
+
+
+def test_kernels_leave_torch_thread_count_alone():
+    # numba's OpenMP layer and torch share one OpenMP runtime: a launch must not change torch's setting
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        x = make_tensor((2, 2, 3, 16, 8), torch.bfloat16, "normal", 6)
+        decode(make_codec("kv-int8").encode(x))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

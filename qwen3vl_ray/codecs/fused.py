@@ -23,6 +23,7 @@ set :data:`ENABLED` to False (tests and benchmarks compare both paths).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -56,7 +57,7 @@ CHUNK_ELEMS = 1 << 15
 
 if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
     # OpenMP first: a parallel launch costs ~2 us there against ~30-50 us on workqueue (measured here), which
-    # is most of the kernel time of a 2 MiB chunk; torch ships the same libgomp. workqueue (always present)
+    # is most of the kernel time of a 2 MiB chunk. workqueue (always present)
     # is the fallback.
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
@@ -135,12 +136,23 @@ def _per(g: Geometry, pack4: bool) -> int:
 _SERIAL: dict[str, object] = {}
 
 
-def _schedule(nchunks: int) -> None:
-    """Threads for the next launch, and dynamic scheduling in ~8 pieces per thread: on a shared host a static
-    split waits for the thread whose core another process holds; pieces let the other threads take over."""
+@contextlib.contextmanager
+def _schedule(nchunks: int):
+    """Threads for one launch, and dynamic scheduling in ~8 pieces per thread: on a shared host a static
+    split waits for the thread whose core another process holds; pieces let the other threads take over.
+
+    numba's OpenMP layer sets the calling thread's OpenMP thread count, which torch's intra-op pool shares
+    (one libgomp): torch's setting is put back afterwards.
+    """
+    torch_threads = torch.get_num_threads()
     threads = _threads()
     numba.set_num_threads(threads)
     numba.set_parallel_chunksize(max(1, nchunks // (8 * threads)))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 def _kernel(name: str):
@@ -169,8 +181,7 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
     per = _per(g, pack4)
     nchunks = -(-g.U * g.H * g.T * -(-g.n // g.group) // per)
     err = np.zeros(2 * nchunks if measure else 0, dtype=np.float64)
-    with _LOCK:
-        _schedule(nchunks)
+    with _LOCK, _schedule(nchunks):
         _kernel("_encode")(x, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, np.float32(qmax),
                            pack4, per, codes, scales, err)
     return (float(err[0::2].sum()), float(err[1::2].sum())) if measure else (0.0, 0.0)
@@ -179,8 +190,7 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
 def decode(out: np.ndarray, g: Geometry, pack4: bool, codes: np.ndarray, scales: np.ndarray) -> None:
     """Write ``codes * scales`` into ``out``'s part ``g`` (``out`` flat, in :func:`as_bits`'s dtype)."""
     per = _per(g, pack4)
-    with _LOCK:
-        _schedule(-(-g.U * g.H * g.T * -(-g.n // g.group) // per))
+    with _LOCK, _schedule(-(-g.U * g.H * g.T * -(-g.n // g.group) // per)):
         _kernel("_decode")(out, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, pack4, per,
                            codes, scales)
 
