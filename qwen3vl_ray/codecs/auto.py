@@ -22,7 +22,6 @@ lossless candidates (lossy ones refuse them or fail the budget).
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch

@@ -1,0 +1,443 @@
+"""The numba kernels behind :mod:`fused` (import only through it: it picks the threading layer first).
+
+
+Bit-exactness notes live in :mod:`fused`'s docstring. Helpers are typed by the array's dtype (bf16 arrives
+as uint16, fp16 as int16, see ``fused.as_bits``) through ``overload``, so each dtype compiles its own
+straight-line loops and nothing branches on the dtype per element.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic, overload
+
+from qwen3vl_ray.codecs.groups import TINY
+
+
+@intrinsic
+def _f32_from_bits(typingctx, u):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _bits_from_f32(typingctx, f):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _f32_from_half(typingctx, h):
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _half_from_f32(typingctx, f):
+    # fptrunc rounds to nearest even (IEEE default), as torch's float -> half cast does
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.int16(types.float32), codegen
+
+
+def _load(x, i):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(_load, inline="always")
+def _load_impl(x, i):
+    dt = x.dtype
+    if dt == types.uint16:  # bf16: the top half of a float32
+        return lambda x, i: _f32_from_bits(np.uint32(x[i]) << np.uint32(16))
+    if dt == types.int16:
+        return lambda x, i: _f32_from_half(x[i])
+    if dt == types.float32:
+        return lambda x, i: x[i]
+    if dt == types.float64:
+        return lambda x, i: np.float32(x[i])
+    return None
+
+
+def _store(out, i, f):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(_store, inline="always")
+def _store_impl(out, i, f):
+    dt = out.dtype
+    if dt == types.uint16:
+        def store_bf16(out, i, f):
+            u = _bits_from_f32(f)
+            # c10::BFloat16's round_to_nearest_even; NaN -> 0x7FC0
+            if f != f:
+                out[i] = np.uint16(0x7FC0)
+            else:
+                out[i] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        return store_bf16
+    if dt == types.int16:
+        def store_f16(out, i, f):
+            out[i] = _half_from_f32(f)
+        return store_f16
+    if dt == types.float32:
+        def store_f32(out, i, f):
+            out[i] = f
+        return store_f32
+    if dt == types.float64:
+        def store_f64(out, i, f):
+            out[i] = np.float64(f)
+        return store_f64
+    return None
+
+
+def _key(x, i):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(_key, inline="always")
+def _key_impl(x, i):
+    """|x[i]|'s ordering key: the sign-cleared bit pattern (orders like |x| for finite values; inf and NaN
+    sort above every finite value, so a non-finite group gets a non-finite amax)."""
+    dt = x.dtype
+    if dt in (types.uint16, types.int16):
+        return lambda x, i: np.uint32(x[i]) & np.uint32(0x7FFF)
+    if dt == types.float32:
+        return lambda x, i: _bits_from_f32(x[i]) & np.uint32(0x7FFFFFFF)
+    if dt == types.float64:
+        return lambda x, i: _bits_from_f32(np.float32(x[i])) & np.uint32(0x7FFFFFFF)
+    return None
+
+
+def _unkey(x, m):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(_unkey, inline="always")
+def _unkey_impl(x, m):
+    """The float32 value of a :func:`_key` (the group's amax)."""
+    dt = x.dtype
+    if dt == types.uint16:
+        return lambda x, m: _f32_from_bits(m << np.uint32(16))
+    if dt == types.int16:
+        return lambda x, m: _f32_from_half(np.int16(m))
+    if dt in (types.float32, types.float64):
+        return lambda x, m: _f32_from_bits(m)
+    return None
+
+
+@numba.njit(inline="always")
+def _inv(a, qmax):
+    # torch's ``qmax / amax`` is reciprocal-then-multiply, both rounded to float32; tiny groups -> zeros
+    return np.float32(0.0) if a <= np.float32(TINY) else np.float32(np.float32(1.0) / a) * qmax
+
+
+@numba.njit(inline="always")
+def _code8(f, s):
+    # rint: round half to even, as torch.round; the codes are in [-qmax, qmax] for finite inputs
+    return np.uint8(np.int32(np.rint(f * s)) & 255)
+
+
+@numba.njit(inline="always")
+def _nib(f, s):
+    return np.uint8(np.int32(np.rint(f * s)) + 8)
+
+
+def _decoded(x, f):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(_decoded, inline="always")
+def _decoded_impl(x, f):
+    """float32 ``f`` as decode stores it in ``x``'s dtype, read back as float64."""
+    dt = x.dtype
+    if dt == types.uint16:
+        def bf16(x, f):
+            u = _bits_from_f32(f)
+            u = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+            return np.float64(_f32_from_bits(u))
+        return bf16
+    if dt == types.int16:
+        return lambda x, f: np.float64(_f32_from_half(_half_from_f32(f)))
+    if dt in (types.float32, types.float64):
+        return lambda x, f: np.float64(f)
+    return None
+
+
+def _orig(x, i):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(_orig, inline="always")
+def _orig_impl(x, i):
+    if x.dtype == types.float64:
+        return lambda x, i: x[i]
+    return lambda x, i: np.float64(_load(x, i))
+
+
+# reassoc only here (a sum of squares may be added in any order; it vectorizes that way), never in the
+# kernels, whose every rounding step must match torch's. float64 sums: squares of tiny inputs (1e-35)
+# underflow float32, and an error of exactly 0 must stay distinguishable from a small one.
+@numba.njit(fastmath={"reassoc"}, cache=True, nogil=True)
+def _sq_err(xs, cs, s, nibbles, m):
+    """(sum of squared errors, sum of squares) of ``m`` inputs ``xs`` against their codes ``cs`` (int8 bits,
+    or nibbles ``code + 8``) times the one scale ``s``, rounded as decode rounds them."""
+    e2 = 0.0
+    x2 = 0.0
+    if nibbles:
+        for j in range(m):
+            o = _orig(xs, j)
+            e = o - _decoded(xs, np.float32(np.int32(cs[j]) - 8) * s)
+            e2 += e * e
+            x2 += o * o
+    else:
+        for j in range(m):
+            o = _orig(xs, j)
+            e = o - _decoded(xs, np.float32(np.int32(cs[j] ^ np.uint8(128)) - 128) * s)
+            e2 += e * e
+            x2 += o * o
+    return e2, x2
+
+
+@numba.njit(fastmath={"reassoc"}, cache=True, nogil=True)
+def _sq_err_row(xs, cs, ss, nibbles, m):
+    """:func:`_sq_err` with a scale per element (a row of a per-channel group)."""
+    e2 = 0.0
+    x2 = 0.0
+    if nibbles:
+        for j in range(m):
+            o = _orig(xs, j)
+            e = o - _decoded(xs, np.float32(np.int32(cs[j]) - 8) * ss[j])
+            e2 += e * e
+            x2 += o * o
+    else:
+        for j in range(m):
+            o = _orig(xs, j)
+            e = o - _decoded(xs, np.float32(np.int32(cs[j] ^ np.uint8(128)) - 128) * ss[j])
+            e2 += e * e
+            x2 += o * o
+    return e2, x2
+
+
+@numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
+def _encode(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err):
+    G = (n + group - 1) // group
+    items = U * H * T * G
+    gsize = group * post
+    nchunks = (items + per - 1) // per
+    measure = err.size > 0
+    for c in prange(nchunks):
+        i0 = c * per
+        i1 = min(items, i0 + per)
+        e2 = 0.0
+        x2 = 0.0
+        amax = np.empty(post, np.uint32)
+        inv = np.empty(post, np.float32)
+        # int4 packs straight into the payload when every group (or, per channel, every row) starts on a
+        # byte; else (odd sizes) and when measuring, nibbles go through the chunk's scratch first
+        direct = pack4 and not measure and (group % 2 == 0 if post == 1 else post % 2 == 0)
+        nib = np.empty(per * gsize if pack4 and not direct else 0, np.uint8)
+        # (u, h, t, gi) of group i0, then advanced by carries: no division per group
+        r = i0 // G
+        gi = i0 - r * G
+        u = r // (H * T)
+        t = r - u * H * T
+        h = t // T
+        t -= h * T
+        for it in range(i0, i1):
+            src = base + u * su + h * sh + t * st
+            j0 = gi * group
+            j1 = min(n, j0 + group)
+            # codes of this group: codes[cb:] for int8, nib[nb:] (chunk scratch) for int4
+            cb = it * gsize
+            nb = (it - i0) * gsize
+            if post == 1:
+                m = np.uint32(0)
+                xs = x[src + j0: src + j1]
+                for j in range(j1 - j0):
+                    b = _key(xs, j)
+                    m = b if b > m else m
+                a = _unkey(x, m)
+                scales[it] = a / qmax
+                s = _inv(a, qmax)
+                if direct:
+                    ob = codes[cb // 2: cb // 2 + group // 2]
+                    mm = j1 - j0
+                    for e in range(mm // 2):
+                        ob[e] = _nib(_load(xs, 2 * e), s) | (_nib(_load(xs, 2 * e + 1), s) << np.uint8(4))
+                    if mm % 2:
+                        ob[mm // 2] = _nib(_load(xs, mm - 1), s) | np.uint8(8 << 4)
+                    for e in range((mm + 1) // 2, group // 2):
+                        ob[e] = np.uint8(0x88)
+                elif pack4:
+                    cs = nib[nb: nb + group]
+                    for j in range(j1 - j0):
+                        cs[j] = _nib(_load(xs, j), s)
+                    for j in range(j1 - j0, group):
+                        cs[j] = np.uint8(8)
+                else:
+                    cs = codes[cb: cb + group]
+                    for j in range(j1 - j0):
+                        cs[j] = _code8(_load(xs, j), s)
+                    for j in range(j1 - j0, group):
+                        cs[j] = np.uint8(0)
+                if measure:
+                    a, b = _sq_err(xs, cs, scales[it], pack4, j1 - j0)
+                    e2 += a
+                    x2 += b
+            else:
+                for k in range(post):
+                    amax[k] = np.uint32(0)
+                for j in range(j0, j1):
+                    xs = x[src + j * post: src + (j + 1) * post]
+                    for k in range(post):
+                        b = _key(xs, k)
+                        amax[k] = b if b > amax[k] else amax[k]
+                sb = it * post
+                for k in range(post):
+                    a = _unkey(x, amax[k])
+                    scales[sb + k] = a / qmax
+                    inv[k] = _inv(a, qmax)
+                for j in range(j0, j0 + group):
+                    xs = x[src + j * post: src + (j + 1) * post]
+                    d = (j - j0) * post
+                    if direct:
+                        ob = codes[(cb + d) // 2: (cb + d) // 2 + post // 2]
+                        if j < j1:
+                            for kk in range(post // 2):
+                                k = 2 * kk
+                                ob[kk] = _nib(_load(xs, k), inv[k]) | (_nib(_load(xs, k + 1), inv[k + 1]) << np.uint8(4))
+                        else:
+                            ob[:] = np.uint8(0x88)
+                    elif pack4:
+                        cs = nib[nb + d: nb + d + post]
+                        if j < j1:
+                            for k in range(post):
+                                cs[k] = _nib(_load(xs, k), inv[k])
+                        else:
+                            cs[:] = np.uint8(8)
+                    else:
+                        cs = codes[cb + d: cb + d + post]
+                        if j < j1:
+                            for k in range(post):
+                                cs[k] = _code8(_load(xs, k), inv[k])
+                        else:
+                            cs[:] = np.uint8(0)
+                    if measure and j < j1:
+                        a, b = _sq_err_row(xs, cs, scales[sb: sb + post], pack4, post)
+                        e2 += a
+                        x2 += b
+            gi += 1
+            if gi == G:
+                gi = 0
+                t += 1
+                if t == T:
+                    t = 0
+                    h += 1
+                    if h == H:
+                        h = 0
+                        u += 1
+        if pack4 and not direct:
+            cnt = (i1 - i0) * gsize
+            pb = (i0 * gsize) // 2  # i0 is even (per is), so the chunk starts on a byte
+            out = codes[pb: pb + (cnt + 1) // 2]
+            for p in range(cnt // 2):
+                out[p] = nib[2 * p] | (nib[2 * p + 1] << np.uint8(4))
+            if cnt % 2:  # only the very last code of an odd total: it pairs with a zero code (nibble 8)
+                out[cnt // 2] = nib[cnt - 1] | np.uint8(8 << 4)
+        if measure:
+            err[2 * c] = e2
+            err[2 * c + 1] = x2
+
+
+@numba.njit(inline="always")
+def _lo(b):
+    return np.float32(np.int32(b & np.uint8(15)) - 8)
+
+
+@numba.njit(inline="always")
+def _hi(b):
+    return np.float32(np.int32(b >> np.uint8(4)) - 8)
+
+
+@numba.njit(inline="always")
+def _int8(b):
+    return np.float32(np.int32(b ^ np.uint8(128)) - 128)
+
+
+@numba.njit(inline="always")
+def _nibble(codes, ci):
+    return np.float32(np.int32((codes[ci >> 1] >> np.uint8((ci & 1) * 4)) & np.uint8(15)) - 8)
+
+
+@numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
+def _decode(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, scales):
+    G = (n + group - 1) // group
+    items = U * H * T * G
+    gsize = group * post
+    nchunks = (items + per - 1) // per
+    for c in prange(nchunks):
+        i0 = c * per
+        i1 = min(items, i0 + per)
+        r = i0 // G
+        gi = i0 - r * G
+        u = r // (H * T)
+        t = r - u * H * T
+        h = t // T
+        t -= h * T
+        for it in range(i0, i1):
+            dst = base + u * su + h * sh + t * st
+            j0 = gi * group
+            j1 = min(n, j0 + group)
+            m = j1 - j0
+            cb = it * gsize  # first code of this group
+            if post == 1:
+                s = scales[it]
+                os = out[dst + j0: dst + j1]
+                if not pack4:
+                    cs = codes[cb: cb + m]
+                    for j in range(m):
+                        _store(os, j, _int8(cs[j]) * s)
+                elif cb % 2 == 0:
+                    cs = codes[cb // 2: cb // 2 + (m + 1) // 2]
+                    for e in range(m // 2):  # whole bytes: low nibble first
+                        b = cs[e]
+                        _store(os, 2 * e, _lo(b) * s)
+                        _store(os, 2 * e + 1, _hi(b) * s)
+                    if m % 2:
+                        _store(os, m - 1, _lo(cs[m // 2]) * s)
+                else:
+                    for j in range(m):
+                        _store(os, j, _nibble(codes, cb + j) * s)
+            else:
+                ss = scales[it * post: (it + 1) * post]
+                for j in range(j0, j1):
+                    os = out[dst + j * post: dst + (j + 1) * post]
+                    d = cb + (j - j0) * post
+                    if not pack4:
+                        cs = codes[d: d + post]
+                        for k in range(post):
+                            _store(os, k, _int8(cs[k]) * ss[k])
+                    elif d % 2 == 0 and post % 2 == 0:
+                        cs = codes[d // 2: d // 2 + post // 2]
+                        for kk in range(post // 2):
+                            b = cs[kk]
+                            _store(os, 2 * kk, _lo(b) * ss[2 * kk])
+                            _store(os, 2 * kk + 1, _hi(b) * ss[2 * kk + 1])
+                    else:
+                        for k in range(post):
+                            _store(os, k, _nibble(codes, d + k) * ss[k])
+            gi += 1
+            if gi == G:
+                gi = 0
+                t += 1
+                if t == T:
+                    t = 0
+                    h += 1
+                    if h == H:
+                        h = 0
+                        u += 1
