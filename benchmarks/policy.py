@@ -1,6 +1,7 @@
 """Eviction policies on prefix-shaped block traces, beside LRU and Belady's optimum.
 
     PYTHONPATH=. python -m benchmarks.policy [--json] [--trace PATH] [--policies a,b] [--no-synthetic]
+                                             [--bytes-codecs int8,kv-int4] [--bytes-only]
 
 Replay (prefix-hit semantics, as ``../shared/traces/README.md``): a request's hits are its leading blocks
 that are cached, stopping at the first missing one; then every block of the request is used in order, a
@@ -35,6 +36,15 @@ Traces: the Mooncake trace at 1k/3k/10k/30k blocks, and the synthetic ones of ``
 documents, Zipf with long one-shot scans, multi-turn chats on shared system prompts) at 2%, 5%, 12.5% and
 33% of their unique blocks.
 
+Hits per GiB (``bytes_section``; ``--bytes-only`` prints only it): each capacity above is read as a DRAM
+budget of that many raw bf16 blocks (``BLOCK_BYTES``: 512 tokens of Qwen3-VL-8B KV, 72 MiB), and each codec
+of ``--bytes-codecs`` gets the same bytes as ``floor(blocks x ratio)`` blocks, its ratio and error (cosine,
+max abs error) measured in the same run on the synthetic KV chunks of ``benchmarks.codecs``. LRU and the
+default policy replay each block count; Belady the raw one. Measured here: int8 1.94x (cosine 0.9998),
+kv-int4 3.76x (cosine 0.9974). Where the raw LRU->Belady gap is largest, the default on kv-int4 beats raw
+Belady on Mooncake (0.4503 vs 0.4467 @ 3k blocks, 211 GiB) and multi-turn (0.7613 vs 0.6651) and falls short
+on Zipf (-0.044) and Zipf+scan (-0.073); int8 falls short everywhere but multi-turn's next budget.
+
 Also printed: index memory per entry (tracemalloc over 100k inserts) and lookup/update cost as the number
 of entries grows (should stay flat).
 """
@@ -48,7 +58,9 @@ import os
 import random
 import time
 import tracemalloc
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from benchmarks.traces import MOONCAKE_TRACE, SYNTHETIC, Trace, load_mooncake
 from qwen3vl_ray.policies import DEFAULT_POLICY, POLICIES, make_policy
@@ -275,6 +287,135 @@ def trace_capacities(trace: Trace, args: argparse.Namespace) -> list[int]:
     return sorted({max(1, unique * c // 43_924) for c in MOONCAKE_CAPACITIES})
 
 
+# -- hits per GiB: one DRAM budget as raw blocks or as compressed ones -------------------------------------
+
+KV_BYTES_PER_TOKEN = 36 * 2 * 8 * 128 * 2
+"""Qwen3-VL-8B's text KV in bf16: 36 layers x (K, V) x 8 KV heads x head_dim 128 x 2 bytes = 144 KiB a token."""
+BLOCK_TOKENS = 512
+"""The Mooncake trace's block (512 tokens: 72 MiB of 8B KV); the synthetic traces are read at the same size."""
+BLOCK_BYTES = KV_BYTES_PER_TOKEN * BLOCK_TOKENS
+BYTES_CODECS = "int8,kv-int4"
+"""The host tier codecs the byte-budget section compares with raw bf16 (``--bytes-codecs``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CodecFit:
+    """What one codec does to realistic KV: its measured ratio sets how many blocks fit in the same bytes."""
+
+    spec: str
+    ratio: float
+    """bf16 bytes / payload bytes, headers included (x)."""
+    cosine: float
+    """cosine similarity of the decoded chunks with the originals, all chunks as one vector."""
+    max_abs_error: float
+    """largest |decoded - original| over every element."""
+    rel_error: float
+    """||decoded - original|| / ||original|| (Frobenius)."""
+
+
+RAW = CodecFit("none", 1.0, 1.0, 0.0, 0.0)
+
+
+def kv_chunks(n: int = 4, seed: int = 0) -> list:
+    """``n`` synthetic bf16 KV chunks [2 layers, 2, 8 heads, 256 tokens, 128] with outlier key channels: the
+    same tensors ``benchmarks.codecs`` measures as ``kv``."""
+    import torch
+
+    from benchmarks.codecs import synthetic_kv
+
+    gen = torch.Generator().manual_seed(seed)
+    return [synthetic_kv(gen) for _ in range(n)]
+
+
+def measure_codec(spec: str, chunks: list) -> CodecFit:
+    """Encode each chunk on its own (a tier stores one payload per block), decode it back, and compare."""
+    import torch
+
+    from qwen3vl_ray.codecs import decode, make_codec, relative_error
+
+    codec = make_codec(spec)
+    payloads = [codec.encode(c) for c in chunks]
+    ref = torch.cat([c.reshape(-1) for c in chunks]).double()
+    out = torch.cat([decode(p, "cpu").reshape(-1) for p in payloads]).double()
+    raw = sum(c.numel() * c.element_size() for c in chunks)
+    cos = float(torch.nn.functional.cosine_similarity(ref, out, dim=0)) if ref.norm() > 0 else 1.0
+    return CodecFit(spec, raw / sum(len(p) for p in payloads), cos, float((ref - out).abs().max()),
+                    relative_error(ref, out))
+
+
+def scaled_capacity(raw_blocks: int, ratio: float) -> int:
+    """Blocks of a codec with ``ratio`` that fit in the bytes of ``raw_blocks`` raw ones: B / (b / ratio)."""
+    if raw_blocks < 0 or not ratio > 0:
+        raise ValueError(f"need raw_blocks >= 0 and ratio > 0, got raw_blocks={raw_blocks}, ratio={ratio}")
+    # the epsilon keeps 1000 x 1.94 from flooring to 1939 through float rounding
+    return int(raw_blocks * ratio + 1e-9)
+
+
+def bytes_budget(trace_name: str, trace: Trace, budgets: list[int], fits: list[CodecFit],
+                 hit_ratio: Callable[[str, int], float] | None = None) -> list[dict]:
+    """Rows for each budget (in raw blocks): LRU and the default policy on raw bf16 and on each codec's tier
+    holding ``scaled_capacity`` blocks in the same bytes, and Belady on the raw blocks. ``hit_ratio(policy,
+    capacity)`` replays ``trace`` (the caller may memoize); policy "belady" is the offline optimum."""
+    if hit_ratio is None:
+        def hit_ratio(policy: str, cap: int) -> float:
+            return belady(trace, cap) if policy == "belady" else replay(make_policy(policy), trace, cap)
+    if any(f.spec == RAW.spec for f in fits):
+        raise ValueError(f"codec {RAW.spec!r} is the raw baseline every budget already has; leave it out of fits")
+    rows = []
+    for budget in budgets:
+        for fit in [RAW, *fits]:
+            blocks = scaled_capacity(budget, fit.ratio)
+            for policy in ["lru", DEFAULT_POLICY] + (["belady"] if fit is RAW else []):
+                rows.append({"mode": "bytes", "trace": trace_name, "budget_blocks": budget,
+                             "budget_gib": round(budget * BLOCK_BYTES / 2**30, 1), "codec": fit.spec,
+                             "ratio": round(fit.ratio, 4), "cosine": round(fit.cosine, 6),
+                             "max_abs_error": round(fit.max_abs_error, 5), "capacity": blocks, "policy": policy,
+                             "hit_ratio": round(hit_ratio(policy, blocks), 4)})
+    return rows
+
+
+def bytes_table(rows: list[dict], fits: list[CodecFit]) -> str:
+    """One trace's rows as a table: a line per budget, raw columns then each codec's."""
+    by = {(r["budget_blocks"], r["codec"], r["policy"]): r for r in rows}
+    budgets = list(dict.fromkeys(r["budget_blocks"] for r in rows))
+    default = DEFAULT_POLICY
+    head = f"{'GiB':>7} | {'raw blocks':>10} {'lru':>7} {default:>10} {'belady':>7}"
+    for fit in fits:
+        head += f" | {fit.spec + ' blocks':>14} {'lru':>7} {default:>10}"
+    out = [head + (f" | {'best - belady':>13}" if fits else "")]
+    for b in budgets:
+        raw = lambda p: by[(b, "none", p)]  # noqa: E731
+        line = (f"{raw('lru')['budget_gib']:>7.0f} | {b:>10} {raw('lru')['hit_ratio']:>7.4f} "
+                f"{raw(default)['hit_ratio']:>10.4f} {raw('belady')['hit_ratio']:>7.4f}")
+        for fit in fits:
+            line += (f" | {by[(b, fit.spec, 'lru')]['capacity']:>14} {by[(b, fit.spec, 'lru')]['hit_ratio']:>7.4f} "
+                     f"{by[(b, fit.spec, default)]['hit_ratio']:>10.4f}")
+        if fits:
+            best = max(by[(b, f.spec, default)]["hit_ratio"] for f in fits)
+            line += f" | {best - raw('belady')['hit_ratio']:>+13.4f}"
+        out.append(line)
+    return "\n".join(out)
+
+
+def bytes_summary(rows: list[dict]) -> str:
+    """The issue's target per trace: at the budget where the raw LRU->Belady gap is largest, does the default
+    policy on a compressed tier of the same bytes beat raw Belady?"""
+    by = {(r["trace"], r["budget_blocks"], r["codec"], r["policy"]): r["hit_ratio"] for r in rows}
+    out = []
+    for trace in dict.fromkeys(r["trace"] for r in rows):
+        budgets = list(dict.fromkeys(r["budget_blocks"] for r in rows if r["trace"] == trace))
+        b = max(budgets, key=lambda b: by[(trace, b, "none", "belady")] - by[(trace, b, "none", "lru")])
+        opt = by[(trace, b, "none", "belady")]
+        codecs = [c for (t, bb, c, p) in by if t == trace and bb == b and p == DEFAULT_POLICY and c != "none"]
+        parts = [f"{c} {by[(trace, b, c, DEFAULT_POLICY)]:.4f} ({by[(trace, b, c, DEFAULT_POLICY)] - opt:+.4f})"
+                 for c in codecs]
+        met = any(by[(trace, b, c, DEFAULT_POLICY)] > opt for c in codecs)
+        out.append(f"{trace}: largest LRU->Belady gap @ {b} raw blocks ({b * BLOCK_BYTES / 2**30:.0f} GiB): raw Belady "
+                   f"{opt:.4f}; compressed {DEFAULT_POLICY}: {', '.join(parts) or 'no codec'} -> "
+                   f"{'beats Belady' if met else 'short of Belady'}")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Replay block traces through each eviction policy, LRU and Belady.")
     ap.add_argument("--json", action="store_true", help="print one JSON list as the last line")
@@ -284,15 +425,44 @@ def main(argv: list[str] | None = None) -> None:
                     help="comma-separated capacities in blocks for --trace (default: 1k,3k,10k,30k for the shipped "
                          "Mooncake trace, else the same fractions of the trace's unique blocks: 1/44, 3/44, 10/44, 30/44)")
     ap.add_argument("--no-synthetic", action="store_true", help="replay only the Mooncake trace")
+    ap.add_argument("--bytes-codecs", default=BYTES_CODECS,
+                    help="comma-separated codec specs for the hits-per-GiB section, each given the bytes of the raw "
+                         f"capacities (default {BYTES_CODECS}; empty skips the section)")
+    ap.add_argument("--bytes-only", action="store_true",
+                    help="print only the hits-per-GiB section (no per-policy tables, no index memory and cost)")
     args = ap.parse_args(argv)
     names = [p for p in args.policies.split(",") if p]
     for p in names:
         make_policy(p)  # fail fast on a bad name
+    codecs = [c for c in args.bytes_codecs.split(",") if c and c != "none"]  # raw bf16 is always the baseline
+    if args.bytes_only and not codecs:
+        raise SystemExit("--bytes-only needs at least one codec in --bytes-codecs")
     trace = load_mooncake(args.trace)
     traces = {"mooncake" if args.trace == MOONCAKE_TRACE else args.trace.stem: (trace, trace_capacities(trace, args))}
     if not args.no_synthetic:
         traces.update(synthetic_traces())
 
+    memo: dict[tuple[str, str, int], float] = {}  # (trace, policy, capacity) -> hit ratio, shared by both sections
+    rows: list[dict] = []
+    if not args.bytes_only:
+        rows += policy_section(traces, names, memo)
+    if codecs:
+        rows += bytes_section(traces, codecs, memo)
+    if not args.bytes_only:
+        memory_section(names)
+    if args.json:
+        print(json.dumps(rows))
+
+
+def _memo_hit_ratio(memo: dict, tname: str, trace: Trace, policy: str, cap: int) -> float:
+    key = (tname, policy, cap)
+    if key not in memo:
+        memo[key] = belady(trace, cap) if policy == "belady" else replay(make_policy(policy), trace, cap)
+    return memo[key]
+
+
+def policy_section(traces: dict[str, tuple[Trace, list[int]]], names: list[str], memo: dict) -> list[dict]:
+    """Each policy, the chain oracle and Belady at each capacity of each trace: a table per trace."""
     rows: list[dict] = []
     t_start = time.perf_counter()
     slowest = 0.0
@@ -305,10 +475,10 @@ def main(argv: list[str] | None = None) -> None:
             ratios = {}
             for p in names:
                 t0 = time.perf_counter()
-                ratios[p] = replay(make_policy(p), trace, cap)
+                ratios[p] = _memo_hit_ratio(memo, tname, trace, p, cap)
                 slowest = max(slowest, time.perf_counter() - t0)
             ratios["chain-oracle"] = replay(ChainOracle(trace), trace, cap)
-            ratios["belady"] = belady(trace, cap)
+            ratios["belady"] = _memo_hit_ratio(memo, tname, trace, "belady", cap)
             for p, r in ratios.items():
                 rows.append({"trace": tname, "capacity": cap, "policy": p, "hit_ratio": round(r, 4)})
             line = f"{cap:>9} " + " ".join(f"{ratios[p]:>12.4f}" for p in names + refs)
@@ -320,19 +490,44 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nslowest single replay {slowest:.1f} s; all replays {time.perf_counter() - t_start:.0f} s")
     if "lru" in names and DEFAULT_POLICY in names:
         print(summary(rows))
+    return rows
 
+
+def bytes_section(traces: dict[str, tuple[Trace, list[int]]], codecs: list[str], memo: dict) -> list[dict]:
+    """Hits per GiB: measure each codec on synthetic KV chunks, then replay every trace with each codec's
+    block count at the bytes of each raw capacity."""
+    chunks = kv_chunks()
+    fits = [measure_codec(spec, chunks) for spec in codecs]
+    print(f"\nhits per GiB: one DRAM budget holds raw bf16 blocks or more compressed ones (block = {BLOCK_TOKENS} "
+          f"tokens of Qwen3-VL-8B KV = {BLOCK_BYTES / 2**20:.0f} MiB raw; GiB = raw blocks x that)")
+    print(f"codecs on {len(chunks)} synthetic KV chunks [2,2,8,256,128] bf16 (benchmarks.codecs' kv), each its own payload:")
+    print(f"{'codec':<22} {'ratio':>6} {'cosine':>9} {'max|err|':>9} {'rel_err':>8}")
+    for fit in fits:
+        print(f"{fit.spec:<22} {fit.ratio:>5.2f}x {fit.cosine:>9.6f} {fit.max_abs_error:>9.4f} {fit.rel_error:>8.5f}")
+    rows: list[dict] = []
+    for tname, (trace, caps) in traces.items():
+        def hit_ratio(policy: str, cap: int, tname=tname, trace=trace) -> float:
+            return _memo_hit_ratio(memo, tname, trace, policy, cap)
+
+        trows = bytes_budget(tname, trace, caps, fits, hit_ratio)
+        print(f"\n{tname}: hit ratio at the same bytes (best - belady: the best codec's {DEFAULT_POLICY} minus raw Belady)")
+        print(bytes_table(trows, fits))
+        rows += trows
+    print()
+    print(bytes_summary(rows))
+    return rows
+
+
+def memory_section(names: list[str]) -> None:
     print("\nindex memory per entry (tracemalloc, 100k chained entries; target <= 256 B) and the cost of one")
     print("access + evict + insert vs entries, as ns and as a multiple of a plain dict doing the same at that size:")
     print(f"{'policy':>11} {'B/entry':>8} " + " ".join(f"{'ns@' + str(n):>10} {'x dict':>6}" for n in COST_SIZES))
     base = [op_cost_ns("dict", n) for n in COST_SIZES]
     print(f"{'dict':>11} {'':>8} " + " ".join(f"{c:>10.0f} {1:>6.1f}" for c in base))
-    memory = {}
     for p in names:
-        memory[p] = metadata_bytes_per_entry(p)
+        memory = metadata_bytes_per_entry(p)
         costs = [op_cost_ns(p, n) for n in COST_SIZES]
-        print(f"{p:>11} {memory[p]:>8.0f} " + " ".join(f"{c:>10.0f} {c / b:>6.1f}" for c, b in zip(costs, base)))
-    if args.json:
-        print(json.dumps(rows))
+        print(f"{p:>11} {memory:>8.0f} " + " ".join(f"{c:>10.0f} {c / b:>6.1f}" for c, b in zip(costs, base)))
 
 
 COST_SIZES = (1_000, 10_000, 100_000)
