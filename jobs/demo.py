@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.dataset import Item, Limits, load, read_image
-from jobs.runner import RUNNERS, TIER_ORDER, make_runner
+from jobs.rows import TIER_ORDER
+from jobs.runner import RUNNERS, make_runner
 from jobs.table import fmt_bytes, render
 from qwen3vl_ray import settings as S
 

@@ -30,7 +30,8 @@ from typing import Iterable, Iterator
 from jobs.dataset import DatasetError, Item, Limits, ids_in_order, load
 from jobs.metrics import JobMetrics, attach_for_metrics
 from jobs.output import OutputBusyError, PartWriter
-from jobs.runner import RUNNERS, Runner, error_row, make_runner
+from jobs.rows import error_row
+from jobs.runner import RUNNERS, Runner, make_runner
 from qwen3vl_ray import settings as S
 from qwen3vl_ray.errors import ClusterError, ConfigError
 

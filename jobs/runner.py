@@ -20,12 +20,12 @@ import time
 from typing import Any, Protocol
 
 from jobs.dataset import Item
+from jobs.rows import engine_row, error_row
 from qwen3vl_ray.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 RUNNERS = ("service", "engine", "plain")
-TIER_ORDER = ("device", "host", "disk", "agent", "remote")
 
 
 class Runner(Protocol):
@@ -39,59 +39,6 @@ class Runner(Protocol):
     def stats(self) -> dict: ...
 
     def close(self) -> None: ...
-
-
-def error_row(item_id: str, error: str) -> dict:
-    return {"id": item_id, "text": None, "prompt_tokens": None, "completion_tokens": None,
-            "cached_tokens": None, "ttft_s": None, "tier": None, "error": error}
-
-
-def tier_label(cached_tiers: dict[str, int] | None) -> str | None:
-    """Where the cached prompt tokens came from: ``"host"``, ``"device+disk"``, ... or None (nothing cached)."""
-    if not cached_tiers:
-        return None
-    names = [t for t in TIER_ORDER if cached_tiers.get(t)] + sorted(
-        t for t, n in cached_tiers.items() if n and t not in TIER_ORDER)
-    return "+".join(names) or None
-
-
-def _get(obj: Any, name: str, default: Any = None) -> Any:
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
-def result_row(item_id: str, result: Any) -> dict:
-    """An engine ``Result`` (object or dict form) or a Ray service result dict -> an output row.
-
-    Service results carry ``output`` (the text) and ``cached_tiers``: cached tokens per tier the worker
-    fetched them from.
-    """
-    error = _get(result, "error")
-    if error:
-        return error_row(item_id, str(error))
-    m = _get(result, "metrics") or result
-    # engine results carry ``tiers``, service results ``cached_tiers`` (always set by the worker)
-    tiers = _get(m, "cached_tiers") or _get(m, "tiers") or {}
-    if isinstance(tiers, (list, tuple)):
-        tiers = {t: 1 for t in tiers}
-    cached = int(_get(m, "cached_tokens", 0) or 0)
-    token_ids = _get(result, "token_ids")
-    prompt = _get(m, "prompt_tokens")
-    text = _get(result, "text")
-    return {
-        "id": item_id,
-        "text": text if text is not None else _get(result, "output"),
-        "prompt_tokens": int(prompt) if prompt is not None else None,
-        "completion_tokens": len(token_ids) if token_ids is not None else None,
-        "cached_tokens": cached,
-        "ttft_s": float(_get(m, "ttft_s", 0.0)),
-        "tier": tier_label(tiers),
-        "error": None,
-        # not output columns (jobs.output keeps only SCHEMA's): for the demo's summary and job metrics
-        "cached_tiers": dict(tiers),
-        "vision_cache_hits": int(_get(m, "vision_cache_hits", 0) or 0),
-    }
 
 
 def make_runner(settings: Settings, kind: str = "service") -> Runner:
@@ -128,7 +75,7 @@ class EngineRunner:
 
     def run(self, items: list[Item], session: str | None = None) -> list[dict]:
         results = self.engine.generate(build_requests(items, self.settings, session))
-        return [result_row(it.id, r) for it, r in zip(items, results)]
+        return [engine_row(it.id, r) for it, r in zip(items, results)]
 
     def end_session(self, session: str) -> None:
         self.engine.close_session(session)

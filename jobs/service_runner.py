@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from jobs.dataset import Item
-from jobs.runner import error_row, tier_label
+from jobs.rows import service_row
 from qwen3vl_ray import settings as S
 from qwen3vl_ray.errors import ClusterError, ConfigError
 
@@ -219,31 +219,6 @@ class ServiceRunner:
     def close(self) -> None:
         # The service is detached and stays up for the next job; only this driver's connection goes.
         pass
-
-
-def service_row(item_id: str, r: dict) -> dict:
-    """A worker's result (``actors.worker.WorkerLogic.process``) -> an output row. The worker reports the
-    engine's prompt tokens, generated tokens, TTFT, vision-cache hits and the reused prompt tokens per tier
-    (``device``: its own store; ``host``/``disk``: its node agent's; ``remote``: another node's agent)."""
-    if r.get("error"):
-        return error_row(item_id, str(r["error"]))
-    tiers = {t: int(n) for t, n in (r.get("cached_tiers") or {}).items() if n}
-    prompt, completion = r.get("prompt_tokens"), r.get("completion_tokens")
-    if completion is None and r.get("token_ids") is not None:
-        completion = len(r["token_ids"])
-    return {
-        "id": item_id,
-        "text": r.get("output"),
-        "prompt_tokens": int(prompt) if prompt is not None else None,
-        "completion_tokens": int(completion) if completion is not None else None,
-        "cached_tokens": int(r.get("cached_tokens") or 0),
-        "ttft_s": float(r["ttft_s"]) if r.get("ttft_s") is not None else None,
-        "tier": tier_label(tiers),
-        "error": None,
-        # not output columns (jobs.output keeps only SCHEMA's): for the demo's summary and job metrics
-        "cached_tiers": tiers,
-        "vision_cache_hits": int(r.get("vision_cache_hits") or 0),
-    }
 
 
 def cluster_status(address: str) -> dict:

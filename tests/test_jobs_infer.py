@@ -187,7 +187,7 @@ def test_service_runner_rows_carry_tokens_tiers_and_a_bad_rows_own_error(ckpt_en
     assert rows[2]["cached_tokens"] > 0 and rows[2]["tier"] == "device"
     assert rows[2]["text"] == rows[0]["text"]
     # a bad request that reaches the worker is an error result there, and its row's error
-    from jobs.service_runner import service_row
+    from jobs.rows import service_row
 
     row = service_row("bad-2", worker.process({"id": "bad-2", "messages": item("bad-2", png[:500]).messages}))
     assert "corrupt" in row["error"] and row["prompt_tokens"] is None
