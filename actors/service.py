@@ -259,6 +259,25 @@ def _max_new_tokens(request: dict) -> int:
     return params.max_new_tokens
 
 
+def attach_ray(address: str | None = None, **init_kwargs: Any) -> None:
+    """Attach to the cluster at ``address`` / ``RAY_ADDRESS`` (as inside ``ray job submit``), else start an
+    embedded Ray; nothing when Ray is already initialised. ``init_kwargs`` go to ``ray.init``.
+
+    Embedded means ``address="local"``, which always starts a new cluster: a bare ``ray.init()`` would silently
+    attach to any other Ray running on this machine (``/tmp/ray/ray_current_cluster``), someone else's
+    included. Its workers import this checkout (``PYTHONPATH``), as a cluster's nodes import the installed
+    package."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs: dict[str, Any] = {"namespace": NAMESPACE, "ignore_reinit_error": True, **init_kwargs}
+    if address == "local":
+        kwargs.setdefault("runtime_env", {"env_vars": {"PYTHONPATH": REPO_ROOT}})
+    ray.init(address=address, **kwargs)
+
+
 def ensure_service(config: ServiceConfig | None = None, address: str | None = None, num_workers: int = 1,
                    timeout_s: float = 120.0, worker_start_timeout_s: float = 1800.0) -> ServiceHandle:
     """Attach to (or start) Ray and make sure the coordinator, the agents and ``num_workers`` workers exist.
@@ -273,15 +292,7 @@ def ensure_service(config: ServiceConfig | None = None, address: str | None = No
 
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        kwargs: dict[str, Any] = {"namespace": NAMESPACE, "ignore_reinit_error": True}
-        if address is None:
-            # Embedded cluster: "local" always starts a new one (a bare ray.init() would silently attach to any
-            # other Ray running on this machine); its workers must import this package.
-            address = "local"
-            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": REPO_ROOT}}
-        ray.init(address=address, **kwargs)
+    attach_ray(address)
     # No config asked for: attach to the running service of this environment's tenant as it is (its workers know
     # its whole config).
     if config is None:

@@ -85,8 +85,7 @@ def attach_for_metrics(address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         return False
-    import ray
+    from actors.service import attach_ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    attach_ray(address, log_to_driver=False)
     return True

@@ -121,25 +121,19 @@ def _auth_metadata() -> tuple:
 
 
 def _init_ray(s: S.Settings, address: str | None, quiet: bool = False) -> None:
-    """Attach to ``address`` / ``RAY_ADDRESS`` (as inside ``ray job submit``), else start an embedded Ray.
-
-    Embedded means ``address="local"``: a plain ``ray.init()`` would silently attach to any other Ray
-    already running on this machine (``/tmp/ray/ray_current_cluster``), someone else's included.
-    Attaching, ``check_cluster`` turns an address without a cluster or a missing token into one line first.
-    ``quiet``: none of Ray's connection messages or the cluster's log lines (a command that prints a table).
-    """
+    """``actors.service.attach_ray`` (the cluster at ``address`` / ``RAY_ADDRESS``, else an embedded Ray) with
+    the settings' Prometheus port for an embedded one. Attaching, ``check_cluster`` first turns an address
+    without a cluster or a missing token into one line. ``quiet``: none of Ray's connection messages or the
+    cluster's log lines (a command that prints a table)."""
     import ray
+
+    from actors.service import attach_ray
 
     if ray.is_initialized():
         return
-    from actors.config import NAMESPACE
-
-    kwargs: dict[str, Any] = {"namespace": NAMESPACE, "ignore_reinit_error": True}
+    kwargs: dict[str, Any] = {}
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
-        # embedded: the workers import this checkout; Prometheus port when one was asked for
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": root}}
         if s.metrics_export_port:
             kwargs["_metrics_export_port"] = s.metrics_export_port
     else:
@@ -147,7 +141,7 @@ def _init_ray(s: S.Settings, address: str | None, quiet: bool = False) -> None:
     if quiet:
         kwargs.update(logging_level=logging.WARNING, log_to_driver=False)
     try:
-        ray.init(address=address, **kwargs)
+        attach_ray(address, **kwargs)
     except ray.exceptions.AuthenticationError:
         raise ClusterError(f"the Ray cluster at {address} refused this process's authentication; "
                            f"{_TOKEN_FIX}") from None
