@@ -326,3 +326,99 @@ def test_get_into_a_callers_buffer_from_any_tier(tmp_path):
         with pytest.raises(ValueError, match="out is"):
             c.get(key(1), out=torch.empty(ENTRY, dtype=torch.float16))
         assert {i: c.where(key(i)) for i in range(4)} == where and torch.equal(c.get(key(1)), tensor(1))
+
+
+def chain(n: int, tag: int = 0) -> tuple[list, list]:
+    """One request's prompt: ``n`` chained chunk keys and their ``(key, tensor, parent)`` items."""
+    keys, items, parent = [], [], None
+    for i in range(n):
+        k = prefix_key(NS, parent, [tag, i])
+        items.append((k, tensor(100 * tag + i), parent))
+        keys.append(k)
+        parent = k
+    return keys, items
+
+
+def make_three_tier_cache(tmp_path, policy, device_entries=4, host_entries=4, disk_entries=32) -> TieredCache:
+    tiers = [TierConfig("device", device_entries * ENTRY * 4, device="cpu", block_bytes=BLOCK),
+             TierConfig("host", host_entries * ENTRY * 4, block_bytes=BLOCK),
+             TierConfig("disk", disk_entries * (ENTRY * 4 + 512), path=str(tmp_path / "disk"))]
+    return TieredCache(CacheConfig(tiers=tiers, policy=policy, namespace=NS, prefetch_threads=0))
+
+
+def assert_all_cached_exact(c: TieredCache, keys, tag: int = 0) -> None:
+    for t in c.tiers:
+        assert 0 <= t.used_bytes <= t.capacity_bytes, (t.name, t.used_bytes, t.capacity_bytes)
+    assert c.longest_prefix(keys) == len(keys)
+    for i, k in enumerate(keys):
+        assert torch.equal(c.get(k, promote=False), tensor(100 * tag + i))
+
+
+@pytest.mark.parametrize("policy", [None, "lru"])  # None: the default (prefix-lru)
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_put_overflowing_the_host_tier_demotes_into_free_disk_space(tmp_path, policy, batched):
+    with make_cache(tmp_path, host_entries=4, disk_entries=32, policy=policy) as c:
+        keys, items = chain(16)
+        # one prompt of 16 chunks into a 4-slot host tier over an empty 32-slot disk tier
+        stored = c.put_many(items) if batched else [c.put(*item) for item in items]
+        assert stored == [True] * 16
+        # nothing dropped: the 4 newest stay in host, the 12 older went down to disk, one demotion each
+        assert [c.where(k) for k in keys] == ["disk"] * 12 + ["host"] * 4
+        s = c.stats()
+        assert s["dropped"] == 0 and s["tiers"][1]["demotions_in"] == 12
+        assert_all_cached_exact(c, keys)
+
+
+@pytest.mark.parametrize("policy", [None, "lru"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_victim_skips_a_tier_that_cannot_make_room_instead_of_being_dropped(tmp_path, policy, batched):
+    with make_three_tier_cache(tmp_path, policy) as c:
+        # fill the 4-slot host tier with a prompt that is being read (pinned)
+        held, held_items = chain(4, tag=1)
+        assert c.put_many(held_items) == [True] * 4
+        assert all(c.demote(k) for k in held) and [c.where(k) for k in held] == ["host"] * 4
+        with c.pinned(held):
+            keys, items = chain(8)
+            # 8 new chunks into the 4-slot device tier: its victims cannot go to the pinned host tier -> disk
+            stored = c.put_many(items) if batched else [c.put(*item) for item in items]
+            assert stored == [True] * 8
+            assert [c.where(k) for k in keys] == ["disk"] * 4 + ["device"] * 4
+            assert [c.where(k) for k in held] == ["host"] * 4
+        s = c.stats()
+        assert s["dropped"] == 0 and s["tiers"][2]["demotions_in"] == 4
+        assert_all_cached_exact(c, keys)
+        assert_all_cached_exact(c, held, tag=1)
+
+
+@pytest.mark.parametrize("policy", [None, "lru"])
+def test_reading_a_pinned_prompt_longer_than_the_host_tier_drops_nothing(tmp_path, policy):
+    with make_three_tier_cache(tmp_path, policy) as c:
+        prompt, prompt_items = chain(8, tag=2)
+        other, other_items = chain(4, tag=3)
+        assert c.put_many(prompt_items) == [True] * 8 and c.put_many(other_items) == [True] * 4
+        # the prompt lies in host (full) and disk; another prompt fills the device tier
+        assert [c.where(k) for k in prompt] == ["disk"] * 4 + ["host"] * 4
+        assert [c.where(k) for k in other] == ["device"] * 4
+        # read it as the engine does (pinned, promote on hit): each promotion into the device tier pushes a
+        # chunk of the other prompt out, past the host tier full of pinned chunks, down to disk
+        with c.pinned(prompt):
+            for i, k in enumerate(prompt):
+                got, _ = c.lookup(k)
+                assert torch.equal(got, tensor(200 + i))
+        assert [c.where(k) for k in other] == ["disk"] * 4
+        assert c.stats()["dropped"] == 0
+        assert_all_cached_exact(c, prompt, tag=2)
+        assert_all_cached_exact(c, other, tag=3)
+
+
+def test_a_victim_skipping_a_pinned_tier_still_leaves_a_usable_prefix_with_the_default_policy(tmp_path):
+    with make_three_tier_cache(tmp_path, None, disk_entries=2) as c:
+        held, held_items = chain(4, tag=1)
+        assert c.put_many(held_items) == [True] * 4
+        assert all(c.demote(k) for k in held)
+        with c.pinned(held):
+            keys, items = chain(8)
+            # 4 victims skip the pinned host tier into a 2-slot disk tier: 2 are dropped, tails first
+            assert c.put_many(items) == [True] * 8
+        assert [c.where(k) for k in keys] == ["disk"] * 2 + [None] * 2 + ["device"] * 4
+        assert c.stats()["dropped"] == 2 and c.longest_prefix(keys) == 2

@@ -2,7 +2,8 @@
 
 Exclusive hierarchy: an entry lives in exactly one tier at a time, so every byte budget counts each entry
 once and ``where(key)`` has one answer. A hit below the top is promoted (moved up); making room in a tier
-demotes its victims one tier down, and out of the last tier they are dropped.
+demotes its victims one tier down (further down when that tier cannot make room: its entries are pinned or
+being read), and out of the last tier they are dropped.
 
 Concurrency: one lock guards the index (metadata). Reads are two-phase: the entry is marked in flight under
 the lock, its bytes are copied out without the lock, then the lock is taken again to finish. An entry that
@@ -334,7 +335,8 @@ class TieredCache:
                 self.unpin(k)
 
     def demote(self, key: CacheKey) -> bool:
-        """Move ``key`` one tier down (out of the cache from the last tier). False if pinned/absent."""
+        """Move ``key`` one tier down, or further if that tier cannot make room (out of the cache from the last
+        tier, or when no tier below can take it). False if pinned/absent."""
         key = validate_key(key)
         with self._lock:
             e = self._index.get(key)
@@ -445,12 +447,19 @@ class TieredCache:
         return True
 
     def _evict_one(self, key: CacheKey, e: _Entry) -> None:
-        """Demote ``key`` from its tier to the next one; drop it from the last tier."""
+        """Demote ``key`` to the nearest tier below that takes it; drop it only if none does (or from the last).
+
+        The next tier down may be unable to take it: its entries all pinned or being read (e.g. a prompt
+        longer than the host tier, pinned while it loads, whose promotions push other entries out of the
+        device tier), or its codec refuses the tensor. The victim then skips that tier instead of being lost
+        while a tier below has room."""
         src = e.tier
         if src + 1 < len(self.tiers):
             tensor = self.tiers[src].get(key)
-            if tensor is not None and self._move(key, e, src, src + 1, tensor):
-                return
+            if tensor is not None:
+                for dst in range(src + 1, len(self.tiers)):
+                    if self._move(key, e, src, dst, tensor):
+                        return
         self._drop(key, e, count_eviction=True)
 
     def _move(self, key: CacheKey, e: _Entry, src: int, dst: int, tensor: torch.Tensor) -> bool:
