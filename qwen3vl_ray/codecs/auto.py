@@ -4,8 +4,9 @@ Params: ``max_error`` (default 0.02, i.e. 2% relative Frobenius error, cosine >=
 codec specs, default :data:`DEFAULT_CANDIDATES`), ``lowrank_max_dim`` (default 512: lowrank is only tried
 when the matrix view's smaller side is at most this, since SVD costs ``m * n * min(m, n)``).
 
-The budget is a guarantee: a payload is only chosen after its error was measured on the whole tensor -- by
-the fused kernels as they quantize (``encode_measured``: no decode), else by decoding. Choosing is kept cheap
+The budget is a guarantee: a payload is only chosen after its error was checked on the whole tensor -- by
+an upper bound the fused kernels sum as they quantize (``encode_measured``: no decode; it exceeds the true
+error by about the output dtype's rounding, 2^-9 relative for bf16), else by decoding and measuring. Choosing is kept cheap
 by screening on a sample first (tensors with at least ``SAMPLE_MIN_ELEMS`` elements): about 1/``SAMPLE_SHRINK``
 of the slices along the leading dims (never the last two, which hold the groups, nor a KV chunk's k/v axis;
 for an ``axis=0`` quantizer, slices of the last dim). A candidate whose sample error is over
@@ -40,8 +41,6 @@ SAMPLE_MIN_ELEMS = 1 << 16
 SAMPLE_SHRINK = 64
 #: screening slack: a sample error up to this times the budget still earns a whole-tensor trial
 SCREEN_SLACK = 1.25
-#: a measured error this close above the budget counts as over it (the kernel sums in another order)
-_MEASURE_SLACK = 1e-9
 
 
 def sample(tensor: torch.Tensor, axis0: bool = False) -> torch.Tensor | None:
@@ -150,7 +149,6 @@ class AutoCodec(Codec):
             return fallback, fallback.encode(tensor)
         best: tuple[int, Codec, bytearray] | None = None
         raw = tensor.numel() * tensor.element_size()
-        budget = self.max_error * (1 - _MEASURE_SLACK)
         samples: dict[bool, torch.Tensor | None] = {}
 
         def screened_out(codec: Codec) -> bool:
@@ -175,7 +173,7 @@ class AutoCodec(Codec):
             # near-ties (same rate, a few header bytes apart) keep the earlier, more accurate candidate
             if len(payload) >= raw or (best is not None and len(payload) >= best[0] * 0.995):
                 return
-            if codec.lossless or err <= budget:
+            if codec.lossless or err <= self.max_error:
                 best = (len(payload), codec, payload)
 
         # fixed-rate codecs in order of bits per element: the first that meets the budget beats every later

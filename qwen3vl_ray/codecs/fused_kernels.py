@@ -147,27 +147,6 @@ def _nib(f, s):
     return np.uint8(np.int32(np.rint(f * s)) + 8)
 
 
-def _decoded(x, f):  # pragma: no cover - replaced by the overload inside jitted code
-    raise NotImplementedError
-
-
-@overload(_decoded, inline="always")
-def _decoded_impl(x, f):
-    """float32 ``f`` as decode stores it in ``x``'s dtype, read back as float64."""
-    dt = x.dtype
-    if dt == types.uint16:
-        def bf16(x, f):
-            u = _bits_from_f32(f)
-            u = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-            return np.float64(_f32_from_bits(u))
-        return bf16
-    if dt == types.int16:
-        return lambda x, f: np.float64(_f32_from_half(_half_from_f32(f)))
-    if dt in (types.float32, types.float64):
-        return lambda x, f: np.float64(f)
-    return None
-
-
 def _orig(x, i):  # pragma: no cover - replaced by the overload inside jitted code
     raise NotImplementedError
 
@@ -180,47 +159,29 @@ def _orig_impl(x, i):
 
 
 # reassoc only here (a sum of squares may be added in any order; it vectorizes that way), never in the
-# kernels, whose every rounding step must match torch's. float64 sums: squares of tiny inputs (1e-35)
-# underflow float32, and an error of exactly 0 must stay distinguishable from a small one.
+# kernels, whose every rounding step must match torch's
 @numba.njit(fastmath={"reassoc"}, cache=True, nogil=True)
-def _sq_err(xs, cs, s, nibbles, m):
-    """(sum of squared errors, sum of squares) of ``m`` inputs ``xs`` against their codes ``cs`` (int8 bits,
-    or nibbles ``code + 8``) times the one scale ``s``, rounded as decode rounds them."""
-    e2 = 0.0
-    x2 = 0.0
-    if nibbles:
-        for j in range(m):
-            o = _orig(xs, j)
-            e = o - _decoded(xs, np.float32(np.int32(cs[j]) - 8) * s)
-            e2 += e * e
-            x2 += o * o
-    else:
-        for j in range(m):
-            o = _orig(xs, j)
-            e = o - _decoded(xs, np.float32(np.int32(cs[j] ^ np.uint8(128)) - 128) * s)
-            e2 += e * e
-            x2 += o * o
-    return e2, x2
+def _code_err(xs, inv, m):
+    """(sum of (y - rint(y))^2, sum of y^2) for y = xs[j] * inv: the quantizer's own values in code units
+    (|y| <= qmax, so float32 neither overflows nor loses the error's scale)."""
+    e2 = np.float32(0.0)
+    y2 = np.float32(0.0)
+    for j in range(m):
+        y = _load(xs, j) * inv
+        e = y - np.rint(y)
+        e2 += e * e
+        y2 += y * y
+    return e2, y2
 
 
-@numba.njit(fastmath={"reassoc"}, cache=True, nogil=True)
-def _sq_err_row(xs, cs, ss, nibbles, m):
-    """:func:`_sq_err` with a scale per element (a row of a per-channel group)."""
-    e2 = 0.0
+@numba.njit(cache=True, nogil=True)
+def _tiny_err(xs, m):
+    """A group stored as zeros (amax <= TINY): every input is its own error (float64: squares of 1e-30)."""
     x2 = 0.0
-    if nibbles:
-        for j in range(m):
-            o = _orig(xs, j)
-            e = o - _decoded(xs, np.float32(np.int32(cs[j]) - 8) * ss[j])
-            e2 += e * e
-            x2 += o * o
-    else:
-        for j in range(m):
-            o = _orig(xs, j)
-            e = o - _decoded(xs, np.float32(np.int32(cs[j] ^ np.uint8(128)) - 128) * ss[j])
-            e2 += e * e
-            x2 += o * o
-    return e2, x2
+    for j in range(m):
+        o = _orig(xs, j)
+        x2 += o * o
+    return x2
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
@@ -237,9 +198,12 @@ def _encode(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, code
         x2 = 0.0
         amax = np.empty(post, np.uint32)
         inv = np.empty(post, np.float32)
+        # per-channel error sums in code units (measure only): one lane per channel, no reduction to reorder
+        ek = np.zeros(post if measure and post > 1 else 0, np.float32)
+        yk = np.zeros(post if measure and post > 1 else 0, np.float32)
         # int4 packs straight into the payload when every group (or, per channel, every row) starts on a
         # byte; else (odd sizes) and when measuring, nibbles go through the chunk's scratch first
-        direct = pack4 and not measure and (group % 2 == 0 if post == 1 else post % 2 == 0)
+        direct = pack4 and (group % 2 == 0 if post == 1 else post % 2 == 0)
         nib = np.empty(per * gsize if pack4 and not direct else 0, np.uint8)
         # (u, h, t, gi) of group i0, then advanced by carries: no division per group
         r = i0 // G
@@ -286,9 +250,15 @@ def _encode(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, code
                     for j in range(j1 - j0, group):
                         cs[j] = np.uint8(0)
                 if measure:
-                    a, b = _sq_err(xs, cs, scales[it], pack4, j1 - j0)
-                    e2 += a
-                    x2 += b
+                    if s > 0:
+                        ce, cy = _code_err(xs, s, j1 - j0)
+                        w = np.float64(s) * np.float64(s)
+                        e2 += np.float64(ce) / w
+                        x2 += np.float64(cy) / w
+                    else:
+                        t2 = _tiny_err(xs, j1 - j0)
+                        e2 += t2
+                        x2 += t2
             else:
                 for k in range(post):
                     amax[k] = np.uint32(0)
@@ -328,9 +298,24 @@ def _encode(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, code
                         else:
                             cs[:] = np.uint8(0)
                     if measure and j < j1:
-                        a, b = _sq_err_row(xs, cs, scales[sb: sb + post], pack4, post)
-                        e2 += a
-                        x2 += b
+                        for k in range(post):
+                            y = _load(xs, k) * inv[k]
+                            e = y - np.rint(y)
+                            ek[k] += e * e
+                            yk[k] += y * y
+                if measure:
+                    for k in range(post):
+                        if inv[k] > 0:
+                            w = np.float64(inv[k]) * np.float64(inv[k])
+                            e2 += np.float64(ek[k]) / w
+                            x2 += np.float64(yk[k]) / w
+                        else:
+                            for j in range(j0, j1):
+                                o = _orig(x, src + j * post + k)
+                                e2 += o * o
+                                x2 += o * o
+                        ek[k] = np.float32(0.0)
+                        yk[k] = np.float32(0.0)
             gi += 1
             if gi == G:
                 gi = 0

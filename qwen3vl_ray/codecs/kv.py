@@ -86,13 +86,13 @@ class KVQuantCodec(Codec):
         return head[:, 0], head[:, 1].unsqueeze(-1), t5[:, :, :, cut:]
 
     def encode_measured(self, tensor: torch.Tensor) -> tuple[bytearray, float | None]:
-        """The payload and its ``relative_error``, measured by the fused kernels as they quantize (no decode);
-        None where the fused path does not run."""
+        """The payload and an upper bound on its ``relative_error``, summed by the fused kernels as they
+        quantize (no decode; tight to about the output dtype's rounding); None where the fused path does not run."""
         keys, _, _, cut = self._split(tensor)
         if not (F.available(tensor) and keys.numel() and tensor.is_contiguous()):
             return self.encode(tensor), None
         payload, e2, x2 = self._encode_fused(tensor, cut, measure=True)
-        return payload, F.relative(e2, x2)
+        return payload, F.error_bound(e2, x2, tensor.numel(), tensor.dtype)
 
     def _encode_fused(self, t: torch.Tensor, cut: int, measure: bool = False) -> tuple[bytearray, float, float]:
         """CPU fast path: one numba pass per part straight into the payload (same bytes as the other paths);

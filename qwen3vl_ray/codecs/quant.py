@@ -70,12 +70,12 @@ class GroupQuantCodec(Codec):
         return self.kind != "fp8" and F.available(tensor) and tensor.numel() > 0 and tensor.is_contiguous()
 
     def encode_measured(self, tensor: torch.Tensor) -> tuple[bytearray, float | None]:
-        """The payload and its ``relative_error``, measured by the fused kernel as it quantizes (no decode);
-        None where the fused path does not run."""
+        """The payload and an upper bound on its ``relative_error``, summed by the fused kernel as it quantizes
+        (no decode; tight to about the output dtype's rounding); None where the fused path does not run."""
         if not self._fused(tensor):
             return self.encode(tensor), None
         payload, e2, x2 = self._encode_fused(tensor, measure=True)
-        return payload, F.relative(e2, x2)
+        return payload, F.error_bound(e2, x2, tensor.numel(), tensor.dtype)
 
     def _encode_fused(self, tensor: torch.Tensor, measure: bool = False) -> tuple[bytearray, float, float]:
         """CPU fast path: one numba pass straight into the payload (same bytes as the other paths)."""
