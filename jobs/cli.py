@@ -24,6 +24,7 @@ import pkgutil
 import subprocess
 import sys
 
+from jobs.log_levels import FORMAT, apply_log_levels
 from qwen3vl_ray import settings as S
 from qwen3vl_ray.errors import ClusterError, ConfigError
 
@@ -109,6 +110,7 @@ def cmd_service(argv: list[str]) -> int:
     S.add_arguments(p)
     args = p.parse_args(argv)
     s = S.from_args(args)
+    apply_log_levels(s)
     info = service_runner.start_service(s)
     print(json.dumps(info, indent=1, default=str))
     return 0
@@ -123,6 +125,7 @@ def cmd_status(argv: list[str]) -> int:
     S.add_arguments(p, sections=["jobs"], skip=["batch_size"])
     args = p.parse_args(argv)
     s = S.from_args(args)
+    apply_log_levels(s)
     status = service_runner.cluster_status(s.address or "auto")
     print(json.dumps(status, indent=1, default=str) if args.json else render_status(status))
     return 0
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     # Exit status 2: the command could not run as asked (a setting, the checkpoint, the cluster), said in one
     # line with the fix; anything else is a bug and keeps its traceback.
     try:
-        logging.basicConfig(level=S.env_value("log_level"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=S.env_value("log_level"), format=FORMAT)
         return COMMANDS[name][0](rest)
     except (ConfigError, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)

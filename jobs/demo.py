@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.dataset import Item, Limits, load, read_image
+from jobs.log_levels import apply_log_levels
 from jobs.rows import TIER_ORDER
 from jobs.runner import RUNNERS, make_runner
 from jobs.table import fmt_bytes, render
@@ -303,6 +304,7 @@ def _stop_ray() -> None:
 def main(argv: list[str] | None = None, prog: str = "python -m jobs.demo") -> int:
     args = build_parser(prog).parse_args(argv)
     settings = _settings(args)
+    apply_log_levels(settings)
     print(f"qwen3vl-ray demo: runner={args.runner}, model={settings.model}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="qwen3vl-ray-demo-", ignore_cleanup_errors=True) as tmp:
         fresh = settings.source("disk_dir") == "default"

@@ -30,6 +30,7 @@ from typing import Iterable, Iterator
 from jobs.dataset import DatasetError, Item, Limits, ids_in_order, load
 from jobs.metrics import JobMetrics, attach_for_metrics
 from jobs.output import OutputBusyError, PartWriter
+from jobs.log_levels import apply_log_levels
 from jobs.rows import error_row
 from jobs.runner import RUNNERS, Runner, make_runner
 from qwen3vl_ray import settings as S
@@ -220,9 +221,9 @@ def failed_rows_text(summary: dict) -> str:
 
 def main(argv: list[str] | None = None, prog: str = "python -m jobs.infer") -> int:
     args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = S.from_args(args)
+        apply_log_levels(settings)
         address = settings.address or os.environ.get("RAY_ADDRESS")
         if address and args.runner != "service":  # the job attaches for its metrics: a bad address is one line
             from jobs.service_runner import check_cluster

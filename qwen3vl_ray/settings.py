@@ -269,8 +269,9 @@ OPTIONS: tuple[Option, ...] = (
            "Ray cluster to attach to (ray://host:10001, host:6379 or auto); empty = RAY_ADDRESS if set "
            "(as inside `ray job submit`), else an embedded Ray.", "ray.init(address)"),
     Option("actor_log_level", "service", "level", "INFO", "",
-           "Log level of the service's actors (coordinator, agents, workers); read from the environment of the "
-           "Ray nodes' processes.", "logging", ("DEBUG", "INFO", "WARNING", "ERROR")),
+           "Log level of the service's actors (coordinator, agents, workers). An embedded Ray's actors take it "
+           "from the command; a cluster's read it from their nodes' environment (cluster.yaml's "
+           "~/.qwen3vl-ray.env).", "logging", ("DEBUG", "INFO", "WARNING", "ERROR")),
     Option("log_level", "jobs", "level", "WARNING", "",
            "Log level of the CLI and the jobs.", "logging", ("DEBUG", "INFO", "WARNING", "ERROR")),
     Option("metrics_export_port", "jobs", "int", 0, "port",

@@ -81,3 +81,27 @@ def test_make_checkpoint_writes_a_loadable_tiny_checkpoint(tmp_path, capsys):
     assert (tmp_path / "tiny" / "config.json").is_file()
     # idempotent: a second call reuses it
     assert cli.main(["make-checkpoint", "tiny", "--path", str(tmp_path / "tiny")]) == 0
+
+
+def test_log_level_flag_sets_the_jobs_level_and_hands_the_actor_level_on(tmp_path):
+    """--log-level is this process's level; --actor-log-level reaches the actors of an embedded Ray through the
+    environment they inherit."""
+    import logging
+    import os
+
+    from jobs.log_levels import apply_log_levels
+    from qwen3vl_ray import settings as S
+
+    root = logging.getLogger()
+    old_level, old_env = root.level, os.environ.get("QWEN3VL_RAY_ACTOR_LOG_LEVEL")
+    try:
+        apply_log_levels(S.resolve({"log_level": "error", "actor_log_level": "debug"}, env={}))
+        assert root.level == logging.ERROR and os.environ["QWEN3VL_RAY_ACTOR_LOG_LEVEL"] == "DEBUG"
+        apply_log_levels(S.resolve({"log_level": "INFO"}, env={}))
+        assert root.level == logging.INFO and os.environ["QWEN3VL_RAY_ACTOR_LOG_LEVEL"] == "INFO"
+    finally:
+        root.setLevel(old_level)
+        if old_env is None:
+            os.environ.pop("QWEN3VL_RAY_ACTOR_LOG_LEVEL", None)
+        else:
+            os.environ["QWEN3VL_RAY_ACTOR_LOG_LEVEL"] = old_env
