@@ -28,7 +28,7 @@ from qwen3vl_ray.keys import Namespace, key_hex
 from qwen3vl_ray.tiers import disk as disk_mod
 from qwen3vl_ray.tiers.config import TierConfig
 from qwen3vl_ray.tiers.disk import DiskTier
-from qwen3vl_ray.tiers.disk_home import DirectoryInUseError, UnsafeDirectoryError
+from qwen3vl_ray.tiers.private_dirs import DirectoryInUseError, UnsafeDirectoryError
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = Namespace(model="disk-security")

@@ -8,7 +8,7 @@ Every read checks the header checksum, the file length and the payload's xxh3_12
 fails is removed, counted in ``corrupt`` and served as a miss.
 
 Trust (fails closed): the root and the namespace directory must be this user's and writable by nobody
-else (``disk_home.open_private_root``/``open_private_subdir``: anything else is refused in one line naming
+else (``private_dirs.open_private_root``/``open_private_subdir``: anything else is refused in one line naming
 the path and the fix). The namespace directory is held open and every entry is reached relative to that
 descriptor, so renaming directories under a live tier never redirects it. Entry files are opened with
 ``O_NOFOLLOW | O_NONBLOCK`` and served only if they are regular files of this user; anything else under an
@@ -18,7 +18,7 @@ is refused. Every OS error on a read is a counted miss (``io_errors``) and the e
 (except the process-wide, passing ones: out of descriptors or memory); on a store, a failed put.
 
 One process per directory: the tier holds an exclusive ``flock`` on its namespace directory
-(``disk_home.lock_dir``), so a second process fails at once with ``DirectoryInUseError`` instead of
+(``private_dirs.lock_dir``), so a second process fails at once with ``DirectoryInUseError`` instead of
 storing a second budget's worth. Tiers of one process share the lock. Temp files carry a random token of
 the process that wrote them: at start-up (lock held, so no other process writes here) every temp file
 without this process' token is a dead writer's and is removed. No PIDs, so a reused PID keeps nothing.
@@ -59,7 +59,7 @@ from qwen3vl_ray.codecs.base import dtype_from_name, dtype_name
 from qwen3vl_ray.errors import CapacityError, CodecError, CorruptEntryError
 from qwen3vl_ray.keys import CacheKey, Namespace, key_from_hex, key_hex, validate_key
 from qwen3vl_ray.tiers import disk_format as fmt
-from qwen3vl_ray.tiers import disk_home
+from qwen3vl_ray.tiers import private_dirs
 from qwen3vl_ray.tiers.base import PreparedStore, Tier
 from qwen3vl_ray.tiers.config import TierConfig
 
@@ -194,8 +194,8 @@ class DiskTier(Tier):
         """``lease``: anything with ``release()`` held for the tier's life and released by :meth:`close`
         (the :class:`~qwen3vl_ray.tiers.disk_home.DiskHome` that ``cfg.path`` is).
 
-        Raises :class:`~qwen3vl_ray.tiers.disk_home.UnsafeDirectoryError` when the root or the namespace
-        directory is not this user's alone, and :class:`~qwen3vl_ray.tiers.disk_home.DirectoryInUseError`
+        Raises :class:`~qwen3vl_ray.tiers.private_dirs.UnsafeDirectoryError` when the root or the namespace
+        directory is not this user's alone, and :class:`~qwen3vl_ray.tiers.private_dirs.DirectoryInUseError`
         when another process holds the directory."""
         if cfg.kind != "disk" or not cfg.path:
             raise ValueError(f"DiskTier needs a disk TierConfig with a path, got kind={cfg.kind!r} path={cfg.path!r}")
@@ -209,15 +209,15 @@ class DiskTier(Tier):
         self.dir = self.root / namespace.hex
         self._dir_str = str(self.dir)
         self._uid = os.geteuid()
-        root_fd = disk_home.open_private_root(self.root, fsync=cfg.fsync)
+        root_fd = private_dirs.open_private_root(self.root, fsync=cfg.fsync)
         try:
-            self._dfd = disk_home.open_private_subdir(root_fd, namespace.hex, self.dir, fsync=cfg.fsync)
+            self._dfd = private_dirs.open_private_subdir(root_fd, namespace.hex, self.dir, fsync=cfg.fsync)
         finally:
             os.close(root_fd)
         # Closed only when the tier is collected: close() may race a reader still using the descriptor.
         self._close_fd = weakref.finalize(self, os.close, self._dfd)
         try:
-            lock = disk_home.lock_dir(self._dfd, self.dir)
+            lock = private_dirs.lock_dir(self._dfd, self.dir)
         except BaseException:
             self._close_fd()
             raise
@@ -289,7 +289,7 @@ class DiskTier(Tier):
             return None
         if not stat.S_ISDIR(st.st_mode):
             return None  # a file by that name: stores under this prefix fail (counted), nothing is served
-        return disk_home.open_private_subdir(self._dfd, name, self.dir / name, create=False, fsync=False)
+        return private_dirs.open_private_subdir(self._dfd, name, self.dir / name, create=False, fsync=False)
 
     def _scan_subdir(self, sub: str, sfd: int, found: list) -> None:
         token = _process_token()
@@ -462,8 +462,8 @@ class DiskTier(Tier):
         """Create the 2-hex directory ``sub`` (0700), durable in its parent before any entry lands in it.
         Raises ``OSError`` (a failed put) if what is there is a link or not ours."""
         try:
-            os.close(disk_home.open_private_subdir(self._dfd, sub, self.dir / sub, fsync=self.cfg.fsync))
-        except disk_home.UnsafeDirectoryError as exc:
+            os.close(private_dirs.open_private_subdir(self._dfd, sub, self.dir / sub, fsync=self.cfg.fsync))
+        except private_dirs.UnsafeDirectoryError as exc:
             raise OSError(errno.EPERM, str(exc)) from exc
 
     # -- reads -----------------------------------------------------------------------------------
