@@ -5,8 +5,8 @@ codec specs, default :data:`DEFAULT_CANDIDATES`), ``lowrank_max_dim`` (default 5
 when the matrix view's smaller side is at most this, since SVD costs ``m * n * min(m, n)``).
 
 The budget is a guarantee: a payload is only chosen after its error was checked on the whole tensor -- by
-an upper bound the fused kernels sum as they quantize (``encode_measured``: no decode; it exceeds the true
-error by about the output dtype's rounding, 2^-9 relative for bf16), else by decoding and measuring. Choosing is kept cheap
+the error the fused kernels sum as they quantize (``encode_measured``: no decode; rounded up by ~1e-6), else
+by decoding and measuring. Choosing is kept cheap
 by screening on a sample first (tensors with at least ``SAMPLE_MIN_ELEMS`` elements): about 1/``SAMPLE_SHRINK``
 of the slices along the leading dims (never the last two, which hold the groups, nor a KV chunk's k/v axis;
 for an ``axis=0`` quantizer, slices of the last dim). A candidate whose sample error is over

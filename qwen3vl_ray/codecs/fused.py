@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qwen3vl_ray.codecs import groups as G
 from qwen3vl_ray.errors import CodecError
 
 log = logging.getLogger(__name__)
@@ -175,10 +174,11 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
     """Quantize ``x``'s part ``g`` into ``codes`` (flat uint8: int8 codes, or packed int4 pairs) and ``scales``
     (flat float32). Non-finite inputs leave non-finite scales (the caller checks and refuses).
 
-    With ``measure``: also (squared quantization error, squared norm), summed while the group is in cache
-    (what ``auto`` needs, without a decode; see :func:`error_bound`); else (0, 0). They are float32 sums in
-    code units per group (``y = x * inv``: ``(y - rint(y))^2`` and ``y^2``), scaled back by ``1 / inv^2``
-    in float64; groups stored as zeros add their inputs' squares exactly.
+    With ``measure``: also (squared error of the decoded values, squared norm), summed while the group is
+    in cache (what ``auto`` needs, without a decode; see :func:`error_bound`); else (0, 0). They are float32
+    sums in code units per group (``(x - decoded) * inv`` and ``x * inv``, the decoded value rounded to the
+    output dtype as decode rounds it), scaled back by ``1 / inv^2`` in float64; groups stored as zeros add
+    their inputs' squares exactly.
     """
     per = _per(g, pack4)
     nchunks = -(-g.U * g.H * g.T * -(-g.n // g.group) // per)
@@ -207,15 +207,12 @@ def _ncodes(g: Geometry, pack4: bool) -> int:
 
 
 def error_bound(e2: float, x2: float, numel: int, dtype: torch.dtype) -> float:
-    """Upper bound on ``relative_error(x, decode(payload))`` from :func:`encode`'s sums.
-
-    The sums are of the quantizer's own rounding (before the result is rounded to ``dtype``), so the bound
-    adds that rounding as :func:`groups.finish_bound` does, plus 2^-20 for the float32 sums and for
-    ``1 / inv`` standing in for the stored scale (both ~1e-7 relative).
-    """
+    """``relative_error(x, decode(payload))`` from :func:`encode`'s sums, rounded up by 2^-20 (~1e-6): the
+    sums are float32 per group, scaled by ``1 / inv`` (within ~1e-7 of the stored scale), and float64
+    inputs enter as float32. Never 0 for a lossy result, so a zero budget only takes lossless codecs."""
     if x2 == 0.0:
         return 0.0 if e2 == 0.0 else math.inf
-    return G.finish_bound(math.sqrt(e2), math.sqrt(x2), numel, dtype) + 2.0 ** -20
+    return math.sqrt(e2 / x2) + 2.0 ** -20
 
 
 def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool, buffers: list[memoryview],

@@ -160,15 +160,42 @@ def _orig_impl(x, i):
 
 # reassoc only here (a sum of squares may be added in any order; it vectorizes that way), never in the
 # kernels, whose every rounding step must match torch's
+def _rounded(x, f):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(_rounded, inline="always")
+def _rounded_impl(x, f):
+    """float32 ``f`` rounded to ``x``'s dtype as decode stores it, back in float32 (float64 stores are exact)."""
+    dt = x.dtype
+    if dt == types.uint16:
+        def bf16(x, f):
+            u = _bits_from_f32(f)
+            return _f32_from_bits((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
+        return bf16
+    if dt == types.int16:
+        return lambda x, f: _f32_from_half(_half_from_f32(f))
+    if dt in (types.float32, types.float64):
+        return lambda x, f: f
+    return None
+
+
+@numba.njit(inline="always")
+def _err_terms(x, f, inv, scale):
+    """(error of the decoded value, input) in code units (times ``inv``): magnitudes ~1 and <= qmax, so
+    float32 squares neither overflow nor lose small groups' errors."""
+    y = f * inv
+    d = _rounded(x, np.rint(y) * scale)
+    return (f - d) * inv, y
+
+
 @numba.njit(fastmath={"reassoc"}, cache=True, nogil=True)
-def _code_err(xs, inv, m):
-    """(sum of (y - rint(y))^2, sum of y^2) for y = xs[j] * inv: the quantizer's own values in code units
-    (|y| <= qmax, so float32 neither overflows nor loses the error's scale)."""
+def _code_err(xs, inv, scale, m):
+    """(sum of squared decode errors, sum of squared inputs) of one group, in code units (see _err_terms)."""
     e2 = np.float32(0.0)
     y2 = np.float32(0.0)
     for j in range(m):
-        y = _load(xs, j) * inv
-        e = y - np.rint(y)
+        e, y = _err_terms(xs, _load(xs, j), inv, scale)
         e2 += e * e
         y2 += y * y
     return e2, y2
@@ -251,7 +278,7 @@ def _encode(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, code
                         cs[j] = np.uint8(0)
                 if measure:
                     if s > 0:
-                        ce, cy = _code_err(xs, s, j1 - j0)
+                        ce, cy = _code_err(xs, s, scales[it], j1 - j0)
                         w = np.float64(s) * np.float64(s)
                         e2 += np.float64(ce) / w
                         x2 += np.float64(cy) / w
@@ -299,8 +326,7 @@ def _encode(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, code
                             cs[:] = np.uint8(0)
                     if measure and j < j1:
                         for k in range(post):
-                            y = _load(xs, k) * inv[k]
-                            e = y - np.rint(y)
+                            e, y = _err_terms(xs, _load(xs, k), inv[k], scales[sb + k])
                             ek[k] += e * e
                             yk[k] += y * y
                 if measure:

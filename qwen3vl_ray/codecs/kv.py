@@ -86,8 +86,8 @@ class KVQuantCodec(Codec):
         return head[:, 0], head[:, 1].unsqueeze(-1), t5[:, :, :, cut:]
 
     def encode_measured(self, tensor: torch.Tensor) -> tuple[bytearray, float | None]:
-        """The payload and an upper bound on its ``relative_error``, summed by the fused kernels as they
-        quantize (no decode; tight to about the output dtype's rounding); None where the fused path does not run."""
+        """The payload and its ``relative_error`` (rounded up by ~1e-6), summed by the fused kernels as they
+        quantize (no decode); None where the fused path does not run."""
         keys, _, _, cut = self._split(tensor)
         if not (F.available(tensor) and keys.numel() and tensor.is_contiguous()):
             return self.encode(tensor), None

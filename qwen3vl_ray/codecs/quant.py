@@ -70,8 +70,8 @@ class GroupQuantCodec(Codec):
         return self.kind != "fp8" and F.available(tensor) and tensor.numel() > 0 and tensor.is_contiguous()
 
     def encode_measured(self, tensor: torch.Tensor) -> tuple[bytearray, float | None]:
-        """The payload and an upper bound on its ``relative_error``, summed by the fused kernel as it quantizes
-        (no decode; tight to about the output dtype's rounding); None where the fused path does not run."""
+        """The payload and its ``relative_error`` (rounded up by ~1e-6), summed by the fused kernel as it
+        quantizes (no decode); None where the fused path does not run."""
         if not self._fused(tensor):
             return self.encode(tensor), None
         payload, e2, x2 = self._encode_fused(tensor, measure=True)
