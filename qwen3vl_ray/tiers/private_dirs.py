@@ -35,8 +35,9 @@ class UnsafeDirectoryError(ConfigError):
     The message names the path and the fix; nothing was changed on disk."""
 
 
-class DirectoryInUseError(OSError):
-    """Another process holds the disk tier's directory (one writing process per directory)."""
+class DirectoryInUseError(OSError, ConfigError):
+    """Another process holds the disk tier's directory (one writing process per directory). A ``ConfigError``
+    too: the fix is a setting (another ``disk_dir``), so the CLI says it in one line."""
 
 
 def _unsafe(path, why: str, fix: str) -> UnsafeDirectoryError:
