@@ -1,8 +1,8 @@
 """Lifetimes: idle expiry, leak reclamation, and garbage collection only when it pays.
 
 Replaces the sketch's AdaptiveGarbageCollector, which ran ``gc.collect()`` on a timer. Here nothing runs in
-the background: the owner calls :meth:`LifetimeManager.tick` on its own schedule (the engine per request,
-the node agent per coordinator period), so an idle process does no work. ``gc.collect()`` and
+the background: an owner calls :meth:`LifetimeManager.tick` on its own schedule, so an idle process does no
+work. No owner does yet: neither the engine nor the node agents call it (only the tests). ``gc.collect()`` and
 ``torch.cuda.empty_cache()`` are expensive (a full collection stalls every thread; emptying the CUDA cache
 makes the next allocations slow), so they run only under pressure and at most once per interval.
 """
