@@ -18,7 +18,15 @@ KV chunk ``[A, 2, heads, tokens, d]`` are strided views of the one input array (
 
 Dispatch (``available``): numba importable, a little-endian host, and ``QWEN3VL_CODEC_KERNELS`` not
 ``torch`` (outside the ``QWEN3VL_RAY_*`` option table on purpose: a debugging switch, not a setting) -- or
-set :data:`ENABLED` to False (tests and benchmarks compare both paths).
+set :data:`ENABLED` to False (tests and benchmarks compare both paths). The codecs take this path for CPU,
+contiguous bf16/fp16/fp32/fp64 tensors and fall back to the torch paths otherwise.
+
+Threads: every core of the process's affinity mask (:data:`MAX_THREADS` caps it), OpenMP layer preferred,
+one launch at a time (a lock), torch's own thread count restored after each launch, and serial twins in
+a child forked after a launch. Kernels compile on first use per dtype (seconds) and are cached on disk
+(``cache=True``, in ``__pycache__``); benchmarks warm up before timing.
+
+``auto`` uses :func:`encode`'s ``measure`` sums: the error of the decoded values, without a decode.
 """
 
 from __future__ import annotations
