@@ -74,14 +74,14 @@ def _check(spec: str, x: torch.Tensor, chunk: int) -> None:
 
 
 @pytest.mark.parametrize("spec", GENERIC)
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(x=float_tensors(), chunk=st.sampled_from([1, 2, 7, 64, 1 << 15]))
 def test_fused_matches_torch_generic(spec, x, chunk):
     _check(spec, x.contiguous(), chunk)
 
 
 @pytest.mark.parametrize("spec", KV)
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(x=kv_tensors(), chunk=st.sampled_from([1, 2, 7, 64, 1 << 15]))
 def test_fused_matches_torch_kv(spec, x, chunk):
     _check(spec, x.contiguous(), chunk)
