@@ -11,10 +11,12 @@ Every decision is logged at debug level and counted in ``qwen3vl_ray_coordinator
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -324,7 +326,8 @@ class CoordinatorLogic:
 
     def _relieve_host(self, node_id: str, rep: dict) -> list[dict]:
         """A node's host tier above its high watermark: re-encode cold entries with the stronger codec first,
-        then demote the coldest to the node's disk, down to the low watermark."""
+        then demote to the node's disk down to the low watermark. "Cold" is the node cache's own policy order
+        (``NodeAgentLogic.cold_keys``/``demote_cold``: a chain's tail before its head), as in its local moves."""
         cfg = self.config
         decisions: list[dict] = []
         with self._lock:
@@ -347,9 +350,11 @@ class CoordinatorLogic:
 
     def _evict_by_value(self) -> list[dict]:
         """For the bottom tier of each node (disk, or host without disk): when a node is above its high
-        watermark or the cluster's total is, drop the lowest-value entries of the whole cluster first
-        (value = recompute seconds saved per byte x reuse likelihood), until each pressured node and the
-        total are back at the low watermark."""
+        watermark or the cluster's total is, evict until each pressured node and the total are back at the low
+        watermark. Each agent offers its candidates in its own cache policy's order (leaf-first for the default
+        policy: never a chain's head before its tail); the value (recompute seconds saved per byte x reuse
+        likelihood) only decides which node gives up its next candidate, so every node loses a prefix of its
+        own eviction order."""
         decisions: list[dict] = []
         reports = self._refresh_reports()  # fresh numbers: the demotions above moved bytes
         agents = dict(self._agents())
@@ -370,29 +375,35 @@ class CoordinatorLogic:
                 cluster_need = used - t0["low"] * cap
         if not need and cluster_need <= 0:
             return decisions
-        cands = []
+        offers: dict[str, deque] = {}
         for n in reports:
             try:
-                for key, nbytes, value in agents[n].candidates(bottom[n], 256, self.config.recompute_s_per_mib):
-                    cands.append((value, n, key, nbytes))
+                offers[n] = deque(agents[n].candidates(bottom[n], 256, self.config.recompute_s_per_mib))
             except Exception:
                 logger.warning("agent %s unreachable for candidates", n[:12], exc_info=True)
-        cands.sort(key=lambda c: c[0])
+        # merge the nodes' lists by the value of each one's next candidate, taking each only from its front
+        fronts = [(q[0][2], n) for n, q in offers.items() if q]
+        heapq.heapify(fronts)
         doomed: dict[str, list] = {}
-        for value, n, key, nbytes in cands:
+        while fronts:
+            _, n = heapq.heappop(fronts)
             if need.get(n, 0) <= 0 and cluster_need <= 0:
-                continue
+                continue  # this node is done; the others may still need room
+            key, nbytes, _ = offers[n].popleft()
             doomed.setdefault(n, []).append(key)
             need[n] = need.get(n, 0) - nbytes
             cluster_need -= nbytes
+            if offers[n]:
+                heapq.heappush(fronts, (offers[n][0][2], n))
         for n, keys in doomed.items():
             try:
                 got = agents[n].evict(keys)
             except Exception:
                 logger.warning("eviction on %s failed", n[:12], exc_info=True)
                 continue
-            with self._lock:
-                self.directory.remove_many(n, keys)
+            if got == len(keys):  # else the agent kept some (a child stored meanwhile): the journal says which went
+                with self._lock:
+                    self.directory.remove_many(n, keys)
             decisions.append(self._decide("evict_by_value", n, bottom[n], got))
         return decisions
 

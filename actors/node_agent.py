@@ -2,8 +2,10 @@
 
 ``NodeAgentLogic`` holds everything and runs without Ray (inject a :class:`LocalObjectStore`); the
 ``NodeAgent`` actor is a thin wrapper. Data side: the agent stores and serves chunks; metadata it keeps for the
-coordinator's policies: per-entry access stats (coldness, value), pressure, and a journal of where entries
-come and go (``drain_journal``) so the cluster directory follows the moves without scanning.
+coordinator's policies: per-entry access stats and chain parents (value), pressure, and a journal of where
+entries come and go (``drain_journal``) so the cluster directory follows the moves without scanning. What the
+coordinator may demote or evict is offered in the node cache's own policy order (``_victim_order``), the order
+its local room-making takes, so cluster-level moves never drop a chain's head before its tail.
 
 Reads hand out handles, not bytes: ``get_chunks`` returns the ObjectRef of each host entry (promoting disk
 hits into the host tier first), so a worker on this node reads it zero-copy and a worker on another node
@@ -20,6 +22,7 @@ import re
 import time
 import uuid
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -30,8 +33,8 @@ from actors.config import NAMESPACE, AgentConfig
 from actors.directory import TIER_CODES
 from actors.journal import Journal, JournalingTier
 from actors.metrics import Metrics
-from actors.object_store_tier import (RAW, LocalObjectStore, ObjectStore, ObjectStoreTier, array_to_tensor, slice_of,
-                                      tensor_to_array)
+from actors.object_store_tier import (RAW, LocalObjectStore, ObjectStore, ObjectStoreTier, array_to_tensor,
+                                      fitting_suffix, slice_of, tensor_to_array)
 from actors.tenancy import Tenant, tenant_checked
 from qwen3vl_ray.codecs.base import decode
 from qwen3vl_ray.keys import CacheKey, Namespace, validate_key
@@ -197,7 +200,8 @@ class NodeAgentLogic:
         from qwen3vl_ray.cache.pressure import PressureConfig, PressureMonitor
 
         self.monitor = PressureMonitor(self.cache, PressureConfig(min_interval_s=0))
-        # key -> [hits, last access (monotonic s), logical bytes]; drives coldness and value
+        # key -> [hits, last access (monotonic s), logical bytes, chain parent]: value, and no parent before its
+        # children in the coordinator's demotions and evictions (``_victim_order``)
         self._info: dict[bytes, list] = {}
         # chunks served by handle through get_chunks, per tier (the tiers' own counters do not see them)
         self._served = {"hits": {"host": 0, "disk": 0}, "misses": 0}
@@ -207,35 +211,40 @@ class NodeAgentLogic:
         self.metrics.declare("qwen3vl_ray_evictions")
         if self.disk is not None:
             for k in self.disk.keys():  # entries found on disk after a restart: cold, unknown reuse
-                self._info[k] = [0, 0.0, self.disk.entry_nbytes(k) or 0]
+                self._info[k] = [0, 0.0, self.disk.entry_nbytes(k) or 0, None]
         logger.info("node agent %s up (epoch %s): host %d B, disk %d B with %d entries", node_id[:12], self.epoch[:8],
                     config.host_bytes, config.disk_bytes, 0 if self.disk is None else len(self.disk))
 
     # -- writes --------------------------------------------------------------------------------
     def put_chunks(self, items: Sequence[tuple[CacheKey, Any, CacheKey | None]]) -> list[str | None]:
-        """Store many chunks. The batch is made room for in the host tier (the cache demotes victims to disk)
-        and put into the object store as one slab; the cache then commits each chunk (index, policy).
+        """Store many chunks. The newest entries of the batch that fit the host tier go into the object store as
+        one slab (host victims are demoted to disk first, in the policy's order, to make that room); the older
+        ones of a batch larger than the host tier go straight to the disk tier (without one they are not stored:
+        they could only push this batch's newer chunks out). The cache then commits each chunk (index, policy).
         Returns the tier each chunk is in afterwards, or None if it was not stored."""
         now = time.monotonic()
         batch = []
         for key, chunk, parent in items:
             t = as_tensor(chunk)
-            batch.append((validate_key(key), t, parent))
-            self._info[key] = [0, now, t.numel() * t.element_size()]
+            batch.append((validate_key(key), t, None if parent is None else validate_key(parent)))
         inner = self.host.inner
-        total = min(sum(t.numel() * t.element_size() for _, t, _ in batch), inner.capacity_bytes)
-        if inner.free_bytes < total:
-            self.cache.relieve("host", inner.capacity_bytes - total)
+        prepared = inner.encode_many([(k, t) for k, t, _ in batch])
+        n_top = fitting_suffix([None if p is None else p.nbytes for p in prepared], inner.capacity_bytes)
+        need = sum(p.nbytes for p in prepared[len(prepared) - n_top:]) - inner.free_bytes
+        if need > 0 and n_top:
+            self._demote_host(need)
         try:
-            inner.stage_many([(k, t) for k, t, _ in batch])
-            oks = self.cache.put_many(batch)
+            n_top = inner.stage_many(prepared, route_rest_below=self.disk is not None)
+            store = batch if self.disk is not None else batch[len(batch) - n_top:]
+            oks = [False] * (len(batch) - len(store)) + self.cache.put_many(store)
         finally:
             inner.unstage_all()
         where = [self._where(k) if ok else None for (k, _, _), ok in zip(batch, oks)]
-        for (k, t, _), w in zip(batch, where):
+        for (k, t, parent), w in zip(batch, where):
             if w is None:
                 self._info.pop(k, None)
             else:
+                self._info[k] = [0, now, t.numel() * t.element_size(), parent]
                 self.metrics.inc("qwen3vl_ray_swap_bytes_in", t.numel() * t.element_size(), tier=w)
         return where
 
@@ -293,7 +302,7 @@ class NodeAgentLogic:
             self._served["hits"][tier] = self._served["hits"].get(tier, 0) + 1
             if tier == "host":
                 self._touch(key)
-            info = self._info.setdefault(key, [0, now, 0])
+            info = self._info.setdefault(key, [0, now, 0, None])
             info[0] += 1
             info[1] = now
         return out
@@ -323,34 +332,74 @@ class NodeAgentLogic:
         return {"node_id": self.node_id, "epoch": self.epoch, "tiers": tiers,
                 "host_memory": [report.host_used_bytes, report.host_total_bytes], "disk_free": report.disk_free_bytes}
 
-    def cold_keys(self, tier: str, n: int) -> list[CacheKey]:
+    def _parent(self, key: CacheKey) -> CacheKey | None:
+        info = self._info.get(key)
+        return None if info is None else info[3]
+
+    def _victim_order(self, tier: str, n: int | None = None, nbytes: int | None = None,
+                      whole_node: bool = False) -> list[tuple[CacheKey, int]]:
+        """``tier``'s entries as ``(key, stored bytes)`` in the order its cache policy gives them up (the order the
+        cache's own room-making takes: leaf-first for the default policy), never a chain's parent before its
+        children: an entry with a child in ``tier`` (``whole_node``: anywhere on this node, for evictions) waits
+        until its last child is listed and then follows it at once, so a chain shrinks from its tail. Removing any
+        prefix of the list therefore never leaves a stored chunk without its parent. Stops after ``n`` entries
+        or ``nbytes`` bytes."""
         t = self.host if tier == "host" else self.disk
         if t is None:
             return []
-        keys = list(t.keys())
-        keys.sort(key=lambda k: self._info.get(k, (0, 0.0))[1])
-        return keys[:n]
+        policy = self.cache.policies[self.cache.tier_names.index(tier)]
+        children: Counter = Counter()
+        for scope in ([self.host, self.disk] if whole_node else [t]):
+            for k in (scope.keys() if scope is not None else ()):
+                p = self._parent(k)
+                if p is not None:
+                    children[p] += 1
+        order: list[tuple[CacheKey, int]] = []
+        taken: set = set()
+        total = 0
+
+        def free(k: CacheKey) -> bool:
+            return k not in taken and not children.get(k) and t.contains(k)
+
+        walk = policy.victims(free)
+        try:
+            for k in walk:
+                while k is not None and free(k):  # k, then its parent if k was the parent's last child
+                    size = t.entry_nbytes(k) or 0
+                    order.append((k, size))
+                    taken.add(k)
+                    total += size
+                    if (n is not None and len(order) >= n) or (nbytes is not None and total >= nbytes):
+                        return order
+                    k = self._parent(k)
+                    if k is not None:
+                        children[k] -= 1
+        finally:
+            walk.close()  # the policy restores its structures before anything is moved
+        return order
+
+    def cold_keys(self, tier: str, n: int) -> list[CacheKey]:
+        """The ``n`` entries of ``tier`` its policy would give up first (``_victim_order``)."""
+        return [k for k, _ in self._victim_order(tier, n)]
 
     def demote_cold(self, n_bytes: int) -> dict:
-        """Move the coldest host entries down to disk until ``n_bytes`` of host memory are free again (the
-        tier compacts slabs left mostly empty, so the bytes really return)."""
-        count = 0
+        """Move host entries down to disk, in the host policy's order (a chain's tail before its head), until
+        ``n_bytes`` of host memory are free again (the tier compacts slabs left mostly empty, so the bytes
+        really return)."""
         if self.disk is None:
             return {"bytes": 0, "entries": 0}
+        return self._demote_host(n_bytes)
+
+    def _demote_host(self, n_bytes: int) -> dict:
         start = self.host.used_bytes
-        planned, slabs = 0, set()
-        for key in self.cold_keys("host", len(self.host)):
-            if planned >= n_bytes:
-                break
-            e = self.host.entry(key)
-            nb = self.host.entry_nbytes(key) or 0
-            if e is not None and self.cache.demote(key):
-                planned += nb
-                slabs.add(e.slab)
-                count += 1
-                self.metrics.inc("qwen3vl_ray_demotions", tier="host")
-                self.metrics.inc("qwen3vl_ray_swap_bytes_out", nb, tier="host")
-        self.host.compact(list(slabs))  # survivors of the slabs we thinned out move, so the memory returns
+        count = 0
+        # the survivors of each slab we thin out are re-packed once at the end, so the memory returns
+        with self.host.deferred_compaction():
+            for key, nb in self._victim_order("host", nbytes=n_bytes):
+                if self.cache.demote(key):
+                    count += 1
+                    self.metrics.inc("qwen3vl_ray_demotions", tier="host")
+                    self.metrics.inc("qwen3vl_ray_swap_bytes_out", nb, tier="host")
         return {"bytes": start - self.host.used_bytes, "entries": count}
 
     def recompress(self, keys: Sequence[CacheKey], codec: str, need_bytes: int | None = None) -> dict:
@@ -374,25 +423,33 @@ class NodeAgentLogic:
 
     def value(self, key: CacheKey, recompute_s_per_mib: float, now: float | None = None) -> float:
         """Recompute seconds saved per stored byte x likelihood of reuse (hits and recency)."""
-        hits, last, logical = self._info.get(key, (0, 0.0, 0))
+        hits, last, logical, _ = self._info.get(key, (0, 0.0, 0, None))
         stored = self.host.entry_nbytes(key) or (self.disk.entry_nbytes(key) if self.disk is not None else None) or 1
         now = time.monotonic() if now is None else now
         reuse = (hits + 1) / (hits + 2) * math.exp(-max(0.0, now - last) * math.log(2) / REUSE_HALF_LIFE_S)
         return (logical or stored) / (1 << 20) * recompute_s_per_mib / stored * reuse
 
     def candidates(self, tier: str, n: int, recompute_s_per_mib: float) -> list[tuple[bytes, int, float]]:
-        """The ``n`` lowest-value entries of ``tier`` as (key, stored bytes, value)."""
-        t = self.host if tier == "host" else self.disk
-        if t is None:
-            return []
+        """The first ``n`` entries of ``tier`` in eviction order as (key, stored bytes, value): the tier policy's
+        order with no chain parent before a child stored anywhere on this node (``_victim_order``). The
+        coordinator ranks nodes by these values but takes each node's list only from its front."""
         now = time.monotonic()
-        scored = [(k, t.entry_nbytes(k) or 0, self.value(k, recompute_s_per_mib, now)) for k in t.keys()]
-        scored.sort(key=lambda x: x[2])
-        return scored[:n]
+        return [(k, nb, self.value(k, recompute_s_per_mib, now)) for k, nb in self._victim_order(tier, n, whole_node=True)]
 
     def evict(self, keys: Sequence[CacheKey]) -> int:
-        """Drop entries from every tier (cluster-wide eviction). Returns how many were present."""
-        n = sum(self.remove_many(keys))
+        """Drop entries from every tier (cluster-wide eviction), in the given order; a key that is the parent of
+        an entry still stored here (one stored since the candidates were listed) is kept. Returns how many
+        were dropped."""
+        stored = [k for tier in (self.host, self.disk) if tier is not None for k in tier.keys()]
+        children = Counter(p for p in map(self._parent, stored) if p is not None)
+        n = 0
+        for k in keys:
+            parent = self._parent(k)
+            if children.get(k) or not self.remove_many([k])[0]:
+                continue
+            n += 1
+            if parent is not None:
+                children[parent] -= 1
         if n:
             self.metrics.inc("qwen3vl_ray_evictions", n)
         return n

@@ -21,7 +21,10 @@ batch as one slab; ``prepare_store`` of a staged key then hands back the staged 
 only commits it (charging its bytes), so the cache's index, policies and room-making run per entry while the
 bytes moved in one ``put``. ``unstage_all`` drops what was staged but not committed. Staged bytes are not
 charged until committed; staging only takes what fits in the free budget, so the store never holds more than
-the budget.
+the budget. A batch larger than that stages its *newest* entries (the longest suffix that fits: an exclusive
+hierarchy keeps the newest on top) and, with ``route_rest_below``, refuses the older ones (``prepare_store``
+raises ``CapacityError`` until ``unstage_all``) so the cache stores them straight into the tier below instead
+of putting each into the store only to demote it.
 
 Raw entries keep the tensor's bytes (bf16 as an int16 view); another codec stores its self-describing
 payload. The backing store is injected: :class:`RayObjectStore` in the service, :class:`LocalObjectStore`
@@ -34,6 +37,7 @@ import itertools
 import logging
 import pickle  # only for PickleBuffer (out-of-band raw buffers); nothing here pickles or unpickles cache data
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol, Sequence
 
@@ -54,6 +58,18 @@ DEFAULT_SLAB_BYTES = 64 << 20
 
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def fitting_suffix(sizes: Sequence[int | None], room: int) -> int:
+    """How many trailing entries of a batch (sizes in bytes, None: fits nowhere here) fit in ``room`` bytes:
+    the newest entries of a batch, which an exclusive hierarchy keeps on top."""
+    n = 0
+    for size in reversed(sizes):
+        if size is None or size > room:
+            break
+        room -= size
+        n += 1
+    return n
 
 
 def _fitting_prefix(prepared: Sequence[PreparedStore], room: int) -> int:
@@ -226,6 +242,8 @@ class ObjectStoreTier(Tier):
         self._store: ObjectStore = store if store is not None else RayObjectStore()
         self._entries: dict[CacheKey, StoredEntry] = {}
         self._staged: dict[CacheKey, StoredEntry] = {}
+        self._below: set[CacheKey] = set()  # keys routed to the tier below until unstage_all (see stage_many)
+        self._thinned: set[int] | None = None  # slabs thinned inside deferred_compaction(), compacted at its end
         self._slabs: dict[int, Slab] = {}
         self._ids = itertools.count()
         self._used = 0
@@ -264,7 +282,19 @@ class ObjectStoreTier(Tier):
         staged = self._staged.get(key)
         if staged is not None:
             return PreparedStore(key=key, nbytes=_aligned(staged.nbytes), payload=None, meta={"staged": staged})
+        if key in self._below:
+            raise CapacityError(f"entry {key.hex()[:8]} is older than the staged batch that fills the host tier")
         return self._encode(key, tensor)
+
+    def encode_many(self, items: Sequence[tuple[CacheKey, torch.Tensor]]) -> list[PreparedStore | None]:
+        """Encode a batch for ``stage_many`` (None for an entry larger than the whole tier)."""
+        out: list[PreparedStore | None] = []
+        for k, t in items:
+            try:
+                out.append(self._encode(validate_key(k), t))
+            except CapacityError:
+                out.append(None)
+        return out
 
     def _encode(self, key: CacheKey, tensor: torch.Tensor) -> PreparedStore:
         if not isinstance(tensor, torch.Tensor):
@@ -325,20 +355,29 @@ class ObjectStoreTier(Tier):
             size += p.nbytes
         return groups
 
-    def stage_many(self, items: Sequence[tuple[CacheKey, torch.Tensor]]) -> int:
-        """Put the longest prefix of ``items`` that fits the free budget into the store as one slab per
-        ``slab_bytes``, staged for ``complete_store``. Returns how many were staged."""
-        prepared = [self._encode(validate_key(k), t) for k, t in items]
+    def stage_many(self, items: Sequence[tuple[CacheKey, torch.Tensor] | PreparedStore | None],
+                   route_rest_below: bool = False) -> int:
+        """Put the longest *suffix* of ``items`` (the newest entries; ``(key, tensor)`` pairs or ``encode_many``'s
+        output) that fits the free budget into the store as one slab per ``slab_bytes``, staged for
+        ``complete_store``. ``route_rest_below``: the older entries before that suffix are refused by
+        ``prepare_store`` (``CapacityError``) until ``unstage_all``, so a cache stores them in the tier below.
+        Returns how many were staged."""
+        prepared = [p if p is None or isinstance(p, PreparedStore) else self.encode_many([p])[0] for p in items]
         with self._lock:
-            n_fit = _fitting_prefix(
-                prepared, self.capacity_bytes - self._used - sum(_aligned(e.nbytes) for e in self._staged.values()))
-        for group in self._slab_groups(prepared[:n_fit]):
+            room = self.capacity_bytes - self._used - sum(_aligned(e.nbytes) for e in self._staged.values())
+            n_fit = fitting_suffix([None if p is None else p.nbytes for p in prepared], room)
+        first = len(prepared) - n_fit
+        if route_rest_below:
+            self._below.update(validate_key(item[0] if isinstance(item, tuple) else item.key)
+                               for item in items[:first] if item is not None)
+        for group in self._slab_groups(prepared[first:]):
             self._put_slab(group, staged=True)
         return n_fit
 
     def unstage_all(self) -> int:
-        """Drop staged entries that were never committed. Returns how many."""
+        """Drop staged entries that were never committed (and forget the keys routed below). Returns how many."""
         with self._lock:
+            self._below.clear()
             keys = list(self._staged)
             for k in keys:
                 self._staged_drop(k)
@@ -512,12 +551,29 @@ class ObjectStoreTier(Tier):
             self._counts["removes"] += 1
             slab = self._slabs.get(e.slab)
             survivor = None
-            if slab is not None and slab.pending == 0 and slab.live and 2 * slab.live_bytes <= slab.charged:
+            if self._thinned is not None:
+                self._thinned.add(e.slab)
+            elif slab is not None and slab.pending == 0 and slab.live and 2 * slab.live_bytes <= slab.charged:
                 survivor = next(iter(slab.members))
         if survivor is not None:
             self.recompress_slabs([survivor], None)
             self._counts["compactions"] += 1
         return True
+
+    @contextmanager
+    def deferred_compaction(self):
+        """Removes inside the block compact nothing; each slab they thinned is compacted once at the end (its
+        survivors re-packed into one new slab, or nothing if it emptied). Demoting a whole slab entry by entry
+        would otherwise re-pack its shrinking survivors at every halving, a store put each time."""
+        with self._lock:
+            outer, self._thinned = self._thinned, set() if self._thinned is None else self._thinned
+        try:
+            yield
+        finally:
+            if outer is None:
+                with self._lock:
+                    thinned, self._thinned = self._thinned, None
+                self.compact(list(thinned))
 
     def remove_many(self, keys: Iterable[CacheKey]) -> list[bool]:
         """Remove many entries, then compact the slabs they leave half-empty or worse (once, not per key)."""

@@ -131,6 +131,48 @@ def test_agent_batch_larger_than_the_host_tier_is_one_slab_plus_lru_demotions(tm
     assert roomy.host.stats()["slabs_put"] == 1 and roomy.cache.where(key(4)) == "host"
 
 
+class CountingStore(LocalObjectStore):
+    """A LocalObjectStore that counts its puts (each one is a ray.put on the real store)."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+
+    def put(self, value):
+        self.puts += 1
+        return super().put(value)
+
+
+def chain(n: int, start: int = 0, parent: CacheKey | None = None) -> list[tuple[CacheKey, torch.Tensor, CacheKey | None]]:
+    """``n`` chunks of one prefix chain: each chunk's parent is the one before it."""
+    items = []
+    for i in range(start, start + n):
+        items.append((key(i), chunk(i), parent))
+        parent = key(i)
+    return items
+
+
+@pytest.mark.parametrize("policy", ["prefix-lru", "lru"])
+def test_agent_batch_larger_than_the_host_tier_keeps_its_newest_as_one_slab_and_sends_the_rest_to_disk(tmp_path, policy):
+    store = CountingStore()
+    agent = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=4, disk_chunks=32, policy=policy), store)
+    # a 16-chunk chain into a 4-chunk host tier: its newest 4 are one store put, the older 12 go straight to disk
+    assert agent.put_chunks(chain(16)) == ["disk"] * 12 + ["host"] * 4
+    assert store.puts == 1 and agent.host.stats()["slabs_put"] == 1 and len(agent.disk) == 12
+    assert agent.host.used_bytes == 4 * CHUNK and agent.host.inner.unstage_all() == 0
+    # the next turn's 8 chunks: the host's 4 go down to disk (tail first) to make room, the new batch's newest 4
+    # are again one put and its older 4 go to disk; nothing is dropped
+    assert agent.put_chunks(chain(8, start=16, parent=key(15))) == ["disk"] * 4 + ["host"] * 4
+    assert store.puts == 2 and agent.cache.stats()["dropped"] == 0
+    assert agent.contains_many([key(i) for i in range(24)]) == ["disk"] * 20 + ["host"] * 4
+    assert agent.host.used_bytes == 4 * CHUNK and len(agent.disk) == 20
+    assert all(torch.equal(t, chunk(i)) for i, t in enumerate(agent.get_tensors([key(i) for i in range(24)])))
+    # without a disk tier the older chunks of an oversized batch are not stored (they could only push out its
+    # newer ones); the newest 4 still go in as one put
+    bare = NodeAgentLogic(NODES[1], agent_cfg(tmp_path, host_chunks=4, disk_chunks=0, policy=policy), CountingStore())
+    assert bare.put_chunks(chain(6)) == [None] * 2 + ["host"] * 4 and bare.store.puts == 1
+    assert all(torch.equal(t, chunk(i + 2)) for i, t in enumerate(bare.get_tensors([key(i) for i in range(2, 6)])))
+
+
 def test_agent_restart_serves_disk_entries_and_misses_lost_host_entries(tmp_path):
     cfg = agent_cfg(tmp_path, host_chunks=2)
     first = NodeAgentLogic(NODES[0], cfg, LocalObjectStore())
@@ -275,6 +317,61 @@ def test_cluster_eviction_drops_lowest_value_entries_first(tmp_path):
     assert b.contains_many([key(10)]) == ["host"]
     assert coord.lookup([key(2), key(4)]) == [None, (NODES[0], "disk")]
     assert a.metrics.total("qwen3vl_ray_evictions") == 2
+
+
+def orphans(agent: NodeAgentLogic, parents: dict, tiers=("host", "disk")) -> list[CacheKey]:
+    """Stored keys (in ``tiers``) whose chain parent is not stored there: what evicting a head before its tail
+    leaves behind."""
+    stored = {k for k, w in zip(parents, agent.contains_many(list(parents))) if w in tiers}
+    return [k for k in stored if parents[k] is not None and parents[k] not in stored]
+
+
+def test_cluster_eviction_never_drops_a_chain_head_while_its_tail_stays(tmp_path):
+    cfg = CoordinatorConfig(recompress_codec="", period_s=0)
+    coord, agents = make_cluster(tmp_path, cfg, host_chunks=4, disk_chunks=24, high_watermark=0.6, low_watermark=0.4,
+                                 policy="prefix-lru")
+    a, b = agents[NODES[0]], agents[NODES[1]]
+    parents: dict[str, dict] = {NODES[0]: {}, NODES[1]: {}}
+    for r in range(6):
+        # each round a 6-chunk chain per node (heads go to disk, tails to host), and a reread of an older chain's
+        # head on node a (a short prompt sharing it): plain LRU would now find that chain's tail the coldest
+        for node, agent, base in ((NODES[0], a, 100), (NODES[1], b, 200)):
+            items = chain(6, start=base + 10 * r)
+            agent.put_chunks(items)
+            parents[node].update({k: p for k, _, p in items})
+        if r >= 2:
+            a.get_tensors([key(100 + 10 * (r - 2))])
+        assert all(d["action"] in ("demote", "evict_by_value") for d in coord.policy_pass())
+        # after every pass: whatever was evicted, no stored chunk lost its parent on its node
+        assert orphans(a, parents[NODES[0]]) == [] and orphans(b, parents[NODES[1]]) == []
+        for agent in (a, b):
+            assert agent.disk.used_bytes <= 0.6 * agent.disk.capacity_bytes
+    # the pressure was real: both nodes evicted, and local room-making never had to drop anything
+    assert a.metrics.total("qwen3vl_ray_evictions") > 0 and b.metrics.total("qwen3vl_ray_evictions") > 0
+    assert a.cache.stats()["dropped"] == 0 and b.cache.stats()["dropped"] == 0
+
+
+def test_demote_cold_takes_a_chains_tail_before_its_head(tmp_path):
+    cfg = CoordinatorConfig(recompress_codec="", cluster_eviction=False, period_s=0)
+    coord, agents = make_cluster(tmp_path, cfg, host_chunks=16, disk_chunks=32, high_watermark=0.7, low_watermark=0.5,
+                                 policy="prefix-lru")
+    a = agents[NODES[0]]
+    parents = {}
+    for c in range(4):  # 4 chains of 4 chunks fill the host tier
+        items = chain(4, start=10 * c)
+        assert a.put_chunks(items) == ["host"] * 4
+        parents.update({k: p for k, _, p in items})
+    # every chain reread head to tail, one chunk at a time: each head is now its chain's least recent chunk
+    # (recency alone would demote the heads first and leave every tail in host without its prefix)
+    for depth in range(4):
+        a.get_tensors([key(10 * c + depth) for c in range(4)])
+    assert [d["action"] for d in coord.policy_pass()] == ["demote"]
+    assert a.host.used_bytes == 8 * CHUNK
+    assert coord.metrics.total("qwen3vl_ray_coordinator_actions", action="demote") == 8
+    # no demoted chunk is the parent of one still in the host tier: the host keeps usable prefixes
+    assert orphans(a, parents, tiers=("host",)) == []
+    assert a.contains_many(list(parents)).count("disk") == 8
+    assert all(torch.equal(t, chunk(int.from_bytes(k, "little"))) for k, t in zip(parents, a.get_tensors(list(parents))))
 
 
 def test_route_prefers_the_prefix_holder_balanced_against_load(tmp_path):
