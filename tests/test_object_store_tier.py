@@ -158,3 +158,31 @@ def test_mapped_slabs_are_read_without_a_store_round_trip(mapped):
     # the mapping dies with the slab: once its entries are gone, nothing holds it
     tier.remove_many([key(i) for i in range(4)])
     assert tier.stats()["slabs"] == 0 and not tier._slabs
+
+
+def test_stage_many_keeps_the_newest_that_fit_and_routes_the_older_below_until_unstaged():
+    from qwen3vl_ray.errors import CapacityError
+
+    t = torch.zeros(1024, dtype=torch.uint8)  # 1 KiB entries into a 4 KiB tier
+    tier = ObjectStoreTier(4096, store=LocalObjectStore())
+    # 6 entries, room for 4: the last 4 are staged as one slab, the first 2 are refused so a cache stores them below
+    assert tier.stage_many([(key(i), t) for i in range(6)], route_rest_below=True) == 4
+    assert tier.stats()["slabs_put"] == 1 and tier.used_bytes == 0  # staged bytes are charged on commit
+    with pytest.raises(CapacityError, match="older than the staged batch"):
+        tier.prepare_store(key(0), t)
+    assert tier.complete_store(tier.prepare_store(key(5), t)) and tier.used_bytes == 1024
+    assert tier.unstage_all() == 3 and tier.stats()["slabs"] == 1
+    tier.prepare_store(key(0), t)  # no longer routed below
+
+
+def test_deferred_compaction_repacks_each_thinned_slab_once():
+    t = torch.zeros(1024, dtype=torch.uint8)
+    tier = ObjectStoreTier(8192, store=LocalObjectStore())
+    assert tier.put_many([(key(i), t) for i in range(8)]) == [True] * 8
+    with tier.deferred_compaction():
+        for i in range(6):  # a plain remove would re-pack at 4 and again at 2 survivors
+            tier.remove(key(i))
+        assert tier.used_bytes == 8192 and tier.stats()["slabs_put"] == 1
+    # one re-pack of the 2 survivors: their bytes only, still exact
+    assert tier.used_bytes == 2048 and tier.stats()["slabs_put"] == 2 and tier.stats()["slabs"] == 1
+    assert all(torch.equal(x, t) for x in tier.get_many([key(6), key(7)]))
