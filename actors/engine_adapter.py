@@ -11,7 +11,8 @@ worker fetched from the agents (local or another node's) are put into that store
 so the engine's prefix loader finds them (chunks the store already holds, ``held_prefix``, are not fetched);
 after it, the new prompt chunks are handed back for the worker to ship to its agent in one batched call. Keys come from ``qwen3vl_ray.engine.request_keys.RequestKeyer``, the
 same keys a router computes client-side without weights (``route_keys``), checked against the engine's own
-namespace at start-up.
+namespace at start-up. The worker attaches its node agent as the tier below the store (``attach_below``):
+what the device budget pushes out goes there, and a chat session's entries come back from there.
 
 Requests are the engine's: ``{"messages": [...], "sampling": {...}, "session_id": ...}``.
 """
@@ -103,6 +104,15 @@ class Qwen3VLEngineAdapter:
         self.engine, self.keyer = engine, keyer
         self.namespace = keyer.namespace
         self.chunk_tokens = keyer.chunk_tokens
+        self.below: Any | None = None
+
+    def attach_below(self, below: Any) -> None:
+        """Give the engine's store a tier below it (``qwen3vl_ray.engine.budget.TierBelow``: the node agent's
+        host tier). The device budget then hands what it pushes out to ``below`` instead of dropping it,
+        and a session's entries found there come back before its next turn. Only a store whose last tier
+        is the device tier uses it; one with its own host tier keeps demoting into that."""
+        self.below = below
+        self.engine.budget.below = below
 
     @classmethod
     def from_engine(cls, engine: Any) -> "Qwen3VLEngineAdapter":
@@ -156,8 +166,10 @@ class Qwen3VLEngineAdapter:
     def run(self, request: dict, keys: Sequence[CacheKey], cached: Sequence[torch.Tensor | None]) -> dict:
         t0 = time.perf_counter()
         held, staged = self._stage(keys, cached)
-        t_stage = time.perf_counter() - t0
-        [result] = self.engine.generate([self._request(request)])
+        with contextlib.ExitStack() as pins:
+            restored = self._restore_session(request.get("session_id"), pins)
+            t_stage = time.perf_counter() - t0
+            [result] = self.engine.generate([self._request(request)])
         if result.error:  # a bad request (corrupt image, ...): its row's error, not the worker's
             return {"error": result.error, "new_chunks": [], "output": None}
         new = []
@@ -167,6 +179,9 @@ class Qwen3VLEngineAdapter:
                 break
             new.append(t)
         m = result.metrics
+        if restored:
+            logger.info("request %s: %d entries of session %s came back from the tier below", request.get("id"),
+                        restored, request.get("session_id"))
         if staged < len(cached):
             logger.info("request %s: %d of %d fetched chunks fit in the device tier; the engine recomputes the "
                         "rest", request.get("id"), staged, len(cached))
@@ -195,3 +210,27 @@ class Qwen3VLEngineAdapter:
                 pins.enter_context(store.pinned([keys[i]]))
                 n = i + 1
         return held, n
+
+    def _restore_session(self, session_id: Any, pins: contextlib.ExitStack) -> int:
+        """Bring back the session's entries the device budget handed down (its tail; chunks the request's keys
+        do not cover), in one batched read from ``below``. They stay pinned in ``pins`` until the turn has
+        read them: the budget makes room before the engine resumes the session, and would push the tail
+        straight back down. Stops at the first entry missing or not fitting (the session resumes that far)."""
+        if self.below is None or session_id is None or session_id not in self.engine.sessions:
+            return 0
+        missing = self.engine.sessions.missing(session_id)
+        if not missing:
+            return 0
+        try:
+            tensors = self.below.get_many([k for k, _ in missing])
+        except Exception:
+            logger.warning("session %s: the tier below is unreachable; its turn recomputes", session_id, exc_info=True)
+            return 0
+        n = 0
+        for (key, parent), t in zip(missing, tensors):
+            if t is None or not self.store.put(key, t, parent):
+                break
+            pins.enter_context(self.store.pinned([key]))
+            self.engine.registry.add(key, session_id, parent)
+            n += 1
+        return n

@@ -5,7 +5,8 @@ request's cached prefix (its own device tier first, then the local agent, then t
 node plus one batched object-store read (a cross-node hit is Ray's object transfer from the holder's store),
 runs the engine for the rest, and ships the new chunks to the agent the coordinator places them on in one
 batched call. The device tier is the worker's own (a core TieredCache with one device tier: hot chunks
-never leave the process); host and disk are the agents'. Agent failures turn into misses: a request never
+never leave the process); host and disk are the agents', and the local agent is the tier below it
+(``AgentBelow``: what the device budget pushes out goes there, not away). Agent failures turn into misses: a request never
 fails because the cache did.
 """
 
@@ -48,6 +49,46 @@ def load_engine(spec: str, args: dict) -> Any:
     return engine
 
 
+class AgentBelow:
+    """The node agent's host tier as the tier below a worker's device store (``qwen3vl_ray.engine.budget.TierBelow``).
+
+    Hierarchy across worker and agent: inclusive for full prompt chunks (the worker writes them through to an
+    agent as it computes them, and keeps its device copy), exclusive for what only the worker had (a chat
+    session's tail and answer chunks): the device budget hands those down here when it pushes them out, and
+    drops only device copies an agent holds. Bytes are counted where they lie: the worker's device row is its
+    device tier, the agent's host row its host tier; a written-through chunk is in both because both hold it.
+    """
+
+    def __init__(self, node_id: str, agent_for: Callable[[str], Any], coordinator: Any, store: ObjectStore) -> None:
+        self.node_id, self.agent_for, self.coordinator, self.store = node_id, agent_for, coordinator, store
+
+    def contains_many(self, keys: list) -> list[bool]:
+        """Held by this node's agent, or by another node's as the directory knows it (a chunk written through
+        to where the coordinator placed it)."""
+        held = [bool(w) for w in self.agent_for(self.node_id).contains_many(keys)]
+        if not all(held):
+            try:
+                elsewhere = self.coordinator.lookup(keys)
+                held = [h or e is not None for h, e in zip(held, elsewhere)]
+            except Exception:
+                logger.warning("coordinator unreachable; only this node's agent counts as holding", exc_info=True)
+        return held
+
+    def put_many(self, items: list) -> list[bool]:
+        """Hand ``(key, tensor, parent)`` items to this node's agent in one batched call."""
+        tiers = self.agent_for(self.node_id).put_chunks([(k, to_wire(t), p) for k, t, p in items])
+        keys = [k for k, _, _ in items]
+        try:
+            self.coordinator.record(self.node_id, keys, tiers)
+        except Exception:  # the directory learns them at the next journal sync
+            logger.warning("recording %d handed-down entries failed", len(keys), exc_info=True)
+        return [t is not None for t in tiers]
+
+    def get_many(self, keys: list) -> list:
+        """Tensors from this node's agent (one batched call and one batched object-store read)."""
+        return materialize(self.agent_for(self.node_id).get_chunks(keys), self.store)
+
+
 class WorkerLogic:
     """Serves one request at a time with an engine that follows this protocol:
 
@@ -61,6 +102,8 @@ class WorkerLogic:
     - optionally ``owns_device_tier = True`` when the engine keeps the device tier itself, with
       ``held_prefix(keys) -> int``: how many leading ``keys`` that tier holds. The worker fetches only the
       chunks after those from the agents and passes ``None`` in ``cached`` for the held ones;
+    - optionally ``attach_below(below)``: the worker gives such an engine its node agent as the tier below
+      its device store (``AgentBelow``), so what its device budget pushes out goes down instead of away;
     - optionally a classmethod ``route_keys(request, **engine_args)`` computing the keys without a model,
       which the service's client uses to route by longest cached prefix.
 
@@ -83,6 +126,10 @@ class WorkerLogic:
 
             self.device = TieredCache(CacheConfig(tiers=[TierConfig("device", config.device_bytes)],
                                                   namespace=engine.namespace, prefetch_threads=0))
+        # The engine's device store has nothing below it in this process: the node's agent is its tier below.
+        attach_below = getattr(engine, "attach_below", None)
+        if attach_below is not None:
+            attach_below(AgentBelow(node_id, agent_for, coordinator, store))
 
     def _fetch_prefix(self, keys: list) -> tuple[list, list[str]]:
         """The longest cached prefix as tensors, and per chunk the tier it came from: ``device`` (this

@@ -139,3 +139,60 @@ def test_the_client_plans_keys_and_kv_bytes_and_a_bad_sampling_value_is_that_req
         handle.plan(dict(req, sampling={"max_new_tokens": -1000}))
     with pytest.raises(RequestError, match="unknown sampling parameter"):
         handle.plan(dict(req, sampling={"max_tokens": 3}))
+
+
+def session_chat(seed: int, text: str) -> list:
+    img = Image.fromarray((np.random.RandomState(seed).rand(64, 96, 3) * 255).astype("uint8"))
+    return [{"role": "user", "content": [{"type": "text", "text": "Session preamble, fairly long text. " * 2},
+                                         {"type": "image", "image": img}, {"type": "text", "text": text}]}]
+
+
+def test_a_device_budget_demotion_on_the_ray_path_lands_in_the_agents_host_tier_session_tail_included(ckpt, tmp_path):
+    from qwen3vl_ray.engine.reference import reference_generate
+
+    KiB = 1 << 10
+    sampling = {"max_new_tokens": 6}
+    a1 = session_chat(1, "Session A, turn one.")
+    n = len(Qwen3VLEngineAdapter.keyer_for(model=str(ckpt), chunk_tokens=16, device="cpu").keys(a1)) * 16 + 16
+    # the budget is ~1.5x one turn's live KV (the tiny model's KV is 1 KiB per token): after A's turn its
+    # entries fill most of the device tier, so B's turn only fits once idle A leaves the device
+    budget = (n + 6) * KiB * 3 // 2
+    args = dict(model=str(ckpt), chunk_tokens=16, device="cpu", device_tier_bytes=budget,
+                kv_device_budget_bytes=budget, session_idle_s=0.0)
+    coord = CoordinatorLogic(CoordinatorConfig(period_s=0))
+    agent = NodeAgentLogic(NODES[0], AgentConfig(host_bytes=64 << 20, disk_bytes=0, disk_dir=str(tmp_path)),
+                           LocalObjectStore())
+    coord.add_agent(NODES[0], agent)
+    worker = WorkerLogic("w0", NODES[0], Qwen3VLEngineAdapter(**args), {NODES[0]: agent}.__getitem__, coord,
+                         agent.store, WorkerConfig())
+    engine = worker.engine.engine
+    assert engine.geometry.bytes_per_token == KiB and engine.store.tier_names == ["device"]
+
+    ra = worker.process({"messages": a1, "sampling": sampling, "session_id": "A"})
+    assert ra["error"] is None
+    session = engine.sessions.get("A")
+    tail = session.tail_key
+    assert tail is not None and engine.store.where(tail) == "device"
+    # the prompt's full chunks were written through to the agent; the tail and the answer's chunks were not
+    assert agent.contains_many([tail]) == [None]
+    worker_only = [k for k in session.keys if agent.contains_many([k]) == [None]]
+    assert tail in worker_only
+
+    # B's turn pushes idle A out of the device tier: what only the worker had goes down to the agent
+    rb = worker.process({"messages": session_chat(2, "Session B, turn one."), "sampling": sampling, "session_id": "B"})
+    assert rb["error"] is None
+    budget_ = engine.budget
+    assert budget_.lost == 0 and budget_.spilled == len(worker_only) and budget_.demoted > budget_.spilled
+    assert all(engine.store.where(k) is None for k in worker_only)
+    assert agent.contains_many(worker_only) == ["host"] * len(worker_only)
+    # bytes are counted where they lie: the worker's device row no longer holds A's tail
+    assert worker.device_stats()["used"] == engine.store.stats()["tiers"][0]["used_bytes"] <= budget
+
+    # A's next turn brings the tail back from the agent and reuses it: tokens equal a cache-free run
+    a2 = a1 + [{"role": "assistant", "content": ra["output"]},
+               {"role": "user", "content": [{"type": "text", "text": "Session A, turn two."}]}]
+    r2 = worker.process({"messages": a2, "sampling": sampling, "session_id": "A"})
+    assert r2["error"] is None
+    assert r2["token_ids"] == reference_generate(engine.model, engine.processor, a2, sampling["max_new_tokens"])
+    assert r2["engine_cached_tokens"] > 16 * len(session.chunk_keys)  # past the full chunks: the tail was used
+    assert r2["cached_tokens"] >= ra["prompt_tokens"]

@@ -4,6 +4,12 @@ Metadata side only. The budget covers the store's device tier plus the live KV o
 (prompt + new tokens). Before a request runs, ``make_room`` demotes this engine's device-resident entries
 down the tiers, idle sessions' first, then least recently used; nothing is dropped, so a swapped session
 comes back from host or disk on its next turn without recompute.
+
+When the device tier is the store's last tier (a Ray worker's store: host and disk are the node agent's), a
+demotion would drop the entry, so the budget hands its victims to ``below`` (``TierBelow``: the node's host
+tier) in one batch first and drops only the device copies that ``below`` now holds. Entries ``below`` already
+had (full prompt chunks the worker wrote through) are not sent again; one ``below`` refuses is dropped with a
+warning that counts it (``lost``), never silently.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+import torch
 
 from qwen3vl_ray.errors import CapacityError
 from qwen3vl_ray.keys import CacheKey
@@ -19,21 +27,46 @@ from qwen3vl_ray.keys import CacheKey
 logger = logging.getLogger(__name__)
 
 
+class TierBelow(Protocol):
+    """A tier below the store, in another process (the node agent's host tier on the Ray path). Batched: one
+    call per batch crosses the process boundary."""
+
+    def contains_many(self, keys: Sequence[CacheKey]) -> list[bool]:
+        """Per key: True if the tier below already holds it."""
+        ...
+
+    def put_many(self, items: Sequence[tuple[CacheKey, torch.Tensor, CacheKey | None]]) -> list[bool]:
+        """Store ``(key, tensor, parent)`` items; per item: True if it is held below afterwards."""
+        ...
+
+    def get_many(self, keys: Sequence[CacheKey]) -> list[torch.Tensor | None]:
+        """Tensors of ``keys`` (None where the tier below lacks one)."""
+        ...
+
+
 class KeyRegistry:
-    """Keys this engine stored, least recently used first, with their owner (a session id or None).
+    """Keys this engine stored, least recently used first, with their owner (a session id or None) and chain
+    parent (what a tier below needs to keep the chain when an entry is handed down).
 
     The store does not list keys per tier; this is what pressure relief walks. Entries the store has
     dropped are pruned lazily when met.
     """
 
     def __init__(self) -> None:
-        self._keys: OrderedDict[CacheKey, str | None] = OrderedDict()
+        self._keys: OrderedDict[CacheKey, tuple[str | None, CacheKey | None]] = OrderedDict()
 
-    def add(self, key: CacheKey, owner: str | None) -> None:
-        if key in self._keys and self._keys[key] is not None and owner is None:
-            owner = self._keys[key]  # a session's chunk stays the session's when a prompt reuses it
-        self._keys[key] = owner
+    def add(self, key: CacheKey, owner: str | None, parent: CacheKey | None = None) -> None:
+        old = self._keys.get(key)
+        if old is not None:
+            if old[0] is not None and owner is None:
+                owner = old[0]  # a session's chunk stays the session's when a prompt reuses it
+            parent = parent if parent is not None else old[1]
+        self._keys[key] = (owner, parent)
         self._keys.move_to_end(key)
+
+    def parent(self, key: CacheKey) -> CacheKey | None:
+        rec = self._keys.get(key)
+        return None if rec is None else rec[1]
 
     def touch(self, key: CacheKey) -> None:
         if key in self._keys:
@@ -43,10 +76,10 @@ class KeyRegistry:
         self._keys.pop(key, None)
 
     def owned_by(self, owner: str) -> list[CacheKey]:
-        return [k for k, o in self._keys.items() if o == owner]
+        return [k for k, (o, _) in self._keys.items() if o == owner]
 
     def items(self) -> list[tuple[CacheKey, str | None]]:
-        return list(self._keys.items())
+        return [(k, o) for k, (o, _) in self._keys.items()]
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -61,14 +94,22 @@ def device_tier(store: Any) -> Any | None:
 
 
 class DeviceBudget:
-    """Keeps (device tier bytes + running request's KV bytes) within ``budget_bytes``."""
+    """Keeps (device tier bytes + running request's KV bytes) within ``budget_bytes``.
 
-    def __init__(self, store: Any, registry: KeyRegistry, budget_bytes: int, idle_order: Callable[[], Iterable[str]]):
+    ``below``: the tier under a store whose last tier is the device tier (set by the Ray worker; None in one
+    process, where the store's own lower tiers take demotions)."""
+
+    def __init__(self, store: Any, registry: KeyRegistry, budget_bytes: int, idle_order: Callable[[], Iterable[str]],
+                 below: TierBelow | None = None):
         self.store = store
         self.registry = registry
         self.budget_bytes = budget_bytes
         self._idle_order = idle_order  # session ids, most idle first
+        self.below = below
         self.demoted = 0
+        self.spilled = 0  # entries handed to ``below`` (it lacked them)
+        self.spilled_bytes = 0
+        self.lost = 0  # entries dropped because ``below`` could not take them
 
     def used_bytes(self) -> int:
         tier = device_tier(self.store)
@@ -90,6 +131,18 @@ class DeviceBudget:
         protected = set(protect)
         t0 = time.perf_counter()
         before = self.demoted
+        tier = device_tier(self.store)
+        if self.below is not None and tier is not None and self.store.tiers[-1] is tier:
+            self._spill(need_bytes, protected, tier)
+        else:
+            self._demote(need_bytes, protected)
+        fits = self.used_bytes() + need_bytes <= self.budget_bytes
+        logger.info("device pressure: demoted %d entries in %.1f ms (fits=%s)", self.demoted - before,
+                    1e3 * (time.perf_counter() - t0), fits)
+        return fits
+
+    def _demote(self, need_bytes: int, protected: set[CacheKey]) -> None:
+        """Demote victims one at a time down the store's own tiers."""
         for key in self._candidates():
             if key in protected:
                 continue
@@ -101,10 +154,65 @@ class DeviceBudget:
                 self.demoted += 1
                 if self.used_bytes() + need_bytes <= self.budget_bytes:
                     break
-        fits = self.used_bytes() + need_bytes <= self.budget_bytes
-        logger.info("device pressure: demoted %d entries in %.1f ms (fits=%s)", self.demoted - before,
-                    1e3 * (time.perf_counter() - t0), fits)
-        return fits
+
+    def _spill(self, need_bytes: int, protected: set[CacheKey], tier: Any) -> None:
+        """Hand victims down in batches until ``need_bytes`` fits: choose victims as if each freed its bytes,
+        then take another batch when some would not leave (pinned or being read)."""
+        tried = set(protected)
+        while self.used_bytes() + need_bytes > self.budget_bytes:
+            victims: list[CacheKey] = []
+            freeing = 0
+            for key in self._candidates():
+                if key in tried:
+                    continue
+                where = self.store.where(key)
+                if where is None:
+                    self.registry.discard(key)
+                    continue
+                if where != "device":
+                    continue
+                victims.append(key)
+                freeing += tier.entry_nbytes(key) or 0
+                if self.used_bytes() - freeing + need_bytes <= self.budget_bytes:
+                    break
+            if not victims:
+                return
+            tried.update(victims)
+            self._hand_down(victims, tier)
+
+    def _hand_down(self, victims: list[CacheKey], tier: Any) -> None:
+        """Send the victims ``below`` lacks to it in one batch, then drop their device copies (a demotion out
+        of the store's last tier)."""
+        try:
+            held = [bool(h) for h in self.below.contains_many(victims)]
+        except Exception:  # a tier below that does not answer holds nothing we can count on
+            logger.warning("tier below unreachable; sending all %d victims", len(victims), exc_info=True)
+            held = [False] * len(victims)
+        # Read through the tier, not the store: a hand-down is not a hit (requests run one at a time, so
+        # nothing moves the entry meanwhile).
+        items = [(k, t, self.registry.parent(k)) for k, h in zip(victims, held) if not h
+                 for t in [tier.get(k)] if t is not None]
+        ok: dict[CacheKey, bool] = {}
+        if items:
+            try:
+                ok = dict(zip((k for k, _, _ in items), (bool(x) for x in self.below.put_many(items))))
+            except Exception:
+                logger.warning("handing %d entries to the tier below failed", len(items), exc_info=True)
+        sizes = {k: t.numel() * t.element_size() for k, t, _ in items}
+        lost = 0
+        for key, h in zip(victims, held):
+            if not self.store.demote(key):  # pinned or being read: it stays (a copy below is harmless)
+                continue
+            self.demoted += 1
+            if ok.get(key, False):
+                self.spilled += 1
+                self.spilled_bytes += sizes[key]
+            elif not h:
+                lost += 1
+        if lost:
+            self.lost += lost
+            logger.warning("device pressure: %d of %d demoted entries dropped (the tier below refused them; "
+                           "%d lost so far)", lost, len(victims), self.lost)
 
     def _candidates(self) -> Iterable[CacheKey]:
         # Idle sessions first (most idle first), then everything else least recently used first.

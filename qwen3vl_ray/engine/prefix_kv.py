@@ -241,7 +241,7 @@ class PrefixKV:
             return False
         ok = bool(self.store.put(tail, chunk_tensor(cache, start, end), parent=parent))
         if ok:
-            self.registry.add(tail, owner)
+            self.registry.add(tail, owner, parent)
         return ok
 
     def store_new(self, cache: DynamicCache, keys: Sequence[CacheKey], owner: str | None = None) -> int:
@@ -260,9 +260,9 @@ class PrefixKV:
         if not items:
             return 0
         stored = self.store.put_many(items)
-        for (key, _, _), ok in zip(items, stored):
+        for (key, _, parent), ok in zip(items, stored):
             if ok:
-                self.registry.add(key, owner)
+                self.registry.add(key, owner, parent)
         n_ok = sum(bool(s) for s in stored)
         if n_ok < len(items):
             logger.info("store kept %d of %d new KV chunks (no room)", n_ok, len(items))

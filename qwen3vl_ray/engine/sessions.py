@@ -67,6 +67,16 @@ class Sessions:
         s = self._sessions.get(session_id)
         return s is not None and all(self.store.contains(k) for k in s.keys)
 
+    def missing(self, session_id: str) -> list[tuple[CacheKey, CacheKey | None]]:
+        """``(key, parent)`` of the session's entries the store lacks, in chain order (full chunks, then the
+        tail): what a caller with a tier below the store (the Ray worker's node agent) brings back before
+        the session's next turn."""
+        s = self._sessions.get(session_id)
+        if s is None:
+            return []
+        keys = s.keys
+        return [(k, keys[i - 1] if i else None) for i, k in enumerate(keys) if not self.store.contains(k)]
+
     def resume(self, session_id: str, prompt_ids: Sequence[int], spans: Sequence[ImageSpan], max_tokens: int,
                capacity_tokens: int = 0) -> LoadedPrefix | None:
         """KV of the longest prefix this prompt shares token-for-token with the session's stored tokens.
@@ -95,8 +105,8 @@ class Sessions:
         c = self.prefix.chunk_tokens
         keys = self.prefix.keys(token_ids, spans)
         stored = self.prefix.store_new(cache, keys, owner=session_id)
-        for k in keys:
-            self.registry.add(k, session_id)
+        for i, k in enumerate(keys):
+            self.registry.add(k, session_id, keys[i - 1] if i else None)
         old = self._sessions.get(session_id)
         tail_key = None
         tail_key = self.prefix.tail_key(token_ids, spans, keys)
@@ -108,7 +118,7 @@ class Sessions:
                 logger.info("session %s: no room for its %d-token tail", session_id, len(token_ids) - len(keys) * c)
                 tail_key = None
             else:
-                self.registry.add(tail_key, session_id)
+                self.registry.add(tail_key, session_id, parent)
         if old is not None and old.tail_key is not None and old.tail_key != tail_key:
             self.store.remove(old.tail_key)  # superseded by the new turn's tail
             self.registry.discard(old.tail_key)

@@ -1,0 +1,109 @@
+"""The device budget over a store whose last tier is the device tier (a Ray worker's): what it pushes out is
+handed to the tier below (the node agent) in one batch, session tails included; entries the tier below
+already holds are not sent again; one it refuses is counted as lost, never dropped silently."""
+
+from __future__ import annotations
+
+import torch
+
+from qwen3vl_ray.cache import CacheConfig, TieredCache
+from qwen3vl_ray.engine.budget import DeviceBudget, KeyRegistry
+from qwen3vl_ray.keys import CacheKey, Namespace, prefix_key
+from qwen3vl_ray.tiers.config import TierConfig
+
+KiB = 1 << 10
+NS = Namespace(model="budget-below", dtype="float32", layout="test")
+
+
+class FakeBelow:
+    """A tier below that records every batched call; ``refuse`` keys are not taken."""
+
+    def __init__(self, holds=(), refuse=()):
+        self.held: dict[CacheKey, tuple[torch.Tensor, CacheKey | None]] = {k: (torch.zeros(1), None) for k in holds}
+        self.refuse = set(refuse)
+        self.calls: list[tuple[str, int]] = []
+
+    def contains_many(self, keys):
+        self.calls.append(("contains_many", len(keys)))
+        return [k in self.held for k in keys]
+
+    def put_many(self, items):
+        self.calls.append(("put_many", len(items)))
+        out = []
+        for k, t, p in items:
+            if k not in self.refuse:
+                self.held[k] = (t.clone(), p)
+            out.append(k not in self.refuse)
+        return out
+
+    def get_many(self, keys):
+        return [self.held[k][0] if k in self.held else None for k in keys]
+
+
+def chain(n: int, tag: bytes) -> list[CacheKey]:
+    keys, parent = [], None
+    for i in range(n):
+        parent = prefix_key(NS, parent, [i], tag)
+        keys.append(parent)
+    return keys
+
+
+def setup(below, idle=("s",)):
+    # a 4-entry device tier and nothing under it in the process; each entry is 1 KiB
+    store = TieredCache(CacheConfig(tiers=[TierConfig("device", 4 * KiB, block_bytes=KiB)], namespace=NS,
+                                    prefetch_threads=0))
+    registry = KeyRegistry()
+    budget = DeviceBudget(store, registry, 4 * KiB, lambda: list(idle), below=below)
+    return store, registry, budget
+
+
+def put(store, registry, keys, owner, value):
+    for i, k in enumerate(keys):
+        parent = keys[i - 1] if i else None
+        assert store.put(k, torch.full((256,), float(value + i)), parent)
+        registry.add(k, owner, parent)
+
+
+def test_pushed_out_entries_go_below_in_one_batch_and_written_through_ones_are_not_resent():
+    full, tail = chain(2, b"s"), chain(3, b"s")[2]
+    below = FakeBelow(holds=full)  # the session's full chunks were written through; its tail was not
+    store, registry, budget = setup(below)
+    put(store, registry, full, "s", 0)
+    assert store.put(tail, torch.full((256,), 7.0), full[-1])
+    registry.add(tail, "s", full[-1])
+    other = chain(1, b"o")
+    put(store, registry, other, None, 10)
+    # a request needing 3 KiB: idle session s goes first, all three of its entries leave the device
+    assert budget.make_room(3 * KiB)
+    assert [store.where(k) for k in full + [tail]] == [None, None, None] and store.where(other[0]) == "device"
+    # one contains call and one put of the single entry the tier below lacked, with its chain parent
+    assert below.calls == [("contains_many", 3), ("put_many", 1)]
+    t, parent = below.held[tail]
+    assert parent == full[-1] and torch.equal(t, torch.full((256,), 7.0))
+    assert (budget.demoted, budget.spilled, budget.spilled_bytes, budget.lost) == (3, 1, KiB, 0)
+
+
+def test_an_entry_the_tier_below_refuses_is_counted_lost_and_a_pinned_one_stays():
+    keys = chain(3, b"s")
+    below = FakeBelow(refuse=[keys[0]])
+    store, registry, budget = setup(below)
+    put(store, registry, keys, "s", 0)
+    with store.pinned([keys[1]]):
+        assert budget.make_room(3 * KiB)  # 3 used + 3 needed > 4: two must leave, the pinned one cannot
+    assert store.where(keys[1]) == "device"
+    assert store.where(keys[0]) is None and store.where(keys[2]) is None
+    assert keys[2] in below.held and keys[0] not in below.held
+    assert (budget.spilled, budget.lost) == (1, 1)
+
+
+def test_a_store_with_its_own_lower_tier_demotes_into_it_and_ignores_below():
+    below = FakeBelow()
+    store = TieredCache(CacheConfig(tiers=[TierConfig("device", 4 * KiB, block_bytes=KiB),
+                                           TierConfig("host", 8 * KiB, block_bytes=KiB)], namespace=NS,
+                                    prefetch_threads=0))
+    registry = KeyRegistry()
+    budget = DeviceBudget(store, registry, 4 * KiB, lambda: ["s"], below=below)
+    keys = chain(3, b"s")
+    put(store, registry, keys, "s", 0)
+    assert budget.make_room(3 * KiB)
+    assert [store.where(k) for k in keys] == ["host", "host", "device"] and below.calls == []
