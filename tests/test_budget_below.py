@@ -107,3 +107,35 @@ def test_a_store_with_its_own_lower_tier_demotes_into_it_and_ignores_below():
     put(store, registry, keys, "s", 0)
     assert budget.make_room(3 * KiB)
     assert [store.where(k) for k in keys] == ["host", "host", "device"] and below.calls == []
+
+
+def test_a_device_tier_smaller_than_the_budget_keeps_room_for_what_the_request_stores():
+    # budget 64 KiB, device tier 4 KiB: the budget alone never pushes anything out, but the request will
+    # store 3 KiB of KV and the tier's own eviction would drop the session's entries (nothing under it)
+    below = FakeBelow()
+    store, registry, _ = setup(below)
+    budget = DeviceBudget(store, registry, 64 * KiB, lambda: ["s"], below=below)
+    keys = chain(3, b"s")
+    put(store, registry, keys, "s", 0)
+    prompt = chain(1, b"p")
+    put(store, registry, prompt, None, 20)  # the request's staged prefix: protected, and not stored again
+    assert budget.make_room(4 * KiB, protect=prompt)
+    # 4 used, 3 KiB to store (4 needed - 1 staged): three entries go down, the staged prefix stays
+    assert store.where(prompt[0]) == "device" and [store.where(k) for k in keys] == [None] * 3
+    assert set(below.held) == set(keys) and budget.lost == 0
+
+
+def test_an_entry_outside_kv_chains_is_dropped_not_handed_down():
+    # vision features are registered without a parent: nothing reads them back from below
+    below = FakeBelow()
+    store, registry, budget = setup(below, idle=())
+    features = prefix_key(NS, None, [99], b"vision")
+    assert store.put(features, torch.zeros(256))
+    registry.add(features, None)
+    keys = chain(3, b"s")
+    put(store, registry, keys, "s", 0)
+    assert budget.make_room(2 * KiB)  # 4 used + 2 needed > 4: the two least recently used leave
+    assert store.where(features) is None and store.where(keys[0]) is None and store.where(keys[1]) == "device"
+    assert set(below.held) == {keys[0]} and below.held[keys[0]][1] is None  # a chain's first: parent None
+    assert below.calls == [("contains_many", 1), ("put_many", 1)]
+    assert (budget.demoted, budget.spilled, budget.lost) == (2, 1, 0)

@@ -44,9 +44,13 @@ class TierBelow(Protocol):
         ...
 
 
+_UNCHAINED = b""  # the parent of an entry outside any KV chain (vision features); never a real key
+
+
 class KeyRegistry:
     """Keys this engine stored, least recently used first, with their owner (a session id or None) and chain
-    parent (what a tier below needs to keep the chain when an entry is handed down).
+    parent (what a tier below needs to keep the chain when an entry is handed down). An entry added without
+    a ``parent`` is not KV (vision features): a tier below never serves it back, so it is not handed down.
 
     The store does not list keys per tier; this is what pressure relief walks. Entries the store has
     dropped are pruned lazily when met.
@@ -55,18 +59,23 @@ class KeyRegistry:
     def __init__(self) -> None:
         self._keys: OrderedDict[CacheKey, tuple[str | None, CacheKey | None]] = OrderedDict()
 
-    def add(self, key: CacheKey, owner: str | None, parent: CacheKey | None = None) -> None:
+    def add(self, key: CacheKey, owner: str | None, parent: CacheKey | None = _UNCHAINED) -> None:
         old = self._keys.get(key)
         if old is not None:
             if old[0] is not None and owner is None:
                 owner = old[0]  # a session's chunk stays the session's when a prompt reuses it
-            parent = parent if parent is not None else old[1]
+            parent = parent if parent != _UNCHAINED else old[1]
         self._keys[key] = (owner, parent)
         self._keys.move_to_end(key)
 
+    def chained(self, key: CacheKey) -> bool:
+        """True if ``key`` was added as a KV chain entry (with its parent, None for a chain's first)."""
+        rec = self._keys.get(key)
+        return rec is not None and rec[1] != _UNCHAINED
+
     def parent(self, key: CacheKey) -> CacheKey | None:
         rec = self._keys.get(key)
-        return None if rec is None else rec[1]
+        return None if rec is None or rec[1] == _UNCHAINED else rec[1]
 
     def touch(self, key: CacheKey) -> None:
         if key in self._keys:
@@ -126,20 +135,37 @@ class DeviceBudget:
 
     def make_room(self, need_bytes: int, protect: Iterable[CacheKey] = ()) -> bool:
         """Demote device-resident entries until ``need_bytes`` fits next to the device tier. True if it fits."""
-        if self.used_bytes() + need_bytes <= self.budget_bytes:
-            return True
+        tier = device_tier(self.store)
+        below = self.below is not None and tier is not None and self.store.tiers[-1] is tier
         protected = set(protect)
+        store_bytes = None
+        if below:
+            # the request stores its KV but the chunks of it the tier already holds (its staged prefix)
+            store_bytes = max(0, need_bytes - sum(tier.entry_nbytes(k) or 0 for k in protected))
+        if self._over(need_bytes, tier, store_bytes) <= 0:
+            return True
         t0 = time.perf_counter()
         before = self.demoted
-        tier = device_tier(self.store)
-        if self.below is not None and tier is not None and self.store.tiers[-1] is tier:
-            self._spill(need_bytes, protected, tier)
+        if below:
+            self._spill(need_bytes, store_bytes, protected, tier)
         else:
             self._demote(need_bytes, protected)
         fits = self.used_bytes() + need_bytes <= self.budget_bytes
         logger.info("device pressure: demoted %d entries in %.1f ms (fits=%s)", self.demoted - before,
                     1e3 * (time.perf_counter() - t0), fits)
         return fits
+
+    def _over(self, need_bytes: int, tier: Any, store_bytes: int | None) -> int:
+        """Bytes to free before a request of ``need_bytes`` live KV. With a tier below, also room in the device
+        tier for the ``store_bytes`` the request will store there: the tier's own eviction drops (the store
+        has no tier under it), so the budget hands victims down first. A device tier smaller than the budget
+        (the default: 256 MiB of a 1 GiB budget) would otherwise lose session tails on full puts."""
+        used = self.used_bytes()
+        over = used + need_bytes - self.budget_bytes
+        if store_bytes is not None:
+            cap = int(tier.capacity_bytes)
+            over = max(over, used + min(store_bytes, cap) - cap)
+        return over
 
     def _demote(self, need_bytes: int, protected: set[CacheKey]) -> None:
         """Demote victims one at a time down the store's own tiers."""
@@ -155,11 +181,11 @@ class DeviceBudget:
                 if self.used_bytes() + need_bytes <= self.budget_bytes:
                     break
 
-    def _spill(self, need_bytes: int, protected: set[CacheKey], tier: Any) -> None:
+    def _spill(self, need_bytes: int, store_bytes: int, protected: set[CacheKey], tier: Any) -> None:
         """Hand victims down in batches until ``need_bytes`` fits: choose victims as if each freed its bytes,
         then take another batch when some would not leave (pinned or being read)."""
         tried = set(protected)
-        while self.used_bytes() + need_bytes > self.budget_bytes:
+        while (over := self._over(need_bytes, tier, store_bytes)) > 0:
             victims: list[CacheKey] = []
             freeing = 0
             for key in self._candidates():
@@ -173,7 +199,7 @@ class DeviceBudget:
                     continue
                 victims.append(key)
                 freeing += tier.entry_nbytes(key) or 0
-                if self.used_bytes() - freeing + need_bytes <= self.budget_bytes:
+                if freeing >= over:
                     break
             if not victims:
                 return
@@ -181,17 +207,19 @@ class DeviceBudget:
             self._hand_down(victims, tier)
 
     def _hand_down(self, victims: list[CacheKey], tier: Any) -> None:
-        """Send the victims ``below`` lacks to it in one batch, then drop their device copies (a demotion out
-        of the store's last tier)."""
+        """Send the KV victims ``below`` lacks to it in one batch, then drop their device copies (a demotion out
+        of the store's last tier). Entries outside KV chains (vision features) are just dropped: nothing reads
+        them from below, and the encoder recomputes them."""
+        kv = [k for k in victims if self.registry.chained(k)]
+        chained = set(kv)
         try:
-            held = [bool(h) for h in self.below.contains_many(victims)]
+            held = dict(zip(kv, (bool(h) for h in self.below.contains_many(kv)))) if kv else {}
         except Exception:  # a tier below that does not answer holds nothing we can count on
-            logger.warning("tier below unreachable; sending all %d victims", len(victims), exc_info=True)
-            held = [False] * len(victims)
+            logger.warning("tier below unreachable; sending all %d victims", len(kv), exc_info=True)
+            held = {}
         # Read through the tier, not the store: a hand-down is not a hit (requests run one at a time, so
         # nothing moves the entry meanwhile).
-        items = [(k, t, self.registry.parent(k)) for k, h in zip(victims, held) if not h
-                 for t in [tier.get(k)] if t is not None]
+        items = [(k, t, self.registry.parent(k)) for k in kv if not held.get(k) for t in [tier.get(k)] if t is not None]
         ok: dict[CacheKey, bool] = {}
         if items:
             try:
@@ -200,14 +228,14 @@ class DeviceBudget:
                 logger.warning("handing %d entries to the tier below failed", len(items), exc_info=True)
         sizes = {k: t.numel() * t.element_size() for k, t, _ in items}
         lost = 0
-        for key, h in zip(victims, held):
+        for key in victims:
             if not self.store.demote(key):  # pinned or being read: it stays (a copy below is harmless)
                 continue
             self.demoted += 1
             if ok.get(key, False):
                 self.spilled += 1
                 self.spilled_bytes += sizes[key]
-            elif not h:
+            elif key in chained and not held.get(key):
                 lost += 1
         if lost:
             self.lost += lost
