@@ -167,7 +167,7 @@ class Qwen3VLEngineAdapter:
         t0 = time.perf_counter()
         held, staged = self._stage(keys, cached)
         with contextlib.ExitStack() as pins:
-            restored = self._restore_session(request.get("session_id"), pins)
+            restored, restored_from = self._restore_session(request.get("session_id"), pins)
             t_stage = time.perf_counter() - t0
             [result] = self.engine.generate([self._request(request)])
         if result.error:  # a bad request (corrupt image, ...): its row's error, not the worker's
@@ -179,6 +179,9 @@ class Qwen3VLEngineAdapter:
                 break
             new.append(t)
         m = result.metrics
+        # tokens the turn reused from what came back from the agent (the session's chain from its first
+        # restored entry on): host hits, though the engine found them in its store
+        below_tokens = max(0, m.cached_tokens - restored_from) if restored else 0
         if restored:
             logger.info("request %s: %d entries of session %s came back from the tier below", request.get("id"),
                         restored, request.get("session_id"))
@@ -188,7 +191,8 @@ class Qwen3VLEngineAdapter:
         # staging the fetched chunks is part of the time to the first token
         return {"new_chunks": new, "output": result.text, "token_ids": list(result.token_ids),
                 "prompt_tokens": m.prompt_tokens, "ttft_s": m.ttft_s + t_stage, "engine_cached_tokens": m.cached_tokens,
-                "device_chunks": held, "vision_cache_hits": m.vision_cache_hits}
+                "device_chunks": held, "vision_cache_hits": m.vision_cache_hits,
+                "below_tokens": below_tokens}
 
     def _stage(self, keys: Sequence[CacheKey], cached: Sequence[torch.Tensor | None]) -> tuple[int, int]:
         """Put the chunks fetched from the agents into the engine's store (the device tier), where its prefix
@@ -211,21 +215,23 @@ class Qwen3VLEngineAdapter:
                 n = i + 1
         return held, n
 
-    def _restore_session(self, session_id: Any, pins: contextlib.ExitStack) -> int:
+    def _restore_session(self, session_id: Any, pins: contextlib.ExitStack) -> tuple[int, int]:
         """Bring back the session's entries the device budget handed down (its tail; chunks the request's keys
         do not cover), in one batched read from ``below``. They stay pinned in ``pins`` until the turn has
         read them: the budget makes room before the engine resumes the session, and would push the tail
-        straight back down. Stops at the first entry missing or not fitting (the session resumes that far)."""
+        straight back down. Stops at the first entry missing or not fitting (the session resumes that far).
+        Returns (entries restored, the session's token position where the first of them starts)."""
         if self.below is None or session_id is None or session_id not in self.engine.sessions:
-            return 0
+            return 0, 0
         missing = self.engine.sessions.missing(session_id)
         if not missing:
-            return 0
+            return 0, 0
         try:
             tensors = self.below.get_many([k for k, _ in missing])
         except Exception:
             logger.warning("session %s: the tier below is unreachable; its turn recomputes", session_id, exc_info=True)
-            return 0
+            return 0, 0
+        start = self.engine.sessions.get(session_id).keys.index(missing[0][0]) * self.chunk_tokens
         n = 0
         for (key, parent), t in zip(missing, tensors):
             if t is None or not self.store.put(key, t, parent):
@@ -233,4 +239,4 @@ class Qwen3VLEngineAdapter:
             pins.enter_context(self.store.pinned([key]))
             self.engine.registry.add(key, session_id, parent)
             n += 1
-        return n
+        return n, start

@@ -98,7 +98,9 @@ class WorkerLogic:
       reused prefix; returns ``new_chunks`` (tensors of the keys that follow, in order), ``output``, and
       optionally ``prompt_tokens``, ``ttft_s``, ``token_ids`` (generated tokens), ``vision_cache_hits``,
       ``engine_cached_tokens`` / ``device_chunks`` (an engine owning the device tier: tokens it really reused,
-      fetched chunks it already held), or ``error`` (the request failed; the worker returns it on the result);
+      fetched chunks it already held), ``below_tokens`` (the last of those reused tokens, which the engine
+      brought back from the tier below itself: a session's tail), or ``error`` (the request failed; the
+      worker returns it on the result);
     - optionally ``owns_device_tier = True`` when the engine keeps the device tier itself, with
       ``held_prefix(keys) -> int``: how many leading ``keys`` that tier holds. The worker fetches only the
       chunks after those from the agents and passes ``None`` in ``cached`` for the held ones;
@@ -311,6 +313,9 @@ class WorkerLogic:
             # engine recomputes a fully cached prompt's last token, but that chunk was loaded.
             del per_token[-(-engine_cached // ct) * ct:]
             per_token += ["device"] * max(0, engine_cached - len(per_token))
+            below = min(int(result.get("below_tokens") or 0), max(0, engine_cached - len(sources) * ct))
+            if below:  # past the fetched chunks: brought back from the local agent by the engine, not held
+                per_token[-below:] = ["host"] * below
         out: dict[str, int] = {}
         for s in per_token:
             out[s] = out.get(s, 0) + 1

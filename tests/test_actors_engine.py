@@ -194,5 +194,9 @@ def test_a_device_budget_demotion_on_the_ray_path_lands_in_the_agents_host_tier_
     r2 = worker.process({"messages": a2, "sampling": sampling, "session_id": "A"})
     assert r2["error"] is None
     assert r2["token_ids"] == reference_generate(engine.model, engine.processor, a2, sampling["max_new_tokens"])
-    assert r2["engine_cached_tokens"] > 16 * len(session.chunk_keys)  # past the full chunks: the tail was used
+    tail_used = r2["engine_cached_tokens"] - 16 * len(session.chunk_keys)
+    assert tail_used > 0  # past the full chunks: the tail was used
     assert r2["cached_tokens"] >= ra["prompt_tokens"]
+    # the tail's tokens are host hits (the agent's tier held them), not the worker's device tier's
+    assert r2["cached_tiers"].get("device", 0) == 16 * r2["device_chunks"]  # the chunks B left on the device
+    assert r2["cached_tiers"]["host"] == r2["cached_tokens"] - 16 * r2["device_chunks"] >= tail_used
