@@ -6,8 +6,8 @@ node plus one batched object-store read (a cross-node hit is Ray's object transf
 runs the engine for the rest, and ships the new chunks to the agent the coordinator places them on in one
 batched call. The device tier is the worker's own (a core TieredCache with one device tier: hot chunks
 never leave the process); host and disk are the agents', and the local agent is the tier below it
-(``AgentBelow``: what the device budget pushes out goes there, not away). Agent failures turn into misses: a request never
-fails because the cache did.
+(``AgentBelow``: what the device budget pushes out goes there, not away). Agent failures turn into misses:
+a request never fails because the cache did.
 """
 
 from __future__ import annotations
