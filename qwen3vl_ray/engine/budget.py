@@ -1,9 +1,10 @@
 """The device KV budget: refuse what can never fit, swap idle sessions down to make room for the rest.
 
 Metadata side (bytes move in the store, or in one batched hand-down to a tier below). The budget covers the
-store's device tier plus the live KV of the running request (prompt + new tokens). Before a request runs, ``make_room`` demotes this engine's device-resident entries
-down the tiers, idle sessions' first, then least recently used; nothing is dropped, so a swapped session
-comes back from host or disk on its next turn without recompute.
+store's device tier plus the live KV of the running request (prompt + new tokens). Before a request runs,
+``make_room`` demotes this engine's device-resident entries down the tiers, idle sessions' first, then least
+recently used; nothing is dropped, so a swapped session comes back from host or disk on its next turn
+without recompute.
 
 When the device tier is the store's last tier (a Ray worker's store: host and disk are the node agent's), a
 demotion would drop the entry, so the budget hands its victims to ``below`` (``TierBelow``: the node's host
