@@ -2,7 +2,11 @@
 
 One dataclass per subsystem, each field documented with its unit and default and validated on
 construction. The users' options (flags, ``QWEN3VL_RAY_*`` variables, defaults) live in one table,
-``qwen3vl_ray.settings``; ``ServiceConfig.from_settings`` / ``from_env`` map them onto these dataclasses.
+``qwen3vl_ray.settings``; ``ServiceConfig.from_settings`` / ``from_env`` map them onto these dataclasses, on
+top of the settings' own builders. A field an option feeds (``Option.target``) defaults to that option's
+default (``settings.default``), so ``ServiceConfig()`` and ``from_settings`` of default settings agree;
+``tests/test_config_defaults.py`` checks every such field and names the exceptions. An option the Ray
+service cannot honour is a ``ConfigError`` naming it when set, never silently dropped.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from typing import Any, Mapping
 
 from actors.tenancy import Tenant
 from qwen3vl_ray.errors import ConfigError
+from qwen3vl_ray.settings import default
 
-MiB = 1 << 20
 NAMESPACE = "qwen3vl_ray"
 """Ray namespace every named actor of the service lives in."""
 DEFAULT_ENGINE = "actors.engine_adapter:Qwen3VLEngineAdapter"
@@ -28,10 +32,10 @@ class AgentConfig:
     """One node agent: the node's host tier (Ray object store) and disk tier.
 
     Attributes:
-        host_bytes: host-tier budget in the node's object store, bytes (default 256 MiB). Keep it below the
+        host_bytes: host-tier budget in the node's object store, bytes (default 1 GiB). Keep it below the
             node's ``object_store_memory`` so Ray never spills our entries to its own spill directory.
         host_codec: codec spec applied to host entries on store (default ``"none"``: raw bytes, zero-copy).
-        disk_bytes: disk-tier budget, bytes (default 1 GiB). 0 disables the disk tier.
+        disk_bytes: disk-tier budget, bytes (default 8 GiB). 0 disables the disk tier.
         disk_dir: parent directory of the disk tiers (default ``~/.cache/qwen3vl-ray/disk-tier``; it must be
             owned by this user and not writable by others). Never Ray's spill directory. Each node agent of the
             default tenant uses ``<disk_dir>/machine-<machine tag>-<slot>`` (another tenant's
@@ -42,21 +46,21 @@ class AgentConfig:
             ``disk_bytes`` and the least recently written go when over it (``qwen3vl_ray.tiers.disk_home``).
         disk_codec: codec spec of disk entries (default ``"none"``).
         disk_fsync: fsync each disk store (crash safety; default True).
-        policy: eviction policy name inside the node (``qwen3vl_ray.policies``); None (default) takes the
-            project default.
+        policy: eviction policy name inside the node (``qwen3vl_ray.policies``); default the project default
+            (None means the same).
         high_watermark: fraction of a tier's budget above which the agent reports pressure (0.9).
         low_watermark: fraction that pressure relief drains a tier down to (0.75).
     """
 
-    host_bytes: int = 256 * MiB
-    host_codec: str = "none"
-    disk_bytes: int = 1024 * MiB
-    disk_dir: str = "~/.cache/qwen3vl-ray/disk-tier"
-    disk_codec: str = "none"
-    disk_fsync: bool = True
-    policy: str | None = None
-    high_watermark: float = 0.9
-    low_watermark: float = 0.75
+    host_bytes: int = default("host_bytes")
+    host_codec: str = default("host_codec")
+    disk_bytes: int = default("disk_bytes")
+    disk_dir: str = default("disk_dir")
+    disk_codec: str = default("disk_codec")
+    disk_fsync: bool = default("disk_fsync")
+    policy: str | None = default("policy")
+    high_watermark: float = default("high_watermark")
+    low_watermark: float = default("low_watermark")
 
     def __post_init__(self) -> None:
         if not isinstance(self.host_bytes, int) or self.host_bytes <= 0:
@@ -99,15 +103,15 @@ class CoordinatorConfig:
         node_sync_period_s: seconds between ``ray.nodes()`` checks that add/remove agents (default 5.0).
     """
 
-    period_s: float = 2.0
+    period_s: float = default("period_s")
     demote_cold: bool = True
-    recompress_codec: str = "int8"
+    recompress_codec: str = default("recompress_codec")
     recompress_max_per_pass: int = 64
     cluster_eviction: bool = True
     recompute_s_per_mib: float = 0.05
     placement: bool = True
     admission_limit: float = 0.97
-    admission_mode: str = "reject"
+    admission_mode: str = default("admission")
     admission_timeout_s: float = 10.0
     session_ttl_s: float = 900.0
     load_weight: float = 4.0
@@ -140,20 +144,21 @@ class WorkerConfig:
             ``QWEN3VL_RAY_MODEL`` checkpoint directory or preset, else the ``tiny`` preset generated into
             ``~/.cache/qwen3vl-ray/checkpoints``; any ``EngineConfig`` field may be given, e.g.
             ``{"model": "/ckpt/Qwen3-VL-8B", "chunk_tokens": 256, "device_tier_bytes": 1 << 30}``).
-        num_gpus: GPUs per worker; None (default) means 1 when the cluster has GPUs, else 0 (CPU workers).
+        num_gpus: GPUs per worker; None (default) means 1 when the cluster has GPUs, else 0 (CPU workers): the
+            settings' ``worker_gpus`` -1, which ``from_settings`` resolves against the cluster.
         num_cpus: CPUs reserved per worker (default 0.5).
-        device_bytes: the worker's own device tier (GPU when present, else CPU memory), bytes (default 64 MiB;
+        device_bytes: the worker's own device tier (GPU when present, else CPU memory), bytes (default 256 MiB;
             0 disables it). Hot chunks are served from it without asking the agent. Unused with an engine
             that owns its device tier (the real engine: ``engine_args["device_tier_bytes"]`` sizes it).
         max_retries: how many other workers a failed request is retried on (default 2).
     """
 
-    engine: str = DEFAULT_ENGINE
+    engine: str = default("engine")  # the users' name of DEFAULT_ENGINE; __post_init__ maps it
     engine_args: dict = field(default_factory=dict)
     num_gpus: float | None = None
-    num_cpus: float = 0.5
-    device_bytes: int = 64 * MiB
-    max_retries: int = 2
+    num_cpus: float = default("worker_cpus")
+    device_bytes: int = default("device_bytes")
+    max_retries: int = default("max_retries")
 
     def __post_init__(self) -> None:
         if self.engine == REAL_ENGINE_NAME:  # the users' settings name for the real engine
@@ -191,6 +196,7 @@ class ServiceConfig:
         if s.engine in (REAL_ENGINE_NAME, DEFAULT_ENGINE):
             engine, engine_args, device_bytes = DEFAULT_ENGINE, _adapter_args(s, gpus, resolve_model), 0
         else:
+            _refuse_unhonoured(s, OTHER_ENGINE_UNHONOURED, f"the worker's own device tier (engine {s.engine!r})")
             engine, engine_args, device_bytes = s.engine, {}, s.device_bytes
         return cls(
             agent=AgentConfig(host_bytes=s.host_bytes, host_codec=s.host_codec, disk_bytes=s.disk_bytes,
@@ -214,8 +220,27 @@ class ServiceConfig:
                                  resolve_model=False)
 
 
+OTHER_ENGINE_UNHONOURED = ("device_codec", "block_bytes", "device")
+"""Options a worker running another engine than qwen3vl cannot honour: it keeps a plain device tier of
+``WorkerConfig.device_bytes`` (no codec, 1 MiB blocks, placed by ``auto``) and its engine gets no settings."""
+
+
+def _refuse_unhonoured(s: Any, names: tuple[str, ...], where: str) -> None:
+    """``ConfigError`` naming each of ``names`` that the user set (flag, keyword or environment): silently running
+    with another value than the one asked for is worse than refusing."""
+    from qwen3vl_ray import settings as S
+
+    bad = [n for n in names if s.source(n) != "default" and s[n] != S.default(n)]
+    if bad:
+        flags = ", ".join(f"{S.option(n).flag} / {S.option(n).env} = {s[n]!r}" for n in bad)
+        raise ConfigError(f"{', '.join(bad)}: the Ray service cannot honour {flags} with {where}; "
+                          f"unset {'it' if len(bad) == 1 else 'them'} or run --engine qwen3vl")
+
+
 def _adapter_args(s: Any, gpus: float, resolve_model: bool) -> dict:
-    """engine_args of the real engine's adapter from the users' settings."""
+    """engine_args of the real engine's adapter from the users' settings. ``tiers`` is the engine store's one
+    tier, the settings' device tier (``settings.device_tier_config``: its codec, block size, placement and
+    watermarks): host and disk are the node agent's."""
     from qwen3vl_ray import settings as S
 
     # A preset resolved here is generated on this (the driver's) node and workers get its path: on a
@@ -223,8 +248,8 @@ def _adapter_args(s: Any, gpus: float, resolve_model: bool) -> dict:
     # each node). Unresolved, each worker resolves the name on its own node.
     model = ({"checkpoint_path": S.resolve_checkpoint(s)} if resolve_model
              else {"model": s.model, "checkpoint_dir": s.checkpoint_dir})
-    return {**model, "device_tier_bytes": s.device_bytes, "chunk_tokens": s.chunk_tokens,
-            "dtype": s.dtype if s.dtype != "auto" else ("bfloat16" if gpus else "float32"), "device": s.device,
+    return {**model, "device_tier_bytes": s.device_bytes, "tiers": [S.device_tier_config(s)],
+            "chunk_tokens": s.chunk_tokens, "dtype": S.resolved_dtype(s, on_cuda=bool(gpus)), "device": s.device,
             "attn_implementation": s.attn_implementation, "max_pixels": s.max_pixels,
             "kv_device_budget_bytes": max(s.kv_device_budget_bytes, s.device_bytes), "policy": s.policy,
             "prefix_cache": s.prefix_cache, "vision_cache": s.vision_cache, "session_idle_s": s.session_idle_s,

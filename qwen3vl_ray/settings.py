@@ -154,45 +154,53 @@ OPTIONS: tuple[Option, ...] = (
            "Where preset checkpoints are generated and reused.", "make_checkpoint(path)"),
     Option("device", "model", "str", "auto", "",
            "Model and device-tier placement: auto (CUDA if present, else CPU), cpu, cuda, cuda:N.",
-           "TierConfig(device).device"),
+           "TierConfig(device).device, EngineConfig.device"),
     Option("fingerprint", "model", "str", "full", "",
            "How the model is identified in cache keys: full (hash every weight byte, once per checkpoint "
            "version and machine) or sampled (~4 MiB per weight file; a fine-tune differing only between "
            "samples would share entries).", "EngineConfig.fingerprint", ("full", "sampled")),
     Option("dtype", "model", "str", "auto", "",
            "Model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.",
-           "Qwen3VLEngine(dtype)", ("auto", "float32", "bfloat16", "float16")),
+           "EngineConfig.dtype", ("auto", "float32", "bfloat16", "float16")),
     # -- tiers ------------------------------------------------------------------------------------------
     Option("device_bytes", "tiers", "bytes", 256 << 20, "bytes",
            "Device-tier budget per worker (accelerator memory for cached KV and vision features).",
-           "TierConfig(device).capacity_bytes"),
+           "TierConfig(device).capacity_bytes, WorkerConfig.device_bytes"),
     Option("host_bytes", "tiers", "bytes", 1 << 30, "bytes",
            "Host-tier budget per node (the Ray object store in the Ray layer; process memory without Ray).",
-           "TierConfig(host).capacity_bytes"),
+           "TierConfig(host).capacity_bytes, AgentConfig.host_bytes"),
     Option("disk_bytes", "tiers", "bytes", 8 << 30, "bytes",
            "Disk-tier budget per node; 0 disables the disk tier.",
-           "TierConfig(disk).capacity_bytes"),
+           "TierConfig(disk).capacity_bytes, AgentConfig.disk_bytes"),
     Option("disk_dir", "tiers", "path", os.path.join(_CACHE_HOME, "disk-tier"), "",
            "Disk-tier directory (local NVMe in production; created 0700; keep it apart from Ray's spill dir). "
            "Node agents keep their tier in <disk_dir>/machine-<machine tag>-<slot>, stable across Ray sessions on "
            "the same machine and disk; unheld directories of other machines, slots or namespaces are trimmed to "
            "the disk budget, oldest first.",
-           "TierConfig(disk).path"),
+           "TierConfig(disk).path, AgentConfig.disk_dir"),
     Option("device_codec", "tiers", "str", "none", "",
-           "Codec of the device tier.", "TierConfig(device).codec"),
+           "Codec of the device tier. On Ray: each worker's device tier with the qwen3vl engine; another "
+           "--engine keeps a plain device tier, so setting it there is an error.", "TierConfig(device).codec"),
     Option("host_codec", "tiers", "str", "none", "",
-           "Codec of the host tier (e.g. int8, int8+zstd).", "TierConfig(host).codec"),
+           "Codec of the host tier (e.g. int8, int8+zstd).",
+           "TierConfig(host).codec, AgentConfig.host_codec"),
     Option("disk_codec", "tiers", "str", "none", "",
-           "Codec of the disk tier (e.g. zstd, int8+zstd).", "TierConfig(disk).codec"),
+           "Codec of the disk tier (e.g. zstd, int8+zstd).",
+           "TierConfig(disk).codec, AgentConfig.disk_codec"),
     Option("block_bytes", "tiers", "bytes", 1 << 20, "bytes",
-           "Pool block size of the device and host tiers; entries take whole blocks.",
+           "Pool block size of the device and host tiers; entries take whole blocks. On Ray it sizes each "
+           "worker's device-tier blocks with the qwen3vl engine (the host tier is Ray's object store); another "
+           "--engine keeps a plain device tier, so setting it there is an error.",
            "TierConfig.block_bytes"),
     Option("disk_fsync", "tiers", "bool", True, "",
-           "fsync each disk-tier file and its directory on store (crash safety).", "TierConfig(disk).fsync"),
+           "fsync each disk-tier file and its directory on store (crash safety).",
+           "TierConfig(disk).fsync, AgentConfig.disk_fsync"),
     Option("high_watermark", "tiers", "float", 0.9, "fraction",
-           "Tier usage above which pressure is reported and relief starts.", "TierConfig.high_watermark"),
+           "Tier usage above which pressure is reported and relief starts.",
+           "TierConfig.high_watermark, AgentConfig.high_watermark"),
     Option("low_watermark", "tiers", "float", 0.75, "fraction",
-           "Tier usage that pressure relief drains down to.", "TierConfig.low_watermark"),
+           "Tier usage that pressure relief drains down to.",
+           "TierConfig.low_watermark, AgentConfig.low_watermark"),
     # -- cache ------------------------------------------------------------------------------------------
     Option("policy", "cache", "str", DEFAULT_POLICY, "",
            "Eviction policy of the engine's store and the node agents (the default is the project's measured "
@@ -212,7 +220,7 @@ OPTIONS: tuple[Option, ...] = (
     # -- engine -----------------------------------------------------------------------------------------
     Option("chunk_tokens", "engine", "int", 256, "tokens",
            "Prefix-KV chunk size; a prefix is reused in whole chunks.",
-           "EngineConfig.chunk_tokens, WorkerConfig.chunk_tokens"),
+           "EngineConfig.chunk_tokens"),
     Option("kv_device_budget_bytes", "engine", "bytes", 1 << 30, "bytes",
            "Accelerator memory for KV per worker: device tier plus the running request's live KV. "
            "A request that cannot fit gets an error, not an out-of-memory crash.",
@@ -289,6 +297,13 @@ def option(name: str) -> Option:
         return _BY_NAME[name]
     except KeyError:
         raise ConfigError(f"unknown option {name!r}; known: {', '.join(sorted(_BY_NAME))}") from None
+
+
+def default(name: str) -> Any:
+    """The table's default of one option, for the dataclass field it feeds (``Option.target``): each default is
+    written once, here, and the configs built without settings (``EngineConfig()``, ``AgentConfig()``, ...)
+    agree with those built from them. A path stays unexpanded (``~``), as in the docs."""
+    return option(name).default
 
 
 class Settings(Mapping[str, Any]):
@@ -426,15 +441,23 @@ def tier_configs(s: Settings, node_tag: str | None = None) -> list:
     """
     from qwen3vl_ray.tiers.config import TierConfig
 
-    common = dict(block_bytes=s.block_bytes, high_watermark=s.high_watermark, low_watermark=s.low_watermark)
-    tiers = [
-        TierConfig("device", s.device_bytes, codec=s.device_codec, device=s.device, **common),
-        TierConfig("host", s.host_bytes, codec=s.host_codec, **common),
-    ]
+    common = _tier_common(s)
+    tiers = [device_tier_config(s), TierConfig("host", s.host_bytes, codec=s.host_codec, **common)]
     if s.disk_bytes > 0:
         path = s.disk_dir if node_tag is None else os.path.join(s.disk_dir, _safe_tag(node_tag))
         tiers.append(TierConfig("disk", s.disk_bytes, codec=s.disk_codec, path=path, fsync=s.disk_fsync, **common))
     return tiers
+
+
+def device_tier_config(s: Settings):
+    """The device ``TierConfig``: the top of ``tier_configs``, and on Ray a worker's whole engine store."""
+    from qwen3vl_ray.tiers.config import TierConfig
+
+    return TierConfig("device", s.device_bytes, codec=s.device_codec, device=s.device, **_tier_common(s))
+
+
+def _tier_common(s: Settings) -> dict:
+    return dict(block_bytes=s.block_bytes, high_watermark=s.high_watermark, low_watermark=s.low_watermark)
 
 
 def _safe_tag(tag: str) -> str:
@@ -482,10 +505,15 @@ def resolved_device(s: Settings) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolved_dtype(s: Settings) -> str:
+def resolved_dtype(s: Settings, on_cuda: bool | None = None) -> str:
+    """``s.dtype`` with auto resolved: bfloat16 on CUDA, else float32. ``on_cuda`` says whether the model runs on
+    CUDA where that is not this process's device (a Ray driver building its workers' configs); None asks
+    ``resolved_device``."""
     if s.dtype != "auto":
         return s.dtype
-    return "bfloat16" if resolved_device(s).startswith("cuda") else "float32"
+    if on_cuda is None:
+        on_cuda = resolved_device(s).startswith("cuda")
+    return "bfloat16" if on_cuda else "float32"
 
 
 def engine_config(s: Settings, tiers: list | None = None, node_tag: str | None = None):

@@ -8,6 +8,7 @@ import torch
 
 from qwen3vl_ray.errors import ConfigError
 from qwen3vl_ray.policies import POLICIES
+from qwen3vl_ray.settings import default
 from qwen3vl_ray.tiers.config import TierConfig
 
 MiB = 1 << 20
@@ -16,29 +17,39 @@ _ATTN = ("sdpa", "flash_attention_2", "flash_attention_3", "eager")
 
 
 def _default_tiers() -> list[TierConfig]:
-    return [TierConfig("device", 256 * MiB), TierConfig("host", 1024 * MiB)]
+    return [TierConfig("device", default("device_bytes")), TierConfig("host", default("host_bytes"))]
 
 
 @dataclass
 class EngineConfig:
     """How the engine loads the model and where it keeps reusable state.
 
+    Defaults are the option table's (``qwen3vl_ray.settings``, read through ``settings.default``), so an
+    ``EngineConfig()`` and one built from default settings (``settings.engine_config``) agree; the exceptions
+    are named below and in ``tests/test_config_defaults.py``.
+
     Attributes:
         chunk_tokens: tokens per KV chunk, the unit of prefix reuse and of storage (default 256).
             A prompt's trailing partial chunk is recomputed unless a session holds it.
-        dtype: model and KV dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``.
+        dtype: model and KV dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``. Always concrete,
+            never the settings' ``"auto"``: the dtype is part of every cache key's namespace, and a router
+            computes keys client-side from this config, possibly on a machine without the workers' GPU; the
+            builders resolve auto where the device is known (``settings.resolved_dtype``).
         device: ``"auto"`` (CUDA if present, else CPU; default), ``"cpu"`` or ``"cuda:N"``.
         attn_implementation: transformers attention backend, default ``"sdpa"`` (fused: the attention
             score matrix is never materialised, which is why nothing "compresses attention scores").
         max_pixels: largest decoded image accepted, in pixels (width x height), default 16,777,216
-            (4096 x 4096). Larger images are refused with an error naming the size, not resized.
+            (4096 x 4096; the settings' default is 1024 x 1024, and the library's follows it once
+            ``tests/test_engine_inputs.py`` stops pinning the old value). Larger images are refused with an
+            error naming the size, not resized.
         kv_device_budget_bytes: bytes of accelerator memory for KV: the store's device tier plus the
             live KV of the running request (default 1 GiB). A request whose own KV cannot fit even
             with the device tier emptied fails with a ``CapacityError`` message.
-        tiers: the store's tiers, top (fastest) first; default a 256 MiB device and 1 GiB host tier.
+        tiers: the store's tiers, top (fastest) first; default a ``device_bytes`` (256 MiB) device and a
+            ``host_bytes`` (1 GiB) host tier.
             The device tier's capacity must not exceed ``kv_device_budget_bytes``.
-        policy: eviction policy name (``qwen3vl_ray.policies.POLICIES``); None (default) takes the project
-            default ``qwen3vl_ray.policies.DEFAULT_POLICY``.
+        policy: eviction policy name (``qwen3vl_ray.policies.POLICIES``); default the project default
+            ``qwen3vl_ray.policies.DEFAULT_POLICY`` (None means the same).
         prefix_cache: reuse and store prompt KV chunks (default True).
         vision_cache: reuse and store image embeddings + DeepStack features (default True).
         session_idle_s: seconds without a turn after which a session counts as idle and is the first
@@ -50,19 +61,19 @@ class EngineConfig:
             the samples would share entries).
     """
 
-    chunk_tokens: int = 256
-    dtype: str = "float32"
-    device: str = "auto"
-    attn_implementation: str = "sdpa"
-    max_pixels: int = 4096 * 4096
-    kv_device_budget_bytes: int = 1024 * MiB
+    chunk_tokens: int = default("chunk_tokens")
+    dtype: str = "float32"  # concrete: see the docstring (settings: "auto")
+    device: str = default("device")
+    attn_implementation: str = default("attn_implementation")
+    max_pixels: int = 4096 * 4096  # pending: see the docstring (settings: 1024 x 1024)
+    kv_device_budget_bytes: int = default("kv_device_budget_bytes")
     tiers: list[TierConfig] = field(default_factory=_default_tiers)
-    policy: str | None = None
-    prefix_cache: bool = True
-    vision_cache: bool = True
-    session_idle_s: float = 30.0
-    tenant: str = "default"
-    fingerprint: str = "full"
+    policy: str | None = default("policy")
+    prefix_cache: bool = default("prefix_cache")
+    vision_cache: bool = default("vision_cache")
+    session_idle_s: float = default("session_idle_s")
+    tenant: str = default("tenant")
+    fingerprint: str = default("fingerprint")
 
     def __post_init__(self) -> None:
         if not isinstance(self.chunk_tokens, int) or self.chunk_tokens <= 0:
