@@ -149,7 +149,8 @@ class WorkerConfig:
         num_cpus: CPUs reserved per worker (default 0.5).
         device_bytes: the worker's own device tier (GPU when present, else CPU memory), bytes (default 256 MiB;
             0 disables it). Hot chunks are served from it without asking the agent. Unused with an engine
-            that owns its device tier (the real engine: ``engine_args["device_tier_bytes"]`` sizes it).
+            that owns its device tier (the real engine: ``engine_args["tiers"]``, else
+            ``engine_args["device_tier_bytes"]``, makes it).
         max_retries: how many other workers a failed request is retried on (default 2).
     """
 
