@@ -25,8 +25,6 @@ ALLOWED = {
     # concrete on purpose: the dtype is part of every cache key's namespace, and a router computes keys
     # client-side, possibly without the workers' GPU; the builders resolve "auto" (settings.resolved_dtype)
     ("EngineConfig", "dtype"): "float32",
-    # pending: tests/test_engine_inputs.py pins 4096 x 4096 in an error message; follow the table once it doesn't
-    ("EngineConfig", "max_pixels"): 4096 * 4096,
     # a tier has no default directory (a disk tier without one is refused); the builders pass disk_dir
     ("TierConfig", "path"): None,
     # None is the settings' -1 ("1 when the cluster has GPUs, else 0"), which from_settings resolves
@@ -75,7 +73,7 @@ def test_defaults_agree_with_configs_built_from_default_settings():
     built = S.engine_config(s)
     lib = EngineConfig()
     for f in dataclasses.fields(EngineConfig):
-        if f.name not in ("dtype", "max_pixels", "tiers"):  # dtype, max_pixels: ALLOWED; tiers: below
+        if f.name not in ("dtype", "tiers"):  # dtype: ALLOWED; tiers: below
             assert getattr(lib, f.name) == getattr(built, f.name), f.name
     assert lib.tiers == built.tiers[:2]  # the library's store has no disk tier unless given a directory
     service = ServiceConfig.from_settings(s, resolve_model=False)

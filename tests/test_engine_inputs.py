@@ -183,8 +183,8 @@ def test_large_png_is_refused_from_its_header_without_decoding(engine, tmp_path,
     decoded_sizes.clear()
     check_isolated(engine, Request(chat(path, "Hi"), SamplingParams(max_new_tokens=3)),
                    "ImageError", "huge.png", "12000x12000 = 144000000 pixels exceeds max_pixels 65536")
-    # also under the default max_pixels (4096 x 4096), and when the caller hands in a lazily opened PIL image
-    with pytest.raises(ImageError, match="exceeds max_pixels 16777216"):
+    # also under the default max_pixels (1024 x 1024), and when the caller hands in a lazily opened PIL image
+    with pytest.raises(ImageError, match="exceeds max_pixels 1048576"):
         load_image({"image": str(path)}, EngineConfig().max_pixels)
     with Image.open(path) as lazy:
         with pytest.raises(ImageError, match="image object PngImageFile at messages\\[0\\].content\\[0\\]: 12000x12000"):

@@ -38,10 +38,9 @@ class EngineConfig:
         device: ``"auto"`` (CUDA if present, else CPU; default), ``"cpu"`` or ``"cuda:N"``.
         attn_implementation: transformers attention backend, default ``"sdpa"`` (fused: the attention
             score matrix is never materialised, which is why nothing "compresses attention scores").
-        max_pixels: largest decoded image accepted, in pixels (width x height), default 16,777,216
-            (4096 x 4096; the settings' default is 1024 x 1024, and the library's follows it once
-            ``tests/test_engine_inputs.py`` stops pinning the old value). Larger images are refused with an
-            error naming the size, not resized.
+        max_pixels: largest decoded image accepted, in pixels (width x height), default 1,048,576
+            (1024 x 1024, the settings' default). Larger images are refused with an error naming the size,
+            not resized.
         kv_device_budget_bytes: bytes of accelerator memory for KV: the store's device tier plus the
             live KV of the running request (default 1 GiB). A request whose own KV cannot fit even
             with the device tier emptied fails with a ``CapacityError`` message.
@@ -65,7 +64,7 @@ class EngineConfig:
     dtype: str = "float32"  # concrete: see the docstring (settings: "auto")
     device: str = default("device")
     attn_implementation: str = default("attn_implementation")
-    max_pixels: int = 4096 * 4096  # pending: see the docstring (settings: 1024 x 1024)
+    max_pixels: int = default("max_pixels")
     kv_device_budget_bytes: int = default("kv_device_budget_bytes")
     tiers: list[TierConfig] = field(default_factory=_default_tiers)
     policy: str | None = default("policy")
