@@ -35,6 +35,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tests.ray_head import free_ports
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.multinode]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,19 +217,9 @@ def test_cluster_yaml_commands_bring_up_a_token_auth_cluster_that_runs_the_readm
 def _second_node_ports() -> str:
     """Ports of the per-node agents that default to fixed numbers: a second node on the head's machine must not
     take the head's (on the real cluster each node is its own machine)."""
-    import socket
-
     flags = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
              "--metrics-export-port", "--node-manager-port", "--object-manager-port")
-    socks = []
-    for _ in flags:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return "".join(f" {flag}={port}" for flag, port in zip(flags, ports))
+    return "".join(f" {flag}={port}" for flag, port in free_ports(flags).items())
 
 
 def _stop_processes_of(*homes: Path) -> None:
