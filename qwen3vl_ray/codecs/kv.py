@@ -111,15 +111,9 @@ class KVQuantCodec(Codec):
         meta = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "cut": cut, "k": gk.meta(), "v": gv.meta()}
         w = PayloadWriter(self.name, self.version, meta, lengths)
         e2, x2 = F.quantize_parts(F.as_bits(t), list(parts), self.qmax, pack4, w.buffers, w.hasher, self.name, measure)
-        if rest.numel():
-            if not bool(torch.isfinite(rest).all()):
-                raise CodecError(f"codec {self.name!r} cannot encode NaN or inf values; use 'none' or 'bf16'")
-            dst = B.payload_tensor(w.buffers[4], _VIEW_AS.get(t.dtype, t.dtype)).view(t.dtype).view(rest.shape)
-            dst.copy_(rest)
-            w.hasher.update(w.buffers[4])
-            del dst
-            if measure:
-                x2 += float(torch.linalg.vector_norm(rest.double())) ** 2
+        self._write_rest(w, rest)
+        if measure and rest.numel():
+            x2 += float(torch.linalg.vector_norm(rest.double())) ** 2
         return w.finish(), e2, x2
 
     def _encode_blocked(self, tensor: torch.Tensor, cut: int) -> bytearray:
@@ -142,14 +136,18 @@ class KVQuantCodec(Codec):
             B.quantize(part, g, self.qmax, pack4, codes, scales, w.hasher, self.name)
             w.hasher.update(scales.numpy())
             del codes, scales
-        if rest.numel():
-            if not bool(torch.isfinite(rest).all()):
-                raise CodecError(f"codec {self.name!r} cannot encode NaN or inf values; use 'none' or 'bf16'")
-            dst = B.payload_tensor(w.buffers[4], _VIEW_AS.get(t.dtype, t.dtype)).view(t.dtype).view(rest.shape)
-            dst.copy_(rest)
-            w.hasher.update(w.buffers[4])
-            del dst
+        self._write_rest(w, rest)
         return w.finish()
+
+    def _write_rest(self, w: PayloadWriter, rest: torch.Tensor) -> None:
+        """The full-precision window (the last tokens, kept raw) into the payload's fifth buffer, hashed."""
+        if not rest.numel():
+            return
+        if not bool(torch.isfinite(rest).all()):
+            raise CodecError(f"codec {self.name!r} cannot encode NaN or inf values; use 'none' or 'bf16'")
+        dst = B.payload_tensor(w.buffers[4], _VIEW_AS.get(rest.dtype, rest.dtype)).view(rest.dtype).view(rest.shape)
+        dst.copy_(rest)
+        w.hasher.update(w.buffers[4])
 
     def decode_into(self, meta: dict[str, Any], buffers, out: torch.Tensor) -> None:
         cut = int(meta["cut"])
