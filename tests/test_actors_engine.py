@@ -104,14 +104,21 @@ def test_cross_node_prefix_reuse_with_the_real_engine_gives_the_same_answer(ckpt
     assert second["token_ids"] == first["token_ids"] and second["output"] == first["output"]
 
 
-def test_a_prefix_in_the_engines_own_device_tier_is_not_fetched_from_the_agents(ckpt, tmp_path):
-    args = dict(model=str(ckpt), chunk_tokens=16, device="cpu", device_tier_bytes=8 << 20)
+def one_node_worker(args: dict, disk_dir) -> tuple[WorkerLogic, NodeAgentLogic]:
+    """A worker running the real engine (``args``) beside one node agent (64 MiB host tier, no disk) and a
+    coordinator, all in this process."""
     coord = CoordinatorLogic(CoordinatorConfig(period_s=0))
-    agent = NodeAgentLogic(NODES[0], AgentConfig(host_bytes=64 << 20, disk_bytes=0, disk_dir=str(tmp_path)),
+    agent = NodeAgentLogic(NODES[0], AgentConfig(host_bytes=64 << 20, disk_bytes=0, disk_dir=str(disk_dir)),
                            LocalObjectStore())
     coord.add_agent(NODES[0], agent)
     worker = WorkerLogic("w0", NODES[0], Qwen3VLEngineAdapter(**args), {NODES[0]: agent}.__getitem__, coord,
                          agent.store, WorkerConfig())
+    return worker, agent
+
+
+def test_a_prefix_in_the_engines_own_device_tier_is_not_fetched_from_the_agents(ckpt, tmp_path):
+    args = dict(model=str(ckpt), chunk_tokens=16, device="cpu", device_tier_bytes=8 << 20)
+    worker, agent = one_node_worker(args, tmp_path)
     req = image_request()
     first = worker.process(req)
     assert first["stored_chunks"] > 0  # shipped to the agent too
@@ -159,12 +166,7 @@ def test_a_device_budget_demotion_on_the_ray_path_lands_in_the_agents_host_tier_
     budget = (n + 6) * KiB * 3 // 2
     args = dict(model=str(ckpt), chunk_tokens=16, device="cpu", device_tier_bytes=budget,
                 kv_device_budget_bytes=budget, session_idle_s=0.0)
-    coord = CoordinatorLogic(CoordinatorConfig(period_s=0))
-    agent = NodeAgentLogic(NODES[0], AgentConfig(host_bytes=64 << 20, disk_bytes=0, disk_dir=str(tmp_path)),
-                           LocalObjectStore())
-    coord.add_agent(NODES[0], agent)
-    worker = WorkerLogic("w0", NODES[0], Qwen3VLEngineAdapter(**args), {NODES[0]: agent}.__getitem__, coord,
-                         agent.store, WorkerConfig())
+    worker, agent = one_node_worker(args, tmp_path)
     engine = worker.engine.engine
     assert engine.geometry.bytes_per_token == KiB and engine.store.tier_names == ["device"]
 
