@@ -13,8 +13,11 @@ node, and the README's job commands run from a "laptop" home. What is mapped, an
   Python (3.11) and Ray (2.60.0);
 - the second node shares the head's machine and home, so its ``setup_commands`` already ran, its ``ray stop``
   is skipped (it would stop the head too), its per-node agents get free ports instead of the fixed defaults
-  the head holds, and the launcher's resource override for it declares two GPUs (this machine has none; a
-  g5/g6 node has them), so that the job's GPU workers are placed there as on the real cluster.
+  the head holds, it gets a Ray temp dir of its own (a real node has its own ``/tmp/ray``; two raylets in one
+  session directory share one runtime-env cache, where each node's agent unpacks and garbage-collects the
+  job's working dir on its own, which a real cluster never does), and the launcher's resource override for
+  it declares two GPUs (this machine has none; a g5/g6 node has them), so that the job's GPU workers are
+  placed there as on the real cluster.
 """
 
 from __future__ import annotations
@@ -184,7 +187,8 @@ def test_cluster_yaml_commands_bring_up_a_token_auth_cluster_that_runs_the_readm
             continue  # one machine: it would stop the head as well
         assert "; ray start" in cmd
         # The launcher declares a node type's resources (a g5.2xlarge: its GPU) through RAY_OVERRIDE_RESOURCES.
-        machine.run(cmd + _second_node_ports(), env_vars={"RAY_OVERRIDE_RESOURCES": {"CPU": 2, "GPU": 2}})
+        own_temp_dir = f" --temp-dir={machine.tmp / 'node2-ray'}"
+        machine.run(cmd + _second_node_ports() + own_temp_dir, env_vars={"RAY_OVERRIDE_RESOURCES": {"CPU": 2, "GPU": 2}})
     nodes = json.loads(machine.run(
         "python3 -c \"import json, ray; ray.init(address='auto', logging_level='ERROR'); "
         "print(json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))\"").stdout.strip().splitlines()[-1])
