@@ -1,0 +1,49 @@
+"""What the KV connector is configured with, through the project's one settings path.
+
+vLLM hands a connector ``kv_transfer_config.kv_connector_extra_config`` (a dict). Its keys are the project's
+option names (``host_bytes``, ``disk_dir``, ``host_codec``, ``tenant``, ...: ``docs/configuration.md``), and
+``QWEN3VL_RAY_*`` environment variables fill in what it leaves out, exactly as for every other entry point.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from qwen3vl_ray import settings as settings_mod
+from qwen3vl_ray.errors import ConfigError
+
+#: the connector class and the module vLLM imports it from (``kv_connector_module_path``)
+CONNECTOR_CLASS = "TierKVConnector"
+CONNECTOR_MODULE = "qwen3vl_ray.serving.kv_connector"
+
+#: options of the settings table the connector uses; any other key in the extra config is refused by name
+CONNECTOR_OPTIONS = ("host_bytes", "disk_bytes", "disk_dir", "host_codec", "disk_codec", "block_bytes",
+                     "disk_fsync", "high_watermark", "low_watermark", "policy", "tenant", "fingerprint")
+
+
+def connector_settings(extra_config: Mapping[str, Any] | None,
+                       env: Mapping[str, str] | None = None) -> settings_mod.Settings:
+    """Settings for the connector: ``extra_config`` > environment > defaults, checked like everywhere else."""
+    extra = dict(extra_config or {})
+    unknown = sorted(set(extra) - set(CONNECTOR_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown kv_connector_extra_config key(s) {', '.join(unknown)}; "
+                          f"the connector takes: {', '.join(CONNECTOR_OPTIONS)}")
+    return settings_mod.resolve(extra, env=env)
+
+
+def kv_transfer_config(**options: Any) -> dict[str, Any]:
+    """The ``kv_transfer_config`` that puts vLLM on the tiers: ``LLM(..., kv_transfer_config=kv_transfer_config(
+    host_bytes="4GiB", disk_dir="/mnt/nvme/kv"))``, or the same dict in Ray's ``engine_kwargs``.
+
+    ``kv_load_failure_policy="recompute"``: a block that fails to load (evicted meanwhile, corrupt on disk) is
+    recomputed by vLLM; vLLM's own default fails the request instead.
+    """
+    connector_settings(options)  # a bad option fails here, where the caller wrote it, not in the engine
+    return {
+        "kv_connector": CONNECTOR_CLASS,
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": dict(options),
+    }

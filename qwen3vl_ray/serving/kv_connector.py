@@ -1,0 +1,243 @@
+"""``TierKVConnector``: vLLM v1's KV connector on the project's tiers.
+
+Load it with ``kv_transfer_config=qwen3vl_ray.serving.connector_config.kv_transfer_config(...)``.
+
+Scheduler side (one instance in the scheduler): for a new request, the longest run of its full blocks found in
+the store (keyed by vLLM's own block hashes, which carry image hashes, under our namespace) becomes external
+hits; after allocation, the metadata of the step tells the worker which block ids to fill from which keys, and
+which freshly computed full blocks to save. Worker side (one instance per worker): loads those blocks into
+vLLM's paged KV before the forward pass (synchronously: vLLM's CPU path runs one step at a time), saves the
+new full blocks after it, and reports every block it could not load, which vLLM then recomputes
+(``kv_load_failure_policy="recompute"``): a block that is gone or corrupt is never served.
+
+Blocks are saved as soon as they are full and computed, prompt and generated ones alike, so a preempted
+request finds its KV in the tiers when it resumes, and the next turn of a chat finds the previous answer's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import vllm
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.core.sched.output import SchedulerOutput
+
+from qwen3vl_ray.engine.checkpoint import model_fingerprint
+from qwen3vl_ray.errors import ConfigError
+from qwen3vl_ray.keys import CacheKey
+from qwen3vl_ray.serving.block_keys import KVLayout, block_keys, block_namespace
+from qwen3vl_ray.serving.block_store import LocalBlockStore, shared_store
+from qwen3vl_ray.serving.connector_config import connector_settings
+from qwen3vl_ray.serving.paged_blocks import PagedBlocks
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class BlockMove:
+    """One block between vLLM's paged KV (``block_id``) and the store (``key``; ``parent`` chains it)."""
+
+    block_id: int
+    key: CacheKey
+    parent: CacheKey | None = None
+
+
+@dataclass
+class TierConnectorMetadata(KVConnectorMetadata):
+    """What the workers do in one step: loads before the forward pass, saves after it."""
+
+    loads: list[BlockMove] = field(default_factory=list)
+    saves: list[BlockMove] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """Scheduler-side state of one running request."""
+
+    request: Request
+    block_ids: list[int]
+    saved_blocks: int  # leading full blocks already in the store (loaded, found, or saved)
+
+
+@dataclass(slots=True)
+class _PendingLoad:
+    request: Request
+    first_block: int  # index in the request's block list of the first block to load
+    num_blocks: int
+
+
+class TierKVConnector(KVConnectorBase_V1):
+    """See the module docstring."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig") -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        tc = self._kv_transfer_config
+        settings = connector_settings(tc.kv_connector_extra_config)
+        if tc.kv_load_failure_policy != "recompute":
+            log.warning("kv_load_failure_policy=%r: a block that fails to load fails its request; "
+                        "use kv_transfer_config() (\"recompute\") to recompute it instead", tc.kv_load_failure_policy)
+        self.block_size = vllm_config.cache_config.block_size
+        self.layout = _layout(vllm_config, kv_cache_config)
+        model_path = vllm_config.model_config.model
+        try:
+            fingerprint = model_fingerprint(model_path, full=settings.fingerprint == "full")
+        except FileNotFoundError as e:
+            raise ConfigError(f"the KV connector keys blocks by the checkpoint's fingerprint and needs its files on "
+                              f"disk: {e}") from None
+        codec = f"host={settings.host_codec},disk={settings.disk_codec}"
+        self.namespace = block_namespace(fingerprint, self.layout, codec, settings.tenant)
+        self.store: LocalBlockStore = shared_store(settings, self.namespace)
+        # scheduler side
+        # looked up, not yet scheduled: the request and the tokens vLLM's own prefix cache had for it
+        self._waiting: dict[str, tuple[Request, int]] = {}
+        self._tracked: dict[str, _Tracked] = {}
+        self._pending_loads: dict[str, _PendingLoad] = {}
+        # worker side
+        self._paged: PagedBlocks | None = None
+        self._load_errors: set[int] = set()
+        self._num_blocks = kv_cache_config.num_blocks if kv_cache_config is not None else 0
+
+    # ================================================================ scheduler side
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        self._waiting[request.request_id] = (request, num_computed_tokens)
+        keys = block_keys(self.namespace, request.block_hashes)
+        # at least one token is left to compute: vLLM needs a forward pass to produce the next token
+        usable = min(len(keys), (request.num_tokens - 1) // self.block_size)
+        found = self.store.longest_prefix(keys[:usable])
+        external = found * self.block_size - num_computed_tokens
+        if external <= 0:
+            return 0, False
+        return external, False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        if num_external_tokens <= 0:
+            return
+        num_local = self._waiting[request.request_id][1]
+        self._pending_loads[request.request_id] = _PendingLoad(
+            request, num_local // self.block_size, num_external_tokens // self.block_size)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = TierConnectorMetadata()
+        for new in scheduler_output.scheduled_new_reqs:
+            waiting = self._waiting.pop(new.req_id, None)
+            if waiting is None:
+                continue
+            request = waiting[0]
+            state = self._tracked[new.req_id] = _Tracked(request, list(new.block_ids[0]), 0)
+            state.saved_blocks = self._take_loads(new.req_id, state, meta) or new.num_computed_tokens // self.block_size
+            self._add_saves(state, new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id], meta)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._tracked.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                self._waiting.pop(req_id, None)
+                # back from preemption: its blocks were freed, this is the whole new list
+                state.block_ids = list(new_ids[0]) if new_ids is not None else []
+                state.saved_blocks = self._take_loads(req_id, state, meta) or cached.num_computed_tokens[i] // self.block_size
+            elif new_ids is not None:
+                state.block_ids.extend(new_ids[0])
+            self._add_saves(state, cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens[req_id], meta)
+        self._drop_saved_already(meta)
+        return meta
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        # saves complete inside the step that computed the block (wait_for_save), so the blocks can go now
+        for table in (self._waiting, self._tracked, self._pending_loads):
+            table.pop(request.request_id, None)
+        return False, None
+
+    def _take_loads(self, req_id: str, state: _Tracked, meta: TierConnectorMetadata) -> int:
+        """Queue the pending load of ``req_id`` into this step; returns the blocks now in place (0: none)."""
+        pending = self._pending_loads.pop(req_id, None)
+        if pending is None:
+            return 0
+        keys = block_keys(self.namespace, state.request.block_hashes)
+        end = pending.first_block + pending.num_blocks
+        for b in range(pending.first_block, end):
+            meta.loads.append(BlockMove(state.block_ids[b], keys[b]))
+        return end
+
+    def _add_saves(self, state: _Tracked, computed_after_step: int, meta: TierConnectorMetadata) -> None:
+        """Queue the blocks this step completes: full, computed by the end of it, and hashed by vLLM."""
+        full = min(computed_after_step // self.block_size, len(state.request.block_hashes), len(state.block_ids))
+        if full <= state.saved_blocks:
+            return
+        keys = block_keys(self.namespace, state.request.block_hashes[:full])
+        for b in range(state.saved_blocks, full):
+            meta.saves.append(BlockMove(state.block_ids[b], keys[b], keys[b - 1] if b else None))
+        state.saved_blocks = full
+
+    def _drop_saved_already(self, meta: TierConnectorMetadata) -> None:
+        """A block another request (or engine) already stored is not copied again."""
+        if meta.saves:
+            present = self.store.contains_many([m.key for m in meta.saves])
+            meta.saves = [m for m, p in zip(meta.saves, present) if not p]
+
+    # ================================================================ worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._paged = PagedBlocks(kv_caches, self._num_blocks)
+        log.info("KV connector: %d layers, block entry %s %s (%d B), namespace %s", len(kv_caches),
+                 self._paged.entry_shape, self._paged.dtype, self._paged.entry_nbytes, self.namespace.hex[:12])
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, TierConnectorMetadata)
+        if not meta.loads or self._paged is None:
+            return
+        entries = self.store.load_many([m.key for m in meta.loads])
+        for move, entry in zip(meta.loads, entries):
+            if entry is None or not self._paged.fits(entry):
+                self._load_errors.add(move.block_id)
+                continue
+            self._paged.scatter(move.block_id, entry)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads finish in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: "AttentionMetadata",
+                      **kwargs: Any) -> None:
+        return  # a block entry holds every layer: saved once the whole forward pass is done (wait_for_save)
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, TierConnectorMetadata)
+        if not meta.saves or self._paged is None:
+            return
+        entries = self._paged.gather([m.block_id for m in meta.saves])
+        self.store.save_many([(m.key, e, m.parent) for m, e in zip(meta.saves, entries)])
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+
+def _layout(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None") -> KVLayout:
+    from vllm.platforms import current_platform
+
+    if kv_cache_config is None or len(kv_cache_config.kv_cache_groups) != 1:
+        raise ConfigError("the KV connector supports models with one KV cache group (full attention in every "
+                          "layer, as Qwen3-VL has)")
+    group = kv_cache_config.kv_cache_groups[0]
+    spec = group.kv_cache_spec
+    dtype = str(spec.dtype).removeprefix("torch.")
+    return KVLayout(num_layers=len(group.layer_names), num_kv_heads=spec.num_kv_heads, head_size=spec.head_size,
+                    block_size=spec.block_size, dtype=dtype, platform=current_platform.device_type,
+                    engine=vllm.__version__)
