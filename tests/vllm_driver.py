@@ -1,0 +1,58 @@
+"""One vLLM engine process, as a user runs it: ``python tests/vllm_driver.py SPEC.json`` prints one JSON line.
+
+The spec names the checkpoint, the connector options (``null``: vLLM alone) and conversations; each
+conversation's turns run in order, every turn resending the history with the engine's own previous answers.
+Images are PNG files. ``reset`` empties vLLM's own prefix cache before every turn, so whatever a turn finds
+cached came from the connector. Output: per conversation, per turn, the greedy token ids and vLLM's
+``num_cached_tokens``; and the connector store's counters (blocks looked up, loaded per tier, failed, saved).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: starts in seconds
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+
+
+def main(spec_path: str) -> int:
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    from qwen3vl_ray.serving.connector_config import kv_transfer_config
+
+    spec = json.loads(open(spec_path).read())
+    kwargs = {}
+    if spec.get("connector") is not None:
+        kwargs["kv_transfer_config"] = kv_transfer_config(**spec["connector"])
+    llm = LLM(model=spec["model"], enforce_eager=True, max_model_len=4096, dtype="float32",
+              block_size=spec.get("block_size", 32), seed=0, **kwargs)
+    sampling = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 8))
+    results = []
+    for conversation in spec["conversations"]:
+        history, turns = [], []
+        for turn in conversation:
+            content = [{"type": "image_pil", "image_pil": Image.open(p).convert("RGB")} for p in turn.get("images", [])]
+            content.append({"type": "text", "text": turn["text"]})
+            history.append({"role": "user", "content": content})
+            if spec.get("reset", False):
+                llm.reset_prefix_cache()
+            out = llm.chat([history], sampling, use_tqdm=False)[0]
+            answer = out.outputs[0]
+            turns.append({"tokens": list(answer.token_ids), "cached": out.num_cached_tokens,
+                          "prompt": len(out.prompt_token_ids)})
+            history.append({"role": "assistant", "content": answer.text})
+        results.append(turns)
+    from dataclasses import asdict
+
+    from qwen3vl_ray.serving.block_store import open_stores
+
+    counters = [asdict(store.counters) for store in open_stores()]
+    print("RESULT " + json.dumps({"turns": results, "store": counters}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
