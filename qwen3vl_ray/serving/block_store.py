@@ -1,4 +1,4 @@
-"""Where the connector's blocks live: the project's tiered store, in the engine's process.
+"""Where the connector's blocks live: the project's tiered store, in the engine's process or on the node agents.
 
 The scheduler-side and the worker-side connector of one vLLM engine run in one process (in-process engine
 core, or the engine core process with its single worker), so they share one store: the scheduler's lookup
@@ -7,15 +7,17 @@ and the worker's load see the same entries. ``shared_store`` hands out that one 
 The store holds a host tier (pooled memory, the configured codec) and, when ``disk_bytes > 0``, a disk tier
 below it, whose files survive the process: at a clean exit the host tier's blocks move down to it, and the
 next engine on the machine finds them again (a killed process loses what was only in host memory). A disk
-directory belongs to one process at a time (it is locked); engines that run at once on one node share
-blocks through the node's agent instead.
+directory belongs to one process at a time (it is locked); engines that run at once on one node or across
+nodes share blocks through the node agents instead (``store="ray"``: ``actors.kv_block_store``).
 """
 
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import threading
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -24,6 +26,7 @@ import torch
 from qwen3vl_ray import settings as settings_mod
 from qwen3vl_ray.cache.config import CacheConfig
 from qwen3vl_ray.cache.tiered_cache import TieredCache
+from qwen3vl_ray.errors import ConfigError
 from qwen3vl_ray.keys import CacheKey, Namespace
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class BlockStoreCounters:
-    """What moved through the store, in blocks (the connector turns them into tokens)."""
+    """What moved through a store, in blocks (the connector turns them into tokens)."""
 
     lookups: int = 0
     hit_blocks: int = 0
@@ -41,52 +44,84 @@ class BlockStoreCounters:
     save_rejected: int = 0
 
 
-class LocalBlockStore:
-    """vLLM blocks in a :class:`TieredCache` (host, then disk), keyed by ``block_keys``."""
+class BlockStore(ABC):
+    """Where the connector's blocks live. Subclasses say how; this class counts what moved.
+
+    Implementations: :class:`LocalBlockStore` (the tiers in this process) and ``actors.kv_block_store.
+    AgentBlockStore`` (the node agents' tiers, across the Ray cluster)."""
+
+    def __init__(self) -> None:
+        self.counters = BlockStoreCounters()
+        self._counters_lock = threading.Lock()
+
+    def longest_prefix(self, keys: Sequence[CacheKey]) -> int:
+        """How many leading ``keys`` the store holds."""
+        n = self._held_prefix(keys)
+        with self._counters_lock:
+            self.counters.lookups += 1
+            self.counters.hit_blocks += n
+        return n
+
+    def load_many(self, keys: Sequence[CacheKey]) -> list[torch.Tensor | None]:
+        """The blocks, or None for each one that is gone or failed its integrity check (never an error)."""
+        tensors, tiers = self._load(keys)
+        with self._counters_lock:
+            for t, tier in zip(tensors, tiers):
+                if t is None:
+                    self.counters.load_failures += 1
+                else:
+                    self.counters.loaded[tier] = self.counters.loaded.get(tier, 0) + 1
+        return tensors
+
+    def save_many(self, items: Sequence[tuple[CacheKey, torch.Tensor, CacheKey | None]]) -> list[bool]:
+        """Store ``(key, block, parent)`` items; per item whether it is stored (no room is not an error)."""
+        oks = self._save(items)
+        with self._counters_lock:
+            self.counters.saved += sum(oks)
+            self.counters.save_rejected += len(oks) - sum(oks)
+        return oks
+
+    @abstractmethod
+    def contains_many(self, keys: Sequence[CacheKey]) -> list[bool]: ...
+
+    @abstractmethod
+    def _held_prefix(self, keys: Sequence[CacheKey]) -> int: ...
+
+    @abstractmethod
+    def _load(self, keys: Sequence[CacheKey]) -> tuple[list[torch.Tensor | None], list[str | None]]:
+        """Per key the tensor (None: not loaded) and the tier it came from."""
+
+    @abstractmethod
+    def _save(self, items: Sequence[tuple[CacheKey, torch.Tensor, CacheKey | None]]) -> list[bool]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the store holds in this process."""
+
+
+class LocalBlockStore(BlockStore):
+    """vLLM blocks in a :class:`TieredCache` (host, then disk) in this process."""
 
     def __init__(self, cache: TieredCache) -> None:
+        super().__init__()
         self.cache = cache
-        self.counters = BlockStoreCounters()
-        self._lock = threading.Lock()  # counters only; the cache has its own lock
 
     @classmethod
     def from_settings(cls, s: settings_mod.Settings, namespace: Namespace) -> "LocalBlockStore":
         tiers = settings_mod.tier_configs(s)[1:]  # vLLM's paged KV is the device level: host and disk here
         return cls(TieredCache(CacheConfig(tiers=tiers, policy=s.policy, namespace=namespace)))
 
-    def longest_prefix(self, keys: Sequence[CacheKey]) -> int:
-        n = self.cache.longest_prefix(keys)
-        with self._lock:
-            self.counters.lookups += 1
-            self.counters.hit_blocks += n
-        return n
-
     def contains_many(self, keys: Sequence[CacheKey]) -> list[bool]:
         return self.cache.contains_many(keys)
 
-    def load_many(self, keys: Sequence[CacheKey]) -> list[torch.Tensor | None]:
-        """The blocks, or None for each one that is gone or failed its integrity check (never an error)."""
-        out = []
-        for key in keys:
-            tier = self.cache.where(key)
-            t = self.cache.get(key)
-            with self._lock:
-                if t is None or tier is None:
-                    self.counters.load_failures += 1
-                else:
-                    self.counters.loaded[tier] = self.counters.loaded.get(tier, 0) + 1
-            out.append(t)
-        return out
+    def _held_prefix(self, keys: Sequence[CacheKey]) -> int:
+        return self.cache.longest_prefix(keys)
 
-    def save_many(self, items: Sequence[tuple[CacheKey, torch.Tensor, CacheKey | None]]) -> list[bool]:
-        oks = self.cache.put_many(items)
-        with self._lock:
-            self.counters.saved += sum(oks)
-            self.counters.save_rejected += len(oks) - sum(oks)
-        return oks
+    def _load(self, keys: Sequence[CacheKey]) -> tuple[list[torch.Tensor | None], list[str | None]]:
+        tiers = [self.cache.where(k) for k in keys]
+        return [self.cache.get(k) for k in keys], tiers
 
-    def stats(self) -> dict:
-        return {"store": self.cache.stats(), "counters": self.counters}
+    def _save(self, items: Sequence[tuple[CacheKey, torch.Tensor, CacheKey | None]]) -> list[bool]:
+        return self.cache.put_many(items)
 
     def close(self) -> None:
         """Move what the host tier holds down to the disk tier (if there is one), then close: host memory dies
@@ -97,24 +132,33 @@ class LocalBlockStore:
         self.cache.close()
 
 
-_STORES: dict[tuple, LocalBlockStore] = {}
+#: where blocks can live: ``local`` (this process's tiers) or ``ray`` (the node agents; needs the actors layer)
+STORE_KINDS = ("local", "ray")
+
+_STORES: dict[tuple, BlockStore] = {}
 _STORES_LOCK = threading.Lock()
 
 
-def shared_store(s: settings_mod.Settings, namespace: Namespace) -> LocalBlockStore:
-    """The one store of this process for (these tier settings, this namespace); made on first use, closed at
-    exit (the disk tier's index and lock are released cleanly)."""
-    key = (namespace.digest, repr(settings_mod.tier_configs(s)[1:]), s.policy)
+def shared_store(s: settings_mod.Settings, namespace: Namespace, kind: str = "local") -> BlockStore:
+    """The one store of this process for (this kind, these settings, this namespace); made on first use and
+    closed at exit (a local disk tier's index and lock are released cleanly)."""
+    if kind not in STORE_KINDS:
+        raise ConfigError(f"store must be one of {', '.join(STORE_KINDS)}, got {kind!r}")
+    key = (kind, namespace.digest, repr(settings_mod.tier_configs(s)[1:]), s.policy, s.tenant)
     with _STORES_LOCK:
         store = _STORES.get(key)
         if store is None:
-            store = _STORES[key] = LocalBlockStore.from_settings(s, namespace)
-            log.info("KV connector store %s: %s", namespace.hex[:12], ", ".join(
-                f"{t.name} {settings_mod.format_bytes(t.capacity_bytes)}" for t in store.cache.tiers))
+            if kind == "ray":
+                # the Ray layer plugs in by name: this core package never imports it
+                store = importlib.import_module("actors.kv_block_store").AgentBlockStore.from_settings(s, namespace)
+            else:
+                store = LocalBlockStore.from_settings(s, namespace)
+            _STORES[key] = store
+            log.info("KV connector store (%s) %s ready", kind, namespace.hex[:12])
         return store
 
 
-def open_stores() -> list[LocalBlockStore]:
+def open_stores() -> list[BlockStore]:
     """The stores this process has open (what its engines' connectors use), for metrics and tests."""
     with _STORES_LOCK:
         return list(_STORES.values())

@@ -7,10 +7,12 @@ option names (``host_bytes``, ``disk_dir``, ``host_codec``, ``tenant``, ...: ``d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from qwen3vl_ray import settings as settings_mod
 from qwen3vl_ray.errors import ConfigError
+from qwen3vl_ray.serving.block_store import STORE_KINDS
 
 #: the connector class and the module vLLM imports it from (``kv_connector_module_path``)
 CONNECTOR_CLASS = "TierKVConnector"
@@ -21,15 +23,32 @@ CONNECTOR_OPTIONS = ("host_bytes", "disk_bytes", "disk_dir", "host_codec", "disk
                      "disk_fsync", "high_watermark", "low_watermark", "policy", "tenant", "fingerprint")
 
 
-def connector_settings(extra_config: Mapping[str, Any] | None,
-                       env: Mapping[str, str] | None = None) -> settings_mod.Settings:
-    """Settings for the connector: ``extra_config`` > environment > defaults, checked like everywhere else."""
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """The connector's configuration.
+
+    Attributes:
+        settings: the project's settings (tier sizes and codecs, policy, tenant, fingerprint mode).
+        store: ``"local"`` (default): the tiers live in the engine's process (host, and disk when
+            ``disk_bytes > 0``); ``"ray"``: on the node agents of the Ray cluster this process is attached to
+            (``RAY_ADDRESS``), shared by every engine of the cluster, with the coordinator's directory.
+    """
+
+    settings: settings_mod.Settings
+    store: str = "local"
+
+
+def connector_config(extra_config: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> ConnectorConfig:
+    """``extra_config`` > environment > defaults, checked like everywhere else; unknown keys named."""
     extra = dict(extra_config or {})
+    store = extra.pop("store", "local")
+    if store not in STORE_KINDS:
+        raise ConfigError(f"kv_connector_extra_config store must be one of {', '.join(STORE_KINDS)}, got {store!r}")
     unknown = sorted(set(extra) - set(CONNECTOR_OPTIONS))
     if unknown:
         raise ConfigError(f"unknown kv_connector_extra_config key(s) {', '.join(unknown)}; "
-                          f"the connector takes: {', '.join(CONNECTOR_OPTIONS)}")
-    return settings_mod.resolve(extra, env=env)
+                          f"the connector takes: store, {', '.join(CONNECTOR_OPTIONS)}")
+    return ConnectorConfig(settings_mod.resolve(extra, env=env), store)
 
 
 def kv_transfer_config(**options: Any) -> dict[str, Any]:
@@ -39,7 +58,7 @@ def kv_transfer_config(**options: Any) -> dict[str, Any]:
     ``kv_load_failure_policy="recompute"``: a block that fails to load (evicted meanwhile, corrupt on disk) is
     recomputed by vLLM; vLLM's own default fails the request instead.
     """
-    connector_settings(options)  # a bad option fails here, where the caller wrote it, not in the engine
+    connector_config(options)  # a bad option fails here, where the caller wrote it, not in the engine
     return {
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": CONNECTOR_MODULE,

@@ -33,8 +33,8 @@ from qwen3vl_ray.engine.checkpoint import model_fingerprint
 from qwen3vl_ray.errors import ConfigError
 from qwen3vl_ray.keys import CacheKey
 from qwen3vl_ray.serving.block_keys import KVLayout, block_keys, block_namespace
-from qwen3vl_ray.serving.block_store import LocalBlockStore, shared_store
-from qwen3vl_ray.serving.connector_config import connector_settings
+from qwen3vl_ray.serving.block_store import BlockStore, shared_store
+from qwen3vl_ray.serving.connector_config import connector_config
 from qwen3vl_ray.serving.paged_blocks import PagedBlocks
 
 if TYPE_CHECKING:
@@ -87,7 +87,8 @@ class TierKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig") -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         tc = self._kv_transfer_config
-        settings = connector_settings(tc.kv_connector_extra_config)
+        config = connector_config(tc.kv_connector_extra_config)
+        settings = config.settings
         if tc.kv_load_failure_policy != "recompute":
             log.warning("kv_load_failure_policy=%r: a block that fails to load fails its request; "
                         "use kv_transfer_config() (\"recompute\") to recompute it instead", tc.kv_load_failure_policy)
@@ -101,7 +102,7 @@ class TierKVConnector(KVConnectorBase_V1):
                               f"disk: {e}") from None
         codec = f"host={settings.host_codec},disk={settings.disk_codec}"
         self.namespace = block_namespace(fingerprint, self.layout, codec, settings.tenant)
-        self.store: LocalBlockStore = shared_store(settings, self.namespace)
+        self.store: BlockStore = shared_store(settings, self.namespace, config.store)
         # scheduler side
         # looked up, not yet scheduled: the request and the tokens vLLM's own prefix cache had for it
         self._waiting: dict[str, tuple[Request, int]] = {}
