@@ -16,7 +16,7 @@ import torch
 
 from actors.cluster_chunks import ClusterChunks
 from qwen3vl_ray import settings as settings_mod
-from qwen3vl_ray.keys import CacheKey, Namespace
+from qwen3vl_ray.keys import CacheKey
 from qwen3vl_ray.serving.block_store import BlockStore
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class AgentBlockStore(BlockStore):
         self.chunks = chunks
 
     @classmethod
-    def from_settings(cls, s: settings_mod.Settings, namespace: Namespace) -> "AgentBlockStore":
+    def from_settings(cls, s: settings_mod.Settings) -> "AgentBlockStore":
         """Attach to the cluster (``RAY_ADDRESS``, else an embedded Ray), make sure this tenant's coordinator and
         agents run with these settings' agent configuration (a running service with another one is refused,
         naming the fields), and connect to them."""
@@ -44,7 +44,7 @@ class AgentBlockStore(BlockStore):
         config = ServiceConfig.from_settings(s, gpus_available=ray.cluster_resources().get("GPU", 0) > 0,
                                              resolve_model=False)
         ensure_service(config, num_workers=0)
-        logger.info("KV connector on the node agents of tenant %s, namespace %s", config.tenant.id, namespace.hex[:12])
+        logger.info("KV connector on the node agents of tenant %s", config.tenant.id)
         return cls(connect(config.tenant, config.agent))
 
     def contains_many(self, keys: Sequence[CacheKey]) -> list[bool]:

@@ -50,12 +50,13 @@ def _connector(tmp_path: Path, **options) -> dict:
     return {"host_bytes": "64MiB", "disk_bytes": "256MiB", "disk_dir": str(disk / "disk-tier"), **options}
 
 
-def run_engine(tmp_path: Path, model: str, conversations: list, connector: dict | None, reset: bool = True) -> dict:
+def run_engine(tmp_path: Path, model: str, conversations: list, connector: dict | None, reset: bool = True,
+               encoder_cache: dict | None = None) -> dict:
     """Start one engine process, run the conversations; returns ``turns`` (per conversation, per turn: tokens,
     cached, prompt length) and ``store`` (the connector store's counters; empty without the connector)."""
     spec = tmp_path / f"spec-{os.urandom(4).hex()}.json"
     spec.write_text(json.dumps({"model": model, "connector": connector, "conversations": conversations,
-                                "reset": reset, "block_size": BLOCK}))
+                                "reset": reset, "block_size": BLOCK, "encoder_cache": encoder_cache}))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "vllm_driver.py"), str(spec)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -124,3 +125,23 @@ def test_a_corrupt_block_on_disk_is_recomputed_never_served(assets, tmp_path):
     [counters] = second["store"]
     assert counters["hit_blocks"] > 0 and counters["load_failures"] > 0 and not counters["loaded"]
     assert tokens(second) == tokens(first)
+
+
+def test_an_images_vision_features_come_from_the_tiers_in_another_process_with_other_text(assets, tmp_path):
+    """The encoder-cache connector: the second process asks about the same image with other words (no KV block
+    in common), takes the image's encoder output from the disk tier instead of running the vision tower, and
+    answers exactly as vLLM alone does."""
+    features = _connector(tmp_path)
+    first = run_engine(tmp_path, assets["model"], [[{"text": "Describe the picture.", "images": [assets["image_a"]]}]],
+                       connector=None, encoder_cache=features)
+    [counters] = first["store"]
+    assert counters["saved"] == 1 and not counters["loaded"]
+
+    asked_again = [[{"text": "Which colours dominate this image?", "images": [assets["image_a"]]}],
+                   [{"text": "Which colours dominate this image?", "images": [assets["image_b"]]}]]
+    second = run_engine(tmp_path, assets["model"], asked_again, connector=None, encoder_cache=features)
+    alone = run_engine(tmp_path, assets["model"], asked_again, connector=None)
+    assert tokens(second) == tokens(alone)
+    [counters] = second["store"]
+    assert counters["loaded"] == {"disk": 1}  # image A's features; image B was encoded (and saved)
+    assert counters["saved"] == 1

@@ -1,6 +1,7 @@
 """One vLLM engine process, as a user runs it: ``python tests/vllm_driver.py SPEC.json`` prints one JSON line.
 
-The spec names the checkpoint, the connector options (``null``: vLLM alone) and conversations; each
+The spec names the checkpoint, the KV connector's options (``connector``; ``null``: without it), the
+encoder-cache connector's (``encoder_cache``; absent: without it) and conversations; each
 conversation's turns run in order, every turn resending the history with the engine's own previous answers.
 Images are PNG files. ``reset`` empties vLLM's own prefix cache before every turn, so whatever a turn finds
 cached came from the connector. Output: per conversation, per turn, the greedy token ids and vLLM's
@@ -22,13 +23,18 @@ def run_spec(spec: dict) -> dict:
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    from qwen3vl_ray.serving.connector_config import kv_transfer_config
+    from qwen3vl_ray.serving.connector_config import ec_transfer_config, kv_transfer_config
 
     kwargs = {}
     if spec.get("connector") is not None:
         kwargs["kv_transfer_config"] = kv_transfer_config(**spec["connector"])
+    if spec.get("encoder_cache") is not None:
+        kwargs["ec_transfer_config"] = ec_transfer_config(**spec["encoder_cache"])
     llm = LLM(model=spec["model"], enforce_eager=True, max_model_len=4096, dtype="float32",
-              block_size=spec.get("block_size", 32), seed=0, **kwargs)
+              block_size=spec.get("block_size", 32), seed=0,
+              # images only: vLLM sizes encoder outputs from dummy videos too, which transformers 5.25's video
+              # processor refuses for the tiny checkpoint
+              limit_mm_per_prompt={"image": 4, "video": 0}, **kwargs)
     sampling = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 8))
     results = []
     for conversation in spec["conversations"]:

@@ -139,22 +139,30 @@ _STORES: dict[tuple, BlockStore] = {}
 _STORES_LOCK = threading.Lock()
 
 
-def shared_store(s: settings_mod.Settings, namespace: Namespace, kind: str = "local") -> BlockStore:
-    """The one store of this process for (this kind, these settings, this namespace); made on first use and
-    closed at exit (a local disk tier's index and lock are released cleanly)."""
+def store_namespace(tenant: str) -> Namespace:
+    """The namespace of a connector store's own tiers (its disk files). The keys in it carry the model, dtype,
+    layout and tenant of each entry already (``block_keys``), so one store serves every model of a tenant, and
+    the KV and encoder-cache connectors of one engine share it (and its disk directory)."""
+    return Namespace(model="qwen3vl_ray-vllm-connector", dtype="any", layout="vllm", tenant=tenant)
+
+
+def shared_store(s: settings_mod.Settings, kind: str = "local") -> BlockStore:
+    """The one store of this process for (this kind, these settings); made on first use and closed at exit (a
+    local disk tier's index and lock are released cleanly)."""
     if kind not in STORE_KINDS:
         raise ConfigError(f"store must be one of {', '.join(STORE_KINDS)}, got {kind!r}")
-    key = (kind, namespace.digest, repr(settings_mod.tier_configs(s)[1:]), s.policy, s.tenant)
+    namespace = store_namespace(s.tenant)
+    key = (kind, repr(settings_mod.tier_configs(s)[1:]), s.policy, s.tenant)
     with _STORES_LOCK:
         store = _STORES.get(key)
         if store is None:
             if kind == "ray":
                 # the Ray layer plugs in by name: this core package never imports it
-                store = importlib.import_module("actors.kv_block_store").AgentBlockStore.from_settings(s, namespace)
+                store = importlib.import_module("actors.kv_block_store").AgentBlockStore.from_settings(s)
             else:
                 store = LocalBlockStore.from_settings(s, namespace)
             _STORES[key] = store
-            log.info("KV connector store (%s) %s ready", kind, namespace.hex[:12])
+            log.info("KV connector store (%s) of tenant %s ready", kind, s.tenant)
         return store
 
 

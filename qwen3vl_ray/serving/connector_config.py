@@ -14,9 +14,12 @@ from qwen3vl_ray import settings as settings_mod
 from qwen3vl_ray.errors import ConfigError
 from qwen3vl_ray.serving.block_store import STORE_KINDS
 
-#: the connector class and the module vLLM imports it from (``kv_connector_module_path``)
+#: the connector classes and the modules vLLM imports them from (``kv_connector_module_path``,
+#: ``ec_connector_module_path``)
 CONNECTOR_CLASS = "TierKVConnector"
 CONNECTOR_MODULE = "qwen3vl_ray.serving.kv_connector"
+EC_CONNECTOR_CLASS = "TierECConnector"
+EC_CONNECTOR_MODULE = "qwen3vl_ray.serving.ec_connector"
 
 #: options of the settings table the connector uses; any other key in the extra config is refused by name
 CONNECTOR_OPTIONS = ("host_bytes", "disk_bytes", "disk_dir", "host_codec", "disk_codec", "block_bytes",
@@ -65,4 +68,16 @@ def kv_transfer_config(**options: Any) -> dict[str, Any]:
         "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": dict(options),
+    }
+
+
+def ec_transfer_config(**options: Any) -> dict[str, Any]:
+    """The ``ec_transfer_config`` that keeps vLLM's encoder outputs (vision features) on the tiers: same options
+    as ``kv_transfer_config``; both may be given to one engine, and with equal options they share one store."""
+    connector_config(options)
+    return {
+        "ec_connector": EC_CONNECTOR_CLASS,
+        "ec_connector_module_path": EC_CONNECTOR_MODULE,
+        "ec_role": "ec_both",
+        "ec_connector_extra_config": dict(options),
     }

@@ -102,7 +102,7 @@ class TierKVConnector(KVConnectorBase_V1):
                               f"disk: {e}") from None
         codec = f"host={settings.host_codec},disk={settings.disk_codec}"
         self.namespace = block_namespace(fingerprint, self.layout, codec, settings.tenant)
-        self.store: BlockStore = shared_store(settings, self.namespace, config.store)
+        self.store: BlockStore = shared_store(settings, config.store)
         # scheduler side
         # looked up, not yet scheduled: the request and the tokens vLLM's own prefix cache had for it
         self._waiting: dict[str, tuple[Request, int]] = {}
