@@ -51,12 +51,13 @@ def _connector(tmp_path: Path, **options) -> dict:
 
 
 def run_engine(tmp_path: Path, model: str, conversations: list, connector: dict | None, reset: bool = True,
-               encoder_cache: dict | None = None) -> dict:
+               encoder_cache: dict | None = None, metrics: bool = False) -> dict:
     """Start one engine process, run the conversations; returns ``turns`` (per conversation, per turn: tokens,
     cached, prompt length) and ``store`` (the connector store's counters; empty without the connector)."""
     spec = tmp_path / f"spec-{os.urandom(4).hex()}.json"
     spec.write_text(json.dumps({"model": model, "connector": connector, "conversations": conversations,
-                                "reset": reset, "block_size": BLOCK, "encoder_cache": encoder_cache}))
+                                "reset": reset, "block_size": BLOCK, "encoder_cache": encoder_cache,
+                                "metrics": metrics}))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "vllm_driver.py"), str(spec)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -98,12 +99,20 @@ def test_a_second_engine_process_finds_the_first_ones_blocks_on_disk_but_never_a
     first = run_engine(tmp_path, assets["model"], [text, with_a], connector)
     assert [conv[0]["cached"] for conv in first["turns"]] == [0, 0]
 
-    second = run_engine(tmp_path, assets["model"], [text, with_a, with_b], connector)
+    second = run_engine(tmp_path, assets["model"], [text, with_a, with_b], connector, metrics=True)
     assert tokens(second)[:2] == tokens(first)
     text_turn, a_turn, b_turn = (conv[0] for conv in second["turns"])
     assert text_turn["cached"] == (text_turn["prompt"] - 1) // BLOCK * BLOCK > 0
     assert a_turn["cached"] == (a_turn["prompt"] - 1) // BLOCK * BLOCK > 0
     assert b_turn["cached"] == 0  # same text, another image: its blocks hash the pixels
+    # vLLM's stat loggers carry the connector's metrics beside its own external-hit counter
+    loaded = text_turn["cached"] + a_turn["cached"]
+    m = second["metrics"]
+    assert m["vllm:external_prefix_cache_hits"] == loaded
+    assert m["vllm:qwen3vl_ray_loaded_tokens{tier=disk}"] == loaded
+    assert m["vllm:qwen3vl_ray_load_bytes"] == loaded // BLOCK * second["block_nbytes"]
+    assert "vllm:qwen3vl_ray_load_seconds" in m  # (vLLM's reader shows counters as ints: well under 1 s here)
+    assert m["vllm:qwen3vl_ray_saved_tokens"] > 0  # image B's blocks
 
     # Another checkpoint with the same tokenizer, the same text, the same disk directory: nothing is shared.
     other = run_engine(tmp_path, assets["other_model"], [text], connector)

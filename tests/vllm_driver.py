@@ -5,7 +5,8 @@ encoder-cache connector's (``encoder_cache``; absent: without it) and conversati
 conversation's turns run in order, every turn resending the history with the engine's own previous answers.
 Images are PNG files. ``reset`` empties vLLM's own prefix cache before every turn, so whatever a turn finds
 cached came from the connector. Output: per conversation, per turn, the greedy token ids and vLLM's
-``num_cached_tokens``; and the connector store's counters (blocks looked up, loaded per tier, failed, saved).
+``num_cached_tokens``; and the connector store's counters (blocks looked up, loaded per tier, failed, saved);
+with ``"metrics": true``, the ``vllm:`` counters of vLLM's stat loggers for external hits and the connector.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def run_spec(spec: dict) -> dict:
               block_size=spec.get("block_size", 32), seed=0,
               # images only: vLLM sizes encoder outputs from dummy videos too, which transformers 5.25's video
               # processor refuses for the tiny checkpoint
-              limit_mm_per_prompt={"image": 4, "video": 0}, **kwargs)
+              limit_mm_per_prompt={"image": 4, "video": 0}, disable_log_stats=not spec.get("metrics", False), **kwargs)
     sampling = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 8))
     results = []
     for conversation in spec["conversations"]:
@@ -55,7 +56,19 @@ def run_spec(spec: dict) -> dict:
 
     from qwen3vl_ray.serving.block_store import open_stores
 
-    return {"turns": results, "store": [asdict(store.counters) for store in open_stores()]}
+    out = {"turns": results, "store": [asdict(store.counters) for store in open_stores()]}
+    if "connector" in spec and spec["connector"] is not None:  # one stored block's bytes: every layer's K and V
+        cfg = llm.llm_engine.model_config.hf_config.get_text_config()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4  # fp32
+        out["block_nbytes"] = per_token * spec.get("block_size", 32)
+    if spec.get("metrics", False):  # vLLM's own counters and the connector's, as its stat loggers export them
+        out["metrics"] = {}
+        for m in llm.get_metrics():
+            if m.name.startswith(("vllm:qwen3vl_ray_", "vllm:external_prefix_cache")) and hasattr(m, "value"):
+                name = m.name + ("{tier=%s}" % m.labels["tier"] if "tier" in m.labels else "")
+                out["metrics"][name] = out["metrics"].get(name, 0) + m.value
+    return out
 
 
 def main(spec_path: str) -> int:

@@ -64,14 +64,19 @@ class BlockStore(ABC):
 
     def load_many(self, keys: Sequence[CacheKey]) -> list[torch.Tensor | None]:
         """The blocks, or None for each one that is gone or failed its integrity check (never an error)."""
+        return self.load_with_tiers(keys)[0]
+
+    def load_with_tiers(self, keys: Sequence[CacheKey]) -> tuple[list[torch.Tensor | None], list[str | None]]:
+        """``load_many`` and, per block, the tier it came from (``host``, ``disk``, ``remote``; None: not loaded)."""
         tensors, tiers = self._load(keys)
+        tiers = [tier if t is not None else None for t, tier in zip(tensors, tiers)]
         with self._counters_lock:
-            for t, tier in zip(tensors, tiers):
-                if t is None:
+            for tier in tiers:
+                if tier is None:
                     self.counters.load_failures += 1
                 else:
                     self.counters.loaded[tier] = self.counters.loaded.get(tier, 0) + 1
-        return tensors
+        return tensors, tiers
 
     def save_many(self, items: Sequence[tuple[CacheKey, torch.Tensor, CacheKey | None]]) -> list[bool]:
         """Store ``(key, block, parent)`` items; per item whether it is stored (no room is not an error)."""

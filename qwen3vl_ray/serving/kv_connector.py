@@ -17,6 +17,7 @@ request finds its KV in the tiers when it resumes, and the next turn of a chat f
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from qwen3vl_ray.keys import CacheKey
 from qwen3vl_ray.serving.block_keys import KVLayout, block_keys, block_namespace
 from qwen3vl_ray.serving.block_store import BlockStore, shared_store
 from qwen3vl_ray.serving.connector_config import connector_config
+from qwen3vl_ray.serving.connector_metrics import TierConnectorPromMetrics, TierConnectorStats
 from qwen3vl_ray.serving.paged_blocks import PagedBlocks
 
 if TYPE_CHECKING:
@@ -111,6 +113,7 @@ class TierKVConnector(KVConnectorBase_V1):
         # worker side
         self._paged: PagedBlocks | None = None
         self._load_errors: set[int] = set()
+        self._stats = TierConnectorStats()
         self._num_blocks = kv_cache_config.num_blocks if kv_cache_config is not None else 0
 
     # ================================================================ scheduler side
@@ -203,12 +206,19 @@ class TierKVConnector(KVConnectorBase_V1):
         assert isinstance(meta, TierConnectorMetadata)
         if not meta.loads or self._paged is None:
             return
-        entries = self.store.load_many([m.key for m in meta.loads])
-        for move, entry in zip(meta.loads, entries):
+        t0 = time.perf_counter()
+        entries, tiers = self.store.load_with_tiers([m.key for m in meta.loads])
+        tokens: dict[str, int] = {}
+        failures = 0
+        for move, entry, tier in zip(meta.loads, entries, tiers):
             if entry is None or not self._paged.fits(entry):
                 self._load_errors.add(move.block_id)
+                failures += 1
                 continue
             self._paged.scatter(move.block_id, entry)
+            tokens[tier] = tokens.get(tier, 0) + self.block_size
+        loaded = sum(tokens.values()) // self.block_size
+        self._stats.record_load(tokens, loaded * self._paged.entry_nbytes, time.perf_counter() - t0, failures)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads finish in start_load_kv
@@ -222,12 +232,30 @@ class TierKVConnector(KVConnectorBase_V1):
         assert isinstance(meta, TierConnectorMetadata)
         if not meta.saves or self._paged is None:
             return
+        t0 = time.perf_counter()
         entries = self._paged.gather([m.block_id for m in meta.saves])
-        self.store.save_many([(m.key, e, m.parent) for m, e in zip(meta.saves, entries)])
+        saved = sum(self.store.save_many([(m.key, e, m.parent) for m, e in zip(meta.saves, entries)]))
+        self._stats.record_save(saved * self.block_size, saved * self._paged.entry_nbytes, time.perf_counter() - t0)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+    # ================================================================ metrics (vLLM carries them)
+    def get_kv_connector_stats(self) -> TierConnectorStats | None:
+        if self._stats.is_empty():
+            return None
+        stats, self._stats = self._stats, TierConnectorStats()
+        return stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> TierConnectorStats:
+        return TierConnectorStats(data=data) if data is not None else TierConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: "VllmConfig", metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> TierConnectorPromMetrics:
+        return TierConnectorPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
 
 def _layout(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None") -> KVLayout:
