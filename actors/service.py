@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import time
 import uuid
 from collections import deque
 from typing import Any, Sequence
@@ -342,7 +343,6 @@ def wait_for_workers(workers: dict[str, Any], options: dict[str, dict], timeout_
     asked for and what the cluster has; after ``timeout_s`` it removes the workers that never started (so no
     demand is left behind) and raises ``WorkersUnavailableError`` saying the same. A worker that fails to start
     raises its own error at once."""
-    import time
 
     import ray
 
@@ -370,12 +370,30 @@ def wait_for_workers(workers: dict[str, Any], options: dict[str, dict], timeout_
                     ray.kill(getattr(workers[name], "actor", workers[name]), no_restart=True)
                 except Exception:
                     logger.debug("could not remove pending worker %s", name, exc_info=True)
+            _await_names_released({name: options[name].get("namespace") for name in names})
             raise WorkersUnavailableError(
                 f"{summary}; gave up after worker_start_timeout_s={timeout_s:g}: add nodes with these resources "
                 f"(an autoscaling cluster launches them: see `ray status`), ask for fewer workers, or raise "
                 f"QWEN3VL_RAY_WORKER_START_TIMEOUT_S")
         logger.warning("waiting for resources: %s; an autoscaling cluster is launching nodes for them "
                        "(giving up after %.0f s)", summary, timeout_s)
+
+
+def _await_names_released(names: dict[str, str | None], timeout_s: float = 30.0) -> None:
+    """Wait until killed actors' names are free (``ray.kill`` returns before the GCS releases them), so that a
+    retry right after the error can create them again."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    for name, namespace in names.items():
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name, namespace=namespace)
+            except ValueError:
+                break
+            time.sleep(0.1)
+        else:
+            logger.warning("worker name %s still taken %.0f s after its actor was killed", name, timeout_s)
 
 
 def _demand(options: dict) -> str:
