@@ -94,6 +94,12 @@ class TierKVConnector(KVConnectorBase_V1):
         if tc.kv_load_failure_policy != "recompute":
             log.warning("kv_load_failure_policy=%r: a block that fails to load fails its request; "
                         "use kv_transfer_config() (\"recompute\") to recompute it instead", tc.kv_load_failure_policy)
+        parallel = vllm_config.parallel_config
+        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+            # each rank holds a slice of the heads or layers: one key per block would mix slices
+            raise ConfigError(f"the KV connector serves engines of one worker (tensor_parallel_size 1, "
+                              f"pipeline_parallel_size 1), got {parallel.tensor_parallel_size} and "
+                              f"{parallel.pipeline_parallel_size}: run one engine per GPU (data parallel)")
         self.block_size = vllm_config.cache_config.block_size
         self.layout = _layout(vllm_config, kv_cache_config)
         model_path = vllm_config.model_config.model
@@ -143,7 +149,9 @@ class TierKVConnector(KVConnectorBase_V1):
                 continue
             request = waiting[0]
             state = self._tracked[new.req_id] = _Tracked(request, list(new.block_ids[0]), 0)
-            state.saved_blocks = self._take_loads(new.req_id, state, meta) or new.num_computed_tokens // self.block_size
+            self._take_loads(new.req_id, state, meta)
+            # what vLLM had (its prefix cache, or loaded from the store this step) needs no saving
+            state.saved_blocks = new.num_computed_tokens // self.block_size
             self._add_saves(state, new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id], meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -155,7 +163,8 @@ class TierKVConnector(KVConnectorBase_V1):
                 self._waiting.pop(req_id, None)
                 # back from preemption: its blocks were freed, this is the whole new list
                 state.block_ids = list(new_ids[0]) if new_ids is not None else []
-                state.saved_blocks = self._take_loads(req_id, state, meta) or cached.num_computed_tokens[i] // self.block_size
+                self._take_loads(req_id, state, meta)
+                state.saved_blocks = cached.num_computed_tokens[i] // self.block_size
             elif new_ids is not None:
                 state.block_ids.extend(new_ids[0])
             self._add_saves(state, cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens[req_id], meta)
@@ -168,25 +177,28 @@ class TierKVConnector(KVConnectorBase_V1):
             table.pop(request.request_id, None)
         return False, None
 
-    def _take_loads(self, req_id: str, state: _Tracked, meta: TierConnectorMetadata) -> int:
-        """Queue the pending load of ``req_id`` into this step; returns the blocks now in place (0: none)."""
+    def _take_loads(self, req_id: str, state: _Tracked, meta: TierConnectorMetadata) -> None:
+        """Queue the pending load of ``req_id`` (if any) into this step."""
         pending = self._pending_loads.pop(req_id, None)
         if pending is None:
-            return 0
-        keys = block_keys(self.namespace, state.request.block_hashes)
+            return
         end = pending.first_block + pending.num_blocks
-        for b in range(pending.first_block, end):
-            meta.loads.append(BlockMove(state.block_ids[b], keys[b]))
-        return end
+        keys = block_keys(self.namespace, state.request.block_hashes[pending.first_block:end])
+        for b, key in zip(range(pending.first_block, end), keys):
+            meta.loads.append(BlockMove(state.block_ids[b], key))
 
     def _add_saves(self, state: _Tracked, computed_after_step: int, meta: TierConnectorMetadata) -> None:
         """Queue the blocks this step completes: full, computed by the end of it, and hashed by vLLM."""
         full = min(computed_after_step // self.block_size, len(state.request.block_hashes), len(state.block_ids))
-        if full <= state.saved_blocks:
+        first = state.saved_blocks
+        if full <= first:
             return
-        keys = block_keys(self.namespace, state.request.block_hashes[:full])
-        for b in range(state.saved_blocks, full):
-            meta.saves.append(BlockMove(state.block_ids[b], keys[b], keys[b - 1] if b else None))
+        # keys of the new blocks and of the one before them (their chain parent): not the whole prefix each step
+        start = max(0, first - 1)
+        keys = block_keys(self.namespace, state.request.block_hashes[start:full])
+        for b in range(first, full):
+            parent = keys[b - 1 - start] if b else None
+            meta.saves.append(BlockMove(state.block_ids[b], keys[b - start], parent))
         state.saved_blocks = full
 
     def _drop_saved_already(self, meta: TierConnectorMetadata) -> None:
