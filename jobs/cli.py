@@ -2,6 +2,9 @@
 
     qwen3vl-ray demo                         embedded Ray, tiny checkpoint, cold vs warm + a chat, summary
     qwen3vl-ray infer --input D --output O   a dataset, locally or against --address (same flags as jobs.infer)
+    qwen3vl-ray serve [--address A] [--num-workers N] [--port P]
+                                             an OpenAI-compatible endpoint (Ray Serve LLM + vLLM, KV on the tiers,
+                                             requests routed to the node holding their cached prefix)
     qwen3vl-ray status [--address A]         per-node, per-tier table from the coordinator
     qwen3vl-ray service --address A [--num-workers N]
                                              start (or reuse) the coordinator, node agents and workers on a
@@ -92,12 +95,18 @@ def cmd_bench(argv: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", f"benchmarks.{name}", *rest])
 
 
-# -- infer / service / status / demo ---------------------------------------------------------------------
+# -- infer / serve / service / status / demo -------------------------------------------------------------
 
 def cmd_infer(argv: list[str]) -> int:
     from jobs import infer
 
     return infer.main(argv, prog=f"{PROG} infer")
+
+
+def cmd_serve(argv: list[str]) -> int:
+    from jobs import serve
+
+    return serve.main(argv, prog=f"{PROG} serve")
 
 
 def cmd_service(argv: list[str]) -> int:
@@ -144,6 +153,7 @@ def cmd_config(argv: list[str]) -> int:
 COMMANDS = {
     "demo": (cmd_demo, "embedded Ray + tiny checkpoint: a batch cold then warm and a chat, then a summary"),
     "infer": (cmd_infer, "run a dataset (.jsonl/.parquet) to a Parquet file, locally or against --address"),
+    "serve": (cmd_serve, "OpenAI-compatible endpoint: Ray Serve LLM + vLLM on the tiers, prefix-aware routing"),
     "status": (cmd_status, "per-node, per-tier table (used/budget, entries, hit ratio, pressure)"),
     "service": (cmd_service, "start or reuse the coordinator, node agents and workers on a cluster"),
     "make-checkpoint": (cmd_make_checkpoint, "write a generated tiny or bench-2b checkpoint"),

@@ -23,7 +23,7 @@ def test_console_script_is_declared():
 def test_help_lists_every_command(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("demo", "infer", "status", "make-checkpoint", "bench", "service", "config"):
+    for name in ("demo", "infer", "serve", "status", "make-checkpoint", "bench", "service", "config"):
         assert f"  {name} " in out
 
 
