@@ -10,12 +10,14 @@ Agent restarts keep what the disk tier held; a failed agent or coordinator call 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Sequence
 
 import torch
 
 from actors.cluster_chunks import ClusterChunks
 from qwen3vl_ray import settings as settings_mod
+from qwen3vl_ray.errors import ClusterError
 from qwen3vl_ray.keys import CacheKey
 from qwen3vl_ray.serving.block_store import BlockStore
 
@@ -31,7 +33,7 @@ class AgentBlockStore(BlockStore):
 
     @classmethod
     def from_settings(cls, s: settings_mod.Settings) -> "AgentBlockStore":
-        """Attach to the cluster (``RAY_ADDRESS``, else an embedded Ray), make sure this tenant's coordinator and
+        """Attach to the cluster (``RAY_ADDRESS``, else the one running on this machine), make sure this tenant's coordinator and
         agents run with these settings' agent configuration (a running service with another one is refused,
         naming the fields), and connect to them."""
         import ray
@@ -40,7 +42,16 @@ class AgentBlockStore(BlockStore):
         from actors.config import ServiceConfig
         from actors.service import attach_ray, ensure_service
 
-        attach_ray()
+        if not ray.is_initialized():
+            # never a new embedded Ray: an engine's subprocess (vLLM's engine core, its workers) would get a
+            # cluster of its own and share nothing. The cluster named by RAY_ADDRESS, else the one on this machine.
+            address = os.environ.get("RAY_ADDRESS") or "auto"
+            try:
+                attach_ray(address)
+            except ConnectionError as e:
+                raise ClusterError(f"store='ray' keeps blocks on the node agents of a running Ray cluster, and none "
+                                   f"answers at {address!r} ({e}): set RAY_ADDRESS, or start one with "
+                                   f"`ray start --head`") from None
         config = ServiceConfig.from_settings(s, gpus_available=ray.cluster_resources().get("GPU", 0) > 0,
                                              resolve_model=False)
         ensure_service(config, num_workers=0)

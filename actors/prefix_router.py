@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from qwen3vl_ray.keys import CacheKey, Namespace
-from qwen3vl_ray.serving.block_keys import KVLayout, block_keys, block_namespace
+from qwen3vl_ray.serving.block_keys import KVLayout, block_keys, block_namespace, codec_tag
 
 # Under Serve's logger: Serve writes only its own loggers' records into the replica logs (logs/serve/), where
 # whoever runs the endpoint looks for why routing degraded.
@@ -111,12 +111,8 @@ def connector_namespace(model_path: str, fingerprint: str, block_size: int, dtyp
 
     with open(os.path.join(model_path, "config.json")) as f:
         config = json.load(f)
-    text = config.get("text_config", config)
-    head_size = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-    layout = KVLayout(num_layers=text["num_hidden_layers"], num_kv_heads=text["num_key_value_heads"],
-                      head_size=head_size, block_size=block_size, dtype=dtype, platform=platform,
-                      engine=vllm.__version__)
-    return block_namespace(fingerprint, layout, f"host={host_codec},disk={disk_codec}", tenant)
+    layout = KVLayout.from_text_config(config.get("text_config", config), block_size, dtype, platform, vllm.__version__)
+    return block_namespace(fingerprint, layout, codec_tag(host_codec, disk_codec), tenant)
 
 
 class PromptKeys:

@@ -11,7 +11,7 @@ model, dtype, layout or tenant are unrelated keys (and the tiers refuse cross-na
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from qwen3vl_ray.keys import CacheKey, Namespace, content_key
 
@@ -45,6 +45,22 @@ class KVLayout:
     def tag(self) -> str:
         return (f"vllm-{self.engine}:{self.platform}:L{self.num_layers}xH{self.num_kv_heads}xD{self.head_size}"
                 f":B{self.block_size}")
+
+
+    @classmethod
+    def from_text_config(cls, text: Mapping[str, Any], block_size: int, dtype: str, platform: str,
+                         engine: str) -> "KVLayout":
+        """The layout vLLM gives a model, from its (text) ``config.json`` alone: one attention layer per text
+        layer, the KV heads of one worker (no tensor parallelism), the model dtype (``kv_cache_dtype="auto"``).
+        For callers that key blocks without an engine (the request router)."""
+        head_size = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        return cls(num_layers=text["num_hidden_layers"], num_kv_heads=text["num_key_value_heads"],
+                   head_size=head_size, block_size=block_size, dtype=dtype, platform=platform, engine=engine)
+
+
+def codec_tag(host_codec: str, disk_codec: str) -> str:
+    """The namespace's codec field: a change of either codec must not serve old payloads as new."""
+    return f"host={host_codec},disk={disk_codec}"
 
 
 def block_namespace(model_fingerprint: str, layout: KVLayout, codec: str, tenant: str) -> Namespace:

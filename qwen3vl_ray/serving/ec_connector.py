@@ -31,6 +31,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from qwen3vl_ray.engine.checkpoint import model_fingerprint
 from qwen3vl_ray.errors import ConfigError
 from qwen3vl_ray.keys import CacheKey, Namespace, content_key
+from qwen3vl_ray.serving.block_keys import codec_tag
 from qwen3vl_ray.serving.block_store import BlockStore, shared_store
 from qwen3vl_ray.serving.connector_config import connector_config
 
@@ -106,7 +107,7 @@ class TierECConnector(ECConnectorBase):
         dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
         self.namespace = Namespace(model=fingerprint, dtype=dtype,
                                    layout=f"vllm-{vllm.__version__}:{current_platform.device_type}:encoder-output",
-                                   codec=f"host={s.host_codec},disk={s.disk_codec}", tenant=s.tenant)
+                                   codec=codec_tag(s.host_codec, s.disk_codec), tenant=s.tenant)
         self.store: BlockStore = shared_store(s, config.store)
         self._staging = _staging_for(self.namespace)
         self._to_load: list[str] = []

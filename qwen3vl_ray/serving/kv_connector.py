@@ -33,7 +33,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from qwen3vl_ray.engine.checkpoint import model_fingerprint
 from qwen3vl_ray.errors import ConfigError
 from qwen3vl_ray.keys import CacheKey
-from qwen3vl_ray.serving.block_keys import KVLayout, block_keys, block_namespace
+from qwen3vl_ray.serving.block_keys import KVLayout, block_keys, block_namespace, codec_tag
 from qwen3vl_ray.serving.block_store import BlockStore, shared_store
 from qwen3vl_ray.serving.connector_config import connector_config
 from qwen3vl_ray.serving.connector_metrics import TierConnectorPromMetrics, TierConnectorStats
@@ -108,8 +108,8 @@ class TierKVConnector(KVConnectorBase_V1):
         except FileNotFoundError as e:
             raise ConfigError(f"the KV connector keys blocks by the checkpoint's fingerprint and needs its files on "
                               f"disk: {e}") from None
-        codec = f"host={settings.host_codec},disk={settings.disk_codec}"
-        self.namespace = block_namespace(fingerprint, self.layout, codec, settings.tenant)
+        self.namespace = block_namespace(fingerprint, self.layout, codec_tag(settings.host_codec, settings.disk_codec),
+                                         settings.tenant)
         self.store: BlockStore = shared_store(settings, config.store)
         # scheduler side
         # looked up, not yet scheduled: the request and the tokens vLLM's own prefix cache had for it
