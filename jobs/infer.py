@@ -6,6 +6,11 @@
 Inside ``ray job submit`` a plain ``ray.init()`` attaches to the cluster (``RAY_ADDRESS``); run by hand it
 starts an embedded Ray. ``--address`` attaches to a given cluster instead.
 
+The default runner, ``vllm``, runs the rows on Ray Data LLM's vLLM processor with the project's KV connector on
+the node agents (``jobs.vllm_runner``; its rows have no ``cached_tokens``: Ray Data LLM does not report vLLM's
+count). ``--runner service|engine|plain`` runs the project's own transformers engine, kept as the reference
+the correctness tests compare against (``jobs.runner``).
+
 Output columns: id, text, prompt_tokens, completion_tokens, cached_tokens, ttft_s, tier, error. A bad row
 (missing or corrupt image, too large, malformed messages) gets its error in its row and the job goes on;
 ``--fail-on-error`` makes the exit status 1 when any row has an error (its one line, like the summary, names
@@ -32,7 +37,7 @@ from jobs.metrics import JobMetrics, attach_for_metrics
 from jobs.output import OutputBusyError, PartWriter
 from jobs.log_levels import apply_log_levels
 from jobs.rows import error_row
-from jobs.runner import RUNNERS, Runner, make_runner
+from jobs.runner import JOB_RUNNERS, Runner, make_runner
 from qwen3vl_ray import settings as S
 from qwen3vl_ray.errors import ClusterError, ConfigError
 
@@ -50,9 +55,10 @@ def build_parser(prog: str = "python -m jobs.infer") -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="dataset: .jsonl or .parquet (rows: id + messages, or id + prompt + images)")
     p.add_argument("--output", required=True, help="result .parquet (parts are kept in OUTPUT.parts/ while running)")
-    p.add_argument("--runner", choices=RUNNERS, default="service",
-                   help="service: the Ray service (default); engine: one in-process engine, no Ray; "
-                        "plain: transformers generate without the store (reference)")
+    p.add_argument("--runner", choices=JOB_RUNNERS, default="vllm",
+                   help="vllm: Ray Data LLM on vLLM, KV on the node agents (default); service: the Ray service "
+                        "(the project's engine); engine: one in-process engine, no Ray; plain: transformers "
+                        "generate without the store (reference)")
     p.add_argument("--fail-on-error", action="store_true", help="exit with status 1 if any row has an error")
     p.add_argument("--retry-errors", action="store_true", help="redo rows whose earlier result was an error")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -77,7 +83,7 @@ def error_text(e: BaseException, limit: int = 1000) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _run_batch(runner: Runner, batch: list[Item], state: dict) -> list[dict]:
+def _run_batch(runner: Runner | None, batch: list[Item], state: dict) -> list[dict]:
     """Output rows for ``batch`` in order: invalid items keep their error; valid ones go to the runner."""
     valid = [it for it in batch if it.error is None]
     by_id: dict[str, dict] = {it.id: error_row(it.id, it.error) for it in batch if it.error is not None}
@@ -108,7 +114,33 @@ def _run_batch(runner: Runner, batch: list[Item], state: dict) -> list[dict]:
     return [by_id[it.id] for it in batch]
 
 
-def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str = "service",
+def _batched(items: Iterable[Item], size: int, start, stats: dict) -> Iterator[list[dict]]:
+    """Output rows batch by batch from a runner that takes batches; ``start()`` returns the runner (called only
+    for a batch with a valid item)."""
+    for batch in _batches(items, size):
+        yield _run_batch(start() if any(it.error is None for it in batch) else None, batch, stats)
+
+
+def _streamed(items: Iterable[Item], size: int, start) -> Iterator[list[dict]]:
+    """Output rows for a streaming runner (``jobs.runner.StreamingRunner``): the invalid items' errors in batches
+    of ``size`` first, then every valid item in one ``stream`` call of the runner ``start()`` returns (called
+    only if there is one: a dataset of bad rows starts nothing)."""
+    valid, bad = [], []
+    for it in items:
+        if it.error is None:
+            valid.append(it)
+        else:
+            bad.append(error_row(it.id, it.error))
+            if len(bad) == size:
+                yield bad
+                bad = []
+    if bad:
+        yield bad
+    if valid:
+        yield from start().stream(valid)
+
+
+def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str = "vllm",
         retry_errors: bool = False, progress: bool = True) -> dict:
     """Run the dataset; returns a summary dict. Raises DatasetError/ConfigError/OutputBusyError for
     problems with the job as a whole."""
@@ -122,7 +154,7 @@ def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str
         items = load(input_path, limits, skip)  # lazily: also checks duplicate ids before the first row
         todo = len(order) - already
         stats = {"rows": 0, "errors": 0, "prompt_tokens": 0, "cached_tokens": 0, "cached_total": 0,
-                 "failed_batches": 0}
+                 "cached_unknown": 0, "failed_batches": 0}
         bar = None
         if progress and todo:
             from tqdm import tqdm
@@ -132,15 +164,23 @@ def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str
         own_runner = isinstance(runner, str)
         kind, active = (runner, None) if own_runner else (None, runner)
         metrics = None
+
+        def start() -> Runner:
+            nonlocal active
+            if active is None:
+                # Lazily: a dataset of bad rows (or a resumed one) never starts Ray or loads a model.
+                if kind not in ("service", "vllm"):  # those two attach to Ray themselves
+                    attach_for_metrics(settings.address)
+                active = make_runner(settings, kind)
+            return active
+
         if todo:
             try:
-                for batch in _batches(items, settings.batch_size):
-                    if active is None and any(it.error is None for it in batch):
-                        # Lazily: a dataset of bad rows (or a resumed one) never starts Ray or loads a model.
-                        if kind != "service":
-                            attach_for_metrics(settings.address)
-                        active = make_runner(settings, kind)
-                    rows = _run_batch(active, batch, stats)
+                if kind == "vllm" or hasattr(active, "stream"):
+                    results = _streamed(items, settings.batch_size, start)
+                else:
+                    results = _batched(items, settings.batch_size, start, stats)
+                for rows in results:
                     writer.write(rows)  # durable before it counts as done
                     if metrics is None and active is not None:
                         metrics = JobMetrics.create(Path(output).name)  # Ray is up once the runner is
@@ -150,9 +190,12 @@ def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str
                         stats["rows"] += 1
                         stats["errors"] += r["error"] is not None
                         stats["cached_total"] += r["cached_tokens"] or 0
-                        if r["prompt_tokens"]:  # hit ratio over rows that report their prompt size
+                        stats["cached_unknown"] += r["error"] is None and r["cached_tokens"] is None
+                        # hit ratio over rows that report their prompt size and their cached tokens (the vllm
+                        # runner reports no cached tokens: its rows would only dilute the ratio)
+                        if r["prompt_tokens"] and r["cached_tokens"] is not None:
                             stats["prompt_tokens"] += r["prompt_tokens"]
-                            stats["cached_tokens"] += r["cached_tokens"] or 0
+                            stats["cached_tokens"] += r["cached_tokens"]
                     if bar is not None:
                         bar.update(len(rows))
                         hit = f"{_ratio(stats):.0%}" if stats["prompt_tokens"] else f"{stats['cached_total']} tok"
@@ -173,7 +216,8 @@ def run(input_path: str, output: str, settings: S.Settings, runner: Runner | str
         "errors_run": stats["errors"],
         **_errors(output, set(order)),
         "hit_ratio": round(_ratio(stats), 4) if stats["prompt_tokens"] else None,
-        "cached_tokens": stats["cached_total"],
+        # null when no finished row reported it (the vllm runner), rather than a 0 that claims no reuse
+        "cached_tokens": None if stats["cached_unknown"] and not stats["cached_total"] else stats["cached_total"],
         "rows_per_s": round(stats["rows"] / max(time.perf_counter() - t0, 1e-9), 3),
         "rows_in_output": total,
     }

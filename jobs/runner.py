@@ -4,11 +4,18 @@ A runner takes validated ``Item``s (``jobs.dataset``) and returns one output row
 the columns of ``jobs.output.SCHEMA``. A per-request failure is that row's ``error``; an exception from
 ``run`` means the runner itself is broken (the job retries rows one by one, then gives up).
 
+- ``vllm`` (``jobs.vllm_runner``): Ray Data LLM's vLLM processor with the project's KV connector on the node
+  agents. The batch job's default. It streams (``StreamingRunner``): one pipeline for the whole run, its rows
+  coming back batch by batch.
 - ``service``: the Ray service (coordinator + node agents + Qwen3-VL workers) through
   ``actors.service.ensure_service``: attaches to ``--address`` / ``RAY_ADDRESS`` (inside ``ray job submit``)
-  or starts an embedded Ray. The default.
+  or starts an embedded Ray.
 - ``engine``: one in-process ``qwen3vl_ray.Qwen3VLEngine`` (tiered store, no Ray).
 - ``plain``: transformers ``generate`` with no store: the reference a cached run is compared against.
+
+The project's own transformers engine (``service``, ``engine``, ``plain``) stays beside vLLM: it is the
+reference the correctness tests compare cached runs against (its tiers, sessions and vision cache are checked
+token for token against ``plain``), and what the demo and the multi-turn chats run on.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import io
 import itertools
 import logging
 import time
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 from jobs.dataset import Item
 from jobs.rows import engine_row, error_row
@@ -26,6 +33,9 @@ from qwen3vl_ray.settings import Settings
 logger = logging.getLogger(__name__)
 
 RUNNERS = ("service", "engine", "plain")
+"""Runners that take rows batch by batch and chat sessions (the demo's)."""
+JOB_RUNNERS = ("vllm", *RUNNERS)
+"""The batch job's runners, its default first."""
 
 
 class Runner(Protocol):
@@ -41,7 +51,18 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
+class StreamingRunner(Runner, Protocol):
+    """A runner that takes the whole run at once and yields output rows in batches as they finish (any order):
+    for runners whose start is costly per call (an engine start per pipeline)."""
+
+    def stream(self, items: list[Item]) -> Iterator[list[dict]]: ...
+
+
 def make_runner(settings: Settings, kind: str = "service") -> Runner:
+    if kind == "vllm":
+        from jobs.vllm_runner import VllmRunner
+
+        return VllmRunner(settings)
     if kind == "service":
         from jobs.service_runner import ServiceRunner
 
@@ -50,7 +71,7 @@ def make_runner(settings: Settings, kind: str = "service") -> Runner:
         return EngineRunner(settings)
     if kind == "plain":
         return PlainRunner(settings)
-    raise ValueError(f"unknown runner {kind!r}; allowed: {', '.join(RUNNERS)}")
+    raise ValueError(f"unknown runner {kind!r}; allowed: {', '.join(JOB_RUNNERS)}")
 
 
 def build_requests(items: list[Item], settings: Settings, session: str | None = None) -> list:

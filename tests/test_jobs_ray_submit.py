@@ -150,7 +150,7 @@ def test_stopped_job_resumes_without_duplicates_or_gaps(ray_head, service_env, t
     env_vars = {**service_env, "QWEN3VL_RAY_MAX_NEW_TOKENS": "48"}
     out = tmp_path / "out.parquet"
     args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model", "tiny", "--no-progress",
-            "--batch-size", "1"]
+            "--batch-size", "1", "--runner", "service"]
     sub = subprocess.run([RAY, "job", "submit", "--no-wait", "--address", ray_head["url"], "--working-dir", str(ROOT),
                           "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", "python", "-m", "jobs.infer",
                           *args], env=ray_head["env"], capture_output=True, text=True, timeout=300)
