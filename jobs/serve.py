@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobs.engine_platform import CPU_BLOCK_SIZE, engine_platform, platform_engine_kwargs
 from qwen3vl_ray import settings as S
 from qwen3vl_ray.errors import ConfigError
 
@@ -40,7 +41,11 @@ class ServeConfig:
         model_path: the checkpoint directory (each replica's node must have it at this path).
         model_id: the name clients put in ``"model"`` (default: the ``--model`` setting's last path part).
         num_replicas: vLLM engines (``--num-workers``; without it, one per GPU of a GPU cluster).
-        on_gpu: replicas take one GPU each (bf16 by default); else one CPU each (eager mode, float32).
+        on_gpu: replicas take one GPU each; else one CPU each.
+        platform: vLLM's platform where the replicas run (``jobs.engine_platform``): ``cuda`` (bf16 by default,
+            vLLM's defaults) or ``cpu`` (float32 by default; eager mode, an explicit KV cache of
+            ``kv_cache_bytes``, a block size that is a multiple of 32).
+        kv_cache_bytes: vLLM's own KV cache per replica on CPU (settings ``kv_device_budget_bytes``).
         dtype: model and KV dtype (the settings' ``dtype``, auto resolved for the replicas' device).
         block_size: vLLM's KV block size in tokens (default 32; vLLM's CPU attention needs a multiple of 32); the
             connector's blocks and the router's keys are whole blocks of it.
@@ -61,6 +66,8 @@ class ServeConfig:
     num_replicas: int
     on_gpu: bool
     dtype: str
+    platform: str = "cpu"
+    kv_cache_bytes: int = 1 << 30
     block_size: int = 32
     max_model_len: int = 4096
     host: str = "127.0.0.1"
@@ -72,7 +79,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
             raise ConfigError(f"serve needs at least one replica: --num-workers must be > 0, got {self.num_replicas}")
-        if self.block_size < 1 or (not self.on_gpu and self.block_size % 32):
+        if self.block_size < 1 or (self.platform == "cpu" and self.block_size % CPU_BLOCK_SIZE):
             raise ConfigError(f"--block-size must be a positive multiple of 32 on CPU (vLLM's CPU attention), "
                               f"got {self.block_size}")
         if self.max_model_len < self.block_size:
@@ -95,8 +102,9 @@ class ServeConfig:
             # usage.prompt_tokens_details.cached_tokens in every answer: what vLLM's cache and the tiers served
             "enable_prompt_tokens_details": True,
         }
-        if not self.on_gpu:
-            engine_kwargs["enforce_eager"] = True  # vLLM's CPU backend does not capture graphs
+        # the CPU platform's needs (eager, an explicit KV cache); this config's own block size wins
+        engine_kwargs.update({k: v for k, v in platform_engine_kwargs(self.platform, self.kv_cache_bytes).items()
+                              if k != "block_size"})
         deployment: dict[str, Any] = {"num_replicas": self.num_replicas}
         if self.router is not None:
             deployment["request_router_config"] = {
@@ -117,16 +125,17 @@ class ServeConfig:
                                  "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}})
 
 
-def serve_config(s: S.Settings, model_path: str, on_gpu: bool, ray_address: str | None, *, model_id: str | None = None,
+def serve_config(s: S.Settings, model_path: str, on_gpu: bool, platform: str, ray_address: str | None, *,
+                 model_id: str | None = None,
                  block_size: int = 32, max_model_len: int = 4096, host: str = "127.0.0.1", port: int = 8000,
                  route: bool = True) -> ServeConfig:
     """The ``ServeConfig`` of the settings, for replicas on GPUs (``on_gpu``) or CPUs of the cluster at
-    ``ray_address`` (its GCS address, for the replicas' own processes)."""
+    ``ray_address`` (its GCS address, for the replicas' own processes), running vLLM on ``platform``."""
     from actors.prefix_router import PrefixRouterConfig, connector_namespace
     from qwen3vl_ray.engine.checkpoint import model_fingerprint
     from qwen3vl_ray.serving.connector_config import CONNECTOR_OPTIONS
 
-    dtype = S.resolved_dtype(s, on_cuda=on_gpu)
+    dtype = S.resolved_dtype(s, on_cuda=platform == "cuda")
     connector = {"store": "ray", **{name: s[name] for name in CONNECTOR_OPTIONS}}
     # The replicas' connectors start (or check) the service from their settings: give them this command's, so a
     # node's own environment cannot make them disagree with the service started here. Never the tenant's key:
@@ -134,18 +143,17 @@ def serve_config(s: S.Settings, model_path: str, on_gpu: bool, ray_address: str 
     env = {k: v for k, v in s.to_env().items() if k not in (S.option("tenant_key").env, S.option("address").env)}
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
-    if not on_gpu:
-        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per replica
     router = None
     if route:
         # the router keys prompts as the connector keys blocks: same fingerprint, layout, codecs and tenant
         fingerprint = model_fingerprint(model_path, full=s.fingerprint == "full")
-        namespace = connector_namespace(model_path, fingerprint, block_size, dtype, "cuda" if on_gpu else "cpu",
+        namespace = connector_namespace(model_path, fingerprint, block_size, dtype, platform,
                                         s.host_codec, s.disk_codec, s.tenant)
         router = PrefixRouterConfig(model_path=model_path, block_size=block_size, tenant=s.tenant, namespace={
             k: getattr(namespace, k) for k in ("model", "dtype", "layout", "codec", "tenant")}).to_kwargs()
     return ServeConfig(model_path=model_path, model_id=model_id or os.path.basename(s.model.rstrip("/")),
-                       num_replicas=s.num_workers, on_gpu=on_gpu, dtype=dtype, block_size=block_size,
+                       num_replicas=s.num_workers, on_gpu=on_gpu, dtype=dtype, platform=platform,
+                       kv_cache_bytes=s.kv_device_budget_bytes, block_size=block_size,
                        max_model_len=max_model_len, host=host, port=port, connector=connector, router=router, env=env)
 
 
@@ -170,7 +178,8 @@ def start(s: S.Settings, **options: Any) -> ServeConfig:
         address = ray.get_runtime_context().gcs_address
     except Exception:  # noqa: BLE001 - a Ray Client driver has none; the replicas' own RAY_ADDRESS then applies
         address = os.environ.get("RAY_ADDRESS")
-    config = serve_config(s, model_path, on_gpu, address, **options)
+    platform = engine_platform(on_gpu, s.worker_start_timeout_s)
+    config = serve_config(s, model_path, on_gpu, platform, address, **options)
     serve.start(http_options={"host": config.host, "port": config.port})
     t0 = time.monotonic()
     serve.run(config.app(), name=APP_NAME, route_prefix="/", blocking=False)

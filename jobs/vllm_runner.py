@@ -32,20 +32,17 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from jobs.dataset import Item
+from jobs.engine_platform import engine_platform, platform_engine_kwargs
 from jobs.rows import error_row
 from qwen3vl_ray import settings as S
 from qwen3vl_ray.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# vLLM's CPU attention backend takes block sizes that are multiples of 32; 32 also makes the connector's unit of
-# reuse (one block) as small as it can be.
-CPU_BLOCK_SIZE = 32
 # Ray's chat-template and multimodal stages only render text and parse images; a whole CPU each would leave a
 # 2-core machine no room for the engine.
 LIGHT_STAGE_CPUS = 0.25
@@ -66,10 +63,13 @@ class VllmJobConfig:
         temperature: sampling temperature, 0 is greedy (settings ``temperature``, default 0.0).
         seed: sampling seed (settings ``seed``, default 0).
         dtype: model dtype (settings ``dtype``; ``auto`` is float32 on CPU, bfloat16 on CUDA).
-        on_gpu: engines get a GPU each (the cluster has GPUs); else one CPU each and vLLM's CPU settings.
+        on_gpu: engines get a GPU each (the cluster has GPUs); else one CPU each.
+        platform: vLLM's platform where the engines run (``jobs.engine_platform``): ``cpu`` gets vLLM's CPU
+            settings (eager, 32-token blocks, an explicit KV cache of ``kv_cache_bytes``).
+        kv_cache_bytes: vLLM's own KV cache per engine on CPU (settings ``kv_device_budget_bytes``).
         connector: the KV connector's options (``kv_transfer_config``): ``store="ray"`` plus the settings' tiers.
         max_model_len: the engines' context length in tokens (default 4096).
-        env: environment variables of the engine actors (vLLM's CPU KV space, the cluster's address).
+        env: environment variables of the engine actors (the cluster's address).
     """
 
     model_path: str
@@ -80,6 +80,8 @@ class VllmJobConfig:
     seed: int = 0
     dtype: str = "float32"
     on_gpu: bool = False
+    platform: str = "cpu"
+    kv_cache_bytes: int = 1 << 30
     connector: dict = field(default_factory=lambda: {"store": "ray"})
     max_model_len: int = 4096
     env: dict = field(default_factory=dict)
@@ -91,17 +93,17 @@ class VllmJobConfig:
             raise ConfigError(f"batch_size must be > 0, got {self.batch_size}")
 
     @classmethod
-    def from_settings(cls, s: S.Settings, model_path: str, on_gpu: bool, ray_address: str) -> "VllmJobConfig":
+    def from_settings(cls, s: S.Settings, model_path: str, on_gpu: bool, platform: str,
+                      ray_address: str) -> "VllmJobConfig":
         connector = {"store": "ray", **{name: s[name] for name in CONNECTOR_SETTINGS}}
         # vLLM runs its engine core in a process of its own under the Ray actor; the connector there attaches to
         # this cluster through RAY_ADDRESS (without it, it would start an embedded Ray of its own and share
         # nothing).
         env = {"RAY_ADDRESS": ray_address}
-        if not on_gpu:
-            env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
         return cls(model_path=model_path, concurrency=s.num_workers, batch_size=s.batch_size,
                    max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=s.seed,
-                   dtype=S.resolved_dtype(s, on_cuda=on_gpu), on_gpu=on_gpu, connector=connector, env=env)
+                   dtype=S.resolved_dtype(s, on_cuda=platform == "cuda"), on_gpu=on_gpu, platform=platform,
+                   kv_cache_bytes=s.kv_device_budget_bytes, connector=connector, env=env)
 
     def sampling_params(self) -> dict:
         return {"temperature": self.temperature, "max_tokens": self.max_new_tokens, "seed": self.seed}
@@ -113,8 +115,7 @@ class VllmJobConfig:
 
         engine_kwargs: dict[str, Any] = {"dtype": self.dtype, "max_model_len": self.max_model_len, "seed": self.seed,
                                          "kv_transfer_config": kv_transfer_config(**self.connector)}
-        if not self.on_gpu:
-            engine_kwargs.update(block_size=CPU_BLOCK_SIZE, enforce_eager=True)
+        engine_kwargs.update(platform_engine_kwargs(self.platform, self.kv_cache_bytes))
         return vLLMEngineProcessorConfig(
             model_source=self.model_path,
             engine_kwargs=engine_kwargs,
@@ -204,8 +205,9 @@ class VllmRunner:
 
         _init_ray(settings, settings.address)
         on_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        platform = engine_platform(on_gpu, settings.worker_start_timeout_s)
         self.settings = settings
-        self.config = VllmJobConfig.from_settings(settings, model_path, on_gpu,
+        self.config = VllmJobConfig.from_settings(settings, model_path, on_gpu, platform,
                                                   ray.get_runtime_context().gcs_address)
 
     def stream(self, items: list[Item]) -> Iterator[list[dict]]:

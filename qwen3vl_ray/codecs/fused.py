@@ -152,7 +152,9 @@ def _schedule(nchunks: int):
     (one libgomp): torch's setting is put back afterwards.
     """
     torch_threads = torch.get_num_threads()
-    threads = _threads()
+    # no more threads than torch's intra-op pool: that is what the process was given (a vLLM worker binds its
+    # cores and then refuses torch.set_num_threads, so a wider numba launch would stay wider for good)
+    threads = min(_threads(), torch_threads)
     numba.set_num_threads(threads)
     numba.set_parallel_chunksize(max(1, nchunks // (8 * threads)))
     try:

@@ -16,6 +16,8 @@ from typing import Any, Mapping, Sequence
 from qwen3vl_ray.keys import CacheKey, Namespace, content_key
 
 BLOCK_KIND = "vllm-block"
+#: how a stored block lays out its tensor (``paged_blocks``); 2: keys and values apart in vLLM's CPU layout
+ENTRY_FORMAT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +45,8 @@ class KVLayout:
 
     @property
     def tag(self) -> str:
-        return (f"vllm-{self.engine}:{self.platform}:L{self.num_layers}xH{self.num_kv_heads}xD{self.head_size}"
-                f":B{self.block_size}")
+        return (f"vllm-{self.engine}:{self.platform}:entry{ENTRY_FORMAT}:L{self.num_layers}xH{self.num_kv_heads}"
+                f"xD{self.head_size}:B{self.block_size}")
 
 
     @classmethod

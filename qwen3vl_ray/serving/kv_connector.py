@@ -209,7 +209,7 @@ class TierKVConnector(KVConnectorBase_V1):
 
     # ================================================================ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self._paged = PagedBlocks(kv_caches, self._num_blocks)
+        self._paged = PagedBlocks(kv_caches, self._num_blocks, head_size=self.layout.head_size)
         log.info("KV connector: %d layers, block entry %s %s (%d B), namespace %s", len(kv_caches),
                  self._paged.entry_shape, self._paged.dtype, self._paged.entry_nbytes, self.namespace.hex[:12])
 

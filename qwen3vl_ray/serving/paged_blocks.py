@@ -1,9 +1,16 @@
 """Whole blocks in and out of vLLM's paged KV.
 
 vLLM's worker registers one tensor per attention layer; the block index is one of its dimensions (the first
-on CPU, ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``; the second in some GPU layouts, after a K/V
-split). A stored block is one tensor ``[num_layers, *per-layer block shape]``: every layer of one block
-together, so one key finds all of it and one lookup decides a hit for the whole model.
+on CPU, ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, keys and values side by side in the last
+dimension; the second in some GPU layouts, after a K/V split). A stored block is one tensor holding every layer
+of one block, so one key finds all of it and one lookup decides a hit for the whole model:
+
+- in the CPU layout, ``[num_layers, 2, num_kv_heads, block_size, head_size]``: keys and values apart, the
+  layout the KV codecs (``kv-int8``, ``kv-int4``: keys per channel, values per token) work on;
+- in any other layout, ``[num_layers, *per-layer block shape]`` as vLLM holds it.
+
+Gathers copy each (block, layer) once into a staging buffer the object keeps and reuses: a fresh tensor per
+save would pay first-touch page faults on every byte (measured: several times the copy itself).
 """
 
 from __future__ import annotations
@@ -16,9 +23,16 @@ from qwen3vl_ray.errors import ConfigError
 
 
 class PagedBlocks:
-    """Gathers blocks out of, and scatters them into, the per-layer paged tensors of one vLLM worker."""
+    """Gathers blocks out of, and scatters them into, the per-layer paged tensors of one vLLM worker.
 
-    def __init__(self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int) -> None:
+    Args:
+        kv_caches: vLLM's registered tensors, layer name -> tensor, in the model's layer order.
+        num_blocks: the blocks vLLM allocated (finds the block dimension).
+        head_size: the attention head size; when a layer's block is ``[heads, tokens, 2 * head_size]`` (vLLM's
+            CPU layout), entries split keys from values (see the module docstring).
+    """
+
+    def __init__(self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int, head_size: int | None = None) -> None:
         if not kv_caches:
             raise ConfigError("vLLM registered no KV cache tensors")
         self.layer_names = list(kv_caches)
@@ -36,8 +50,17 @@ class PagedBlocks:
         self.num_blocks = num_blocks
         block_shape = list(first.shape)
         del block_shape[self.block_dim]
-        self.entry_shape = (len(self.tensors), *block_shape)
         self.dtype = first.dtype
+        # vLLM's CPU layout: [heads, tokens, K|V]; a block of it is contiguous, so it views as [heads, tokens, 2, D]
+        self.split_kv = (head_size is not None and len(block_shape) == 3 and block_shape[2] == 2 * head_size
+                         and first.select(self.block_dim, 0).is_contiguous())
+        if self.split_kv:
+            heads, tokens, _ = block_shape
+            self._layer_entry = (2, heads, tokens, head_size)
+        else:
+            self._layer_entry = tuple(block_shape)
+        self.entry_shape = (len(self.tensors), *self._layer_entry)
+        self._staging: torch.Tensor | None = None
 
     @property
     def entry_nbytes(self) -> int:
@@ -46,15 +69,27 @@ class PagedBlocks:
             n *= s
         return n
 
+    def _as_entry(self, block: torch.Tensor) -> torch.Tensor:
+        """One layer's block, as the entry lays it out (a view: writing to it writes vLLM's block)."""
+        if self.split_kv:
+            heads, tokens, two_d = block.shape
+            return block.view(heads, tokens, 2, two_d // 2).permute(2, 0, 1, 3)
+        return block
+
     def gather(self, block_ids: Sequence[int]) -> list[torch.Tensor]:
-        """One ``entry_shape`` tensor (on the CPU) per block id, in order."""
+        """One ``entry_shape`` tensor (on the CPU) per block id, in order. They are views of this object's staging
+        buffer, valid until the next ``gather``: store (copy) them before that."""
         if not block_ids:
             return []
         self._check_ids(block_ids)
-        idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.tensors[0].device)
-        # [n, L, ...]: each layer's rows for these blocks, then one row per block holding every layer
-        rows = torch.stack([t.index_select(self.block_dim, idx).movedim(self.block_dim, 0) for t in self.tensors], 1)
-        return list(rows.cpu().unbind(0))
+        n = len(block_ids)
+        if self._staging is None or self._staging.shape[0] < n:
+            self._staging = torch.empty((n, *self.entry_shape), dtype=self.dtype, device="cpu")
+        out = self._staging[:n]
+        for i, b in enumerate(block_ids):
+            for layer, t in enumerate(self.tensors):
+                out[i, layer].copy_(self._as_entry(t.select(self.block_dim, int(b))))
+        return list(out.unbind(0))
 
     def fits(self, entry: torch.Tensor) -> bool:
         return tuple(entry.shape) == self.entry_shape and entry.dtype == self.dtype
@@ -67,7 +102,7 @@ class PagedBlocks:
                              f"{self.entry_shape} {self.dtype}")
         entry = entry.to(self.tensors[0].device, non_blocking=True)
         for layer, t in enumerate(self.tensors):
-            t.select(self.block_dim, block_id).copy_(entry[layer])
+            self._as_entry(t.select(self.block_dim, block_id)).copy_(entry[layer])
 
     def _check_ids(self, block_ids: Sequence[int]) -> None:
         bad = [b for b in block_ids if not 0 <= int(b) < self.num_blocks]
