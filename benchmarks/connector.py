@@ -15,8 +15,8 @@ What the connector's worker side does per step, on synthetic data of a real geom
   the batch the last save stored;
 * stores, each made through the connector's own settings path (``LocalBlockStore.from_settings``):
   ``host`` (no codec); ``host-kv-int8`` and ``host-int8`` (the host tier's codec: encode on save, decode on
-  load; a codec that refuses the block entry is a row saying why: kv-int8 wants ``[..., 2, heads, tokens,
-  head_dim]`` and vLLM's CPU entry is ``[layers, heads, tokens, 2 * head_dim]``); ``disk``:
+  load; a codec that refuses the block entry is a row saying why; the connector's entries hold keys and
+  values apart, ``[layers, 2, heads, tokens, head_dim]``, which kv-int8 takes); ``disk``:
   a host tier smaller than one block, so every save goes to the disk tier (write + fsync of file and
   directory) and every load reads it, with no promotion into host memory in between: the disk path alone.
   Its loads come from the page cache (the files were just written); ``disk cold`` drops the files' pages
@@ -149,12 +149,13 @@ def run(blocks: int = 24, reps: int = 9, directory: str | None = None) -> dict:
     gen = torch.Generator().manual_seed(0)
     num_blocks = 2 * blocks
     kv = paged_kv(num_blocks, gen)
-    paged = PagedBlocks(kv, num_blocks)
+    paged = PagedBlocks(kv, num_blocks, head_size=HEAD_DIM)  # as the connector builds it: keys and values apart
     ids = list(range(num_blocks))
     random.Random(0).shuffle(ids)
     src_ids, dst_ids = ids[:blocks], ids[blocks:]
     nbytes = blocks * paged.entry_nbytes
-    reference = paged.gather(src_ids)  # what every load must put back (scatter only writes dst_ids)
+    # what every load must put back (scatter only writes dst_ids); gathers reuse one buffer, so keep a copy
+    reference = [e.clone() for e in paged.gather(src_ids)]
 
     # the limit: memcpy of the same bytes between preallocated, faulted buffers
     src = torch.randn(nbytes // 2, generator=gen).to(DTYPE)
@@ -191,8 +192,9 @@ def run(blocks: int = 24, reps: int = 9, directory: str | None = None) -> dict:
         # reference: the one copy a connector cannot avoid, vLLM's block of every layer to or from a contiguous
         # entry in a preallocated buffer, one ``copy_`` per (block, layer); what save and load would cost if
         # the store's memory were that buffer (no gather temporaries, no second copy into the tier)
-        staging = torch.empty(blocks, *paged.entry_shape, dtype=DTYPE)
-        staging.copy_(torch.stack(reference))
+        # (vLLM's own per-layer block shape: the reference does not split keys from values)
+        staging = torch.empty(blocks, LAYERS, *paged.tensors[0].shape[1:], dtype=DTYPE)
+        staging.copy_(torch.stack([torch.stack([t[b] for t in paged.tensors]) for b in src_ids]))
         ref_times: dict[str, list[float]] = {"save": [], "load": []}
 
         def copy_out() -> float:
