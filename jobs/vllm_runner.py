@@ -1,7 +1,9 @@
 """The ``vllm`` runner: the job's rows through Ray Data LLM (``ray.data.llm``) on vLLM, KV on the node agents.
 
-The job's validated items become one Ray dataset; ``build_processor`` runs it through Ray's stages (multimodal
-preparation and chat template on CPU actors, then ``num_workers`` vLLM engine actors) and the results stream
+The job's validated items become one Ray dataset; ``build_processor`` runs it through Ray's stages (this
+runner's preprocess decodes the images, Ray's chat-template stage renders the prompt on CPU actors, then
+``num_workers`` vLLM engine actors; Ray 2.60's own multimodal stage imports a vLLM module that 0.32 moved, so
+it is off) and the results stream
 back batch by batch, so the job makes each batch durable as it arrives (``jobs.output.PartWriter``). vLLM's KV
 blocks go through the project's KV connector with ``store="ray"`` (``qwen3vl_ray.serving``): every engine of
 the cluster, this job's and the next one's, shares the node agents' host and disk tiers.
