@@ -154,3 +154,15 @@ def test_an_images_vision_features_come_from_the_tiers_in_another_process_with_o
     [counters] = second["store"]
     assert counters["loaded"] == {"disk": 1}  # image A's features; image B was encoded (and saved)
     assert counters["saved"] == 1
+
+
+def test_a_store_that_cannot_take_a_block_never_fails_the_request(assets, tmp_path):
+    """A host tier smaller than one block and no disk tier: every save raises CapacityError inside the engine's
+    step. Saving is best effort, so the answers are vLLM's own and nothing is stored."""
+    tiny_store = {"host_bytes": "16KiB", "disk_bytes": 0, "block_bytes": "4KiB"}
+    conversation = [[{"text": TEXT}], [{"text": "Describe the picture.", "images": [assets["image_a"]]}]]
+    broken = run_engine(tmp_path, assets["model"], conversation, connector=tiny_store)
+    alone = run_engine(tmp_path, assets["model"], conversation, connector=None)
+    assert tokens(broken) == tokens(alone)
+    [counters] = broken["store"]
+    assert counters["saved"] == 0 and counters["lookups"] > 0

@@ -116,7 +116,11 @@ class TierECConnector(ECConnectorBase):
     def has_cache_item(self, identifier: str) -> bool:
         if not self.is_consumer:
             return False
-        [tensor] = self.store.load_many([feature_key(self.namespace, identifier)])
+        try:
+            [tensor] = self.store.load_many([feature_key(self.namespace, identifier)])
+        except Exception:  # the store failing is a miss: the encoder runs
+            log.warning("reading encoder output %s from the tiers failed", identifier, exc_info=True)
+            return False
         if tensor is None:
             return False
         self._staging.put(identifier, tensor)
@@ -152,9 +156,11 @@ class TierECConnector(ECConnectorBase):
         if not self.is_producer or mm_hash not in encoder_cache:
             return
         key = feature_key(self.namespace, mm_hash)
-        if self.store.contains_many([key])[0]:
-            return
-        self.store.save_many([(key, encoder_cache[mm_hash].detach().to("cpu").contiguous(), None)])
+        try:
+            if not self.store.contains_many([key])[0]:
+                self.store.save_many([(key, encoder_cache[mm_hash].detach().to("cpu").contiguous(), None)])
+        except Exception:  # best effort: an unsaved output is encoded again next time
+            log.warning("saving encoder output %s to the tiers failed", mm_hash, exc_info=True)
 
 
 def _device() -> str:

@@ -219,7 +219,11 @@ class TierKVConnector(KVConnectorBase_V1):
         if not meta.loads or self._paged is None:
             return
         t0 = time.perf_counter()
-        entries, tiers = self.store.load_with_tiers([m.key for m in meta.loads])
+        try:
+            entries, tiers = self.store.load_with_tiers([m.key for m in meta.loads])
+        except Exception:  # the store failing is a miss: vLLM recomputes these blocks, the engine goes on
+            log.warning("loading %d blocks from the tiers failed; recomputing them", len(meta.loads), exc_info=True)
+            entries, tiers = [None] * len(meta.loads), [None] * len(meta.loads)
         tokens: dict[str, int] = {}
         failures = 0
         for move, entry, tier in zip(meta.loads, entries, tiers):
@@ -246,7 +250,11 @@ class TierKVConnector(KVConnectorBase_V1):
             return
         t0 = time.perf_counter()
         entries = self._paged.gather([m.block_id for m in meta.saves])
-        saved = sum(self.store.save_many([(m.key, e, m.parent) for m, e in zip(meta.saves, entries)]))
+        try:
+            saved = sum(self.store.save_many([(m.key, e, m.parent) for m, e in zip(meta.saves, entries)]))
+        except Exception:  # saving is best effort: an unsaved block is a later miss, never a failed request
+            log.warning("saving %d blocks to the tiers failed", len(meta.saves), exc_info=True)
+            saved = 0
         self._stats.record_save(saved * self.block_size, saved * self._paged.entry_nbytes, time.perf_counter() - t0)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
