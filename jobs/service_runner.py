@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from jobs.dataset import Item
@@ -22,6 +23,9 @@ logger = logging.getLogger(__name__)
 # One gRPC call to the GCS answers in milliseconds; ray.init waits ~20 s on a token it lacks and minutes on
 # an address where nothing listens.
 PROBE_TIMEOUT_S = 5.0
+#: ray.init attempts on a cluster the probe found answering, and the pause between them (seconds)
+ATTACH_ATTEMPTS = 3
+ATTACH_RETRY_S = 2.0
 _START_HEAD = "start one with `ray start --head`, or pass --address (or RAY_ADDRESS) of a running cluster's head"
 _TOKEN_FIX = ("set RAY_AUTH_MODE=token with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
               "(`ray get-auth-token` on the head prints it)")
@@ -140,14 +144,22 @@ def _init_ray(s: S.Settings, address: str | None, quiet: bool = False) -> None:
         check_cluster(address)
     if quiet:
         kwargs.update(logging_level=logging.WARNING, log_to_driver=False)
-    try:
-        attach_ray(address, **kwargs)
-    except ray.exceptions.AuthenticationError:
-        raise ClusterError(f"the Ray cluster at {address} refused this process's authentication; "
-                           f"{_TOKEN_FIX}") from None
-    except ConnectionError as e:
-        text = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise ClusterError(f"cannot attach to the Ray cluster at {address}: {text}") from None
+    # The probe above found the cluster answering: a connect that still fails is a busy head (its GCS or raylet
+    # slow to answer while new actors start on a loaded node), so it is tried again before it is an error.
+    attempts = 1 if address == "local" else ATTACH_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        try:
+            attach_ray(address, **kwargs)
+            return
+        except ray.exceptions.AuthenticationError:
+            raise ClusterError(f"the Ray cluster at {address} refused this process's authentication; "
+                               f"{_TOKEN_FIX}") from None
+        except ConnectionError as e:
+            text = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            if attempt == attempts:
+                raise ClusterError(f"cannot attach to the Ray cluster at {address}: {text}") from None
+            logger.warning("attaching to the Ray cluster at %s failed (%s); trying again", address, text)
+            time.sleep(ATTACH_RETRY_S)
 
 
 def ensure(s: S.Settings, num_workers: int | None = None):
