@@ -1,0 +1,109 @@
+"""A put that overflows the host tier demotes into free disk space instead of dropping (issue 10).
+
+Driven the way the KV connector's local store drives the cache (``serving.block_store.LocalBlockStore``): a
+host tier and a disk tier, whole prompts saved with ``put_many`` (chained blocks), loads through ``get``
+(which promotes a disk hit into host) from another thread while saves go on, a prompt pinned while it is
+read, and a clean close that moves host down to disk. The host tier holds 4 blocks, each prompt 8: every
+save overflows it, and the 64-block disk tier below always has room, so nothing may be dropped.
+"""
+
+import threading
+
+import pytest
+import torch
+
+from qwen3vl_ray.cache import CacheConfig, TieredCache
+from qwen3vl_ray.keys import Namespace, prefix_key
+from qwen3vl_ray.tiers.config import TierConfig
+
+NS = Namespace(model="store-overflow")
+ELEMS = 1024  # float32 -> 4 KiB per block
+HOST_BLOCKS, DISK_BLOCKS, PROMPT = 4, 64, 8
+
+
+def prompt(tag: int) -> tuple[list, list]:
+    """One request's blocks: chained keys and ``(key, tensor, parent)`` items, values unique per block."""
+    keys, items, parent = [], [], None
+    for i in range(PROMPT):
+        k = prefix_key(NS, parent, [tag, i])
+        items.append((k, torch.arange(ELEMS, dtype=torch.float32) + 1000 * tag + i, parent))
+        keys.append(k)
+        parent = k
+    return keys, items
+
+
+def connector_store(tmp_path, policy) -> TieredCache:
+    tiers = [TierConfig("host", HOST_BLOCKS * ELEMS * 4, block_bytes=512),
+             TierConfig("disk", DISK_BLOCKS * (ELEMS * 4 + 512), path=str(tmp_path / "disk"), fsync=False)]
+    return TieredCache(CacheConfig(tiers=tiers, policy=policy, namespace=NS, prefetch_threads=0))
+
+
+def assert_nothing_dropped_and_exact(c: TieredCache, prompts: dict) -> None:
+    s = c.stats()
+    assert s["dropped"] == 0 and [t["evictions"] for t in s["tiers"]] == [0, 0]
+    for t in c.tiers:
+        assert 0 <= t.used_bytes <= t.capacity_bytes
+    for tag, (keys, items) in prompts.items():
+        assert c.longest_prefix(keys) == PROMPT, tag
+        for k, t, _ in items:
+            assert torch.equal(c.get(k, promote=False), t)
+
+
+@pytest.mark.parametrize("policy", [None, "lru"])  # None: the default (prefix-lru, leaf first)
+def test_saves_overflowing_host_while_another_thread_loads_go_down_to_disk(tmp_path, policy):
+    with connector_store(tmp_path, policy) as c:
+        prompts = {1: prompt(1)}
+        assert c.put_many(prompts[1][1]) == [True] * PROMPT
+        stop, wrong = threading.Event(), []
+
+        def loader():
+            # loads of prompt 1 promote its disk blocks into host, pushing others down, while saves run
+            keys, items = prompts[1]
+            while not stop.is_set():
+                for k, (_, t, _) in zip(keys, items):
+                    got = c.get(k)
+                    if got is None or not torch.equal(got, t):
+                        wrong.append(k)
+
+        th = threading.Thread(target=loader)
+        th.start()
+        try:
+            for tag in range(2, 7):
+                # a save of 8 blocks into a 4-block host tier: every one is kept
+                prompts[tag] = prompt(tag)
+                assert c.put_many(prompts[tag][1]) == [True] * PROMPT
+        finally:
+            stop.set()
+            th.join(30)
+        assert wrong == []
+        # 6 prompts of 8 blocks: 4 in host, the other 44 on disk
+        assert [t["entries"] for t in c.stats()["tiers"]] == [HOST_BLOCKS, 6 * PROMPT - HOST_BLOCKS]
+        assert_nothing_dropped_and_exact(c, prompts)
+
+
+@pytest.mark.parametrize("policy", [None, "lru"])
+def test_a_save_while_a_prompt_is_pinned_in_host_lands_on_disk(tmp_path, policy):
+    with connector_store(tmp_path, policy) as c:
+        prompts = {1: prompt(1), 2: prompt(2)}
+        assert c.put_many(prompts[1][1]) == [True] * PROMPT
+        held = [k for k in prompts[1][0] if c.where(k) == "host"]
+        assert len(held) == HOST_BLOCKS
+        # the loaded prompt's host blocks are pinned (a load in progress): host cannot make room, the
+        # whole new save goes to the disk tier instead of being refused or dropped
+        with c.pinned(held):
+            assert c.put_many(prompts[2][1]) == [True] * PROMPT
+            assert [c.where(k) for k in prompts[2][0]] == ["disk"] * PROMPT
+        assert_nothing_dropped_and_exact(c, prompts)
+
+
+def test_close_moves_every_host_block_down_to_disk_and_a_new_store_serves_them(tmp_path):
+    prompts = {1: prompt(1), 2: prompt(2)}
+    with connector_store(tmp_path, None) as c:
+        for _, items in prompts.values():
+            assert c.put_many(items) == [True] * PROMPT
+        # what the connector's store does at a clean exit: host memory dies with the process
+        assert c.relieve("host", 0) == HOST_BLOCKS * ELEMS * 4
+        assert [t["entries"] for t in c.stats()["tiers"]] == [0, 2 * PROMPT]
+        assert c.stats()["dropped"] == 0
+    with connector_store(tmp_path, None) as again:
+        assert_nothing_dropped_and_exact(again, prompts)
