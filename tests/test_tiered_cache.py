@@ -362,10 +362,12 @@ def test_a_put_overflowing_the_host_tier_demotes_into_free_disk_space(tmp_path, 
         # one prompt of 16 chunks into a 4-slot host tier over an empty 32-slot disk tier
         stored = c.put_many(items) if batched else [c.put(*item) for item in items]
         assert stored == [True] * 16
-        # nothing dropped: the 4 newest stay in host, the 12 older went down to disk, one demotion each
+        # nothing dropped: the 4 newest stay in host, the 12 older are on disk: one put at a time, each went
+        # through host and was demoted; one batch sends them straight to disk (newest on top, no host copy)
         assert [c.where(k) for k in keys] == ["disk"] * 12 + ["host"] * 4
         s = c.stats()
-        assert s["dropped"] == 0 and s["tiers"][1]["demotions_in"] == 12
+        assert s["dropped"] == 0 and s["tiers"][1]["demotions_in"] == (0 if batched else 12)
+        assert s["tiers"][1]["entries"] == 12 and s["tiers"][0]["evictions"] == 0
         assert_all_cached_exact(c, keys)
 
 
@@ -380,7 +382,8 @@ def test_a_victim_skips_a_tier_that_cannot_make_room_instead_of_being_dropped(tm
         with c.pinned(held):
             keys, items = chain(8)
             # 8 new chunks into the 4-slot device tier: its victims cannot go to the pinned host tier -> disk
-            stored = c.put_many(items) if batched else [c.put(*item) for item in items]
+            # (batched: two batches of 4, so the second one's victims are the first one's chunks)
+            stored = c.put_many(items[:4]) + c.put_many(items[4:]) if batched else [c.put(*item) for item in items]
             assert stored == [True] * 8
             assert [c.where(k) for k in keys] == ["disk"] * 4 + ["device"] * 4
             assert [c.where(k) for k in held] == ["host"] * 4
@@ -418,7 +421,26 @@ def test_a_victim_skipping_a_pinned_tier_still_leaves_a_usable_prefix_with_the_d
         assert all(c.demote(k) for k in held)
         with c.pinned(held):
             keys, items = chain(8)
-            # 4 victims skip the pinned host tier into a 2-slot disk tier: 2 are dropped, tails first
-            assert c.put_many(items) == [True] * 8
+            assert c.put_many(items[:4]) == [True] * 4
+            # the next 4 push those 4 out of the device tier; they skip the pinned host tier into a 2-slot disk
+            # tier, all written after the lock in one go, yet 2 are dropped tails first, as one at a time
+            assert c.put_many(items[4:]) == [True] * 4
         assert [c.where(k) for k in keys] == ["disk"] * 2 + [None] * 2 + ["device"] * 4
-        assert c.stats()["dropped"] == 2 and c.longest_prefix(keys) == 2
+        s = c.stats()
+        assert s["dropped"] == 2 and s["tiers"][2]["evictions"] == 2 and c.longest_prefix(keys) == 2
+        assert_all_cached_exact(c, keys[:2])
+
+
+def test_a_batch_overflowing_every_tier_keeps_its_head_in_the_last_one(tmp_path):
+    with make_three_tier_cache(tmp_path, None, disk_entries=2) as c:
+        held, held_items = chain(4, tag=1)
+        assert c.put_many(held_items) == [True] * 4
+        assert all(c.demote(k) for k in held)
+        with c.pinned(held):
+            keys, items = chain(8)
+            # one batch of 8: the newest 4 fill the device tier, the older 4 go past the pinned host tier to the
+            # 2-slot disk tier, which keeps the chain's head and refuses the rest (nothing stored then dropped)
+            assert c.put_many(items) == [True] * 2 + [False] * 2 + [True] * 4
+        assert [c.where(k) for k in keys] == ["disk"] * 2 + [None] * 2 + ["device"] * 4
+        assert c.stats()["dropped"] == 0 and c.longest_prefix(keys) == 2
+        assert_all_cached_exact(c, keys[:2])

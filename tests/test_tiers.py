@@ -308,3 +308,22 @@ def test_factory_rejects_bad_arguments():
         make_tier(TierConfig("host", 1024), "ns")
     with pytest.raises(ValueError, match="device"):
         make_tier(TierConfig("device", 1024, device="tpu:0"), NS)
+
+
+def test_held_room_store_counts_room_first_and_serves_only_after_commit(tier):
+    # allocate holds the room (counted at once), write fills it, commit serves it; abort gives it back
+    assert tier.holds_room
+    x = torch.arange(3000, dtype=torch.float32)
+    res = tier.allocate(tier.prepare_store(key(1), x))
+    assert res is not None and tier.used_bytes > 0 and not tier.contains(key(1))
+    assert tier.write(res)
+    tier.commit(res)
+    assert torch.equal(tier.get(key(1)).cpu(), x)
+    used = tier.used_bytes
+    res = tier.allocate(tier.prepare_store(key(2), x))
+    assert tier.used_bytes > used
+    tier.abort(res)
+    assert tier.used_bytes == used and not tier.contains(key(2))
+    # no room: None, nothing held
+    big = tier.prepare_store(key(3), torch.zeros(tier.free_bytes // 4 + 1024, dtype=torch.float32))
+    assert tier.allocate(big) is None and tier.used_bytes == used

@@ -5,9 +5,15 @@ once and ``where(key)`` has one answer. A hit below the top is promoted (moved u
 demotes its victims one tier down (further down when that tier cannot make room: its entries are pinned or
 being read), and out of the last tier they are dropped.
 
-Concurrency: one lock guards the index (metadata). Reads are two-phase: the entry is marked in flight under
-the lock, its bytes are copied out without the lock, then the lock is taken again to finish. An entry that
-is pinned or in flight is never chosen as a victim, so a slot is never reused while someone reads it.
+Concurrency: one lock guards the index (metadata); bytes move outside it. Reads are two-phase: the entry is
+marked in flight under the lock, its bytes are copied out without the lock, then the lock is taken again to
+finish. Stores are too, in tiers that hold room (``Tier.holds_room``): under the lock the entry is indexed,
+marked in flight and room is held for it; the copy (host) or the file write and fsync (disk) run without
+the lock; the entry is published under it (``pending.PendingWrite``). A victim demoted into the disk tier
+leaves its tier at once and is written the same way, so no lookup or host put waits on disk I/O. Meanwhile
+readers of an entry in flight are served from the bytes being written. An entry that is pinned or in
+flight is never chosen as a victim, so a slot is never reused while someone reads or writes it. Every
+public call finishes its own writes before it returns: the class stays a synchronous facade.
 """
 
 from __future__ import annotations
@@ -18,12 +24,12 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import islice
 from typing import Iterable, Iterator, Sequence
 
 import torch
 
 from qwen3vl_ray.cache.config import CacheConfig
+from qwen3vl_ray.cache.pending import PendingWrite
 from qwen3vl_ray.errors import CapacityError, CodecError, ConfigError
 from qwen3vl_ray.keys import CacheKey, validate_key
 from qwen3vl_ray.policies import DEFAULT_POLICY, make_policy
@@ -31,8 +37,6 @@ from qwen3vl_ray.policies.base import EvictionPolicy
 from qwen3vl_ray.tiers.base import Tier
 
 log = logging.getLogger(__name__)
-
-_VICTIM_BATCH = 8
 
 
 @dataclass(slots=True)
@@ -106,6 +110,8 @@ class TieredCache:
         self._lock = threading.RLock()
         self._clock = _CoarseClock()
         self._index: dict[CacheKey, _Entry] = {}
+        self._staged: dict[CacheKey, torch.Tensor] = {}  # bytes of entries whose write is in flight (few at a time)
+        self._queued: dict[CacheKey, PendingWrite] = {}  # writes into the last tier not started yet (evictable)
         self._counters = [_TierCounters() for _ in self.tiers]
         self._misses = 0
         self._dropped = 0
@@ -158,53 +164,168 @@ class TieredCache:
     def put(self, key: CacheKey, tensor: torch.Tensor, parent: CacheKey | None = None) -> bool:
         """Store ``tensor`` in the highest tier that admits it. False if there is no room (counted);
         nothing already stored is lost by a failed put. Raises CapacityError if no tier could ever hold it."""
+        return self.put_many([(key, tensor, parent)])[0]
+
+    def put_many(self, items: Sequence[tuple]) -> list[bool]:
+        """Batched ``put``: items are ``(key, tensor)`` or ``(key, tensor, parent)``; per item, whether it is stored.
+
+        One lock round per tier for the whole batch, one make-room for its total, the copies outside the lock.
+        Newest on top: when the batch is larger than a tier, its leading items go straight to the tier below
+        (a sequence of puts would write them there and demote them at once)."""
+        batch = [self._checked(item) for item in items]
+        if len({k for k, _, _ in batch}) != len(batch):
+            # the same key twice: each later one replaces the earlier, as in a sequence of puts
+            return [self.put_many([item])[0] for item in batch]
+        results = [False] * len(batch)
+        too_big: list[list[str]] = [[] for _ in batch]
+        writes: list[PendingWrite] = []
+        pending = list(range(len(batch)))
+        try:
+            for i, (tier, policy) in enumerate(zip(self.tiers, self.policies)):
+                if not pending:
+                    break
+                down, cands = [], []
+                for j in pending:  # encode outside the lock
+                    key, tensor, parent = batch[j]
+                    try:
+                        prepared = tier.prepare_store(key, tensor)
+                    except CapacityError as exc:
+                        too_big[j].append(str(exc))
+                        down.append(j)
+                        continue
+                    if not policy.admit(key, prepared.nbytes, parent):
+                        self._counters[i].rejected += 1
+                        down.append(j)
+                        continue
+                    cands.append((j, prepared))
+                if cands:
+                    with self._lock:
+                        down += self._store_into(i, cands, batch, results, writes)
+                pending = sorted(down)
+        finally:
+            self._finish_writes(writes)
+        for w in writes:
+            if w.item is not None and not w.ok:
+                results[w.item] = False
+        for j, errors in enumerate(too_big):
+            if len(errors) == len(self.tiers):
+                tensor = batch[j][1]
+                raise CapacityError(f"entry {tuple(tensor.shape)} {tensor.dtype} fits no tier: " + "; ".join(errors))
+        return results
+
+    @staticmethod
+    def _checked(item: tuple) -> tuple[CacheKey, torch.Tensor, CacheKey | None]:
+        key, tensor, parent = (*item, None) if len(item) == 2 else item
         key = validate_key(key)
         if parent is not None:
             parent = validate_key(parent)
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"put expects a torch.Tensor, got {type(tensor).__name__}")
-        too_big: list[str] = []
-        for i, (tier, policy) in enumerate(zip(self.tiers, self.policies)):
-            try:
-                prepared = tier.prepare_store(key, tensor)
-            except CapacityError as exc:
-                too_big.append(str(exc))
-                continue
-            if not policy.admit(key, prepared.nbytes, parent):
-                self._counters[i].rejected += 1
-                continue
-            with self._lock:
-                old = self._index.get(key)
-                if old is not None and (old.pins or old.in_flight):
-                    # Replacing an entry someone is reading would tear it; keep the old one.
-                    self._counters[i].rejected += 1
-                    return False
-                if old is not None:
-                    old.pins += 1  # keep the old value until the new one is in: a failed put loses nothing
-                # A replace in the same tier frees the old entry's bytes as it lands (pooled tiers reuse them).
-                freed = (tier.entry_nbytes(key) or 0) if old is not None and old.tier == i else 0
-                try:
-                    stored = self._make_room(i, prepared.nbytes - freed) and tier.complete_store(prepared)
-                finally:
-                    if old is not None:
-                        old.pins -= 1
-                if stored:
-                    if old is not None and old.tier != i:
-                        self.tiers[old.tier].remove(key)
-                        self.policies[old.tier].on_remove(key)
-                    # Same tier: on_insert of a present key is a use, which keeps the policy's links to the
-                    # entry's cached children (remove + insert would orphan them).
-                    self._index[key] = _Entry(i, parent, self._clock())
-                    policy.on_insert(key, prepared.nbytes, parent)
-                    return True
-                self._counters[i].rejected += 1
-        if len(too_big) == len(self.tiers):
-            raise CapacityError(f"entry {tuple(tensor.shape)} {tensor.dtype} fits no tier: " + "; ".join(too_big))
-        return False
+        return key, tensor, parent
 
-    def put_many(self, items: Sequence[tuple]) -> list[bool]:
-        """Batched ``put``: items are ``(key, tensor)`` or ``(key, tensor, parent)``."""
-        return [self.put(*item) for item in items]
+    def _store_into(self, i: int, cands: list, batch: list, results: list[bool],
+                    writes: list[PendingWrite]) -> list[int]:
+        """Place the batch's candidates ``(j, prepared)`` in tier ``i`` (lock held). Returns the positions that
+        go on to the tier below; an item whose key is being read stays False and goes nowhere."""
+        tier, policy, counters = self.tiers[i], self.policies[i], self._counters[i]
+        down: list[int] = []
+        held: list[tuple[int, object]] = []  # to store with held room: bytes copied outside the lock
+        for j, prepared in cands:
+            key, tensor, parent = batch[j]
+            old = self._superseded(key)
+            if old is not None and (old.pins or old.in_flight):
+                # Replacing an entry someone is reading would tear it; keep the old one.
+                counters.rejected += 1
+                continue
+            if not tier.holds_room or (old is not None and old.tier == i and not tier.slow_writes):
+                # a tier that cannot hold room, or a replace in a pooled tier (it reuses the old entry's blocks)
+                if self._store_now(i, key, prepared, parent, old, writes):
+                    results[j] = True
+                else:
+                    counters.rejected += 1
+                    down.append(j)
+                continue
+            held.append((j, prepared))
+        if not held:
+            return down
+        self._make_room(i, min(sum(p.nbytes for _, p in held), tier.capacity_bytes), writes)
+        room = tier.free_bytes
+        if i < len(self.tiers) - 1:
+            # newest on top: the longest tail of the batch that fits stays here, the items before it go below
+            first = len(held)
+            while first and held[first - 1][1].nbytes <= room:
+                first -= 1
+                room -= held[first][1].nbytes
+            refused, held = held[:first], held[first:]
+        else:
+            # the last tier keeps the batch's head: a chain's later blocks are of no use without it
+            last = 0
+            while last < len(held) and held[last][1].nbytes <= room:
+                room -= held[last][1].nbytes
+                last += 1
+            held, refused = held[:last], held[last:]
+        for j, _ in refused:
+            counters.rejected += 1
+            down.append(j)
+        for j, prepared in held:
+            key, tensor, parent = batch[j]
+            # making room may have demoted the old entry of this very key: its queued write is called off
+            old = self._superseded(key)
+            if old is not None and (old.pins or old.in_flight):
+                counters.rejected += 1
+                continue
+            res = tier.allocate(prepared)
+            if res is None:  # free_bytes promised the room under this lock
+                counters.rejected += 1
+                down.append(j)
+                continue
+            if old is not None and old.tier != i:
+                # the new value supersedes it now: readers get the staged bytes until they land
+                self.tiers[old.tier].discard(key)
+                self.policies[old.tier].on_remove(key)
+            e = _Entry(i, parent, self._clock(), in_flight=1)
+            self._index[key] = e
+            self._staged[key] = tensor
+            # same tier (a disk replace): on_insert of a present key is a use, which keeps its chain links
+            policy.on_insert(key, prepared.nbytes, parent)
+            w = PendingWrite(key, e, i, tensor, item=j, prepared=prepared, res=res)
+            writes.append(w)
+            if i == len(self.tiers) - 1:
+                self._queued[key] = w
+            results[j] = True
+        return down
+
+    def _superseded(self, key: CacheKey) -> _Entry | None:
+        """The entry a put of ``key`` replaces (lock held). A demotion of it queued but not started is called
+        off: the new value supersedes the bytes it would write."""
+        old = self._index.get(key)
+        if old is not None and not old.pins:
+            self._call_off(key, old)
+        return old
+
+    def _store_now(self, i: int, key: CacheKey, prepared, parent: CacheKey | None, old: _Entry | None,
+                   writes: list[PendingWrite]) -> bool:
+        """Store under the lock (tiers without held room, and in-place replaces). False if there is no room."""
+        tier = self.tiers[i]
+        if old is not None:
+            old.pins += 1  # keep the old value until the new one is in: a failed put loses nothing
+        # A replace in the same tier frees the old entry's bytes as it lands (pooled tiers reuse them).
+        freed = (tier.entry_nbytes(key) or 0) if old is not None and old.tier == i else 0
+        try:
+            stored = self._make_room(i, prepared.nbytes - freed, writes) and tier.complete_store(prepared)
+        finally:
+            if old is not None:
+                old.pins -= 1
+        if not stored:
+            return False
+        if old is not None and old.tier != i:
+            self.tiers[old.tier].discard(key)
+            self.policies[old.tier].on_remove(key)
+        # Same tier: on_insert of a present key is a use, which keeps the policy's links to the entry's cached
+        # children (remove + insert would orphan them).
+        self._index[key] = _Entry(i, parent, self._clock())
+        self.policies[i].on_insert(key, prepared.nbytes, parent)
+        return True
 
     # ------------------------------------------------------------------ load
     def get(self, key: CacheKey, promote: bool | None = None, device: torch.device | str | None = None,
@@ -230,12 +351,15 @@ class TieredCache:
                 return None, None
             e.in_flight += 1
             src = e.tier
+            staged = self._staged.get(key)
         try:
-            tensor = self.tiers[src].get(key, out=out)  # bytes move outside the lock (two-phase load)
+            # bytes move outside the lock (two-phase load); an entry being written is read from its bytes
+            tensor = self.tiers[src].get(key, out=out) if staged is None else self._copy_staged(src, staged, out)
         except BaseException:
             with self._lock:
                 e.in_flight -= 1
             raise
+        writes: list[PendingWrite] = []
         # Release the in-flight mark and finish in one critical section: in between, another thread could
         # demote the entry, and a promotion from the stale ``src`` would leave two copies.
         with self._lock:
@@ -248,17 +372,30 @@ class TieredCache:
                 if current:
                     self._drop(key, e, count_eviction=False)
                 self._misses += 1
-                return None, None
-            e.last_access = self._clock()
-            self._counters[src].hits += 1
-            tier_name = self.tiers[src].name
-            if current:
-                self.policies[src].on_access(key)
-                # Never move an entry another reader is still copying out of ``src``: its read would find
-                # the bytes gone and report a false miss.
-                if promote and src > 0 and not e.in_flight:
-                    self._move(key, e, src, 0, tensor)
+                tier_name = None
+            else:
+                e.last_access = self._clock()
+                self._counters[src].hits += 1
+                tier_name = self.tiers[src].name
+                if current:
+                    self.policies[src].on_access(key)
+                    # Never move an entry another reader is still copying out of ``src`` (its read would find
+                    # the bytes gone and report a false miss), nor one being written.
+                    if promote and src > 0 and not e.in_flight:
+                        self._move(key, e, src, 0, tensor, writes)
+        self._finish_writes(writes)
+        if tensor is None:
+            return None, None
         return (tensor.to(device) if device is not None else tensor), tier_name
+
+    def _copy_staged(self, src: int, staged: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """A reader's copy of an entry whose write is in flight, as the tier would hand it out."""
+        if out is not None:
+            if tuple(out.shape) != tuple(staged.shape) or out.dtype != staged.dtype:
+                raise ValueError(f"out is {out.dtype} {tuple(out.shape)}, entry is {staged.dtype} {tuple(staged.shape)}")
+            return out.copy_(staged)
+        device = getattr(self.tiers[src], "device", None) or torch.device("cpu")
+        return staged.detach().to(device, copy=True)
 
     def touch(self, key: CacheKey) -> bool:
         """Record a hit served without copying through the cache (e.g. the Ray agent hands out an object-store
@@ -301,9 +438,10 @@ class TieredCache:
             if e is None:
                 return False
             if e.in_flight:
-                return False  # being read; the reader's copy stays valid, try again later
+                return False  # being read or written; the reader's copy stays valid, try again later
             self._drop(key, e, count_eviction=False)
-            return True
+        self._finish_writes([])
+        return True
 
     def remove_many(self, keys: Iterable[CacheKey]) -> list[bool]:
         return [self.remove(k) for k in keys]
@@ -338,22 +476,27 @@ class TieredCache:
         """Move ``key`` one tier down, or further if that tier cannot make room (out of the cache from the last
         tier, or when no tier below can take it). False if pinned/absent."""
         key = validate_key(key)
+        writes: list[PendingWrite] = []
         with self._lock:
             e = self._index.get(key)
             if e is None or e.pins or e.in_flight:
                 return False
-            self._evict_one(key, e)
-            return True
+            self._evict_one(key, e, writes)
+        self._finish_writes(writes)
+        return True
 
     def relieve(self, tier_name: str, target_bytes: int) -> int:
         """Demote victims of the first tier named ``tier_name`` until it uses <= ``target_bytes``.
         Returns bytes freed. The pressure monitor calls this above a high watermark."""
         i = self._tier_index(tier_name)
         tier = self.tiers[i]
+        writes: list[PendingWrite] = []
         with self._lock:
             before = tier.used_bytes
-            self._make_room(i, max(0, tier.capacity_bytes - max(0, target_bytes)))
-            return before - tier.used_bytes
+            self._make_room(i, max(0, tier.capacity_bytes - max(0, target_bytes)), writes)
+            freed = before - tier.used_bytes
+        self._finish_writes(writes)
+        return freed
 
     def expire_idle(self, ttl_s: float | None = None, now: float | None = None) -> int:
         """Drop entries idle for longer than ``ttl_s`` (default ``config.idle_ttl_s``). Returns how many."""
@@ -368,6 +511,7 @@ class TieredCache:
                     self._drop(key, e, count_eviction=False)
                     self._expired += 1
                     n += 1
+        self._finish_writes([])
         return n
 
     def close(self) -> None:
@@ -424,29 +568,38 @@ class TieredCache:
 
     def _evictable(self, key: CacheKey) -> bool:
         e = self._index.get(key)
-        return e is not None and not e.pins and not e.in_flight
+        if e is None or e.pins:
+            return False
+        # in flight only for a write into the last tier that has not started (nobody reads it): evicting it
+        # cancels the write, which is what the policy would do to it a moment later
+        return not e.in_flight or (e.in_flight == 1 and key in self._queued)
 
-    def _make_room(self, i: int, nbytes: int) -> bool:
-        """Demote tier ``i``'s victims until ``nbytes`` fit. False if pinned/in-flight entries prevent it."""
+    def _make_room(self, i: int, nbytes: int, writes: list[PendingWrite]) -> bool:
+        """Demote tier ``i``'s victims until ``nbytes`` fit. False if pinned/in-flight entries prevent it.
+        Victims bound for the disk tier are queued in ``writes`` (the caller writes them after the lock)."""
         tier = self.tiers[i]
         while tier.free_bytes < nbytes:
-            # Take victims in small batches: evicting changes the policy's order, so never iterate its
-            # structure while mutating it, and never materialise the whole order (O(n) per store).
-            batch = list(islice(self.policies[i].victims(self._evictable), _VICTIM_BATCH))
-            progressed = False
-            for victim in batch:
-                e = self._index.get(victim)
-                if e is None or e.tier != i or not self._evictable(victim):
-                    continue
-                self._evict_one(victim, e)
-                progressed = True
-                if tier.free_bytes >= nbytes:
-                    return True
-            if not progressed:
+            victim = self._next_victim(i)
+            if victim is None:
                 return False  # only pinned / in-flight entries left
+            self._evict_one(victim, self._index[victim], writes)
         return True
 
-    def _evict_one(self, key: CacheKey, e: _Entry) -> None:
+    def _next_victim(self, i: int) -> CacheKey | None:
+        """The policy's first evictable entry of tier ``i``. One per walk: an eviction changes the order (a
+        parent becomes a leaf), so a list taken before several evictions would break leaf-first order; and the
+        walk ends before anything is evicted, so the policy's structure is never mutated under it."""
+        walk = self.policies[i].victims(self._evictable)
+        try:
+            for victim in walk:
+                e = self._index.get(victim)
+                if e is not None and e.tier == i and self._evictable(victim):
+                    return victim
+            return None
+        finally:
+            walk.close()
+
+    def _evict_one(self, key: CacheKey, e: _Entry, writes: list[PendingWrite]) -> None:
         """Demote ``key`` to the nearest tier below that takes it; drop it only if none does (or from the last).
 
         The next tier down may be unable to take it: its entries all pinned or being read (e.g. a prompt
@@ -458,11 +611,34 @@ class TieredCache:
             tensor = self.tiers[src].get(key)
             if tensor is not None:
                 for dst in range(src + 1, len(self.tiers)):
-                    if self._move(key, e, src, dst, tensor):
+                    if self._writes_later(dst):
+                        self._stage_demotion(key, e, src, dst, tensor, writes)
+                        return
+                    if self._move(key, e, src, dst, tensor, writes):
                         return
         self._drop(key, e, count_eviction=True)
 
-    def _move(self, key: CacheKey, e: _Entry, src: int, dst: int, tensor: torch.Tensor) -> bool:
+    def _writes_later(self, dst: int) -> bool:
+        """Victims bound for ``dst`` are written after the lock is released: a slow tier that holds room, and
+        the last one (a write that fails there has nowhere further to go, so the victim is dropped then, as
+        it would have been now)."""
+        tier = self.tiers[dst]
+        return tier.slow_writes and tier.holds_room and dst == len(self.tiers) - 1
+
+    def _stage_demotion(self, key: CacheKey, e: _Entry, src: int, dst: int, tensor: torch.Tensor,
+                        writes: list[PendingWrite]) -> None:
+        """Free the victim's room in ``src`` now (its bytes are in ``tensor``) and queue its write into ``dst``."""
+        self.tiers[src].discard(key)
+        self.policies[src].on_remove(key)
+        e.tier = dst
+        e.in_flight += 1
+        self._staged[key] = tensor
+        w = PendingWrite(key, e, dst, tensor, src=src)
+        writes.append(w)
+        self._queued[key] = w
+
+    def _move(self, key: CacheKey, e: _Entry, src: int, dst: int, tensor: torch.Tensor,
+              writes: list[PendingWrite]) -> bool:
         """Copy ``tensor`` into tier ``dst`` (making room there), then release it from ``src``."""
         try:
             prepared = self.tiers[dst].prepare_store(key, tensor)
@@ -474,11 +650,11 @@ class TieredCache:
         # Pin while we make room below so the recursive demotions cannot pick this very entry.
         e.pins += 1
         try:
-            if not (self._make_room(dst, prepared.nbytes) and self.tiers[dst].complete_store(prepared)):
+            if not (self._make_room(dst, prepared.nbytes, writes) and self.tiers[dst].complete_store(prepared)):
                 return False
         finally:
             e.pins -= 1
-        self.tiers[src].remove(key)
+        self.tiers[src].discard(key)
         self.policies[src].on_remove(key)
         e.tier = dst
         self.policies[dst].on_insert(key, prepared.nbytes, e.parent)
@@ -490,12 +666,103 @@ class TieredCache:
         return True
 
     def _drop(self, key: CacheKey, e: _Entry, count_eviction: bool) -> None:
-        self.tiers[e.tier].remove(key)
+        self._call_off(key, e)  # evicted before its write started: the write is called off
+        self.tiers[e.tier].discard(key)
         self._forget(key, e)
         if count_eviction:
             self._counters[e.tier].evictions += 1
             self._dropped += 1
 
+    def _call_off(self, key: CacheKey, e: _Entry) -> bool:
+        """Cancel ``key``'s queued write into the last tier if it has not started (lock held). True if the
+        entry is then free of it: no write, or one called off."""
+        w = self._queued.get(key)
+        if w is None or w.entry is not e:
+            return True
+        if e.in_flight != 1:
+            return False  # someone reads its staged bytes
+        del self._queued[key]
+        w.cancelled = True
+        if w.res is not None:
+            self.tiers[w.dst].abort(w.res)
+            w.res = None
+        e.in_flight -= 1
+        if self._staged.get(key) is w.tensor:
+            del self._staged[key]
+        return True
+
     def _forget(self, key: CacheKey, e: _Entry) -> None:
         self.policies[e.tier].on_remove(key)
         del self._index[key]
+
+    # ------------------------------------------------------------------ writes (lock released)
+    def _finish_writes(self, writes: list[PendingWrite]) -> None:
+        """Run queued writes in rounds, holding the lock only between them: encode victims, hold room for them,
+        write every entry, publish or give up. Then make this call's discards durable. Lock not held."""
+        try:
+            if writes:
+                self._write_rounds(writes)
+        finally:
+            for tier in self.tiers:
+                tier.sync()
+
+    def _write_rounds(self, writes: list[PendingWrite]) -> None:
+        try:
+            for w in writes:  # a victim's encode for its new tier (a codec may take a while)
+                if w.prepared is None:
+                    try:
+                        w.prepared = self.tiers[w.dst].prepare_store(w.key, w.tensor)
+                    except (CapacityError, CodecError) as exc:
+                        log.debug("entry %s cannot move to tier %s: %s", w.key.hex()[:8], self.tiers[w.dst].name, exc)
+            with self._lock:
+                for w in writes:
+                    if w.res is None and w.prepared is not None and not w.cancelled:
+                        self._hold_room(w)
+                # from here on the writes run: none of them can be called off any more
+                for w in writes:
+                    if self._queued.get(w.key) is w:
+                        del self._queued[w.key]
+            for w in writes:  # the bytes: a memcpy, or a file write and fsync
+                if w.res is not None and not w.cancelled:
+                    w.ok = self.tiers[w.dst].write(w.res)
+        finally:
+            with self._lock:
+                for w in writes:
+                    if not w.cancelled:
+                        self._finish(w)
+
+    def _hold_room(self, w: PendingWrite) -> None:
+        """Room in ``w.dst`` for a victim (lock held). The destination is the last tier: its victims leave
+        the cache, so making room there queues no further writes."""
+        more: list[PendingWrite] = []
+        if self._make_room(w.dst, w.prepared.nbytes, more):
+            w.res = self.tiers[w.dst].allocate(w.prepared)
+        assert not more, "victims of the last tier are dropped, never moved"
+        if w.res is not None:
+            self.policies[w.dst].on_insert(w.key, w.prepared.nbytes, w.entry.parent)
+
+    def _finish(self, w: PendingWrite) -> None:
+        """Publish a written entry, or let it go (lock held)."""
+        e, tier = w.entry, self.tiers[w.dst]
+        if self._queued.get(w.key) is w:  # the rounds stopped early (an exception)
+            del self._queued[w.key]
+        e.in_flight -= 1
+        if self._staged.get(w.key) is w.tensor:
+            del self._staged[w.key]
+        if w.ok:
+            tier.commit(w.res)
+            if w.src is not None:
+                self._counters[w.dst].demotions_in += 1
+            return
+        if w.res is not None and w.ok is None:
+            tier.abort(w.res)  # room held but never written (an exception stopped the rounds)
+        # Its bytes are nowhere but in the staged tensor: the entry leaves the cache. A victim's loss is an
+        # eviction from the last tier (it could not keep it); a put's is its False result.
+        if self._index.get(w.key) is e:
+            tier.discard(w.key)  # a failed replace on disk: the old file goes with the key
+            self._forget(w.key, e)
+            if w.src is not None:
+                self._counters[w.dst].evictions += 1
+                self._dropped += 1
+            else:
+                self._counters[w.dst].rejected += 1

@@ -9,6 +9,15 @@ decides what to evict; the :class:`~qwen3vl_ray.cache.tiered_cache.TieredCache` 
     tier.complete_store(prepared)                # -> False if it still does not fit (nothing lost)
 
 ``put`` is the one-shot form (prepare + complete without eviction).
+
+Tiers that can hold room for an entry before its bytes arrive (``holds_room``: the pooled and disk tiers) also
+store in three steps, so the cache moves bytes outside its metadata lock (vLLM's ``prepare_store`` /
+``complete_store`` split, ``vllm/v1/kv_offload``):
+
+    res = tier.allocate(prepared)   # metadata side, fast: the room counts in used_bytes now; None if no room
+    ok = tier.write(res)            # data side, no cache lock: copy, or file write + fsync; False: room released
+    tier.commit(res)                # metadata side: the entry is served (after a True write)
+    tier.abort(res)                 # instead of write: the room goes back
 """
 
 from __future__ import annotations
@@ -32,12 +41,28 @@ class PreparedStore:
     meta: dict = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class Reservation:
+    """Room held in a tier for one prepared entry, between ``allocate`` and ``commit``/``abort``.
+
+    ``slot``: where the bytes go (a pooled tier's block runs; a disk tier's held byte count)."""
+
+    prepared: PreparedStore
+    slot: Any = None
+
+
 class Tier(ABC):
     """A storage level with a byte budget. Implementations must be safe for one writer thread plus readers."""
 
     #: "device", "host" or "disk" (the Ray object-store tier reports "host").
     name: str
     capacity_bytes: int
+    #: ``allocate``/``write``/``commit``/``abort`` are implemented: room is held before the bytes arrive and
+    #: ``write`` needs no lock of the caller's. Tiers without it (wrappers, the Ray object-store tier) are
+    #: stored with ``complete_store`` under the cache's lock.
+    holds_room: bool = False
+    #: Writing an entry waits on a device (file write, fsync): the cache never does it under its metadata lock.
+    slow_writes: bool = False
 
     # -- accounting ---------------------------------------------------------------------------
     @property
@@ -71,6 +96,25 @@ class Tier(ABC):
     def put(self, key: CacheKey, tensor: torch.Tensor) -> bool:
         return self.complete_store(self.prepare_store(key, tensor))
 
+    # -- held-room store (where ``holds_room``) ---------------------------------------------------
+    def allocate(self, prepared: PreparedStore) -> Reservation | None:
+        """Hold room for ``prepared`` (counted in ``used_bytes`` from now on); None if it does not fit.
+        Makes no room: evicting is the cache's decision."""
+        raise NotImplementedError(f"{type(self).__name__} does not hold room; store it with complete_store")
+
+    def write(self, res: Reservation) -> bool:
+        """Move the reserved entry's bytes in. Safe without any lock of the caller's, beside reads and other
+        writes. ``False`` on an I/O failure: nothing stored and the room released (no ``abort`` needed)."""
+        raise NotImplementedError(f"{type(self).__name__} does not hold room")
+
+    def commit(self, res: Reservation) -> None:
+        """Serve the entry written into ``res`` (replacing an existing one of its key)."""
+        raise NotImplementedError(f"{type(self).__name__} does not hold room")
+
+    def abort(self, res: Reservation) -> None:
+        """Give back the room of a reservation that was never written."""
+        raise NotImplementedError(f"{type(self).__name__} does not hold room")
+
     # -- reads --------------------------------------------------------------------------------
     @abstractmethod
     def get(self, key: CacheKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -82,6 +126,14 @@ class Tier(ABC):
 
     @abstractmethod
     def remove(self, key: CacheKey) -> bool: ...
+
+    def discard(self, key: CacheKey) -> bool:
+        """``remove``, leaving any wait for durability (a directory fsync) to the next ``sync``: the cache
+        discards under its metadata lock and syncs after releasing it."""
+        return self.remove(key)
+
+    def sync(self) -> None:  # noqa: B027 - optional hook
+        """Make every ``discard`` made before this call durable."""
 
     # -- batched forms (override where one call can do better, e.g. across processes) -------------
     def put_many(self, items: Sequence[tuple[CacheKey, torch.Tensor]]) -> list[bool]:

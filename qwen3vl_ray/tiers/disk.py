@@ -32,7 +32,10 @@ Budget: ``used_bytes`` counts whole files (header + payload) plus stores in flig
 
 Threads: one lock guards the index and the accounting; file I/O runs outside it except the rename that
 publishes a store and the unlink of a remove or a drop. A reader opens by name, so a concurrent replace
-gives it either the old or the new complete file.
+gives it either the old or the new complete file. The held-room store (``allocate`` under the cache's
+metadata lock, ``write`` outside it) lets the cache write and fsync without holding its lock: ``write``
+publishes (renames and indexes) itself, so ``commit`` has nothing left to do. ``discard`` unlinks and leaves
+the directory fsync to ``sync``, which the cache calls after releasing its lock.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from qwen3vl_ray.errors import CapacityError, CodecError, CorruptEntryError
 from qwen3vl_ray.keys import CacheKey, Namespace, key_from_hex, key_hex, validate_key
 from qwen3vl_ray.tiers import disk_format as fmt
 from qwen3vl_ray.tiers import private_dirs
-from qwen3vl_ray.tiers.base import PreparedStore, Tier
+from qwen3vl_ray.tiers.base import PreparedStore, Reservation, Tier
 from qwen3vl_ray.tiers.config import TierConfig
 
 log = logging.getLogger(__name__)
@@ -189,6 +192,8 @@ class DiskTier(Tier):
     """Entries as checksummed files under ``cfg.path``. Built by :func:`~qwen3vl_ray.tiers.factory.make_tier`."""
 
     name = "disk"
+    holds_room = True
+    slow_writes = True
 
     def __init__(self, cfg: TierConfig, namespace: Namespace, lease: Any = None) -> None:
         """``lease``: anything with ``release()`` held for the tier's life and released by :meth:`close`
@@ -226,6 +231,7 @@ class DiskTier(Tier):
         self._index: dict[CacheKey, int] = {}  # key -> file size in bytes (header + payload)
         self._used = 0
         self._reserved = 0
+        self._unsynced: dict[str, int] = {}  # 2-hex directory -> discards in it not yet fsynced (a generation)
         self._lock = threading.Lock()
         self._tmp_ids = itertools.count()
         self._c = dict(puts=0, gets=0, hits=0, misses=0, rejected=0, removes=0, corrupt=0, unsafe=0, io_errors=0,
@@ -403,6 +409,34 @@ class DiskTier(Tier):
             with self._lock:
                 self._reserved -= size
 
+    # -- held-room store ---------------------------------------------------------------------------
+    def allocate(self, prepared: PreparedStore) -> Reservation | None:
+        size = prepared.nbytes
+        with self._lock:
+            if self._closed or self._used + self._reserved + size > self.capacity_bytes:
+                self._c["rejected"] += 1
+                return None
+            self._reserved += size
+        return Reservation(prepared, size)
+
+    def write(self, res: Reservation) -> bool:
+        # The file write, fsync, rename and index update all happen here; the reservation turns into used
+        # bytes on success and is released either way.
+        size, res.slot = res.slot, 0
+        try:
+            return self._write(res.prepared)
+        finally:
+            with self._lock:
+                self._reserved -= size
+
+    def commit(self, res: Reservation) -> None:
+        """Nothing left: ``write`` published the file (a reader finds it complete or not at all)."""
+
+    def abort(self, res: Reservation) -> None:
+        with self._lock:
+            self._reserved -= res.slot
+        res.slot = 0
+
     def _write(self, prepared: PreparedStore) -> bool:
         key, meta = prepared.key, prepared.meta
         data = memoryview(_np_bytes(prepared.payload) if self._raw else prepared.payload).cast("B")
@@ -569,6 +603,40 @@ class DiskTier(Tier):
                 with self._lock:
                     self._c["io_errors"] += 1
         return True
+
+    def discard(self, key: CacheKey) -> bool:
+        key = validate_key(key)
+        rel = self._rel(key)
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is None:
+                return False
+            self._used -= size
+            self._c["removes"] += 1
+            self._unlink_quiet(rel)
+            if self.cfg.fsync:
+                self._unsynced[rel[:2]] = self._unsynced.get(rel[:2], 0) + 1
+        return True
+
+    def sync(self) -> None:
+        """fsync every directory with a discard not yet synced. Each caller syncs all it sees pending (its own
+        discards included), and clears a directory only if no discard landed in it meanwhile, so no caller
+        returns before its own discards are durable."""
+        if not self._unsynced:  # the common case, read without the lock: nothing discarded since the last sync
+            return
+        with self._lock:
+            pending = dict(self._unsynced)
+        for sub, gen in pending.items():
+            try:
+                _fsync_dir(sub, self._dfd)
+            except OSError:
+                log.warning("disk tier: directory fsync after removing entries in %s/%s failed", self.dir, sub,
+                            exc_info=True)
+                with self._lock:
+                    self._c["io_errors"] += 1
+            with self._lock:
+                if self._unsynced.get(sub) == gen:
+                    del self._unsynced[sub]
 
     # -- failure handling ---------------------------------------------------------------------------
     def _read_failed(self, key: CacheKey, rel: str, st: os.stat_result | None, exc: OSError) -> None:

@@ -8,8 +8,10 @@ with one copy per run. Accounting is in whole blocks (what the entry really occu
 Codecs: ``"none"`` takes a raw path (the tensor's own bytes go straight into the blocks; no payload is
 built). Any other codec stores ``codec.encode(tensor)`` bytes and decodes with ``codecs.decode``.
 
-Thread safety: one lock guards the index, the pool and the copies in and out of blocks, so a reader never
-sees blocks that a concurrent remove/replace has handed to another entry.
+Thread safety: one lock guards the index, the pool and the copies out of blocks, so a reader never sees
+blocks that a concurrent remove/replace has handed to another entry. ``complete_store`` copies in under it
+too; the held-room store (``allocate``, ``write``, ``commit``) copies without it: the blocks ``allocate``
+took belong to no entry until ``commit``, so nobody else reads or hands them out meanwhile.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from qwen3vl_ray.codecs import decode, make_codec
 from qwen3vl_ray.errors import CapacityError
 from qwen3vl_ray.keys import CacheKey, Namespace, validate_key
 from qwen3vl_ray.pools.block_pool import BlockPool
-from qwen3vl_ray.tiers.base import PreparedStore, Tier
+from qwen3vl_ray.tiers.base import PreparedStore, Reservation, Tier
 from qwen3vl_ray.tiers.config import TierConfig
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,8 @@ def _cpu_bytes_np(t: torch.Tensor) -> np.ndarray:
 class PooledTier(Tier):
     """Entries in blocks of a byte pool on ``device``. Built by :func:`~qwen3vl_ray.tiers.factory.make_tier`."""
 
+    holds_room = True
+
     def __init__(self, name: str, cfg: TierConfig, namespace: Namespace, device: str | torch.device, pin_memory: bool = False) -> None:
         self.name = name
         self.cfg = cfg
@@ -165,19 +169,25 @@ class PooledTier(Tier):
             )
         return PreparedStore(key, need, payload, {"dtype": tensor.dtype, "shape": tuple(tensor.shape), "len": nbytes})
 
-    def complete_store(self, prepared: PreparedStore) -> bool:
-        meta = prepared.meta
-        nbytes = meta["len"]
-        need = self._blocks(nbytes)
+    def _source(self, prepared: PreparedStore) -> torch.Tensor | np.ndarray:
+        """The bytes to copy in, as a flat view (``prepared`` keeps the tensor alive until the copy is done)."""
         if self._raw:
             t = prepared.payload
             if self._flat_np is not None and t.device.type == "cpu" and t.is_contiguous():
-                src = _cpu_bytes_np(t)  # ``prepared`` keeps ``t`` alive until the copy is done
-            else:
-                src = _byte_view(t.contiguous())
-        else:
-            src = torch.frombuffer(prepared.payload, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+                return _cpu_bytes_np(t)
+            return _byte_view(t.contiguous())
+        n = prepared.meta["len"]
+        return torch.frombuffer(prepared.payload, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+
+    def _spec(self, prepared: PreparedStore) -> tuple:
+        meta = prepared.meta
         spec_key = (meta["dtype"], meta["shape"], not self._raw)
+        return self._specs.setdefault(spec_key, spec_key)
+
+    def complete_store(self, prepared: PreparedStore) -> bool:
+        nbytes = prepared.meta["len"]
+        need = self._blocks(nbytes)
+        src = self._source(prepared)
         with self._lock:
             old = self._index.get(prepared.key)
             old_blocks = self._blocks(old.nbytes) if old is not None else 0
@@ -191,13 +201,43 @@ class PooledTier(Tier):
             assert ids is not None, "free count checked under the lock"
             runs = _as_runs(ids) if need else ()
             self._copy_in(src, runs, need)
-            spec = self._specs.setdefault(spec_key, spec_key)
-            self._index[prepared.key] = _Entry(nbytes, spec, runs)
+            self._index[prepared.key] = _Entry(nbytes, self._spec(prepared), runs)
             if old is not None:
                 self._release(old)
             self._c["puts"] += 1
             self._c["bytes_written"] += nbytes
         return True
+
+    # -- held-room store: blocks taken under the lock, filled outside it, published under it ----------
+    def allocate(self, prepared: PreparedStore) -> Reservation | None:
+        need = self._blocks(prepared.meta["len"])
+        with self._lock:
+            if need > self.pool.free:
+                self._c["rejected"] += 1
+                return None
+            ids = self.pool.acquire_ids(need) if need else []
+            assert ids is not None, "free count checked under the lock"
+        return Reservation(prepared, _as_runs(ids) if need else ())
+
+    def write(self, res: Reservation) -> bool:
+        # The blocks are this reservation's alone until commit: no lock, so other puts and reads go on.
+        self._copy_in(self._source(res.prepared), res.slot, self._blocks(res.prepared.meta["len"]))
+        return True
+
+    def commit(self, res: Reservation) -> None:
+        p = res.prepared
+        nbytes = p.meta["len"]
+        with self._lock:
+            old = self._index.get(p.key)
+            self._index[p.key] = _Entry(nbytes, self._spec(p), res.slot)
+            if old is not None:
+                self._release(old)
+            self._c["puts"] += 1
+            self._c["bytes_written"] += nbytes
+
+    def abort(self, res: Reservation) -> None:
+        with self._lock:
+            self._release(_Entry(res.prepared.meta["len"], (), res.slot))
 
     def _copy_in(self, src: torch.Tensor | np.ndarray, runs: int | tuple, nblocks: int) -> None:
         B, flat, pos, total = self.block_bytes, self._flat, 0, (src.size if isinstance(src, np.ndarray) else src.numel())
