@@ -267,14 +267,16 @@ class TieredCache:
         for j, _ in refused:
             counters.rejected += 1
             down.append(j)
+        going = []
         for j, prepared in held:
-            key, tensor, parent = batch[j]
             # making room may have demoted the old entry of this very key: its queued write is called off
-            old = self._superseded(key)
+            old = self._superseded(batch[j][0])
             if old is not None and (old.pins or old.in_flight):
                 counters.rejected += 1
                 continue
-            res = tier.allocate(prepared)
+            going.append((j, prepared, old))
+        for (j, prepared, old), res in zip(going, tier.allocate_many([p for _, p, _ in going])):
+            key, tensor, parent = batch[j]
             if res is None:  # free_bytes promised the room under this lock
                 counters.rejected += 1
                 down.append(j)
@@ -727,6 +729,10 @@ class TieredCache:
                     w.ok = self.tiers[w.dst].write(w.res)
         finally:
             with self._lock:
+                for i, tier in enumerate(self.tiers):
+                    done = [w.res for w in writes if w.ok and w.dst == i]
+                    if done:
+                        tier.commit_many(done)
                 for w in writes:
                     if not w.cancelled:
                         self._finish(w)
@@ -742,15 +748,14 @@ class TieredCache:
             self.policies[w.dst].on_insert(w.key, w.prepared.nbytes, w.entry.parent)
 
     def _finish(self, w: PendingWrite) -> None:
-        """Publish a written entry, or let it go (lock held)."""
+        """Count a written (and committed) entry, or let it go (lock held)."""
         e, tier = w.entry, self.tiers[w.dst]
         if self._queued.get(w.key) is w:  # the rounds stopped early (an exception)
             del self._queued[w.key]
         e.in_flight -= 1
         if self._staged.get(w.key) is w.tensor:
             del self._staged[w.key]
-        if w.ok:
-            tier.commit(w.res)
+        if w.ok:  # committed by the caller, one batch per tier
             if w.src is not None:
                 self._counters[w.dst].demotions_in += 1
             return

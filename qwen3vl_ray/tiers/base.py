@@ -115,6 +115,15 @@ class Tier(ABC):
         """Give back the room of a reservation that was never written."""
         raise NotImplementedError(f"{type(self).__name__} does not hold room")
 
+    def allocate_many(self, prepared: Sequence[PreparedStore]) -> list[Reservation | None]:
+        """``allocate`` for each, in order (a tier may take its lock once for all)."""
+        return [self.allocate(p) for p in prepared]
+
+    def commit_many(self, reservations: Sequence[Reservation]) -> None:
+        """``commit`` for each, in order (a tier may take its lock once for all)."""
+        for res in reservations:
+            self.commit(res)
+
     # -- reads --------------------------------------------------------------------------------
     @abstractmethod
     def get(self, key: CacheKey, out: torch.Tensor | None = None) -> torch.Tensor | None:

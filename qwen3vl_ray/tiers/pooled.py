@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -210,14 +210,21 @@ class PooledTier(Tier):
 
     # -- held-room store: blocks taken under the lock, filled outside it, published under it ----------
     def allocate(self, prepared: PreparedStore) -> Reservation | None:
-        need = self._blocks(prepared.meta["len"])
+        return self.allocate_many((prepared,))[0]
+
+    def allocate_many(self, prepared: Sequence[PreparedStore]) -> list[Reservation | None]:
+        out: list[Reservation | None] = []
         with self._lock:
-            if need > self.pool.free:
-                self._c["rejected"] += 1
-                return None
-            ids = self.pool.acquire_ids(need) if need else []
-            assert ids is not None, "free count checked under the lock"
-        return Reservation(prepared, _as_runs(ids) if need else ())
+            for p in prepared:
+                need = self._blocks(p.meta["len"])
+                if need > self.pool.free:
+                    self._c["rejected"] += 1
+                    out.append(None)
+                    continue
+                ids = self.pool.acquire_ids(need) if need else []
+                assert ids is not None, "free count checked under the lock"
+                out.append(Reservation(p, _as_runs(ids) if need else ()))
+        return out
 
     def write(self, res: Reservation) -> bool:
         # The blocks are this reservation's alone until commit: no lock, so other puts and reads go on.
@@ -225,15 +232,19 @@ class PooledTier(Tier):
         return True
 
     def commit(self, res: Reservation) -> None:
-        p = res.prepared
-        nbytes = p.meta["len"]
+        self.commit_many((res,))
+
+    def commit_many(self, reservations: Sequence[Reservation]) -> None:
         with self._lock:
-            old = self._index.get(p.key)
-            self._index[p.key] = _Entry(nbytes, self._spec(p), res.slot)
-            if old is not None:
-                self._release(old)
-            self._c["puts"] += 1
-            self._c["bytes_written"] += nbytes
+            for res in reservations:
+                p = res.prepared
+                nbytes = p.meta["len"]
+                old = self._index.get(p.key)
+                self._index[p.key] = _Entry(nbytes, self._spec(p), res.slot)
+                if old is not None:
+                    self._release(old)
+                self._c["puts"] += 1
+                self._c["bytes_written"] += nbytes
 
     def abort(self, res: Reservation) -> None:
         with self._lock:
