@@ -189,7 +189,7 @@ def bench_size(size: int, reps: int, root: str) -> dict:
 
 
 def bench_batch(entries: int = 64, size: int = MiB, reps: int = 21) -> dict:
-    """``put_many`` of ``entries`` x ``size`` into an empty host tier vs memcpy of the same bytes (see the module doc)."""
+    """``put_many`` of ``entries`` x ``size`` into an empty host tier vs memcpy of the same bytes (module doc)."""
     srcs = [torch.randint(-1000, 1000, (size // 4,), dtype=torch.int32).view(torch.float32) for _ in range(entries)]
     src_np = [t.numpy() for t in srcs]
     dst = np.empty(entries * size // 4, dtype=np.float32)

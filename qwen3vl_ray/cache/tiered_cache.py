@@ -394,7 +394,8 @@ class TieredCache:
         """A reader's copy of an entry whose write is in flight, as the tier would hand it out."""
         if out is not None:
             if tuple(out.shape) != tuple(staged.shape) or out.dtype != staged.dtype:
-                raise ValueError(f"out is {out.dtype} {tuple(out.shape)}, entry is {staged.dtype} {tuple(staged.shape)}")
+                raise ValueError(f"out is {out.dtype} {tuple(out.shape)}, "
+                                 f"entry is {staged.dtype} {tuple(staged.shape)}")
             return out.copy_(staged)
         device = getattr(self.tiers[src], "device", None) or torch.device("cpu")
         return staged.detach().to(device, copy=True)
@@ -591,7 +592,7 @@ class TieredCache:
         """The policy's first evictable entry of tier ``i``. One per walk: an eviction changes the order (a
         parent becomes a leaf), so a list taken before several evictions would break leaf-first order; and the
         walk ends before anything is evicted, so the policy's structure is never mutated under it."""
-        walk = self.policies[i].victims(self._evictable)
+        walk = iter(self.policies[i].victims(self._evictable))
         try:
             for victim in walk:
                 e = self._index.get(victim)
@@ -599,7 +600,9 @@ class TieredCache:
                     return victim
             return None
         finally:
-            walk.close()
+            close = getattr(walk, "close", None)  # a generator puts back what it set aside (prefix policies)
+            if close is not None:
+                close()
 
     def _evict_one(self, key: CacheKey, e: _Entry, writes: list[PendingWrite]) -> None:
         """Demote ``key`` to the nearest tier below that takes it; drop it only if none does (or from the last).
