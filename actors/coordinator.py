@@ -26,7 +26,7 @@ from actors.config import NAMESPACE, AgentConfig, CoordinatorConfig
 from actors.directory import Directory
 from actors.metrics import Metrics
 from actors.tenancy import Tenant, tenant_checked, with_tenant
-from qwen3vl_ray.errors import CapacityError
+from qwen3vl_ray.errors import CapacityError, error_line
 from qwen3vl_ray.keys import CacheKey
 
 logger = logging.getLogger(__name__)
@@ -474,7 +474,7 @@ class Coordinator:
                 ray.get(handle.ping.remote(), timeout=60)
             except Exception as e:
                 logger.warning("agent on %s did not come up; retry on next sync", node_id[:12], exc_info=True)
-                self.agent_errors[node_id] = _root_error(e)
+                self.agent_errors[node_id] = error_line(e)
                 continue
             self.agent_errors.pop(node_id, None)
             self.handles[node_id] = handle
@@ -549,17 +549,6 @@ class Coordinator:
     def config_fields(self):
         """Canonical fields of the configs this coordinator was built with (``actors.config_check``)."""
         return self._config_fields
-
-
-def _root_error(e: BaseException) -> str:
-    """The line naming the original error of a failed actor start (Ray wraps it in its own message and
-    traceback), e.g. ``UnsafeDirectoryError: disk tier refuses ...``."""
-    import re
-
-    lines = [ln.strip() for ln in str(e).splitlines()]
-    causes = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", ln)]
-    text = causes[-1] if causes else f"{type(e).__name__}: {lines[0] if lines else e}"
-    return re.sub(r"^(?:[a-z_][\w]*\.)+", "", text)  # drop the module path of the exception class
 
 
 def coordinator_options(tenant: Tenant = Tenant()) -> dict:

@@ -39,7 +39,7 @@ from jobs.log_levels import apply_log_levels
 from jobs.rows import error_row
 from jobs.runner import JOB_RUNNERS, Runner, make_runner
 from qwen3vl_ray import settings as S
-from qwen3vl_ray.errors import ClusterError, ConfigError
+from qwen3vl_ray.errors import ClusterError, ConfigError, error_line
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +72,6 @@ def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
-def error_text(e: BaseException, limit: int = 1000) -> str:
-    """One line for a row's ``error``: a remote failure (Ray's RayTaskError) is reported by its cause, not by
-    the remote traceback."""
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException):
-        e = cause
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    text = f"{type(e).__name__}: {lines[-1] if lines else ''}".strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _run_batch(runner: Runner | None, batch: list[Item], state: dict) -> list[dict]:
     """Output rows for ``batch`` in order: invalid items keep their error; valid ones go to the runner."""
     valid = [it for it in batch if it.error is None]
@@ -101,7 +90,7 @@ def _run_batch(runner: Runner | None, batch: list[Item], state: dict) -> list[di
                 try:
                     rows += runner.run([it])
                 except Exception as e1:
-                    rows.append(error_row(it.id, error_text(e1)))
+                    rows.append(error_row(it.id, error_line(e1)))
             if all(r["error"] for r in rows):
                 state["failed_batches"] += 1
                 if state["failed_batches"] >= MAX_FAILED_BATCHES:

@@ -108,17 +108,6 @@ def test_killed_job_resumes_without_duplicates_or_gaps(ckpt_env, tmp_path):
     assert not parts.exists()
 
 
-def test_error_text_reports_the_remote_cause():
-    class RemoteError(Exception):  # shaped like ray.exceptions.RayTaskError: a traceback text and a .cause
-        def __init__(self, cause):
-            super().__init__("ray::Worker.process() (pid=1)\n  File x.py, line 3\n    boom\nValueError: bad image")
-            self.cause = cause
-
-    assert infer.error_text(RemoteError(ValueError("bad image"))) == "ValueError: bad image"
-    assert infer.error_text(RuntimeError("a\nb\n")) == "RuntimeError: b"
-    assert len(infer.error_text(RuntimeError("x" * 5000))) == 1000
-
-
 class InProcessService:
     """The service handle's calls, served in this process by a real WorkerLogic (tiny Qwen3-VL engine, a node
     agent on a LocalObjectStore): keys first, and a row whose keys cannot be computed gets its own error
