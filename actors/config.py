@@ -11,6 +11,7 @@ service cannot honour is a ``ConfigError`` naming it when set, never silently dr
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -36,7 +37,8 @@ class AgentConfig:
             node's ``object_store_memory`` so Ray never spills our entries to its own spill directory.
         host_codec: codec spec applied to host entries on store (default ``"none"``: raw bytes, zero-copy).
         disk_bytes: disk-tier budget, bytes (default 8 GiB). 0 disables the disk tier.
-        disk_dir: parent directory of the disk tiers (default ``~/.cache/qwen3vl-ray/disk-tier``; it must be
+        disk_dir: parent directory of the disk tiers (default ``~/.cache/qwen3vl-ray/disk-tier``, ``~`` expanded on
+            construction; it must be
             owned by this user and not writable by others). Never Ray's spill directory. Each node agent of the
             default tenant uses ``<disk_dir>/machine-<machine tag>-<slot>`` (another tenant's
             ``<disk_dir>/tenant-<tenant id>/machine-...``): named by the machine
@@ -63,6 +65,9 @@ class AgentConfig:
     low_watermark: float = default("low_watermark")
 
     def __post_init__(self) -> None:
+        # the table keeps "~" (its docs read the same on every machine); expanded here, as the settings expand it,
+        # so AgentConfig() and one built from default settings are the same config (config_check compares them)
+        self.disk_dir = os.path.expanduser(self.disk_dir) if self.disk_dir else self.disk_dir
         if not isinstance(self.host_bytes, int) or self.host_bytes <= 0:
             raise ConfigError(f"AgentConfig.host_bytes must be a positive int, got {self.host_bytes!r}")
         if not isinstance(self.disk_bytes, int) or self.disk_bytes < 0:
@@ -150,7 +155,7 @@ class WorkerConfig:
         device_bytes: the worker's own device tier (GPU when present, else CPU memory), bytes (default 256 MiB;
             0 disables it). Hot chunks are served from it without asking the agent. Unused with an engine
             that owns its device tier (the real engine: ``engine_args["tiers"]``, else
-            ``engine_args["device_tier_bytes"]``, makes it).
+            ``engine_args["device_tier_bytes"]``, makes it; ``from_settings`` sizes both from ``device_bytes``).
         max_retries: how many other workers a failed request is retried on (default 2).
     """
 
@@ -195,10 +200,10 @@ class ServiceConfig:
         workers, which resolve them on their own nodes."""
         gpus = s.worker_gpus if s.worker_gpus >= 0 else (1.0 if gpus_available else 0.0)
         if s.engine in (REAL_ENGINE_NAME, DEFAULT_ENGINE):
-            engine, engine_args, device_bytes = DEFAULT_ENGINE, _adapter_args(s, gpus, resolve_model), 0
+            engine, engine_args = DEFAULT_ENGINE, _adapter_args(s, gpus, resolve_model)
         else:
             _refuse_unhonoured(s, OTHER_ENGINE_UNHONOURED, f"the worker's own device tier (engine {s.engine!r})")
-            engine, engine_args, device_bytes = s.engine, {}, s.device_bytes
+            engine, engine_args = s.engine, {}
         return cls(
             agent=AgentConfig(host_bytes=s.host_bytes, host_codec=s.host_codec, disk_bytes=s.disk_bytes,
                               disk_dir=s.disk_dir, disk_codec=s.disk_codec, disk_fsync=s.disk_fsync,
@@ -206,7 +211,7 @@ class ServiceConfig:
             coordinator=CoordinatorConfig(period_s=s.period_s, admission_mode=s.admission,
                                           recompress_codec=s.recompress_codec),
             worker=WorkerConfig(engine=engine, engine_args=engine_args, num_gpus=gpus, num_cpus=s.worker_cpus,
-                                device_bytes=device_bytes, max_retries=s.max_retries),
+                                device_bytes=s.device_bytes, max_retries=s.max_retries),
             tenant=Tenant.from_settings(s),
         )
 
@@ -239,9 +244,11 @@ def _refuse_unhonoured(s: Any, names: tuple[str, ...], where: str) -> None:
 
 
 def _adapter_args(s: Any, gpus: float, resolve_model: bool) -> dict:
-    """engine_args of the real engine's adapter from the users' settings. ``tiers`` is the engine store's one
-    tier, the settings' device tier (``settings.device_tier_config``: its codec, block size, placement and
-    watermarks): host and disk are the node agent's."""
+    """engine_args of the real engine's adapter from the users' settings: every ``EngineConfig`` field as the one
+    builder (``settings.engine_config``) makes it, so the Ray workers' engines and the in-process engine share its
+    defaults, its dtype rule and its checks (a device tier above ``kv_device_budget_bytes`` is refused here, on the
+    driver, by name). The store is the settings' device tier only (``settings.device_tier_config``: its codec,
+    block size, placement and watermarks); host and disk are the node agent's."""
     from qwen3vl_ray import settings as S
 
     # A preset resolved here is generated on this (the driver's) node and workers get its path: on a
@@ -249,9 +256,7 @@ def _adapter_args(s: Any, gpus: float, resolve_model: bool) -> dict:
     # each node). Unresolved, each worker resolves the name on its own node.
     model = ({"checkpoint_path": S.resolve_checkpoint(s)} if resolve_model
              else {"model": s.model, "checkpoint_dir": s.checkpoint_dir})
-    return {**model, "device_tier_bytes": s.device_bytes, "tiers": [S.device_tier_config(s)],
-            "chunk_tokens": s.chunk_tokens, "dtype": S.resolved_dtype(s, on_cuda=bool(gpus)), "device": s.device,
-            "attn_implementation": s.attn_implementation, "max_pixels": s.max_pixels,
-            "kv_device_budget_bytes": max(s.kv_device_budget_bytes, s.device_bytes), "policy": s.policy,
-            "prefix_cache": s.prefix_cache, "vision_cache": s.vision_cache, "session_idle_s": s.session_idle_s,
-            "tenant": s.tenant, "fingerprint": s.fingerprint}
+    # dtype "auto" resolves for the workers' device (a GPU worker: bfloat16), not the driver's
+    config = S.engine_config(s, tiers=[S.device_tier_config(s)], on_cuda=bool(gpus))
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}  # shallow: TierConfigs stay
+    return {**model, "device_tier_bytes": s.device_bytes, **fields}

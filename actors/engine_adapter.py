@@ -29,13 +29,12 @@ from typing import Any, Sequence
 import torch
 
 from qwen3vl_ray.keys import CacheKey
+from qwen3vl_ray.settings import concrete_dtype, default, env_value
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "tiny"
-"""Model of the default worker: the users' settings default (``QWEN3VL_RAY_MODEL``)."""
-DEFAULT_CHECKPOINT_DIR = "~/.cache/qwen3vl-ray/checkpoints"
-"""Where presets are generated: the users' settings default (``QWEN3VL_RAY_CHECKPOINT_DIR``)."""
+DEVICE_TIER_BYTES = default("device_bytes")
+"""The engine store's device tier without ``tiers`` or ``device_tier_bytes``: the settings' ``device_bytes``."""
 _ADAPTER_ONLY = ("model", "checkpoint_path", "checkpoint_dir", "device_tier_bytes")
 
 
@@ -45,18 +44,20 @@ def _engine_config(device_tier_bytes: int, **engine_config: Any):
 
     # Host and disk belong to the node agent; the engine's own store is the device tier only.
     engine_config.setdefault("tiers", [TierConfig("device", device_tier_bytes)])
-    if engine_config.get("dtype") == "auto":
-        engine_config["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
+    if engine_config.get("dtype") == "auto":  # the settings' rule, for this worker's device
+        engine_config["dtype"] = concrete_dtype("auto", engine_config.get("device", "auto"))
     return EngineConfig(**engine_config)
 
 
 def _checkpoint(model: str | None, checkpoint_path: str | None, checkpoint_dir: str | None) -> str:
+    """The checkpoint directory: the model given, else this node's ``QWEN3VL_RAY_MODEL`` (and
+    ``QWEN3VL_RAY_CHECKPOINT_DIR``) read through the settings, so the same defaults and parsing apply."""
     from qwen3vl_ray.engine.request_keys import checkpoint_path_for
 
     if model and checkpoint_path and os.path.abspath(model) != os.path.abspath(checkpoint_path):
         raise ValueError(f"give model or checkpoint_path, not both ({model!r} vs {checkpoint_path!r})")
-    name = model or checkpoint_path or os.environ.get("QWEN3VL_RAY_MODEL", DEFAULT_MODEL)
-    cdir = checkpoint_dir or os.environ.get("QWEN3VL_RAY_CHECKPOINT_DIR", DEFAULT_CHECKPOINT_DIR)
+    name = model or checkpoint_path or env_value("model")
+    cdir = checkpoint_dir or env_value("checkpoint_dir")
     return str(checkpoint_path_for(name, cdir))
 
 
@@ -69,7 +70,7 @@ class Qwen3VLEngineAdapter:
     """The engine's store is the worker's device tier: the worker keeps none of its own."""
 
     def __init__(self, model: str | None = None, checkpoint_path: str | None = None, checkpoint_dir: str | None = None,
-                 device_tier_bytes: int = 256 << 20, *, engine: Any | None = None, **engine_config: Any) -> None:
+                 device_tier_bytes: int = DEVICE_TIER_BYTES, *, engine: Any | None = None, **engine_config: Any) -> None:
         from qwen3vl_ray.engine.request_keys import RequestKeyer
 
         if engine is None:
@@ -126,7 +127,7 @@ class Qwen3VLEngineAdapter:
 
     @classmethod
     def keyer_for(cls, model: str | None = None, checkpoint_path: str | None = None, checkpoint_dir: str | None = None,
-                  device_tier_bytes: int = 256 << 20, **engine_config: Any):
+                  device_tier_bytes: int = DEVICE_TIER_BYTES, **engine_config: Any):
         from qwen3vl_ray.engine.request_keys import RequestKeyer
 
         path = _checkpoint(model, checkpoint_path, checkpoint_dir)

@@ -2,8 +2,11 @@
 
 The CLI (``qwen3vl-ray ...``), the Ray jobs (``python -m jobs.infer``) and the library read options
 through this table, so an option has exactly one name, one default and one environment variable
-(``QWEN3VL_RAY_<NAME>``) everywhere. Each option names the dataclass field it feeds (``target``); the
-``*_config`` builders below are the only place where settings become subsystem configs.
+(``QWEN3VL_RAY_<NAME>``) everywhere. Each option names the dataclass field it feeds (``target``), and that
+field's default is read from here (``default``), so a config built without settings and one built from default
+settings agree. The ``*_config`` builders below are the only place where settings become the core's configs;
+``actors.config.ServiceConfig.from_settings`` builds the Ray service's on top of them (a worker's engine gets
+``engine_config``'s fields).
 
 Precedence, highest first: an explicit value (a CLI flag or a keyword), the environment, the default.
 ``docs/configuration.md`` is generated from this table (``python -m qwen3vl_ray.settings --markdown``)
@@ -433,19 +436,17 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
 
 # -- builders: settings -> subsystem configs -------------------------------------------------------------
 
-def tier_configs(s: Settings, node_tag: str | None = None) -> list:
-    """Device, host and (if disk_bytes > 0) disk ``TierConfig``s, top to bottom.
-
-    ``node_tag`` (e.g. a Ray node id) puts the disk tier in ``<disk_dir>/<node_tag>`` so that nodes of a
-    test cluster on one machine never share a directory.
-    """
+def tier_configs(s: Settings) -> list:
+    """Device, host and (if disk_bytes > 0) disk ``TierConfig``s, top to bottom: one process's whole store (the
+    engine runner's). On Ray the store is split: a worker's engine keeps ``device_tier_config`` and the node agents
+    the host and disk tiers (``AgentConfig``, their disk tier in a per-machine home under ``disk_dir``)."""
     from qwen3vl_ray.tiers.config import TierConfig
 
     common = _tier_common(s)
     tiers = [device_tier_config(s), TierConfig("host", s.host_bytes, codec=s.host_codec, **common)]
     if s.disk_bytes > 0:
-        path = s.disk_dir if node_tag is None else os.path.join(s.disk_dir, _safe_tag(node_tag))
-        tiers.append(TierConfig("disk", s.disk_bytes, codec=s.disk_codec, path=path, fsync=s.disk_fsync, **common))
+        tiers.append(TierConfig("disk", s.disk_bytes, codec=s.disk_codec, path=s.disk_dir, fsync=s.disk_fsync,
+                                **common))
     return tiers
 
 
@@ -458,12 +459,6 @@ def device_tier_config(s: Settings):
 
 def _tier_common(s: Settings) -> dict:
     return dict(block_bytes=s.block_bytes, high_watermark=s.high_watermark, low_watermark=s.low_watermark)
-
-
-def _safe_tag(tag: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", tag) or tag in (".", ".."):
-        raise ConfigError(f"node tag {tag!r} cannot be a directory name; use letters, digits, _ . -")
-    return tag
 
 
 def sampling_kwargs(s: Settings) -> dict:
@@ -498,34 +493,46 @@ def resolve_checkpoint(s: Settings) -> str:
 
 
 def resolved_device(s: Settings) -> str:
-    if s.device != "auto":
-        return s.device
+    return concrete_device(s.device)
+
+
+def concrete_device(device: str) -> str:
+    """``device`` with auto resolved for this process: CUDA if present, else CPU."""
+    if device != "auto":
+        return device
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolved_dtype(s: Settings, on_cuda: bool | None = None) -> str:
-    """``s.dtype`` with auto resolved: bfloat16 on CUDA, else float32. ``on_cuda`` says whether the model runs on
+    return concrete_dtype(s.dtype, s.device, on_cuda)
+
+
+def concrete_dtype(dtype: str, device: str = "auto", on_cuda: bool | None = None) -> str:
+    """``dtype`` with auto resolved: bfloat16 on CUDA, else float32. ``on_cuda`` says whether the model runs on
     CUDA where that is not this process's device (a Ray driver building its workers' configs); None asks
-    ``resolved_device``."""
-    if s.dtype != "auto":
-        return s.dtype
+    ``concrete_device(device)``. The one rule for every caller (settings, the Ray workers' engine arguments)."""
+    if dtype != "auto":
+        return dtype
     if on_cuda is None:
-        on_cuda = resolved_device(s).startswith("cuda")
+        on_cuda = concrete_device(device).startswith("cuda")
     return "bfloat16" if on_cuda else "float32"
 
 
-def engine_config(s: Settings, tiers: list | None = None, node_tag: str | None = None):
-    """The ``EngineConfig`` for these settings; ``tiers`` overrides the tier list (the Ray workers keep
-    only the device tier locally and use the node agent for host and disk)."""
+def engine_config(s: Settings, tiers: list | None = None, on_cuda: bool | None = None):
+    """The ``EngineConfig`` for these settings: the one builder, for the in-process engine and (through
+    ``actors.config.ServiceConfig.from_settings``) the Ray workers' engines alike. ``tiers`` overrides the tier
+    list (a Ray worker's engine keeps only ``device_tier_config``: the node agents hold host and disk);
+    ``on_cuda`` resolves ``dtype=auto`` for where the engine runs (``concrete_dtype``). Raises ``ConfigError``
+    for settings no engine can honour, e.g. a device tier above ``kv_device_budget_bytes``."""
     from qwen3vl_ray.engine.config import EngineConfig
 
     return EngineConfig(
-        chunk_tokens=s.chunk_tokens, dtype=resolved_dtype(s), device=s.device,
+        chunk_tokens=s.chunk_tokens, dtype=resolved_dtype(s, on_cuda), device=s.device,
         attn_implementation=s.attn_implementation, max_pixels=s.max_pixels,
         kv_device_budget_bytes=s.kv_device_budget_bytes,  # EngineConfig refuses a device tier above it, by name
-        tiers=tiers if tiers is not None else tier_configs(s, node_tag), policy=s.policy,
+        tiers=tiers if tiers is not None else tier_configs(s), policy=s.policy,
         prefix_cache=s.prefix_cache, vision_cache=s.vision_cache, session_idle_s=s.session_idle_s,
         tenant=s.tenant, fingerprint=s.fingerprint)
 

@@ -10,13 +10,16 @@ import pytest
 from actors import engine_adapter
 from actors.config import OTHER_ENGINE_UNHONOURED, AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig
 from qwen3vl_ray import settings as S
+from qwen3vl_ray.cache.config import CacheConfig
 from qwen3vl_ray.engine.config import EngineConfig
 from qwen3vl_ray.engine.requests import SamplingParams
 from qwen3vl_ray.errors import ConfigError
+from qwen3vl_ray.keys import Namespace
 from qwen3vl_ray.tiers.config import TierConfig
 
 CLASSES = {c.__name__: c for c in (EngineConfig, TierConfig, AgentConfig, CoordinatorConfig, WorkerConfig,
                                    SamplingParams)}
+NS = Namespace(model="m", dtype="float32", layout="test", tenant="default")
 TARGET_RE = re.compile(r"^(?P<cls>\w+)(?:\((?P<kind>\w+)\))?\.(?P<field>\w+)$")
 
 # Where a library default must differ from the option's, and why. Each entry is checked to still differ, so a
@@ -68,19 +71,57 @@ def test_every_config_dataclass_is_reached_by_the_walk():
     assert {cls for _, cls, _ in _targets()} == set(CLASSES)
 
 
-def test_defaults_agree_with_configs_built_from_default_settings():
+def _adapter_config(engine_args):
+    """The EngineConfig a worker's adapter builds from ``engine_args`` (what remains after its own arguments)."""
+    args = dict(engine_args)
+    device_tier_bytes = args.pop("device_tier_bytes", engine_adapter.DEVICE_TIER_BYTES)
+    return engine_adapter._engine_config(device_tier_bytes,
+                                         **{k: v for k, v in args.items() if k not in engine_adapter._ADAPTER_ONLY})
+
+
+def test_every_config_built_from_default_settings_equals_its_own_defaults():
     s = S.resolve({}, env={})
-    built = S.engine_config(s)
-    lib = EngineConfig()
-    for f in dataclasses.fields(EngineConfig):
-        if f.name not in ("dtype", "tiers"):  # dtype: ALLOWED; tiers: below
-            assert getattr(lib, f.name) == getattr(built, f.name), f.name
-    assert lib.tiers == built.tiers[:2]  # the library's store has no disk tier unless given a directory
-    service = ServiceConfig.from_settings(s, resolve_model=False)
-    lib_agent = AgentConfig()  # the table keeps "~" for the docs; settings expand it when they resolve
-    assert service.agent == dataclasses.replace(lib_agent, disk_dir=os.path.expanduser(lib_agent.disk_dir))
+    # the in-process engine: equal but for the disk tier, which the library adds only when given a directory;
+    # dtype "auto" resolved for a CPU engine is the library's float32 (ALLOWED: concrete on purpose)
+    built = S.engine_config(s, on_cuda=False)
+    assert [t.kind for t in built.tiers] == ["device", "host", "disk"]
+    assert dataclasses.replace(built, tiers=built.tiers[:2]) == EngineConfig()
+    # the service: agents, coordinator and workers built from default settings are the dataclasses' defaults
+    service = ServiceConfig.from_settings(s, gpus_available=False, resolve_model=False)
+    assert service.agent == AgentConfig()
     assert service.coordinator == CoordinatorConfig()
-    assert (service.worker.num_cpus, service.worker.max_retries) == (WorkerConfig().num_cpus, WorkerConfig().max_retries)
+    # a worker's num_gpus is resolved against the cluster (None: "1 if it has GPUs"), its engine_args spelled out
+    assert service.worker == dataclasses.replace(WorkerConfig(), num_gpus=0.0, engine_args=service.worker.engine_args)
+    # ... and those engine_args make the same engine config as WorkerConfig()'s empty ones (the adapter's defaults)
+    assert _adapter_config(service.worker.engine_args) == _adapter_config(WorkerConfig().engine_args)
+    # the engine's store takes the settings' policy when its CacheConfig names none
+    assert CacheConfig(tiers=built.tiers[:1], namespace=NS).policy == built.policy == s.policy
+
+
+def test_gpu_workers_get_the_gpu_dtype_from_a_cpu_driver():
+    # dtype "auto" resolves for where the engine runs: a driver without a GPU building GPU workers
+    s = S.resolve({}, env={})
+    args = ServiceConfig.from_settings(s, gpus_available=True, resolve_model=False).worker.engine_args
+    assert args["dtype"] == "bfloat16"
+    assert ServiceConfig.from_settings(s.replace(device="cpu"), gpus_available=False,
+                                       resolve_model=False).worker.engine_args["dtype"] == "float32"
+
+
+def test_ray_path_refuses_a_device_tier_above_the_kv_budget_by_name():
+    # the in-process engine refused it; the Ray path used to raise the budget silently to fit the tier
+    s = S.resolve({"device_bytes": "64MiB", "kv_device_budget_bytes": "32MiB"}, env={})
+    with pytest.raises(ConfigError, match="kv_device_budget_bytes"):
+        S.engine_config(s)
+    with pytest.raises(ConfigError, match="kv_device_budget_bytes"):
+        ServiceConfig.from_settings(s, resolve_model=False)
+    # within the budget, the worker's engine gets the budget as set
+    args = ServiceConfig.from_settings(s.replace(kv_device_budget_bytes="64MiB"), resolve_model=False).worker.engine_args
+    assert _adapter_config(args).kv_device_budget_bytes == 64 << 20
+
+
+def test_agent_disk_dir_is_expanded_once():
+    assert AgentConfig().disk_dir == os.path.expanduser(S.default("disk_dir")) and "~" not in AgentConfig().disk_dir
+    assert AgentConfig(disk_dir="/data/tiers").disk_dir == "/data/tiers"
 
 
 def test_ray_path_passes_the_device_tier_settings_to_the_engine():
@@ -90,8 +131,7 @@ def test_ray_path_passes_the_device_tier_settings_to_the_engine():
     assert args["tiers"] == [TierConfig("device", 8 << 20, codec="int8", device="cpu", block_bytes=64 << 10,
                                         high_watermark=0.8)]
     # the adapter builds its store from these tiers (what remains of engine_args is EngineConfig's)
-    config = engine_adapter._engine_config(args["device_tier_bytes"],
-                                           **{k: v for k, v in args.items() if k not in engine_adapter._ADAPTER_ONLY})
+    config = _adapter_config(args)
     assert config.tiers == args["tiers"] and config.device == "cpu"
 
 

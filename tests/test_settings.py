@@ -77,12 +77,10 @@ def test_to_env_reproduces_settings():
 
 def test_tier_configs_follow_settings(tmp_path):
     s = S.resolve({"disk_dir": str(tmp_path), "host_codec": "int8", "disk_bytes": "1MiB"}, env={})
-    tiers = S.tier_configs(s, node_tag="node-abc")
+    tiers = S.tier_configs(s)
     assert [t.kind for t in tiers] == ["device", "host", "disk"]
-    assert tiers[1].codec == "int8" and tiers[2].path == str(tmp_path / "node-abc")
+    assert tiers[1].codec == "int8" and tiers[2].path == str(tmp_path) and tiers[2].capacity_bytes == 1 << 20
     assert [t.kind for t in S.tier_configs(s.replace(disk_bytes=0))] == ["device", "host"]
-    with pytest.raises(ConfigError):
-        S.tier_configs(s, node_tag="../evil")
 
 
 def test_library_has_no_ray_import():
@@ -102,6 +100,18 @@ def test_engine_config_follows_settings(tmp_path):
     assert (cfg.chunk_tokens, cfg.dtype, cfg.policy, cfg.vision_cache, cfg.tenant) == (64, "float32", "lru", False, "t1")
     assert [t.kind for t in cfg.tiers] == ["device", "host", "disk"] and cfg.tiers[0].capacity_bytes == 2 << 20
     assert S.resolved_dtype(s.replace(dtype="auto")) in ("float32", "bfloat16")
+
+
+@pytest.mark.parametrize("dtype,device,on_cuda,expected", [
+    ("auto", "cpu", None, "float32"),      # a CPU device never gets bfloat16, whatever this machine has
+    ("auto", "auto", True, "bfloat16"),    # a driver building GPU workers' configs on a CPU-only machine
+    ("auto", "cuda", False, "float32"),    # where it runs decides, when the caller knows it
+    ("float16", "cpu", True, "float16"),   # an explicit dtype is kept
+])
+def test_one_dtype_rule(dtype, device, on_cuda, expected):
+    assert S.concrete_dtype(dtype, device, on_cuda) == expected
+    s = S.resolve({"dtype": dtype, "device": device}, env={})
+    assert S.resolved_dtype(s, on_cuda) == S.engine_config(s, on_cuda=on_cuda).dtype == expected
 
 
 def test_resolve_checkpoint_rejects_unknown_model(tmp_path):

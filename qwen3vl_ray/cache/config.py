@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from qwen3vl_ray.errors import ConfigError
 from qwen3vl_ray.keys import Namespace
+from qwen3vl_ray.settings import default
 from qwen3vl_ray.tiers.config import TierConfig
 
 
@@ -15,8 +16,9 @@ class CacheConfig:
 
     Attributes:
         tiers: top (fastest) to bottom; kinds may repeat only for tests. At least one.
-        policy: eviction/admission strategy name per tier (``qwen3vl_ray.policies.make_policy``);
-            ``None`` takes the project default, which is never worse than LRU on the Mooncake trace.
+        policy: eviction/admission strategy name per tier (``qwen3vl_ray.policies.make_policy``); default the
+            settings' ``policy`` (the project default, never worse than LRU on the Mooncake trace); ``None`` means
+            the same.
         namespace: what the entries are valid for (model fingerprint, dtype, layout, codec, tenant).
             Required: disk files are kept per namespace, so two models or tenants never read each other's
             entries, and a shared default would silently pool them.
@@ -27,7 +29,7 @@ class CacheConfig:
     """
 
     tiers: list[TierConfig]
-    policy: str | None = None
+    policy: str | None = default("policy")
     namespace: Namespace | None = None
     promote_on_hit: bool = True
     idle_ttl_s: float | None = None
