@@ -12,6 +12,7 @@ service cannot honour is a ``ConfigError`` naming it when set, never silently dr
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -20,6 +21,8 @@ from actors.tenancy import Tenant
 from qwen3vl_ray.errors import ConfigError
 from qwen3vl_ray.settings import default
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+"""Log line format of the actors, the CLI and the jobs."""
 NAMESPACE = "qwen3vl_ray"
 """Ray namespace every named actor of the service lives in."""
 DEFAULT_ENGINE = "actors.engine_adapter:Qwen3VLEngineAdapter"
@@ -260,3 +263,23 @@ def _adapter_args(s: Any, gpus: float, resolve_model: bool) -> dict:
     config = S.engine_config(s, tiers=[S.device_tier_config(s)], on_cuda=bool(gpus))
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}  # shallow: TierConfigs stay
     return {**model, "device_tier_bytes": s.device_bytes, **fields}
+
+
+def configure_actor_logging(environ: Mapping[str, str] | None = None) -> str:
+    """Set this actor process's log level (the root logger's: every ``actors.*`` and ``qwen3vl_ray.*`` logger
+    inherits it) from ``QWEN3VL_RAY_ACTOR_LOG_LEVEL`` in ``environ`` (default ``os.environ``), else the settings'
+    default; returns the level. Each actor calls it first thing in ``__init__``.
+
+    The variable reaches an actor's process from, in order: a job's ``--actor-log-level`` carried in the runtime
+    env of the actors the job starts (``jobs.log_levels.actor_runtime_env``: a detached actor keeps it, and the
+    agents the coordinator starts inherit it), the environment an embedded Ray inherited from the command, or the
+    node's own environment (cluster.yaml's ``~/.qwen3vl-ray.env``). A bad value is a ``ConfigError`` naming the
+    option, as everywhere else."""
+    from qwen3vl_ray import settings as S
+
+    level = S.env_value("actor_log_level", environ)
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    # basicConfig does nothing where the root logger already has a handler (Ray's LoggingConfig adds one): the
+    # level is set either way
+    logging.getLogger().setLevel(level)
+    return level

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import ray
 
 from actors.cluster_chunks import ClusterChunks
-from actors.config import NAMESPACE, ServiceConfig, WorkerConfig
+from actors.config import NAMESPACE, ServiceConfig, WorkerConfig, configure_actor_logging
 from actors.metrics import Metrics
 from actors.node_agent import materialize, to_wire
 from actors.object_store_tier import ObjectStore
@@ -289,7 +289,7 @@ class Worker:
         from actors.cluster_chunks import connect
         from actors.metrics import RayMetrics
 
-        logging.basicConfig(level=os.environ.get("QWEN3VL_RAY_ACTOR_LOG_LEVEL", "INFO").upper())
+        configure_actor_logging()
         self._config = config
         self.tenant = config.tenant
         node = ray.get_runtime_context().get_node_id()

@@ -127,11 +127,13 @@ def _auth_metadata() -> tuple:
 def _init_ray(s: S.Settings, address: str | None, quiet: bool = False) -> None:
     """``actors.service.attach_ray`` (the cluster at ``address`` / ``RAY_ADDRESS``, else an embedded Ray) with
     the settings' Prometheus port for an embedded one. Attaching, ``check_cluster`` first turns an address
-    without a cluster or a missing token into one line. ``quiet``: none of Ray's connection messages or the
-    cluster's log lines (a command that prints a table)."""
+    without a cluster or a missing token into one line, and an explicit ``--actor-log-level`` goes into the job's
+    runtime env (``jobs.log_levels.actor_runtime_env``; an embedded Ray's actors inherit it from this process).
+    ``quiet``: none of Ray's connection messages or the cluster's log lines (a command that prints a table)."""
     import ray
 
     from actors.service import attach_ray
+    from jobs.log_levels import actor_runtime_env
 
     if ray.is_initialized():
         return
@@ -142,6 +144,9 @@ def _init_ray(s: S.Settings, address: str | None, quiet: bool = False) -> None:
             kwargs["_metrics_export_port"] = s.metrics_export_port
     else:
         check_cluster(address)
+        runtime_env = actor_runtime_env(s)
+        if runtime_env:
+            kwargs["runtime_env"] = runtime_env
     if quiet:
         kwargs.update(logging_level=logging.WARNING, log_to_driver=False)
     # The probe above found the cluster answering: a connect that still fails is a busy head (its GCS or raylet
