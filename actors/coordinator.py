@@ -354,7 +354,8 @@ class CoordinatorLogic:
         watermark. Each agent offers its candidates in its own cache policy's order (leaf-first for the default
         policy: never a chain's head before its tail); the value (recompute seconds saved per byte x reuse
         likelihood) only decides which node gives up its next candidate, so every node loses a prefix of its
-        own eviction order."""
+        own eviction order. The agent evicts through its cache's own eviction path: its policy hears
+        ``on_evict`` (ghost lists learn from it) and its store counts the eviction, as for a local one."""
         decisions: list[dict] = []
         reports = self._refresh_reports()  # fresh numbers: the demotions above moved bytes
         agents = dict(self._agents())
@@ -401,7 +402,7 @@ class CoordinatorLogic:
             except Exception:
                 logger.warning("eviction on %s failed", n[:12], exc_info=True)
                 continue
-            if got == len(keys):  # else the agent kept some (a child stored meanwhile): the journal says which went
+            if got == len(keys):  # else it kept some (a child stored or a hit since): the journal says which went
                 with self._lock:
                     self.directory.remove_many(n, keys)
             decisions.append(self._decide("evict_by_value", n, bottom[n], got))

@@ -5,7 +5,10 @@
 coordinator's policies: per-entry access stats and chain parents (value), pressure, and a journal of where
 entries come and go (``drain_journal``) so the cluster directory follows the moves without scanning. What the
 coordinator may demote or evict is offered in the node cache's own policy order (``_victim_order``), the order
-its local room-making takes, so cluster-level moves never drop a chain's head before its tail.
+its local room-making takes, so cluster-level moves never drop a chain's head before its tail; and it is done
+through the cache's own demote path, so the policy hears the same events (``on_demote``, ``on_evict``) and the
+store counts the same moves as for local room-making. A lookup that misses is reported to the cache too (its
+policies learn from misses).
 
 Reads hand out handles, not bytes: ``get_chunks`` returns the ObjectRef of each host entry (promoting disk
 hits into the host tier first), so a worker on this node reads it zero-copy and a worker on another node
@@ -275,6 +278,7 @@ class NodeAgentLogic:
             tier = self._where(key)
             if tier is None:
                 self._served["misses"] += 1
+                self.cache.lookup(key)  # absent: the store counts the miss and its policies hear it (ghosts)
                 out.append(None)
                 continue
             if tier == "disk":
@@ -437,16 +441,20 @@ class NodeAgentLogic:
         return [(k, nb, self.value(k, recompute_s_per_mib, now)) for k, nb in self._victim_order(tier, n, whole_node=True)]
 
     def evict(self, keys: Sequence[CacheKey]) -> int:
-        """Drop entries from every tier (cluster-wide eviction), in the given order; a key that is the parent of
-        an entry still stored here (one stored since the candidates were listed) is kept. Returns how many
-        were dropped."""
+        """Evict entries of the bottom tier (cluster-wide eviction), in the given order, through the cache's own
+        eviction path: its policy hears ``on_evict`` and its counters count it, as for a local eviction. A key
+        that is the parent of an entry still stored here, or that left the bottom tier (promoted by a hit since
+        the candidates were listed), is kept. Returns how many were evicted."""
         stored = [k for tier in (self.host, self.disk) if tier is not None for k in tier.keys()]
         children = Counter(p for p in map(self._parent, stored) if p is not None)
+        bottom = self.cache.tier_names[-1]
         n = 0
         for k in keys:
             parent = self._parent(k)
-            if children.get(k) or not self.remove_many([k])[0]:
+            # demote() out of the last tier is an eviction (the cache's _evict_one drops it there)
+            if children.get(k) or self.cache.where(k) != bottom or not self.cache.demote(k):
                 continue
+            self._info.pop(k, None)
             n += 1
             if parent is not None:
                 children[parent] -= 1

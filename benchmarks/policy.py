@@ -3,13 +3,17 @@
     PYTHONPATH=. python -m benchmarks.policy [--json] [--trace PATH] [--policies a,b] [--no-synthetic]
                                              [--bytes-codecs int8,kv-int4] [--bytes-only]
 
-Replay (prefix-hit semantics, as ``../shared/traces/README.md``): a request's hits are its leading blocks
-that are cached, stopping at the first missing one; then every block of the request is used in order, a
-cached one with ``on_access`` and a missing one (after ``on_miss``, ``admit``) with ``on_insert(parent =
-previous block)``, evicting first if the cache is full. The request's own blocks are in flight and not
-evictable while it runs. Hit ratio = hits / all block accesses.
+Replay through the store (prefix-hit semantics, as ``../shared/traces/README.md``): every policy orders a real
+``TieredCache`` (one host tier holding ``capacity`` blocks of ``ENTRY_BYTES``), driven as the serving path
+drives it (``store_request``): a request's cached blocks are pinned while it runs (in flight, not evictable);
+its leading cached run is read (``lookup``: hits), the rest is recomputed, so each absent block is a miss and
+the absent ones are stored in one ``put_many`` with their chain parents (a cached block after the gap is left
+alone). The policy hears what the store tells it (insert, hit, miss, evict) and nothing else, and the hit
+ratio is the store's own hit count / all block accesses, so these figures are the store's figures. The JSON
+rows carry the store's counters (hits, misses, evictions, rejected).
 
-Belady: the offline optimum (MIN with bypass) on the same replay: when a block must be inserted into a full
+Belady: the offline optimum (MIN with bypass) on the same block accesses, computed without a store (no
+policy can do better in one): when a block must be inserted into a full
 cache, drop whichever of the cached blocks *or the incoming one* is used again furthest in the future.
 Prefix semantics need no special case: every request that uses a block uses its whole prefix first, so a
 parent's next use always comes before its child's. MIN therefore never drops a parent while a child that
@@ -64,12 +68,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from benchmarks.traces import MOONCAKE_TRACE, SYNTHETIC, Trace, load_mooncake
+from qwen3vl_ray.cache import CacheConfig, TieredCache
+from qwen3vl_ray.keys import KEY_BYTES, Namespace
 from qwen3vl_ray.policies import DEFAULT_POLICY, POLICIES, make_policy
 from qwen3vl_ray.policies.base import EvictionPolicy
 from qwen3vl_ray.policies.prefix import PrefixLRUPolicy, _Node
+from qwen3vl_ray.tiers.config import TierConfig
 
-BLOCK = 1  # every block has the same size; capacities are in blocks
+ENTRY_BYTES = 64
+"""Every block is stored as one entry of this many bytes (its contents do not matter to a replay), in a host
+tier of ``capacity x ENTRY_BYTES`` bytes pooled in blocks of the same size: capacities are in blocks."""
+NAMESPACE = Namespace(model="benchmarks.policy", dtype="uint8", layout="trace-block")
 
 
 def prefix_hits(req, cached) -> int:
@@ -82,37 +94,62 @@ def prefix_hits(req, cached) -> int:
     return n
 
 
+def block_key(block: int) -> bytes:
+    """A trace's block id as a cache key (16 bytes, little-endian)."""
+    return block.to_bytes(KEY_BYTES, "little")
+
+
+def replay_store(policy: EvictionPolicy, capacity: int) -> TieredCache:
+    """The store a replay runs through: one host tier holding ``capacity`` blocks, ordered by ``policy``."""
+    tier = TierConfig("host", capacity * ENTRY_BYTES, block_bytes=ENTRY_BYTES, pinned=False, zero_on_release=False)
+    return TieredCache(CacheConfig([tier], namespace=NAMESPACE, prefetch_threads=0), policies=[policy])
+
+
+def replay_counts(policy: EvictionPolicy, trace: Trace, capacity: int) -> dict:
+    """Replay ``trace`` through a ``TieredCache`` with room for ``capacity`` blocks, ``policy`` ordering it;
+    returns the store's own counters (``hits``, ``misses``, ``evictions``, ``rejected``), the trace's block
+    ``accesses`` and ``hit_ratio`` = the store's hits / accesses."""
+    cache = replay_store(policy, capacity)
+    data = torch.zeros(ENTRY_BYTES, dtype=torch.uint8)
+    out = torch.empty_like(data)
+    accesses = 0
+    try:
+        for req in trace:
+            keys = [block_key(b) for b in req]
+            accesses += len(keys)
+            store_request(cache, keys, data, out)
+        s = cache.stats()
+    finally:
+        cache.close()
+    t = s["tiers"][0]
+    return {"hits": s["hits"], "misses": s["misses"], "evictions": t["evictions"], "rejected": t["rejected"],
+            "accesses": accesses, "hit_ratio": s["hits"] / accesses if accesses else 0.0}
+
+
+def store_request(cache: TieredCache, keys: list[bytes], data: torch.Tensor, out: torch.Tensor) -> None:
+    """One request as the serving path runs it (``engine.prefix_kv``'s read + store_new): its cached blocks are
+    pinned while it runs; its leading cached run is read (the store counts hits; the first gap is a miss); the
+    blocks after the gap are recomputed, so a cached one is left alone and each absent one is a miss, stored
+    in one batch with its chain parent."""
+    with cache.pinned(keys):
+        n = 0
+        for key in keys:
+            if cache.lookup(key, out=out)[0] is None:
+                break
+            n += 1
+        items = []
+        for i in range(n, len(keys)):
+            key = keys[i]
+            if i > n and (cache.contains(key) or cache.lookup(key, out=out)[0] is not None):
+                continue
+            items.append((key, data, keys[i - 1] if i else None))
+        if items:
+            cache.put_many(items)
+
+
 def replay(policy: EvictionPolicy, trace: Trace, capacity: int) -> float:
-    """Block-level prefix-hit ratio of ``policy`` with room for ``capacity`` blocks."""
-    cached: set[int] = set()
-    hits = total = 0
-    in_flight: set[int] = set()
-    not_in_flight = lambda k: k not in in_flight  # noqa: E731
-    for req in trace:
-        total += len(req)
-        hits += prefix_hits(req, cached)
-        in_flight = set(req)
-        parent = None
-        for b in req:
-            if b in cached:
-                policy.on_access(b)
-            else:
-                policy.on_miss(b)
-                if policy.admit(b, BLOCK, parent):
-                    if len(cached) >= capacity:
-                        victims = policy.victims(not_in_flight)
-                        victim = next(victims, None)
-                        if victim is None:  # everything in flight: skip caching this block
-                            victims.close()
-                            parent = b
-                            continue
-                        cached.remove(victim)
-                        policy.on_remove(victim)
-                        victims.close()
-                    cached.add(b)
-                    policy.on_insert(b, BLOCK, parent)
-            parent = b
-    return hits / total if total else 0.0
+    """Block-level prefix-hit ratio of ``policy`` in the store with room for ``capacity`` blocks."""
+    return replay_counts(policy, trace, capacity)["hit_ratio"]
 
 
 def belady(trace: Trace, capacity: int) -> float:
@@ -166,10 +203,10 @@ class ChainOracle(PrefixLRUPolicy):
 
     def __init__(self, trace: Trace) -> None:
         super().__init__()
-        uses: dict[int, list[int]] = {}
+        uses: dict[bytes, list[int]] = {}  # chain head's key -> the requests that use the chain
         for i, req in enumerate(trace):
             if req:
-                uses.setdefault(req[0], []).append(i)
+                uses.setdefault(block_key(req[0]), []).append(i)
         self._left = {head: len(idx) for head, idx in uses.items()}
         # requests per request of lifetime; a chain used once has no rate
         self._rate = {h: (len(ix) / (ix[-1] - ix[0] + 1) if len(ix) > 1 else 0.0) for h, ix in uses.items()}
@@ -189,11 +226,11 @@ class ChainOracle(PrefixLRUPolicy):
         if node.parent is None and node.key in self._left:
             self._left[node.key] -= 1
 
-    def on_access(self, key: int) -> None:
+    def on_hit(self, key: bytes) -> None:
         node = self._nodes.get(key)
         if node is not None and node.parent is None and key in self._left:
             self._left[key] -= 1
-        super().on_access(key)
+        super().on_hit(key)
 
 
 def metadata_bytes_per_entry(name: str, n: int = 100_000, chain: int = 16) -> float:
@@ -206,7 +243,7 @@ def metadata_bytes_per_entry(name: str, n: int = 100_000, chain: int = 16) -> fl
     for i, k in enumerate(keys):
         policy.on_insert(k, 1, keys[i - 1] if i % chain else None)
     for k in keys[::7]:
-        policy.on_access(k)
+        policy.on_hit(k)
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     return used / n
@@ -229,10 +266,10 @@ def op_cost_ns(name: str, n: int, ops: int = 20_000) -> float:
     for lo in range(0, ops, ops // _ROUNDS):  # best of rounds: the machine is shared and noisy
         t0 = time.perf_counter()
         for j in range(lo, lo + ops // _ROUNDS):
-            policy.on_access(probe[j])
+            policy.on_hit(probe[j])
             victims = policy.victims(always)
             victim = next(victims)
-            policy.on_remove(victim)
+            policy.on_evict(victim)
             victims.close()
             k = keys[n + j]
             policy.on_miss(k)
@@ -459,11 +496,17 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(rows))
 
 
-def _memo_hit_ratio(memo: dict, tname: str, trace: Trace, policy: str, cap: int) -> float:
+def _memo_counts(memo: dict, tname: str, trace: Trace, policy: str, cap: int) -> dict:
+    """The store's counters of one replay (Belady: its hit ratio only, it runs on no store), memoized."""
     key = (tname, policy, cap)
     if key not in memo:
-        memo[key] = belady(trace, cap) if policy == "belady" else replay(make_policy(policy), trace, cap)
+        memo[key] = ({"hit_ratio": belady(trace, cap)} if policy == "belady"
+                     else replay_counts(make_policy(policy), trace, cap))
     return memo[key]
+
+
+def _memo_hit_ratio(memo: dict, tname: str, trace: Trace, policy: str, cap: int) -> float:
+    return _memo_counts(memo, tname, trace, policy, cap)["hit_ratio"]
 
 
 def policy_section(traces: dict[str, tuple[Trace, list[int]]], names: list[str], memo: dict) -> list[dict]:
@@ -477,15 +520,18 @@ def policy_section(traces: dict[str, tuple[Trace, list[int]]], names: list[str],
         refs = ["chain-oracle", "belady"]
         print(f"{'capacity':>9} " + " ".join(f"{p:>12}" for p in names + refs) + "  default-LRU  gap closed")
         for cap in caps:
-            ratios = {}
+            counts = {}
             for p in names:
                 t0 = time.perf_counter()
-                ratios[p] = _memo_hit_ratio(memo, tname, trace, p, cap)
+                counts[p] = _memo_counts(memo, tname, trace, p, cap)
                 slowest = max(slowest, time.perf_counter() - t0)
-            ratios["chain-oracle"] = replay(ChainOracle(trace), trace, cap)
-            ratios["belady"] = _memo_hit_ratio(memo, tname, trace, "belady", cap)
-            for p, r in ratios.items():
-                rows.append({"trace": tname, "capacity": cap, "policy": p, "hit_ratio": round(r, 4)})
+            counts["chain-oracle"] = replay_counts(ChainOracle(trace), trace, cap)
+            counts["belady"] = _memo_counts(memo, tname, trace, "belady", cap)
+            ratios = {p: c["hit_ratio"] for p, c in counts.items()}
+            for p, c in counts.items():
+                # the store's own counters beside the ratio (Belady runs on no store: its ratio alone)
+                rows.append({"trace": tname, "capacity": cap, "policy": p, "hit_ratio": round(c["hit_ratio"], 4),
+                             **{n: c[n] for n in ("hits", "misses", "evictions", "rejected") if n in c}})
             line = f"{cap:>9} " + " ".join(f"{ratios[p]:>12.4f}" for p in names + refs)
             if "lru" in ratios and DEFAULT_POLICY in ratios:
                 gain = ratios[DEFAULT_POLICY] - ratios["lru"]

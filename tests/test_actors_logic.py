@@ -11,7 +11,7 @@ import torch
 from actors.config import AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig
 from actors.coordinator import ClusterSaturatedError, CoordinatorLogic
 from actors.directory import Directory, TIER_CODES
-from actors.node_agent import NodeAgentLogic, materialize
+from actors.node_agent import NodeAgentLogic
 from actors.object_store_tier import LocalObjectStore, ObjectStoreTier
 from actors.synthetic_engine import SyntheticKVEngine
 from actors.worker import WorkerLogic
@@ -346,9 +346,11 @@ def test_cluster_eviction_never_drops_a_chain_head_while_its_tail_stays(tmp_path
         assert orphans(a, parents[NODES[0]]) == [] and orphans(b, parents[NODES[1]]) == []
         for agent in (a, b):
             assert agent.disk.used_bytes <= 0.6 * agent.disk.capacity_bytes
-    # the pressure was real: both nodes evicted, and local room-making never had to drop anything
-    assert a.metrics.total("qwen3vl_ray_evictions") > 0 and b.metrics.total("qwen3vl_ray_evictions") > 0
-    assert a.cache.stats()["dropped"] == 0 and b.cache.stats()["dropped"] == 0
+    # the pressure was real: both nodes evicted, through their caches' own eviction path (counted there), and
+    # local room-making never had to drop anything else
+    for agent in (a, b):
+        assert agent.metrics.total("qwen3vl_ray_evictions") > 0
+        assert agent.cache.stats()["dropped"] == agent.metrics.total("qwen3vl_ray_evictions")
 
 
 def test_demote_cold_takes_a_chains_tail_before_its_head(tmp_path):

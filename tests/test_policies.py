@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.policy import ChainOracle, belady, replay
+from benchmarks.policy import ChainOracle, belady, replay, replay_counts
 from benchmarks.traces import (MOONCAKE_TRACE, SYNTHETIC, check_prefix_property, load_mooncake,
                                multi_turn_chats, zipf_documents, zipf_with_scans)
 from qwen3vl_ray.errors import ConfigError
@@ -22,12 +22,12 @@ def k(name: str) -> bytes:
 
 
 def drain(policy, evictable=ALL, remove=True) -> list[bytes]:
-    """Every victim in order; with ``remove`` the cache removes each one as it goes (on_remove)."""
+    """Every victim in order; with ``remove`` the cache evicts each one as it goes (on_evict)."""
     out = []
     for key in policy.victims(evictable):
         out.append(key)
         if remove:
-            policy.on_remove(key)
+            policy.on_evict(key)
     return out
 
 
@@ -59,7 +59,7 @@ def test_lru_evicts_least_recently_used_first():
     p = LRUPolicy()
     for name in "abcd":
         p.on_insert(k(name), 100)
-    p.on_access(k("a"))  # a becomes the most recent
+    p.on_hit(k("a"))  # a becomes the most recent
     p.on_insert(k("b"), 100)  # re-insert (replace) also counts as a use
     assert names(drain(p)) == ["c", "d", "a", "b"]
     assert len(p) == 0
@@ -81,8 +81,8 @@ def test_lru_walk_survives_removals_and_accesses_between_steps():
         p.on_insert(k(name), 1)
     walk = p.victims(ALL)
     assert next(walk) == k("a")
-    p.on_remove(k("a"))
-    p.on_remove(k("b"))  # the cache drops the next one for its own reasons (explicit remove)
+    p.on_evict(k("a"))
+    p.on_delete(k("b"))  # the cache drops the next one for its own reasons (explicit remove)
     assert next(walk) == k("c")
     # the cache stops without removing c: c keeps its place
     walk.close()
@@ -91,8 +91,8 @@ def test_lru_walk_survives_removals_and_accesses_between_steps():
 
 def test_lru_ignores_events_for_unknown_keys():
     p = LRUPolicy()
-    p.on_access(k("x"))
-    p.on_remove(k("x"))
+    for event in (p.on_hit, p.on_miss, p.on_evict, p.on_demote, p.on_promote, p.on_delete):
+        event(k("x"))
     assert len(p) == 0 and drain(p) == []
 
 
@@ -118,8 +118,8 @@ def test_prefix_lru_shared_parent_goes_after_all_its_children():
     p = PrefixLRUPolicy()
     chain(p, "s", "x1")
     chain(p, "y1", "y2", first_parent=k("s"))
-    p.on_access(k("s"))
-    p.on_access(k("x1"))  # x1 is the most recent leaf
+    p.on_hit(k("s"))
+    p.on_hit(k("x1"))  # x1 is the most recent leaf
     assert names(drain(p)) == ["y2", "y1", "x1", "s"]
 
 
@@ -139,7 +139,7 @@ def test_prefix_lru_links_a_child_that_arrived_before_its_parent():
     p = PrefixLRUPolicy()
     p.on_insert(k("c"), 1, k("p"))
     p.on_insert(k("p"), 1, None)
-    p.on_access(k("c"))
+    p.on_hit(k("c"))
     # p is older, but c depends on it: c goes first
     assert names(drain(p)) == ["c", "p"]
 
@@ -147,7 +147,7 @@ def test_prefix_lru_links_a_child_that_arrived_before_its_parent():
 def test_prefix_lru_orphan_removed_before_its_parent_arrives_leaves_no_trace():
     p = PrefixLRUPolicy()
     p.on_insert(k("c"), 1, k("p"))
-    p.on_remove(k("c"))
+    p.on_evict(k("c"))
     p.on_insert(k("p"), 1, None)
     assert names(drain(p)) == ["p"]
     assert p._waiting == {}
@@ -156,7 +156,7 @@ def test_prefix_lru_orphan_removed_before_its_parent_arrives_leaves_no_trace():
 def test_prefix_lru_removing_an_interior_entry_keeps_its_children_evictable():
     p = PrefixLRUPolicy()
     chain(p, "a", "b", "c")
-    p.on_remove(k("b"))  # explicit remove of the middle; c is a chain head from now on
+    p.on_delete(k("b"))  # explicit remove of the middle; c is a chain head from now on
     # a has no cached child any more: a leaf again, and older than c
     assert names(drain(p)) == ["a", "c"]
 
@@ -164,8 +164,8 @@ def test_prefix_lru_removing_an_interior_entry_keeps_its_children_evictable():
 def test_prefix_lru_victims_never_repeats_a_key_it_was_not_told_was_removed():
     p = PrefixLRUPolicy()
     chain(p, "a", "b")
-    p.on_access(k("b"))
-    p.on_access(k("b"))  # several stale heap entries for b
+    p.on_hit(k("b"))
+    p.on_hit(k("b"))  # several stale heap entries for b
     assert names(drain(p, remove=False)) == ["b", "a"]
 
 
@@ -176,7 +176,7 @@ def test_prefix_2q_ranks_first_time_blocks_below_blocks_that_came_back():
     # o is seen, dropped, and comes back: the doorkeeper remembers it
     p.on_miss(k("o"))
     p.on_insert(k("o"), 1)
-    p.on_remove(k("o"))
+    p.on_evict(k("o"))
     p.on_miss(k("o"))
     p.on_insert(k("o"), 1)
     # n is newer but seen for the first time: ranked 1 x entries older -> goes first (LRU: o first)
@@ -190,7 +190,7 @@ def test_prefix_2q_a_hit_promotes_a_first_time_block():
     for name in "ab":
         p.on_miss(k(name))
         p.on_insert(k(name), 1)
-    p.on_access(k("a"))  # a is reused while cached: no longer on probation
+    p.on_hit(k("a"))  # a is reused while cached: no longer on probation
     assert names(drain(p)) == ["b", "a"]
 
 
@@ -198,11 +198,11 @@ def test_prefix_2q_penalty_adapts_and_stays_in_bounds():
     p = Prefix2QPolicy(penalty=0.5, max_penalty=1.0, step=1.0)
     p.on_insert(k("a"), 1)
     p.on_insert(k("b"), 1)
-    p.on_access(k("a"))  # hit on a first-time block: new blocks get reused soon -> lower
+    p.on_hit(k("a"))  # hit on a first-time block: new blocks get reused soon -> lower
     assert p.penalty == pytest.approx(0.0)
-    p.on_access(k("b"))
+    p.on_hit(k("b"))
     assert p.penalty == 0.0  # clamped
-    p.on_remove(k("a"))
+    p.on_evict(k("a"))
     p.on_insert(k("a"), 1)  # a came back after being dropped -> higher
     assert p.penalty == pytest.approx(0.5)
     with pytest.raises(ValueError, match="penalty"):
@@ -230,8 +230,8 @@ def test_chain_arc_new_blocks_of_a_returning_chain_outrank_a_fresh_chain():
     p = ChainARCPolicy(penalty=1.0, max_penalty=1.0, step=0.0)
     # chain a -> a1 is cached, then dropped (tail first)
     missed_chain(p, "a", "a1")
-    p.on_remove(k("a1"))
-    p.on_remove(k("a"))
+    p.on_evict(k("a1"))
+    p.on_evict(k("a"))
     # a comes back (its head is remembered: hot) and appends a new block a2, which inherits hot although
     # a2 itself was never seen; then a fresh chain n -> n1 (cold) arrives, newer than both
     missed_chain(p, "a", "a2")
@@ -241,8 +241,8 @@ def test_chain_arc_new_blocks_of_a_returning_chain_outrank_a_fresh_chain():
     # leaf-first LRU on the same events keeps the fresh chain instead
     q = PrefixLRUPolicy()
     missed_chain(q, "a", "a1")
-    q.on_remove(k("a1"))
-    q.on_remove(k("a"))
+    q.on_evict(k("a1"))
+    q.on_evict(k("a"))
     missed_chain(q, "a", "a2")
     missed_chain(q, "n", "n1")
     assert names(drain(q)) == ["a2", "a", "n1", "n"]
@@ -251,7 +251,7 @@ def test_chain_arc_new_blocks_of_a_returning_chain_outrank_a_fresh_chain():
 def test_chain_arc_a_hit_makes_a_cold_block_hot():
     p = ChainARCPolicy(penalty=1.0, max_penalty=1.0, step=0.0)
     missed_chain(p, "x")
-    p.on_access(k("x"))  # x (clock 2) is hot now
+    p.on_hit(k("x"))  # x (clock 2) is hot now
     missed_chain(p, "y")  # cold, clock 3 - 2 entries = 1
     missed_chain(p, "z")  # cold, clock 4 - 3 entries = 1 (tie broken by key)
     assert names(drain(p)) == ["y", "z", "x"]
@@ -268,13 +268,13 @@ def test_chain_arc_ghost_hits_move_the_penalty_and_it_stays_in_bounds():
     p = ChainARCPolicy(penalty=1.0, max_penalty=2.0, step=1.0)
     missed_chain(p, "a")
     missed_chain(p, "b")
-    p.on_remove(k("a"))  # a leaves cold: the cold ghost remembers it
+    p.on_evict(k("a"))  # a leaves cold: the cold ghost remembers it
     p.on_miss(k("a"))  # ... and it is wanted again: cold blocks went too early -> lower by step / entries
     assert p.penalty == pytest.approx(0.0)
     p.on_miss(k("a"))
     assert p.penalty == 0.0  # clamped
-    p.on_access(k("b"))  # b is hot now
-    p.on_remove(k("b"))  # ... and leaves hot: the hot ghost remembers it
+    p.on_hit(k("b"))  # b is hot now
+    p.on_evict(k("b"))  # ... and leaves hot: the hot ghost remembers it
     # hot came back -> higher, by step x max(1, cold/hot evictions) / max(1, entries) (empty tier: 1)
     p.on_miss(k("b"))
     assert p.penalty == pytest.approx(1.0, abs=0.01)
@@ -314,7 +314,7 @@ def test_doorkeeper_remembers_one_to_two_windows():
 
 # -- property: every policy is a consistent ordering of its live keys ----------------------------------
 
-OPS = st.lists(st.tuples(st.sampled_from(["insert", "access", "remove", "evict", "miss"]),
+OPS = st.lists(st.tuples(st.sampled_from(["insert", "hit", "leave", "evict", "miss"]),
                          st.integers(0, 11), st.integers(0, 11)), max_size=80)
 
 
@@ -329,10 +329,10 @@ def test_victims_is_a_permutation_of_live_evictable_keys(name, ops, pinned):
         if op == "insert":
             policy.on_insert(key, 1, k(f"k{b}") if b < a else None)
             live.add(key)
-        elif op == "access" and key in live:
-            policy.on_access(key)
-        elif op == "remove":
-            policy.on_remove(key)
+        elif op == "hit" and key in live:
+            policy.on_hit(key)
+        elif op == "leave":  # any way out, chosen by b; each forgets the key
+            (policy.on_evict, policy.on_demote, policy.on_promote, policy.on_delete)[b % 4](key)
             live.discard(key)
         elif op == "miss" and key not in live:
             policy.on_miss(key)
@@ -341,7 +341,7 @@ def test_victims_is_a_permutation_of_live_evictable_keys(name, ops, pinned):
             assert (victim is None) == (not live)
             if victim is not None:
                 assert victim in live
-                policy.on_remove(victim)
+                (policy.on_evict, policy.on_demote)[b % 2](victim)
                 live.discard(victim)
         assert len(policy) == len(live)
     evictable = lambda key: key not in {k(f"k{i}") for i in pinned}  # noqa: E731
@@ -395,6 +395,10 @@ def test_replay_counts_prefix_hits_only():
     assert replay(make_policy("lru"), trace, 3) == 0.0
     # leaf-first drops 3: request 3 hits 1 and 2
     assert replay(make_policy("prefix-lru"), trace, 3) == pytest.approx(2 / 7)
+    # the figures are the store's own counters: 5 misses (1, 2, 3, 4, then 3 again), 2 evictions (3 for 4, then
+    # 4 for 3: request 3's own blocks 1 and 2 are pinned while it runs)
+    assert replay_counts(make_policy("prefix-lru"), trace, 3) == {
+        "hits": 2, "misses": 5, "evictions": 2, "rejected": 0, "accesses": 7, "hit_ratio": 2 / 7}
     # Belady knows 4 is never used again and bypasses it: request 3 hits all three
     assert belady(trace, 3) == pytest.approx(3 / 7)
     # a request's own blocks are in flight: with 2 slots, 3 finds nothing evictable and is not cached

@@ -284,7 +284,7 @@ class TieredCache:
             if old is not None and old.tier != i:
                 # the new value supersedes it now: readers get the staged bytes until they land
                 self.tiers[old.tier].discard(key)
-                self.policies[old.tier].on_remove(key)
+                self.policies[old.tier].on_delete(key)
             e = _Entry(i, parent, self._clock(), in_flight=1)
             self._index[key] = e
             self._staged[key] = tensor
@@ -322,7 +322,7 @@ class TieredCache:
             return False
         if old is not None and old.tier != i:
             self.tiers[old.tier].discard(key)
-            self.policies[old.tier].on_remove(key)
+            self.policies[old.tier].on_delete(key)
         # Same tier: on_insert of a present key is a use, which keeps the policy's links to the entry's cached
         # children (remove + insert would orphan them).
         self._index[key] = _Entry(i, parent, self._clock())
@@ -349,7 +349,8 @@ class TieredCache:
             e = self._index.get(key)
             if e is None:
                 self._misses += 1
-                self.policies[0].on_miss(key)
+                for policy in self.policies:  # absent from every tier: a miss in each
+                    policy.on_miss(key)
                 return None, None
             e.in_flight += 1
             src = e.tier
@@ -380,7 +381,9 @@ class TieredCache:
                 self._counters[src].hits += 1
                 tier_name = self.tiers[src].name
                 if current:
-                    self.policies[src].on_access(key)
+                    for policy in self.policies[:src]:  # a hit below is a miss in each tier above it
+                        policy.on_miss(key)
+                    self.policies[src].on_hit(key)
                     # Never move an entry another reader is still copying out of ``src`` (its read would find
                     # the bytes gone and report a false miss), nor one being written.
                     if promote and src > 0 and not e.in_flight:
@@ -410,7 +413,7 @@ class TieredCache:
                 return False
             e.last_access = self._clock()
             self._counters[e.tier].hits += 1
-            self.policies[e.tier].on_access(key)
+            self.policies[e.tier].on_hit(key)
             return True
 
     def get_many(self, keys: Sequence[CacheKey], promote: bool | None = None) -> list[torch.Tensor | None]:
@@ -634,7 +637,7 @@ class TieredCache:
                         writes: list[PendingWrite]) -> None:
         """Free the victim's room in ``src`` now (its bytes are in ``tensor``) and queue its write into ``dst``."""
         self.tiers[src].discard(key)
-        self.policies[src].on_remove(key)
+        self.policies[src].on_demote(key)
         e.tier = dst
         e.in_flight += 1
         self._staged[key] = tensor
@@ -660,7 +663,10 @@ class TieredCache:
         finally:
             e.pins -= 1
         self.tiers[src].discard(key)
-        self.policies[src].on_remove(key)
+        if dst < src:
+            self.policies[src].on_promote(key)
+        else:
+            self.policies[src].on_demote(key)
         e.tier = dst
         self.policies[dst].on_insert(key, prepared.nbytes, e.parent)
         c = self._counters[dst]
@@ -673,7 +679,7 @@ class TieredCache:
     def _drop(self, key: CacheKey, e: _Entry, count_eviction: bool) -> None:
         self._call_off(key, e)  # evicted before its write started: the write is called off
         self.tiers[e.tier].discard(key)
-        self._forget(key, e)
+        self._forget(key, e, evicted=count_eviction)
         if count_eviction:
             self._counters[e.tier].evictions += 1
             self._dropped += 1
@@ -696,8 +702,12 @@ class TieredCache:
             del self._staged[key]
         return True
 
-    def _forget(self, key: CacheKey, e: _Entry) -> None:
-        self.policies[e.tier].on_remove(key)
+    def _forget(self, key: CacheKey, e: _Entry, evicted: bool) -> None:
+        """Unindex ``key``; its tier's policy hears an eviction (room-making dropped it) or a delete."""
+        if evicted:
+            self.policies[e.tier].on_evict(key)
+        else:
+            self.policies[e.tier].on_delete(key)
         del self._index[key]
 
     # ------------------------------------------------------------------ writes (lock released)
@@ -768,7 +778,7 @@ class TieredCache:
         # eviction from the last tier (it could not keep it); a put's is its False result.
         if self._index.get(w.key) is e:
             tier.discard(w.key)  # a failed replace on disk: the old file goes with the key
-            self._forget(w.key, e)
+            self._forget(w.key, e, evicted=w.src is not None)
             if w.src is not None:
                 self._counters[w.dst].evictions += 1
                 self._dropped += 1

@@ -95,20 +95,33 @@ class ChainARCPolicy(PrefixLRUPolicy):
         window = max(_MIN_WINDOW, int(self._window_factor * len(self._nodes)))
         node.hits = 1 if self._heads.seen_then_add(node.key, window) else 0
 
-    def on_remove(self, key: CacheKey) -> None:
+    def on_evict(self, key: CacheKey) -> None:
+        self._ghost(key)
+        super().on_evict(key)
+
+    def on_demote(self, key: CacheKey) -> None:
+        # leaving for the tier below is this tier's eviction: the same choice, judged by the same ghosts
+        self._ghost(key)
+        super().on_demote(key)
+
+    # on_promote and on_delete only forget: a block that left because it was hit, or that a caller removed, says
+    # nothing about whether this policy chose its victims well (counting them skewed the ghosts and the ratio)
+
+    def _ghost(self, key: CacheKey) -> None:
+        """Remember ``key`` in its class's ghost list and count the eviction for ARC's step ratio."""
         node = self._nodes.get(key)
-        if node is not None:
-            decay = 1.0 - 1.0 / max(_MIN_WINDOW, len(self._nodes))  # counts follow about one tier of evictions
-            self._evicted_cold *= decay
-            self._evicted_hot *= decay
-            window = max(_MIN_WINDOW, int(self._ghost_factor * len(self._nodes)))
-            if node.hits:
-                self._evicted_hot += 1.0
-                self._ghost_hot.seen_then_add(key, window)
-            else:
-                self._evicted_cold += 1.0
-                self._ghost_cold.seen_then_add(key, window)
-        super().on_remove(key)
+        if node is None:
+            return
+        decay = 1.0 - 1.0 / max(_MIN_WINDOW, len(self._nodes))  # counts follow about one tier of evictions
+        self._evicted_cold *= decay
+        self._evicted_hot *= decay
+        window = max(_MIN_WINDOW, int(self._ghost_factor * len(self._nodes)))
+        if node.hits:
+            self._evicted_hot += 1.0
+            self._ghost_hot.seen_then_add(key, window)
+        else:
+            self._evicted_cold += 1.0
+            self._ghost_cold.seen_then_add(key, window)
 
     @property
     def filters_nbytes(self) -> int:

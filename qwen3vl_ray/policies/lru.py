@@ -86,12 +86,12 @@ class LRUPolicy(EvictionPolicy):
         else:
             self._order.move_to_back(link)
 
-    def on_access(self, key: CacheKey) -> None:
+    def on_hit(self, key: CacheKey) -> None:
         link = self._links.get(key)
         if link is not None:
             self._order.move_to_back(link)
 
-    def on_remove(self, key: CacheKey) -> None:
+    def _forget(self, key: CacheKey) -> None:
         link = self._links.pop(key, None)
         if link is not None:
             self._order.unlink(link)

@@ -108,13 +108,13 @@ class PrefixLRUPolicy(EvictionPolicy):
     def _on_new(self, node: _Node) -> None:
         """Hook for subclasses: ``node`` just arrived (before its first ``_touch``)."""
 
-    def on_access(self, key: CacheKey) -> None:
+    def on_hit(self, key: CacheKey) -> None:
         node = self._nodes.get(key)
         if node is not None:
             node.hits += 1
             self._touch(node)
 
-    def on_remove(self, key: CacheKey) -> None:
+    def _forget(self, key: CacheKey) -> None:
         node = self._nodes.pop(key, None)
         if node is None:
             return
@@ -247,11 +247,11 @@ class Prefix2QPolicy(PrefixLRUPolicy):
         if seen:
             self.penalty = min(self._max_penalty, self.penalty + self._step / len(self._nodes))
 
-    def on_access(self, key: CacheKey) -> None:
+    def on_hit(self, key: CacheKey) -> None:
         node = self._nodes.get(key)
         if node is not None and node.hits == 0:
             self.penalty = max(0.0, self.penalty - self._step / len(self._nodes))
-        super().on_access(key)
+        super().on_hit(key)
 
     @property
     def doorkeeper_nbytes(self) -> int:
