@@ -201,11 +201,15 @@ class ServiceConfig:
         ``resolve_model``: turn a preset name into a checkpoint directory here (generated on first use, as the
         jobs do: workers then get its path); False passes the model name and checkpoint directory to the
         workers, which resolve them on their own nodes."""
+        from qwen3vl_ray import settings as S
+
         gpus = s.worker_gpus if s.worker_gpus >= 0 else (1.0 if gpus_available else 0.0)
         if s.engine in (REAL_ENGINE_NAME, DEFAULT_ENGINE):
             engine, engine_args = DEFAULT_ENGINE, _adapter_args(s, gpus, resolve_model)
         else:
-            _refuse_unhonoured(s, OTHER_ENGINE_UNHONOURED, f"the worker's own device tier (engine {s.engine!r})")
+            S.refuse_unhonoured(s, OTHER_ENGINE_UNHONOURED,
+                                f"the Ray service's plain device tier of a worker running {s.engine!r}",
+                                "unset them or run --engine qwen3vl")
             engine, engine_args = s.engine, {}
         return cls(
             agent=AgentConfig(host_bytes=s.host_bytes, host_codec=s.host_codec, disk_bytes=s.disk_bytes,
@@ -232,18 +236,6 @@ class ServiceConfig:
 OTHER_ENGINE_UNHONOURED = ("device_codec", "block_bytes", "device")
 """Options a worker running another engine than qwen3vl cannot honour: it keeps a plain device tier of
 ``WorkerConfig.device_bytes`` (no codec, 1 MiB blocks, placed by ``auto``) and its engine gets no settings."""
-
-
-def _refuse_unhonoured(s: Any, names: tuple[str, ...], where: str) -> None:
-    """``ConfigError`` naming each of ``names`` that the user set (flag, keyword or environment): silently running
-    with another value than the one asked for is worse than refusing."""
-    from qwen3vl_ray import settings as S
-
-    bad = [n for n in names if s.source(n) != "default" and s[n] != S.default(n)]
-    if bad:
-        flags = ", ".join(f"{S.option(n).flag} / {S.option(n).env} = {s[n]!r}" for n in bad)
-        raise ConfigError(f"{', '.join(bad)}: the Ray service cannot honour {flags} with {where}; "
-                          f"unset {'it' if len(bad) == 1 else 'them'} or run --engine qwen3vl")
 
 
 def _adapter_args(s: Any, gpus: float, resolve_model: bool) -> dict:

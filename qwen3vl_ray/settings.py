@@ -412,6 +412,16 @@ def _check(v: Mapping[str, Any]) -> None:
         raise ConfigError(f"period_s must be >= 0, got {v['period_s']}")
 
 
+def refuse_unhonoured(s: Settings, names: Iterable[str], by: str, fix: str) -> None:
+    """``ConfigError`` naming each of ``names`` set (a flag, a keyword or the environment) to other than its
+    default, for a path that cannot honour them: running with another value than the one asked for, silently, is
+    worse than refusing. ``by`` says what cannot honour them, ``fix`` what to do instead."""
+    bad = [n for n in names if s.source(n) != "default" and s[n] != option(n).parse(option(n).default)]
+    if bad:
+        flags = ", ".join(f"{option(n).flag} / {option(n).env} = {s[n]!r}" for n in bad)
+        raise ConfigError(f"{', '.join(bad)}: {by} cannot honour {flags}; {fix}")
+
+
 # -- argparse --------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser, sections: Iterable[str] = SECTIONS,

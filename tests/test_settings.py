@@ -117,3 +117,15 @@ def test_one_dtype_rule(dtype, device, on_cuda, expected):
 def test_resolve_checkpoint_rejects_unknown_model(tmp_path):
     with pytest.raises(ConfigError, match="neither a checkpoint directory nor a preset"):
         S.resolve_checkpoint(S.resolve({"model": "no-such-model", "checkpoint_dir": str(tmp_path)}, env={}))
+
+
+def test_refuse_unhonoured_names_what_was_set_and_passes_defaults():
+    # a path that cannot honour host_codec and disk_dir: each one set is named, with its flag and variable
+    s = S.resolve({"host_codec": "int8"}, env={"QWEN3VL_RAY_DISK_DIR": "/elsewhere"})
+    with pytest.raises(ConfigError, match=r"^host_codec, disk_dir: the test path cannot honour --host-codec / "
+                                          r"QWEN3VL_RAY_HOST_CODEC = 'int8', --disk-dir / QWEN3VL_RAY_DISK_DIR = "
+                                          r"'/elsewhere'; unset them$"):
+        S.refuse_unhonoured(s, ("host_codec", "disk_dir", "disk_bytes"), "the test path", "unset them")
+    # set to the default (a path as the user writes it, ~ and all) it is what the path does anyway: no error
+    same = S.resolve({"host_codec": "none", "disk_dir": S.default("disk_dir")}, env={})
+    S.refuse_unhonoured(same, ("host_codec", "disk_dir"), "the test path", "unset them")
