@@ -233,9 +233,13 @@ class ServiceConfig:
                                  resolve_model=False)
 
 
-OTHER_ENGINE_UNHONOURED = ("device_codec", "block_bytes", "device")
-"""Options a worker running another engine than qwen3vl cannot honour: it keeps a plain device tier of
-``WorkerConfig.device_bytes`` (no codec, 1 MiB blocks, placed by ``auto``) and its engine gets no settings."""
+OTHER_ENGINE_UNHONOURED = ("model", "checkpoint_dir", "device", "fingerprint", "dtype", "device_codec", "block_bytes",
+                           "prefix_cache", "vision_cache", "chunk_tokens", "kv_device_budget_bytes",
+                           "attn_implementation", "session_idle_s", "max_pixels")
+"""Options a worker running another engine than qwen3vl cannot honour: its engine gets no settings (its
+``engine_args`` are its own), and it keeps a plain device tier of ``WorkerConfig.device_bytes`` (no codec, 1 MiB
+blocks, placed by ``auto``). Every option that feeds only the Qwen3-VL engine or its device tier, the tenant apart
+(the service honours it: each tenant its own actors)."""
 
 
 def _adapter_args(s: Any, gpus: float, resolve_model: bool) -> dict:

@@ -135,23 +135,38 @@ def test_ray_path_passes_the_device_tier_settings_to_the_engine():
     assert config.tiers == args["tiers"] and config.device == "cpu"
 
 
-@pytest.mark.parametrize("name,value", [("device_codec", "int8"), ("block_bytes", "64KiB"), ("device", "cpu")])
-def test_ray_path_with_another_engine_refuses_what_it_cannot_honour(name, value):
-    synthetic = {"engine": "actors.synthetic_engine:SyntheticKVEngine"}
-    assert ServiceConfig.from_settings(S.resolve(synthetic, env={})).worker.engine_args == {}  # defaults: fine
+# a value other than the default for each option another engine cannot honour
+NOT_DEFAULT = {"model": "/ckpt", "checkpoint_dir": "/elsewhere", "device": "cpu", "fingerprint": "sampled",
+               "dtype": "float16", "device_codec": "int8", "block_bytes": "64KiB", "prefix_cache": "0",
+               "vision_cache": "0", "chunk_tokens": "64", "kv_device_budget_bytes": "2GiB", "attn_implementation": "eager",
+               "session_idle_s": "5", "max_pixels": "4096"}
+SYNTHETIC = {"engine": "actors.synthetic_engine:SyntheticKVEngine"}
+
+
+@pytest.mark.parametrize("name", OTHER_ENGINE_UNHONOURED)
+def test_ray_path_with_another_engine_refuses_what_it_cannot_honour(name):
+    value = NOT_DEFAULT[name]
+    assert ServiceConfig.from_settings(S.resolve(SYNTHETIC, env={})).worker.engine_args == {}  # defaults: fine
     with pytest.raises(ConfigError, match=rf"^{name}: .*{S.option(name).flag}"):
-        ServiceConfig.from_settings(S.resolve({**synthetic, name: value}, env={}))
-    env = {"QWEN3VL_RAY_ENGINE": synthetic["engine"], S.option(name).env: value}
+        ServiceConfig.from_settings(S.resolve({**SYNTHETIC, name: value}, env={}))
+    env = {"QWEN3VL_RAY_ENGINE": SYNTHETIC["engine"], S.option(name).env: value}
     with pytest.raises(ConfigError, match=S.option(name).env):  # the environment too (ray job env, node env)
         ServiceConfig.from_env(env)
 
 
 def test_another_engine_refusal_names_every_option_set():
-    s = S.resolve({"engine": "actors.synthetic_engine:SyntheticKVEngine", "device_codec": "int8",
-                   "block_bytes": "64KiB"}, env={})
+    s = S.resolve({**SYNTHETIC, "device_codec": "int8", "block_bytes": "64KiB"}, env={})
     with pytest.raises(ConfigError, match=r"^device_codec, block_bytes: "):
         ServiceConfig.from_settings(s)
     # set to the default it is honoured: no error
-    same = S.resolve({"engine": "actors.synthetic_engine:SyntheticKVEngine", "device": "auto"}, env={})
+    same = S.resolve({**SYNTHETIC, "device": "auto", "checkpoint_dir": S.default("checkpoint_dir")}, env={})
     assert ServiceConfig.from_settings(same).worker.device_bytes == S.default("device_bytes")
-    assert set(OTHER_ENGINE_UNHONOURED) == {"device_codec", "block_bytes", "device"}
+
+
+def test_every_engine_only_option_is_honoured_or_refused_with_another_engine():
+    # an option whose every target is the Qwen3-VL engine, its checkpoint or its device tier reaches no other
+    # engine: a new one added to the table must join OTHER_ENGINE_UNHONOURED (or be wired for other engines)
+    engine_only = re.compile(r"^(EngineConfig\.|TierConfig\(device\)\.|TierConfig\.|Qwen3VLEngine\(|make_checkpoint\()")
+    only = {o.name for o in S.OPTIONS if all(engine_only.match(p) for p in o.target.split(", "))}
+    assert only - {"tenant"} == set(OTHER_ENGINE_UNHONOURED)  # the tenant: each tenant its own actors
+    assert set(NOT_DEFAULT) == set(OTHER_ENGINE_UNHONOURED)
