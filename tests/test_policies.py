@@ -185,6 +185,18 @@ def test_prefix_2q_ranks_first_time_blocks_below_blocks_that_came_back():
     assert names(drain(p)) == ["n", "o"]
 
 
+def test_prefix_2q_a_miss_alone_does_not_make_a_block_returning():
+    # a tier below hears every miss of the cache; a block it receives later (a demotion) is still new to it
+    p = Prefix2QPolicy(penalty=1.0, max_penalty=1.0, step=0.0)
+    p.on_insert(k("o"), 1)
+    p.on_evict(k("o"))
+    p.on_insert(k("o"), 1)  # o came back: ranked as used
+    p.on_miss(k("n"))
+    p.on_miss(k("m"))
+    p.on_insert(k("n"), 1)  # newer than o, but its first arrival here: on probation, goes first
+    assert names(drain(p)) == ["n", "o"]
+
+
 def test_prefix_2q_a_hit_promotes_a_first_time_block():
     p = Prefix2QPolicy(penalty=1.0, max_penalty=1.0, step=0.0)
     for name in "ab":

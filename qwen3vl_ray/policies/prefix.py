@@ -191,7 +191,7 @@ class Prefix2QPolicy(PrefixLRUPolicy):
     earns a full place. Three changes for prefix KV:
 
     - "Came back" is asked of TinyLFU's doorkeeper (``Doorkeeper``; Einziger et al., ACM ToS 2017), a
-      Bloom filter over the last ``window_factor`` x entries .. twice that many misses: a few bytes per
+      Bloom filter over the last ``window_factor`` x entries .. twice that many arrivals: a few bytes per
       entry instead of 2Q's ghost list of keys, and a memory long enough for KV reuse, which returns
       after minutes (on the Mooncake trace a block's first reuse comes a median ~560 requests later).
     - Probation is soft: a first-time entry is ranked as if last used ``penalty`` x entries accesses
@@ -223,7 +223,6 @@ class Prefix2QPolicy(PrefixLRUPolicy):
         self._max_penalty = max_penalty
         self._step = step
         self._doorkeeper = Doorkeeper(self._window())
-        self._miss: tuple[CacheKey, bool] | None = None  # (key, seen before) from the latest on_miss
 
     def _window(self) -> int:
         return max(1024, int(self._window_factor * len(self._nodes)))
@@ -233,15 +232,10 @@ class Prefix2QPolicy(PrefixLRUPolicy):
             return self._clock
         return self._clock - int(self.penalty * len(self._nodes))
 
-    def on_miss(self, key: CacheKey) -> None:
-        self._miss = (key, self._doorkeeper.seen_then_add(key, self._window()))
-
     def _on_new(self, node: _Node) -> None:
-        miss, self._miss = self._miss, None
-        if miss is not None and miss[0] == node.key:
-            seen = miss[1]
-        else:  # inserted without a reported miss (demotion from the tier above, a plain put)
-            seen = self._doorkeeper.seen_then_add(node.key, self._window())
+        # "Seen" counts arrivals, not misses: a tier below hears every miss of the cache, but a block it receives
+        # later by demotion has not come back to it (counting its miss would rank every demoted block as returning)
+        seen = self._doorkeeper.seen_then_add(node.key, self._window())
         # hits doubles as the class: 0 = first time (on probation), >= 1 = came back or was hit.
         node.hits = 1 if seen else 0
         if seen:
