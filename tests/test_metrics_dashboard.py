@@ -1,7 +1,11 @@
-"""Every panel of the Grafana dashboard has data after two jobs: ``jobs.infer`` runs the sample batch twice
-(cold, then warm) through the service on an embedded Ray with a Prometheus port, a scraper reads the endpoint
-every half second meanwhile, and every panel query of ``dashboards/grafana_qwen3vl_ray.json`` is evaluated
-over the scraped series with ``tests/promql.py`` (which refuses PromQL it does not implement)."""
+"""Every panel of the Grafana dashboard's first row has data after two jobs: ``jobs.infer`` runs the sample batch
+twice (cold, then warm) through the service on an embedded Ray with a Prometheus port, a scraper reads the
+endpoint every half second meanwhile, and every panel query of the row "Tiers, service and jobs" of
+``dashboards/grafana_qwen3vl_ray.json`` is evaluated over the scraped series with ``tests/promql.py`` (which
+refuses PromQL it does not implement).
+
+Each row of the dashboard is proven by the test that produces its series (``ROWS``): the row "vLLM on the tiers"
+(vLLM's own metrics and the KV connector's) by ``tests/test_metrics_dashboard_vllm.py``, on a real endpoint."""
 
 import json
 import math
@@ -16,10 +20,46 @@ import pytest
 
 from tests.promql import Store, evaluate
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "dashboards" / "grafana_qwen3vl_ray.json"
+# every row of the dashboard -> the test that evaluates its panels
+ROWS = {"Tiers, service and jobs": "tests/test_metrics_dashboard.py",
+        "vLLM on the tiers": "tests/test_metrics_dashboard_vllm.py"}
+
+
+def dashboard_rows() -> dict[str, list[dict]]:
+    """The dashboard's panels by row: a panel belongs to the row above it (Grafana's rule for open rows)."""
+    rows: dict[str, list[dict]] = {}
+    current = None
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        if panel["type"] == "row":
+            current = rows.setdefault(panel["title"], [])
+            assert not panel.get("collapsed") and not panel["targets"], panel["title"]  # no query hides in a row
+        else:
+            assert current is not None, f"panel {panel['title']!r} sits above every row"
+            current.append(panel)
+    return rows
+
+
+def queries_without_data(panels: list[dict], store: Store) -> list[tuple]:
+    """(title, refId, query, value) of every query of ``panels`` with no finite value over ``store``."""
+    empty = []
+    for panel in panels:
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$session", ".*")
+            value = evaluate(expr, store)
+            values = [value] if isinstance(value, float) else list(value.values())
+            if not any(math.isfinite(v) for v in values):
+                empty.append((panel["title"], target["refId"], expr, value))
+    return empty
+
+
+def test_every_dashboard_row_is_evaluated_by_a_test_and_every_panel_sits_in_a_row():
+    rows = dashboard_rows()
+    assert list(rows) == list(ROWS)
+    assert all(rows.values()), rows
+    for title, test_file in ROWS.items():
+        assert (ROOT / test_file).exists() and f'dashboard_rows()["{title}"]' in (ROOT / test_file).read_text()
 
 
 def _free_port() -> int:
@@ -77,7 +117,9 @@ def embedded_ray(tmp_path_factory):
         ray.shutdown()
 
 
-def test_every_dashboard_panel_has_data_after_two_jobs(embedded_ray, tmp_path, monkeypatch):
+@pytest.mark.slow
+@pytest.mark.ray
+def test_every_panel_of_the_tiers_row_has_data_after_two_jobs(embedded_ray, tmp_path, monkeypatch):
     from jobs import infer
     from jobs.metrics import JobMetrics
     from qwen3vl_ray import settings as S
@@ -137,14 +179,6 @@ def test_every_dashboard_panel_has_data_after_two_jobs(embedded_ray, tmp_path, m
     for gauge in ("bytes_used", "bytes_budget", "entries"):
         assert evaluate(f'sum(ray_qwen3vl_ray_{gauge}{{tier="device"}})', store)[()] > 0, gauge
 
-    dashboard = json.loads(DASHBOARD.read_text())
-    empty = []
-    for panel in dashboard["panels"]:
-        for target in panel["targets"]:
-            expr = target["expr"].replace("$session", ".*")
-            value = evaluate(expr, store)
-            values = [value] if isinstance(value, float) else list(value.values())
-            if not any(math.isfinite(v) for v in values):
-                empty.append((panel["title"], target["refId"], expr, value))
+    empty = queries_without_data(dashboard_rows()["Tiers, service and jobs"], store)
     assert not empty, "panel queries without data:\n" + "\n".join(map(str, empty)) + "\n\n" + "\n".join(
         line for line in scraper.last_text.splitlines() if "qwen3vl" in line and not line.startswith("#"))
