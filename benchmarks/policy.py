@@ -30,11 +30,14 @@ far beyond a 3k-block cache) at times that per-chain history barely predicts (lo
 chain correlate at 0.31). The rest of Belady's lead is clairvoyance about *when*. (It is no bound on the
 multi-turn trace, whose chain heads are shared system prompts: see ``ChainOracle``.)
 
-Measured here (2 shared cores): the default ``prefix-lru`` is >= LRU at every capacity of every trace; at
-the largest LRU->Belady gap it closes 1% on Mooncake (0.1906 vs LRU 0.1878 @ 3k). The opt-in ``chain-arc`` is
-also >= LRU everywhere and closes 6% on Mooncake (0.2045), 23% on Zipf, 36% on Zipf+scan and 3% on
-multi-turn; it is not the default because it breaks more chat sessions under pressure (``benchmarks.capacity``,
-see ``qwen3vl_ray.policies``).
+Measured here through the store (2 shared cores; the ratios are replay counts, not timings): the default
+``prefix-lru`` is >= LRU at every capacity of every trace; at the largest LRU->Belady gap it closes 1% on
+Mooncake (0.1906 vs LRU 0.1876 @ 3k). The opt-in ``chain-arc`` is also >= LRU everywhere and closes 6% on
+Mooncake (0.2027), 24% on Zipf, 37% on Zipf+scan and 3% on multi-turn; it is not the default because it breaks
+more chat sessions under pressure (``benchmarks.capacity``, see ``qwen3vl_ray.policies``). The policy-only
+replay this benchmark used before gave chain-arc 0.2045 on Mooncake @ 3k; it differed from the store's path in
+two ways: it touched the cached blocks after a request's first gap (the serving path recomputes them and leaves
+them alone), and it evicted one block per insert (the store makes room for a request's new blocks at once).
 
 Traces: the Mooncake trace at 1k/3k/10k/30k blocks, and the synthetic ones of ``benchmarks.traces`` (Zipf
 documents, Zipf with long one-shot scans, multi-turn chats on shared system prompts) at 2%, 5%, 12.5% and
@@ -48,7 +51,7 @@ default policy replay each block count; Belady the raw one. Measured here: int8 
 kv-int4 3.76x (cosine 0.9974; per-token int4 has the same ratio at cosine 0.96). Where the raw LRU->Belady gap
 is largest, the default on kv-int4 beats raw Belady on Mooncake (0.4503 vs 0.4467 @ 3k blocks, 211 GiB) and
 multi-turn (0.7613 vs 0.6651) and falls short on Zipf (-0.044) and Zipf+scan (-0.073), closing 80% and 58%
-of the gap there; int8 closes 28-75% of it and beats raw Belady nowhere. No eviction policy above closes more
+of the gap there; int8 closes 28-76% of it and beats raw Belady nowhere. No eviction policy above closes more
 than 6% of that gap on Mooncake.
 
 Also printed: index memory per entry (tracemalloc over 100k inserts) and lookup/update cost as the number

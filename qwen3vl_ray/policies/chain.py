@@ -14,23 +14,25 @@ turn reuses. So here:
   ``penalty`` x entries accesses earlier than it was, so cold chains go first unless the hot ones are much
   older; within that ranking eviction is leaf-first (``PrefixLRUPolicy``), so a kept chain stays usable.
 - ``penalty`` adapts as ARC's target size does (Megiddo & Modha, FAST 2003): two ghost lists remember the
-  blocks evicted from each class (again two-generation Bloom filters, about one tier's worth of evictions
-  each, so a few bytes per entry instead of ARC's ghost keys). A miss on a block the *cold* ghost remembers
+  blocks this tier evicted or demoted from each class (its own choices; a block promoted because it was hit
+  or deleted by a caller is not remembered) in two-generation Bloom filters, about one tier's worth of
+  evictions each, so a few bytes per entry instead of ARC's ghost keys. A miss on a block the *cold* ghost remembers
   says cold blocks were dropped too early and lowers the penalty; a miss the *hot* ghost remembers raises
   it. As in ARC, each step is scaled by the ratio of the two ghosts' sizes (decayed eviction counts), so the
   smaller class's ghost hits weigh more. The penalty stays in [0, ``max_penalty``]; at 0 this is
   leaf-first LRU, at ``max_penalty`` nearly strict "cold first".
 
-Measured with ``python -m benchmarks.policy``: never below LRU on the Mooncake trace and the synthetic
-Zipf / scan / multi-turn traces, at or above ``prefix-2q`` everywhere but Mooncake @ 30k blocks (0.6260 vs
-0.6267; LRU 0.6242) and multi-turn @ 788 (0.6752 vs 0.6754). Mooncake @ 3k: 0.2045 (LRU 0.1878, Belady
-0.4467); Zipf @ 239: 0.3166 (LRU 0.2669, Belady 0.4796); Zipf+scan @ 613: 0.1998 (LRU 0.1385, Belady 0.3095).
-``step`` (4 or 8) and ``window_factor`` (4 or 8) move these by < 0.005; ``ghost_factor`` 2 is worse.
+Measured with ``python -m benchmarks.policy`` (a replay through the store): never below LRU on the Mooncake
+trace and the synthetic Zipf / scan / multi-turn traces, at or above ``prefix-2q`` everywhere but Mooncake @ 10k
+blocks (0.4337 vs 0.4355; LRU 0.4236) and multi-turn @ 788 (0.6752 vs 0.6753). Mooncake @ 3k: 0.2027 (LRU
+0.1876, Belady 0.4467); Zipf @ 239: 0.3169 (LRU 0.2663, Belady 0.4796); Zipf+scan @ 613: 0.2016 (LRU 0.1384,
+Belady 0.3095). With the policy-only replay used before (no store; 0.2045 @ 3k), ``step`` (4 or 8) and
+``window_factor`` (4 or 8) moved these by < 0.005 and ``ghost_factor`` 2 was worse.
 
-Tried and not kept (Mooncake @ 3k): strict cold-first 0.203 (0.599 @ 30k, below LRU); per-chain request
-count as a bonus <= 0.198; LHD-style hit density by (chain count, age) 0.201; random chain admission worse
-than LRU; ranking hot chains by their head's mean request gap 0.215 (0.380 on Zipf @ 239) but below LRU on
-multi-turn, whose chain heads are system prompts shared by many chats.
+Tried and not kept (Mooncake @ 3k, policy-only replay): strict cold-first 0.203 (0.599 @ 30k, below LRU);
+per-chain request count as a bonus <= 0.198; LHD-style hit density by (chain count, age) 0.201; random chain
+admission worse than LRU; ranking hot chains by their head's mean request gap 0.215 (0.380 on Zipf @ 239) but
+below LRU on multi-turn, whose chain heads are system prompts shared by many chats.
 """
 
 from __future__ import annotations
