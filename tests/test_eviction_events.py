@@ -88,7 +88,8 @@ def test_each_way_in_and_out_reaches_the_tier_policy_as_its_own_event(tmp_path):
         # a hit on disk is a miss for the host tier above it; the entry is promoted, pushing 1 down
         assert c.lookup(key(0))[1] == "disk"
         assert host.log == [("miss", 0), ("demote", 1), ("insert", 0)]
-        assert disk.log == [("hit", 0), ("promote", 0), ("insert", 1)]
+        # (1 arrives in disk as it is staged there, while 0 is still being moved out)
+        assert disk.log == [("hit", 0), ("insert", 1), ("promote", 0)]
         host.log.clear(), disk.log.clear()
         # absent everywhere: a miss in every tier
         assert c.lookup(key(9)) == (None, None)
@@ -98,13 +99,13 @@ def test_each_way_in_and_out_reaches_the_tier_policy_as_its_own_event(tmp_path):
         assert c.remove(key(2))
         assert host.log == [("delete", 2)] and disk.log == []
         host.log.clear(), disk.log.clear()
-        # host holds 0; disk holds 1. Two more puts push 0, then 3 down; the full disk tier evicts its least
-        # recent entry (1) out of the cache
+        # host holds 0; disk holds 1. Two more puts push 0, then 3 down; making room for 3 in the full disk tier
+        # evicts its least recent entry (1) out of the cache
         c.put(key(3), tensor(3))
         c.put(key(4), tensor(4))
         c.put(key(5), tensor(5))
         assert host.log == [("insert", 3), ("demote", 0), ("insert", 4), ("demote", 3), ("insert", 5)]
-        assert disk.log == [("insert", 0), ("evict", 1), ("insert", 3)]
+        assert disk.log == [("insert", 0), ("insert", 3), ("evict", 1)]
         assert c.where(key(1)) is None and c.stats()["dropped"] == 1
 
 

@@ -638,6 +638,9 @@ class TieredCache:
         """Free the victim's room in ``src`` now (its bytes are in ``tensor``) and queue its write into ``dst``."""
         self.tiers[src].discard(key)
         self.policies[src].on_demote(key)
+        # ``dst``'s policy hears the arrival now, as the index places the entry there: a write called off or
+        # failed later is a departure of a key it holds (nbytes: the raw tensor's; the victim is encoded later)
+        self.policies[dst].on_insert(key, tensor.numel() * tensor.element_size(), e.parent)
         e.tier = dst
         e.in_flight += 1
         self._staged[key] = tensor
@@ -754,11 +757,13 @@ class TieredCache:
         """Room in ``w.dst`` for a victim (lock held). The destination is the last tier: its victims leave
         the cache, so making room there queues no further writes."""
         more: list[PendingWrite] = []
-        if self._make_room(w.dst, w.prepared.nbytes, more):
-            w.res = self.tiers[w.dst].allocate(w.prepared)
+        w.entry.pins += 1  # the tier's policy holds the victim since it was staged: never its own victim
+        try:
+            if self._make_room(w.dst, w.prepared.nbytes, more):
+                w.res = self.tiers[w.dst].allocate(w.prepared)
+        finally:
+            w.entry.pins -= 1
         assert not more, "victims of the last tier are dropped, never moved"
-        if w.res is not None:
-            self.policies[w.dst].on_insert(w.key, w.prepared.nbytes, w.entry.parent)
 
     def _finish(self, w: PendingWrite) -> None:
         """Count a written (and committed) entry, or let it go (lock held)."""
