@@ -11,9 +11,12 @@ the cluster, this job's and the next one's, shares the node agents' host and dis
 What Ray Data LLM gives back, and so what a row holds (Ray 2.60, ``vllm_engine_stage.vLLMOutputData``):
 - ``text``, ``prompt_tokens``, ``completion_tokens``: vLLM's generated text and token counts.
 - ``ttft_s``: vLLM's per-request ``first_token_latency`` (arrival to first token), when vLLM logs stats.
-- ``cached_tokens``: null. vLLM's ``RequestOutput.num_cached_tokens`` is dropped by Ray's output record, which
-  has no field for it; the connector's reuse shows in the node agents' counters (``qwen3vl-ray status``), not
-  per row.
+- ``cached_tokens``: null. vLLM's ``RequestOutput.num_cached_tokens`` is dropped by Ray's output record
+  (``vLLMOutputData.from_vllm_engine_output`` keeps the text, token ids and ``metrics``, vLLM's
+  ``RequestStateStats``, which has no cached count), and Ray Data LLM offers no hook that sees the
+  ``RequestOutput``. Reuse shows per run instead: in the node agents' counters (``qwen3vl-ray status``) and in
+  vLLM's own counters on Ray's metrics endpoint (``ray_vllm_prompt_tokens_cached_total``,
+  ``ray_vllm_external_prefix_cache_hits_total``: the Grafana row "vLLM on the tiers").
 - ``error``: ``should_continue_on_error`` turns a failed generation (a prompt longer than the model's context,
   say) into the row's ``__inference_error__`` and the job goes on. It covers the engine stage only: a row that
   would fail Ray's CPU stages (an image vLLM cannot decode, a malformed chat) is caught before, on the driver,
@@ -158,15 +161,24 @@ def engine_inputs(row: dict, sampling: dict) -> dict:
     """The preprocess of one dataset row (on a Ray worker): the images decoded as vLLM's chat decodes them (RGB
     PIL images, so vLLM hashes the same pixels), the sampling parameters, and the chat with the bare image
     parts only (Ray Data fills the fields a struct lacks with nulls, and Qwen3-VL's template reads any part
-    with an ``image`` key as an image)."""
+    with an ``image`` key as an image).
+
+    A message without images becomes one string (its text parts joined, as Qwen3-VL's template joins them): a
+    batch without images reaches Ray's chat-template stage as Arrow-backed numpy, where a list of parts is an
+    ``ndarray`` the template renders as the literal text ``<ndarray>``; a string stays a string. (A batch with
+    an image holds PIL images, which Arrow cannot take, and reaches the stage as Python lists.)"""
     from PIL import Image
 
     images = [Image.open(io.BytesIO(b)).convert("RGB") for b in row["images"]]
-    messages = [{"role": m["role"], "content": [{"type": "image"} if p["type"] == "image" else
-                                                {"type": "text", "text": p["text"]} for p in m["content"]]}
-                for m in row["messages"]]
+    messages = [{"role": m["role"], "content": _content(m["content"])} for m in row["messages"]]
     return {"messages": messages, "multimodal_data": {"image": images} if images else None,
             "sampling_params": sampling}
+
+
+def _content(parts) -> str | list[dict]:
+    if all(p["type"] != "image" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return [{"type": "image"} if p["type"] == "image" else {"type": "text", "text": p["text"]} for p in parts]
 
 
 def result_row(row: dict) -> dict:

@@ -107,6 +107,14 @@ def test_job_rows_errors_answers_of_vllm_alone_and_resume(dataset, job_env, tmp_
                        [[LONG], ["What is two plus two?"], ["IMAGE", "Describe the image."]], job_env)
     assert [rows[rid]["text"] for rid in ("long", "short", "image")] == alone
 
+    # the text rows alone: a batch without images reaches Ray's chat-template stage as Arrow-backed numpy (a list
+    # of parts there once rendered as "<ndarray>", every row the same prompt); the same prompts and answers here
+    (dataset / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    _infer(["--input", str(dataset / "text.jsonl"), "--output", str(tmp_path / "text.parquet")], job_env)
+    text_rows = {r["id"]: r for r in pq.read_table(tmp_path / "text.parquet").to_pylist()}
+    assert ([(text_rows[rid]["prompt_tokens"], text_rows[rid]["text"]) for rid in ("long", "short")]
+            == [(rows[rid]["prompt_tokens"], rows[rid]["text"]) for rid in ("long", "short")])
+
     # a rerun into the same output: every row is done, nothing runs (no Ray, no engine)
     again = _infer(["--input", str(dataset / "in.jsonl"), "--output", str(out)], job_env, timeout=120)
     assert again["rows_run"] == 0 and again["rows_skipped"] == 5 and again["rows_in_output"] == 5
