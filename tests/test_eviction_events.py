@@ -109,6 +109,20 @@ def test_each_way_in_and_out_reaches_the_tier_policy_as_its_own_event(tmp_path):
         assert c.where(key(1)) is None and c.stats()["dropped"] == 1
 
 
+def test_the_disk_tier_gives_up_an_arriving_tail_rather_than_its_parent(tmp_path):
+    host, disk = Recording(), Recording()
+    with two_tier_store(tmp_path, [host, disk], host_entries=1, disk_entries=2) as c:
+        # a 3-chunk chain into a 1-slot host tier: its newest chunk stays on top, 0 and 1 go straight to disk
+        c.put_many([(key(i), tensor(i), key(i - 1) if i else None) for i in range(3)])
+        assert [c.where(key(i)) for i in range(3)] == ["disk", "disk", "host"]
+        # 3 pushes 2 down into the full disk tier, whose only leaf is then 2 itself: leaf-first, it goes rather
+        # than its parent (which would leave 0 alone and 2 without its prefix)
+        c.put(key(3), tensor(3))
+        assert [c.where(key(i)) for i in range(4)] == ["disk", "disk", None, "host"]
+        assert c.longest_prefix([key(0), key(1), key(2)]) == 2
+        assert disk.log[-2:] == [("insert", 2), ("evict", 2)] and c.stats()["dropped"] == 1
+
+
 def test_chain_arc_counts_an_eviction_or_demotion_but_not_a_promotion_or_delete():
     # a ghost hit (a miss on a block this tier gave up) moves the penalty only if the tier chose to give it up
     for leave, learns in (("on_evict", True), ("on_demote", True), ("on_promote", False), ("on_delete", False)):

@@ -639,7 +639,8 @@ class TieredCache:
         self.tiers[src].discard(key)
         self.policies[src].on_demote(key)
         # ``dst``'s policy hears the arrival now, as the index places the entry there: a write called off or
-        # failed later is a departure of a key it holds (nbytes: the raw tensor's; the victim is encoded later)
+        # failed later is a departure of a key it holds, and when room is made for it the victim is one of the
+        # candidates (nbytes: the raw tensor's; the victim is encoded later)
         self.policies[dst].on_insert(key, tensor.numel() * tensor.element_size(), e.parent)
         e.tier = dst
         e.in_flight += 1
@@ -755,14 +756,18 @@ class TieredCache:
 
     def _hold_room(self, w: PendingWrite) -> None:
         """Room in ``w.dst`` for a victim (lock held). The destination is the last tier: its victims leave
-        the cache, so making room there queues no further writes."""
+        the cache, so making room there queues no further writes. Its policy has held the victim since it was
+        staged and may give the victim itself up first (a chain's tail whose parent would have to go for it):
+        its write is then called off instead of making room."""
         more: list[PendingWrite] = []
-        w.entry.pins += 1  # the tier's policy holds the victim since it was staged: never its own victim
-        try:
-            if self._make_room(w.dst, w.prepared.nbytes, more):
-                w.res = self.tiers[w.dst].allocate(w.prepared)
-        finally:
-            w.entry.pins -= 1
+        tier = self.tiers[w.dst]
+        while tier.free_bytes < w.prepared.nbytes and not w.cancelled:
+            victim = self._next_victim(w.dst)
+            if victim is None:
+                break  # only pinned / in-flight entries left: the victim is not written (``_finish``)
+            self._evict_one(victim, self._index[victim], more)
+        if not w.cancelled and tier.free_bytes >= w.prepared.nbytes:
+            w.res = tier.allocate(w.prepared)
         assert not more, "victims of the last tier are dropped, never moved"
 
     def _finish(self, w: PendingWrite) -> None:
