@@ -1,7 +1,7 @@
 """Eviction policies on prefix-shaped block traces, beside LRU and Belady's optimum.
 
     PYTHONPATH=. python -m benchmarks.policy [--json] [--trace PATH] [--policies a,b] [--no-synthetic]
-                                             [--bytes-codecs int8,kv-int4] [--bytes-only]
+                                             [--disk-blocks N] [--bytes-codecs int8,kv-int4] [--bytes-only]
 
 Replay through the store (prefix-hit semantics, as ``../shared/traces/README.md``): every policy orders a real
 ``TieredCache`` (one host tier holding ``capacity`` blocks of ``ENTRY_BYTES``), driven as the serving path
@@ -10,7 +10,10 @@ its leading cached run is read (``lookup``: hits), the rest is recomputed, so ea
 the absent ones are stored in one ``put_many`` with their chain parents (a cached block after the gap is left
 alone). The policy hears what the store tells it (insert, hit, miss, evict) and nothing else, and the hit
 ratio is the store's own hit count / all block accesses, so these figures are the store's figures. The JSON
-rows carry the store's counters (hits, misses, evictions, rejected).
+rows carry the store's counters (hits, misses, evictions, rejected, promotions). ``--disk-blocks N`` puts a disk
+tier of N blocks under the host tier (each tier ordered by its own instance of the policy): hits then count
+in either tier, and the policies also hear demotions and promotions. Mooncake @ 3k host + 3k disk blocks:
+LRU 0.3097, prefix-lru 0.3120, chain-arc 0.3314, chain oracle 0.3646, Belady over 6k blocks 0.5534.
 
 Belady: the offline optimum (MIN with bypass) on the same block accesses, computed without a store (no
 policy can do better in one): when a block must be inserted into a full
@@ -65,6 +68,7 @@ import heapq
 import json
 import os
 import random
+import tempfile
 import time
 import tracemalloc
 from dataclasses import dataclass
@@ -75,11 +79,13 @@ import torch
 
 from benchmarks.traces import MOONCAKE_TRACE, SYNTHETIC, Trace, load_mooncake
 from qwen3vl_ray.cache import CacheConfig, TieredCache
+from qwen3vl_ray.codecs.base import dtype_name
 from qwen3vl_ray.keys import KEY_BYTES, Namespace
 from qwen3vl_ray.policies import DEFAULT_POLICY, POLICIES, make_policy
 from qwen3vl_ray.policies.base import EvictionPolicy
 from qwen3vl_ray.policies.prefix import PrefixLRUPolicy, _Node
 from qwen3vl_ray.tiers.config import TierConfig
+from qwen3vl_ray.tiers.disk_format import header_len
 
 ENTRY_BYTES = 64
 """Every block is stored as one entry of this many bytes (its contents do not matter to a replay), in a host
@@ -102,30 +108,44 @@ def block_key(block: int) -> bytes:
     return block.to_bytes(KEY_BYTES, "little")
 
 
-def replay_store(policy: EvictionPolicy, capacity: int) -> TieredCache:
-    """The store a replay runs through: one host tier holding ``capacity`` blocks, ordered by ``policy``."""
-    tier = TierConfig("host", capacity * ENTRY_BYTES, block_bytes=ENTRY_BYTES, pinned=False, zero_on_release=False)
-    return TieredCache(CacheConfig([tier], namespace=NAMESPACE, prefetch_threads=0), policies=[policy])
+def replay_store(policy: EvictionPolicy, capacity: int, below: EvictionPolicy | None = None, below_blocks: int = 0,
+                 disk_dir: str | None = None) -> TieredCache:
+    """The store a replay runs through: a host tier holding ``capacity`` blocks, ordered by ``policy``, and with
+    ``below_blocks`` a disk tier under ``disk_dir`` holding that many (header included; no fsync: the replay
+    counts hits, not durability), ordered by ``below``."""
+    tiers = [TierConfig("host", capacity * ENTRY_BYTES, block_bytes=ENTRY_BYTES, pinned=False, zero_on_release=False)]
+    policies = [policy]
+    if below_blocks:
+        if below is None or disk_dir is None:
+            raise ValueError("a disk tier needs its policy (below) and a directory (disk_dir)")
+        entry = header_len(dtype_name(torch.uint8), "none", 1) + ENTRY_BYTES
+        tiers.append(TierConfig("disk", below_blocks * entry, path=disk_dir, fsync=False))
+        policies.append(below)
+    return TieredCache(CacheConfig(tiers, namespace=NAMESPACE, prefetch_threads=0), policies=policies)
 
 
-def replay_counts(policy: EvictionPolicy, trace: Trace, capacity: int) -> dict:
-    """Replay ``trace`` through a ``TieredCache`` with room for ``capacity`` blocks, ``policy`` ordering it;
-    returns the store's own counters (``hits``, ``misses``, ``evictions``, ``rejected``), the trace's block
-    ``accesses`` and ``hit_ratio`` = the store's hits / accesses."""
-    cache = replay_store(policy, capacity)
+def replay_counts(policy: EvictionPolicy, trace: Trace, capacity: int, below: EvictionPolicy | None = None,
+                  below_blocks: int = 0) -> dict:
+    """Replay ``trace`` through a ``TieredCache`` with room for ``capacity`` blocks, ``policy`` ordering it (and
+    ``below_blocks`` in a disk tier ordered by ``below``); returns the store's own counters (``hits``,
+    ``misses``, ``evictions`` and ``rejected`` over all tiers, ``promotions`` into the host tier), the trace's
+    block ``accesses`` and ``hit_ratio`` = the store's hits / accesses."""
     data = torch.zeros(ENTRY_BYTES, dtype=torch.uint8)
     out = torch.empty_like(data)
     accesses = 0
-    try:
-        for req in trace:
-            keys = [block_key(b) for b in req]
-            accesses += len(keys)
-            store_request(cache, keys, data, out)
-        s = cache.stats()
-    finally:
-        cache.close()
-    t = s["tiers"][0]
-    return {"hits": s["hits"], "misses": s["misses"], "evictions": t["evictions"], "rejected": t["rejected"],
+    with tempfile.TemporaryDirectory(prefix="benchmarks-policy-") as tmp:
+        cache = replay_store(policy, capacity, below, below_blocks, os.path.join(tmp, "disk"))
+        try:
+            for req in trace:
+                keys = [block_key(b) for b in req]
+                accesses += len(keys)
+                store_request(cache, keys, data, out)
+            s = cache.stats()
+        finally:
+            cache.close()
+    tiers = s["tiers"]
+    return {"hits": s["hits"], "misses": s["misses"], "evictions": sum(t["evictions"] for t in tiers),
+            "rejected": sum(t["rejected"] for t in tiers), "promotions": tiers[0]["promotions_in"],
             "accesses": accesses, "hit_ratio": s["hits"] / accesses if accesses else 0.0}
 
 
@@ -470,6 +490,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="comma-separated capacities in blocks for --trace (default: 1k,3k,10k,30k for the shipped "
                          "Mooncake trace, else the same fractions of the trace's unique blocks: 1/44, 3/44, 10/44, 30/44)")
     ap.add_argument("--no-synthetic", action="store_true", help="replay only the Mooncake trace")
+    ap.add_argument("--disk-blocks", type=int, default=0,
+                    help="a disk tier of this many blocks below the host tier in every replay of the policy tables "
+                         "(default 0: the host tier alone; files in a temporary directory, no fsync; Belady gets "
+                         "both tiers' blocks); the hits-per-GiB section stays host-only")
     ap.add_argument("--bytes-codecs", default=BYTES_CODECS,
                     help="comma-separated codec specs for the hits-per-GiB section, each given the bytes of the raw "
                          f"capacities (default {BYTES_CODECS}; empty skips the section)")
@@ -479,6 +503,8 @@ def main(argv: list[str] | None = None) -> None:
     names = [p for p in args.policies.split(",") if p]
     for p in names:
         make_policy(p)  # fail fast on a bad name
+    if args.disk_blocks < 0:
+        raise SystemExit(f"--disk-blocks must be a block count >= 0, got {args.disk_blocks}")
     codecs = [c for c in args.bytes_codecs.split(",") if c and c != "none"]  # raw bf16 is always the baseline
     if args.bytes_only and not codecs:
         raise SystemExit("--bytes-only needs at least one codec in --bytes-codecs")
@@ -490,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     memo: dict[tuple[str, str, int], float] = {}  # (trace, policy, capacity) -> hit ratio, shared by both sections
     rows: list[dict] = []
     if not args.bytes_only:
-        rows += policy_section(traces, names, memo)
+        rows += policy_section(traces, names, memo, args.disk_blocks)
     if codecs:
         rows += bytes_section(traces, codecs, memo)
     if not args.bytes_only:
@@ -499,12 +525,13 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(rows))
 
 
-def _memo_counts(memo: dict, tname: str, trace: Trace, policy: str, cap: int) -> dict:
-    """The store's counters of one replay (Belady: its hit ratio only, it runs on no store), memoized."""
-    key = (tname, policy, cap)
+def _memo_counts(memo: dict, tname: str, trace: Trace, policy: str, cap: int, disk: int = 0) -> dict:
+    """The store's counters of one replay (Belady: its hit ratio only, it runs on no store; with a disk tier it
+    gets both tiers' blocks as one cache), memoized."""
+    key = (tname, policy, cap, disk)
     if key not in memo:
-        memo[key] = ({"hit_ratio": belady(trace, cap)} if policy == "belady"
-                     else replay_counts(make_policy(policy), trace, cap))
+        memo[key] = ({"hit_ratio": belady(trace, cap + disk)} if policy == "belady"
+                     else replay_counts(make_policy(policy), trace, cap, make_policy(policy) if disk else None, disk))
     return memo[key]
 
 
@@ -512,29 +539,34 @@ def _memo_hit_ratio(memo: dict, tname: str, trace: Trace, policy: str, cap: int)
     return _memo_counts(memo, tname, trace, policy, cap)["hit_ratio"]
 
 
-def policy_section(traces: dict[str, tuple[Trace, list[int]]], names: list[str], memo: dict) -> list[dict]:
-    """Each policy, the chain oracle and Belady at each capacity of each trace: a table per trace."""
+def policy_section(traces: dict[str, tuple[Trace, list[int]]], names: list[str], memo: dict,
+                   disk_blocks: int = 0) -> list[dict]:
+    """Each policy, the chain oracle and Belady at each capacity of each trace: a table per trace. With
+    ``disk_blocks``, every store has a disk tier of that many blocks below its host tier."""
     rows: list[dict] = []
     t_start = time.perf_counter()
     slowest = 0.0
     for tname, (trace, caps) in traces.items():
         accesses = sum(map(len, trace))
-        print(f"\n{tname}: {len(trace)} requests, {accesses} block accesses")
+        below = f"; a disk tier of {disk_blocks} blocks below the host tier" if disk_blocks else ""
+        print(f"\n{tname}: {len(trace)} requests, {accesses} block accesses{below}")
         refs = ["chain-oracle", "belady"]
         print(f"{'capacity':>9} " + " ".join(f"{p:>12}" for p in names + refs) + "  default-LRU  gap closed")
         for cap in caps:
             counts = {}
             for p in names:
                 t0 = time.perf_counter()
-                counts[p] = _memo_counts(memo, tname, trace, p, cap)
+                counts[p] = _memo_counts(memo, tname, trace, p, cap, disk_blocks)
                 slowest = max(slowest, time.perf_counter() - t0)
-            counts["chain-oracle"] = replay_counts(ChainOracle(trace), trace, cap)
-            counts["belady"] = _memo_counts(memo, tname, trace, "belady", cap)
+            counts["chain-oracle"] = replay_counts(ChainOracle(trace), trace, cap,
+                                                   ChainOracle(trace) if disk_blocks else None, disk_blocks)
+            counts["belady"] = _memo_counts(memo, tname, trace, "belady", cap, disk_blocks)
             ratios = {p: c["hit_ratio"] for p, c in counts.items()}
             for p, c in counts.items():
                 # the store's own counters beside the ratio (Belady runs on no store: its ratio alone)
                 rows.append({"trace": tname, "capacity": cap, "policy": p, "hit_ratio": round(c["hit_ratio"], 4),
-                             **{n: c[n] for n in ("hits", "misses", "evictions", "rejected") if n in c}})
+                             **({"disk_blocks": disk_blocks} if disk_blocks else {}),
+                             **{n: c[n] for n in ("hits", "misses", "evictions", "rejected", "promotions") if n in c}})
             line = f"{cap:>9} " + " ".join(f"{ratios[p]:>12.4f}" for p in names + refs)
             if "lru" in ratios and DEFAULT_POLICY in ratios:
                 gain = ratios[DEFAULT_POLICY] - ratios["lru"]

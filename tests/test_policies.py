@@ -410,7 +410,12 @@ def test_replay_counts_prefix_hits_only():
     # the figures are the store's own counters: 5 misses (1, 2, 3, 4, then 3 again), 2 evictions (3 for 4, then
     # 4 for 3: request 3's own blocks 1 and 2 are pinned while it runs)
     assert replay_counts(make_policy("prefix-lru"), trace, 3) == {
-        "hits": 2, "misses": 5, "evictions": 2, "rejected": 0, "accesses": 7, "hit_ratio": 2 / 7}
+        "hits": 2, "misses": 5, "evictions": 2, "rejected": 0, "promotions": 0, "accesses": 7, "hit_ratio": 2 / 7}
+    # the same 3 blocks as 1 in host over 2 on disk: request 1 leaves 1, 2 on disk and 3 in host; request 2 pushes
+    # 3 down, where the disk gives it up itself (its parents fill the tier); request 3 hits 1 (promoted, pushing
+    # 4 down) and 2 (stays: 1 is pinned above it), misses 3, stores it on disk in 4's place
+    assert replay_counts(make_policy("prefix-lru"), trace, 1, make_policy("prefix-lru"), 2) == {
+        "hits": 2, "misses": 5, "evictions": 2, "rejected": 3, "promotions": 1, "accesses": 7, "hit_ratio": 2 / 7}
     # Belady knows 4 is never used again and bypasses it: request 3 hits all three
     assert belady(trace, 3) == pytest.approx(3 / 7)
     # a request's own blocks are in flight: with 2 slots, 3 finds nothing evictable and is not cached
