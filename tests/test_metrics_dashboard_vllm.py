@@ -83,16 +83,19 @@ def test_every_panel_of_the_vllm_row_has_data_on_a_served_endpoint(tmp_path, mon
             """Wait until the endpoint shows ``requests`` TTFTs and each counter ``ray_vllm_<name>_total`` at
             least at its value: the requests take less than Ray's export interval, and a counter must be seen
             before it grows for rate() to see it grow."""
-            def done() -> bool:
-                return (scraper.total("ray_vllm_time_to_first_token_seconds_count") == requests
-                        and all(scraper.total(f"ray_vllm_{name}_total") >= v for name, v in at_least.items()))
+            def seen() -> dict[str, float]:
+                return {"requests": scraper.total("ray_vllm_time_to_first_token_seconds_count"),
+                        **{name: scraper.total(f"ray_vllm_{name}_total") for name in at_least}}
+
+            def done(now: dict[str, float]) -> bool:
+                return now["requests"] == requests and all(now[k] >= v for k, v in at_least.items())
 
             deadline = time.time() + 60
-            while not done():
-                assert time.time() < deadline, f"vLLM's metrics never reached {requests} requests, {at_least}"
+            while not done(now := seen()):
+                assert time.time() < deadline, f"vLLM's metrics never reached {requests} requests, {at_least}: {now}"
                 time.sleep(0.5)
-            seen = scraper.scrapes
-            while scraper.scrapes < seen + 2:  # two samples of these values
+            scrapes = scraper.scrapes
+            while scraper.scrapes < scrapes + 2:  # two samples of these values
                 time.sleep(0.2)
 
         def cached(r: dict) -> int:
