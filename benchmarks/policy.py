@@ -13,7 +13,9 @@ ratio is the store's own hit count / all block accesses, so these figures are th
 rows carry the store's counters (hits, misses, evictions, rejected, promotions). ``--disk-blocks N`` puts a disk
 tier of N blocks under the host tier (each tier ordered by its own instance of the policy): hits then count
 in either tier, and the policies also hear demotions and promotions. Mooncake @ 3k host + 3k disk blocks:
-LRU 0.3097, prefix-lru 0.3120, chain-arc 0.3314, chain oracle 0.3646, Belady over 6k blocks 0.5534.
+LRU 0.3097, prefix-lru 0.3120 (both as a 6k host tier alone: the hierarchy is exclusive), chain-arc 0.3408
+(0.3327 in a 6k host tier: the disk tier's instance may give up an arriving cold block instead of an older
+one), chain oracle 0.3646, Belady over 6k blocks 0.5534.
 
 Belady: the offline optimum (MIN with bypass) on the same block accesses, computed without a store (no
 policy can do better in one): when a block must be inserted into a full
