@@ -204,6 +204,7 @@ class ServiceConfig:
         from qwen3vl_ray import settings as S
 
         gpus = s.worker_gpus if s.worker_gpus >= 0 else (1.0 if gpus_available else 0.0)
+        storage = cls.storage_from_settings(s)
         if s.engine in (REAL_ENGINE_NAME, DEFAULT_ENGINE):
             engine, engine_args = DEFAULT_ENGINE, _adapter_args(s, gpus, resolve_model)
         else:
@@ -211,14 +212,21 @@ class ServiceConfig:
                                 f"the Ray service's plain device tier of a worker running {s.engine!r}",
                                 "unset them or run --engine qwen3vl")
             engine, engine_args = s.engine, {}
+        return dataclasses.replace(storage, worker=WorkerConfig(
+            engine=engine, engine_args=engine_args, num_gpus=gpus, num_cpus=s.worker_cpus,
+            device_bytes=s.device_bytes, max_retries=s.max_retries))
+
+    @classmethod
+    def storage_from_settings(cls, s: Any) -> "ServiceConfig":
+        """The storage side of ``from_settings`` (agents, coordinator, tenant; default workers): what a service
+        whose engines run elsewhere needs, as vLLM's KV connector on the node agents (``actors.kv_block_store``),
+        which starts no worker and so must not be refused for the workers' engine options."""
         return cls(
             agent=AgentConfig(host_bytes=s.host_bytes, host_codec=s.host_codec, disk_bytes=s.disk_bytes,
                               disk_dir=s.disk_dir, disk_codec=s.disk_codec, disk_fsync=s.disk_fsync,
                               policy=s.policy, high_watermark=s.high_watermark, low_watermark=s.low_watermark),
             coordinator=CoordinatorConfig(period_s=s.period_s, admission_mode=s.admission,
                                           recompress_codec=s.recompress_codec),
-            worker=WorkerConfig(engine=engine, engine_args=engine_args, num_gpus=gpus, num_cpus=s.worker_cpus,
-                                device_bytes=s.device_bytes, max_retries=s.max_retries),
             tenant=Tenant.from_settings(s),
         )
 

@@ -52,8 +52,7 @@ class AgentBlockStore(BlockStore):
                 raise ClusterError(f"store='ray' keeps blocks on the node agents of a running Ray cluster, and none "
                                    f"answers at {address!r} ({e}): set RAY_ADDRESS, or start one with "
                                    f"`ray start --head`") from None
-        config = ServiceConfig.from_settings(s, gpus_available=ray.cluster_resources().get("GPU", 0) > 0,
-                                             resolve_model=False)
+        config = ServiceConfig.storage_from_settings(s)  # no workers: the engines are vLLM's
         ensure_service(config, num_workers=0)
         logger.info("KV connector on the node agents of tenant %s", config.tenant.id)
         return cls(connect(config.tenant, config.agent))

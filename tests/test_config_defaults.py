@@ -170,3 +170,18 @@ def test_every_engine_only_option_is_honoured_or_refused_with_another_engine():
     only = {o.name for o in S.OPTIONS if all(engine_only.match(p) for p in o.target.split(", "))}
     assert only - {"tenant"} == set(OTHER_ENGINE_UNHONOURED)  # the tenant: each tenant its own actors
     assert set(NOT_DEFAULT) == set(OTHER_ENGINE_UNHONOURED)
+
+
+def test_the_storage_side_alone_equals_the_whole_services_and_takes_no_engine_options():
+    """vLLM's KV connector on the node agents starts the storage side only (``actors.kv_block_store``): the same
+    agents, coordinator and tenant as the whole service's, and no refusal of the workers' engine options it never
+    uses (a device tier above the KV budget)."""
+    from actors.config import ServiceConfig
+
+    s = S.resolve({"host_bytes": "3GiB", "disk_dir": "/mnt/nvme/kv"})
+    whole, storage = ServiceConfig.from_settings(s, resolve_model=False), ServiceConfig.storage_from_settings(s)
+    assert (storage.agent, storage.coordinator, storage.tenant) == (whole.agent, whole.coordinator, whole.tenant)
+    engine_only = S.resolve({"device_bytes": "4GiB", "kv_device_budget_bytes": "1GiB"})
+    with pytest.raises(ConfigError, match="kv_device_budget_bytes"):
+        ServiceConfig.from_settings(engine_only, resolve_model=False)
+    assert ServiceConfig.storage_from_settings(engine_only).agent == ServiceConfig().agent
