@@ -25,7 +25,7 @@ from actors.config import NAMESPACE, ServiceConfig
 from actors.config_check import agent_fields, check_same_config, coordinator_fields, worker_fields
 from actors.coordinator import coordinator_name, get_or_create_coordinator, is_worker_of, worker_prefix
 from actors.tenancy import Tenant, with_tenant
-from qwen3vl_ray.errors import ClusterError, ConfigError
+from actors.errors import ServiceStartError, WorkersUnavailableError  # noqa: F401 - raised here, imported from here
 from actors.worker import error_result, worker_class, worker_options
 
 logger = logging.getLogger(__name__)
@@ -321,14 +321,6 @@ def ensure_service(config: ServiceConfig | None = None, address: str | None = No
         check_same_config(f"worker {name!r}", ray.get(w.config_fields.remote(), timeout=timeout_s), wanted)
     _check_agents(coordinator, config, timeout_s)
     return ServiceHandle(coordinator, workers, config)
-
-
-class ServiceStartError(ConfigError):
-    """The service cannot serve: no node agent started (the cause names why, e.g. an unsafe disk directory)."""
-
-
-class WorkersUnavailableError(ClusterError):
-    """Workers did not start within ``worker_start_timeout_s`` (no node offered their resources)."""
 
 
 #: How often ``wait_for_workers`` says what it is waiting for.
