@@ -174,6 +174,7 @@ class PrefixKV:
             n = self.store.longest_prefix(full_keys) if full_keys else 0
             want_tail = tail is not None and n == len(full_keys) and n * c < max_tokens
             if n == 0 and not want_tail:
+                self._report_miss(full_keys, n)
                 return None
             # sized for all that can arrive before the first copy: growing it later would drop what is in it
             ws = self.workspace(self.geometry, max(min(max_tokens, n * c + (c if want_tail else 0)), capacity_tokens))
@@ -187,6 +188,8 @@ class PrefixKV:
                     want_tail = False
                     break
                 pos = self._append(tensor, tier, pos, max_tokens, ws, per_tier)
+            else:
+                self._report_miss(full_keys, n)  # (a run that shrank reported its miss in its own lookup)
             if want_tail and pos == n * c:
                 tensor, tier = self._lookup(tail, None)  # a partial chunk: its own shape
                 if tensor is not None:
@@ -194,6 +197,14 @@ class PrefixKV:
         if pos == 0:
             return None
         return LoadedPrefix(growing_cache(self.text_config, ws, pos), pos, per_tier)
+
+    def _report_miss(self, full_keys: Sequence[CacheKey], n: int) -> None:
+        """Tell the store that ``full_keys[n]``, the first chunk after the cached run, was wanted and missing:
+        ``longest_prefix`` only looks, and the store's policies learn from misses (chain-arc's ghosts). A lookup
+        of an absent key is exactly that report (counted, heard by every tier's policy); the chunks after it
+        were never reachable and are not reported."""
+        if n < len(full_keys):
+            self.store.lookup(full_keys[n])
 
     def _lookup(self, key: CacheKey, out: torch.Tensor | None) -> tuple[torch.Tensor | None, str | None]:
         try:
