@@ -55,6 +55,9 @@ class AgentConfig:
             (None means the same).
         high_watermark: fraction of a tier's budget above which the agent reports pressure (0.9).
         low_watermark: fraction that pressure relief drains a tier down to (0.75).
+        idle_ttl_s: entries of the host and disk tiers neither read nor written for this long are dropped (and
+            leave the coordinator's directory), checked on each coordinator pass; seconds (default 0: never, they
+            stay until evicted).
     """
 
     host_bytes: int = default("host_bytes")
@@ -66,6 +69,7 @@ class AgentConfig:
     policy: str | None = default("policy")
     high_watermark: float = default("high_watermark")
     low_watermark: float = default("low_watermark")
+    idle_ttl_s: float = default("idle_ttl_s")
 
     def __post_init__(self) -> None:
         # the table keeps "~" (its docs read the same on every machine); expanded here, as the settings expand it,
@@ -77,6 +81,8 @@ class AgentConfig:
             raise ConfigError(f"AgentConfig.disk_bytes must be an int >= 0, got {self.disk_bytes!r}")
         if self.disk_bytes and not self.disk_dir:
             raise ConfigError("AgentConfig.disk_dir must be set when disk_bytes > 0")
+        if self.idle_ttl_s < 0:
+            raise ConfigError(f"AgentConfig.idle_ttl_s must be >= 0 (0: never expire), got {self.idle_ttl_s!r}")
         if not (0.0 < self.low_watermark <= self.high_watermark <= 1.0):
             raise ConfigError(
                 f"watermarks must satisfy 0 < low <= high <= 1, got low={self.low_watermark} high={self.high_watermark}")
@@ -224,7 +230,8 @@ class ServiceConfig:
         return cls(
             agent=AgentConfig(host_bytes=s.host_bytes, host_codec=s.host_codec, disk_bytes=s.disk_bytes,
                               disk_dir=s.disk_dir, disk_codec=s.disk_codec, disk_fsync=s.disk_fsync,
-                              policy=s.policy, high_watermark=s.high_watermark, low_watermark=s.low_watermark),
+                              policy=s.policy, high_watermark=s.high_watermark, low_watermark=s.low_watermark,
+                              idle_ttl_s=s.idle_ttl_s),
             coordinator=CoordinatorConfig(period_s=s.period_s, admission_mode=s.admission,
                                           recompress_codec=s.recompress_codec),
             tenant=Tenant.from_settings(s),

@@ -8,7 +8,9 @@ coordinator may demote or evict is offered in the node cache's own policy order 
 its local room-making takes, so cluster-level moves never drop a chain's head before its tail; and it is done
 through the cache's own demote path, so the policy hears the same events (``on_demote``, ``on_evict``) and the
 store counts the same moves as for local room-making. A lookup that misses is reported to the cache too (its
-policies learn from misses).
+policies learn from misses). With ``AgentConfig.idle_ttl_s`` set, entries of either tier idle past it are dropped
+on the agent's periodic work, the pressure read of each coordinator pass (``expire_idle``), and leave the
+coordinator's directory through the journal like any other removal.
 
 Reads hand out handles, not bytes: ``get_chunks`` returns the ObjectRef of each host entry (promoting disk
 hits into the host tier first), so a worker on this node reads it zero-copy and a worker on another node
@@ -27,7 +29,7 @@ import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +41,7 @@ from actors.metrics import Metrics
 from actors.object_store_tier import (RAW, LocalObjectStore, ObjectStore, ObjectStoreTier, array_to_tensor,
                                       fitting_suffix, slice_of, tensor_to_array)
 from actors.tenancy import Tenant, tenant_checked
+from qwen3vl_ray.cache.lifetimes import LifetimeConfig, LifetimeManager
 from qwen3vl_ray.codecs.base import decode
 from qwen3vl_ray.keys import CacheKey, Namespace, validate_key
 
@@ -186,10 +189,14 @@ def build_node_cache(node_id: str, config: AgentConfig, host: JournalingTier, jo
 
 
 class NodeAgentLogic:
-    """All of a node agent's behaviour. Not thread-safe: the actor runs one call at a time."""
+    """All of a node agent's behaviour. Not thread-safe: the actor runs one call at a time.
+
+    ``clock``: monotonic seconds of idle expiry (``expire_idle``); the node cache's own idle clock is
+    ``time.monotonic`` too."""
 
     def __init__(self, node_id: str, config: AgentConfig, store: ObjectStore | None = None,
-                 metrics: Metrics | None = None, cache_factory=build_node_cache, tenant: Tenant = Tenant()) -> None:
+                 metrics: Metrics | None = None, cache_factory=build_node_cache, tenant: Tenant = Tenant(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.node_id = check_node_id(node_id)
         self.config = config
         self.tenant = tenant
@@ -203,6 +210,7 @@ class NodeAgentLogic:
         from qwen3vl_ray.cache.pressure import PressureConfig, PressureMonitor
 
         self.monitor = PressureMonitor(self.cache, PressureConfig(min_interval_s=0))
+        self.lifetimes = LifetimeManager(self.cache, LifetimeConfig(idle_ttl_s=config.idle_ttl_s or None), clock)
         # key -> [hits, last access (monotonic s), logical bytes, chain parent]: value, and no parent before its
         # children in the coordinator's demotions and evictions (``_victim_order``)
         self._info: dict[bytes, list] = {}
@@ -322,7 +330,11 @@ class NodeAgentLogic:
     # -- policy hooks (called by the coordinator) ----------------------------------------------
     def pressure(self) -> dict:
         """Fill levels against the watermarks, from the core pressure monitor: a tier whose physical memory or
-        disk is short (``system``) counts as over its high watermark even within its own budget."""
+        disk is short (``system``) counts as over its high watermark even within its own budget.
+
+        Each coordinator pass reads this (every ``period_s``): it is the agent's clock for its periodic work, so
+        idle entries are expired first (``expire_idle``) and the report counts what is left."""
+        self.expire_idle()
         report = self.monitor.sample()
         tiers = {}
         for tp in report.tiers:
@@ -335,6 +347,19 @@ class NodeAgentLogic:
         self.metrics.set("qwen3vl_ray_compression_ratio", self.host.stats()["compression_ratio"], tier="host")
         return {"node_id": self.node_id, "epoch": self.epoch, "tiers": tiers,
                 "host_memory": [report.host_used_bytes, report.host_total_bytes], "disk_free": report.disk_free_bytes}
+
+    def expire_idle(self, now: float | None = None) -> int:
+        """Drop the host and disk entries neither read nor written for ``AgentConfig.idle_ttl_s`` (0: never), when
+        a scan is due (``LifetimeManager``: at most every eighth of the TTL). Through the cache's own path: its
+        policies hear ``on_delete``, pinned or in-flight entries stay, and each removal is journaled, so the
+        coordinator's directory forgets the entry at its next journal sync (later in the same pass when called
+        from ``pressure``). A chain's head may expire before a tail read since (a worker held the head); the
+        tail then expires in turn unless read with a head again. Returns how many entries went."""
+        n = self.lifetimes.tick(now)
+        if n:
+            for k in [k for k in self._info if not self.cache.contains(k)]:
+                del self._info[k]
+        return n
 
     def _parent(self, key: CacheKey) -> CacheKey | None:
         info = self._info.get(key)

@@ -204,6 +204,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("low_watermark", "tiers", "float", 0.75, "fraction",
            "Tier usage that pressure relief drains down to.",
            "TierConfig.low_watermark, AgentConfig.low_watermark"),
+    Option("idle_ttl_s", "tiers", "float", 0.0, "s",
+           "Node agents drop host- and disk-tier entries neither read nor written for this long (checked on each "
+           "coordinator pass, every period_s; the directory forgets them too); 0 keeps them until evicted.",
+           "AgentConfig.idle_ttl_s"),
     # -- cache ------------------------------------------------------------------------------------------
     Option("policy", "cache", "str", DEFAULT_POLICY, "",
            "Eviction policy of the engine's store and the node agents (the default is the project's measured "
@@ -410,6 +414,8 @@ def _check(v: Mapping[str, Any]) -> None:
         raise ConfigError(f"temperature must be >= 0, got {v['temperature']}")
     if v["period_s"] < 0:
         raise ConfigError(f"period_s must be >= 0, got {v['period_s']}")
+    if v["idle_ttl_s"] < 0:
+        raise ConfigError(f"idle_ttl_s must be >= 0 (0: never expire), got {v['idle_ttl_s']}")
 
 
 def refuse_unhonoured(s: Settings, names: Iterable[str], by: str, fix: str) -> None:

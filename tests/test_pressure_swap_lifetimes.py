@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from qwen3vl_ray.cache import CacheConfig, TieredCache
-from qwen3vl_ray.cache.lifetimes import LifetimeConfig, LifetimeManager
 from qwen3vl_ray.cache.pressure import PressureConfig, PressureMonitor
 from qwen3vl_ray.cache.swap import SwapConfig, SwapSpace
 from qwen3vl_ray.errors import CapacityError, ConfigError
@@ -131,39 +130,6 @@ def test_swap_rejects_lossy_or_device_tiers(tmp_path):
     with pytest.raises(ConfigError, match="device"):
         SwapSpace(dev, SwapConfig(resident_budget_bytes=1024))
     dev.close()
-
-
-# ---------------------------------------------------------------- lifetimes
-def test_lifetimes_expire_idle_and_collect_only_under_pressure(tmp_path):
-    cache = host_disk_cache(tmp_path)
-    mon = PressureMonitor(cache, PressureConfig(min_interval_s=0, disk_min_free_bytes=0))
-    life = LifetimeManager(LifetimeConfig(idle_ttl_s=60, gc_min_interval_s=3600), cache=cache, monitor=mon)
-    cache.put(key(0), torch.ones(KIB4))
-    now = time.monotonic()
-    done = life.tick(now + 1)
-    assert done == {"expired": 0, "swapped_idle": 0, "collected": False}  # idle, no pressure: nothing
-    done = life.tick(now + 120)
-    assert done["expired"] == 1 and cache.where(key(0)) is None
-    for i in range(4):
-        cache.put(key(10 + i), torch.ones(KIB4))
-    t = time.monotonic()
-    assert life.tick(t)["collected"] is True  # under pressure: relieved and collected once
-    for i in range(4):
-        cache.put(key(20 + i), torch.ones(KIB4))
-    assert life.tick(t + 1)["collected"] is False  # rate-limited
-    assert life.collections == 1
-    cache.close()
-
-
-def test_lifetimes_swap_out_idle_handles(tmp_path):
-    cache = host_disk_cache(tmp_path)
-    swap = SwapSpace(cache, SwapConfig(resident_budget_bytes=64 * 1024))
-    h = swap.register(torch.ones(KIB4))
-    life = LifetimeManager(LifetimeConfig(idle_ttl_s=None, swap_idle_s=30), swap=swap)
-    assert life.tick(time.monotonic() + 5)["swapped_idle"] == 0
-    assert life.tick(time.monotonic() + 60)["swapped_idle"] == 1
-    assert not h.resident and torch.equal(h.get(), torch.ones(KIB4))
-    cache.close()
 
 
 def test_swapped_out_tensor_survives_eviction_pressure_and_idle_expiry(tmp_path):

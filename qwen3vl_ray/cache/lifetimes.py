@@ -1,20 +1,22 @@
-"""Lifetimes: idle expiry, leak reclamation, and garbage collection only when it pays.
+"""Lifetimes: idle expiry of a cache's entries, on its owner's schedule.
 
-Replaces the sketch's AdaptiveGarbageCollector, which ran ``gc.collect()`` on a timer. Here nothing runs in
-the background: an owner calls :meth:`LifetimeManager.tick` on its own schedule, so an idle process does no
-work. No owner does yet: neither the engine nor the node agents call it (only the tests). ``gc.collect()`` and
-``torch.cuda.empty_cache()`` are expensive (a full collection stalls every thread; emptying the CUDA cache
-makes the next allocations slow), so they run only under pressure and at most once per interval.
+Nothing runs in the background: the owner calls :meth:`LifetimeManager.tick` whenever it does its periodic work
+(the node agent: each time the coordinator's policy pass reads its pressure, every ``period_s``), so an idle
+process does no work. ``TieredCache.expire_idle`` scans the whole index under the cache's lock, so a tick scans
+at most once per ``check_every_s`` (an eighth of the TTL unless set): a caller ticking every second costs
+nothing between scans, and an entry outlives its TTL by at most that interval (plus the cache's one-second
+clock).
+
+Expiry drops through the cache's own path: each tier's policy hears ``on_delete``, pinned entries and entries
+being read or written stay, and a tier that journals its removals (the agent's) reports them like any other.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from dataclasses import dataclass
-
-import torch
+from typing import Callable
 
 from qwen3vl_ray.errors import ConfigError
 
@@ -24,66 +26,60 @@ log = logging.getLogger(__name__)
 @dataclass
 class LifetimeConfig:
     """Attributes:
-        idle_ttl_s: cache entries idle longer than this are dropped; ``None`` disables expiry. Seconds (600).
-        swap_idle_s: resident swap handles unused this long are swapped out even without pressure;
-            ``None`` disables. Seconds (None).
-        gc_min_interval_s: minimum seconds between two forced collections under pressure (5.0).
+        idle_ttl_s: entries neither read nor written for longer than this are dropped; ``None`` disables expiry.
+            Seconds (default None).
+        check_every_s: least time between two scans of the cache, seconds; ``None`` (default) means an eighth of
+            ``idle_ttl_s``.
     """
 
-    idle_ttl_s: float | None = 600.0
-    swap_idle_s: float | None = None
-    gc_min_interval_s: float = 5.0
+    idle_ttl_s: float | None = None
+    check_every_s: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("idle_ttl_s", "swap_idle_s"):
+        for name in ("idle_ttl_s", "check_every_s"):
             v = getattr(self, name)
             if v is not None and v <= 0:
-                raise ConfigError(f"{name} must be > 0 or None, got {v}")
-        if self.gc_min_interval_s < 0:
-            raise ConfigError(f"gc_min_interval_s must be >= 0, got {self.gc_min_interval_s}")
+                raise ConfigError(f"LifetimeConfig.{name} must be > 0 or None, got {v}")
+
+    @property
+    def interval_s(self) -> float | None:
+        """Seconds between two scans (None when expiry is off)."""
+        if self.idle_ttl_s is None:
+            return None
+        return self.check_every_s if self.check_every_s is not None else self.idle_ttl_s / 8
 
 
 class LifetimeManager:
-    """Applies lifetimes to a cache, a swap space and a pressure monitor (each optional)."""
+    """Applies ``config.idle_ttl_s`` to ``cache`` (a ``TieredCache``) when ticked.
 
-    def __init__(self, config: LifetimeConfig | None = None, cache=None, swap=None, monitor=None) -> None:
-        self.config = config or LifetimeConfig()
+    ``clock``: the monotonic seconds ``tick`` reads when not given ``now``; it must be the cache's clock (both
+    default to ``time.monotonic``)."""
+
+    def __init__(self, cache, config: LifetimeConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cache = cache
-        self.swap = swap
-        self.monitor = monitor
-        self._last_gc = float("-inf")
+        self.config = config or LifetimeConfig()
+        self.clock = clock
+        self._last_scan = float("-inf")
         self.expired = 0
-        self.swapped_idle = 0
-        self.collections = 0
+        self.scans = 0
 
-    def tick(self, now: float | None = None) -> dict:
-        """One maintenance step. Returns what it did."""
-        now = time.monotonic() if now is None else now
-        done = {"expired": 0, "swapped_idle": 0, "collected": False}
-        if self.cache is not None and self.config.idle_ttl_s is not None:
-            done["expired"] = self.cache.expire_idle(ttl_s=self.config.idle_ttl_s, now=now)
-            self.expired += done["expired"]
-        if self.swap is not None and self.config.swap_idle_s is not None:
-            done["swapped_idle"] = self.swap.swap_out_idle(self.config.swap_idle_s, now=now)
-            self.swapped_idle += done["swapped_idle"]
-        if self.monitor is not None:
-            report = self.monitor.check()
-            if report.under_pressure:
-                self.monitor.relieve(report)
-                if self.swap is not None:
-                    self.swap.relieve()
-                done["collected"] = self.collect(now)
-        return done
+    @property
+    def enabled(self) -> bool:
+        return self.config.idle_ttl_s is not None
 
-    def collect(self, now: float | None = None) -> bool:
-        """``gc.collect()`` (frees leaked handles' cycles) and ``torch.cuda.empty_cache()``, rate-limited."""
-        now = time.monotonic() if now is None else now
-        if now - self._last_gc < self.config.gc_min_interval_s:
-            return False
-        self._last_gc = now
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self.collections += 1
-        log.debug("forced collection #%d under pressure", self.collections)
-        return True
+    def tick(self, now: float | None = None) -> int:
+        """One maintenance step: drop the entries idle past the TTL if a scan is due. Returns how many went."""
+        interval = self.config.interval_s
+        if interval is None:
+            return 0
+        now = self.clock() if now is None else now
+        if now - self._last_scan < interval:
+            return 0
+        self._last_scan = now
+        self.scans += 1
+        n = self.cache.expire_idle(ttl_s=self.config.idle_ttl_s, now=now)
+        if n:
+            self.expired += n
+            log.info("expired %d entries idle for over %.0f s", n, self.config.idle_ttl_s)
+        return n
