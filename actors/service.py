@@ -7,8 +7,9 @@ namespace and created with ``get_if_exists``, so a second call reuses what is th
 
 ``ServiceHandle.process`` computes each request's keys and KV size on the client (a bad request gets its own
 error result), reserves the size at the coordinator (admission control: back-pressure, then reject or queue),
-routes it through the coordinator and retries a request whose worker died on another worker. Ray's token
-authentication stays on (its default); nothing here disables it.
+routes it through the coordinator and retries a request whose worker died on another worker. Those decisions are
+``actors.service_logic.ServiceLogic``'s (plain Python, tested without Ray); ``RayServicePort`` is its remote
+calls. Ray's token authentication stays on (its default); nothing here disables it.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ import logging
 import os
 import time
 import uuid
-from collections import deque
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from actors.config import NAMESPACE, ServiceConfig
 from actors.config_check import agent_fields, check_same_config, coordinator_fields, worker_fields
 from actors.coordinator import coordinator_name, get_or_create_coordinator, is_worker_of, worker_prefix
 from actors.tenancy import Tenant, with_tenant
-from actors.errors import ServiceStartError, WorkersUnavailableError  # noqa: F401 - raised here, imported from here
-from actors.worker import error_result, worker_class, worker_options
+from actors.errors import ServiceStartError, WorkersUnavailableError, remote_cause
+from actors.service_logic import Route, ServiceLogic, WorkerLostError, WorkerRaisedError
+from actors.worker import worker_class, worker_options
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +47,8 @@ class ServiceHandle:
         self._route_keys = getattr(cls, "route_keys", None)
         self._kv_bytes = getattr(cls, "kv_bytes", None)  # admission size of a request without a keyer
         self._keyer: Any = False  # not asked yet; see _request_keyer
+        self.port = RayServicePort(coordinator, self._worker)
+        self.logic = ServiceLogic(self.port, self.plan, config.worker.max_retries)
 
     def _worker(self, name: str) -> Any:
         import ray
@@ -114,7 +117,7 @@ class ServiceHandle:
         return keys, max(0, int(self._kv_bytes(request, **self.config.worker.engine_args))) if self._kv_bytes else 0
 
     def process(self, requests: Sequence[dict], timeout_s: float = 600.0) -> list[dict]:
-        """Serve requests concurrently; results come back in request order.
+        """Serve requests concurrently; results come back in request order (``actors.service_logic``).
 
         - A bad request (malformed, unreadable image, ...) gets a result with ``error`` set; the others run.
         - Admission: each request reserves its KV bytes at the coordinator before it is sent (a request with a
@@ -126,129 +129,80 @@ class ServiceHandle:
         - A request whose worker dies is retried on another worker (up to ``worker.max_retries`` times); one
           that still fails (a poison request killing every worker it reaches) gets a ``WorkerFailedError``
           result, and the others complete."""
-        import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-
-        from actors.coordinator import ClusterSaturatedError
-
-        n = len(requests)
-        results: list[dict | None] = [None] * n
-        plans: dict[int, tuple[list, int]] = {}
-        for i, r in enumerate(requests):
-            try:
-                plans[i] = self.plan(r)
-            except Exception as exc:  # this request's own problem: its row, never the whole call
-                logger.warning("request %s rejected before routing: %s", i, exc)
-                results[i] = error_result(r, f"{type(exc).__name__}: {exc}")
-        sessions = {i: requests[i].get("session_id") or f"request-{uuid.uuid4().hex}" for i in plans}
-        scoped = {i for i in plans if not requests[i].get("session_id")}  # reservations this call releases
-        tried: dict[int, list[str]] = {i: [] for i in plans}
-        waiting = deque(plans)
-        admitted: set[int] = set()
-        pending: dict[Any, tuple[int, str, int]] = {}  # ref -> (request, worker, worker incarnation)
-
-        def submit(i: int) -> None:
-            route = ray.get(self.coordinator.route.remote(plans[i][0], tried[i]))
-            tried[i].append(route["worker"])
-            try:
-                ref = self._worker(route["worker"]).process.remote(requests[i])
-            except BaseException:
-                self.coordinator.done.remote(route["worker"])  # routed but never sent
-                raise
-            pending[ref] = (i, route["worker"], route.get("incarnation"))
-
-        def finish(i: int) -> None:
-            if i in admitted and i in scoped:
-                admitted.discard(i)
-                ray.get(self.coordinator.release.remote(sessions[i]))
-
-        def admit_waiting() -> None:
-            while waiting:
-                i = waiting[0]
-                try:
-                    # With our own requests running, never queue at the coordinator: their releases (which
-                    # this thread delivers) are what frees room, so wait for them here instead.
-                    ray.get(self.coordinator.admit.remote(sessions[i], plans[i][1], not pending))
-                except ClusterSaturatedError as exc:
-                    if pending:
-                        return
-                    waiting.popleft()
-                    results[i] = error_result(requests[i], f"ClusterSaturatedError: {getattr(exc, 'cause', None) or exc}")
-                    continue
-                waiting.popleft()
-                admitted.add(i)
-                submit(i)
-
-        try:
-            admit_waiting()
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
-                if not ready:
-                    raise TimeoutError(f"{len(pending)} requests still running after {timeout_s} s")
-                i, wid, incarnation = pending.pop(ready[0])
-                try:
-                    results[i] = ray.get(ready[0])
-                except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
-                    # A restarting (unavailable) worker comes back; only a dead one leaves the routing table.
-                    permanent = not isinstance(exc, ActorUnavailableError)
-                    logger.warning("worker %s failed on request %s (%s); retrying elsewhere", wid, i, type(exc).__name__)
-                    self.coordinator.worker_failed.remote(wid, permanent, incarnation)
-                    if len(tried[i]) > self.config.worker.max_retries:
-                        # A request that kills every worker it reaches fails alone; the others go on.
-                        results[i] = error_result(requests[i], f"WorkerFailedError: the request failed on workers "
-                                                               f"{tried[i]} ({type(exc).__name__}); not retried again")
-                    else:
-                        try:
-                            submit(i)
-                        except RuntimeError as route_exc:  # no worker left that it has not failed on
-                            results[i] = error_result(requests[i], f"WorkerFailedError: {route_exc}")
-                except RayTaskError as exc:  # the worker raised while serving it: this request's error only
-                    cause = exc.cause if exc.cause is not None else exc
-                    logger.warning("request %s failed on worker %s: %r", i, wid, cause)
-                    results[i] = error_result(requests[i], f"{type(cause).__name__}: {cause}")
-                finally:
-                    self.coordinator.done.remote(wid)  # finished, failed or raising: never leak the in-flight count
-                if results[i] is not None:
-                    results[i]["attempts"] = len(tried[i])
-                    finish(i)
-                admit_waiting()
-        finally:
-            # Requests still routed when we stop waiting (timeout, a raise above): release their in-flight slots
-            # and their reservations.
-            for _, wid, _ in pending.values():
-                try:
-                    self.coordinator.done.remote(wid)
-                except Exception:
-                    logger.debug("done(%s) not delivered", wid, exc_info=True)
-            pending.clear()
-            # Awaited (briefly): the coordinator runs calls on many threads, so a release not yet applied could
-            # refuse this client's next call.
-            releases = [self.coordinator.release.remote(sessions[i]) for i in admitted if i in scoped]
-            try:
-                ray.get(releases, timeout=30)
-            except Exception:
-                logger.warning("%d reservations not released; they expire after session_ttl_s", len(releases),
-                               exc_info=True)
-        return results  # type: ignore[return-value]
+        return self.logic.process(requests, timeout_s)
 
     def admit(self, nbytes: int, session_id: str | None = None) -> str:
         """Reserve room for a session (raises ClusterSaturatedError when saturated). Returns its id."""
-        import ray
-
         sid = session_id or uuid.uuid4().hex
-        ray.get(self.coordinator.admit.remote(sid, int(nbytes)))
+        self.port.admit(sid, int(nbytes), True)
         return sid
 
     def release(self, session_id: str) -> None:
         """End a session: its reservation goes (its cached KV stays, as cold entries)."""
-        import ray
-
-        ray.get(self.coordinator.release.remote(session_id))
+        self.port.release([session_id])
 
     def state(self) -> dict:
         import ray
 
         return ray.get(self.coordinator.state.remote())
+
+
+class RayServicePort:
+    """``actors.service_logic.ServicePort`` over the coordinator and worker actors. An error an actor raised
+    is re-raised as the original (``actors.errors.remote_cause``), its remote traceback chained, so a caller
+    catches it by class and reads one line."""
+
+    def __init__(self, coordinator: Any, worker: Callable[[str], Any]) -> None:
+        self.coordinator = coordinator
+        self.worker = worker  # worker name -> its (tenant) handle
+
+    def admit(self, session_id: str, nbytes: int, wait: bool) -> None:
+        _get(self.coordinator.admit.remote(session_id, nbytes, wait))
+
+    def route(self, keys: list, exclude: list[str]) -> Route:
+        route = _get(self.coordinator.route.remote(keys, exclude))
+        return Route(route["worker"], route.get("incarnation"))
+
+    def submit(self, worker: str, request: dict) -> Any:
+        return self.worker(worker).process.remote(request)
+
+    def wait_any(self, tickets: list, timeout_s: float) -> Any:
+        import ray
+
+        ready, _ = ray.wait(tickets, num_returns=1, timeout=timeout_s)
+        return ready[0] if ready else None
+
+    def result(self, ticket: Any) -> dict:
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+        try:
+            return ray.get(ticket)
+        except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+            # A restarting (unavailable) worker comes back; only a dead one leaves the routing table.
+            raise WorkerLostError(type(exc).__name__, permanent=not isinstance(exc, ActorUnavailableError)) from exc
+        except RayTaskError as exc:
+            raise WorkerRaisedError(remote_cause(exc)) from exc
+
+    def done(self, worker: str) -> None:
+        self.coordinator.done.remote(worker)
+
+    def worker_failed(self, worker: str, permanent: bool, incarnation: int | None) -> None:
+        self.coordinator.worker_failed.remote(worker, permanent, incarnation)
+
+    def release(self, session_ids: list[str], timeout_s: float | None = None) -> None:
+        _get([self.coordinator.release.remote(s) for s in session_ids], timeout_s)
+
+
+def _get(refs: Any, timeout_s: float | None = None) -> Any:
+    """``ray.get``, an actor's own error re-raised as itself."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except RayTaskError as exc:
+        raise remote_cause(exc) from exc
 
 
 def _max_new_tokens(request: dict) -> int:

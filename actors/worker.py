@@ -25,6 +25,7 @@ from actors.config import NAMESPACE, ServiceConfig, WorkerConfig, configure_acto
 from actors.metrics import Metrics
 from actors.node_agent import materialize, to_wire
 from actors.object_store_tier import ObjectStore
+from actors.results import error_result
 from actors.tenancy import tenant_checked, with_tenant
 
 logger = logging.getLogger(__name__)
@@ -270,14 +271,6 @@ class WorkerLogic:
         for s in per_token:
             out[s] = out.get(s, 0) + 1
         return out
-
-
-def error_result(request: Any, error: str, worker: str | None = None, node: str | None = None) -> dict:
-    """The result of a request that failed on its own (bad input, no room): ``error`` set, the rest empty.
-    The same shape whether a worker or the client (``actors.service``) rejected it."""
-    return {"id": request.get("id") if isinstance(request, dict) else None, "worker": worker, "node": node,
-            "output": None, "error": error, "prompt_tokens": None, "completion_tokens": None, "cached_tokens": None,
-            "cached_tiers": {}, "vision_cache_hits": 0, "ttft_s": None, "token_ids": None}
 
 
 @tenant_checked
