@@ -6,7 +6,7 @@ defaults as the users' settings) plus any ``EngineConfig`` field (``chunk_tokens
 ...). ``checkpoint_path`` is accepted as a synonym of ``model`` (what the jobs layer passes).
 
 The adapter owns the engine's store, a TieredCache with the device tier only (host and disk belong to the
-node agent), and so owns the worker's device tier (``owns_device_tier``). Before a request, the chunks the
+node agent), and so owns the worker's device tier (a ``actors.engine_protocol.DeviceTierEngine``). Before a request, the chunks the
 worker fetched from the agents (local or another node's) are put into that store under the request's keys,
 so the engine's prefix loader finds them (chunks the store already holds, ``held_prefix``, are not fetched);
 after it, the new prompt chunks are handed back for the worker to ship to its agent in one batched call. Keys come from ``qwen3vl_ray.engine.request_keys.RequestKeyer``, the
@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
+from actors.engine_protocol import EngineRun
 from qwen3vl_ray.keys import CacheKey
 from qwen3vl_ray.settings import concrete_dtype, default, env_value
 
@@ -66,8 +67,8 @@ _keyers_lock = threading.Lock()
 
 
 class Qwen3VLEngineAdapter:
-    owns_device_tier = True
-    """The engine's store is the worker's device tier: the worker keeps none of its own."""
+    """A ``WorkerEngine`` and a ``DeviceTierEngine`` (``actors.engine_protocol``): the engine's store is the
+    worker's device tier, so the worker keeps none of its own."""
 
     def __init__(self, model: str | None = None, checkpoint_path: str | None = None, checkpoint_dir: str | None = None,
                  device_tier_bytes: int = DEVICE_TIER_BYTES, *, engine: Any | None = None, **engine_config: Any) -> None:
@@ -164,7 +165,7 @@ class Qwen3VLEngineAdapter:
         """How many leading ``keys`` the engine's store (the worker's device tier) already holds."""
         return self.store.longest_prefix(keys)
 
-    def run(self, request: dict, keys: Sequence[CacheKey], cached: Sequence[torch.Tensor | None]) -> dict:
+    def run(self, request: dict, keys: Sequence[CacheKey], cached: Sequence[torch.Tensor | None]) -> EngineRun:
         t0 = time.perf_counter()
         held, staged = self._stage(keys, cached)
         with contextlib.ExitStack() as pins:
@@ -172,7 +173,7 @@ class Qwen3VLEngineAdapter:
             t_stage = time.perf_counter() - t0
             [result] = self.engine.generate([self._request(request)])
         if result.error:  # a bad request (corrupt image, ...): its row's error, not the worker's
-            return {"error": result.error, "new_chunks": [], "output": None}
+            return EngineRun(error=str(result.error))
         new = []
         for k in keys[len(cached):]:
             t = self.store.get(k, promote=False)
@@ -190,10 +191,9 @@ class Qwen3VLEngineAdapter:
             logger.info("request %s: %d of %d fetched chunks fit in the device tier; the engine recomputes the "
                         "rest", request.get("id"), staged, len(cached))
         # staging the fetched chunks is part of the time to the first token
-        return {"new_chunks": new, "output": result.text, "token_ids": list(result.token_ids),
-                "prompt_tokens": m.prompt_tokens, "ttft_s": m.ttft_s + t_stage, "engine_cached_tokens": m.cached_tokens,
-                "device_chunks": held, "vision_cache_hits": m.vision_cache_hits,
-                "below_tokens": below_tokens}
+        return EngineRun(new_chunks=new, output=result.text, token_ids=list(result.token_ids),
+                         prompt_tokens=m.prompt_tokens, ttft_s=m.ttft_s + t_stage, engine_cached_tokens=m.cached_tokens,
+                         device_chunks=held, vision_cache_hits=m.vision_cache_hits, below_tokens=below_tokens)
 
     def _stage(self, keys: Sequence[CacheKey], cached: Sequence[torch.Tensor | None]) -> tuple[int, int]:
         """Put the chunks fetched from the agents into the engine's store (the device tier), where its prefix

@@ -16,13 +16,14 @@ from typing import Sequence
 
 import torch
 
+from actors.engine_protocol import EngineRun
 from qwen3vl_ray.codecs.base import dtype_from_name
 from qwen3vl_ray.keys import CacheKey, Namespace, chunk_keys
 
 
 class SyntheticKVEngine:
-    """The worker's engine protocol (see ``actors.worker``): ``namespace``, ``chunk_tokens``,
-    ``request_keys(request)`` and ``run(request, keys, cached)``; requests are ``{"token_ids": [...]}``."""
+    """A ``actors.engine_protocol.WorkerEngine``: ``namespace``, ``chunk_tokens``, ``request_keys(request)``
+    and ``run(request, keys, cached)``; requests are ``{"token_ids": [...]}``."""
 
     def __init__(self, layers: int = 2, kv_heads: int = 2, head_dim: int = 32, chunk_tokens: int = 64,
                  dtype: str = "bfloat16", compute_s_per_chunk: float = 0.0) -> None:
@@ -67,16 +68,17 @@ class SyntheticKVEngine:
             raise ValueError(f"a synthetic request needs a non-empty 'token_ids' list, got {str(request)[:200]}")
         return chunk_keys(self.namespace, tokens, self.chunk_tokens)
 
-    def run(self, request: dict, keys: Sequence[CacheKey], cached: Sequence[torch.Tensor]) -> dict:
+    def run(self, request: dict, keys: Sequence[CacheKey], cached: Sequence[torch.Tensor]) -> EngineRun:
         if request.get("crash_worker"):
             # Fault injection for tests: a request that kills the worker process serving it, wherever it
             # runs (a poison request: an input that crashes the model, or a GPU fault).
             os._exit(17)
         out = self.prefill(request["token_ids"], keys, cached)
-        out["prompt_tokens"] = len(request["token_ids"])
-        return out
+        return EngineRun(new_chunks=out["new_chunks"], output=out["output"], prompt_tokens=len(request["token_ids"]))
 
     def prefill(self, token_ids: Sequence[int], keys: Sequence[CacheKey], cached: Sequence[torch.Tensor]) -> dict:
+        """``new_chunks`` (the computed chunks' tensors) and ``output`` (the digest of every chunk's bytes,
+        cached and computed); tests call it for the cache-free reference output."""
         if len(cached) > len(keys):
             raise ValueError(f"{len(cached)} cached chunks for a {len(keys)}-chunk prompt")
         new = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ import ray
 
 from actors.cluster_chunks import ClusterChunks
 from actors.config import NAMESPACE, ServiceConfig, WorkerConfig, configure_actor_logging
+from actors.engine_protocol import ENGINE_MEMBERS, DeviceTierEngine, EngineRun, WorkerEngine
 from actors.metrics import Metrics
 from actors.node_agent import materialize, to_wire
 from actors.object_store_tier import ObjectStore
@@ -40,14 +42,16 @@ def load_engine(spec: str, args: dict) -> Any:
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"engine {spec!r} cannot be loaded ({exc}); expected 'module:callable'") from exc
     engine = factory(**args)
-    if not hasattr(engine, "request_keys") and type(engine).__name__ == "Qwen3VLEngine":
+    # Only a factory that built one has loaded the engine module: no import (torch, transformers) otherwise.
+    engine_module = sys.modules.get("qwen3vl_ray.engine.engine")
+    if engine_module is not None and isinstance(engine, engine_module.Qwen3VLEngine):
         from actors.engine_adapter import Qwen3VLEngineAdapter
 
         engine = Qwen3VLEngineAdapter.from_engine(engine)
-    for attr in ("namespace", "chunk_tokens", "request_keys", "run"):
-        if not hasattr(engine, attr):
-            raise ValueError(f"engine {spec!r} built a {type(engine).__name__} without {attr!r}; "
-                             "see actors.worker.WorkerLogic for the engine protocol")
+    if not isinstance(engine, WorkerEngine):
+        missing = [m for m in ENGINE_MEMBERS if not hasattr(engine, m)]
+        raise ValueError(f"engine {spec!r} built a {type(engine).__name__} without {', '.join(map(repr, missing))}; "
+                         "see actors.engine_protocol.WorkerEngine for the engine protocol")
     return engine
 
 
@@ -87,30 +91,19 @@ class AgentBelow:
 
 
 class WorkerLogic:
-    """Serves one request at a time with an engine that follows this protocol:
-
-    - ``namespace`` (keys' namespace; the device tier's) and ``chunk_tokens``;
-    - ``request_keys(request) -> list[CacheKey]``: the chained keys of the request's full prompt chunks;
-    - ``run(request, keys, cached) -> dict``: run with ``cached`` (tensors of ``keys[:len(cached)]``) as the
-      reused prefix; returns ``new_chunks`` (tensors of the keys that follow, in order), ``output``, and
-      optionally ``prompt_tokens``, ``ttft_s``, ``token_ids`` (generated tokens), ``vision_cache_hits``,
-      ``engine_cached_tokens`` / ``device_chunks`` (an engine owning the device tier: tokens it really reused,
-      fetched chunks it already held), ``below_tokens`` (the last of those reused tokens, which the engine
-      brought back from the tier below itself: a session's tail), or ``error`` (the request failed; the
-      worker returns it on the result);
-    - optionally ``owns_device_tier = True`` when the engine keeps the device tier itself, with
-      ``held_prefix(keys) -> int``: how many leading ``keys`` that tier holds. The worker fetches only the
-      chunks after those from the agents and passes ``None`` in ``cached`` for the held ones;
-    - optionally ``attach_below(below)``: the worker gives such an engine its node agent as the tier below
-      its device store (``AgentBelow``), so what its device budget pushes out goes down instead of away;
-    - optionally a classmethod ``route_keys(request, **engine_args)`` computing the keys without a model,
-      which the service's client uses to route by longest cached prefix.
+    """Serves one request at a time with an engine that follows ``actors.engine_protocol.WorkerEngine``
+    (``request_keys``, then ``run`` with the fetched prefix, returning an ``EngineRun``). An engine that is also a
+    ``DeviceTierEngine`` keeps the device tier itself: the worker keeps no copy, fetches only the chunks after
+    those it holds (passing ``None`` in ``cached`` for those) and attaches its node agent below the engine's
+    store (``AgentBelow``). Optionally the engine class has ``route_keys(request, **engine_args)`` (keys
+    without a model) and ``kv_bytes(request, **engine_args)``, which the service's client uses to route by
+    longest cached prefix and to size admission, and the engine ``routing_spec()`` (``Worker.routing_spec``).
 
     ``actors.engine_adapter.Qwen3VLEngineAdapter`` (the real model, the default) and
     ``actors.synthetic_engine.SyntheticKVEngine`` (model-free test/benchmark workload) implement it.
     """
 
-    def __init__(self, worker_id: str, node_id: str, engine: Any, agent_for: Callable[[str], Any], coordinator: Any,
+    def __init__(self, worker_id: str, node_id: str, engine: WorkerEngine, agent_for: Callable[[str], Any], coordinator: Any,
                  store: ObjectStore, config: WorkerConfig, metrics: Metrics | None = None) -> None:
         self.worker_id, self.node_id = worker_id, node_id
         self.engine, self.agent_for, self.coordinator, self.store = engine, agent_for, coordinator, store
@@ -119,25 +112,24 @@ class WorkerLogic:
         self.chunks = ClusterChunks(node_id, agent_for, coordinator, store, self.metrics)
         self.device = None
         # An engine that keeps its own device tier (the real engine's store) needs no second copy here.
-        if config.device_bytes and not getattr(engine, "owns_device_tier", False):
+        self.engine_device = engine if isinstance(engine, DeviceTierEngine) else None
+        if config.device_bytes and self.engine_device is None:
             from qwen3vl_ray.cache import CacheConfig, TieredCache
             from qwen3vl_ray.tiers.config import TierConfig
 
             self.device = TieredCache(CacheConfig(tiers=[TierConfig("device", config.device_bytes)],
                                                   namespace=engine.namespace, prefetch_threads=0))
         # The engine's device store has nothing below it in this process: the node's agent is its tier below.
-        attach_below = getattr(engine, "attach_below", None)
-        if attach_below is not None:
-            attach_below(AgentBelow(self.chunks))
+        if self.engine_device is not None:
+            self.engine_device.attach_below(AgentBelow(self.chunks))
 
     def _fetch_prefix(self, keys: list) -> tuple[list, list[str]]:
         """The longest cached prefix as tensors, and per chunk the tier it came from: ``device`` (this
         worker's own tier), ``host``/``disk`` (the local agent's) or ``remote`` (another node's agent)."""
         on_device: list = []
-        held = getattr(self.engine, "held_prefix", None) if getattr(self.engine, "owns_device_tier", False) else None
-        if held is not None:
+        if self.engine_device is not None:
             # The engine's own device tier serves these: no copy out of it, no fetch from an agent.
-            on_device = [None] * held(keys)
+            on_device = [None] * self.engine_device.held_prefix(keys)
         elif self.device is not None:
             for t in self.device.get_many(keys[:self.device.longest_prefix(keys)]):
                 if t is None:
@@ -146,7 +138,7 @@ class WorkerLogic:
         if len(on_device) == len(keys):
             return on_device, ["device"] * len(on_device)
         rest, sources = self._fetch_from_agents(keys[len(on_device):])
-        if self.device is not None and held is None and rest:
+        if self.device is not None and rest:
             first = len(on_device)
             self.device.put_many([(keys[first + i], t, keys[first + i - 1] if first + i else None) for i, t in enumerate(rest)])
         return on_device + rest, ["device"] * len(on_device) + sources
@@ -170,8 +162,10 @@ class WorkerLogic:
             result = self.engine.run(request, keys, cached)
         except Exception as exc:
             return self._rejected(request, exc)
-        if result.get("error"):
-            return self._rejected(request, result["error"])
+        if not isinstance(result, EngineRun):  # a broken engine, not a bad request: raised, as the worker's
+            raise TypeError(f"{type(self.engine).__name__}.run returned a {type(result).__name__}, not an EngineRun")
+        if result.error:
+            return self._rejected(request, result.error)
         return self._finish(request, keys, cached, sources, result, t_fetch, t1)
 
     def _rejected(self, request: Any, error: Any) -> dict:
@@ -183,11 +177,11 @@ class WorkerLogic:
     def _error(self, request: Any, error: str) -> dict:
         return error_result(request, error, self.worker_id, self.node_id)
 
-    def _finish(self, request: dict, keys: list, cached: list, sources: list[str], result: dict, t_fetch: float,
-                t1: float) -> dict:
+    def _finish(self, request: dict, keys: list, cached: list, sources: list[str], result: EngineRun,
+                t_fetch: float, t1: float) -> dict:
         # the engine's own TTFT (when it reports one) excludes decoding; add the prefix fetch before it
-        ttft = t_fetch + result.get("ttft_s", time.perf_counter() - t1)
-        new = result["new_chunks"]
+        ttft = t_fetch + (result.ttft_s if result.ttft_s is not None else time.perf_counter() - t1)
+        new = result.new_chunks
         stored = 0
         if new:
             first = len(cached)
@@ -197,17 +191,17 @@ class WorkerLogic:
             stored = sum(1 for t in self.chunks.store_chunks(items) if t)
         cached_tiers = self._cached_tiers(sources, result)
         cached_tokens = sum(cached_tiers.values())
-        n_tok = result.get("prompt_tokens") or len(keys) * self.engine.chunk_tokens
-        token_ids = result.get("token_ids")
+        n_tok = result.prompt_tokens or len(keys) * self.engine.chunk_tokens
+        token_ids = result.token_ids
         self._record(cached_tiers, cached_tokens, n_tok, ttft)
-        return {"id": request.get("id"), "worker": self.worker_id, "node": self.node_id, "output": result["output"],
-                "error": None, "prompt_tokens": result.get("prompt_tokens"),
+        return {"id": request.get("id"), "worker": self.worker_id, "node": self.node_id, "output": result.output,
+                "error": None, "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": len(token_ids) if token_ids is not None else None,
                 "cached_tokens": cached_tokens, "cached_tiers": cached_tiers,
-                "vision_cache_hits": int(result.get("vision_cache_hits") or 0),
+                "vision_cache_hits": int(result.vision_cache_hits or 0),
                 "device_chunks": sources.count("device"), "cross_node_chunks": sources.count("remote"),
                 "computed_chunks": len(new), "stored_chunks": stored, "ttft_s": ttft, "fetch_s": t_fetch,
-                "engine_cached_tokens": result.get("engine_cached_tokens"), "token_ids": token_ids}
+                "engine_cached_tokens": result.engine_cached_tokens, "token_ids": token_ids}
 
     def _record(self, cached_tiers: dict[str, int], cached_tokens: int, n_tok: int, ttft: float) -> None:
         """Hits and misses in prompt tokens, as the rows count them: a hit per tier that served tokens (here,
@@ -226,8 +220,8 @@ class WorkerLogic:
                 self.metrics.set("qwen3vl_ray_entries", len(tier), tier="device")
 
     def _device_store(self) -> Any:
-        """The store holding this worker's device tier: its own, or its engine's (``owns_device_tier``)."""
-        return self.device if self.device is not None else getattr(self.engine, "store", None)
+        """The store holding this worker's device tier: its own, or its engine's (a ``DeviceTierEngine``)."""
+        return self.device if self.engine_device is None else self.engine_device.store
 
     def device_stats(self) -> dict | None:
         """This worker's device tier as the agents report theirs (entries, used and budget bytes, hits, bytes
@@ -246,17 +240,17 @@ class WorkerLogic:
                 return out
         return None
 
-    def _cached_tiers(self, sources: list[str], result: dict) -> dict[str, int]:
+    def _cached_tiers(self, sources: list[str], result: EngineRun) -> dict[str, int]:
         """Reused prompt tokens per tier. An engine that owns the device tier reports how many of the fetched
         chunks it already held (``device_chunks``: those are device hits, not the agent's) and how many
         tokens it reused (``engine_cached_tokens``): more than fetched are extra hits in its device tier, fewer
         leave the chunks it did not use uncounted."""
         ct = self.engine.chunk_tokens
         sources = list(sources)
-        d = min(int(result.get("device_chunks") or 0), len(sources))
+        d = min(int(result.device_chunks or 0), len(sources))
         sources[:d] = ["device"] * d
         per_token = [s for s in sources for _ in range(ct)]
-        engine_cached = result.get("engine_cached_tokens")
+        engine_cached = result.engine_cached_tokens
         if engine_cached is not None:
             engine_cached = int(engine_cached)
             # Fewer than fetched: chunks the engine did not use (a prefix longer than its device tier) are
@@ -264,7 +258,7 @@ class WorkerLogic:
             # engine recomputes a fully cached prompt's last token, but that chunk was loaded.
             del per_token[-(-engine_cached // ct) * ct:]
             per_token += ["device"] * max(0, engine_cached - len(per_token))
-            below = min(int(result.get("below_tokens") or 0), max(0, engine_cached - len(sources) * ct))
+            below = min(int(result.below_tokens or 0), max(0, engine_cached - len(sources) * ct))
             if below:  # past the fetched chunks: brought back from the local agent by the engine, not held
                 per_token[-below:] = ["host"] * below
         out: dict[str, int] = {}

@@ -14,6 +14,7 @@ from PIL import Image  # noqa: E402
 from actors.config import AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig  # noqa: E402
 from actors.coordinator import CoordinatorLogic  # noqa: E402
 from actors.engine_adapter import Qwen3VLEngineAdapter  # noqa: E402
+from actors.engine_protocol import DeviceTierEngine, WorkerEngine  # noqa: E402
 from actors.node_agent import NodeAgentLogic  # noqa: E402
 from actors.object_store_tier import LocalObjectStore  # noqa: E402
 from actors.worker import WorkerLogic, load_engine  # noqa: E402
@@ -67,14 +68,14 @@ def test_default_worker_config_runs_the_real_engine_from_a_preset_or_path(ckpt, 
     assert cfg.engine == "actors.engine_adapter:Qwen3VLEngineAdapter"
     env_cfg = ServiceConfig.from_env({"QWEN3VL_RAY_MODEL": str(ckpt)})
     engine = load_engine(env_cfg.worker.engine, dict(env_cfg.worker.engine_args, chunk_tokens=16, device="cpu"))
-    assert isinstance(engine, Qwen3VLEngineAdapter) and engine.owns_device_tier
+    assert isinstance(engine, Qwen3VLEngineAdapter) and isinstance(engine, DeviceTierEngine)
     assert str(engine.engine.path) == str(ckpt)
     # a preset name is generated into checkpoint_dir, the same rule as the users' settings
     keyer = Qwen3VLEngineAdapter.keyer_for(model="tiny", checkpoint_dir=str(tmp_path), chunk_tokens=16, device="cpu")
     assert keyer.path == (tmp_path / "tiny").resolve() and keyer.namespace == engine.namespace
     # a factory returning a bare Qwen3VLEngine is wrapped in the adapter
     bare = load_engine("qwen3vl_ray.engine:Qwen3VLEngine", {"checkpoint_path": str(ckpt)})
-    assert isinstance(bare, Qwen3VLEngineAdapter)
+    assert isinstance(bare, Qwen3VLEngineAdapter) and isinstance(bare, WorkerEngine)
 
 
 def test_cross_node_prefix_reuse_with_the_real_engine_gives_the_same_answer(ckpt, tmp_path):
