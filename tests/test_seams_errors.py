@@ -78,3 +78,29 @@ def test_a_worker_failure_caught_as_runtime_error_still_names_its_workers(raiser
 def test_remote_cause_leaves_a_local_error_as_it_is():
     err = ValueError("bad")
     assert remote_cause(err) is err
+
+
+@pytest.mark.ray
+def test_the_clients_port_re_raises_an_actors_error_as_itself_in_one_line(raiser):
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from actors.service import RayServicePort
+
+    class FullCoordinator:  # refuses every session and has no worker left
+        def admit(self, session_id, nbytes, wait=True):
+            raise ClusterSaturatedError(f"cluster saturated: session {session_id!r} needs {nbytes} B")
+
+        def route(self, keys, exclude=()):
+            raise RuntimeError(f"no available worker (excluded: {sorted(exclude)})")
+
+    port = RayServicePort(ray.remote(FullCoordinator).options(num_cpus=0).remote(), worker=lambda name: None)
+    with pytest.raises(ClusterSaturatedError) as refused:
+        port.admit("s1", 10, True)
+    # the original class and message, not Ray's wrapper with the remote traceback (kept as its __cause__)
+    assert type(refused.value) is ClusterSaturatedError
+    assert str(refused.value) == "cluster saturated: session 's1' needs 10 B"
+    assert isinstance(refused.value.__cause__, RayTaskError)
+    with pytest.raises(RuntimeError) as no_worker:
+        port.route([], ["w0"])
+    assert str(no_worker.value) == "no available worker (excluded: ['w0'])"
