@@ -26,6 +26,7 @@ from actors.config_check import agent_fields, check_same_config, coordinator_fie
 from actors.coordinator import coordinator_name, get_or_create_coordinator, is_worker_of, worker_prefix
 from actors.tenancy import Tenant, with_tenant
 from actors.errors import ServiceStartError, WorkersUnavailableError, remote_cause
+from actors.results import RequestResult
 from actors.service_logic import Route, ServiceLogic, WorkerLostError, WorkerRaisedError
 from actors.worker import worker_class, worker_options
 
@@ -116,7 +117,7 @@ class ServiceHandle:
             return [], 0
         return keys, max(0, int(self._kv_bytes(request, **self.config.worker.engine_args))) if self._kv_bytes else 0
 
-    def process(self, requests: Sequence[dict], timeout_s: float = 600.0) -> list[dict]:
+    def process(self, requests: Sequence[dict], timeout_s: float = 600.0) -> list[RequestResult]:
         """Serve requests concurrently; results come back in request order (``actors.service_logic``).
 
         - A bad request (malformed, unreadable image, ...) gets a result with ``error`` set; the others run.
@@ -172,7 +173,7 @@ class RayServicePort:
         ready, _ = ray.wait(tickets, num_returns=1, timeout=timeout_s)
         return ready[0] if ready else None
 
-    def result(self, ticket: Any) -> dict:
+    def result(self, ticket: Any) -> RequestResult:
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 

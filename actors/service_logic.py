@@ -20,7 +20,7 @@ from typing import Callable, Hashable, Protocol, Sequence
 
 from actors.coordinator import ClusterSaturatedError
 from actors.errors import WorkerFailedError
-from actors.results import error_result
+from actors.results import RequestResult, error_result
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class ServicePort(Protocol):
     def wait_any(self, tickets: list, timeout_s: float) -> Hashable | None:
         """A ticket whose result is ready, or None after ``timeout_s``."""
 
-    def result(self, ticket: Hashable) -> dict:
+    def result(self, ticket: Hashable) -> RequestResult:
         """The worker's result; ``WorkerLostError`` or ``WorkerRaisedError`` when it has none."""
 
     def done(self, worker: str) -> None:
@@ -89,7 +89,7 @@ class ServiceLogic:
     def __init__(self, port: ServicePort, plan: Callable[[dict], tuple[list, int]], max_retries: int) -> None:
         self.port, self.plan, self.max_retries = port, plan, max_retries
 
-    def process(self, requests: Sequence[dict], timeout_s: float = 600.0) -> list[dict]:
+    def process(self, requests: Sequence[dict], timeout_s: float = 600.0) -> list[RequestResult]:
         """Results in request order; see ``actors.service.ServiceHandle.process``. Raises ``TimeoutError``
         when nothing finishes for ``timeout_s`` (what is in flight is given back first)."""
         batch = _Batch(self, requests)
@@ -112,7 +112,7 @@ class _Batch:
 
     logic: ServiceLogic
     requests: Sequence[dict]
-    results: list[dict | None] = field(init=False)
+    results: list[RequestResult | None] = field(init=False)
     plans: dict[int, tuple[list, int]] = field(default_factory=dict)
     sessions: dict[int, str] = field(default_factory=dict)
     scoped: set[int] = field(default_factory=set)  # reservations this call makes and releases (no session_id)
@@ -185,7 +185,7 @@ class _Batch:
         finally:
             self.port.done(route.worker)  # finished, failed or raising: never leak the in-flight count
         if self.results[i] is not None:
-            self.results[i]["attempts"] = len(self.tried[i])
+            self.results[i].attempts = len(self.tried[i])
             self.finish(i)
 
     def retry(self, i: int, lost: WorkerLostError) -> None:

@@ -27,7 +27,7 @@ from actors.engine_protocol import ENGINE_MEMBERS, DeviceTierEngine, EngineRun, 
 from actors.metrics import Metrics
 from actors.node_agent import materialize, to_wire
 from actors.object_store_tier import ObjectStore
-from actors.results import error_result
+from actors.results import RequestResult, error_result
 from actors.tenancy import tenant_checked, with_tenant
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class WorkerLogic:
     def _fetch_from_agents(self, keys: list) -> tuple[list, list[str]]:
         return self.chunks.fetch_prefix(keys)
 
-    def process(self, request: dict) -> dict:
+    def process(self, request: dict) -> RequestResult:
         """Serve one request. A request the engine rejects (bad image, bad messages, ``Result.error``) is a
         result with ``error`` set, never an exception: the service's other requests go on. Failures of the
         service itself (coordinator, a crashed worker) still raise, so the service retries elsewhere."""
@@ -168,17 +168,17 @@ class WorkerLogic:
             return self._rejected(request, result.error)
         return self._finish(request, keys, cached, sources, result, t_fetch, t1)
 
-    def _rejected(self, request: Any, error: Any) -> dict:
+    def _rejected(self, request: Any, error: Any) -> RequestResult:
         text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
         logger.warning("request %s failed: %s", request.get("id") if isinstance(request, dict) else None, text)
         self.metrics.inc("qwen3vl_ray_requests", result="error")
         return self._error(request, text)
 
-    def _error(self, request: Any, error: str) -> dict:
+    def _error(self, request: Any, error: str) -> RequestResult:
         return error_result(request, error, self.worker_id, self.node_id)
 
     def _finish(self, request: dict, keys: list, cached: list, sources: list[str], result: EngineRun,
-                t_fetch: float, t1: float) -> dict:
+                t_fetch: float, t1: float) -> RequestResult:
         # the engine's own TTFT (when it reports one) excludes decoding; add the prefix fetch before it
         ttft = t_fetch + (result.ttft_s if result.ttft_s is not None else time.perf_counter() - t1)
         new = result.new_chunks
@@ -194,14 +194,14 @@ class WorkerLogic:
         n_tok = result.prompt_tokens or len(keys) * self.engine.chunk_tokens
         token_ids = result.token_ids
         self._record(cached_tiers, cached_tokens, n_tok, ttft)
-        return {"id": request.get("id"), "worker": self.worker_id, "node": self.node_id, "output": result.output,
-                "error": None, "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": len(token_ids) if token_ids is not None else None,
-                "cached_tokens": cached_tokens, "cached_tiers": cached_tiers,
-                "vision_cache_hits": int(result.vision_cache_hits or 0),
-                "device_chunks": sources.count("device"), "cross_node_chunks": sources.count("remote"),
-                "computed_chunks": len(new), "stored_chunks": stored, "ttft_s": ttft, "fetch_s": t_fetch,
-                "engine_cached_tokens": result.engine_cached_tokens, "token_ids": token_ids}
+        return RequestResult(id=request.get("id"), worker=self.worker_id, node=self.node_id, output=result.output,
+                             prompt_tokens=result.prompt_tokens,
+                             completion_tokens=len(token_ids) if token_ids is not None else None,
+                             cached_tokens=cached_tokens, cached_tiers=cached_tiers,
+                             vision_cache_hits=int(result.vision_cache_hits or 0),
+                             device_chunks=sources.count("device"), cross_node_chunks=sources.count("remote"),
+                             computed_chunks=len(new), stored_chunks=stored, ttft_s=ttft, fetch_s=t_fetch,
+                             engine_cached_tokens=result.engine_cached_tokens, token_ids=token_ids)
 
     def _record(self, cached_tiers: dict[str, int], cached_tokens: int, n_tok: int, ttft: float) -> None:
         """Hits and misses in prompt tokens, as the rows count them: a hit per tier that served tokens (here,

@@ -3,7 +3,10 @@ per-tier counts the demo and the job metrics read), and the row of a failed requ
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from actors.results import RequestResult
 
 TIER_ORDER = ("device", "host", "disk", "agent", "remote")
 """Tiers from fastest to slowest, the order ``tier_label`` names them in."""
@@ -60,15 +63,15 @@ def engine_row(item_id: str, result: Any) -> dict:
                       cached_tiers=_get(m, "cached_tiers"), vision_cache_hits=_get(m, "vision_cache_hits", 0))
 
 
-def service_row(item_id: str, r: dict) -> dict:
-    """A worker's result (``actors.worker.WorkerLogic.process``) -> its row. The worker reports the engine's
-    prompt tokens, generated tokens, TTFT, vision-cache hits and the reused prompt tokens per tier (``device``:
-    its own store; ``host``/``disk``: its node agent's; ``remote``: another node's agent)."""
-    if r.get("error"):
-        return error_row(item_id, str(r["error"]))
-    completion = r.get("completion_tokens")
-    if completion is None and r.get("token_ids") is not None:
-        completion = len(r["token_ids"])
-    return output_row(item_id, text=r.get("output"), prompt_tokens=r.get("prompt_tokens"),
-                      completion_tokens=completion, cached_tokens=r.get("cached_tokens"), ttft_s=r.get("ttft_s"),
-                      cached_tiers=r.get("cached_tiers"), vision_cache_hits=r.get("vision_cache_hits"))
+def service_row(item_id: str, r: RequestResult) -> dict:
+    """A request's ``actors.results.RequestResult`` (``ServiceHandle.process``) -> its row. The worker reports
+    the engine's prompt tokens, generated tokens, TTFT, vision-cache hits and the reused prompt tokens per tier
+    (``device``: its own store; ``host``/``disk``: its node agent's; ``remote``: another node's agent)."""
+    if r.error:
+        return error_row(item_id, str(r.error))
+    completion = r.completion_tokens
+    if completion is None and r.token_ids is not None:
+        completion = len(r.token_ids)
+    return output_row(item_id, text=r.output, prompt_tokens=r.prompt_tokens, completion_tokens=completion,
+                      cached_tokens=r.cached_tokens, ttft_s=r.ttft_s, cached_tiers=r.cached_tiers,
+                      vision_cache_hits=r.vision_cache_hits)

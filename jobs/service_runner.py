@@ -216,7 +216,7 @@ class ServiceRunner:
         # the service runs the others.
         results = self.handle.process(requests)
         rows = [service_row(it.id, r) for it, r in zip(items, results)]
-        if session is not None and any(r.get("error") for r in results):
+        if session is not None and any(r.error for r in results):
             self.handle.release(session)  # a broken chat holds no reservation
         return rows
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from actors.coordinator import ClusterSaturatedError
+from actors.results import RequestResult
 from actors.service_logic import Route, ServiceLogic, WorkerLostError, WorkerRaisedError
 
 NBYTES = 100  # each request's KV reservation
@@ -18,8 +19,8 @@ def plan(request: dict) -> tuple[list, int]:
     return [f"k{t}" for t in request["token_ids"]], request.get("nbytes", NBYTES)
 
 
-def ok(worker: str, request: dict) -> dict:
-    return {"id": request["id"], "worker": worker, "output": f"out-{request['id']}", "error": None}
+def ok(worker: str, request: dict) -> RequestResult:
+    return RequestResult(id=request["id"], worker=worker, output=f"out-{request['id']}")
 
 
 class FakePort:
