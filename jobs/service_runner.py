@@ -286,10 +286,11 @@ _STAT_KEYS = ("compression_ratio", "bytes_read", "bytes_written", "codec")
 
 def _merge_stats(report: dict, stats: dict) -> dict:
     """Pressure report (used/capacity/entries/watermarks per tier) + the agent's tier stats (hits, codec,
-    compression) in one dict per tier.
+    compression) in one dict per tier: a new dict, the agent's report is left as it came.
 
     The agent looks a chunk up top-down (host, then disk), so a tier's misses are the lookups that reached it
     and were not found there: the hits of the tiers below it plus the agent's misses."""
+    report = {**report, "tiers": {name: dict(tier) for name, tier in (report.get("tiers") or {}).items()}}
     per_tier = {t.get("name"): t for t in (stats.get("cache") or {}).get("tiers", []) if isinstance(t, dict)}
     served = stats.get("served") or {}
     served_hits = served.get("hits") or {}

@@ -44,3 +44,4 @@ def test_the_service_row_comes_from_its_fields():
     row = service_row("r1", dataclasses.replace(served(), completion_tokens=None))
     assert row["completion_tokens"] == 3
     assert service_row("r2", error_result({"id": "r2"}, "ValueError: bad image"))["error"] == "ValueError: bad image"
+
