@@ -51,13 +51,14 @@ def _connector(tmp_path: Path, **options) -> dict:
 
 
 def run_engine(tmp_path: Path, model: str, conversations: list, connector: dict | None, reset: bool = True,
-               encoder_cache: dict | None = None, metrics: bool = False) -> dict:
+               encoder_cache: dict | None = None, metrics: bool = False, **extra) -> dict:
     """Start one engine process, run the conversations; returns ``turns`` (per conversation, per turn: tokens,
-    cached, prompt length) and ``store`` (the connector store's counters; empty without the connector)."""
+    cached, prompt length), ``batch`` and ``store`` (the connector store's counters; empty without the
+    connector). ``extra``: more keys of the driver's spec (``tests/vllm_driver.py``)."""
     spec = tmp_path / f"spec-{os.urandom(4).hex()}.json"
     spec.write_text(json.dumps({"model": model, "connector": connector, "conversations": conversations,
                                 "reset": reset, "block_size": BLOCK, "encoder_cache": encoder_cache,
-                                "metrics": metrics}))
+                                "metrics": metrics, **extra}))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "vllm_driver.py"), str(spec)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -88,6 +89,14 @@ def test_greedy_outputs_with_the_connector_equal_vllm_alone_and_later_turns_reus
     for before, turn in zip(chat, chat[1:]):
         assert turn["cached"] >= (before["prompt"] // BLOCK) * BLOCK > 0
         assert turn["cached"] % BLOCK == 0 and turn["cached"] < turn["prompt"]
+    # Asynchronous loads (vLLM parks each request while the transfer thread fills its blocks) and synchronous
+    # saves: the same answers, the same blocks found.
+    (tmp_path / "modes").mkdir()
+    other_modes = run_engine(tmp_path, assets["model"], conversations,
+                             connector=_connector(tmp_path / "modes", load_mode="async", save_mode="sync"))
+    assert tokens(other_modes) == tokens(alone)
+    assert [[t["cached"] for t in conv] for conv in other_modes["turns"]] == \
+        [[t["cached"] for t in conv] for conv in tiered["turns"]]
 
 
 def test_a_second_engine_process_finds_the_first_ones_blocks_on_disk_but_never_another_images_or_models(
@@ -134,6 +143,46 @@ def test_a_corrupt_block_on_disk_is_recomputed_never_served(assets, tmp_path):
     [counters] = second["store"]
     assert counters["hit_blocks"] > 0 and counters["load_failures"] > 0 and not counters["loaded"]
     assert tokens(second) == tokens(first)
+
+
+@pytest.mark.parametrize("load_mode", ["sync", "async"])
+def test_a_block_gone_between_lookup_and_load_is_recomputed_never_served(assets, tmp_path, load_mode):
+    """The second engine finds the first one's blocks on disk; their files are deleted after its lookup and
+    before its load (the driver's ``remove_disk_files_after_lookup``): every block is reported to vLLM as a
+    load error and recomputed, in the engine step (sync) or in the parked request (async), and the answers are
+    vLLM's own."""
+    connector = _connector(tmp_path, load_mode=load_mode)
+    conversation = [[{"text": TEXT}], [{"text": "Describe the picture.", "images": [assets["image_a"]]}]]
+    first = run_engine(tmp_path, assets["model"], conversation, connector)
+    second = run_engine(tmp_path, assets["model"], conversation, connector, remove_disk_files_after_lookup=True)
+    assert tokens(second) == tokens(first)
+    [counters] = second["store"]
+    assert counters["hit_blocks"] > 0 and not counters["loaded"]
+    # every block found was reported and recomputed (vLLM's num_cached_tokens still counts a failed sync hit:
+    # it is set when the request is scheduled, before the load runs)
+    assert counters["load_failures"] >= counters["hit_blocks"]
+
+
+def test_preempted_requests_resume_from_the_blocks_they_saved(assets, tmp_path):
+    """A paged KV of 16 blocks (15 usable) for four requests that start with 2 blocks each and grow to 8 as they
+    generate: vLLM admits all four, then preempts some as they grow, frees their blocks and hands them to the
+    others. With the tier, a preempted request's full blocks (prompt and the tokens it had generated) were saved
+    as they filled, so it resumes by loading them instead of recomputing them; the answers equal vLLM's own,
+    without the tier and without any preemption."""
+    prompts = [f"Request {i} of four: " + TEXT[:120] for i in range(4)]
+    small = {"num_gpu_blocks": 16, "max_model_len": 448, "max_tokens": 200, "ignore_eos": True, "batch": prompts,
+             "reset": False, "metrics": True}
+    roomy = run_engine(tmp_path, assets["model"], [], connector=None, **{**small, "num_gpu_blocks": None})
+    alone = run_engine(tmp_path, assets["model"], [], connector=None, **small)
+    tiered = run_engine(tmp_path, assets["model"], [], connector=_connector(tmp_path), **small)
+    assert tiered["metrics"]["vllm:num_preemptions"] > 0
+    answers = [r["tokens"] for r in roomy["batch"]]
+    assert [r["tokens"] for r in alone["batch"]] == answers
+    assert [r["tokens"] for r in tiered["batch"]] == answers
+    [counters] = tiered["store"]
+    # The four prompts differ from their first block on, so every block loaded is a resumed request's own (vLLM
+    # counts a preempted request's hits apart, not in vllm:external_prefix_cache_hits).
+    assert counters["loaded"].get("host", 0) > 0
 
 
 def test_an_images_vision_features_come_from_the_tiers_in_another_process_with_other_text(assets, tmp_path):

@@ -7,6 +7,12 @@ Images are PNG files. ``reset`` empties vLLM's own prefix cache before every tur
 cached came from the connector. Output: per conversation, per turn, the greedy token ids and vLLM's
 ``num_cached_tokens``; and the connector store's counters (blocks looked up, loaded per tier, failed, saved);
 with ``"metrics": true``, the ``vllm:`` counters of vLLM's stat loggers for external hits and the connector.
+
+Other keys: ``batch`` (text prompts generated together, after the conversations: requests that compete for
+KV blocks), ``num_gpu_blocks`` and ``max_model_len`` (a small paged KV, so vLLM preempts), ``max_tokens``,
+``ignore_eos`` (every request generates ``max_tokens``),
+and ``remove_disk_files_after_lookup`` (a fault: the disk tier's files disappear between the connector's lookup
+and its load, as when an operator wipes the cache directory under a running engine).
 """
 
 from __future__ import annotations
@@ -27,16 +33,21 @@ def run_spec(spec: dict) -> dict:
     from qwen3vl_ray.serving.connector_config import ec_transfer_config, kv_transfer_config
 
     kwargs = {}
+    if spec.get("num_gpu_blocks") is not None:
+        kwargs["num_gpu_blocks_override"] = spec["num_gpu_blocks"]
+    if spec.get("remove_disk_files_after_lookup"):
+        _remove_disk_files_after_lookup(spec["connector"]["disk_dir"])
     if spec.get("connector") is not None:
         kwargs["kv_transfer_config"] = kv_transfer_config(**spec["connector"])
     if spec.get("encoder_cache") is not None:
         kwargs["ec_transfer_config"] = ec_transfer_config(**spec["encoder_cache"])
-    llm = LLM(model=spec["model"], enforce_eager=True, max_model_len=4096, dtype="float32",
+    llm = LLM(model=spec["model"], enforce_eager=True, max_model_len=spec.get("max_model_len", 4096), dtype="float32",
               block_size=spec.get("block_size", 32), seed=0,
               # images only: vLLM sizes encoder outputs from dummy videos too, which transformers 5.25's video
               # processor refuses for the tiny checkpoint
               limit_mm_per_prompt={"image": 4, "video": 0}, disable_log_stats=not spec.get("metrics", False), **kwargs)
-    sampling = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 8))
+    sampling = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 8),
+                              ignore_eos=spec.get("ignore_eos", False))
     results = []
     for conversation in spec["conversations"]:
         history, turns = [], []
@@ -52,11 +63,18 @@ def run_spec(spec: dict) -> dict:
                           "prompt": len(out.prompt_token_ids)})
             history.append({"role": "assistant", "content": answer.text})
         results.append(turns)
+    batch = []
+    if spec.get("batch"):
+        for out in llm.generate(spec["batch"], sampling, use_tqdm=False):
+            batch.append({"tokens": list(out.outputs[0].token_ids), "cached": out.num_cached_tokens,
+                          "prompt": len(out.prompt_token_ids)})
     from dataclasses import asdict
 
     from qwen3vl_ray.serving.block_store import open_stores
+    from qwen3vl_ray.serving.block_transfers import drain_all
 
-    out = {"turns": results, "store": [asdict(store.counters) for store in open_stores()]}
+    drain_all(timeout=60)  # the last step's saves run on the transfer thread: count them too
+    out = {"turns": results, "batch": batch, "store": [asdict(store.counters) for store in open_stores()]}
     if "connector" in spec and spec["connector"] is not None:  # one stored block's bytes: every layer's K and V
         cfg = llm.llm_engine.model_config.hf_config.get_text_config()
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -65,10 +83,31 @@ def run_spec(spec: dict) -> dict:
     if spec.get("metrics", False):  # vLLM's own counters and the connector's, as its stat loggers export them
         out["metrics"] = {}
         for m in llm.get_metrics():
-            if m.name.startswith(("vllm:qwen3vl_ray_", "vllm:external_prefix_cache")) and hasattr(m, "value"):
+            if m.name.startswith(("vllm:qwen3vl_ray_", "vllm:external_prefix_cache", "vllm:num_preemptions")) \
+                    and hasattr(m, "value"):
                 name = m.name + ("{tier=%s}" % m.labels["tier"] if "tier" in m.labels else "")
                 out["metrics"][name] = out["metrics"].get(name, 0) + m.value
     return out
+
+
+def _remove_disk_files_after_lookup(disk_dir: str) -> None:
+    """The fault of ``remove_disk_files_after_lookup``: every lookup that finds blocks deletes the disk tier's
+    block files before vLLM asks for the load."""
+    from pathlib import Path
+
+    from qwen3vl_ray.serving.kv_connector import TierKVConnector
+
+    lookup = TierKVConnector.get_num_new_matched_tokens
+
+    def lookup_then_lose_files(self, request, num_computed_tokens):
+        found = lookup(self, request, num_computed_tokens)
+        if found[0]:
+            for f in Path(disk_dir).rglob("*"):
+                if f.is_file() and f.stat().st_size > 4096:  # block files, not the directory's own markers
+                    f.unlink()
+        return found
+
+    TierKVConnector.get_num_new_matched_tokens = lookup_then_lose_files
 
 
 def main(spec_path: str) -> int:

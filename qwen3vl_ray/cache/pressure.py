@@ -3,7 +3,7 @@
 Sources: accelerator memory (pynvml, else ``torch.cuda.mem_get_info``), host memory (psutil), free disk
 space under each disk tier's directory (``shutil.disk_usage``), and each tier's own byte accounting.
 No background thread: ``check()`` samples when asked (rate-limited by ``min_interval_s``), so an idle
-process does no work. Subscribers (the cache's relief, the swap space) are called when pressure is high.
+process does no work. Subscribers (the cache's relief) are called when pressure is high.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from qwen3vl_ray import settings as settings_mod
 from qwen3vl_ray.errors import ConfigError
 from qwen3vl_ray.serving.block_store import STORE_KINDS
+from qwen3vl_ray.serving.block_transfers import LOAD_MODES, SAVE_MODES
 
 #: the connector classes and the modules vLLM imports them from (``kv_connector_module_path``,
 #: ``ec_connector_module_path``)
@@ -35,23 +36,35 @@ class ConnectorConfig:
         store: ``"local"`` (default): the tiers live in the engine's process (host, and disk when
             ``disk_bytes > 0``); ``"ray"``: on the node agents of the Ray cluster this process is attached to
             (``RAY_ADDRESS``), shared by every engine of the cluster, with the coordinator's directory.
+        load_mode: ``"sync"`` (default): a request's blocks load in the engine step before its forward pass;
+            ``"async"``: vLLM parks the request while a background thread loads them, and the other requests'
+            steps go on (more throughput under concurrency, one scheduler round trip more of TTFT).
+        save_mode: ``"async"`` (default): new blocks are copied out of vLLM's paged KV in the step and stored
+            (codec, disk write, the node agent's round trip) on a background thread; ``"sync"``: stored in the
+            step.
     """
 
     settings: settings_mod.Settings
     store: str = "local"
+    load_mode: str = "sync"
+    save_mode: str = "async"
 
 
 def connector_config(extra_config: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> ConnectorConfig:
     """``extra_config`` > environment > defaults, checked like everywhere else; unknown keys named."""
     extra = dict(extra_config or {})
-    store = extra.pop("store", "local")
-    if store not in STORE_KINDS:
-        raise ConfigError(f"kv_connector_extra_config store must be one of {', '.join(STORE_KINDS)}, got {store!r}")
+    chosen = {}
+    for name, allowed, default in (("store", STORE_KINDS, "local"), ("load_mode", LOAD_MODES, "sync"),
+                                   ("save_mode", SAVE_MODES, "async")):
+        chosen[name] = extra.pop(name, default)
+        if chosen[name] not in allowed:
+            raise ConfigError(f"kv_connector_extra_config {name} must be one of {', '.join(allowed)}, "
+                              f"got {chosen[name]!r}")
     unknown = sorted(set(extra) - set(CONNECTOR_OPTIONS))
     if unknown:
         raise ConfigError(f"unknown kv_connector_extra_config key(s) {', '.join(unknown)}; "
-                          f"the connector takes: store, {', '.join(CONNECTOR_OPTIONS)}")
-    return ConnectorConfig(settings_mod.resolve(extra, env=env), store)
+                          f"the connector takes: {', '.join([*chosen, *CONNECTOR_OPTIONS])}")
+    return ConnectorConfig(settings_mod.resolve(extra, env=env), **chosen)
 
 
 def kv_transfer_config(**options: Any) -> dict[str, Any]:

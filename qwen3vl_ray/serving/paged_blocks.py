@@ -76,16 +76,23 @@ class PagedBlocks:
             return block.view(heads, tokens, 2, two_d // 2).permute(2, 0, 1, 3)
         return block
 
-    def gather(self, block_ids: Sequence[int]) -> list[torch.Tensor]:
-        """One ``entry_shape`` tensor (on the CPU) per block id, in order. They are views of this object's staging
-        buffer, valid until the next ``gather``: store (copy) them before that."""
+    def gather(self, block_ids: Sequence[int], out: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One ``entry_shape`` tensor (on the CPU) per block id, in order: views of ``out`` (``[>= n,
+        *entry_shape]``, the caller's), or else of this object's staging buffer, valid until the next ``gather``
+        without ``out``: store (copy) them before that."""
         if not block_ids:
             return []
         self._check_ids(block_ids)
         n = len(block_ids)
-        if self._staging is None or self._staging.shape[0] < n:
-            self._staging = torch.empty((n, *self.entry_shape), dtype=self.dtype, device="cpu")
-        out = self._staging[:n]
+        if out is not None:
+            if out.shape[0] < n or tuple(out.shape[1:]) != self.entry_shape or out.dtype != self.dtype:
+                raise ValueError(f"gather buffer {tuple(out.shape)} {out.dtype} cannot hold {n} entries of "
+                                 f"{self.entry_shape} {self.dtype}")
+        else:
+            if self._staging is None or self._staging.shape[0] < n:
+                self._staging = torch.empty((n, *self.entry_shape), dtype=self.dtype, device="cpu")
+            out = self._staging
+        out = out[:n]
         for i, b in enumerate(block_ids):
             for layer, t in enumerate(self.tensors):
                 out[i, layer].copy_(self._as_entry(t.select(self.block_dim, int(b))))

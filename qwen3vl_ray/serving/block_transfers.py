@@ -1,0 +1,243 @@
+"""Block loads and saves off the engine's step: one background thread per store, jobs in submission order.
+
+vLLM's engine step is the latency every running request pays, so the connector keeps the store's work out of
+it where vLLM allows:
+
+- **saves**: the step copies the new full blocks out of the paged KV into a staging buffer (one memcpy: the
+  blocks may be reused by vLLM as soon as the step ends) and hands them to the transfer thread, which stores
+  them (host tier copy, codec, disk write, or the Ray round trip to the node agent) while the engine computes
+  the next step;
+- **asynchronous loads** (``load_mode="async"``): vLLM parks the request (``WAITING_FOR_REMOTE_KVS``) while the
+  transfer thread reads its blocks and writes them into the blocks vLLM reserved for it, so the other running
+  requests' steps go on meanwhile; the request is scheduled once ``get_finished`` reports it;
+- **synchronous loads** (``load_mode="sync"``, the default: one request's TTFT is lowest without the extra
+  scheduler round trip of an asynchronous load) run on the same thread and the step waits for them.
+
+One thread and one queue: a load submitted after a save of the same block finds it, because jobs run in order.
+Until a save has run, its keys are *pending*: the scheduler counts them as held (``pending``), so a request
+that arrives right after another one stored its prompt still gets the hit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from qwen3vl_ray.keys import CacheKey
+from qwen3vl_ray.serving.block_store import BlockStore
+from qwen3vl_ray.serving.paged_blocks import PagedBlocks
+
+log = logging.getLogger(__name__)
+
+#: how loads run: in the engine step (``sync``) or while vLLM parks the request (``async``)
+LOAD_MODES = ("sync", "async")
+#: how saves run: the store's work in the engine step (``sync``) or on the transfer thread (``async``)
+SAVE_MODES = ("sync", "async")
+
+
+@dataclass(slots=True)
+class BlockMove:
+    """One block between vLLM's paged KV (``block_id``) and the store (``key``; ``parent`` chains it)."""
+
+    block_id: int
+    key: CacheKey
+    parent: CacheKey | None = None
+
+
+@dataclass(slots=True)
+class LoadResult:
+    """What one load did: the vLLM block ids it could not fill (recomputed by vLLM), the tokens it loaded from
+    each tier, the bytes written into the paged KV, and the seconds it took."""
+
+    failed_block_ids: list[int] = field(default_factory=list)
+    tokens_per_tier: dict[str, int] = field(default_factory=dict)
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+def load_blocks(store: BlockStore, paged: PagedBlocks, moves: Sequence[BlockMove], block_size: int) -> LoadResult:
+    """Read ``moves``' keys from the store and write them into their vLLM blocks. Never raises: a store that
+    fails, a block that is gone or does not fit the layout is a failed block id, which vLLM recomputes."""
+    t0 = time.perf_counter()
+    try:
+        entries, tiers = store.load_with_tiers([m.key for m in moves])
+    except Exception:  # the store failing is a miss: vLLM recomputes these blocks, the engine goes on
+        log.warning("loading %d blocks from the tiers failed; recomputing them", len(moves), exc_info=True)
+        entries, tiers = [None] * len(moves), [None] * len(moves)
+    result = LoadResult()
+    loaded = Counter()
+    for move, entry, tier in zip(moves, entries, tiers):
+        if entry is None or not paged.fits(entry):
+            result.failed_block_ids.append(move.block_id)
+            continue
+        paged.scatter(move.block_id, entry)
+        loaded[tier] += 1
+    result.tokens_per_tier = {tier: n * block_size for tier, n in loaded.items()}
+    result.nbytes = sum(loaded.values()) * paged.entry_nbytes
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def save_blocks(store: BlockStore, moves: Sequence[BlockMove], entries: Sequence[torch.Tensor]) -> int:
+    """Store the gathered ``entries``; how many were stored. Never raises: saving is best effort, an unsaved
+    block is a later miss, never a failed request."""
+    try:
+        return sum(store.save_many([(m.key, e, m.parent) for m, e in zip(moves, entries)]))
+    except Exception:
+        log.warning("saving %d blocks to the tiers failed", len(moves), exc_info=True)
+        return 0
+
+
+class StagingBuffers:
+    """Reused host buffers for blocks gathered out of the paged KV and waiting for the transfer thread.
+
+    A fresh tensor per save would pay first-touch page faults on every byte (several times the copy itself,
+    measured), so buffers go back to a free list when their save is done. At most ``max_buffers`` exist; a
+    step that finds none free waits for one (the transfer thread is behind: back-pressure instead of memory
+    growing without bound).
+    """
+
+    def __init__(self, entry_shape: tuple[int, ...], dtype: torch.dtype, max_buffers: int = 4) -> None:
+        self.entry_shape, self.dtype, self.max_buffers = entry_shape, dtype, max_buffers
+        self._free: list[torch.Tensor] = []
+        self._count = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, rows: int) -> torch.Tensor:
+        """A ``[>= rows, *entry_shape]`` buffer, owned by the caller until ``release``."""
+        with self._cond:
+            while True:
+                for i, buf in enumerate(self._free):
+                    if buf.shape[0] >= rows:
+                        return self._free.pop(i)
+                if self._count < self.max_buffers:
+                    self._count += 1
+                    break
+                if self._free:  # all free ones are too small: grow one
+                    self._free.pop()
+                    break
+                self._cond.wait()
+        return torch.empty((max(rows, 16), *self.entry_shape), dtype=self.dtype)
+
+    def release(self, buf: torch.Tensor) -> None:
+        with self._cond:
+            self._free.append(buf)
+            self._cond.notify()
+
+
+class BlockTransfers:
+    """The transfer thread of one store (see the module docstring). Use :func:`transfers_for`."""
+
+    def __init__(self, store: BlockStore) -> None:
+        self.store = store
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._pending: Counter[CacheKey] = Counter()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="qwen3vl-ray-block-transfers", daemon=True)
+        self._thread.start()
+        _LIVE.add(self)
+
+    # ------------------------------------------------------------------ loads
+    def submit_load(self, paged: PagedBlocks, moves: Sequence[BlockMove], block_size: int,
+                    on_done: Callable[[LoadResult], None]) -> None:
+        """Load ``moves`` on the transfer thread; ``on_done`` gets the result there (it always runs)."""
+        moves = list(moves)
+        self._jobs.put(lambda: on_done(load_blocks(self.store, paged, moves, block_size)))
+
+    def load_now(self, paged: PagedBlocks, moves: Sequence[BlockMove], block_size: int) -> LoadResult:
+        """Load ``moves`` and wait: on the transfer thread, after every save submitted before it."""
+        done = threading.Event()
+        box: list[LoadResult] = []
+
+        def finish(result: LoadResult) -> None:
+            box.append(result)
+            done.set()
+
+        self.submit_load(paged, moves, block_size, finish)
+        done.wait()
+        return box[0]
+
+    # ------------------------------------------------------------------ saves
+    def submit_save(self, moves: Sequence[BlockMove], entries: Sequence[torch.Tensor],
+                    on_done: Callable[[int, float], None]) -> None:
+        """Store gathered ``entries`` on the transfer thread; ``on_done(saved, seconds)`` runs there after it.
+        The entries must stay valid until then (``on_done`` is where their buffer is released)."""
+        moves = list(moves)
+        with self._lock:
+            self._pending.update(m.key for m in moves)
+
+        def job() -> None:
+            t0 = time.perf_counter()
+            saved = save_blocks(self.store, moves, entries)
+            with self._lock:
+                self._pending.subtract(m.key for m in moves)
+                self._pending = +self._pending  # drop the keys whose count reached 0
+            on_done(saved, time.perf_counter() - t0)
+
+        self._jobs.put(job)
+
+    def pending(self, keys: Sequence[CacheKey]) -> list[bool]:
+        """Per key whether a save of it is queued or running (it will be in the store before any later load)."""
+        with self._lock:
+            return [k in self._pending for k in keys]
+
+    # ------------------------------------------------------------------ lifecycle
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every job submitted so far has run; False if ``timeout`` passed first."""
+        done = threading.Event()
+        self._jobs.put(done.set)
+        return done.wait(timeout)
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Run what is queued, then stop the thread."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - one failed job (a callback's bug) must not stop later ones
+                log.exception("a block transfer failed")
+
+
+_TRANSFERS: dict[int, BlockTransfers] = {}
+_TRANSFERS_LOCK = threading.Lock()
+_LIVE: "weakref.WeakSet[BlockTransfers]" = weakref.WeakSet()
+
+
+def transfers_for(store: BlockStore) -> BlockTransfers:
+    """The one transfer thread of ``store`` in this process: the scheduler-side connector asks it what is still
+    being saved, the worker-side one submits to it (in one engine process they share the store)."""
+    with _TRANSFERS_LOCK:
+        transfers = _TRANSFERS.get(id(store))
+        if transfers is None or transfers.store is not store:
+            transfers = _TRANSFERS[id(store)] = BlockTransfers(store)
+        return transfers
+
+
+def drain_all(timeout: float | None = None) -> None:
+    """Finish every queued transfer of this process (tests, and before reading a store's counters)."""
+    for transfers in list(_LIVE):
+        transfers.drain(timeout)
+
+
+# Registered after block_store's own exit hook (this module imports it), so it runs before it: queued saves
+# reach the store before the store moves its host tier to disk and closes.
+@atexit.register
+def _finish_transfers() -> None:
+    for transfers in list(_LIVE):
+        transfers.close()

@@ -1,0 +1,115 @@
+"""The connector's transfer thread (``qwen3vl_ray.serving.block_transfers``), without vLLM: a real
+``LocalBlockStore`` and a ``PagedBlocks`` over plain tensors in vLLM's CPU layout."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from qwen3vl_ray.cache.config import CacheConfig
+from qwen3vl_ray.cache.tiered_cache import TieredCache
+from qwen3vl_ray.keys import CacheKey, Namespace, content_key
+from qwen3vl_ray.serving.block_store import LocalBlockStore
+from qwen3vl_ray.serving.block_transfers import BlockMove, BlockTransfers, StagingBuffers
+from qwen3vl_ray.serving.paged_blocks import PagedBlocks
+from qwen3vl_ray.tiers.config import TierConfig
+
+LAYERS, BLOCKS, HEADS, TOKENS, HEAD = 2, 8, 2, 4, 8
+
+
+def _paged(seed: int = 0) -> PagedBlocks:
+    g = torch.Generator().manual_seed(seed)
+    caches = {f"layer{i}": torch.randn(BLOCKS, HEADS, TOKENS, 2 * HEAD, generator=g) for i in range(LAYERS)}
+    return PagedBlocks(caches, BLOCKS, head_size=HEAD)
+
+
+def _store() -> LocalBlockStore:
+    return LocalBlockStore(TieredCache(CacheConfig(tiers=[TierConfig(kind="host", capacity_bytes=1 << 20,
+                                                                     block_bytes=4096)], namespace=NS)))
+
+
+NS = Namespace(model="m", dtype="float32", layout="test", tenant="t")
+
+
+def _keys(n: int) -> list[CacheKey]:
+    return [content_key(NS, "block", f"block-{i}".encode()) for i in range(n)]
+
+
+class HeldStore(LocalBlockStore):
+    """Its saves wait until ``release`` is set (a slow disk or a slow node agent)."""
+
+    def __init__(self, inner: LocalBlockStore) -> None:
+        super().__init__(inner.cache)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def _save(self, items):
+        self.entered.set()
+        assert self.release.wait(30)
+        return super()._save(items)
+
+
+def test_a_load_queued_after_a_save_finds_its_blocks_and_writes_them_exactly():
+    source, target = _paged(0), _paged(1)
+    store = HeldStore(_store())
+    transfers = BlockTransfers(store)
+    keys = _keys(3)
+    moves = [BlockMove(b, k) for b, k in zip([1, 4, 6], keys)]
+    done = []
+    transfers.submit_save(moves, source.gather([m.block_id for m in moves], out=torch.empty(3, *source.entry_shape)),
+                          lambda saved, seconds: done.append(saved))
+    assert store.entered.wait(30)
+    # the save is running (held): its keys are pending, so a lookup counts them held
+    assert transfers.pending(keys + _keys(4)[3:]) == [True, True, True, False]
+    into = [BlockMove(b, k) for b, k in zip([0, 2, 3], keys)]
+    loaded = []
+    transfers.submit_load(target, into, TOKENS, loaded.append)
+    store.release.set()
+    assert transfers.drain(30)
+    assert done == [3] and transfers.pending(keys) == [False] * 3
+    [result] = loaded
+    assert result.failed_block_ids == [] and result.tokens_per_tier == {"host": 3 * TOKENS}
+    for src, dst in zip([1, 4, 6], [0, 2, 3]):
+        for s, t in zip(source.tensors, target.tensors):
+            assert torch.equal(s[src], t[dst])
+    transfers.close()
+
+
+def test_missing_blocks_and_a_failing_store_are_failed_block_ids_and_the_thread_goes_on():
+    paged, store = _paged(), _store()
+    transfers = BlockTransfers(store)
+    result = transfers.load_now(paged, [BlockMove(5, k) for k in _keys(2)], TOKENS)
+    assert result.failed_block_ids == [5, 5] and result.tokens_per_tier == {}
+
+    def broken(keys):
+        raise OSError("node agent unreachable")
+
+    store._load = broken
+    result = transfers.load_now(paged, [BlockMove(2, _keys(1)[0])], TOKENS)
+    assert result.failed_block_ids == [2]
+    saved = []
+    store._save = broken
+    transfers.submit_save([BlockMove(3, _keys(1)[0])], paged.gather([3]), lambda n, s: saved.append(n))
+    assert transfers.drain(30) and saved == [0]
+    transfers.close()
+
+
+def test_staging_buffers_are_reused_and_a_step_waits_when_all_are_taken():
+    staging = StagingBuffers((2, 3), torch.float32, max_buffers=2)
+    a, b = staging.acquire(4), staging.acquire(20)
+    assert a.shape[0] >= 4 and b.shape[0] >= 20
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(staging.acquire(4)))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and not got  # both buffers are out: back-pressure
+    staging.release(a)
+    waiter.join(30)
+    assert got and got[0] is a  # the released buffer, not a new allocation
+
+
+def test_bad_gather_buffers_are_refused():
+    paged = _paged()
+    with pytest.raises(ValueError, match="cannot hold"):
+        paged.gather([0, 1], out=torch.empty(1, *paged.entry_shape))
