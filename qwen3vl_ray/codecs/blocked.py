@@ -182,8 +182,28 @@ def _group_absmax(src: torch.Tensor, rows: int, width: int, gb: int, g: Grouping
         torch.maximum(fg.amax(2), fg.amin(2).neg_(), out=out)
 
 
-def _tile_src(x3: torch.Tensor, p0: int, p1: int, n0: int, n1: int) -> torch.Tensor:
-    return x3[p0:p1, n0:n1] if x3.dim() == 3 else x3[p0:p1, :, n0:n1]
+@dataclass(slots=True)
+class Tile:
+    """Where one tile of a unit lies, for quantizing and dequantizing alike."""
+
+    x: torch.Tensor  # the unit's elements it covers: [rows, m, post] (or [p1 - p0, q, m, post]), m <= width
+    scales: torch.Tensor  # its scales [rows, gb, post]
+    rows: int  # layout rows
+    gb: int  # groups per row
+    width: int  # elements per row, padding included (gb * group)
+    cnt: int  # codes
+    start: int  # first code index (element, not byte) in the [pre_total, padded, post] layout
+
+
+def _tiles(u: Unit, g: Grouping, tiles, scales: torch.Tensor):
+    """Each ``(p0, p1, g0, g1)`` of ``tiles`` as a :class:`Tile` of unit ``u``."""
+    grp, post = g.group, g.post
+    for p0, p1, g0, g1 in tiles:
+        rows, gb = (p1 - p0) * u.q, g1 - g0
+        n0, n1 = g0 * grp, min(g1 * grp, g.n)
+        x = u.x3[p0:p1, n0:n1] if u.x3.dim() == 3 else u.x3[p0:p1, :, n0:n1]
+        yield Tile(x, scales[u.scale_off + p0 * u.q: u.scale_off + p1 * u.q, g0:g1], rows, gb, gb * grp,
+                   rows * gb * grp * post, u.code_off + (p0 * u.q * g.padded + n0) * post)
 
 
 def quantize_into(u: Unit, g: Grouping, qmax: int, pack4: bool, codes: torch.Tensor, scales: torch.Tensor,
@@ -193,27 +213,20 @@ def quantize_into(u: Unit, g: Grouping, qmax: int, pack4: bool, codes: torch.Ten
     ``hasher`` (xxh3 or None) is fed each tile's code bytes in payload order. NaN/inf inputs leave non-finite
     scales (and garbage codes): :func:`quantize` checks the scales once and refuses the payload.
     """
-    grp, post, n = g.group, g.post, g.n
-    for p0, p1, g0, g1 in tiles:
-        rows, gb = (p1 - p0) * u.q, g1 - g0
-        width = gb * grp
-        n0, n1 = g0 * grp, min(g1 * grp, n)
-        cnt = rows * width * post
-        src = _tile_src(u.x3, p0, p1, n0, n1)
-        s = scales[u.scale_off + p0 * u.q: u.scale_off + p1 * u.q, g0:g1]
-        _group_absmax(src, rows, width, gb, g, sc, s)
+    for t in _tiles(u, g, tiles, scales):
+        s = t.scales
+        _group_absmax(t.x, t.rows, t.width, t.gb, g, sc, s)
         # the plain path's ``qmax / amax`` is reciprocal-then-multiply in torch; same ops, same bits
         inv = s.reciprocal().mul_(qmax).masked_fill_(s <= TINY, 0.0)
         s.div_(qmax)
-        f = _fill(sc.f, src, width).view(rows, gb, grp, post)
+        f = _fill(sc.f, t.x, t.width).view(t.rows, t.gb, g.group, g.post)
         f.mul_(inv.unsqueeze(2))
         f.round_()
-        start = u.code_off + (p0 * u.q * g.padded + n0) * post
         if not pack4:
-            out = codes[start: start + cnt]
-            out.view(rows, gb, grp, post).copy_(f)
+            out = codes[t.start: t.start + t.cnt]
+            out.view(t.rows, t.gb, g.group, g.post).copy_(f)
         else:
-            out = _pack4(f, cnt, start, codes, sc)
+            out = _pack4(f, t.cnt, t.start, codes, sc)
         if hasher is not None:
             hasher.update(out.numpy())
 
@@ -239,25 +252,19 @@ def _pack4(f: torch.Tensor, cnt: int, start: int, packed: torch.Tensor, sc: Scra
 def dequantize_into(u: Unit, g: Grouping, pack4: bool, codes: torch.Tensor, scales: torch.Tensor, tiles,
                     sc: Scratch, hasher) -> None:
     """Inverse of :func:`quantize_into`: codes times scales, written into the unit's view of the result."""
-    grp, post, n = g.group, g.post, g.n
-    for p0, p1, g0, g1 in tiles:
-        rows, gb = (p1 - p0) * u.q, g1 - g0
-        width = gb * grp
-        n0, n1 = g0 * grp, min(g1 * grp, n)
-        cnt = rows * width * post
-        start = u.code_off + (p0 * u.q * g.padded + n0) * post
-        f = sc.f[:cnt]
+    for t in _tiles(u, g, tiles, scales):
+        f = sc.f[:t.cnt]
         if not pack4:
-            src = codes[start: start + cnt]
+            src = codes[t.start: t.start + t.cnt]
             f.copy_(src)
         else:
-            src = codes[start // 2: start // 2 + (cnt + 1) // 2]
-            f.copy_(_unpack4(src, cnt, sc))
+            src = codes[t.start // 2: t.start // 2 + (t.cnt + 1) // 2]
+            f.copy_(_unpack4(src, t.cnt, sc))
         if hasher is not None:
             hasher.update(src.numpy())
-        f.view(rows, gb, grp, post).mul_(scales[u.scale_off + p0 * u.q: u.scale_off + p1 * u.q, g0:g1].unsqueeze(2))
-        dst = _tile_src(u.x3, p0, p1, n0, n1)
-        dst.copy_(f.view(*dst.shape[:-2], width, post)[..., : n1 - n0, :])
+        f.view(t.rows, t.gb, g.group, g.post).mul_(t.scales.unsqueeze(2))
+        dst = t.x
+        dst.copy_(f.view(*dst.shape[:-2], t.width, g.post)[..., : dst.shape[-2], :])
 
 
 def _uniform(u: Unit, g: Grouping, tiles) -> tuple[int, int]:

@@ -64,6 +64,14 @@ def _load_impl(x, i):
     return None
 
 
+@numba.njit(inline="always")
+def _bf16_rne(f):
+    """float32 ``f``'s bits rounded to nearest even at bit 16 (c10::BFloat16's round_to_nearest_even): the
+    bf16 is the top half; the caller handles NaN."""
+    u = _bits_from_f32(f)
+    return u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+
+
 def _store(out, i, f):  # pragma: no cover - replaced by the overload inside jitted code
     raise NotImplementedError
 
@@ -73,12 +81,11 @@ def _store_impl(out, i, f):
     dt = out.dtype
     if dt == types.uint16:
         def store_bf16(out, i, f):
-            u = _bits_from_f32(f)
-            # c10::BFloat16's round_to_nearest_even; NaN -> 0x7FC0
+            # NaN -> 0x7FC0, as c10::BFloat16
             if f != f:
                 out[i] = np.uint16(0x7FC0)
             else:
-                out[i] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+                out[i] = np.uint16(_bf16_rne(f) >> np.uint32(16))
         return store_bf16
     if dt == types.int16:
         def store_f16(out, i, f):
@@ -170,8 +177,7 @@ def _rounded_impl(x, f):
     dt = x.dtype
     if dt == types.uint16:
         def bf16(x, f):
-            u = _bits_from_f32(f)
-            return _f32_from_bits((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
+            return _f32_from_bits(_bf16_rne(f) & np.uint32(0xFFFF0000))
         return bf16
     if dt == types.int16:
         return lambda x, f: _f32_from_half(_half_from_f32(f))
@@ -211,6 +217,34 @@ def _tiny_err(xs, m):
     return x2
 
 
+@numba.njit(inline="always")
+def _group_at(i, G, H, T):
+    """(u, h, t, gi) of flat group ``i`` over [U, H, T, G]; a chunk finds its first group so, then walks on
+    with :func:`_next_group` (carries, no division per group)."""
+    r = i // G
+    gi = i - r * G
+    u = r // (H * T)
+    t = r - u * H * T
+    h = t // T
+    return u, h, t - h * T, gi
+
+
+@numba.njit(inline="always")
+def _next_group(u, h, t, gi, G, H, T):
+    """The group after (u, h, t, gi): ``gi`` advances and carries into ``t``, ``h``, ``u``."""
+    gi += 1
+    if gi == G:
+        gi = 0
+        t += 1
+        if t == T:
+            t = 0
+            h += 1
+            if h == H:
+                h = 0
+                u += 1
+    return u, h, t, gi
+
+
 @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
 def _encode(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err):
     G = (n + group - 1) // group
@@ -232,13 +266,7 @@ def _encode(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, code
         # byte; else (odd sizes) and when measuring, nibbles go through the chunk's scratch first
         direct = pack4 and (group % 2 == 0 if post == 1 else post % 2 == 0)
         nib = np.empty(per * gsize if pack4 and not direct else 0, np.uint8)
-        # (u, h, t, gi) of group i0, then advanced by carries: no division per group
-        r = i0 // G
-        gi = i0 - r * G
-        u = r // (H * T)
-        t = r - u * H * T
-        h = t // T
-        t -= h * T
+        u, h, t, gi = _group_at(i0, G, H, T)
         for it in range(i0, i1):
             src = base + u * su + h * sh + t * st
             j0 = gi * group
@@ -342,16 +370,7 @@ def _encode(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, code
                                 x2 += o * o
                         ek[k] = np.float32(0.0)
                         yk[k] = np.float32(0.0)
-            gi += 1
-            if gi == G:
-                gi = 0
-                t += 1
-                if t == T:
-                    t = 0
-                    h += 1
-                    if h == H:
-                        h = 0
-                        u += 1
+            u, h, t, gi = _next_group(u, h, t, gi, G, H, T)
         if pack4 and not direct:
             cnt = (i1 - i0) * gsize
             pb = (i0 * gsize) // 2  # i0 is even (per is), so the chunk starts on a byte
@@ -394,12 +413,7 @@ def _decode(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, s
     for c in prange(nchunks):
         i0 = c * per
         i1 = min(items, i0 + per)
-        r = i0 // G
-        gi = i0 - r * G
-        u = r // (H * T)
-        t = r - u * H * T
-        h = t // T
-        t -= h * T
+        u, h, t, gi = _group_at(i0, G, H, T)
         for it in range(i0, i1):
             dst = base + u * su + h * sh + t * st
             j0 = gi * group
@@ -442,13 +456,4 @@ def _decode(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, s
                     else:
                         for k in range(post):
                             _store(os, k, _nibble(codes, d + k) * ss[k])
-            gi += 1
-            if gi == G:
-                gi = 0
-                t += 1
-                if t == T:
-                    t = 0
-                    h += 1
-                    if h == H:
-                        h = 0
-                        u += 1
+            u, h, t, gi = _next_group(u, h, t, gi, G, H, T)
