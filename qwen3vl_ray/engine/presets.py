@@ -39,30 +39,32 @@ class Preset:
     """Image processor size.longest_edge (pixels): larger images are downscaled to at most this."""
 
 
-_TINY_TEXT = dict(
-    vocab_size=VOCAB_SIZE,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    max_position_embeddings=32768,
-    rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [6, 5, 5],
-                     "mrope_interleaved": True},
-)
-_TINY_VISION = dict(
-    depth=2,
-    hidden_size=64,
-    intermediate_size=128,
-    num_heads=2,
-    out_hidden_size=128,
-    patch_size=16,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    num_position_embeddings=64,
-    deepstack_visual_indexes=[0, 1],
-)
+def _text(hidden: int, ffn: int, heads: int, kv_heads: int, head_dim: int, max_positions: int,
+          mrope_section: list[int]) -> dict:
+    """Qwen3VLTextConfig fields of a 2-layer model over the padded vocabulary, with Qwen3-VL's interleaved
+    M-RoPE (theta 5e6) split over ``mrope_section`` (its parts sum to ``head_dim // 2``)."""
+    return dict(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": mrope_section,
+                         "mrope_interleaved": True},
+    )
+
+
+def _vision(depth: int, hidden: int, ffn: int, heads: int, out_hidden: int, positions: int,
+            deepstack: list[int]) -> dict:
+    """Qwen3VLVisionConfig fields with Qwen3-VL's patching: 16x16 patches, 2 frames, 2x2 merged per token."""
+    return dict(
+        depth=depth, hidden_size=hidden, intermediate_size=ffn, num_heads=heads, out_hidden_size=out_hidden,
+        patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=positions,
+        deepstack_visual_indexes=deepstack,
+    )
+
+
+_TINY_TEXT = _text(hidden=128, ffn=256, heads=4, kv_heads=2, head_dim=32, max_positions=32768,
+                   mrope_section=[6, 5, 5])
+_TINY_VISION = _vision(depth=2, hidden=64, ffn=128, heads=2, out_hidden=128, positions=64, deepstack=[0, 1])
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(text=_TINY_TEXT, vision=_TINY_VISION),
@@ -73,30 +75,11 @@ PRESETS: dict[str, Preset] = {
         moe=True,
     ),
     "bench-2b": Preset(
-        text=dict(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=2048,
-            intermediate_size=6144,
-            num_hidden_layers=2,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            head_dim=128,
-            max_position_embeddings=262144,
-            rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20],
-                             "mrope_interleaved": True},
-        ),
-        vision=dict(
-            depth=4,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_heads=16,
-            out_hidden_size=2048,
-            patch_size=16,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            num_position_embeddings=2304,
-            deepstack_visual_indexes=[1, 2, 3],  # the real 2B uses [5, 11, 17] of 24 layers
-        ),
+        text=_text(hidden=2048, ffn=6144, heads=16, kv_heads=8, head_dim=128, max_positions=262144,
+                   mrope_section=[24, 20, 20]),
+        # the real 2B has 24 vision layers and takes DeepStack features from [5, 11, 17]
+        vision=_vision(depth=4, hidden=1024, ffn=4096, heads=16, out_hidden=2048, positions=2304,
+                       deepstack=[1, 2, 3]),
         dtype="bfloat16",
         tie_word_embeddings=True,
         min_pixels=65536,  # Qwen3-VL's shipped limits: 256x256 .. 4096x4096 pixels
