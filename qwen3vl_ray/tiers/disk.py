@@ -586,15 +586,10 @@ class DiskTier(Tier):
         return validate_key(key) in self._index
 
     def remove(self, key: CacheKey) -> bool:
-        key = validate_key(key)
-        rel = self._rel(key)
         with self._lock:
-            size = self._index.pop(key, None)
-            if size is None:
-                return False
-            self._used -= size
-            self._c["removes"] += 1
-            self._unlink_quiet(rel)
+            rel = self._unlink_entry(key)
+        if rel is None:
+            return False
         if self.cfg.fsync:  # a power loss must not bring the entry back
             try:
                 _fsync_dir(rel[:2], self._dfd)
@@ -605,18 +600,26 @@ class DiskTier(Tier):
         return True
 
     def discard(self, key: CacheKey) -> bool:
-        key = validate_key(key)
-        rel = self._rel(key)
         with self._lock:
-            size = self._index.pop(key, None)
-            if size is None:
+            rel = self._unlink_entry(key)
+            if rel is None:
                 return False
-            self._used -= size
-            self._c["removes"] += 1
-            self._unlink_quiet(rel)
             if self.cfg.fsync:
                 self._unsynced[rel[:2]] = self._unsynced.get(rel[:2], 0) + 1
         return True
+
+    def _unlink_entry(self, key: CacheKey) -> str | None:
+        """Take ``key`` out of the index and unlink its file (the caller holds the lock and makes the removal
+        durable, now or at the next sync); its relative path, or None when it is not stored."""
+        key = validate_key(key)
+        size = self._index.pop(key, None)
+        if size is None:
+            return None
+        self._used -= size
+        self._c["removes"] += 1
+        rel = self._rel(key)
+        self._unlink_quiet(rel)
+        return rel
 
     def sync(self) -> None:
         """fsync every directory with a discard not yet synced. Each caller syncs all it sees pending (its own
