@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -170,14 +170,8 @@ class DeviceBudget:
 
     def _demote(self, need_bytes: int, protected: set[CacheKey]) -> None:
         """Demote victims one at a time down the store's own tiers."""
-        for key in self._candidates():
-            if key in protected:
-                continue
-            where = self.store.where(key)
-            if where is None:
-                self.registry.discard(key)
-                continue
-            if where == "device" and self.store.demote(key):
+        for key in self._on_device(protected):
+            if self.store.demote(key):
                 self.demoted += 1
                 if self.used_bytes() + need_bytes <= self.budget_bytes:
                     break
@@ -189,15 +183,7 @@ class DeviceBudget:
         while (over := self._over(need_bytes, tier, store_bytes)) > 0:
             victims: list[CacheKey] = []
             freeing = 0
-            for key in self._candidates():
-                if key in tried:
-                    continue
-                where = self.store.where(key)
-                if where is None:
-                    self.registry.discard(key)
-                    continue
-                if where != "device":
-                    continue
+            for key in self._on_device(tried):
                 victims.append(key)
                 freeing += tier.entry_nbytes(key) or 0
                 if freeing >= over:
@@ -242,6 +228,19 @@ class DeviceBudget:
             self.lost += lost
             logger.warning("device pressure: %d of %d demoted entries dropped (the tier below refused them; "
                            "%d lost so far)", lost, len(victims), self.lost)
+
+    def _on_device(self, skip: set[CacheKey]) -> Iterator[CacheKey]:
+        """The candidates, victim order, that the store holds on the device tier, less ``skip``; one it no
+        longer holds anywhere leaves the registry on the way (read lazily: a caller that stops early looks up
+        no further)."""
+        for key in self._candidates():
+            if key in skip:
+                continue
+            where = self.store.where(key)
+            if where is None:
+                self.registry.discard(key)
+            elif where == "device":
+                yield key
 
     def _candidates(self) -> Iterable[CacheKey]:
         # Idle sessions first (most idle first), then everything else least recently used first.
