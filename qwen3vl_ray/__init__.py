@@ -19,7 +19,13 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'qwen3vl_ray' has no attribute {name!r}")
+def _lazy_getattr(package: str, table: dict[str, str]):
+    """A package's module ``__getattr__`` (PEP 562): ``name`` imported from module ``table[name]`` on first use."""
+    def __getattr__(name: str):
+        if name in table:
+            return getattr(import_module(table[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    return __getattr__
+
+
+__getattr__ = _lazy_getattr(__name__, _LAZY)

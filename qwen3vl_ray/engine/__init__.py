@@ -3,7 +3,7 @@
 Names load on first use so that importing the store alone never pulls in transformers.
 """
 
-from importlib import import_module
+from qwen3vl_ray import _lazy_getattr
 
 _LAZY = {
     "Qwen3VLEngine": "qwen3vl_ray.engine.engine",
@@ -22,8 +22,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'qwen3vl_ray.engine' has no attribute {name!r}")
+__getattr__ = _lazy_getattr(__name__, _LAZY)
