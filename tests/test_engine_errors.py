@@ -2,56 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 from PIL import Image
 
-from qwen3vl_ray.engine.checkpoint import make_checkpoint
 from qwen3vl_ray.engine.config import EngineConfig
 from qwen3vl_ray.engine.engine import Qwen3VLEngine
 from qwen3vl_ray.engine.requests import Request, RequestError, SamplingParams
 from qwen3vl_ray.errors import ConfigError
 from qwen3vl_ray.tiers.config import TierConfig
-
-MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-err") / "ckpt"
-    make_checkpoint("tiny", str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def engine(ckpt):
-    cfg = EngineConfig(chunk_tokens=16, device="cpu", max_pixels=256 * 256, tiers=[TierConfig("host", 64 * MiB)])
-    with Qwen3VLEngine(ckpt, cfg) as eng:
-        yield eng
-
-
-def good():
-    img = Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
-    return Request([{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Hi"}]}],
-                   SamplingParams(max_new_tokens=3))
+from tests.helpers_engine import MiB, chat, check_isolated, ckpt, engine, good  # noqa: F401 (ckpt, engine: fixtures)
 
 
 def with_image(image):
-    return Request([{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}]}],
-                   SamplingParams(max_new_tokens=3))
-
-
-def check_isolated(engine, bad, *needles):
-    # the bad request sits between two good ones; both good ones still complete
-    results = engine.generate([good(), bad, good()])
-    assert results[0].ok and results[2].ok and len(results[0].token_ids) == 3
-    assert results[0].token_ids == results[2].token_ids
-    assert not results[1].ok and results[1].token_ids == []
-    for needle in needles:
-        assert needle in results[1].error, results[1].error
-    return results[1].error
+    return Request(chat(image, "Hi"), SamplingParams(max_new_tokens=3))
 
 
 def test_missing_image_file(engine, tmp_path):

@@ -12,55 +12,11 @@ import pytest
 import torch
 from PIL import ExifTags, Image, ImageFile
 
-from qwen3vl_ray.engine.checkpoint import make_checkpoint
 from qwen3vl_ray.engine.config import EngineConfig
-from qwen3vl_ray.engine.engine import Qwen3VLEngine
 from qwen3vl_ray.engine.images import ImageError, load_image
 from qwen3vl_ray.engine.prompt import _template_messages, build_prompt
 from qwen3vl_ray.engine.requests import Request, RequestError, SamplingParams
-from qwen3vl_ray.tiers.config import TierConfig
-
-MiB = 1 << 20
-MAX_PIXELS = 256 * 256
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-inputs") / "ckpt"
-    make_checkpoint("tiny", str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def engine(ckpt):
-    cfg = EngineConfig(chunk_tokens=16, device="cpu", max_pixels=MAX_PIXELS, tiers=[TierConfig("host", 64 * MiB)])
-    with Qwen3VLEngine(ckpt, cfg) as eng:
-        yield eng
-
-
-def picture(w=64, h=64, seed=0):
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
-
-
-def chat(*content):
-    items = [{"type": "text", "text": c} if isinstance(c, str) else {"type": "image", "image": c} for c in content]
-    return [{"role": "user", "content": items}]
-
-
-def good():
-    return Request(chat(picture(), "Hi"), SamplingParams(max_new_tokens=3))
-
-
-def check_isolated(engine, bad, *needles):
-    # the bad request sits between two good ones; both good ones still complete, with the same tokens
-    results = engine.generate([good(), bad, good()])
-    assert results[0].ok and results[2].ok and len(results[0].token_ids) == 3
-    assert results[0].token_ids == results[2].token_ids
-    assert not results[1].ok and results[1].token_ids == []
-    for needle in needles:
-        assert needle in results[1].error, results[1].error
-    return results[1].error
-
+from tests.helpers_engine import MAX_PIXELS, chat, check_isolated, ckpt, engine, picture  # noqa: F401 (ckpt, engine: fixtures)
 
 def png(width, height, complete=True):
     """A grayscale PNG of ``width`` x ``height`` black pixels, built row by row so the test never holds
