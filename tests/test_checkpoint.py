@@ -16,6 +16,7 @@ from qwen3vl_ray.engine.loading import load_model_and_processor, load_processor
 from qwen3vl_ray.engine.presets import VOCAB_SIZE, preset_config
 from qwen3vl_ray.engine.tokenizer_builder import SPECIAL_TOKEN_IDS, TOKENIZER_SIZE
 from qwen3vl_ray.errors import ConfigError
+from tests.helpers_threads import run_in_threads
 
 
 @pytest.fixture(scope="module")
@@ -282,22 +283,9 @@ def test_several_images_get_their_own_spans(loaded):
 
 
 def test_concurrent_writers_agree(tmp_path, tiny):
-    import threading
-
     target = tmp_path / "shared"
-    results, errors = [], []
-
-    def build():
-        try:
-            results.append(make_checkpoint("tiny", target))
-        except Exception as e:  # noqa: BLE001 - surfaced by the assertion below
-            errors.append(e)
-
-    threads = [threading.Thread(target=build) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = []
+    errors = run_in_threads(lambda: results.append(make_checkpoint("tiny", target)), 2)
     assert errors == [] and results == [target, target]
     assert (target / MANIFEST).is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["shared"]  # both temp dirs cleaned up

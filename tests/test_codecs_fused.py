@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from hypothesis import strategies as st
 from qwen3vl_ray.codecs import base, blocked, decode, fused, make_codec
 from qwen3vl_ray.codecs.groups import TINY
 from qwen3vl_ray.errors import CodecError
+from tests.helpers_threads import run_in_threads
 from tests.test_codecs_inputs import float_tensors, kv_tensors, make_tensor
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="numba is not installed")
@@ -158,21 +158,14 @@ def test_threads_take_turns():
     # numba's workqueue layer must never see two launches at once: many threads, the same bytes each time
     x = make_tensor((4, 2, 8, 64, 64), torch.bfloat16, "normal", 5)
     want = bytes(make_codec("kv-int4").encode(x))
-    got, errors = [], []
+    got = []
 
     def work():
-        try:
-            for _ in range(5):
-                p = make_codec("kv-int4").encode(x)
-                got.append(bytes(p) == want and same_bits(decode(p), decode(want)))
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for _ in range(5):
+            p = make_codec("kv-int4").encode(x)
+            got.append(bytes(p) == want and same_bits(decode(p), decode(want)))
 
-    ts = [threading.Thread(target=work) for _ in range(4)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    errors = run_in_threads(work, 4)
     assert not errors and got == [True] * 20
 
 
