@@ -14,7 +14,6 @@ scatters evictions over many sessions breaks more of them than the bytes it free
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import tempfile
@@ -22,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import options
 from qwen3vl_ray.codecs import make_codec
-from qwen3vl_ray.engine.checkpoint import make_checkpoint
 from qwen3vl_ray.engine.config import EngineConfig
 from qwen3vl_ray.engine.engine import Qwen3VLEngine
 from qwen3vl_ray.engine.requests import Request, SamplingParams
@@ -100,10 +99,8 @@ def run_config(ckpt: str, name: str, d: int, h: int, s: int, codec: str, ratio: 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print one JSON list as the last line")
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--checkpoint", help="use this checkpoint directory instead of generating --preset")
+    ap = options.parser(__doc__, "one JSON list")
+    options.add_model(ap, "tiny")
     ap.add_argument("--session-tokens", type=int, default=2000)
     ap.add_argument("--chunk-tokens", type=int, default=256)
     ap.add_argument("--scale-mib", type=float, default=4.0, help="D = scale, H = 2 x scale, S = 4 x scale (MiB)")
@@ -112,9 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="qwen3vl-bench-capacity-") as tmp:
         tmp = Path(tmp)
-        ckpt = args.checkpoint or str(tmp / "ckpt")
-        if not args.checkpoint:
-            make_checkpoint(args.preset, ckpt)
+        ckpt = options.checkpoint(args, tmp)
         sample, live = probe(ckpt, args.session_tokens, args.chunk_tokens)
         for name, codec, dhs, policy in [("D+H+S", "none", (1, 2, 4), "lru"), ("D+H+S", "none", (1, 2, 4), None),
                                          ("device only", "none", (4, 0, 0), "lru"), ("device only", "none", (4, 0, 0), None),

@@ -15,7 +15,6 @@ The object store is pre-faulted (``RAY_preallocate_plasma_memory=1``), as a serv
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -23,6 +22,8 @@ import statistics
 import sys
 import time
 import tracemalloc
+
+from benchmarks import options
 
 MiB = 1 << 20
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,8 +168,7 @@ def directory_memory_and_decisions(n_entries: int, prompt_chunks: int = 16, n_wo
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ap = options.parser(__doc__)
     ap.add_argument("--chunk-mib", type=float, default=1.0, help="chunk size for (a), MiB (default 1)")
     ap.add_argument("--batch", type=int, default=64, help="chunks per batch (default 64)")
     ap.add_argument("--repeats", type=int, default=7, help="repetitions for (b) and (c) (default 7)")

@@ -42,13 +42,13 @@ chooses in <= 10% of an encode.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 import torch
 
+from benchmarks import options
 from qwen3vl_ray.codecs import decode, fused, make_codec, relative_error
 
 LARGE_CODECS = ["none", "int8", "int4", "kv-int8", "kv-int4", "auto"]
@@ -189,8 +189,7 @@ def _measure(name: str, x: torch.Tensor | list[torch.Tensor], spec: str, repeats
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print the rows as one JSON list on the last line")
+    ap = options.parser(__doc__, "the rows as one JSON list")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=15, help="timed runs per measurement (the fastest is kept)")
     ap.add_argument("--threads", type=int, default=0,

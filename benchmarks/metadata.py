@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import random
@@ -27,6 +26,7 @@ import tracemalloc
 
 import torch
 
+from benchmarks import options
 from qwen3vl_ray.cache import CacheConfig, TieredCache
 from qwen3vl_ray.keys import Namespace
 from qwen3vl_ray.policies import DEFAULT_POLICY
@@ -138,8 +138,7 @@ def run(max_entries: int = 100_000, max_disk_entries: int = 10_000) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", action="store_true")
+    ap = options.parser(__doc__)
     ap.add_argument("--max-entries", type=int, default=100_000)
     ap.add_argument("--max-disk-entries", type=int, default=10_000)
     args = ap.parse_args(argv)

@@ -19,7 +19,6 @@ first-touch faults. That is what the "fresh" column shows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -27,6 +26,7 @@ import time
 
 import torch
 
+from benchmarks import options
 from qwen3vl_ray.pools import BlockPool
 
 MiB = 1 << 20
@@ -89,8 +89,7 @@ def run(sizes=(8 * MiB, 64 * MiB), reps: int = 15) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", action="store_true")
+    ap = options.parser(__doc__)
     ap.add_argument("--reps", type=int, default=15)
     args = ap.parse_args(argv)
     rows = run(reps=args.reps)

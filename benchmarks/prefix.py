@@ -16,7 +16,6 @@ vision encoder's share (vision_hit <= cold - encoder time).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qwen3vl_ray.engine.checkpoint import make_checkpoint
+from benchmarks import options
 from qwen3vl_ray.engine.config import EngineConfig
 from qwen3vl_ray.engine.engine import Qwen3VLEngine
 from qwen3vl_ray.engine.prompt import build_prompt
@@ -69,17 +68,15 @@ def ttft(engine: Qwen3VLEngine, messages) -> tuple[float, object]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    ap.add_argument("--preset", default="bench-2b")
-    ap.add_argument("--checkpoint", help="use this checkpoint directory instead of generating --preset")
+    ap = options.parser(__doc__)
+    options.add_model(ap, "bench-2b")
     ap.add_argument("--text-tokens", type=int, default=2000)
     ap.add_argument("--image-side", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5, help="hits are timed this many times (best is reported)")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="qwen3vl-bench-prefix-") as tmp:
-        ckpt = args.checkpoint or make_checkpoint(args.preset, str(Path(tmp) / "ckpt")) or str(Path(tmp) / "ckpt")
+        ckpt = options.checkpoint(args, tmp)
         cfg = EngineConfig(device="auto", kv_device_budget_bytes=4 * GiB,
                            tiers=[TierConfig("host", 2 * GiB), TierConfig("disk", 4 * GiB, path=str(Path(tmp) / "disk"))])
         with Qwen3VLEngine(ckpt, cfg) as eng:

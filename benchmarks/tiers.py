@@ -36,7 +36,6 @@ lock. The entries are removed between repetitions, untimed. Target: >= 0.8x memc
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -47,6 +46,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks import options
 from qwen3vl_ray.cache import CacheConfig, TieredCache
 from qwen3vl_ray.keys import Namespace, prefix_key
 from qwen3vl_ray.tiers.config import TierConfig
@@ -261,8 +261,7 @@ def print_batch(b: dict) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", action="store_true")
+    ap = options.parser(__doc__)
     ap.add_argument("--reps", type=int, default=21)
     ap.add_argument("--dir", default=None, help="where the disk tier and the raw files go (default: $TMPDIR)")
     ap.add_argument("--batch-only", action="store_true", help="only the batched store row (no disk, seconds)")
