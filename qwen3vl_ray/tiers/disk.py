@@ -397,17 +397,8 @@ class DiskTier(Tier):
         return PreparedStore(key, nbytes, payload, {"dtype": dtype, "shape": shape, "len": plen})
 
     def complete_store(self, prepared: PreparedStore) -> bool:
-        size = prepared.nbytes
-        with self._lock:
-            if self._closed or self._used + self._reserved + size > self.capacity_bytes:
-                self._c["rejected"] += 1
-                return False
-            self._reserved += size
-        try:
-            return self._write(prepared)
-        finally:
-            with self._lock:
-                self._reserved -= size
+        res = self.allocate(prepared)
+        return res is not None and self.write(res)
 
     # -- held-room store ---------------------------------------------------------------------------
     def allocate(self, prepared: PreparedStore) -> Reservation | None:
