@@ -218,6 +218,15 @@ def _tiny_err(xs, m):
 
 
 @numba.njit(inline="always")
+def _split(U, H, T, n, group, post, per):
+    """(groups per row G, groups in all, codes per group, chunks of ``per`` groups, one per parallel task) of
+    ``U * H * T`` rows of ``n`` elements by ``post`` channels, in groups of ``group``."""
+    G = (n + group - 1) // group
+    items = U * H * T * G
+    return G, items, group * post, (items + per - 1) // per
+
+
+@numba.njit(inline="always")
 def _group_at(i, G, H, T):
     """(u, h, t, gi) of flat group ``i`` over [U, H, T, G]; a chunk finds its first group so, then walks on
     with :func:`_next_group` (carries, no division per group)."""
@@ -247,10 +256,7 @@ def _next_group(u, h, t, gi, G, H, T):
 
 @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
 def _encode(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err):
-    G = (n + group - 1) // group
-    items = U * H * T * G
-    gsize = group * post
-    nchunks = (items + per - 1) // per
+    G, items, gsize, nchunks = _split(U, H, T, n, group, post, per)
     measure = err.size > 0
     for c in prange(nchunks):
         i0 = c * per
@@ -406,10 +412,7 @@ def _nibble(codes, ci):
 
 @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
 def _decode(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, scales):
-    G = (n + group - 1) // group
-    items = U * H * T * G
-    gsize = group * post
-    nchunks = (items + per - 1) // per
+    G, items, gsize, nchunks = _split(U, H, T, n, group, post, per)
     for c in prange(nchunks):
         i0 = c * per
         i1 = min(items, i0 + per)
