@@ -8,7 +8,9 @@ on every node's metrics endpoint and in the Ray dashboard:
 
 - ``vllm:qwen3vl_ray_loaded_tokens{tier}``: tokens loaded from each tier (``host``, ``disk``, ``remote``);
 - ``vllm:qwen3vl_ray_load_bytes`` / ``vllm:qwen3vl_ray_load_seconds``: load bandwidth is their rates' ratio;
-- ``vllm:qwen3vl_ray_saved_tokens``, ``vllm:qwen3vl_ray_save_bytes``, ``vllm:qwen3vl_ray_save_seconds``;
+- ``vllm:qwen3vl_ray_saved_tokens``, ``vllm:qwen3vl_ray_save_bytes``, ``vllm:qwen3vl_ray_save_seconds``
+  (with asynchronous saves, the blocks a step hands to the tiers, counted in that step; a block the store then
+  refuses shows in the store's own counters);
 - ``vllm:qwen3vl_ray_load_failures``: blocks that could not be loaded and were recomputed.
 """
 

@@ -294,13 +294,18 @@ class TierKVConnector(KVConnectorBase_V1):
         t0 = time.perf_counter()
         buf = self._staging.acquire(len(ids))
         entries = self._paged.gather(ids, out=buf)
-        gather_s = time.perf_counter() - t0
+        # Counted now, as handed to the tiers: vLLM only collects stats in engine steps, and an engine that goes
+        # idle right after this one would hold the counts of a save that finishes later until its next request.
+        # The store's time follows with the next step's stats; a block the store then refuses is in its
+        # counters (save_rejected), not here.
+        with self._lock:
+            self._stats.record_save(len(ids) * self.block_size, nbytes, time.perf_counter() - t0)
         staging = self._staging
 
         def done(saved: int, seconds: float) -> None:
             staging.release(buf)
             with self._lock:
-                self._stats.record_save(saved * self.block_size, saved * nbytes // len(ids), gather_s + seconds)
+                self._stats.record_save(0, 0, seconds)
 
         self.transfers.submit_save(meta.saves, entries, done)
 
