@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from actors.engine_protocol import EngineRun
+from actors.engine_protocol import EngineRun, RoutingSpec
 from qwen3vl_ray.keys import CacheKey
 from qwen3vl_ray.settings import concrete_dtype, default, env_value
 
@@ -139,12 +139,9 @@ class Qwen3VLEngineAdapter:
                 keyer = _keyers[key] = RequestKeyer(path, _engine_config(device_tier_bytes, **engine_config))
             return keyer
 
-    def routing_spec(self) -> dict:
-        """What a router needs to build a ``RequestKeyer`` giving this engine's exact keys (no weights):
-        the checkpoint directory, the engine's resolved config and its model fingerprint (so the router
-        never hashes the weights itself)."""
-        return {"checkpoint_path": str(self.engine.path), "config": self.engine.config,
-                "fingerprint": self.engine.fingerprint}
+    def routing_spec(self) -> RoutingSpec:
+        """This engine's keys as a router rebuilds them (``RoutingSpec``)."""
+        return RoutingSpec(str(self.engine.path), self.engine.config, self.engine.fingerprint)
 
     def _request(self, request: dict) -> Any:
         from qwen3vl_ray.engine.requests import Request

@@ -46,6 +46,17 @@ class EngineRun:
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class RoutingSpec:
+    """What the service's client needs to build a ``RequestKeyer`` giving an engine's exact keys, without
+    weights (``Worker.routing_spec``): the checkpoint directory, the engine's resolved ``EngineConfig`` and its
+    model fingerprint (so the client never hashes the weights itself)."""
+
+    checkpoint_path: str
+    config: Any
+    fingerprint: str | None = None
+
+
 @runtime_checkable
 class WorkerEngine(Protocol):
     """What every engine gives the worker."""

@@ -79,10 +79,10 @@ class ServiceHandle:
             try:
                 from qwen3vl_ray.engine.request_keys import RequestKeyer
 
-                self._keyer = RequestKeyer(spec["checkpoint_path"], spec["config"], fingerprint=spec.get("fingerprint"))
+                self._keyer = RequestKeyer(spec.checkpoint_path, spec.config, fingerprint=spec.fingerprint)
             except Exception:
                 logger.warning("cannot build request keys for %s here; routing by load only",
-                               spec["checkpoint_path"], exc_info=True)
+                               spec.checkpoint_path, exc_info=True)
             break
         return self._keyer
 

@@ -298,7 +298,8 @@ class Worker:
 
     @ray.method(concurrency_group="control")
     def routing_spec(self):
-        """The engine's key configuration for client-side prefix routing (None if it has none)."""
+        """The engine's key configuration for client-side prefix routing (an ``actors.engine_protocol.RoutingSpec``;
+        None for an engine without one)."""
         spec = getattr(self.logic.engine, "routing_spec", None)
         return spec() if spec is not None else None
 

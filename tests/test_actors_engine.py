@@ -203,3 +203,16 @@ def test_a_device_budget_demotion_on_the_ray_path_lands_in_the_agents_host_tier_
     # the tail's tokens are host hits (the agent's tier held them), not the worker's device tier's
     assert r2["cached_tiers"].get("device", 0) == 16 * r2["device_chunks"]  # the chunks B left on the device
     assert r2["cached_tiers"]["host"] == r2["cached_tokens"] - 16 * r2["device_chunks"] >= tail_used
+
+
+def test_a_client_rebuilds_the_engines_exact_keys_from_its_routing_spec(ckpt):
+    import pickle
+
+    from actors.engine_protocol import RoutingSpec
+
+    engine = Qwen3VLEngineAdapter(model=str(ckpt), chunk_tokens=16, device="cpu", device_tier_bytes=8 << 20)
+    spec = pickle.loads(pickle.dumps(engine.routing_spec()))  # as it reaches the client through Ray
+    assert isinstance(spec, RoutingSpec) and spec.fingerprint == engine.engine.fingerprint
+    keyer = RequestKeyer(spec.checkpoint_path, spec.config, fingerprint=spec.fingerprint)
+    req = image_request()
+    assert keyer.keys(req["messages"]) == engine.request_keys(req) and len(engine.request_keys(req)) > 0
