@@ -18,6 +18,12 @@ Each module keeps its logic in a plain class that tests drive without Ray and wr
   benchmarks name explicitly.
 - ``service``: ``ensure_service`` (attach or embed, idempotent) and the client ``ServiceHandle``, which
   routes by longest cached prefix using keys from ``qwen3vl_ray.engine.request_keys.RequestKeyer``
-  (tokenizer/processor only, configured from a worker's engine).
+  (tokenizer/processor only, configured from a worker's engine); its decisions are ``service_logic``'s
+  ``ServiceLogic`` (Ray-free, over a ``ServicePort``), its Ray calls ``RayServicePort``.
+- ``results`` (``RequestResult``: one shape for every request's outcome), ``errors`` (the errors a caller tells
+  apart, surviving Ray as their own classes), ``engine_protocol`` (``WorkerEngine``, ``DeviceTierEngine``,
+  ``EngineRun``, ``RoutingSpec``).
+- ``cluster_chunks`` (find, fetch and store chunks across the agents) and ``kv_block_store`` (vLLM's KV
+  connector's store on the agents).
 - ``metrics``: ``qwen3vl_ray_*`` metrics tagged by node and tier (``dashboards/grafana_qwen3vl_ray.json``).
 """
