@@ -126,7 +126,9 @@ class StagingBuffers:
                     self._free.pop()
                     break
                 self._cond.wait()
-        return torch.empty((max(rows, 16), *self.entry_shape), dtype=self.dtype)
+        # a power of two of rows: a later step with a few blocks more can reuse it; not more, since one entry
+        # of a real model is MiBs (Qwen3-VL-2B in vLLM's CPU block: 14 MiB)
+        return torch.empty((1 << max(rows - 1, 0).bit_length(), *self.entry_shape), dtype=self.dtype)
 
     def release(self, buf: torch.Tensor) -> None:
         with self._cond:
