@@ -113,3 +113,17 @@ def test_bad_gather_buffers_are_refused():
     paged = _paged()
     with pytest.raises(ValueError, match="cannot hold"):
         paged.gather([0, 1], out=torch.empty(1, *paged.entry_shape))
+
+
+def test_after_close_jobs_run_in_their_callers_and_drain_never_waits():
+    """vLLM shuts an engine down from a finalizer that runs after this process's exit hook closed the thread:
+    its last saves still reach the store, and its drain returns at once (it used to wait out its timeout)."""
+    paged, store = _paged(), _store()
+    transfers = BlockTransfers(store)
+    transfers.close()
+    assert transfers.drain(timeout=5)
+    saved = []
+    key = _keys(1)[0]
+    transfers.submit_save([BlockMove(3, key)], paged.gather([3]), lambda n, s: saved.append(n))
+    assert saved == [1] and store.contains_many([key]) == [True]
+    assert transfers.load_now(paged, [BlockMove(0, key)], TOKENS).failed_block_ids == []

@@ -144,6 +144,7 @@ class BlockTransfers:
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._pending: Counter[CacheKey] = Counter()
         self._lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="qwen3vl-ray-block-transfers", daemon=True)
         self._thread.start()
         _LIVE.add(self)
@@ -153,7 +154,7 @@ class BlockTransfers:
                     on_done: Callable[[LoadResult], None]) -> None:
         """Load ``moves`` on the transfer thread; ``on_done`` gets the result there (it always runs)."""
         moves = list(moves)
-        self._jobs.put(lambda: on_done(load_blocks(self.store, paged, moves, block_size)))
+        self._submit(lambda: on_done(load_blocks(self.store, paged, moves, block_size)))
 
     def load_now(self, paged: PagedBlocks, moves: Sequence[BlockMove], block_size: int) -> LoadResult:
         """Load ``moves`` and wait: on the transfer thread, after every save submitted before it."""
@@ -185,7 +186,7 @@ class BlockTransfers:
                 self._pending = +self._pending  # drop the keys whose count reached 0
             on_done(saved, time.perf_counter() - t0)
 
-        self._jobs.put(job)
+        self._submit(job)
 
     def pending(self, keys: Sequence[CacheKey]) -> list[bool]:
         """Per key whether a save of it is queued or running (it will be in the store before any later load)."""
@@ -195,15 +196,29 @@ class BlockTransfers:
     # ------------------------------------------------------------------ lifecycle
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every job submitted so far has run; False if ``timeout`` passed first."""
+        if self._closed:
+            return True  # close ran the queue out; later jobs run in their callers
         done = threading.Event()
-        self._jobs.put(done.set)
+        self._submit(done.set)
         return done.wait(timeout)
 
     def close(self, timeout: float | None = 60.0) -> None:
-        """Run what is queued, then stop the thread."""
-        if self._thread.is_alive():
-            self._jobs.put(None)
-            self._thread.join(timeout)
+        """Run what is queued, then stop the thread; jobs submitted afterwards run in their callers (an engine
+        shutting down after this process's exit hook still stores its last blocks, and never waits on a thread
+        that is gone)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._jobs.put(None)  # under the lock: no job can be queued behind it
+        self._thread.join(timeout)
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._closed:
+                self._jobs.put(job)
+                return
+        job()
 
     def _run(self) -> None:
         while True:
