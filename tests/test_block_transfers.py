@@ -127,3 +127,20 @@ def test_after_close_jobs_run_in_their_callers_and_drain_never_waits():
     transfers.submit_save([BlockMove(3, key)], paged.gather([3]), lambda n, s: saved.append(n))
     assert saved == [1] and store.contains_many([key]) == [True]
     assert transfers.load_now(paged, [BlockMove(0, key)], TOKENS).failed_block_ids == []
+
+
+def test_a_load_that_breaks_while_writing_the_paged_kv_reports_every_block_failed():
+    """A waiting engine step is never left hanging: the blocks of a load that raised are failed loads."""
+    source, target, store = _paged(0), _paged(1), _store()
+    transfers = BlockTransfers(store)
+    keys = _keys(2)
+    transfers.submit_save([BlockMove(b, k) for b, k in zip([1, 2], keys)], source.gather([1, 2], out=torch.empty(
+        2, *source.entry_shape)), lambda n, s: None)
+
+    def broken_scatter(block_id, entry):
+        raise RuntimeError("device lost")
+
+    target.scatter = broken_scatter
+    result = transfers.load_now(target, [BlockMove(4, keys[0]), BlockMove(5, keys[1])], TOKENS)
+    assert result.failed_block_ids == [4, 5]
+    transfers.close()

@@ -154,7 +154,16 @@ class BlockTransfers:
                     on_done: Callable[[LoadResult], None]) -> None:
         """Load ``moves`` on the transfer thread; ``on_done`` gets the result there (it always runs)."""
         moves = list(moves)
-        self._submit(lambda: on_done(load_blocks(self.store, paged, moves, block_size)))
+
+        def job() -> None:
+            try:
+                result = load_blocks(self.store, paged, moves, block_size)
+            except Exception:  # noqa: BLE001 - a caller waits for on_done: every block is then a failed load
+                log.exception("loading %d blocks into the paged KV failed; recomputing them", len(moves))
+                result = LoadResult(failed_block_ids=[m.block_id for m in moves])
+            on_done(result)
+
+        self._submit(job)
 
     def load_now(self, paged: PagedBlocks, moves: Sequence[BlockMove], block_size: int) -> LoadResult:
         """Load ``moves`` and wait: on the transfer thread, after every save submitted before it."""
