@@ -414,11 +414,18 @@ def test_reading_a_pinned_prompt_longer_than_the_host_tier_drops_nothing(tmp_pat
         assert_all_cached_exact(c, other, tag=3)
 
 
+def fill_host_tier(c: TieredCache) -> list:
+    """Store a 4-chunk chain and demote it into the host tier (4 entries: full); its keys, for the caller to pin
+    as a prompt being read is."""
+    held, held_items = chain(4, tag=1)
+    assert c.put_many(held_items) == [True] * 4
+    assert all(c.demote(k) for k in held)
+    return held
+
+
 def test_a_victim_skipping_a_pinned_tier_still_leaves_a_usable_prefix_with_the_default_policy(tmp_path):
     with make_three_tier_cache(tmp_path, None, disk_entries=2) as c:
-        held, held_items = chain(4, tag=1)
-        assert c.put_many(held_items) == [True] * 4
-        assert all(c.demote(k) for k in held)
+        held = fill_host_tier(c)
         with c.pinned(held):
             keys, items = chain(8)
             assert c.put_many(items[:4]) == [True] * 4
@@ -433,9 +440,7 @@ def test_a_victim_skipping_a_pinned_tier_still_leaves_a_usable_prefix_with_the_d
 
 def test_a_batch_overflowing_every_tier_keeps_its_head_in_the_last_one(tmp_path):
     with make_three_tier_cache(tmp_path, None, disk_entries=2) as c:
-        held, held_items = chain(4, tag=1)
-        assert c.put_many(held_items) == [True] * 4
-        assert all(c.demote(k) for k in held)
+        held = fill_host_tier(c)
         with c.pinned(held):
             keys, items = chain(8)
             # one batch of 8: the newest 4 fill the device tier, the older 4 go past the pinned host tier to the
