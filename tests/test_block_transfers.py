@@ -144,3 +144,17 @@ def test_a_load_that_breaks_while_writing_the_paged_kv_reports_every_block_faile
     result = transfers.load_now(target, [BlockMove(4, keys[0]), BlockMove(5, keys[1])], TOKENS)
     assert result.failed_block_ids == [4, 5]
     transfers.close()
+
+
+def test_the_connectors_modes_default_from_its_config_and_a_bad_one_is_refused_by_name():
+    from qwen3vl_ray.errors import ConfigError
+    from qwen3vl_ray.serving.connector_config import ConnectorConfig, connector_config
+
+    config = connector_config({})
+    assert (config.store, config.load_mode, config.save_mode) == ("local", "sync", "async")
+    assert connector_config({"load_mode": "async", "save_mode": "sync"}).load_mode == "async"
+    with pytest.raises(ConfigError, match="load_mode must be one of sync, async, got 'later'"):
+        connector_config({"load_mode": "later"})
+    with pytest.raises(ConfigError, match="unknown kv_connector_extra_config key"):
+        connector_config({"load": "async"})
+    assert ConnectorConfig.__dataclass_fields__["save_mode"].default == "async"

@@ -7,6 +7,7 @@ option names (``host_bytes``, ``disk_dir``, ``host_codec``, ``tenant``, ...: ``d
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -54,9 +55,9 @@ def connector_config(extra_config: Mapping[str, Any] | None, env: Mapping[str, s
     """``extra_config`` > environment > defaults, checked like everywhere else; unknown keys named."""
     extra = dict(extra_config or {})
     chosen = {}
-    for name, allowed, default in (("store", STORE_KINDS, "local"), ("load_mode", LOAD_MODES, "sync"),
-                                   ("save_mode", SAVE_MODES, "async")):
-        chosen[name] = extra.pop(name, default)
+    defaults = {f.name: f.default for f in dataclasses.fields(ConnectorConfig)}
+    for name, allowed in (("store", STORE_KINDS), ("load_mode", LOAD_MODES), ("save_mode", SAVE_MODES)):
+        chosen[name] = extra.pop(name, defaults[name])
         if chosen[name] not in allowed:
             raise ConfigError(f"kv_connector_extra_config {name} must be one of {', '.join(allowed)}, "
                               f"got {chosen[name]!r}")
