@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+# -X faulthandler: pytest turns its own fault handler off when it finishes; this keeps one on through the
+# interpreter's exit, so a crash in an exit hook or a library's teardown prints every thread's stack.
+exec .venv/bin/python -X faulthandler -m pytest -q "$@"
