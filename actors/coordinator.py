@@ -25,6 +25,7 @@ import ray
 from actors.config import NAMESPACE, AgentConfig, CoordinatorConfig
 from actors.directory import Directory
 from actors.metrics import Metrics
+from actors.pressure_report import NodeReport
 from actors.tenancy import Tenant, tenant_checked, with_tenant
 from qwen3vl_ray.errors import CapacityError, error_line
 from qwen3vl_ray.keys import CacheKey
@@ -73,7 +74,7 @@ class CoordinatorLogic:
         self.directory = Directory()
         self.agents: dict[str, Any] = {}
         self.epochs: dict[str, str] = {}
-        self.reports: dict[str, dict] = {}
+        self.reports: dict[str, NodeReport] = {}
         self.workers: dict[str, WorkerState] = {}
         self.reserved: dict[str, int] = {}  # admitted sessions -> reserved KV bytes
         self._reserved_at: dict[str, float] = {}  # -> when last admitted (monotonic), for session_ttl_s
@@ -215,20 +216,22 @@ class CoordinatorLogic:
         watermark, else the node with the most host room, else home (its own cache demotes to disk)."""
         with self._lock:
             def room(n: str) -> float:
-                h = self.reports.get(n, {}).get("tiers", {}).get("host")
-                return -1.0 if h is None else h["high"] * h["capacity"] - h["used"]
+                rep = self.reports.get(n)
+                h = None if rep is None else rep.tiers.get("host")
+                return -1.0 if h is None else h.room
 
             if not self.config.placement or room(node_id) >= nbytes or node_id not in self.agents:
                 return node_id
             other = max((n for n in self.agents if n != node_id), key=room, default=None)
             if other is not None and room(other) >= nbytes:
-                self.reports[other]["tiers"]["host"]["used"] += nbytes  # until the next pressure report
+                rep = self.reports[other]  # booked until its agent's next pressure report
+                self.reports[other] = rep.with_used("host", rep.tiers["host"].used + nbytes)
                 self._decide("place_remote", other, tier="host", nbytes=nbytes, home=node_id)
                 return other
             return node_id
 
     def total_budget(self) -> int:
-        return sum(t["capacity"] for r in self.reports.values() for t in r["tiers"].values())
+        return sum(t.capacity for r in self.reports.values() for t in r.tiers.values())
 
     def admit(self, session_id: str, nbytes: int, wait: bool = True) -> dict:
         """Reserve ``nbytes`` of KV for ``session_id``, or queue/reject it when the cluster is saturated.
@@ -305,9 +308,9 @@ class CoordinatorLogic:
                 self._room.notify_all()
         return decisions
 
-    def _refresh_reports(self) -> dict[str, dict]:
+    def _refresh_reports(self) -> dict[str, NodeReport]:
         """Ask every agent for its pressure (no lock held while asking); returns the fresh reports."""
-        fresh: dict[str, tuple[Any, dict | None]] = {}
+        fresh: dict[str, tuple[Any, NodeReport | None]] = {}
         for node_id, port in self._agents():
             try:
                 fresh[node_id] = (port, port.pressure())
@@ -324,7 +327,7 @@ class CoordinatorLogic:
                     self.reports[node_id] = rep
             return {n: r for n, (p, r) in fresh.items() if r is not None and self.agents.get(n) is p}
 
-    def _relieve_host(self, node_id: str, rep: dict) -> list[dict]:
+    def _relieve_host(self, node_id: str, rep: NodeReport) -> list[dict]:
         """A node's host tier above its high watermark: re-encode cold entries with the stronger codec first,
         then demote to the node's disk down to the low watermark. "Cold" is the node cache's own policy order
         (``NodeAgentLogic.cold_keys``/``demote_cold``: a chain's tail before its head), as in its local moves."""
@@ -332,17 +335,17 @@ class CoordinatorLogic:
         decisions: list[dict] = []
         with self._lock:
             port = self.agents.get(node_id)
-        host = rep["tiers"].get("host")
-        if port is None or host is None or (host["used"] <= host["high"] * host["capacity"] and not host.get("system")):
+        host = rep.tiers.get("host")
+        if port is None or host is None or not host.over_high:
             return decisions
-        need = host["used"] - host["low"] * host["capacity"]
+        need = host.excess
         if cfg.recompress_codec and cfg.recompress_max_per_pass:
             res = port.recompress(port.cold_keys("host", cfg.recompress_max_per_pass), cfg.recompress_codec, int(need))
             if res["entries"]:
                 decisions.append(self._decide("recompress", node_id, "host", res["entries"], bytes=res["bytes"],
                                               codec=cfg.recompress_codec))
                 need -= res["bytes"]
-        if need > 0 and cfg.demote_cold and "disk" in rep["tiers"]:
+        if need > 0 and cfg.demote_cold and "disk" in rep.tiers:
             res = port.demote_cold(int(need))
             if res["entries"]:
                 decisions.append(self._decide("demote", node_id, "host", res["entries"], bytes=res["bytes"]))
@@ -359,21 +362,21 @@ class CoordinatorLogic:
         decisions: list[dict] = []
         reports = self._refresh_reports()  # fresh numbers: the demotions above moved bytes
         agents = dict(self._agents())
-        bottom = {n: ("disk" if "disk" in r["tiers"] else "host") for n, r in reports.items()}
+        bottom = {n: ("disk" if "disk" in r.tiers else "host") for n, r in reports.items()}
         need: dict[str, float] = {}
         used = cap = 0.0
         for n, r in reports.items():
-            t = r["tiers"][bottom[n]]
-            used += t["used"]
-            cap += t["capacity"]
-            if t["used"] > t["high"] * t["capacity"]:
-                need[n] = t["used"] - t["low"] * t["capacity"]
+            t = r.tiers[bottom[n]]
+            used += t.used
+            cap += t.capacity
+            if t.used > t.high * t.capacity:
+                need[n] = t.excess
         any_r = next(iter(reports.values()), None)
         cluster_need = 0.0
         if any_r is not None:
-            t0 = any_r["tiers"][bottom[next(iter(reports))]]
-            if used > t0["high"] * cap:
-                cluster_need = used - t0["low"] * cap
+            t0 = any_r.tiers[bottom[next(iter(reports))]]
+            if used > t0.high * cap:
+                cluster_need = used - t0.low * cap
         if not need and cluster_need <= 0:
             return decisions
         offers: dict[str, deque] = {}

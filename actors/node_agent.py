@@ -40,6 +40,7 @@ from actors.journal import Journal, JournalingTier
 from actors.metrics import Metrics
 from actors.object_store_tier import (RAW, LocalObjectStore, ObjectStore, ObjectStoreTier, array_to_tensor,
                                       fitting_suffix, slice_of, tensor_to_array)
+from actors.pressure_report import NodeReport, TierReport
 from actors.tenancy import Tenant, tenant_checked
 from qwen3vl_ray.cache.lifetimes import LifetimeConfig, LifetimeManager
 from qwen3vl_ray.codecs.base import decode
@@ -328,7 +329,7 @@ class NodeAgentLogic:
         return materialize(self.get_chunks(keys), self.store)
 
     # -- policy hooks (called by the coordinator) ----------------------------------------------
-    def pressure(self) -> dict:
+    def pressure(self) -> NodeReport:
         """Fill levels against the watermarks, from the core pressure monitor: a tier whose physical memory or
         disk is short (``system``) counts as over its high watermark even within its own budget.
 
@@ -338,15 +339,15 @@ class NodeAgentLogic:
         report = self.monitor.sample()
         tiers = {}
         for tp in report.tiers:
-            tiers[tp.name] = {"used": tp.used_bytes, "capacity": tp.capacity_bytes, "entries": len(
-                self.host if tp.name == "host" else self.disk), "high": tp.high_watermark, "low": tp.low_watermark,
-                "system": tp.system_pressure}
-            self.metrics.set("qwen3vl_ray_bytes_used", tp.used_bytes, tier=tp.name)
-            self.metrics.set("qwen3vl_ray_bytes_budget", tp.capacity_bytes, tier=tp.name)
-            self.metrics.set("qwen3vl_ray_entries", tiers[tp.name]["entries"], tier=tp.name)
+            tier = tiers[tp.name] = TierReport(
+                used=tp.used_bytes, capacity=tp.capacity_bytes, entries=len(self.host if tp.name == "host" else self.disk),
+                high=tp.high_watermark, low=tp.low_watermark, system=tp.system_pressure)
+            self.metrics.set("qwen3vl_ray_bytes_used", tier.used, tier=tp.name)
+            self.metrics.set("qwen3vl_ray_bytes_budget", tier.capacity, tier=tp.name)
+            self.metrics.set("qwen3vl_ray_entries", tier.entries, tier=tp.name)
         self.metrics.set("qwen3vl_ray_compression_ratio", self.host.stats()["compression_ratio"], tier="host")
-        return {"node_id": self.node_id, "epoch": self.epoch, "tiers": tiers,
-                "host_memory": [report.host_used_bytes, report.host_total_bytes], "disk_free": report.disk_free_bytes}
+        return NodeReport(self.node_id, self.epoch, tiers, (report.host_used_bytes, report.host_total_bytes),
+                          dict(report.disk_free_bytes))
 
     def expire_idle(self, now: float | None = None) -> int:
         """Drop the host and disk entries neither read nor written for ``AgentConfig.idle_ttl_s`` (0: never), when

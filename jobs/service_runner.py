@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.dataset import Item
 from jobs.rows import service_row
 from qwen3vl_ray import settings as S
 from qwen3vl_ray.errors import ClusterError, ConfigError
+
+if TYPE_CHECKING:
+    from actors.pressure_report import NodeReport
 
 logger = logging.getLogger(__name__)
 
@@ -284,21 +287,21 @@ def _collect(state: dict, tenant: Any) -> dict:
 _STAT_KEYS = ("compression_ratio", "bytes_read", "bytes_written", "codec")
 
 
-def _merge_stats(report: dict, stats: dict) -> dict:
-    """Pressure report (used/capacity/entries/watermarks per tier) + the agent's tier stats (hits, codec,
-    compression) in one dict per tier: a new dict, the agent's report is left as it came.
+def _merge_stats(report: NodeReport, stats: dict) -> dict:
+    """Pressure report (``NodeReport.to_dict``: used/capacity/entries/watermarks per tier) + the agent's tier
+    stats (hits, codec, compression) in one JSON-ready dict per tier.
 
     The agent looks a chunk up top-down (host, then disk), so a tier's misses are the lookups that reached it
     and were not found there: the hits of the tiers below it plus the agent's misses."""
-    report = {**report, "tiers": {name: dict(tier) for name, tier in (report.get("tiers") or {}).items()}}
+    out = report.to_dict()
     per_tier = {t.get("name"): t for t in (stats.get("cache") or {}).get("tiers", []) if isinstance(t, dict)}
     served = stats.get("served") or {}
     served_hits = served.get("hits") or {}
     if "misses" in served:
-        report["served_misses"] = served["misses"]
-    names = list(report.get("tiers", {}))
+        out["served_misses"] = served["misses"]
+    names = list(out["tiers"])
     for j, name in enumerate(names):
-        tier = report["tiers"][name]
+        tier = out["tiers"][name]
         if name in served_hits:
             tier["served_hits"] = served_hits[name]
             if "misses" in served:
@@ -308,4 +311,4 @@ def _merge_stats(report: dict, stats: dict) -> dict:
             for k in _STAT_KEYS:
                 if k in src and k not in tier:
                     tier[k] = src[k]
-    return report
+    return out

@@ -256,7 +256,7 @@ def test_workload_three_times_the_budgets_stays_within_every_budget(cluster):
     total = len(agents) * (HOST + DISK)
     n_chunks = 3 * total // CHUNK_BYTES
     reqs = [{"token_ids": prompt(1000 + i, 16)} for i in range(n_chunks // 16 + 1)]
-    samples: list[dict] = []
+    samples: list = []
     stop = threading.Event()
 
     def sample():
@@ -280,9 +280,9 @@ def test_workload_three_times_the_budgets_stays_within_every_budget(cluster):
         t.join()
     assert len(samples) > 3 * len(agents)
     for s in samples:
-        for name, tier in s["tiers"].items():
-            assert tier["used"] <= tier["capacity"] + CHUNK_BYTES + 4096, (s["node_id"], name, tier)
-    assert sum(s["tiers"]["disk"]["used"] > 0 for s in samples) > 0  # pressure really reached the disk tier
+        for name, tier in s.tiers.items():
+            assert tier.used <= tier.capacity + CHUNK_BYTES + 4096, (s.node_id, name, tier)
+    assert sum(s.tiers["disk"].used > 0 for s in samples) > 0  # pressure really reached the disk tier
 
 
 def test_metrics_reach_the_prometheus_endpoint(cluster):

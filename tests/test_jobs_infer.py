@@ -183,9 +183,11 @@ def test_service_runner_rows_carry_tokens_tiers_and_a_bad_rows_own_error(ckpt_en
 
 
 def test_status_merges_the_agents_served_hits_per_tier():
+    from actors.pressure_report import NodeReport, TierReport
     from jobs.service_runner import _merge_stats
 
-    merged = _merge_stats({"tiers": {"host": {"used": 1}, "disk": {"used": 2}}},
+    merged = _merge_stats(NodeReport("n" * 32, "e", {"host": TierReport(1, 8, 1, 0.9, 0.75),
+                                                     "disk": TierReport(2, 16, 1, 0.9, 0.75)}),
                           {"served": {"hits": {"host": 4, "disk": 1}, "misses": 2}})
     assert merged["tiers"]["host"]["served_hits"] == 4 and merged["tiers"]["disk"]["served_hits"] == 1
     assert merged["served_misses"] == 2
