@@ -24,11 +24,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
-from qwen3vl_ray.keys import CacheKey
+from qwen3vl_ray.keys import CacheKey, validate_key
+
+if TYPE_CHECKING:
+    from qwen3vl_ray.codecs.base import Codec
 
 
 @dataclass(slots=True)
@@ -39,6 +42,29 @@ class PreparedStore:
     nbytes: int
     payload: Any  # tier-specific: the tensor itself, or an encoded uint8 buffer
     meta: dict = field(default_factory=dict)
+
+
+class EncodedPayload(NamedTuple):
+    """A tensor as a codec-backed tier will store it, before the tier adds its own framing and size rules."""
+
+    key: CacheKey  # validated
+    payload: Any  # the detached tensor itself (the identity codec "none"), else the codec's encoded buffer
+    nbytes: int  # length of ``payload`` in bytes
+
+
+def encode_payload(codec: Codec, tier_name: str, key: CacheKey, tensor: torch.Tensor) -> EncodedPayload:
+    """The part of ``prepare_store`` every codec-backed tier shares: check the key and the value, then encode.
+
+    The identity codec is skipped: its tensor is kept as is (detached) so the tier copies its bytes straight
+    from the source instead of through an encoded copy."""
+    key = validate_key(key)
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{tier_name} tier stores torch.Tensor, got {type(tensor).__name__}")
+    if codec.name == "none":
+        payload = tensor.detach()
+        return EncodedPayload(key, payload, payload.numel() * payload.element_size())
+    payload = codec.encode(tensor)
+    return EncodedPayload(key, payload, len(payload))
 
 
 @dataclass(slots=True)

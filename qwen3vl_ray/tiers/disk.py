@@ -63,7 +63,7 @@ from qwen3vl_ray.errors import CapacityError, CodecError, CorruptEntryError
 from qwen3vl_ray.keys import CacheKey, Namespace, key_from_hex, key_hex, validate_key
 from qwen3vl_ray.tiers import disk_format as fmt
 from qwen3vl_ray.tiers import private_dirs
-from qwen3vl_ray.tiers.base import PreparedStore, Reservation, Tier
+from qwen3vl_ray.tiers.base import PreparedStore, Reservation, Tier, encode_payload
 from qwen3vl_ray.tiers.config import TierConfig
 
 log = logging.getLogger(__name__)
@@ -379,17 +379,9 @@ class DiskTier(Tier):
 
     # -- store -----------------------------------------------------------------------------------
     def prepare_store(self, key: CacheKey, tensor: torch.Tensor) -> PreparedStore:
-        key = validate_key(key)
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"disk tier stores torch.Tensor, got {type(tensor).__name__}")
+        key, payload, plen = encode_payload(self.codec, self.name, key, tensor)
         dtype = dtype_name(tensor.dtype)
         shape = tuple(tensor.shape)
-        if self._raw:
-            payload: Any = tensor.detach()
-            plen = payload.numel() * payload.element_size()
-        else:
-            payload = self.codec.encode(tensor)
-            plen = len(payload)
         fmt.check_fields(dtype, self.codec.spec(), len(shape))  # a bad call fails here, before any file exists
         nbytes = fmt.header_len(dtype, self.codec.spec(), len(shape)) + plen
         if nbytes > self.capacity_bytes:

@@ -28,7 +28,7 @@ from qwen3vl_ray.codecs import decode, make_codec
 from qwen3vl_ray.errors import CapacityError
 from qwen3vl_ray.keys import CacheKey, Namespace, validate_key
 from qwen3vl_ray.pools.block_pool import BlockPool
-from qwen3vl_ray.tiers.base import PreparedStore, Reservation, Tier
+from qwen3vl_ray.tiers.base import PreparedStore, Reservation, Tier, encode_payload
 from qwen3vl_ray.tiers.config import TierConfig
 
 log = logging.getLogger(__name__)
@@ -152,15 +152,7 @@ class PooledTier(Tier):
 
     # -- store -----------------------------------------------------------------------------------
     def prepare_store(self, key: CacheKey, tensor: torch.Tensor) -> PreparedStore:
-        key = validate_key(key)
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{self.name} tier stores torch.Tensor, got {type(tensor).__name__}")
-        if self._raw:
-            payload: Any = tensor.detach()
-            nbytes = payload.numel() * payload.element_size()
-        else:
-            payload = self.codec.encode(tensor)
-            nbytes = len(payload)
+        key, payload, nbytes = encode_payload(self.codec, self.name, key, tensor)
         need = self._blocks(nbytes) * self.block_bytes
         if need > self.capacity_bytes:
             raise CapacityError(
