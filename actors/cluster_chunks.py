@@ -23,8 +23,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from actors.metrics import Metrics
-from actors.node_agent import ChunkRef, materialize, to_wire
+from actors.node_agent import ChunkRef, materialize
 from actors.object_store_tier import ObjectStore
+from actors.wire import WireChunk
 from qwen3vl_ray.keys import CacheKey
 
 logger = logging.getLogger(__name__)
@@ -105,12 +106,12 @@ class ClusterChunks:
         and record them in its directory. Per item the tier it landed in, or None (not stored)."""
         if not items:
             return []
-        wire = [(k, to_wire(t), p) for k, t, p in items]
-        nbytes = sum(t.numel() * t.element_size() for _, t, _ in items)
+        wire = [WireChunk.of(k, t, p) for k, t, p in items]
+        nbytes = sum(c.nbytes for c in wire)
         try:
             target = self.coordinator.place(self.node_id, nbytes)
             tiers = self.agent_for(target).put_chunks(wire)
-            self.coordinator.record(target, [k for k, _, _ in wire], tiers)
+            self.coordinator.record(target, [c.key for c in wire], tiers)
             return tiers
         except Exception:
             logger.warning("storing %d new chunks failed; they will be recomputed next time", len(items), exc_info=True)

@@ -26,12 +26,10 @@ import os
 import re
 import time
 import uuid
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from actors.config import NAMESPACE, AgentConfig
@@ -39,9 +37,10 @@ from actors.directory import TIER_CODES
 from actors.journal import Journal, JournalingTier
 from actors.metrics import Metrics
 from actors.object_store_tier import (RAW, LocalObjectStore, ObjectStore, ObjectStoreTier, array_to_tensor,
-                                      fitting_suffix, slice_of, tensor_to_array)
+                                      fitting_suffix, slice_of)
 from actors.pressure_report import NodeReport, TierReport
 from actors.tenancy import Tenant, tenant_checked
+from actors.wire import WireChunk, to_wire
 from qwen3vl_ray.cache.lifetimes import LifetimeConfig, LifetimeManager
 from qwen3vl_ray.codecs.base import decode
 from qwen3vl_ray.keys import CacheKey, Namespace, validate_key
@@ -107,29 +106,6 @@ def materialize(refs: Sequence[ChunkRef | None], store: ObjectStore) -> list[tor
 def _handle_id(handle: Any) -> Any:
     # ObjectRefs hash by object id; LocalObjectStore handles are arrays (identity)
     return handle if hasattr(handle, "binary") else id(handle)
-
-
-def as_tensor(x: Any) -> torch.Tensor:
-    """Chunks arrive as tensors or as (array, dtype name) pairs (bf16 travels as an int16 view)."""
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, tuple) and len(x) == 2:
-        arr, dtype = x
-        with warnings.catch_warnings():  # read-only arrays from the object store; never written
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(np.asarray(arr))
-        from qwen3vl_ray.codecs.base import dtype_from_name
-
-        want = dtype_from_name(dtype)
-        return t.view(want) if t.dtype != want else t
-    if isinstance(x, np.ndarray):
-        return as_tensor((x, str(torch.from_numpy(np.zeros(0, x.dtype)).dtype).removeprefix("torch.")))
-    raise TypeError(f"a chunk must be a torch.Tensor or (numpy array, dtype name), got {type(x).__name__}")
-
-
-def to_wire(t: torch.Tensor) -> tuple[np.ndarray, str]:
-    """The form a chunk crosses process boundaries in: a numpy view (zero-copy through Ray) + dtype."""
-    return tensor_to_array(t), str(t.dtype).removeprefix("torch.")
 
 
 def tenant_disk_dir(config: AgentConfig, tenant: Tenant) -> str:
@@ -228,7 +204,7 @@ class NodeAgentLogic:
                     config.host_bytes, config.disk_bytes, 0 if self.disk is None else len(self.disk))
 
     # -- writes --------------------------------------------------------------------------------
-    def put_chunks(self, items: Sequence[tuple[CacheKey, Any, CacheKey | None]]) -> list[str | None]:
+    def put_chunks(self, items: Sequence[WireChunk]) -> list[str | None]:
         """Store many chunks. The newest entries of the batch that fit the host tier go into the object store as
         one slab (host victims are demoted to disk first, in the policy's order, to make that room); the older
         ones of a batch larger than the host tier go straight to the disk tier (without one they are not stored:
@@ -236,9 +212,10 @@ class NodeAgentLogic:
         Returns the tier each chunk is in afterwards, or None if it was not stored."""
         now = time.monotonic()
         batch = []
-        for key, chunk, parent in items:
-            t = as_tensor(chunk)
-            batch.append((validate_key(key), t, None if parent is None else validate_key(parent)))
+        for c in items:
+            if not isinstance(c, WireChunk):
+                raise TypeError(f"put_chunks takes WireChunk items, got {type(c).__name__}")
+            batch.append((validate_key(c.key), c.tensor(), None if c.parent is None else validate_key(c.parent)))
         inner = self.host.inner
         prepared = inner.encode_many([(k, t) for k, t, _ in batch])
         n_top = fitting_suffix([None if p is None else p.nbytes for p in prepared], inner.capacity_bytes)

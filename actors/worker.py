@@ -25,10 +25,11 @@ from actors.cluster_chunks import ClusterChunks
 from actors.config import NAMESPACE, ServiceConfig, WorkerConfig, configure_actor_logging
 from actors.engine_protocol import ENGINE_MEMBERS, DeviceTierEngine, EngineRun, WorkerEngine
 from actors.metrics import Metrics
-from actors.node_agent import materialize, to_wire
+from actors.node_agent import materialize
 from actors.object_store_tier import ObjectStore
 from actors.results import RequestResult, error_result
 from actors.tenancy import tenant_checked, with_tenant
+from actors.wire import WireChunk
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class AgentBelow:
     def put_many(self, items: list) -> list[bool]:
         """Hand ``(key, tensor, parent)`` items to this node's agent in one batched call."""
         c = self.chunks
-        tiers = c.agent_for(c.node_id).put_chunks([(k, to_wire(t), p) for k, t, p in items])
+        tiers = c.agent_for(c.node_id).put_chunks([WireChunk.of(k, t, p) for k, t, p in items])
         keys = [k for k, _, _ in items]
         try:
             c.coordinator.record(c.node_id, keys, tiers)

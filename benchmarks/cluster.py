@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from actors.config import NAMESPACE, AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig
-    from actors.node_agent import agent_name, to_wire
+    from actors.node_agent import agent_name
+    from actors.wire import WireChunk
     from actors.service import ensure_service
     from actors.synthetic_engine import SyntheticKVEngine
     from qwen3vl_ray.keys import chunk_keys
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             agent0 = ray.get_actor(agent_name(nodes[0]), namespace=NAMESPACE)
         if "b" in parts:
             keys = chunk_keys(engine.namespace, list(range(64 * args.batch)), 64)
-            ray.get(agent0.put_chunks.remote([(k, to_wire(engine.chunk_kv(k)), None) for k in keys]))
+            ray.get(agent0.put_chunks.remote([WireChunk.of(k, engine.chunk_kv(k)) for k in keys]))
             one = ray.get(bench[nodes[0]].fetch.remote(nodes[0], [keys[:1]], args.repeats * 4))
             many = ray.get(bench[nodes[0]].fetch.remote(nodes[0], [keys], args.repeats))
             rows += [
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             groups = []
             for g in range(2 * args.repeats):
                 gk = chunk_keys(engine.namespace, [g] * (64 * 16), 64)
-                ray.get(agent0.put_chunks.remote([(k, to_wire(engine.chunk_kv(k)), None) for k in gk]))
+                ray.get(agent0.put_chunks.remote([WireChunk.of(k, engine.chunk_kv(k)) for k in gk]))
                 groups.append(gk)
             local = ray.get(bench[nodes[0]].fetch.remote(nodes[0], groups[0::2]))
             cross = ray.get(bench[nodes[1]].fetch.remote(nodes[0], groups[1::2]))

@@ -15,6 +15,7 @@ from actors.node_agent import NodeAgentLogic
 from actors.object_store_tier import LocalObjectStore, ObjectStoreTier
 from actors.synthetic_engine import SyntheticKVEngine
 from actors.worker import WorkerLogic
+from actors.wire import WireChunk
 from qwen3vl_ray.errors import CapacityError, ConfigError
 from qwen3vl_ray.keys import CacheKey
 
@@ -106,7 +107,7 @@ def test_agent_demotes_lru_to_disk_and_promotes_on_hit(tmp_path):
     agent = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=3), LocalObjectStore())
     # put 4 chunks one call each into a 3-chunk host tier -> the oldest one is demoted to disk
     for i in range(4):
-        agent.put_chunks([(key(i), chunk(i), None)])
+        agent.put_chunks([WireChunk.of(key(i), chunk(i))])
     assert agent.contains_many([key(i) for i in range(5)]) == ["disk", "host", "host", "host", None]
     # a disk hit comes back bit-exact and is promoted (pushing the next LRU entry down)
     got = agent.get_tensors([key(0), key(4)])
@@ -122,12 +123,12 @@ def test_agent_batch_larger_than_the_host_tier_is_one_slab_plus_lru_demotions(tm
     agent = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=3), LocalObjectStore())
     # one batch of 5 into a 3-chunk host tier: the 3 that fit go into the store as one slab, the cache commits
     # all 5 in order and (LRU) demotes the oldest two to disk to make room for the last two
-    assert agent.put_chunks([(key(i), chunk(i), None) for i in range(5)]) == ["disk"] * 2 + ["host"] * 3
+    assert agent.put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(5)]) == ["disk"] * 2 + ["host"] * 3
     assert agent.host.used_bytes <= agent.host.capacity_bytes and agent.host.inner.unstage_all() == 0
     assert all(torch.equal(t, chunk(i)) for i, t in enumerate(agent.get_tensors([key(i) for i in range(5)])))
     # a batch that fits is one object in the store, committed entry by entry through the cache
     roomy = NodeAgentLogic(NODES[1], agent_cfg(tmp_path, host_chunks=8), LocalObjectStore())
-    assert roomy.put_chunks([(key(i), chunk(i), None) for i in range(5)]) == ["host"] * 5
+    assert roomy.put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(5)]) == ["host"] * 5
     assert roomy.host.stats()["slabs_put"] == 1 and roomy.cache.where(key(4)) == "host"
 
 
@@ -142,11 +143,11 @@ class CountingStore(LocalObjectStore):
         return super().put(value)
 
 
-def chain(n: int, start: int = 0, parent: CacheKey | None = None) -> list[tuple[CacheKey, torch.Tensor, CacheKey | None]]:
+def chain(n: int, start: int = 0, parent: CacheKey | None = None) -> list[WireChunk]:
     """``n`` chunks of one prefix chain: each chunk's parent is the one before it."""
     items = []
     for i in range(start, start + n):
-        items.append((key(i), chunk(i), parent))
+        items.append(WireChunk.of(key(i), chunk(i), parent))
         parent = key(i)
     return items
 
@@ -176,7 +177,7 @@ def test_agent_batch_larger_than_the_host_tier_keeps_its_newest_as_one_slab_and_
 def test_agent_restart_serves_disk_entries_and_misses_lost_host_entries(tmp_path):
     cfg = agent_cfg(tmp_path, host_chunks=2)
     first = NodeAgentLogic(NODES[0], cfg, LocalObjectStore())
-    assert first.put_chunks([(key(i), chunk(i), None) for i in range(4)]) == ["disk"] * 2 + ["host"] * 2
+    assert first.put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(4)]) == ["disk"] * 2 + ["host"] * 2
     # the agent dies (its object store entries with it); a new one opens the same node directory
     again = NodeAgentLogic(NODES[0], cfg, LocalObjectStore())
     assert again.epoch != first.epoch
@@ -193,7 +194,7 @@ def test_agent_journal_keeps_a_directory_equal_to_its_snapshot(tmp_path):
     d = Directory()
     d.apply_events(NODES[0], ((k, c, True) for k, c in agent.snapshot()["entries"]))
     for i in range(7):  # churn: demotions and disk evictions
-        agent.put_chunks([(key(i), chunk(i), None)])
+        agent.put_chunks([WireChunk.of(key(i), chunk(i))])
         agent.get_tensors([key(max(0, i - 3))])
     d.apply_events(NODES[0], agent.drain_journal()["events"])
     expected = {k: c for k, c in agent.snapshot()["entries"]}
@@ -205,7 +206,7 @@ def test_overflowed_journal_or_restarted_agent_is_resynced_from_a_snapshot(tmp_p
     coord, agents = make_cluster(tmp_path, host_chunks=8)
     a = agents[NODES[0]]
     a.journal.max_events = 2  # the coordinator was away for a while: the journal overflowed
-    a.put_chunks([(key(i), chunk(i), None) for i in range(5)])
+    a.put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(5)])
     coord.sync_journals()
     assert coord.lookup([key(i) for i in range(5)]) == [(NODES[0], "host")] * 5
     # counted per entry resynced: the 5 came from the snapshot, not the (lost) journal
@@ -229,7 +230,7 @@ def make_cluster(tmp_path, config: CoordinatorConfig | None = None, **agent_kw):
 def test_routing_and_admission_go_on_while_a_policy_pass_waits_on_a_hung_agent(tmp_path):
     coord, agents = make_cluster(tmp_path)
     coord.register_worker("w0", NODES[0])
-    agents[NODES[0]].put_chunks([(key(i), chunk(i), None) for i in range(3)])
+    agents[NODES[0]].put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(3)])
     coord.record(NODES[0], [key(i) for i in range(3)], ["host"] * 3)
     coord.policy_pass()  # budgets known (admission needs them)
     hung, release = threading.Event(), threading.Event()
@@ -273,7 +274,7 @@ def test_routing_and_admission_go_on_while_a_policy_pass_waits_on_a_hung_agent(t
 def test_policy_pass_demotes_cold_host_entries_to_the_low_watermark(tmp_path):
     coord, agents = make_cluster(tmp_path, host_chunks=8, high_watermark=0.7, low_watermark=0.5)
     a = agents[NODES[0]]
-    a.put_chunks([(key(i), chunk(i), None) for i in range(7)])  # one slab; 7/8 > 0.7 high watermark
+    a.put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(7)])  # one slab; 7/8 > 0.7 high watermark
     a.get_tensors([key(0)])  # chunk 0 is now the hottest
     decisions = coord.policy_pass()
     assert [d["action"] for d in decisions] == ["demote"]
@@ -289,7 +290,7 @@ def test_policy_pass_recompresses_cold_host_entries_before_demoting(tmp_path):
     cfg = CoordinatorConfig(recompress_codec="int8", recompress_max_per_pass=8, period_s=0)
     coord, agents = make_cluster(tmp_path, cfg, host_chunks=8, high_watermark=0.7, low_watermark=0.5)
     a = agents[NODES[0]]
-    a.put_chunks([(key(i), chunk(i), None) for i in range(7)])  # 7/8 > 0.7
+    a.put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(7)])  # 7/8 > 0.7
     # int8 halves a bf16 chunk: re-encoding the cold entries frees enough, so nothing has to leave the host
     assert [d["action"] for d in coord.policy_pass()] == ["recompress"]
     assert a.host.used_bytes <= 0.5 * a.host.capacity_bytes
@@ -304,9 +305,9 @@ def test_cluster_eviction_drops_lowest_value_entries_first(tmp_path):
     coord, agents = make_cluster(tmp_path, cfg, host_chunks=2, disk_chunks=6, high_watermark=0.6, low_watermark=0.4)
     a, b = agents[NODES[0]], agents[NODES[1]]
     for i in range(6):
-        a.put_chunks([(key(i), chunk(i), None)])  # disk: 0-3, host: 4, 5
+        a.put_chunks([WireChunk.of(key(i), chunk(i))])  # disk: 0-3, host: 4, 5
     a.get_tensors([key(0), key(1)])  # reused: promoted to host, pushing 4 and 5 down to disk
-    b.put_chunks([(key(10), chunk(10), None)])  # node b is not under pressure
+    b.put_chunks([WireChunk.of(key(10), chunk(10))])  # node b is not under pressure
     assert a.value(key(0), 0.05) > a.value(key(2), 0.05)  # reuse raises an entry's value
     decisions = coord.policy_pass()
     assert [d["action"] for d in decisions] == ["evict_by_value"]
@@ -338,7 +339,7 @@ def test_cluster_eviction_never_drops_a_chain_head_while_its_tail_stays(tmp_path
         for node, agent, base in ((NODES[0], a, 100), (NODES[1], b, 200)):
             items = chain(6, start=base + 10 * r)
             agent.put_chunks(items)
-            parents[node].update({k: p for k, _, p in items})
+            parents[node].update({c.key: c.parent for c in items})
         if r >= 2:
             a.get_tensors([key(100 + 10 * (r - 2))])
         assert all(d["action"] in ("demote", "evict_by_value") for d in coord.policy_pass())
@@ -362,7 +363,7 @@ def test_demote_cold_takes_a_chains_tail_before_its_head(tmp_path):
     for c in range(4):  # 4 chains of 4 chunks fill the host tier
         items = chain(4, start=10 * c)
         assert a.put_chunks(items) == ["host"] * 4
-        parents.update({k: p for k, _, p in items})
+        parents.update({c.key: c.parent for c in items})
     # every chain reread head to tail, one chunk at a time: each head is now its chain's least recent chunk
     # (recency alone would demote the heads first and leave every tail in host without its prefix)
     for depth in range(4):
@@ -393,9 +394,9 @@ def test_route_prefers_the_prefix_holder_balanced_against_load(tmp_path):
 
 def test_placement_sends_new_entries_to_a_node_with_room(tmp_path):
     coord, agents = make_cluster(tmp_path, host_chunks=4)
-    agents[NODES[0]].put_chunks([(key(i), chunk(i), None) for i in range(4)])
+    agents[NODES[0]].put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(4)])
     coord.policy_pass()  # refreshes reports (demotes node a back under its watermark)
-    agents[NODES[0]].put_chunks([(key(i), chunk(i), None) for i in range(10, 14)])
+    agents[NODES[0]].put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(10, 14)])
     coord.reports[NODES[0]] = agents[NODES[0]].pressure()
     assert coord.place(NODES[0], CHUNK) != NODES[0]
     assert coord.place(NODES[1], CHUNK) == NODES[1]

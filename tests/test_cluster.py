@@ -26,7 +26,8 @@ import pytest
 import ray  # noqa: E402
 
 from actors.config import NAMESPACE, AgentConfig, CoordinatorConfig, ServiceConfig, WorkerConfig  # noqa: E402
-from actors.node_agent import agent_name, to_wire  # noqa: E402
+from actors.node_agent import agent_name  # noqa: E402
+from actors.wire import WireChunk  # noqa: E402
 from actors.config_check import ConfigMismatchError  # noqa: E402
 from actors.service import REPO_ROOT, ensure_service  # noqa: E402
 from actors.synthetic_engine import SyntheticKVEngine  # noqa: E402
@@ -167,7 +168,7 @@ def test_killed_agent_restarts_serves_disk_entries_and_lost_host_entries_miss(cl
     tokens = prompt(3, 48)  # 48 x 64 KiB = 3 MiB > 2 MiB host budget: the oldest chunks go to disk
     keys = chunk_keys(ENGINE.namespace, tokens, CHUNK_TOKENS)
     chunks = [ENGINE.chunk_kv(k) for k in keys]
-    ray.get(agent.put_chunks.remote([(k, to_wire(t), None) for k, t in zip(keys, chunks)]))
+    ray.get(agent.put_chunks.remote([WireChunk.of(k, t) for k, t in zip(keys, chunks)]))
     where = ray.get(agent.contains_many.remote(keys))  # now, just before the kill
     on_disk = [i for i, w in enumerate(where) if w == "disk"]
     on_host = [i for i, w in enumerate(where) if w == "host"]
@@ -217,7 +218,7 @@ def test_removed_node_entries_become_misses_and_requests_continue(cluster):
     agent = ray.get_actor(agent_name(new_id), namespace=NAMESPACE)
     tokens = prompt(4, 4)
     keys = chunk_keys(ENGINE.namespace, tokens, CHUNK_TOKENS)
-    tiers = ray.get(agent.put_chunks.remote([(k, to_wire(ENGINE.chunk_kv(k)), None) for k in keys]))
+    tiers = ray.get(agent.put_chunks.remote([WireChunk.of(k, ENGINE.chunk_kv(k)) for k in keys]))
     ray.get(service.coordinator.record.remote(new_id, keys, tiers))
     assert ray.get(service.coordinator.lookup.remote(keys)) == [(new_id, "host")] * 4
     c.remove_node(node, allow_graceful=False)
@@ -294,7 +295,7 @@ def test_metrics_reach_the_prometheus_endpoint(cluster):
     body = ""
     agent = agents_by_node()[head]
     k = chunk_keys(ENGINE.namespace, prompt(5, 1), CHUNK_TOKENS)
-    ray.get(agent.put_chunks.remote([(k[0], to_wire(ENGINE.chunk_kv(k[0])), None)]))
+    ray.get(agent.put_chunks.remote([WireChunk.of(k[0], ENGINE.chunk_kv(k[0]))]))
     assert ray.get(agent.get_chunks.remote(k))[0] is not None  # one hit on the head node
 
     def exported():

@@ -169,6 +169,7 @@ def test_an_agent_under_a_new_node_id_serves_the_last_ones_disk_entries_and_trim
     from actors.config import AgentConfig
     from actors.node_agent import NodeAgentLogic
     from actors.object_store_tier import LocalObjectStore
+    from actors.wire import WireChunk
     from qwen3vl_ray.keys import CacheKey
 
     chunk = 4096  # bytes of one chunk: 2048 bf16 values
@@ -181,7 +182,7 @@ def test_an_agent_under_a_new_node_id_serves_the_last_ones_disk_entries_and_trim
     stale = fill(tmp_path / f"machine-{'e' * 16}-0", 4 * chunk, age_s=300)
     first = NodeAgentLogic("a" * 32, cfg, LocalObjectStore())
     assert not legacy.exists() and stale.exists()  # the oldest went; 4 chunks fit beside an empty tier
-    assert first.put_chunks(list(zip(keys, data, [None] * 4))) == ["disk"] * 2 + ["host"] * 2
+    assert first.put_chunks([WireChunk.of(k, t) for k, t in zip(keys, data)]) == ["disk"] * 2 + ["host"] * 2
     first.close()
     # the next Ray session: a new node id, the same machine and disk -> the same home, its entries served
     again = NodeAgentLogic("b" * 32, cfg, LocalObjectStore())

@@ -10,6 +10,7 @@ from actors.config import AgentConfig, CoordinatorConfig
 from actors.coordinator import CoordinatorLogic
 from actors.node_agent import NodeAgentLogic
 from actors.object_store_tier import LocalObjectStore
+from actors.wire import WireChunk
 from qwen3vl_ray.cache import CacheConfig, TieredCache
 from qwen3vl_ray.keys import Namespace
 from qwen3vl_ray.policies import POLICIES, ChainARCPolicy, LRUPolicy, PrefixLRUPolicy
@@ -187,7 +188,7 @@ def agent(tmp_path, node=NODES[0], host_chunks=4, disk_chunks=8, **kw) -> NodeAg
 def test_the_agent_reports_a_miss_to_its_cache_and_policies(tmp_path, recorded):
     a = agent(tmp_path)
     host, disk = recorded
-    a.put_chunks([(key(1), chunk(1), None)])
+    a.put_chunks([WireChunk.of(key(1), chunk(1))])
     host.log.clear()
     assert a.get_chunks([key(1), key(7)])[1] is None
     # the hit is served by handle (a touch), the absent chunk is a miss the store counts and both tiers hear
@@ -203,8 +204,8 @@ def test_coordinator_demotions_and_evictions_are_the_policys_own_events(tmp_path
     # one 4-chunk chain fills the host tier, a 6-chunk chain after it sends its 2 oldest chunks straight to disk
     # and demotes the first chain down to make room
     parents = {i: (i - 1 if i not in (0, 10) else None) for i in [*range(4), *range(10, 16)]}
-    a.put_chunks([(key(i), chunk(i), None if parents[i] is None else key(parents[i])) for i in range(4)])
-    a.put_chunks([(key(i), chunk(i), None if parents[i] is None else key(parents[i])) for i in range(10, 16)])
+    a.put_chunks([WireChunk.of(key(i), chunk(i), None if parents[i] is None else key(parents[i])) for i in range(4)])
+    a.put_chunks([WireChunk.of(key(i), chunk(i), None if parents[i] is None else key(parents[i])) for i in range(10, 16)])
     host.log.clear(), disk.log.clear()
     coord.policy_pass()
     # host 4/4 > 0.6: the pass demotes host entries down to 0.4 x 4 = 1.6 chunks (3 go), tail first. The disk tier

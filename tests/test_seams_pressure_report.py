@@ -12,6 +12,7 @@ import torch
 from actors.config import AgentConfig
 from actors.node_agent import NodeAgentLogic
 from actors.pressure_report import NodeReport, TierReport
+from actors.wire import WireChunk
 from qwen3vl_ray.keys import CacheKey
 
 NODE = "a" * 32
@@ -35,7 +36,7 @@ def agent(tmp_path) -> NodeAgentLogic:
 def test_a_real_agents_report_has_its_tiers_numbers_as_fields(tmp_path):
     a = agent(tmp_path)
     # 6 chunks into a 4-chunk host tier: the 2 oldest go straight to disk
-    assert a.put_chunks([(key(i), chunk(i), None) for i in range(6)]) == ["disk"] * 2 + ["host"] * 4
+    assert a.put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(6)]) == ["disk"] * 2 + ["host"] * 4
     rep = a.pressure()
     assert isinstance(rep, NodeReport) and (rep.node_id, rep.epoch) == (NODE, a.epoch)
     assert list(rep.tiers) == ["host", "disk"]
@@ -65,7 +66,7 @@ def test_status_json_keeps_the_shape_of_the_dict_report(tmp_path, monkeypatch, c
     from jobs import cli, service_runner
 
     a = agent(tmp_path)
-    a.put_chunks([(key(i), chunk(i), None) for i in range(3)])
+    a.put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(3)])
     status = {"coordinator": {"nodes": [NODE], "entries": 3}, "devices": {},
               "nodes": {NODE: service_runner._merge_stats(a.pressure(), a.stats())}}
     monkeypatch.setattr(service_runner, "cluster_status", lambda address: status)

@@ -12,6 +12,7 @@ from actors.config import AgentConfig, CoordinatorConfig
 from actors.coordinator import CoordinatorLogic
 from actors.node_agent import NodeAgentLogic
 from actors.object_store_tier import LocalObjectStore
+from actors.wire import WireChunk
 from qwen3vl_ray.cache.lifetimes import LifetimeConfig, LifetimeManager
 from qwen3vl_ray.errors import ConfigError
 from qwen3vl_ray.keys import CacheKey
@@ -54,15 +55,15 @@ def test_a_policy_pass_expires_idle_host_and_disk_entries_and_the_directory_forg
     keys = [key(i) for i in range(5)]
     # chunks 0 and 1 are written and demoted to disk; 2 and 3 are written to the host tier (never above half full:
     # no relief moves anything)
-    agent.put_chunks([(key(i), chunk(i), None) for i in (0, 1)])
+    agent.put_chunks([WireChunk.of(key(i), chunk(i)) for i in (0, 1)])
     agent.demote_cold(2 * CHUNK)
-    agent.put_chunks([(key(i), chunk(i), None) for i in (2, 3)])
+    agent.put_chunks([WireChunk.of(key(i), chunk(i)) for i in (2, 3)])
     assert agent.contains_many(keys[:4]) == ["disk", "disk", "host", "host"]
 
     # 30 s later: chunk 1 (disk: promoted by the read) and chunk 3 (host) are read, chunk 4 is written
     clock.t += 30
     assert all(t is not None for t in agent.get_tensors([key(1), key(3)]))
-    agent.put_chunks([(key(4), chunk(4), None)])
+    agent.put_chunks([WireChunk.of(key(4), chunk(4))])
     coord.policy_pass()  # nothing is idle for 60 s yet
     assert coord.lookup(keys) == [(NODE, "disk"), (NODE, "host"), (NODE, "host"), (NODE, "host"), (NODE, "host")]
 
@@ -82,7 +83,7 @@ def test_a_policy_pass_expires_idle_host_and_disk_entries_and_the_directory_forg
 def test_without_a_ttl_nothing_expires(tmp_path):
     coord, agent, clock = cluster(tmp_path, idle_ttl_s=0)  # the default
     assert AgentConfig().idle_ttl_s == 0
-    agent.put_chunks([(key(i), chunk(i), None) for i in range(2)])
+    agent.put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(2)])
     clock.t += 10 ** 6
     coord.policy_pass()
     assert coord.lookup([key(0), key(1)]) == [(NODE, "host")] * 2
