@@ -7,7 +7,7 @@ it without the worker's imports.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -52,19 +52,6 @@ class RequestResult:
     engine_cached_tokens: int | None = None
     token_ids: list[int] | None = None
     attempts: int | None = None
-
-    # Callers written against the dict this replaced read fields by key (``r["output"]``, ``r.get("error")``);
-    # a name that is no field is a KeyError / the default, as it was.
-    def __getitem__(self, name: str) -> Any:
-        if name not in _FIELDS:
-            raise KeyError(name)
-        return getattr(self, name)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self, name) if name in _FIELDS else default
-
-
-_FIELDS = frozenset(f.name for f in fields(RequestResult))
 
 
 def error_result(request: Any, error: str, worker: str | None = None, node: str | None = None) -> RequestResult:

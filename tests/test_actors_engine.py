@@ -91,7 +91,7 @@ def test_cross_node_prefix_reuse_with_the_real_engine_gives_the_same_answer(ckpt
     assert all(w.device is None for w in workers)  # the engine's store is the device tier
     req = image_request()
     first = workers[0].process(req)
-    assert first["cached_tokens"] == 0 and first["stored_chunks"] == first["computed_chunks"] > 0
+    assert first.cached_tokens == 0 and first.stored_chunks == first.computed_chunks > 0
     # routing by the keys computed client-side sends the prompt to node a
     route_keys = Qwen3VLEngineAdapter.route_keys(req, **args)
     assert route_keys == workers[0].engine.request_keys(req)
@@ -100,9 +100,9 @@ def test_cross_node_prefix_reuse_with_the_real_engine_gives_the_same_answer(ckpt
     assert coord.route(route_keys)["node"] == NODES[0]
     # a worker on the other node pulls the chunks from node a's agent; its engine reuses them
     second = workers[1].process(req)
-    assert second["cross_node_chunks"] == first["stored_chunks"] and second["computed_chunks"] == 0
-    assert second["cached_tokens"] == 16 * first["stored_chunks"]
-    assert second["token_ids"] == first["token_ids"] and second["output"] == first["output"]
+    assert second.cross_node_chunks == first.stored_chunks and second.computed_chunks == 0
+    assert second.cached_tokens == 16 * first.stored_chunks
+    assert second.token_ids == first.token_ids and second.output == first.output
 
 
 def one_node_worker(args: dict, disk_dir) -> tuple[WorkerLogic, NodeAgentLogic]:
@@ -122,14 +122,14 @@ def test_a_prefix_in_the_engines_own_device_tier_is_not_fetched_from_the_agents(
     worker, agent = one_node_worker(args, tmp_path)
     req = image_request()
     first = worker.process(req)
-    assert first["stored_chunks"] > 0  # shipped to the agent too
+    assert first.stored_chunks > 0  # shipped to the agent too
     served = agent.stats()["served"]
     again = worker.process(req)
     # every chunk came from the engine's own tier: the agent served nothing and counted no hit
-    assert again["device_chunks"] == first["stored_chunks"] and again["computed_chunks"] == 0
-    assert again["cached_tiers"] == {"device": 16 * first["stored_chunks"]}
+    assert again.device_chunks == first.stored_chunks and again.computed_chunks == 0
+    assert again.cached_tiers == {"device": 16 * first.stored_chunks}
     assert agent.stats()["served"] == served
-    assert again["token_ids"] == first["token_ids"]
+    assert again.token_ids == first.token_ids
 
 
 def test_the_client_plans_keys_and_kv_bytes_and_a_bad_sampling_value_is_that_requests_error(ckpt):
@@ -172,7 +172,7 @@ def test_a_device_budget_demotion_on_the_ray_path_lands_in_the_agents_host_tier_
     assert engine.geometry.bytes_per_token == KiB and engine.store.tier_names == ["device"]
 
     ra = worker.process({"messages": a1, "sampling": sampling, "session_id": "A"})
-    assert ra["error"] is None
+    assert ra.error is None
     session = engine.sessions.get("A")
     tail = session.tail_key
     assert tail is not None and engine.store.where(tail) == "device"
@@ -183,7 +183,7 @@ def test_a_device_budget_demotion_on_the_ray_path_lands_in_the_agents_host_tier_
 
     # B's turn pushes idle A out of the device tier: what only the worker had goes down to the agent
     rb = worker.process({"messages": session_chat(2, "Session B, turn one."), "sampling": sampling, "session_id": "B"})
-    assert rb["error"] is None
+    assert rb.error is None
     budget_ = engine.budget
     assert budget_.lost == 0 and budget_.spilled == len(worker_only) and budget_.demoted > budget_.spilled
     assert all(engine.store.where(k) is None for k in worker_only)
@@ -192,17 +192,17 @@ def test_a_device_budget_demotion_on_the_ray_path_lands_in_the_agents_host_tier_
     assert worker.device_stats()["used"] == engine.store.stats()["tiers"][0]["used_bytes"] <= budget
 
     # A's next turn brings the tail back from the agent and reuses it: tokens equal a cache-free run
-    a2 = a1 + [{"role": "assistant", "content": ra["output"]},
+    a2 = a1 + [{"role": "assistant", "content": ra.output},
                {"role": "user", "content": [{"type": "text", "text": "Session A, turn two."}]}]
     r2 = worker.process({"messages": a2, "sampling": sampling, "session_id": "A"})
-    assert r2["error"] is None
-    assert r2["token_ids"] == reference_generate(engine.model, engine.processor, a2, sampling["max_new_tokens"])
-    tail_used = r2["engine_cached_tokens"] - 16 * len(session.chunk_keys)
+    assert r2.error is None
+    assert r2.token_ids == reference_generate(engine.model, engine.processor, a2, sampling["max_new_tokens"])
+    tail_used = r2.engine_cached_tokens - 16 * len(session.chunk_keys)
     assert tail_used > 0  # past the full chunks: the tail was used
-    assert r2["cached_tokens"] >= ra["prompt_tokens"]
+    assert r2.cached_tokens >= ra.prompt_tokens
     # the tail's tokens are host hits (the agent's tier held them), not the worker's device tier's
-    assert r2["cached_tiers"].get("device", 0) == 16 * r2["device_chunks"]  # the chunks B left on the device
-    assert r2["cached_tiers"]["host"] == r2["cached_tokens"] - 16 * r2["device_chunks"] >= tail_used
+    assert r2.cached_tiers.get("device", 0) == 16 * r2.device_chunks  # the chunks B left on the device
+    assert r2.cached_tiers["host"] == r2.cached_tokens - 16 * r2.device_chunks >= tail_used
 
 
 def test_a_client_rebuilds_the_engines_exact_keys_from_its_routing_spec(ckpt):

@@ -463,13 +463,13 @@ def test_worker_reuses_a_prefix_cached_on_another_node(tmp_path):
     workers = [WorkerLogic(f"w{i}", n, engine, agents.__getitem__, coord, store, wcfg) for i, n in enumerate(NODES[:2])]
     prompt = {"token_ids": list(range(80))}  # 5 full chunks
     first = workers[0].process(prompt)
-    assert first["cached_tokens"] == 0 and first["stored_chunks"] == 5
+    assert first.cached_tokens == 0 and first.stored_chunks == 5
     second = workers[1].process(prompt)  # another node: every chunk is a cross-node hit
-    assert second["cached_tokens"] == 80 and second["cross_node_chunks"] == 5 and second["computed_chunks"] == 0
-    assert second["output"] == first["output"]  # same bytes as computing from scratch
-    assert second["cached_tiers"] == {"remote": 80} and first["cached_tiers"] == {} and second["error"] is None
+    assert second.cached_tokens == 80 and second.cross_node_chunks == 5 and second.computed_chunks == 0
+    assert second.output == first.output  # same bytes as computing from scratch
+    assert second.cached_tiers == {"remote": 80} and first.cached_tiers == {} and second.error is None
     longer = workers[1].process({"token_ids": list(range(80)) + [7] * 40})
-    assert longer["cached_tokens"] == 80 and longer["computed_chunks"] == 2
+    assert longer.cached_tokens == 80 and longer.computed_chunks == 2
 
 
 def test_worker_serves_hot_chunks_from_its_own_device_tier(tmp_path):
@@ -481,9 +481,9 @@ def test_worker_serves_hot_chunks_from_its_own_device_tier(tmp_path):
     # the agent restarts empty (host entries lost): the worker still has the chunks in its device tier
     agents[NODES[0]] = NodeAgentLogic(NODES[0], agent_cfg(tmp_path / "fresh", host_chunks=16), LocalObjectStore())
     again = w.process({"token_ids": list(range(48)) + [1] * 16})
-    assert again["device_chunks"] == 3 and again["cached_tokens"] == 48 and again["computed_chunks"] == 1
-    assert again["cached_tiers"] == {"device": 48}
-    assert w.process({"token_ids": list(range(48))})["output"] == first["output"]
+    assert again.device_chunks == 3 and again.cached_tokens == 48 and again.computed_chunks == 1
+    assert again.cached_tiers == {"device": 48}
+    assert w.process({"token_ids": list(range(48))}).output == first.output
 
 
 def test_worker_reports_the_local_agent_tier_of_each_reused_chunk_and_the_agent_counts_them(tmp_path):
@@ -495,10 +495,10 @@ def test_worker_reports_the_local_agent_tier_of_each_reused_chunk_and_the_agent_
     holder = coord.lookup(engine.request_keys(prompt))[0][0]
     w = WorkerLogic("w1", holder, engine, agents.__getitem__, coord, agents[holder].store, WorkerConfig(device_bytes=0))
     host = w.process(prompt)
-    assert host["cached_tiers"] == {"host": 64} and host["cached_tokens"] == 64 and host["cross_node_chunks"] == 0
+    assert host.cached_tiers == {"host": 64} and host.cached_tokens == 64 and host.cross_node_chunks == 0
     agents[holder].demote_cold(1 << 30)  # every host entry goes down to disk
     disk = w.process(prompt)
-    assert disk["cached_tiers"] == {"disk": 64} and disk["output"] == host["output"]
+    assert disk.cached_tiers == {"disk": 64} and disk.output == host.output
     assert agents[holder].get_chunks([key(999), key(998)]) == [None, None]
     served = agents[holder].stats()["served"]
     assert served == {"hits": {"host": 4, "disk": 4}, "misses": 2}
@@ -509,9 +509,9 @@ def test_a_bad_request_is_an_error_result_and_the_worker_goes_on(tmp_path):
     engine = SyntheticKVEngine(layers=1, kv_heads=1, head_dim=16, chunk_tokens=16)
     w = WorkerLogic("w0", NODES[0], engine, agents.__getitem__, coord, agents[NODES[0]].store, WorkerConfig(device_bytes=0))
     bad = w.process({"id": "bad", "token_ids": []})
-    assert bad["id"] == "bad" and bad["error"] and bad["output"] is None
+    assert bad.id == "bad" and bad.error and bad.output is None
     good = w.process({"id": "good", "token_ids": list(range(32))})
-    assert good["error"] is None and good["output"] is not None
+    assert good.error is None and good.output is not None
     assert w.metrics.total("qwen3vl_ray_requests", result="error") == 1
     assert w.metrics.total("qwen3vl_ray_requests", result="ok") == 1
 
@@ -546,19 +546,19 @@ def test_real_engine_worker_fills_tokens_and_tiers_and_returns_a_corrupt_image_a
     bad = w0.process(req("b", "corrupt.png"))
     again = w0.process(req("c", "red.png"))  # same prompt, same worker: the engine's own device tier
     remote = w1.process(req("d", "red.png"))  # another node's worker: fetched from w0's agent
-    assert bad["error"] and "corrupt" in bad["error"] and bad["id"] == "b"
+    assert bad.error and "corrupt" in bad.error and bad.id == "b"
     for r in (first, again, remote):
-        assert r["error"] is None and r["prompt_tokens"] > 16 and r["completion_tokens"] == 3 and r["ttft_s"] > 0
-        assert r["output"] == first["output"]
-    assert first["cached_tokens"] == 0 and first["cached_tiers"] == {}
-    assert again["cached_tokens"] > 0 and set(again["cached_tiers"]) == {"device"}
+        assert r.error is None and r.prompt_tokens > 16 and r.completion_tokens == 3 and r.ttft_s > 0
+        assert r.output == first.output
+    assert first.cached_tokens == 0 and first.cached_tiers == {}
+    assert again.cached_tokens > 0 and set(again.cached_tiers) == {"device"}
     # the same image after another question: its features come from the vision cache, not the encoder
     other = w0.process({"id": "e", "sampling": sampling, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What colour?"}, {"type": "image", "image": str(tmp_path / "red.png")}]}]})
-    assert other["error"] is None and other["vision_cache_hits"] == 1
-    assert remote["cached_tokens"] > 0 and sum(remote["cached_tiers"].values()) == remote["cached_tokens"]
+    assert other.error is None and other.vision_cache_hits == 1
+    assert remote.cached_tokens > 0 and sum(remote.cached_tiers.values()) == remote.cached_tokens
     holder = coord.lookup(engine.request_keys(req("a", "red.png")))[0][0]
-    assert set(remote["cached_tiers"]) == ({"remote"} if holder != NODES[1] else {"host"})
+    assert set(remote.cached_tiers) == ({"remote"} if holder != NODES[1] else {"host"})
 
 
 def test_configs_validate():

@@ -153,11 +153,11 @@ def test_process_admits_requests_under_back_pressure_and_rejects_one_that_never_
         stop.set()
         t.join()
         service.release(filler)
-    by_id = {r["id"]: r for r in out}
+    by_id = {res.id: res for res in out}
     for r in reqs[:3] + reqs[4:-1]:
-        assert by_id[r["id"]]["error"] is None and by_id[r["id"]]["output"] == reference(r["token_ids"])
-    assert "ClusterSaturatedError" in by_id["too-big"]["error"] and "cluster saturated" in by_id["too-big"]["error"]
-    assert "token_ids" in by_id["malformed"]["error"]
+        assert by_id[r["id"]].error is None and by_id[r["id"]].output == reference(r["token_ids"])
+    assert "ClusterSaturatedError" in by_id["too-big"].error and "cluster saturated" in by_id["too-big"].error
+    assert "token_ids" in by_id["malformed"].error
     assert max(reserved) <= limit  # never overcommitted
     assert service.state()["reserved"] == 0  # every request's reservation was released, the filler too
 
@@ -204,7 +204,7 @@ def test_killed_coordinator_restarts_rebuilds_and_jobs_continue(cluster):
     killer.join()
     # the Timer's callback fails silently: prove the kill happened (a restarted coordinator has a new pid)
     wait_for(lambda: ray.get(service.coordinator.pid.remote()) != old_pid, what="coordinator restart")
-    assert [r["output"] for r in results] == [reference(r["token_ids"]) for r in reqs]
+    assert [res.output for res in results] == [reference(r["token_ids"]) for r in reqs]
     after = ray.get(service.coordinator.state.remote())
     assert after["nodes"] == before["nodes"] and after["entries"] > 0  # rebuilt from the agents
     assert sorted(after["workers"]) == sorted(service.workers)  # workers found again by name
@@ -227,7 +227,7 @@ def test_removed_node_entries_become_misses_and_requests_continue(cluster):
     [r] = service.process([{"token_ids": tokens}])
     # every routed request was marked done: no in-flight count leaks into later routing
     wait_for(lambda: all(w["inflight"] == 0 for w in service.state()["workers"].values()), what="in-flight back to 0")
-    assert r["cached_tokens"] == 0 and r["output"] == reference(tokens)
+    assert r.cached_tokens == 0 and r.output == reference(tokens)
 
 
 def test_a_request_that_kills_every_worker_fails_alone_and_the_workers_come_back(cluster):
@@ -235,9 +235,9 @@ def test_a_request_that_kills_every_worker_fails_alone_and_the_workers_come_back
     before = {w: ray.get(h.pid.remote()) for w, h in service.workers.items()}
     ok = [{"id": f"ok{i}", "token_ids": prompt(700 + i, 2)} for i in range(3)]
     out = service.process([ok[0], {"id": "poison", "token_ids": prompt(799, 2), "crash_worker": True}, *ok[1:]])
-    by_id = {r["id"]: r for r in out}
-    assert "WorkerFailedError" in by_id["poison"]["error"]
-    assert all(by_id[r["id"]]["output"] == reference(r["token_ids"]) for r in ok)
+    by_id = {res.id: res for res in out}
+    assert "WorkerFailedError" in by_id["poison"].error
+    assert all(by_id[r["id"]].output == reference(r["token_ids"]) for r in ok)
     # every worker it reached was killed, restarted by Ray, registered again and serves the next batch
     after: dict = {}
 
@@ -248,7 +248,7 @@ def test_a_request_that_kills_every_worker_fails_alone_and_the_workers_come_back
     wait_for(restarted, what="the killed workers restarted")
     wait_for(lambda: all(s["available"] for s in service.state()["workers"].values()), what="workers registered")
     again = service.process(ok)
-    assert [r["output"] for r in again] == [reference(r["token_ids"]) for r in ok]
+    assert [res.output for res in again] == [reference(r["token_ids"]) for r in ok]
 
 
 def test_workload_three_times_the_budgets_stays_within_every_budget(cluster):
@@ -275,7 +275,7 @@ def test_workload_three_times_the_budgets_stays_within_every_budget(cluster):
         for i in range(0, len(reqs), 6):
             batch = reqs[i:i + 6]
             out = service.process(batch)
-            assert [r["output"] for r in out] == [reference(r["token_ids"]) for r in batch]
+            assert [res.output for res in out] == [reference(r["token_ids"]) for r in batch]
     finally:
         stop.set()
         t.join()

@@ -83,22 +83,22 @@ def test_cross_node_prefix_hit_serves_the_same_tokens(setup):
     req = image_request(1)
     want = reference(req)
     [first] = service.process([req])
-    assert first["cached_tokens"] == 0 and first["stored_chunks"] == first["computed_chunks"] >= 2
-    assert first["token_ids"] == want
-    holder = first["node"]
+    assert first.cached_tokens == 0 and first.stored_chunks == first.computed_chunks >= 2
+    assert first.token_ids == want
+    holder = first.node
     others = [w for w in service.workers if node_of(service, w) != holder]
     assert others, "workers were not spread over the nodes"
     # a worker on node B serves the prompt from node A's host tier (object-store transfer), computing nothing
     second = ray.get(service.workers[others[0]].process.remote(req))
-    assert second["node"] != holder
-    assert second["cross_node_chunks"] == first["stored_chunks"] and second["computed_chunks"] == 0
-    assert second["cached_tokens"] == CHUNK * first["stored_chunks"]
-    assert second["token_ids"] == want
+    assert second.node != holder
+    assert second.cross_node_chunks == first.stored_chunks and second.computed_chunks == 0
+    assert second.cached_tokens == CHUNK * first.stored_chunks
+    assert second.token_ids == want
     # the router (keys from the tokenizer and processor only) sends the prompt to the holder's node
     keys = service.keys_for(req)
     assert service._request_keyer() is not None  # configured from a worker's engine
     assert keys == Qwen3VLEngineAdapter.route_keys(req, **service.config.worker.engine_args)
-    assert len(keys) == first["stored_chunks"]
+    assert len(keys) == first.stored_chunks
     route = ray.get(service.coordinator.route.remote(keys))
     ray.get(service.coordinator.done.remote(route["worker"]))
     assert route["node"] == holder and route["local_chunks"] == len(keys)
@@ -108,8 +108,8 @@ def test_killed_worker_requests_retried_and_its_host_entries_still_served(setup)
     service, reference = setup
     early = image_request(2)
     [done] = service.process([early])
-    assert done["stored_chunks"] >= 2
-    victim = done["worker"]
+    assert done.stored_chunks >= 2
+    victim = done.worker
     victim_pid = ray.get(service.workers[victim].pid.remote())
     reqs = [text_request(100 + i) for i in range(9)]
     want = [reference(r) for r in reqs]
@@ -125,10 +125,10 @@ def test_killed_worker_requests_retried_and_its_host_entries_still_served(setup)
     os.kill(victim_pid, signal.SIGKILL)
     job.join(timeout=300)
     results = out["results"]
-    assert [r["token_ids"] for r in results] == want
-    assert any(r["attempts"] > 1 for r in results), [(r["worker"], r["attempts"]) for r in results]
+    assert [r.token_ids for r in results] == want
+    assert any(r.attempts > 1 for r in results), [(r.worker, r.attempts) for r in results]
     # the host-tier entries the dead worker produced live on in its node's agent
     survivor = next(w for w in service.workers if w != victim)
     again = ray.get(service.workers[survivor].process.remote(early))
-    assert again["cached_tokens"] == CHUNK * done["stored_chunks"] and again["computed_chunks"] == 0
-    assert again["token_ids"] == done["token_ids"] == reference(early)
+    assert again.cached_tokens == CHUNK * done.stored_chunks and again.computed_chunks == 0
+    assert again.token_ids == done.token_ids == reference(early)

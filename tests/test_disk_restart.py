@@ -45,8 +45,8 @@ RUN = textwrap.dedent("""
     results = [service.process([r])[0] for r in reqs]  # one at a time: a fixed order of puts and demotions
     stats = ray.get(ray.get_actor(agent_name(node), namespace=NAMESPACE).stats.remote())
     print("RESULT", json.dumps({
-        "node": node, "errors": [r.get("error") for r in results], "outputs": [r["output"] for r in results],
-        "cached_tiers": [r.get("cached_tiers") or {} for r in results],
+        "node": node, "errors": [r.error for r in results], "outputs": [r.output for r in results],
+        "cached_tiers": [r.cached_tiers or {} for r in results],
         "served_hits": stats["served"]["hits"], "disk": {k: stats["disk"][k] for k in ("path", "recovered", "entries")}}))
     ray.shutdown()
 """)

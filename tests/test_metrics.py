@@ -75,11 +75,11 @@ def test_worker_counts_hits_and_misses_in_tokens_and_reports_its_device_tier(tmp
                     WorkerConfig(device_bytes=8 * chunk_bytes))
     # a cold request of 4 full chunks + 8 tokens: every one of its 72 tokens is a miss
     cold = w.process({"token_ids": list(range(72))})
-    assert cold["cached_tokens"] == 0
+    assert cold.cached_tokens == 0
     assert w.metrics.total("qwen3vl_ray_misses") == 72 and w.metrics.total("qwen3vl_ray_hits") == 0
     # the same prompt again: its 4 chunks (64 tokens) are in the worker's own device tier
     warm = w.process({"token_ids": list(range(72))})
-    assert warm["cached_tiers"] == {"device": 64}
+    assert warm.cached_tiers == {"device": 64}
     assert w.metrics.total("qwen3vl_ray_hits", tier="device") == 64
     assert w.metrics.total("qwen3vl_ray_misses") == 72 + 8  # the tail that is no full chunk is recomputed
     # the worker's own device tier, as gauges beside the agents' host and disk
@@ -89,7 +89,7 @@ def test_worker_counts_hits_and_misses_in_tokens_and_reports_its_device_tier(tmp
     # another worker on that node without a device tier: the same chunks are host hits, counted in tokens
     w1 = WorkerLogic("w1", NODES[0], engine, agents.__getitem__, coord, agents[NODES[0]].store,
                      WorkerConfig(device_bytes=0))
-    assert w1.process({"token_ids": list(range(72))})["cached_tiers"] == {"host": 64}
+    assert w1.process({"token_ids": list(range(72))}).cached_tiers == {"host": 64}
     assert w1.metrics.total("qwen3vl_ray_hits", tier="host") == 64 and w1.metrics.total("qwen3vl_ray_misses") == 8
     ratio = ("qwen3vl_ray_cached_token_ratio", ("node", NODES[0]), ("tier", "all"))
     assert w.metrics.observations[ratio] == [0.0, 64 / 72] and w1.metrics.observations[ratio] == [64 / 72]

@@ -68,7 +68,7 @@ def test_a_runs_fields_fill_the_workers_result(tmp_path):
     w = worker(SyntheticKVEngine(**ARGS), tmp_path)
     first = w.process({"id": "r", "token_ids": list(range(32))})
     again = w.process({"id": "r2", "token_ids": list(range(32))})
-    assert first["prompt_tokens"] == 32 and first["computed_chunks"] == 2 and first["cached_tokens"] == 0
+    assert first.prompt_tokens == 32 and first.computed_chunks == 2 and first.cached_tokens == 0
     # the second run reused both chunks from the agent's host tier and gave the same digest
-    assert again["computed_chunks"] == 0 and again["cached_tiers"] == {"host": 32}
-    assert again["output"] == first["output"]
+    assert again.computed_chunks == 0 and again.cached_tiers == {"host": 32}
+    assert again.output == first.output

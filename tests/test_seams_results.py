@@ -1,6 +1,6 @@
 """A request's result has one shape (``actors.results.RequestResult``): served, refused by the client or failed
-on a worker, every field is there; it crosses processes as itself, callers still reading it by key see the
-same values, and the service's row is built from its fields."""
+on a worker, every field is there; it crosses processes as itself, is read by attribute only (the dict it
+replaced is gone, key access with it), and the service's row is built from its fields."""
 
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ def test_an_error_result_has_every_field_of_a_served_one_empty():
     assert error_result("not a dict", "ValueError: x").id is None
 
 
-def test_it_pickles_as_itself_and_reads_by_key_as_the_dict_it_replaced():
+def test_it_pickles_as_itself_and_reads_by_attribute_only():
     r = pickle.loads(pickle.dumps(served()))
     assert r == served()
-    assert r["output"] == "a cat" and r.get("error") is None and r.get("cached_tiers") == {"host": 16, "remote": 16}
-    assert r.get("no_such_field", "default") == "default"
-    with pytest.raises(KeyError):
-        r["no_such_field"]
+    assert r.output == "a cat" and r.error is None and r.cached_tiers == {"host": 16, "remote": 16}
+    with pytest.raises(TypeError):
+        r["output"]  # no mapping shim: a caller still reading by key fails loudly
+    assert not hasattr(r, "get")
 
 
 def test_the_service_row_comes_from_its_fields():

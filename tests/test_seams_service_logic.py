@@ -98,11 +98,11 @@ def test_results_come_in_request_order_and_a_bad_request_is_its_own_error_never_
     port = FakePort()
     reqs = [req(0), req(1), {"id": "bad"}, req(3)]
     out = ServiceLogic(port, plan, max_retries=1).process(reqs)
-    assert [r["id"] for r in out] == ["r0", "r1", "bad", "r3"]
-    assert [r["output"] for r in out if r["id"] != "bad"] == ["out-r0", "out-r1", "out-r3"]
-    assert out[2]["error"] == "ValueError: a request needs token_ids" and out[2]["output"] is None
+    assert [r.id for r in out] == ["r0", "r1", "bad", "r3"]
+    assert [r.output for r in out if r.id != "bad"] == ["out-r0", "out-r1", "out-r3"]
+    assert out[2].error == "ValueError: a request needs token_ids" and out[2].output is None
     assert sorted(rid for _, rid in port.sent) == ["r0", "r1", "r3"]  # the bad one reached no worker
-    assert [r.get("attempts") for r in out] == [1, 1, None, 1]
+    assert [r.attempts for r in out] == [1, 1, None, 1]
     assert port.idle()  # every reservation released, every in-flight slot given back
 
 
@@ -111,8 +111,8 @@ def test_back_pressure_runs_what_fits_and_one_that_never_fits_is_refused_once_no
     port = FakePort(budget=2 * NBYTES + NBYTES // 2)
     reqs = [req(0), req(1), req(2, id="big", nbytes=3 * NBYTES), req(3), req(4)]
     out = ServiceLogic(port, plan, max_retries=1).process(reqs)
-    assert [r["output"] for r in out] == ["out-r0", "out-r1", None, "out-r3", "out-r4"]
-    assert out[2]["error"].startswith("ClusterSaturatedError: cluster saturated")
+    assert [r.output for r in out] == ["out-r0", "out-r1", None, "out-r3", "out-r4"]
+    assert out[2].error.startswith("ClusterSaturatedError: cluster saturated")
     assert port.max_reserved <= port.budget  # never overcommitted
     big = [wait for sid, wait in port.admits if sid == port.admits[2][0]]
     # while r0/r1 ran it waited for them (never queueing at the coordinator); alone, the coordinator decided
@@ -132,19 +132,19 @@ def test_a_request_that_kills_every_worker_it_reaches_fails_alone_naming_them():
 
     port = FakePort(behaviour=poison)
     out = ServiceLogic(port, plan, max_retries=1).process([req(0, id="poison"), req(1), req(2)])
-    assert out[0]["error"] == ("WorkerFailedError: the request failed on workers ['w0', 'w1'] (ActorDiedError); "
+    assert out[0].error == ("WorkerFailedError: the request failed on workers ['w0', 'w1'] (ActorDiedError); "
                                "not retried again")
-    assert out[0]["attempts"] == 2
+    assert out[0].attempts == 2
     assert port.failures == [("w0", True), ("w1", True)]  # each death reported, permanent
-    assert [r["output"] for r in out[1:]] == ["out-r1", "out-r2"]
+    assert [r.output for r in out[1:]] == ["out-r1", "out-r2"]
     assert port.idle()
 
 
 def test_with_no_worker_left_to_try_the_routers_refusal_is_the_requests_worker_failure():
     port = FakePort(workers=("w0", "w1"), behaviour=lambda w, r: WorkerLostError("ActorDiedError"))
     out = ServiceLogic(port, plan, max_retries=5).process([req(0)])
-    assert out[0]["error"] == "WorkerFailedError: no available worker (excluded: ['w0', 'w1'])"
-    assert out[0]["attempts"] == 2 and port.idle()
+    assert out[0].error == "WorkerFailedError: no available worker (excluded: ['w0', 'w1'])"
+    assert out[0].attempts == 2 and port.idle()
 
 
 def test_a_restarting_worker_is_retried_elsewhere_and_stays_routable():
@@ -158,7 +158,7 @@ def test_a_restarting_worker_is_retried_elsewhere_and_stays_routable():
 
     port = FakePort(behaviour=blip)
     out = ServiceLogic(port, plan, max_retries=1).process([req(0)])
-    assert out[0]["output"] == "out-r0" and out[0]["attempts"] == 2 and out[0]["worker"] != lost_once[0]
+    assert out[0].output == "out-r0" and out[0].attempts == 2 and out[0].worker != lost_once[0]
     assert port.failures == [(lost_once[0], False)] and port.alive[lost_once[0]]
 
 
@@ -168,8 +168,8 @@ def test_an_error_the_worker_raises_is_that_requests_error_and_not_retried():
 
     port = FakePort(behaviour=raises)
     out = ServiceLogic(port, plan, max_retries=3).process([req(0), req(1)])
-    assert out[1]["error"] == "ValueError: bad image" and out[1]["attempts"] == 1
-    assert out[0]["output"] == "out-r0" and len(port.sent) == 2 and port.idle()
+    assert out[1].error == "ValueError: bad image" and out[1].attempts == 1
+    assert out[0].output == "out-r0" and len(port.sent) == 2 and port.idle()
 
 
 def test_a_timeout_raises_and_gives_back_what_is_in_flight():

@@ -40,7 +40,7 @@ SERVE = textwrap.dedent("""
     handle = ensure_service(service_config(s), num_workers=1, worker_start_timeout_s=120)
     prompts = [[(7 * i + j) % 1000 for j in range(256)] for i in range(3)]
     out = [handle.process([{"id": str(i), "token_ids": p} for i, p in enumerate(prompts)]) for _ in range(2)]
-    print(json.dumps([[{"output": r["output"], "cached": r["cached_tokens"], "error": r["error"]} for r in rs]
+    print(json.dumps([[{"output": r.output, "cached": r.cached_tokens, "error": r.error} for r in rs]
                       for rs in out]))
 """)
 
