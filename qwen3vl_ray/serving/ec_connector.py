@@ -33,7 +33,7 @@ from qwen3vl_ray.errors import ConfigError
 from qwen3vl_ray.keys import CacheKey, Namespace, content_key
 from qwen3vl_ray.serving.block_keys import codec_tag
 from qwen3vl_ray.serving.block_store import BlockStore, shared_store
-from qwen3vl_ray.serving.connector_config import connector_config
+from qwen3vl_ray.serving.connector_config import ec_connector_config
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -95,7 +95,7 @@ class TierECConnector(ECConnectorBase):
     def __init__(self, vllm_config: "VllmConfig", role: ECConnectorRole) -> None:
         super().__init__(vllm_config=vllm_config, role=role)
         tc = vllm_config.ec_transfer_config
-        config = connector_config(tc.ec_connector_extra_config)
+        config = ec_connector_config(tc.ec_connector_extra_config)
         s = config.settings
         try:
             fingerprint = model_fingerprint(vllm_config.model_config.model, full=s.fingerprint == "full")
