@@ -9,9 +9,11 @@ Here only *leaves* (entries with no cached child) are eviction candidates, as in
 (``RadixCache.evict``: a heap of leaves by last access; a parent becomes a candidate when its last child
 goes). A chain therefore shrinks from its tail and what stays is always a usable prefix.
 
-Bookkeeping per entry: one ``_Node`` (key, parent, child count, priority, hits) and at most a couple of
-heap entries; the heap is rebuilt when stale entries outnumber live ones, so every operation is
-O(log n) amortized.
+Bookkeeping per entry: one ``_Node`` (key, parent, child count, priority, hits, the priority it is queued
+with). The heap holds nodes themselves, each at most once, ordered by the priority they were queued with:
+a use only raises a node's priority, so a queued node is left where it is and re-queued when it surfaces
+with a stale priority (no tuple per use; the per-entry metadata budget is 256 B, store and tier records
+included). Every operation is O(log n) amortized.
 
 Children may arrive before their parent (a tier below receives a chain's tail first when the tier above
 evicts leaf-first); such an orphan waits on its parent's key and is linked when the parent arrives.
@@ -36,9 +38,11 @@ class _Node:
     children: int = 0
     prio: int = 0
     hits: int = 0
+    # The priority this node is on the heap with (fixed while it is there: the heap's order), None when off it.
+    queued: int | None = None
 
-    def __lt__(self, other: "_Node") -> bool:  # heap tie-break only; equal priorities are rare
-        return self.key < other.key
+    def __lt__(self, other: "_Node") -> bool:  # heap order: queued priority, then key (equal ones are rare)
+        return (self.queued, self.key) < (other.queued, other.key)
 
 
 class PrefixLRUPolicy(EvictionPolicy):
@@ -54,7 +58,7 @@ class PrefixLRUPolicy(EvictionPolicy):
         self._nodes: dict[CacheKey, _Node] = {}
         # Children whose parent key is not (yet) here: parent key -> one _Node or a list of them.
         self._waiting: dict[CacheKey, _Node | list[_Node]] = {}
-        self._heap: list[tuple[int, _Node]] = []  # leaves, lazily invalidated (see _is_current)
+        self._heap: list[_Node] = []  # leaves by queued priority, lazily invalidated (see _surface)
         self._clock = 0
 
     # -- priority ------------------------------------------------------------------------------------
@@ -69,17 +73,37 @@ class PrefixLRUPolicy(EvictionPolicy):
 
     # -- heap ----------------------------------------------------------------------------------------
     def _push(self, node: _Node) -> None:
-        heapq.heappush(self._heap, (node.prio, node))
-        if len(self._heap) > 2 * len(self._nodes) + 64:
-            self._rebuild()
+        """Queue a leaf, unless it is queued already (with an older priority: ``_surface`` requeues it)."""
+        if node.queued is None:
+            node.queued = node.prio
+            heapq.heappush(self._heap, node)
+            if len(self._heap) > 2 * len(self._nodes) + 64:
+                self._rebuild()
 
     def _rebuild(self) -> None:
-        # Stale entries (older priorities, removed or interior nodes) outnumber live ones: start over.
-        self._heap = [(n.prio, n) for n in self._nodes.values() if n.children == 0]
+        # Removed nodes left on the heap outnumber live ones: start over with the live leaves.
+        for n in self._heap:
+            n.queued = None
+        self._heap = [n for n in self._nodes.values() if n.children == 0]
+        for n in self._heap:
+            n.queued = n.prio
         heapq.heapify(self._heap)
 
-    def _is_current(self, prio: int, node: _Node) -> bool:
-        return node.children == 0 and node.prio == prio and self._nodes.get(node.key) is node
+    def _surface(self) -> _Node | None:
+        """Pop the least-priority live leaf off the heap (None when it is empty). Removed and interior nodes
+        are dropped (a node is queued again when it becomes a leaf); a node queued with an older priority
+        than its own goes back with its own and the walk goes on."""
+        heap = self._heap
+        while heap:
+            node = heapq.heappop(heap)
+            queued, node.queued = node.queued, None
+            if node.children or self._nodes.get(node.key) is not node:
+                continue
+            if node.prio != queued:
+                self._push(node)
+                continue
+            return node
+        return None
 
     # -- events --------------------------------------------------------------------------------------
     def on_insert(self, key: CacheKey, nbytes: int, parent: CacheKey | None = None) -> None:
@@ -154,14 +178,13 @@ class PrefixLRUPolicy(EvictionPolicy):
         """Leaves by priority; a parent joins as soon as its last child is removed. If every leaf is
         pinned, interior entries follow in priority order (a rare, O(n log n) fallback) so the cache can
         still make room. Skipped and unremoved entries go back on the heap when the walk ends."""
-        kept: list[tuple[int, _Node]] = []
+        kept: list[_Node] = []  # surfaced leaves, off the heap until the walk ends
         yielded: set[CacheKey] = set()
         try:
-            while self._heap:  # re-read each time: a rebuild during a yield replaces the list
-                prio, node = heapq.heappop(self._heap)
-                if not self._is_current(prio, node) or node.key in yielded:
+            while (node := self._surface()) is not None:
+                if node.key in yielded:  # requeued by a use during this walk
                     continue
-                kept.append((prio, node))
+                kept.append(node)
                 if evictable(node.key):
                     yielded.add(node.key)
                     yield node.key
@@ -171,9 +194,9 @@ class PrefixLRUPolicy(EvictionPolicy):
                     yielded.add(node.key)
                     yield node.key
         finally:
-            for prio, node in kept:
-                if self._is_current(prio, node):
-                    heapq.heappush(self._heap, (prio, node))
+            for node in kept:
+                if node.children == 0 and self._nodes.get(node.key) is node:
+                    self._push(node)  # a no-op for one a use during the walk queued again
 
     def __len__(self) -> int:
         return len(self._nodes)
