@@ -24,7 +24,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -37,6 +37,12 @@ from qwen3vl_ray.policies.base import EvictionPolicy
 from qwen3vl_ray.tiers.base import Tier
 
 log = logging.getLogger(__name__)
+
+#: ``listener(key, src, dst)``: the index moved ``key`` from tier ``src`` to tier ``dst`` (positions in
+#: ``TieredCache.tiers``); ``src`` None: it entered the cache, ``dst`` None: it left it. A replace in place is
+#: no move. Called under the cache's lock, in the order the moves happen: a listener only records (a node
+#: agent journals them for the cluster's directory) and never calls back into the cache.
+EntryListener = Callable[[CacheKey, "int | None", "int | None"], None]
 
 
 @dataclass(slots=True)
@@ -113,6 +119,7 @@ class TieredCache:
         self._staged: dict[CacheKey, torch.Tensor] = {}  # bytes of entries whose write is in flight (few at a time)
         self._queued: dict[CacheKey, PendingWrite] = {}  # writes into the last tier not started yet (evictable)
         self._counters = [_TierCounters() for _ in self.tiers]
+        self._listeners: list[EntryListener] = []
         self._misses = 0
         self._dropped = 0
         self._expired = 0
@@ -129,6 +136,16 @@ class TieredCache:
                     continue
                 self._index[key] = _Entry(i, None, self._clock())
                 self.policies[i].on_insert(key, nbytes, None)
+
+    def add_listener(self, listener: EntryListener) -> None:
+        """Hear every later move of an entry between tiers, into and out of the cache (``EntryListener``).
+        Entries indexed before (found on disk at start) were never announced: a listener starts from ``keys``."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def _moved(self, key: CacheKey, src: int | None, dst: int | None) -> None:
+        for listener in self._listeners:
+            listener(key, src, dst)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -287,6 +304,8 @@ class TieredCache:
                 self.policies[old.tier].on_delete(key)
             e = _Entry(i, parent, self._clock(), in_flight=1)
             self._index[key] = e
+            if old is None or old.tier != i:
+                self._moved(key, None if old is None else old.tier, i)
             self._staged[key] = tensor
             # same tier (a disk replace): on_insert of a present key is a use, which keeps its chain links
             policy.on_insert(key, prepared.nbytes, parent)
@@ -326,6 +345,8 @@ class TieredCache:
         # Same tier: on_insert of a present key is a use, which keeps the policy's links to the entry's cached
         # children (remove + insert would orphan them).
         self._index[key] = _Entry(i, parent, self._clock())
+        if old is None or old.tier != i:
+            self._moved(key, None if old is None else old.tier, i)
         self.policies[i].on_insert(key, prepared.nbytes, parent)
         return True
 
@@ -643,6 +664,7 @@ class TieredCache:
         # candidates (nbytes: the raw tensor's; the victim is encoded later)
         self.policies[dst].on_insert(key, tensor.numel() * tensor.element_size(), e.parent)
         e.tier = dst
+        self._moved(key, src, dst)
         e.in_flight += 1
         self._staged[key] = tensor
         w = PendingWrite(key, e, dst, tensor, src=src)
@@ -672,6 +694,7 @@ class TieredCache:
         else:
             self.policies[src].on_demote(key)
         e.tier = dst
+        self._moved(key, src, dst)
         self.policies[dst].on_insert(key, prepared.nbytes, e.parent)
         c = self._counters[dst]
         if dst < src:
@@ -713,6 +736,7 @@ class TieredCache:
         else:
             self.policies[e.tier].on_delete(key)
         del self._index[key]
+        self._moved(key, e.tier, None)
 
     # ------------------------------------------------------------------ writes (lock released)
     def _finish_writes(self, writes: list[PendingWrite]) -> None:
