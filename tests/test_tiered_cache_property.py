@@ -6,19 +6,29 @@ is dropped above the last tier while the last tier can make room (entries held p
 prompt being read, never sit in the last tier here, so it always can). One rule runs a batched store and
 reads plus a put from two threads at once (demotions into the disk tier are written outside the cache's
 lock): a read then returns None, the old value or the new one, and the invariants hold after both finish.
+
+``BatchedConcurrentMachine``: a host tier over a disk tier roomy enough that nothing ever has to leave the
+cache, driven through the batched calls (``put_many`` of chained items, ``get_many``) and a rule that runs a
+batch of stores and a batch of loads from two threads at once while demotions into disk are written. With
+nothing to drop, the model is exact: every key it holds reads back bit-exact, a put that returns False (its key
+pinned, or being read by the other thread) leaves the earlier value, and an entry is in exactly one tier.
 """
 
+import errno
 import shutil
 import tempfile
 import threading
+from unittest import mock
 
+import pytest
 import torch
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from qwen3vl_ray.cache import CacheConfig, TieredCache
 from qwen3vl_ray.keys import Namespace, prefix_key
+from qwen3vl_ray.tiers import disk as disk_tier
 from qwen3vl_ray.tiers.config import TierConfig
 
 NS = Namespace(model="prop")
@@ -187,3 +197,168 @@ class CacheMachine(RuleBasedStateMachine):
 
 CacheMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
 TestTieredCacheProperties = CacheMachine.TestCase
+
+
+HOST_BYTES = 4 * 1024  # one large entry: most stores go straight to disk or demote the host's entry into it
+# every key at its largest (700 float32 + the file header) twice over (a replace on disk holds the new file's
+# room before the old file goes): the disk tier never has to drop anything, so the model below can be exact
+DISK_BYTES = 2 * len(KEYS) * (700 * 4 + 256)
+sizes = st.integers(1, 700)
+
+
+class BatchedConcurrentMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.mkdtemp()
+        self.cache = TieredCache(CacheConfig(
+            tiers=[TierConfig("host", HOST_BYTES, block_bytes=256), TierConfig("disk", DISK_BYTES, path=self.dir)],
+            namespace=NS,
+            prefetch_threads=0,
+        ))
+        self.model: dict[bytes, torch.Tensor] = {}
+        self.version = 0
+        self.held: list[bytes] = []
+
+    def teardown(self):
+        for k in self.held:
+            self.cache.unpin(k)
+        self.cache.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _chain(self, first: int, lengths: list[int]) -> list[tuple]:
+        """A prompt's chunks as put_many items: distinct keys, each one's parent the chunk before it."""
+        self.version += 1
+        ks = [KEYS[(first + j) % len(KEYS)] for j in range(len(lengths))]
+        return [(k, torch.arange(n, dtype=torch.float32) * 0.25 + self.version * 1000 + j, ks[j - 1] if j else None)
+                for j, (k, n) in enumerate(zip(ks, lengths))]
+
+    def _record(self, items: list[tuple], stored: list[bool]) -> None:
+        # in order: a batch with a key twice is a sequence of puts, the later one winning
+        for (k, t, *_), ok in zip(items, stored):
+            if ok:
+                self.model[k] = t
+            # a False put keeps the earlier value (or none): the model keeps what it had
+
+    @rule(first=st.integers(0, len(KEYS) - 1), lengths=st.lists(sizes, min_size=1, max_size=len(KEYS)))
+    def put_chain(self, first, lengths):
+        items = self._chain(first, lengths)
+        self._record(items, self.cache.put_many(items))
+
+    @rule(picks=st.lists(st.tuples(st.integers(0, len(KEYS) - 1), sizes), min_size=1, max_size=6))
+    def put_any(self, picks):
+        # keys in any order, repeats allowed, no parents: items given as (key, tensor)
+        self.version += 1
+        items = [(KEYS[k], torch.full((n,), float(self.version * 100 + j))) for j, (k, n) in enumerate(picks)]
+        self._record(items, self.cache.put_many(items))
+
+    @rule(ks=st.lists(st.integers(0, len(KEYS) - 1), min_size=1, max_size=8), promote=st.booleans())
+    def get_batch(self, ks, promote):
+        for k, got in zip(ks, self.cache.get_many([KEYS[k] for k in ks], promote=promote)):
+            want = self.model.get(KEYS[k])
+            assert (got is None) == (want is None), f"key {k}: got {got is not None}, stored {want is not None}"
+            if want is not None:
+                assert torch.equal(got, want), f"key {k} read back other bytes"
+
+    @rule(first=st.integers(0, len(KEYS) - 1), lengths=st.lists(sizes, min_size=1, max_size=8),
+          reads=st.lists(st.integers(0, len(KEYS) - 1), min_size=1, max_size=8), promote=st.booleans())
+    def concurrent_stores_and_loads(self, first, lengths, reads, promote):
+        # thread A stores a chained batch while thread B loads a batch (promoting: host victims demote into disk)
+        items = self._chain(first, lengths)
+        before = dict(self.model)
+        new = {k: t for k, t, _ in items}
+        read_keys = [KEYS[k] for k in reads]
+        start = threading.Barrier(2)
+        out: dict = {}
+
+        def store():
+            start.wait()
+            out["stored"] = self.cache.put_many(items)
+
+        def load():
+            start.wait()
+            out["loaded"] = self.cache.get_many(read_keys, promote=promote)
+
+        demoted = self.cache.stats()["tiers"][1]["demotions_in"]
+        threads = [threading.Thread(target=store), threading.Thread(target=load)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a thread is stuck"
+        event(f"concurrent: demoted into disk meanwhile: {self.cache.stats()['tiers'][1]['demotions_in'] > demoted}")
+        assert "stored" in out and "loaded" in out, "a thread raised (its traceback is above)"
+        for k, got in zip(read_keys, out["loaded"]):
+            # a key stored before stays indexed throughout (a replace swaps it under the lock): never a miss
+            if k in before:
+                assert got is not None, "a stored key missed while another thread stored and demoted"
+            allowed = [v for v in (before.get(k), new.get(k)) if v is not None]
+            if got is not None:
+                assert any(torch.equal(got, v) for v in allowed), "a read saw bytes never put under its key"
+            else:
+                assert k not in before
+        self._record(items, out["stored"])
+        event(f"concurrent: a store refused: {not all(out['stored'])}")
+
+    @rule(k=st.integers(0, len(KEYS) - 1))
+    def hold(self, k):
+        # a pinned key cannot be replaced: puts of it return False and must leave the pinned value in place
+        if self.cache.pin(KEYS[k]):
+            self.held.append(KEYS[k])
+
+    @rule()
+    def release(self):
+        if self.held:
+            assert self.cache.unpin(self.held.pop())
+
+    @rule(k=st.integers(0, len(KEYS) - 1))
+    def remove(self, k):
+        if KEYS[k] not in self.held and self.cache.remove(KEYS[k]):
+            self.model.pop(KEYS[k])
+
+    @invariant()
+    def budgets_hold(self):
+        for t in self.cache.stats()["tiers"]:
+            assert 0 <= t["used_bytes"] <= t["capacity_bytes"], (t["name"], t["used_bytes"], t["capacity_bytes"])
+
+    @invariant()
+    def nothing_dropped(self):
+        assert self.cache.stats()["dropped"] == 0
+
+    @invariant()
+    def each_entry_in_exactly_one_tier(self):
+        for k in KEYS:
+            holders = [t.name for t in self.cache.tiers if t.contains(k)]
+            where = self.cache.where(k)
+            assert holders == ([where] if where is not None else []), (holders, where)
+            assert (where is not None) == (k in self.model), (where, k in self.model)
+
+    @invariant()
+    def every_stored_key_reads_back_exactly(self):
+        for k, want in self.model.items():
+            got = self.cache.get(k, promote=False)
+            assert got is not None and torch.equal(got, want)
+
+
+BatchedConcurrentMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=30, deadline=None)
+TestTieredCacheBatchedConcurrent = BatchedConcurrentMachine.TestCase
+
+
+@pytest.mark.xfail(strict=True, reason="known TieredCache bug, left to tiered_cache.py's owner: a replace whose "
+                                       "disk write fails returns False and drops the key's earlier value too")
+def test_a_put_whose_disk_write_fails_keeps_the_earlier_value(tmp_path):
+    # the invariant the machines cannot reach without fault injection: put's docstring promises that nothing
+    # already stored is lost by a failed put, but the index takes the new entry before its file is written,
+    # and when the write fails (ENOSPC here) the key leaves the cache with the old file
+    cache = TieredCache(CacheConfig(tiers=[TierConfig("disk", 64 * 1024, path=str(tmp_path))], namespace=NS,
+                                    prefetch_threads=0))
+    old = torch.arange(100, dtype=torch.float32)
+    assert cache.put(KEYS[0], old)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with mock.patch.object(disk_tier, "_write_and_hash", no_space):
+        assert cache.put(KEYS[0], torch.zeros(100)) is False
+    got = cache.get(KEYS[0])
+    cache.close()
+    assert got is not None and torch.equal(got, old)
