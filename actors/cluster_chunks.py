@@ -98,7 +98,7 @@ class ClusterChunks:
         if remote_idx:
             self.metrics.inc("qwen3vl_ray_cross_node_bytes",
                              sum(tensors[i].numel() * tensors[i].element_size() for i in remote_idx), tier="host")
-        sources = ["remote" if plan[i] != self.node_id else (getattr(refs[i], "tier", None) or "host") for i in range(n)]
+        sources = ["remote" if plan[i] != self.node_id else refs[i].tier for i in range(n)]
         return tensors, sources
 
     def store_chunks(self, items: Sequence[tuple[CacheKey, torch.Tensor, CacheKey | None]]) -> list[str | None]:

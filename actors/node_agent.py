@@ -72,9 +72,10 @@ def check_node_id(node_id: str) -> str:
     return node_id
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ChunkRef:
-    """Where a chunk can be read: a store handle (ObjectRef under Ray) plus how to decode it."""
+    """Where a chunk can be read: a store handle (ObjectRef under Ray) plus how to decode it. What ``get_chunks``
+    hands back across the actor boundary (the read side's counterpart of ``actors.wire.WireChunk``)."""
 
     handle: Any  # the slab holding the chunk
     index: int  # position in the slab
