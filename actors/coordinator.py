@@ -386,19 +386,19 @@ class CoordinatorLogic:
             except Exception:
                 logger.warning("agent %s unreachable for candidates", n[:12], exc_info=True)
         # merge the nodes' lists by the value of each one's next candidate, taking each only from its front
-        fronts = [(q[0][2], n) for n, q in offers.items() if q]
+        fronts = [(q[0].value, n) for n, q in offers.items() if q]
         heapq.heapify(fronts)
         doomed: dict[str, list] = {}
         while fronts:
             _, n = heapq.heappop(fronts)
             if need.get(n, 0) <= 0 and cluster_need <= 0:
                 continue  # this node is done; the others may still need room
-            key, nbytes, _ = offers[n].popleft()
-            doomed.setdefault(n, []).append(key)
-            need[n] = need.get(n, 0) - nbytes
-            cluster_need -= nbytes
+            c = offers[n].popleft()
+            doomed.setdefault(n, []).append(c.key)
+            need[n] = need.get(n, 0) - c.nbytes
+            cluster_need -= c.nbytes
             if offers[n]:
-                heapq.heappush(fronts, (offers[n][0][2], n))
+                heapq.heappush(fronts, (offers[n][0].value, n))
         for n, keys in doomed.items():
             try:
                 got = agents[n].evict(keys)

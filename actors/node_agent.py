@@ -38,7 +38,7 @@ from actors.journal import Journal, JournalingTier
 from actors.metrics import Metrics
 from actors.object_store_tier import (RAW, LocalObjectStore, ObjectStore, ObjectStoreTier, array_to_tensor,
                                       fitting_suffix, slice_of)
-from actors.pressure_report import NodeReport, TierReport
+from actors.pressure_report import EvictionCandidate, NodeReport, TierReport
 from actors.tenancy import Tenant, tenant_checked
 from actors.wire import WireChunk, to_wire
 from qwen3vl_ray.cache.lifetimes import LifetimeConfig, LifetimeManager
@@ -437,12 +437,13 @@ class NodeAgentLogic:
         reuse = (hits + 1) / (hits + 2) * math.exp(-max(0.0, now - last) * math.log(2) / REUSE_HALF_LIFE_S)
         return (logical or stored) / (1 << 20) * recompute_s_per_mib / stored * reuse
 
-    def candidates(self, tier: str, n: int, recompute_s_per_mib: float) -> list[tuple[bytes, int, float]]:
-        """The first ``n`` entries of ``tier`` in eviction order as (key, stored bytes, value): the tier policy's
+    def candidates(self, tier: str, n: int, recompute_s_per_mib: float) -> list[EvictionCandidate]:
+        """The first ``n`` entries of ``tier`` in eviction order (key, stored bytes, value): the tier policy's
         order with no chain parent before a child stored anywhere on this node (``_victim_order``). The
         coordinator ranks nodes by these values but takes each node's list only from its front."""
         now = time.monotonic()
-        return [(k, nb, self.value(k, recompute_s_per_mib, now)) for k, nb in self._victim_order(tier, n, whole_node=True)]
+        return [EvictionCandidate(k, nb, self.value(k, recompute_s_per_mib, now))
+                for k, nb in self._victim_order(tier, n, whole_node=True)]
 
     def evict(self, keys: Sequence[CacheKey]) -> int:
         """Evict entries of the bottom tier (cluster-wide eviction), in the given order, through the cache's own

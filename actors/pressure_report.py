@@ -1,4 +1,5 @@
-"""A node agent's pressure report: what ``NodeAgentLogic.pressure`` hands the coordinator each policy pass.
+"""What a coordinator's policy pass reads from a node agent: its pressure report (``NodeAgentLogic.pressure``)
+and, for cluster-wide eviction, its candidates (``NodeAgentLogic.candidates``).
 
 Metadata side only, and it crosses processes (Ray pickles it as itself), so it is typed rather than a nested
 dict: the coordinator's placement, admission and relief read its fields by name. ``to_dict`` is the one path
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+
+from qwen3vl_ray.keys import CacheKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +84,19 @@ class NodeReport:
         d = dataclasses.asdict(self)
         d["host_memory"] = list(self.host_memory)
         return d
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionCandidate:
+    """One entry an agent offers for cluster-wide eviction, in its policy's order (``NodeAgentLogic.candidates``).
+
+    Attributes:
+        key: the entry's cache key.
+        nbytes: bytes it frees (stored size, as the tier's budget counts it).
+        value: recompute seconds saved per stored byte x likelihood of reuse; the coordinator takes the next
+            entry from the node whose front candidate is worth least.
+    """
+
+    key: CacheKey
+    nbytes: int
+    value: float

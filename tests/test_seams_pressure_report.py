@@ -79,3 +79,16 @@ def test_status_json_keeps_the_shape_of_the_dict_report(tmp_path, monkeypatch, c
         {"used": 3 * CHUNK, "capacity": 4 * CHUNK, "entries": 3, "high": 0.7, "low": 0.5}
     assert isinstance(host["system"], bool)  # the machine's own RAM decides it
     assert node["tiers"]["disk"]["entries"] == 0
+
+
+def test_eviction_candidates_are_typed_in_the_policys_order(tmp_path):
+    from actors.pressure_report import EvictionCandidate
+
+    a = agent(tmp_path)
+    a.put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(4)])
+    a.get_tensors([key(0)])  # a hit: key 0 is now the most recently used and the most valuable
+    got = a.candidates("host", 4, recompute_s_per_mib=0.05)
+    assert all(isinstance(c, EvictionCandidate) and c.nbytes == CHUNK and c.value > 0 for c in got)
+    assert [c.key for c in got] == [key(1), key(2), key(3), key(0)]  # LRU: the hit one last
+    assert got[-1].value > got[0].value
+    assert pickle.loads(pickle.dumps(got[0])) == got[0]
