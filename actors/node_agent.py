@@ -34,7 +34,7 @@ import torch
 
 from actors.config import NAMESPACE, AgentConfig
 from actors.directory import TIER_CODES
-from actors.journal import Journal, JournalingTier
+from actors.journal import Journal
 from actors.metrics import Metrics
 from actors.object_store_tier import (RAW, LocalObjectStore, ObjectStore, ObjectStoreTier, array_to_tensor,
                                       fitting_suffix, slice_of)
@@ -129,8 +129,7 @@ def node_disk_home(config: AgentConfig, node_id: str, tenant: Tenant = Tenant())
     return DiskHome.claim(tenant_disk_dir(config, tenant), owner=check_node_id(node_id))
 
 
-def build_node_cache(node_id: str, config: AgentConfig, host: JournalingTier, journal: Journal,
-                     tenant: Tenant = Tenant()):
+def build_node_cache(node_id: str, config: AgentConfig, host: ObjectStoreTier, tenant: Tenant = Tenant()):
     """Compose the node's tiers with the core TieredCache: the object-store host tier (injected) over the core
     DiskTier in the node's disk home (its index is rebuilt from its files on open, so a restarted agent serves
     them again; other unheld homes are then trimmed to the disk budget)."""
@@ -157,7 +156,7 @@ def build_node_cache(node_id: str, config: AgentConfig, host: JournalingTier, jo
             home.trim(config.disk_bytes, tier.used_bytes, namespace.hex)
         except OSError:  # trimming is housekeeping: the tier serves without it
             logger.warning("disk home %s: trimming other directories failed", home.path, exc_info=True)
-        disk = JournalingTier(tier, journal)
+        disk = tier
         cfgs.append(dcfg)
         tiers.append(disk)
     # prefetch_threads=0: the agent runs one call at a time; promotions happen inside get_chunks
@@ -181,10 +180,12 @@ class NodeAgentLogic:
         self.epoch = uuid.uuid4().hex  # changes on every (re)start: the coordinator resyncs on a new epoch
         self.store = store if store is not None else LocalObjectStore()
         self.metrics = metrics if metrics is not None else Metrics(node_id)
+        self.host = ObjectStoreTier(config.host_bytes, config.host_codec, self.store)
+        self.cache, self.disk = (cache_factory(node_id, config, self.host) if tenant.is_default
+                                 else cache_factory(node_id, config, self.host, tenant))
+        # the directory follows the cache's own index: every store, demotion, promotion, eviction and removal
         self.journal = Journal()
-        self.host = JournalingTier(ObjectStoreTier(config.host_bytes, config.host_codec, self.store), self.journal)
-        self.cache, self.disk = (cache_factory(node_id, config, self.host, self.journal) if tenant.is_default
-                                 else cache_factory(node_id, config, self.host, self.journal, tenant))
+        self.journal.follow(self.cache)
         from qwen3vl_ray.cache.pressure import PressureConfig, PressureMonitor
 
         self.monitor = PressureMonitor(self.cache, PressureConfig(min_interval_s=0))
@@ -217,7 +218,7 @@ class NodeAgentLogic:
             if not isinstance(c, WireChunk):
                 raise TypeError(f"put_chunks takes WireChunk items, got {type(c).__name__}")
             batch.append((validate_key(c.key), c.tensor(), None if c.parent is None else validate_key(c.parent)))
-        inner = self.host.inner
+        inner = self.host
         prepared = inner.encode_many([(k, t) for k, t, _ in batch])
         n_top = fitting_suffix([None if p is None else p.nbytes for p in prepared], inner.capacity_bytes)
         need = sum(p.nbytes for p in prepared[len(prepared) - n_top:]) - inner.free_bytes

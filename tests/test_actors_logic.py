@@ -124,7 +124,7 @@ def test_agent_batch_larger_than_the_host_tier_is_one_slab_plus_lru_demotions(tm
     # one batch of 5 into a 3-chunk host tier: the 3 that fit go into the store as one slab, the cache commits
     # all 5 in order and (LRU) demotes the oldest two to disk to make room for the last two
     assert agent.put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(5)]) == ["disk"] * 2 + ["host"] * 3
-    assert agent.host.used_bytes <= agent.host.capacity_bytes and agent.host.inner.unstage_all() == 0
+    assert agent.host.used_bytes <= agent.host.capacity_bytes and agent.host.unstage_all() == 0
     assert all(torch.equal(t, chunk(i)) for i, t in enumerate(agent.get_tensors([key(i) for i in range(5)])))
     # a batch that fits is one object in the store, committed entry by entry through the cache
     roomy = NodeAgentLogic(NODES[1], agent_cfg(tmp_path, host_chunks=8), LocalObjectStore())
@@ -159,7 +159,7 @@ def test_agent_batch_larger_than_the_host_tier_keeps_its_newest_as_one_slab_and_
     # a 16-chunk chain into a 4-chunk host tier: its newest 4 are one store put, the older 12 go straight to disk
     assert agent.put_chunks(chain(16)) == ["disk"] * 12 + ["host"] * 4
     assert store.puts == 1 and agent.host.stats()["slabs_put"] == 1 and len(agent.disk) == 12
-    assert agent.host.used_bytes == 4 * CHUNK and agent.host.inner.unstage_all() == 0
+    assert agent.host.used_bytes == 4 * CHUNK and agent.host.unstage_all() == 0
     # the next turn's 8 chunks: the host's 4 go down to disk (tail first) to make room, the new batch's newest 4
     # are again one put and its older 4 go to disk; nothing is dropped
     assert agent.put_chunks(chain(8, start=16, parent=key(15))) == ["disk"] * 4 + ["host"] * 4

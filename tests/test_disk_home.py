@@ -186,7 +186,7 @@ def test_an_agent_under_a_new_node_id_serves_the_last_ones_disk_entries_and_trim
     first.close()
     # the next Ray session: a new node id, the same machine and disk -> the same home, its entries served
     again = NodeAgentLogic("b" * 32, cfg, LocalObjectStore())
-    assert again.disk.inner.dir == first.disk.inner.dir
+    assert again.disk.dir == first.disk.dir
     assert stale.exists()  # 2 chunks on disk + 4 unheld still fit the budget
     got = again.get_tensors(keys)
     assert torch.equal(got[0], data[0]) and torch.equal(got[1], data[1]) and got[2] is None and got[3] is None
