@@ -249,8 +249,8 @@ class TieredCache:
         held: list[tuple[int, object]] = []  # to store with held room: bytes copied outside the lock
         for j, prepared in cands:
             key, tensor, parent = batch[j]
-            old = self._superseded(key)
-            if old is not None and (old.pins or old.in_flight):
+            old = self._index.get(key)
+            if old is not None and not self._replaceable(key, old):
                 # Replacing an entry someone is reading would tear it; keep the old one.
                 counters.rejected += 1
                 continue
@@ -265,7 +265,15 @@ class TieredCache:
             held.append((j, prepared))
         if not held:
             return down
-        self._make_room(i, min(sum(p.nbytes for _, p in held), tier.capacity_bytes), writes)
+        want = min(sum(p.nbytes for _, p in held), tier.capacity_bytes)
+        reach = self._room_within_reach(i, want)
+        if reach < want:  # the last tier: room only for the head of the batch that can really be placed
+            want = 0
+            for _, p in held:
+                if want + p.nbytes > reach:
+                    break
+                want += p.nbytes
+        self._make_room(i, want, writes)
         room = tier.free_bytes
         if i < len(self.tiers) - 1:
             # newest on top: the longest tail of the batch that fits stays here, the items before it go below
@@ -286,9 +294,9 @@ class TieredCache:
             down.append(j)
         going = []
         for j, prepared in held:
-            # making room may have demoted the old entry of this very key: its queued write is called off
-            old = self._superseded(batch[j][0])
-            if old is not None and (old.pins or old.in_flight):
+            # making room may have demoted the old entry of this very key (a queued write: still replaceable)
+            old = self._index.get(batch[j][0])
+            if old is not None and not self._replaceable(batch[j][0], old):
                 counters.rejected += 1
                 continue
             going.append((j, prepared, old))
@@ -298,6 +306,11 @@ class TieredCache:
                 counters.rejected += 1
                 down.append(j)
                 continue
+            # the old value's bytes are in this tier (not a demotion into it still queued): a failed write of the
+            # new one falls back to them (the tier writes aside and publishes on success)
+            kept = old is not None and old.tier == i and not old.in_flight
+            if old is not None:
+                self._call_off(key, old)  # the new value supersedes what a queued demotion of it would write
             if old is not None and old.tier != i:
                 # the new value supersedes it now: readers get the staged bytes until they land
                 self.tiers[old.tier].discard(key)
@@ -309,20 +322,19 @@ class TieredCache:
             self._staged[key] = tensor
             # same tier (a disk replace): on_insert of a present key is a use, which keeps its chain links
             policy.on_insert(key, prepared.nbytes, parent)
-            w = PendingWrite(key, e, i, tensor, item=j, prepared=prepared, res=res)
+            w = PendingWrite(key, e, i, tensor, item=j, prepared=prepared, res=res, replaced=old if kept else None)
             writes.append(w)
             if i == len(self.tiers) - 1:
                 self._queued[key] = w
             results[j] = True
         return down
 
-    def _superseded(self, key: CacheKey) -> _Entry | None:
-        """The entry a put of ``key`` replaces (lock held). A demotion of it queued but not started is called
-        off: the new value supersedes the bytes it would write."""
-        old = self._index.get(key)
-        if old is not None and not old.pins:
-            self._call_off(key, old)
-        return old
+    def _replaceable(self, key: CacheKey, old: _Entry) -> bool:
+        """Whether a put may replace ``old`` (lock held): not pinned, not being read or written, except for a
+        demotion of it queued and not started, which the put calls off where the new value is placed. Only
+        there: a put that goes on to a lower tier (with the lock released in between) or fails must leave the
+        old value readable, so nothing is called off before the new one is in."""
+        return self._evictable(key)
 
     def _store_now(self, i: int, key: CacheKey, prepared, parent: CacheKey | None, old: _Entry | None,
                    writes: list[PendingWrite]) -> bool:
@@ -333,12 +345,16 @@ class TieredCache:
         # A replace in the same tier frees the old entry's bytes as it lands (pooled tiers reuse them).
         freed = (tier.entry_nbytes(key) or 0) if old is not None and old.tier == i else 0
         try:
-            stored = self._make_room(i, prepared.nbytes - freed, writes) and tier.complete_store(prepared)
+            need = prepared.nbytes - freed
+            stored = (self._room_within_reach(i, need) >= need and self._make_room(i, need, writes)
+                      and tier.complete_store(prepared))
         finally:
             if old is not None:
                 old.pins -= 1
         if not stored:
             return False
+        if old is not None:
+            self._call_off(key, old)  # replaceable was checked under this same lock hold: this succeeds
         if old is not None and old.tier != i:
             self.tiers[old.tier].discard(key)
             self.policies[old.tier].on_delete(key)
@@ -601,6 +617,36 @@ class TieredCache:
         # cancels the write, which is what the policy would do to it a moment later
         return not e.in_flight or (e.in_flight == 1 and key in self._queued)
 
+    def _room_within_reach(self, i: int, nbytes: int) -> int:
+        """How much of ``nbytes`` tier ``i`` can have free (lock held): all of it above the last tier, whose
+        victims move down; in the last tier, whose victims leave the cache, what its free bytes and evictable
+        entries (a dry walk of its policy's order, stopped once ``nbytes`` is reached) add up to. Room is only
+        made for what will be stored: evicting for a put that is then refused anyway would lose entries for
+        nothing (``put``: nothing already stored is lost by a failed put)."""
+        tier = self.tiers[i]
+        short = nbytes - tier.free_bytes
+        if short <= 0 or i < len(self.tiers) - 1:
+            return nbytes
+        counted: set[CacheKey] = set()
+
+        def fresh(key: CacheKey) -> bool:
+            e = self._index.get(key)
+            return key not in counted and e is not None and e.tier == i and self._evictable(key)
+
+        walk = iter(self.policies[i].victims(fresh))
+        try:
+            for key in walk:
+                counted.add(key)
+                w = self._queued.get(key)  # a write not started: evicting it gives back the room held for it
+                short -= (w.prepared.nbytes if w is not None and w.res is not None else tier.entry_nbytes(key)) or 0
+                if short <= 0:
+                    return nbytes
+            return nbytes - short
+        finally:
+            close = getattr(walk, "close", None)
+            if close is not None:
+                close()
+
     def _make_room(self, i: int, nbytes: int, writes: list[PendingWrite]) -> bool:
         """Demote tier ``i``'s victims until ``nbytes`` fit. False if pinned/in-flight entries prevent it.
         Victims bound for the disk tier are queued in ``writes`` (the caller writes them after the lock)."""
@@ -684,7 +730,8 @@ class TieredCache:
         # Pin while we make room below so the recursive demotions cannot pick this very entry.
         e.pins += 1
         try:
-            if not (self._make_room(dst, prepared.nbytes, writes) and self.tiers[dst].complete_store(prepared)):
+            if not (self._room_within_reach(dst, prepared.nbytes) >= prepared.nbytes
+                    and self._make_room(dst, prepared.nbytes, writes) and self.tiers[dst].complete_store(prepared)):
                 return False
         finally:
             e.pins -= 1
@@ -785,6 +832,8 @@ class TieredCache:
         its write is then called off instead of making room."""
         more: list[PendingWrite] = []
         tier = self.tiers[w.dst]
+        if self._room_within_reach(w.dst, w.prepared.nbytes) < w.prepared.nbytes:
+            return  # only pinned / in-flight entries in the way: the victim is not written (``_finish``)
         while tier.free_bytes < w.prepared.nbytes and not w.cancelled:
             victim = self._next_victim(w.dst)
             if victim is None:
@@ -808,10 +857,16 @@ class TieredCache:
             return
         if w.res is not None and w.ok is None:
             tier.abort(w.res)  # room held but never written (an exception stopped the rounds)
+        if w.replaced is not None and self._index.get(w.key) is e:
+            # a failed replace: the old value is still whole in the tier, so it stays (the put returns False)
+            w.replaced.pins += e.pins
+            self._index[w.key] = w.replaced
+            self._counters[w.dst].rejected += 1
+            return
         # Its bytes are nowhere but in the staged tensor: the entry leaves the cache. A victim's loss is an
         # eviction from the last tier (it could not keep it); a put's is its False result.
         if self._index.get(w.key) is e:
-            tier.discard(w.key)  # a failed replace on disk: the old file goes with the key
+            tier.discard(w.key)  # whatever the tier may hold of the key goes with it
             self._forget(w.key, e, evicted=w.src is not None)
             if w.src is not None:
                 self._counters[w.dst].evictions += 1
