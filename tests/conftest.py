@@ -1,10 +1,13 @@
 import os
 from contextlib import contextmanager
 
+import pytest
+
 # Tests start their own embedded Ray clusters; keep them small on 2-core machines.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 MiB = 1 << 20
+_EXIT_STATUS = pytest.StashKey[int]()
 
 
 @contextmanager
@@ -40,3 +43,32 @@ def local_cluster(nodes: int = 3):
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old_path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave without the interpreter's own teardown once pytest has finished and reported.
+
+    The test process ends up holding several native thread pools at once (torch's OpenMP, numba's OpenMP
+    layer, Ray's core worker and gRPC threads, vLLM's imports); their teardown at interpreter exit crashed
+    one CI run with SIGSEGV after every test had passed and the summary was printed. What the tests check
+    runs in the tests (exit hooks that matter, such as a store's move to disk at exit, are tested in
+    subprocesses of their own), so after the report the process exits with pytest's status directly. An
+    embedded Ray still up is shut down first, so no Ray process outlives the run holding its output pipes."""
+    status = config.stash.get(_EXIT_STATUS, None)
+    if status is None:
+        return
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
