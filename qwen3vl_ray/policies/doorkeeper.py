@@ -39,8 +39,10 @@ class Doorkeeper:
     @staticmethod
     def _hashes(key: Hashable) -> tuple[int, int]:
         # Double hashing (Kirsch & Mitzenmacher): probe i is (a + i*b) mod the filter's size in bits, so one
-        # pair serves both generations even though their sizes differ.
-        h = hash(key)
+        # pair serves both generations even though their sizes differ. A cache key is already a content hash:
+        # its leading bytes are used as they are, so the filter (and every decision of a policy that asks it)
+        # is the same in every process; Python's hash of bytes is seeded per process.
+        h = int.from_bytes(key[:8], "little") if isinstance(key, bytes) and len(key) >= 8 else hash(key)
         return ((h * _MUL1) & _MASK) >> 7, (((h ^ (h >> 29)) * _MUL2) & _MASK) | 1
 
     @staticmethod

@@ -93,9 +93,8 @@ class PrefixLRUPolicy(EvictionPolicy):
         """Pop the least-priority live leaf off the heap (None when it is empty). Removed and interior nodes
         are dropped (a node is queued again when it becomes a leaf); a node queued with an older priority
         than its own goes back with its own and the walk goes on."""
-        heap = self._heap
-        while heap:
-            node = heapq.heappop(heap)
+        while self._heap:  # re-read each time: requeueing a stale node may rebuild the heap as a new list
+            node = heapq.heappop(self._heap)
             queued, node.queued = node.queued, None
             if node.children or self._nodes.get(node.key) is not node:
                 continue
