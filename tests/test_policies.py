@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -454,3 +458,20 @@ def test_default_policy_is_never_below_lru_and_belady_bounds_all(trace_name):
 def test_mooncake_slice_default_not_below_lru():
     trace = load_mooncake()[:1200]
     assert replay(make_policy(DEFAULT_POLICY), trace, 1500) >= replay(make_policy("lru"), trace, 1500)
+
+
+_DOORKEEPER_BITS = """
+from qwen3vl_ray.keys import Namespace, content_key
+from qwen3vl_ray.policies import Doorkeeper
+d = Doorkeeper(64)
+seen = [d.seen_then_add(content_key(Namespace(model="m"), "block", bytes([i]))) for i in range(200)]
+print(bytes(d._bits).hex(), sum(seen))
+"""
+
+
+def test_the_doorkeeper_decides_the_same_in_every_process():
+    # Python seeds its hash of bytes per process; a filter built on it made prefix-2q and chain-arc evict
+    # differently from run to run on the same trace
+    runs = {subprocess.run([sys.executable, "-c", _DOORKEEPER_BITS], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(runs) == 1 and runs.pop().split()[0].strip("0")
