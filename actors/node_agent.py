@@ -1,9 +1,10 @@
 """Node agent: the one process per node that owns the node's host tier (Ray object store) and disk tier.
 
 ``NodeAgentLogic`` holds everything and runs without Ray (inject a :class:`LocalObjectStore`); the
-``NodeAgent`` actor is a thin wrapper. Data side: the agent stores and serves chunks; metadata it keeps for the
-coordinator's policies: per-entry access stats and chain parents (value), pressure, and a journal of where
-entries come and go (``drain_journal``) so the cluster directory follows the moves without scanning. What the
+``NodeAgent`` actor is a thin wrapper. Data side: the agent stores and serves chunks; metadata it reports for
+the coordinator's policies: per-entry access stats and chain parents (value; the node cache's own records of
+its entries, ``TieredCache.entry_info``), pressure, and a journal of where entries come and go
+(``drain_journal``, following the cache's index) so the cluster directory follows the moves without scanning. What the
 coordinator may demote or evict is offered in the node cache's own policy order (``_victim_order``), the order
 its local room-making takes, so cluster-level moves never drop a chain's head before its tail; and it is done
 through the cache's own demote path, so the policy hears the same events (``on_demote``, ``on_evict``) and the
@@ -190,18 +191,14 @@ class NodeAgentLogic:
 
         self.monitor = PressureMonitor(self.cache, PressureConfig(min_interval_s=0))
         self.lifetimes = LifetimeManager(self.cache, LifetimeConfig(idle_ttl_s=config.idle_ttl_s or None), clock)
-        # key -> [hits, last access (monotonic s), logical bytes, chain parent]: value, and no parent before its
-        # children in the coordinator's demotions and evictions (``_victim_order``)
-        self._info: dict[bytes, list] = {}
+        # each entry's hits, last access and chain parent (its value, and no parent before its children in the
+        # coordinator's demotions and evictions: ``_victim_order``) are the node cache's own record of it
         # chunks served by handle through get_chunks, per tier (the tiers' own counters do not see them)
         self._served = {"hits": {"host": 0, "disk": 0}, "misses": 0}
         # rare events are exported at 0 from the start: their panels read 0, not "no data"
         for name in ("qwen3vl_ray_promotions", "qwen3vl_ray_demotions", "qwen3vl_ray_swap_bytes_out"):
             self.metrics.declare(name, tier="host")
         self.metrics.declare("qwen3vl_ray_evictions")
-        if self.disk is not None:
-            for k in self.disk.keys():  # entries found on disk after a restart: cold, unknown reuse
-                self._info[k] = [0, 0.0, self.disk.entry_nbytes(k) or 0, None]
         logger.info("node agent %s up (epoch %s): host %d B, disk %d B with %d entries", node_id[:12], self.epoch[:8],
                     config.host_bytes, config.disk_bytes, 0 if self.disk is None else len(self.disk))
 
@@ -212,7 +209,6 @@ class NodeAgentLogic:
         ones of a batch larger than the host tier go straight to the disk tier (without one they are not stored:
         they could only push this batch's newer chunks out). The cache then commits each chunk (index, policy).
         Returns the tier each chunk is in afterwards, or None if it was not stored."""
-        now = time.monotonic()
         batch = []
         for c in items:
             if not isinstance(c, WireChunk):
@@ -231,20 +227,13 @@ class NodeAgentLogic:
         finally:
             inner.unstage_all()
         where = [self._where(k) if ok else None for (k, _, _), ok in zip(batch, oks)]
-        for (k, t, parent), w in zip(batch, where):
-            if w is None:
-                self._info.pop(k, None)
-            else:
-                self._info[k] = [0, now, t.numel() * t.element_size(), parent]
+        for (_, t, _), w in zip(batch, where):
+            if w is not None:
                 self.metrics.inc("qwen3vl_ray_swap_bytes_in", t.numel() * t.element_size(), tier=w)
         return where
 
     def remove_many(self, keys: Sequence[CacheKey]) -> list[bool]:
-        out = []
-        for k in keys:
-            out.append(bool(self.cache.remove(k)))
-            self._info.pop(k, None)
-        return out
+        return self.cache.remove_many(keys)
 
     # -- reads ---------------------------------------------------------------------------------
     def _where(self, key: CacheKey) -> str | None:
@@ -260,7 +249,6 @@ class NodeAgentLogic:
     def get_chunks(self, keys: Sequence[CacheKey]) -> list[ChunkRef | None]:
         """Handles for many chunks in one call. Disk hits are promoted into the host tier first (or, if the
         host tier has no room, put as a transient object that lives while the caller holds its handle)."""
-        now = time.monotonic()
         out: list[ChunkRef | None] = []
         for key in keys:
             tier = self._where(key)
@@ -293,10 +281,7 @@ class NodeAgentLogic:
             # qwen3vl_ray_hits/misses are counted in tokens by the worker, which knows what the request reused
             self._served["hits"][tier] = self._served["hits"].get(tier, 0) + 1
             if tier == "host":
-                self._touch(key)
-            info = self._info.setdefault(key, [0, now, 0, None])
-            info[0] += 1
-            info[1] = now
+                self._touch(key)  # the disk hit's read through the cache counted it already
         return out
 
     def _touch(self, key: CacheKey) -> None:
@@ -335,15 +320,7 @@ class NodeAgentLogic:
         coordinator's directory forgets the entry at its next journal sync (later in the same pass when called
         from ``pressure``). A chain's head may expire before a tail read since (a worker held the head); the
         tail then expires in turn unless read with a head again. Returns how many entries went."""
-        n = self.lifetimes.tick(now)
-        if n:
-            for k in [k for k in self._info if not self.cache.contains(k)]:
-                del self._info[k]
-        return n
-
-    def _parent(self, key: CacheKey) -> CacheKey | None:
-        info = self._info.get(key)
-        return None if info is None else info[3]
+        return self.lifetimes.tick(now)
 
     def _victim_order(self, tier: str, n: int | None = None, nbytes: int | None = None,
                       whole_node: bool = False) -> list[tuple[CacheKey, int]]:
@@ -357,12 +334,8 @@ class NodeAgentLogic:
         if t is None:
             return []
         policy = self.cache.policies[self.cache.tier_names.index(tier)]
-        children: Counter = Counter()
-        for scope in ([self.host, self.disk] if whole_node else [t]):
-            for k in (scope.keys() if scope is not None else ()):
-                p = self._parent(k)
-                if p is not None:
-                    children[p] += 1
+        scope = [k for tier in ([self.host, self.disk] if whole_node else [t]) if tier is not None for k in tier.keys()]
+        children = Counter(p for p in self.cache.parents(scope) if p is not None)
         order: list[tuple[CacheKey, int]] = []
         taken: set = set()
         total = 0
@@ -380,7 +353,7 @@ class NodeAgentLogic:
                     total += size
                     if (n is not None and len(order) >= n) or (nbytes is not None and total >= nbytes):
                         return order
-                    k = self._parent(k)
+                    k = self.cache.parents([k])[0]
                     if k is not None:
                         children[k] -= 1
         finally:
@@ -432,7 +405,11 @@ class NodeAgentLogic:
 
     def value(self, key: CacheKey, recompute_s_per_mib: float, now: float | None = None) -> float:
         """Recompute seconds saved per stored byte x likelihood of reuse (hits and recency)."""
-        hits, last, logical, _ = self._info.get(key, (0, 0.0, 0, None))
+        info = self.cache.entry_info(key)
+        hits, last = (0, 0.0) if info is None else (info.hits, info.last_access)
+        entry = self.host.entry(key)
+        # bytes it would take to recompute: the decoded size; a disk entry's is its stored size (raw by default)
+        logical = entry.logical_bytes if entry is not None else 0
         stored = self.host.entry_nbytes(key) or (self.disk.entry_nbytes(key) if self.disk is not None else None) or 1
         now = time.monotonic() if now is None else now
         reuse = (hits + 1) / (hits + 2) * math.exp(-max(0.0, now - last) * math.log(2) / REUSE_HALF_LIFE_S)
@@ -452,15 +429,14 @@ class NodeAgentLogic:
         that is the parent of an entry still stored here, or that left the bottom tier (promoted by a hit since
         the candidates were listed), is kept. Returns how many were evicted."""
         stored = [k for tier in (self.host, self.disk) if tier is not None for k in tier.keys()]
-        children = Counter(p for p in map(self._parent, stored) if p is not None)
+        children = Counter(p for p in self.cache.parents(stored) if p is not None)
         bottom = self.cache.tier_names[-1]
         n = 0
         for k in keys:
-            parent = self._parent(k)
+            parent = self.cache.parents([k])[0]
             # demote() out of the last tier is an eviction (the cache's _evict_one drops it there)
             if children.get(k) or self.cache.where(k) != bottom or not self.cache.demote(k):
                 continue
-            self._info.pop(k, None)
             n += 1
             if parent is not None:
                 children[parent] -= 1

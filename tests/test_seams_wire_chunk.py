@@ -34,7 +34,7 @@ def test_an_agent_stores_wire_chunks_with_their_parents_and_refuses_bare_tuples(
                                              policy="lru"))
     chunks = [torch.full((2, 1024), float(i), dtype=torch.bfloat16) for i in range(2)]
     assert a.put_chunks([WireChunk.of(key(0), chunks[0]), WireChunk.of(key(1), chunks[1], key(0))]) == ["host"] * 2
-    assert a._parent(key(1)) == key(0) and a._parent(key(0)) is None
+    assert a.cache.parents([key(1), key(0)]) == [key(0), None]
     assert all(torch.equal(x, y) for x, y in zip(a.get_tensors([key(0), key(1)]), chunks))
     with pytest.raises(TypeError, match="WireChunk"):
         a.put_chunks([(key(2), chunks[0], None)])

@@ -449,3 +449,21 @@ def test_a_batch_overflowing_every_tier_keeps_its_head_in_the_last_one(tmp_path)
         assert [c.where(k) for k in keys] == ["disk"] * 2 + [None] * 2 + ["device"] * 4
         assert c.stats()["dropped"] == 0 and c.longest_prefix(keys) == 2
         assert_all_cached_exact(c, keys[:2])
+
+
+def test_entry_info_counts_reads_of_the_value_and_starts_over_for_a_new_one(tmp_path):
+    with make_three_tier_cache(tmp_path, None) as c:
+        keys, items = chain(3)
+        assert c.put_many(items) == [True] * 3
+        assert c.entry_info(keys[2]) == ("device", keys[1], c.entry_info(keys[2]).last_access, 0)
+        c.get(keys[2])
+        c.touch(keys[2])  # a read served by reference (a node agent's handle) counts too
+        c.demote(keys[2])
+        c.get(keys[2], promote=False)
+        info = c.entry_info(keys[2])
+        assert (info.tier, info.parent, info.hits) == ("host", keys[1], 3)  # hits follow the entry down
+        assert c.parents([keys[0], keys[1], prefix_key(NS, None, [99])]) == [None, keys[0], None]
+        c.put(keys[2], torch.zeros(4), parent=keys[1])  # a new value: its reads start at 0
+        assert c.entry_info(keys[2]).hits == 0
+        c.remove(keys[2])
+        assert c.entry_info(keys[2]) is None and c.parents([keys[2]]) == [None]

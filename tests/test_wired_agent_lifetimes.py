@@ -76,8 +76,8 @@ def test_a_policy_pass_expires_idle_host_and_disk_entries_and_the_directory_forg
     assert agent.stats()["cache"]["expired"] == 2
     assert agent.get_tensors([key(0), key(2)]) == [None, None]  # misses now, not errors
     assert all(torch.equal(t, chunk(i)) for i, t in zip((1, 3, 4), agent.get_tensors([key(1), key(3), key(4)])))
-    # the agent's own value records of the expired entries went with them
-    assert set(agent._info) == {key(1), key(3), key(4)}
+    # what the agent values entries by (hits, recency, chain parent) is the cache's record: gone with them
+    assert [agent.cache.entry_info(key(i)) is None for i in range(5)] == [True, False, True, False, False]
 
 
 def test_without_a_ttl_nothing_expires(tmp_path):

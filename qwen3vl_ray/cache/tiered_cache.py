@@ -24,7 +24,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -49,8 +49,9 @@ EntryListener = Callable[[CacheKey, "int | None", "int | None"], None]
 class _Entry:
     """Index record of one cached entry (metadata only; bytes live in the tier, sizes in its index).
 
-    Kept to five pointers: the per-entry budget (<= 256 B) is shared with the tier's and the policy's
-    records. ``last_access`` points at a float shared by every entry touched in the same second.
+    Kept to six pointers: the per-entry budget (<= 256 B) is shared with the tier's and the policy's
+    records. ``last_access`` points at a float shared by every entry touched in the same second; small
+    counts (``hits``, ``pins``, ``in_flight``) are Python's shared small ints.
     """
 
     tier: int
@@ -58,6 +59,16 @@ class _Entry:
     last_access: float
     pins: int = 0
     in_flight: int = 0
+    hits: int = 0  # reads of this value (lookups and touches): a node agent ranks entries by it
+
+
+class EntryInfo(NamedTuple):
+    """What the store knows of one entry's use (``TieredCache.entry_info``)."""
+
+    tier: str  # the tier it is in
+    parent: CacheKey | None  # the chunk before it in its chain (None: a chain's head, or not a chain)
+    last_access: float  # ``time.monotonic()`` of its last store or read, in whole seconds
+    hits: int  # reads of this value since it was stored
 
 
 class _CoarseClock:
@@ -164,6 +175,18 @@ class TieredCache:
     def where(self, key: CacheKey) -> str | None:
         e = self._index.get(validate_key(key))
         return None if e is None else self.tiers[e.tier].name
+
+    def entry_info(self, key: CacheKey) -> EntryInfo | None:
+        """Where ``key`` is and how it has been used; None if absent."""
+        with self._lock:
+            e = self._index.get(validate_key(key))
+            return None if e is None else EntryInfo(self.tiers[e.tier].name, e.parent, e.last_access, e.hits)
+
+    def parents(self, keys: Iterable[CacheKey]) -> list[CacheKey | None]:
+        """Each key's chain parent (None: a chain's head, not a chain, or absent), under one lock round."""
+        with self._lock:
+            index = self._index
+            return [None if (e := index.get(k)) is None else e.parent for k in keys]
 
     def longest_prefix(self, keys: Sequence[CacheKey]) -> int:
         """Number of leading ``keys`` present in any tier (a prefix hit stops at the first gap)."""
@@ -415,6 +438,7 @@ class TieredCache:
                 tier_name = None
             else:
                 e.last_access = self._clock()
+                e.hits += 1
                 self._counters[src].hits += 1
                 tier_name = self.tiers[src].name
                 if current:
@@ -449,6 +473,7 @@ class TieredCache:
             if e is None:
                 return False
             e.last_access = self._clock()
+            e.hits += 1
             self._counters[e.tier].hits += 1
             self.policies[e.tier].on_hit(key)
             return True
