@@ -21,3 +21,14 @@ def run_in_threads(fn, n: int) -> list[Exception]:
     for t in threads:
         t.join()
     return errors
+
+
+def run_together(*fns, timeout: float = 60) -> None:
+    """Run each of ``fns`` in a thread of its own, started together; fail if one is still running after
+    ``timeout`` seconds (a deadlock). What the functions raise is theirs to record (pytest prints it)."""
+    threads = [threading.Thread(target=fn) for fn in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck"

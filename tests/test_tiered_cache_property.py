@@ -34,6 +34,7 @@ from qwen3vl_ray.cache import CacheConfig, TieredCache
 from qwen3vl_ray.keys import Namespace, prefix_key
 from qwen3vl_ray.tiers import disk as disk_tier
 from qwen3vl_ray.tiers.config import TierConfig
+from tests.helpers_threads import run_together
 
 NS = Namespace(model="prop")
 KEYS = [prefix_key(NS, None, [i]) for i in range(12)]
@@ -107,12 +108,7 @@ class CacheMachine(RuleBasedStateMachine):
             if other_key is not None:
                 out["put"] = self.cache.put(other_key, other_t)
 
-        threads = [threading.Thread(target=store), threading.Thread(target=read_and_put)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not any(t.is_alive() for t in threads), "a thread is stuck"
+        run_together(store, read_and_put)
         for k, got in out["read"]:
             if got is not None:
                 assert any(v is not None and torch.equal(got, v) for v in allowed[k]), "a read saw bytes never put"
@@ -283,12 +279,7 @@ class BatchedConcurrentMachine(RuleBasedStateMachine):
             out["loaded"] = self.cache.get_many(read_keys, promote=promote)
 
         demoted = self.cache.stats()["tiers"][1]["demotions_in"]
-        threads = [threading.Thread(target=store), threading.Thread(target=load)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not any(t.is_alive() for t in threads), "a thread is stuck"
+        run_together(store, load)
         event(f"concurrent: demoted into disk meanwhile: {self.cache.stats()['tiers'][1]['demotions_in'] > demoted}")
         assert "stored" in out and "loaded" in out, "a thread raised (its traceback is above)"
         for k, got in zip(read_keys, out["loaded"]):
