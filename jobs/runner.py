@@ -91,6 +91,9 @@ class EngineRunner:
         from qwen3vl_ray import settings as S
         from qwen3vl_ray.engine import Qwen3VLEngine
 
+        # idle expiry runs in the node agents, on the coordinator's pass: one process with no agent never ticks it
+        S.refuse_unhonoured(settings, ["idle_ttl_s"], "the in-process engine (no node agents)",
+                            "unset it or run on the Ray service (--runner service)")
         self.settings = settings
         self.engine = Qwen3VLEngine(S.resolve_checkpoint(settings), S.engine_config(settings))
 

@@ -200,3 +200,15 @@ def test_status_merges_the_agents_served_hits_per_tier():
     host_row = next(line for line in table.splitlines() if " host " in line)
     assert "57%" in host_row  # 4 / (4 + 3), not "-"
     assert "33%" in next(line for line in table.splitlines() if " disk " in line)
+
+
+def test_the_in_process_engine_refuses_an_idle_ttl_it_would_never_apply(monkeypatch):
+    from jobs.runner import EngineRunner
+    from qwen3vl_ray import settings as S
+    from qwen3vl_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"idle_ttl_s: the in-process engine \(no node agents\) cannot honour"):
+        EngineRunner(S.resolve({"idle_ttl_s": 60.0}))
+    monkeypatch.setenv("QWEN3VL_RAY_IDLE_TTL_S", "30")
+    with pytest.raises(ConfigError, match="QWEN3VL_RAY_IDLE_TTL_S"):
+        EngineRunner(S.resolve())
