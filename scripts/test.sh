@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# -X faulthandler: pytest turns its own fault handler off when it finishes; this keeps one on through the
-# interpreter's exit, so a crash in an exit hook or a library's teardown prints every thread's stack.
+# -X faulthandler: a crash anywhere in the process (collection, a test, a library's threads, pytest's own
+# wrap-up) prints every thread's stack instead of a bare exit 139; pytest's handler covers the tests only.
 exec .venv/bin/python -X faulthandler -m pytest -q "$@"
