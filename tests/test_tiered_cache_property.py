@@ -417,3 +417,54 @@ def test_a_read_between_a_puts_tiers_misses_a_stored_key(tmp_path):
         cache.unpin(k)
         cache.close()
     assert got is not None and torch.equal(got, old_v)
+
+
+def test_a_put_whose_write_fails_in_a_lower_tier_keeps_the_value_held_above(tmp_path):
+    # the new value is too big for the host tier and goes to disk; the old one stays in host (tiers keep it
+    # until the new value commits) and, the disk write failing, is the key's value again
+    cache = TieredCache(CacheConfig(tiers=[TierConfig("host", 4096, block_bytes=256),
+                                           TierConfig("disk", 64 * 1024, path=str(tmp_path))],
+                                    namespace=NS, prefetch_threads=0))
+    old = torch.arange(256, dtype=torch.float32)  # 1 KiB: host
+    assert cache.put(KEYS[0], old) and cache.where(KEYS[0]) == "host"
+    with mock.patch.object(disk_tier, "_write_and_hash", mock.Mock(side_effect=OSError(errno.ENOSPC, "full"))):
+        assert cache.put(KEYS[0], torch.zeros(2048)) is False  # 8 KiB: only the disk tier can take it
+    where, got = cache.where(KEYS[0]), cache.get(KEYS[0], promote=False)
+    assert cache.put(KEYS[0], torch.ones(2048))  # and a later put that lands replaces it for good
+    stats, new_where = cache.stats(), cache.where(KEYS[0])
+    cache.close()
+    assert where == "host" and torch.equal(got, old)
+    assert new_where == "disk" and [t["entries"] for t in stats["tiers"]] == [0, 1]
+    assert stats["tiers"][0]["used_bytes"] == 0
+
+
+def test_a_put_superseding_a_queued_put_keeps_what_that_one_would_have_fallen_back_to(tmp_path, monkeypatch):
+    # P1's replace of v0 is indexed and queued (its write not started) when P2's replace calls it off and then
+    # fails: v0, whole on disk all along, is the key's value again (P1 never landed: it returns False too)
+    cache = TieredCache(CacheConfig(tiers=[TierConfig("disk", 64 * 1024, path=str(tmp_path))], namespace=NS,
+                                    prefetch_threads=0))
+    v0 = torch.arange(256, dtype=torch.float32)
+    assert cache.put(KEYS[0], v0)
+    gate, queued = threading.Event(), threading.Event()
+    finish = cache._finish_writes
+
+    def held_finish(writes):
+        if threading.current_thread().name == "P1":
+            queued.set()
+            assert gate.wait(10)
+        return finish(writes)
+
+    monkeypatch.setattr(cache, "_finish_writes", held_finish)
+    out = {}
+    p1 = threading.Thread(name="P1", target=lambda: out.setdefault("p1", cache.put(KEYS[0], torch.ones(256))))
+    p1.start()
+    try:
+        assert queued.wait(10)
+        with mock.patch.object(disk_tier, "_write_and_hash", mock.Mock(side_effect=OSError(errno.ENOSPC, "full"))):
+            out["p2"] = cache.put(KEYS[0], torch.zeros(256))
+    finally:
+        gate.set()
+        p1.join(10)
+    got = cache.get(KEYS[0])
+    cache.close()
+    assert out == {"p1": False, "p2": False} and got is not None and torch.equal(got, v0)

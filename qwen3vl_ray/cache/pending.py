@@ -32,4 +32,4 @@ class PendingWrite:
     res: Reservation | None = None  # None until room is held in ``dst``
     ok: bool | None = None  # the write's outcome; None: not written (no room, or refused by the codec)
     cancelled: bool = False  # evicted from the last tier before its write started: nothing to write
-    replaced: Any = None  # the index record a put replaces in the same tier, whose bytes stay there if this fails
+    replaced: Any = None  # the index record of the value a put falls back to if this write fails (its bytes stay put)

@@ -329,15 +329,13 @@ class TieredCache:
                 counters.rejected += 1
                 down.append(j)
                 continue
-            # the old value's bytes are in this tier (not a demotion into it still queued): a failed write of the
-            # new one falls back to them (the tier writes aside and publishes on success)
-            kept = old is not None and old.tier == i and not old.in_flight
+            fallback = self._fallback(key, old)
             if old is not None:
-                self._call_off(key, old)  # the new value supersedes what a queued demotion of it would write
-            if old is not None and old.tier != i:
-                # the new value supersedes it now: readers get the staged bytes until they land
-                self.tiers[old.tier].discard(key)
-                self.policies[old.tier].on_delete(key)
+                self._call_off(key, old)  # the new value supersedes what a queued write of it would write
+                if old.tier != i and (fallback is None or fallback.tier != old.tier):
+                    # nothing of it to fall back to there: it goes now (readers get the staged bytes)
+                    self.tiers[old.tier].discard(key)
+                    self.policies[old.tier].on_delete(key)
             e = _Entry(i, parent, self._clock(), in_flight=1)
             self._index[key] = e
             if old is None or old.tier != i:
@@ -345,12 +343,24 @@ class TieredCache:
             self._staged[key] = tensor
             # same tier (a disk replace): on_insert of a present key is a use, which keeps its chain links
             policy.on_insert(key, prepared.nbytes, parent)
-            w = PendingWrite(key, e, i, tensor, item=j, prepared=prepared, res=res, replaced=old if kept else None)
+            w = PendingWrite(key, e, i, tensor, item=j, prepared=prepared, res=res, replaced=fallback)
             writes.append(w)
             if i == len(self.tiers) - 1:
                 self._queued[key] = w
             results[j] = True
         return down
+
+    def _fallback(self, key: CacheKey, old: _Entry | None) -> _Entry | None:
+        """The record of the value a put of ``key`` falls back to if its write fails (lock held): ``old`` when
+        its bytes are committed in its tier (tiers write aside and publish on success, so they stay whole
+        until the new value's commit), or what a still queued put of the key would itself have fallen back
+        to. None when the old value's only bytes are a queued demotion's staged copy, or there is none."""
+        if old is None:
+            return None
+        if not old.in_flight:
+            return old
+        w = self._queued.get(key)
+        return w.replaced if w is not None and w.entry is old else None
 
     def _replaceable(self, key: CacheKey, old: _Entry) -> bool:
         """Whether a put may replace ``old`` (lock held): not pinned, not being read or written, except for a
@@ -647,7 +657,13 @@ class TieredCache:
         victims move down; in the last tier, whose victims leave the cache, what its free bytes and evictable
         entries (a dry walk of its policy's order, stopped once ``nbytes`` is reached) add up to. Room is only
         made for what will be stored: evicting for a put that is then refused anyway would lose entries for
-        nothing (``put``: nothing already stored is lost by a failed put)."""
+        nothing (``put``: nothing already stored is lost by a failed put).
+
+        Cost: when a full last tier must free more than its leaves hold, the prefix policies' walk goes on to
+        their sorted interior entries (O(n log n), under the lock; a chain per conversation keeps leaves
+        plentiful). Estimates: a tier whose freed bytes lag its entries' (the Ray object-store tier returns a
+        slab's memory when it is compacted) can be over-counted, and then evicts as before this check; a
+        queued replace counts only its held room, not the old file its eviction also frees."""
         tier = self.tiers[i]
         short = nbytes - tier.free_bytes
         if short <= 0 or i < len(self.tiers) - 1:
@@ -776,7 +792,12 @@ class TieredCache:
         return True
 
     def _drop(self, key: CacheKey, e: _Entry, count_eviction: bool) -> None:
+        w = self._queued.get(key)
         self._call_off(key, e)  # evicted before its write started: the write is called off
+        if w is not None and w.cancelled and w.replaced is not None and w.replaced.tier != e.tier:
+            # the value that put would have fallen back to, kept in another tier, goes with the key
+            self.tiers[w.replaced.tier].discard(key)
+            self.policies[w.replaced.tier].on_delete(key)
         self.tiers[e.tier].discard(key)
         self._forget(key, e, evicted=count_eviction)
         if count_eviction:
@@ -876,16 +897,24 @@ class TieredCache:
         e.in_flight -= 1
         if self._staged.get(w.key) is w.tensor:
             del self._staged[w.key]
+        old = w.replaced
         if w.ok:  # committed by the caller, one batch per tier
             if w.src is not None:
                 self._counters[w.dst].demotions_in += 1
+            if old is not None and old.tier != w.dst:  # the value it replaced, kept in another tier until now
+                self.tiers[old.tier].discard(w.key)
+                self.policies[old.tier].on_delete(w.key)
             return
         if w.res is not None and w.ok is None:
             tier.abort(w.res)  # room held but never written (an exception stopped the rounds)
-        if w.replaced is not None and self._index.get(w.key) is e:
-            # a failed replace: the old value is still whole in the tier, so it stays (the put returns False)
-            w.replaced.pins += e.pins
-            self._index[w.key] = w.replaced
+        if old is not None and self._index.get(w.key) is e:
+            # a failed replace: the old value is still whole where it was, so it stays (the put returns False)
+            old.pins += e.pins
+            self._index[w.key] = old
+            if old.tier != w.dst:
+                tier.discard(w.key)
+                self.policies[w.dst].on_delete(w.key)
+                self._moved(w.key, w.dst, old.tier)
             self._counters[w.dst].rejected += 1
             return
         # Its bytes are nowhere but in the staged tensor: the entry leaves the cache. A victim's loss is an

@@ -11,8 +11,9 @@ goes). A chain therefore shrinks from its tail and what stays is always a usable
 
 Bookkeeping per entry: one ``_Node`` (key, parent, child count, priority, hits, the priority it is queued
 with). The heap holds nodes themselves, each at most once, ordered by the priority they were queued with:
-a use only raises a node's priority, so a queued node is left where it is and re-queued when it surfaces
-with a stale priority (no tuple per use; the per-entry metadata budget is 256 B, store and tier records
+a use that raises a node's priority leaves it where it waits, and it is re-queued when it surfaces with a
+stale one; a use that lowers it (rare) re-queues it at once, so the order is always that of the current
+priorities (no tuple per use; the per-entry metadata budget is 256 B, store and tier records
 included). Every operation is O(log n) amortized.
 
 Children may arrive before their parent (a tier below receives a chain's tail first when the tier above
@@ -68,6 +69,12 @@ class PrefixLRUPolicy(EvictionPolicy):
     def _touch(self, node: _Node) -> None:
         self._clock += 1
         node.prio = self._priority(node)
+        if node.queued is not None and node.prio < node.queued:
+            # Lowered (prefix-2q, chain-arc: a cold entry replaced in place after their penalty rose): it
+            # must surface sooner than where it waits. Rare, so an O(n) removal is fine.
+            self._heap.remove(node)
+            heapq.heapify(self._heap)
+            node.queued = None
         if node.children == 0:
             self._push(node)
 
