@@ -12,7 +12,7 @@ from qwen3vl_ray.cache.config import CacheConfig
 from qwen3vl_ray.cache.tiered_cache import TieredCache
 from qwen3vl_ray.keys import CacheKey, Namespace, content_key
 from qwen3vl_ray.serving.block_store import LocalBlockStore
-from qwen3vl_ray.serving.block_transfers import BlockMove, BlockTransfers, StagingBuffers
+from qwen3vl_ray.serving.block_transfers import BlockMove, BlockTransfers, StagingBuffers, save_blocks
 from qwen3vl_ray.serving.paged_blocks import PagedBlocks
 from qwen3vl_ray.tiers.config import TierConfig
 
@@ -158,3 +158,37 @@ def test_the_connectors_modes_default_from_its_config_and_a_bad_one_is_refused_b
     with pytest.raises(ConfigError, match="unknown kv_connector_extra_config key"):
         connector_config({"load": "async"})
     assert ConnectorConfig.__dataclass_fields__["save_mode"].default == "async"
+
+
+def test_a_load_that_needs_no_queued_save_goes_ahead_of_them():
+    # a request's first token must not wait for the disk writes of the blocks earlier requests stored: with one
+    # save running (held: a slow disk) and two queued, a load of blocks already stored runs right after the
+    # running one, and a load of a block still being saved waits for that save and then finds it
+    source, target = _paged(0), _paged(1)
+    plain, stored = _store(), _keys(6)
+    assert save_blocks(plain, [BlockMove(0, stored[0]), BlockMove(1, stored[1])], source.gather([0, 1])) == 2
+    store = HeldStore(plain)
+    transfers = BlockTransfers(store)
+    order = []
+
+    def own(i):  # a queued save's entries must outlive later gathers: each gets its own buffer
+        return source.gather([i], out=torch.empty(1, *source.entry_shape))
+
+    transfers.submit_save([BlockMove(2, stored[2])], own(2), lambda n, s: order.append("save 2"))
+    assert store.entered.wait(30)
+    transfers.submit_save([BlockMove(3, stored[3])], own(3), lambda n, s: order.append("save 3"))
+    transfers.submit_save([BlockMove(5, stored[5])], own(5), lambda n, s: order.append("save 5"))
+    results = {}
+
+    def loaded(name):
+        return lambda result: (order.append(name), results.setdefault(name, result))
+
+    transfers.submit_load(target, [BlockMove(6, stored[3])], TOKENS, loaded("load 3"))  # 3 is pending
+    transfers.submit_load(target, [BlockMove(4, stored[0]), BlockMove(7, stored[1])], TOKENS, loaded("load 0 1"))
+    store.release.set()
+    assert transfers.drain(30)
+    assert order == ["save 2", "load 0 1", "save 3", "save 5", "load 3"]
+    assert results["load 0 1"].failed_block_ids == [] and results["load 3"].failed_block_ids == []
+    for src, dst in ((0, 4), (1, 7), (3, 6)):
+        assert all(torch.equal(s[src], t[dst]) for s, t in zip(source.tensors, target.tensors)), (src, dst)
+    transfers.close()
