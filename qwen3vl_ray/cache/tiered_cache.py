@@ -387,7 +387,9 @@ class TieredCache:
         if not stored:
             return False
         if old is not None:
-            self._call_off(key, old)  # replaceable was checked under this same lock hold: this succeeds
+            # replaceable was checked under this same lock hold: this succeeds; what a queued put of the key
+            # would have fallen back to goes too, unless it is what this store just replaced in place
+            self._call_off_with_fallback(key, old, keep_tier=i)
         if old is not None and old.tier != i:
             self.tiers[old.tier].discard(key)
             self.policies[old.tier].on_delete(key)
@@ -792,17 +794,24 @@ class TieredCache:
         return True
 
     def _drop(self, key: CacheKey, e: _Entry, count_eviction: bool) -> None:
-        w = self._queued.get(key)
-        self._call_off(key, e)  # evicted before its write started: the write is called off
-        if w is not None and w.cancelled and w.replaced is not None and w.replaced.tier != e.tier:
-            # the value that put would have fallen back to, kept in another tier, goes with the key
-            self.tiers[w.replaced.tier].discard(key)
-            self.policies[w.replaced.tier].on_delete(key)
+        # evicted before its write started: the write is called off, and the value it would have fallen back
+        # to goes with the key (in its own tier here, or below)
+        self._call_off_with_fallback(key, e, keep_tier=e.tier)
         self.tiers[e.tier].discard(key)
         self._forget(key, e, evicted=count_eviction)
         if count_eviction:
             self._counters[e.tier].evictions += 1
             self._dropped += 1
+
+    def _call_off_with_fallback(self, key: CacheKey, e: _Entry, keep_tier: int) -> None:
+        """``_call_off``, and if that cancels a put that had kept the key's earlier value in another tier than
+        ``keep_tier`` (``_fallback``), that value is discarded there too: nothing will fall back to it."""
+        w = self._queued.get(key)
+        self._call_off(key, e)
+        old = w.replaced if w is not None and w.cancelled else None
+        if old is not None and old.tier != keep_tier:
+            self.tiers[old.tier].discard(key)
+            self.policies[old.tier].on_delete(key)
 
     def _call_off(self, key: CacheKey, e: _Entry) -> bool:
         """Cancel ``key``'s queued write into the last tier if it has not started (lock held). True if the
@@ -901,7 +910,8 @@ class TieredCache:
         if w.ok:  # committed by the caller, one batch per tier
             if w.src is not None:
                 self._counters[w.dst].demotions_in += 1
-            if old is not None and old.tier != w.dst:  # the value it replaced, kept in another tier until now
+            if old is not None and old.tier != w.dst and self._index.get(w.key) is not old:
+                # the value it replaced, kept in another tier until now
                 self.tiers[old.tier].discard(w.key)
                 self.policies[old.tier].on_delete(w.key)
             return
