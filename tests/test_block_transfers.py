@@ -192,3 +192,27 @@ def test_a_load_that_needs_no_queued_save_goes_ahead_of_them():
     for src, dst in ((0, 4), (1, 7), (3, 6)):
         assert all(torch.equal(s[src], t[dst]) for s, t in zip(source.tensors, target.tensors)), (src, dst)
     transfers.close()
+
+
+def test_blocks_fetched_at_lookup_load_even_if_the_store_loses_them_and_a_gap_ends_the_fetch():
+    # the connector reads an image-covering hit when the scheduler looks it up and reports only what came back:
+    # the step's load then takes those blocks from memory, so it cannot fail (vLLM 0.32 must not see it fail)
+    source, target = _paged(0), _paged(1)
+    store, keys = _store(), _keys(4)
+    assert save_blocks(store, [BlockMove(i, k) for i, k in enumerate(keys)], source.gather([0, 1, 2, 3])) == 4
+    assert store.cache.remove(keys[2])  # a gap: the fetch stops before it
+    transfers = BlockTransfers(store)
+    assert transfers.fetch("req-1", keys) == 2
+    assert store.cache.remove(keys[0]) and store.cache.remove(keys[1])  # gone from the store after the lookup
+    moves = [BlockMove(5, keys[0]), BlockMove(6, keys[1])]
+    result = transfers.load_now(target, moves, TOKENS, transfers.take_fetched("req-1"))
+    assert result.failed_block_ids == [] and result.tokens_per_tier == {"host": 2 * TOKENS}
+    for src, dst in ((0, 5), (1, 6)):
+        assert all(torch.equal(s[src], t[dst]) for s, t in zip(source.tensors, target.tensors))
+    assert transfers.take_fetched("req-1") == {}  # handed over once
+    # without the fetched blocks the same load fails for both, and vLLM recomputes them
+    assert transfers.load_now(target, moves, TOKENS).failed_block_ids == [5, 6]
+    assert transfers.fetch("req-2", keys[3:]) == 1
+    transfers.drop_fetched("req-2")  # the request finished before its load: nothing is kept for it
+    assert transfers.take_fetched("req-2") == {}
+    transfers.close()

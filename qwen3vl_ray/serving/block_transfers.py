@@ -68,18 +68,33 @@ class LoadResult:
     seconds: float = 0.0
 
 
-def load_blocks(store: BlockStore, paged: PagedBlocks, moves: Sequence[BlockMove], block_size: int) -> LoadResult:
-    """Read ``moves``' keys from the store and write them into their vLLM blocks. Never raises: a store that
-    fails, a block that is gone or does not fit the layout is a failed block id, which vLLM recomputes."""
-    t0 = time.perf_counter()
+#: a block read ahead of its load (``BlockTransfers.fetch``): its entry and the tier it came from
+Fetched = dict[CacheKey, tuple[torch.Tensor, str]]
+
+
+def read_blocks(store: BlockStore, keys: Sequence[CacheKey]) -> tuple[list, list]:
+    """Per key its entry and tier from the store, (None, None) where it is gone. Never raises: a store that
+    fails is a miss for every key."""
     try:
-        entries, tiers = store.load_with_tiers([m.key for m in moves])
+        return store.load_with_tiers(keys)
     except Exception:  # the store failing is a miss: vLLM recomputes these blocks, the engine goes on
-        log.warning("loading %d blocks from the tiers failed; recomputing them", len(moves), exc_info=True)
-        entries, tiers = [None] * len(moves), [None] * len(moves)
+        log.warning("reading %d blocks from the tiers failed; recomputing them", len(keys), exc_info=True)
+        return [None] * len(keys), [None] * len(keys)
+
+
+def load_blocks(store: BlockStore, paged: PagedBlocks, moves: Sequence[BlockMove], block_size: int,
+                fetched: Fetched | None = None) -> LoadResult:
+    """Write ``moves``' blocks into their vLLM blocks: those in ``fetched`` from there, the others read from the
+    store now. Never raises: a store that fails, a block that is gone or does not fit the layout is a failed
+    block id, which vLLM recomputes."""
+    t0 = time.perf_counter()
+    fetched = fetched or {}
+    need = [m.key for m in moves if m.key not in fetched]
+    read = dict(zip(need, zip(*read_blocks(store, need)))) if need else {}
     result = LoadResult()
     loaded = Counter()
-    for move, entry, tier in zip(moves, entries, tiers):
+    for move in moves:
+        entry, tier = fetched.get(move.key) or read.get(move.key, (None, None))
         if entry is None or not paged.fits(entry):
             result.failed_block_ids.append(move.block_id)
             continue
@@ -150,6 +165,7 @@ class BlockTransfers:
         self._seq = itertools.count()
         self._pending: Counter[CacheKey] = Counter()
         self._lock = threading.Lock()
+        self._fetched: dict[str, Fetched] = {}  # request id -> its blocks read ahead of its load (``fetch``)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="qwen3vl-ray-block-transfers", daemon=True)
         self._thread.start()
@@ -157,14 +173,15 @@ class BlockTransfers:
 
     # ------------------------------------------------------------------ loads
     def submit_load(self, paged: PagedBlocks, moves: Sequence[BlockMove], block_size: int,
-                    on_done: Callable[[LoadResult], None]) -> None:
-        """Load ``moves`` on the transfer thread; ``on_done`` gets the result there (it always runs)."""
+                    on_done: Callable[[LoadResult], None], fetched: Fetched | None = None) -> None:
+        """Load ``moves`` on the transfer thread (those in ``fetched`` from there); ``on_done`` gets the result
+        there (it always runs)."""
         moves = list(moves)
-        ahead = not any(self.pending([m.key for m in moves]))
+        ahead = not any(self.pending([m.key for m in moves if not fetched or m.key not in fetched]))
 
         def job() -> None:
             try:
-                result = load_blocks(self.store, paged, moves, block_size)
+                result = load_blocks(self.store, paged, moves, block_size, fetched)
             except Exception:  # noqa: BLE001 - a caller waits for on_done: every block is then a failed load
                 log.exception("loading %d blocks into the paged KV failed; recomputing them", len(moves))
                 result = LoadResult(failed_block_ids=[m.block_id for m in moves])
@@ -172,8 +189,9 @@ class BlockTransfers:
 
         self._submit(job, ahead=ahead)
 
-    def load_now(self, paged: PagedBlocks, moves: Sequence[BlockMove], block_size: int) -> LoadResult:
-        """Load ``moves`` and wait: on the transfer thread, after every save submitted before it."""
+    def load_now(self, paged: PagedBlocks, moves: Sequence[BlockMove], block_size: int,
+                 fetched: Fetched | None = None) -> LoadResult:
+        """Load ``moves`` and wait: on the transfer thread, after the saves submitted before it that it needs."""
         done = threading.Event()
         box: list[LoadResult] = []
 
@@ -181,9 +199,46 @@ class BlockTransfers:
             box.append(result)
             done.set()
 
-        self.submit_load(paged, moves, block_size, finish)
+        self.submit_load(paged, moves, block_size, finish, fetched)
         done.wait()
         return box[0]
+
+    # ------------------------------------------------------------------ blocks read ahead
+    def fetch(self, owner: str, keys: Sequence[CacheKey]) -> int:
+        """Read ``keys`` now and keep the leading run that came back for ``owner``'s load (``take_fetched``);
+        how many that is. A lookup that reports only those as hits has them in memory already, so the load in
+        the engine step cannot fail (``TierKVConnector``: vLLM 0.32 must never see a synchronous load of an
+        image's blocks fail). Replaces what ``owner`` had fetched before."""
+        keys = list(keys)
+        self.drop_fetched(owner)
+        done = threading.Event()
+        box: list[tuple[list, list]] = []
+
+        def job() -> None:
+            try:
+                box.append(read_blocks(self.store, keys))
+            finally:
+                done.set()
+
+        self._submit(job, ahead=not any(self.pending(keys)))
+        done.wait()
+        entries, tiers = box[0] if box else ([], [])
+        n = 0
+        while n < len(keys) and n < len(entries) and entries[n] is not None:
+            n += 1
+        if n:
+            with self._lock:
+                self._fetched[owner] = {k: (e, t) for k, e, t in zip(keys[:n], entries[:n], tiers[:n])}
+        return n
+
+    def take_fetched(self, owner: str) -> Fetched:
+        """What ``fetch`` read for ``owner``, handed over once ({} if nothing)."""
+        with self._lock:
+            return self._fetched.pop(owner, {})
+
+    def drop_fetched(self, owner: str) -> None:
+        with self._lock:
+            self._fetched.pop(owner, None)
 
     # ------------------------------------------------------------------ saves
     def submit_save(self, moves: Sequence[BlockMove], entries: Sequence[torch.Tensor],

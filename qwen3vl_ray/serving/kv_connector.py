@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,7 @@ class TierConnectorMetadata(KVConnectorMetadata):
     loads: list[BlockMove] = field(default_factory=list)
     saves: list[BlockMove] = field(default_factory=list)
     async_loads: dict[str, list[BlockMove]] = field(default_factory=dict)
+    fetched: list[str] = field(default_factory=list)  # requests of ``loads`` whose blocks the lookup read ahead
 
 
 @dataclass(slots=True)
@@ -119,6 +121,8 @@ class TierKVConnector(KVConnectorBase_V1):
         self.load_mode, self.save_mode = config.load_mode, config.save_mode
         self.store: BlockStore = shared_store(settings, config.store)
         self.transfers = transfers_for(self.store)
+        if role == KVConnectorRole.WORKER:
+            _WORKER_STORES.add(self.store)
         # scheduler side
         # looked up, not yet scheduled: the request, the tokens vLLM's own prefix cache had for it, and whether
         # its load (if any) is asynchronous
@@ -126,6 +130,7 @@ class TierKVConnector(KVConnectorBase_V1):
         self._tracked: dict[str, _Tracked] = {}
         self._pending_loads: dict[str, _PendingLoad] = {}
         self._async_loads: dict[str, list[BlockMove]] = {}  # allocated, not yet sent to the worker
+        self._fetched: set[str] = set()  # requests whose hit the lookup read ahead (``transfers.fetch``)
         # worker side
         self._paged: PagedBlocks | None = None
         self._staging: StagingBuffers | None = None
@@ -151,12 +156,27 @@ class TierKVConnector(KVConnectorBase_V1):
         external = found * self.block_size - num_computed_tokens
         if external <= 0:
             return 0, False
-        load_async = self.load_mode == "async" or _covers_an_image(request, num_computed_tokens, external)
+        load_async = self.load_mode == "async"
+        if not load_async and _covers_an_image(request, num_computed_tokens, external):
+            if self.store in _WORKER_STORES:
+                # read the hit now and report only what came back: the step's load then cannot fail (see
+                # _covers_an_image), and stays in the step (a parked request waits through empty steps)
+                first = num_computed_tokens // self.block_size
+                found = first + self.transfers.fetch(request.request_id, usable[first:found])
+                self._fetched.add(request.request_id)
+                external = found * self.block_size - num_computed_tokens
+                if external <= 0:
+                    return 0, False
+            else:  # the worker is another process (it could not take what this one read): load asynchronously
+                load_async = True
         self._waiting[request.request_id] = (request, num_computed_tokens, load_async)
         return external, load_async
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         if num_external_tokens <= 0:
+            if request.request_id in self._fetched:  # read ahead for nothing: vLLM takes none of it
+                self._fetched.discard(request.request_id)
+                self.transfers.drop_fetched(request.request_id)
             return
         _, num_local, load_async = self._waiting[request.request_id]
         pending = _PendingLoad(request, num_local // self.block_size, num_external_tokens // self.block_size)
@@ -202,6 +222,9 @@ class TierKVConnector(KVConnectorBase_V1):
         # An asynchronous load already sent still reports its request, which is when vLLM frees its blocks.
         for table in (self._waiting, self._tracked, self._pending_loads):
             table.pop(request.request_id, None)
+        if request.request_id in self._fetched:
+            self._fetched.discard(request.request_id)
+            self.transfers.drop_fetched(request.request_id)
         return False, None
 
     def _moves(self, pending: _PendingLoad, block_ids: list[int]) -> list[BlockMove]:
@@ -214,6 +237,9 @@ class TierKVConnector(KVConnectorBase_V1):
         pending = self._pending_loads.pop(req_id, None)
         if pending is not None:
             meta.loads.extend(self._moves(pending, state.block_ids))
+            if req_id in self._fetched:
+                self._fetched.discard(req_id)
+                meta.fetched.append(req_id)
 
     def _add_saves(self, state: _Tracked, computed_after_step: int, meta: TierConnectorMetadata) -> None:
         """Queue the blocks this step completes: full, computed by the end of it, and hashed by vLLM."""
@@ -253,8 +279,12 @@ class TierKVConnector(KVConnectorBase_V1):
             self.transfers.submit_load(self._paged, moves, self.block_size,
                                        lambda result, req_id=req_id: self._async_load_done(req_id, result))
         if meta.loads:
-            # on the transfer thread: after the saves queued before it, which may hold these very blocks
-            result = self.transfers.load_now(self._paged, meta.loads, self.block_size)
+            # what the lookup read ahead, then the rest on the transfer thread: after the queued saves of
+            # these very blocks, if any
+            fetched = {}
+            for req_id in meta.fetched:
+                fetched.update(self.transfers.take_fetched(req_id))
+            result = self.transfers.load_now(self._paged, meta.loads, self.block_size, fetched)
             with self._lock:
                 self._load_errors.update(result.failed_block_ids)
                 self._record_load(result)
@@ -344,14 +374,20 @@ class TierKVConnector(KVConnectorBase_V1):
         return TierConnectorPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
 
+#: stores that a worker-side connector of this process uses: a lookup can hand them blocks it read ahead
+_WORKER_STORES: "weakref.WeakSet[BlockStore]" = weakref.WeakSet()
+
+
 def _covers_an_image(request: "Request", num_computed_tokens: int, external: int) -> bool:
     """Whether the external hit ends past the end of one of the request's images (or videos).
 
-    Such a request loads asynchronously even when ``load_mode`` is ``"sync"``: vLLM 0.32 sends the worker a new
-    request without the pixel data of every item its computed tokens cover (``strip_covered_mm_data``), and
-    counts a synchronous load's tokens as computed before the load has run. If that load then failed, vLLM would
-    recompute the image's tokens with no pixels to encode and fail the whole engine step. An asynchronous load's
-    outcome is known before vLLM builds the new request, so a failed one keeps the pixels."""
+    Such a hit must not fail in a synchronous load: vLLM 0.32 sends the worker a new request without the pixel
+    data of every item its computed tokens cover (``strip_covered_mm_data``), and counts a synchronous load's
+    tokens as computed before the load has run. If that load then failed, vLLM would recompute the image's
+    tokens with no pixels to encode and fail the whole engine step. So the lookup reads such a hit's blocks
+    itself and reports only those it got (``BlockTransfers.fetch``; the step's load takes them from memory),
+    or, where the worker runs in another process, the load is asynchronous (its outcome is known before vLLM
+    builds the new request, so a failed one keeps the pixels)."""
     end = num_computed_tokens + external
     return any(num_computed_tokens < f.mm_position.offset + f.mm_position.length <= end
                for f in (request.mm_features or ()))
