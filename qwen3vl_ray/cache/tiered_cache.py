@@ -334,8 +334,7 @@ class TieredCache:
                 self._call_off(key, old)  # the new value supersedes what a queued write of it would write
                 if old.tier != i and (fallback is None or fallback.tier != old.tier):
                     # nothing of it to fall back to there: it goes now (readers get the staged bytes)
-                    self.tiers[old.tier].discard(key)
-                    self.policies[old.tier].on_delete(key)
+                    self._delete_from(old.tier, key)
             e = _Entry(i, parent, self._clock(), in_flight=1)
             self._index[key] = e
             if old is None or old.tier != i:
@@ -391,8 +390,7 @@ class TieredCache:
             # would have fallen back to goes too, unless it is what this store just replaced in place
             self._call_off_with_fallback(key, old, keep_tier=i)
         if old is not None and old.tier != i:
-            self.tiers[old.tier].discard(key)
-            self.policies[old.tier].on_delete(key)
+            self._delete_from(old.tier, key)
         # Same tier: on_insert of a present key is a use, which keeps the policy's links to the entry's cached
         # children (remove + insert would orphan them).
         self._index[key] = _Entry(i, parent, self._clock())
@@ -803,6 +801,12 @@ class TieredCache:
             self._counters[e.tier].evictions += 1
             self._dropped += 1
 
+    def _delete_from(self, i: int, key: CacheKey) -> None:
+        """Take ``key``'s bytes out of tier ``i`` and tell its policy, for a reason not its own (``on_delete``):
+        a value superseded there, or a fallback no longer needed (lock held; the index is the caller's)."""
+        self.tiers[i].discard(key)
+        self.policies[i].on_delete(key)
+
     def _call_off_with_fallback(self, key: CacheKey, e: _Entry, keep_tier: int) -> None:
         """``_call_off``, and if that cancels a put that had kept the key's earlier value in another tier than
         ``keep_tier`` (``_fallback``), that value is discarded there too: nothing will fall back to it."""
@@ -810,8 +814,7 @@ class TieredCache:
         self._call_off(key, e)
         old = w.replaced if w is not None and w.cancelled else None
         if old is not None and old.tier != keep_tier:
-            self.tiers[old.tier].discard(key)
-            self.policies[old.tier].on_delete(key)
+            self._delete_from(old.tier, key)
 
     def _call_off(self, key: CacheKey, e: _Entry) -> bool:
         """Cancel ``key``'s queued write into the last tier if it has not started (lock held). True if the
@@ -912,8 +915,7 @@ class TieredCache:
                 self._counters[w.dst].demotions_in += 1
             if old is not None and old.tier != w.dst and self._index.get(w.key) is not old:
                 # the value it replaced, kept in another tier until now
-                self.tiers[old.tier].discard(w.key)
-                self.policies[old.tier].on_delete(w.key)
+                self._delete_from(old.tier, w.key)
             return
         if w.res is not None and w.ok is None:
             tier.abort(w.res)  # room held but never written (an exception stopped the rounds)
@@ -922,8 +924,7 @@ class TieredCache:
             old.pins += e.pins
             self._index[w.key] = old
             if old.tier != w.dst:
-                tier.discard(w.key)
-                self.policies[w.dst].on_delete(w.key)
+                self._delete_from(w.dst, w.key)
                 self._moved(w.key, w.dst, old.tier)
             self._counters[w.dst].rejected += 1
             return
