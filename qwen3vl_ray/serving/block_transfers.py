@@ -32,7 +32,7 @@ import time
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -41,6 +41,7 @@ from qwen3vl_ray.serving.block_store import BlockStore
 from qwen3vl_ray.serving.paged_blocks import PagedBlocks
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: how loads run: in the engine step (``sync``) or while vLLM parks the request (``async``)
 LOAD_MODES = ("sync", "async")
@@ -176,32 +177,28 @@ class BlockTransfers:
                     on_done: Callable[[LoadResult], None], fetched: Fetched | None = None) -> None:
         """Load ``moves`` on the transfer thread (those in ``fetched`` from there); ``on_done`` gets the result
         there (it always runs)."""
-        moves = list(moves)
-        ahead = not any(self.pending([m.key for m in moves if not fetched or m.key not in fetched]))
-
-        def job() -> None:
-            try:
-                result = load_blocks(self.store, paged, moves, block_size, fetched)
-            except Exception:  # noqa: BLE001 - a caller waits for on_done: every block is then a failed load
-                log.exception("loading %d blocks into the paged KV failed; recomputing them", len(moves))
-                result = LoadResult(failed_block_ids=[m.block_id for m in moves])
-            on_done(result)
-
-        self._submit(job, ahead=ahead)
+        load, ahead = self._load_job(paged, moves, block_size, fetched)
+        self._submit(lambda: on_done(load()), ahead=ahead)
 
     def load_now(self, paged: PagedBlocks, moves: Sequence[BlockMove], block_size: int,
                  fetched: Fetched | None = None) -> LoadResult:
         """Load ``moves`` and wait: on the transfer thread, after the saves submitted before it that it needs."""
-        done = threading.Event()
-        box: list[LoadResult] = []
+        return self._wait_for(*self._load_job(paged, moves, block_size, fetched))
 
-        def finish(result: LoadResult) -> None:
-            box.append(result)
-            done.set()
+    def _load_job(self, paged: PagedBlocks, moves: Sequence[BlockMove], block_size: int,
+                  fetched: Fetched | None) -> tuple[Callable[[], LoadResult], bool]:
+        """The load as a job that never raises (a caller waits for its result), and whether it may go ahead
+        of the queued saves (none of the blocks it reads is pending)."""
+        moves, fetched = list(moves), fetched or {}
 
-        self.submit_load(paged, moves, block_size, finish, fetched)
-        done.wait()
-        return box[0]
+        def load() -> LoadResult:
+            try:
+                return load_blocks(self.store, paged, moves, block_size, fetched)
+            except Exception:  # noqa: BLE001 - every block is then a failed load, which vLLM recomputes
+                log.exception("loading %d blocks into the paged KV failed; recomputing them", len(moves))
+                return LoadResult(failed_block_ids=[m.block_id for m in moves])
+
+        return load, not any(self.pending([m.key for m in moves if m.key not in fetched]))
 
     # ------------------------------------------------------------------ blocks read ahead
     def fetch(self, owner: str, keys: Sequence[CacheKey]) -> int:
@@ -211,20 +208,9 @@ class BlockTransfers:
         image's blocks fail). Replaces what ``owner`` had fetched before."""
         keys = list(keys)
         self.drop_fetched(owner)
-        done = threading.Event()
-        box: list[tuple[list, list]] = []
-
-        def job() -> None:
-            try:
-                box.append(read_blocks(self.store, keys))
-            finally:
-                done.set()
-
-        self._submit(job, ahead=not any(self.pending(keys)))
-        done.wait()
-        entries, tiers = box[0] if box else ([], [])
+        entries, tiers = self._wait_for(lambda: read_blocks(self.store, keys), ahead=not any(self.pending(keys)))
         n = 0
-        while n < len(keys) and n < len(entries) and entries[n] is not None:
+        while n < len(keys) and entries[n] is not None:
             n += 1
         if n:
             with self._lock:
@@ -283,6 +269,21 @@ class BlockTransfers:
             self._closed = True
             self._jobs.put((1, next(self._seq), None))  # under the lock: no job can be queued behind it
         self._thread.join(timeout)
+
+    def _wait_for(self, fn: Callable[[], T], ahead: bool) -> T:
+        """Run ``fn`` (which never raises) as a job and wait for what it returns."""
+        done = threading.Event()
+        box: list[T] = []
+
+        def job() -> None:
+            try:
+                box.append(fn())
+            finally:
+                done.set()
+
+        self._submit(job, ahead=ahead)
+        done.wait()
+        return box[0]
 
     def _submit(self, job: Callable[[], None], ahead: bool = False) -> None:
         with self._lock:

@@ -72,7 +72,7 @@ class TierConnectorMetadata(KVConnectorMetadata):
     loads: list[BlockMove] = field(default_factory=list)
     saves: list[BlockMove] = field(default_factory=list)
     async_loads: dict[str, list[BlockMove]] = field(default_factory=dict)
-    fetched: list[str] = field(default_factory=list)  # requests of ``loads`` whose blocks the lookup read ahead
+    fetched: list[str] = field(default_factory=list)  # requests of ``loads``: the lookup may have read theirs ahead
 
 
 @dataclass(slots=True)
@@ -130,7 +130,6 @@ class TierKVConnector(KVConnectorBase_V1):
         self._tracked: dict[str, _Tracked] = {}
         self._pending_loads: dict[str, _PendingLoad] = {}
         self._async_loads: dict[str, list[BlockMove]] = {}  # allocated, not yet sent to the worker
-        self._fetched: set[str] = set()  # requests whose hit the lookup read ahead (``transfers.fetch``)
         # worker side
         self._paged: PagedBlocks | None = None
         self._staging: StagingBuffers | None = None
@@ -163,7 +162,6 @@ class TierKVConnector(KVConnectorBase_V1):
                 # _covers_an_image), and stays in the step (a parked request waits through empty steps)
                 first = num_computed_tokens // self.block_size
                 found = first + self.transfers.fetch(request.request_id, usable[first:found])
-                self._fetched.add(request.request_id)
                 external = found * self.block_size - num_computed_tokens
                 if external <= 0:
                     return 0, False
@@ -174,9 +172,7 @@ class TierKVConnector(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         if num_external_tokens <= 0:
-            if request.request_id in self._fetched:  # read ahead for nothing: vLLM takes none of it
-                self._fetched.discard(request.request_id)
-                self.transfers.drop_fetched(request.request_id)
+            self.transfers.drop_fetched(request.request_id)  # anything read ahead is for nothing: vLLM takes none
             return
         _, num_local, load_async = self._waiting[request.request_id]
         pending = _PendingLoad(request, num_local // self.block_size, num_external_tokens // self.block_size)
@@ -222,9 +218,7 @@ class TierKVConnector(KVConnectorBase_V1):
         # An asynchronous load already sent still reports its request, which is when vLLM frees its blocks.
         for table in (self._waiting, self._tracked, self._pending_loads):
             table.pop(request.request_id, None)
-        if request.request_id in self._fetched:
-            self._fetched.discard(request.request_id)
-            self.transfers.drop_fetched(request.request_id)
+        self.transfers.drop_fetched(request.request_id)
         return False, None
 
     def _moves(self, pending: _PendingLoad, block_ids: list[int]) -> list[BlockMove]:
@@ -237,9 +231,7 @@ class TierKVConnector(KVConnectorBase_V1):
         pending = self._pending_loads.pop(req_id, None)
         if pending is not None:
             meta.loads.extend(self._moves(pending, state.block_ids))
-            if req_id in self._fetched:
-                self._fetched.discard(req_id)
-                meta.fetched.append(req_id)
+            meta.fetched.append(req_id)  # the worker takes what the lookup read ahead for it, if anything
 
     def _add_saves(self, state: _Tracked, computed_after_step: int, meta: TierConnectorMetadata) -> None:
         """Queue the blocks this step completes: full, computed by the end of it, and hashed by vLLM."""
