@@ -140,7 +140,7 @@ def _per(g: Geometry, pack4: bool) -> int:
     return per + (per % 2)
 
 
-_SERIAL: dict[str, object] = {}
+_SERIAL: dict[tuple, object] = {}
 
 
 @contextlib.contextmanager
@@ -164,19 +164,20 @@ def _schedule(nchunks: int):
             torch.set_num_threads(torch_threads)
 
 
-def _kernel(name: str):
-    """The parallel kernel, or in a child forked after this process launched one, its serial twin
-    (compiled on first use there: numba's cache would mix the two up, as both come from one function)."""
+def _kernel(table: str, flags: tuple):
+    """The parallel kernel ``K.<table>[flags]``, or in a child forked after this process launched one, its serial
+    twin (compiled on first use there: numba's cache would mix the two up, as both come from one function)."""
     global _LAUNCH_PID
     pid = os.getpid()
     if _LAUNCH_PID is None:
         _LAUNCH_PID = pid
+    kernel = getattr(K, table)[flags]
     if pid == _LAUNCH_PID:
-        return getattr(K, name)
-    if name not in _SERIAL:
+        return kernel
+    if (table, flags) not in _SERIAL:
         log.info("fused codec kernels: forked child of a process that ran them; running them on one thread")
-        _SERIAL[name] = numba.njit(parallel=False, fastmath=False, cache=False, nogil=True)(getattr(K, name).py_func)
-    return _SERIAL[name]
+        _SERIAL[table, flags] = numba.njit(parallel=False, fastmath=False, cache=False, nogil=True)(kernel.py_func)
+    return _SERIAL[table, flags]
 
 
 def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray, scales: np.ndarray,
@@ -194,8 +195,8 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
     nchunks = -(-g.U * g.H * g.T * -(-g.n // g.group) // per)
     err = np.zeros(2 * nchunks if measure else 0, dtype=np.float64)
     with _LOCK, _schedule(nchunks):
-        _kernel("_encode")(x, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, np.float32(qmax),
-                           pack4, per, codes, scales, err)
+        _kernel("ENCODE", (g.post == 1, pack4, measure))(
+            x, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, np.float32(qmax), per, codes, scales, err)
     return (float(err[0::2].sum()), float(err[1::2].sum())) if measure else (0.0, 0.0)
 
 
@@ -203,8 +204,8 @@ def decode(out: np.ndarray, g: Geometry, pack4: bool, codes: np.ndarray, scales:
     """Write ``codes * scales`` into ``out``'s part ``g`` (``out`` flat, in :func:`as_bits`'s dtype)."""
     per = _per(g, pack4)
     with _LOCK, _schedule(-(-g.U * g.H * g.T * -(-g.n // g.group) // per)):
-        _kernel("_decode")(out, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, pack4, per,
-                           codes, scales)
+        _kernel("DECODE", (g.post == 1, pack4))(
+            out, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, per, codes, scales)
 
 
 def _nscales(g: Geometry) -> int:

@@ -254,10 +254,9 @@ def _next_group(u, h, t, gi, G, H, T):
     return u, h, t, gi
 
 
-@numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
-def _encode(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err):
+@numba.njit(inline="always")
+def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err, rows, measure):
     G, items, gsize, nchunks = _split(U, H, T, n, group, post, per)
-    measure = err.size > 0
     for c in prange(nchunks):
         i0 = c * per
         i1 = min(items, i0 + per)
@@ -280,7 +279,7 @@ def _encode(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, code
             # codes of this group: codes[cb:] for int8, nib[nb:] (chunk scratch) for int4
             cb = it * gsize
             nb = (it - i0) * gsize
-            if post == 1:
+            if rows:
                 m = np.uint32(0)
                 xs = x[src + j0: src + j1]
                 for j in range(j1 - j0):
@@ -410,8 +409,8 @@ def _nibble(codes, ci):
     return np.float32(np.int32((codes[ci >> 1] >> np.uint8((ci & 1) * 4)) & np.uint8(15)) - 8)
 
 
-@numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
-def _decode(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, scales):
+@numba.njit(inline="always")
+def _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, scales, rows):
     G, items, gsize, nchunks = _split(U, H, T, n, group, post, per)
     for c in prange(nchunks):
         i0 = c * per
@@ -423,7 +422,7 @@ def _decode(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, s
             j1 = min(n, j0 + group)
             m = j1 - j0
             cb = it * gsize  # first code of this group
-            if post == 1:
+            if rows:
                 s = scales[it]
                 os = out[dst + j0: dst + j1]
                 if not pack4:
@@ -460,3 +459,31 @@ def _decode(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, s
                         for k in range(post):
                             _store(os, k, _nibble(codes, d + k) * ss[k])
             u, h, t, gi = _next_group(u, h, t, gi, G, H, T)
+
+
+# -- the kernels: one compiled specialization per layout ------------------------------------------------------
+# ``rows`` (post == 1: groups run along contiguous rows), ``pack4`` (int4) and ``measure`` (auto's error sums) are
+# compile-time constants of each kernel, so LLVM drops the branches a kernel never takes and vectorizes the
+# loops that are left: one body serving every case at run time measured 1.4x slower (values of a KV chunk, int8,
+# one thread: 14.6 vs 21.2 GB/s). Each specialization compiles on its first use per dtype and is cached on disk.
+
+def _encode_kernel(rows: bool, pack4: bool, measure: bool):
+    def kernel(x, base, U, su, H, sh, T, st, n, post, group, qmax, per, codes, scales, err):
+        _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err, rows, measure)
+    # distinct names: numba's on-disk cache tells closures of one source line apart by them
+    kernel.__name__ = kernel.__qualname__ = f"encode_{'rows' if rows else 'cols'}_{'int4' if pack4 else 'int8'}{'_measure' if measure else ''}"
+    return numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)(kernel)
+
+
+def _decode_kernel(rows: bool, pack4: bool):
+    def kernel(out, base, U, su, H, sh, T, st, n, post, group, per, codes, scales):
+        _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, scales, rows)
+    kernel.__name__ = kernel.__qualname__ = f"decode_{'rows' if rows else 'cols'}_{'int4' if pack4 else 'int8'}"
+    return numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)(kernel)
+
+
+_FLAGS = (False, True)
+#: ``ENCODE[rows, pack4, measure]``: quantize one part of ``x`` into ``codes``/``scales`` (``err``: per-chunk sums)
+ENCODE = {(r, p, m): _encode_kernel(r, p, m) for r in _FLAGS for p in _FLAGS for m in _FLAGS}
+#: ``DECODE[rows, pack4]``: write ``codes * scales`` into one part of ``out``
+DECODE = {(r, p): _decode_kernel(r, p) for r in _FLAGS for p in _FLAGS}
