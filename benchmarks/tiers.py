@@ -31,7 +31,23 @@ tier is empty, against ``memcpy`` of the same 64 sources into one preallocated, 
 policy, block ids) under one lock round, per-entry Python work, and the copy into the tier's slab outside the
 lock. The entries are removed between repetitions, untimed. Target: >= 0.8x memcpy.
 
-    python -m benchmarks.tiers [--json] [--reps N] [--dir PATH] [--batch-only]
+Device tier (``--device-tier DEV``, e.g. ``cuda``; off by default): a ``device`` tier (the production
+defaults: 1 MiB blocks, zero on release) on DEV, for the same sizes, against the copies measured beside it
+in the same run, each timed up to a ``synchronize`` of the device (on CPU the copies are ``np.copyto``, as the
+tier's own CPU path is):
+
+* ``d2d``: ``Tensor.copy_`` between two tensors on DEV (the limit for ``device_put`` of a tensor already on
+  DEV and ``device_get`` into a preallocated ``out`` on DEV);
+* ``h2d``/``d2h``: ``Tensor.copy_`` between page-locked host memory (as the host tier's slab is with CUDA)
+  and DEV (the limits for ``device_put_from_host`` and ``device_get_to_host``: the tier fed from, and read
+  into, page-locked host tensors).
+
+Paired and shuffled per repetition like the host cases, over rings of >= 128 MiB on DEV (an H200's L2 is
+50 MiB). No target is set for it; ``device_tier.worst_ratios`` is the lowest ratio over the sizes.
+``--device-only`` runs only these rows (seconds; with ``--device-tier cpu`` it runs anywhere).
+
+    python -m benchmarks.tiers [--json] [--reps N] [--dir PATH] [--batch-only] [--sizes MiB ...]
+                               [--device-tier DEV [--device-only]]
 """
 
 from __future__ import annotations
@@ -237,6 +253,101 @@ def bench_batch(entries: int = 64, size: int = MiB, reps: int = 21) -> dict:
             "target_met": statistics.median(ratios) >= 0.8}
 
 
+def bench_device(size: int, reps: int, device: str) -> dict:
+    """A ``device`` tier on ``device`` against d2d, h2d and d2h copies of the same size (module doc)."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+
+    def timed(fn) -> float:  # a copy on the device is queued, not done, until the device synchronizes
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    host_src = torch.randint(-1000, 1000, (size // 4,), dtype=torch.int32)
+    host_src = (host_src.pin_memory() if cuda else host_src).view(torch.float32)
+    src = host_src.to(dev)
+    ring = max(2, -(-RING_BYTES // size))
+    dsts = [torch.empty_like(src) for _ in range(ring)]
+    for d in dsts:
+        d.copy_(src)
+    out = torch.empty_like(src)
+    host_out = torch.empty(host_src.shape, dtype=host_src.dtype, pin_memory=cuda)
+    tier = make_tier(TierConfig("device", (ring + 1) * size, device=str(dev)), NS)
+    keys = [b"bench-device%04d" % i for i in range(ring)]
+    pos = {k: 0 for k in ("d2d", "h2d", "d2h", "put", "get", "put_h", "get_h")}
+
+    def nxt(name: str) -> int:
+        pos[name] = (pos[name] + 1) % ring
+        return pos[name]
+
+    def copy(dst: torch.Tensor, s: torch.Tensor) -> None:
+        # On CPU the tier copies with numpy; torch's copy_ there is an OpenMP region that waits for threads
+        # other tenants deschedule (~100x slower on this shared machine), so the limit takes numpy's too.
+        if cuda:
+            dst.copy_(s)
+        else:
+            np.copyto(dst.numpy(), s.numpy())
+
+    cases = {
+        "d2d": lambda: copy(dsts[nxt("d2d")], src),
+        "h2d": lambda: copy(dsts[nxt("h2d")], host_src),
+        "d2h": lambda: copy(host_out, dsts[nxt("d2h")]),
+        "device_put": lambda: tier.put(keys[nxt("put")], src),
+        "device_get": lambda: tier.get(keys[nxt("get")], out=out),
+        "device_put_from_host": lambda: tier.put(keys[nxt("put_h")], host_src),
+        "device_get_to_host": lambda: tier.get(keys[nxt("get_h")], out=host_out),
+    }
+    for k in keys:  # fill the ring the reads use
+        assert tier.put(k, src), "the ring did not fit its device tier"
+    sync()
+    for fn in cases.values():  # warm-up
+        timed(fn)
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    order = list(cases)
+    shuffle = random.Random(size).shuffle
+    for _ in range(reps):
+        shuffle(order)
+        for name in order:
+            times[name].append(timed(cases[name]))
+    same = lambda a: torch.equal(a.view(torch.int32).cpu(), host_src.view(torch.int32))  # noqa: E731 - bit patterns
+    assert same(out) and same(host_out) and same(tier.get(keys[0])), "benchmark read back wrong data"
+    r = {f"{k}_gbps": size / statistics.median(v) / 1e9 for k, v in times.items()}
+    r["size_mib"] = size // MiB
+    for name, tier_case, limit_case in (("device_put_vs_d2d", "device_put", "d2d"), ("device_get_vs_d2d", "device_get", "d2d"),
+                                        ("device_put_from_host_vs_h2d", "device_put_from_host", "h2d"),
+                                        ("device_get_to_host_vs_d2h", "device_get_to_host", "d2h")):
+        ratios = [b / a for a, b in zip(times[tier_case], times[limit_case])]
+        r[name] = statistics.median(ratios)
+        q = statistics.quantiles(ratios, n=4)
+        r[name + "_iqr"] = [q[0], q[2]]
+    tier.close()
+    return r
+
+
+DEVICE_RATIOS = ("device_put_vs_d2d", "device_get_vs_d2d", "device_put_from_host_vs_h2d", "device_get_to_host_vs_d2h")
+
+
+def run_device(device: str, sizes=(8 * MiB, 64 * MiB), reps: int = 21) -> dict:
+    """``bench_device`` for each size, with the device's name and the worst ratio of each kind."""
+    per = {f"{s // MiB}MiB": bench_device(s, reps, device) for s in sizes}
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    return {"device": str(dev), "device_name": name, "sizes": per,
+            "worst_ratios": {k: min(p[k] for p in per.values()) for k in DEVICE_RATIOS}}
+
+
+def print_device(d: dict) -> None:
+    print(f"device tier on {d['device']} ({d['device_name']})")
+    cols = ["d2d", "device_put", "device_get", "h2d", "device_put_from_host", "d2h", "device_get_to_host"]
+    print(f"{'GB/s':<22}" + "".join(f"{k:>10}" for k in d["sizes"]))
+    for c in cols:
+        print(f"{c:<22}" + "".join(f"{p[c + '_gbps']:>10.2f}" for p in d["sizes"].values()))
+    for c in DEVICE_RATIOS:
+        print(f"{c:<31}" + "".join(f"{p[c]:>7.2f}x [{p[c + '_iqr'][0]:.2f}-{p[c + '_iqr'][1]:.2f}]" for p in d["sizes"].values()))
+
+
 def run(sizes=(8 * MiB, 64 * MiB), reps: int = 21, directory: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(dir=directory, prefix="bench-tiers-") as root:
         per = {f"{s // MiB}MiB": bench_size(s, reps, root) for s in sizes}
@@ -264,18 +375,33 @@ def main(argv=None) -> None:
     ap = options.parser(__doc__)
     ap.add_argument("--reps", type=int, default=21)
     ap.add_argument("--dir", default=None, help="where the disk tier and the raw files go (default: $TMPDIR)")
-    ap.add_argument("--batch-only", action="store_true", help="only the batched store row (no disk, seconds)")
+    ap.add_argument("--batch-only", action="store_true", help="only the batched store row (no disk, seconds; with --device-tier, its rows too)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 64], metavar="MiB", help="entry sizes (default 8 64)")
+    ap.add_argument("--device-tier", metavar="DEV", default=None,
+                    help="also measure a device tier on DEV (cuda, cuda:N, cpu) against d2d/h2d/d2h copies")
+    ap.add_argument("--device-only", action="store_true", help="only the device-tier rows (needs --device-tier)")
     args = ap.parse_args(argv)
+    if args.device_only and not args.device_tier:
+        ap.error("--device-only needs --device-tier")
+    sizes = tuple(s * MiB for s in args.sizes)
     load0 = os.getloadavg()[0]
-    if args.batch_only:
-        res = {"batch": bench_batch(reps=args.reps)}
+    if args.batch_only or args.device_only:
+        res = {"batch": bench_batch(reps=args.reps)} if args.batch_only else {}
+        if args.device_tier:
+            res["device_tier"] = run_device(args.device_tier, sizes, args.reps)
         res["loadavg_1min"] = [load0, os.getloadavg()[0]]
         print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
-        print_batch(res["batch"])
+        if "batch" in res:
+            print_batch(res["batch"])
+        if "device_tier" in res:
+            print_device(res["device_tier"])
         if args.json:
             print(json.dumps(res))
         return
-    res = run(reps=args.reps, directory=args.dir)
+    device = run_device(args.device_tier, sizes, args.reps) if args.device_tier else None  # first: a bad DEV fails fast
+    res = run(sizes=sizes, reps=args.reps, directory=args.dir)
+    if device:
+        res["device_tier"] = device
     res["loadavg_1min"] = [load0, os.getloadavg()[0]]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CUDA {torch.cuda.is_available()}, dir {args.dir or tempfile.gettempdir()}, "
           f"{os.cpu_count()} CPUs, load average {load0:.1f} -> {os.getloadavg()[0]:.1f} (other processes share the machine)")
@@ -290,6 +416,8 @@ def main(argv=None) -> None:
         print(f"{c:<31}" + "".join(f"{p[c]:>7.2f}x [{p[c + '_iqr'][0]:.2f}-{p[c + '_iqr'][1]:.2f}]" for p in res["sizes"].values()))
     print_batch(res["batch"])
     print(f"targets (>= 0.8x, worst size): {'met' if res['targets_met'] else 'NOT met'} {res['worst_ratios']}")
+    if "device_tier" in res:
+        print_device(res["device_tier"])
     if args.json:
         print(json.dumps(res))
 
