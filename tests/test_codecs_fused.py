@@ -274,3 +274,30 @@ def test_kernels_leave_torch_thread_count_alone():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_auto_remembers_a_kinds_winner_and_still_keeps_the_budget(monkeypatch):
+    from qwen3vl_ray.codecs import auto, relative_error
+
+    codec = make_codec("auto:max_error=0.15")
+    fresh = []
+    real = codec._choose_afresh
+    monkeypatch.setattr(codec, "_choose_afresh", lambda t, fb: fresh.append(1) or real(t, fb))
+    xs = [make_tensor((8, 2, 4, 64, 64), torch.bfloat16, "normal", seed) for seed in range(3)]
+    for x in xs:
+        chosen, payload = codec.choose(x)
+        assert chosen.name == "kv-int4" and relative_error(x, decode(payload)) <= 0.15
+    assert len(fresh) == 1  # the later tensors of the kind went straight to the remembered winner
+    # a tensor of the same kind that the winner cannot hold within the budget is chosen afresh, within it
+    spiky = make_tensor((8, 2, 4, 64, 64), torch.bfloat16, "normal", 7)
+    spiky[:, 1, :, :, ::32] = 12.0  # one outlier per value group: int4 steps of 12/7 swamp the rest
+    chosen, payload = codec.choose(spiky)
+    assert len(fresh) == 2 and chosen.name != "kv-int4"
+    assert relative_error(spiky, decode(payload)) <= 0.15
+    # the spiky tensor's winner now stands for the kind; it serves RESCREEN_EVERY tensors, then the kind is
+    # screened again and the codec the plain tensors prefer is found again
+    names = [codec.choose(xs[0])[0].spec() for _ in range(auto.RESCREEN_EVERY + 1)]
+    assert names == [chosen.spec()] * auto.RESCREEN_EVERY + [make_codec("kv-int4").spec()] and len(fresh) == 3
+    # another shape is another kind
+    codec.choose(make_tensor((4, 2, 4, 64, 64), torch.bfloat16, "normal", 1))
+    assert len(fresh) == 4

@@ -18,12 +18,22 @@ at the first one within budget (nothing after it can be smaller); then the varia
 lowrank, ``+zstd``). ``none`` is the last resort. The result is the chosen codec's own payload, so it
 records the choice and ``decode`` needs nothing from ``auto``. Tensors with NaN/inf only end up with
 lossless candidates (lossy ones refuse them or fail the budget).
+
+Choices are remembered per tensor kind (shape, dtype, device type): entries of one kind (a model's KV chunks,
+its vision features) are alike, so the next tensor of that kind goes straight to the last winner's measured
+whole-tensor encode and, when that meets the budget, takes it without screening. Every
+``RESCREEN_EVERY``-th tensor of a kind (and any whose remembered winner misses the budget or refuses it) is
+chosen afresh, so a kind whose data grows more compressible finds the smaller codec again. The budget stays a
+guarantee (every payload's error is measured on the whole tensor); what the memory costs is at most
+``RESCREEN_EVERY - 1`` tensors stored one codec larger than a fresh choice would have made them. Why: screening
+is several sample encodes, which on a 2 MiB KV chunk cost more than the chunk's own encode.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import Any
 
 import torch
@@ -42,6 +52,10 @@ SAMPLE_MIN_ELEMS = 1 << 16
 SAMPLE_SHRINK = 64
 #: screening slack: a sample error up to this times the budget still earns a whole-tensor trial
 SCREEN_SLACK = 1.25
+#: a tensor kind's remembered winner serves this many tensors, then the kind is screened afresh
+RESCREEN_EVERY = 16
+#: tensor kinds remembered (oldest forgotten first)
+MEMO_KINDS = 64
 
 
 def sample(tensor: torch.Tensor, axis0: bool = False) -> torch.Tensor | None:
@@ -86,6 +100,9 @@ class AutoCodec(Codec):
         if any(s.split(":")[0].split("+")[0] == "auto" for s in specs):
             raise CodecError("codec 'auto' cannot list itself as a candidate")
         self._specs = None if candidates is None else specs
+        # (shape, dtype, device type) -> [winner, tensors it has served since it was chosen] (see the docstring)
+        self._memo: dict[tuple, list] = {}
+        self._memo_lock = threading.Lock()  # tiers encode from several threads
         self.candidates = [make_codec(s) for s in specs]
         for c in self.candidates:
             if c.name == "lowrank":
@@ -152,6 +169,28 @@ class AutoCodec(Codec):
         fallback = IdentityCodec()
         if not tensor.is_floating_point() or tensor.numel() == 0:
             return fallback, fallback.encode(tensor)
+        kind = (tuple(tensor.shape), tensor.dtype, tensor.device.type)
+        with self._memo_lock:
+            memo = self._memo.get(kind)
+            winner = memo[0] if memo is not None and memo[1] < RESCREEN_EVERY else None
+            if winner is not None:
+                memo[1] += 1
+        if winner is not None:
+            got = self._trial(winner, tensor)
+            if got is not None and len(got[0]) < tensor.numel() * tensor.element_size() and (
+                    winner.lossless or got[1] <= self.max_error):
+                return winner, got[0]
+        codec, payload = self._choose_afresh(tensor, fallback)
+        with self._memo_lock:
+            self._memo.pop(kind, None)
+            if len(self._memo) >= MEMO_KINDS:
+                self._memo.pop(next(iter(self._memo)))
+            if codec is not fallback:
+                self._memo[kind] = [codec, 0]
+        return codec, payload
+
+    def _choose_afresh(self, tensor: torch.Tensor, fallback: Codec) -> tuple[Codec, bytearray]:
+        """Screen and try the candidates (see the module docstring)."""
         best: tuple[int, Codec, bytearray] | None = None
         raw = tensor.numel() * tensor.element_size()
         samples: dict[bool, torch.Tensor | None] = {}
