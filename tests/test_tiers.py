@@ -160,6 +160,21 @@ def test_codec_plumbing(kind, codec, tmp_path):
     assert y.shape == x.shape and y.dtype == x.dtype
     assert torch.allclose(y.cpu().float(), x, atol=0.1 * float(x.abs().max()))
     assert t.stats()["codec"].startswith(codec)
+    # a read into the caller's buffer decodes straight into it: the same values, that very tensor back
+    out = torch.full_like(x, float("nan"))
+    assert t.get(key(1), out=out) is out and torch.equal(out, y.cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["host", "disk"])
+def test_an_encoded_entry_read_into_a_gpu_buffer_is_decoded_there(kind, tmp_path):
+    # the payload's codes cross to the GPU and expand there; the values are the CPU decode's
+    t = tier_of(kind, tmp_path, codec="kv-int8")
+    x = torch.randn(2, 2, 4, 8, 32, dtype=torch.bfloat16)
+    assert t.put(key(1), x)
+    out = torch.empty(x.shape, dtype=x.dtype, device="cuda")
+    assert t.get(key(1), out=out) is out
+    assert torch.allclose(out.cpu().float(), t.get(key(1)).cpu().float(), atol=1e-2)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -549,6 +549,13 @@ class DiskTier(Tier):
             return dst
         buf = bytearray(h.payload_len)
         self._fill(fd, memoryview(buf), h)
+        if out is not None:
+            # straight into ``out`` (its dtype and shape are the header's): no result tensor to allocate and copy;
+            # on a GPU ``out`` the compressed codes cross the bus and expand there
+            try:
+                return decode(buf, out=out)
+            except ValueError as exc:  # the payload holds another tensor than its header says
+                raise CorruptEntryError(str(exc)) from exc
         t = decode(buf)
         if tuple(t.shape) != shape or t.dtype != dtype:
             raise CorruptEntryError(f"payload decodes to {t.dtype} {tuple(t.shape)}, header says {dtype} {shape}")

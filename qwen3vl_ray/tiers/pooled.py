@@ -296,6 +296,10 @@ class PooledTier(Tier):
             self._c["hits"] += 1
             self._c["bytes_read"] += e.nbytes
         if encoded:
+            if out is not None:
+                # straight into ``out``: no result tensor to allocate and copy; on a GPU ``out`` the compressed
+                # codes cross the bus and expand there
+                return decode(buf.numpy(), out=out)
             result = decode(buf.numpy(), self.device)
             direct = False
         if out is not None and not direct:
