@@ -17,6 +17,7 @@ import ctypes
 import inspect
 import json
 import math
+import os
 import struct
 import sys
 from abc import ABC, abstractmethod
@@ -91,9 +92,21 @@ def _header(name: str, version: int, meta: dict[str, Any], lengths: Sequence[int
     return bytes(header)
 
 
-#: payloads at least this large skip bytearray's zero-fill and ask for transparent huge pages
-UNINIT_MIN = 1 << 22
+#: payloads at least this large skip bytearray's zero-fill (every codec writes every byte of its payload:
+#: the header, the digest and each buffer; tests/test_codecs_fused.py and _blocked.py check with garbage)
+UNINIT_MIN = 1 << 16
+#: payloads at least this large ask for transparent huge pages before their first touch
+HUGEPAGE_MIN = 1 << 22
 _MADV_HUGEPAGE = 14
+#: glibc ``mallopt`` settings applied on import (``QWEN3VL_CODEC_MALLOC=default`` leaves malloc alone):
+#: blocks under 4 MiB from the heap and up to 64 MiB of freed heap kept for reuse. Why: glibc's defaults
+#: hand a freed 1 MiB payload's pages back to the kernel (munmap, or a heap trim once 2 MiB are free at its
+#: top), so the next payload of a 2 MiB KV chunk faults in 256 fresh zeroed pages: ~350 us here (a VM),
+#: five times the chunk's memcpy and more than its quantization. Reused heap memory costs nothing. Above
+#: 4 MiB payloads are mmapped as before, with huge pages (:data:`HUGEPAGE_MIN`).
+MALLOC_MMAP_THRESHOLD = 1 << 22
+MALLOC_TRIM_THRESHOLD = 1 << 26
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 try:
     _bytearray_uninit = ctypes.pythonapi.PyByteArray_FromStringAndSize
     _bytearray_uninit.restype = ctypes.py_object
@@ -105,17 +118,33 @@ except (AttributeError, OSError):  # pragma: no cover - non-CPython or no libc: 
     _bytearray_uninit, _libc = None, None
 
 
+def tune_malloc() -> bool:
+    """Apply :data:`MALLOC_MMAP_THRESHOLD` / :data:`MALLOC_TRIM_THRESHOLD` (glibc only); True if applied."""
+    if _libc is None or os.environ.get("QWEN3VL_CODEC_MALLOC", "").strip().lower() == "default":
+        return False
+    try:
+        mallopt = _libc.mallopt
+    except AttributeError:  # pragma: no cover - a libc without mallopt (musl)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
+
+
+MALLOC_TUNED = tune_malloc()
+
+
 def alloc_payload(n: int) -> bytearray:
     """A bytearray of ``n`` bytes whose every byte the caller will write.
 
     Why: ``bytearray(n)`` memsets, and on fresh 4 KiB pages that pass costs as much as quantizing (18 MiB:
     ~12 ms here); the C API's uninitialized bytearray plus ``madvise(MADV_HUGEPAGE)`` before first touch
-    costs ~4 ms and lets the codec's own writes fault the pages in. Small payloads keep ``bytearray(n)``.
+    costs ~4 ms and lets the codec's own writes fault the pages in. Small payloads keep ``bytearray(n)``;
+    mid-size ones come from reused heap memory (:func:`tune_malloc`) and skip the memset.
     """
     if n < UNINIT_MIN or _bytearray_uninit is None:
         return bytearray(n)
     out = _bytearray_uninit(None, n)
-    if _libc is not None:
+    if _libc is not None and n >= HUGEPAGE_MIN:
         addr = ctypes.addressof(ctypes.c_char.from_buffer(out))
         lo, hi = (addr + (1 << 21) - 1) & ~((1 << 21) - 1), (addr + n) & ~((1 << 21) - 1)
         if hi > lo:
