@@ -5,7 +5,8 @@ as SGLang's radix cache): never below LRU on the benchmark traces (``python -m b
 whole chat sessions resumable under pressure (0.91-0.98 of the physical limit in ``benchmarks.capacity``).
 ``chain-arc`` reaches higher hit ratios on shared-prefix traces (Mooncake, Zipf with scans) but spreads its
 evictions over many chains, breaking more sessions than the bytes it frees (0.61 of the limit with the device
-tier alone), so it is opt-in; ``prefix-2q`` stays registered for comparison.
+tier alone), so it is opt-in; ``prefix-2q`` stays registered for comparison. ``prefix-return`` (opt-in) is
+``chain-arc`` with hot chains ranked by their predicted return gap as well (``docs/policies.md``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from qwen3vl_ray.policies.chain import ChainARCPolicy
 from qwen3vl_ray.policies.doorkeeper import Doorkeeper
 from qwen3vl_ray.policies.lru import LRUPolicy
 from qwen3vl_ray.policies.prefix import Prefix2QPolicy, PrefixLRUPolicy
+from qwen3vl_ray.policies.return_time import PrefixReturnPolicy
 
 POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
     LRUPolicy.name: LRUPolicy,
     PrefixLRUPolicy.name: PrefixLRUPolicy,
     Prefix2QPolicy.name: Prefix2QPolicy,
     ChainARCPolicy.name: ChainARCPolicy,
+    PrefixReturnPolicy.name: PrefixReturnPolicy,
 }
 """Policy factories by name."""
 
@@ -40,5 +43,5 @@ def make_policy(name: str) -> EvictionPolicy:
 
 __all__ = [
     "ChainARCPolicy", "DEFAULT_POLICY", "POLICIES", "Doorkeeper", "EvictionPolicy", "LRUPolicy", "Prefix2QPolicy",
-    "PrefixLRUPolicy", "make_policy",
+    "PrefixLRUPolicy", "PrefixReturnPolicy", "make_policy",
 ]
