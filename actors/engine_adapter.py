@@ -235,6 +235,5 @@ class Qwen3VLEngineAdapter:
             if t is None or not self.store.put(key, t, parent):
                 break
             pins.enter_context(self.store.pinned([key]))
-            self.engine.registry.add(key, session_id, parent)
             n += 1
         return n, start

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
             host, disk = [], []
             for _ in range(args.repeats):
                 host.append(ttft(eng, msgs))  # entries are in the host tier (a disk hit promotes them back)
-                for key, _ in eng.registry.items():  # swap every entry down to disk, then reload it
+                for key in list(eng.store.keys()):  # swap every entry down to disk, then reload it
                     while eng.store.where(key) not in (None, "disk") and eng.store.demote(key):
                         pass
                 disk.append(ttft(eng, msgs))

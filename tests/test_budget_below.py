@@ -1,13 +1,15 @@
 """The device budget over a store whose last tier is the device tier (a Ray worker's): what it pushes out is
 handed to the tier below (the node agent) in one batch, session tails included; entries the tier below
-already holds are not sent again; one it refuses is counted as lost, never dropped silently."""
+already holds are not sent again; one it refuses is counted as lost, never dropped silently. Victims are idle
+sessions' entries first, then the device tier policy's own order (leaf-first: a chain keeps its head)."""
 
 from __future__ import annotations
 
 import torch
 
 from qwen3vl_ray.cache import CacheConfig, TieredCache
-from qwen3vl_ray.engine.budget import DeviceBudget, KeyRegistry
+from qwen3vl_ray.engine.budget import DeviceBudget
+from qwen3vl_ray.engine.prefix_kv import is_kv_chunk_shape
 from qwen3vl_ray.keys import CacheKey, Namespace, prefix_key
 from qwen3vl_ray.tiers.config import TierConfig
 
@@ -48,46 +50,48 @@ def chain(n: int, tag: bytes) -> list[CacheKey]:
     return keys
 
 
-def setup(below, idle=("s",)):
-    # a 4-entry device tier and nothing under it in the process; each entry is 1 KiB
+def kv(value: float) -> torch.Tensor:
+    """A 1 KiB KV chunk ``[layers, 2, kv_heads, tokens, head_dim]``."""
+    return torch.full((1, 2, 1, 128, 1), float(value))
+
+
+def setup(below, idle=()):
+    # a 4-entry device tier and nothing under it in the process; each entry is 1 KiB; ``idle``: idle
+    # sessions' keys, most idle first
     store = TieredCache(CacheConfig(tiers=[TierConfig("device", 4 * KiB, block_bytes=KiB)], namespace=NS,
                                     prefetch_threads=0))
-    registry = KeyRegistry()
-    budget = DeviceBudget(store, registry, 4 * KiB, lambda: list(idle), below=below)
-    return store, registry, budget
+    budget = DeviceBudget(store, 4 * KiB, lambda: list(idle), below=below, hand_down=is_kv_chunk_shape)
+    return store, budget
 
 
-def put(store, registry, keys, owner, value):
+def put(store, keys, value):
     for i, k in enumerate(keys):
-        parent = keys[i - 1] if i else None
-        assert store.put(k, torch.full((256,), float(value + i)), parent)
-        registry.add(k, owner, parent)
+        assert store.put(k, kv(value + i), keys[i - 1] if i else None)
 
 
 def test_pushed_out_entries_go_below_in_one_batch_and_written_through_ones_are_not_resent():
     full, tail = chain(2, b"s"), chain(3, b"s")[2]
     below = FakeBelow(holds=full)  # the session's full chunks were written through; its tail was not
-    store, registry, budget = setup(below)
-    put(store, registry, full, "s", 0)
-    assert store.put(tail, torch.full((256,), 7.0), full[-1])
-    registry.add(tail, "s", full[-1])
+    store, budget = setup(below, idle=full + [tail])
+    put(store, full, 0)
+    assert store.put(tail, kv(7.0), full[-1])
     other = chain(1, b"o")
-    put(store, registry, other, None, 10)
+    put(store, other, 10)
     # a request needing 3 KiB: idle session s goes first, all three of its entries leave the device
     assert budget.make_room(3 * KiB)
     assert [store.where(k) for k in full + [tail]] == [None, None, None] and store.where(other[0]) == "device"
     # one contains call and one put of the single entry the tier below lacked, with its chain parent
     assert below.calls == [("contains_many", 3), ("put_many", 1)]
     t, parent = below.held[tail]
-    assert parent == full[-1] and torch.equal(t, torch.full((256,), 7.0))
+    assert parent == full[-1] and torch.equal(t, kv(7.0))
     assert (budget.demoted, budget.spilled, budget.spilled_bytes, budget.lost) == (3, 1, KiB, 0)
 
 
 def test_an_entry_the_tier_below_refuses_is_counted_lost_and_a_pinned_one_stays():
     keys = chain(3, b"s")
     below = FakeBelow(refuse=[keys[0]])
-    store, registry, budget = setup(below)
-    put(store, registry, keys, "s", 0)
+    store, budget = setup(below, idle=keys)
+    put(store, keys, 0)
     with store.pinned([keys[1]]):
         assert budget.make_room(3 * KiB)  # 3 used + 3 needed > 4: two must leave, the pinned one cannot
     assert store.where(keys[1]) == "device"
@@ -101,10 +105,9 @@ def test_a_store_with_its_own_lower_tier_demotes_into_it_and_ignores_below():
     store = TieredCache(CacheConfig(tiers=[TierConfig("device", 4 * KiB, block_bytes=KiB),
                                            TierConfig("host", 8 * KiB, block_bytes=KiB)], namespace=NS,
                                     prefetch_threads=0))
-    registry = KeyRegistry()
-    budget = DeviceBudget(store, registry, 4 * KiB, lambda: ["s"], below=below)
     keys = chain(3, b"s")
-    put(store, registry, keys, "s", 0)
+    budget = DeviceBudget(store, 4 * KiB, lambda: keys, below=below)
+    put(store, keys, 0)
     assert budget.make_room(3 * KiB)
     assert [store.where(k) for k in keys] == ["host", "host", "device"] and below.calls == []
 
@@ -113,29 +116,46 @@ def test_a_device_tier_smaller_than_the_budget_keeps_room_for_what_the_request_s
     # budget 64 KiB, device tier 4 KiB: the budget alone never pushes anything out, but the request will
     # store 3 KiB of KV and the tier's own eviction would drop the session's entries (nothing under it)
     below = FakeBelow()
-    store, registry, _ = setup(below)
-    budget = DeviceBudget(store, registry, 64 * KiB, lambda: ["s"], below=below)
+    store, _ = setup(below)
     keys = chain(3, b"s")
-    put(store, registry, keys, "s", 0)
+    budget = DeviceBudget(store, 64 * KiB, lambda: keys, below=below)
+    put(store, keys, 0)
     prompt = chain(1, b"p")
-    put(store, registry, prompt, None, 20)  # the request's staged prefix: protected, and not stored again
+    put(store, prompt, 20)  # the request's staged prefix: protected, and not stored again
     assert budget.make_room(4 * KiB, protect=prompt)
     # 4 used, 3 KiB to store (4 needed - 1 staged): three entries go down, the staged prefix stays
     assert store.where(prompt[0]) == "device" and [store.where(k) for k in keys] == [None] * 3
     assert set(below.held) == set(keys) and budget.lost == 0
 
 
-def test_an_entry_outside_kv_chains_is_dropped_not_handed_down():
-    # vision features are registered without a parent: nothing reads them back from below
+def test_an_entry_that_is_no_kv_chunk_is_dropped_not_handed_down():
+    # vision features ([1 + deepstack, tokens, hidden]): nothing reads them back from below
     below = FakeBelow()
-    store, registry, budget = setup(below, idle=())
+    store, budget = setup(below)
     features = prefix_key(NS, None, [99], b"vision")
-    assert store.put(features, torch.zeros(256))
-    registry.add(features, None)
+    assert store.put(features, torch.zeros(1, 256, 1))
     keys = chain(3, b"s")
-    put(store, registry, keys, "s", 0)
-    assert budget.make_room(2 * KiB)  # 4 used + 2 needed > 4: the two least recently used leave
-    assert store.where(features) is None and store.where(keys[0]) is None and store.where(keys[1]) == "device"
-    assert set(below.held) == {keys[0]} and below.held[keys[0]][1] is None  # a chain's first: parent None
+    put(store, keys, 0)
+    # 4 used + 2 needed > 4: the device tier policy's first two victims leave, leaf-first by recency: the
+    # features, then the chain's tail (its head and middle stay: what is left is still a usable prefix)
+    assert budget.make_room(2 * KiB)
+    assert store.where(features) is None and store.where(keys[2]) is None
+    assert [store.where(k) for k in keys[:2]] == ["device", "device"]
+    assert set(below.held) == {keys[2]} and below.held[keys[2]][1] == keys[1]  # with its chain parent
     assert below.calls == [("contains_many", 1), ("put_many", 1)]
     assert (budget.demoted, budget.spilled, budget.lost) == (2, 1, 0)
+
+
+def test_without_idle_sessions_victims_follow_the_device_policy_and_never_take_a_head_before_its_tail():
+    below = FakeBelow()
+    store, budget = setup(below)
+    a, b = chain(2, b"a"), chain(2, b"b")
+    put(store, a, 0)
+    put(store, b, 10)
+    store.get(a[0])  # the head of chain a is the most recent entry; plain LRU would take it first
+    assert budget.make_room(3 * KiB)  # 4 used + 3 needed > 4: three leave
+    # leaf-first LRU: the tails (a's is older), then b's head once it is a leaf, before a's more recent head
+    assert [store.where(k) for k in a + b] == ["device", None, None, None]
+    assert set(below.held) == {a[1], b[0], b[1]}
+    assert below.held[a[1]][1] == a[0] and below.held[b[1]][1] == b[0] and below.held[b[0]][1] is None
+    assert (budget.demoted, budget.spilled, budget.lost) == (3, 3, 0)

@@ -183,7 +183,7 @@ def test_served_from_host_tier(ckpt):
         msgs = chat(PREAMBLE, picture(12))
         run(eng, msgs)
         # swap everything this engine stored down to the host tier (what device pressure does)
-        for key, _ in eng.registry.items():
+        for key in list(eng.store.keys()):
             assert eng.store.where(key) == "device" and eng.store.demote(key)
             assert eng.store.where(key) == "host"
         res = run(eng, msgs)

@@ -181,6 +181,24 @@ def test_relieve_drains_to_target(tmp_path):
         assert sum(c.where(key(i)) == "disk" for i in range(4)) == 2
 
 
+def test_victims_name_what_the_policy_would_move_out_first_and_move_nothing(tmp_path):
+    with make_cache(tmp_path, host_entries=5, disk_entries=10, policy="prefix-lru") as c:
+        c.put(key(9), tensor(9))  # a lone entry, the oldest
+        for i in range(4):  # one chain: 0 <- 1 <- 2 <- 3
+            c.put(key(i), tensor(i), parent=key(i - 1) if i else None)
+        one = ENTRY * 4
+        assert c.victims("host", 0) == []
+        assert c.victims("host", 2 * one) == [key(9), key(3)]
+        # leaf-first even in a long walk: a parent comes once all its children were named, never a head first
+        assert c.victims("host", 100 * one) == [key(9), key(3), key(2), key(1), key(0)]
+        assert c.victims("host", 2 * one, skip={key(9)}) == [key(3), key(2)]
+        with c.pinned([key(3)]):  # not evictable: left out, and its chain with it while a leaf is left
+            assert c.victims("host", one) == [key(9)]
+        assert [c.where(k) for k in (key(9), key(0), key(1), key(2), key(3))] == ["host"] * 5  # nothing moved
+        with pytest.raises(ConfigError, match="unknown tier 'nvme'"):
+            c.victims("nvme", one)
+
+
 def test_touch_counts_a_hit_and_refreshes_recency(tmp_path):
     with make_cache(tmp_path, host_entries=3, disk_entries=10) as c:
         for i in range(3):

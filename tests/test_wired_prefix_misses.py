@@ -7,7 +7,6 @@ import torch
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
 
 from qwen3vl_ray.cache import CacheConfig, TieredCache
-from qwen3vl_ray.engine.budget import KeyRegistry
 from qwen3vl_ray.engine.prefix_kv import KVGeometry, PrefixKV
 from qwen3vl_ray.keys import Namespace
 from qwen3vl_ray.policies import PrefixLRUPolicy
@@ -39,7 +38,7 @@ def prefix_kv() -> tuple[PrefixKV, TieredCache, Heard]:
     policy = Heard()
     store = TieredCache(CacheConfig(tiers=[TierConfig("host", 1 << 20, block_bytes=4096)], namespace=NS,
                                     prefetch_threads=0), policies=[policy])
-    return PrefixKV(store, NS, CHUNK, TEXT, torch.device("cpu"), KeyRegistry(), GEOMETRY), store, policy
+    return PrefixKV(store, NS, CHUNK, TEXT, torch.device("cpu"), GEOMETRY), store, policy
 
 
 def chunk(i: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, Container, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -563,6 +563,15 @@ class TieredCache:
         self._finish_writes(writes)
         return True
 
+    def victims(self, tier_name: str, nbytes: int, skip: Container[CacheKey] = ()) -> list[CacheKey]:
+        """The entries of the first tier named ``tier_name`` that its policy would move out first to free
+        ``nbytes`` (evictable ones, less ``skip``), in that order; nothing moves. A caller that moves them out
+        of the store itself (the device budget handing a Ray worker's entries to its node agent) asks here so
+        the order is the policy's, the same as the store's own evictions."""
+        i = self._tier_index(tier_name)
+        with self._lock:
+            return self._dry_walk(i, nbytes, skip)[0]
+
     def relieve(self, tier_name: str, target_bytes: int) -> int:
         """Demote victims of the first tier named ``tier_name`` until it uses <= ``target_bytes``.
         Returns bytes freed. The pressure monitor calls this above a high watermark."""
@@ -659,30 +668,41 @@ class TieredCache:
         made for what will be stored: evicting for a put that is then refused anyway would lose entries for
         nothing (``put``: nothing already stored is lost by a failed put).
 
-        Cost: when a full last tier must free more than its leaves hold, the prefix policies' walk goes on to
-        their sorted interior entries (O(n log n), under the lock; a chain per conversation keeps leaves
-        plentiful). Estimates: a tier whose freed bytes lag its entries' (the Ray object-store tier returns a
-        slab's memory when it is compacted) can be over-counted, and then evicts as before this check; a
-        queued replace counts only its held room, not the old file its eviction also frees."""
-        tier = self.tiers[i]
-        short = nbytes - tier.free_bytes
+        Estimates: a tier whose freed bytes lag its entries' (the Ray object-store tier returns a slab's memory
+        when it is compacted) can be over-counted, and then evicts as before this check; a queued replace counts
+        only its held room, not the old file its eviction also frees."""
+        short = nbytes - self.tiers[i].free_bytes
         if short <= 0 or i < len(self.tiers) - 1:
             return nbytes
+        return nbytes - max(0, short - self._dry_walk(i, short, ())[1])
+
+    def _dry_walk(self, i: int, nbytes: int, skip: Container[CacheKey]) -> tuple[list[CacheKey], int]:
+        """(the evictable entries of tier ``i`` less ``skip``, in its policy's order, until they hold
+        ``nbytes``; the bytes they hold) without moving anything (lock held).
+
+        Cost: when more must go than the tier's leaves hold, the prefix policies' walk goes on to their sorted
+        interior entries (O(n log n), under the lock; a chain per conversation keeps leaves plentiful)."""
+        tier = self.tiers[i]
+        keys: list[CacheKey] = []
         counted: set[CacheKey] = set()
+        held = 0
 
         def fresh(key: CacheKey) -> bool:
             e = self._index.get(key)
-            return key not in counted and e is not None and e.tier == i and self._evictable(key)
+            return key not in counted and key not in skip and e is not None and e.tier == i and self._evictable(key)
 
+        if nbytes <= 0:
+            return keys, held
         walk = iter(self.policies[i].victims(fresh))
         try:
             for key in walk:
                 counted.add(key)
+                keys.append(key)
                 w = self._queued.get(key)  # a write not started: evicting it gives back the room held for it
-                short -= (w.prepared.nbytes if w is not None and w.res is not None else tier.entry_nbytes(key)) or 0
-                if short <= 0:
-                    return nbytes
-            return nbytes - short
+                held += (w.prepared.nbytes if w is not None and w.res is not None else tier.entry_nbytes(key)) or 0
+                if held >= nbytes:
+                    break
+            return keys, held
         finally:
             close = getattr(walk, "close", None)
             if close is not None:

@@ -2,22 +2,24 @@
 
 Metadata side (bytes move in the store, or in one batched hand-down to a tier below). The budget covers the
 store's device tier plus the live KV of the running request (prompt + new tokens). Before a request runs,
-``make_room`` demotes this engine's device-resident entries down the tiers, idle sessions' first, then least
-recently used; nothing is dropped, so a swapped session comes back from host or disk on its next turn
-without recompute.
+``make_room`` demotes device-resident entries down the tiers, idle sessions' first, then in the device tier
+policy's own order (the order the store's evictions use); nothing is dropped, so a swapped session comes back
+from host or disk on its next turn without recompute. The budget keeps no record of its own: which entries
+are on the device, their chain parents and the victim order are the store's, the idle sessions' keys the
+session table's.
 
 When the device tier is the store's last tier (a Ray worker's store: host and disk are the node agent's), a
 demotion would drop the entry, so the budget hands its victims to ``below`` (``TierBelow``: the node's host
 tier) in one batch first and drops only the device copies that ``below`` now holds. Entries ``below`` already
 had (full prompt chunks the worker wrote through) are not sent again; one ``below`` refuses is dropped with a
-warning that counts it (``lost``), never silently.
+warning that counts it (``lost``), never silently. Only the entries ``hand_down`` accepts by their shape are
+sent (the engine sends KV chunks: vision features are never read back from below, and are just dropped).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
@@ -45,56 +47,6 @@ class TierBelow(Protocol):
         ...
 
 
-_UNCHAINED = b""  # the parent of an entry outside any KV chain (vision features); never a real key
-
-
-class KeyRegistry:
-    """Keys this engine stored, least recently used first, with their owner (a session id or None) and chain
-    parent (what a tier below needs to keep the chain when an entry is handed down). An entry added without
-    a ``parent`` is not KV (vision features): a tier below never serves it back, so it is not handed down.
-
-    The store does not list keys per tier; this is what pressure relief walks. Entries the store has
-    dropped are pruned lazily when met.
-    """
-
-    def __init__(self) -> None:
-        self._keys: OrderedDict[CacheKey, tuple[str | None, CacheKey | None]] = OrderedDict()
-
-    def add(self, key: CacheKey, owner: str | None, parent: CacheKey | None = _UNCHAINED) -> None:
-        old = self._keys.get(key)
-        if old is not None:
-            if old[0] is not None and owner is None:
-                owner = old[0]  # a session's chunk stays the session's when a prompt reuses it
-            parent = parent if parent != _UNCHAINED else old[1]
-        self._keys[key] = (owner, parent)
-        self._keys.move_to_end(key)
-
-    def chained(self, key: CacheKey) -> bool:
-        """True if ``key`` was added as a KV chain entry (with its parent, None for a chain's first)."""
-        rec = self._keys.get(key)
-        return rec is not None and rec[1] != _UNCHAINED
-
-    def parent(self, key: CacheKey) -> CacheKey | None:
-        rec = self._keys.get(key)
-        return None if rec is None or rec[1] == _UNCHAINED else rec[1]
-
-    def touch(self, key: CacheKey) -> None:
-        if key in self._keys:
-            self._keys.move_to_end(key)
-
-    def discard(self, key: CacheKey) -> None:
-        self._keys.pop(key, None)
-
-    def owned_by(self, owner: str) -> list[CacheKey]:
-        return [k for k, (o, _) in self._keys.items() if o == owner]
-
-    def items(self) -> list[tuple[CacheKey, str | None]]:
-        return [(k, o) for k, (o, _) in self._keys.items()]
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
 def device_tier(store: Any) -> Any | None:
     """The store's device tier object, or None when it has none."""
     for tier in getattr(store, "tiers", []):
@@ -106,16 +58,18 @@ def device_tier(store: Any) -> Any | None:
 class DeviceBudget:
     """Keeps (device tier bytes + running request's KV bytes) within ``budget_bytes``.
 
+    ``idle_keys``: the keys of idle sessions, most idle first (they leave the device first).
     ``below``: the tier under a store whose last tier is the device tier (set by the Ray worker; None in one
-    process, where the store's own lower tiers take demotions)."""
+    process, where the store's own lower tiers take demotions). ``hand_down(shape)``: whether an entry of this
+    stored shape is sent ``below`` (default: every entry)."""
 
-    def __init__(self, store: Any, registry: KeyRegistry, budget_bytes: int, idle_order: Callable[[], Iterable[str]],
-                 below: TierBelow | None = None):
+    def __init__(self, store: Any, budget_bytes: int, idle_keys: Callable[[], Iterable[CacheKey]],
+                 below: TierBelow | None = None, hand_down: Callable[[tuple[int, ...]], bool] | None = None):
         self.store = store
-        self.registry = registry
         self.budget_bytes = budget_bytes
-        self._idle_order = idle_order  # session ids, most idle first
+        self._idle_keys = idle_keys
         self.below = below
+        self.hand_down = hand_down if hand_down is not None else (lambda shape: True)
         self.demoted = 0
         self.spilled = 0  # entries handed to ``below`` (it lacked them)
         self.spilled_bytes = 0
@@ -147,10 +101,12 @@ class DeviceBudget:
             return True
         t0 = time.perf_counter()
         before = self.demoted
-        if below:
-            self._spill(need_bytes, store_bytes, protected, tier)
-        else:
-            self._demote(need_bytes, protected)
+        # the request's own prefix stays: pinned entries are never victims, in the store's walks or ours
+        with self.store.pinned(protected):
+            if below:
+                self._spill(need_bytes, store_bytes, tier, protected)
+            else:
+                self._demote(need_bytes, tier, protected)
         fits = self.used_bytes() + need_bytes <= self.budget_bytes
         logger.info("device pressure: demoted %d entries in %.1f ms (fits=%s)", self.demoted - before,
                     1e3 * (time.perf_counter() - t0), fits)
@@ -168,45 +124,54 @@ class DeviceBudget:
             over = max(over, used + min(store_bytes, cap) - cap)
         return over
 
-    def _demote(self, need_bytes: int, protected: set[CacheKey]) -> None:
-        """Demote victims one at a time down the store's own tiers."""
-        for key in self._on_device(protected):
+    def _demote(self, need_bytes: int, tier: Any, protected: set[CacheKey]) -> None:
+        """Idle sessions' device entries down the store's own tiers one at a time, then the device tier's
+        policy victims (``relieve``) until ``need_bytes`` fits."""
+        for key in self._idle_on_device(protected):
+            if self.used_bytes() + need_bytes <= self.budget_bytes:
+                return
             if self.store.demote(key):
                 self.demoted += 1
-                if self.used_bytes() + need_bytes <= self.budget_bytes:
-                    break
+        if self.used_bytes() + need_bytes > self.budget_bytes:
+            before = len(tier)
+            self.store.relieve(tier.name, self.budget_bytes - need_bytes)
+            self.demoted += max(0, before - len(tier))
 
-    def _spill(self, need_bytes: int, store_bytes: int, protected: set[CacheKey], tier: Any) -> None:
-        """Hand victims down in batches until ``need_bytes`` fits: choose victims as if each freed its bytes,
-        then take another batch when some would not leave (pinned or being read)."""
+    def _spill(self, need_bytes: int, store_bytes: int, tier: Any, protected: set[CacheKey]) -> None:
+        """Hand victims down in batches until ``need_bytes`` fits: idle sessions' entries first, then the device
+        tier policy's victims for what is still over; another batch when some would not leave (being read)."""
         tried = set(protected)
         while (over := self._over(need_bytes, tier, store_bytes)) > 0:
             victims: list[CacheKey] = []
             freeing = 0
-            for key in self._on_device(tried):
-                victims.append(key)
-                freeing += tier.entry_nbytes(key) or 0
+            for key in self._idle_on_device(tried):
                 if freeing >= over:
                     break
+                victims.append(key)
+                freeing += tier.entry_nbytes(key) or 0
+            if freeing < over:
+                victims += self.store.victims(tier.name, over - freeing, skip=tried.union(victims))
             if not victims:
                 return
             tried.update(victims)
             self._hand_down(victims, tier)
 
     def _hand_down(self, victims: list[CacheKey], tier: Any) -> None:
-        """Send the KV victims ``below`` lacks to it in one batch, then drop their device copies (a demotion out
-        of the store's last tier). Entries outside KV chains (vision features) are just dropped: nothing reads
-        them from below, and the encoder recomputes them."""
-        kv = [k for k in victims if self.registry.chained(k)]
-        chained = set(kv)
+        """Send the victims ``below`` lacks to it in one batch, with their chain parents, then drop their device
+        copies (a demotion out of the store's last tier). Entries ``hand_down`` refuses (the engine's vision
+        features) are just dropped: nothing reads them from below, and the encoder recomputes them."""
+        kv = [k for k in victims if self.hand_down(tier.entry_shape(k) or ())]
+        sent = set(kv)
         try:
             held = dict(zip(kv, (bool(h) for h in self.below.contains_many(kv)))) if kv else {}
         except Exception:  # a tier below that does not answer holds nothing we can count on
             logger.warning("tier below unreachable; sending all %d victims", len(kv), exc_info=True)
             held = {}
         # Read through the tier, not the store: a hand-down is not a hit (requests run one at a time, so
-        # nothing moves the entry meanwhile).
-        items = [(k, t, self.registry.parent(k)) for k in kv if not held.get(k) for t in [tier.get(k)] if t is not None]
+        # nothing moves the entry meanwhile). Parents are the store's record of each entry's chain.
+        send = [k for k in kv if not held.get(k)]
+        parents = dict(zip(send, self.store.parents(send)))
+        items = [(k, t, parents[k]) for k in send for t in [tier.get(k)] if t is not None]
         ok: dict[CacheKey, bool] = {}
         if items:
             try:
@@ -222,33 +187,16 @@ class DeviceBudget:
             if ok.get(key, False):
                 self.spilled += 1
                 self.spilled_bytes += sizes[key]
-            elif key in chained and not held.get(key):
+            elif key in sent and not held.get(key):
                 lost += 1
         if lost:
             self.lost += lost
             logger.warning("device pressure: %d of %d demoted entries dropped (the tier below refused them; "
                            "%d lost so far)", lost, len(victims), self.lost)
 
-    def _on_device(self, skip: set[CacheKey]) -> Iterator[CacheKey]:
-        """The candidates, victim order, that the store holds on the device tier, less ``skip``; one it no
-        longer holds anywhere leaves the registry on the way (read lazily: a caller that stops early looks up
-        no further)."""
-        for key in self._candidates():
-            if key in skip:
-                continue
-            where = self.store.where(key)
-            if where is None:
-                self.registry.discard(key)
-            elif where == "device":
-                yield key
-
-    def _candidates(self) -> Iterable[CacheKey]:
-        # Idle sessions first (most idle first), then everything else least recently used first.
-        seen: set[CacheKey] = set()
-        for sid in self._idle_order():
-            for key in self.registry.owned_by(sid):
-                seen.add(key)
-                yield key
-        for key, _ in self.registry.items():
-            if key not in seen:
+    def _idle_on_device(self, skip: set[CacheKey]) -> Iterator[CacheKey]:
+        """Idle sessions' keys that the store holds on the device tier, most idle session first, less ``skip``
+        (read lazily: a caller that stops early looks up no further)."""
+        for key in self._idle_keys():
+            if key not in skip and self.store.where(key) == "device":
                 yield key

@@ -26,11 +26,11 @@ import torch
 from transformers import DynamicCache
 
 from qwen3vl_ray.cache import CacheConfig, TieredCache
-from qwen3vl_ray.engine.budget import DeviceBudget, KeyRegistry
+from qwen3vl_ray.engine.budget import DeviceBudget
 from qwen3vl_ray.engine.checkpoint import model_fingerprint
 from qwen3vl_ray.engine.config import EngineConfig
 from qwen3vl_ray.engine.loading import check_checkpoint, load_model_and_processor
-from qwen3vl_ray.engine.prefix_kv import KVGeometry, PrefixKV, chunk_fitted_tiers
+from qwen3vl_ray.engine.prefix_kv import KVGeometry, PrefixKV, chunk_fitted_tiers, is_kv_chunk_shape
 from qwen3vl_ray.engine.prompt import ImageMemo, Prompt, build_prompt
 from qwen3vl_ray.engine.request_keys import kv_namespace
 from qwen3vl_ray.engine.requests import Metrics, Request, RequestError, Result, SamplingParams
@@ -73,13 +73,14 @@ class Qwen3VLEngine:
         self.store = store if store is not None else TieredCache(CacheConfig(
             tiers=chunk_fitted_tiers(self.config.tiers, self.geometry.bytes_per_token * self.config.chunk_tokens),
             policy=self.config.policy, namespace=Namespace(layout="qwen3vl-engine", **ns)))
-        self.registry = KeyRegistry()
         self.image_memo = ImageMemo()
         self.prefix = PrefixKV(self.store, self.kv_namespace, self.config.chunk_tokens, self.text_config, self.device,
-                              self.registry, self.geometry)
+                              self.geometry)
         self.vision = VisionCache(self.store, self.vision_namespace)
-        self.sessions = Sessions(self.store, self.prefix, self.registry, self.config.session_idle_s)
-        self.budget = DeviceBudget(self.store, self.registry, self.config.kv_device_budget_bytes, self.sessions.idle_order)
+        self.sessions = Sessions(self.store, self.prefix, self.config.session_idle_s)
+        # KV chunks go to a tier below when the device pushes them out; vision features are recomputed instead
+        self.budget = DeviceBudget(self.store, self.config.kv_device_budget_bytes, self.sessions.idle_keys,
+                                   hand_down=is_kv_chunk_shape)
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         self.eos_ids = set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         logger.info("engine ready: %s on %s, %d KV bytes/token, chunk %d", self.path, self.device,
@@ -112,7 +113,7 @@ class Qwen3VLEngine:
         self.sessions.close(session_id)
 
     def stats(self) -> dict[str, Any]:
-        return {"store": self.store.stats(), "demoted_for_room": self.budget.demoted, "tracked_keys": len(self.registry)}
+        return {"store": self.store.stats(), "demoted_for_room": self.budget.demoted}
 
     def close(self) -> None:
         if self._owns_store:
@@ -293,6 +294,5 @@ class Qwen3VLEngine:
                 feats[i] = f
                 if self.config.vision_cache:
                     self.vision.put(images[i].content_hash, f)
-                    self.registry.add(self.vision.key(images[i].content_hash), None)
             metrics.images_encoded += len(missing)
         return feats  # type: ignore[return-value]

@@ -22,7 +22,6 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache
 
-from qwen3vl_ray.engine.budget import KeyRegistry
 from qwen3vl_ray.engine.kv_layer import growing_cache
 from qwen3vl_ray.keys import CacheKey, ImageSpan, Namespace, chunk_keys, image_extras, prefix_key
 from qwen3vl_ray.tiers.config import TierConfig
@@ -96,17 +95,22 @@ def chunk_tensor(cache: DynamicCache, start: int, end: int) -> torch.Tensor:
     ).contiguous()
 
 
+def is_kv_chunk_shape(shape: tuple[int, ...]) -> bool:
+    """Whether a stored entry of this shape is a KV chunk (``chunk_tensor``'s ``[layers, 2, kv_heads, n,
+    head_dim]``; the engine's other entries, vision features, are ``[1 + deepstack, tokens, hidden]``)."""
+    return len(shape) == 5 and shape[1] == 2
+
+
 class PrefixKV:
     """Finds, loads and stores a prompt's KV chunks in a TieredCache."""
 
     def __init__(self, store: Any, namespace: Namespace, chunk_tokens: int, text_config: Any, device: torch.device,
-                 registry: KeyRegistry, geometry: "KVGeometry"):
+                 geometry: "KVGeometry"):
         self.store = store
         self.namespace = namespace
         self.chunk_tokens = chunk_tokens
         self.text_config = text_config
         self.device = device
-        self.registry = registry
         self.geometry = geometry
         self._workspace: torch.Tensor | None = None
         self._staging_buf: torch.Tensor | None = None
@@ -211,8 +215,6 @@ class PrefixKV:
             tensor, tier = self.store.lookup(key, out=out)  # promotes a lower hit; reports where it was found
         except ValueError:  # an entry of another shape than the staging buffer (nothing moved): plain read
             tensor, tier = self.store.lookup(key)
-        if tensor is not None:
-            self.registry.touch(key)
         return tensor, tier
 
     @staticmethod
@@ -244,18 +246,13 @@ class PrefixKV:
         was there), capped at ``max_tokens`` tokens."""
         return self.read(keys, tail, max_tokens, capacity_tokens)
 
-    def store_tail(self, cache: DynamicCache, tail: CacheKey, start: int, end: int, parent: CacheKey | None,
-                   owner: str | None = None) -> bool:
-        """Store tokens [start, end) of ``cache`` as the partial entry ``tail``."""
+    def store_tail(self, cache: DynamicCache, tail: CacheKey, start: int, end: int, parent: CacheKey | None) -> bool:
+        """Store tokens [start, end) of ``cache`` as the partial entry ``tail`` (False: held already, or no room)."""
         if self.store.contains(tail):
-            self.registry.touch(tail)
             return False
-        ok = bool(self.store.put(tail, chunk_tensor(cache, start, end), parent=parent))
-        if ok:
-            self.registry.add(tail, owner, parent)
-        return ok
+        return bool(self.store.put(tail, chunk_tensor(cache, start, end), parent=parent))
 
-    def store_new(self, cache: DynamicCache, keys: Sequence[CacheKey], owner: str | None = None) -> int:
+    def store_new(self, cache: DynamicCache, keys: Sequence[CacheKey]) -> int:
         """Store the full chunks of ``cache`` that the store lacks; returns how many were stored."""
         have = cache.get_seq_length()
         items = []
@@ -263,17 +260,13 @@ class PrefixKV:
             end = (i + 1) * self.chunk_tokens
             if end > have:
                 break
-            if self.store.contains(key):
-                self.registry.touch(key)
+            if self.store.contains(key):  # its read (if this request loaded it) was the store's hit already
                 continue
             parent = keys[i - 1] if i else None
             items.append((key, chunk_tensor(cache, i * self.chunk_tokens, end), parent))
         if not items:
             return 0
         stored = self.store.put_many(items)
-        for (key, _, parent), ok in zip(items, stored):
-            if ok:
-                self.registry.add(key, owner, parent)
         n_ok = sum(bool(s) for s in stored)
         if n_ok < len(items):
             logger.info("store kept %d of %d new KV chunks (no room)", n_ok, len(items))

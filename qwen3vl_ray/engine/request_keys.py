@@ -23,7 +23,6 @@ from typing import Any, Sequence
 
 import torch
 
-from qwen3vl_ray.engine.budget import KeyRegistry
 from qwen3vl_ray.engine.checkpoint import model_fingerprint
 from qwen3vl_ray.engine.config import EngineConfig
 from qwen3vl_ray.engine.loading import check_checkpoint, load_processor
@@ -70,7 +69,7 @@ class RequestKeyer:
         self.memo = memo if memo is not None else ImageMemo(64 << 20)
         # The engine's key function itself; only its namespace and chunk size are used by ``keys``.
         self._prefix = PrefixKV(None, self.namespace, self.config.chunk_tokens, mcfg.text_config,
-                                torch.device("cpu"), KeyRegistry(), self.geometry)
+                                torch.device("cpu"), self.geometry)
 
     @property
     def chunk_tokens(self) -> int:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
 
-from qwen3vl_ray.engine.budget import KeyRegistry
 from qwen3vl_ray.engine.prefix_kv import LoadedPrefix, PrefixKV
 from qwen3vl_ray.keys import CacheKey, ImageSpan
 
@@ -43,10 +42,9 @@ class Session:
 class Sessions:
     """The session table of one engine (metadata side; bytes live in the store)."""
 
-    def __init__(self, store: Any, prefix: PrefixKV, registry: KeyRegistry, idle_s: float):
+    def __init__(self, store: Any, prefix: PrefixKV, idle_s: float):
         self.store = store
         self.prefix = prefix
-        self.registry = registry
         self.idle_s = idle_s
         self._sessions: dict[str, Session] = {}
 
@@ -61,6 +59,11 @@ class Sessions:
         now = time.monotonic()
         idle = [s for s in self._sessions.values() if now - s.last_used >= self.idle_s]
         return [s.session_id for s in sorted(idle, key=lambda s: s.last_used)]
+
+    def idle_keys(self) -> Iterator[CacheKey]:
+        """The keys of idle sessions' entries, most idle session first (what device pressure moves first)."""
+        for session_id in self.idle_order():
+            yield from self._sessions[session_id].keys
 
     def resumable(self, session_id: str) -> bool:
         """True if every entry of the session is still in some tier (its next turn recomputes nothing old)."""
@@ -104,24 +107,19 @@ class Sessions:
         assert cache.get_seq_length() == len(token_ids), (cache.get_seq_length(), len(token_ids))
         c = self.prefix.chunk_tokens
         keys = self.prefix.keys(token_ids, spans)
-        stored = self.prefix.store_new(cache, keys, owner=session_id)
-        for i, k in enumerate(keys):
-            self.registry.add(k, session_id, keys[i - 1] if i else None)
+        stored = self.prefix.store_new(cache, keys)
         old = self._sessions.get(session_id)
         tail_key = None
         tail_key = self.prefix.tail_key(token_ids, spans, keys)
         if tail_key is not None:
             parent = keys[-1] if keys else None
-            if self.prefix.store_tail(cache, tail_key, len(keys) * c, len(token_ids), parent, owner=session_id):
+            if self.prefix.store_tail(cache, tail_key, len(keys) * c, len(token_ids), parent):
                 stored += 1
             elif not self.store.contains(tail_key):
                 logger.info("session %s: no room for its %d-token tail", session_id, len(token_ids) - len(keys) * c)
                 tail_key = None
-            else:
-                self.registry.add(tail_key, session_id, parent)
         if old is not None and old.tail_key is not None and old.tail_key != tail_key:
             self.store.remove(old.tail_key)  # superseded by the new turn's tail
-            self.registry.discard(old.tail_key)
         self._sessions[session_id] = Session(
             session_id, token_ids, list(spans), keys, tail_key, time.monotonic(), (old.turns if old else 0) + 1
         )
@@ -132,7 +130,6 @@ class Sessions:
         s = self._sessions.pop(session_id, None)
         if s is not None and s.tail_key is not None:
             self.store.remove(s.tail_key)
-            self.registry.discard(s.tail_key)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

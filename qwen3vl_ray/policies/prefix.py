@@ -181,19 +181,43 @@ class PrefixLRUPolicy(EvictionPolicy):
 
     # -- eviction order ------------------------------------------------------------------------------
     def victims(self, evictable: Callable[[CacheKey], bool]) -> Iterator[CacheKey]:
-        """Leaves by priority; a parent joins as soon as its last child is removed. If every leaf is
-        pinned, interior entries follow in priority order (a rare, O(n log n) fallback) so the cache can
-        still make room. Skipped and unremoved entries go back on the heap when the walk ends."""
+        """Leaves by priority, each one yielded counted as gone for the rest of the walk (the caller takes it,
+        or plans to: a dry walk that lists what would go to free some bytes): a parent joins, by its own
+        priority, as soon as all its children have been yielded, so even a long walk never names a chain's
+        head before its tail. If every leaf is pinned, interior entries follow in priority order (a rare,
+        O(n log n) fallback) so the cache can still make room. Skipped and unremoved entries go back on the
+        heap when the walk ends."""
         kept: list[_Node] = []  # surfaced leaves, off the heap until the walk ends
         yielded: set[CacheKey] = set()
+        freed: list[tuple[int, CacheKey, _Node]] = []  # parents whose children were all yielded, by priority
+        gone: dict[_Node, int] = {}  # children yielded so far, per parent
+        pending: _Node | None = None  # the heap's next leaf, surfaced and waiting to be compared with ``freed``
+        heap_done = False
         try:
-            while (node := self._surface()) is not None:
-                if node.key in yielded:  # requeued by a use during this walk
+            while True:
+                if pending is None and not heap_done:
+                    pending = self._surface()
+                    if pending is None:
+                        heap_done = True
+                    else:
+                        kept.append(pending)
+                if freed and (pending is None or (freed[0][0], freed[0][1]) < (pending.prio, pending.key)):
+                    node = heapq.heappop(freed)[2]
+                    if self._nodes.get(node.key) is not node:
+                        continue
+                elif pending is not None:
+                    node, pending = pending, None
+                else:
+                    break
+                if node.key in yielded or not evictable(node.key):  # yielded: requeued by a use during this walk
                     continue
-                kept.append(node)
-                if evictable(node.key):
-                    yielded.add(node.key)
-                    yield node.key
+                yielded.add(node.key)
+                up = node.parent
+                if isinstance(up, _Node) and self._nodes.get(up.key) is up:
+                    gone[up] = gone.get(up, 0) + 1
+                    if gone[up] >= up.children:
+                        heapq.heappush(freed, (up.prio, up.key, up))
+                yield node.key
             rest = sorted((n for n in self._nodes.values() if n.children > 0), key=lambda n: n.prio)
             for node in rest:
                 if self._nodes.get(node.key) is node and node.key not in yielded and evictable(node.key):

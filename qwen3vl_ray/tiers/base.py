@@ -109,6 +109,11 @@ class Tier(ABC):
     def entry_nbytes(self, key: CacheKey) -> int | None:
         """Bytes ``key`` occupies in this tier, or None if absent."""
 
+    def entry_shape(self, key: CacheKey) -> tuple[int, ...] | None:
+        """The stored tensor's shape, read from the index (nothing is copied), or None if absent or not kept
+        in the index (the default)."""
+        return None
+
     # -- two-phase store ----------------------------------------------------------------------
     @abstractmethod
     def prepare_store(self, key: CacheKey, tensor: torch.Tensor) -> PreparedStore:

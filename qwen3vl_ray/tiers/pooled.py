@@ -150,6 +150,10 @@ class PooledTier(Tier):
         e = self._index.get(key)
         return None if e is None else self._blocks(e.nbytes) * self.block_bytes
 
+    def entry_shape(self, key: CacheKey) -> tuple[int, ...] | None:
+        e = self._index.get(key)
+        return None if e is None else e.spec[1]
+
     # -- store -----------------------------------------------------------------------------------
     def prepare_store(self, key: CacheKey, tensor: torch.Tensor) -> PreparedStore:
         key, payload, nbytes = encode_payload(self.codec, self.name, key, tensor)
