@@ -301,3 +301,88 @@ def test_auto_remembers_a_kinds_winner_and_still_keeps_the_budget(monkeypatch):
     # another shape is another kind
     codec.choose(make_tensor((4, 2, 4, 64, 64), torch.bfloat16, "normal", 1))
     assert len(fresh) == 4
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:group=5", "int8:axis=0,group=3", "int4:group=1", "kv-int8", "kv-int4:group=3,residual=2"])
+@settings(max_examples=30, deadline=None)
+@given(x=float_tensors() | kv_tensors(), chunk=st.sampled_from([2, 64, 1 << 15]))
+def test_error_bound_is_above_relative_error(spec, x, chunk):
+    # the cheap bound auto takes a remembered winner on: never below the decoded tensor's true error, same bytes
+    from qwen3vl_ray.codecs import relative_error
+
+    x = x.contiguous()
+    codec = make_codec(spec)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "CHUNK_ELEMS", chunk)
+        try:
+            payload, bound = codec.encode_bounded(x)
+        except CodecError:
+            return
+    assert bytes(payload) == bytes(codec.encode(x))
+    if bound is None:
+        return
+    assert bound >= relative_error(x, decode(payload))
+
+
+def _adversarial(dtype: torch.dtype) -> torch.Tensor:
+    """Awkward groups for the bound: all-equal, zeros, TINY-sized, ties, subnormal-sized, outlier channel,
+    and values that underflow the output dtype (fp16 subnormals) or float32 (float64 inputs)."""
+    x = torch.randn(2, 2, 4, 32, 16, dtype=torch.float64)
+    x[0, 0, 0] = 3.0
+    x[0, 0, 1] = 0.0
+    x[0, 1, 0] = float(np.float32(TINY))
+    x[0, 1, 1] = float(np.nextafter(np.float32(TINY), np.float32(1)))
+    x[0, 1, 2] *= 1e-6  # fp16 subnormals
+    x[0, 1, 3, :, 1::2] *= 1e-45 if dtype == torch.float64 else 1e-4  # float32 underflow next to normal values
+    x[1, 0, 0] = torch.arange(32 * 16, dtype=torch.float64).view(32, 16) % 9 - 4.5  # ties at amax 4.5
+    x[1, 0, 1] = 1e-3
+    x[1, 1, :, :, 3] *= 1000  # outlier channel
+    x[1, 1, 2, 5, :] = 7.0  # an all-equal row
+    return x.clamp(-6e4, 6e4).to(dtype) if dtype == torch.float16 else x.to(dtype)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4", "int8:axis=0", "int4:group=1", "kv-int8", "kv-int4", "kv-int4:residual=3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1.0, 1e-5, 1e-30, 1e4])
+def test_error_bound_adversarial(spec, dtype, scale):
+    from qwen3vl_ray.codecs import relative_error
+
+    x = (_adversarial(torch.float64) * scale).to(dtype)
+    if dtype == torch.float16:
+        x = _adversarial(torch.float64).mul(scale).clamp(-6e4, 6e4).to(dtype)
+    codec = make_codec(spec)
+    payload, bound = codec.encode_bounded(x)
+    assert bytes(payload) == bytes(codec.encode(x))
+    true = relative_error(x, decode(payload))
+    assert bound >= true
+    _, measured = codec.encode_measured(x)
+    assert bound >= measured * (1 - 1e-5) - 2e-6  # the exact sums sit below it too
+
+
+def test_auto_takes_a_remembered_winner_on_its_bound(monkeypatch):
+    # a winner well within the budget: the next tensors of its kind cost the bounded encode only, no exact
+    # measure; a kind whose bound misses the budget goes to the exact measure, and stays within the budget
+    from qwen3vl_ray.codecs import relative_error
+    from qwen3vl_ray.codecs.kv import KVQuantCodec
+
+    calls = {"measured": 0, "bounded": 0}
+    real_m, real_b = KVQuantCodec.encode_measured, KVQuantCodec.encode_bounded
+    monkeypatch.setattr(KVQuantCodec, "encode_measured", lambda self, t: calls.__setitem__("measured", calls["measured"] + 1) or real_m(self, t))
+    monkeypatch.setattr(KVQuantCodec, "encode_bounded", lambda self, t: calls.__setitem__("bounded", calls["bounded"] + 1) or real_b(self, t))
+    xs = [make_tensor((8, 2, 4, 64, 64), torch.bfloat16, "normal", seed) for seed in range(4)]
+    codec = make_codec("auto:max_error=0.25")
+    assert codec.choose(xs[0])[0].name == "kv-int4"
+    before = dict(calls)
+    for x in xs[1:]:
+        chosen, payload = codec.choose(x)
+        assert chosen.name == "kv-int4" and relative_error(x, decode(payload)) <= 0.25
+    assert calls["bounded"] - before["bounded"] == 3 and calls["measured"] == before["measured"]
+    # kv-int4 errs ~0.11 here: its bound (~1.8x) misses a 0.15 budget, so the exact measure decides
+    tight = make_codec("auto:max_error=0.15")
+    assert tight.choose(xs[0])[0].name == "kv-int4"
+    before = dict(calls)
+    for x in xs[1:]:
+        chosen, payload = tight.choose(x)
+        assert relative_error(x, decode(payload)) <= 0.15
+    assert calls["bounded"] - before["bounded"] == 1  # tried once, then the kind skips it
+    assert calls["measured"] - before["measured"] == 3

@@ -20,8 +20,12 @@ records the choice and ``decode`` needs nothing from ``auto``. Tensors with NaN/
 lossless candidates (lossy ones refuse them or fail the budget).
 
 Choices are remembered per tensor kind (shape, dtype, device type): entries of one kind (a model's KV chunks,
-its vision features) are alike, so the next tensor of that kind goes straight to the last winner's measured
-whole-tensor encode and, when that meets the budget, takes it without screening. Every
+its vision features) are alike, so the next tensor of that kind goes straight to the last winner's
+whole-tensor encode and, when its error meets the budget, takes it without screening. That encode first
+takes only an upper bound of the error (``encode_bounded``: sums the fused kernels add as they quantize, a few
+percent of an encode; see ``fused.bound_error``); a bound over the budget costs the exact measure
+(``encode_measured``, ~2.4x an encode) on top, and the kind then goes to the exact measure directly until it
+is screened again (the bound sits ~1.7x above the error: a winner that close to the budget stays close). Every
 ``RESCREEN_EVERY``-th tensor of a kind (and any whose remembered winner misses the budget or refuses it) is
 chosen afresh, so a kind whose data grows more compressible finds the smaller codec again. The budget stays a
 guarantee (every payload's error is measured on the whole tensor); what the memory costs is at most
@@ -100,7 +104,8 @@ class AutoCodec(Codec):
         if any(s.split(":")[0].split("+")[0] == "auto" for s in specs):
             raise CodecError("codec 'auto' cannot list itself as a candidate")
         self._specs = None if candidates is None else specs
-        # (shape, dtype, device type) -> [winner, tensors it has served since it was chosen] (see the docstring)
+        # (shape, dtype, device type) -> [winner, tensors it has served since it was chosen, whether to try its
+        # cheap error bound first] (see the docstring)
         self._memo: dict[tuple, list] = {}
         self._memo_lock = threading.Lock()  # tiers encode from several threads
         self.candidates = [make_codec(s) for s in specs]
@@ -139,6 +144,18 @@ class AutoCodec(Codec):
             err = 0.0 if codec.lossless else relative_error(tensor, decode(payload, tensor.device))
         return payload, err
 
+    def _bounded(self, codec: Codec, tensor: torch.Tensor) -> tuple[bytearray, float] | None:
+        """(payload, upper bound of its relative error) from ``codec.encode_bounded``, or None where the codec
+        has no such path, refuses the tensor or could not bound it."""
+        if not hasattr(codec, "encode_bounded"):
+            return None
+        try:
+            payload, bound = codec.encode_bounded(tensor)
+        except CodecError as exc:
+            log.debug("auto: remembered %s refused the tensor: %s", codec.spec(), exc)
+            return None
+        return None if bound is None else (payload, bound)
+
     def _lowrank_hopeless(self, codec: Codec, tensor: torch.Tensor, best: int) -> bool:
         """True when, on a row sample, the largest rank whose factors still beat ``best`` bytes keeps less
         than ``1 - max_error^2`` of the energy (randomized range finder with 8 extra directions and one power
@@ -175,10 +192,19 @@ class AutoCodec(Codec):
             winner = memo[0] if memo is not None and memo[1] < RESCREEN_EVERY else None
             if winner is not None:
                 memo[1] += 1
+                try_bound = memo[2]
         if winner is not None:
-            got = self._trial(winner, tensor)
-            if got is not None and len(got[0]) < tensor.numel() * tensor.element_size() and (
-                    winner.lossless or got[1] <= self.max_error):
+            raw = tensor.numel() * tensor.element_size()
+            # the kernels' cheap upper bound of the error first: a winner chosen with room to spare is taken on
+            # it; a bound over the budget (the winner near the budget, or no fused path) falls back to the
+            # exact measure, and the kind skips the bound until it is screened again
+            got = self._bounded(winner, tensor) if try_bound else None
+            if got is None or not (len(got[0]) < raw and got[1] <= self.max_error):
+                if try_bound:
+                    with self._memo_lock:
+                        memo[2] = False
+                got = self._trial(winner, tensor)
+            if got is not None and len(got[0]) < raw and (winner.lossless or got[1] <= self.max_error):
                 return winner, got[0]
         codec, payload = self._choose_afresh(tensor, fallback)
         with self._memo_lock:
@@ -186,7 +212,7 @@ class AutoCodec(Codec):
             if len(self._memo) >= MEMO_KINDS:
                 self._memo.pop(next(iter(self._memo)))
             if codec is not fallback:
-                self._memo[kind] = [codec, 0]
+                self._memo[kind] = [codec, 0, hasattr(codec, "encode_bounded")]
         return codec, payload
 
     def _choose_afresh(self, tensor: torch.Tensor, fallback: Codec) -> tuple[Codec, bytearray]:

@@ -181,23 +181,25 @@ def _kernel(table: str, flags: tuple):
 
 
 def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray, scales: np.ndarray,
-           measure: bool = False) -> tuple[float, float]:
+           measure: int = 0) -> tuple[float, ...]:
     """Quantize ``x``'s part ``g`` into ``codes`` (flat uint8: int8 codes, or packed int4 pairs) and ``scales``
     (flat float32). Non-finite inputs leave non-finite scales (the caller checks and refuses).
 
-    With ``measure``: also (squared error of the decoded values, squared norm), summed while the group is
-    in cache (what ``auto`` needs, without a decode; see :func:`error_bound`); else (0, 0). They are float32
+    ``measure`` 1 (True): also (squared error of the decoded values, squared norm), summed while the group is
+    in cache (what ``auto`` needs, without a decode; see :func:`error_bound`). They are float32
     sums in code units per group (``(x - decoded) * inv`` and ``x * inv``, the decoded value rounded to the
     output dtype as decode rounds it), scaled back by ``1 / inv^2`` in float64; groups stored as zeros add
-    their inputs' squares exactly.
+    their inputs' squares exactly. ``measure`` 2: (squared rounding steps, squared norm, squared inputs of
+    the groups stored as zeros), the cheaper sums :func:`bound_error` bounds the error with. Else ().
     """
     per = _per(g, pack4)
     nchunks = -(-g.U * g.H * g.T * -(-g.n // g.group) // per)
-    err = np.zeros(2 * nchunks if measure else 0, dtype=np.float64)
+    width = (0, 2, 3)[int(measure)]
+    err = np.zeros(width * nchunks, dtype=np.float64)
     with _LOCK, _schedule(nchunks):
-        _kernel("ENCODE", (g.post == 1, pack4, measure))(
+        _kernel("ENCODE", (g.post == 1, pack4, int(measure)))(
             x, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, np.float32(qmax), per, codes, scales, err)
-    return (float(err[0::2].sum()), float(err[1::2].sum())) if measure else (0.0, 0.0)
+    return tuple(float(err[i::width].sum()) for i in range(width))
 
 
 def decode(out: np.ndarray, g: Geometry, pack4: bool, codes: np.ndarray, scales: np.ndarray) -> None:
@@ -226,28 +228,75 @@ def error_bound(e2: float, x2: float, numel: int, dtype: torch.dtype) -> float:
     return math.sqrt(e2 / x2) + 2.0 ** -20
 
 
+#: unit roundoff of the decoded values' store from float32, and half the smallest subnormal (the most an
+#: element can lose to underflow), per output dtype
+_STORE = {torch.bfloat16: (2.0 ** -8, 2.0 ** -134), torch.float16: (2.0 ** -11, 2.0 ** -25),
+          torch.float32: (0.0, 0.0), torch.float64: (0.0, 0.0)}
+
+
+def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype, qmax: int,
+                exact_x2: float = 0.0) -> float:
+    """An upper bound of ``relative_error(x, decode(payload))`` from :func:`encode`'s ``measure=2`` sums: ``sq``
+    (elements x ``scale^2`` over the quantized groups), ``f2`` (squared float32 inputs, float32 sums of at
+    most :data:`CHUNK_ELEMS` + 1 terms per lane) and ``zz`` (squared inputs of the groups stored as zeros, which
+    are their error); ``exact_x2`` is the squared norm of inputs stored exactly (a KV residual window). ``inf``
+    where it cannot bound (an overflowing sum). ``qmax`` is unused, kept for callers' symmetry.
+
+    Per quantized element, ``x - decoded`` is the code's rounding step (at most half a step: ``scale / 2``) plus
+    float32 rounding of ``x * inv``, of ``scale`` against ``1 / inv`` and of ``code * scale`` (each within 2^-24
+    relative), the store to the output dtype (unit roundoff ``u``: 2^-8 bf16, 2^-11 fp16, 0 fp32 / fp64, plus
+    half a subnormal per element) and, for float64 inputs, their rounding to float32. By the triangle
+    inequality on the vectors, ``||x - d|| <= sqrt(sq) / 2 + 2^-20 ||f|| + u ||q scale|| + ...`` with
+    ``||q scale|| <= ||f|| + sqrt(sq) / 2``; float32 sums are rounded up (error) and down (norm) by their worst
+    case. Half a step per element is what a code can lose at most; uniform rounding loses ``1/sqrt(12)`` of a
+    step on average, so the bound sits ~1.7x above the true error, plus ``u`` (~0.4% for bf16): it proves a
+    budget with room to spare; :func:`error_bound`'s exact sums decide the close calls.
+    """
+    sq, f2, zz = sums
+    if not all(map(math.isfinite, (sq, f2, zz, exact_x2))):
+        return math.inf
+    g = (CHUNK_ELEMS + 3) * 2.0 ** -24  # squares and sums of at most CHUNK_ELEMS + 1 terms, float32
+    gam = g / (1 - g)
+    x_in = 2.0 ** -24 if dtype == torch.float64 else 0.0  # float64 inputs rounded to float32
+    u, sub = _STORE.get(dtype, (2.0 ** -8, 2.0 ** -25))
+    tiny = numel * 2.0 ** -126  # squares lost to float32 underflow, at most
+    f_hi = math.sqrt(f2 * (1 + gam) + tiny) * (1 + 2.0 ** -40)  # ||f||, every element's float32 input
+    f_lo = math.sqrt(f2 / (1 + gam)) * (1 - 2.0 ** -40)
+    steps = 0.5 * math.sqrt(sq) * (1 + 2.0 ** -20)  # half a step per element, 1/inv within 2^-22 of scale
+    fq_minus_qs = steps + 2.0 ** -20 * f_hi  # ||f - q * scale||: steps, y's and scale's rounding
+    qs = f_hi + fq_minus_qs  # ||q * scale||
+    abs_ = math.sqrt(numel) * (sub + 2.0 ** -147)  # subnormal stores, float32 underflow of inputs and products
+    r_q = 2 * x_in * f_hi + fq_minus_qs + (u + 2.0 ** -23) * qs + abs_
+    err2 = r_q * r_q + zz * (1 + 2.0 ** -40)
+    x_lo = max(0.0, (f_lo - abs_) * (1 - 2 * x_in))
+    x2 = x_lo * x_lo + exact_x2 * (1 - 2.0 ** -40)
+    if x2 == 0.0:
+        return 0.0 if err2 == 0.0 and zz == 0.0 and sq == 0.0 else math.inf
+    return math.sqrt(err2 / x2) * (1 + 2.0 ** -30) + 2.0 ** -30
+
+
 def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool, buffers: list[memoryview],
-                   hasher, codec: str, measure: bool = False) -> tuple[float, float]:
+                   hasher, codec: str, measure: int = 0) -> tuple[float, ...]:
     """Quantize each part of ``x`` into payload buffers ``codes_i, scales_i`` (in order) and hash them in order;
-    with ``measure``, returns the parts' summed (squared error, squared norm) (see :func:`encode`).
+    with ``measure``, returns the parts' summed sums (see :func:`encode`).
 
     Scales go through an aligned scratch array: a payload buffer's offset is arbitrary, and an unaligned
     array would be one more kernel specialization to compile.
     """
-    e2 = x2 = 0.0
+    total = [0.0] * (0, 2, 3)[int(measure)]
     for i, g in enumerate(parts):
         codes = np.frombuffer(buffers[2 * i], dtype=np.uint8)
         scales = np.empty(_nscales(g), dtype=np.float32)
         if codes.size != _ncodes(g, pack4) or buffers[2 * i + 1].nbytes != scales.nbytes:
             raise AssertionError(f"payload buffers {codes.size}/{buffers[2 * i + 1].nbytes} B do not fit {g}")
-        a, b = encode(x, g, qmax, pack4, codes, scales, measure)
-        e2, x2 = e2 + a, x2 + b
+        got = encode(x, g, qmax, pack4, codes, scales, measure)
+        total = [a + b for a, b in zip(total, got)]
         if not np.isfinite(scales).all():
             raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
         np.frombuffer(buffers[2 * i + 1], dtype=np.uint8)[:] = scales.view(np.uint8)
         hasher.update(codes)
         hasher.update(scales)
-    return e2, x2
+    return tuple(total)
 
 
 def dequantize_parts(out: np.ndarray, parts: list[Geometry], pack4: bool, buffers, codec: str) -> None:

@@ -265,8 +265,13 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
         amax = np.empty(post, np.uint32)
         inv = np.empty(post, np.float32)
         # per-channel error sums in code units (measure only): one lane per channel, no reduction to reorder
-        ek = np.zeros(post if measure and post > 1 else 0, np.float32)
-        yk = np.zeros(post if measure and post > 1 else 0, np.float32)
+        ek = np.zeros(post if measure == 1 and post > 1 else 0, np.float32)
+        yk = np.zeros(post if measure == 1 and post > 1 else 0, np.float32)
+        # bound (measure == 2): sum of (elements x scale^2) of the quantized groups, squared inputs of groups
+        # stored as zeros (their own error), and squared float32 inputs in per-lane float32 sums (one lane per
+        # channel, or per position in a row's group: no reduction to reorder, so the loops stay vectorized)
+        z2 = 0.0
+        xl = np.zeros((post if post > 1 else group) if measure == 2 else 0, np.float32)
         # int4 packs straight into the payload when every group (or, per channel, every row) starts on a
         # byte; else (odd sizes) and when measuring, nibbles go through the chunk's scratch first
         direct = pack4 and (group % 2 == 0 if post == 1 else post % 2 == 0)
@@ -285,6 +290,10 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                 for j in range(j1 - j0):
                     b = _key(xs, j)
                     m = b if b > m else m
+                if measure == 2:  # a loop of its own: in the max loop it costs 3x more (measured)
+                    for j in range(j1 - j0):
+                        f = _load(xs, j)
+                        xl[j] += f * f
                 a = _unkey(x, m)
                 scales[it] = a / qmax
                 s = _inv(a, qmax)
@@ -309,7 +318,12 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                         cs[j] = _code8(_load(xs, j), s)
                     for j in range(j1 - j0, group):
                         cs[j] = np.uint8(0)
-                if measure:
+                if measure == 2:
+                    if s > 0:
+                        e2 += np.float64(j1 - j0) * np.float64(scales[it]) * np.float64(scales[it])
+                    else:
+                        z2 += _tiny_err(xs, j1 - j0)
+                elif measure:
                     if s > 0:
                         ce, cy = _code_err(xs, s, scales[it], j1 - j0)
                         w = np.float64(s) * np.float64(s)
@@ -327,6 +341,10 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                     for k in range(post):
                         b = _key(xs, k)
                         amax[k] = b if b > amax[k] else amax[k]
+                    if measure == 2:
+                        for k in range(post):
+                            f = _load(xs, k)
+                            xl[k] += f * f
                 sb = it * post
                 for k in range(post):
                     a = _unkey(x, amax[k])
@@ -357,12 +375,22 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                                 cs[k] = _code8(_load(xs, k), inv[k])
                         else:
                             cs[:] = np.uint8(0)
-                    if measure and j < j1:
+                    if measure == 1 and j < j1:
                         for k in range(post):
                             e, y = _err_terms(xs, _load(xs, k), inv[k], scales[sb + k])
                             ek[k] += e * e
                             yk[k] += y * y
-                if measure:
+                if measure == 2:
+                    for k in range(post):
+                        if inv[k] > 0:
+                            e2 += np.float64(j1 - j0) * np.float64(scales[sb + k]) * np.float64(scales[sb + k])
+                        else:
+                            for j in range(j0, j1):
+                                o = _orig(x, src + j * post + k)
+                                z2 += o * o
+                        x2 += np.float64(xl[k])
+                        xl[k] = np.float32(0.0)
+                elif measure:
                     for k in range(post):
                         if inv[k] > 0:
                             w = np.float64(inv[k]) * np.float64(inv[k])
@@ -384,7 +412,14 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                 out[p] = nib[2 * p] | (nib[2 * p + 1] << np.uint8(4))
             if cnt % 2:  # only the very last code of an odd total: it pairs with a zero code (nibble 8)
                 out[cnt // 2] = nib[cnt - 1] | np.uint8(8 << 4)
-        if measure:
+        if measure == 2:
+            if post == 1:
+                for j in range(group):
+                    x2 += np.float64(xl[j])
+            err[3 * c] = e2
+            err[3 * c + 1] = x2
+            err[3 * c + 2] = z2
+        elif measure:
             err[2 * c] = e2
             err[2 * c + 1] = x2
 
@@ -467,11 +502,11 @@ def _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, cod
 # loops that are left: one body serving every case at run time measured 1.4x slower (values of a KV chunk, int8,
 # one thread: 14.6 vs 21.2 GB/s). Each specialization compiles on its first use per dtype and is cached on disk.
 
-def _encode_kernel(rows: bool, pack4: bool, measure: bool):
+def _encode_kernel(rows: bool, pack4: bool, measure: int):
     def kernel(x, base, U, su, H, sh, T, st, n, post, group, qmax, per, codes, scales, err):
         _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err, rows, measure)
     # distinct names: numba's on-disk cache tells closures of one source line apart by them
-    kernel.__name__ = kernel.__qualname__ = f"encode_{'rows' if rows else 'cols'}_{'int4' if pack4 else 'int8'}{'_measure' if measure else ''}"
+    kernel.__name__ = kernel.__qualname__ = f"encode_{'rows' if rows else 'cols'}_{'int4' if pack4 else 'int8'}{('', '_measure', '_bound')[measure]}"
     return numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)(kernel)
 
 
@@ -483,7 +518,9 @@ def _decode_kernel(rows: bool, pack4: bool):
 
 
 _FLAGS = (False, True)
-#: ``ENCODE[rows, pack4, measure]``: quantize one part of ``x`` into ``codes``/``scales`` (``err``: per-chunk sums)
-ENCODE = {(r, p, m): _encode_kernel(r, p, m) for r in _FLAGS for p in _FLAGS for m in _FLAGS}
+#: ``ENCODE[rows, pack4, measure]``: quantize one part of ``x`` into ``codes``/``scales``; ``measure`` 1: ``err``
+#: gets per-chunk (squared error, squared norm) of the decoded values, 2: per-chunk (elements x scale^2 of the
+#: quantized groups, squared float32 inputs, squared inputs of zero groups) for :func:`fused.bound_error`
+ENCODE = {(r, p, m): _encode_kernel(r, p, m) for r in _FLAGS for p in _FLAGS for m in (0, 1, 2)}
 #: ``DECODE[rows, pack4]``: write ``codes * scales`` into one part of ``out``
 DECODE = {(r, p): _decode_kernel(r, p) for r in _FLAGS for p in _FLAGS}
