@@ -82,6 +82,11 @@ def tensor_from_bytes(buf: Buffer, dtype: torch.dtype, shape: Sequence[int]) -> 
     return out
 
 
+def payload_header(name: str, version: int, meta: dict[str, Any], lengths: Sequence[int]) -> bytes:
+    """The header bytes a payload of these buffers starts with (up to its digest); see :class:`PayloadWriter`."""
+    return _header(name, version, meta, lengths)
+
+
 def _header(name: str, version: int, meta: dict[str, Any], lengths: Sequence[int]) -> bytes:
     name_b = name.encode()
     meta_b = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
@@ -160,8 +165,12 @@ class PayloadWriter:
     :meth:`finish` stores the digest. The byte layout is exactly :func:`pack_payload`'s.
     """
 
-    def __init__(self, name: str, version: int, meta: dict[str, Any], lengths: Sequence[int]):
-        header = _header(name, version, meta, lengths)
+    def __init__(self, name: str, version: int, meta: dict[str, Any] | None, lengths: Sequence[int],
+                 header: bytes | None = None):
+        """``header``: :func:`payload_header`'s bytes for these arguments, when the caller keeps them (a codec
+        caching its layout per shape); ``meta`` is then unused."""
+        if header is None:
+            header = _header(name, version, meta, lengths)
         # uninitialized: the header, digest and every buffer byte are written before finish()
         self._out = alloc_payload(len(header) + 8 + sum(lengths))
         self._out[: len(header)] = header

@@ -144,24 +144,37 @@ _SERIAL: dict[tuple, object] = {}
 
 
 @contextlib.contextmanager
-def _schedule(nchunks: int):
-    """Threads for one launch, and dynamic scheduling in ~8 pieces per thread: on a shared host a static
-    split waits for the thread whose core another process holds; pieces let the other threads take over.
+def _launches():
+    """Threads for the launches inside (the caller holds :data:`_LOCK`); yields their count.
 
     numba's OpenMP layer sets the calling thread's OpenMP thread count, which torch's intra-op pool shares
-    (one libgomp): torch's setting is put back afterwards.
+    (one libgomp): torch's setting is put back afterwards. One setup serves every part of a payload (a KV
+    chunk's keys and values): on a 2 MiB chunk each costs a few percent of the encode.
     """
     torch_threads = torch.get_num_threads()
     # no more threads than torch's intra-op pool: that is what the process was given (a vLLM worker binds its
     # cores and then refuses torch.set_num_threads, so a wider numba launch would stay wider for good)
     threads = min(_threads(), torch_threads)
     numba.set_num_threads(threads)
-    numba.set_parallel_chunksize(max(1, nchunks // (8 * threads)))
     try:
-        yield
+        yield threads
     finally:
         if torch.get_num_threads() != torch_threads:
             torch.set_num_threads(torch_threads)
+
+
+def _pieces(nchunks: int, threads: int) -> None:
+    """Dynamic scheduling in ~8 pieces per thread: on a shared host a static split waits for the thread whose
+    core another process holds; pieces let the other threads take over."""
+    numba.set_parallel_chunksize(max(1, nchunks // (8 * threads)))
+
+
+@contextlib.contextmanager
+def _schedule(nchunks: int):
+    """Threads and pieces for one launch (see :func:`_launches`, :func:`_pieces`)."""
+    with _launches() as threads:
+        _pieces(nchunks, threads)
+        yield
 
 
 def _kernel(table: str, flags: tuple):
@@ -192,22 +205,35 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
     their inputs' squares exactly. ``measure`` 2: (squared rounding steps, squared norm, squared inputs of
     the groups stored as zeros), the cheaper sums :func:`bound_error` bounds the error with. Else ().
     """
+    with _LOCK, _launches() as threads:
+        return _encode(x, g, qmax, pack4, codes, scales, int(measure), threads)
+
+
+def _encode(x, g: Geometry, qmax: int, pack4: bool, codes, scales, measure: int, threads: int) -> tuple[float, ...]:
     per = _per(g, pack4)
     nchunks = -(-g.U * g.H * g.T * -(-g.n // g.group) // per)
-    width = (0, 2, 3)[int(measure)]
-    err = np.zeros(width * nchunks, dtype=np.float64)
-    with _LOCK, _schedule(nchunks):
-        _kernel("ENCODE", (g.post == 1, pack4, int(measure)))(
-            x, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, np.float32(qmax), per, codes, scales, err)
+    width = (0, 2, 3)[measure]
+    err = np.zeros(width * nchunks, dtype=np.float64) if width else _NO_SUMS
+    _pieces(nchunks, threads)
+    _kernel("ENCODE", (g.post == 1, pack4, measure))(
+        x, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, np.float32(qmax), per, codes, scales, err)
     return tuple(float(err[i::width].sum()) for i in range(width))
+
+
+_NO_SUMS = np.zeros(0, dtype=np.float64)
 
 
 def decode(out: np.ndarray, g: Geometry, pack4: bool, codes: np.ndarray, scales: np.ndarray) -> None:
     """Write ``codes * scales`` into ``out``'s part ``g`` (``out`` flat, in :func:`as_bits`'s dtype)."""
+    with _LOCK, _launches() as threads:
+        _decode(out, g, pack4, codes, scales, threads)
+
+
+def _decode(out, g: Geometry, pack4: bool, codes, scales, threads: int) -> None:
     per = _per(g, pack4)
-    with _LOCK, _schedule(-(-g.U * g.H * g.T * -(-g.n // g.group) // per)):
-        _kernel("DECODE", (g.post == 1, pack4))(
-            out, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, per, codes, scales)
+    _pieces(-(-g.U * g.H * g.T * -(-g.n // g.group) // per), threads)
+    _kernel("DECODE", (g.post == 1, pack4))(
+        out, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, per, codes, scales)
 
 
 def _nscales(g: Geometry) -> int:
@@ -283,14 +309,20 @@ def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool,
     Scales go through an aligned scratch array: a payload buffer's offset is arbitrary, and an unaligned
     array would be one more kernel specialization to compile.
     """
-    total = [0.0] * (0, 2, 3)[int(measure)]
+    measure = int(measure)
+    total = [0.0] * (0, 2, 3)[measure]
+    checked = []
     for i, g in enumerate(parts):
-        codes = np.frombuffer(buffers[2 * i], dtype=np.uint8)
-        scales = np.empty(_nscales(g), dtype=np.float32)
-        if codes.size != _ncodes(g, pack4) or buffers[2 * i + 1].nbytes != scales.nbytes:
-            raise AssertionError(f"payload buffers {codes.size}/{buffers[2 * i + 1].nbytes} B do not fit {g}")
-        got = encode(x, g, qmax, pack4, codes, scales, measure)
-        total = [a + b for a, b in zip(total, got)]
+        if buffers[2 * i].nbytes != _ncodes(g, pack4) or buffers[2 * i + 1].nbytes != 4 * _nscales(g):
+            raise AssertionError(f"payload buffers {buffers[2 * i].nbytes}/{buffers[2 * i + 1].nbytes} B do not fit {g}")
+    with _LOCK, _launches() as threads:  # one thread setup for every part
+        for i, g in enumerate(parts):
+            codes = np.frombuffer(buffers[2 * i], dtype=np.uint8)
+            scales = np.empty(_nscales(g), dtype=np.float32)
+            got = _encode(x, g, qmax, pack4, codes, scales, measure, threads)
+            total = [a + b for a, b in zip(total, got)]
+            checked.append((codes, scales))
+    for i, (codes, scales) in enumerate(checked):
         if not np.isfinite(scales).all():
             raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
         np.frombuffer(buffers[2 * i + 1], dtype=np.uint8)[:] = scales.view(np.uint8)
@@ -301,6 +333,7 @@ def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool,
 
 def dequantize_parts(out: np.ndarray, parts: list[Geometry], pack4: bool, buffers, codec: str) -> None:
     """Inverse of :func:`quantize_parts` into ``out`` (flat, :func:`as_bits`'s dtype); checks buffer sizes."""
+    todo = []
     for i, g in enumerate(parts):
         cbuf, sbuf = memoryview(buffers[2 * i]), memoryview(buffers[2 * i + 1])
         need = (_ncodes(g, pack4), 4 * _nscales(g))
@@ -308,4 +341,7 @@ def dequantize_parts(out: np.ndarray, parts: list[Geometry], pack4: bool, buffer
             raise CodecError(f"corrupt {codec!r} payload: buffers of {[cbuf.nbytes, sbuf.nbytes]} bytes, layout needs {list(need)}")
         codes = np.frombuffer(cbuf, dtype=np.uint8) if need[0] else np.zeros(0, np.uint8)
         scales = np.frombuffer(sbuf, dtype=np.float32).copy() if need[1] else np.zeros(0, np.float32)  # aligned
-        decode(out, g, pack4, codes, scales)
+        todo.append((g, codes, scales))
+    with _LOCK, _launches() as threads:  # one thread setup for every part
+        for g, codes, scales in todo:
+            _decode(out, g, pack4, codes, scales, threads)

@@ -19,11 +19,16 @@ from qwen3vl_ray.codecs import blocked as B
 from qwen3vl_ray.codecs import fused as F
 from qwen3vl_ray.codecs import groups as G
 from qwen3vl_ray.codecs.base import (
-    _VIEW_AS, Codec, PayloadWriter, dtype_from_name, dtype_name, pack_payload, register_codec, tensor_bytes,
+    _VIEW_AS, Codec, PayloadWriter, dtype_from_name, dtype_name, pack_payload, payload_header, register_codec,
+    tensor_bytes,
 )
 from qwen3vl_ray.errors import CodecError
 
 _KEY_AXIS, _VALUE_AXIS = -2, -1  # in the [..., heads, tokens, head_dim] view of one of k / v
+#: the fused encode's layout per (codec, group, shape, dtype, cut): see KVQuantCodec._fused_layout
+_LAYOUTS: dict[tuple, tuple] = {}
+#: the fused decode's parts per payload layout (shape, cut, recorded groups), checked against the shape once
+_DECODE_PARTS: dict[tuple, list] = {}
 
 
 class KVQuantCodec(Codec):
@@ -58,10 +63,20 @@ class KVQuantCodec(Codec):
         amax = G.group_amax(xg, self.name)
         return g, xg, amax, part
 
+    def _fused_cut(self, tensor: torch.Tensor) -> int | None:
+        """The cut (tokens quantized) when the fused kernels take ``tensor``, else None -- from the shape alone:
+        slicing views costs ~10 us, a few percent of a 2 MiB chunk's encode."""
+        shape = tensor.shape
+        if len(shape) < 4 or shape[-4] != 2 or not F.available(tensor) or not tensor.is_contiguous():
+            return None
+        cut = shape[-2] - min(self.residual, shape[-2])
+        return cut if cut and tensor.numel() else None
+
     def encode(self, tensor: torch.Tensor) -> bytearray:
-        keys, values, rest, cut = self._split(tensor)
-        if F.available(tensor) and keys.numel() and tensor.is_contiguous():
+        cut = self._fused_cut(tensor)
+        if cut is not None:
             return self._encode_fused(tensor, cut)[0]
+        keys, values, rest, cut = self._split(tensor)
         if B.usable(tensor) and keys.numel():
             return self._encode_blocked(tensor, cut)
         meta: dict[str, Any] = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "cut": cut}
@@ -88,8 +103,8 @@ class KVQuantCodec(Codec):
     def encode_measured(self, tensor: torch.Tensor) -> tuple[bytearray, float | None]:
         """The payload and its ``relative_error`` (rounded up by ~1e-6), summed by the fused kernels as they
         quantize (no decode); None where the fused path does not run."""
-        keys, _, _, cut = self._split(tensor)
-        if not (F.available(tensor) and keys.numel() and tensor.is_contiguous()):
+        cut = self._fused_cut(tensor)
+        if cut is None:
             return self.encode(tensor), None
         payload, (e2, x2), rest2 = self._encode_fused(tensor, cut, measure=1)
         return payload, F.error_bound(e2, x2 + rest2, tensor.numel(), tensor.dtype)
@@ -98,8 +113,8 @@ class KVQuantCodec(Codec):
         """The payload and an upper bound of its ``relative_error`` (:func:`fused.bound_error`) from sums the
         kernels take as they quantize, at a fraction of :meth:`encode_measured`'s cost; None where the fused
         path does not run."""
-        keys, _, _, cut = self._split(tensor)
-        if not (F.available(tensor) and keys.numel() and tensor.is_contiguous()):
+        cut = self._fused_cut(tensor)
+        if cut is None:
             return self.encode(tensor), None
         payload, sums, rest2 = self._encode_fused(tensor, cut, measure=2)
         return payload, F.bound_error(sums, tensor.numel(), tensor.dtype, self.qmax, rest2)
@@ -109,22 +124,38 @@ class KVQuantCodec(Codec):
         with ``measure``, also the kernels' sums (:func:`fused.encode`) and the squared norm of the residual
         window (stored exactly)."""
         t = t.detach()
-        rest = self._parts(t, cut)[2]
-        parts = F.kv_parts(t.shape, cut, self.group)
+        parts, lengths, header = self._fused_layout(t, cut)
+        w = PayloadWriter(self.name, self.version, None, lengths, header)
+        sums = F.quantize_parts(F.as_bits(t), parts, self.qmax, self.bits == 4, w.buffers, w.hasher, self.name, measure)
+        rest2 = 0.0
+        if cut < t.shape[-2]:
+            rest = self._parts(t, cut)[2]
+            self._write_rest(w, rest)
+            rest2 = float(torch.linalg.vector_norm(rest.double())) ** 2 if measure else 0.0
+        return w.finish(), sums, rest2
+
+    def _fused_layout(self, t: torch.Tensor, cut: int) -> tuple[list[F.Geometry], list[int], bytes]:
+        """(parts, buffer lengths, payload header) of ``t``'s shape and dtype, kept per layout (:data:`_LAYOUTS`):
+        entries of one kind repeat them, and building them costs ~15 us, ~10% of a 2 MiB chunk's encode."""
+        key = (self.name, self.version, self.group, tuple(t.shape), t.dtype, cut)
+        got = _LAYOUTS.get(key)
+        if got is not None:
+            return got
+        parts = list(F.kv_parts(t.shape, cut, self.group))
         pack4 = self.bits == 4
         lengths = []
         for g in parts:
             count = g.U * g.H * g.T * -(-g.n // g.group) * g.group * g.post
             lengths += [(count + 1) // 2 if pack4 else count, 4 * count // g.group]
-        lengths.append(rest.numel() * t.element_size())
+        lengths.append((t.shape[-2] - cut) * (t.numel() // t.shape[-2]) * t.element_size())
         head = list(t.shape[:-4]) + list(t.shape[-3:-2]) + [cut, t.shape[-1]]
         gk, gv = (G.grouping(head, axis % len(head), self.group) for axis in (_KEY_AXIS, _VALUE_AXIS))
         meta = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "cut": cut, "k": gk.meta(), "v": gv.meta()}
-        w = PayloadWriter(self.name, self.version, meta, lengths)
-        sums = F.quantize_parts(F.as_bits(t), list(parts), self.qmax, pack4, w.buffers, w.hasher, self.name, measure)
-        self._write_rest(w, rest)
-        rest2 = float(torch.linalg.vector_norm(rest.double())) ** 2 if measure and rest.numel() else 0.0
-        return w.finish(), sums, rest2
+        got = (parts, lengths, payload_header(self.name, self.version, meta, lengths))
+        if len(_LAYOUTS) >= 256:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        _LAYOUTS[key] = got
+        return got
 
     def _encode_blocked(self, tensor: torch.Tensor, cut: int) -> bytearray:
         """CPU fast path: cache-sized tiles quantized straight into the payload (same bytes as the plain path)."""
@@ -170,15 +201,22 @@ class KVQuantCodec(Codec):
                       out: torch.Tensor | None = None) -> torch.Tensor:
         if len(buffers) != 5 or shape[-4] != 2 or not 0 < cut <= shape[-2]:
             raise CodecError(f"corrupt {self.name!r} payload: shape {shape}, cut {cut}, {len(buffers)} buffers")
-        # the groups the payload recorded (decode builds this codec with default parameters)
-        parts = F.kv_parts(shape, cut, int(meta["k"][3]), int(meta["v"][3]))
-        for tag, g in zip(("k", "v"), parts):
-            if G.Grouping.from_meta(meta[tag]).meta() != [g.U * g.H * g.T, g.n, g.post, g.group]:
-                raise CodecError(f"corrupt {self.name!r} payload: {tag} groups {meta[tag]} do not fit shape {shape}")
+        # the groups the payload recorded (decode builds this codec with default parameters); checked once per
+        # layout (:data:`_DECODE_PARTS`)
+        key = (tuple(shape), cut, repr(meta["k"]), repr(meta["v"]))
+        parts = _DECODE_PARTS.get(key)
+        if parts is None:
+            parts = list(F.kv_parts(shape, cut, int(meta["k"][3]), int(meta["v"][3])))
+            for tag, g in zip(("k", "v"), parts):
+                if G.Grouping.from_meta(meta[tag]).meta() != [g.U * g.H * g.T, g.n, g.post, g.group]:
+                    raise CodecError(f"corrupt {self.name!r} payload: {tag} groups {meta[tag]} do not fit shape {shape}")
+            if len(_DECODE_PARTS) >= 256:
+                _DECODE_PARTS.pop(next(iter(_DECODE_PARTS)))
+            _DECODE_PARTS[key] = parts
         out = B.empty(shape, dtype) if out is None else out
-        F.dequantize_parts(F.as_bits(out), list(parts), self.bits == 4, buffers, self.name)
-        rest = self._parts(out, cut)[2]
-        if rest.numel():
+        F.dequantize_parts(F.as_bits(out), parts, self.bits == 4, buffers, self.name)
+        if cut < shape[-2]:
+            rest = self._parts(out, cut)[2]
             rest.copy_(G.buffer_tensor(buffers[4], dtype, list(rest.shape)))
         return out
 
