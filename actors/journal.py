@@ -34,7 +34,7 @@ class Journal:
         """Record every later move of ``cache``'s index (what it holds now is in the agent's snapshot)."""
         codes = [tier_code(name) for name in cache.tier_names]
 
-        def heard(key: CacheKey, src: int | None, dst: int | None) -> None:
+        def heard(key: CacheKey, src: int | None, dst: int | None, nbytes: int | None) -> None:
             if src is not None:
                 self.record(key, codes[src], False)
             if dst is not None:

@@ -37,8 +37,7 @@ from actors.config import NAMESPACE, AgentConfig
 from actors.directory import TIER_CODES
 from actors.journal import Journal
 from actors.metrics import Metrics
-from actors.object_store_tier import (RAW, LocalObjectStore, ObjectStore, ObjectStoreTier, array_to_tensor,
-                                      fitting_suffix, slice_of)
+from actors.object_store_tier import RAW, LocalObjectStore, ObjectStore, ObjectStoreTier, array_to_tensor, slice_of
 from actors.pressure_report import EvictionCandidate, NodeReport, TierReport
 from actors.tenancy import Tenant, tenant_checked
 from actors.wire import WireChunk, to_wire
@@ -187,6 +186,9 @@ class NodeAgentLogic:
         # the directory follows the cache's own index: every store, demotion, promotion, eviction and removal
         self.journal = Journal()
         self.journal.follow(self.cache)
+        # swaps between the node's tiers, whoever made them (a put making room, the coordinator's demotions, a
+        # disk hit's promotion), counted as the cache's index makes them
+        self.cache.add_listener(self._count_swap)
         from qwen3vl_ray.cache.pressure import PressureConfig, PressureMonitor
 
         self.monitor = PressureMonitor(self.cache, PressureConfig(min_interval_s=0))
@@ -204,28 +206,19 @@ class NodeAgentLogic:
 
     # -- writes --------------------------------------------------------------------------------
     def put_chunks(self, items: Sequence[WireChunk]) -> list[str | None]:
-        """Store many chunks. The newest entries of the batch that fit the host tier go into the object store as
-        one slab (host victims are demoted to disk first, in the policy's order, to make that room); the older
-        ones of a batch larger than the host tier go straight to the disk tier (without one they are not stored:
-        they could only push this batch's newer chunks out). The cache then commits each chunk (index, policy).
-        Returns the tier each chunk is in afterwards, or None if it was not stored."""
+        """Store many chunks through the cache's batched put: the newest entries of the batch that fit the host
+        tier go into the object store as one slab (host victims are demoted to disk first, in the policy's
+        order, to make that room); the older ones of a batch larger than the host tier go straight to the disk
+        tier (without one, the batch's head stays: a chain's later chunks are useless without it). Returns the
+        tier each chunk is in afterwards, or None if it was not stored."""
         batch = []
         for c in items:
             if not isinstance(c, WireChunk):
                 raise TypeError(f"put_chunks takes WireChunk items, got {type(c).__name__}")
             batch.append((validate_key(c.key), c.tensor(), None if c.parent is None else validate_key(c.parent)))
-        inner = self.host
-        prepared = inner.encode_many([(k, t) for k, t, _ in batch])
-        n_top = fitting_suffix([None if p is None else p.nbytes for p in prepared], inner.capacity_bytes)
-        need = sum(p.nbytes for p in prepared[len(prepared) - n_top:]) - inner.free_bytes
-        if need > 0 and n_top:
-            self._demote_host(need)
-        try:
-            n_top = inner.stage_many(prepared, route_rest_below=self.disk is not None)
-            store = batch if self.disk is not None else batch[len(batch) - n_top:]
-            oks = [False] * (len(batch) - len(store)) + self.cache.put_many(store)
-        finally:
-            inner.unstage_all()
+        # the slabs the room-making thins out are re-packed once at the end, so their memory returns
+        with self.host.deferred_compaction():
+            oks = self.cache.put_many(batch)
         where = [self._where(k) if ok else None for (k, _, _), ok in zip(batch, oks)]
         for (_, t, _), w in zip(batch, where):
             if w is not None:
@@ -234,6 +227,18 @@ class NodeAgentLogic:
 
     def remove_many(self, keys: Sequence[CacheKey]) -> list[bool]:
         return self.cache.remove_many(keys)
+
+    def _count_swap(self, key: CacheKey, src: int | None, dst: int | None, nbytes: int | None) -> None:
+        """The cache's listener: a move from host to disk is a demotion, one back a promotion."""
+        if src is None or dst is None:
+            return
+        moved = (self.cache.tier_names[src], self.cache.tier_names[dst])
+        if moved == ("host", "disk"):
+            self.metrics.inc("qwen3vl_ray_demotions", tier="host")
+            if nbytes:
+                self.metrics.inc("qwen3vl_ray_swap_bytes_out", nbytes, tier="host")
+        elif moved == ("disk", "host"):
+            self.metrics.inc("qwen3vl_ray_promotions", tier="host")
 
     # -- reads ---------------------------------------------------------------------------------
     def _where(self, key: CacheKey) -> str | None:
@@ -263,8 +268,6 @@ class NodeAgentLogic:
                     self._served["misses"] += 1
                     out.append(None)
                     continue
-                if self.host.contains(key):
-                    self.metrics.inc("qwen3vl_ray_promotions", tier="host")
                 e = self.host.entry(key)
                 if e is None:
                     arr, dtype = to_wire(t)
@@ -377,11 +380,9 @@ class NodeAgentLogic:
         count = 0
         # the survivors of each slab we thin out are re-packed once at the end, so the memory returns
         with self.host.deferred_compaction():
-            for key, nb in self._victim_order("host", nbytes=n_bytes):
-                if self.cache.demote(key):
+            for key, _ in self._victim_order("host", nbytes=n_bytes):
+                if self.cache.demote(key):  # counted by _count_swap
                     count += 1
-                    self.metrics.inc("qwen3vl_ray_demotions", tier="host")
-                    self.metrics.inc("qwen3vl_ray_swap_bytes_out", nb, tier="host")
         return {"bytes": start - self.host.used_bytes, "entries": count}
 
     def recompress(self, keys: Sequence[CacheKey], codec: str, need_bytes: int | None = None) -> dict:

@@ -16,15 +16,12 @@ slabs (what the store really holds); entries of a batch age together, so LRU ord
 Readers get the slab zero-copy and copy their slice out; a cross-node reader pulls the whole slab (the chunks
 of one prefix are stored together, so that is usually what it wants).
 
-Staging: the TieredCache commits entries one ``complete_store`` at a time. ``stage_many`` first puts a whole
-batch as one slab; ``prepare_store`` of a staged key then hands back the staged entry and ``complete_store``
-only commits it (charging its bytes), so the cache's index, policies and room-making run per entry while the
-bytes moved in one ``put``. ``unstage_all`` drops what was staged but not committed. Staged bytes are not
-charged until committed; staging only takes what fits in the free budget, so the store never holds more than
-the budget. A batch larger than that stages its *newest* entries (the longest suffix that fits: an exclusive
-hierarchy keeps the newest on top) and, with ``route_rest_below``, refuses the older ones (``prepare_store``
-raises ``CapacityError`` until ``unstage_all``) so the cache stores them straight into the tier below instead
-of putting each into the store only to demote it.
+Held room: the tier holds room before the bytes arrive (``holds_room``), as the pooled and disk tiers do, so a
+``TieredCache.put_many`` places a whole batch under its lock (``allocate_many``: the bytes are charged from
+then on), moves the bytes with its lock released (``write_many``: the batch's payloads go into the store as
+one slab per ``slab_bytes``, one ``put`` each) and then publishes them (``commit_many``). A batch larger than
+the tier is the cache's business: its newest entries stay here and the older ones go to the tier below, or,
+with none, the batch's head stays (a chain's later chunks are useless without it).
 
 Raw entries keep the tensor's bytes (bf16 as an int16 view); another codec stores its self-describing
 payload. The backing store is injected: :class:`RayObjectStore` in the service, :class:`LocalObjectStore`
@@ -47,7 +44,7 @@ import torch
 from qwen3vl_ray.codecs.base import _VIEW_AS, decode, dtype_from_name, dtype_name, make_codec, tensor_array
 from qwen3vl_ray.errors import CapacityError, CodecError, ConfigError
 from qwen3vl_ray.keys import CacheKey, validate_key
-from qwen3vl_ray.tiers.base import PreparedStore, Tier
+from qwen3vl_ray.tiers.base import PreparedStore, Reservation, Tier
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +131,7 @@ class Slab:
     handle: Any
     nbytes: int
     live: int  # committed entries still pointing into it
-    pending: int = 0  # staged entries not committed yet
+    pending: int = 0  # entries written into it whose reservation is neither committed nor aborted yet
     charged: int = 0  # bytes counted in used_bytes (committed entries' bytes; kept until the slab dies)
     live_bytes: int = 0  # bytes of the committed entries still in it
     members: set = field(default_factory=set)  # their keys
@@ -223,6 +220,7 @@ class ObjectStoreTier(Tier):
     """Host tier in the Ray object store with its own byte budget (whole live slabs)."""
 
     name = "host"
+    holds_room = True
 
     def __init__(self, capacity_bytes: int, codec: str = "none", store: ObjectStore | None = None,
                  slab_bytes: int = DEFAULT_SLAB_BYTES, map_slabs: bool = True) -> None:
@@ -241,8 +239,6 @@ class ObjectStoreTier(Tier):
         self.codec = make_codec(codec)
         self._store: ObjectStore = store if store is not None else RayObjectStore()
         self._entries: dict[CacheKey, StoredEntry] = {}
-        self._staged: dict[CacheKey, StoredEntry] = {}
-        self._below: set[CacheKey] = set()  # keys routed to the tier below until unstage_all (see stage_many)
         self._thinned: set[int] | None = None  # slabs thinned inside deferred_compaction(), compacted at its end
         self._slabs: dict[int, Slab] = {}
         self._ids = itertools.count()
@@ -278,23 +274,7 @@ class ObjectStoreTier(Tier):
 
     # -- stores -------------------------------------------------------------------------------
     def prepare_store(self, key: CacheKey, tensor: torch.Tensor) -> PreparedStore:
-        key = validate_key(key)
-        staged = self._staged.get(key)
-        if staged is not None:
-            return PreparedStore(key=key, nbytes=_aligned(staged.nbytes), payload=None, meta={"staged": staged})
-        if key in self._below:
-            raise CapacityError(f"entry {key.hex()[:8]} is older than the staged batch that fills the host tier")
-        return self._encode(key, tensor)
-
-    def encode_many(self, items: Sequence[tuple[CacheKey, torch.Tensor]]) -> list[PreparedStore | None]:
-        """Encode a batch for ``stage_many`` (None for an entry larger than the whole tier)."""
-        out: list[PreparedStore | None] = []
-        for k, t in items:
-            try:
-                out.append(self._encode(validate_key(k), t))
-            except CapacityError:
-                out.append(None)
-        return out
+        return self._encode(validate_key(key), tensor)
 
     def _encode(self, key: CacheKey, tensor: torch.Tensor) -> PreparedStore:
         if not isinstance(tensor, torch.Tensor):
@@ -314,35 +294,102 @@ class ObjectStoreTier(Tier):
         return self.complete_store_many([prepared])[0]
 
     def complete_store_many(self, prepared: Sequence[PreparedStore]) -> list[bool]:
-        """Commit a batch: replaced keys are dropped first, then the longest prefix of the batch that fits is
-        committed: staged entries are charged, the others packed into slabs of at most ``slab_bytes`` (one
-        ``put`` each); the rest is refused (False)."""
+        """Commit a batch at once: the longest prefix of the batch that fits is packed into slabs of at most
+        ``slab_bytes`` (one ``put`` each), replacing their keys' entries; the rest is refused (False) and keeps
+        what it had: a replaced entry goes only once its new value is stored."""
+        with self._lock:
+            n_fit = len(prepared)
+            while True:  # the room the replaced entries give back depends on which of them go
+                fit = _fitting_prefix(prepared[:n_fit], self.capacity_bytes - self._used
+                                      + self._freed_by_dropping({p.key for p in prepared[:n_fit]}))
+                if fit == n_fit:
+                    break
+                n_fit = fit
+            for p in prepared[:n_fit]:
+                self._drop(p.key)
+            self._counts["rejected"] += len(prepared) - n_fit
+            self._used += sum(p.nbytes for p in prepared[:n_fit])  # held while the slabs are put
+        groups = self._slab_groups(prepared[:n_fit])
+        for g, group in enumerate(groups):
+            try:
+                entries = self._put_slab(group)
+            except BaseException:
+                with self._lock:  # the room of what was not stored goes back
+                    self._used -= sum(p.nbytes for rest in groups[g:] for p in rest)
+                raise
+            with self._lock:
+                for p, e in zip(group, entries):
+                    self._publish(p, e)
+        return [True] * n_fit + [False] * (len(prepared) - n_fit)
+
+    def _freed_by_dropping(self, keys: set[CacheKey]) -> int:
+        """Bytes that dropping ``keys`` would give back (lock held): a slab's charge returns only when its last
+        entry goes (and nothing written into it waits for its commit); a thinner slab gives back nothing until it
+        is compacted."""
+        slabs = {self._entries[k].slab for k in keys if k in self._entries}
+        return sum(self._slabs[s].charged for s in slabs
+                   if self._slabs[s].pending == 0 and self._slabs[s].members <= keys)
+
+    # -- held-room store (``TieredCache.put_many``) --------------------------------------------
+    def allocate(self, prepared: PreparedStore) -> Reservation | None:
+        return self.allocate_many([prepared])[0]
+
+    def allocate_many(self, prepared: Sequence[PreparedStore]) -> list[Reservation | None]:
+        """Hold room for each entry that fits (its bytes count in ``used_bytes`` from now on); None for the rest."""
+        out: list[Reservation | None] = []
         with self._lock:
             for p in prepared:
-                if "staged" not in p.meta:
-                    self._staged_drop(p.key)
-                self._drop(p.key)
-            n_fit = _fitting_prefix(prepared, self.capacity_bytes - self._used)
-            self._counts["rejected"] += len(prepared) - n_fit
-            fresh = []
-            for p in prepared[:n_fit]:
-                staged = p.meta.get("staged")
-                if staged is None:
-                    fresh.append(p)
-                elif self._staged.get(p.key) is staged:
-                    del self._staged[p.key]
-                    slab = self._slabs[staged.slab]
-                    slab.pending -= 1
-                    slab.live += 1
-                    slab.charged += p.nbytes
-                    slab.live_bytes += p.nbytes
-                    slab.members.add(p.key)
-                    self._used += p.nbytes
-                    self._entries[p.key] = staged
-                    self._counts["stores"] += 1
-        for group in self._slab_groups(fresh):
-            self._put_slab(group, staged=False)
-        return [True] * n_fit + [False] * (len(prepared) - n_fit)
+                if p.nbytes > self.capacity_bytes - self._used:
+                    out.append(None)
+                    continue
+                self._used += p.nbytes
+                out.append(Reservation(p))
+        return out
+
+    def write(self, res: Reservation) -> bool:
+        return self.write_many([res])[0]
+
+    def write_many(self, reservations: Sequence[Reservation]) -> list[bool]:
+        """The batch's payloads into the store, one slab (one ``put``) per ``slab_bytes``; each reservation then
+        points at its place (``slot``), served once committed. A slab the store refuses releases its room."""
+        ok: list[bool] = []
+        groups = self._slab_groups([r.prepared for r in reservations])
+        done = 0
+        for group in groups:
+            mine = reservations[done: done + len(group)]
+            done += len(group)
+            try:
+                entries = self._put_slab(group)
+            except Exception:  # the store is full or gone: these entries are not stored, nothing else is lost
+                logger.warning("object store refused a slab of %d entries", len(group), exc_info=True)
+                with self._lock:
+                    self._used -= sum(p.nbytes for p in group)
+                ok += [False] * len(group)
+                continue
+            with self._lock:
+                for res, e in zip(mine, entries):
+                    res.slot = e
+                    self._slabs[e.slab].pending += 1
+            ok += [True] * len(group)
+        return ok
+
+    def commit(self, res: Reservation) -> None:
+        self.commit_many([res])
+
+    def commit_many(self, reservations: Sequence[Reservation]) -> None:
+        with self._lock:
+            for res in reservations:
+                e, res.slot = res.slot, None
+                self._slabs[e.slab].pending -= 1
+                self._publish(res.prepared, e)
+
+    def abort(self, res: Reservation) -> None:
+        with self._lock:
+            self._used -= res.prepared.nbytes
+            e, res.slot = res.slot, None
+            if e is not None:  # written but never served
+                self._slabs[e.slab].pending -= 1
+                self._free_if_empty(e.slab)
 
     def _slab_groups(self, prepared: Sequence[PreparedStore]) -> list[list[PreparedStore]]:
         groups: list[list[PreparedStore]] = []
@@ -355,65 +402,31 @@ class ObjectStoreTier(Tier):
             size += p.nbytes
         return groups
 
-    def stage_many(self, items: Sequence[tuple[CacheKey, torch.Tensor] | PreparedStore | None],
-                   route_rest_below: bool = False) -> int:
-        """Put the longest *suffix* of ``items`` (the newest entries; ``(key, tensor)`` pairs or ``encode_many``'s
-        output) that fits the free budget into the store as one slab per ``slab_bytes``, staged for
-        ``complete_store``. ``route_rest_below``: the older entries before that suffix are refused by
-        ``prepare_store`` (``CapacityError``) until ``unstage_all``, so a cache stores them in the tier below.
-        Returns how many were staged."""
-        prepared = [p if p is None or isinstance(p, PreparedStore) else self.encode_many([p])[0] for p in items]
-        with self._lock:
-            room = self.capacity_bytes - self._used - sum(_aligned(e.nbytes) for e in self._staged.values())
-            n_fit = fitting_suffix([None if p is None else p.nbytes for p in prepared], room)
-        first = len(prepared) - n_fit
-        if route_rest_below:
-            self._below.update(validate_key(item[0] if isinstance(item, tuple) else item.key)
-                               for item in items[:first] if item is not None)
-        for group in self._slab_groups(prepared[first:]):
-            self._put_slab(group, staged=True)
-        return n_fit
-
-    def unstage_all(self) -> int:
-        """Drop staged entries that were never committed (and forget the keys routed below). Returns how many."""
-        with self._lock:
-            self._below.clear()
-            keys = list(self._staged)
-            for k in keys:
-                self._staged_drop(k)
-            return len(keys)
-
-    def _staged_drop(self, key: CacheKey) -> None:
-        e = self._staged.pop(key, None)
-        if e is not None:
-            self._slabs[e.slab].pending -= 1
-            self._free_if_empty(e.slab)
-
-    def _put_slab(self, group: Sequence[PreparedStore], staged: bool) -> None:
+    def _put_slab(self, group: Sequence[PreparedStore]) -> list[StoredEntry]:
+        """Put ``group``'s payloads into the store as one object (each array copied once); their entries, not
+        served yet (the caller publishes them). Their room is already counted."""
         total = sum(p.nbytes for p in group)
-        handle = self._store.put([p.payload for p in group])  # one object, each array copied once
+        handle = self._store.put([p.payload for p in group])
         views = self._store.get_many([handle])[0] if self.map_slabs else None
         with self._lock:
             sid = next(self._ids)
-            slab = self._slabs[sid] = Slab(handle, total, 0, views=views)
-            for i, p in enumerate(group):
-                m = p.meta
-                e = StoredEntry(sid, handle, i, int(p.payload.nbytes), m["logical"], m["codec"], m["dtype"], m["shape"])
-                if staged:
-                    self._staged_drop(p.key)
-                    self._staged[p.key] = e
-                    slab.pending += 1
-                else:
-                    self._drop(p.key)  # a concurrent store of the same key lost the race
-                    self._entries[p.key] = e
-                    slab.live += 1
-                    slab.charged += p.nbytes
-                    slab.live_bytes += p.nbytes
-                    slab.members.add(p.key)
-                    self._used += p.nbytes
-                    self._counts["stores"] += 1
+            self._slabs[sid] = Slab(handle, total, 0, views=views)
             self._counts["bytes_in"] += total
             self._counts["slabs_put"] += 1
+        return [StoredEntry(sid, handle, i, int(p.payload.nbytes), p.meta["logical"], p.meta["codec"], p.meta["dtype"],
+                            p.meta["shape"]) for i, p in enumerate(group)]
+
+    def _publish(self, p: PreparedStore, e: StoredEntry) -> None:
+        """Serve ``e`` as ``p.key``'s entry, replacing a committed one (lock held; its room is counted already,
+        and the slab keeps it charged until the slab dies)."""
+        self._drop(p.key)
+        slab = self._slabs[e.slab]
+        self._entries[p.key] = e
+        slab.live += 1
+        slab.charged += p.nbytes
+        slab.live_bytes += p.nbytes
+        slab.members.add(p.key)
+        self._counts["stores"] += 1
 
     def put_many(self, items: Sequence[tuple[CacheKey, torch.Tensor]]) -> list[bool]:
         return self.complete_store_many([self.prepare_store(k, t) for k, t in items])
@@ -605,6 +618,5 @@ class ObjectStoreTier(Tier):
     def close(self) -> None:
         with self._lock:
             self._entries.clear()
-            self._staged.clear()
             self._slabs.clear()
             self._used = 0

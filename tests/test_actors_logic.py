@@ -124,7 +124,8 @@ def test_agent_batch_larger_than_the_host_tier_is_one_slab_plus_lru_demotions(tm
     # one batch of 5 into a 3-chunk host tier: the 3 that fit go into the store as one slab, the cache commits
     # all 5 in order and (LRU) demotes the oldest two to disk to make room for the last two
     assert agent.put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(5)]) == ["disk"] * 2 + ["host"] * 3
-    assert agent.host.used_bytes <= agent.host.capacity_bytes and agent.host.unstage_all() == 0
+    assert agent.host.used_bytes <= agent.host.capacity_bytes and agent.host.stats()["slabs_put"] == 1
+    assert agent.metrics.total("qwen3vl_ray_demotions", tier="host") == 0  # they went to disk directly
     assert all(torch.equal(t, chunk(i)) for i, t in enumerate(agent.get_tensors([key(i) for i in range(5)])))
     # a batch that fits is one object in the store, committed entry by entry through the cache
     roomy = NodeAgentLogic(NODES[1], agent_cfg(tmp_path, host_chunks=8), LocalObjectStore())
@@ -159,19 +160,21 @@ def test_agent_batch_larger_than_the_host_tier_keeps_its_newest_as_one_slab_and_
     # a 16-chunk chain into a 4-chunk host tier: its newest 4 are one store put, the older 12 go straight to disk
     assert agent.put_chunks(chain(16)) == ["disk"] * 12 + ["host"] * 4
     assert store.puts == 1 and agent.host.stats()["slabs_put"] == 1 and len(agent.disk) == 12
-    assert agent.host.used_bytes == 4 * CHUNK and agent.host.unstage_all() == 0
+    assert agent.host.used_bytes == 4 * CHUNK
     # the next turn's 8 chunks: the host's 4 go down to disk (tail first) to make room, the new batch's newest 4
     # are again one put and its older 4 go to disk; nothing is dropped
     assert agent.put_chunks(chain(8, start=16, parent=key(15))) == ["disk"] * 4 + ["host"] * 4
     assert store.puts == 2 and agent.cache.stats()["dropped"] == 0
+    assert agent.metrics.total("qwen3vl_ray_demotions", tier="host") == 4
+    assert agent.metrics.total("qwen3vl_ray_swap_bytes_out", tier="host") == 4 * CHUNK
     assert agent.contains_many([key(i) for i in range(24)]) == ["disk"] * 20 + ["host"] * 4
     assert agent.host.used_bytes == 4 * CHUNK and len(agent.disk) == 20
     assert all(torch.equal(t, chunk(i)) for i, t in enumerate(agent.get_tensors([key(i) for i in range(24)])))
-    # without a disk tier the older chunks of an oversized batch are not stored (they could only push out its
-    # newer ones); the newest 4 still go in as one put
+    # without a disk tier the host tier is the last one and keeps the batch's head, as the store's last tier
+    # always does (the chain's later chunks are useless without it); still one put
     bare = NodeAgentLogic(NODES[1], agent_cfg(tmp_path, host_chunks=4, disk_chunks=0, policy=policy), CountingStore())
-    assert bare.put_chunks(chain(6)) == [None] * 2 + ["host"] * 4 and bare.store.puts == 1
-    assert all(torch.equal(t, chunk(i + 2)) for i, t in enumerate(bare.get_tensors([key(i) for i in range(2, 6)])))
+    assert bare.put_chunks(chain(6)) == ["host"] * 4 + [None] * 2 and bare.store.puts == 1
+    assert all(torch.equal(t, chunk(i)) for i, t in enumerate(bare.get_tensors([key(i) for i in range(4)])))
 
 
 def test_agent_restart_serves_disk_entries_and_misses_lost_host_entries(tmp_path):

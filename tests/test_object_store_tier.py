@@ -160,19 +160,62 @@ def test_mapped_slabs_are_read_without_a_store_round_trip(mapped):
     assert tier.stats()["slabs"] == 0 and not tier._slabs
 
 
-def test_stage_many_keeps_the_newest_that_fit_and_routes_the_older_below_until_unstaged():
-    from qwen3vl_ray.errors import CapacityError
-
-    t = torch.zeros(1024, dtype=torch.uint8)  # 1 KiB entries into a 4 KiB tier
+def test_held_room_batches_are_one_slab_served_only_once_committed():
+    t = torch.arange(1024, dtype=torch.int16).view(torch.uint8)[:1024]  # 1 KiB entries into a 4 KiB tier
     tier = ObjectStoreTier(4096, store=LocalObjectStore())
-    # 6 entries, room for 4: the last 4 are staged as one slab, the first 2 are refused so a cache stores them below
-    assert tier.stage_many([(key(i), t) for i in range(6)], route_rest_below=True) == 4
-    assert tier.stats()["slabs_put"] == 1 and tier.used_bytes == 0  # staged bytes are charged on commit
-    with pytest.raises(CapacityError, match="older than the staged batch"):
-        tier.prepare_store(key(0), t)
-    assert tier.complete_store(tier.prepare_store(key(5), t)) and tier.used_bytes == 1024
-    assert tier.unstage_all() == 3 and tier.stats()["slabs"] == 1
-    tier.prepare_store(key(0), t)  # no longer routed below
+    assert tier.holds_room
+    res = tier.allocate_many([tier.prepare_store(key(i), t) for i in range(5)])
+    # room for four: held and counted at once, the fifth refused; nothing served yet
+    assert [r is not None for r in res] == [True] * 4 + [False] and tier.used_bytes == 4096
+    assert tier.write_many(res[:4]) == [True] * 4
+    assert tier.stats()["slabs_put"] == 1 and not any(tier.contains(key(i)) for i in range(4))
+    tier.commit_many(res[:3])
+    assert [tier.contains(key(i)) for i in range(4)] == [True] * 3 + [False]
+    assert same(tier.get(key(2)), t)
+    tier.abort(res[3])  # written, never served: its room goes back, the slab lives on for the other three
+    assert tier.used_bytes == 3072 and tier.stats()["slabs"] == 1
+    tier.abort(tier.allocate(tier.prepare_store(key(9), t)))  # held and never written
+    assert tier.used_bytes == 3072
+    # a replace through held room serves the new value and drops the old one
+    new = torch.ones(1024, dtype=torch.uint8)
+    (r,) = tier.allocate_many([tier.prepare_store(key(0), new)])
+    assert tier.write(r)
+    tier.commit(r)
+    assert same(tier.get(key(0)), new) and len(tier) == 3
+
+
+def test_a_replace_that_does_not_fit_keeps_the_old_value():
+    # the old value shares its slab with a live entry, so dropping it would give back no room: the bigger new
+    # value is refused and the old one must stay (it once was dropped first and lost)
+    small, big = torch.zeros(1024, dtype=torch.uint8), torch.ones(3072, dtype=torch.uint8)
+    tier = ObjectStoreTier(4096, store=LocalObjectStore())
+    assert tier.put_many([(key(0), small), (key(1), small)]) == [True, True]
+    assert tier.complete_store(tier.prepare_store(key(0), big)) is False
+    assert same(tier.get(key(0)), small) and same(tier.get(key(1)), small) and tier.used_bytes == 2048
+    # a replace that fits once its own slab dies goes through
+    assert tier.complete_store_many([tier.prepare_store(key(0), small), tier.prepare_store(key(1), big)]) == [True] * 2
+    assert same(tier.get(key(1)), big) and tier.used_bytes == 4096
+
+
+def test_a_slab_the_store_refuses_releases_its_room_and_loses_nothing_stored():
+    class Full(LocalObjectStore):
+        refuse = False
+
+        def put(self, value):
+            if self.refuse:
+                raise MemoryError("object store full")
+            return super().put(value)
+
+    store = Full()
+    t = torch.zeros(1024, dtype=torch.uint8)
+    tier = ObjectStoreTier(4096, store=store)
+    assert tier.put_many([(key(0), t)]) == [True]
+    store.refuse = True
+    res = tier.allocate_many([tier.prepare_store(key(i), t) for i in (1, 2)])
+    assert tier.write_many(res) == [False, False] and tier.used_bytes == 1024
+    with pytest.raises(MemoryError):
+        tier.put_many([(key(3), t)])
+    assert tier.used_bytes == 1024 and same(tier.get(key(0)), t) and len(tier) == 1
 
 
 def test_deferred_compaction_repacks_each_thinned_slab_once():

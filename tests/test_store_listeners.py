@@ -29,8 +29,10 @@ class Replay:
         self.events: list[tuple] = []
         cache.add_listener(self)
 
-    def __call__(self, key, src, dst) -> None:
+    def __call__(self, key, src, dst, nbytes) -> None:
         self.events.append((key, src, dst))
+        assert nbytes == (None if dst is None else ELEMS * 4) or (nbytes is None and src is not None), \
+            "a move into a tier carries the tensor's bytes"
         assert self.where.get(key) == (None if src is None else self.names[src]), "a move from where it was not"
         assert src != dst
         if dst is None:

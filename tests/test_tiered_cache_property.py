@@ -34,6 +34,7 @@ from qwen3vl_ray.cache import CacheConfig, TieredCache
 from qwen3vl_ray.keys import Namespace, prefix_key
 from qwen3vl_ray.tiers import disk as disk_tier
 from qwen3vl_ray.tiers.config import TierConfig
+from qwen3vl_ray.tiers.factory import make_tier
 from tests.helpers_threads import run_together
 
 NS = Namespace(model="prop")
@@ -337,6 +338,26 @@ class BatchedConcurrentMachine(RuleBasedStateMachine):
 
 BatchedConcurrentMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=30, deadline=None)
 TestTieredCacheBatchedConcurrent = BatchedConcurrentMachine.TestCase
+
+
+class BatchedConcurrentObjectStoreMachine(BatchedConcurrentMachine):
+    """The same machine over a node agent's tiers: the host tier is the Ray object-store tier (driven through
+    ``LocalObjectStore``, the store's semantics without Ray), which holds room and puts each written batch as
+    one slab; its budget counts whole live slabs."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache.close()
+        from actors.object_store_tier import LocalObjectStore, ObjectStoreTier
+
+        cfg = CacheConfig(tiers=[TierConfig("host", HOST_BYTES), TierConfig("disk", DISK_BYTES, path=self.dir)],
+                          namespace=NS, prefetch_threads=0)
+        self.cache = TieredCache(cfg, tiers=[ObjectStoreTier(HOST_BYTES, store=LocalObjectStore(), slab_bytes=2048),
+                                             make_tier(cfg.tiers[1], NS)])
+
+
+BatchedConcurrentObjectStoreMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
+TestObjectStoreTierBatchedConcurrent = BatchedConcurrentObjectStoreMachine.TestCase
 
 
 def test_a_put_whose_disk_write_fails_keeps_the_earlier_value(tmp_path):

@@ -38,11 +38,12 @@ from qwen3vl_ray.tiers.base import Tier
 
 log = logging.getLogger(__name__)
 
-#: ``listener(key, src, dst)``: the index moved ``key`` from tier ``src`` to tier ``dst`` (positions in
-#: ``TieredCache.tiers``); ``src`` None: it entered the cache, ``dst`` None: it left it. A replace in place is
-#: no move. Called under the cache's lock, in the order the moves happen: a listener only records (a node
-#: agent journals them for the cluster's directory) and never calls back into the cache.
-EntryListener = Callable[[CacheKey, "int | None", "int | None"], None]
+#: ``listener(key, src, dst, nbytes)``: the index moved ``key`` from tier ``src`` to tier ``dst`` (positions in
+#: ``TieredCache.tiers``); ``src`` None: it entered the cache, ``dst`` None: it left it; ``nbytes``: the bytes of
+#: the tensor that moved (None where the move carries none: a drop, a failed replace's undo). A replace in place
+#: is no move. Called under the cache's lock, in the order the moves happen: a listener only records (a node
+#: agent journals them for the cluster's directory and counts its swaps) and never calls back into the cache.
+EntryListener = Callable[[CacheKey, "int | None", "int | None", "int | None"], None]
 
 
 @dataclass(slots=True)
@@ -154,9 +155,10 @@ class TieredCache:
         with self._lock:
             self._listeners.append(listener)
 
-    def _moved(self, key: CacheKey, src: int | None, dst: int | None) -> None:
+    def _moved(self, key: CacheKey, src: int | None, dst: int | None, tensor: torch.Tensor | None = None) -> None:
+        nbytes = None if tensor is None else tensor.numel() * tensor.element_size()
         for listener in self._listeners:
-            listener(key, src, dst)
+            listener(key, src, dst, nbytes)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -279,7 +281,7 @@ class TieredCache:
                 continue
             if not tier.holds_room or (old is not None and old.tier == i and not tier.slow_writes):
                 # a tier that cannot hold room, or a replace in a pooled tier (it reuses the old entry's blocks)
-                if self._store_now(i, key, prepared, parent, old, writes):
+                if self._store_now(i, key, tensor, prepared, parent, old, writes):
                     results[j] = True
                 else:
                     counters.rejected += 1
@@ -338,7 +340,7 @@ class TieredCache:
             e = _Entry(i, parent, self._clock(), in_flight=1)
             self._index[key] = e
             if old is None or old.tier != i:
-                self._moved(key, None if old is None else old.tier, i)
+                self._moved(key, None if old is None else old.tier, i, tensor)
             self._staged[key] = tensor
             # same tier (a disk replace): on_insert of a present key is a use, which keeps its chain links
             policy.on_insert(key, prepared.nbytes, parent)
@@ -368,8 +370,8 @@ class TieredCache:
         old value readable, so nothing is called off before the new one is in."""
         return self._evictable(key)
 
-    def _store_now(self, i: int, key: CacheKey, prepared, parent: CacheKey | None, old: _Entry | None,
-                   writes: list[PendingWrite]) -> bool:
+    def _store_now(self, i: int, key: CacheKey, tensor: torch.Tensor, prepared, parent: CacheKey | None,
+                   old: _Entry | None, writes: list[PendingWrite]) -> bool:
         """Store under the lock (tiers without held room, and in-place replaces). False if there is no room."""
         tier = self.tiers[i]
         if old is not None:
@@ -395,7 +397,7 @@ class TieredCache:
         # children (remove + insert would orphan them).
         self._index[key] = _Entry(i, parent, self._clock())
         if old is None or old.tier != i:
-            self._moved(key, None if old is None else old.tier, i)
+            self._moved(key, None if old is None else old.tier, i, tensor)
         self.policies[i].on_insert(key, prepared.nbytes, parent)
         return True
 
@@ -771,7 +773,7 @@ class TieredCache:
         # candidates (nbytes: the raw tensor's; the victim is encoded later)
         self.policies[dst].on_insert(key, tensor.numel() * tensor.element_size(), e.parent)
         e.tier = dst
-        self._moved(key, src, dst)
+        self._moved(key, src, dst, tensor)
         e.in_flight += 1
         self._staged[key] = tensor
         w = PendingWrite(key, e, dst, tensor, src=src)
@@ -802,7 +804,7 @@ class TieredCache:
         else:
             self.policies[src].on_demote(key)
         e.tier = dst
-        self._moved(key, src, dst)
+        self._moved(key, src, dst, tensor)
         self.policies[dst].on_insert(key, prepared.nbytes, e.parent)
         c = self._counters[dst]
         if dst < src:
@@ -890,9 +892,13 @@ class TieredCache:
                 for w in writes:
                     if self._queued.get(w.key) is w:
                         del self._queued[w.key]
-            for w in writes:  # the bytes: a memcpy, or a file write and fsync
-                if w.res is not None and not w.cancelled:
-                    w.ok = self.tiers[w.dst].write(w.res)
+            # the bytes: memcpys, file writes and fsyncs, one batch per tier (a tier may move a batch at once:
+            # the Ray object-store tier puts it as one object)
+            for i, tier in enumerate(self.tiers):
+                going = [w for w in writes if w.dst == i and w.res is not None and not w.cancelled]
+                if going:
+                    for w, ok in zip(going, tier.write_many([w.res for w in going])):
+                        w.ok = ok
         finally:
             with self._lock:
                 for i, tier in enumerate(self.tiers):

@@ -146,6 +146,10 @@ class Tier(ABC):
         """Give back the room of a reservation that was never written."""
         raise NotImplementedError(f"{type(self).__name__} does not hold room")
 
+    def write_many(self, reservations: Sequence[Reservation]) -> list[bool]:
+        """``write`` for each, in order (a tier may move the batch at once: one object, one syscall)."""
+        return [self.write(res) for res in reservations]
+
     def allocate_many(self, prepared: Sequence[PreparedStore]) -> list[Reservation | None]:
         """``allocate`` for each, in order (a tier may take its lock once for all)."""
         return [self.allocate(p) for p in prepared]
