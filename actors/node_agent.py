@@ -237,7 +237,7 @@ class NodeAgentLogic:
             self.metrics.inc("qwen3vl_ray_demotions", tier="host")
             if nbytes:
                 self.metrics.inc("qwen3vl_ray_swap_bytes_out", nbytes, tier="host")
-        elif moved == ("disk", "host"):
+        elif moved == ("disk", "host") and nbytes is not None:  # none: a failed replace's undo, not a promotion
             self.metrics.inc("qwen3vl_ray_promotions", tier="host")
 
     # -- reads ---------------------------------------------------------------------------------

@@ -57,16 +57,8 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def fitting_suffix(sizes: Sequence[int | None], room: int) -> int:
-    """How many trailing entries of a batch (sizes in bytes, None: fits nowhere here) fit in ``room`` bytes:
-    the newest entries of a batch, which an exclusive hierarchy keeps on top."""
-    n = 0
-    for size in reversed(sizes):
-        if size is None or size > room:
-            break
-        room -= size
-        n += 1
-    return n
+#: the ``slot`` of a reservation whose room went back already (its write was refused, or it was aborted)
+_RELEASED = object()
 
 
 def _fitting_prefix(prepared: Sequence[PreparedStore], room: int) -> int:
@@ -305,22 +297,26 @@ class ObjectStoreTier(Tier):
                 if fit == n_fit:
                     break
                 n_fit = fit
-            for p in prepared[:n_fit]:
-                self._drop(p.key)
             self._counts["rejected"] += len(prepared) - n_fit
-            self._used += sum(p.nbytes for p in prepared[:n_fit])  # held while the slabs are put
-        groups = self._slab_groups(prepared[:n_fit])
-        for g, group in enumerate(groups):
+            # held while the slabs are put; each replaced entry goes when its new value is served (``_publish``)
+            self._used += sum(p.nbytes for p in prepared[:n_fit])
+        ok = [False] * len(prepared)
+        done = 0
+        for group in self._slab_groups(prepared[:n_fit]):
             try:
                 entries = self._put_slab(group)
-            except BaseException:
-                with self._lock:  # the room of what was not stored goes back
-                    self._used -= sum(p.nbytes for rest in groups[g:] for p in rest)
-                raise
-            with self._lock:
-                for p, e in zip(group, entries):
-                    self._publish(p, e)
-        return [True] * n_fit + [False] * (len(prepared) - n_fit)
+            except Exception:  # the store is full or gone: these are not stored, what they replace stays
+                logger.warning("object store refused a slab of %d entries", len(group), exc_info=True)
+                with self._lock:
+                    self._used -= sum(p.nbytes for p in group)
+                    self._counts["rejected"] += len(group)
+            else:
+                with self._lock:
+                    for p, e in zip(group, entries):
+                        self._publish(p, e)
+                ok[done: done + len(group)] = [True] * len(group)
+            done += len(group)
+        return ok
 
     def _freed_by_dropping(self, keys: set[CacheKey]) -> int:
         """Bytes that dropping ``keys`` would give back (lock held): a slab's charge returns only when its last
@@ -347,15 +343,14 @@ class ObjectStoreTier(Tier):
         return out
 
     def write(self, res: Reservation) -> bool:
-        return self.write_many([res])[0]
+        return next(iter(self.write_many([res])))
 
-    def write_many(self, reservations: Sequence[Reservation]) -> list[bool]:
-        """The batch's payloads into the store, one slab (one ``put``) per ``slab_bytes``; each reservation then
-        points at its place (``slot``), served once committed. A slab the store refuses releases its room."""
-        ok: list[bool] = []
-        groups = self._slab_groups([r.prepared for r in reservations])
+    def write_many(self, reservations: Sequence[Reservation]) -> Iterator[bool]:
+        """The batch's payloads into the store, one slab (one ``put``) per ``slab_bytes``, yielding each entry's
+        result as its slab lands; each written reservation then points at its place (``slot``), served once
+        committed. A slab the store refuses releases its room (and its reservations need no ``abort``)."""
         done = 0
-        for group in groups:
+        for group in self._slab_groups([r.prepared for r in reservations]):
             mine = reservations[done: done + len(group)]
             done += len(group)
             try:
@@ -364,14 +359,15 @@ class ObjectStoreTier(Tier):
                 logger.warning("object store refused a slab of %d entries", len(group), exc_info=True)
                 with self._lock:
                     self._used -= sum(p.nbytes for p in group)
-                ok += [False] * len(group)
+                    for res in mine:
+                        res.slot = _RELEASED
+                yield from [False] * len(group)
                 continue
             with self._lock:
                 for res, e in zip(mine, entries):
                     res.slot = e
                     self._slabs[e.slab].pending += 1
-            ok += [True] * len(group)
-        return ok
+            yield from [True] * len(group)
 
     def commit(self, res: Reservation) -> None:
         self.commit_many([res])
@@ -385,11 +381,22 @@ class ObjectStoreTier(Tier):
 
     def abort(self, res: Reservation) -> None:
         with self._lock:
+            e, res.slot = res.slot, _RELEASED
+            if e is _RELEASED:  # its room went back already (a refused write, or aborted before)
+                return
             self._used -= res.prepared.nbytes
-            e, res.slot = res.slot, None
             if e is not None:  # written but never served
                 self._slabs[e.slab].pending -= 1
                 self._free_if_empty(e.slab)
+
+    def reclaim(self) -> int:
+        """Re-pack the survivors of every slab holding dead bytes (entries removed, the slab still charged), so
+        the room of removed entries becomes free (``TieredCache._make_room`` asks once its victims' bytes cover
+        what it needs). Returns bytes freed."""
+        with self._lock:
+            thin = [sid for sid, slab in self._slabs.items()
+                    if slab.pending == 0 and slab.live and slab.live_bytes < slab.charged]
+        return self.compact(thin) if thin else 0
 
     def _slab_groups(self, prepared: Sequence[PreparedStore]) -> list[list[PreparedStore]]:
         groups: list[list[PreparedStore]] = []

@@ -177,6 +177,27 @@ def test_agent_batch_larger_than_the_host_tier_keeps_its_newest_as_one_slab_and_
     assert all(torch.equal(t, chunk(i)) for i, t in enumerate(bare.get_tensors([key(i) for i in range(4)])))
 
 
+@pytest.mark.parametrize("disk_chunks", [8, 0])
+def test_agent_put_into_a_full_host_tier_moves_out_only_what_it_needs(tmp_path, disk_chunks):
+    # the host tier is one 8-chunk slab, and a removed entry's room returns only when the tier re-packs the
+    # slab's survivors: a 1-chunk put must move out one chunk, not the slab (to disk, or out without one)
+    agent = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=8, disk_chunks=disk_chunks), LocalObjectStore())
+    assert agent.put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(8)]) == ["host"] * 8
+    assert agent.put_chunks([WireChunk.of(key(100), chunk(100))]) == ["host"]
+    where = agent.contains_many([key(i) for i in range(8)])
+    assert where.count("host") == 7 and agent.host.used_bytes == 8 * CHUNK
+    assert where.count("disk" if disk_chunks else None) == 1
+    assert agent.cache.stats()["dropped"] == (0 if disk_chunks else 1)
+    # with an entry pinned (a reader holds it) the put still takes one victim, never the pinned one
+    agent.cache.pin(key(7))
+    assert agent.put_chunks([WireChunk.of(key(101), chunk(101))]) == ["host"]
+    assert agent.contains_many([key(7)]) == ["host"] and len(agent.host) == 8
+    # a re-put of chunks the host tier holds keeps them there, with the new bytes
+    agent.cache.unpin(key(7))
+    assert agent.put_chunks([WireChunk.of(key(7), chunk(7)), WireChunk.of(key(100), chunk(100))]) == ["host"] * 2
+    assert all(torch.equal(t, chunk(i)) for i, t in zip((7, 100), agent.get_tensors([key(7), key(100)])))
+
+
 def test_agent_restart_serves_disk_entries_and_misses_lost_host_entries(tmp_path):
     cfg = agent_cfg(tmp_path, host_chunks=2)
     first = NodeAgentLogic(NODES[0], cfg, LocalObjectStore())

@@ -159,3 +159,19 @@ def test_without_idle_sessions_victims_follow_the_device_policy_and_never_take_a
     assert set(below.held) == {a[1], b[0], b[1]}
     assert below.held[a[1]][1] == a[0] and below.held[b[1]][1] == b[0] and below.held[b[0]][1] is None
     assert (budget.demoted, budget.spilled, budget.lost) == (3, 3, 0)
+
+
+def test_idle_sessions_give_up_their_chunks_tail_first_and_keep_what_an_active_session_shares():
+    import time
+
+    from qwen3vl_ray.engine.sessions import Session, Sessions
+
+    shared = chain(1, b"system")  # a system prompt both chats start with
+    old, new, busy = (shared + chain(2, tag) for tag in (b"old", b"new", b"busy"))
+    sessions = Sessions(store=None, prefix=None, idle_s=10.0)
+    now = time.monotonic()
+    for sid, keys, used in (("old", old, now - 100), ("new", new, now - 50), ("busy", busy, now)):
+        sessions._sessions[sid] = Session(sid, chunk_keys=keys[:-1], tail_key=keys[-1], last_used=used)
+    assert sessions.idle_order() == ["old", "new"]
+    # most idle first, each from its tail; the shared head stays: the active chat still holds it
+    assert list(sessions.idle_keys()) == [old[2], old[1], new[2], new[1]]

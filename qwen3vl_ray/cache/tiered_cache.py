@@ -279,7 +279,7 @@ class TieredCache:
                 # Replacing an entry someone is reading would tear it; keep the old one.
                 counters.rejected += 1
                 continue
-            if not tier.holds_room or (old is not None and old.tier == i and not tier.slow_writes):
+            if not tier.holds_room or (old is not None and old.tier == i and tier.replaces_in_place):
                 # a tier that cannot hold room, or a replace in a pooled tier (it reuses the old entry's blocks)
                 if self._store_now(i, key, tensor, prepared, parent, old, writes):
                     results[j] = True
@@ -714,10 +714,15 @@ class TieredCache:
         """Demote tier ``i``'s victims until ``nbytes`` fit. False if pinned/in-flight entries prevent it.
         Victims bound for the disk tier are queued in ``writes`` (the caller writes them after the lock)."""
         tier = self.tiers[i]
+        dead = 0  # bytes of this call's victims the tier may still count (see Tier.reclaim)
         while tier.free_bytes < nbytes:
+            if dead >= nbytes - tier.free_bytes and tier.reclaim():
+                dead = 0
+                continue
             victim = self._next_victim(i)
             if victim is None:
-                return False  # only pinned / in-flight entries left
+                return bool(tier.reclaim()) and tier.free_bytes >= nbytes  # only pinned / in-flight entries left
+            dead += tier.entry_nbytes(victim) or 0
             self._evict_one(victim, self._index[victim], writes)
         return True
 
@@ -898,7 +903,7 @@ class TieredCache:
                 going = [w for w in writes if w.dst == i and w.res is not None and not w.cancelled]
                 if going:
                     for w, ok in zip(going, tier.write_many([w.res for w in going])):
-                        w.ok = ok
+                        w.ok = ok  # recorded as each lands: an exception later still commits what was written
         finally:
             with self._lock:
                 for i, tier in enumerate(self.tiers):

@@ -61,9 +61,18 @@ class Sessions:
         return [s.session_id for s in sorted(idle, key=lambda s: s.last_used)]
 
     def idle_keys(self) -> Iterator[CacheKey]:
-        """The keys of idle sessions' entries, most idle session first (what device pressure moves first)."""
-        for session_id in self.idle_order():
-            yield from self._sessions[session_id].keys
+        """The keys of idle sessions' entries, most idle session first and each session's from its tail (what
+        device pressure moves first; a chain shrinks from its end). A chunk another, active session also holds
+        (a shared system prompt) is not idle: it stays for that session."""
+        idle = self.idle_order()
+        waiting = set(idle)
+        active = {k for s in self._sessions.values() if s.session_id not in waiting for k in s.keys}
+        seen: set[CacheKey] = set()
+        for session_id in idle:
+            for key in reversed(self._sessions[session_id].keys):
+                if key not in active and key not in seen:
+                    seen.add(key)
+                    yield key
 
     def resumable(self, session_id: str) -> bool:
         """True if every entry of the session is still in some tier (its next turn recomputes nothing old)."""

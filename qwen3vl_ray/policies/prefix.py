@@ -190,7 +190,7 @@ class PrefixLRUPolicy(EvictionPolicy):
         kept: list[_Node] = []  # surfaced leaves, off the heap until the walk ends
         yielded: set[CacheKey] = set()
         freed: list[tuple[int, CacheKey, _Node]] = []  # parents whose children were all yielded, by priority
-        gone: dict[_Node, int] = {}  # children yielded so far, per parent
+        gone: dict[_Node, list[_Node]] = {}  # children yielded so far, per parent
         pending: _Node | None = None  # the heap's next leaf, surfaced and waiting to be compared with ``freed``
         heap_done = False
         try:
@@ -214,8 +214,11 @@ class PrefixLRUPolicy(EvictionPolicy):
                 yielded.add(node.key)
                 up = node.parent
                 if isinstance(up, _Node) and self._nodes.get(up.key) is up:
-                    gone[up] = gone.get(up, 0) + 1
-                    if gone[up] >= up.children:
+                    # against the children still cached: a caller that takes what it is given (and removes it)
+                    # lowers ``up.children`` as it goes, so only yielded children still linked count
+                    mine = gone.setdefault(up, [])
+                    mine.append(node)
+                    if sum(self._nodes.get(c.key) is c for c in mine) >= up.children:
                         heapq.heappush(freed, (up.prio, up.key, up))
                 yield node.key
             rest = sorted((n for n in self._nodes.values() if n.children > 0), key=lambda n: n.prio)

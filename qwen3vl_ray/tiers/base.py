@@ -84,11 +84,15 @@ class Tier(ABC):
     name: str
     capacity_bytes: int
     #: ``allocate``/``write``/``commit``/``abort`` are implemented: room is held before the bytes arrive and
-    #: ``write`` needs no lock of the caller's. Tiers without it (wrappers, the Ray object-store tier) are
-    #: stored with ``complete_store`` under the cache's lock.
+    #: ``write`` needs no lock of the caller's. Tiers without it (wrappers) are stored with ``complete_store``
+    #: under the cache's lock.
     holds_room: bool = False
     #: Writing an entry waits on a device (file write, fsync): the cache never does it under its metadata lock.
     slow_writes: bool = False
+    #: A replace of a key this tier holds reuses the old value's room as it lands (the pooled tiers' blocks), so
+    #: the cache stores it under its lock with room for the difference only; other tiers replace through held
+    #: room (the old value stays readable until the new one commits).
+    replaces_in_place: bool = False
 
     # -- accounting ---------------------------------------------------------------------------
     @property
@@ -146,9 +150,17 @@ class Tier(ABC):
         """Give back the room of a reservation that was never written."""
         raise NotImplementedError(f"{type(self).__name__} does not hold room")
 
-    def write_many(self, reservations: Sequence[Reservation]) -> list[bool]:
-        """``write`` for each, in order (a tier may move the batch at once: one object, one syscall)."""
-        return [self.write(res) for res in reservations]
+    def write_many(self, reservations: Sequence[Reservation]) -> Iterator[bool]:
+        """``write`` for each, in order, yielding each result as its bytes land (a caller interrupted by an
+        exception keeps the results it has); a tier may move the batch at once (one object, one syscall)."""
+        for res in reservations:
+            yield self.write(res)
+
+    def reclaim(self) -> int:
+        """Turn the room of removed entries that the tier still counts into free room; bytes freed. A tier that
+        frees room as entries go has nothing to do (the default). The Ray object-store tier returns a slab's
+        memory only when the slab goes, so it re-packs the thinned slabs' survivors here."""
+        return 0
 
     def allocate_many(self, prepared: Sequence[PreparedStore]) -> list[Reservation | None]:
         """``allocate`` for each, in order (a tier may take its lock once for all)."""

@@ -106,6 +106,7 @@ class PooledTier(Tier):
     """Entries in blocks of a byte pool on ``device``. Built by :func:`~qwen3vl_ray.tiers.factory.make_tier`."""
 
     holds_room = True
+    replaces_in_place = True
 
     def __init__(self, name: str, cfg: TierConfig, namespace: Namespace, device: str | torch.device, pin_memory: bool = False) -> None:
         self.name = name
