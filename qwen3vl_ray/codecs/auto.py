@@ -236,7 +236,10 @@ class AutoCodec(Codec):
 
         def consider(codec: Codec) -> None:
             nonlocal best
-            got = self._trial(codec, tensor)
+            # the cheap bound first (see choose); the exact measure where it misses the budget
+            got = self._bounded(codec, tensor)
+            if got is None or got[1] > self.max_error:
+                got = self._trial(codec, tensor)
             if got is None:
                 return
             payload, err = got

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qwen3vl_ray.codecs.groups import TINY
 from qwen3vl_ray.errors import CodecError
 
 log = logging.getLogger(__name__)
@@ -202,8 +203,8 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
     in cache (what ``auto`` needs, without a decode; see :func:`error_bound`). They are float32
     sums in code units per group (``(x - decoded) * inv`` and ``x * inv``, the decoded value rounded to the
     output dtype as decode rounds it), scaled back by ``1 / inv^2`` in float64; groups stored as zeros add
-    their inputs' squares exactly. ``measure`` 2: (squared rounding steps, squared norm, squared inputs of
-    the groups stored as zeros), the cheaper sums :func:`bound_error` bounds the error with. Else ().
+    their inputs' squares exactly. ``measure`` 2: (squared float32 inputs,), which :func:`quantize_parts`
+    completes from the scales for :func:`bound_error`. Else ().
     """
     with _LOCK, _launches() as threads:
         return _encode(x, g, qmax, pack4, codes, scales, int(measure), threads)
@@ -212,7 +213,7 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
 def _encode(x, g: Geometry, qmax: int, pack4: bool, codes, scales, measure: int, threads: int) -> tuple[float, ...]:
     per = _per(g, pack4)
     nchunks = -(-g.U * g.H * g.T * -(-g.n // g.group) // per)
-    width = (0, 2, 3)[measure]
+    width = (0, 2, 1)[measure]
     err = np.zeros(width * nchunks, dtype=np.float64) if width else _NO_SUMS
     _pieces(nchunks, threads)
     _kernel("ENCODE", (g.post == 1, pack4, measure))(
@@ -262,11 +263,12 @@ _STORE = {torch.bfloat16: (2.0 ** -8, 2.0 ** -134), torch.float16: (2.0 ** -11, 
 
 def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype, qmax: int,
                 exact_x2: float = 0.0) -> float:
-    """An upper bound of ``relative_error(x, decode(payload))`` from :func:`encode`'s ``measure=2`` sums: ``sq``
-    (elements x ``scale^2`` over the quantized groups), ``f2`` (squared float32 inputs, float32 sums of at
-    most :data:`CHUNK_ELEMS` + 1 terms per lane) and ``zz`` (squared inputs of the groups stored as zeros, which
-    are their error); ``exact_x2`` is the squared norm of inputs stored exactly (a KV residual window). ``inf``
-    where it cannot bound (an overflowing sum). ``qmax`` is unused, kept for callers' symmetry.
+    """An upper bound of ``relative_error(x, decode(payload))`` from :func:`quantize_parts`' ``measure=2`` sums:
+    ``sq`` (group size x ``scale^2`` summed over the quantized groups), ``f2`` (squared float32 inputs, float32
+    sums of at most :data:`CHUNK_ELEMS` + 1 terms per lane) and ``zz`` (a bound of the squared error of the
+    groups stored as zeros: their inputs, each at most ``amax = qmax * scale``); ``exact_x2`` is the squared
+    norm of inputs stored exactly (a KV residual window). ``inf`` where it cannot bound (an overflowing sum).
+    ``qmax`` is unused, kept for callers' symmetry.
 
     Per quantized element, ``x - decoded`` is the code's rounding step (at most half a step: ``scale / 2``) plus
     float32 rounding of ``x * inv``, of ``scale`` against ``1 / inv`` and of ``code * scale`` (each within 2^-24
@@ -275,8 +277,9 @@ def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype
     inequality on the vectors, ``||x - d|| <= sqrt(sq) / 2 + 2^-20 ||f|| + u ||q scale|| + ...`` with
     ``||q scale|| <= ||f|| + sqrt(sq) / 2``; float32 sums are rounded up (error) and down (norm) by their worst
     case. Half a step per element is what a code can lose at most; uniform rounding loses ``1/sqrt(12)`` of a
-    step on average, so the bound sits ~1.7x above the true error, plus ``u`` (~0.4% for bf16): it proves a
-    budget with room to spare; :func:`error_bound`'s exact sums decide the close calls.
+    step on average, so the bound sits ~1.7-2x above the true error, plus ``u`` (~0.4% for bf16): it proves a
+    budget with room to spare; :func:`error_bound`'s exact sums decide the close calls. What it costs on top
+    of an encode is one per-lane sum of squares in the kernel and two dot products over the scales.
     """
     sq, f2, zz = sums
     if not all(map(math.isfinite, (sq, f2, zz, exact_x2))):
@@ -310,7 +313,7 @@ def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool,
     array would be one more kernel specialization to compile.
     """
     measure = int(measure)
-    total = [0.0] * (0, 2, 3)[measure]
+    total = [0.0] * (0, 2, 1)[measure]
     checked = []
     for i, g in enumerate(parts):
         if buffers[2 * i].nbytes != _ncodes(g, pack4) or buffers[2 * i + 1].nbytes != 4 * _nscales(g):
@@ -328,6 +331,17 @@ def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool,
         np.frombuffer(buffers[2 * i + 1], dtype=np.uint8)[:] = scales.view(np.uint8)
         hasher.update(codes)
         hasher.update(scales)
+    if measure == 2:
+        sq = zz = 0.0
+        for g, (_, scales) in zip(parts, checked):
+            s64 = scales.astype(np.float64)
+            # a group stored as zeros (amax <= TINY, so scale <= TINY / qmax) errs by its inputs, each <= amax
+            # = qmax * scale (within 2^-23); other groups by half a step; group elements per scale at most
+            thr = float(np.float32(np.float32(TINY) / np.float32(qmax)))
+            tiny = float(np.dot(s64, s64 * (s64 <= thr))) if s64.size and s64.min() <= thr else 0.0
+            sq += g.group * max(0.0, float(np.dot(s64, s64)) - tiny)
+            zz += g.group * tiny * (qmax * (1 + 2.0 ** -22)) ** 2
+        return (sq, total[0], zz)
     return tuple(total)
 
 

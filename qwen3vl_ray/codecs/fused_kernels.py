@@ -267,10 +267,9 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
         # per-channel error sums in code units (measure only): one lane per channel, no reduction to reorder
         ek = np.zeros(post if measure == 1 and post > 1 else 0, np.float32)
         yk = np.zeros(post if measure == 1 and post > 1 else 0, np.float32)
-        # bound (measure == 2): sum of (elements x scale^2) of the quantized groups, squared inputs of groups
-        # stored as zeros (their own error), and squared float32 inputs in per-lane float32 sums (one lane per
-        # channel, or per position in a row's group: no reduction to reorder, so the loops stay vectorized)
-        z2 = 0.0
+        # bound (measure == 2): squared float32 inputs in per-lane float32 sums (one lane per channel, or per
+        # position in a row's group: no reduction to reorder, so the loops stay vectorized); the rest of the
+        # bound comes from the scales (fused.quantize_parts)
         xl = np.zeros((post if post > 1 else group) if measure == 2 else 0, np.float32)
         # int4 packs straight into the payload when every group (or, per channel, every row) starts on a
         # byte; else (odd sizes) and when measuring, nibbles go through the chunk's scratch first
@@ -318,12 +317,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                         cs[j] = _code8(_load(xs, j), s)
                     for j in range(j1 - j0, group):
                         cs[j] = np.uint8(0)
-                if measure == 2:
-                    if s > 0:
-                        e2 += np.float64(j1 - j0) * np.float64(scales[it]) * np.float64(scales[it])
-                    else:
-                        z2 += _tiny_err(xs, j1 - j0)
-                elif measure:
+                if measure == 1:
                     if s > 0:
                         ce, cy = _code_err(xs, s, scales[it], j1 - j0)
                         w = np.float64(s) * np.float64(s)
@@ -338,13 +332,16 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                     amax[k] = np.uint32(0)
                 for j in range(j0, j1):
                     xs = x[src + j * post: src + (j + 1) * post]
-                    for k in range(post):
-                        b = _key(xs, k)
-                        amax[k] = b if b > amax[k] else amax[k]
                     if measure == 2:
                         for k in range(post):
+                            b = _key(xs, k)
+                            amax[k] = b if b > amax[k] else amax[k]
                             f = _load(xs, k)
                             xl[k] += f * f
+                    else:
+                        for k in range(post):
+                            b = _key(xs, k)
+                            amax[k] = b if b > amax[k] else amax[k]
                 sb = it * post
                 for k in range(post):
                     a = _unkey(x, amax[k])
@@ -380,17 +377,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                             e, y = _err_terms(xs, _load(xs, k), inv[k], scales[sb + k])
                             ek[k] += e * e
                             yk[k] += y * y
-                if measure == 2:
-                    for k in range(post):
-                        if inv[k] > 0:
-                            e2 += np.float64(j1 - j0) * np.float64(scales[sb + k]) * np.float64(scales[sb + k])
-                        else:
-                            for j in range(j0, j1):
-                                o = _orig(x, src + j * post + k)
-                                z2 += o * o
-                        x2 += np.float64(xl[k])
-                        xl[k] = np.float32(0.0)
-                elif measure:
+                if measure == 1:
                     for k in range(post):
                         if inv[k] > 0:
                             w = np.float64(inv[k]) * np.float64(inv[k])
@@ -413,12 +400,9 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
             if cnt % 2:  # only the very last code of an odd total: it pairs with a zero code (nibble 8)
                 out[cnt // 2] = nib[cnt - 1] | np.uint8(8 << 4)
         if measure == 2:
-            if post == 1:
-                for j in range(group):
-                    x2 += np.float64(xl[j])
-            err[3 * c] = e2
-            err[3 * c + 1] = x2
-            err[3 * c + 2] = z2
+            for j in range(xl.size):
+                x2 += np.float64(xl[j])
+            err[c] = x2
         elif measure:
             err[2 * c] = e2
             err[2 * c + 1] = x2
@@ -519,8 +503,8 @@ def _decode_kernel(rows: bool, pack4: bool):
 
 _FLAGS = (False, True)
 #: ``ENCODE[rows, pack4, measure]``: quantize one part of ``x`` into ``codes``/``scales``; ``measure`` 1: ``err``
-#: gets per-chunk (squared error, squared norm) of the decoded values, 2: per-chunk (elements x scale^2 of the
-#: quantized groups, squared float32 inputs, squared inputs of zero groups) for :func:`fused.bound_error`
+#: gets per-chunk (squared error, squared norm) of the decoded values, 2: per-chunk squared float32 inputs (in
+#: lanes: a channel's over the ``group`` rows of a group, a row position's over the chunk's groups)
 ENCODE = {(r, p, m): _encode_kernel(r, p, m) for r in _FLAGS for p in _FLAGS for m in (0, 1, 2)}
 #: ``DECODE[rows, pack4]``: write ``codes * scales`` into one part of ``out``
 DECODE = {(r, p): _decode_kernel(r, p) for r in _FLAGS for p in _FLAGS}
