@@ -79,6 +79,20 @@ def _t(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _interleaved(cases: dict, order: list[str], reps: int, seed: int, times: dict[str, list[float]], run,
+                 after=None) -> None:
+    """``reps`` repetitions of ``order``'s cases, shuffled each time (no case always runs right after the same
+    neighbour: cache and position bias), appending ``run(case)``'s time to ``times``; ``after(name)`` runs
+    untimed after each case."""
+    shuffle = random.Random(seed).shuffle
+    for _ in range(reps):
+        shuffle(order)
+        for name in order:
+            times[name].append(run(cases[name]))
+            if after is not None:
+                after(name)
+
+
 def _drop_cache(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -167,16 +181,12 @@ def bench_size(size: int, reps: int, root: str) -> dict:
     for fn in cases.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in cases}
-    shuffle = random.Random(size).shuffle
     # Each tier runs beside its own limits; phases keep fsyncs and page-cache churn of the disk cases
     # from landing in the middle of the memory-speed cases.
     phases = [[k for k in cases if k.startswith(("memcpy", "host"))],
               ["disk_raw_write", "disk_put"], ["disk_raw_read", "disk_get"], ["disk_raw_read_cold", "disk_get_cold"]]
-    for order in phases:
-        for _ in range(reps):
-            shuffle(order)  # no case always runs right after the same neighbour (cache/position bias)
-            for name in order:
-                times[name].append(cases[name]())
+    for p, order in enumerate(phases):
+        _interleaved(cases, order, reps, size + p, times, lambda case: case())
     same = lambda a: torch.equal(a.view(torch.int32), src.view(torch.int32))  # noqa: E731 - bit patterns, NaNs included
     assert same(out) and same(disk.get(keys[0])) and same(host.get(keys[1])), "benchmark read back wrong data"
     r = {f"{k}_gbps": size / statistics.median(v) / 1e9 for k, v in times.items()}
@@ -231,17 +241,15 @@ def bench_batch(entries: int = 64, size: int = MiB, reps: int = 21) -> dict:
         fn()
         cache.remove_many(keys)
     times: dict[str, list[float]] = {k: [] for k in cases}
-    order = list(cases)
-    shuffle = random.Random(entries).shuffle
-    for _ in range(reps):
-        shuffle(order)
-        for name in order:
-            times[name].append(_t(cases[name]))
-            if name == "put_many":
-                for k, t in zip(keys, srcs):
-                    assert torch.equal(cache.get(k, promote=False).view(torch.int32), t.view(torch.int32)), \
-                        "benchmark read back wrong data"
-                cache.remove_many(keys)  # untimed: the next repetition stores into an empty tier again
+
+    def check_and_empty(name: str) -> None:
+        if name == "put_many":
+            for k, t in zip(keys, srcs):
+                assert torch.equal(cache.get(k, promote=False).view(torch.int32), t.view(torch.int32)), \
+                    "benchmark read back wrong data"
+            cache.remove_many(keys)  # the next repetition stores into an empty tier again
+
+    _interleaved(cases, list(cases), reps, entries, times, _t, after=check_and_empty)
     cache.close()
     total = entries * size
     ratios = [m / p for m, p in zip(times["memcpy"], times["put_many"])]
@@ -305,12 +313,7 @@ def bench_device(size: int, reps: int, device: str) -> dict:
     for fn in cases.values():  # warm-up
         timed(fn)
     times: dict[str, list[float]] = {k: [] for k in cases}
-    order = list(cases)
-    shuffle = random.Random(size).shuffle
-    for _ in range(reps):
-        shuffle(order)
-        for name in order:
-            times[name].append(timed(cases[name]))
+    _interleaved(cases, list(cases), reps, size, times, timed)
     same = lambda a: torch.equal(a.view(torch.int32).cpu(), host_src.view(torch.int32))  # noqa: E731 - bit patterns
     assert same(out) and same(host_out) and same(tier.get(keys[0])), "benchmark read back wrong data"
     r = {f"{k}_gbps": size / statistics.median(v) / 1e9 for k, v in times.items()}

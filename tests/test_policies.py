@@ -13,31 +13,10 @@ from hypothesis import strategies as st
 from benchmarks.policy import ChainOracle, belady, replay, replay_counts
 from benchmarks.traces import (MOONCAKE_TRACE, SYNTHETIC, check_prefix_property, load_mooncake,
                                multi_turn_chats, zipf_documents, zipf_with_scans)
+from helpers_policies import ALL, drain, k, names
 from qwen3vl_ray.errors import ConfigError
 from qwen3vl_ray.policies import (DEFAULT_POLICY, POLICIES, ChainARCPolicy, Doorkeeper, LRUPolicy,
                                   Prefix2QPolicy, PrefixLRUPolicy, make_policy)
-
-ALL = lambda key: True  # noqa: E731
-
-
-def k(name: str) -> bytes:
-    """A 16-byte key that reads as its name in failure messages."""
-    return name.encode().ljust(16, b".")
-
-
-def drain(policy, evictable=ALL, remove=True) -> list[bytes]:
-    """Every victim in order; with ``remove`` the cache evicts each one as it goes (on_evict)."""
-    out = []
-    for key in policy.victims(evictable):
-        out.append(key)
-        if remove:
-            policy.on_evict(key)
-    return out
-
-
-def names(keys) -> list[str]:
-    return [key.rstrip(b".").decode() for key in keys]
-
 
 # -- registry -----------------------------------------------------------------------------------------
 

@@ -11,25 +11,7 @@ import torch
 from benchmarks.policy import ENTRY_BYTES, block_key, replay, replay_store, store_request
 from qwen3vl_ray.policies import DEFAULT_POLICY, POLICIES, ChainARCPolicy, PrefixReturnPolicy, make_policy
 
-ALL = lambda key: True  # noqa: E731
-
-
-def k(name: str) -> bytes:
-    """A 16-byte key that reads as its name in failure messages."""
-    return name.encode().ljust(16, b".")
-
-
-def names(keys) -> list[str]:
-    return [key.rstrip(b".").decode() for key in keys]
-
-
-def drain(policy, evictable=ALL, remove=True) -> list[bytes]:
-    out = []
-    for key in policy.victims(evictable):
-        out.append(key)
-        if remove:
-            policy.on_evict(key)
-    return out
+from helpers_policies import ALL, drain, k, names
 
 
 def insert(policy, *names_, first_parent=None):
