@@ -5,8 +5,9 @@ codec specs, default :data:`DEFAULT_CANDIDATES`), ``lowrank_max_dim`` (default 5
 when the matrix view's smaller side is at most this, since SVD costs ``m * n * min(m, n)``).
 
 The budget is a guarantee: a payload is only chosen after its error was checked on the whole tensor -- by
-the error the fused kernels sum as they quantize (``encode_measured``: no decode; rounded up by ~1e-6), else
-by decoding and measuring. Choosing is kept cheap
+an upper bound of it the fused kernels take as they quantize (``encode_bounded``, see ``fused.bound_error``),
+where that bound meets the budget; else by the error they sum exactly (``encode_measured``: no decode;
+rounded up by ~1e-6), else by decoding and measuring. Choosing is kept cheap
 by screening on a sample first (tensors with at least ``SAMPLE_MIN_ELEMS`` elements): about 1/``SAMPLE_SHRINK``
 of the slices along the leading dims (never the last two, which hold the groups, nor a KV chunk's k/v axis;
 for an ``axis=0`` quantizer, slices of the last dim). A candidate whose sample error is over
@@ -22,8 +23,8 @@ lossless candidates (lossy ones refuse them or fail the budget).
 Choices are remembered per tensor kind (shape, dtype, device type): entries of one kind (a model's KV chunks,
 its vision features) are alike, so the next tensor of that kind goes straight to the last winner's
 whole-tensor encode and, when its error meets the budget, takes it without screening. That encode first
-takes only an upper bound of the error (``encode_bounded``: sums the fused kernels add as they quantize, a few
-percent of an encode; see ``fused.bound_error``); a bound over the budget costs the exact measure
+takes only an upper bound of the error (``encode_bounded``: a sum of squares the fused kernels add as they
+quantize, plus the scales; ~25% of a 2 MiB KV chunk's encode); a bound over the budget costs the exact measure
 (``encode_measured``, ~2.4x an encode) on top, and the kind then goes to the exact measure directly until it
 is screened again (the bound sits ~1.7x above the error: a winner that close to the budget stays close). Every
 ``RESCREEN_EVERY``-th tensor of a kind (and any whose remembered winner misses the budget or refuses it) is
