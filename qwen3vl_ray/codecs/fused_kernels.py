@@ -151,8 +151,7 @@ def _code8(f, s):
 
 @numba.njit(inline="always")
 def _nib(f, s):
-    # + 8 in float32 (exact for the codes' -7..7): ``int32(v) + 8`` types as int64 (see _lo)
-    return np.uint8(np.int32(np.rint(f * s) + np.float32(8.0)))
+    return np.uint8(np.int32(np.rint(f * s)) + 8)
 
 
 def _orig(x, i):  # pragma: no cover - replaced by the overload inside jitted code
