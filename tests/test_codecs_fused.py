@@ -231,6 +231,17 @@ def test_forked_child_encodes_after_the_parent_did():
 def test_measured_error_is_relative_error(spec, x, chunk):
     # the error the kernel sums while quantizing (float32 per group, rounded up by 2^-20) is the decoded
     # tensor's error, never below it
+    got = _error_with_payload(spec, "encode_measured", x, chunk)
+    if got is None:
+        return
+    want, err = got
+    assert want <= err <= want * (1 + 1e-5) + 2e-6
+
+
+def _error_with_payload(spec: str, method: str, x: torch.Tensor, chunk: int) -> tuple[float, float] | None:
+    """(the decoded tensor's relative error, what ``codec.<method>`` reported with its payload), prange chunks of
+    ``chunk`` elements; checks the payload is the plain encode's. None where the codec refuses ``x`` or no fused
+    path runs (integer, empty, no KV head part)."""
     from qwen3vl_ray.codecs import relative_error
 
     x = x.contiguous()
@@ -238,14 +249,11 @@ def test_measured_error_is_relative_error(spec, x, chunk):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fused, "CHUNK_ELEMS", chunk)
         try:
-            payload, err = codec.encode_measured(x)
+            payload, err = getattr(codec, method)(x)
         except CodecError:
-            return
+            return None
     assert bytes(payload) == bytes(codec.encode(x))
-    if err is None:  # no fused path for this tensor (integer, empty, no KV head part)
-        return
-    want = relative_error(x, decode(payload))
-    assert want <= err <= want * (1 + 1e-5) + 2e-6
+    return None if err is None else (relative_error(x, decode(payload)), err)
 
 
 def test_auto_screens_large_tensors_on_a_sample_and_keeps_the_budget():
@@ -308,20 +316,10 @@ def test_auto_remembers_a_kinds_winner_and_still_keeps_the_budget(monkeypatch):
 @given(x=float_tensors() | kv_tensors(), chunk=st.sampled_from([2, 64, 1 << 15]))
 def test_error_bound_is_above_relative_error(spec, x, chunk):
     # the cheap bound auto takes a remembered winner on: never below the decoded tensor's true error, same bytes
-    from qwen3vl_ray.codecs import relative_error
-
-    x = x.contiguous()
-    codec = make_codec(spec)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fused, "CHUNK_ELEMS", chunk)
-        try:
-            payload, bound = codec.encode_bounded(x)
-        except CodecError:
-            return
-    assert bytes(payload) == bytes(codec.encode(x))
-    if bound is None:
-        return
-    assert bound >= relative_error(x, decode(payload))
+    got = _error_with_payload(spec, "encode_bounded", x, chunk)
+    if got is not None:
+        want, bound = got
+        assert bound >= want
 
 
 def _adversarial(dtype: torch.dtype) -> torch.Tensor:

@@ -77,28 +77,23 @@ def test_a_branch_starts_its_own_chain():
 def test_a_chain_that_returns_at_short_gaps_outlives_a_later_one_with_long_gaps():
     # b is inserted first; a comes back twice at gap 2; ten one-shot prompts; b comes back after 18 accesses.
     # b was used last, but its next request is predicted ~18 accesses away and a's ~2: b's tail goes first.
-    p = fixed(weight=1.0)
-    insert(p, "b1", "b2")
-    insert(p, "a1", "a2")
-    request(p, "a1", "a2")
-    request(p, "a1", "a2")
-    for i in range(10):
-        insert(p, f"f{i}")
-    request(p, "b1", "b2")
+    def play(policy):
+        insert(policy, "b1", "b2")
+        insert(policy, "a1", "a2")
+        request(policy, "a1", "a2")
+        request(policy, "a1", "a2")
+        for i in range(10):
+            insert(policy, f"f{i}")
+        request(policy, "b1", "b2")
+        return policy
+
+    p = play(fixed(weight=1.0))
     assert p.chain_of(k("a1")).gap == pytest.approx(2) and p.chain_of(k("b1")).gap == pytest.approx(18)
     order = names(drain(p))
     assert sorted(order[:10]) == sorted(f"f{i}" for i in range(10))  # one-shot (cold) chains first
     assert order[10:] == ["b2", "b1", "a2", "a1"]  # leaf-first, the long-gap chain before the short-gap one
     # chain-arc ranks the two hot chains by recency alone and drops a first
-    c = fixed(ChainARCPolicy)
-    insert(c, "b1", "b2")
-    insert(c, "a1", "a2")
-    request(c, "a1", "a2")
-    request(c, "a1", "a2")
-    for i in range(10):
-        insert(c, f"f{i}")
-    request(c, "b1", "b2")
-    assert names(drain(c))[10:] == ["a2", "a1", "b2", "b1"]
+    assert names(drain(play(fixed(ChainARCPolicy))))[10:] == ["a2", "a1", "b2", "b1"]
 
 
 def test_a_returning_chain_outlives_a_one_shot_chain_of_the_same_recency():

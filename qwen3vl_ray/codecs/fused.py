@@ -170,12 +170,17 @@ def _pieces(nchunks: int, threads: int) -> None:
     numba.set_parallel_chunksize(max(1, nchunks // (8 * threads)))
 
 
-@contextlib.contextmanager
-def _schedule(nchunks: int):
-    """Threads and pieces for one launch (see :func:`_launches`, :func:`_pieces`)."""
-    with _launches() as threads:
-        _pieces(nchunks, threads)
-        yield
+#: layouts kept per codec module (:func:`remember`): at most this many, oldest out first
+LAYOUTS_KEPT = 256
+
+
+def remember(table: dict, key, value):
+    """Keep ``value`` under ``key`` in a per-layout table of at most :data:`LAYOUTS_KEPT` entries (the oldest goes
+    first) and return it: the codecs keep each shape's geometry, buffer lengths and header this way."""
+    if len(table) >= LAYOUTS_KEPT:
+        table.pop(next(iter(table)))
+    table[key] = value
+    return value
 
 
 def _kernel(table: str, flags: tuple):
@@ -261,14 +266,12 @@ _STORE = {torch.bfloat16: (2.0 ** -8, 2.0 ** -134), torch.float16: (2.0 ** -11, 
           torch.float32: (0.0, 0.0), torch.float64: (0.0, 0.0)}
 
 
-def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype, qmax: int,
-                exact_x2: float = 0.0) -> float:
+def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype, exact_x2: float = 0.0) -> float:
     """An upper bound of ``relative_error(x, decode(payload))`` from :func:`quantize_parts`' ``measure=2`` sums:
     ``sq`` (group size x ``scale^2`` summed over the quantized groups), ``f2`` (squared float32 inputs, float32
     sums of at most :data:`CHUNK_ELEMS` + 1 terms per lane) and ``zz`` (a bound of the squared error of the
     groups stored as zeros: their inputs, each at most ``amax = qmax * scale``); ``exact_x2`` is the squared
     norm of inputs stored exactly (a KV residual window). ``inf`` where it cannot bound (an overflowing sum).
-    ``qmax`` is unused, kept for callers' symmetry.
 
     Per quantized element, ``x - decoded`` is the code's rounding step (at most half a step: ``scale / 2``) plus
     float32 rounding of ``x * inv``, of ``scale`` against ``1 / inv`` and of ``code * scale`` (each within 2^-24

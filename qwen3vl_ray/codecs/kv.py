@@ -117,7 +117,7 @@ class KVQuantCodec(Codec):
         if cut is None:
             return self.encode(tensor), None
         payload, sums, rest2 = self._encode_fused(tensor, cut, measure=2)
-        return payload, F.bound_error(sums, tensor.numel(), tensor.dtype, self.qmax, rest2)
+        return payload, F.bound_error(sums, tensor.numel(), tensor.dtype, rest2)
 
     def _encode_fused(self, t: torch.Tensor, cut: int, measure: int = 0) -> tuple[bytearray, tuple[float, ...], float]:
         """CPU fast path: one numba pass per part straight into the payload (same bytes as the other paths);
@@ -151,11 +151,7 @@ class KVQuantCodec(Codec):
         head = list(t.shape[:-4]) + list(t.shape[-3:-2]) + [cut, t.shape[-1]]
         gk, gv = (G.grouping(head, axis % len(head), self.group) for axis in (_KEY_AXIS, _VALUE_AXIS))
         meta = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "cut": cut, "k": gk.meta(), "v": gv.meta()}
-        got = (parts, lengths, payload_header(self.name, self.version, meta, lengths))
-        if len(_LAYOUTS) >= 256:
-            _LAYOUTS.pop(next(iter(_LAYOUTS)))
-        _LAYOUTS[key] = got
-        return got
+        return F.remember(_LAYOUTS, key, (parts, lengths, payload_header(self.name, self.version, meta, lengths)))
 
     def _encode_blocked(self, tensor: torch.Tensor, cut: int) -> bytearray:
         """CPU fast path: cache-sized tiles quantized straight into the payload (same bytes as the plain path)."""
@@ -210,9 +206,7 @@ class KVQuantCodec(Codec):
             for tag, g in zip(("k", "v"), parts):
                 if G.Grouping.from_meta(meta[tag]).meta() != [g.U * g.H * g.T, g.n, g.post, g.group]:
                     raise CodecError(f"corrupt {self.name!r} payload: {tag} groups {meta[tag]} do not fit shape {shape}")
-            if len(_DECODE_PARTS) >= 256:
-                _DECODE_PARTS.pop(next(iter(_DECODE_PARTS)))
-            _DECODE_PARTS[key] = parts
+            F.remember(_DECODE_PARTS, key, parts)
         out = B.empty(shape, dtype) if out is None else out
         F.dequantize_parts(F.as_bits(out), parts, self.bits == 4, buffers, self.name)
         if cut < shape[-2]:

@@ -87,7 +87,7 @@ class GroupQuantCodec(Codec):
         if not self._fused(tensor):
             return self.encode(tensor), None
         payload, sums = self._encode_fused(tensor, measure=2)
-        return payload, F.bound_error(sums, tensor.numel(), tensor.dtype, self.qmax)
+        return payload, F.bound_error(sums, tensor.numel(), tensor.dtype)
 
     def _encode_fused(self, tensor: torch.Tensor, measure: int = 0) -> tuple[bytearray, tuple[float, ...]]:
         """CPU fast path: one numba pass straight into the payload (same bytes as the other paths)."""
@@ -95,10 +95,8 @@ class GroupQuantCodec(Codec):
         got = _LAYOUTS.get(key)
         if got is None:  # built once per layout: ~10 us, several percent of a 2 MiB tensor's encode
             g, meta, lengths = self._layout(tensor)
-            got = ([F.Geometry.plain(g.pre, g.n, g.post, g.group)], lengths, payload_header(self.name, self.version, meta, lengths))
-            if len(_LAYOUTS) >= 256:
-                _LAYOUTS.pop(next(iter(_LAYOUTS)))
-            _LAYOUTS[key] = got
+            got = F.remember(_LAYOUTS, key, ([F.Geometry.plain(g.pre, g.n, g.post, g.group)], lengths,
+                                             payload_header(self.name, self.version, meta, lengths)))
         parts, lengths, header = got
         w = PayloadWriter(self.name, self.version, None, lengths, header)
         sums = F.quantize_parts(F.as_bits(tensor.detach()), parts, self.qmax, self.kind == "int4", w.buffers, w.hasher,
