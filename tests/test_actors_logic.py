@@ -119,6 +119,22 @@ def test_agent_demotes_lru_to_disk_and_promotes_on_hit(tmp_path):
     assert agent.metrics.total("qwen3vl_ray_promotions", tier="host") == 1
 
 
+def test_agent_counts_a_new_value_stored_over_one_in_another_tier_as_no_swap(tmp_path):
+    agent = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=3), LocalObjectStore())
+    agent.put_chunks([WireChunk.of(key(0), chunk(0))])
+    assert agent.cache.demote(key(0)) and agent.contains_many([key(0)]) == ["disk"]
+    assert agent.metrics.total("qwen3vl_ray_demotions", tier="host") == 1
+    # a new value of the same key lands in the host tier: the disk copy is superseded, nothing came back up
+    assert agent.put_chunks([WireChunk.of(key(0), chunk(5))]) == ["host"]
+    assert agent.metrics.total("qwen3vl_ray_promotions", tier="host") == 0
+    assert torch.equal(agent.get_tensors([key(0)])[0], chunk(5))
+    # and the same value read back from disk after a real demotion is one promotion
+    assert agent.cache.demote(key(0)) and agent.get_tensors([key(0)])[0] is not None
+    assert agent.contains_many([key(0)]) == ["host"]
+    assert agent.metrics.total("qwen3vl_ray_promotions", tier="host") == 1
+    assert agent.metrics.total("qwen3vl_ray_demotions", tier="host") == 2
+
+
 def test_agent_batch_larger_than_the_host_tier_is_one_slab_plus_lru_demotions(tmp_path):
     agent = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=3), LocalObjectStore())
     # one batch of 5 into a 3-chunk host tier: the 3 that fit go into the store as one slab, the cache commits

@@ -100,10 +100,10 @@ def test_a_listener_added_late_starts_from_the_keys_and_hears_later_moves_only(t
         assert replay.events == [] and replay.where == {first: "host"}
         c.demote(first)
         assert replay.events == [(first, 0, 1)]
-        c.put(first, torch.ones(ELEMS))  # a new value stored on top: the disk copy is superseded
-        assert replay.events[-1] == (first, 1, 0)
+        c.put(first, torch.ones(ELEMS))  # a new value stored on top: the disk copy leaves, the new value enters
+        assert replay.events[1:] == [(first, 1, None), (first, None, 0)]
         c.put(first, torch.full((ELEMS,), 2.0))  # replaced in place: not a move
-        assert len(replay.events) == 2
+        assert len(replay.events) == 3
         c.remove(first)
         assert replay.events[-1] == (first, 0, None)
         agrees(c, replay)

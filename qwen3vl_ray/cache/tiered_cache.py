@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 
 #: ``listener(key, src, dst, nbytes)``: the index moved ``key`` from tier ``src`` to tier ``dst`` (positions in
 #: ``TieredCache.tiers``); ``src`` None: it entered the cache, ``dst`` None: it left it; ``nbytes``: the bytes of
-#: the tensor that moved (None where the move carries none: a drop, a failed replace's undo). A replace in place
-#: is no move. Called under the cache's lock, in the order the moves happen: a listener only records (a node
+#: the tensor that moved (None where the move carries none: a drop, a failed replace's undo, which moves the key
+#: back where its old value still is). A replace in place is no move; a new value stored in another tier than the
+#: old one is two: the old value leaves, the new one enters (it is no demotion or promotion). Called under the cache's lock, in the order the moves happen: a listener only records (a node
 #: agent journals them for the cluster's directory and counts its swaps) and never calls back into the cache.
 EntryListener = Callable[[CacheKey, "int | None", "int | None", "int | None"], None]
 
@@ -339,8 +340,7 @@ class TieredCache:
                     self._delete_from(old.tier, key)
             e = _Entry(i, parent, self._clock(), in_flight=1)
             self._index[key] = e
-            if old is None or old.tier != i:
-                self._moved(key, None if old is None else old.tier, i, tensor)
+            self._announce_store(key, old, i, tensor)
             self._staged[key] = tensor
             # same tier (a disk replace): on_insert of a present key is a use, which keeps its chain links
             policy.on_insert(key, prepared.nbytes, parent)
@@ -396,10 +396,18 @@ class TieredCache:
         # Same tier: on_insert of a present key is a use, which keeps the policy's links to the entry's cached
         # children (remove + insert would orphan them).
         self._index[key] = _Entry(i, parent, self._clock())
-        if old is None or old.tier != i:
-            self._moved(key, None if old is None else old.tier, i, tensor)
+        self._announce_store(key, old, i, tensor)
         self.policies[i].on_insert(key, prepared.nbytes, parent)
         return True
+
+    def _announce_store(self, key: CacheKey, old: _Entry | None, i: int, tensor: torch.Tensor) -> None:
+        """Tell listeners a new value of ``key`` is indexed in tier ``i`` (lock held). A value replacing one in
+        another tier is no move of that value: the old one leaves and the new one enters (a node agent would
+        count a move down as a demotion, one up as a promotion). A replace in place is no move at all."""
+        if old is not None and old.tier != i:
+            self._moved(key, old.tier, None)
+        if old is None or old.tier != i:
+            self._moved(key, None, i, tensor)
 
     # ------------------------------------------------------------------ load
     def get(self, key: CacheKey, promote: bool | None = None, device: torch.device | str | None = None,
