@@ -86,3 +86,30 @@ def test_close_session_drops_its_tail(ckpt):
         assert tail is not None and eng.store.contains(tail)
         eng.close_session("S")
         assert not eng.store.contains(tail) and eng.sessions.get("S") is None
+
+
+def test_a_running_turn_never_counts_its_own_session_as_idle(ckpt):
+    # Every session is idle once its turn ends (session_idle_s=0). A's second turn needs room: the idle
+    # session B's entries make it, not A's own tail, which the turn is about to load (a demotion of it would
+    # only send it down and bring it straight back up).
+    sp = SamplingParams(max_new_tokens=6)
+    a1, b1 = chat(1, "Session A, turn one."), chat(2, "Session B, turn one, a little longer than A's.")
+    cfg = EngineConfig(chunk_tokens=16, device="cpu", kv_device_budget_bytes=64 * MiB, session_idle_s=0.0,
+                       tiers=[TierConfig("device", 8 * MiB, block_bytes=KiB), TierConfig("host", 64 * MiB, block_bytes=KiB)])
+    with Qwen3VLEngine(ckpt, cfg) as eng:
+        ra = eng.generate([Request(a1, sp, session_id="A")])[0]
+        rb = eng.generate([Request(b1, sp, session_id="B")])[0]
+        assert ra.ok and rb.ok, (ra.error, rb.error)
+        a_tail, b_tail = eng.sessions.get("A").tail_key, eng.sessions.get("B").tail_key
+        assert a_tail is not None and eng.store.where(a_tail) == "device" == eng.store.where(b_tail)
+        assert eng.sessions.idle_order() == ["A", "B"]  # A is the most idle: it goes first
+        a2 = a1 + [{"role": "assistant", "content": ra.text},
+                   {"role": "user", "content": [{"type": "text", "text": "Session A, turn two."}]}]
+        n2 = len(build_prompt(eng.processor, a2, cfg.max_pixels, _image_token_id(ckpt)))
+        # just short of room for A's second turn: one demotion of an idle entry makes it fit
+        eng.budget.budget_bytes = eng.budget.used_bytes() + (n2 + sp.max_new_tokens) * KiB - 1
+        r2 = eng.generate([Request(a2, sp, session_id="A")])[0]
+        assert r2.ok, r2.error
+        assert eng.budget.demoted > 0 and eng.store.where(b_tail) == "host"
+        assert set(r2.metrics.cached_tiers) == {"device"}  # A's tail was loaded from the device, not from host
+        assert r2.token_ids == reference_generate(eng.model, eng.processor, a2, sp.max_new_tokens)

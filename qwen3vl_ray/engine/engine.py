@@ -95,7 +95,8 @@ class Qwen3VLEngine:
             try:
                 req = self._as_request(req, sampling)
                 rid = req.request_id or rid
-                results.append(self._run(req, rid))
+                with self.sessions.running(req.session_id):
+                    results.append(self._run(req, rid))
             except (ValueError, OSError) as exc:
                 # Caller mistakes and "can never fit" (ValueError subclasses) fail only their own request.
                 logger.info("request %s failed: %s", rid, exc)

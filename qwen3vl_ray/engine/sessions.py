@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -47,6 +48,22 @@ class Sessions:
         self.prefix = prefix
         self.idle_s = idle_s
         self._sessions: dict[str, Session] = {}
+        self._running: dict[str, int] = {}  # session id -> turns of it running now (never idle meanwhile)
+
+    @contextmanager
+    def running(self, session_id: str | None) -> Iterator[None]:
+        """Mark ``session_id``'s turn as running (a None id marks nothing): its entries are no idle session's
+        while the turn makes room for itself, loads and stores, however long ago its last turn ended."""
+        if session_id is None:
+            yield
+            return
+        self._running[session_id] = self._running.get(session_id, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._running.pop(session_id) - 1
+            if left:
+                self._running[session_id] = left
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions
@@ -55,9 +72,10 @@ class Sessions:
         return self._sessions.get(session_id)
 
     def idle_order(self) -> list[str]:
-        """Session ids idle for at least ``idle_s``, most idle first."""
+        """Session ids idle for at least ``idle_s`` and not running a turn now, most idle first."""
         now = time.monotonic()
-        idle = [s for s in self._sessions.values() if now - s.last_used >= self.idle_s]
+        idle = [s for s in self._sessions.values()
+                if now - s.last_used >= self.idle_s and s.session_id not in self._running]
         return [s.session_id for s in sorted(idle, key=lambda s: s.last_used)]
 
     def idle_keys(self) -> Iterator[CacheKey]:
