@@ -42,7 +42,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qwen3vl_ray.codecs.groups import TINY
 from qwen3vl_ray.errors import CodecError
 
 log = logging.getLogger(__name__)
@@ -208,8 +207,9 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
     in cache (what ``auto`` needs, without a decode; see :func:`error_bound`). They are float32
     sums in code units per group (``(x - decoded) * inv`` and ``x * inv``, the decoded value rounded to the
     output dtype as decode rounds it), scaled back by ``1 / inv^2`` in float64; groups stored as zeros add
-    their inputs' squares exactly. ``measure`` 2: (squared float32 inputs,), which :func:`quantize_parts`
-    completes from the scales for :func:`bound_error`. Else ().
+    their inputs' squares exactly. ``measure`` 2: (squared float32 inputs, squared scales of the quantized
+    groups, squared scales of the groups stored as zeros), which :func:`quantize_parts` weighs by the group
+    size for :func:`bound_error`. Else ().
     """
     with _LOCK, _launches() as threads:
         return _encode(x, g, qmax, pack4, codes, scales, int(measure), threads)
@@ -218,7 +218,7 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
 def _encode(x, g: Geometry, qmax: int, pack4: bool, codes, scales, measure: int, threads: int) -> tuple[float, ...]:
     per = _per(g, pack4)
     nchunks = -(-g.U * g.H * g.T * -(-g.n // g.group) // per)
-    width = (0, 2, 1)[measure]
+    width = (0, 2, 3)[measure]
     err = np.zeros(width * nchunks, dtype=np.float64) if width else _NO_SUMS
     _pieces(nchunks, threads)
     _kernel("ENCODE", (g.post == 1, pack4, measure))(
@@ -316,7 +316,7 @@ def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool,
     array would be one more kernel specialization to compile.
     """
     measure = int(measure)
-    total = [0.0] * (0, 2, 1)[measure]
+    total = [0.0] * (0, 2, 3)[measure]
     checked = []
     for i, g in enumerate(parts):
         if buffers[2 * i].nbytes != _ncodes(g, pack4) or buffers[2 * i + 1].nbytes != 4 * _nscales(g):
@@ -326,6 +326,11 @@ def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool,
             codes = np.frombuffer(buffers[2 * i], dtype=np.uint8)
             scales = np.empty(_nscales(g), dtype=np.float32)
             got = _encode(x, g, qmax, pack4, codes, scales, measure, threads)
+            if measure == 2:
+                # every group of the part holds at most ``group`` elements per scale; a group stored as zeros
+                # (amax <= TINY) errs by its inputs, each <= amax = qmax * scale (within 2^-23), the others by
+                # half a step each
+                got = (got[0], g.group * got[1], g.group * got[2] * (qmax * (1 + 2.0 ** -22)) ** 2)
             total = [a + b for a, b in zip(total, got)]
             checked.append((codes, scales))
     for i, (codes, scales) in enumerate(checked):
@@ -335,16 +340,7 @@ def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool,
         hasher.update(codes)
         hasher.update(scales)
     if measure == 2:
-        sq = zz = 0.0
-        for g, (_, scales) in zip(parts, checked):
-            s64 = scales.astype(np.float64)
-            # a group stored as zeros (amax <= TINY, so scale <= TINY / qmax) errs by its inputs, each <= amax
-            # = qmax * scale (within 2^-23); other groups by half a step; group elements per scale at most
-            thr = float(np.float32(np.float32(TINY) / np.float32(qmax)))
-            tiny = float(np.dot(s64, s64 * (s64 <= thr))) if s64.size and s64.min() <= thr else 0.0
-            sq += g.group * max(0.0, float(np.dot(s64, s64)) - tiny)
-            zz += g.group * tiny * (qmax * (1 + 2.0 ** -22)) ** 2
-        return (sq, total[0], zz)
+        return (total[1], total[0], total[2])
     return tuple(total)
 
 
