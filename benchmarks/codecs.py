@@ -26,8 +26,9 @@ kernels (``kern`` = fused) and on the torch paths they replace (``kern`` = torch
 first call of each row compiles or loads the kernels and is not timed. Kernel threads follow ``--threads``
 (0: every core of the process's affinity mask, as a worker runs). ``auto`` rows also report what choosing
 costs: ``auto``'s encode time over the chosen codec's own encode time, minus one (``choose``); ``auto`` remembers
-each tensor kind's winner and screens the kind afresh every ``RESCREEN_EVERY + 1`` encodes, so its timed runs
-each span at least one such cycle (the steady state, re-screens included). ``--clock cpu`` (with ``--threads 1``) times the thread's CPU
+each tensor kind's winner and screens the kind afresh after an interval that doubles from ``RESCREEN_EVERY`` to
+``RESCREEN_MAX`` tensors while re-screens confirm the winner: the row first encodes through that ramp (untimed),
+then each timed run spans ``RESCREEN_MAX + 1`` encodes, one full cycle (the steady state, its re-screen included). ``--clock cpu`` (with ``--threads 1``) times the thread's CPU
 time instead of wall time, which removes the time other tenants hold the core but not their cache and
 memory-bandwidth pressure.
 
@@ -157,9 +158,16 @@ def _measure(name: str, x: torch.Tensor | list[torch.Tensor], spec: str, repeats
             d.copy_(t)
         _sync(device)
 
-    # auto remembers a tensor kind's winner and screens the kind afresh every RESCREEN_EVERY + 1 encodes: one
-    # timed run spans at least that many, so its time is the steady state with the re-screens in it
-    cycle = -(-(auto.RESCREEN_EVERY + 1) // len(xs)) if codec.name == "auto" else 1
+    # auto remembers a tensor kind's winner and screens the kind afresh after an interval that doubles up to
+    # RESCREEN_MAX while re-screens confirm the winner: encode through that ramp first, then one timed run spans
+    # a full steady-state cycle (RESCREEN_MAX + 1 encodes), so its time has the re-screen in it
+    cycle = -(-(auto.RESCREEN_MAX + 1) // len(xs)) if codec.name == "auto" else 1
+    if codec.name == "auto":
+        ramp, interval = 0, auto.RESCREEN_EVERY
+        while interval < auto.RESCREEN_MAX:
+            ramp, interval = ramp + interval + 1, 2 * interval
+        for i in range(ramp):
+            codec.encode(xs[i % len(xs)])
 
     def enc():
         ps = [codec.encode(t) for _ in range(cycle) for t in xs][-len(xs):]; _sync(device); return ps

@@ -384,3 +384,43 @@ def test_auto_takes_a_remembered_winner_on_its_bound(monkeypatch):
         assert relative_error(x, decode(payload)) <= 0.15
     assert calls["bounded"] - before["bounded"] == 1  # tried once, then the kind skips it
     assert calls["measured"] - before["measured"] == 3
+
+
+def test_auto_rescreen_interval_adapts_and_still_catches_a_changed_winner(monkeypatch):
+    # re-screens that confirm the winner double the interval up to RESCREEN_MAX; a winner that misses the budget is
+    # replaced at once (the budget holds on every tensor); a kind whose data grows more compressible is re-screened
+    # within RESCREEN_MAX tensors, and the interval then starts over at RESCREEN_EVERY
+    from qwen3vl_ray.codecs import auto, relative_error
+
+    monkeypatch.setattr(auto, "RESCREEN_EVERY", 2)
+    monkeypatch.setattr(auto, "RESCREEN_MAX", 8)
+    codec = make_codec("auto:max_error=0.15")
+    fresh, names = [], []
+    real = codec._choose_afresh
+    monkeypatch.setattr(codec, "_choose_afresh", lambda t, fb: fresh.append(len(names)) or real(t, fb))
+
+    def run(x):
+        chosen, payload = codec.choose(x)
+        assert relative_error(x, decode(payload)) <= 0.15
+        names.append(chosen.name)
+
+    plain = [make_tensor((8, 2, 4, 64, 64), torch.bfloat16, "normal", seed) for seed in range(3)]
+    spiky = make_tensor((8, 2, 4, 64, 64), torch.bfloat16, "normal", 7)
+    spiky[:, 1, :, :, ::32] = 12.0  # one outlier per value group: kv-int4 misses the budget on it
+    for i in range(30):
+        run(plain[i % 3])
+    # chosen at 0; then served 2, 4, 8, 8 tensors between the re-screens, each confirming kv-int4
+    assert fresh == [0, 3, 8, 17, 26] and set(names) == {"kv-int4"}
+    run(spiky)  # the remembered kv-int4 misses the budget: chosen afresh on this very tensor
+    assert fresh[-1] == 30 and names[-1] != "kv-int4"
+    bigger = names[-1]
+    for _ in range(30):
+        run(spiky)  # confirmed again and again: the interval grows back to the cap
+    assert fresh[5:] == [30, 33, 38, 47, 56] and set(names[30:]) == {bigger}
+    start = len(names)
+    for i in range(12):
+        run(plain[i % 3])
+    # the next scheduled re-screen (within RESCREEN_MAX tensors) finds kv-int4 again; the interval resets to 2
+    switch = names.index("kv-int4", start)
+    assert switch - start <= auto.RESCREEN_MAX and fresh[-2:] == [switch, switch + 3]
+    assert set(names[start:switch]) == {bigger} and set(names[switch:]) == {"kv-int4"}

@@ -223,7 +223,7 @@ def _encode(x, g: Geometry, qmax: int, pack4: bool, codes, scales, measure: int,
     _pieces(nchunks, threads)
     _kernel("ENCODE", (g.post == 1, pack4, measure))(
         x, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, np.float32(qmax), per, codes, scales, err)
-    return tuple(float(err[i::width].sum()) for i in range(width))
+    return tuple(err.reshape(nchunks, width).sum(axis=0).tolist()) if width else ()
 
 
 _NO_SUMS = np.zeros(0, dtype=np.float64)
