@@ -85,7 +85,7 @@ from qwen3vl_ray.codecs.base import dtype_name
 from qwen3vl_ray.keys import KEY_BYTES, Namespace
 from qwen3vl_ray.policies import DEFAULT_POLICY, POLICIES, make_policy
 from qwen3vl_ray.policies.base import EvictionPolicy
-from qwen3vl_ray.policies.prefix import PrefixLRUPolicy, _Node
+from qwen3vl_ray.policies.prefix import PrefixLRUPolicy, PrefixRecord
 from qwen3vl_ray.tiers.config import TierConfig
 from qwen3vl_ray.tiers.disk_format import header_len
 
@@ -236,26 +236,25 @@ class ChainOracle(PrefixLRUPolicy):
         # requests per request of lifetime; a chain used once has no rate
         self._rate = {h: (len(ix) / (ix[-1] - ix[0] + 1) if len(ix) > 1 else 0.0) for h, ix in uses.items()}
 
-    def _head(self, node: _Node) -> _Node:
-        while isinstance(node.parent, _Node):
-            node = node.parent
+    def _head(self, node: PrefixRecord) -> PrefixRecord:
+        while isinstance(node.up, PrefixRecord):
+            node = node.up
         return node
 
-    def _priority(self, node: _Node) -> int:
+    def _priority(self, node: PrefixRecord) -> int:
         head = self._head(node).key
         if self._left.get(head, 0) <= 0:
             return self._clock - (1 << 40)
         return self._clock + int(self._rate[head] * (1 << 20))
 
-    def _on_new(self, node: _Node) -> None:
+    def _on_new(self, node: PrefixRecord) -> None:
         if node.parent is None and node.key in self._left:
             self._left[node.key] -= 1
 
-    def on_hit(self, key: bytes) -> None:
-        node = self._nodes.get(key)
-        if node is not None and node.parent is None and key in self._left:
-            self._left[key] -= 1
-        super().on_hit(key)
+    def hit(self, rec) -> None:
+        if rec.parent is None and rec.key in self._left:
+            self._left[rec.key] -= 1
+        super().hit(rec)
 
 
 def metadata_bytes_per_entry(name: str, n: int = 100_000, chain: int = 16) -> float:

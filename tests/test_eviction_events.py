@@ -40,33 +40,33 @@ class Recording(PrefixLRUPolicy):
     def _note(self, event: str, k: bytes) -> None:
         self.log.append((event, int.from_bytes(k, "little")))
 
-    def on_insert(self, k, nbytes, parent=None):
-        self._note("insert", k)
-        super().on_insert(k, nbytes, parent)
+    def insert(self, rec, nbytes, up=None):
+        self._note("insert", rec.key)
+        super().insert(rec, nbytes, up)
 
-    def on_hit(self, k):
-        self._note("hit", k)
-        super().on_hit(k)
+    def hit(self, rec):
+        self._note("hit", rec.key)
+        super().hit(rec)
 
-    def on_miss(self, k):
+    def miss(self, k):
         self._note("miss", k)
-        super().on_miss(k)
+        super().miss(k)
 
-    def on_evict(self, k):
-        self._note("evict", k)
-        super().on_evict(k)
+    def evict(self, rec):
+        self._note("evict", rec.key)
+        super().evict(rec)
 
-    def on_demote(self, k):
-        self._note("demote", k)
-        super().on_demote(k)
+    def demote(self, rec):
+        self._note("demote", rec.key)
+        super().demote(rec)
 
-    def on_promote(self, k):
-        self._note("promote", k)
-        super().on_promote(k)
+    def promote(self, rec):
+        self._note("promote", rec.key)
+        super().promote(rec)
 
-    def on_delete(self, k):
-        self._note("delete", k)
-        super().on_delete(k)
+    def delete(self, rec):
+        self._note("delete", rec.key)
+        super().delete(rec)
 
 
 def two_tier_store(tmp_path, policies, host_entries=2, disk_entries=2) -> TieredCache:

@@ -1,6 +1,6 @@
 """Property test: under any sequence of store operations each tier's policy is told exactly what its tier holds.
 
-Every tier's policy keeps a ledger from its events alone: ``on_insert`` adds a key, each way out (evict,
+Every tier's policy keeps a ledger from its events alone: ``insert`` adds a key, each way out (evict,
 demote, promote, delete) takes one away. After every step the ledger equals the keys the cache indexes in
 that tier, no way out names a key the ledger does not hold, the top tier is never told of a promotion nor the
 last of a demotion, and the evictions the policies heard are the entries the cache dropped.
@@ -32,9 +32,9 @@ class Ledger(PrefixLRUPolicy):
         self.out = {"evict": 0, "demote": 0, "promote": 0, "delete": 0}
         self.unknown: list[tuple[str, bytes]] = []  # ways out of keys the tier was never told it holds
 
-    def on_insert(self, key, nbytes, parent=None):
-        self.held.add(key)
-        super().on_insert(key, nbytes, parent)
+    def insert(self, rec, nbytes, up=None):
+        self.held.add(rec.key)
+        super().insert(rec, nbytes, up)
 
     def _left(self, event: str, key) -> None:
         if key not in self.held:
@@ -42,21 +42,21 @@ class Ledger(PrefixLRUPolicy):
         self.held.discard(key)
         self.out[event] += 1
 
-    def on_evict(self, key):
-        self._left("evict", key)
-        super().on_evict(key)
+    def evict(self, rec):
+        self._left("evict", rec.key)
+        super().evict(rec)
 
-    def on_demote(self, key):
-        self._left("demote", key)
-        super().on_demote(key)
+    def demote(self, rec):
+        self._left("demote", rec.key)
+        super().demote(rec)
 
-    def on_promote(self, key):
-        self._left("promote", key)
-        super().on_promote(key)
+    def promote(self, rec):
+        self._left("promote", rec.key)
+        super().promote(rec)
 
-    def on_delete(self, key):
-        self._left("delete", key)
-        super().on_delete(key)
+    def delete(self, rec):
+        self._left("delete", rec.key)
+        super().delete(rec)
 
 
 class EventsMachine(RuleBasedStateMachine):

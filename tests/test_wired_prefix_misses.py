@@ -25,13 +25,13 @@ class Heard(PrefixLRUPolicy):
         super().__init__()
         self.log: list[tuple[str, bytes]] = []
 
-    def on_hit(self, k):
-        self.log.append(("hit", k))
-        super().on_hit(k)
+    def hit(self, rec):
+        self.log.append(("hit", rec.key))
+        super().hit(rec)
 
-    def on_miss(self, k):
+    def miss(self, k):
         self.log.append(("miss", k))
-        super().on_miss(k)
+        super().miss(k)
 
 
 def prefix_kv() -> tuple[PrefixKV, TieredCache, Heard]:

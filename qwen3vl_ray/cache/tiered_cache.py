@@ -34,6 +34,7 @@ from qwen3vl_ray.errors import CapacityError, CodecError, ConfigError
 from qwen3vl_ray.keys import CacheKey, validate_key
 from qwen3vl_ray.policies import DEFAULT_POLICY, make_policy
 from qwen3vl_ray.policies.base import EvictionPolicy
+from qwen3vl_ray.policies.record import EntryRecord
 from qwen3vl_ray.tiers.base import Tier
 
 log = logging.getLogger(__name__)
@@ -45,23 +46,6 @@ log = logging.getLogger(__name__)
 #: old one is two: the old value leaves, the new one enters (it is no demotion or promotion). Called under the cache's lock, in the order the moves happen: a listener only records (a node
 #: agent journals them for the cluster's directory and counts its swaps) and never calls back into the cache.
 EntryListener = Callable[[CacheKey, "int | None", "int | None", "int | None"], None]
-
-
-@dataclass(slots=True)
-class _Entry:
-    """Index record of one cached entry (metadata only; bytes live in the tier, sizes in its index).
-
-    Kept to six pointers: the per-entry budget (<= 256 B) is shared with the tier's and the policy's
-    records. ``last_access`` points at a float shared by every entry touched in the same second; small
-    counts (``hits``, ``pins``, ``in_flight``) are Python's shared small ints.
-    """
-
-    tier: int
-    parent: CacheKey | None
-    last_access: float
-    pins: int = 0
-    in_flight: int = 0
-    hits: int = 0  # reads of this value (lookups and touches): a node agent ranks entries by it
 
 
 class EntryInfo(NamedTuple):
@@ -128,7 +112,9 @@ class TieredCache:
             raise ConfigError(f"{len(self.policies)} policies given for {len(self.tiers)} tiers")
         self._lock = threading.RLock()
         self._clock = _CoarseClock()
-        self._index: dict[CacheKey, _Entry] = {}
+        # key -> the record of the entry's current stay (a record of the tier's policy's ``record_type``, which
+        # holds the policy's fields too: one record per entry for store and policy)
+        self._index: dict[CacheKey, EntryRecord] = {}
         self._staged: dict[CacheKey, torch.Tensor] = {}  # bytes of entries whose write is in flight (few at a time)
         self._queued: dict[CacheKey, PendingWrite] = {}  # writes into the last tier not started yet (evictable)
         self._counters = [_TierCounters() for _ in self.tiers]
@@ -141,14 +127,25 @@ class TieredCache:
             if config.prefetch_threads
             else None
         )
+        for i, policy in enumerate(self.policies):
+            policy.bind(lambda i=i: [r for r in self._index.values() if r.tier == i])
         # Entries that survived a restart (the disk tier rebuilds its index) become visible again.
         for i, tier in enumerate(self.tiers):
             for key in list(tier.keys()):
                 nbytes = tier.entry_nbytes(key)
                 if nbytes is None or key in self._index:
                     continue
-                self._index[key] = _Entry(i, None, self._clock())
-                self.policies[i].on_insert(key, nbytes, None)
+                rec = self._index[key] = self._record(i, key, None)
+                self.policies[i].insert(rec, nbytes)
+
+    def _record(self, i: int, key: CacheKey, parent: CacheKey | None, in_flight: int = 0) -> EntryRecord:
+        """A new record of ``key``'s stay in tier ``i``, of that tier's policy's class."""
+        return self.policies[i].record_type(key, i, parent, self._clock(), in_flight=in_flight)
+
+    def _up(self, i: int, parent: CacheKey | None) -> EntryRecord | None:
+        """The record of ``parent`` when it is in tier ``i`` (its policy links chains within the tier)."""
+        up = None if parent is None else self._index.get(parent)
+        return up if up is not None and up.tier == i else None
 
     def add_listener(self, listener: EntryListener) -> None:
         """Hear every later move of an entry between tiers, into and out of the cache (``EntryListener``).
@@ -337,13 +334,19 @@ class TieredCache:
                 self._call_off(key, old)  # the new value supersedes what a queued write of it would write
                 if old.tier != i and (fallback is None or fallback.tier != old.tier):
                     # nothing of it to fall back to there: it goes now (readers get the staged bytes)
-                    self._delete_from(old.tier, key)
-            e = _Entry(i, parent, self._clock(), in_flight=1)
-            self._index[key] = e
+                    self._delete_from(old)
+            if old is not None and old.tier == i:
+                # a replace in the same tier (a disk replace): the entry keeps its record, so its policy sees a
+                # use and keeps its chain links; the old value stays whole in the tier until the new one's commit
+                e = old
+                e.parent, e.last_access, e.hits = parent, self._clock(), 0
+                e.in_flight += 1
+                policy.insert(e, prepared.nbytes)
+            else:
+                e = self._index[key] = self._record(i, key, parent, in_flight=1)
+                policy.insert(e, prepared.nbytes, self._up(i, parent))
             self._announce_store(key, old, i, tensor)
             self._staged[key] = tensor
-            # same tier (a disk replace): on_insert of a present key is a use, which keeps its chain links
-            policy.on_insert(key, prepared.nbytes, parent)
             w = PendingWrite(key, e, i, tensor, item=j, prepared=prepared, res=res, replaced=fallback)
             writes.append(w)
             if i == len(self.tiers) - 1:
@@ -351,7 +354,7 @@ class TieredCache:
             results[j] = True
         return down
 
-    def _fallback(self, key: CacheKey, old: _Entry | None) -> _Entry | None:
+    def _fallback(self, key: CacheKey, old: EntryRecord | None) -> EntryRecord | None:
         """The record of the value a put of ``key`` falls back to if its write fails (lock held): ``old`` when
         its bytes are committed in its tier (tiers write aside and publish on success, so they stay whole
         until the new value's commit), or what a still queued put of the key would itself have fallen back
@@ -363,7 +366,7 @@ class TieredCache:
         w = self._queued.get(key)
         return w.replaced if w is not None and w.entry is old else None
 
-    def _replaceable(self, key: CacheKey, old: _Entry) -> bool:
+    def _replaceable(self, key: CacheKey, old: EntryRecord) -> bool:
         """Whether a put may replace ``old`` (lock held): not pinned, not being read or written, except for a
         demotion of it queued and not started, which the put calls off where the new value is placed. Only
         there: a put that goes on to a lower tier (with the lock released in between) or fails must leave the
@@ -371,7 +374,7 @@ class TieredCache:
         return self._evictable(key)
 
     def _store_now(self, i: int, key: CacheKey, tensor: torch.Tensor, prepared, parent: CacheKey | None,
-                   old: _Entry | None, writes: list[PendingWrite]) -> bool:
+                   old: EntryRecord | None, writes: list[PendingWrite]) -> bool:
         """Store under the lock (tiers without held room, and in-place replaces). False if there is no room."""
         tier = self.tiers[i]
         if old is not None:
@@ -392,15 +395,19 @@ class TieredCache:
             # would have fallen back to goes too, unless it is what this store just replaced in place
             self._call_off_with_fallback(key, old, keep_tier=i)
         if old is not None and old.tier != i:
-            self._delete_from(old.tier, key)
-        # Same tier: on_insert of a present key is a use, which keeps the policy's links to the entry's cached
-        # children (remove + insert would orphan them).
-        self._index[key] = _Entry(i, parent, self._clock())
+            self._delete_from(old)
         self._announce_store(key, old, i, tensor)
-        self.policies[i].on_insert(key, prepared.nbytes, parent)
+        if old is not None and old.tier == i:
+            # Same tier: the entry keeps its record, and its policy sees a use, which keeps the links to the
+            # entry's cached children (remove + insert would orphan them).
+            old.parent, old.last_access, old.hits = parent, self._clock(), 0
+            self.policies[i].insert(old, prepared.nbytes)
+        else:
+            rec = self._index[key] = self._record(i, key, parent)
+            self.policies[i].insert(rec, prepared.nbytes, self._up(i, parent))
         return True
 
-    def _announce_store(self, key: CacheKey, old: _Entry | None, i: int, tensor: torch.Tensor) -> None:
+    def _announce_store(self, key: CacheKey, old: EntryRecord | None, i: int, tensor: torch.Tensor) -> None:
         """Tell listeners a new value of ``key`` is indexed in tier ``i`` (lock held). A value replacing one in
         another tier is no move of that value: the old one leaves and the new one enters (a node agent would
         count a move down as a demotion, one up as a promotion). A replace in place is no move at all."""
@@ -430,7 +437,7 @@ class TieredCache:
             if e is None:
                 self._misses += 1
                 for policy in self.policies:  # absent from every tier: a miss in each
-                    policy.on_miss(key)
+                    policy.miss(key)
                 return None, None
             e.in_flight += 1
             src = e.tier
@@ -463,8 +470,8 @@ class TieredCache:
                 tier_name = self.tiers[src].name
                 if current:
                     for policy in self.policies[:src]:  # a hit below is a miss in each tier above it
-                        policy.on_miss(key)
-                    self.policies[src].on_hit(key)
+                        policy.miss(key)
+                    self.policies[src].hit(e)
                     # Never move an entry another reader is still copying out of ``src`` (its read would find
                     # the bytes gone and report a false miss), nor one being written.
                     if promote and src > 0 and not e.in_flight:
@@ -495,7 +502,7 @@ class TieredCache:
             e.last_access = self._clock()
             e.hits += 1
             self._counters[e.tier].hits += 1
-            self.policies[e.tier].on_hit(key)
+            self.policies[e.tier].hit(e)
             return True
 
     def get_many(self, keys: Sequence[CacheKey], promote: bool | None = None) -> list[torch.Tensor | None]:
@@ -663,6 +670,11 @@ class TieredCache:
                 return i
         raise ConfigError(f"unknown tier {name!r}; this cache has: {', '.join(self.tier_names)}")
 
+    def _current(self, rec: EntryRecord, i: int) -> bool:
+        """Whether ``rec`` is its key's current record, in tier ``i`` (a policy also holds, for a while, the
+        record of a value a put keeps to fall back to, which is no victim: it goes with the put's outcome)."""
+        return self._index.get(rec.key) is rec and rec.tier == i
+
     def _evictable(self, key: CacheKey) -> bool:
         e = self._index.get(key)
         if e is None or e.pins:
@@ -697,15 +709,16 @@ class TieredCache:
         counted: set[CacheKey] = set()
         held = 0
 
-        def fresh(key: CacheKey) -> bool:
-            e = self._index.get(key)
-            return key not in counted and key not in skip and e is not None and e.tier == i and self._evictable(key)
+        def fresh(rec: EntryRecord) -> bool:
+            key = rec.key
+            return key not in counted and key not in skip and self._current(rec, i) and self._evictable(key)
 
         if nbytes <= 0:
             return keys, held
-        walk = iter(self.policies[i].victims(fresh))
+        walk = iter(self.policies[i].walk(fresh))
         try:
-            for key in walk:
+            for rec in walk:
+                key = rec.key
                 counted.add(key)
                 keys.append(key)
                 w = self._queued.get(key)  # a write not started: evicting it gives back the room held for it
@@ -738,19 +751,18 @@ class TieredCache:
         """The policy's first evictable entry of tier ``i``. One per walk: an eviction changes the order (a
         parent becomes a leaf), so a list taken before several evictions would break leaf-first order; and the
         walk ends before anything is evicted, so the policy's structure is never mutated under it."""
-        walk = iter(self.policies[i].victims(self._evictable))
+        walk = iter(self.policies[i].walk(lambda rec: self._current(rec, i) and self._evictable(rec.key)))
         try:
-            for victim in walk:
-                e = self._index.get(victim)
-                if e is not None and e.tier == i and self._evictable(victim):
-                    return victim
+            for rec in walk:
+                if self._current(rec, i) and self._evictable(rec.key):
+                    return rec.key
             return None
         finally:
             close = getattr(walk, "close", None)  # a generator puts back what it set aside (prefix policies)
             if close is not None:
                 close()
 
-    def _evict_one(self, key: CacheKey, e: _Entry, writes: list[PendingWrite]) -> None:
+    def _evict_one(self, key: CacheKey, e: EntryRecord, writes: list[PendingWrite]) -> None:
         """Demote ``key`` to the nearest tier below that takes it; drop it only if none does (or from the last).
 
         The next tier down may be unable to take it: its entries all pinned or being read (e.g. a prompt
@@ -776,16 +788,16 @@ class TieredCache:
         tier = self.tiers[dst]
         return tier.slow_writes and tier.holds_room and dst == len(self.tiers) - 1
 
-    def _stage_demotion(self, key: CacheKey, e: _Entry, src: int, dst: int, tensor: torch.Tensor,
+    def _stage_demotion(self, key: CacheKey, e: EntryRecord, src: int, dst: int, tensor: torch.Tensor,
                         writes: list[PendingWrite]) -> None:
         """Free the victim's room in ``src`` now (its bytes are in ``tensor``) and queue its write into ``dst``."""
         self.tiers[src].discard(key)
-        self.policies[src].on_demote(key)
+        self.policies[src].demote(e)
         # ``dst``'s policy hears the arrival now, as the index places the entry there: a write called off or
         # failed later is a departure of a key it holds, and when room is made for it the victim is one of the
         # candidates (nbytes: the raw tensor's; the victim is encoded later)
-        self.policies[dst].on_insert(key, tensor.numel() * tensor.element_size(), e.parent)
-        e.tier = dst
+        e = self._rehome(e, dst)
+        self.policies[dst].insert(e, tensor.numel() * tensor.element_size(), self._up(dst, e.parent))
         self._moved(key, src, dst, tensor)
         e.in_flight += 1
         self._staged[key] = tensor
@@ -793,7 +805,15 @@ class TieredCache:
         writes.append(w)
         self._queued[key] = w
 
-    def _move(self, key: CacheKey, e: _Entry, src: int, dst: int, tensor: torch.Tensor,
+    def _rehome(self, e: EntryRecord, dst: int) -> EntryRecord:
+        """A new record for ``e``'s entry in tier ``dst`` (its stay there), with what the store knows of it; the
+        index points at it from now on. Never for an entry being read or written (never moved then)."""
+        rec = self._record(dst, e.key, e.parent)
+        rec.last_access, rec.pins, rec.hits = e.last_access, e.pins, e.hits
+        self._index[e.key] = rec
+        return rec
+
+    def _move(self, key: CacheKey, e: EntryRecord, src: int, dst: int, tensor: torch.Tensor,
               writes: list[PendingWrite]) -> bool:
         """Copy ``tensor`` into tier ``dst`` (making room there), then release it from ``src``."""
         try:
@@ -813,12 +833,12 @@ class TieredCache:
             e.pins -= 1
         self.tiers[src].discard(key)
         if dst < src:
-            self.policies[src].on_promote(key)
+            self.policies[src].promote(e)
         else:
-            self.policies[src].on_demote(key)
-        e.tier = dst
+            self.policies[src].demote(e)
+        e = self._rehome(e, dst)
         self._moved(key, src, dst, tensor)
-        self.policies[dst].on_insert(key, prepared.nbytes, e.parent)
+        self.policies[dst].insert(e, prepared.nbytes, self._up(dst, e.parent))
         c = self._counters[dst]
         if dst < src:
             c.promotions_in += 1
@@ -826,7 +846,7 @@ class TieredCache:
             c.demotions_in += 1
         return True
 
-    def _drop(self, key: CacheKey, e: _Entry, count_eviction: bool) -> None:
+    def _drop(self, key: CacheKey, e: EntryRecord, count_eviction: bool) -> None:
         # evicted before its write started: the write is called off, and the value it would have fallen back
         # to goes with the key (in its own tier here, or below)
         self._call_off_with_fallback(key, e, keep_tier=e.tier)
@@ -836,22 +856,23 @@ class TieredCache:
             self._counters[e.tier].evictions += 1
             self._dropped += 1
 
-    def _delete_from(self, i: int, key: CacheKey) -> None:
-        """Take ``key``'s bytes out of tier ``i`` and tell its policy, for a reason not its own (``on_delete``):
-        a value superseded there, or a fallback no longer needed (lock held; the index is the caller's)."""
-        self.tiers[i].discard(key)
-        self.policies[i].on_delete(key)
+    def _delete_from(self, rec: EntryRecord) -> None:
+        """Take the bytes of ``rec``'s stay out of its tier and tell its policy, for a reason not its own
+        (``delete``): a value superseded there, or a fallback no longer needed (lock held; the index is the
+        caller's)."""
+        self.tiers[rec.tier].discard(rec.key)
+        self.policies[rec.tier].delete(rec)
 
-    def _call_off_with_fallback(self, key: CacheKey, e: _Entry, keep_tier: int) -> None:
+    def _call_off_with_fallback(self, key: CacheKey, e: EntryRecord, keep_tier: int) -> None:
         """``_call_off``, and if that cancels a put that had kept the key's earlier value in another tier than
         ``keep_tier`` (``_fallback``), that value is discarded there too: nothing will fall back to it."""
         w = self._queued.get(key)
         self._call_off(key, e)
         old = w.replaced if w is not None and w.cancelled else None
         if old is not None and old.tier != keep_tier:
-            self._delete_from(old.tier, key)
+            self._delete_from(old)
 
-    def _call_off(self, key: CacheKey, e: _Entry) -> bool:
+    def _call_off(self, key: CacheKey, e: EntryRecord) -> bool:
         """Cancel ``key``'s queued write into the last tier if it has not started (lock held). True if the
         entry is then free of it: no write, or one called off."""
         w = self._queued.get(key)
@@ -869,12 +890,12 @@ class TieredCache:
             del self._staged[key]
         return True
 
-    def _forget(self, key: CacheKey, e: _Entry, evicted: bool) -> None:
+    def _forget(self, key: CacheKey, e: EntryRecord, evicted: bool) -> None:
         """Unindex ``key``; its tier's policy hears an eviction (room-making dropped it) or a delete."""
         if evicted:
-            self.policies[e.tier].on_evict(key)
+            self.policies[e.tier].evict(e)
         else:
-            self.policies[e.tier].on_delete(key)
+            self.policies[e.tier].delete(e)
         del self._index[key]
         self._moved(key, e.tier, None)
 
@@ -954,17 +975,19 @@ class TieredCache:
                 self._counters[w.dst].demotions_in += 1
             if old is not None and old.tier != w.dst and self._index.get(w.key) is not old:
                 # the value it replaced, kept in another tier until now
-                self._delete_from(old.tier, w.key)
+                self._delete_from(old)
             return
         if w.res is not None and w.ok is None:
             tier.abort(w.res)  # room held but never written (an exception stopped the rounds)
         if old is not None and self._index.get(w.key) is e:
-            # a failed replace: the old value is still whole where it was, so it stays (the put returns False)
-            old.pins += e.pins
-            self._index[w.key] = old
-            if old.tier != w.dst:
-                self._delete_from(w.dst, w.key)
-                self._moved(w.key, w.dst, old.tier)
+            # a failed replace: the old value is still whole where it was, so it stays (the put returns False);
+            # a replace in its own tier kept its record all along
+            if old is not e:
+                old.pins += e.pins
+                self._index[w.key] = old
+                if old.tier != w.dst:
+                    self._delete_from(e)
+                    self._moved(w.key, w.dst, old.tier)
             self._counters[w.dst].rejected += 1
             return
         # Its bytes are nowhere but in the staged tensor: the entry leaves the cache. A victim's loss is an

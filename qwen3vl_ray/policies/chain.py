@@ -39,7 +39,8 @@ from __future__ import annotations
 
 from qwen3vl_ray.keys import CacheKey
 from qwen3vl_ray.policies.doorkeeper import Doorkeeper
-from qwen3vl_ray.policies.prefix import PrefixLRUPolicy, _Node
+from qwen3vl_ray.policies.prefix import PrefixLRUPolicy, PrefixRecord, _live
+from qwen3vl_ray.policies.record import EntryRecord
 
 _MIN_WINDOW = 1024  # keys; the Bloom filters never shrink below this, so tiny tiers still remember a little
 
@@ -73,15 +74,15 @@ class ChainARCPolicy(PrefixLRUPolicy):
         self._evicted_hot = 1.0
 
     def _entries(self) -> int:
-        return max(1, len(self._nodes))
+        return max(1, self._count)
 
-    # ``_Node.hits`` doubles as the class: 0 = cold, >= 1 = hot (came back, inherited, or hit here).
-    def _priority(self, node: _Node) -> int:
-        if node.hits:
+    # ``PrefixRecord.heat`` is the class: 0 = cold, >= 1 = hot (came back, inherited, or hit here).
+    def _priority(self, node: PrefixRecord) -> int:
+        if node.heat:
             return self._clock
-        return self._clock - int(self.penalty * len(self._nodes))
+        return self._clock - int(self.penalty * self._count)
 
-    def on_miss(self, key: CacheKey) -> None:
+    def miss(self, key: CacheKey) -> None:
         if key in self._ghost_cold:
             ratio = max(1.0, self._evicted_hot / self._evicted_cold)
             self.penalty = max(0.0, self.penalty - self._step * ratio / self._entries())
@@ -89,36 +90,37 @@ class ChainARCPolicy(PrefixLRUPolicy):
             ratio = max(1.0, self._evicted_cold / self._evicted_hot)
             self.penalty = min(self._max_penalty, self.penalty + self._step * ratio / self._entries())
 
-    def _on_new(self, node: _Node) -> None:
-        up = node.parent
-        if isinstance(up, _Node):  # continues a cached chain: same class as the block before it
-            node.hits = 1 if up.hits else 0
+    def _on_new(self, node: PrefixRecord) -> None:
+        up = node.up
+        if isinstance(up, PrefixRecord):  # continues a cached chain: same class as the block before it
+            node.heat = 1 if up.heat else 0
             return
-        window = max(_MIN_WINDOW, int(self._window_factor * len(self._nodes)))
-        node.hits = 1 if self._heads.seen_then_add(node.key, window) else 0
+        window = max(_MIN_WINDOW, int(self._window_factor * self._count))
+        node.heat = 1 if self._heads.seen_then_add(node.key, window) else 0
 
-    def on_evict(self, key: CacheKey) -> None:
-        self._ghost(key)
-        super().on_evict(key)
+    def evict(self, rec: EntryRecord) -> None:
+        self._ghost(rec)
+        super().evict(rec)
 
-    def on_demote(self, key: CacheKey) -> None:
+    def demote(self, rec: EntryRecord) -> None:
         # leaving for the tier below is this tier's eviction: the same choice, judged by the same ghosts
-        self._ghost(key)
-        super().on_demote(key)
+        self._ghost(rec)
+        super().demote(rec)
 
     # on_promote and on_delete only forget: a block that left because it was hit, or that a caller removed, says
     # nothing about whether this policy chose its victims well (counting them skewed the ghosts and the ratio)
 
-    def _ghost(self, key: CacheKey) -> None:
-        """Remember ``key`` in its class's ghost list and count the eviction for ARC's step ratio."""
-        node = self._nodes.get(key)
-        if node is None:
+    def _ghost(self, rec: EntryRecord) -> None:
+        """Remember ``rec``'s key in its class's ghost list and count the eviction for ARC's step ratio."""
+        node: PrefixRecord = rec  # type: ignore[assignment]
+        if not _live(node):
             return
-        decay = 1.0 - 1.0 / max(_MIN_WINDOW, len(self._nodes))  # counts follow about one tier of evictions
+        key = node.key
+        decay = 1.0 - 1.0 / max(_MIN_WINDOW, self._count)  # counts follow about one tier of evictions
         self._evicted_cold *= decay
         self._evicted_hot *= decay
-        window = max(_MIN_WINDOW, int(self._ghost_factor * len(self._nodes)))
-        if node.hits:
+        window = max(_MIN_WINDOW, int(self._ghost_factor * self._count))
+        if node.heat:
             self._evicted_hot += 1.0
             self._ghost_hot.seen_then_add(key, window)
         else:

@@ -9,12 +9,12 @@ Here only *leaves* (entries with no cached child) are eviction candidates, as in
 (``RadixCache.evict``: a heap of leaves by last access; a parent becomes a candidate when its last child
 goes). A chain therefore shrinks from its tail and what stays is always a usable prefix.
 
-Bookkeeping per entry: one ``_Node`` (key, parent, child count, priority, hits, the priority it is queued
-with). The heap holds nodes themselves, each at most once, ordered by the priority they were queued with:
-a use that raises a node's priority leaves it where it waits, and it is re-queued when it surfaces with a
-stale one; a use that lowers it (rare) re-queues it at once, so the order is always that of the current
-priorities (no tuple per use; the per-entry metadata budget is 256 B, store and tier records
-included). Every operation is O(log n) amortized.
+Bookkeeping per entry: five fields in the store's record of it (``PrefixRecord``: parent link, child count,
+priority, class, the priority it is queued with); no map of its own. The heap holds records themselves, each
+at most once, ordered by the priority they were queued with: a use that raises a record's priority leaves it
+where it waits, and it is re-queued when it surfaces with a stale one; a use that lowers it (rare) re-queues it
+at once, so the order is always that of the current priorities (no tuple per use; the per-entry metadata budget
+is 256 B, store and tier records included). Every operation is O(log n) amortized.
 
 Children may arrive before their parent (a tier below receives a chain's tail first when the tier above
 evicts leaf-first); such an orphan waits on its parent's key and is linked when the parent arrives.
@@ -23,27 +23,39 @@ evicts leaf-first); such an orphan waits on its parent's key and is linked when 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from qwen3vl_ray.keys import CacheKey
 from qwen3vl_ray.policies.base import EvictionPolicy
 from qwen3vl_ray.policies.doorkeeper import Doorkeeper
+from qwen3vl_ray.policies.record import EntryRecord
 
 
-@dataclass(slots=True, eq=False)
-class _Node:
-    key: CacheKey
-    # A linked parent _Node, the parent's key while waiting for it to arrive, or None (chain head).
-    parent: "_Node | CacheKey | None"
-    children: int = 0
-    prio: int = 0
-    hits: int = 0
-    # The priority this node is on the heap with (fixed while it is there: the heap's order), None when off it.
-    queued: int | None = None
+class PrefixRecord(EntryRecord):
+    """An entry's record with its place in the chain tree and the leaf heap."""
 
-    def __lt__(self, other: "_Node") -> bool:  # heap order: queued priority, then key (equal ones are rare)
+    __slots__ = ("up", "children", "prio", "heat", "queued")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # A linked parent record, the parent's key while waiting for it to arrive, or None (chain head).
+        self.up: PrefixRecord | CacheKey | None = None
+        self.children = 0  # cached children in this tier
+        # Rank: lower is evicted sooner. None before the record arrives and from the moment it leaves (a departed
+        # record can stay on the heap or as a child's ``up`` until it surfaces; this is how it is recognised).
+        self.prio: int | None = None
+        # The class subclasses rank by: prefix-lru counts hits; prefix-2q / chain-arc: 0 = cold, >= 1 = hot;
+        # prefix-return: the chain's shared record (truthy when hot).
+        self.heat: Any = 0
+        # The priority this record is on the heap with (fixed while it is there: the heap's order), None when off.
+        self.queued: int | None = None
+
+    def __lt__(self, other: "PrefixRecord") -> bool:  # heap order: queued priority, then key (equal ones are rare)
         return (self.queued, self.key) < (other.queued, other.key)
+
+
+def _live(node: PrefixRecord) -> bool:
+    return node.prio is not None
 
 
 class PrefixLRUPolicy(EvictionPolicy):
@@ -54,19 +66,21 @@ class PrefixLRUPolicy(EvictionPolicy):
     """
 
     name = "prefix-lru"
+    record_type = PrefixRecord
 
     def __init__(self) -> None:
-        self._nodes: dict[CacheKey, _Node] = {}
-        # Children whose parent key is not (yet) here: parent key -> one _Node or a list of them.
-        self._waiting: dict[CacheKey, _Node | list[_Node]] = {}
-        self._heap: list[_Node] = []  # leaves by queued priority, lazily invalidated (see _surface)
+        super().__init__()
+        self._count = 0
+        # Children whose parent key is not (yet) here: parent key -> one record or a list of them.
+        self._waiting: dict[CacheKey, PrefixRecord | list[PrefixRecord]] = {}
+        self._heap: list[PrefixRecord] = []  # leaves by queued priority, lazily invalidated (see _surface)
         self._clock = 0
 
     # -- priority ------------------------------------------------------------------------------------
-    def _priority(self, node: _Node) -> int:
+    def _priority(self, node: PrefixRecord) -> int:
         return self._clock
 
-    def _touch(self, node: _Node) -> None:
+    def _touch(self, node: PrefixRecord) -> None:
         self._clock += 1
         node.prio = self._priority(node)
         if node.queued is not None and node.prio < node.queued:
@@ -79,31 +93,31 @@ class PrefixLRUPolicy(EvictionPolicy):
             self._push(node)
 
     # -- heap ----------------------------------------------------------------------------------------
-    def _push(self, node: _Node) -> None:
+    def _push(self, node: PrefixRecord) -> None:
         """Queue a leaf, unless it is queued already (with an older priority: ``_surface`` requeues it)."""
         if node.queued is None:
             node.queued = node.prio
             heapq.heappush(self._heap, node)
-            if len(self._heap) > 2 * len(self._nodes) + 64:
+            if len(self._heap) > 2 * self._count + 64:
                 self._rebuild()
 
     def _rebuild(self) -> None:
-        # Removed nodes left on the heap outnumber live ones: start over with the live leaves.
+        # Departed records left on the heap outnumber live ones: start over with the live leaves.
         for n in self._heap:
             n.queued = None
-        self._heap = [n for n in self._nodes.values() if n.children == 0]
+        self._heap = [n for n in self._members() if _live(n) and n.children == 0]  # type: ignore[misc]
         for n in self._heap:
             n.queued = n.prio
         heapq.heapify(self._heap)
 
-    def _surface(self) -> _Node | None:
-        """Pop the least-priority live leaf off the heap (None when it is empty). Removed and interior nodes
-        are dropped (a node is queued again when it becomes a leaf); a node queued with an older priority
-        than its own goes back with its own and the walk goes on."""
+    def _surface(self) -> PrefixRecord | None:
+        """Pop the least-priority live leaf off the heap (None when it is empty). Departed and interior records
+        are dropped (a record is queued again when it becomes a leaf); one queued with an older priority than
+        its own goes back with its own and the walk goes on."""
         while self._heap:  # re-read each time: requeueing a stale node may rebuild the heap as a new list
             node = heapq.heappop(self._heap)
             queued, node.queued = node.queued, None
-            if node.children or self._nodes.get(node.key) is not node:
+            if node.children or not _live(node):
                 continue
             if node.prio != queued:
                 self._push(node)
@@ -112,56 +126,55 @@ class PrefixLRUPolicy(EvictionPolicy):
         return None
 
     # -- events --------------------------------------------------------------------------------------
-    def on_insert(self, key: CacheKey, nbytes: int, parent: CacheKey | None = None) -> None:
-        node = self._nodes.get(key)
-        if node is not None:  # replaced in place: same chain position, counts as a use
-            self._touch(node)
+    def insert(self, rec: EntryRecord, nbytes: int, up: EntryRecord | None = None) -> None:
+        node: PrefixRecord = rec  # type: ignore[assignment]
+        if _live(node):
+            self._touch(node)  # replaced in place: same chain position, counts as a use
             return
-        node = _Node(key, None)
-        if parent is not None:
-            up = self._nodes.get(parent)
-            if up is not None:
-                node.parent = up
-                up.children += 1
-            else:
-                node.parent = parent
-                self._wait(parent, node)
-        self._nodes[key] = node
-        waiting = self._waiting.pop(key, None)
+        if isinstance(up, PrefixRecord) and _live(up):
+            node.up = up
+            up.children += 1
+        elif node.parent is not None:
+            node.up = node.parent
+            self._wait(node.parent, node)
+        self._count += 1
+        waiting = self._waiting.pop(node.key, None)
         if waiting is not None:
             for child in waiting if isinstance(waiting, list) else (waiting,):
-                child.parent = node
+                child.up = node
                 node.children += 1
         self._on_new(node)
         self._touch(node)
 
-    def _on_new(self, node: _Node) -> None:
+    def _on_new(self, node: PrefixRecord) -> None:
         """Hook for subclasses: ``node`` just arrived (before its first ``_touch``)."""
 
-    def on_hit(self, key: CacheKey) -> None:
-        node = self._nodes.get(key)
-        if node is not None:
-            node.hits += 1
+    def hit(self, rec: EntryRecord) -> None:
+        node: PrefixRecord = rec  # type: ignore[assignment]
+        if _live(node):
+            node.heat += 1
             self._touch(node)
 
-    def _forget(self, key: CacheKey) -> None:
-        node = self._nodes.pop(key, None)
-        if node is None:
+    def _forget(self, rec: EntryRecord) -> None:
+        node: PrefixRecord = rec  # type: ignore[assignment]
+        if not _live(node):
             return
-        up = node.parent
-        if isinstance(up, _Node):
+        node.prio = None
+        self._count -= 1
+        up = node.up
+        if isinstance(up, PrefixRecord):
             up.children -= 1
-            if up.children == 0 and self._nodes.get(up.key) is up:
+            if up.children == 0 and _live(up):
                 self._push(up)  # the parent is a leaf now, with the priority of its own last use
         elif up is not None:
             self._unwait(up, node)
-        # Children left behind keep a pointer to this dead node; they are chain heads from now on.
+        # Children left behind keep a pointer to this departed record; they are chain heads from now on.
         self._on_gone(node)
 
-    def _on_gone(self, node: _Node) -> None:
+    def _on_gone(self, node: PrefixRecord) -> None:
         """Hook for subclasses: ``node`` left the tier."""
 
-    def _wait(self, parent: CacheKey, node: _Node) -> None:
+    def _wait(self, parent: CacheKey, node: PrefixRecord) -> None:
         have = self._waiting.get(parent)
         if have is None:
             self._waiting[parent] = node
@@ -170,7 +183,7 @@ class PrefixLRUPolicy(EvictionPolicy):
         else:
             self._waiting[parent] = [have, node]
 
-    def _unwait(self, parent: CacheKey, node: _Node) -> None:
+    def _unwait(self, parent: CacheKey, node: PrefixRecord) -> None:
         have = self._waiting.get(parent)
         if have is node:
             del self._waiting[parent]
@@ -180,18 +193,18 @@ class PrefixLRUPolicy(EvictionPolicy):
                 del self._waiting[parent]
 
     # -- eviction order ------------------------------------------------------------------------------
-    def victims(self, evictable: Callable[[CacheKey], bool]) -> Iterator[CacheKey]:
+    def walk(self, evictable: Callable[[EntryRecord], bool]) -> Iterator[EntryRecord]:
         """Leaves by priority, each one yielded counted as gone for the rest of the walk (the caller takes it,
         or plans to: a dry walk that lists what would go to free some bytes): a parent joins, by its own
         priority, as soon as all its children have been yielded, so even a long walk never names a chain's
         head before its tail. If every leaf is pinned, interior entries follow in priority order (a rare,
         O(n log n) fallback) so the cache can still make room. Skipped and unremoved entries go back on the
         heap when the walk ends."""
-        kept: list[_Node] = []  # surfaced leaves, off the heap until the walk ends
-        yielded: set[CacheKey] = set()
-        freed: list[tuple[int, CacheKey, _Node]] = []  # parents whose children were all yielded, by priority
-        gone: dict[_Node, list[_Node]] = {}  # children yielded so far, per parent
-        pending: _Node | None = None  # the heap's next leaf, surfaced and waiting to be compared with ``freed``
+        kept: list[PrefixRecord] = []  # surfaced leaves, off the heap until the walk ends
+        yielded: set[int] = set()  # ids of the records yielded (records hash by identity: one stay each)
+        freed: list[tuple[int, CacheKey, PrefixRecord]] = []  # parents whose children were all yielded
+        gone: dict[int, list[PrefixRecord]] = {}  # children yielded so far, per parent's id
+        pending: PrefixRecord | None = None  # the heap's next leaf, surfaced, waiting to be compared with ``freed``
         heap_done = False
         try:
             while True:
@@ -203,39 +216,37 @@ class PrefixLRUPolicy(EvictionPolicy):
                         kept.append(pending)
                 if freed and (pending is None or (freed[0][0], freed[0][1]) < (pending.prio, pending.key)):
                     node = heapq.heappop(freed)[2]
-                    if self._nodes.get(node.key) is not node:
+                    if not _live(node):
                         continue
                 elif pending is not None:
                     node, pending = pending, None
                 else:
                     break
-                if node.key in yielded or not evictable(node.key):  # yielded: requeued by a use during this walk
+                if id(node) in yielded or not evictable(node):  # yielded: requeued by a use during this walk
                     continue
-                yielded.add(node.key)
-                up = node.parent
-                if isinstance(up, _Node) and self._nodes.get(up.key) is up:
+                yielded.add(id(node))
+                up = node.up
+                if isinstance(up, PrefixRecord) and _live(up):
                     # against the children still cached: a caller that takes what it is given (and removes it)
-                    # lowers ``up.children`` as it goes, so only yielded children still linked count
-                    mine = gone.setdefault(up, [])
+                    # lowers ``up.children`` as it goes, so only yielded children still here count
+                    mine = gone.setdefault(id(up), [])
                     mine.append(node)
-                    if sum(self._nodes.get(c.key) is c for c in mine) >= up.children:
+                    if sum(_live(c) for c in mine) >= up.children:
                         heapq.heappush(freed, (up.prio, up.key, up))
-                yield node.key
-            rest = sorted((n for n in self._nodes.values() if n.children > 0), key=lambda n: n.prio)
+                yield node
+            rest = sorted((n for n in self._members() if _live(n) and n.children > 0),  # type: ignore[misc]
+                          key=lambda n: n.prio)
             for node in rest:
-                if self._nodes.get(node.key) is node and node.key not in yielded and evictable(node.key):
-                    yielded.add(node.key)
-                    yield node.key
+                if _live(node) and id(node) not in yielded and evictable(node):
+                    yielded.add(id(node))
+                    yield node
         finally:
             for node in kept:
-                if node.children == 0 and self._nodes.get(node.key) is node:
+                if node.children == 0 and _live(node):
                     self._push(node)  # a no-op for one a use during the walk queued again
 
     def __len__(self) -> int:
-        return len(self._nodes)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._nodes
+        return self._count
 
 
 class Prefix2QPolicy(PrefixLRUPolicy):
@@ -281,27 +292,26 @@ class Prefix2QPolicy(PrefixLRUPolicy):
         self._doorkeeper = Doorkeeper(self._window())
 
     def _window(self) -> int:
-        return max(1024, int(self._window_factor * len(self._nodes)))
+        return max(1024, int(self._window_factor * self._count))
 
-    def _priority(self, node: _Node) -> int:
-        if node.hits:
+    def _priority(self, node: PrefixRecord) -> int:
+        if node.heat:
             return self._clock
-        return self._clock - int(self.penalty * len(self._nodes))
+        return self._clock - int(self.penalty * self._count)
 
-    def _on_new(self, node: _Node) -> None:
+    def _on_new(self, node: PrefixRecord) -> None:
         # "Seen" counts arrivals, not misses: a tier below hears every miss of the cache, but a block it receives
         # later by demotion has not come back to it (counting its miss would rank every demoted block as returning)
         seen = self._doorkeeper.seen_then_add(node.key, self._window())
-        # hits doubles as the class: 0 = first time (on probation), >= 1 = came back or was hit.
-        node.hits = 1 if seen else 0
+        # heat is the class: 0 = first time (on probation), >= 1 = came back or was hit.
+        node.heat = 1 if seen else 0
         if seen:
-            self.penalty = min(self._max_penalty, self.penalty + self._step / len(self._nodes))
+            self.penalty = min(self._max_penalty, self.penalty + self._step / self._count)
 
-    def on_hit(self, key: CacheKey) -> None:
-        node = self._nodes.get(key)
-        if node is not None and node.hits == 0:
-            self.penalty = max(0.0, self.penalty - self._step / len(self._nodes))
-        super().on_hit(key)
+    def hit(self, rec: EntryRecord) -> None:
+        if _live(rec) and rec.heat == 0:  # type: ignore[arg-type, attr-defined]
+            self.penalty = max(0.0, self.penalty - self._step / self._count)
+        super().hit(rec)
 
     @property
     def doorkeeper_nbytes(self) -> int:

@@ -27,7 +27,7 @@ What a chain is here: a block continues its parent's chain when it is its parent
 starts a new chain when it has no cached parent or when its parent already has a cached child (a branch: two
 conversations on one shared system prompt are two chains, each with its own gaps; the new one is hot if the
 branch point's chain is, as in ``chain-arc``). Per-chain state is one small record (``_Chain``) shared by the
-chain's blocks: ``_Node.hits`` holds a reference to it (no per-block field is added) and its truth is
+chain's blocks: ``PrefixRecord.heat`` holds a reference to it (no per-block field is added) and its truth is
 ``chain-arc``'s class. The table of live chains is keyed by first block and drops a chain's record when its
 first block leaves the tier; if it left by this tier's choice (evicted or demoted), the record moves to a
 history table bounded to ``history_factor`` x the live chains (at least 1,024, oldest out first), so that a
@@ -46,7 +46,8 @@ from collections import OrderedDict
 
 from qwen3vl_ray.keys import CacheKey
 from qwen3vl_ray.policies.chain import _MIN_WINDOW, ChainARCPolicy
-from qwen3vl_ray.policies.prefix import _Node
+from qwen3vl_ray.policies.prefix import PrefixRecord, _live
+from qwen3vl_ray.policies.record import EntryRecord
 
 _MIN_HISTORY = 1024  # chain records the history table may hold however small the tier
 
@@ -64,7 +65,7 @@ class _Chain:
         self.returns = 0
         self.hot = hot
 
-    def __bool__(self) -> bool:  # ``ChainARCPolicy`` reads ``if node.hits`` as "hot"
+    def __bool__(self) -> bool:  # ``ChainARCPolicy`` reads ``if node.heat`` as "hot"
         return self.hot
 
     def returned(self, now: int, alpha: float) -> None:
@@ -101,10 +102,10 @@ class PrefixReturnPolicy(ChainARCPolicy):
         self._chains: dict[CacheKey, _Chain] = {}  # live chains by their first block's key
         self._history: OrderedDict[CacheKey, _Chain] = OrderedDict()  # chains this tier evicted, oldest first
 
-    # ``_Node.hits`` holds the node's ``_Chain``, shared by every block of the chain.
-    def _priority(self, node: _Node) -> int:
-        chain: _Chain = node.hits  # type: ignore[assignment]
-        n = len(self._nodes)
+    # ``PrefixRecord.heat`` holds the record's ``_Chain``, shared by every block of the chain.
+    def _priority(self, node: PrefixRecord) -> int:
+        chain: _Chain = node.heat
+        n = self._count
         cold = self.penalty * n
         if not chain.hot:
             return self._clock - int(cold)
@@ -113,22 +114,22 @@ class PrefixReturnPolicy(ChainARCPolicy):
         late = self._weight * max(0.0, math.exp(chain.log_gap) - self._free * n)
         return self._clock - int(min(late, cold))
 
-    def _touch(self, node: _Node) -> None:
-        chain: _Chain = node.hits  # type: ignore[assignment]
+    def _touch(self, node: PrefixRecord) -> None:
+        chain: _Chain = node.heat
         if chain.head is node.key and chain.last != self._clock + 1:
             # the chain's first block: every request on the chain passes here first, so the chain is back
             chain.returned(self._clock + 1, self._alpha)
         super()._touch(node)
 
-    def _on_new(self, node: _Node) -> None:
-        up = node.parent
-        if isinstance(up, _Node) and up.children == 1:  # its parent's only cached child: the chain goes on
-            node.hits = up.hits
+    def _on_new(self, node: PrefixRecord) -> None:
+        up = node.up
+        if isinstance(up, PrefixRecord) and up.children == 1:  # its parent's only cached child: the chain goes on
+            node.heat = up.heat
             return
-        if isinstance(up, _Node):  # a branch: a new chain, of the branch point's class (as chain-arc)
-            hot = bool(up.hits)
+        if isinstance(up, PrefixRecord):  # a branch: a new chain, of the branch point's class (as chain-arc)
+            hot = bool(up.heat)
         else:  # a chain head or an orphan: hot if the head doorkeeper saw it recently (as chain-arc)
-            hot = self._heads.seen_then_add(node.key, max(_MIN_WINDOW, int(self._window_factor * len(self._nodes))))
+            hot = self._heads.seen_then_add(node.key, max(_MIN_WINDOW, int(self._window_factor * self._count)))
         chain = self._history.pop(node.key, None)
         if chain is not None:  # a chain this tier evicted comes back: resume its record (it is hot now)
             chain.head = node.key
@@ -136,34 +137,33 @@ class PrefixReturnPolicy(ChainARCPolicy):
         else:
             chain = _Chain(node.key, self._clock + 1, hot)
         self._chains[node.key] = chain
-        node.hits = chain  # type: ignore[assignment]
+        node.heat = chain
 
-    def on_hit(self, key: CacheKey) -> None:
-        node = self._nodes.get(key)
-        if node is not None:
-            self._touch(node)  # not PrefixLRUPolicy's hit count: ``hits`` is the chain here
+    def hit(self, rec: EntryRecord) -> None:
+        if _live(rec):  # type: ignore[arg-type]
+            self._touch(rec)  # type: ignore[arg-type]  # not PrefixLRUPolicy's hit count: ``heat`` is the chain here
 
-    def _ghost(self, key: CacheKey) -> None:
+    def _ghost(self, rec: EntryRecord) -> None:
         # evicted or demoted (this tier's choice): chain-arc's ghosts, and a first block's chain goes to history
-        super()._ghost(key)
+        super()._ghost(rec)
+        key = rec.key
         chain = self._chains.get(key)
-        node = self._nodes.get(key)
-        if chain is None or node is None or node.hits is not chain:
+        if chain is None or not _live(rec) or rec.heat is not chain:  # type: ignore[arg-type, attr-defined]
             return
         self._history[key] = self._chains.pop(key)
         limit = max(_MIN_HISTORY, int(self._history_factor * len(self._chains)))
         while len(self._history) > limit:
             self._history.popitem(last=False)
 
-    def _on_gone(self, node: _Node) -> None:
+    def _on_gone(self, node: PrefixRecord) -> None:
         # a first block that leaves for another reason (promoted, deleted) takes its chain's record with it
-        if self._chains.get(node.key) is node.hits:
+        if self._chains.get(node.key) is node.heat:
             del self._chains[node.key]
 
     def chain_of(self, key: CacheKey) -> _Chain | None:
-        """The chain record of a cached ``key`` (None if the key is not here)."""
-        node = self._nodes.get(key)
-        return None if node is None else node.hits  # type: ignore[return-value]
+        """Standalone use: the chain record of a cached ``key`` (None if the key is not here)."""
+        node = self.record_of(key)
+        return None if node is None else node.heat  # type: ignore[attr-defined]
 
     @property
     def chains(self) -> int:

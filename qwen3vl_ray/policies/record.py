@@ -1,0 +1,37 @@
+"""The store's one metadata record of an entry in one tier, with room for its tier policy's fields.
+
+vLLM keeps a block's free-queue links in the block itself (``KVCacheBlock.prev_free_block``); the same here:
+a policy declares the fields it keeps per entry as slots of a subclass (``EvictionPolicy.record_type``) and
+the store makes each entry's record of that class, so an entry costs one object and one index slot for the
+store and its policy together, not one each (the per-entry metadata budget is 256 B, tier index included).
+
+A record is one *stay* of an entry in one tier: the store makes a new one when the entry moves to another
+tier, so a policy that leaves a departed record in a structure of its own (a heap, a parent link) recognises
+it by its own marks and never mistakes it for the entry's later stay in this tier or another.
+"""
+
+from __future__ import annotations
+
+from qwen3vl_ray.keys import CacheKey
+
+
+class EntryRecord:
+    """What the store knows of one entry in one tier (metadata only; the bytes are the tier's).
+
+    ``last_access`` points at a float shared by every entry touched in the same second; the small counts
+    (``pins``, ``in_flight``, ``hits``) are Python's shared small ints, so the fields cost a pointer each."""
+
+    __slots__ = ("key", "tier", "parent", "last_access", "pins", "in_flight", "hits")
+
+    def __init__(self, key: CacheKey, tier: int, parent: CacheKey | None, last_access: float,
+                 pins: int = 0, in_flight: int = 0, hits: int = 0) -> None:
+        self.key = key
+        self.tier = tier  # position of the tier in the store's list
+        self.parent = parent  # the chunk before it in its chain (None: a chain's head, or not a chain)
+        self.last_access = last_access  # ``time.monotonic()`` of its last store or read, whole seconds
+        self.pins = pins  # pins held by callers: never a victim while > 0
+        self.in_flight = in_flight  # reads and writes of its bytes under way: never a victim while > 0
+        self.hits = hits  # reads of this value since it was stored (a node agent ranks entries by it)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.key.hex()[:8]}, tier={self.tier})"
