@@ -454,3 +454,17 @@ def test_the_doorkeeper_decides_the_same_in_every_process():
     runs = {subprocess.run([sys.executable, "-c", _DOORKEEPER_BITS], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     assert len(runs) == 1 and runs.pop().split()[0].strip("0")
+
+
+@pytest.mark.parametrize("name", ["prefix-lru", "prefix-2q", "chain-arc", "prefix-return"])
+def test_a_parent_that_leaves_and_comes_back_is_its_stayed_childs_parent_again(name):
+    p = make_policy(name)
+    p.on_insert(k("p"), 1)
+    p.on_insert(k("c"), 1, k("p"))
+    p.on_delete(k("p"))  # the head alone leaves (demoted, or read up into the tier above); its child stays
+    p.on_insert(k("p"), 1)  # and comes back
+    p.on_hit(k("c"))  # the chain is read again: the child is the most recent
+    # leaf-first still: the child goes before its parent although the parent is older
+    assert list(p.victims(ALL)) == [k("c"), k("p")]
+    p.on_evict(k("c"))
+    assert list(p.victims(ALL)) == [k("p")]

@@ -485,3 +485,19 @@ def test_entry_info_counts_reads_of_the_value_and_starts_over_for_a_new_one(tmp_
         assert c.entry_info(keys[2]).hits == 0
         c.remove(keys[2])
         assert c.entry_info(keys[2]) is None and c.parents([keys[2]]) == [None]
+
+
+def test_a_chain_head_demoted_and_read_back_up_is_again_no_victim_before_its_tail():
+    # prefix-lru (the default): a head that left the device alone (demoted) and came back (a hit promotes it)
+    # is its cached child's parent again, so the device gives up the child first
+    cfg = CacheConfig(tiers=[TierConfig("device", 1 << 20, device="cpu"), TierConfig("host", 4 << 20)],
+                      namespace=Namespace(model="relink"), prefetch_threads=0)
+    head, tail = b"\x01" * 16, b"\x02" * 16
+    with TieredCache(cfg) as c:
+        assert c.put(head, torch.ones(1024)) and c.put(tail, torch.ones(1024) * 2, parent=head)
+        assert c.demote(head) and c.where(head) == "host"
+        assert torch.equal(c.get(head, promote=True), torch.ones(1024)) and c.where(head) == "device"
+        c.get(tail)  # read head to tail: the tail is the most recent
+        assert c.victims("device", 4096) == [tail]
+        c.relieve("device", c.tiers[0].used_bytes - 1)  # the first victim leaves
+        assert (c.where(head), c.where(tail)) == ("device", "host")

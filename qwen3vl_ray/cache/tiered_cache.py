@@ -140,7 +140,7 @@ class TieredCache:
 
     def _record(self, i: int, key: CacheKey, parent: CacheKey | None, in_flight: int = 0) -> EntryRecord:
         """A new record of ``key``'s stay in tier ``i``, of that tier's policy's class."""
-        return self.policies[i].record_type(key, i, parent, self._clock(), in_flight=in_flight)
+        return self.policies[i].new_record(key, i, parent, self._clock(), in_flight=in_flight)
 
     def _up(self, i: int, parent: CacheKey | None) -> EntryRecord | None:
         """The record of ``parent`` when it is in tier ``i`` (its policy links chains within the tier)."""

@@ -45,6 +45,12 @@ class EvictionPolicy(ABC):
         self._own: dict[CacheKey, EntryRecord] = {}  # standalone use only: the records of the keys given
         self._members: Callable[[], Iterable[EntryRecord]] = lambda: self._own.values()
 
+    def new_record(self, key: CacheKey, tier: int, parent: CacheKey | None, last_access: float,
+                   in_flight: int = 0) -> EntryRecord:
+        """The record of ``key``'s next stay in this tier, which ``insert`` will be told of next. A new one of
+        ``record_type`` unless the policy kept the record of an earlier stay (see ``PrefixLRUPolicy``)."""
+        return self.record_type(key, tier, parent, last_access, in_flight=in_flight)
+
     def bind(self, members: Callable[[], Iterable[EntryRecord]]) -> None:
         """Used by a store: ``members()`` lists the records of this policy's tier (the store holds them)."""
         self._members = members
@@ -104,7 +110,7 @@ class EvictionPolicy(ABC):
         if rec is not None:  # replaced in place: same chain position, counts as a use
             self.insert(rec, nbytes)
             return
-        rec = self._own[key] = self.record_type(key, 0, parent, 0.0)
+        rec = self._own[key] = self.new_record(key, 0, parent, 0.0)
         self.insert(rec, nbytes, None if parent is None else self._own.get(parent))
 
     def on_hit(self, key: CacheKey) -> None:

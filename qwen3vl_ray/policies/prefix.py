@@ -73,6 +73,10 @@ class PrefixLRUPolicy(EvictionPolicy):
         self._count = 0
         # Children whose parent key is not (yet) here: parent key -> one record or a list of them.
         self._waiting: dict[CacheKey, PrefixRecord | list[PrefixRecord]] = {}
+        # Parents that left while children of theirs stayed (a head demoted or deleted alone): key -> the departed
+        # record the children still point at. The parent's next stay here reuses it (``new_record``), so the
+        # children are its children again and it is no leaf before them.
+        self._departed: dict[CacheKey, PrefixRecord] = {}
         self._heap: list[PrefixRecord] = []  # leaves by queued priority, lazily invalidated (see _surface)
         self._clock = 0
 
@@ -126,6 +130,17 @@ class PrefixLRUPolicy(EvictionPolicy):
         return None
 
     # -- events --------------------------------------------------------------------------------------
+    def new_record(self, key: CacheKey, tier: int, parent: CacheKey | None, last_access: float,
+                   in_flight: int = 0) -> EntryRecord:
+        node = self._departed.pop(key, None)
+        if node is None:
+            return super().new_record(key, tier, parent, last_access, in_flight)
+        # the store's fields start afresh; the child count (children still here) and the heap mark stay: a stale
+        # heap place is requeued or dropped when it surfaces, as for any record
+        EntryRecord.__init__(node, key, tier, parent, last_access, in_flight=in_flight)
+        node.up = None
+        return node
+
     def insert(self, rec: EntryRecord, nbytes: int, up: EntryRecord | None = None) -> None:
         node: PrefixRecord = rec  # type: ignore[assignment]
         if _live(node):
@@ -164,11 +179,16 @@ class PrefixLRUPolicy(EvictionPolicy):
         up = node.up
         if isinstance(up, PrefixRecord):
             up.children -= 1
-            if up.children == 0 and _live(up):
-                self._push(up)  # the parent is a leaf now, with the priority of its own last use
+            if up.children == 0:
+                if _live(up):
+                    self._push(up)  # the parent is a leaf now, with the priority of its own last use
+                elif self._departed.get(up.key) is up:
+                    del self._departed[up.key]  # a departed parent's last child went: nothing to relink
         elif up is not None:
             self._unwait(up, node)
-        # Children left behind keep a pointer to this departed record; they are chain heads from now on.
+        if node.children:
+            # Children stay and point at this record: if the entry comes back, it comes back as this record.
+            self._departed[node.key] = node
         self._on_gone(node)
 
     def _on_gone(self, node: PrefixRecord) -> None:

@@ -5,9 +5,11 @@ a policy declares the fields it keeps per entry as slots of a subclass (``Evicti
 the store makes each entry's record of that class, so an entry costs one object and one index slot for the
 store and its policy together, not one each (the per-entry metadata budget is 256 B, tier index included).
 
-A record is one *stay* of an entry in one tier: the store makes a new one when the entry moves to another
-tier, so a policy that leaves a departed record in a structure of its own (a heap, a parent link) recognises
-it by its own marks and never mistakes it for the entry's later stay in this tier or another.
+A record is one *stay* of an entry in one tier: the store asks the tier's policy for a record each time the
+entry arrives there (``EvictionPolicy.new_record``), so a policy that leaves a departed record in a structure
+of its own (a heap, a parent link) recognises it by its own marks and never mistakes it for the entry's stay in
+another tier. A policy may hand back a departed record of its own tier for the entry's next stay there (the
+prefix policies do, for a parent whose children stayed: they still point at it).
 """
 
 from __future__ import annotations
