@@ -175,3 +175,39 @@ def test_idle_sessions_give_up_their_chunks_tail_first_and_keep_what_an_active_s
     assert sessions.idle_order() == ["old", "new"]
     # most idle first, each from its tail; the shared head stays: the active chat still holds it
     assert list(sessions.idle_keys()) == [old[2], old[1], new[2], new[1]]
+
+
+def test_idle_sessions_sharing_a_prefix_give_it_up_after_every_ones_own_chunks():
+    from qwen3vl_ray.engine.sessions import Session, Sessions
+
+    shared = chain(1, b"system")
+    first, second = (shared + chain(1, tag) for tag in (b"first", b"second"))
+    sessions = Sessions(store=None, prefix=None, idle_s=0.0)
+    for sid, keys, used in (("first", first, 1.0), ("second", second, 2.0)):
+        sessions._sessions[sid] = Session(sid, chunk_keys=keys[:-1], tail_key=keys[-1], last_used=used)
+    # both idle, "first" the most: its own tail, then the other's tail, and the shared head last
+    assert list(sessions.idle_keys()) == [first[1], second[1], shared[0]]
+
+
+class KeepsTheHead(FakeBelow):
+    """A last tier with room for ``room`` entries: it keeps a batch's head (``TieredCache``'s last-tier rule)."""
+
+    def __init__(self, room):
+        super().__init__()
+        self.room = room
+        self.order: list[CacheKey] = []
+
+    def put_many(self, items):
+        self.order += [k for k, _, _ in items]
+        took = super().put_many(items[: self.room])
+        return took + [False] * (len(items) - self.room)
+
+
+def test_a_chain_goes_below_head_first_so_a_tier_that_takes_part_of_it_keeps_its_head():
+    below = KeepsTheHead(room=2)
+    keys = chain(3, b"s")
+    store, budget = setup(below, idle=list(reversed(keys)))  # idle sessions' keys come tail first
+    put(store, keys, 0)
+    assert budget.make_room(4 * KiB)  # every entry must leave the device
+    assert below.order == keys  # parents before children
+    assert set(below.held) == set(keys[:2]) and budget.lost == 1  # the head and the next chunk stay usable

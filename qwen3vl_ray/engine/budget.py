@@ -55,6 +55,22 @@ def device_tier(store: Any) -> Any | None:
     return None
 
 
+def _parents_first(keys: Sequence[CacheKey], parents: dict[CacheKey, CacheKey | None]) -> list[CacheKey]:
+    """``keys`` with every key after its chain parent where both are there, otherwise in their order. Victims
+    come tail first (idle sessions from their tails, the policy leaf-first); a tier below that cannot take a whole
+    batch keeps its head (the last tier's rule), which must then be the chains' heads, not their tails."""
+    out: list[CacheKey] = []
+    placed: set[CacheKey] = set()
+    for key in keys:
+        line = []
+        while key is not None and key in parents and key not in placed:  # up to an ancestor placed or absent
+            placed.add(key)
+            line.append(key)
+            key = parents[key]
+        out += reversed(line)
+    return out
+
+
 class DeviceBudget:
     """Keeps (device tier bytes + running request's KV bytes) within ``budget_bytes``.
 
@@ -171,7 +187,7 @@ class DeviceBudget:
         # nothing moves the entry meanwhile). Parents are the store's record of each entry's chain.
         send = [k for k in kv if not held.get(k)]
         parents = dict(zip(send, self.store.parents(send)))
-        items = [(k, t, parents[k]) for k in send for t in [tier.get(k)] if t is not None]
+        items = [(k, t, parents[k]) for k in _parents_first(send, parents) for t in [tier.get(k)] if t is not None]
         ok: dict[CacheKey, bool] = {}
         if items:
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -81,15 +82,21 @@ class Sessions:
     def idle_keys(self) -> Iterator[CacheKey]:
         """The keys of idle sessions' entries, most idle session first and each session's from its tail (what
         device pressure moves first; a chain shrinks from its end). A chunk another, active session also holds
-        (a shared system prompt) is not idle: it stays for that session."""
+        (a shared system prompt) is not idle: it stays for that session; one that only idle sessions share comes
+        with the last of them, after all their later chunks."""
         idle = self.idle_order()
         waiting = set(idle)
         active = {k for s in self._sessions.values() if s.session_id not in waiting for k in s.keys}
-        seen: set[CacheKey] = set()
+        # a chunk several idle sessions share (a system prompt) goes with the last of them, after every one's own
+        # later chunks: taken with the first, it would leave the others' tails on the device without their head
+        holders = Counter(k for session_id in idle for k in set(self._sessions[session_id].keys))
         for session_id in idle:
-            for key in reversed(self._sessions[session_id].keys):
-                if key not in active and key not in seen:
-                    seen.add(key)
+            keys = self._sessions[session_id].keys
+            for key in set(keys):
+                holders[key] -= 1
+            for key in reversed(keys):
+                if key not in active and holders[key] == 0:
+                    holders[key] = -1  # yielded (a key twice in one session: once)
                     yield key
 
     def resumable(self, session_id: str) -> bool:
