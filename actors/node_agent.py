@@ -226,18 +226,20 @@ class NodeAgentLogic:
         return where
 
     def remove_many(self, keys: Sequence[CacheKey]) -> list[bool]:
-        return self.cache.remove_many(keys)
+        with self.host.deferred_compaction():  # each thinned slab re-packed once, not at every halving
+            return self.cache.remove_many(keys)
 
     def _count_swap(self, key: CacheKey, src: int | None, dst: int | None, nbytes: int | None) -> None:
-        """The cache's listener: a move from host to disk is a demotion, one back a promotion."""
-        if src is None or dst is None:
+        """The cache's listener: a move from host to disk is a demotion, one back a promotion. A move that carries
+        no bytes (a failed replace's undo: the key is back where its old value stayed) is neither."""
+        if src is None or dst is None or nbytes is None:
             return
         moved = (self.cache.tier_names[src], self.cache.tier_names[dst])
         if moved == ("host", "disk"):
             self.metrics.inc("qwen3vl_ray_demotions", tier="host")
             if nbytes:
                 self.metrics.inc("qwen3vl_ray_swap_bytes_out", nbytes, tier="host")
-        elif moved == ("disk", "host") and nbytes is not None:  # none: a failed replace's undo, not a promotion
+        elif moved == ("disk", "host"):
             self.metrics.inc("qwen3vl_ray_promotions", tier="host")
 
     # -- reads ---------------------------------------------------------------------------------
@@ -270,8 +272,17 @@ class NodeAgentLogic:
                     continue
                 e = self.host.entry(key)
                 if e is None:
+                    # the host tier could not take it: a transient object the caller's handle keeps alive
                     arr, dtype = to_wire(t)
-                    out.append(ChunkRef(self.store.put(arr), 0, arr.nbytes, RAW, dtype, tuple(t.shape), "disk"))
+                    try:
+                        handle = self.store.put(arr)
+                    except Exception:  # noqa: BLE001 - the object store is full: this chunk is a miss, not the batch
+                        logger.warning("chunk %s: the object store refused its transient copy; served as a miss",
+                                       key.hex()[:12], exc_info=True)
+                        self._served["misses"] += 1
+                        out.append(None)
+                        continue
+                    out.append(ChunkRef(handle, 0, arr.nbytes, RAW, dtype, tuple(t.shape), "disk"))
                 else:
                     out.append(ChunkRef(e.handle, e.index, e.nbytes, e.codec, e.dtype, e.shape, "disk"))
             else:
@@ -323,7 +334,8 @@ class NodeAgentLogic:
         coordinator's directory forgets the entry at its next journal sync (later in the same pass when called
         from ``pressure``). A chain's head may expire before a tail read since (a worker held the head); the
         tail then expires in turn unless read with a head again. Returns how many entries went."""
-        return self.lifetimes.tick(now)
+        with self.host.deferred_compaction():  # a slab whose entries all expire is dropped once, not re-packed
+            return self.lifetimes.tick(now)
 
     def _victim_order(self, tier: str, n: int | None = None, nbytes: int | None = None,
                       whole_node: bool = False) -> list[tuple[CacheKey, int]]:
@@ -432,6 +444,13 @@ class NodeAgentLogic:
         stored = [k for tier in (self.host, self.disk) if tier is not None for k in tier.keys()]
         children = Counter(p for p in self.cache.parents(stored) if p is not None)
         bottom = self.cache.tier_names[-1]
+        with self.host.deferred_compaction():  # evictions from a host-only node thin its slabs: re-pack once
+            n = self._evict_bottom(keys, children, bottom)
+        if n:
+            self.metrics.inc("qwen3vl_ray_evictions", n)
+        return n
+
+    def _evict_bottom(self, keys: Sequence[CacheKey], children: Counter, bottom: str) -> int:
         n = 0
         for k in keys:
             parent = self.cache.parents([k])[0]
@@ -441,8 +460,6 @@ class NodeAgentLogic:
             n += 1
             if parent is not None:
                 children[parent] -= 1
-        if n:
-            self.metrics.inc("qwen3vl_ray_evictions", n)
         return n
 
     # -- directory sync --------------------------------------------------------------------------

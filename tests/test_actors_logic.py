@@ -708,3 +708,47 @@ def test_config_check_of_coordinator_and_agent_fields(tmp_path):
     p = agent_cfg(tmp_path)
     p.disk_dir = Path(tmp_path)
     check_same_config("an agent", agent_fields(agent_cfg(tmp_path)), agent_fields(p))
+
+
+class FullStore(LocalObjectStore):
+    """A LocalObjectStore whose puts fail while ``full`` (Ray's ObjectStoreFullError)."""
+
+    full = False
+
+    def put(self, value):
+        if self.full:
+            raise RuntimeError("ObjectStoreFullError")
+        return super().put(value)
+
+
+def test_agent_counts_no_demotion_when_a_refused_replace_leaves_the_old_value_on_disk(tmp_path):
+    store = FullStore()
+    agent = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=4), store)
+    agent.put_chunks([WireChunk.of(key(0), chunk(0))])
+    assert agent.cache.demote(key(0)) and agent.metrics.total("qwen3vl_ray_demotions", tier="host") == 1
+    store.full = True  # the new value's slab is refused: the old value stays on disk
+    assert agent.put_chunks([WireChunk.of(key(0), chunk(5))]) == [None] and agent.contains_many([key(0)]) == ["disk"]
+    store.full = False
+    assert torch.equal(agent.get_tensors([key(0)])[0], chunk(0))
+    assert agent.metrics.total("qwen3vl_ray_demotions", tier="host") == 1
+
+
+def test_agent_serves_a_disk_hit_it_cannot_put_in_the_store_as_a_miss_and_the_rest_of_the_batch(tmp_path):
+    store = FullStore()
+    agent = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=4), store)
+    agent.put_chunks([WireChunk.of(key(0), chunk(0))])
+    assert agent.cache.demote(key(0))
+    agent.put_chunks([WireChunk.of(key(1), chunk(1))])
+    store.full = True  # the disk hit can go neither into the host tier nor into a transient object
+    refs = agent.get_chunks([key(1), key(0)])
+    assert refs[0] is not None and refs[1] is None
+    assert torch.equal(agent.get_tensors([key(1)])[0], chunk(1))
+
+
+def test_agent_expiring_a_whole_slab_re_packs_nothing(tmp_path):
+    agent = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=64, disk_chunks=0, idle_ttl_s=60.0),
+                           LocalObjectStore(), clock=lambda: 1e9)
+    assert agent.put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(32)]) == ["host"] * 32
+    puts = agent.host.stats()["slabs_put"]
+    assert agent.expire_idle(now=1e9 + 3600) == 32 and len(agent.host) == 0
+    assert agent.host.stats()["slabs_put"] == puts  # the emptied slab is dropped once, never re-packed

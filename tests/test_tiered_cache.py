@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qwen3vl_ray.cache import CacheConfig, TieredCache
-from qwen3vl_ray.errors import CapacityError, ConfigError
+from qwen3vl_ray.errors import CapacityError, CodecError, ConfigError
 from qwen3vl_ray.keys import Namespace, prefix_key
 from qwen3vl_ray.tiers.config import TierConfig
 
@@ -501,3 +501,19 @@ def test_a_chain_head_demoted_and_read_back_up_is_again_no_victim_before_its_tai
         assert c.victims("device", 4096) == [tail]
         c.relieve("device", c.tiers[0].used_bytes - 1)  # the first victim leaves
         assert (c.where(head), c.where(tail)) == ("device", "host")
+
+
+def test_a_tensor_one_tiers_codec_refuses_goes_to_a_tier_below_and_one_no_tier_takes_is_named(tmp_path):
+    cfg = CacheConfig(tiers=[TierConfig("host", 1 << 20, codec="int8"),
+                             TierConfig("disk", 4 << 20, path=str(tmp_path / "d"), fsync=False)],
+                      namespace=NS, prefetch_threads=0)
+    nan = torch.randn(1024)
+    nan[3] = float("nan")  # int8 refuses NaN: the raw disk tier takes it, exactly
+    good = torch.randn(1024)
+    with TieredCache(cfg) as c:
+        assert c.put_many([(b"\x01" * 16, good), (b"\x02" * 16, nan)]) == [True, True]
+        assert c.where(b"\x01" * 16) == "host" and c.where(b"\x02" * 16) == "disk"
+        assert torch.equal(c.get(b"\x02" * 16).view(torch.int32), nan.view(torch.int32))
+    only = CacheConfig(tiers=[TierConfig("host", 1 << 20, codec="int8")], namespace=NS, prefetch_threads=0)
+    with TieredCache(only) as c, pytest.raises(CodecError, match="fits no tier: host: .*"):
+        c.put(b"\x03" * 16, nan)

@@ -203,7 +203,9 @@ class TieredCache:
     # ------------------------------------------------------------------ store
     def put(self, key: CacheKey, tensor: torch.Tensor, parent: CacheKey | None = None) -> bool:
         """Store ``tensor`` in the highest tier that admits it. False if there is no room (counted);
-        nothing already stored is lost by a failed put. Raises CapacityError if no tier could ever hold it."""
+        nothing already stored is lost by a failed put. A tier that cannot hold it (too big, or its codec refuses
+        the tensor) passes it to the tiers below; raises CapacityError (too big for every tier) or CodecError
+        (refused by some tier's codec, too big for the others) if no tier could ever hold it."""
         return self.put_many([(key, tensor, parent)])[0]
 
     def put_many(self, items: Sequence[tuple]) -> list[bool]:
@@ -217,7 +219,7 @@ class TieredCache:
             # the same key twice: each later one replaces the earlier, as in a sequence of puts
             return [self.put_many([item])[0] for item in batch]
         results = [False] * len(batch)
-        too_big: list[list[str]] = [[] for _ in batch]
+        refusals: list[list[ValueError]] = [[] for _ in batch]  # per item, each tier's reason it cannot hold it
         writes: list[PendingWrite] = []
         pending = list(range(len(batch)))
         try:
@@ -229,8 +231,10 @@ class TieredCache:
                     key, tensor, parent = batch[j]
                     try:
                         prepared = tier.prepare_store(key, tensor)
-                    except CapacityError as exc:
-                        too_big[j].append(str(exc))
+                    except (CapacityError, CodecError) as exc:
+                        # too big for this tier, or its codec refuses the tensor (NaN under int8, a vision feature
+                        # under a KV codec): the tiers below may still take it
+                        refusals[j].append(exc)
                         down.append(j)
                         continue
                     if not policy.admit(key, prepared.nbytes, parent):
@@ -247,10 +251,13 @@ class TieredCache:
         for w in writes:
             if w.item is not None and not w.ok:
                 results[w.item] = False
-        for j, errors in enumerate(too_big):
+        for j, errors in enumerate(refusals):
             if len(errors) == len(self.tiers):
+                # no tier can ever hold it: the caller's mistake, named (what the batch stored stays stored)
                 tensor = batch[j][1]
-                raise CapacityError(f"entry {tuple(tensor.shape)} {tensor.dtype} fits no tier: " + "; ".join(errors))
+                kind = CapacityError if all(isinstance(e, CapacityError) for e in errors) else CodecError
+                raise kind(f"entry {tuple(tensor.shape)} {tensor.dtype} fits no tier: "
+                           + "; ".join(f"{t.name}: {e}" for t, e in zip(self.tiers, errors)))
         return results
 
     @staticmethod
