@@ -289,6 +289,13 @@ class ObjectStoreTier(Tier):
         """Commit a batch at once: the longest prefix of the batch that fits is packed into slabs of at most
         ``slab_bytes`` (one ``put`` each), replacing their keys' entries; the rest is refused (False) and keeps
         what it had: a replaced entry goes only once its new value is stored."""
+        return self._store_batch(prepared)
+
+    def _store_batch(self, prepared: Sequence[PreparedStore],
+                     expect: dict[CacheKey, StoredEntry] | None = None) -> list[bool]:
+        """``complete_store_many``; with ``expect`` (a re-pack) an entry is only replaced while it is still the
+        entry ``expect`` names: one replaced or removed meanwhile keeps what it has now, and its copy in the new
+        slab is dead room, as a removed entry's is (the slab's charge)."""
         with self._lock:
             n_fit = len(prepared)
             while True:  # the room the replaced entries give back depends on which of them go
@@ -312,9 +319,14 @@ class ObjectStoreTier(Tier):
                     self._counts["rejected"] += len(group)
             else:
                 with self._lock:
-                    for p, e in zip(group, entries):
-                        self._publish(p, e)
-                ok[done: done + len(group)] = [True] * len(group)
+                    for j, (p, e) in enumerate(zip(group, entries)):
+                        if expect is None or self._entries.get(p.key) is expect.get(p.key):
+                            self._publish(p, e)
+                            ok[done + j] = True
+                        else:
+                            self._slabs[e.slab].charged += p.nbytes
+                    if entries:
+                        self._free_if_empty(entries[0].slab)  # every copy in it dead: it goes at once
             done += len(group)
         return ok
 
@@ -483,13 +495,14 @@ class ObjectStoreTier(Tier):
             batch.append(PreparedStore(k, _aligned(e.nbytes), np.array(raw),
                                        {"codec": e.codec, "dtype": e.dtype, "shape": e.shape, "logical": e.logical_bytes}))
         del arrays
-        with self._lock:  # the old slabs go first, so the re-pack always has their room
-            for k, _ in members:
-                self._drop(k)
-        ok = self.complete_store_many(batch)
+        # Each entry is replaced by its copy in the new slab (the old slabs' room counts for it: every member of
+        # them is in the batch), only once that slab is stored: if the store refuses it, every entry keeps its
+        # old slab; one replaced or removed meanwhile keeps what it has now.
+        ok = self._store_batch(batch, expect=dict(members))
         self._counts["recompressed"] += count
-        if not all(ok):  # cannot happen: the new slab is never larger than the old ones
-            logger.warning("re-pack kept only %d of %d entries", sum(ok), len(ok))
+        if not all(ok):
+            logger.warning("re-pack kept %d of %d entries in their old slabs (the store refused the new slab, or "
+                           "they changed meanwhile)", len(ok) - sum(ok), len(ok))
         return {"bytes": before - self._used, "entries": count}
 
     def compact(self, slab_ids: Sequence[int]) -> int:

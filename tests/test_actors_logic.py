@@ -752,3 +752,42 @@ def test_agent_expiring_a_whole_slab_re_packs_nothing(tmp_path):
     puts = agent.host.stats()["slabs_put"]
     assert agent.expire_idle(now=1e9 + 3600) == 32 and len(agent.host) == 0
     assert agent.host.stats()["slabs_put"] == puts  # the emptied slab is dropped once, never re-packed
+
+
+def test_a_re_pack_the_store_refuses_keeps_every_survivor_in_its_old_slab(tmp_path):
+    store = FullStore()
+    agent = NodeAgentLogic(NODES[0], agent_cfg(tmp_path, host_chunks=16, disk_chunks=0), store)
+    assert agent.put_chunks([WireChunk.of(key(i), chunk(i)) for i in range(4)]) == ["host"] * 4
+    used = agent.host.used_bytes
+    store.full = True  # the node's object store is full for a moment
+    assert agent.remove_many([key(0), key(1)]) == [True, True]  # the slab is half empty: its re-pack is refused
+    assert agent.contains_many([key(2), key(3)]) == ["host", "host"]
+    assert all(agent.host.contains(key(i)) for i in (2, 3)) and agent.host.used_bytes == used
+    store.full = False
+    got = agent.get_tensors([key(2), key(3)])
+    assert torch.equal(got[0], chunk(2)) and torch.equal(got[1], chunk(3))
+    # once the store has room again the next re-pack succeeds and gives the dead half back
+    before = agent.host.used_bytes
+    assert agent.host.compact(list(agent.host._slabs)) > 0 and agent.host.used_bytes < before
+    assert torch.equal(agent.get_tensors([key(3)])[0], chunk(3))
+
+
+def test_a_re_pack_never_brings_back_the_old_value_of_an_entry_replaced_meanwhile():
+    store = LocalObjectStore()
+    tier = ObjectStoreTier(16 * CHUNK, store=store)
+    assert tier.put_many([(key(i), chunk(i)) for i in range(4)]) == [True] * 4
+    assert tier.remove(key(0)) is True and tier.remove(key(1)) is True  # (re-packed at once: survivors 2, 3)
+    assert tier.put_many([(key(i), chunk(i)) for i in (4, 5)]) == [True, True]
+    put = store.put
+
+    def put_then_replace(value):  # the re-pack's slab is stored; meanwhile a writer replaces key 4
+        store.put = put
+        handle = put(value)
+        assert tier.put(key(4), chunk(9))
+        return handle
+
+    store.put = put_then_replace
+    tier.recompress_slabs([key(4)], None)
+    assert torch.equal(tier.get(key(4)), chunk(9)) and torch.equal(tier.get(key(5)), chunk(5))
+    # the re-pack's dead copy of key 4 is charged to its slab like any removed entry's room
+    assert tier.used_bytes == sum(slab.charged for slab in tier._slabs.values()) <= tier.capacity_bytes
