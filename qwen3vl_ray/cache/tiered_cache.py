@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 #: ``TieredCache.tiers``); ``src`` None: it entered the cache, ``dst`` None: it left it; ``nbytes``: the bytes of
 #: the tensor that moved (None where the move carries none: a drop, a failed replace's undo, which moves the key
 #: back where its old value still is). A replace in place is no move; a new value stored in another tier than the
-#: old one is two: the old value leaves, the new one enters (it is no demotion or promotion). Called under the cache's lock, in the order the moves happen: a listener only records (a node
-#: agent journals them for the cluster's directory and counts its swaps) and never calls back into the cache.
+#: old one is two: the old value leaves, the new one enters (it is no demotion or promotion). Called under the
+#: cache's lock, in the order the moves happen: a listener only records (a node agent journals them for the
+#: cluster's directory and counts its swaps) and never calls back into the cache.
 EntryListener = Callable[[CacheKey, "int | None", "int | None", "int | None"], None]
 
 
