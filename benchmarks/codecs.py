@@ -28,7 +28,8 @@ first call of each row compiles or loads the kernels and is not timed. Kernel th
 costs: ``auto``'s encode time over the chosen codec's own encode time, minus one (``choose``); ``auto`` remembers
 each tensor kind's winner and screens the kind afresh after an interval that doubles from ``RESCREEN_EVERY`` to
 ``RESCREEN_MAX`` tensors while re-screens confirm the winner: the row first encodes through that ramp (untimed),
-then each timed run spans ``RESCREEN_MAX + 1`` encodes, one full cycle (the steady state, its re-screen included). ``--clock cpu`` (with ``--threads 1``) times the thread's CPU
+then each timed run spans ``RESCREEN_MAX + 1`` encodes, one full cycle (the steady state, its re-screen included),
+and the chosen codecs' own encodes are timed over runs of the same length. ``--clock cpu`` (with ``--threads 1``) times the thread's CPU
 time instead of wall time, which removes the time other tenants hold the core but not their cache and
 memory-bandwidth pressure.
 
@@ -190,8 +191,11 @@ def _measure(name: str, x: torch.Tensor | list[torch.Tensor], spec: str, repeats
     if codec.name == "auto":
         # what choosing costs: auto's encode against the chosen codecs' own encodes of the same entries
         chosen = [codec.choose(t)[0] for t in xs]
-        t_chosen, _ = _timed(lambda: ([c.encode(t) for c, t in zip(chosen, xs)], _sync(device)), reps)
-        choose = t_enc / t_chosen - 1
+        # timed over runs as long as auto's (cycle encodes of each entry): on a shared host a long run rarely
+        # escapes every stall of a descheduled thread, a single encode often does, and best-of-N would then
+        # charge the stalls to choosing
+        t_chosen, _ = _timed(lambda: ([c.encode(t) for _ in range(cycle) for c, t in zip(chosen, xs)], _sync(device)), reps)
+        choose = t_enc / (t_chosen / cycle) - 1
     ref = torch.cat([t.reshape(-1) for t in xs])
     y = torch.cat([t.reshape(-1) for t in ys])
     a, b = ref.double(), y.double()
