@@ -118,6 +118,10 @@ class TieredCache:
         self._index: dict[CacheKey, EntryRecord] = {}
         self._staged: dict[CacheKey, torch.Tensor] = {}  # bytes of entries whose write is in flight (few at a time)
         self._queued: dict[CacheKey, PendingWrite] = {}  # writes into the last tier not started yet (evictable)
+        # While a put's write is pending, the value it replaces may stay in its own tier to fall back to: that
+        # record is live in its tier's policy but not in the index (which names the new one). Kept here so the
+        # tier's policy still lists it and a child stored meanwhile links to it.
+        self._fallbacks: dict[CacheKey, EntryRecord] = {}
         self._counters = [_TierCounters() for _ in self.tiers]
         self._listeners: list[EntryListener] = []
         self._misses = 0
@@ -129,7 +133,7 @@ class TieredCache:
             else None
         )
         for i, policy in enumerate(self.policies):
-            policy.bind(lambda i=i: [r for r in self._index.values() if r.tier == i])
+            policy.bind(lambda i=i: self._members(i))
         # Entries that survived a restart (the disk tier rebuilds its index) become visible again.
         for i, tier in enumerate(self.tiers):
             for key in list(tier.keys()):
@@ -143,9 +147,19 @@ class TieredCache:
         """A new record of ``key``'s stay in tier ``i``, of that tier's policy's class."""
         return self.policies[i].new_record(key, i, parent, self._clock(), in_flight=in_flight)
 
+    def _members(self, i: int) -> list[EntryRecord]:
+        """The records tier ``i``'s policy holds: the index's in that tier and the fallbacks kept there."""
+        recs = [r for r in self._index.values() if r.tier == i]
+        return recs + [r for r in self._fallbacks.values() if r.tier == i and self._index.get(r.key) is not r]
+
     def _up(self, i: int, parent: CacheKey | None) -> EntryRecord | None:
-        """The record of ``parent`` when it is in tier ``i`` (its policy links chains within the tier)."""
-        up = None if parent is None else self._index.get(parent)
+        """The record of ``parent`` in tier ``i``, if it has one there (its policy links chains within the tier):
+        its current record, or the value a pending put of it would fall back to."""
+        if parent is None:
+            return None
+        up = self._index.get(parent)
+        if up is None or up.tier != i:
+            up = self._fallbacks.get(parent)
         return up if up is not None and up.tier == i else None
 
     def add_listener(self, listener: EntryListener) -> None:
@@ -343,10 +357,13 @@ class TieredCache:
                 if old.tier != i and (fallback is None or fallback.tier != old.tier):
                     # nothing of it to fall back to there: it goes now (readers get the staged bytes)
                     self._delete_from(old)
-            if old is not None and old.tier == i:
-                # a replace in the same tier (a disk replace): the entry keeps its record, so its policy sees a
-                # use and keeps its chain links; the old value stays whole in the tier until the new one's commit
-                e = old
+            same = old if old is not None and old.tier == i else fallback if fallback is not None \
+                and fallback.tier == i else None
+            if same is not None:
+                # a replace in the same tier (a disk replace, or of the value a called-off put kept there): the entry
+                # keeps that record, so its policy sees a use and keeps its chain links; the old value stays whole
+                # in the tier until the new one's commit
+                e = self._index[key] = same
                 e.parent, e.last_access, e.hits = parent, self._clock(), 0
                 e.in_flight += 1
                 policy.insert(e, prepared.nbytes)
@@ -356,6 +373,8 @@ class TieredCache:
             self._announce_store(key, old, i, tensor)
             self._staged[key] = tensor
             w = PendingWrite(key, e, i, tensor, item=j, prepared=prepared, res=res, replaced=fallback)
+            if fallback is not None and fallback is not e:
+                self._fallbacks[key] = fallback
             writes.append(w)
             if i == len(self.tiers) - 1:
                 self._queued[key] = w
@@ -401,15 +420,20 @@ class TieredCache:
         if old is not None:
             # replaceable was checked under this same lock hold: this succeeds; what a queued put of the key
             # would have fallen back to goes too, unless it is what this store just replaced in place
-            self._call_off_with_fallback(key, old, keep_tier=i)
+            kept = self._call_off_with_fallback(key, old, keep_tier=i)
+        else:
+            kept = None
         if old is not None and old.tier != i:
             self._delete_from(old)
         self._announce_store(key, old, i, tensor)
-        if old is not None and old.tier == i:
-            # Same tier: the entry keeps its record, and its policy sees a use, which keeps the links to the
-            # entry's cached children (remove + insert would orphan them).
-            old.parent, old.last_access, old.hits = parent, self._clock(), 0
-            self.policies[i].insert(old, prepared.nbytes)
+        same = old if old is not None and old.tier == i else kept
+        if same is not None:
+            # Same tier: the entry keeps its record (or takes back the one a called-off put kept here), and its
+            # policy sees a use, which keeps the links to the entry's cached children (remove + insert would
+            # orphan them).
+            self._index[key] = same
+            same.parent, same.last_access, same.hits = parent, self._clock(), 0
+            self.policies[i].insert(same, prepared.nbytes)
         else:
             rec = self._index[key] = self._record(i, key, parent)
             self.policies[i].insert(rec, prepared.nbytes, self._up(i, parent))
@@ -871,14 +895,17 @@ class TieredCache:
         self.tiers[rec.tier].discard(rec.key)
         self.policies[rec.tier].delete(rec)
 
-    def _call_off_with_fallback(self, key: CacheKey, e: EntryRecord, keep_tier: int) -> None:
+    def _call_off_with_fallback(self, key: CacheKey, e: EntryRecord, keep_tier: int) -> EntryRecord | None:
         """``_call_off``, and if that cancels a put that had kept the key's earlier value in another tier than
-        ``keep_tier`` (``_fallback``), that value is discarded there too: nothing will fall back to it."""
+        ``keep_tier`` (``_fallback``), that value is discarded there too: nothing will fall back to it. Returns
+        such a value kept in ``keep_tier`` itself (the caller's to take back), else None."""
         w = self._queued.get(key)
         self._call_off(key, e)
         old = w.replaced if w is not None and w.cancelled else None
         if old is not None and old.tier != keep_tier:
             self._delete_from(old)
+            return None
+        return old
 
     def _call_off(self, key: CacheKey, e: EntryRecord) -> bool:
         """Cancel ``key``'s queued write into the last tier if it has not started (lock held). True if the
@@ -890,6 +917,8 @@ class TieredCache:
             return False  # someone reads its staged bytes
         del self._queued[key]
         w.cancelled = True
+        if w.replaced is not None and self._fallbacks.get(key) is w.replaced:
+            del self._fallbacks[key]  # the caller settles what becomes of it
         if w.res is not None:
             self.tiers[w.dst].abort(w.res)
             w.res = None
@@ -978,6 +1007,8 @@ class TieredCache:
         if self._staged.get(w.key) is w.tensor:
             del self._staged[w.key]
         old = w.replaced
+        if old is not None and self._fallbacks.get(w.key) is old:
+            del self._fallbacks[w.key]  # settled below: deleted on success, back in the index on failure
         if w.ok:  # committed by the caller, one batch per tier
             if w.src is not None:
                 self._counters[w.dst].demotions_in += 1
