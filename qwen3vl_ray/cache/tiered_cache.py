@@ -289,7 +289,7 @@ class TieredCache:
                     writes: list[PendingWrite]) -> list[int]:
         """Place the batch's candidates ``(j, prepared)`` in tier ``i`` (lock held). Returns the positions that
         go on to the tier below; an item whose key is being read stays False and goes nowhere."""
-        tier, policy, counters = self.tiers[i], self.policies[i], self._counters[i]
+        tier, counters = self.tiers[i], self._counters[i]
         down: list[int] = []
         held: list[tuple[int, object]] = []  # to store with held room: bytes copied outside the lock
         for j, prepared in cands:
@@ -357,19 +357,11 @@ class TieredCache:
                 if old.tier != i and (fallback is None or fallback.tier != old.tier):
                     # nothing of it to fall back to there: it goes now (readers get the staged bytes)
                     self._delete_from(old)
+            # a replace in the same tier (a disk replace, or of the value a called-off put kept there): the old
+            # value stays whole in the tier until the new one's commit
             same = old if old is not None and old.tier == i else fallback if fallback is not None \
                 and fallback.tier == i else None
-            if same is not None:
-                # a replace in the same tier (a disk replace, or of the value a called-off put kept there): the entry
-                # keeps that record, so its policy sees a use and keeps its chain links; the old value stays whole
-                # in the tier until the new one's commit
-                e = self._index[key] = same
-                e.parent, e.last_access, e.hits = parent, self._clock(), 0
-                e.in_flight += 1
-                policy.insert(e, prepared.nbytes)
-            else:
-                e = self._index[key] = self._record(i, key, parent, in_flight=1)
-                policy.insert(e, prepared.nbytes, self._up(i, parent))
+            e = self._index_value(i, key, parent, prepared.nbytes, same, in_flight=1)
             self._announce_store(key, old, i, tensor)
             self._staged[key] = tensor
             w = PendingWrite(key, e, i, tensor, item=j, prepared=prepared, res=res, replaced=fallback)
@@ -426,18 +418,24 @@ class TieredCache:
         if old is not None and old.tier != i:
             self._delete_from(old)
         self._announce_store(key, old, i, tensor)
-        same = old if old is not None and old.tier == i else kept
+        self._index_value(i, key, parent, prepared.nbytes, old if old is not None and old.tier == i else kept)
+        return True
+
+    def _index_value(self, i: int, key: CacheKey, parent: CacheKey | None, nbytes: int, same: EntryRecord | None,
+                     in_flight: int = 0) -> EntryRecord:
+        """Index a new value of ``key`` in tier ``i`` and tell the tier's policy (lock held). ``same``: the record
+        the entry already has in that tier (its own, or the one a called-off put kept there), which it keeps:
+        the policy sees a use and keeps the links to the entry's cached children (remove + insert would orphan
+        them). Else a new record. ``in_flight``: a write of it still to come."""
         if same is not None:
-            # Same tier: the entry keeps its record (or takes back the one a called-off put kept here), and its
-            # policy sees a use, which keeps the links to the entry's cached children (remove + insert would
-            # orphan them).
             self._index[key] = same
             same.parent, same.last_access, same.hits = parent, self._clock(), 0
-            self.policies[i].insert(same, prepared.nbytes)
-        else:
-            rec = self._index[key] = self._record(i, key, parent)
-            self.policies[i].insert(rec, prepared.nbytes, self._up(i, parent))
-        return True
+            same.in_flight += in_flight
+            self.policies[i].insert(same, nbytes)
+            return same
+        rec = self._index[key] = self._record(i, key, parent, in_flight=in_flight)
+        self.policies[i].insert(rec, nbytes, self._up(i, parent))
+        return rec
 
     def _announce_store(self, key: CacheKey, old: EntryRecord | None, i: int, tensor: torch.Tensor) -> None:
         """Tell listeners a new value of ``key`` is indexed in tier ``i`` (lock held). A value replacing one in
