@@ -16,6 +16,7 @@ from actors.object_store_tier import LocalObjectStore, ObjectStoreTier
 from actors.synthetic_engine import SyntheticKVEngine
 from actors.worker import WorkerLogic
 from actors.wire import WireChunk
+from helpers_object_store import FullStore
 from qwen3vl_ray.errors import CapacityError, ConfigError
 from qwen3vl_ray.keys import CacheKey
 
@@ -708,17 +709,6 @@ def test_config_check_of_coordinator_and_agent_fields(tmp_path):
     p = agent_cfg(tmp_path)
     p.disk_dir = Path(tmp_path)
     check_same_config("an agent", agent_fields(agent_cfg(tmp_path)), agent_fields(p))
-
-
-class FullStore(LocalObjectStore):
-    """A LocalObjectStore whose puts fail while ``full`` (Ray's ObjectStoreFullError)."""
-
-    full = False
-
-    def put(self, value):
-        if self.full:
-            raise RuntimeError("ObjectStoreFullError")
-        return super().put(value)
 
 
 def test_agent_counts_no_demotion_when_a_refused_replace_leaves_the_old_value_on_disk(tmp_path):

@@ -8,6 +8,7 @@ import torch
 
 from actors.object_store_tier import (LocalObjectStore, ObjectStoreTier, array_to_tensor, copy_plan, raw_bytes,
                                       slice_of)
+from helpers_object_store import FullStore
 from qwen3vl_ray.errors import CodecError
 from qwen3vl_ray.keys import CacheKey
 
@@ -198,19 +199,11 @@ def test_a_replace_that_does_not_fit_keeps_the_old_value():
 
 
 def test_a_slab_the_store_refuses_releases_its_room_and_loses_nothing_stored():
-    class Full(LocalObjectStore):
-        refuse = False
-
-        def put(self, value):
-            if self.refuse:
-                raise MemoryError("object store full")
-            return super().put(value)
-
-    store = Full()
+    store = FullStore()
     t = torch.zeros(1024, dtype=torch.uint8)
     tier = ObjectStoreTier(4096, store=store)
     assert tier.put_many([(key(0), t)]) == [True]
-    store.refuse = True
+    store.full = True
     res = tier.allocate_many([tier.prepare_store(key(i), t) for i in (1, 2)])
     assert list(tier.write_many(res)) == [False, False] and tier.used_bytes == 1024
     # a refused put, a refused replace: False, and what was stored stays
