@@ -4,7 +4,14 @@ A payload is one contiguous byte buffer, never pickle::
 
     magic "QVC1" | u16 format version | u8 len + codec name | u16 codec version
     | u32 len + JSON meta (dtype, shape, params, ...) | u16 n buffers | n x u64 buffer lengths
-    | u64 xxh3_64 of the header and every buffer | buffers...
+    | u64 digest | buffers...
+
+The digest (format version 2) is xxh3_64 of the header followed by the xxh3_64 (u64 little-endian) of each
+:data:`SEGMENT`-byte segment of each buffer in order (a buffer's last segment may be shorter). Why segments: the
+fused kernels hash each segment of codes as they write (or read) it, on every core, while it is in cache; one
+xxh3 over the whole payload was a serial pass that did not scale with the worker's cores and re-read an 18 MiB
+payload from DRAM (~0.5 ms of a 36 MiB KV chunk's ~1.9 ms encode on two cores). Version 1 payloads (one xxh3_64
+over the header and every buffer) are still read.
 
 so ``decode`` can dispatch on the codec name, reject unknown versions, and detect truncation or corruption
 before it produces a tensor. Codecs register themselves with :func:`register_codec`; ``make_codec`` builds
@@ -30,7 +37,14 @@ import xxhash
 from qwen3vl_ray.errors import CodecError
 
 MAGIC = b"QVC1"
-FORMAT_VERSION = 1
+#: the format version new payloads are written in; :data:`READ_VERSIONS` are the ones ``decode`` reads
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+#: bytes per hashed segment of a buffer (format version 2): 16 KiB, what one fused-kernel chunk of int4 codes
+#: fills (int8 chunks fill two), small enough to hash from L1/L2 right after it was written
+SEGMENT = 1 << 14
+#: payloads whose buffers span at most this many segments are hashed from Python, with no kernel launch
+SERIAL_SEGMENTS = 8
 _HEAD = struct.Struct("<4sH")
 
 Buffer = bytes | bytearray | memoryview | np.ndarray
@@ -158,12 +172,47 @@ def alloc_payload(n: int) -> bytearray:
     return out
 
 
+def segment_digests(buf: Buffer) -> np.ndarray:
+    """xxh3_64 of each :data:`SEGMENT`-byte segment of ``buf`` (uint64), on every core for large buffers."""
+    arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, dtype=np.uint8)
+    arr = arr.reshape(-1).view(np.uint8)
+    nseg = -(-arr.size // SEGMENT)
+    if nseg > SERIAL_SEGMENTS:
+        from qwen3vl_ray.codecs import fused  # lazy: fused imports numba
+
+        if fused.hashing_available():
+            return fused.segment_digests(arr, SEGMENT)
+    return np.array([xxhash.xxh3_64_intdigest(arr[i: i + SEGMENT]) for i in range(0, arr.size, SEGMENT)], dtype=np.uint64)
+
+
+def payload_digest(header: Buffer, digests: Sequence[np.ndarray]) -> int:
+    """Format version 2's digest from the header bytes and each buffer's :func:`segment_digests`."""
+    h = xxhash.xxh3_64(header)
+    for d in digests:
+        if d.size:
+            h.update(d.astype("<u8", copy=False))
+    return h.intdigest()
+
+
+class _NoHasher:
+    """What :attr:`PayloadWriter.hasher` is since format version 2: the digest is taken per segment in
+    :meth:`PayloadWriter.finish` (or by the kernels that wrote a buffer); codes fed here are ignored."""
+
+    __slots__ = ()
+
+    def update(self, data) -> None:
+        pass
+
+
+_NO_HASHER = _NoHasher()
+
+
 class PayloadWriter:
     """A payload whose buffer sizes are known up front, filled in place (no build-then-copy).
 
-    The codec writes each of ``buffers`` (writable memoryviews into the final bytearray) and feeds every
-    buffer's bytes to ``hasher`` in buffer order -- tile by tile while they are still in cache, if it likes;
-    :meth:`finish` stores the digest. The byte layout is exactly :func:`pack_payload`'s.
+    The codec writes each of ``buffers`` (writable memoryviews into the final bytearray); a codec that hashed
+    a buffer's segments as it wrote them (the fused kernels) stores them in ``digests[i]``; :meth:`finish`
+    hashes the other buffers and stores the digest. The byte layout is exactly :func:`pack_payload`'s.
     """
 
     def __init__(self, name: str, version: int, meta: dict[str, Any] | None, lengths: Sequence[int],
@@ -175,6 +224,7 @@ class PayloadWriter:
         # uninitialized: the header, digest and every buffer byte are written before finish()
         self._out = alloc_payload(len(header) + 8 + sum(lengths))
         self._out[: len(header)] = header
+        self._header = header
         self._digest_at = len(header)
         mv = memoryview(self._out)
         pos = len(header) + 8
@@ -182,11 +232,14 @@ class PayloadWriter:
         for n in lengths:
             self.buffers.append(mv[pos: pos + n])
             pos += n
-        self.hasher = xxhash.xxh3_64(header)
+        self.digests: list[np.ndarray | None] = [None] * len(lengths)
+        #: kept for codecs that fed a running hash (format version 1); ignored
+        self.hasher = _NO_HASHER
 
     def finish(self) -> bytearray:
         """Store the checksum and hand over the payload."""
-        struct.pack_into("<Q", self._out, self._digest_at, self.hasher.intdigest())
+        digests = [d if d is not None else segment_digests(b) for b, d in zip(self.buffers, self.digests)]
+        struct.pack_into("<Q", self._out, self._digest_at, payload_digest(self._header, digests))
         self.buffers = []  # views die with the codec's last tensor over them; the bytearray is then resizable
         return self._out
 
@@ -196,19 +249,25 @@ def pack_payload(name: str, version: int, meta: dict[str, Any], buffers: Sequenc
     w = PayloadWriter(name, version, meta, [v.nbytes for v in views])
     for dst, v in zip(w.buffers, views):
         dst[:] = v
-        w.hasher.update(v)
     return w.finish()
 
 
-def unpack_payload(payload: Buffer) -> tuple[str, int, dict[str, Any], list[memoryview]]:
-    """Parse and verify a payload. Raises :class:`CodecError` on anything malformed."""
+def unpack_payload(payload: Buffer, verify: bool = True) -> tuple[str, int, dict[str, Any], list[memoryview]]:
+    """Parse and verify a payload. Raises :class:`CodecError` on anything malformed.
+
+    ``verify=False`` (format version 2 only; version 1 is always verified here) leaves the digest to the caller:
+    see :func:`check_digest` (the fused decode hashes the codes as it reads them)."""
+    return _unpack(payload, verify)[:4]
+
+
+def _unpack(payload: Buffer, verify: bool = True):
     mv = memoryview(payload).cast("B") if not isinstance(payload, np.ndarray) else memoryview(payload.view(np.uint8).reshape(-1))
     try:
         magic, fmt = _HEAD.unpack_from(mv, 0)
         if magic != MAGIC:
             raise CodecError("not a qwen3vl-ray codec payload (bad magic)")
-        if fmt != FORMAT_VERSION:
-            raise CodecError(f"unsupported payload format version {fmt} (this build reads {FORMAT_VERSION})")
+        if fmt not in READ_VERSIONS:
+            raise CodecError(f"unsupported payload format version {fmt} (this build reads {', '.join(map(str, READ_VERSIONS))})")
         pos = _HEAD.size
         (nlen,) = struct.unpack_from("<B", mv, pos); pos += 1
         name = bytes(mv[pos: pos + nlen]).decode(); pos += nlen
@@ -224,12 +283,32 @@ def unpack_payload(payload: Buffer) -> tuple[str, int, dict[str, Any], list[memo
     if pos + sum(lengths) != mv.nbytes:
         raise CodecError(f"payload length {mv.nbytes} does not match its header ({pos + sum(lengths)} expected): truncated or corrupt")
     bufs = []
-    h = xxhash.xxh3_64(mv[:header_end])
     for n in lengths:
-        bufs.append(mv[pos: pos + n]); h.update(bufs[-1]); pos += n
-    if h.intdigest() != digest:
+        bufs.append(mv[pos: pos + n]); pos += n
+    check = (mv[:header_end], digest)
+    if fmt == 1:
+        h = xxhash.xxh3_64(mv[:header_end])
+        for b in bufs:
+            h.update(b)
+        if h.intdigest() != digest:
+            raise CodecError("payload checksum mismatch: corrupt data")
+        check = None
+    elif verify:
+        check_digest(check, bufs, [None] * len(bufs))
+        check = None
+    return name, version, meta, bufs, check
+
+
+def check_digest(check, buffers: Sequence[Buffer], digests: Sequence[np.ndarray | None]) -> None:
+    """Verify a format version 2 payload whose :func:`unpack_payload` ran with ``verify=False``: ``check`` is
+    what :func:`_unpack` returned for it, ``digests[i]`` the segment digests of buffer i where the caller took them
+    (None: hashed here). Raises :class:`CodecError` on a mismatch."""
+    if check is None:
+        return
+    header, digest = check
+    got = [d if d is not None else segment_digests(b) for b, d in zip(buffers, digests)]
+    if payload_digest(header, got) != digest:
         raise CodecError("payload checksum mismatch: corrupt data")
-    return name, version, meta, bufs
 
 
 class Codec(ABC):
@@ -267,6 +346,20 @@ class Codec(ABC):
 
     def decode(self, payload: Buffer, device: torch.device | str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         return decode(payload, device, out)
+
+    #: True for codecs with :meth:`decode_checked` (their kernels hash the codes as they decode them)
+    checks_digest: bool = False
+
+    def decode_checked(self, meta: dict[str, Any], buffers: list[memoryview], device, out: torch.Tensor | None,
+                       check) -> torch.Tensor:
+        """Decode (into ``out`` when given) a payload whose digest is not verified yet, and verify it with
+        :func:`check_digest` (``check`` from :func:`unpack_payload`'s ``verify=False``): before decoding, or
+        after, from segment digests the decode took. Raises :class:`CodecError` on a mismatch."""
+        check_digest(check, buffers, [None] * len(buffers))
+        if out is None:
+            return self.decode_parts(meta, buffers, device)
+        self.decode_into(meta, buffers, out)
+        return out
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec()!r})"
@@ -348,17 +441,30 @@ def decode(payload: Buffer, device: torch.device | str | None = None, out: torch
     A preallocated ``out`` skips the result's allocation, whose first-touch page faults cost as much as the
     fused dequantization of a 36 MiB chunk. ``out`` must have the payload's shape and dtype (ValueError).
     """
-    name, version, meta, bufs = unpack_payload(payload)
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        raise CodecError(f"payload names unknown codec {name!r}; available: {', '.join(available_codecs())}")
-    codec = factory.from_meta(meta) if hasattr(factory, "from_meta") else factory()
-    if version != codec.version:
-        raise CodecError(f"codec {name!r} payload version {version} is not supported (this build: {codec.version})")
+    # format version 2: a codec whose kernels hash the codes as they read them checks the digest after its
+    # decode (one pass over the codes instead of two); every other codec gets a verified payload, as before
+    name, version, meta, bufs, check = _unpack(payload, verify=False)
+    try:
+        factory = _REGISTRY.get(name)
+        if factory is None:
+            raise CodecError(f"payload names unknown codec {name!r}; available: {', '.join(available_codecs())}")
+        codec = factory.from_meta(meta) if hasattr(factory, "from_meta") else factory()
+        if version != codec.version:
+            raise CodecError(f"codec {name!r} payload version {version} is not supported (this build: {codec.version})")
+    except Exception:
+        check_digest(check, bufs, [None] * len(bufs))  # corruption is what a mangled name or version most likely is
+        raise
+    if check is not None and not (codec.checks_digest and "dtype" in meta and "shape" in meta):
+        check_digest(check, bufs, [None] * len(bufs))
+        check = None
     want = None if out is None else (dtype_name(out.dtype), list(out.shape))
     if want is not None and "dtype" in meta and "shape" in meta and (meta["dtype"], list(meta["shape"])) != want:
+        check_digest(check, bufs, [None] * len(bufs))
         raise ValueError(f"decode: out is {want[0]} {want[1]}, the payload holds {meta['dtype']} {meta['shape']}")
     try:
+        if check is not None:
+            # on a digest mismatch ``out`` may already hold the corrupt payload's values (CodecError says so)
+            return codec.decode_checked(meta, bufs, device if out is None else out.device, out, check)
         if out is None:
             return codec.decode_parts(meta, bufs, device)
         if "dtype" in meta and "shape" in meta:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qwen3vl_ray.codecs import base as _base
 from qwen3vl_ray.errors import CodecError
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,21 @@ def available(t: torch.Tensor | None = None) -> bool:
     if not (ENABLED and numba is not None and sys.byteorder == "little"):
         return False
     return t is None or (t.device.type == "cpu" and t.dtype in _NP)
+
+
+def hashing_available() -> bool:
+    """True when :func:`segment_digests` runs compiled (else callers hash segments from Python: same digests)."""
+    return available()
+
+
+def segment_digests(arr: np.ndarray, seg: int) -> np.ndarray:
+    """xxh3_64 of each ``seg``-byte segment of the flat uint8 ``arr`` (the payload format's, see codecs.base),
+    on every core."""
+    out = np.empty(-(-arr.size // seg), dtype=np.uint64)
+    with _LOCK, _launches() as threads:
+        _pieces(out.size, threads)
+        _kernel("SEGMENTS", None)(arr, seg, out)
+    return out
 
 
 def _threads() -> int:
@@ -189,7 +205,7 @@ def _kernel(table: str, flags: tuple):
     pid = os.getpid()
     if _LAUNCH_PID is None:
         _LAUNCH_PID = pid
-    kernel = getattr(K, table)[flags]
+    kernel = getattr(K, table)[flags] if flags is not None else getattr(K, table)
     if pid == _LAUNCH_PID:
         return kernel
     if (table, flags) not in _SERIAL:
@@ -215,18 +231,33 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
         return _encode(x, g, qmax, pack4, codes, scales, int(measure), threads)
 
 
-def _encode(x, g: Geometry, qmax: int, pack4: bool, codes, scales, measure: int, threads: int) -> tuple[float, ...]:
+def _encode(x, g: Geometry, qmax: int, pack4: bool, codes, scales, measure: int, threads: int,
+            digests: np.ndarray = None) -> tuple[float, ...]:
     per = _per(g, pack4)
     nchunks = -(-g.U * g.H * g.T * -(-g.n // g.group) // per)
     width = (0, 2, 3)[measure]
     err = np.zeros(width * nchunks, dtype=np.float64) if width else _NO_SUMS
     _pieces(nchunks, threads)
+    seg = 0 if digests is None else _base.SEGMENT
     _kernel("ENCODE", (g.post == 1, pack4, measure))(
-        x, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, np.float32(qmax), per, codes, scales, err)
+        x, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, np.float32(qmax), per, codes, scales, err,
+        seg, _NO_DIGESTS if digests is None else digests)
     return tuple(err.reshape(nchunks, width).sum(axis=0).tolist()) if width else ()
 
 
 _NO_SUMS = np.zeros(0, dtype=np.float64)
+_NO_DIGESTS = np.zeros(0, dtype=np.uint64)
+
+
+def _kernel_digests(g: Geometry, pack4: bool, ncodes: int) -> np.ndarray | None:
+    """A digests array when each kernel chunk's codes fill whole :data:`SEGMENT`s (the kernel then hashes them),
+    else None (the payload writer hashes the buffer after the launch). Default groups always fill them."""
+    per = _per(g, pack4)
+    gsize = g.group * g.post
+    chunk = per * gsize // 2 if pack4 else per * gsize
+    if chunk % _base.SEGMENT or not ncodes:
+        return None
+    return np.empty(-(-ncodes // _base.SEGMENT), dtype=np.uint64)
 
 
 def decode(out: np.ndarray, g: Geometry, pack4: bool, codes: np.ndarray, scales: np.ndarray) -> None:
@@ -235,11 +266,12 @@ def decode(out: np.ndarray, g: Geometry, pack4: bool, codes: np.ndarray, scales:
         _decode(out, g, pack4, codes, scales, threads)
 
 
-def _decode(out, g: Geometry, pack4: bool, codes, scales, threads: int) -> None:
+def _decode(out, g: Geometry, pack4: bool, codes, scales, threads: int, digests: np.ndarray = None) -> None:
     per = _per(g, pack4)
     _pieces(-(-g.U * g.H * g.T * -(-g.n // g.group) // per), threads)
     _kernel("DECODE", (g.post == 1, pack4))(
-        out, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, per, codes, scales)
+        out, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, per, codes, scales,
+        0 if digests is None else _base.SEGMENT, _NO_DIGESTS if digests is None else digests)
 
 
 def _nscales(g: Geometry) -> int:
@@ -307,14 +339,16 @@ def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype
     return math.sqrt(err2 / x2) * (1 + 2.0 ** -30) + 2.0 ** -30
 
 
-def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool, buffers: list[memoryview],
-                   hasher, codec: str, measure: int = 0) -> tuple[float, ...]:
-    """Quantize each part of ``x`` into payload buffers ``codes_i, scales_i`` (in order) and hash them in order;
-    with ``measure``, returns the parts' summed sums (see :func:`encode`).
+def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool, writer, codec: str,
+                   measure: int = 0) -> tuple[float, ...]:
+    """Quantize each part of ``x`` into the payload ``writer``'s buffers ``codes_i, scales_i`` (in order); the
+    kernels hash the codes as they write them into ``writer.digests`` (see :func:`_kernel_digests`); with
+    ``measure``, returns the parts' summed sums (see :func:`encode`).
 
     Scales go through an aligned scratch array: a payload buffer's offset is arbitrary, and an unaligned
     array would be one more kernel specialization to compile.
     """
+    buffers = writer.buffers
     measure = int(measure)
     total = [0.0] * (0, 2, 3)[measure]
     checked = []
@@ -325,27 +359,30 @@ def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool,
         for i, g in enumerate(parts):
             codes = np.frombuffer(buffers[2 * i], dtype=np.uint8)
             scales = np.empty(_nscales(g), dtype=np.float32)
-            got = _encode(x, g, qmax, pack4, codes, scales, measure, threads)
+            digests = _kernel_digests(g, pack4, codes.size)
+            got = _encode(x, g, qmax, pack4, codes, scales, measure, threads, digests)
+            writer.digests[2 * i] = digests
             if measure == 2:
                 # every group of the part holds at most ``group`` elements per scale; a group stored as zeros
                 # (amax <= TINY) errs by its inputs, each <= amax = qmax * scale (within 2^-23), the others by
                 # half a step each
                 got = (got[0], g.group * got[1], g.group * got[2] * (qmax * (1 + 2.0 ** -22)) ** 2)
             total = [a + b for a, b in zip(total, got)]
-            checked.append((codes, scales))
-    for i, (codes, scales) in enumerate(checked):
+            checked.append(scales)
+    for i, scales in enumerate(checked):
         if not np.isfinite(scales).all():
             raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
         np.frombuffer(buffers[2 * i + 1], dtype=np.uint8)[:] = scales.view(np.uint8)
-        hasher.update(codes)
-        hasher.update(scales)
     if measure == 2:
         return (total[1], total[0], total[2])
     return tuple(total)
 
 
-def dequantize_parts(out: np.ndarray, parts: list[Geometry], pack4: bool, buffers, codec: str) -> None:
-    """Inverse of :func:`quantize_parts` into ``out`` (flat, :func:`as_bits`'s dtype); checks buffer sizes."""
+def dequantize_parts(out: np.ndarray, parts: list[Geometry], pack4: bool, buffers, codec: str,
+                     digests: list | None = None) -> None:
+    """Inverse of :func:`quantize_parts` into ``out`` (flat, :func:`as_bits`'s dtype); checks buffer sizes.
+    ``digests`` (a list with a slot per payload buffer): the kernels hash the codes as they read them into
+    the codes' slots where they can (see :func:`_kernel_digests`), for the caller to check the payload's digest."""
     todo = []
     for i, g in enumerate(parts):
         cbuf, sbuf = memoryview(buffers[2 * i]), memoryview(buffers[2 * i + 1])
@@ -354,7 +391,10 @@ def dequantize_parts(out: np.ndarray, parts: list[Geometry], pack4: bool, buffer
             raise CodecError(f"corrupt {codec!r} payload: buffers of {[cbuf.nbytes, sbuf.nbytes]} bytes, layout needs {list(need)}")
         codes = np.frombuffer(cbuf, dtype=np.uint8) if need[0] else np.zeros(0, np.uint8)
         scales = np.frombuffer(sbuf, dtype=np.float32).copy() if need[1] else np.zeros(0, np.float32)  # aligned
-        todo.append((g, codes, scales))
+        d = _kernel_digests(g, pack4, codes.size) if digests is not None else None
+        todo.append((g, codes, scales, d))
+        if d is not None:
+            digests[2 * i] = d
     with _LOCK, _launches() as threads:  # one thread setup for every part
-        for g, codes, scales in todo:
-            _decode(out, g, pack4, codes, scales, threads)
+        for g, codes, scales, d in todo:
+            _decode(out, g, pack4, codes, scales, threads, d)

@@ -16,6 +16,52 @@ from numba.extending import intrinsic, overload
 
 from qwen3vl_ray.codecs.groups import TINY
 
+# -- payload segment digests (format version 2, see codecs.base) ----------------------------------------------
+# The kernels call python-xxhash's own XXH3_64bits (its runtime-dispatched AVX2/AVX-512 build) by a symbol name
+# registered with LLVM here, so the compiled code caches on disk (a ctypes pointer in a kernel would not) and
+# hashes each segment of codes while it is still in L1/L2, on every kernel thread: one serial xxh3 pass over an
+# 18 MiB payload, after the kernel had pushed it out of cache, cost ~0.5-0.7 ms of a 36 MiB chunk's ~1.9 ms.
+import ctypes as _ctypes  # noqa: E402
+
+import llvmlite.binding as _llb  # noqa: E402
+import xxhash as _xxhash  # noqa: E402
+from numba.core import cgutils as _cgutils  # noqa: E402
+
+_XXH = _ctypes.CDLL(_xxhash._xxhash.__file__)
+_llb.add_symbol("qwen3vl_ray_xxh3_64", _ctypes.cast(_XXH.XXH3_64bits_dispatch, _ctypes.c_void_p).value)
+_XXH.XXH3_64bits_dispatch.restype = _ctypes.c_uint64
+_XXH.XXH3_64bits_dispatch.argtypes = [_ctypes.c_char_p, _ctypes.c_size_t]
+_XXH.XXH3_64bits_dispatch(b"warm", 4)  # picks the vector width once, before threads race to
+
+
+@intrinsic
+def _xxh3(typingctx, arr, start, n):
+    """xxh3_64 of ``arr``'s bytes ``[start, start + n)`` (a contiguous uint8 array)."""
+    sig = types.uint64(arr, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(a.data, [args[1]]), ir.IntType(8).as_pointer())
+        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(8).as_pointer(), ir.IntType(64)])
+        return builder.call(_cgutils.get_or_insert_function(builder.module, fnty, "qwen3vl_ray_xxh3_64"), [ptr, args[2]])
+    return sig, codegen
+
+
+@numba.njit(inline="always")
+def _hash_range(buf, b0, b1, seg, digests):
+    """Digests of the segments of ``buf`` in bytes ``[b0, b1)``: ``b0`` is a segment start, ``b1`` one or the end."""
+    for a in range(b0, b1, seg):
+        digests[a // seg] = _xxh3(buf, a, min(b1, a + seg) - a)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def segment_digests(buf, seg, digests):
+    """xxh3_64 of each ``seg``-byte segment of ``buf`` (the last may be shorter) into ``digests``, in parallel."""
+    n = buf.size
+    for i in prange(digests.size):
+        a = i * seg
+        digests[i] = _xxh3(buf, a, min(n, a + seg) - a)
+
 
 @intrinsic
 def _f32_from_bits(typingctx, u):
@@ -255,7 +301,8 @@ def _next_group(u, h, t, gi, G, H, T):
 
 
 @numba.njit(inline="always")
-def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err, rows, measure):
+def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err, rows, measure,
+                 seg, digests):
     G, items, gsize, nchunks = _split(U, H, T, n, group, post, per)
     for c in prange(nchunks):
         i0 = c * per
@@ -417,6 +464,11 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                 out[p] = nib[2 * p] | (nib[2 * p + 1] << np.uint8(4))
             if cnt % 2:  # only the very last code of an odd total: it pairs with a zero code (nibble 8)
                 out[cnt // 2] = nib[cnt - 1] | np.uint8(8 << 4)
+        if seg > 0:  # the chunk's codes, just written, while in cache (the caller checked they fill whole segments)
+            if pack4:
+                _hash_range(codes, (i0 * gsize) // 2, (i1 * gsize + 1) // 2, seg, digests)
+            else:
+                _hash_range(codes, i0 * gsize, i1 * gsize, seg, digests)
         if measure == 2:
             for j in range(xl.size):
                 x2 += np.float64(xl[j])
@@ -451,11 +503,16 @@ def _nibble(codes, ci):
 
 
 @numba.njit(inline="always")
-def _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, scales, rows):
+def _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, scales, rows, seg, digests):
     G, items, gsize, nchunks = _split(U, H, T, n, group, post, per)
     for c in prange(nchunks):
         i0 = c * per
         i1 = min(items, i0 + per)
+        if seg > 0:  # the chunk's codes' digests: the hash brings them into cache for the loop below
+            if pack4:
+                _hash_range(codes, (i0 * gsize) // 2, (i1 * gsize + 1) // 2, seg, digests)
+            else:
+                _hash_range(codes, i0 * gsize, i1 * gsize, seg, digests)
         u, h, t, gi = _group_at(i0, G, H, T)
         for it in range(i0, i1):
             dst = base + u * su + h * sh + t * st
@@ -509,16 +566,17 @@ def _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, cod
 # one thread: 14.6 vs 21.2 GB/s). Each specialization compiles on its first use per dtype and is cached on disk.
 
 def _encode_kernel(rows: bool, pack4: bool, measure: int):
-    def kernel(x, base, U, su, H, sh, T, st, n, post, group, qmax, per, codes, scales, err):
-        _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err, rows, measure)
+    def kernel(x, base, U, su, H, sh, T, st, n, post, group, qmax, per, codes, scales, err, seg, digests):
+        _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err, rows, measure,
+                     seg, digests)
     # distinct names: numba's on-disk cache tells closures of one source line apart by them
     kernel.__name__ = kernel.__qualname__ = f"encode_{'rows' if rows else 'cols'}_{'int4' if pack4 else 'int8'}{('', '_measure', '_bound')[measure]}"
     return numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)(kernel)
 
 
 def _decode_kernel(rows: bool, pack4: bool):
-    def kernel(out, base, U, su, H, sh, T, st, n, post, group, per, codes, scales):
-        _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, scales, rows)
+    def kernel(out, base, U, su, H, sh, T, st, n, post, group, per, codes, scales, seg, digests):
+        _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, scales, rows, seg, digests)
     kernel.__name__ = kernel.__qualname__ = f"decode_{'rows' if rows else 'cols'}_{'int4' if pack4 else 'int8'}"
     return numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)(kernel)
 
@@ -527,7 +585,10 @@ _FLAGS = (False, True)
 #: ``ENCODE[rows, pack4, measure]``: quantize one part of ``x`` into ``codes``/``scales``; ``measure`` 1: ``err``
 #: gets per-chunk (squared error, squared norm) of the decoded values, 2: per-chunk (squared float32 inputs (in
 #: lanes: a channel's over the ``group`` rows of a group, a row position's over the chunk's groups), squared
-#: scales of the quantized groups, squared scales of the groups stored as zeros)
+#: scales of the quantized groups, squared scales of the groups stored as zeros); ``seg`` > 0: ``digests`` gets the
+#: xxh3_64 of each ``seg``-byte segment of ``codes`` (each chunk's codes must fill whole segments)
 ENCODE = {(r, p, m): _encode_kernel(r, p, m) for r in _FLAGS for p in _FLAGS for m in (0, 1, 2)}
-#: ``DECODE[rows, pack4]``: write ``codes * scales`` into one part of ``out``
+#: ``DECODE[rows, pack4]``: write ``codes * scales`` into one part of ``out`` (``seg``/``digests`` as in ENCODE)
 DECODE = {(r, p): _decode_kernel(r, p) for r in _FLAGS for p in _FLAGS}
+#: ``SEGMENTS(buf, seg, digests)``: :func:`segment_digests`
+SEGMENTS = segment_digests

@@ -19,8 +19,8 @@ from qwen3vl_ray.codecs import blocked as B
 from qwen3vl_ray.codecs import fused as F
 from qwen3vl_ray.codecs import groups as G
 from qwen3vl_ray.codecs.base import (
-    _VIEW_AS, Codec, PayloadWriter, dtype_from_name, dtype_name, pack_payload, payload_header, register_codec,
-    tensor_bytes,
+    _VIEW_AS, Codec, PayloadWriter, check_digest, dtype_from_name, dtype_name, pack_payload, payload_header,
+    register_codec, tensor_bytes,
 )
 from qwen3vl_ray.errors import CodecError
 
@@ -126,7 +126,7 @@ class KVQuantCodec(Codec):
         t = t.detach()
         parts, lengths, header = self._fused_layout(t, cut)
         w = PayloadWriter(self.name, self.version, None, lengths, header)
-        sums = F.quantize_parts(F.as_bits(t), parts, self.qmax, self.bits == 4, w.buffers, w.hasher, self.name, measure)
+        sums = F.quantize_parts(F.as_bits(t), parts, self.qmax, self.bits == 4, w, self.name, measure)
         rest2 = 0.0
         if cut < t.shape[-2]:
             rest = self._parts(t, cut)[2]
@@ -170,8 +170,7 @@ class KVQuantCodec(Codec):
         for i, (g, part) in enumerate(((gs["k"], keys), (gs["v"], values))):
             codes = B.payload_tensor(w.buffers[2 * i], torch.uint8 if pack4 else torch.int8)
             scales = B.payload_tensor(w.buffers[2 * i + 1], torch.float32).view(g.pre, g.ngroups, g.post)
-            B.quantize(part, g, self.qmax, pack4, codes, scales, w.hasher, self.name)
-            w.hasher.update(scales.numpy())
+            B.quantize(part, g, self.qmax, pack4, codes, scales, None, self.name)
             del codes, scales
         self._write_rest(w, rest)
         return w.finish()
@@ -184,7 +183,25 @@ class KVQuantCodec(Codec):
             raise CodecError(f"codec {self.name!r} cannot encode NaN or inf values; use 'none' or 'bf16'")
         dst = B.payload_tensor(w.buffers[4], _VIEW_AS.get(rest.dtype, rest.dtype)).view(rest.dtype).view(rest.shape)
         dst.copy_(rest)
-        w.hasher.update(w.buffers[4])
+
+    checks_digest = True
+
+    def decode_checked(self, meta: dict[str, Any], buffers, device, out: torch.Tensor | None, check) -> torch.Tensor:
+        """The fused decode hashes the codes as it reads them, then the digest is checked (see Codec)."""
+        cut = int(meta["cut"])
+        dtype = dtype_from_name(meta["dtype"])
+        shape = list(meta["shape"])
+        if out is not None:
+            fused = F.available(out) and out.is_contiguous() and cut and out.dim() >= 4 and out.numel()
+        else:
+            on_cpu = device is None or torch.device(device).type == "cpu"
+            fused = on_cpu and cut and len(shape) >= 4 and all(shape) and F.available(torch.empty(0, dtype=dtype))
+        if not fused:
+            return super().decode_checked(meta, buffers, device, out, check)
+        digests = [None] * len(buffers)
+        y = self._decode_fused(meta, buffers, dtype, shape if out is None else list(out.shape), cut, out, digests)
+        check_digest(check, buffers, digests)
+        return y
 
     def decode_into(self, meta: dict[str, Any], buffers, out: torch.Tensor) -> None:
         cut = int(meta["cut"])
@@ -194,7 +211,7 @@ class KVQuantCodec(Codec):
             out.copy_(self.decode_parts(meta, buffers, out.device))
 
     def _decode_fused(self, meta: dict[str, Any], buffers, dtype: torch.dtype, shape: list[int], cut: int,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, digests: list | None = None) -> torch.Tensor:
         if len(buffers) != 5 or shape[-4] != 2 or not 0 < cut <= shape[-2]:
             raise CodecError(f"corrupt {self.name!r} payload: shape {shape}, cut {cut}, {len(buffers)} buffers")
         # the groups the payload recorded (decode builds this codec with default parameters); checked once per
@@ -208,7 +225,7 @@ class KVQuantCodec(Codec):
                     raise CodecError(f"corrupt {self.name!r} payload: {tag} groups {meta[tag]} do not fit shape {shape}")
             F.remember(_DECODE_PARTS, key, parts)
         out = B.empty(shape, dtype) if out is None else out
-        F.dequantize_parts(F.as_bits(out), parts, self.bits == 4, buffers, self.name)
+        F.dequantize_parts(F.as_bits(out), parts, self.bits == 4, buffers, self.name, digests)
         if cut < shape[-2]:
             rest = self._parts(out, cut)[2]
             rest.copy_(G.buffer_tensor(buffers[4], dtype, list(rest.shape)))

@@ -15,7 +15,8 @@ from qwen3vl_ray.codecs import blocked as B
 from qwen3vl_ray.codecs import fused as F
 from qwen3vl_ray.codecs import groups as G
 from qwen3vl_ray.codecs.base import (
-    Codec, IdentityCodec, PayloadWriter, dtype_from_name, dtype_name, pack_payload, payload_header, register_codec,
+    Codec, IdentityCodec, PayloadWriter, check_digest, dtype_from_name, dtype_name, pack_payload, payload_header,
+    register_codec,
 )
 from qwen3vl_ray.errors import CodecError
 
@@ -99,8 +100,8 @@ class GroupQuantCodec(Codec):
                                              payload_header(self.name, self.version, meta, lengths)))
         parts, lengths, header = got
         w = PayloadWriter(self.name, self.version, None, lengths, header)
-        sums = F.quantize_parts(F.as_bits(tensor.detach()), parts, self.qmax, self.kind == "int4", w.buffers, w.hasher,
-                                self.name, measure)
+        sums = F.quantize_parts(F.as_bits(tensor.detach()), parts, self.qmax, self.kind == "int4", w, self.name,
+                                measure)
         return w.finish(), sums
 
     def _encode_blocked(self, tensor: torch.Tensor) -> bytearray:
@@ -112,8 +113,7 @@ class GroupQuantCodec(Codec):
         w = PayloadWriter(self.name, self.version, meta, [(count + 1) // 2 if pack4 else count, 4 * g.pre * g.ngroups * g.post])
         codes = B.payload_tensor(w.buffers[0], torch.uint8 if pack4 else torch.int8)
         scales = B.payload_tensor(w.buffers[1], torch.float32).view(g.pre, g.ngroups, g.post)
-        B.quantize(tensor.detach().reshape(g.pre, g.n, g.post), g, self.qmax, pack4, codes, scales, w.hasher, self.name)
-        w.hasher.update(scales.numpy())
+        B.quantize(tensor.detach().reshape(g.pre, g.n, g.post), g, self.qmax, pack4, codes, scales, None, self.name)
         del codes, scales
         return w.finish()
 
@@ -137,6 +137,26 @@ class GroupQuantCodec(Codec):
             q = G.unpack_int4(q, count)
         return G.dequantize(q, scales, g, meta["shape"], dtype_from_name(meta["dtype"]))
 
+    @property
+    def checks_digest(self) -> bool:
+        return self.kind != "fp8"
+
+    def decode_checked(self, meta: dict[str, Any], buffers, device, out: torch.Tensor | None, check) -> torch.Tensor:
+        """The fused decode hashes the codes as it reads them, then the digest is checked (see Codec)."""
+        g = G.Grouping.from_meta(meta["groups"])
+        dtype = dtype_from_name(meta["dtype"])
+        if out is not None:
+            fused = F.available(out) and out.is_contiguous() and out.numel() > 0
+        else:
+            on_cpu = device is None or torch.device(device).type == "cpu"
+            fused = on_cpu and g.pre * g.padded * g.post > 0 and F.available(torch.empty(0, dtype=dtype))
+        if not fused:
+            return super().decode_checked(meta, buffers, device, out, check)
+        digests = [None] * len(buffers)
+        y = self._decode_fused(meta, g, dtype, buffers, out, digests)
+        check_digest(check, buffers, digests)
+        return y
+
     def decode_into(self, meta: dict[str, Any], buffers, out: torch.Tensor) -> None:
         g = G.Grouping.from_meta(meta["groups"])
         if self.kind != "fp8" and F.available(out) and out.is_contiguous() and out.numel():
@@ -145,14 +165,14 @@ class GroupQuantCodec(Codec):
             out.copy_(self.decode_parts(meta, buffers, out.device))
 
     def _decode_fused(self, meta: dict[str, Any], g: G.Grouping, dtype: torch.dtype, buffers,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, digests: list | None = None) -> torch.Tensor:
         if len(buffers) != 2:
             raise CodecError(f"corrupt {self.name!r} payload: {len(buffers)} buffers, layout needs 2")
         out = B.empty(meta["shape"], dtype) if out is None else out
         if out.numel() != g.pre * g.n * g.post:
             raise CodecError(f"corrupt {self.name!r} payload: shape {meta['shape']} does not match groups {g.meta()}")
         F.dequantize_parts(F.as_bits(out), [F.Geometry.plain(g.pre, g.n, g.post, g.group)], self.kind == "int4",
-                           buffers, self.name)
+                           buffers, self.name, digests)
         return out
 
     def _decode_blocked(self, meta: dict[str, Any], g: G.Grouping, count: int, buffers) -> torch.Tensor:
