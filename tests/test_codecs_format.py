@@ -167,7 +167,8 @@ def test_segment_digests_compiled_and_serial_agree():
         buf = rng.integers(0, 256, n, dtype=np.uint8)
         want = np.array([xxhash.xxh3_64_intdigest(buf[i: i + base.SEGMENT].tobytes()) for i in range(0, n, base.SEGMENT)],
                         dtype=np.uint64)
-        assert np.array_equal(base.segment_digests(buf), want)
+        got = base.segment_digests(buf)
+        assert np.array_equal(np.frombuffer(got, dtype='<u8') if isinstance(got, bytes) else got, want)
         if fused.hashing_available() and n:
             assert np.array_equal(fused.segment_digests(buf, base.SEGMENT), want)
 

@@ -172,25 +172,32 @@ def alloc_payload(n: int) -> bytearray:
     return out
 
 
-def segment_digests(buf: Buffer) -> np.ndarray:
-    """xxh3_64 of each :data:`SEGMENT`-byte segment of ``buf`` (uint64), on every core for large buffers."""
+def segment_digests(buf: Buffer) -> np.ndarray | bytes:
+    """xxh3_64 of each :data:`SEGMENT`-byte segment of ``buf`` (uint64 little-endian: an array, or their bytes for
+    a buffer of a few segments, hashed from Python without a kernel launch), on every core for large buffers."""
     arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, dtype=np.uint8)
     arr = arr.reshape(-1).view(np.uint8)
-    nseg = -(-arr.size // SEGMENT)
-    if nseg > SERIAL_SEGMENTS:
+    n = arr.size
+    if n <= SEGMENT:
+        return _U64.pack(xxhash.xxh3_64_intdigest(arr)) if n else b""
+    if n > SERIAL_SEGMENTS * SEGMENT:
         from qwen3vl_ray.codecs import fused  # lazy: fused imports numba
 
         if fused.hashing_available():
             return fused.segment_digests(arr, SEGMENT)
-    return np.array([xxhash.xxh3_64_intdigest(arr[i: i + SEGMENT]) for i in range(0, arr.size, SEGMENT)], dtype=np.uint64)
+    return b"".join(_U64.pack(xxhash.xxh3_64_intdigest(arr[i: i + SEGMENT])) for i in range(0, n, SEGMENT))
 
 
-def payload_digest(header: Buffer, digests: Sequence[np.ndarray]) -> int:
+_U64 = struct.Struct("<Q")
+_LITTLE = sys.byteorder == "little"
+
+
+def payload_digest(header: Buffer, digests: Sequence[np.ndarray | bytes]) -> int:
     """Format version 2's digest from the header bytes and each buffer's :func:`segment_digests`."""
     h = xxhash.xxh3_64(header)
     for d in digests:
-        if d.size:
-            h.update(d.astype("<u8", copy=False))
+        if len(d):
+            h.update(d if isinstance(d, bytes) or _LITTLE else d.astype("<u8"))
     return h.intdigest()
 
 
