@@ -261,7 +261,7 @@ def test_fragmented_pool_stores_across_runs(tmp_path):
         t.remove(key(i))  # free every other block: no two free blocks are adjacent
     x = torch.randint(0, 255, (8 * 1024,), dtype=torch.uint8)
     assert t.put(key(100), x)
-    assert isinstance(t._index[key(100)].runs, tuple)  # stored as 8 separate runs
+    assert len(t.block_runs(key(100))) == 8  # stored as 8 separate runs
     assert torch.equal(t.get(key(100)), x)
     for i in range(1, 16, 2):
         assert torch.equal(t.get(key(i)), torch.full((1024,), i, dtype=torch.uint8))
@@ -291,20 +291,20 @@ def test_released_blocks_read_back_as_zeros(kind, tmp_path):
     t = tier_of(kind, tmp_path, capacity=16 << 10, block_bytes=1024)
     secret = torch.full((3 << 10,), 0xA5, dtype=torch.uint8)
     assert t.put(key(1), secret) and t.put(key(2), torch.full((2 << 10,), 0x5A, dtype=torch.uint8))
-    first = t._index[key(1)].runs
+    (first, _), = t.block_runs(key(1))
     t.remove(key(1))
     assert int(t.pool.slab[first: first + 3].count_nonzero()) == 0
     assert t.put(key(2), torch.ones(100, dtype=torch.uint8))  # replaced: its old two blocks are zeroed too
     assert int((t.pool.slab == 0x5A).sum()) == 0 and int((t.pool.slab == 0xA5).sum()) == 0
     assert t.put(key(3), torch.full((1500,), 3, dtype=torch.uint8))  # half of its second block is unwritten
-    runs = t._index[key(3)].runs
+    (runs, _), = t.block_runs(key(3))
     assert int(t.pool.slab[runs + 1][1500 - 1024:].count_nonzero()) == 0
 
 
 def test_zero_on_release_can_be_turned_off(tmp_path):
     t = tier_of("host", tmp_path, capacity=16 << 10, block_bytes=1024, zero_on_release=False)
     t.put(key(1), torch.full((1024,), 7, dtype=torch.uint8))
-    first = t._index[key(1)].runs
+    (first, _), = t.block_runs(key(1))
     t.remove(key(1))
     assert not t.pool.zero_on_release and int(t.pool.slab[first].eq(7).sum()) == 1024
 

@@ -35,7 +35,7 @@ from qwen3vl_ray.keys import CacheKey, validate_key
 from qwen3vl_ray.policies import DEFAULT_POLICY, make_policy
 from qwen3vl_ray.policies.base import EvictionPolicy
 from qwen3vl_ray.policies.record import EntryRecord
-from qwen3vl_ray.tiers.base import Tier
+from qwen3vl_ray.tiers.base import Placement, Tier
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class TieredCache:
         # key -> the record of the entry's current stay (a record of the tier's policy's ``record_type``, which
         # holds the policy's fields too: one record per entry for store and policy)
         self._index: dict[CacheKey, EntryRecord] = {}
+        self._pins: dict[CacheKey, int] = {}  # pinned keys -> pin count (``pin``; transient pins while moving)
         self._staged: dict[CacheKey, torch.Tensor] = {}  # bytes of entries whose write is in flight (few at a time)
         self._queued: dict[CacheKey, PendingWrite] = {}  # writes into the last tier not started yet (evictable)
         # While a put's write is pending, the value it replaces may stay in its own tier to fall back to: that
@@ -134,6 +135,10 @@ class TieredCache:
         )
         for i, policy in enumerate(self.policies):
             policy.bind(lambda i=i: self._members(i))
+        for i, tier in enumerate(self.tiers):
+            if tier.addressed:  # its entries' locations live in these records: its keyed reads look here
+                tier.attach(lambda key, i=i: self._placed(i, key), lambda i=i: [r.key for r in self._members(i)
+                                                                                  if r.loc is not None])
         # Entries that survived a restart (the disk tier rebuilds its index) become visible again.
         for i, tier in enumerate(self.tiers):
             for key in list(tier.keys()):
@@ -151,6 +156,45 @@ class TieredCache:
         """The records tier ``i``'s policy holds: the index's in that tier and the fallbacks kept there."""
         recs = [r for r in self._index.values() if r.tier == i]
         return recs + [r for r in self._fallbacks.values() if r.tier == i and self._index.get(r.key) is not r]
+
+    def _placed(self, i: int, key: CacheKey) -> EntryRecord | None:
+        """The record of ``key``'s value in tier ``i``: its current one, or the one a pending put falls back to
+        (an addressed tier finds its locations here). Safe without the lock (two dict reads)."""
+        rec = self._index.get(key)
+        if rec is None or rec.tier != i:
+            rec = self._fallbacks.get(key)
+        return rec if rec is not None and rec.tier == i else None
+
+    def _read(self, rec: EntryRecord, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The bytes of ``rec``'s value from its tier (None: gone or corrupt). Lock not needed: a value being
+        read is never moved or freed (``in_flight``), and the tier copies under its own lock."""
+        tier = self.tiers[rec.tier]
+        return tier.read(rec, out) if tier.addressed else tier.get(rec.key, out=out)
+
+    def _free(self, rec: EntryRecord) -> None:
+        """Take the bytes of ``rec``'s value out of its tier (durable at the tier's next ``sync``)."""
+        tier = self.tiers[rec.tier]
+        if tier.addressed:
+            tier.free(rec)
+        else:
+            tier.discard(rec.key)
+
+    def _store(self, i: int, prepared, place: EntryRecord | None) -> EntryRecord | Placement | bool:
+        """Store ``prepared`` in tier ``i`` now (lock held), replacing the value at ``place`` (its record in
+        that tier) or as a new value; what holds its location (``place``, or a ``Placement`` for ``_adopt`` to
+        hand to the record the caller makes), or False if there is no room."""
+        tier = self.tiers[i]
+        if not tier.addressed:
+            return tier.complete_store(prepared)
+        target = place if place is not None else Placement()
+        return target if tier.store_into(prepared, target) else False
+
+    def _adopt(self, rec: EntryRecord, placed: EntryRecord | Placement | bool) -> None:
+        """``rec`` takes the location ``_store`` placed a value at (lock held); a value ``rec`` held before goes."""
+        if isinstance(placed, Placement):
+            if rec.loc is not None:
+                self.tiers[rec.tier].free(rec)
+            rec.loc, rec.spec = placed.loc, placed.spec
 
     def _up(self, i: int, parent: CacheKey | None) -> EntryRecord | None:
         """The record of ``parent`` in tier ``i``, if it has one there (its policy links chains within the tier):
@@ -397,16 +441,17 @@ class TieredCache:
         """Store under the lock (tiers without held room, and in-place replaces). False if there is no room."""
         tier = self.tiers[i]
         if old is not None:
-            old.pins += 1  # keep the old value until the new one is in: a failed put loses nothing
+            self._pin(key)  # keep the old value until the new one is in: a failed put loses nothing
         # A replace in the same tier frees the old entry's bytes as it lands (pooled tiers reuse them).
-        freed = (tier.entry_nbytes(key) or 0) if old is not None and old.tier == i else 0
+        same = old if old is not None and old.tier == i else None
+        freed = (tier.entry_nbytes(key) or 0) if same is not None else 0
         try:
             need = prepared.nbytes - freed
             stored = (self._room_within_reach(i, need) >= need and self._make_room(i, need, writes)
-                      and tier.complete_store(prepared))
+                      and self._store(i, prepared, same))
         finally:
             if old is not None:
-                old.pins -= 1
+                self._unpin(key)
         if not stored:
             return False
         if old is not None:
@@ -418,7 +463,7 @@ class TieredCache:
         if old is not None and old.tier != i:
             self._delete_from(old)
         self._announce_store(key, old, i, tensor)
-        self._index_value(i, key, parent, prepared.nbytes, old if old is not None and old.tier == i else kept)
+        self._adopt(self._index_value(i, key, parent, prepared.nbytes, same if same is not None else kept), stored)
         return True
 
     def _index_value(self, i: int, key: CacheKey, parent: CacheKey | None, nbytes: int, same: EntryRecord | None,
@@ -474,7 +519,7 @@ class TieredCache:
             staged = self._staged.get(key)
         try:
             # bytes move outside the lock (two-phase load); an entry being written is read from its bytes
-            tensor = self.tiers[src].get(key, out=out) if staged is None else self._copy_staged(src, staged, out)
+            tensor = self._read(e, out) if staged is None else self._copy_staged(src, staged, out)
         except BaseException:
             with self._lock:
                 e.in_flight -= 1
@@ -574,19 +619,31 @@ class TieredCache:
     def pin(self, key: CacheKey) -> bool:
         """Protect ``key`` from eviction and demotion until ``unpin``. False if absent."""
         with self._lock:
-            e = self._index.get(validate_key(key))
-            if e is None:
+            key = validate_key(key)
+            if key not in self._index:
                 return False
-            e.pins += 1
+            self._pin(key)
             return True
 
     def unpin(self, key: CacheKey) -> bool:
         with self._lock:
-            e = self._index.get(validate_key(key))
-            if e is None or e.pins == 0:
+            key = validate_key(key)
+            if key not in self._index or key not in self._pins:
                 return False
-            e.pins -= 1
+            self._unpin(key)
             return True
+
+    def _pin(self, key: CacheKey) -> None:
+        """One more pin on ``key`` (lock held): never a victim while pinned. Pins are by key, so they hold across
+        the entry's moves, and few keys are pinned at once: a small dict, not a field in every record."""
+        self._pins[key] = self._pins.get(key, 0) + 1
+
+    def _unpin(self, key: CacheKey) -> None:
+        n = self._pins.get(key, 0)
+        if n > 1:
+            self._pins[key] = n - 1
+        else:
+            self._pins.pop(key, None)
 
     @contextmanager
     def pinned(self, keys: Iterable[CacheKey]):
@@ -604,7 +661,7 @@ class TieredCache:
         writes: list[PendingWrite] = []
         with self._lock:
             e = self._index.get(key)
-            if e is None or e.pins or e.in_flight:
+            if e is None or key in self._pins or e.in_flight:
                 return False
             self._evict_one(key, e, writes)
         self._finish_writes(writes)
@@ -641,7 +698,7 @@ class TieredCache:
         n = 0
         with self._lock:
             for key, e in list(self._index.items()):
-                if now - e.last_access > ttl and not e.pins and not e.in_flight:
+                if now - e.last_access > ttl and key not in self._pins and not e.in_flight:
                     self._drop(key, e, count_eviction=False)
                     self._expired += 1
                     n += 1
@@ -689,7 +746,7 @@ class TieredCache:
                 "hit_ratio": hits / lookups if lookups else 0.0,
                 "dropped": self._dropped,
                 "expired": self._expired,
-                "pinned": sum(1 for e in self._index.values() if e.pins),
+                "pinned": len(self._pins),
                 "tiers": tiers,
             }
 
@@ -707,7 +764,7 @@ class TieredCache:
 
     def _evictable(self, key: CacheKey) -> bool:
         e = self._index.get(key)
-        if e is None or e.pins:
+        if e is None or key in self._pins:
             return False
         # in flight only for a write into the last tier that has not started (nobody reads it): evicting it
         # cancels the write, which is what the policy would do to it a moment later
@@ -801,7 +858,7 @@ class TieredCache:
         while a tier below has room."""
         src = e.tier
         if src + 1 < len(self.tiers):
-            tensor = self.tiers[src].get(key)
+            tensor = self._read(e)
             if tensor is not None:
                 for dst in range(src + 1, len(self.tiers)):
                     if self._writes_later(dst):
@@ -821,7 +878,7 @@ class TieredCache:
     def _stage_demotion(self, key: CacheKey, e: EntryRecord, src: int, dst: int, tensor: torch.Tensor,
                         writes: list[PendingWrite]) -> None:
         """Free the victim's room in ``src`` now (its bytes are in ``tensor``) and queue its write into ``dst``."""
-        self.tiers[src].discard(key)
+        self._free(e)
         self.policies[src].demote(e)
         # ``dst``'s policy hears the arrival now, as the index places the entry there: a write called off or
         # failed later is a departure of a key it holds, and when room is made for it the victim is one of the
@@ -839,7 +896,7 @@ class TieredCache:
         """A new record for ``e``'s entry in tier ``dst`` (its stay there), with what the store knows of it; the
         index points at it from now on. Never for an entry being read or written (never moved then)."""
         rec = self._record(dst, e.key, e.parent)
-        rec.last_access, rec.pins, rec.hits = e.last_access, e.pins, e.hits
+        rec.last_access, rec.hits = e.last_access, e.hits
         self._index[e.key] = rec
         return rec
 
@@ -854,19 +911,21 @@ class TieredCache:
             log.debug("entry %s cannot move to tier %s: %s", key.hex()[:8], self.tiers[dst].name, exc)
             return False
         # Pin while we make room below so the recursive demotions cannot pick this very entry.
-        e.pins += 1
+        self._pin(key)
         try:
-            if not (self._room_within_reach(dst, prepared.nbytes) >= prepared.nbytes
-                    and self._make_room(dst, prepared.nbytes, writes) and self.tiers[dst].complete_store(prepared)):
+            placed = (self._room_within_reach(dst, prepared.nbytes) >= prepared.nbytes
+                      and self._make_room(dst, prepared.nbytes, writes) and self._store(dst, prepared, None))
+            if not placed:
                 return False
         finally:
-            e.pins -= 1
-        self.tiers[src].discard(key)
+            self._unpin(key)
+        self._free(e)
         if dst < src:
             self.policies[src].promote(e)
         else:
             self.policies[src].demote(e)
         e = self._rehome(e, dst)
+        self._adopt(e, placed)
         self._moved(key, src, dst, tensor)
         self.policies[dst].insert(e, prepared.nbytes, self._up(dst, e.parent))
         c = self._counters[dst]
@@ -880,7 +939,7 @@ class TieredCache:
         # evicted before its write started: the write is called off, and the value it would have fallen back
         # to goes with the key (in its own tier here, or below)
         self._call_off_with_fallback(key, e, keep_tier=e.tier)
-        self.tiers[e.tier].discard(key)
+        self._free(e)
         self._forget(key, e, evicted=count_eviction)
         if count_eviction:
             self._counters[e.tier].evictions += 1
@@ -890,7 +949,7 @@ class TieredCache:
         """Take the bytes of ``rec``'s stay out of its tier and tell its policy, for a reason not its own
         (``delete``): a value superseded there, or a fallback no longer needed (lock held; the index is the
         caller's)."""
-        self.tiers[rec.tier].discard(rec.key)
+        self._free(rec)
         self.policies[rec.tier].delete(rec)
 
     def _call_off_with_fallback(self, key: CacheKey, e: EntryRecord, keep_tier: int) -> EntryRecord | None:
@@ -932,6 +991,7 @@ class TieredCache:
         else:
             self.policies[e.tier].delete(e)
         del self._index[key]
+        self._pins.pop(key, None)  # a pinned entry that leaves (``remove``) takes its pins with it
         self._moved(key, e.tier, None)
 
     # ------------------------------------------------------------------ writes (lock released)
@@ -971,9 +1031,11 @@ class TieredCache:
         finally:
             with self._lock:
                 for i, tier in enumerate(self.tiers):
-                    done = [w.res for w in writes if w.ok and w.dst == i]
-                    if done:
-                        tier.commit_many(done)
+                    done = [w for w in writes if w.ok and w.dst == i]
+                    if done and tier.addressed:  # the location goes into the entry's record
+                        tier.commit_into([(w.res, w.entry) for w in done])
+                    elif done:
+                        tier.commit_many([w.res for w in done])
                 for w in writes:
                     if not w.cancelled:
                         self._finish(w)
@@ -1020,7 +1082,6 @@ class TieredCache:
             # a failed replace: the old value is still whole where it was, so it stays (the put returns False);
             # a replace in its own tier kept its record all along
             if old is not e:
-                old.pins += e.pins
                 self._index[w.key] = old
                 if old.tier != w.dst:
                     self._delete_from(e)
@@ -1030,7 +1091,7 @@ class TieredCache:
         # Its bytes are nowhere but in the staged tensor: the entry leaves the cache. A victim's loss is an
         # eviction from the last tier (it could not keep it); a put's is its False result.
         if self._index.get(w.key) is e:
-            tier.discard(w.key)  # whatever the tier may hold of the key goes with it
+            self._free(e)  # whatever the tier may hold of it goes with it
             self._forget(w.key, e, evicted=w.src is not None)
             if w.src is not None:
                 self._counters[w.dst].evictions += 1

@@ -39,13 +39,13 @@ from __future__ import annotations
 
 from qwen3vl_ray.keys import CacheKey
 from qwen3vl_ray.policies.doorkeeper import Doorkeeper
-from qwen3vl_ray.policies.prefix import PrefixLRUPolicy, PrefixRecord, _live
+from qwen3vl_ray.policies.prefix import ClassedPrefixPolicy, PrefixRecord, _live
 from qwen3vl_ray.policies.record import EntryRecord
 
 _MIN_WINDOW = 1024  # keys; the Bloom filters never shrink below this, so tiny tiers still remember a little
 
 
-class ChainARCPolicy(PrefixLRUPolicy):
+class ChainARCPolicy(ClassedPrefixPolicy):
     """Leaf-first eviction, cold chains before hot ones by an adaptive margin (see the module docstring)."""
 
     name = "chain-arc"
@@ -76,7 +76,7 @@ class ChainARCPolicy(PrefixLRUPolicy):
     def _entries(self) -> int:
         return max(1, self._count)
 
-    # ``PrefixRecord.heat`` is the class: 0 = cold, >= 1 = hot (came back, inherited, or hit here).
+    # ``ClassedPrefixRecord.heat`` is the class: 0 = cold, >= 1 = hot (came back, inherited, or hit here).
     def _priority(self, node: PrefixRecord) -> int:
         if node.heat:
             return self._clock

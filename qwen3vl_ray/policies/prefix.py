@@ -9,8 +9,9 @@ Here only *leaves* (entries with no cached child) are eviction candidates, as in
 (``RadixCache.evict``: a heap of leaves by last access; a parent becomes a candidate when its last child
 goes). A chain therefore shrinks from its tail and what stays is always a usable prefix.
 
-Bookkeeping per entry: five fields in the store's record of it (``PrefixRecord``: parent link, child count,
-priority, class, the priority it is queued with); no map of its own. The heap holds records themselves, each
+Bookkeeping per entry: four fields in the store's record of it (``PrefixRecord``: parent link, child count,
+priority, the priority it is queued with; the policies that rank by class add it: ``ClassedPrefixRecord``); no
+map of its own. The heap holds records themselves, each
 at most once, ordered by the priority they were queued with: a use that raises a record's priority leaves it
 where it waits, and it is re-queued when it surfaces with a stale one; a use that lowers it (rare) re-queues it
 at once, so the order is always that of the current priorities (no tuple per use; the per-entry metadata budget
@@ -34,7 +35,7 @@ from qwen3vl_ray.policies.record import EntryRecord
 class PrefixRecord(EntryRecord):
     """An entry's record with its place in the chain tree and the leaf heap."""
 
-    __slots__ = ("up", "children", "prio", "heat", "queued")
+    __slots__ = ("up", "children", "prio", "queued")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -44,14 +45,23 @@ class PrefixRecord(EntryRecord):
         # Rank: lower is evicted sooner. None before the record arrives and from the moment it leaves (a departed
         # record can stay on the heap or as a child's ``up`` until it surfaces; this is how it is recognised).
         self.prio: int | None = None
-        # The class subclasses rank by: prefix-lru counts hits; prefix-2q / chain-arc: 0 = cold, >= 1 = hot;
-        # prefix-return: the chain's shared record (truthy when hot).
-        self.heat: Any = 0
         # The priority this record is on the heap with (fixed while it is there: the heap's order), None when off.
         self.queued: int | None = None
 
     def __lt__(self, other: "PrefixRecord") -> bool:  # heap order: queued priority, then key (equal ones are rare)
         return (self.queued, self.key) < (other.queued, other.key)
+
+
+class ClassedPrefixRecord(PrefixRecord):
+    """A prefix record with the class the policies that rank by class keep (``ClassedPrefixPolicy``). The plain
+    leaf-first LRU has no use for it, and two fields fewer keep its record in a smaller allocation class."""
+
+    __slots__ = ("heat",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # prefix-2q / chain-arc: 0 = cold, >= 1 = hot; prefix-return: the chain's shared record (truthy when hot)
+        self.heat: Any = 0
 
 
 def _live(node: PrefixRecord) -> bool:
@@ -167,8 +177,11 @@ class PrefixLRUPolicy(EvictionPolicy):
     def hit(self, rec: EntryRecord) -> None:
         node: PrefixRecord = rec  # type: ignore[assignment]
         if _live(node):
-            node.heat += 1
+            self._on_hit(node)
             self._touch(node)
+
+    def _on_hit(self, node: PrefixRecord) -> None:
+        """Hook for subclasses: ``node`` was read (before its ``_touch``)."""
 
     def _forget(self, rec: EntryRecord) -> None:
         node: PrefixRecord = rec  # type: ignore[assignment]
@@ -269,7 +282,17 @@ class PrefixLRUPolicy(EvictionPolicy):
         return self._count
 
 
-class Prefix2QPolicy(PrefixLRUPolicy):
+class ClassedPrefixPolicy(PrefixLRUPolicy):
+    """Leaf-first, ranking by a class kept in each record (``ClassedPrefixRecord.heat``); a hit makes a block
+    hot. The base of ``prefix-2q`` and ``chain-arc``."""
+
+    record_type = ClassedPrefixRecord
+
+    def _on_hit(self, node: PrefixRecord) -> None:
+        node.heat += 1  # type: ignore[attr-defined]
+
+
+class Prefix2QPolicy(ClassedPrefixPolicy):
     """Leaf-first LRU in which blocks seen for the first time count as older, by an adaptive margin.
 
     Most first-time KV blocks are one-shot prompts (58% of the Mooncake trace's blocks are never used

@@ -21,19 +21,24 @@ class EntryRecord:
     """What the store knows of one entry in one tier (metadata only; the bytes are the tier's).
 
     ``last_access`` points at a float shared by every entry touched in the same second; the small counts
-    (``pins``, ``in_flight``, ``hits``) are Python's shared small ints, so the fields cost a pointer each."""
+    (``in_flight``, ``hits``) are Python's shared small ints, so the fields cost a pointer each. The
+    tier's location of the bytes is a field too (``loc``), so an addressed tier keeps no index of its own."""
 
-    __slots__ = ("key", "tier", "parent", "last_access", "pins", "in_flight", "hits")
+    __slots__ = ("key", "tier", "parent", "last_access", "in_flight", "hits", "loc", "spec")
 
     def __init__(self, key: CacheKey, tier: int, parent: CacheKey | None, last_access: float,
-                 pins: int = 0, in_flight: int = 0, hits: int = 0) -> None:
+                 in_flight: int = 0, hits: int = 0) -> None:
         self.key = key
         self.tier = tier  # position of the tier in the store's list
         self.parent = parent  # the chunk before it in its chain (None: a chain's head, or not a chain)
         self.last_access = last_access  # ``time.monotonic()`` of its last store or read, whole seconds
-        self.pins = pins  # pins held by callers: never a victim while > 0
         self.in_flight = in_flight  # reads and writes of its bytes under way: never a victim while > 0
         self.hits = hits  # reads of this value since it was stored (a node agent ranks entries by it)
+        # Where its bytes are, for a tier that is addressed storage (``Tier.addressed``: the pooled tiers): the
+        # tier's location of them (None until they are written, and once they are freed) and the tier's
+        # interned description of them (dtype, shape, encoded). Other tiers index the bytes by key themselves.
+        self.loc = None
+        self.spec = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.key.hex()[:8]}, tier={self.tier})"

@@ -27,7 +27,7 @@ What a chain is here: a block continues its parent's chain when it is its parent
 starts a new chain when it has no cached parent or when its parent already has a cached child (a branch: two
 conversations on one shared system prompt are two chains, each with its own gaps; the new one is hot if the
 branch point's chain is, as in ``chain-arc``). Per-chain state is one small record (``_Chain``) shared by the
-chain's blocks: ``PrefixRecord.heat`` holds a reference to it (no per-block field is added) and its truth is
+chain's blocks: ``ClassedPrefixRecord.heat`` holds a reference to it (no per-block field is added) and its truth is
 ``chain-arc``'s class. The table of live chains is keyed by first block and drops a chain's record when its
 first block leaves the tier; if it left by this tier's choice (evicted or demoted), the record moves to a
 history table bounded to ``history_factor`` x the live chains (at least 1,024, oldest out first), so that a
@@ -102,7 +102,7 @@ class PrefixReturnPolicy(ChainARCPolicy):
         self._chains: dict[CacheKey, _Chain] = {}  # live chains by their first block's key
         self._history: OrderedDict[CacheKey, _Chain] = OrderedDict()  # chains this tier evicted, oldest first
 
-    # ``PrefixRecord.heat`` holds the record's ``_Chain``, shared by every block of the chain.
+    # ``ClassedPrefixRecord.heat`` holds the record's ``_Chain``, shared by every block of the chain.
     def _priority(self, node: PrefixRecord) -> int:
         chain: _Chain = node.heat
         n = self._count

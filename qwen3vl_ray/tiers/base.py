@@ -67,6 +67,18 @@ def encode_payload(codec: Codec, tier_name: str, key: CacheKey, tensor: torch.Te
     return EncodedPayload(key, payload, len(payload))
 
 
+class Placement:
+    """Where an addressed tier (``Tier.addressed``) put an entry's bytes, for a caller without a record of its
+    own to hold it: the tier's location and its description of the value. ``EntryRecord`` has the same two
+    fields; a tier used alone keeps one of these per key."""
+
+    __slots__ = ("loc", "spec")
+
+    def __init__(self) -> None:
+        self.loc: Any = None  # the tier's location of the bytes; None: it holds none
+        self.spec: Any = None  # the tier's interned description of the value (dtype, shape, encoded)
+
+
 @dataclass(slots=True)
 class Reservation:
     """Room held in a tier for one prepared entry, between ``allocate`` and ``commit``/``abort``.
@@ -93,6 +105,11 @@ class Tier(ABC):
     #: the cache stores it under its lock with room for the difference only; other tiers replace through held
     #: room (the old value stays readable until the new one commits).
     replaces_in_place: bool = False
+    #: The tier is addressed storage: an entry's location lives in a record of the caller's (an object with
+    #: ``loc`` and ``spec`` fields; the store passes its ``EntryRecord``), and ``store_into``, ``commit_into``,
+    #: ``read``, ``free`` and ``stored_nbytes`` take that record. A store ``attach``es its index so the keyed
+    #: methods below find the records too. Other tiers keep an index of their own and are driven by key.
+    addressed: bool = False
 
     # -- accounting ---------------------------------------------------------------------------
     @property
