@@ -41,6 +41,19 @@ NS = Namespace(model="prop")
 KEYS = [prefix_key(NS, None, [i]) for i in range(12)]
 
 
+def assert_blocks_account(cache: TieredCache, keys) -> None:
+    """Each addressed (pooled) tier's blocks in use are exactly those of the entries' locations held in the
+    store's records, each block in one location: no leaked block, no block of two entries (between steps no
+    room is held for a write)."""
+    for tier in cache.tiers:
+        if not tier.addressed:
+            continue
+        owned = [b for k in keys for start, count in tier.block_runs(k) for b in range(start, start + count)]
+        assert len(owned) == len(set(owned)), f"{tier.name}: a block belongs to two entries"
+        assert len(owned) == tier.pool.in_use, f"{tier.name}: {tier.pool.in_use - len(owned)} blocks leaked"
+        assert len(tier) == sum(1 for k in keys if tier.contains(k))
+
+
 class CacheMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
@@ -188,6 +201,10 @@ class CacheMachine(RuleBasedStateMachine):
                 assert k in self.model
 
     @invariant()
+    def blocks_account(self):
+        assert_blocks_account(self.cache, KEYS)
+
+    @invariant()
     def every_indexed_entry_serves_its_value(self):
         # a cache that served nothing would pass "None or exact"; what the index holds must come back exact
         for k in KEYS:
@@ -328,6 +345,10 @@ class BatchedConcurrentMachine(RuleBasedStateMachine):
             where = self.cache.where(k)
             assert holders == ([where] if where is not None else []), (holders, where)
             assert (where is not None) == (k in self.model), (where, k in self.model)
+
+    @invariant()
+    def blocks_account(self):
+        assert_blocks_account(self.cache, KEYS)
 
     @invariant()
     def every_stored_key_reads_back_exactly(self):
