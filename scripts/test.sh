@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # -X faulthandler: a crash anywhere in the process (collection, a test, a library's threads, pytest's own
 # wrap-up) prints every thread's stack instead of a bare exit 139; pytest's handler covers the tests only.
-exec .venv/bin/python -X faulthandler -m pytest -q "$@"
+# --durations: the slowest tests in every CI log, the place to start when the suite grows slow.
+exec .venv/bin/python -X faulthandler -m pytest -q --durations=25 "$@"
