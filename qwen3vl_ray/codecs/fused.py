@@ -27,6 +27,13 @@ a child forked after a launch. Kernels compile on first use per dtype (seconds) 
 (``cache=True``, in ``__pycache__``); benchmarks warm up before timing.
 
 ``auto`` uses :func:`encode`'s ``measure`` sums: the error of the decoded values, without a decode.
+
+Digests (payload format version 2, see :mod:`codecs.base`): where each chunk's codes fill whole 16 KiB segments
+(every default group; :func:`_kernel_digests`), the encode kernel hashes them right after writing them and the
+decode kernel as it reads them, on every kernel thread; the caller folds them into the payload's digest.
+Measured on this 2-core host (two threads, wall clock, best of two runs against the previous build): encode of
+a 36 MiB KV chunk 16-19 -> 22-24 GB/s, decode int8 / kv-int8 28-30 -> 30-36 GB/s; 2 MiB chunks encode 14-17 ->
+15-21 GB/s, decode unchanged within noise. On one thread the hash costs what the serial one did (~10-14 us/MiB).
 """
 
 from __future__ import annotations
