@@ -121,3 +121,14 @@ def test_a_removed_pinned_key_takes_its_pins_with_it():
         assert c.put(key(1), value(1, 256)) and c.pin(key(1)) and c.pin(key(1))
         assert c.remove(key(1)) and c.stats()["pinned"] == 0 and not c.unpin(key(1))
         assert c.put(key(1), value(2, 256)) and c.demote(key(1))  # a new value of the key is not pinned
+
+
+def test_a_tier_filled_alone_hands_its_entries_to_the_store_it_is_given_to():
+    tier = host()
+    assert tier.put(key(1), value(1, 256)) and tier.put(key(2), value(2, 256))
+    cfg = CacheConfig(tiers=[TierConfig("host", 16 * BLOCK, block_bytes=BLOCK)], policy="lru", namespace=NS,
+                      prefetch_threads=0)
+    with TieredCache(cfg, tiers=[tier]) as c:
+        assert len(c) == 2 and tier._own == {} and c._index[key(1)].loc is not None
+        assert torch.equal(c.get(key(2)), value(2, 256)) and c.remove(key(1))
+        assert tier.used_bytes == BLOCK and len(tier) == 1

@@ -135,17 +135,22 @@ class TieredCache:
         )
         for i, policy in enumerate(self.policies):
             policy.bind(lambda i=i: self._members(i))
+        # Entries already in a tier (the disk tier rebuilds its index after a restart; a pooled tier filled
+        # before it was given to the store) are indexed; an addressed tier hands its records over and from then
+        # on finds its entries' locations in the store's records.
         for i, tier in enumerate(self.tiers):
-            if tier.addressed:  # its entries' locations live in these records: its keyed reads look here
-                tier.attach(lambda key, i=i: self._placed(i, key), lambda i=i: [r.key for r in self._members(i)
-                                                                                  if r.loc is not None])
-        # Entries that survived a restart (the disk tier rebuilds its index) become visible again.
-        for i, tier in enumerate(self.tiers):
-            for key in list(tier.keys()):
-                nbytes = tier.entry_nbytes(key)
+            held = tier.attach(lambda key, i=i: self._placed(i, key),
+                               lambda i=i: [r.key for r in self._members(i) if r.loc is not None]) \
+                if tier.addressed else None
+            for key in list(held) if held is not None else list(tier.keys()):
+                nbytes = tier.stored_nbytes(held[key]) if held is not None else tier.entry_nbytes(key)
                 if nbytes is None or key in self._index:
+                    if held is not None:
+                        tier.free(held[key])  # a second copy of a key a tier above holds
                     continue
                 rec = self._index[key] = self._record(i, key, None)
+                if held is not None:
+                    rec.loc, rec.spec = held[key].loc, held[key].spec
                 self.policies[i].insert(rec, nbytes)
 
     def _record(self, i: int, key: CacheKey, parent: CacheKey | None, in_flight: int = 0) -> EntryRecord:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -187,6 +187,32 @@ class Tier(ABC):
         """``commit`` for each, in order (a tier may take its lock once for all)."""
         for res in reservations:
             self.commit(res)
+
+    # -- addressed storage (where ``addressed``): the caller's record holds the entry's location ----------
+    def attach(self, lookup: Callable[[CacheKey], Any], listing: Callable[[], Iterable[CacheKey]]) -> dict:
+        """Be driven by a store whose records hold the locations (``lookup(key)``: its record of ``key`` here or
+        None; ``listing()``: its keys here). Returns what the tier held alone, key -> ``Placement``."""
+        raise NotImplementedError(f"{type(self).__name__} is not addressed storage")
+
+    def store_into(self, prepared: PreparedStore, place: Any) -> bool:
+        """``complete_store`` at ``place`` (a record with ``loc``/``spec``), replacing what it holds."""
+        raise NotImplementedError(f"{type(self).__name__} is not addressed storage")
+
+    def commit_into(self, pairs: Sequence[tuple[Reservation, Any]]) -> None:
+        """``commit`` of each written reservation into its place, releasing what the place held."""
+        raise NotImplementedError(f"{type(self).__name__} is not addressed storage")
+
+    def read(self, place: Any, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``get`` of the entry at ``place``."""
+        raise NotImplementedError(f"{type(self).__name__} is not addressed storage")
+
+    def free(self, place: Any) -> bool:
+        """``remove`` of the entry at ``place``."""
+        raise NotImplementedError(f"{type(self).__name__} is not addressed storage")
+
+    def stored_nbytes(self, place: Any) -> int | None:
+        """``entry_nbytes`` of the entry at ``place``."""
+        raise NotImplementedError(f"{type(self).__name__} is not addressed storage")
 
     # -- reads --------------------------------------------------------------------------------
     @abstractmethod

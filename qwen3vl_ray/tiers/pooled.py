@@ -150,13 +150,15 @@ class PooledTier(Tier):
         if self.block_bytes != cfg.block_bytes:
             log.info("%s tier: %d-byte budget < %d blocks of %d; using %d-byte blocks", name, cfg.capacity_bytes, MIN_BLOCKS, cfg.block_bytes, self.block_bytes)
 
-    def attach(self, lookup: Callable[[CacheKey], Any], listing: Callable[[], Iterable[CacheKey]]) -> None:
+    def attach(self, lookup: Callable[[CacheKey], Any], listing: Callable[[], Iterable[CacheKey]]) -> dict[CacheKey, Placement]:
         """Be driven by a store: ``lookup(key)`` gives the store's record of ``key`` in this tier (or None) and
         ``listing()`` the keys it has here. The keyed reads below then go through the store's records; stores
-        go through the store (``store_into`` / ``commit_into`` with its records)."""
-        if self._own:
-            raise RuntimeError(f"{self.name} tier already holds {len(self._own)} entries of its own")
-        self._lookup, self._listing = lookup, listing
+        go through the store (``store_into`` / ``commit_into`` with its records). Returns the entries the tier
+        held alone (key -> placement), for the store to take into its records."""
+        with self._lock:
+            held, self._own = self._own, {}
+            self._lookup, self._listing = lookup, listing
+        return held
 
     def _place(self, key: CacheKey) -> Any:
         return self._lookup(key) if self._lookup is not None else self._own.get(key)
