@@ -180,3 +180,21 @@ def test_torch_paths_write_the_same_version2_payloads(monkeypatch):
     for s, p in fast.items():
         assert bytes(make_codec(s).encode(x)) == p, s
         assert torch.equal(decode(p).view(torch.int16), decode(fast[s]).view(torch.int16))
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4", "kv-int8", "kv-int4", "int8:axis=0"])
+def test_digest_of_a_real_sized_chunk(spec):
+    """A KV chunk of the default geometry (2 MiB): the kernels hash its codes in 16 KiB segments on every thread."""
+    x = (torch.randn(2, 2, 8, 256, 128, generator=torch.Generator().manual_seed(2)) * 3).to(torch.bfloat16)
+    if fused.available(x) and spec.startswith(("int8", "int4", "kv-")) and "axis" not in spec:
+        g = fused.Geometry.plain(x.numel() // 128, 128, 1, 128) if not spec.startswith("kv") else fused.kv_parts(x.shape, 256, 128)[0]
+        assert fused._kernel_digests(g, "int4" in spec, 1 << 19) is not None
+    p = make_codec(spec).encode(x)
+    assert struct.unpack_from("<Q", p, _header_end(p))[0] == expected_digest(p)
+    out = torch.empty_like(x)
+    decode(p, out=out)
+    assert torch.equal(out.view(torch.int16), decode(bytes(p)).view(torch.int16))
+    q = bytearray(p)
+    q[len(q) - 3 * base.SEGMENT // 2] ^= 1  # inside the codes of the last part, a segment before the scales
+    with pytest.raises(CodecError, match="checksum"):
+        decode(q, out=out)
