@@ -33,7 +33,10 @@ Digests (payload format version 2, see :mod:`codecs.base`): where each chunk's c
 decode kernel as it reads them, on every kernel thread; the caller folds them into the payload's digest.
 Measured on this 2-core host (two threads, wall clock, best of two runs against the previous build): encode of
 a 36 MiB KV chunk 16-19 -> 22-24 GB/s, decode int8 / kv-int8 28-30 -> 30-36 GB/s; 2 MiB chunks encode 14-17 ->
-15-21 GB/s, decode unchanged within noise. On one thread the hash costs what the serial one did (~10-14 us/MiB).
+15-21 GB/s, decode unchanged within noise (kv-int4 -7%). On one thread encode is unchanged but a 2 MiB chunk's
+decode is 8-17% slower (~97-104 -> 106-121 us; CPU clock): the in-kernel hash of codes read from L3 costs ~15 us/MiB
+against ~10-12 for the old serial pass, plus ~3-5 us of digest bookkeeping per payload. Hashing after the
+launch instead when one thread runs measured slower still (a launch of its own).
 """
 
 from __future__ import annotations
