@@ -139,8 +139,7 @@ class TieredCache:
         # before it was given to the store) are indexed; an addressed tier hands its records over and from then
         # on finds its entries' locations in the store's records.
         for i, tier in enumerate(self.tiers):
-            held = tier.attach(lambda key, i=i: self._placed(i, key),
-                               lambda i=i: [r.key for r in self._members(i) if r.loc is not None]) \
+            held = tier.attach(lambda key, i=i: self._placed(i, key), lambda i=i: self._placed_keys(i)) \
                 if tier.addressed else None
             for key in list(held) if held is not None else list(tier.keys()):
                 nbytes = tier.stored_nbytes(held[key]) if held is not None else tier.entry_nbytes(key)
@@ -169,6 +168,11 @@ class TieredCache:
         if rec is None or rec.tier != i:
             rec = self._fallbacks.get(key)
         return rec if rec is not None and rec.tier == i else None
+
+    def _placed_keys(self, i: int) -> list[CacheKey]:
+        """The keys whose bytes tier ``i`` holds (an addressed tier's ``keys``; from any thread)."""
+        with self._lock:
+            return [r.key for r in self._members(i) if r.loc is not None]
 
     def _read(self, rec: EntryRecord, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The bytes of ``rec``'s value from its tier (None: gone or corrupt). Lock not needed: a value being
@@ -199,7 +203,8 @@ class TieredCache:
         if isinstance(placed, Placement):
             if rec.loc is not None:
                 self.tiers[rec.tier].free(rec)
-            rec.loc, rec.spec = placed.loc, placed.spec
+            rec.spec = placed.spec  # before the location: a reader that sees the location sees its spec
+            rec.loc = placed.loc
 
     def _up(self, i: int, parent: CacheKey | None) -> EntryRecord | None:
         """The record of ``parent`` in tier ``i``, if it has one there (its policy links chains within the tier):

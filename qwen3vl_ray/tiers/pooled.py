@@ -164,6 +164,8 @@ class PooledTier(Tier):
         return self._lookup(key) if self._lookup is not None else self._own.get(key)
 
     def _keyed_store(self, key: CacheKey) -> Placement:
+        """The record a keyed store of ``key`` goes into (lock held: finding or making it, storing into it and
+        dropping it again when the store fails are one step for other threads)."""
         if self._lookup is not None:
             raise RuntimeError(f"the {self.name} tier belongs to a store: store {key.hex()[:8]} through it")
         slot = self._own.get(key)
@@ -234,42 +236,49 @@ class PooledTier(Tier):
         return self._specs.setdefault(spec_key, spec_key)
 
     def complete_store(self, prepared: PreparedStore) -> bool:
-        slot = self._keyed_store(prepared.key)
-        ok = self.store_into(prepared, slot)
-        if not ok and slot.loc is None:
-            del self._own[prepared.key]
-        return ok
+        src = self._source(prepared)
+        with self._lock:
+            slot = self._keyed_store(prepared.key)
+            ok = self._store_locked(prepared, slot, src)
+            if not ok and slot.loc is None:
+                del self._own[prepared.key]
+            return ok
 
     def store_into(self, prepared: PreparedStore, place: Any) -> bool:
         """Store ``prepared`` at ``place``, replacing what it holds (its blocks count as room for the new value);
         False if there is no room (nothing lost). The copy runs under the tier's lock."""
-        nbytes = prepared.meta["len"]
-        need = self._blocks(nbytes)
         src = self._source(prepared)
         with self._lock:
-            old = place.loc
-            old_blocks = self._blocks(_loc_nbytes(old)) if old is not None else 0
-            if need > self.pool.free + old_blocks:
-                self._c["rejected"] += 1
-                return False
-            if need > self.pool.free:  # fits only in place of the entry it replaces: free that first
-                self._release(old)
-                place.loc = old = None
-                self._entries -= 1
-            ids = self.pool.acquire_ids(need) if need else []
-            assert ids is not None, "free count checked under the lock"
-            loc = _pack(nbytes, ids)
-            self._copy_in(src, loc, need)
-            self._publish(place, loc, self._spec(prepared))
-            if old is not None:
-                self._release(old)
+            return self._store_locked(prepared, place, src)
+
+    def _store_locked(self, prepared: PreparedStore, place: Any, src: torch.Tensor | np.ndarray) -> bool:
+        """``store_into`` with the lock held and ``src`` the bytes to copy in."""
+        nbytes = prepared.meta["len"]
+        need = self._blocks(nbytes)
+        old = place.loc
+        old_blocks = self._blocks(_loc_nbytes(old)) if old is not None else 0
+        if need > self.pool.free + old_blocks:
+            self._c["rejected"] += 1
+            return False
+        if need > self.pool.free:  # fits only in place of the entry it replaces: free that first
+            self._release(old)
+            place.loc = old = None
+            self._entries -= 1
+        ids = self.pool.acquire_ids(need) if need else []
+        assert ids is not None, "free count checked under the lock"
+        loc = _pack(nbytes, ids)
+        self._copy_in(src, loc, need)
+        self._publish(place, loc, self._spec(prepared))
+        if old is not None:
+            self._release(old)
         return True
 
     def _publish(self, place: Any, loc: int | tuple[int, ...], spec: tuple) -> None:
         """``place`` serves the entry at ``loc`` (lock held); what it served before is the caller's to release."""
         if place.loc is None:
             self._entries += 1
-        place.loc, place.spec = loc, spec
+        place.spec = spec  # before the location: a reader that sees the location sees its spec
+        place.loc = loc
         self._c["puts"] += 1
         self._c["bytes_written"] += _loc_nbytes(loc)
 
@@ -300,17 +309,22 @@ class PooledTier(Tier):
         self.commit_many((res,))
 
     def commit_many(self, reservations: Sequence[Reservation]) -> None:
-        self.commit_into([(res, self._keyed_store(res.prepared.key)) for res in reservations])
+        with self._lock:
+            self._commit_locked([(res, self._keyed_store(res.prepared.key)) for res in reservations])
 
     def commit_into(self, pairs: Sequence[tuple[Reservation, Any]]) -> None:
         """Each ``(reservation, place)``: ``place`` serves the written reservation from now on; the value it
         served before (a replace) is released."""
         with self._lock:
-            for res, place in pairs:
-                old = place.loc
-                self._publish(place, res.slot, self._spec(res.prepared))
-                if old is not None:
-                    self._release(old)
+            self._commit_locked(pairs)
+
+    def _commit_locked(self, pairs: Sequence[tuple[Reservation, Any]]) -> None:
+        """``commit_into`` with the lock held."""
+        for res, place in pairs:
+            old = place.loc
+            self._publish(place, res.slot, self._spec(res.prepared))
+            if old is not None:
+                self._release(old)
 
     def abort(self, res: Reservation) -> None:
         with self._lock:
@@ -396,22 +410,26 @@ class PooledTier(Tier):
 
     def remove(self, key: CacheKey) -> bool:
         key = validate_key(key)
-        freed = self.free(self._place(key))
-        if self._lookup is None and key in self._own:
-            del self._own[key]
-        return freed
+        if self._lookup is not None:
+            return self.free(self._lookup(key))
+        with self._lock:
+            return self._free_locked(self._own.pop(key, None))
 
     def free(self, place: Any) -> bool:
         """Release the entry at ``place`` (its blocks go back to the pool); False if it held none."""
         with self._lock:
-            loc = None if place is None else place.loc
-            if loc is None:
-                return False
-            place.loc = None
-            self._entries -= 1
-            self._release(loc)
-            self._c["removes"] += 1
-            return True
+            return self._free_locked(place)
+
+    def _free_locked(self, place: Any) -> bool:
+        """``free`` with the lock held."""
+        loc = None if place is None else place.loc
+        if loc is None:
+            return False
+        place.loc = None
+        self._entries -= 1
+        self._release(loc)
+        self._c["removes"] += 1
+        return True
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
