@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from qwen3vl_ray.codecs import decode, make_codec
-from qwen3vl_ray.errors import CapacityError
+from qwen3vl_ray.errors import CapacityError, ConfigError
 from qwen3vl_ray.keys import CacheKey, Namespace, validate_key
 from qwen3vl_ray.pools.block_pool import BlockPool
 from qwen3vl_ray.tiers.base import Placement, PreparedStore, Reservation, Tier, encode_payload
@@ -130,7 +130,7 @@ class PooledTier(Tier):
         self.block_bytes = effective_block_bytes(cfg.capacity_bytes, cfg.block_bytes)
         nblocks = cfg.capacity_bytes // self.block_bytes
         if nblocks > _RUN_MASK:
-            raise CapacityError(f"{name} tier of {nblocks} blocks: at most {_RUN_MASK} (use larger block_bytes)")
+            raise ConfigError(f"{name} tier of {nblocks} blocks: at most {_RUN_MASK} (use larger block_bytes)")
         self.pool = BlockPool((self.block_bytes,), torch.uint8, nblocks, device, zero_on_release=cfg.zero_on_release,
                               pin_memory=pin_memory)
         self.device = self.pool.device
