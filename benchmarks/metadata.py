@@ -1,13 +1,16 @@
 """Metadata cost of the tier indexes: bytes per cached entry and lookup time as entries grow.
 
 * bytes/entry: ``tracemalloc`` traced memory after N stores minus before, divided by N. It counts
-  everything the tier keeps per entry: the 16-byte key object, the dict slot, the index record (pooled
-  tiers: size + interned spec + block runs; disk tier: file size). The bytes of the entries themselves
+  everything the tier keeps per entry: the 16-byte key object, the dict slot, the index record (a pooled
+  tier used alone: a ``Placement`` with its location int and interned spec; disk tier: file size). The bytes of the entries themselves
   live in the slab / in files and are not metadata. For the disk tier the index is also measured as
   rebuilt from the directory by a fresh tier (the steady state after a restart). Target: <= 256 B.
-* the whole store: a ``TieredCache`` over one host tier, so its own index record, the policy's record
-  and the tier's index are all counted, for LRU and for the default (prefix-aware) policy; KV chunks are
-  stored as chains (``parent`` = previous chunk), as the engine stores them.
+* the whole store: a ``TieredCache`` over one host tier, so everything the store, the policy and the tier
+  keep per entry is counted, for LRU and for the default (prefix-aware) policy; KV chunks are stored as
+  chains (``parent`` = previous chunk), as the engine stores them. Under a store the pooled tier keeps no
+  index: the entry's location (payload length and block runs packed in one int, 32 B for entries under
+  256 MiB whatever their size) is a field of the store's one record of it, so the 64-byte entries here
+  cost what large ones do.
 * lookup: ``contains(key)`` and a hit ``get`` of a tiny entry, per operation (best of several rounds),
   on random present keys;
   flat means the cost at the largest N is within a small factor of the smallest (dict lookups, no scans).
