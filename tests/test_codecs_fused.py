@@ -133,6 +133,21 @@ def test_adversarial_groups(spec, dtype):
     _check(spec, x.to(dtype), 64)
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 4, 5, 8, 11, 13])
+@pytest.mark.parametrize("spec", ["kv-int8:group=8", "kv-int4:group=6,residual=1", "int8:group=5,axis=0", "int4:group=7,axis=0"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_per_channel_groups_in_blocks_of_four_rows(spec, tokens, dtype):
+    # the per-channel kernels take a group's rows four at a time, then the rest one by one: every remainder
+    # (full groups, short last groups, groups under four rows), with the largest |x| of a channel in each row slot
+    x = make_tensor((2, 2, 3, tokens, 10), torch.float32, "normal", 11)
+    for r in range(tokens):
+        x[..., r, r % 10] = 50.0 + r
+        x[..., r, (r + 3) % 10] = -(60.0 + r)
+    if not spec.startswith("kv"):
+        x = x.reshape(-1, tokens * 10).t().contiguous()  # per-channel along the first axis
+    _check(spec, x.to(dtype), 64)
+
+
 @pytest.mark.parametrize("shape", [(1,), (3,), (1, 1), (5, 129), (7, 3, 1), (1, 2, 1, 1, 1), (2, 2, 1, 5, 3)])
 @pytest.mark.parametrize("spec", ["int8", "int4", "int4:axis=0,group=2", "kv-int4", "kv-int8:residual=1"])
 def test_odd_shapes(spec, shape):

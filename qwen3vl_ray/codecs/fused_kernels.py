@@ -388,7 +388,21 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
             else:
                 for k in range(post):
                     amax[k] = np.uint32(0)
-                for j in range(j0, j1):
+                # four rows per pass over the channels: the per-channel maxima are loaded and stored once per
+                # four rows, not per row (they, not the input, bounded this loop)
+                jq = j0 if measure else j0 + (j1 - j0) // 4 * 4
+                for j in range(j0, jq, 4):
+                    xs = x[src + j * post: src + (j + 4) * post]
+                    for k in range(post):
+                        b0 = _key(xs, k)
+                        b1 = _key(xs, k + post)
+                        b2 = _key(xs, k + 2 * post)
+                        b3 = _key(xs, k + 3 * post)
+                        b0 = b0 if b0 > b1 else b1
+                        b2 = b2 if b2 > b3 else b3
+                        b0 = b0 if b0 > b2 else b2
+                        amax[k] = b0 if b0 > amax[k] else amax[k]
+                for j in range(jq, j1):
                     xs = x[src + j * post: src + (j + 1) * post]
                     if measure == 2:
                         for k in range(post):
