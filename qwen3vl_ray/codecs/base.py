@@ -267,6 +267,11 @@ def unpack_payload(payload: Buffer, verify: bool = True) -> tuple[str, int, dict
     return _unpack(payload, verify)[:4]
 
 
+def _no_constant(name: str):
+    """``json``'s hook for ``Infinity``/``NaN``: no codec writes them, so a header holding one is corrupt."""
+    raise CodecError(f"corrupt payload header: {name} where a number belongs")
+
+
 def _unpack(payload: Buffer, verify: bool = True):
     mv = memoryview(payload).cast("B") if not isinstance(payload, np.ndarray) else memoryview(payload.view(np.uint8).reshape(-1))
     try:
@@ -280,7 +285,9 @@ def _unpack(payload: Buffer, verify: bool = True):
         name = bytes(mv[pos: pos + nlen]).decode(); pos += nlen
         (version,) = struct.unpack_from("<H", mv, pos); pos += 2
         (mlen,) = struct.unpack_from("<I", mv, pos); pos += 4
-        meta = json.loads(bytes(mv[pos: pos + mlen])); pos += mlen
+        meta = json.loads(bytes(mv[pos: pos + mlen]), parse_constant=_no_constant); pos += mlen
+        if not isinstance(meta, dict):
+            raise CodecError(f"corrupt payload header: its meta is a {type(meta).__name__}, not an object")
         (nbuf,) = struct.unpack_from("<H", mv, pos); pos += 2
         lengths = struct.unpack_from(f"<{nbuf}Q", mv, pos); pos += 8 * nbuf
         header_end = pos
@@ -442,6 +449,11 @@ def make_codec(spec: str | Codec | None) -> Codec:
     return codec
 
 
+class OutMismatch(ValueError):
+    """``decode(out=...)`` was given a tensor of another dtype or shape than the payload holds (the caller's
+    mistake, not the payload's: a plain ``ValueError``)."""
+
+
 def decode(payload: Buffer, device: torch.device | str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode any payload by the codec it names; into ``out`` (returned) when given.
 
@@ -451,6 +463,22 @@ def decode(payload: Buffer, device: torch.device | str | None = None, out: torch
     # format version 2: a codec whose kernels hash the codes as they read them checks the digest after its
     # decode (one pass over the codes instead of two); every other codec gets a verified payload, as before
     name, version, meta, bufs, check = _unpack(payload, verify=False)
+    try:
+        return _decode_unpacked(name, version, meta, bufs, check, device, out)
+    except (CodecError, OutMismatch):
+        raise
+    except Exception as exc:
+        # The header was read before its digest was checked, so a corrupt field (a zero group, a shape that is
+        # a number) can fail anywhere in the decoder: a digest mismatch names the corruption; a payload that
+        # passes it yet does not decode is corrupt all the same (its writer's), never an arbitrary exception.
+        if check is not None:
+            check_digest(check, bufs, [None] * len(bufs))
+        raise CodecError(f"corrupt {name!r} payload: {exc!r}") from exc
+
+
+
+def _decode_unpacked(name: str, version: int, meta: dict, bufs: list, check, device, out: torch.Tensor | None) -> torch.Tensor:
+    """``decode`` from an unpacked payload whose digest ``check`` may still be unverified (see ``decode``)."""
     try:
         factory = _REGISTRY.get(name)
         if factory is None:
@@ -467,7 +495,7 @@ def decode(payload: Buffer, device: torch.device | str | None = None, out: torch
     want = None if out is None else (dtype_name(out.dtype), list(out.shape))
     if want is not None and "dtype" in meta and "shape" in meta and (meta["dtype"], list(meta["shape"])) != want:
         check_digest(check, bufs, [None] * len(bufs))
-        raise ValueError(f"decode: out is {want[0]} {want[1]}, the payload holds {meta['dtype']} {meta['shape']}")
+        raise OutMismatch(f"decode: out is {want[0]} {want[1]}, the payload holds {meta['dtype']} {meta['shape']}")
     try:
         if check is not None:
             # on a digest mismatch ``out`` may already hold the corrupt payload's values (CodecError says so)
@@ -483,7 +511,7 @@ def decode(payload: Buffer, device: torch.device | str | None = None, out: torch
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
         raise CodecError(f"corrupt {name!r} payload: {exc!r}") from exc
     if (dtype_name(y.dtype), list(y.shape)) != want:
-        raise ValueError(f"decode: out is {want[0]} {want[1]}, the payload holds {dtype_name(y.dtype)} {list(y.shape)}")
+        raise OutMismatch(f"decode: out is {want[0]} {want[1]}, the payload holds {dtype_name(y.dtype)} {list(y.shape)}")
     return out.copy_(y)
 
 
