@@ -28,10 +28,17 @@ import xxhash as _xxhash  # noqa: E402
 from numba.core import cgutils as _cgutils  # noqa: E402
 
 _XXH = _ctypes.CDLL(_xxhash._xxhash.__file__)
-_llb.add_symbol("qwen3vl_ray_xxh3_64", _ctypes.cast(_XXH.XXH3_64bits_dispatch, _ctypes.c_void_p).value)
-_XXH.XXH3_64bits_dispatch.restype = _ctypes.c_uint64
-_XXH.XXH3_64bits_dispatch.argtypes = [_ctypes.c_char_p, _ctypes.c_size_t]
-_XXH.XXH3_64bits_dispatch(b"warm", 4)  # picks the vector width once, before threads race to
+# The x86 builds export a runtime-dispatched entry (AVX2/AVX-512); other builds (aarch64) only the plain one,
+# which computes the same hash.
+try:
+    _XXH3 = _XXH.XXH3_64bits_dispatch
+except AttributeError:
+    _XXH3 = _XXH.XXH3_64bits
+_XXH3.restype = _ctypes.c_uint64
+_XXH3.argtypes = [_ctypes.c_char_p, _ctypes.c_size_t]
+if _XXH3(b"warm", 4) != _xxhash.xxh3_64_intdigest(b"warm"):  # also picks the vector width once, before threads race to
+    raise ImportError(f"{_xxhash._xxhash.__file__}: its XXH3_64bits is not python-xxhash's xxh3_64")
+_llb.add_symbol("qwen3vl_ray_xxh3_64", _ctypes.cast(_XXH3, _ctypes.c_void_p).value)
 
 
 @intrinsic
