@@ -201,19 +201,6 @@ def payload_digest(header: Buffer, digests: Sequence[np.ndarray | bytes]) -> int
     return h.intdigest()
 
 
-class _NoHasher:
-    """What :attr:`PayloadWriter.hasher` is since format version 2: the digest is taken per segment in
-    :meth:`PayloadWriter.finish` (or by the kernels that wrote a buffer); codes fed here are ignored."""
-
-    __slots__ = ()
-
-    def update(self, data) -> None:
-        pass
-
-
-_NO_HASHER = _NoHasher()
-
-
 class PayloadWriter:
     """A payload whose buffer sizes are known up front, filled in place (no build-then-copy).
 
@@ -240,8 +227,6 @@ class PayloadWriter:
             self.buffers.append(mv[pos: pos + n])
             pos += n
         self.digests: list[np.ndarray | None] = [None] * len(lengths)
-        #: kept for codecs that fed a running hash (format version 1); ignored
-        self.hasher = _NO_HASHER
 
     def finish(self) -> bytearray:
         """Store the checksum and hand over the payload."""

@@ -207,11 +207,11 @@ def _tiles(u: Unit, g: Grouping, tiles, scales: torch.Tensor):
 
 
 def quantize_into(u: Unit, g: Grouping, qmax: int, pack4: bool, codes: torch.Tensor, scales: torch.Tensor,
-                  tiles, sc: Scratch, hasher) -> None:
+                  tiles, sc: Scratch) -> None:
     """Quantize unit ``u`` into ``codes`` (flat int8, or flat uint8 packed pairs) and ``scales`` [pre, G, post].
 
-    ``hasher`` (xxh3 or None) is fed each tile's code bytes in payload order. NaN/inf inputs leave non-finite
-    scales (and garbage codes): :func:`quantize` checks the scales once and refuses the payload.
+    NaN/inf inputs leave non-finite scales (and garbage codes): :func:`quantize` checks the scales once and
+    refuses the payload.
     """
     for t in _tiles(u, g, tiles, scales):
         s = t.scales
@@ -223,12 +223,9 @@ def quantize_into(u: Unit, g: Grouping, qmax: int, pack4: bool, codes: torch.Ten
         f.mul_(inv.unsqueeze(2))
         f.round_()
         if not pack4:
-            out = codes[t.start: t.start + t.cnt]
-            out.view(t.rows, t.gb, g.group, g.post).copy_(f)
+            codes[t.start: t.start + t.cnt].view(t.rows, t.gb, g.group, g.post).copy_(f)
         else:
-            out = _pack4(f, t.cnt, t.start, codes, sc)
-        if hasher is not None:
-            hasher.update(out.numpy())
+            _pack4(f, t.cnt, t.start, codes, sc)
 
 
 def _pack4(f: torch.Tensor, cnt: int, start: int, packed: torch.Tensor, sc: Scratch) -> torch.Tensor:
@@ -250,7 +247,7 @@ def _pack4(f: torch.Tensor, cnt: int, start: int, packed: torch.Tensor, sc: Scra
 
 
 def dequantize_into(u: Unit, g: Grouping, pack4: bool, codes: torch.Tensor, scales: torch.Tensor, tiles,
-                    sc: Scratch, hasher) -> None:
+                    sc: Scratch) -> None:
     """Inverse of :func:`quantize_into`: codes times scales, written into the unit's view of the result."""
     for t in _tiles(u, g, tiles, scales):
         f = sc.f[:t.cnt]
@@ -260,8 +257,6 @@ def dequantize_into(u: Unit, g: Grouping, pack4: bool, codes: torch.Tensor, scal
         else:
             src = codes[t.start // 2: t.start // 2 + (t.cnt + 1) // 2]
             f.copy_(_unpack4(src, t.cnt, sc))
-        if hasher is not None:
-            hasher.update(src.numpy())
         f.view(t.rows, t.gb, g.group, g.post).mul_(t.scales.unsqueeze(2))
         dst = t.x
         dst.copy_(f.view(*dst.shape[:-2], t.width, g.post)[..., : dst.shape[-2], :])
@@ -295,7 +290,7 @@ def _unit_tiles(x3: torch.Tensor, full: int, rows: int, tshape: list[int]) -> tu
 
 
 def _quantize_uniform(u: Unit, g: Grouping, qmax: int, pack4: bool, codes: torch.Tensor, scales: torch.Tensor,
-                      full: int, rows: int, sc: Scratch, hasher) -> None:
+                      full: int, rows: int, sc: Scratch) -> None:
     """:func:`quantize_into` for ``full`` equal whole-row tiles, same arithmetic in the same order."""
     tshape, sshape = _tile_shapes(u, g, rows)
     cnt, ns = math.prod(tshape), math.prod(sshape)
@@ -319,7 +314,6 @@ def _quantize_uniform(u: Unit, g: Grouping, qmax: int, pack4: bool, codes: torch
     c0 = u.code_off
     if not pack4:
         cs = codes[c0: c0 + full * step].view(full, *tshape).unbind(0)
-        cnp = codes.numpy()
     for i in range(full):
         s = ss[i]
         if use_bits:
@@ -339,19 +333,14 @@ def _quantize_uniform(u: Unit, g: Grouping, qmax: int, pack4: bool, codes: torch
         f.copy_(xs[i])
         f.mul_(inv_b)
         f.round_()
-        start = c0 + i * step
         if not pack4:
             cs[i].copy_(f)
-            if hasher is not None:
-                hasher.update(cnp[start: start + step])
         else:
-            out = _pack4(f_flat, cnt, start, codes, sc)
-            if hasher is not None:
-                hasher.update(out.numpy())
+            _pack4(f_flat, cnt, c0 + i * step, codes, sc)
 
 
 def _dequantize_uniform(u: Unit, g: Grouping, pack4: bool, codes: torch.Tensor, scales: torch.Tensor,
-                        full: int, rows: int, sc: Scratch, hasher) -> None:
+                        full: int, rows: int, sc: Scratch) -> None:
     """:func:`dequantize_into` for ``full`` equal whole-row tiles (three torch calls per tile for int8)."""
     tshape, sshape = _tile_shapes(u, g, rows)
     cnt = math.prod(tshape)
@@ -361,18 +350,13 @@ def _dequantize_uniform(u: Unit, g: Grouping, pack4: bool, codes: torch.Tensor, 
     f = sc.f[:cnt].view(tshape)
     if not pack4:
         cs = codes[c0: c0 + full * cnt].view(full, *tshape).unbind(0)
-        cnp = codes.numpy()
     for i in range(full):
-        start = c0 + i * cnt
         if not pack4:
             f.copy_(cs[i])
-            if hasher is not None:
-                hasher.update(cnp[start: start + cnt])
         else:
+            start = c0 + i * cnt
             src = codes[start // 2: start // 2 + (cnt + 1) // 2]
             sc.f[:cnt].copy_(_unpack4(src, cnt, sc))
-            if hasher is not None:
-                hasher.update(src.numpy())
         f.mul_(ss[i])
         xs[i].copy_(f)
 
@@ -430,7 +414,7 @@ def _layout(x: torch.Tensor, g: Grouping, pack4: bool) -> tuple[list[Unit], list
 
 
 def quantize(x: torch.Tensor, g: Grouping, qmax: int, pack4: bool, codes: torch.Tensor, scales: torch.Tensor,
-             hasher, codec: str) -> None:
+             codec: str) -> None:
     """Quantize ``x`` (``[..., n, post]``, any strides, ``prod(...) == g.pre``) into payload-backed buffers.
 
     ``codes``: flat int8 (or uint8 for packed int4) over the payload; ``scales``: float32 ``[pre, G, post]``.
@@ -440,21 +424,20 @@ def quantize(x: torch.Tensor, g: Grouping, qmax: int, pack4: bool, codes: torch.
     for u, t in zip(us, tiles):
         full, rows = _uniform(u, g, t)
         if full:
-            _quantize_uniform(u, g, qmax, pack4, codes, scales, full, rows, sc, hasher)
-        quantize_into(u, g, qmax, pack4, codes, scales, t[full:], sc, hasher)
+            _quantize_uniform(u, g, qmax, pack4, codes, scales, full, rows, sc)
+        quantize_into(u, g, qmax, pack4, codes, scales, t[full:], sc)
     if not bool(torch.isfinite(scales).all()):
         raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
 
 
-def dequantize(out: torch.Tensor, g: Grouping, pack4: bool, codes: torch.Tensor, scales: torch.Tensor,
-               hasher=None) -> None:
+def dequantize(out: torch.Tensor, g: Grouping, pack4: bool, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Write codes times scales into ``out`` (``[..., n, post]`` view of the result, any strides)."""
     us, tiles, elems = _layout(out, g, pack4)
     sc = Scratch(elems, None)
     for u, t in zip(us, tiles):
         full, rows = _uniform(u, g, t)
         if full:
-            _dequantize_uniform(u, g, pack4, codes, scales, full, rows, sc, hasher)
-        dequantize_into(u, g, pack4, codes, scales, t[full:], sc, hasher)
+            _dequantize_uniform(u, g, pack4, codes, scales, full, rows, sc)
+        dequantize_into(u, g, pack4, codes, scales, t[full:], sc)
     if len(us) == 1 and us[0].x3.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
         out.copy_(us[0].x3.view(out.shape))  # the one-tile fallback had to reshape ``out`` into a copy

@@ -170,7 +170,7 @@ class KVQuantCodec(Codec):
         for i, (g, part) in enumerate(((gs["k"], keys), (gs["v"], values))):
             codes = B.payload_tensor(w.buffers[2 * i], torch.uint8 if pack4 else torch.int8)
             scales = B.payload_tensor(w.buffers[2 * i + 1], torch.float32).view(g.pre, g.ngroups, g.post)
-            B.quantize(part, g, self.qmax, pack4, codes, scales, None, self.name)
+            B.quantize(part, g, self.qmax, pack4, codes, scales, self.name)
             del codes, scales
         self._write_rest(w, rest)
         return w.finish()

@@ -113,7 +113,7 @@ class GroupQuantCodec(Codec):
         w = PayloadWriter(self.name, self.version, meta, [(count + 1) // 2 if pack4 else count, 4 * g.pre * g.ngroups * g.post])
         codes = B.payload_tensor(w.buffers[0], torch.uint8 if pack4 else torch.int8)
         scales = B.payload_tensor(w.buffers[1], torch.float32).view(g.pre, g.ngroups, g.post)
-        B.quantize(tensor.detach().reshape(g.pre, g.n, g.post), g, self.qmax, pack4, codes, scales, None, self.name)
+        B.quantize(tensor.detach().reshape(g.pre, g.n, g.post), g, self.qmax, pack4, codes, scales, self.name)
         del codes, scales
         return w.finish()
 
