@@ -209,12 +209,7 @@ class TieredCache:
     def _up(self, i: int, parent: CacheKey | None) -> EntryRecord | None:
         """The record of ``parent`` in tier ``i``, if it has one there (its policy links chains within the tier):
         its current record, or the value a pending put of it would fall back to."""
-        if parent is None:
-            return None
-        up = self._index.get(parent)
-        if up is None or up.tier != i:
-            up = self._fallbacks.get(parent)
-        return up if up is not None and up.tier == i else None
+        return None if parent is None else self._placed(i, parent)
 
     def add_listener(self, listener: EntryListener) -> None:
         """Hear every later move of an entry between tiers, into and out of the cache (``EntryListener``).
