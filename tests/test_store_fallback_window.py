@@ -55,7 +55,7 @@ def failing_disk_writes(monkeypatch) -> None:
 
 
 def host_entries(c: TieredCache) -> int:
-    return sum(1 for r in c._index.values() if r.tier == 0)
+    return sum(1 for r in c.manager._index.values() if r.tier == 0)
 
 
 @pytest.mark.parametrize("policy", ["prefix-lru", "lru"])

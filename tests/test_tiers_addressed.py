@@ -81,7 +81,7 @@ def test_a_store_driven_tier_keeps_no_index_and_reads_through_the_stores_records
             assert c.put(key(i), value(i, 256), parent=key(i - 1) if i else None)
         assert tier._own == {}  # the store's records hold the locations
         assert len(tier) == 3 and sorted(tier.keys()) == sorted(key(i) for i in range(3))
-        assert all(c._index[key(i)].loc is not None for i in range(3))
+        assert all(c.manager._index[key(i)].loc is not None for i in range(3))
         # the tier's keyed reads agree with the store
         assert tier.contains(key(1)) and torch.equal(tier.get(key(1)), value(1, 256))
         assert tier.entry_shape(key(2)) == (256,) and tier.entry_nbytes(key(2)) == BLOCK
@@ -96,10 +96,10 @@ def test_a_move_down_and_back_frees_and_takes_blocks_with_the_record(tmp_path):
         for i in range(3):
             assert c.put(key(i), value(i, 256))
         assert c.where(key(0)) == "disk" and host_tier.used_bytes == 2 * BLOCK and len(host_tier) == 2
-        assert c._index[key(0)].loc is None  # the disk tier indexes its own files
+        assert c.manager._index[key(0)].loc is None  # the disk tier indexes its own files
         t, where = c.lookup(key(0))  # promoted: it takes the host blocks of the entry demoted for it
         assert where == "disk" and torch.equal(t, value(0, 256))
-        assert c.where(key(0)) == "host" and c._index[key(0)].loc is not None
+        assert c.where(key(0)) == "host" and c.manager._index[key(0)].loc is not None
         assert host_tier.used_bytes == 2 * BLOCK and len(host_tier) == 2
 
 
@@ -130,7 +130,7 @@ def test_a_tier_filled_alone_hands_its_entries_to_the_store_it_is_given_to():
     cfg = CacheConfig(tiers=[TierConfig("host", 16 * BLOCK, block_bytes=BLOCK)], policy="lru", namespace=NS,
                       prefetch_threads=0)
     with TieredCache(cfg, tiers=[tier]) as c:
-        assert len(c) == 2 and tier._own == {} and c._index[key(1)].loc is not None
+        assert len(c) == 2 and tier._own == {} and c.manager._index[key(1)].loc is not None
         assert torch.equal(c.get(key(2)), value(2, 256)) and c.remove(key(1))
         assert tier.used_bytes == BLOCK and len(tier) == 1
 

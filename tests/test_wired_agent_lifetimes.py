@@ -44,7 +44,7 @@ def cluster(tmp_path, idle_ttl_s: float) -> tuple[CoordinatorLogic, NodeAgentLog
     cfg = AgentConfig(host_bytes=8 * CHUNK, disk_bytes=8 * CHUNK, disk_dir=str(tmp_path), disk_fsync=False,
                       policy="lru", idle_ttl_s=idle_ttl_s)
     agent = NodeAgentLogic(NODE, cfg, LocalObjectStore(), clock=clock)
-    agent.cache._clock = clock  # the cache stamps accesses with its own clock: the same scripted one
+    agent.cache.manager._clock = clock  # the cache stamps accesses with its own clock: the same scripted one
     coord = CoordinatorLogic(CoordinatorConfig(recompress_codec="", period_s=0))
     coord.add_agent(NODE, agent)
     return coord, agent, clock

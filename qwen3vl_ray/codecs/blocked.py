@@ -228,7 +228,7 @@ def quantize_into(u: Unit, g: Grouping, qmax: int, pack4: bool, codes: torch.Ten
             _pack4(f, t.cnt, t.start, codes, sc)
 
 
-def _pack4(f: torch.Tensor, cnt: int, start: int, packed: torch.Tensor, sc: Scratch) -> torch.Tensor:
+def _pack4(f: torch.Tensor, cnt: int, start: int, packed: torch.Tensor, sc: Scratch) -> None:
     """Codes [-7, 7] (float32, rounded) -> nibbles ``code + 8``, low nibble first, into ``packed`` at ``start``."""
     npair = (cnt + 1) // 2
     i8 = sc.i16[:npair].view(torch.int8)
@@ -241,9 +241,7 @@ def _pack4(f: torch.Tensor, cnt: int, start: int, packed: torch.Tensor, sc: Scra
     t = sc.i16b[:npair]
     torch.bitwise_right_shift(w, 4, out=t)
     w.bitwise_or_(t)
-    out = packed[start // 2: start // 2 + npair]
-    out.copy_(w)  # int16 -> uint8 keeps the low byte
-    return out
+    packed[start // 2: start // 2 + npair].copy_(w)  # int16 -> uint8 keeps the low byte
 
 
 def dequantize_into(u: Unit, g: Grouping, pack4: bool, codes: torch.Tensor, scales: torch.Tensor, tiles,

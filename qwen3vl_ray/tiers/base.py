@@ -214,6 +214,10 @@ class Tier(ABC):
         """``entry_nbytes`` of the entry at ``place``."""
         raise NotImplementedError(f"{type(self).__name__} is not addressed storage")
 
+    def value_nbytes(self, place: Any) -> int | None:
+        """Bytes of the tensor stored at ``place`` as its caller gave it (before any codec), without reading it."""
+        raise NotImplementedError(f"{type(self).__name__} is not addressed storage")
+
     # -- reads --------------------------------------------------------------------------------
     @abstractmethod
     def get(self, key: CacheKey, out: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -194,6 +195,12 @@ class PooledTier(Tier):
         """Bytes the entry at ``place`` occupies here (whole blocks), or None if it holds none."""
         loc = None if place is None else place.loc
         return None if loc is None else self._blocks(_loc_nbytes(loc)) * self.block_bytes
+
+    def value_nbytes(self, place: Any) -> int | None:
+        if place is None or place.loc is None:
+            return None
+        dtype, shape, _ = place.spec
+        return math.prod(shape) * dtype.itemsize
 
     def entry_nbytes(self, key: CacheKey) -> int | None:
         return self.stored_nbytes(self._place(key))
