@@ -21,8 +21,12 @@ tensors (``decode(payload, out=dst)``), and once more allocating its result (``d
 cost first-touch faults, about a memcpy of their own). Every number is the best of ``--repeats`` runs (the
 host is shared; other load only adds time).
 
-``--kernels both`` (default) measures the codecs that have fused numba kernels (``FUSED``) twice: with the
-kernels (``kern`` = fused) and on the torch paths they replace (``kern`` = torch), in the same run. The
+``--kernels both`` (default) measures the codecs that have fused kernels (``FUSED``: numba on CPU, Triton on
+CUDA) twice: with the kernels (``kern`` = fused) and on the torch paths they replace (``kern`` = torch), in the
+same run. On CUDA an encode ends with the payload on the host and a decode starts from it, so each row also
+times the raw copies a tier would make without a codec (``d2h``: device -> page-locked host, ``h2d``: back) and
+prints ``enc/d2h`` and ``dec/h2d``, raw copy time over codec time: above 1, the compressed path moves an entry
+between GPU and host faster than the raw copy. The
 first call of each row compiles or loads the kernels and is not timed. Kernel threads follow ``--threads``
 (0: every core of the process's affinity mask, as a worker runs). ``auto`` rows also report what choosing
 costs: ``auto``'s encode time over the chosen codec's own encode time, minus one (``choose``); ``auto`` remembers
@@ -53,10 +57,10 @@ import time
 import torch
 
 from benchmarks import options
-from qwen3vl_ray.codecs import auto, decode, fused, make_codec, relative_error
+from qwen3vl_ray.codecs import auto, decode, fused, gpu_fused, make_codec, relative_error
 
 LARGE_CODECS = ["none", "int8", "int4", "kv-int8", "kv-int4", "auto"]
-#: codecs with fused CPU kernels (``qwen3vl_ray.codecs.fused``)
+#: codecs with fused kernels (``qwen3vl_ray.codecs.fused`` on CPU, ``qwen3vl_ray.codecs.gpu_fused`` on CUDA)
 FUSED = {"int8", "int4", "kv-int8", "kv-int4"}
 DEFAULT_CODECS = ["none", "zstd", "fp8", "int8", "int8:axis=0", "int4", "int4:axis=0", "int4:group=64,axis=0",
                   "kv-int8", "kv-int4", "kv-int4:residual=32", "int8+zstd", "lowrank", "auto", "auto:max_error=0.15"]
@@ -135,14 +139,16 @@ def measure(name: str, x: torch.Tensor | list[torch.Tensor], spec: str, repeats:
 
     ``kernels``: "fused" or "torch" (the codecs' torch paths; ``fused.ENABLED`` is off for the row).
     """
-    before = fused.ENABLED
-    fused.ENABLED = kernels == "fused"
+    before = fused.ENABLED, gpu_fused.ENABLED
+    fused.ENABLED = gpu_fused.ENABLED = kernels == "fused"
     try:
         row = _measure(name, x, spec, repeats)
     finally:
-        fused.ENABLED = before
+        fused.ENABLED, gpu_fused.ENABLED = before
     base = spec.split(":")[0].split("+")[0]
-    row["kernels"] = kernels if (base in FUSED or base == "auto") and fused.available() else "torch"
+    t = x[0] if isinstance(x, list) else x
+    has = fused.available(t) or gpu_fused.available(t)
+    row["kernels"] = kernels if (base in FUSED or base == "auto") and has else "torch"
     return row
 
 
@@ -194,6 +200,23 @@ def _measure(name: str, x: torch.Tensor | list[torch.Tensor], spec: str, repeats
     t_copy2, _ = _timed(copy, repeats)
     t_dec, ys = _timed(dec, reps)
     t_dec_alloc, _ = _timed(dec_alloc, reps)
+    t_d2h = t_h2d = None
+    if device.type == "cuda":
+        # what a tier moves without a codec: the raw tensor to page-locked host memory and back
+        hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in xs]
+
+        def d2h():
+            for h, t in zip(hosts, xs):
+                h.copy_(t, non_blocking=True)
+            _sync(device)
+
+        def h2d():
+            for h, o in zip(hosts, outs):
+                o.copy_(h, non_blocking=True)
+            _sync(device)
+
+        t_d2h, _ = _timed(d2h, repeats)
+        t_h2d, _ = _timed(h2d, repeats)
     choose = None
     if codec.name == "auto":
         # what choosing costs: auto's encode against the chosen codecs' own encodes of the same entries
@@ -218,6 +241,7 @@ def _measure(name: str, x: torch.Tensor | list[torch.Tensor], spec: str, repeats
             "rel_error": relative_error(ref, y), "cosine": cos, "encode_gbps": nbytes / t_enc / 1e9,
             "decode_gbps": nbytes / t_dec / 1e9, "decode_alloc_gbps": nbytes / t_dec_alloc / 1e9,
             "memcpy_gbps": nbytes / min(t_copy, t_copy2) / 1e9, "choose_overhead": choose,
+            "encode_vs_d2h": t_d2h / t_enc if t_d2h else None, "decode_vs_h2d": t_h2d / t_dec if t_h2d else None,
             "mib": nbytes / 2**20, "threads": torch.get_num_threads()}
 
 
@@ -274,7 +298,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     kthreads = fused._threads() if fused.available() else 0
     print(f"device={device}  torch threads={torch.get_num_threads()}  kernel threads={kthreads}  clock={args.clock}")
     head = (f"{'tensor':<10} {'MiB':>4} {'codec':<22} {'kern':<5} {'ratio':>6} {'rel_err':>9} {'cosine':>8} {'enc GB/s':>9} "
-            f"{'dec GB/s':>9} {'memcpy':>8} {'enc/mc':>7} {'dec/mc':>7} {'dec+alloc/mc':>12} {'choose':>7}")
+            f"{'dec GB/s':>9} {'memcpy':>8} {'enc/mc':>7} {'dec/mc':>7} {'dec+alloc/mc':>12} {'choose':>7}"
+            + (f" {'enc/d2h':>7} {'dec/h2d':>7}" if device.type == "cuda" else ""))
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -282,7 +307,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{r['tensor']:<10} {r['mib']:4.0f} {r['codec']:<22} {r['kernels']:<5} {r['ratio']:6.2f} {r['rel_error']:9.5f} "
               f"{r['cosine']:8.5f} {r['encode_gbps']:9.2f} {r['decode_gbps']:9.2f} {r['memcpy_gbps']:8.2f} "
               f"{r['encode_gbps'] / r['memcpy_gbps']:7.3f} {r['decode_gbps'] / r['memcpy_gbps']:7.3f} "
-              f"{r['decode_alloc_gbps'] / r['memcpy_gbps']:12.3f} {choose:>7}")
+              f"{r['decode_alloc_gbps'] / r['memcpy_gbps']:12.3f} {choose:>7}"
+              + (f" {r['encode_vs_d2h']:7.2f} {r['decode_vs_h2d']:7.2f}" if r["encode_vs_d2h"] else ""))
     if args.json:
         print(json.dumps(rows))
     return rows

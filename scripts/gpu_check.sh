@@ -188,14 +188,15 @@ step_env() {
 # which put its pool on the GPU (they run on CPU without one).
 step_cuda_tests() {
   run_step cuda_tests 80 log "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --junitxml="$RES/cuda_tests.xml" \
-    tests/test_codecs.py tests/test_pools.py tests/test_tiers.py -k "cuda or device or pinned"
+    tests/test_codecs.py tests/test_pools.py tests/test_tiers.py tests/test_codecs_triton.py -k "cuda or device or pinned"
 }
 
 # The codecs whose speed targets are judged (and none, the codec path without compression), on the GPU, at the
-# realistic sizes too; the fused kernels are CPU-only, hence torch. No checkpoint KV: it measures error, not
-# speed, and needs a model generated with transformers.
+# realistic sizes too, with the Triton kernels and on the torch paths they replace (the CPU run: torch only, the
+# Triton kernels need a GPU). No checkpoint KV: it measures error, not speed, and needs a model generated with
+# transformers.
 step_codecs() {
-  local args=(--device cuda --repeats 5 --kernels torch)
+  local args=(--device cuda --repeats 5 --kernels both)
   [ "$MODE" = cpu ] && args=(--device cpu --repeats 1 --kernels torch --threads 1 --no-large)
   run_step codecs 120 json "$PY" -m benchmarks.codecs --json "${args[@]}" --kv-from-checkpoint none \
     --codecs none int8 kv-int8 kv-int4

@@ -17,6 +17,7 @@ import torch
 
 from qwen3vl_ray.codecs import blocked as B
 from qwen3vl_ray.codecs import fused as F
+from qwen3vl_ray.codecs import gpu_fused as GF
 from qwen3vl_ray.codecs import groups as G
 from qwen3vl_ray.codecs.base import (
     _VIEW_AS, Codec, PayloadWriter, check_digest, dtype_from_name, dtype_name, pack_payload, payload_header,
@@ -72,10 +73,24 @@ class KVQuantCodec(Codec):
         cut = shape[-2] - min(self.residual, shape[-2])
         return cut if cut and tensor.numel() else None
 
+    def _gpu_cut(self, tensor: torch.Tensor) -> int | None:
+        """The cut when the Triton kernels take ``tensor`` (a CUDA KV chunk whose parts they support), else None."""
+        shape = tensor.shape
+        if len(shape) < 4 or shape[-4] != 2 or not GF.available(tensor) or not tensor.is_contiguous():
+            return None
+        cut = shape[-2] - min(self.residual, shape[-2])
+        if not cut or not tensor.numel():
+            return None
+        parts = self._fused_layout(tensor, cut)[0]
+        return cut if all(GF.supports(g, self.bits == 4) for g in parts) else None
+
     def encode(self, tensor: torch.Tensor) -> bytearray:
         cut = self._fused_cut(tensor)
         if cut is not None:
             return self._encode_fused(tensor, cut)[0]
+        cut = self._gpu_cut(tensor)
+        if cut is not None:
+            return self._encode_gpu(tensor, cut)
         keys, values, rest, cut = self._split(tensor)
         if B.usable(tensor) and keys.numel():
             return self._encode_blocked(tensor, cut)
@@ -133,6 +148,17 @@ class KVQuantCodec(Codec):
             self._write_rest(w, rest)
             rest2 = float(torch.linalg.vector_norm(rest.double())) ** 2 if measure else 0.0
         return w.finish(), sums, rest2
+
+    def _encode_gpu(self, t: torch.Tensor, cut: int) -> bytearray:
+        """GPU path: the Triton kernels quantize keys and values in device memory; only codes, scales and the
+        residual window cross to the host (same bytes as the other paths)."""
+        t = t.detach()
+        parts, lengths, header = self._fused_layout(t, cut)
+        w = PayloadWriter(self.name, self.version, None, lengths, header)
+        GF.quantize_parts(t, parts, self.qmax, self.bits == 4, w, self.name)
+        if cut < t.shape[-2]:
+            self._write_rest(w, self._parts(t, cut)[2])
+        return w.finish()
 
     def _fused_layout(self, t: torch.Tensor, cut: int) -> tuple[list[F.Geometry], list[int], bytes]:
         """(parts, buffer lengths, payload header) of ``t``'s shape and dtype, kept per layout (:data:`_LAYOUTS`):
@@ -214,8 +240,17 @@ class KVQuantCodec(Codec):
                       out: torch.Tensor | None = None, digests: list | None = None) -> torch.Tensor:
         if len(buffers) != 5 or shape[-4] != 2 or not 0 < cut <= shape[-2]:
             raise CodecError(f"corrupt {self.name!r} payload: shape {shape}, cut {cut}, {len(buffers)} buffers")
-        # the groups the payload recorded (decode builds this codec with default parameters); checked once per
-        # layout (:data:`_DECODE_PARTS`)
+        parts = self._decode_layout(meta, shape, cut)
+        out = B.empty(shape, dtype) if out is None else out
+        F.dequantize_parts(F.as_bits(out), parts, self.bits == 4, buffers, self.name, digests)
+        if cut < shape[-2]:
+            rest = self._parts(out, cut)[2]
+            rest.copy_(G.buffer_tensor(buffers[4], dtype, list(rest.shape)))
+        return out
+
+    def _decode_layout(self, meta: dict[str, Any], shape: list[int], cut: int) -> list[F.Geometry]:
+        """The keys' and values' parts of a payload, from the groups it recorded (decode builds this codec with
+        default parameters), checked against its shape once per layout (:data:`_DECODE_PARTS`)."""
         key = (tuple(shape), cut, repr(meta["k"]), repr(meta["v"]))
         parts = _DECODE_PARTS.get(key)
         if parts is None:
@@ -224,8 +259,19 @@ class KVQuantCodec(Codec):
                 if G.Grouping.from_meta(meta[tag]).meta() != [g.U * g.H * g.T, g.n, g.post, g.group]:
                     raise CodecError(f"corrupt {self.name!r} payload: {tag} groups {meta[tag]} do not fit shape {shape}")
             F.remember(_DECODE_PARTS, key, parts)
-        out = B.empty(shape, dtype) if out is None else out
-        F.dequantize_parts(F.as_bits(out), parts, self.bits == 4, buffers, self.name, digests)
+        return parts
+
+    def _decode_gpu(self, meta: dict[str, Any], buffers, dtype: torch.dtype, shape: list[int], cut: int,
+                    device) -> torch.Tensor | None:
+        """GPU path: codes and scales go up in one copy, the Triton kernels dequantize them there; None where
+        the kernels do not take the payload's parts."""
+        if len(buffers) != 5 or shape[-4] != 2 or not 0 < cut <= shape[-2]:
+            raise CodecError(f"corrupt {self.name!r} payload: shape {shape}, cut {cut}, {len(buffers)} buffers")
+        parts = self._decode_layout(meta, shape, cut)
+        if not all(GF.supports(g, self.bits == 4) for g in parts):
+            return None
+        out = torch.empty(shape, dtype=dtype, device=device)
+        GF.dequantize_parts(out, parts, self.bits == 4, buffers, self.name)
         if cut < shape[-2]:
             rest = self._parts(out, cut)[2]
             rest.copy_(G.buffer_tensor(buffers[4], dtype, list(rest.shape)))
@@ -256,6 +302,10 @@ class KVQuantCodec(Codec):
         on_cpu = device is None or torch.device(device).type == "cpu"
         if on_cpu and cut and len(shape) >= 4 and all(shape) and F.available(torch.empty(0, dtype=dtype)):
             return self._decode_fused(meta, buffers, dtype, shape, cut)
+        if cut and len(shape) >= 4 and all(shape) and GF.available(device=device or "cpu", dtype=dtype):
+            out = self._decode_gpu(meta, buffers, dtype, shape, cut, device or "cpu")
+            if out is not None:
+                return out
         if on_cpu and cut and len(shape) >= 4 and all(shape) and B.usable(torch.empty(0)):
             return self._decode_blocked(meta, buffers, dtype, shape, cut)
         out = torch.empty(shape, dtype=dtype, device=device or "cpu")

@@ -13,6 +13,7 @@ import torch
 
 from qwen3vl_ray.codecs import blocked as B
 from qwen3vl_ray.codecs import fused as F
+from qwen3vl_ray.codecs import gpu_fused as GF
 from qwen3vl_ray.codecs import groups as G
 from qwen3vl_ray.codecs.base import (
     Codec, IdentityCodec, PayloadWriter, check_digest, dtype_from_name, dtype_name, pack_payload, payload_header,
@@ -52,6 +53,8 @@ class GroupQuantCodec(Codec):
             return IdentityCodec().encode(tensor)
         if self._fused(tensor):
             return self._encode_fused(tensor)[0]
+        if self._gpu(tensor):
+            return self._encode_gpu(tensor)
         if self.kind != "fp8" and B.usable(tensor) and tensor.numel():
             return self._encode_blocked(tensor)
         g, xg, amax = self._prepare(tensor)
@@ -72,6 +75,23 @@ class GroupQuantCodec(Codec):
 
     def _fused(self, tensor: torch.Tensor) -> bool:
         return self.kind != "fp8" and F.available(tensor) and tensor.numel() > 0 and tensor.is_contiguous()
+
+    def _gpu(self, tensor: torch.Tensor) -> bool:
+        if self.kind == "fp8" or not GF.available(tensor) or not tensor.numel() or not tensor.is_contiguous():
+            return False
+        return GF.supports(self._geometry(tensor), self.kind == "int4")
+
+    def _geometry(self, tensor: torch.Tensor) -> F.Geometry:
+        g = G.grouping(tensor.shape, G.normalize_axis(self.axis, tensor.dim(), self.name), self.group)
+        return F.Geometry.plain(g.pre, g.n, g.post, g.group)
+
+    def _encode_gpu(self, tensor: torch.Tensor) -> bytearray:
+        """GPU path: the Triton kernels quantize in device memory and only codes and scales cross to the host
+        (same bytes as the other paths)."""
+        _, meta, lengths = self._layout(tensor)
+        w = PayloadWriter(self.name, self.version, meta, lengths)
+        GF.quantize_parts(tensor, [self._geometry(tensor)], self.qmax, self.kind == "int4", w, self.name)
+        return w.finish()
 
     def encode_measured(self, tensor: torch.Tensor) -> tuple[bytearray, float | None]:
         """The payload and its ``relative_error`` (rounded up by ~1e-6), summed by the fused kernel as it
@@ -124,6 +144,10 @@ class GroupQuantCodec(Codec):
         dtype = dtype_from_name(meta["dtype"])
         if self.kind != "fp8" and on_cpu and count and F.available(torch.empty(0, dtype=dtype)):
             return self._decode_fused(meta, g, dtype, buffers)
+        if self.kind != "fp8" and count and GF.available(device=device or "cpu", dtype=dtype):
+            part = F.Geometry.plain(g.pre, g.n, g.post, g.group)
+            if GF.supports(part, self.kind == "int4"):
+                return self._decode_gpu(meta, part, dtype, buffers, device or "cpu")
         if self.kind != "fp8" and on_cpu and count and B.usable(torch.empty(0)):
             return self._decode_blocked(meta, g, count, buffers)
         scales = G.buffer_tensor(buffers[1], torch.float32, [g.pre, g.ngroups, g.post])
@@ -173,6 +197,16 @@ class GroupQuantCodec(Codec):
             raise CodecError(f"corrupt {self.name!r} payload: shape {meta['shape']} does not match groups {g.meta()}")
         F.dequantize_parts(F.as_bits(out), [F.Geometry.plain(g.pre, g.n, g.post, g.group)], self.kind == "int4",
                            buffers, self.name, digests)
+        return out
+
+    def _decode_gpu(self, meta: dict[str, Any], part: F.Geometry, dtype: torch.dtype, buffers, device) -> torch.Tensor:
+        """GPU path: the payload's codes and scales go up in one copy and the Triton kernels dequantize there."""
+        if len(buffers) != 2:
+            raise CodecError(f"corrupt {self.name!r} payload: {len(buffers)} buffers, layout needs 2")
+        out = torch.empty(meta["shape"], dtype=dtype, device=device)
+        if out.numel() != part.T * part.n * part.post:
+            raise CodecError(f"corrupt {self.name!r} payload: shape {meta['shape']} does not match its groups")
+        GF.dequantize_parts(out, [part], self.kind == "int4", buffers, self.name)
         return out
 
     def _decode_blocked(self, meta: dict[str, Any], g: G.Grouping, count: int, buffers) -> torch.Tensor:
