@@ -425,7 +425,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                     amax[k] = np.uint32(0)
                 # four rows per pass over the channels: the per-channel maxima are loaded and stored once per
                 # four rows, not per row (they, not the input, bounded this loop)
-                jq = j0 if measure else j0 + (j1 - j0) // 4 * 4
+                jq = j0 + (j1 - j0) // 4 * 4
                 for j in range(j0, jq, 4):
                     xs = x[src + j * post: src + (j + 4) * post]
                     for p in range(0, 4 * post, line):
@@ -439,6 +439,12 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                         b2 = b2 if b2 > b3 else b3
                         b0 = b0 if b0 > b2 else b2
                         amax[k] = b0 if b0 > amax[k] else amax[k]
+                        if measure == 2:  # the bound's squares in the same pass (any order: one sum per lane)
+                            f0 = _load(xs, k)
+                            f1 = _load(xs, k + post)
+                            f2 = _load(xs, k + 2 * post)
+                            f3 = _load(xs, k + 3 * post)
+                            xl[k] += (f0 * f0 + f1 * f1) + (f2 * f2 + f3 * f3)
                 for j in range(jq, j1):
                     xs = x[src + j * post: src + (j + 1) * post]
                     if measure == 2:
