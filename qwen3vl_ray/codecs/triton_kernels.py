@@ -38,15 +38,7 @@ def encode_rows(x_ptr, codes_ptr, scales_ptr, items, base, H, T, G, su, sh, st, 
     """``ITEMS`` groups of a rows layout: codes at ``it * group`` (int4: ``it * group / 2`` bytes), scale at ``it``."""
     it = tl.program_id(0).to(tl.int64) * ITEMS + tl.arange(0, ITEMS).to(tl.int64)
     live = it < items
-    r = it // G
-    gi = it - r * G
-    u = r // (H * T)
-    rem = r - u * (H * T)
-    h = rem // T
-    t = rem - h * T
-    j0 = gi * group
-    m = tl.minimum(n - j0, group)
-    src = base + u * su + h * sh + t * st + j0
+    src, m = _group_at(it, base, H, T, G, su, sh, st, n, group, 1)
     if PACK4:
         e = tl.arange(0, GP // 2)
         j = 2 * e
@@ -81,15 +73,7 @@ def encode_cols(x_ptr, codes_ptr, scales_ptr, base, H, T, G, su, sh, st, n, post
     """One group of a cols layout (``group`` rows by ``post`` channels, a scale per channel): codes at
     ``it * group * post`` (int4: half that, in bytes), scales at ``it * post``."""
     it = tl.program_id(0).to(tl.int64)
-    r = it // G
-    gi = it - r * G
-    u = r // (H * T)
-    rem = r - u * (H * T)
-    h = rem // T
-    t = rem - h * T
-    j0 = gi * group
-    m = tl.minimum(n - j0, group)
-    src = base + u * su + h * sh + t * st + j0 * post
+    src, m = _group_at(it, base, H, T, G, su, sh, st, n, group, post)
     if PACK4:
         k = 2 * tl.arange(0, PP // 2)
         amax0 = tl.zeros([PP // 2], tl.int32)
@@ -145,15 +129,7 @@ def decode_rows(out_ptr, codes_ptr, scales_ptr, items, base, H, T, G, su, sh, st
     """Inverse of :func:`encode_rows`: ``code * scale`` into the part's elements (padding skipped)."""
     it = tl.program_id(0).to(tl.int64) * ITEMS + tl.arange(0, ITEMS).to(tl.int64)
     live = it < items
-    r = it // G
-    gi = it - r * G
-    u = r // (H * T)
-    rem = r - u * (H * T)
-    h = rem // T
-    t = rem - h * T
-    j0 = gi * group
-    m = tl.minimum(n - j0, group)
-    dst = base + u * su + h * sh + t * st + j0
+    dst, m = _group_at(it, base, H, T, G, su, sh, st, n, group, 1)
     s = tl.load(scales_ptr + it, mask=live, other=0.0)
     if PACK4:
         e = tl.arange(0, GP // 2)
@@ -177,15 +153,7 @@ def decode_cols(out_ptr, codes_ptr, scales_ptr, base, H, T, G, su, sh, st, n, po
                 PACK4: tl.constexpr, RB: tl.constexpr, PP: tl.constexpr, BF16: tl.constexpr):
     """Inverse of :func:`encode_cols`."""
     it = tl.program_id(0).to(tl.int64)
-    r = it // G
-    gi = it - r * G
-    u = r // (H * T)
-    rem = r - u * (H * T)
-    h = rem // T
-    t = rem - h * T
-    j0 = gi * group
-    m = tl.minimum(n - j0, group)
-    dst = base + u * su + h * sh + t * st + j0 * post
+    dst, m = _group_at(it, base, H, T, G, su, sh, st, n, group, post)
     if PACK4:
         kk = tl.arange(0, PP // 2)
         k = 2 * kk
@@ -208,6 +176,20 @@ def decode_cols(out_ptr, codes_ptr, scales_ptr, base, H, T, G, su, sh, st, n, po
             c = tl.load(codes_ptr + it * group * post + rows[:, None] * post + k[None, :], mask=ok, other=0)
             tl.store(out_ptr + dst + rows[:, None] * post + k[None, :], _out(c.to(tl.float32) * s[None, :], out_ptr, BF16),
                      mask=ok)
+
+
+@triton.jit
+def _group_at(it, base, H, T, G, su, sh, st, n, group, post):
+    """(first element, rows) of flat group ``it`` over ``[U, H, T, G]``, ``G`` fastest (the order of the CPU
+    kernels' groups, and so of the codes and scales)."""
+    r = it // G
+    gi = it - r * G
+    u = r // (H * T)
+    rem = r - u * (H * T)
+    h = rem // T
+    t = rem - h * T
+    j0 = gi * group
+    return base + u * su + h * sh + t * st + j0 * post, tl.minimum(n - j0, group)
 
 
 @triton.jit
