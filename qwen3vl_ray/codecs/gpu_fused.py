@@ -3,7 +3,8 @@
 The GPU twin of :mod:`fused` (numba, CPU): the same ``Geometry`` parts, the same payload bytes. A CUDA tensor's
 encode runs :mod:`triton_kernels` into codes and scales in device memory, then copies only those (half or a
 quarter of the input's bytes for int8 / int4) to the host through a page-locked staging buffer, one
-device-to-host copy per payload, and from there into the payload; the payload writer hashes them on the CPU.
+device-to-host copy per payload, and from there into the payload (the scales are checked for NaN / inf there);
+the payload writer hashes them on the CPU. Launches run on the tensor's own GPU (:func:`_on`).
 A decode to a CUDA device copies the payload's codes and scales up the same way and dequantizes there.
 
 Where a layout has no kernel here (float64 inputs, int4 pairs that would straddle a group, groups wider than
@@ -15,6 +16,8 @@ kernels' payloads with the CPU paths' byte for byte on machines without a GPU (t
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
 
@@ -25,10 +28,14 @@ from qwen3vl_ray.codecs.fused import Geometry
 from qwen3vl_ray.codecs.groups import TINY
 from qwen3vl_ray.errors import CodecError
 
+log = logging.getLogger(__name__)
+
 #: module switch: False forces the torch paths on the GPU (benchmarks, A/B tests)
 ENABLED = os.environ.get("QWEN3VL_CODEC_KERNELS", "fused").strip().lower() != "torch"
 #: widest group the kernels take (a rows group is one block of registers per program)
 MAX_GROUP = 4096
+#: most channels of a per-channel layout (one program holds a row of them in registers: ptxas spills past ~1024)
+MAX_CHANNELS = 1024
 #: groups per program in a rows layout (times the group's power-of-two width: elements per block)
 ROWS_BLOCK = 4096
 #: rows per step of a cols group (times the channels' power-of-two width)
@@ -62,7 +69,9 @@ def _load():
         try:  # triton comes with CUDA builds of torch (and with vLLM)
             from qwen3vl_ray.codecs import triton_kernels
             _kernels = triton_kernels
-        except ImportError:  # pragma: no cover - exercised only where triton is missing
+        except Exception as exc:  # pragma: no cover - missing or broken triton: the torch paths serve
+            log.warning("Triton codec kernels unavailable (%s: %s); CUDA tensors take the torch paths",
+                        type(exc).__name__, exc)
             _missing = True
     return _kernels
 
@@ -78,8 +87,9 @@ def available(t: torch.Tensor | None = None, device: torch.device | str | None =
 
 
 def supports(g: Geometry, pack4: bool) -> bool:
-    """True when the kernels take part ``g`` (int4 pairs inside a group, groups up to :data:`MAX_GROUP`)."""
-    if g.group > MAX_GROUP or g.post > MAX_GROUP:
+    """True when the kernels take part ``g`` (int4 pairs inside a group, groups up to :data:`MAX_GROUP`, up to
+    :data:`MAX_CHANNELS` channels per-channel)."""
+    if g.group > MAX_GROUP or g.post > MAX_CHANNELS:
         return False
     if pack4 and (g.group % 2 if g.post == 1 else g.post % 2):
         return False
@@ -160,7 +170,8 @@ class _Staging(threading.local):
             self.done = None
         if self.buf is None or self.buf.numel() < nbytes:
             pin = _device_type == "cuda" and torch.cuda.is_available()
-            self.buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=pin)
+            # powers of two: a thread that meets growing entries reallocates (and pins) a few times, not per size
+            self.buf = torch.empty(max(_p2(nbytes), 1 << 20), dtype=torch.uint8, pin_memory=pin)
         return self.buf[:nbytes]
 
 
@@ -169,10 +180,9 @@ _staging = _Staging()
 
 def quantize_parts(x: torch.Tensor, parts: list[Geometry], qmax: int, pack4: bool, writer, codec: str) -> None:
     """Quantize each part of ``x`` (contiguous, on the kernels' device) into the payload ``writer``'s buffers
-    ``codes_i, scales_i``: codes and scales are made in device memory, checked there, and copied to the host
-    in one transfer through the staging buffer."""
+    ``codes_i, scales_i``: codes and scales are made in device memory and copied to the host in one transfer
+    through the staging buffer, where the scales are checked (one wait for the GPU per payload)."""
     flat = x.detach().reshape(-1)
-    dev = flat.device
     sizes = []
     for g in parts:
         sizes += [_ncodes(g, pack4), 4 * _nscales(g)]
@@ -185,19 +195,19 @@ def quantize_parts(x: torch.Tensor, parts: list[Geometry], qmax: int, pack4: boo
         total = -(-total // 4) * 4
         offs.append(total)
         total += size
-    out = torch.empty(total, dtype=torch.uint8, device=dev)
-    finite = []
-    for i, g in enumerate(parts):
-        codes = out[offs[2 * i]: offs[2 * i] + sizes[2 * i]]
-        scales = out[offs[2 * i + 1]: offs[2 * i + 1] + sizes[2 * i + 1]].view(torch.float32)
-        encode_part(flat, g, qmax, pack4, codes if pack4 else codes.view(torch.int8), scales)
-        finite.append(torch.isfinite(scales).all())
-    if finite and not bool(torch.stack(finite).all()):
-        raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
-    host = _staging.get(total)
-    host.copy_(out, non_blocking=host.is_pinned())
-    if host.is_pinned():
-        torch.cuda.current_stream(dev).synchronize()
+    with _on(flat.device):
+        out = torch.empty(total, dtype=torch.uint8, device=flat.device)
+        for i, g in enumerate(parts):
+            codes = out[offs[2 * i]: offs[2 * i] + sizes[2 * i]]
+            scales = out[offs[2 * i + 1]: offs[2 * i + 1] + sizes[2 * i + 1]].view(torch.float32)
+            encode_part(flat, g, qmax, pack4, codes if pack4 else codes.view(torch.int8), scales)
+        host = _staging.get(total)
+        host.copy_(out, non_blocking=host.is_pinned())
+        if host.is_pinned():
+            torch.cuda.current_stream(flat.device).synchronize()
+    for i in range(1, len(sizes), 2):
+        if not bool(torch.isfinite(host[offs[i]: offs[i] + sizes[i]].view(torch.float32)).all()):
+            raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
     for i, size in enumerate(sizes):
         if size:
             B.payload_tensor(writer.buffers[i], torch.uint8).copy_(host[offs[i]: offs[i] + size])
@@ -220,12 +230,20 @@ def dequantize_parts(out: torch.Tensor, parts: list[Geometry], pack4: bool, buff
     for off, view in zip(offs, views):
         if view.nbytes:
             host[off: off + view.nbytes].copy_(B.payload_tensor(view, torch.uint8))
-    dev = host.to(out.device, non_blocking=host.is_pinned())
-    if host.is_pinned():
-        _staging.done = torch.cuda.Event()
-        _staging.done.record(torch.cuda.current_stream(out.device))
-    flat = out.reshape(-1)
-    for i, g in enumerate(parts):
-        codes = dev[offs[2 * i]: offs[2 * i] + views[2 * i].nbytes]
-        scales = dev[offs[2 * i + 1]: offs[2 * i + 1] + views[2 * i + 1].nbytes].view(torch.float32)
-        decode_part(flat, g, pack4, codes if pack4 else codes.view(torch.int8), scales)
+    with _on(out.device):
+        dev = host.to(out.device, non_blocking=host.is_pinned())
+        if host.is_pinned():
+            _staging.done = torch.cuda.Event()
+            _staging.done.record(torch.cuda.current_stream(out.device))
+        flat = out.reshape(-1)
+        for i, g in enumerate(parts):
+            codes = dev[offs[2 * i]: offs[2 * i] + views[2 * i].nbytes]
+            scales = dev[offs[2 * i + 1]: offs[2 * i + 1] + views[2 * i + 1].nbytes].view(torch.float32)
+            decode_part(flat, g, pack4, codes if pack4 else codes.view(torch.int8), scales)
+
+
+def _on(device: torch.device):
+    """The tensor's GPU as the current device: Triton launches on the current device and its current stream,
+    not on the device of its arguments (a thread of the prefetch pool, or a vLLM worker that picked its GPU,
+    may hold a tensor on another GPU than the current one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

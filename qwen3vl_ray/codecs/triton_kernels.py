@@ -228,7 +228,8 @@ def _out(f, out_ptr, BF16: tl.constexpr):
     bf16 downcast half-up, the GPU to nearest even; by hand both agree); other dtypes by conversion."""
     if BF16:
         bits = f.to(tl.int32, bitcast=True)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
+        # NaN (a payload with a non-finite scale) as the CPU kernels write it: the rounding would wrap it
+        return tl.where(f != f, 0x7FC0, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
     else:
         return f.to(out_ptr.dtype.element_ty)
 
