@@ -4,7 +4,8 @@ The GPU twin of :mod:`fused` (numba, CPU): the same ``Geometry`` parts, the same
 encode runs :mod:`triton_kernels` into codes and scales in device memory, then copies only those (half or a
 quarter of the input's bytes for int8 / int4) to the host through a page-locked staging buffer, one
 device-to-host copy per payload, and from there into the payload (the scales are checked for NaN / inf there);
-the payload writer hashes them on the CPU. Launches run on the tensor's own GPU (:func:`_on`).
+the payload writer hashes them on the CPU. Kernels and copies run on a side stream of the tensor's own GPU
+(:func:`_side_stream`), off the stream the model computes on.
 A decode to a CUDA device copies the payload's codes and scales up the same way and dequantizes there.
 
 Where a layout has no kernel here (float64 inputs, int4 pairs that would straddle a group, groups wider than
@@ -195,7 +196,7 @@ def quantize_parts(x: torch.Tensor, parts: list[Geometry], qmax: int, pack4: boo
         total = -(-total // 4) * 4
         offs.append(total)
         total += size
-    with _on(flat.device):
+    with _side_stream(flat.device) as side:
         out = torch.empty(total, dtype=torch.uint8, device=flat.device)
         for i, g in enumerate(parts):
             codes = out[offs[2 * i]: offs[2 * i] + sizes[2 * i]]
@@ -203,8 +204,8 @@ def quantize_parts(x: torch.Tensor, parts: list[Geometry], qmax: int, pack4: boo
             encode_part(flat, g, qmax, pack4, codes if pack4 else codes.view(torch.int8), scales)
         host = _staging.get(total)
         host.copy_(out, non_blocking=host.is_pinned())
-        if host.is_pinned():
-            torch.cuda.current_stream(flat.device).synchronize()
+        if side is not None:
+            side.synchronize()  # the host needs the bytes; the caller's stream was never held up
     for i in range(1, len(sizes), 2):
         if not bool(torch.isfinite(host[offs[i]: offs[i] + sizes[i]].view(torch.float32)).all()):
             raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
@@ -230,11 +231,11 @@ def dequantize_parts(out: torch.Tensor, parts: list[Geometry], pack4: bool, buff
     for off, view in zip(offs, views):
         if view.nbytes:
             host[off: off + view.nbytes].copy_(B.payload_tensor(view, torch.uint8))
-    with _on(out.device):
+    with _side_stream(out.device) as side:
         dev = host.to(out.device, non_blocking=host.is_pinned())
-        if host.is_pinned():
+        if side is not None and host.is_pinned():
             _staging.done = torch.cuda.Event()
-            _staging.done.record(torch.cuda.current_stream(out.device))
+            _staging.done.record(side)
         flat = out.reshape(-1)
         for i, g in enumerate(parts):
             codes = dev[offs[2 * i]: offs[2 * i] + views[2 * i].nbytes]
@@ -242,8 +243,37 @@ def dequantize_parts(out: torch.Tensor, parts: list[Geometry], pack4: bool, buff
             decode_part(flat, g, pack4, codes if pack4 else codes.view(torch.int8), scales)
 
 
-def _on(device: torch.device):
-    """The tensor's GPU as the current device: Triton launches on the current device and its current stream,
-    not on the device of its arguments (a thread of the prefetch pool, or a vLLM worker that picked its GPU,
-    may hold a tensor on another GPU than the current one)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+class _Streams(threading.local):
+    """This thread's side stream per GPU (created on first use)."""
+
+    def __init__(self) -> None:
+        self.side: dict[int, torch.cuda.Stream] = {}
+
+
+_streams = _Streams()
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device):
+    """Run the codec's kernels and copies on a side stream of the tensor's own GPU; yields it (None off CUDA).
+
+    Triton launches on the current device and its current stream, not on the device of its arguments (a
+    thread of the prefetch pool, or a vLLM worker that picked its GPU, may hold a tensor on another GPU than
+    the current one), so the tensor's GPU is made current. A stream of its own keeps the copies and kernels off
+    the caller's stream, where the model computes: the side stream first waits for what the caller's stream
+    has queued (the input's writes, the output's earlier reads), and the caller's stream waits for the side
+    stream's work before anything queued after it (a decoded tensor is used there), without the CPU waiting."""
+    if device.type != "cuda":
+        yield None
+        return
+    with torch.cuda.device(device):
+        caller = torch.cuda.current_stream()
+        side = _streams.side.get(device.index)
+        if side is None:
+            side = _streams.side[device.index] = torch.cuda.Stream()
+        side.wait_stream(caller)
+        try:
+            with torch.cuda.stream(side):
+                yield side
+        finally:
+            caller.wait_stream(side)
