@@ -9,7 +9,8 @@ the payload writer hashes them on the CPU. Kernels and copies run on a side stre
 A decode to a CUDA device copies the payload's codes and scales up the same way and dequantizes there.
 
 Where a layout has no kernel here (float64 inputs, int4 pairs that would straddle a group, groups wider than
-:data:`MAX_GROUP`) the codecs keep their torch path, which also runs on the GPU.
+:data:`MAX_GROUP`, per-channel layouts over :data:`MAX_CHANNELS`) the codecs keep their torch path, which also
+runs on the GPU.
 
 :func:`use_interpreter` points the launchers at Triton's interpreter for CPU tensors: the tests compare these
 kernels' payloads with the CPU paths' byte for byte on machines without a GPU (tests/triton_cases.py).
