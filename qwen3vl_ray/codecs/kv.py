@@ -64,22 +64,20 @@ class KVQuantCodec(Codec):
         amax = G.group_amax(xg, self.name)
         return g, xg, amax, part
 
-    def _fused_cut(self, tensor: torch.Tensor) -> int | None:
-        """The cut (tokens quantized) when the fused kernels take ``tensor``, else None -- from the shape alone:
-        slicing views costs ~10 us, a few percent of a 2 MiB chunk's encode."""
+    def _fused_cut(self, tensor: torch.Tensor, available=F.available) -> int | None:
+        """The cut (tokens quantized) when the fused kernels (``available``: the CPU's, or the GPU's
+        ``gpu_fused.available``) take ``tensor``, else None -- from the shape alone: slicing views costs ~10 us,
+        a few percent of a 2 MiB chunk's encode."""
         shape = tensor.shape
-        if len(shape) < 4 or shape[-4] != 2 or not F.available(tensor) or not tensor.is_contiguous():
+        if len(shape) < 4 or shape[-4] != 2 or not available(tensor) or not tensor.is_contiguous():
             return None
         cut = shape[-2] - min(self.residual, shape[-2])
         return cut if cut and tensor.numel() else None
 
     def _gpu_cut(self, tensor: torch.Tensor) -> int | None:
         """The cut when the Triton kernels take ``tensor`` (a CUDA KV chunk whose parts they support), else None."""
-        shape = tensor.shape
-        if len(shape) < 4 or shape[-4] != 2 or not GF.available(tensor) or not tensor.is_contiguous():
-            return None
-        cut = shape[-2] - min(self.residual, shape[-2])
-        if not cut or not tensor.numel():
+        cut = self._fused_cut(tensor, GF.available)
+        if cut is None:
             return None
         parts = self._fused_layout(tensor, cut)[0]
         return cut if all(GF.supports(g, self.bits == 4) for g in parts) else None
@@ -238,19 +236,16 @@ class KVQuantCodec(Codec):
 
     def _decode_fused(self, meta: dict[str, Any], buffers, dtype: torch.dtype, shape: list[int], cut: int,
                       out: torch.Tensor | None = None, digests: list | None = None) -> torch.Tensor:
-        if len(buffers) != 5 or shape[-4] != 2 or not 0 < cut <= shape[-2]:
-            raise CodecError(f"corrupt {self.name!r} payload: shape {shape}, cut {cut}, {len(buffers)} buffers")
-        parts = self._decode_layout(meta, shape, cut)
+        parts = self._decode_layout(meta, buffers, shape, cut)
         out = B.empty(shape, dtype) if out is None else out
         F.dequantize_parts(F.as_bits(out), parts, self.bits == 4, buffers, self.name, digests)
-        if cut < shape[-2]:
-            rest = self._parts(out, cut)[2]
-            rest.copy_(G.buffer_tensor(buffers[4], dtype, list(rest.shape)))
-        return out
+        return self._read_rest(out, buffers, cut)
 
-    def _decode_layout(self, meta: dict[str, Any], shape: list[int], cut: int) -> list[F.Geometry]:
+    def _decode_layout(self, meta: dict[str, Any], buffers, shape: list[int], cut: int) -> list[F.Geometry]:
         """The keys' and values' parts of a payload, from the groups it recorded (decode builds this codec with
         default parameters), checked against its shape once per layout (:data:`_DECODE_PARTS`)."""
+        if len(buffers) != 5 or shape[-4] != 2 or not 0 < cut <= shape[-2]:
+            raise CodecError(f"corrupt {self.name!r} payload: shape {shape}, cut {cut}, {len(buffers)} buffers")
         key = (tuple(shape), cut, repr(meta["k"]), repr(meta["v"]))
         parts = _DECODE_PARTS.get(key)
         if parts is None:
@@ -265,22 +260,24 @@ class KVQuantCodec(Codec):
                     device) -> torch.Tensor | None:
         """GPU path: codes and scales go up in one copy, the Triton kernels dequantize them there; None where
         the kernels do not take the payload's parts."""
-        if len(buffers) != 5 or shape[-4] != 2 or not 0 < cut <= shape[-2]:
-            raise CodecError(f"corrupt {self.name!r} payload: shape {shape}, cut {cut}, {len(buffers)} buffers")
-        parts = self._decode_layout(meta, shape, cut)
+        parts = self._decode_layout(meta, buffers, shape, cut)
         if not all(GF.supports(g, self.bits == 4) for g in parts):
             return None
         out = torch.empty(shape, dtype=dtype, device=device)
         GF.dequantize_parts(out, parts, self.bits == 4, buffers, self.name)
-        if cut < shape[-2]:
+        return self._read_rest(out, buffers, cut)
+
+    def _read_rest(self, out: torch.Tensor, buffers, cut: int) -> torch.Tensor:
+        """The full-precision window (the payload's fifth buffer) into ``out``'s last tokens; returns ``out``."""
+        if cut < out.shape[-2]:
             rest = self._parts(out, cut)[2]
-            rest.copy_(G.buffer_tensor(buffers[4], dtype, list(rest.shape)))
+            rest.copy_(G.buffer_tensor(buffers[4], out.dtype, list(rest.shape)))
         return out
 
     def _decode_blocked(self, meta: dict[str, Any], buffers, dtype: torch.dtype, shape: list[int], cut: int) -> torch.Tensor:
         pack4 = self.bits == 4
         out = B.empty(shape, dtype)
-        keys, values, rest = self._parts(out, cut)
+        keys, values, _ = self._parts(out, cut)
         for i, (tag, part) in enumerate((("k", keys), ("v", values))):
             g = G.Grouping.from_meta(meta[tag])
             count = g.pre * g.padded * g.post
@@ -291,9 +288,7 @@ class KVQuantCodec(Codec):
             codes = B.payload_tensor(buffers[2 * i], torch.uint8 if pack4 else torch.int8)
             scales = B.payload_tensor(buffers[2 * i + 1], torch.float32).view(g.pre, g.ngroups, g.post)
             B.dequantize(part, g, pack4, codes, scales)
-        if rest.numel():
-            rest.copy_(G.buffer_tensor(buffers[4], dtype, list(rest.shape)))
-        return out
+        return self._read_rest(out, buffers, cut)
 
     def decode_parts(self, meta: dict[str, Any], buffers, device) -> torch.Tensor:
         dtype = dtype_from_name(meta["dtype"])

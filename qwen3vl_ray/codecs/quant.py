@@ -88,9 +88,10 @@ class GroupQuantCodec(Codec):
     def _encode_gpu(self, tensor: torch.Tensor) -> bytearray:
         """GPU path: the Triton kernels quantize in device memory and only codes and scales cross to the host
         (same bytes as the other paths)."""
-        _, meta, lengths = self._layout(tensor)
+        g, meta, lengths = self._layout(tensor)
         w = PayloadWriter(self.name, self.version, meta, lengths)
-        GF.quantize_parts(tensor, [self._geometry(tensor)], self.qmax, self.kind == "int4", w, self.name)
+        part = F.Geometry.plain(g.pre, g.n, g.post, g.group)
+        GF.quantize_parts(tensor, [part], self.qmax, self.kind == "int4", w, self.name)
         return w.finish()
 
     def encode_measured(self, tensor: torch.Tensor) -> tuple[bytearray, float | None]:
