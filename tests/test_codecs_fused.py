@@ -253,7 +253,7 @@ def test_measured_error_is_relative_error(spec, x, chunk):
     assert want <= err <= want * (1 + 1e-5) + 2e-6
 
 
-def _error_with_payload(spec: str, method: str, x: torch.Tensor, chunk: int) -> tuple[float, float] | None:
+def _error_with_payload(spec: str, method: str, x: torch.Tensor, chunk: int, **kw) -> tuple[float, float] | None:
     """(the decoded tensor's relative error, what ``codec.<method>`` reported with its payload), prange chunks of
     ``chunk`` elements; checks the payload is the plain encode's. None where the codec refuses ``x`` or no fused
     path runs (integer, empty, no KV head part)."""
@@ -264,7 +264,7 @@ def _error_with_payload(spec: str, method: str, x: torch.Tensor, chunk: int) -> 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fused, "CHUNK_ELEMS", chunk)
         try:
-            payload, err = getattr(codec, method)(x)
+            payload, err = getattr(codec, method)(x, **kw)
         except CodecError:
             return None
     assert bytes(payload) == bytes(codec.encode(x))
@@ -328,10 +328,11 @@ def test_auto_remembers_a_kinds_winner_and_still_keeps_the_budget(monkeypatch):
 
 @pytest.mark.parametrize("spec", ["int8", "int4:group=5", "int8:axis=0,group=3", "int4:group=1", "kv-int8", "kv-int4:group=3,residual=2"])
 @settings(max_examples=30, deadline=None)
-@given(x=float_tensors() | kv_tensors(), chunk=st.sampled_from([2, 64, 1 << 15]))
-def test_error_bound_is_above_relative_error(spec, x, chunk):
-    # the cheap bound auto takes a remembered winner on: never below the decoded tensor's true error, same bytes
-    got = _error_with_payload(spec, "encode_bounded", x, chunk)
+@given(x=float_tensors() | kv_tensors(), chunk=st.sampled_from([2, 64, 1 << 15]), cheap=st.booleans())
+def test_error_bound_is_above_relative_error(spec, x, chunk, cheap):
+    # the bounds auto takes a remembered winner on (full and cheap): never below the decoded tensor's true
+    # error, same bytes
+    got = _error_with_payload(spec, "encode_bounded", x, chunk, cheap=cheap)
     if got is not None:
         want, bound = got
         assert bound >= want
@@ -357,14 +358,15 @@ def _adversarial(dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("spec", ["int8", "int4", "int8:axis=0", "int4:group=1", "kv-int8", "kv-int4", "kv-int4:residual=3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("scale", [1.0, 1e-5, 1e-30, 1e4])
-def test_error_bound_adversarial(spec, dtype, scale):
+@pytest.mark.parametrize("cheap", [False, True])
+def test_error_bound_adversarial(spec, dtype, scale, cheap):
     from qwen3vl_ray.codecs import relative_error
 
     x = (_adversarial(torch.float64) * scale).to(dtype)
     if dtype == torch.float16:
         x = _adversarial(torch.float64).mul(scale).clamp(-6e4, 6e4).to(dtype)
     codec = make_codec(spec)
-    payload, bound = codec.encode_bounded(x)
+    payload, bound = codec.encode_bounded(x, cheap)
     assert bytes(payload) == bytes(codec.encode(x))
     true = relative_error(x, decode(payload))
     assert bound >= true
@@ -372,33 +374,34 @@ def test_error_bound_adversarial(spec, dtype, scale):
     assert bound >= measured * (1 - 1e-5) - 2e-6  # the exact sums sit below it too
 
 
-def test_auto_takes_a_remembered_winner_on_its_bound(monkeypatch):
-    # a winner well within the budget: the next tensors of its kind cost the bounded encode only, no exact
-    # measure; a kind whose bound misses the budget goes to the exact measure, and stays within the budget
+def test_auto_takes_a_remembered_winner_on_its_cheapest_bound_that_proves_the_budget(monkeypatch):
+    # a winner well within the budget: the next tensors of its kind cost the cheap bounded encode only; one
+    # nearer the budget falls to the full bound, and one nearer still to the exact measure, each on the same
+    # tensor, and the kind then starts at the check that served; every payload stays within the budget
     from qwen3vl_ray.codecs import relative_error
     from qwen3vl_ray.codecs.kv import KVQuantCodec
 
-    calls = {"measured": 0, "bounded": 0}
+    calls = []
     real_m, real_b = KVQuantCodec.encode_measured, KVQuantCodec.encode_bounded
-    monkeypatch.setattr(KVQuantCodec, "encode_measured", lambda self, t: calls.__setitem__("measured", calls["measured"] + 1) or real_m(self, t))
-    monkeypatch.setattr(KVQuantCodec, "encode_bounded", lambda self, t: calls.__setitem__("bounded", calls["bounded"] + 1) or real_b(self, t))
+    monkeypatch.setattr(KVQuantCodec, "encode_measured", lambda self, t: calls.append("exact") or real_m(self, t))
+    monkeypatch.setattr(KVQuantCodec, "encode_bounded",
+                        lambda self, t, cheap=False: calls.append("cheap" if cheap else "full") or real_b(self, t, cheap))
     xs = [make_tensor((8, 2, 4, 64, 64), torch.bfloat16, "normal", seed) for seed in range(4)]
-    codec = make_codec("auto:max_error=0.25")
-    assert codec.choose(xs[0])[0].name == "kv-int4"
-    before = dict(calls)
-    for x in xs[1:]:
-        chosen, payload = codec.choose(x)
-        assert chosen.name == "kv-int4" and relative_error(x, decode(payload)) <= 0.25
-    assert calls["bounded"] - before["bounded"] == 3 and calls["measured"] == before["measured"]
-    # kv-int4 errs ~0.11 here: its bound (~1.8x) misses a 0.15 budget, so the exact measure decides
-    tight = make_codec("auto:max_error=0.15")
-    assert tight.choose(xs[0])[0].name == "kv-int4"
-    before = dict(calls)
-    for x in xs[1:]:
-        chosen, payload = tight.choose(x)
-        assert relative_error(x, decode(payload)) <= 0.15
-    assert calls["bounded"] - before["bounded"] == 1  # tried once, then the kind skips it
-    assert calls["measured"] - before["measured"] == 3
+    kv4 = make_codec("kv-int4")
+    bounds = {cheap: kv4.encode_bounded(xs[1], cheap)[1] for cheap in (False, True)}
+    err = relative_error(xs[1], decode(kv4.encode(xs[1])))
+    # kv-int4 errs ~0.11 here: the full bound ~0.19, the cheap one ~0.24
+    assert err < bounds[False] < bounds[True]
+    for budget, want in ((0.30, ["cheap"] * 3), (0.22, ["cheap", "full", "full", "full"]),
+                         (0.15, ["cheap", "full", "exact", "exact", "exact"])):
+        assert bounds[True] < 0.30 and bounds[False] < 0.22 < bounds[True] and 0.15 < bounds[False]
+        codec = make_codec(f"auto:max_error={budget}")
+        assert codec.choose(xs[0])[0].name == "kv-int4"
+        calls.clear()
+        for x in xs[1:]:
+            chosen, payload = codec.choose(x)
+            assert chosen.name == "kv-int4" and relative_error(x, decode(payload)) <= budget
+        assert calls == want, budget
 
 
 def test_auto_rescreen_interval_adapts_and_still_catches_a_changed_winner(monkeypatch):

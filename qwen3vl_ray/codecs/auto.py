@@ -23,10 +23,12 @@ lossless candidates (lossy ones refuse them or fail the budget).
 Choices are remembered per tensor kind (shape, dtype, device type): entries of one kind (a model's KV chunks,
 its vision features) are alike, so the next tensor of that kind goes straight to the last winner's
 whole-tensor encode and, when its error meets the budget, takes it without screening. That encode first
-takes only an upper bound of the error (``encode_bounded``: a sum of squares the fused kernels add as they
-quantize, plus the scales; ~25% of a 2 MiB KV chunk's encode); a bound over the budget costs the exact measure
-(``encode_measured``, ~2.4x an encode) on top, and the kind then goes to the exact measure directly until it
-is screened again (the bound sits ~1.7x above the error: a winner that close to the budget stays close). A kind
+takes only an upper bound of the error (``encode_bounded``, see ``fused.bound_error``): the cheap one (the
+norm's lower bound from the squares of each four inputs' largest, ~10% of a 2 MiB KV chunk's encode, ~2.4-3.4x
+above the true error there), then the full one (every input's square, ~35%, ~1.7-2.4x above), then the exact
+measure (``encode_measured``, ~2.4x an encode), each only where the one before it misses the budget; the kind
+then starts at the check that served until it is screened again (and keeps it when a re-screen confirms the
+winner: a winner that close to the budget stays close). A kind
 is chosen afresh after its winner served an interval of tensors (and whenever the remembered winner misses
 the budget or refuses a tensor), so a kind whose data grows more compressible finds the smaller codec again.
 The interval adapts: ``RESCREEN_EVERY`` tensors after a new winner, doubled each time a scheduled re-screen
@@ -68,6 +70,8 @@ RESCREEN_EVERY = 16
 RESCREEN_MAX = 256
 #: tensor kinds remembered (oldest forgotten first)
 MEMO_KINDS = 64
+#: the checks a remembered winner's tensor can start at, cheapest first (each falls to the one below it)
+BOUND_CHEAP, BOUND_FULL, BOUND_NONE = 2, 1, 0
 
 
 def sample(tensor: torch.Tensor, axis0: bool = False) -> torch.Tensor | None:
@@ -112,8 +116,9 @@ class AutoCodec(Codec):
         if any(s.split(":")[0].split("+")[0] == "auto" for s in specs):
             raise CodecError("codec 'auto' cannot list itself as a candidate")
         self._specs = None if candidates is None else specs
-        # (shape, dtype, device type) -> [winner, tensors it has served since it was chosen, whether to try its
-        # cheap error bound first, tensors it serves before the next re-screen] (see the docstring)
+        # (shape, dtype, device type) -> [winner, tensors it has served since it was chosen, the check its
+        # tensors start at (BOUND_CHEAP, BOUND_FULL or BOUND_NONE: the exact measure), tensors it serves
+        # before the next re-screen] (see the docstring)
         self._memo: dict[tuple, list] = {}
         self._memo_lock = threading.Lock()  # tiers encode from several threads
         self.candidates = [make_codec(s) for s in specs]
@@ -152,13 +157,13 @@ class AutoCodec(Codec):
             err = 0.0 if codec.lossless else relative_error(tensor, decode(payload, tensor.device))
         return payload, err
 
-    def _bounded(self, codec: Codec, tensor: torch.Tensor) -> tuple[bytearray, float] | None:
-        """(payload, upper bound of its relative error) from ``codec.encode_bounded``, or None where the codec
-        has no such path, refuses the tensor or could not bound it."""
+    def _bounded(self, codec: Codec, tensor: torch.Tensor, cheap: bool = False) -> tuple[bytearray, float] | None:
+        """(payload, upper bound of its relative error) from ``codec.encode_bounded`` (``cheap``: its cheaper,
+        looser bound), or None where the codec has no such path, refuses the tensor or could not bound it."""
         if not hasattr(codec, "encode_bounded"):
             return None
         try:
-            payload, bound = codec.encode_bounded(tensor)
+            payload, bound = codec.encode_bounded(tensor, cheap)
         except CodecError as exc:
             log.debug("auto: remembered %s refused the tensor: %s", codec.spec(), exc)
             return None
@@ -202,17 +207,21 @@ class AutoCodec(Codec):
             due = memo is not None and winner is None
             if winner is not None:
                 memo[1] += 1
-                try_bound = memo[2]
+                level = memo[2]
         if winner is not None:
             raw = tensor.numel() * tensor.element_size()
-            # the kernels' cheap upper bound of the error first: a winner chosen with room to spare is taken on
-            # it; a bound over the budget (the winner near the budget, or no fused path) falls back to the
-            # exact measure, and the kind skips the bound until it is screened again
-            got = self._bounded(winner, tensor) if try_bound else None
-            if got is None or not (len(got[0]) < raw and got[1] <= self.max_error):
-                if try_bound:
+            # the kernels' upper bounds of the error first, the cheaper one while it proves the budget: a
+            # winner chosen with room to spare is taken on it. A bound over the budget (the winner near the
+            # budget, or no fused path) falls to the next check on the same tensor -- the full bound, then the
+            # exact measure -- and the kind starts there until it is screened again
+            got = None
+            while level and got is None:
+                got = self._bounded(winner, tensor, cheap=level == BOUND_CHEAP)
+                if got is None or not (len(got[0]) < raw and got[1] <= self.max_error):
+                    got, level = None, level - 1
                     with self._memo_lock:
-                        memo[2] = False
+                        memo[2] = level
+            if got is None:
                 got = self._trial(winner, tensor)
             if got is not None and len(got[0]) < raw and (winner.lossless or got[1] <= self.max_error):
                 return winner, got[0]
@@ -224,7 +233,8 @@ class AutoCodec(Codec):
             if codec is not fallback:
                 confirmed = due and old is not None and old[0] is codec
                 interval = min(2 * old[3], RESCREEN_MAX) if confirmed else RESCREEN_EVERY
-                self._memo[kind] = [codec, 0, hasattr(codec, "encode_bounded"), interval]
+                level = old[2] if confirmed else BOUND_CHEAP if hasattr(codec, "encode_bounded") else BOUND_NONE
+                self._memo[kind] = [codec, 0, level, interval]
         return codec, payload
 
     def _choose_afresh(self, tensor: torch.Tensor, fallback: Codec) -> tuple[Codec, bytearray]:

@@ -233,9 +233,8 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
     in cache (what ``auto`` needs, without a decode; see :func:`error_bound`). They are float32
     sums in code units per group (``(x - decoded) * inv`` and ``x * inv``, the decoded value rounded to the
     output dtype as decode rounds it), scaled back by ``1 / inv^2`` in float64; groups stored as zeros add
-    their inputs' squares exactly. ``measure`` 2: (squared float32 inputs, squared scales of the quantized
-    groups, squared scales of the groups stored as zeros), which :func:`quantize_parts` weighs by the group
-    size for :func:`bound_error`. Else ().
+    their inputs' squares exactly. ``measure`` 2 and 3: the raw sums :func:`quantize_parts` turns into
+    :func:`bound_error`'s (see ``fused_kernels.ENCODE``). Else ().
     """
     with _LOCK, _launches() as threads:
         return _encode(x, g, qmax, pack4, codes, scales, int(measure), threads)
@@ -245,7 +244,7 @@ def _encode(x, g: Geometry, qmax: int, pack4: bool, codes, scales, measure: int,
             digests: np.ndarray = None) -> tuple[float, ...]:
     per = _per(g, pack4)
     nchunks = -(-g.U * g.H * g.T * -(-g.n // g.group) // per)
-    width = (0, 2, 3)[measure]
+    width = (0, 2, 3, 3)[measure]
     err = np.zeros(width * nchunks, dtype=np.float64) if width else _NO_SUMS
     _pieces(nchunks, threads)
     seg = 0 if digests is None else _base.SEGMENT
@@ -310,57 +309,74 @@ _STORE = {torch.bfloat16: (2.0 ** -8, 2.0 ** -134), torch.float16: (2.0 ** -11, 
 
 def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype, exact_x2: float = 0.0) -> float:
     """An upper bound of ``relative_error(x, decode(payload))`` from :func:`quantize_parts`' ``measure=2`` sums:
-    ``sq`` (group size x ``scale^2`` summed over the quantized groups), ``f2`` (squared float32 inputs, float32
-    sums of at most :data:`CHUNK_ELEMS` + 1 terms per lane) and ``zz`` (a bound of the squared error of the
-    groups stored as zeros: their inputs, each at most ``amax = qmax * scale``); ``exact_x2`` is the squared
-    norm of inputs stored exactly (a KV residual window). ``inf`` where it cannot bound (an overflowing sum).
+    ``sq`` (group size x ``scale^2`` summed over the quantized groups), ``f2_lo`` (a lower bound of the squared
+    norm of the quantized groups' float32 inputs) and ``zz`` (a bound of the squared error of the groups stored
+    as zeros: their inputs, each at most ``amax = qmax * scale``); ``exact_x2`` is the squared norm of inputs
+    stored exactly (a KV residual window). ``inf`` where it cannot bound (an overflowing sum, a zero norm bound).
 
     Per quantized element, ``x - decoded`` is the code's rounding step (at most half a step: ``scale / 2``) plus
     float32 rounding of ``x * inv``, of ``scale`` against ``1 / inv`` and of ``code * scale`` (each within 2^-24
     relative), the store to the output dtype (unit roundoff ``u``: 2^-8 bf16, 2^-11 fp16, 0 fp32 / fp64, plus
-    half a subnormal per element) and, for float64 inputs, their rounding to float32. By the triangle
-    inequality on the vectors, ``||x - d|| <= sqrt(sq) / 2 + 2^-20 ||f|| + u ||q scale|| + ...`` with
-    ``||q scale|| <= ||f|| + sqrt(sq) / 2``; float32 sums are rounded up (error) and down (norm) by their worst
-    case. Half a step per element is what a code can lose at most; uniform rounding loses ``1/sqrt(12)`` of a
-    step on average, so the bound sits ~1.7-2x above the true error, plus ``u`` (~0.4% for bf16): it proves a
-    budget with room to spare; :func:`error_bound`'s exact sums decide the close calls. What it costs on top
-    of an encode is one per-lane sum of squares in the kernel and two dot products over the scales.
+    half a subnormal per element) and, for float64 inputs, their rounding to float32 ``f``. By the triangle
+    inequality on the vectors, ``||x_q - d|| <= A + B ||f||`` with ``A`` the steps (``sqrt(sq) / 2``) and the
+    subnormal terms and ``B`` the relative ones (``u`` and the 2^-2x roundings). Dividing by ``||x||``, which is
+    at least ``||f||`` (within the float64 rounding) and at least ``X``, the norm's lower bound: the relative
+    error is at most ``sqrt((A / X + B)^2 + zz / X^2)``. Only a lower bound of the norm is needed, which is
+    what lets the kernels take it cheaply (the codes' squares, or input squares on a sample of the groups plus
+    each other group's amax^2, see :func:`quantize_parts`). Half a step per element is what a code can lose at
+    most; uniform rounding loses ``1/sqrt(12)`` of a step on average, so the bound sits ~1.7-2x above the true
+    error, plus ``u`` (~0.4% for bf16): it proves a budget with room to spare; :func:`error_bound`'s exact sums
+    decide the close calls.
     """
-    sq, f2, zz = sums
-    if not all(map(math.isfinite, (sq, f2, zz, exact_x2))):
+    sq, f2_lo, zz = sums
+    if not all(map(math.isfinite, (sq, f2_lo, zz, exact_x2))):
         return math.inf
-    g = (CHUNK_ELEMS + 3) * 2.0 ** -24  # squares and sums of at most CHUNK_ELEMS + 1 terms, float32
-    gam = g / (1 - g)
     x_in = 2.0 ** -24 if dtype == torch.float64 else 0.0  # float64 inputs rounded to float32
     u, sub = _STORE.get(dtype, (2.0 ** -8, 2.0 ** -25))
-    tiny = numel * 2.0 ** -126  # squares lost to float32 underflow, at most
-    f_hi = math.sqrt(f2 * (1 + gam) + tiny) * (1 + 2.0 ** -40)  # ||f||, every element's float32 input
-    f_lo = math.sqrt(f2 / (1 + gam)) * (1 - 2.0 ** -40)
-    steps = 0.5 * math.sqrt(sq) * (1 + 2.0 ** -20)  # half a step per element, 1/inv within 2^-22 of scale
-    fq_minus_qs = steps + 2.0 ** -20 * f_hi  # ||f - q * scale||: steps, y's and scale's rounding
-    qs = f_hi + fq_minus_qs  # ||q * scale||
+    u1 = u + 2.0 ** -23  # the store, and code * scale's float32 rounding
     abs_ = math.sqrt(numel) * (sub + 2.0 ** -147)  # subnormal stores, float32 underflow of inputs and products
-    r_q = 2 * x_in * f_hi + fq_minus_qs + (u + 2.0 ** -23) * qs + abs_
-    err2 = r_q * r_q + zz * (1 + 2.0 ** -40)
-    x_lo = max(0.0, (f_lo - abs_) * (1 - 2 * x_in))
+    steps = 0.5 * math.sqrt(sq) * (1 + 2.0 ** -20)  # half a step per element, 1/inv within 2^-22 of scale
+    # ||x_q - d|| <= 2 x_in ||f|| + ||f - q scale|| + u1 ||q scale|| + abs_, with ||f - q scale|| <= steps +
+    # 2^-20 ||f|| (y's and scale's rounding) and ||q scale|| <= ||f|| + ||f - q scale||: A + B ||f||
+    a = steps * (1 + u1) + abs_
+    b = 2 * x_in + 2.0 ** -20 * (1 + u1) + u1
+    # ||f|| <= (1 + x_in) ||x_q|| + abs_ (float64 inputs round up to 2^-24 relative, or by underflow) and ||x_q|| <= ||x||
+    a += b * abs_
+    b *= 1 + x_in
+    x_lo = max(0.0, (math.sqrt(max(f2_lo, 0.0)) - abs_) * (1 - 2 * x_in))
     x2 = x_lo * x_lo + exact_x2 * (1 - 2.0 ** -40)
     if x2 == 0.0:
-        return 0.0 if err2 == 0.0 and zz == 0.0 and sq == 0.0 else math.inf
-    return math.sqrt(err2 / x2) * (1 + 2.0 ** -30) + 2.0 ** -30
+        return 0.0 if zz == 0.0 and sq == 0.0 else math.inf
+    lo = math.sqrt(x2) * (1 - 2.0 ** -40)
+    return math.sqrt((a / lo + b) ** 2 + zz * (1 + 2.0 ** -40) / (lo * lo)) * (1 + 2.0 ** -30) + 2.0 ** -30
+
+
+def _bound_sums(g: Geometry, qmax: int, raw: tuple[float, ...]) -> tuple[float, float, float]:
+    """:func:`bound_error`'s ``(sq, f2_lo, zz)`` of one part from the kernel's ``measure`` 2 or 3 sums
+    ``(lanes, q2, z2)``: every group holds at most ``group`` elements per scale (``sq = group * q2``); a group
+    stored as zeros (amax <= TINY) errs by its inputs, each <= amax = qmax * scale (within 2^-23); the lanes'
+    float32 sums (squares of inputs, or of some of them) are rounded down by their worst case (at most
+    CHUNK_ELEMS + 1 terms per lane)."""
+    lanes, q2, z2 = raw
+    gam = (CHUNK_ELEMS + 3) * 2.0 ** -24
+    gam /= 1 - gam
+    return g.group * q2, lanes / (1 + gam) * (1 - 2.0 ** -40), g.group * z2 * (qmax * (1 + 2.0 ** -22)) ** 2
 
 
 def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool, writer, codec: str,
                    measure: int = 0) -> tuple[float, ...]:
     """Quantize each part of ``x`` into the payload ``writer``'s buffers ``codes_i, scales_i`` (in order); the
     kernels hash the codes as they write them into ``writer.digests`` (see :func:`_kernel_digests`); with
-    ``measure``, returns the parts' summed sums (see :func:`encode`).
+    ``measure``, returns the parts' summed sums (see :func:`encode`; ``measure`` 2 and 3: :func:`bound_error`'s,
+    its norm bound from every input's square (2) or, cheaper and looser, from some inputs' (3: per-lane maxima,
+    see ``fused_kernels.ENCODE``)).
 
     Scales go through an aligned scratch array: a payload buffer's offset is arbitrary, and an unaligned
     array would be one more kernel specialization to compile.
     """
     buffers = writer.buffers
     measure = int(measure)
-    total = [0.0] * (0, 2, 3)[measure]
+    total = [0.0] * (0, 2, 3, 3)[measure]
     checked = []
     for i, g in enumerate(parts):
         if buffers[2 * i].nbytes != _ncodes(g, pack4) or buffers[2 * i + 1].nbytes != 4 * _nscales(g):
@@ -372,19 +388,14 @@ def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool,
             digests = _kernel_digests(g, pack4, codes.size)
             got = _encode(x, g, qmax, pack4, codes, scales, measure, threads, digests)
             writer.digests[2 * i] = digests
-            if measure == 2:
-                # every group of the part holds at most ``group`` elements per scale; a group stored as zeros
-                # (amax <= TINY) errs by its inputs, each <= amax = qmax * scale (within 2^-23), the others by
-                # half a step each
-                got = (got[0], g.group * got[1], g.group * got[2] * (qmax * (1 + 2.0 ** -22)) ** 2)
+            if measure >= 2:
+                got = _bound_sums(g, qmax, got)
             total = [a + b for a, b in zip(total, got)]
             checked.append(scales)
     for i, scales in enumerate(checked):
         if not np.isfinite(scales).all():
             raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
         np.frombuffer(buffers[2 * i + 1], dtype=np.uint8)[:] = scales.view(np.uint8)
-    if measure == 2:
-        return (total[1], total[0], total[2])
     return tuple(total)
 
 

@@ -87,6 +87,8 @@ def _prefetch(typingctx, arr, i):
     return sig, codegen
 
 
+#: lanes of the cheap bound's per-lane maxima in a row group (``measure`` 3; one AVX-512 vector of uint32 keys)
+LANES = 16
 #: llvm.prefetch locality: 3 (prefetcht0, L1), 2 (prefetcht1, L2)
 PREFETCH_LOCALITY = 2
 #: how far ahead of the loads the encode kernels ask for the input (bytes)
@@ -331,6 +333,36 @@ def _next_group(u, h, t, gi, G, H, T):
 
 
 @numba.njit(inline="always")
+def _amax_rows_cheap(x, xs, mlen, xl):
+    """The largest key of the row group ``xs[:mlen]``, adding to the lanes ``xl`` the squares of some of its
+    inputs (the cheap bound's norm, ``measure`` 3): per block of four rows of ``LANES``, each lane's largest of
+    its four (distinct elements, so the squares sum below the group's); the tail's largest. Written out four
+    rows at a time, the maxima stay in registers (a lane array stored per row ran 10x slower, measured)."""
+    m = np.uint32(0)
+    block = 4 * LANES
+    jb = mlen // block * block
+    for j in range(0, jb, block):
+        for lane in range(LANES):
+            b0 = _key(xs, j + lane)
+            b1 = _key(xs, j + lane + LANES)
+            b2 = _key(xs, j + lane + 2 * LANES)
+            b3 = _key(xs, j + lane + 3 * LANES)
+            b0 = b0 if b0 > b1 else b1
+            b2 = b2 if b2 > b3 else b3
+            b0 = b0 if b0 > b2 else b2
+            m = b0 if b0 > m else m
+            f = _unkey(x, b0)
+            xl[lane] += f * f
+    mt = np.uint32(0)
+    for j in range(jb, mlen):
+        b = _key(xs, j)
+        mt = b if b > mt else mt
+    f = _unkey(x, mt)
+    xl[0] += f * f
+    return mt if mt > m else m
+
+
+@numba.njit(inline="always")
 def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err, rows, measure,
                  seg, digests):
     G, items, gsize, nchunks = _split(U, H, T, n, group, post, per)
@@ -351,8 +383,10 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
         yk = np.zeros(post if measure == 1 and post > 1 else 0, np.float32)
         # bound (measure == 2): squared float32 inputs in per-lane float32 sums (one lane per channel, or per
         # position in a row's group: no reduction to reorder, so the loops stay vectorized); the rest of the
-        # bound comes from the scales (fused.quantize_parts)
-        xl = np.zeros((post if post > 1 else group) if measure == 2 else 0, np.float32)
+        # bound comes from the scales (fused.quantize_parts). The cheap bound (measure == 3): the same lanes
+        # (LANES of them for row groups) sum the squares of some inputs only
+        xl = np.zeros((post if post > 1 else group) if measure == 2 else (post if post > 1 else LANES) if measure == 3
+                      else 0, np.float32)
         # int4 packs straight into the payload when every group (or, per channel, every row) starts on a
         # byte; else (odd sizes) and when measuring, nibbles go through the chunk's scratch first
         direct = pack4 and (group % 2 == 0 if post == 1 else post % 2 == 0)
@@ -373,9 +407,12 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
             if rows:
                 m = np.uint32(0)
                 xs = x[src + j0: src + j1]
-                for j in range(j1 - j0):
-                    b = _key(xs, j)
-                    m = b if b > m else m
+                if measure == 3:
+                    m = _amax_rows_cheap(x, xs, j1 - j0, xl)
+                else:
+                    for j in range(j1 - j0):
+                        b = _key(xs, j)
+                        m = b if b > m else m
                 if measure == 2:  # a loop of its own: in the max loop it costs 3x more (measured)
                     for j in range(j1 - j0):
                         f = _load(xs, j)
@@ -383,7 +420,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                 a = _unkey(x, m)
                 scales[it] = a / qmax
                 s = _inv(a, qmax)
-                if measure == 2:
+                if measure >= 2:
                     sc = np.float64(scales[it])
                     if s > 0:
                         q2 += sc * sc
@@ -445,9 +482,12 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                             f2 = _load(xs, k + 2 * post)
                             f3 = _load(xs, k + 3 * post)
                             xl[k] += (f0 * f0 + f1 * f1) + (f2 * f2 + f3 * f3)
+                        elif measure == 3:  # the cheap bound: only the square of the four rows' largest
+                            f0 = _unkey(x, b0)
+                            xl[k] += f0 * f0
                 for j in range(jq, j1):
                     xs = x[src + j * post: src + (j + 1) * post]
-                    if measure == 2:
+                    if measure >= 2:
                         for k in range(post):
                             b = _key(xs, k)
                             amax[k] = b if b > amax[k] else amax[k]
@@ -462,7 +502,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                     a = _unkey(x, amax[k])
                     scales[sb + k] = a / qmax
                     inv[k] = _inv(a, qmax)
-                if measure == 2:
+                if measure >= 2:
                     for k in range(post):
                         sc = np.float64(scales[sb + k])
                         if inv[k] > 0:
@@ -526,7 +566,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                 _hash_range(codes, (i0 * gsize) // 2, (i1 * gsize + 1) // 2, seg, digests)
             else:
                 _hash_range(codes, i0 * gsize, i1 * gsize, seg, digests)
-        if measure == 2:
+        if measure >= 2:
             for j in range(xl.size):
                 x2 += np.float64(xl[j])
             err[3 * c] = x2
@@ -627,7 +667,7 @@ def _encode_kernel(rows: bool, pack4: bool, measure: int):
         _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err, rows, measure,
                      seg, digests)
     # distinct names: numba's on-disk cache tells closures of one source line apart by them
-    kernel.__name__ = kernel.__qualname__ = f"encode_{'rows' if rows else 'cols'}_{'int4' if pack4 else 'int8'}{('', '_measure', '_bound')[measure]}"
+    kernel.__name__ = kernel.__qualname__ = f"encode_{'rows' if rows else 'cols'}_{'int4' if pack4 else 'int8'}{('', '_measure', '_bound', '_cheap_bound')[measure]}"
     return numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)(kernel)
 
 
@@ -642,9 +682,11 @@ _FLAGS = (False, True)
 #: ``ENCODE[rows, pack4, measure]``: quantize one part of ``x`` into ``codes``/``scales``; ``measure`` 1: ``err``
 #: gets per-chunk (squared error, squared norm) of the decoded values, 2: per-chunk (squared float32 inputs (in
 #: lanes: a channel's over the ``group`` rows of a group, a row position's over the chunk's groups), squared
-#: scales of the quantized groups, squared scales of the groups stored as zeros); ``seg`` > 0: ``digests`` gets the
-#: xxh3_64 of each ``seg``-byte segment of ``codes`` (each chunk's codes must fill whole segments)
-ENCODE = {(r, p, m): _encode_kernel(r, p, m) for r in _FLAGS for p in _FLAGS for m in (0, 1, 2)}
+#: scales of the quantized groups, squared scales of the groups stored as zeros), 3: as 2, but squares of only
+#: some inputs (a lower bound of the norm at a fraction of the cost: per channel the largest of each four rows,
+#: per row group each lane's largest of each four rows of ``LANES``); ``seg`` > 0: ``digests`` gets the xxh3_64 of each
+#: ``seg``-byte segment of ``codes`` (each chunk's codes must fill whole segments)
+ENCODE = {(r, p, m): _encode_kernel(r, p, m) for r in _FLAGS for p in _FLAGS for m in (0, 1, 2, 3)}
 #: ``DECODE[rows, pack4]``: write ``codes * scales`` into one part of ``out`` (``seg``/``digests`` as in ENCODE)
 DECODE = {(r, p): _decode_kernel(r, p) for r in _FLAGS for p in _FLAGS}
 #: ``SEGMENTS(buf, seg, digests)``: :func:`segment_digests`
