@@ -402,6 +402,16 @@ def test_auto_takes_a_remembered_winner_on_its_cheapest_bound_that_proves_the_bu
             chosen, payload = codec.choose(x)
             assert chosen.name == "kv-int4" and relative_error(x, decode(payload)) <= budget
         assert calls == want, budget
+    # without the fused path there is no bound at all: the first remembered tensor tries once, the rest go
+    # straight to the exact measure
+    monkeypatch.setattr(fused, "ENABLED", False)
+    codec = make_codec("auto:max_error=0.30")
+    assert codec.choose(xs[0])[0].name == "kv-int4"
+    calls.clear()
+    for x in xs[1:]:
+        chosen, payload = codec.choose(x)
+        assert chosen.name == "kv-int4" and relative_error(x, decode(payload)) <= 0.30
+    assert calls == ["cheap", "exact", "exact", "exact"]
 
 
 def test_auto_rescreen_interval_adapts_and_still_catches_a_changed_winner(monkeypatch):

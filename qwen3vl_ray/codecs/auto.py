@@ -218,7 +218,8 @@ class AutoCodec(Codec):
             while level and got is None:
                 got = self._bounded(winner, tensor, cheap=level == BOUND_CHEAP)
                 if got is None or not (len(got[0]) < raw and got[1] <= self.max_error):
-                    got, level = None, level - 1
+                    # no bound at all (no fused path for this tensor, a refusal): straight to the exact measure
+                    got, level = None, BOUND_NONE if got is None else level - 1
                     with self._memo_lock:
                         memo[2] = level
             if got is None:
