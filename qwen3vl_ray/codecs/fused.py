@@ -308,8 +308,8 @@ _STORE = {torch.bfloat16: (2.0 ** -8, 2.0 ** -134), torch.float16: (2.0 ** -11, 
 
 
 def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype, exact_x2: float = 0.0) -> float:
-    """An upper bound of ``relative_error(x, decode(payload))`` from :func:`quantize_parts`' ``measure=2`` sums:
-    ``sq`` (group size x ``scale^2`` summed over the quantized groups), ``f2_lo`` (a lower bound of the squared
+    """An upper bound of ``relative_error(x, decode(payload))`` from :func:`quantize_parts`' ``measure`` 2 or 3
+    sums: ``sq`` (group size x ``scale^2`` summed over the quantized groups), ``f2_lo`` (a lower bound of the squared
     norm of the quantized groups' float32 inputs) and ``zz`` (a bound of the squared error of the groups stored
     as zeros: their inputs, each at most ``amax = qmax * scale``); ``exact_x2`` is the squared norm of inputs
     stored exactly (a KV residual window). ``inf`` where it cannot bound (an overflowing sum, a zero norm bound).
@@ -322,11 +322,11 @@ def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype
     subnormal terms and ``B`` the relative ones (``u`` and the 2^-2x roundings). Dividing by ``||x||``, which is
     at least ``||f||`` (within the float64 rounding) and at least ``X``, the norm's lower bound: the relative
     error is at most ``sqrt((A / X + B)^2 + zz / X^2)``. Only a lower bound of the norm is needed, which is
-    what lets the kernels take it cheaply (the codes' squares, or input squares on a sample of the groups plus
-    each other group's amax^2, see :func:`quantize_parts`). Half a step per element is what a code can lose at
-    most; uniform rounding loses ``1/sqrt(12)`` of a step on average, so the bound sits ~1.7-2x above the true
-    error, plus ``u`` (~0.4% for bf16): it proves a budget with room to spare; :func:`error_bound`'s exact sums
-    decide the close calls.
+    what lets the kernels take it cheaply: ``measure`` 3 sums the squares of some inputs only (each four's
+    largest), ~1.3-1.7x below the norm on KV chunks. Half a step per element is what a code can lose at most;
+    uniform rounding loses ``1/sqrt(12)`` of a step on average, so the full bound sits ~1.7-2.4x above the true
+    error (the cheap one ~2.4-3.4x), plus ``u`` (~0.4% for bf16): it proves a budget with room to spare;
+    :func:`error_bound`'s exact sums decide the close calls.
     """
     sq, f2_lo, zz = sums
     if not all(map(math.isfinite, (sq, f2_lo, zz, exact_x2))):
@@ -340,7 +340,8 @@ def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype
     # 2^-20 ||f|| (y's and scale's rounding) and ||q scale|| <= ||f|| + ||f - q scale||: A + B ||f||
     a = steps * (1 + u1) + abs_
     b = 2 * x_in + 2.0 ** -20 * (1 + u1) + u1
-    # ||f|| <= (1 + x_in) ||x_q|| + abs_ (float64 inputs round up to 2^-24 relative, or by underflow) and ||x_q|| <= ||x||
+    # ||f|| <= (1 + x_in) ||x_q|| + abs_ (float64 inputs round up to 2^-24 relative, or by underflow), and
+    # ||x_q|| <= ||x||
     a += b * abs_
     b *= 1 + x_in
     x_lo = max(0.0, (math.sqrt(max(f2_lo, 0.0)) - abs_) * (1 - 2 * x_in))

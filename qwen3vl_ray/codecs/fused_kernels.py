@@ -684,8 +684,8 @@ _FLAGS = (False, True)
 #: lanes: a channel's over the ``group`` rows of a group, a row position's over the chunk's groups), squared
 #: scales of the quantized groups, squared scales of the groups stored as zeros), 3: as 2, but squares of only
 #: some inputs (a lower bound of the norm at a fraction of the cost: per channel the largest of each four rows,
-#: per row group each lane's largest of each four rows of ``LANES``); ``seg`` > 0: ``digests`` gets the xxh3_64 of each
-#: ``seg``-byte segment of ``codes`` (each chunk's codes must fill whole segments)
+#: per row group each lane's largest of each four rows of ``LANES``); ``seg`` > 0: ``digests`` gets the xxh3_64
+#: of each ``seg``-byte segment of ``codes`` (each chunk's codes must fill whole segments)
 ENCODE = {(r, p, m): _encode_kernel(r, p, m) for r in _FLAGS for p in _FLAGS for m in (0, 1, 2, 3)}
 #: ``DECODE[rows, pack4]``: write ``codes * scales`` into one part of ``out`` (``seg``/``digests`` as in ENCODE)
 DECODE = {(r, p): _decode_kernel(r, p) for r in _FLAGS for p in _FLAGS}
