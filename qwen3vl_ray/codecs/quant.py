@@ -25,6 +25,11 @@ from qwen3vl_ray.errors import CodecError
 _LAYOUTS: dict[tuple, tuple] = {}
 
 
+def _part(g: G.Grouping) -> F.Geometry:
+    """The kernels' geometry of a plain grouping (one part: the whole tensor)."""
+    return F.Geometry.plain(g.pre, g.n, g.post, g.group)
+
+
 class GroupQuantCodec(Codec):
     """Shared encode/decode for the three group-wise quantizers (subclasses set ``kind``)."""
 
@@ -68,7 +73,7 @@ class GroupQuantCodec(Codec):
         return pack_payload(self.name, self.version, meta, [G.host_bytes(q), G.host_bytes(scales)])
 
     def _layout(self, tensor: torch.Tensor) -> tuple[G.Grouping, dict[str, Any], list[int]]:
-        g = G.grouping(tensor.shape, G.normalize_axis(self.axis, tensor.dim(), self.name), self.group)
+        g = self._grouping(tensor)
         count = g.pre * g.padded * g.post
         meta = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "groups": g.meta()}
         return g, meta, [(count + 1) // 2 if self.kind == "int4" else count, 4 * g.pre * g.ngroups * g.post]
@@ -79,18 +84,17 @@ class GroupQuantCodec(Codec):
     def _gpu(self, tensor: torch.Tensor) -> bool:
         if self.kind == "fp8" or not GF.available(tensor) or not tensor.numel() or not tensor.is_contiguous():
             return False
-        return GF.supports(self._geometry(tensor), self.kind == "int4")
+        return GF.supports(_part(self._grouping(tensor)), self.kind == "int4")
 
-    def _geometry(self, tensor: torch.Tensor) -> F.Geometry:
-        g = G.grouping(tensor.shape, G.normalize_axis(self.axis, tensor.dim(), self.name), self.group)
-        return F.Geometry.plain(g.pre, g.n, g.post, g.group)
+    def _grouping(self, tensor: torch.Tensor) -> G.Grouping:
+        return G.grouping(tensor.shape, G.normalize_axis(self.axis, tensor.dim(), self.name), self.group)
 
     def _encode_gpu(self, tensor: torch.Tensor) -> bytearray:
         """GPU path: the Triton kernels quantize in device memory and only codes and scales cross to the host
         (same bytes as the other paths)."""
         g, meta, lengths = self._layout(tensor)
         w = PayloadWriter(self.name, self.version, meta, lengths)
-        part = F.Geometry.plain(g.pre, g.n, g.post, g.group)
+        part = _part(g)
         GF.quantize_parts(tensor, [part], self.qmax, self.kind == "int4", w, self.name)
         return w.finish()
 
@@ -119,7 +123,7 @@ class GroupQuantCodec(Codec):
         got = _LAYOUTS.get(key)
         if got is None:  # built once per layout: ~10 us, several percent of a 2 MiB tensor's encode
             g, meta, lengths = self._layout(tensor)
-            got = F.remember(_LAYOUTS, key, ([F.Geometry.plain(g.pre, g.n, g.post, g.group)], lengths,
+            got = F.remember(_LAYOUTS, key, ([_part(g)], lengths,
                                              payload_header(self.name, self.version, meta, lengths)))
         parts, lengths, header = got
         w = PayloadWriter(self.name, self.version, None, lengths, header)
@@ -129,7 +133,7 @@ class GroupQuantCodec(Codec):
 
     def _encode_blocked(self, tensor: torch.Tensor) -> bytearray:
         """CPU fast path: cache-sized tiles quantized straight into the payload (same bytes as the plain path)."""
-        g = G.grouping(tensor.shape, G.normalize_axis(self.axis, tensor.dim(), self.name), self.group)
+        g = self._grouping(tensor)
         count = g.pre * g.padded * g.post
         pack4 = self.kind == "int4"
         meta = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "groups": g.meta()}
@@ -148,7 +152,7 @@ class GroupQuantCodec(Codec):
         if self.kind != "fp8" and on_cpu and count and F.available(torch.empty(0, dtype=dtype)):
             return self._decode_fused(meta, g, dtype, buffers)
         if self.kind != "fp8" and count and GF.available(device=device or "cpu", dtype=dtype):
-            part = F.Geometry.plain(g.pre, g.n, g.post, g.group)
+            part = _part(g)
             if GF.supports(part, self.kind == "int4"):
                 return self._decode_gpu(meta, part, dtype, buffers, device or "cpu")
         if self.kind != "fp8" and on_cpu and count and B.usable(torch.empty(0)):
@@ -198,7 +202,7 @@ class GroupQuantCodec(Codec):
         out = B.empty(meta["shape"], dtype) if out is None else out
         if out.numel() != g.pre * g.n * g.post:
             raise CodecError(f"corrupt {self.name!r} payload: shape {meta['shape']} does not match groups {g.meta()}")
-        F.dequantize_parts(F.as_bits(out), [F.Geometry.plain(g.pre, g.n, g.post, g.group)], self.kind == "int4",
+        F.dequantize_parts(F.as_bits(out), [_part(g)], self.kind == "int4",
                            buffers, self.name, digests)
         return out
 
