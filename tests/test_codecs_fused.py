@@ -191,6 +191,19 @@ def test_env_var_forces_the_torch_path():
     assert out.stdout.split() == ["False", "False"]
 
 
+
+def test_full_width_vectors_only_where_the_user_chose_no_cpu_features():
+    # AVX-512 hosts: the kernels compile for 512-bit vectors; a user's NUMBA_CPU_FEATURES is never overridden
+    code = ("import numba; from numba.core import codegen; from qwen3vl_ray.codecs import fused; "
+            "print(int('+avx512f' in codegen.get_host_cpu_features().split(','))); print(numba.config.CPU_FEATURES)")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CPU_FEATURES"}
+    avx512, features = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                      check=True).stdout.split("\n")[:2]
+    assert features.endswith(",-prefer-256-bit") if avx512 == "1" else features == "None"
+    env["NUMBA_CPU_FEATURES"] = "+sse2"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[1] == "+sse2"
+
 @pytest.mark.parametrize("spec", ["none", "int8", "int4:axis=0", "kv-int8", "kv-int4:residual=3", "fp8", "bf16", "int8+zstd", "zstd"])
 def test_decode_into_preallocated_out(spec):
     x = make_tensor((2, 2, 3, 16, 8), torch.float32, "outliers", 2)

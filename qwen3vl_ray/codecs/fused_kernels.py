@@ -187,15 +187,42 @@ def _key(x, i):  # pragma: no cover - replaced by the overload inside jitted cod
 @overload(_key, inline="always")
 def _key_impl(x, i):
     """|x[i]|'s ordering key: the sign-cleared bit pattern (orders like |x| for finite values; inf and NaN
-    sort above every finite value, so a non-finite group gets a non-finite amax)."""
+    sort above every finite value, so a non-finite group gets a non-finite amax). As narrow as the input's
+    bits (uint16 for bf16 / fp16): numba widens integer arithmetic to 64 bits, and a key left that wide made
+    LLVM run the amax loops on 4-8 lanes per vector instead of 16-32 (1 MiB of a KV chunk's bf16 values, one
+    thread: ~115 -> ~80 us per encode, measured)."""
     dt = x.dtype
     if dt in (types.uint16, types.int16):
-        return lambda x, i: np.uint32(x[i]) & np.uint32(0x7FFF)
+        return lambda x, i: np.uint16(np.uint16(x[i]) & np.uint16(0x7FFF))
     if dt == types.float32:
-        return lambda x, i: _bits_from_f32(x[i]) & np.uint32(0x7FFFFFFF)
+        return lambda x, i: np.uint32(_bits_from_f32(x[i]) & np.uint32(0x7FFFFFFF))
     if dt == types.float64:
-        return lambda x, i: _bits_from_f32(np.float32(x[i])) & np.uint32(0x7FFFFFFF)
+        return lambda x, i: np.uint32(_bits_from_f32(np.float32(x[i])) & np.uint32(0x7FFFFFFF))
     return None
+
+
+def _key0(x):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(_key0, inline="always")
+def _key0_impl(x):
+    """The smallest :func:`_key` (of a zero), in the key's own type: an amax starts there."""
+    if x.dtype in (types.uint16, types.int16):
+        return lambda x: np.uint16(0)
+    return lambda x: np.uint32(0)
+
+
+def _keys(x, n):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(_keys, inline="always")
+def _keys_impl(x, n):
+    """An uninitialized array of ``n`` keys (per-channel maxima) in the key's type."""
+    if x.dtype in (types.uint16, types.int16):
+        return lambda x, n: np.empty(n, np.uint16)
+    return lambda x, n: np.empty(n, np.uint32)
 
 
 def _unkey(x, m):  # pragma: no cover - replaced by the overload inside jitted code
@@ -207,11 +234,11 @@ def _unkey_impl(x, m):
     """The float32 value of a :func:`_key` (the group's amax)."""
     dt = x.dtype
     if dt == types.uint16:
-        return lambda x, m: _f32_from_bits(m << np.uint32(16))
+        return lambda x, m: _f32_from_bits(np.uint32(m) << np.uint32(16))
     if dt == types.int16:
         return lambda x, m: _f32_from_half(np.int16(m))
     if dt in (types.float32, types.float64):
-        return lambda x, m: _f32_from_bits(m)
+        return lambda x, m: _f32_from_bits(np.uint32(m))
     return None
 
 
@@ -338,7 +365,7 @@ def _amax_rows_cheap(x, xs, mlen, xl):
     inputs (the cheap bound's norm, ``measure`` 3): per block of four rows of ``LANES``, each lane's largest of
     its four (distinct elements, so the squares sum below the group's); the tail's largest. Written out four
     rows at a time, the maxima stay in registers (a lane array stored per row ran 10x slower, measured)."""
-    m = np.uint32(0)
+    m = _key0(x)
     block = 4 * LANES
     jb = mlen // block * block
     for j in range(0, jb, block):
@@ -353,7 +380,7 @@ def _amax_rows_cheap(x, xs, mlen, xl):
             m = b0 if b0 > m else m
             f = _unkey(x, b0)
             xl[lane] += f * f
-    mt = np.uint32(0)
+    mt = _key0(x)
     for j in range(jb, mlen):
         b = _key(xs, j)
         mt = b if b > mt else mt
@@ -376,7 +403,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
         # still-spinning OpenMP workers for the cores (measured ~3.5 ms median per call on two cores)
         q2 = 0.0
         z2 = 0.0
-        amax = np.empty(post, np.uint32)
+        amax = _keys(x, post)
         inv = np.empty(post, np.float32)
         # per-channel error sums in code units (measure only): one lane per channel, no reduction to reorder
         ek = np.zeros(post if measure == 1 and post > 1 else 0, np.float32)
@@ -405,7 +432,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
             cb = it * gsize
             nb = (it - i0) * gsize
             if rows:
-                m = np.uint32(0)
+                m = _key0(x)
                 xs = x[src + j0: src + j1]
                 if measure == 3:
                     m = _amax_rows_cheap(x, xs, j1 - j0, xl)
@@ -459,7 +486,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                         x2 += t2
             else:
                 for k in range(post):
-                    amax[k] = np.uint32(0)
+                    amax[k] = _key0(x)
                 # four rows per pass over the channels: the per-channel maxima are loaded and stored once per
                 # four rows, not per row (they, not the input, bounded this loop)
                 jq = j0 + (j1 - j0) // 4 * 4
