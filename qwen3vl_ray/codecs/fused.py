@@ -243,10 +243,19 @@ def _kernel(table: str, flags: tuple):
     return _SERIAL[table, flags]
 
 
+_NO_SUMS = np.zeros(0, dtype=np.float64)
+_NO_DIGESTS = np.zeros(0, dtype=np.uint64)
+
+
+def _scale_digests(nbytes: int) -> np.ndarray:
+    """The array the kernels hash a scales buffer of ``nbytes`` into (one digest per :data:`base.SEGMENT`)."""
+    return np.empty(-(-nbytes // _base.SEGMENT), dtype=np.uint64)
+
+
 def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray, scales: np.ndarray,
            measure: int = 0) -> tuple[float, ...]:
     """Quantize ``x``'s part ``g`` into ``codes`` (flat uint8: int8 codes, or packed int4 pairs) and ``scales``
-    (flat float32). Non-finite inputs leave non-finite scales (the caller checks and refuses).
+    (flat float32, or its bytes). Non-finite inputs leave non-finite scales (the caller checks and refuses).
 
     ``measure`` 1 (True): also (squared error of the decoded values, squared norm), summed while the group is
     in cache (what ``auto`` needs, without a decode; see :func:`error_bound`). They are float32
@@ -256,25 +265,22 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
     :func:`bound_error`'s (see ``fused_kernels.ENCODE``). Else ().
     """
     with _LOCK, _launches() as threads:
-        return _encode(x, g, qmax, pack4, codes, scales, int(measure), threads)
+        return _encode(x, g, qmax, pack4, codes, scales.reshape(-1).view(np.uint8), int(measure), threads)[0]
 
 
 def _encode(x, g: Geometry, qmax: int, pack4: bool, codes, scales, measure: int, threads: int,
-            digests: np.ndarray = None) -> tuple[float, ...]:
+            digests: np.ndarray = None, sdigests: np.ndarray = _NO_DIGESTS) -> tuple[tuple[float, ...], int]:
+    """One launch: (the ``measure`` sums, how many scales are not finite); ``scales`` is uint8."""
     per = _per(g, pack4)
     nchunks = -(-g.U * g.H * g.T * -(-g.n // g.group) // per)
     width = (0, 2, 3, 3)[measure]
     err = np.zeros(width * nchunks, dtype=np.float64) if width else _NO_SUMS
     _pieces(nchunks, threads)
-    seg = 0 if digests is None else _base.SEGMENT
-    _kernel("ENCODE", (g.post == 1, pack4, measure))(
+    bad = _kernel("ENCODE", (g.post == 1, pack4, measure))(
         x, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, np.float32(qmax), per, codes, scales, err,
-        seg, _NO_DIGESTS if digests is None else digests)
-    return tuple(err.reshape(nchunks, width).sum(axis=0).tolist()) if width else ()
+        _base.SEGMENT, _NO_DIGESTS if digests is None else digests, sdigests)
+    return (tuple(err.reshape(nchunks, width).sum(axis=0).tolist()) if width else ()), bad
 
-
-_NO_SUMS = np.zeros(0, dtype=np.float64)
-_NO_DIGESTS = np.zeros(0, dtype=np.uint64)
 
 
 def _kernel_digests(g: Geometry, pack4: bool, ncodes: int) -> np.ndarray | None:
@@ -289,17 +295,19 @@ def _kernel_digests(g: Geometry, pack4: bool, ncodes: int) -> np.ndarray | None:
 
 
 def decode(out: np.ndarray, g: Geometry, pack4: bool, codes: np.ndarray, scales: np.ndarray) -> None:
-    """Write ``codes * scales`` into ``out``'s part ``g`` (``out`` flat, in :func:`as_bits`'s dtype)."""
+    """Write ``codes * scales`` into ``out``'s part ``g`` (``out`` flat, in :func:`as_bits`'s dtype; ``scales``
+    float32, or its bytes)."""
     with _LOCK, _launches() as threads:
-        _decode(out, g, pack4, codes, scales, threads)
+        _decode(out, g, pack4, codes, scales.reshape(-1).view(np.uint8), threads)
 
 
-def _decode(out, g: Geometry, pack4: bool, codes, scales, threads: int, digests: np.ndarray = None) -> None:
+def _decode(out, g: Geometry, pack4: bool, codes, scales, threads: int, digests: np.ndarray = None,
+            sdigests: np.ndarray = _NO_DIGESTS) -> None:
     per = _per(g, pack4)
     _pieces(-(-g.U * g.H * g.T * -(-g.n // g.group) // per), threads)
     _kernel("DECODE", (g.post == 1, pack4))(
         out, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, per, codes, scales,
-        0 if digests is None else _base.SEGMENT, _NO_DIGESTS if digests is None else digests)
+        _base.SEGMENT, _NO_DIGESTS if digests is None else digests, sdigests)
 
 
 def _nscales(g: Geometry) -> int:
@@ -391,31 +399,28 @@ def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool,
     its norm bound from every input's square (2) or, cheaper and looser, from some inputs' (3: per-lane maxima,
     see ``fused_kernels.ENCODE``)).
 
-    Scales go through an aligned scratch array: a payload buffer's offset is arbitrary, and an unaligned
-    array would be one more kernel specialization to compile.
+    The kernels write the scales straight into the payload (unaligned float32 stores), hash them, and count
+    those that are not finite (a NaN or inf input): the tensor is then refused.
     """
     buffers = writer.buffers
     measure = int(measure)
     total = [0.0] * (0, 2, 3, 3)[measure]
-    checked = []
     for i, g in enumerate(parts):
         if buffers[2 * i].nbytes != _ncodes(g, pack4) or buffers[2 * i + 1].nbytes != 4 * _nscales(g):
             raise AssertionError(f"payload buffers {buffers[2 * i].nbytes}/{buffers[2 * i + 1].nbytes} B do not fit {g}")
     with _LOCK, _launches() as threads:  # one thread setup for every part
         for i, g in enumerate(parts):
             codes = np.frombuffer(buffers[2 * i], dtype=np.uint8)
-            scales = np.empty(_nscales(g), dtype=np.float32)
+            scales = np.frombuffer(buffers[2 * i + 1], dtype=np.uint8)
             digests = _kernel_digests(g, pack4, codes.size)
-            got = _encode(x, g, qmax, pack4, codes, scales, measure, threads, digests)
-            writer.digests[2 * i] = digests
+            sdigests = _scale_digests(scales.size)
+            got, bad = _encode(x, g, qmax, pack4, codes, scales, measure, threads, digests, sdigests)
+            if bad:
+                raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
+            writer.digests[2 * i], writer.digests[2 * i + 1] = digests, sdigests
             if measure >= 2:
                 got = _bound_sums(g, qmax, got)
             total = [a + b for a, b in zip(total, got)]
-            checked.append(scales)
-    for i, scales in enumerate(checked):
-        if not np.isfinite(scales).all():
-            raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
-        np.frombuffer(buffers[2 * i + 1], dtype=np.uint8)[:] = scales.view(np.uint8)
     return tuple(total)
 
 
@@ -431,11 +436,12 @@ def dequantize_parts(out: np.ndarray, parts: list[Geometry], pack4: bool, buffer
         if (cbuf.nbytes, sbuf.nbytes) != need:
             raise CodecError(f"corrupt {codec!r} payload: buffers of {[cbuf.nbytes, sbuf.nbytes]} bytes, layout needs {list(need)}")
         codes = np.frombuffer(cbuf, dtype=np.uint8) if need[0] else np.zeros(0, np.uint8)
-        scales = np.frombuffer(sbuf, dtype=np.float32).copy() if need[1] else np.zeros(0, np.float32)  # aligned
+        scales = np.frombuffer(sbuf, dtype=np.uint8) if need[1] else np.zeros(0, np.uint8)
         d = _kernel_digests(g, pack4, codes.size) if digests is not None else None
-        todo.append((g, codes, scales, d))
-        if d is not None:
-            digests[2 * i] = d
+        sd = _scale_digests(scales.size) if digests is not None else _NO_DIGESTS
+        todo.append((g, codes, scales, d, sd))
+        if digests is not None:
+            digests[2 * i], digests[2 * i + 1] = d, sd
     with _LOCK, _launches() as threads:  # one thread setup for every part
-        for g, codes, scales, d in todo:
-            _decode(out, g, pack4, codes, scales, threads, d)
+        for g, codes, scales, d, sd in todo:
+            _decode(out, g, pack4, codes, scales, threads, d, sd)

@@ -87,6 +87,32 @@ def _prefetch(typingctx, arr, i):
     return sig, codegen
 
 
+@intrinsic
+def _put_f32(typingctx, buf, at, f):
+    """Store float32 ``f`` at byte ``at`` of the uint8 array ``buf``, unaligned: a payload buffer starts at any
+    offset, and the scales go straight into it (no aligned scratch array, copy and second hashing pass)."""
+    sig = types.void(buf, types.intp, types.float32)
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(a.data, [args[1]]), ir.FloatType().as_pointer())
+        builder.store(args[2], ptr, align=1)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _get_f32(typingctx, buf, at):
+    """The float32 at byte ``at`` of the uint8 array ``buf``, unaligned (see :func:`_put_f32`)."""
+    sig = types.float32(buf, types.intp)
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(a.data, [args[1]]), ir.FloatType().as_pointer())
+        return builder.load(ptr, align=1)
+    return sig, codegen
+
+
 #: lanes of the cheap bound's per-lane maxima in a row group (``measure`` 3; one AVX-512 vector of uint32 keys)
 LANES = 16
 #: llvm.prefetch locality: 3 (prefetcht0, L1), 2 (prefetcht1, L2)
@@ -391,8 +417,9 @@ def _amax_rows_cheap(x, xs, mlen, xl):
 
 @numba.njit(inline="always")
 def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err, rows, measure,
-                 seg, digests):
+                 seg, digests, sdigests):
     G, items, gsize, nchunks = _split(U, H, T, n, group, post, per)
+    bad = 0  # groups whose scale is not finite (a NaN or inf input): the caller refuses the tensor
     for c in prange(nchunks):
         i0 = c * per
         i1 = min(items, i0 + per)
@@ -405,6 +432,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
         z2 = 0.0
         amax = _keys(x, post)
         inv = np.empty(post, np.float32)
+        scl = np.empty(post, np.float32)
         # per-channel error sums in code units (measure only): one lane per channel, no reduction to reorder
         ek = np.zeros(post if measure == 1 and post > 1 else 0, np.float32)
         yk = np.zeros(post if measure == 1 and post > 1 else 0, np.float32)
@@ -445,10 +473,13 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                         f = _load(xs, j)
                         xl[j] += f * f
                 a = _unkey(x, m)
-                scales[it] = a / qmax
+                sa = a / qmax
+                _put_f32(scales, 4 * it, sa)
+                if not np.isfinite(sa):
+                    bad += 1
                 s = _inv(a, qmax)
                 if measure >= 2:
-                    sc = np.float64(scales[it])
+                    sc = np.float64(sa)
                     if s > 0:
                         q2 += sc * sc
                     else:
@@ -476,7 +507,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                         cs[j] = np.uint8(0)
                 if measure == 1:
                     if s > 0:
-                        ce, cy = _code_err(xs, s, scales[it], j1 - j0)
+                        ce, cy = _code_err(xs, s, sa, j1 - j0)
                         w = np.float64(s) * np.float64(s)
                         e2 += np.float64(ce) / w
                         x2 += np.float64(cy) / w
@@ -525,13 +556,17 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                             b = _key(xs, k)
                             amax[k] = b if b > amax[k] else amax[k]
                 sb = it * post
+                nf = 0
                 for k in range(post):
                     a = _unkey(x, amax[k])
-                    scales[sb + k] = a / qmax
+                    scl[k] = a / qmax
+                    _put_f32(scales, 4 * (sb + k), scl[k])
+                    nf += 0 if np.isfinite(scl[k]) else 1
                     inv[k] = _inv(a, qmax)
+                bad += nf
                 if measure >= 2:
                     for k in range(post):
-                        sc = np.float64(scales[sb + k])
+                        sc = np.float64(scl[k])
                         if inv[k] > 0:
                             q2 += sc * sc
                         else:
@@ -563,7 +598,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                             cs[:] = np.uint8(0)
                     if measure == 1 and j < j1:
                         for k in range(post):
-                            e, y = _err_terms(xs, _load(xs, k), inv[k], scales[sb + k])
+                            e, y = _err_terms(xs, _load(xs, k), inv[k], scl[k])
                             ek[k] += e * e
                             yk[k] += y * y
                 if measure == 1:
@@ -588,7 +623,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                 out[p] = nib[2 * p] | (nib[2 * p + 1] << np.uint8(4))
             if cnt % 2:  # only the very last code of an odd total: it pairs with a zero code (nibble 8)
                 out[cnt // 2] = nib[cnt - 1] | np.uint8(8 << 4)
-        if seg > 0:  # the chunk's codes, just written, while in cache (the caller checked they fill whole segments)
+        if digests.size:  # the chunk's codes, just written, while in cache (the caller checked they fill whole segments)
             if pack4:
                 _hash_range(codes, (i0 * gsize) // 2, (i1 * gsize + 1) // 2, seg, digests)
             else:
@@ -602,6 +637,9 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
         elif measure:
             err[2 * c] = e2
             err[2 * c + 1] = x2
+    # the scales' digests, after every chunk wrote its own (their segments span chunks): ~1 us per 32 KiB
+    _hash_range(scales, 0, scales.size, seg, sdigests)
+    return bad
 
 
 # nibble values as float32 minus 8 in float32 (exact for 0..15): the int arithmetic ``int32(v) - 8`` types as
@@ -627,12 +665,14 @@ def _nibble(codes, ci):
 
 
 @numba.njit(inline="always")
-def _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, scales, rows, seg, digests):
+def _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, scales, rows, seg, digests,
+                 sdigests):
     G, items, gsize, nchunks = _split(U, H, T, n, group, post, per)
     for c in prange(nchunks):
         i0 = c * per
         i1 = min(items, i0 + per)
-        if seg > 0:  # the chunk's codes' digests: the hash brings them into cache for the loop below
+        ss = np.empty(0 if rows else post, np.float32)  # a group's scales, aligned for the loop over its rows
+        if digests.size:  # the chunk's codes' digests: the hash brings them into cache for the loop below
             if pack4:
                 _hash_range(codes, (i0 * gsize) // 2, (i1 * gsize + 1) // 2, seg, digests)
             else:
@@ -645,7 +685,7 @@ def _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, cod
             m = j1 - j0
             cb = it * gsize  # first code of this group
             if rows:
-                s = scales[it]
+                s = _get_f32(scales, 4 * it)
                 os = out[dst + j0: dst + j1]
                 if not pack4:
                     cs = codes[cb: cb + m]
@@ -663,7 +703,8 @@ def _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, cod
                     for j in range(m):
                         _store(os, j, _nibble(codes, cb + j) * s)
             else:
-                ss = scales[it * post: (it + 1) * post]
+                for k in range(post):
+                    ss[k] = _get_f32(scales, 4 * (it * post + k))
                 for j in range(j0, j1):
                     os = out[dst + j * post: dst + (j + 1) * post]
                     d = cb + (j - j0) * post
@@ -681,6 +722,7 @@ def _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, cod
                         for k in range(post):
                             _store(os, k, _nibble(codes, d + k) * ss[k])
             u, h, t, gi = _next_group(u, h, t, gi, G, H, T)
+    _hash_range(scales, 0, scales.size, seg, sdigests)
 
 
 # -- the kernels: one compiled specialization per layout ------------------------------------------------------
@@ -690,31 +732,35 @@ def _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, cod
 # one thread: 14.6 vs 21.2 GB/s). Each specialization compiles on its first use per dtype and is cached on disk.
 
 def _encode_kernel(rows: bool, pack4: bool, measure: int):
-    def kernel(x, base, U, su, H, sh, T, st, n, post, group, qmax, per, codes, scales, err, seg, digests):
-        _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err, rows, measure,
-                     seg, digests)
+    def kernel(x, base, U, su, H, sh, T, st, n, post, group, qmax, per, codes, scales, err, seg, digests, sdigests):
+        return _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err, rows,
+                            measure, seg, digests, sdigests)
     # distinct names: numba's on-disk cache tells closures of one source line apart by them
     kernel.__name__ = kernel.__qualname__ = f"encode_{'rows' if rows else 'cols'}_{'int4' if pack4 else 'int8'}{('', '_measure', '_bound', '_cheap_bound')[measure]}"
     return numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)(kernel)
 
 
 def _decode_kernel(rows: bool, pack4: bool):
-    def kernel(out, base, U, su, H, sh, T, st, n, post, group, per, codes, scales, seg, digests):
-        _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, scales, rows, seg, digests)
+    def kernel(out, base, U, su, H, sh, T, st, n, post, group, per, codes, scales, seg, digests, sdigests):
+        _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, codes, scales, rows, seg, digests,
+                     sdigests)
     kernel.__name__ = kernel.__qualname__ = f"decode_{'rows' if rows else 'cols'}_{'int4' if pack4 else 'int8'}"
     return numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)(kernel)
 
 
 _FLAGS = (False, True)
-#: ``ENCODE[rows, pack4, measure]``: quantize one part of ``x`` into ``codes``/``scales``; ``measure`` 1: ``err``
+#: ``ENCODE[rows, pack4, measure]``: quantize one part of ``x`` into ``codes`` and ``scales`` (the payload's uint8
+#: buffers: float32 scales at any alignment), returning how many scales are not finite; ``measure`` 1: ``err``
 #: gets per-chunk (squared error, squared norm) of the decoded values, 2: per-chunk (squared float32 inputs (in
 #: lanes: a channel's over the ``group`` rows of a group, a row position's over the chunk's groups), squared
 #: scales of the quantized groups, squared scales of the groups stored as zeros), 3: as 2, but squares of only
 #: some inputs (a lower bound of the norm at a fraction of the cost: per channel the largest of each four rows,
-#: per row group each lane's largest of each four rows of ``LANES``); ``seg`` > 0: ``digests`` gets the xxh3_64
-#: of each ``seg``-byte segment of ``codes`` (each chunk's codes must fill whole segments)
+#: per row group each lane's largest of each four rows of ``LANES``); ``digests`` (unless empty) gets the xxh3_64
+#: of each ``seg``-byte segment of ``codes`` (each chunk's codes must fill whole segments); ``sdigests`` gets
+#: those of ``scales`` (always: their pass is serial, after the chunks)
 ENCODE = {(r, p, m): _encode_kernel(r, p, m) for r in _FLAGS for p in _FLAGS for m in (0, 1, 2, 3)}
-#: ``DECODE[rows, pack4]``: write ``codes * scales`` into one part of ``out`` (``seg``/``digests`` as in ENCODE)
+#: ``DECODE[rows, pack4]``: write ``codes * scales`` into one part of ``out`` (``scales``, ``seg``, ``digests`` and
+#: ``sdigests`` as in ENCODE)
 DECODE = {(r, p): _decode_kernel(r, p) for r in _FLAGS for p in _FLAGS}
 #: ``SEGMENTS(buf, seg, digests)``: :func:`segment_digests`
 SEGMENTS = segment_digests
