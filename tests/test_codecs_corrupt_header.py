@@ -16,7 +16,7 @@ from qwen3vl_ray.errors import CodecError
 def with_meta(payload: bytes, **changes) -> bytes:
     """``payload`` with its header's meta changed and its old digest kept (a corrupt header)."""
     name, version, meta, bufs, check = base._unpack(payload, verify=False)
-    meta.update(changes)
+    meta = dict(meta, **changes)  # a copy: _unpack's meta is the decoders' shared one
     header = base.payload_header(name, version, meta, [b.nbytes for b in bufs])
     return header + bytes(payload[check[0].nbytes:])
 
@@ -66,3 +66,13 @@ def test_an_intact_payload_still_decodes_exactly_as_before():
         payload, x = encoded(spec, shape)
         y = decode(payload)
         assert y.shape == x.shape and torch.equal(decode(payload, out=torch.empty_like(x)), y)
+
+
+def test_a_callers_meta_is_its_own():
+    # decoders share each header's parsed meta (parsed once per layout): what unpack_payload hands out is a copy
+    payload, x = encoded("int4:group=4", (3, 8))
+    want = decode(payload)
+    meta = base.unpack_payload(payload)[2]
+    meta["groups"][3] = 0
+    meta["shape"] = 7
+    assert torch.equal(decode(payload), want) and base.unpack_payload(payload)[2]["groups"] == [3, 8, 1, 4]

@@ -47,7 +47,8 @@ import math
 import os
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -132,19 +133,30 @@ def segment_digests(arr: np.ndarray, seg: int) -> np.ndarray:
     return out
 
 
+#: (when read, cores) of :func:`_threads`: the affinity mask is read again after :data:`AFFINITY_TTL` seconds
+_AFFINITY: list = [-math.inf, 1]
+AFFINITY_TTL = 1.0
+
+
 def _threads() -> int:
-    """The cores this process may run on (its affinity mask), within numba's pool."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        n = os.cpu_count() or 1
+    """The cores this process may run on (its affinity mask, read at most once per :data:`AFFINITY_TTL`: the
+    system call and set cost ~1-3 us per launch, and a worker that binds its cores does so once), within
+    numba's pool."""
+    now = time.monotonic()
+    if now - _AFFINITY[0] > AFFINITY_TTL:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - non-Linux
+            n = os.cpu_count() or 1
+        _AFFINITY[:] = [now, n]
+    n = _AFFINITY[1]
     return max(1, min(n, MAX_THREADS or n, numba.config.NUMBA_NUM_THREADS))
 
 
 def as_bits(t: torch.Tensor) -> np.ndarray:
     """A contiguous CPU float tensor as the flat numpy array the kernels take (bf16 -> uint16, fp16 -> int16)."""
     view_dt, _ = _NP[t.dtype]
-    return (t.view(view_dt) if view_dt != t.dtype else t).reshape(-1).numpy()
+    return (t.view(view_dt) if view_dt != t.dtype else t).numpy().reshape(-1)
 
 
 @dataclass(slots=True, frozen=True)
@@ -161,6 +173,25 @@ class Geometry:
     n: int
     post: int
     group: int
+
+    #: derived once (a codec keeps its geometries per layout): the kernels' integer arguments, groups per
+    #: parallel chunk (:func:`_per`), chunks, scales, and codes before int4 packing
+    dims: tuple = field(init=False, repr=False, compare=False)
+    per: int = field(init=False, repr=False, compare=False)
+    nchunks: int = field(init=False, repr=False, compare=False)
+    nscales: int = field(init=False, repr=False, compare=False)
+    count: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        fields = (self.base, self.U, self.su, self.H, self.sh, self.T, self.st, self.n, self.post, self.group)
+        if not all(isinstance(v, int) for v in fields):  # numpy integers would be other kernel signatures
+            fields = tuple(int(v) for v in fields)
+        rows = self.U * self.H * self.T * -(-self.n // self.group)
+        per = max(1, CHUNK_ELEMS // max(1, self.group * self.post))
+        per += per % 2  # even, so int4 chunks start on a byte
+        for name, value in (("dims", fields), ("per", per), ("nchunks", -(-rows // per)),
+                            ("nscales", rows * self.post), ("count", rows * self.post * self.group)):
+            object.__setattr__(self, name, value)
 
     @classmethod
     def plain(cls, pre: int, n: int, post: int, group: int) -> "Geometry":
@@ -179,12 +210,6 @@ def kv_parts(shape: list[int] | tuple[int, ...], cut: int, group: int, vgroup: i
     return keys, values
 
 
-def _per(g: Geometry, pack4: bool) -> int:
-    """Groups per prange chunk (even, so int4 chunks start on a byte)."""
-    per = max(1, CHUNK_ELEMS // max(1, g.group * g.post))
-    return per + (per % 2)
-
-
 _SERIAL: dict[tuple, object] = {}
 
 
@@ -192,9 +217,9 @@ _SERIAL: dict[tuple, object] = {}
 def _launches():
     """Threads for the launches inside (the caller holds :data:`_LOCK`); yields their count.
 
-    numba's OpenMP layer sets the calling thread's OpenMP thread count, which torch's intra-op pool shares
-    (one libgomp): torch's setting is put back afterwards. One setup serves every part of a payload (a KV
-    chunk's keys and values): on a 2 MiB chunk each costs a few percent of the encode.
+    numba's OpenMP layer sets the calling thread's OpenMP thread count, which torch's
+    intra-op pool shares (one libgomp): torch's setting is put back afterwards. One setup serves every part of
+    a payload (a KV chunk's keys and values): on a 2 MiB chunk each costs a few percent of the encode.
     """
     torch_threads = torch.get_num_threads()
     # no more threads than torch's intra-op pool: that is what the process was given (a vLLM worker binds its
@@ -210,8 +235,17 @@ def _launches():
 
 def _pieces(nchunks: int, threads: int) -> None:
     """Dynamic scheduling in ~8 pieces per thread: on a shared host a static split waits for the thread whose
-    core another process holds; pieces let the other threads take over."""
-    numba.set_parallel_chunksize(max(1, nchunks // (8 * threads)))
+    core another process holds; pieces let the other threads take over. numba keeps the size per thread; it is
+    set again only when it changes (~1 us a call, more right after a launch; a KV chunk's keys and values
+    have the same number of chunks)."""
+    size = max(1, nchunks // (8 * threads))
+    if getattr(_CHUNKSIZE, "size", None) != size:
+        numba.set_parallel_chunksize(size)
+        _CHUNKSIZE.size = size
+
+
+#: the parallel chunk size :func:`_pieces` last set on each thread
+_CHUNKSIZE = threading.local()
 
 
 #: layouts kept per codec module (:func:`remember`): at most this many, oldest out first
@@ -271,24 +305,25 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
 def _encode(x, g: Geometry, qmax: int, pack4: bool, codes, scales, measure: int, threads: int,
             digests: np.ndarray = None, sdigests: np.ndarray = _NO_DIGESTS) -> tuple[tuple[float, ...], int]:
     """One launch: (the ``measure`` sums, how many scales are not finite); ``scales`` is uint8."""
-    per = _per(g, pack4)
-    nchunks = -(-g.U * g.H * g.T * -(-g.n // g.group) // per)
-    width = (0, 2, 3, 3)[measure]
-    err = np.zeros(width * nchunks, dtype=np.float64) if width else _NO_SUMS
-    _pieces(nchunks, threads)
+    width = _WIDTH[measure]
+    err = np.zeros(width * g.nchunks, dtype=np.float64) if width else _NO_SUMS
+    _pieces(g.nchunks, threads)
     bad = _kernel("ENCODE", (g.post == 1, pack4, measure))(
-        x, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, np.float32(qmax), per, codes, scales, err,
-        _base.SEGMENT, _NO_DIGESTS if digests is None else digests, sdigests)
-    return (tuple(err.reshape(nchunks, width).sum(axis=0).tolist()) if width else ()), bad
+        x, *g.dims, np.float32(qmax), g.per, codes, scales, err, _base.SEGMENT,
+        _NO_DIGESTS if digests is None else digests, sdigests)
+    return (tuple(err.reshape(g.nchunks, width).sum(axis=0).tolist()) if width else ()), bad
+
+
+#: sums per chunk of each ``measure``
+_WIDTH = (0, 2, 3, 3)
 
 
 
 def _kernel_digests(g: Geometry, pack4: bool, ncodes: int) -> np.ndarray | None:
     """A digests array when each kernel chunk's codes fill whole :data:`SEGMENT`s (the kernel then hashes them),
     else None (the payload writer hashes the buffer after the launch). Default groups always fill them."""
-    per = _per(g, pack4)
     gsize = g.group * g.post
-    chunk = per * gsize // 2 if pack4 else per * gsize
+    chunk = g.per * gsize // 2 if pack4 else g.per * gsize
     if chunk % _base.SEGMENT or not ncodes:
         return None
     return np.empty(-(-ncodes // _base.SEGMENT), dtype=np.uint64)
@@ -303,20 +338,17 @@ def decode(out: np.ndarray, g: Geometry, pack4: bool, codes: np.ndarray, scales:
 
 def _decode(out, g: Geometry, pack4: bool, codes, scales, threads: int, digests: np.ndarray = None,
             sdigests: np.ndarray = _NO_DIGESTS) -> None:
-    per = _per(g, pack4)
-    _pieces(-(-g.U * g.H * g.T * -(-g.n // g.group) // per), threads)
+    _pieces(g.nchunks, threads)
     _kernel("DECODE", (g.post == 1, pack4))(
-        out, g.base, g.U, g.su, g.H, g.sh, g.T, g.st, g.n, g.post, g.group, per, codes, scales,
-        _base.SEGMENT, _NO_DIGESTS if digests is None else digests, sdigests)
+        out, *g.dims, g.per, codes, scales, _base.SEGMENT, _NO_DIGESTS if digests is None else digests, sdigests)
 
 
 def _nscales(g: Geometry) -> int:
-    return g.U * g.H * g.T * (-(-g.n // g.group)) * g.post
+    return g.nscales
 
 
 def _ncodes(g: Geometry, pack4: bool) -> int:
-    count = _nscales(g) * g.group
-    return (count + 1) // 2 if pack4 else count
+    return (g.count + 1) // 2 if pack4 else g.count
 
 
 def error_bound(e2: float, x2: float, numel: int, dtype: torch.dtype) -> float:

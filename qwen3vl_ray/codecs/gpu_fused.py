@@ -26,7 +26,7 @@ import threading
 import torch
 
 from qwen3vl_ray.codecs import blocked as B
-from qwen3vl_ray.codecs.fused import Geometry
+from qwen3vl_ray.codecs.fused import Geometry, _ncodes, _nscales
 from qwen3vl_ray.codecs.groups import TINY
 from qwen3vl_ray.errors import CodecError
 
@@ -96,15 +96,6 @@ def supports(g: Geometry, pack4: bool) -> bool:
     if pack4 and (g.group % 2 if g.post == 1 else g.post % 2):
         return False
     return True
-
-
-def _ncodes(g: Geometry, pack4: bool) -> int:
-    count = g.U * g.H * g.T * -(-g.n // g.group) * g.group * g.post
-    return (count + 1) // 2 if pack4 else count
-
-
-def _nscales(g: Geometry) -> int:
-    return g.U * g.H * g.T * -(-g.n // g.group) * g.post
 
 
 def _p2(v: int) -> int:
