@@ -28,6 +28,7 @@ import math
 import os
 import struct
 import sys
+import threading
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Sequence
 
@@ -259,6 +260,18 @@ def _no_constant(name: str):
     raise CodecError(f"corrupt payload header: {name} where a number belongs")
 
 
+def remember(table: dict, key, value, kept: int = 256):
+    """Keep ``value`` under ``key`` in a cache of at most ``kept`` entries (the oldest goes first) and return
+    it. Tiers encode and decode from several threads: the eviction takes a lock (a miss is rare; a hit reads the
+    dict without one)."""
+    with _REMEMBER_LOCK:
+        if len(table) >= kept:
+            table.pop(next(iter(table)))
+        table[key] = value
+    return value
+
+
+_REMEMBER_LOCK = threading.Lock()
 #: parsed header metas by their bytes (entries of one kind repeat them; parsing one cost ~3-10 us of a 2 MiB
 #: chunk's decode): at most METAS_KEPT, oldest out first. Decoders read a meta, never change it.
 _METAS: dict[bytes, dict[str, Any]] = {}
@@ -287,9 +300,7 @@ def _unpack(payload: Buffer, verify: bool = True):
             meta = _JSON.decode(raw.decode())
             if not isinstance(meta, dict):
                 raise CodecError(f"corrupt payload header: its meta is a {type(meta).__name__}, not an object")
-            if len(_METAS) >= METAS_KEPT:
-                _METAS.pop(next(iter(_METAS)))
-            _METAS[raw] = meta
+            remember(_METAS, raw, meta, METAS_KEPT)
         (nbuf,) = struct.unpack_from("<H", mv, pos); pos += 2
         lengths = struct.unpack_from(f"<{nbuf}Q", mv, pos); pos += 8 * nbuf
         header_end = pos

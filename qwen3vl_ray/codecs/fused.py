@@ -175,7 +175,7 @@ class Geometry:
     group: int
 
     #: derived once (a codec keeps its geometries per layout): the kernels' integer arguments, groups per
-    #: parallel chunk (:func:`_per`), chunks, scales, and codes before int4 packing
+    #: parallel chunk, chunks, scales, and codes before int4 packing
     dims: tuple = field(init=False, repr=False, compare=False)
     per: int = field(init=False, repr=False, compare=False)
     nchunks: int = field(init=False, repr=False, compare=False)
@@ -217,9 +217,9 @@ _SERIAL: dict[tuple, object] = {}
 def _launches():
     """Threads for the launches inside (the caller holds :data:`_LOCK`); yields their count.
 
-    numba's OpenMP layer sets the calling thread's OpenMP thread count, which torch's
-    intra-op pool shares (one libgomp): torch's setting is put back afterwards. One setup serves every part of
-    a payload (a KV chunk's keys and values): on a 2 MiB chunk each costs a few percent of the encode.
+    numba's OpenMP layer sets the calling thread's OpenMP thread count, which torch's intra-op pool shares
+    (one libgomp): torch's setting is put back afterwards. One setup serves every part of a payload (a KV
+    chunk's keys and values): on a 2 MiB chunk each costs a few percent of the encode.
     """
     torch_threads = torch.get_num_threads()
     # no more threads than torch's intra-op pool: that is what the process was given (a vLLM worker binds its
@@ -255,10 +255,7 @@ LAYOUTS_KEPT = 256
 def remember(table: dict, key, value):
     """Keep ``value`` under ``key`` in a per-layout table of at most :data:`LAYOUTS_KEPT` entries (the oldest goes
     first) and return it: the codecs keep each shape's geometry, buffer lengths and header this way."""
-    if len(table) >= LAYOUTS_KEPT:
-        table.pop(next(iter(table)))
-    table[key] = value
-    return value
+    return _base.remember(table, key, value, LAYOUTS_KEPT)
 
 
 def _kernel(table: str, flags: tuple):
@@ -316,7 +313,6 @@ def _encode(x, g: Geometry, qmax: int, pack4: bool, codes, scales, measure: int,
 
 #: sums per chunk of each ``measure``
 _WIDTH = (0, 2, 3, 3)
-
 
 
 def _kernel_digests(g: Geometry, pack4: bool, ncodes: int) -> np.ndarray | None:
@@ -436,7 +432,7 @@ def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool,
     """
     buffers = writer.buffers
     measure = int(measure)
-    total = [0.0] * (0, 2, 3, 3)[measure]
+    total = [0.0] * _WIDTH[measure]
     for i, g in enumerate(parts):
         if buffers[2 * i].nbytes != _ncodes(g, pack4) or buffers[2 * i + 1].nbytes != 4 * _nscales(g):
             raise AssertionError(f"payload buffers {buffers[2 * i].nbytes}/{buffers[2 * i + 1].nbytes} B do not fit {g}")
