@@ -278,8 +278,8 @@ _NO_SUMS = np.zeros(0, dtype=np.float64)
 _NO_DIGESTS = np.zeros(0, dtype=np.uint64)
 
 
-def _scale_digests(nbytes: int) -> np.ndarray:
-    """The array the kernels hash a scales buffer of ``nbytes`` into (one digest per :data:`base.SEGMENT`)."""
+def _segment_array(nbytes: int) -> np.ndarray:
+    """The array the kernels hash a buffer of ``nbytes`` into (one digest per :data:`base.SEGMENT`)."""
     return np.empty(-(-nbytes // _base.SEGMENT), dtype=np.uint64)
 
 
@@ -322,7 +322,7 @@ def _kernel_digests(g: Geometry, pack4: bool, ncodes: int) -> np.ndarray | None:
     chunk = g.per * gsize // 2 if pack4 else g.per * gsize
     if chunk % _base.SEGMENT or not ncodes:
         return None
-    return np.empty(-(-ncodes // _base.SEGMENT), dtype=np.uint64)
+    return _segment_array(ncodes)
 
 
 def decode(out: np.ndarray, g: Geometry, pack4: bool, codes: np.ndarray, scales: np.ndarray) -> None:
@@ -337,10 +337,6 @@ def _decode(out, g: Geometry, pack4: bool, codes, scales, threads: int, digests:
     _pieces(g.nchunks, threads)
     _kernel("DECODE", (g.post == 1, pack4))(
         out, *g.dims, g.per, codes, scales, _base.SEGMENT, _NO_DIGESTS if digests is None else digests, sdigests)
-
-
-def _nscales(g: Geometry) -> int:
-    return g.nscales
 
 
 def _ncodes(g: Geometry, pack4: bool) -> int:
@@ -434,14 +430,14 @@ def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool,
     measure = int(measure)
     total = [0.0] * _WIDTH[measure]
     for i, g in enumerate(parts):
-        if buffers[2 * i].nbytes != _ncodes(g, pack4) or buffers[2 * i + 1].nbytes != 4 * _nscales(g):
+        if buffers[2 * i].nbytes != _ncodes(g, pack4) or buffers[2 * i + 1].nbytes != 4 * g.nscales:
             raise AssertionError(f"payload buffers {buffers[2 * i].nbytes}/{buffers[2 * i + 1].nbytes} B do not fit {g}")
     with _LOCK, _launches() as threads:  # one thread setup for every part
         for i, g in enumerate(parts):
             codes = np.frombuffer(buffers[2 * i], dtype=np.uint8)
             scales = np.frombuffer(buffers[2 * i + 1], dtype=np.uint8)
             digests = _kernel_digests(g, pack4, codes.size)
-            sdigests = _scale_digests(scales.size)
+            sdigests = _segment_array(scales.size)
             got, bad = _encode(x, g, qmax, pack4, codes, scales, measure, threads, digests, sdigests)
             if bad:
                 raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
@@ -460,13 +456,13 @@ def dequantize_parts(out: np.ndarray, parts: list[Geometry], pack4: bool, buffer
     todo = []
     for i, g in enumerate(parts):
         cbuf, sbuf = memoryview(buffers[2 * i]), memoryview(buffers[2 * i + 1])
-        need = (_ncodes(g, pack4), 4 * _nscales(g))
+        need = (_ncodes(g, pack4), 4 * g.nscales)
         if (cbuf.nbytes, sbuf.nbytes) != need:
             raise CodecError(f"corrupt {codec!r} payload: buffers of {[cbuf.nbytes, sbuf.nbytes]} bytes, layout needs {list(need)}")
         codes = np.frombuffer(cbuf, dtype=np.uint8) if need[0] else np.zeros(0, np.uint8)
         scales = np.frombuffer(sbuf, dtype=np.uint8) if need[1] else np.zeros(0, np.uint8)
         d = _kernel_digests(g, pack4, codes.size) if digests is not None else None
-        sd = _scale_digests(scales.size) if digests is not None else _NO_DIGESTS
+        sd = _segment_array(scales.size) if digests is not None else _NO_DIGESTS
         todo.append((g, codes, scales, d, sd))
         if digests is not None:
             digests[2 * i], digests[2 * i + 1] = d, sd

@@ -26,7 +26,7 @@ import threading
 import torch
 
 from qwen3vl_ray.codecs import blocked as B
-from qwen3vl_ray.codecs.fused import Geometry, _ncodes, _nscales
+from qwen3vl_ray.codecs.fused import Geometry, _ncodes
 from qwen3vl_ray.codecs.groups import TINY
 from qwen3vl_ray.errors import CodecError
 
@@ -178,7 +178,7 @@ def quantize_parts(x: torch.Tensor, parts: list[Geometry], qmax: int, pack4: boo
     flat = x.detach().reshape(-1)
     sizes = []
     for g in parts:
-        sizes += [_ncodes(g, pack4), 4 * _nscales(g)]
+        sizes += [_ncodes(g, pack4), 4 * g.nscales]
     for i, size in enumerate(sizes):
         if writer.buffers[i].nbytes != size:
             raise AssertionError(f"payload buffer {i}: {writer.buffers[i].nbytes} B, part needs {size}")
@@ -211,7 +211,7 @@ def dequantize_parts(out: torch.Tensor, parts: list[Geometry], pack4: bool, buff
     and scales go up in one transfer, then each part is dequantized there. Checks buffer sizes."""
     offs, total, views = [], 0, []
     for i, g in enumerate(parts):
-        for j, need in enumerate((_ncodes(g, pack4), 4 * _nscales(g))):
+        for j, need in enumerate((_ncodes(g, pack4), 4 * g.nscales)):
             view = memoryview(buffers[2 * i + j]).cast("B")
             if view.nbytes != need:
                 raise CodecError(f"corrupt {codec!r} payload: buffer of {view.nbytes} bytes, layout needs {need}")
