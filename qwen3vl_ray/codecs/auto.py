@@ -24,8 +24,9 @@ Choices are remembered per tensor kind (shape, dtype, device type): entries of o
 its vision features) are alike, so the next tensor of that kind goes straight to the last winner's
 whole-tensor encode and, when its error meets the budget, takes it without screening. That encode first
 takes only an upper bound of the error (``encode_bounded``, see ``fused.bound_error``): the cheap one (the
-norm's lower bound from the squares of each four inputs' largest, ~10% of a 2 MiB KV chunk's encode, ~2.4-3.4x
-above the true error there), then the full one (every input's square, ~35%, ~1.7-2.4x above), then the exact
+norm's lower bound from the squares of every other group's inputs and the other groups' largest, ~7% of a KV
+chunk's kernel time on one thread, ~2.2-3.1x above the true error there), then the full one (every input's
+square, ~25%, ~1.8-2.5x above), then the exact
 measure (``encode_measured``, ~2.4x an encode), each only where the one before it misses the budget; the kind
 then starts at the check that served until it is screened again (and keeps it when a re-screen confirms the
 winner: a winner that close to the budget stays close). A kind
@@ -196,10 +197,10 @@ class AutoCodec(Codec):
 
     def choose(self, tensor: torch.Tensor) -> tuple[Codec, bytearray]:
         """The winning codec and its payload."""
-        fallback = IdentityCodec()
         if not tensor.is_floating_point() or tensor.numel() == 0:
+            fallback = IdentityCodec()
             return fallback, fallback.encode(tensor)
-        kind = (tuple(tensor.shape), tensor.dtype, tensor.device.type)
+        kind = (tensor.shape, tensor.dtype, tensor.device.type)  # torch.Size hashes as the tuple it is
         with self._memo_lock:
             memo = self._memo.get(kind)
             winner = memo[0] if memo is not None and memo[1] < memo[3] else None
@@ -226,6 +227,7 @@ class AutoCodec(Codec):
                 got = self._trial(winner, tensor)
             if got is not None and len(got[0]) < raw and (winner.lossless or got[1] <= self.max_error):
                 return winner, got[0]
+        fallback = IdentityCodec()
         codec, payload = self._choose_afresh(tensor, fallback)
         with self._memo_lock:
             old = self._memo.pop(kind, None)

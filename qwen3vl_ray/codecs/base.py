@@ -272,39 +272,58 @@ def remember(table: dict, key, value, kept: int = 256):
 
 
 _REMEMBER_LOCK = threading.Lock()
-#: parsed header metas by their bytes (entries of one kind repeat them; parsing one cost ~3-10 us of a 2 MiB
-#: chunk's decode): at most METAS_KEPT, oldest out first. Decoders read a meta, never change it.
-_METAS: dict[bytes, dict[str, Any]] = {}
-METAS_KEPT = 256
+#: parsed headers by their bytes, up to the digest: (codec name, codec version, meta, buffer lengths). Entries of
+#: one kind repeat their header, and parsing one cost ~3-10 us of a 2 MiB chunk's decode: at most HEADERS_KEPT,
+#: oldest out first. Decoders read a meta, never change it.
+_HEADERS: dict[bytes, tuple] = {}
+HEADERS_KEPT = 256
 _JSON = json.JSONDecoder(parse_constant=_no_constant)
+# the header's fields before the name, after it (codec version, meta length), and the buffer count
+_PREFIX = struct.Struct("<4sHB")
+_VERSION_META = struct.Struct("<HI")
+_NBUF = struct.Struct("<H")
+
+
+def _parse_header(header: bytes) -> tuple[str, int, dict[str, Any], tuple[int, ...]]:
+    """(name, version, meta, lengths) of a format version 1 or 2 header (its bytes up to the digest, magic and
+    format already checked); raises ``struct.error``, ``UnicodeDecodeError`` or ``json.JSONDecodeError`` on a
+    malformed one, :class:`CodecError` where its meta is not an object."""
+    pos = _PREFIX.size
+    nlen = header[pos - 1]
+    name = header[pos: pos + nlen].decode(); pos += nlen
+    version, mlen = _VERSION_META.unpack_from(header, pos); pos += _VERSION_META.size
+    meta = _JSON.decode(header[pos: pos + mlen].decode()); pos += mlen
+    if not isinstance(meta, dict):
+        raise CodecError(f"corrupt payload header: its meta is a {type(meta).__name__}, not an object")
+    (nbuf,) = _NBUF.unpack_from(header, pos); pos += _NBUF.size
+    lengths = struct.unpack_from(f"<{nbuf}Q", header, pos); pos += 8 * nbuf
+    if pos != len(header):
+        raise struct.error(f"header of {len(header)} bytes, its fields end at {pos}")
+    return name, version, meta, lengths
 
 
 def _unpack(payload: Buffer, verify: bool = True):
-    """:func:`unpack_payload` plus the digest ``check``; the meta returned is shared (:data:`_METAS`): read it,
+    """:func:`unpack_payload` plus the digest ``check``; the meta returned is shared (:data:`_HEADERS`): read it,
     never change it."""
     mv = memoryview(payload).cast("B") if not isinstance(payload, np.ndarray) else memoryview(payload.view(np.uint8).reshape(-1))
     try:
-        magic, fmt = _HEAD.unpack_from(mv, 0)
+        magic, fmt, nlen = _PREFIX.unpack_from(mv, 0)
         if magic != MAGIC:
             raise CodecError("not a qwen3vl-ray codec payload (bad magic)")
         if fmt not in READ_VERSIONS:
             raise CodecError(f"unsupported payload format version {fmt} (this build reads {', '.join(map(str, READ_VERSIONS))})")
-        pos = _HEAD.size
-        (nlen,) = struct.unpack_from("<B", mv, pos); pos += 1
-        name = bytes(mv[pos: pos + nlen]).decode(); pos += nlen
-        (version,) = struct.unpack_from("<H", mv, pos); pos += 2
-        (mlen,) = struct.unpack_from("<I", mv, pos); pos += 4
-        raw = bytes(mv[pos: pos + mlen]); pos += mlen
-        meta = _METAS.get(raw)
-        if meta is None:
-            meta = _JSON.decode(raw.decode())
-            if not isinstance(meta, dict):
-                raise CodecError(f"corrupt payload header: its meta is a {type(meta).__name__}, not an object")
-            remember(_METAS, raw, meta, METAS_KEPT)
-        (nbuf,) = struct.unpack_from("<H", mv, pos); pos += 2
-        lengths = struct.unpack_from(f"<{nbuf}Q", mv, pos); pos += 8 * nbuf
-        header_end = pos
-        (digest,) = struct.unpack_from("<Q", mv, pos); pos += 8
+        # the header's length from the three fields that give it, then the parse by its bytes
+        pos = _PREFIX.size + nlen
+        mlen = _VERSION_META.unpack_from(mv, pos)[1]
+        pos += _VERSION_META.size + mlen
+        header_end = pos + _NBUF.size + 8 * _NBUF.unpack_from(mv, pos)[0]
+        key = mv[:header_end].tobytes()
+        got = _HEADERS.get(key)
+        if got is None:
+            got = remember(_HEADERS, key, _parse_header(key), HEADERS_KEPT)
+        name, version, meta, lengths = got
+        (digest,) = _U64.unpack_from(mv, header_end)
+        pos = header_end + 8
     except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CodecError(f"truncated or corrupt payload header: {exc}") from exc
     if pos + sum(lengths) != mv.nbytes:

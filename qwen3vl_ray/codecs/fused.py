@@ -41,7 +41,6 @@ launch instead when one thread runs measured slower still (a launch of its own).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -107,15 +106,16 @@ if numba is not None:
 _LAUNCH_PID: int | None = None
 
 #: numpy dtypes the kernels read and write each torch dtype as (bf16 / fp16 differ by signedness only)
+_LITTLE = sys.byteorder == "little"
 _NP = {torch.bfloat16: (torch.uint16, np.uint16), torch.float16: (torch.int16, np.int16),
        torch.float32: (torch.float32, np.float32), torch.float64: (torch.float64, np.float64)}
 
 
 def available(t: torch.Tensor | None = None) -> bool:
     """True when the fused kernels can take ``t`` (CPU, a float dtype they know); None asks about the host."""
-    if not (ENABLED and numba is not None and sys.byteorder == "little"):
+    if not (ENABLED and numba is not None and _LITTLE):
         return False
-    return t is None or (t.device.type == "cpu" and t.dtype in _NP)
+    return t is None or (t.is_cpu and t.dtype in _NP)
 
 
 def hashing_available() -> bool:
@@ -213,24 +213,31 @@ def kv_parts(shape: list[int] | tuple[int, ...], cut: int, group: int, vgroup: i
 _SERIAL: dict[tuple, object] = {}
 
 
-@contextlib.contextmanager
-def _launches():
-    """Threads for the launches inside (the caller holds :data:`_LOCK`); yields their count.
+class _launches:
+    """Threads for the launches inside (the caller holds :data:`_LOCK`); ``with`` gives their count.
 
     numba's OpenMP layer sets the calling thread's OpenMP thread count, which torch's intra-op pool shares
     (one libgomp): torch's setting is put back afterwards. One setup serves every part of a payload (a KV
-    chunk's keys and values): on a 2 MiB chunk each costs a few percent of the encode.
+    chunk's keys and values): on a 2 MiB chunk each costs a few percent of the encode. numba keeps its count
+    per thread; it is set again only when it changes (~1.2 us a call). A class, not a generator: ~1 us less
+    per payload.
     """
-    torch_threads = torch.get_num_threads()
-    # no more threads than torch's intra-op pool: that is what the process was given (a vLLM worker binds its
-    # cores and then refuses torch.set_num_threads, so a wider numba launch would stay wider for good)
-    threads = min(_threads(), torch_threads)
-    numba.set_num_threads(threads)
-    try:
-        yield threads
-    finally:
-        if torch.get_num_threads() != torch_threads:
-            torch.set_num_threads(torch_threads)
+
+    __slots__ = ("torch_threads",)
+
+    def __enter__(self) -> int:
+        self.torch_threads = torch.get_num_threads()
+        # no more threads than torch's intra-op pool: that is what the process was given (a vLLM worker binds
+        # its cores and then refuses torch.set_num_threads, so a wider numba launch would stay wider for good)
+        threads = min(_threads(), self.torch_threads)
+        if getattr(_NUMBA_SET, "threads", None) != threads:
+            numba.set_num_threads(threads)
+            _NUMBA_SET.threads = threads
+        return threads
+
+    def __exit__(self, *exc) -> None:
+        if torch.get_num_threads() != self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
 
 
 def _pieces(nchunks: int, threads: int) -> None:
@@ -239,13 +246,15 @@ def _pieces(nchunks: int, threads: int) -> None:
     set again only when it changes (~1 us a call, more right after a launch; a KV chunk's keys and values
     have the same number of chunks)."""
     size = max(1, nchunks // (8 * threads))
-    if getattr(_CHUNKSIZE, "size", None) != size:
+    if getattr(_NUMBA_SET, "size", None) != size:
         numba.set_parallel_chunksize(size)
-        _CHUNKSIZE.size = size
+        _NUMBA_SET.size = size
 
 
-#: the parallel chunk size :func:`_pieces` last set on each thread
-_CHUNKSIZE = threading.local()
+#: what :class:`_launches` and :func:`_pieces` last set on each thread (numba keeps both per thread): its thread
+#: count (``threads``) and parallel chunk size (``size``). Code elsewhere in the process that sets either on
+#: the same thread leaves these stale; that changes how the work is scheduled, never its results.
+_NUMBA_SET = threading.local()
 
 
 #: layouts kept per codec module (:func:`remember`): at most this many, oldest out first
@@ -274,7 +283,6 @@ def _kernel(table: str, flags: tuple):
     return _SERIAL[table, flags]
 
 
-_NO_SUMS = np.zeros(0, dtype=np.float64)
 _NO_DIGESTS = np.zeros(0, dtype=np.uint64)
 
 
@@ -302,16 +310,14 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
 def _encode(x, g: Geometry, qmax: int, pack4: bool, codes, scales, measure: int, threads: int,
             digests: np.ndarray = None, sdigests: np.ndarray = _NO_DIGESTS) -> tuple[tuple[float, ...], int]:
     """One launch: (the ``measure`` sums, how many scales are not finite); ``scales`` is uint8."""
-    width = _WIDTH[measure]
-    err = np.zeros(width * g.nchunks, dtype=np.float64) if width else _NO_SUMS
     _pieces(g.nchunks, threads)
-    bad = _kernel("ENCODE", (g.post == 1, pack4, measure))(
-        x, *g.dims, np.float32(qmax), g.per, codes, scales, err, _base.SEGMENT,
+    bad, *sums = _kernel("ENCODE", (g.post == 1, pack4, measure))(
+        x, *g.dims, np.float32(qmax), g.per, codes, scales, _base.SEGMENT,
         _NO_DIGESTS if digests is None else digests, sdigests)
-    return (tuple(err.reshape(g.nchunks, width).sum(axis=0).tolist()) if width else ()), bad
+    return tuple(sums[:_WIDTH[measure]]), bad
 
 
-#: sums per chunk of each ``measure``
+#: how many of the kernel's sums each ``measure`` fills
 _WIDTH = (0, 2, 3, 3)
 
 
@@ -373,10 +379,10 @@ def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype
     subnormal terms and ``B`` the relative ones (``u`` and the 2^-2x roundings). Dividing by ``||x||``, which is
     at least ``||f||`` (within the float64 rounding) and at least ``X``, the norm's lower bound: the relative
     error is at most ``sqrt((A / X + B)^2 + zz / X^2)``. Only a lower bound of the norm is needed, which is
-    what lets the kernels take it cheaply: ``measure`` 3 sums the squares of some inputs only (each four's
-    largest), ~1.3-1.7x below the norm on KV chunks. Half a step per element is what a code can lose at most;
-    uniform rounding loses ``1/sqrt(12)`` of a step on average, so the full bound sits ~1.7-2.4x above the true
-    error (the cheap one ~2.4-3.4x), plus ``u`` (~0.4% for bf16): it proves a budget with room to spare;
+    what lets the kernels take it cheaply: ``measure`` 3 squares the inputs of one group in
+    ``fused_kernels.BOUND_STRIDE`` (2) and takes the others' largest, ~1.2-1.4x below the norm on KV chunks.
+    Half a step per element is what a code can lose at most; uniform rounding loses ``1/sqrt(12)`` of a step on
+    average, so the full bound sits ~1.7-2.5x above the true error (the cheap one ~2.2-3.1x), plus ``u`` (~0.4% for bf16): it proves a budget with room to spare;
     :func:`error_bound`'s exact sums decide the close calls.
     """
     sq, f2_lo, zz = sums
@@ -403,13 +409,12 @@ def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype
     return math.sqrt((a / lo + b) ** 2 + zz * (1 + 2.0 ** -40) / (lo * lo)) * (1 + 2.0 ** -30) + 2.0 ** -30
 
 
-def _bound_sums(g: Geometry, qmax: int, raw: tuple[float, ...]) -> tuple[float, float, float]:
+def _bound_sums(g: Geometry, qmax: int, lanes: float, q2: float, z2: float) -> tuple[float, float, float]:
     """:func:`bound_error`'s ``(sq, f2_lo, zz)`` of one part from the kernel's ``measure`` 2 or 3 sums
-    ``(lanes, q2, z2)``: every group holds at most ``group`` elements per scale (``sq = group * q2``); a group
+    ``lanes, q2, z2``: every group holds at most ``group`` elements per scale (``sq = group * q2``); a group
     stored as zeros (amax <= TINY) errs by its inputs, each <= amax = qmax * scale (within 2^-23); the lanes'
-    float32 sums (squares of inputs, or of some of them) are rounded down by their worst case (at most
-    CHUNK_ELEMS + 1 terms per lane)."""
-    lanes, q2, z2 = raw
+    float32 sums (squares of inputs, or of some of them, plus the cheap bound's float64 sum of the other groups'
+    squared amax) are rounded down by their worst case (at most CHUNK_ELEMS + 1 terms per lane)."""
     gam = (CHUNK_ELEMS + 3) * 2.0 ** -24
     gam /= 1 - gam
     return g.group * q2, lanes / (1 + gam) * (1 - 2.0 ** -40), g.group * z2 * (qmax * (1 + 2.0 ** -22)) ** 2
@@ -420,32 +425,37 @@ def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool,
     """Quantize each part of ``x`` into the payload ``writer``'s buffers ``codes_i, scales_i`` (in order); the
     kernels hash the codes as they write them into ``writer.digests`` (see :func:`_kernel_digests`); with
     ``measure``, returns the parts' summed sums (see :func:`encode`; ``measure`` 2 and 3: :func:`bound_error`'s,
-    its norm bound from every input's square (2) or, cheaper and looser, from some inputs' (3: per-lane maxima,
-    see ``fused_kernels.ENCODE``)).
+    its norm bound from every input's square (2) or, cheaper and looser, from some inputs' (3: one group's in
+    ``fused_kernels.BOUND_STRIDE`` and the others' largest, see ``fused_kernels.ENCODE``)).
 
     The kernels write the scales straight into the payload (unaligned float32 stores), hash them, and count
     those that are not finite (a NaN or inf input): the tensor is then refused.
     """
     buffers = writer.buffers
     measure = int(measure)
-    total = [0.0] * _WIDTH[measure]
     for i, g in enumerate(parts):
         if buffers[2 * i].nbytes != _ncodes(g, pack4) or buffers[2 * i + 1].nbytes != 4 * g.nscales:
             raise AssertionError(f"payload buffers {buffers[2 * i].nbytes}/{buffers[2 * i + 1].nbytes} B do not fit {g}")
+    s0 = s1 = s2 = 0.0
     with _LOCK, _launches() as threads:  # one thread setup for every part
         for i, g in enumerate(parts):
             codes = np.frombuffer(buffers[2 * i], dtype=np.uint8)
             scales = np.frombuffer(buffers[2 * i + 1], dtype=np.uint8)
             digests = _kernel_digests(g, pack4, codes.size)
             sdigests = _segment_array(scales.size)
-            got, bad = _encode(x, g, qmax, pack4, codes, scales, measure, threads, digests, sdigests)
+            _pieces(g.nchunks, threads)
+            bad, a, b, c = _kernel("ENCODE", (g.post == 1, pack4, measure))(
+                x, *g.dims, np.float32(qmax), g.per, codes, scales, _base.SEGMENT,
+                _NO_DIGESTS if digests is None else digests, sdigests)
             if bad:
                 raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
             writer.digests[2 * i], writer.digests[2 * i + 1] = digests, sdigests
             if measure >= 2:
-                got = _bound_sums(g, qmax, got)
-            total = [a + b for a, b in zip(total, got)]
-    return tuple(total)
+                a, b, c = _bound_sums(g, qmax, a, b, c)
+            s0 += a
+            s1 += b
+            s2 += c
+    return (s0, s1, s2)[:_WIDTH[measure]]
 
 
 def dequantize_parts(out: np.ndarray, parts: list[Geometry], pack4: bool, buffers, codec: str,

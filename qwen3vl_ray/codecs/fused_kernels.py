@@ -113,8 +113,9 @@ def _get_f32(typingctx, buf, at):
     return sig, codegen
 
 
-#: lanes of the cheap bound's per-lane maxima in a row group (``measure`` 3; one AVX-512 vector of uint32 keys)
-LANES = 16
+#: the cheap bound (``measure`` 3) squares the inputs of one group in this many (the first of each run of them in
+#: the flat group order) and takes each other group's largest input (its amax, known anyway) in its place
+BOUND_STRIDE = 2
 #: llvm.prefetch locality: 3 (prefetcht0, L1), 2 (prefetcht1, L2)
 PREFETCH_LOCALITY = 2
 #: how far ahead of the loads the encode kernels ask for the input (bytes)
@@ -386,39 +387,26 @@ def _next_group(u, h, t, gi, G, H, T):
 
 
 @numba.njit(inline="always")
-def _amax_rows_cheap(x, xs, mlen, xl):
-    """The largest key of the row group ``xs[:mlen]``, adding to the lanes ``xl`` the squares of some of its
-    inputs (the cheap bound's norm, ``measure`` 3): per block of four rows of ``LANES``, each lane's largest of
-    its four (distinct elements, so the squares sum below the group's); the tail's largest. Written out four
-    rows at a time, the maxima stay in registers (a lane array stored per row ran 10x slower, measured)."""
-    m = _key0(x)
-    block = 4 * LANES
-    jb = mlen // block * block
-    for j in range(0, jb, block):
-        for lane in range(LANES):
-            b0 = _key(xs, j + lane)
-            b1 = _key(xs, j + lane + LANES)
-            b2 = _key(xs, j + lane + 2 * LANES)
-            b3 = _key(xs, j + lane + 3 * LANES)
-            b0 = b0 if b0 > b1 else b1
-            b2 = b2 if b2 > b3 else b3
-            b0 = b0 if b0 > b2 else b2
-            m = b0 if b0 > m else m
-            f = _unkey(x, b0)
-            xl[lane] += f * f
-    mt = _key0(x)
-    for j in range(jb, mlen):
-        b = _key(xs, j)
-        mt = b if b > mt else mt
-    f = _unkey(x, mt)
-    xl[0] += f * f
-    return mt if mt > m else m
+def _max4(xs, k, post, m):
+    """The largest of ``m`` and the keys of ``xs[k + i * post]``, ``i`` < 4 (four rows of one channel)."""
+    b0 = _key(xs, k)
+    b1 = _key(xs, k + post)
+    b2 = _key(xs, k + 2 * post)
+    b3 = _key(xs, k + 3 * post)
+    b0 = b0 if b0 > b1 else b1
+    b2 = b2 if b2 > b3 else b3
+    b0 = b0 if b0 > b2 else b2
+    return b0 if b0 > m else m
 
 
 @numba.njit(inline="always")
-def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err, rows, measure,
+def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, rows, measure,
                  seg, digests, sdigests):
     G, items, gsize, nchunks = _split(U, H, T, n, group, post, per)
+    # the measure's sums per chunk, added up in chunk order after the parallel loop (the same sums on any number of
+    # threads); summed here rather than by numpy after the launch, which cost ~3 us per part
+    width = 3 if measure >= 2 else 2 if measure else 0
+    err = np.zeros(width * nchunks, np.float64)
     bad = 0  # groups whose scale is not finite (a NaN or inf input): the caller refuses the tensor
     for c in prange(nchunks):
         i0 = c * per
@@ -430,18 +418,19 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
         # still-spinning OpenMP workers for the cores (measured ~3.5 ms median per call on two cores)
         q2 = 0.0
         z2 = 0.0
+        # the cheap bound (measure == 3): squared amax of the quantized groups whose inputs it does not square
+        a2 = 0.0
         amax = _keys(x, post)
         inv = np.empty(post, np.float32)
         scl = np.empty(post, np.float32)
         # per-channel error sums in code units (measure only): one lane per channel, no reduction to reorder
         ek = np.zeros(post if measure == 1 and post > 1 else 0, np.float32)
         yk = np.zeros(post if measure == 1 and post > 1 else 0, np.float32)
-        # bound (measure == 2): squared float32 inputs in per-lane float32 sums (one lane per channel, or per
+        # bound (measure >= 2): squared float32 inputs in per-lane float32 sums (one lane per channel, or per
         # position in a row's group: no reduction to reorder, so the loops stay vectorized); the rest of the
-        # bound comes from the scales (fused.quantize_parts). The cheap bound (measure == 3): the same lanes
-        # (LANES of them for row groups) sum the squares of some inputs only
-        xl = np.zeros((post if post > 1 else group) if measure == 2 else (post if post > 1 else LANES) if measure == 3
-                      else 0, np.float32)
+        # bound comes from the scales (fused.quantize_parts). The cheap bound (measure == 3) sums them over one
+        # group in BOUND_STRIDE only: the others run the plain loops, so it costs a fraction of the full one
+        xl = np.zeros((post if post > 1 else group) if measure >= 2 else 0, np.float32)
         # int4 packs straight into the payload when every group (or, per channel, every row) starts on a
         # byte; else (odd sizes) and when measuring, nibbles go through the chunk's scratch first
         direct = pack4 and (group % 2 == 0 if post == 1 else post % 2 == 0)
@@ -459,16 +448,15 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
             # codes of this group: codes[cb:] for int8, nib[nb:] (chunk scratch) for int4
             cb = it * gsize
             nb = (it - i0) * gsize
+            # this group's inputs are squared (the bound; the cheap one: one group in BOUND_STRIDE)
+            squares = measure == 2 or (measure == 3 and it % BOUND_STRIDE == 0)
             if rows:
                 m = _key0(x)
                 xs = x[src + j0: src + j1]
-                if measure == 3:
-                    m = _amax_rows_cheap(x, xs, j1 - j0, xl)
-                else:
-                    for j in range(j1 - j0):
-                        b = _key(xs, j)
-                        m = b if b > m else m
-                if measure == 2:  # a loop of its own: in the max loop it costs 3x more (measured)
+                for j in range(j1 - j0):
+                    b = _key(xs, j)
+                    m = b if b > m else m
+                if squares:  # a loop of its own: in the max loop it costs 3x more (measured)
                     for j in range(j1 - j0):
                         f = _load(xs, j)
                         xl[j] += f * f
@@ -482,6 +470,8 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                     sc = np.float64(sa)
                     if s > 0:
                         q2 += sc * sc
+                        if not squares:
+                            a2 += np.float64(a) * np.float64(a)
                     else:
                         z2 += sc * sc
                 if direct:
@@ -525,27 +515,20 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                     xs = x[src + j * post: src + (j + 4) * post]
                     for p in range(0, 4 * post, line):
                         _prefetch(x, min(src + j * post + ahead + p, last))
-                    for k in range(post):
-                        b0 = _key(xs, k)
-                        b1 = _key(xs, k + post)
-                        b2 = _key(xs, k + 2 * post)
-                        b3 = _key(xs, k + 3 * post)
-                        b0 = b0 if b0 > b1 else b1
-                        b2 = b2 if b2 > b3 else b3
-                        b0 = b0 if b0 > b2 else b2
-                        amax[k] = b0 if b0 > amax[k] else amax[k]
-                        if measure == 2:  # the bound's squares in the same pass (any order: one sum per lane)
+                    if squares:  # the bound's squares in the same pass (any order: one sum per lane)
+                        for k in range(post):
+                            amax[k] = _max4(xs, k, post, amax[k])
                             f0 = _load(xs, k)
                             f1 = _load(xs, k + post)
                             f2 = _load(xs, k + 2 * post)
                             f3 = _load(xs, k + 3 * post)
                             xl[k] += (f0 * f0 + f1 * f1) + (f2 * f2 + f3 * f3)
-                        elif measure == 3:  # the cheap bound: only the square of the four rows' largest
-                            f0 = _unkey(x, b0)
-                            xl[k] += f0 * f0
+                    else:
+                        for k in range(post):
+                            amax[k] = _max4(xs, k, post, amax[k])
                 for j in range(jq, j1):
                     xs = x[src + j * post: src + (j + 1) * post]
-                    if measure >= 2:
+                    if squares:
                         for k in range(post):
                             b = _key(xs, k)
                             amax[k] = b if b > amax[k] else amax[k]
@@ -569,6 +552,9 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                         sc = np.float64(scl[k])
                         if inv[k] > 0:
                             q2 += sc * sc
+                            if not squares:
+                                am = np.float64(_unkey(x, amax[k]))
+                                a2 += am * am
                         else:
                             z2 += sc * sc
                 for j in range(j0, j0 + group):
@@ -631,7 +617,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
         if measure >= 2:
             for j in range(xl.size):
                 x2 += np.float64(xl[j])
-            err[3 * c] = x2
+            err[3 * c] = x2 + a2
             err[3 * c + 1] = q2
             err[3 * c + 2] = z2
         elif measure:
@@ -639,7 +625,15 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
             err[2 * c + 1] = x2
     # the scales' digests, after every chunk wrote its own (their segments span chunks): ~1 us per 32 KiB
     _hash_range(scales, 0, scales.size, seg, sdigests)
-    return bad
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    for c in range(nchunks if width else 0):
+        s0 += err[width * c]
+        s1 += err[width * c + 1]
+        if width == 3:
+            s2 += err[width * c + 2]
+    return bad, s0, s1, s2
 
 
 # nibble values as float32 minus 8 in float32 (exact for 0..15): the int arithmetic ``int32(v) - 8`` types as
@@ -732,8 +726,8 @@ def _decode_body(out, base, U, su, H, sh, T, st, n, post, group, pack4, per, cod
 # one thread: 14.6 vs 21.2 GB/s). Each specialization compiles on its first use per dtype and is cached on disk.
 
 def _encode_kernel(rows: bool, pack4: bool, measure: int):
-    def kernel(x, base, U, su, H, sh, T, st, n, post, group, qmax, per, codes, scales, err, seg, digests, sdigests):
-        return _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, err, rows,
+    def kernel(x, base, U, su, H, sh, T, st, n, post, group, qmax, per, codes, scales, seg, digests, sdigests):
+        return _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, rows,
                             measure, seg, digests, sdigests)
     # distinct names: numba's on-disk cache tells closures of one source line apart by them
     kernel.__name__ = kernel.__qualname__ = f"encode_{'rows' if rows else 'cols'}_{'int4' if pack4 else 'int8'}{('', '_measure', '_bound', '_cheap_bound')[measure]}"
@@ -750,14 +744,15 @@ def _decode_kernel(rows: bool, pack4: bool):
 
 _FLAGS = (False, True)
 #: ``ENCODE[rows, pack4, measure]``: quantize one part of ``x`` into ``codes`` and ``scales`` (the payload's uint8
-#: buffers: float32 scales at any alignment), returning how many scales are not finite; ``measure`` 1: ``err``
-#: gets per-chunk (squared error, squared norm) of the decoded values, 2: per-chunk (squared float32 inputs (in
-#: lanes: a channel's over the ``group`` rows of a group, a row position's over the chunk's groups), squared
-#: scales of the quantized groups, squared scales of the groups stored as zeros), 3: as 2, but squares of only
-#: some inputs (a lower bound of the norm at a fraction of the cost: per channel the largest of each four rows,
-#: per row group each lane's largest of each four rows of ``LANES``); ``digests`` (unless empty) gets the xxh3_64
-#: of each ``seg``-byte segment of ``codes`` (each chunk's codes must fill whole segments); ``sdigests`` gets
-#: those of ``scales`` (always: their pass is serial, after the chunks)
+#: buffers: float32 scales at any alignment), returning ``(bad, s0, s1, s2)``: how many scales are not finite,
+#: and the measure's sums (zeros without one). ``measure`` 1: (squared error, squared norm) of the decoded
+#: values; 2: (squared float32 inputs (in per-lane float32 sums: a channel's over the ``group`` rows of a group,
+#: a row position's over a chunk's groups), squared scales of the quantized groups, squared scales of the groups
+#: stored as zeros); 3: as 2, but the first sum squares the inputs of one group in ``BOUND_STRIDE`` only and
+#: takes each other quantized group's squared amax (per channel, such a group has ``post``): a lower bound of the
+#: norm at a fraction of the cost. ``digests`` (unless empty) gets the xxh3_64 of each ``seg``-byte segment of
+#: ``codes`` (each chunk's codes must fill whole segments); ``sdigests`` gets those of ``scales`` (always: their
+#: pass is serial, after the chunks)
 ENCODE = {(r, p, m): _encode_kernel(r, p, m) for r in _FLAGS for p in _FLAGS for m in (0, 1, 2, 3)}
 #: ``DECODE[rows, pack4]``: write ``codes * scales`` into one part of ``out`` (``scales``, ``seg``, ``digests`` and
 #: ``sdigests`` as in ENCODE)

@@ -246,7 +246,7 @@ class KVQuantCodec(Codec):
         default parameters), checked against its shape once per layout (:data:`_DECODE_PARTS`)."""
         if len(buffers) != 5 or shape[-4] != 2 or not 0 < cut <= shape[-2]:
             raise CodecError(f"corrupt {self.name!r} payload: shape {shape}, cut {cut}, {len(buffers)} buffers")
-        key = (tuple(shape), cut, repr(meta["k"]), repr(meta["v"]))
+        key = (tuple(shape), cut, tuple(meta["k"]), tuple(meta["v"]))  # TypeError (corrupt) where not flat
         parts = _DECODE_PARTS.get(key)
         if parts is None:
             parts = list(F.kv_parts(shape, cut, int(meta["k"][3]), int(meta["v"][3])))

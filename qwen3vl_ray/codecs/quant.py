@@ -110,8 +110,8 @@ class GroupQuantCodec(Codec):
         """The payload and an upper bound of its ``relative_error`` (:func:`fused.bound_error`: ~1.7x the error
         plus ~0.4% for bf16) from sums the kernel takes as it quantizes, at a fraction of
         :meth:`encode_measured`'s cost; None where the fused path does not run. ``cheap``: the norm's lower
-        bound from the squares of some inputs only (``fused_kernels.ENCODE``'s ``measure`` 3): about a third of
-        the extra cost, the steps' share of the bound ~1.3-1.7x looser."""
+        bound from the squares of one group's inputs in two and the other groups' largest
+        (``fused_kernels.ENCODE``'s ``measure`` 3): about half the extra cost, the bound ~1.1-1.4x looser."""
         if not self._fused(tensor):
             return self.encode(tensor), None
         payload, sums = self._encode_fused(tensor, measure=3 if cheap else 2)
