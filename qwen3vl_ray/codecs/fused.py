@@ -127,7 +127,7 @@ def segment_digests(arr: np.ndarray, seg: int) -> np.ndarray:
     """xxh3_64 of each ``seg``-byte segment of the flat uint8 ``arr`` (the payload format's, see codecs.base),
     on every core."""
     out = np.empty(-(-arr.size // seg), dtype=np.uint64)
-    with _LOCK, _launches() as threads:
+    with _LOCK, _Launches() as threads:
         _pieces(out.size, threads)
         _kernel("SEGMENTS", None)(arr, seg, out)
     return out
@@ -213,7 +213,7 @@ def kv_parts(shape: list[int] | tuple[int, ...], cut: int, group: int, vgroup: i
 _SERIAL: dict[tuple, object] = {}
 
 
-class _launches:
+class _Launches:
     """Threads for the launches inside (the caller holds :data:`_LOCK`); ``with`` gives their count.
 
     numba's OpenMP layer sets the calling thread's OpenMP thread count, which torch's intra-op pool shares
@@ -251,7 +251,7 @@ def _pieces(nchunks: int, threads: int) -> None:
         _NUMBA_SET.size = size
 
 
-#: what :class:`_launches` and :func:`_pieces` last set on each thread (numba keeps both per thread): its thread
+#: what :class:`_Launches` and :func:`_pieces` last set on each thread (numba keeps both per thread): its thread
 #: count (``threads``) and parallel chunk size (``size``). Code elsewhere in the process that sets either on
 #: the same thread leaves these stale; that changes how the work is scheduled, never its results.
 _NUMBA_SET = threading.local()
@@ -303,18 +303,20 @@ def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray
     their inputs' squares exactly. ``measure`` 2 and 3: the raw sums :func:`quantize_parts` turns into
     :func:`bound_error`'s (see ``fused_kernels.ENCODE``). Else ().
     """
-    with _LOCK, _launches() as threads:
-        return _encode(x, g, qmax, pack4, codes, scales.reshape(-1).view(np.uint8), int(measure), threads)[0]
+    with _LOCK, _Launches() as threads:
+        sums = _encode(x, g, qmax, pack4, codes, scales.reshape(-1).view(np.uint8), int(measure), threads)[0]
+        return sums[:_WIDTH[int(measure)]]
 
 
 def _encode(x, g: Geometry, qmax: int, pack4: bool, codes, scales, measure: int, threads: int,
             digests: np.ndarray = None, sdigests: np.ndarray = _NO_DIGESTS) -> tuple[tuple[float, ...], int]:
-    """One launch: (the ``measure`` sums, how many scales are not finite); ``scales`` is uint8."""
+    """One launch: (the kernel's three sums, how many scales are not finite); ``scales`` is uint8. The sums a
+    ``measure`` fills are the first ``_WIDTH[measure]``; the others are zeros."""
     _pieces(g.nchunks, threads)
-    bad, *sums = _kernel("ENCODE", (g.post == 1, pack4, measure))(
+    bad, s0, s1, s2 = _kernel("ENCODE", (g.post == 1, pack4, measure))(
         x, *g.dims, np.float32(qmax), g.per, codes, scales, _base.SEGMENT,
         _NO_DIGESTS if digests is None else digests, sdigests)
-    return tuple(sums[:_WIDTH[measure]]), bad
+    return (s0, s1, s2), bad
 
 
 #: how many of the kernel's sums each ``measure`` fills
@@ -334,7 +336,7 @@ def _kernel_digests(g: Geometry, pack4: bool, ncodes: int) -> np.ndarray | None:
 def decode(out: np.ndarray, g: Geometry, pack4: bool, codes: np.ndarray, scales: np.ndarray) -> None:
     """Write ``codes * scales`` into ``out``'s part ``g`` (``out`` flat, in :func:`as_bits`'s dtype; ``scales``
     float32, or its bytes)."""
-    with _LOCK, _launches() as threads:
+    with _LOCK, _Launches() as threads:
         _decode(out, g, pack4, codes, scales.reshape(-1).view(np.uint8), threads)
 
 
@@ -382,8 +384,8 @@ def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype
     what lets the kernels take it cheaply: ``measure`` 3 squares the inputs of one group in
     ``fused_kernels.BOUND_STRIDE`` (2) and takes the others' largest, ~1.2-1.4x below the norm on KV chunks.
     Half a step per element is what a code can lose at most; uniform rounding loses ``1/sqrt(12)`` of a step on
-    average, so the full bound sits ~1.7-2.5x above the true error (the cheap one ~2.2-3.1x), plus ``u`` (~0.4% for bf16): it proves a budget with room to spare;
-    :func:`error_bound`'s exact sums decide the close calls.
+    average, so the full bound sits ~1.7-2.5x above the true error (the cheap one ~2.2-3.1x), plus ``u`` (~0.4%
+    for bf16): it proves a budget with room to spare; :func:`error_bound`'s exact sums decide the close calls.
     """
     sq, f2_lo, zz = sums
     if not all(map(math.isfinite, (sq, f2_lo, zz, exact_x2))):
@@ -437,16 +439,13 @@ def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool,
         if buffers[2 * i].nbytes != _ncodes(g, pack4) or buffers[2 * i + 1].nbytes != 4 * g.nscales:
             raise AssertionError(f"payload buffers {buffers[2 * i].nbytes}/{buffers[2 * i + 1].nbytes} B do not fit {g}")
     s0 = s1 = s2 = 0.0
-    with _LOCK, _launches() as threads:  # one thread setup for every part
+    with _LOCK, _Launches() as threads:  # one thread setup for every part
         for i, g in enumerate(parts):
             codes = np.frombuffer(buffers[2 * i], dtype=np.uint8)
             scales = np.frombuffer(buffers[2 * i + 1], dtype=np.uint8)
             digests = _kernel_digests(g, pack4, codes.size)
             sdigests = _segment_array(scales.size)
-            _pieces(g.nchunks, threads)
-            bad, a, b, c = _kernel("ENCODE", (g.post == 1, pack4, measure))(
-                x, *g.dims, np.float32(qmax), g.per, codes, scales, _base.SEGMENT,
-                _NO_DIGESTS if digests is None else digests, sdigests)
+            (a, b, c), bad = _encode(x, g, qmax, pack4, codes, scales, measure, threads, digests, sdigests)
             if bad:
                 raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
             writer.digests[2 * i], writer.digests[2 * i + 1] = digests, sdigests
@@ -476,6 +475,6 @@ def dequantize_parts(out: np.ndarray, parts: list[Geometry], pack4: bool, buffer
         todo.append((g, codes, scales, d, sd))
         if digests is not None:
             digests[2 * i], digests[2 * i + 1] = d, sd
-    with _LOCK, _launches() as threads:  # one thread setup for every part
+    with _LOCK, _Launches() as threads:  # one thread setup for every part
         for g, codes, scales, d, sd in todo:
             _decode(out, g, pack4, codes, scales, threads, d, sd)
