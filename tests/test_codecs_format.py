@@ -133,12 +133,28 @@ def test_digest_follows_the_definition(segment, spec, dtype):
     assert torch.equal(decode(p, out=out).view(torch.uint8), y.view(torch.uint8))
 
 
-def test_kernels_hash_default_layouts():
+def test_kernels_hash_default_layouts(monkeypatch):
     """The default groups' codes are hashed inside the kernels (no pass after them); odd groups are not."""
     for pack4 in (False, True):
-        assert fused._kernel_digests(fused.Geometry.plain(64, 128, 1, 128), pack4, 1 << 20) is not None
-        assert fused._kernel_digests(fused.kv_parts([2, 2, 8, 256, 128], 256, 128)[0], pack4, 1 << 20) is not None
-    assert fused._kernel_digests(fused.Geometry.plain(64, 100, 1, 100), False, 6400) is None
+        assert fused._kernel_hashes(fused.Geometry.plain(64, 128, 1, 128), pack4, 1 << 20)
+        assert fused._kernel_hashes(fused.kv_parts([2, 2, 8, 256, 128], 256, 128)[0], pack4, 1 << 20)
+    assert not fused._kernel_hashes(fused.Geometry.plain(64, 100, 1, 100), False, 6400)
+    x = (torch.randn(2, 2, 8, 256, 128, generator=torch.Generator().manual_seed(3)) * 3).to(torch.bfloat16)
+    if not fused.available(x):
+        return
+    # after the launches, only what the kernels did not hash is hashed from Python: here nothing (the KV
+    # chunk's empty residual window has no segment)
+    hashed_after = []
+    real = base.segment_digests
+    monkeypatch.setattr(base, "segment_digests", lambda buf: hashed_after.append(len(buf)) or real(buf))
+    for spec in ("kv-int8", "kv-int4", "int8", "int4"):
+        p = make_codec(spec).encode(x)
+        assert hashed_after == [], spec
+        decode(p)
+        assert hashed_after == [], spec
+        p[len(p) // 2] ^= 1
+        with pytest.raises(CodecError, match="checksum"):
+            decode(p)
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -188,7 +204,7 @@ def test_digest_of_a_real_sized_chunk(spec):
     x = (torch.randn(2, 2, 8, 256, 128, generator=torch.Generator().manual_seed(2)) * 3).to(torch.bfloat16)
     if fused.available(x) and spec.startswith(("int8", "int4", "kv-")) and "axis" not in spec:
         g = fused.Geometry.plain(x.numel() // 128, 128, 1, 128) if not spec.startswith("kv") else fused.kv_parts(x.shape, 256, 128)[0]
-        assert fused._kernel_digests(g, "int4" in spec, 1 << 19) is not None
+        assert fused._kernel_hashes(g, "int4" in spec, 1 << 19)
     p = make_codec(spec).encode(x)
     assert struct.unpack_from("<Q", p, _header_end(p))[0] == expected_digest(p)
     out = torch.empty_like(x)

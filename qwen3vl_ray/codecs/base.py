@@ -191,50 +191,108 @@ def segment_digests(buf: Buffer) -> np.ndarray | bytes:
 
 
 _U64 = struct.Struct("<Q")
-_LITTLE = sys.byteorder == "little"
 
 
-def payload_digest(header: Buffer, digests: Sequence[np.ndarray | bytes]) -> int:
-    """Format version 2's digest from the header bytes and each buffer's :func:`segment_digests`."""
-    h = xxhash.xxh3_64(header)
-    for d in digests:
-        if len(d):
-            h.update(d if isinstance(d, bytes) or _LITTLE else d.astype("<u8"))
-    return h.intdigest()
+def digest_spans(lengths: Sequence[int]) -> tuple[tuple[tuple[int, int], ...], int]:
+    """(each buffer's range in one array of every segment digest of a payload with these buffer lengths, its size)."""
+    spans, nseg = [], 0
+    for n in lengths:
+        k = -(-n // SEGMENT)
+        spans.append((nseg, nseg + k))
+        nseg += k
+    return tuple(spans), nseg
+
+
+class SegmentDigests:
+    """One payload's segment digests: every buffer's in one uint64 little-endian ``array``, buffer i's at
+    ``spans[i]`` (see :func:`digest_spans`); ``hashed[i]`` once they are in (a fused kernel took them as it wrote
+    or read the buffer). Format version 2's digest hashes the header, then this array: each buffer's digests in
+    order, the concatenation a stream over them would hash."""
+
+    __slots__ = ("array", "spans", "hashed")
+
+    def __init__(self, spans: tuple[tuple[int, int], ...], nseg: int):
+        self.array = np.empty(nseg, dtype="<u8")
+        self.spans = spans
+        self.hashed = [False] * len(spans)
+
+    @classmethod
+    def of(cls, buffers: Sequence[Buffer]) -> "SegmentDigests":
+        return cls(*digest_spans([memoryview(b).nbytes for b in buffers]))
+
+    def digest(self, header: Buffer, buffers: Sequence[Buffer]) -> int:
+        """The payload digest: the buffers not hashed yet are hashed here (:func:`segment_digests`)."""
+        d = self.array
+        for (lo, hi), done, buf in zip(self.spans, self.hashed, buffers):
+            if hi > lo and not done:
+                got = segment_digests(buf)
+                d[lo:hi] = np.frombuffer(got, dtype="<u8") if isinstance(got, bytes) else got
+        h = xxhash.xxh3_64(header)
+        h.update(d)
+        return h.intdigest()
+
+
+class PayloadLayout:
+    """Where a payload of known header and buffer lengths keeps each buffer (``spans``: byte ranges) and each
+    buffer's segment digests (``digest_spans``: ranges of one array of every segment's digest, ``nseg`` long),
+    for the :data:`SEGMENT` it was derived under. Codecs keep one per tensor layout (shape, dtype, parameters):
+    a payload of a known kind is then filled with a few Python steps (see :class:`PayloadWriter`)."""
+
+    __slots__ = ("header", "lengths", "size", "spans", "digest_spans", "nseg", "segment")
+
+    def __init__(self, header: bytes, lengths: Sequence[int]):
+        self.header = header
+        self.lengths = tuple(lengths)
+        self.segment = SEGMENT
+        spans, pos = [], len(header) + 8
+        for n in self.lengths:
+            spans.append((pos, pos + n))
+            pos += n
+        self.size, self.spans = pos, tuple(spans)
+        self.digest_spans, self.nseg = digest_spans(self.lengths)
 
 
 class PayloadWriter:
     """A payload whose buffer sizes are known up front, filled in place (no build-then-copy).
 
-    The codec writes each of ``buffers`` (writable memoryviews into the final bytearray); a codec that hashed
-    a buffer's segments as it wrote them (the fused kernels) stores them in ``digests[i]``; :meth:`finish`
-    hashes the other buffers and stores the digest. The byte layout is exactly :func:`pack_payload`'s.
+    The codec writes each of ``buffers`` (writable memoryviews into the final bytearray), or the same bytes
+    through :attr:`array`; a codec that hashed a buffer's segments as it wrote them (the fused kernels) puts them
+    in :attr:`digests` (see :class:`SegmentDigests`); :meth:`finish` hashes the other buffers and stores the
+    digest. The byte layout is exactly :func:`pack_payload`'s.
     """
+
+    __slots__ = ("layout", "_out", "array", "buffers", "digests")
 
     def __init__(self, name: str, version: int, meta: dict[str, Any] | None, lengths: Sequence[int],
                  header: bytes | None = None):
-        """``header``: :func:`payload_header`'s bytes for these arguments, when the caller keeps them (a codec
-        caching its layout per shape); ``meta`` is then unused."""
-        if header is None:
-            header = _header(name, version, meta, lengths)
+        """``header``: :func:`payload_header`'s bytes for these arguments, when the caller keeps them; ``meta`` is
+        then unused. A caller that keeps a :class:`PayloadLayout` per tensor layout uses :meth:`of`."""
+        self._fill(PayloadLayout(_header(name, version, meta, lengths) if header is None else header, lengths))
+
+    @classmethod
+    def of(cls, layout: PayloadLayout) -> "PayloadWriter":
+        """A payload of ``layout`` (derived under the current :data:`SEGMENT`)."""
+        writer = cls.__new__(cls)
+        writer._fill(layout)
+        return writer
+
+    def _fill(self, layout: PayloadLayout) -> None:
+        self.layout = layout
         # uninitialized: the header, digest and every buffer byte are written before finish()
-        self._out = alloc_payload(len(header) + 8 + sum(lengths))
-        self._out[: len(header)] = header
-        self._header = header
-        self._digest_at = len(header)
-        mv = memoryview(self._out)
-        pos = len(header) + 8
-        self.buffers: list[memoryview] = []
-        for n in lengths:
-            self.buffers.append(mv[pos: pos + n])
-            pos += n
-        self.digests: list[np.ndarray | None] = [None] * len(lengths)
+        self._out = out = alloc_payload(layout.size)
+        out[: len(layout.header)] = layout.header
+        #: the whole payload as flat uint8 (the fused kernels write their buffers through slices of it)
+        self.array = np.frombuffer(out, dtype=np.uint8)
+        mv = memoryview(out)
+        self.buffers: list[memoryview] = [mv[a:b] for a, b in layout.spans]
+        self.digests = SegmentDigests(layout.digest_spans, layout.nseg)
 
     def finish(self) -> bytearray:
         """Store the checksum and hand over the payload."""
-        digests = [d if d is not None else segment_digests(b) for b, d in zip(self.buffers, self.digests)]
-        struct.pack_into("<Q", self._out, self._digest_at, payload_digest(self._header, digests))
-        self.buffers = []  # views die with the codec's last tensor over them; the bytearray is then resizable
+        header = self.layout.header
+        _U64.pack_into(self._out, len(header), self.digests.digest(header, self.buffers))
+        # views die with the codec's last tensor over them; the bytearray is then resizable
+        self.buffers, self.array = [], None
         return self._out
 
 
@@ -340,20 +398,19 @@ def _unpack(payload: Buffer, verify: bool = True):
             raise CodecError("payload checksum mismatch: corrupt data")
         check = None
     elif verify:
-        check_digest(check, bufs, [None] * len(bufs))
+        check_digest(check, bufs)
         check = None
     return name, version, meta, bufs, check
 
 
-def check_digest(check, buffers: Sequence[Buffer], digests: Sequence[np.ndarray | None]) -> None:
+def check_digest(check, buffers: Sequence[Buffer], digests: SegmentDigests | None = None) -> None:
     """Verify a format version 2 payload whose :func:`unpack_payload` ran with ``verify=False``: ``check`` is
-    what :func:`_unpack` returned for it, ``digests[i]`` the segment digests of buffer i where the caller took them
-    (None: hashed here). Raises :class:`CodecError` on a mismatch."""
+    what :func:`_unpack` returned for it, ``digests`` the segment digests the caller took as it decoded (None:
+    every buffer is hashed here). Raises :class:`CodecError` on a mismatch."""
     if check is None:
         return
     header, digest = check
-    got = [d if d is not None else segment_digests(b) for b, d in zip(buffers, digests)]
-    if payload_digest(header, got) != digest:
+    if (SegmentDigests.of(buffers) if digests is None else digests).digest(header, buffers) != digest:
         raise CodecError("payload checksum mismatch: corrupt data")
 
 
@@ -401,7 +458,7 @@ class Codec(ABC):
         """Decode (into ``out`` when given) a payload whose digest is not verified yet, and verify it with
         :func:`check_digest` (``check`` from :func:`unpack_payload`'s ``verify=False``): before decoding, or
         after, from segment digests the decode took. Raises :class:`CodecError` on a mismatch."""
-        check_digest(check, buffers, [None] * len(buffers))
+        check_digest(check, buffers)
         if out is None:
             return self.decode_parts(meta, buffers, device)
         self.decode_into(meta, buffers, out)
@@ -504,7 +561,7 @@ def decode(payload: Buffer, device: torch.device | str | None = None, out: torch
         # a number) can fail anywhere in the decoder: a digest mismatch names the corruption; a payload that
         # passes it yet does not decode is corrupt all the same (its writer's), never an arbitrary exception.
         if check is not None:
-            check_digest(check, bufs, [None] * len(bufs))
+            check_digest(check, bufs)
         raise CodecError(f"corrupt {name!r} payload: {exc!r}") from exc
 
 
@@ -519,14 +576,14 @@ def _decode_unpacked(name: str, version: int, meta: dict, bufs: list, check, dev
         if version != codec.version:
             raise CodecError(f"codec {name!r} payload version {version} is not supported (this build: {codec.version})")
     except Exception:
-        check_digest(check, bufs, [None] * len(bufs))  # corruption is what a mangled name or version most likely is
+        check_digest(check, bufs)  # corruption is what a mangled name or version most likely is
         raise
     if check is not None and not (codec.checks_digest and "dtype" in meta and "shape" in meta):
-        check_digest(check, bufs, [None] * len(bufs))
+        check_digest(check, bufs)
         check = None
     want = None if out is None else (dtype_name(out.dtype), list(out.shape))
     if want is not None and "dtype" in meta and "shape" in meta and (meta["dtype"], list(meta["shape"])) != want:
-        check_digest(check, bufs, [None] * len(bufs))
+        check_digest(check, bufs)
         raise OutMismatch(f"decode: out is {want[0]} {want[1]}, the payload holds {meta['dtype']} {meta['shape']}")
     try:
         if check is not None:

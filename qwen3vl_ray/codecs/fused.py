@@ -26,10 +26,10 @@ one launch at a time (a lock), torch's own thread count restored after each laun
 a child forked after a launch. Kernels compile on first use per dtype (seconds) and are cached on disk
 (``cache=True``, in ``__pycache__``); benchmarks warm up before timing.
 
-``auto`` uses :func:`encode`'s ``measure`` sums: the error of the decoded values, without a decode.
+``auto`` uses :func:`quantize_parts`' ``measure`` sums: the error of the decoded values, without a decode.
 
 Digests (payload format version 2, see :mod:`codecs.base`): where each chunk's codes fill whole 16 KiB segments
-(every default group; :func:`_kernel_digests`), the encode kernel hashes them right after writing them and the
+(every default group; :func:`_kernel_hashes`), the encode kernel hashes them right after writing them and the
 decode kernel as it reads them, on every kernel thread; the caller folds them into the payload's digest.
 Measured on this 2-core host (two threads, wall clock, best of two runs against the previous build): encode of
 a 36 MiB KV chunk 16-19 -> 22-24 GB/s, decode int8 / kv-int8 28-30 -> 30-36 GB/s; 2 MiB chunks encode 14-17 ->
@@ -286,65 +286,16 @@ def _kernel(table: str, flags: tuple):
 _NO_DIGESTS = np.zeros(0, dtype=np.uint64)
 
 
-def _segment_array(nbytes: int) -> np.ndarray:
-    """The array the kernels hash a buffer of ``nbytes`` into (one digest per :data:`base.SEGMENT`)."""
-    return np.empty(-(-nbytes // _base.SEGMENT), dtype=np.uint64)
-
-
-def encode(x: np.ndarray, g: Geometry, qmax: int, pack4: bool, codes: np.ndarray, scales: np.ndarray,
-           measure: int = 0) -> tuple[float, ...]:
-    """Quantize ``x``'s part ``g`` into ``codes`` (flat uint8: int8 codes, or packed int4 pairs) and ``scales``
-    (flat float32, or its bytes). Non-finite inputs leave non-finite scales (the caller checks and refuses).
-
-    ``measure`` 1 (True): also (squared error of the decoded values, squared norm), summed while the group is
-    in cache (what ``auto`` needs, without a decode; see :func:`error_bound`). They are float32
-    sums in code units per group (``(x - decoded) * inv`` and ``x * inv``, the decoded value rounded to the
-    output dtype as decode rounds it), scaled back by ``1 / inv^2`` in float64; groups stored as zeros add
-    their inputs' squares exactly. ``measure`` 2 and 3: the raw sums :func:`quantize_parts` turns into
-    :func:`bound_error`'s (see ``fused_kernels.ENCODE``). Else ().
-    """
-    with _LOCK, _Launches() as threads:
-        sums = _encode(x, g, qmax, pack4, codes, scales.reshape(-1).view(np.uint8), int(measure), threads)[0]
-        return sums[:_WIDTH[int(measure)]]
-
-
-def _encode(x, g: Geometry, qmax: int, pack4: bool, codes, scales, measure: int, threads: int,
-            digests: np.ndarray = None, sdigests: np.ndarray = _NO_DIGESTS) -> tuple[tuple[float, ...], int]:
-    """One launch: (the kernel's three sums, how many scales are not finite); ``scales`` is uint8. The sums a
-    ``measure`` fills are the first ``_WIDTH[measure]``; the others are zeros."""
-    _pieces(g.nchunks, threads)
-    bad, s0, s1, s2 = _kernel("ENCODE", (g.post == 1, pack4, measure))(
-        x, *g.dims, np.float32(qmax), g.per, codes, scales, _base.SEGMENT,
-        _NO_DIGESTS if digests is None else digests, sdigests)
-    return (s0, s1, s2), bad
-
-
 #: how many of the kernel's sums each ``measure`` fills
 _WIDTH = (0, 2, 3, 3)
 
 
-def _kernel_digests(g: Geometry, pack4: bool, ncodes: int) -> np.ndarray | None:
-    """A digests array when each kernel chunk's codes fill whole :data:`SEGMENT`s (the kernel then hashes them),
-    else None (the payload writer hashes the buffer after the launch). Default groups always fill them."""
+def _kernel_hashes(g: Geometry, pack4: bool, ncodes: int) -> bool:
+    """True when each kernel chunk's codes fill whole :data:`SEGMENT`s, so the kernel hashes them (else the payload
+    writer hashes the buffer after the launch). Default groups always fill them."""
     gsize = g.group * g.post
     chunk = g.per * gsize // 2 if pack4 else g.per * gsize
-    if chunk % _base.SEGMENT or not ncodes:
-        return None
-    return _segment_array(ncodes)
-
-
-def decode(out: np.ndarray, g: Geometry, pack4: bool, codes: np.ndarray, scales: np.ndarray) -> None:
-    """Write ``codes * scales`` into ``out``'s part ``g`` (``out`` flat, in :func:`as_bits`'s dtype; ``scales``
-    float32, or its bytes)."""
-    with _LOCK, _Launches() as threads:
-        _decode(out, g, pack4, codes, scales.reshape(-1).view(np.uint8), threads)
-
-
-def _decode(out, g: Geometry, pack4: bool, codes, scales, threads: int, digests: np.ndarray = None,
-            sdigests: np.ndarray = _NO_DIGESTS) -> None:
-    _pieces(g.nchunks, threads)
-    _kernel("DECODE", (g.post == 1, pack4))(
-        out, *g.dims, g.per, codes, scales, _base.SEGMENT, _NO_DIGESTS if digests is None else digests, sdigests)
+    return bool(ncodes) and chunk % _base.SEGMENT == 0
 
 
 def _ncodes(g: Geometry, pack4: bool) -> int:
@@ -352,7 +303,7 @@ def _ncodes(g: Geometry, pack4: bool) -> int:
 
 
 def error_bound(e2: float, x2: float, numel: int, dtype: torch.dtype) -> float:
-    """``relative_error(x, decode(payload))`` from :func:`encode`'s sums, rounded up by 2^-20 (~1e-6): the
+    """``relative_error(x, decode(payload))`` from :func:`quantize_parts`' sums, rounded up by 2^-20 (~1e-6): the
     sums are float32 per group, scaled by ``1 / inv`` (within ~1e-7 of the stored scale), and float64
     inputs enter as float32. Never 0 for a lossy result, so a zero budget only takes lossless codecs."""
     if x2 == 0.0:
@@ -422,33 +373,64 @@ def _bound_sums(g: Geometry, qmax: int, lanes: float, q2: float, z2: float) -> t
     return g.group * q2, lanes / (1 + gam) * (1 - 2.0 ** -40), g.group * z2 * (qmax * (1 + 2.0 ** -22)) ** 2
 
 
-def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool, writer, codec: str,
-                   measure: int = 0) -> tuple[float, ...]:
-    """Quantize each part of ``x`` into the payload ``writer``'s buffers ``codes_i, scales_i`` (in order); the
-    kernels hash the codes as they write them into ``writer.digests`` (see :func:`_kernel_digests`); with
-    ``measure``, returns the parts' summed sums (see :func:`encode`; ``measure`` 2 and 3: :func:`bound_error`'s,
-    its norm bound from every input's square (2) or, cheaper and looser, from some inputs' (3: one group's in
-    ``fused_kernels.BOUND_STRIDE`` and the others' largest, see ``fused_kernels.ENCODE``)).
+class EncodePlan:
+    """A payload layout's fused encode, derived once per layout (codecs keep one per shape, dtype and parameters,
+    see :func:`remember`): its :class:`base.PayloadLayout` and each part's launch -- kernel flags, integer
+    arguments, where its codes and scales sit in the payload and their digests in the writer's array. Why: an
+    entry of a known kind then costs a handful of Python steps around its kernels, not a per-part rebuild of
+    views, digest arrays and checks (~20 us warm on a 2 MiB KV chunk, more right after a launch)."""
 
-    The kernels write the scales straight into the payload (unaligned float32 stores), hash them, and count
-    those that are not finite (a NaN or inf input): the tensor is then refused.
+    __slots__ = ("parts", "pack4", "layout", "launches", "chunk")
+
+    def __init__(self, parts: list[Geometry], pack4: bool, layout: _base.PayloadLayout):
+        self.parts, self.pack4, self.layout, self.chunk = parts, pack4, layout, CHUNK_ELEMS
+        self.launches = []
+        for i, g in enumerate(parts):
+            (c0, c1), (s0, s1) = layout.spans[2 * i: 2 * i + 2]
+            if (c1 - c0, s1 - s0) != (_ncodes(g, pack4), 4 * g.nscales):
+                raise AssertionError(f"payload buffers {c1 - c0}/{s1 - s0} B do not fit {g}")
+            codes_digests = layout.digest_spans[2 * i] if _kernel_hashes(g, pack4, c1 - c0) else None
+            self.launches.append(((g.post == 1, pack4), g.dims, g.per, g.nchunks, (c0, c1), (s0, s1), codes_digests,
+                                  layout.digest_spans[2 * i + 1], g))
+
+    def fresh(self) -> bool:
+        """False once the tests changed :data:`CHUNK_ELEMS` or :data:`base.SEGMENT` since it was derived."""
+        return self.chunk == CHUNK_ELEMS and self.layout.segment == _base.SEGMENT
+
+
+def quantize_parts(x: np.ndarray, plan: EncodePlan, qmax: int, writer: _base.PayloadWriter, codec: str,
+                   measure: int = 0) -> tuple[float, ...]:
+    """Quantize each part of ``plan`` of ``x`` (flat, :func:`as_bits`'s dtype) into the payload ``writer`` (built
+    on ``plan.layout``): codes (int8, or packed int4 pairs) and float32 scales straight into its bytes, their
+    segment digests into its :class:`base.SegmentDigests`, hashed by the kernels as they write them (the codes
+    where each chunk's fill whole segments, see :func:`_kernel_hashes`). The kernels write the scales unaligned
+    (float32 stores at any offset), hash them, and count those that are not finite (a NaN or inf input): the
+    tensor is then refused.
+
+    ``measure`` 1: returns (squared error of the decoded values, squared norm), summed while each group is in
+    cache (what ``auto`` needs, without a decode; see :func:`error_bound`): float32 sums in code units per group
+    (``(x - decoded) * inv`` and ``x * inv``, the decoded value rounded to the output dtype as decode rounds
+    it), scaled back by ``1 / inv^2`` in float64; groups stored as zeros add their inputs' squares exactly.
+    ``measure`` 2 and 3: :func:`bound_error`'s sums, its norm bound from every input's square (2) or, cheaper and
+    looser, from some inputs' (3: one group's in ``fused_kernels.BOUND_STRIDE`` and the others' largest, see
+    ``fused_kernels.ENCODE``). Else ().
     """
-    buffers = writer.buffers
+    if writer.layout is not plan.layout:
+        raise AssertionError("the payload writer was not built on the plan's layout")
+    arr, digs, hashed = writer.array, writer.digests.array, writer.digests.hashed
     measure = int(measure)
-    for i, g in enumerate(parts):
-        if buffers[2 * i].nbytes != _ncodes(g, pack4) or buffers[2 * i + 1].nbytes != 4 * g.nscales:
-            raise AssertionError(f"payload buffers {buffers[2 * i].nbytes}/{buffers[2 * i + 1].nbytes} B do not fit {g}")
+    q, seg = np.float32(qmax), _base.SEGMENT
     s0 = s1 = s2 = 0.0
     with _LOCK, _Launches() as threads:  # one thread setup for every part
-        for i, g in enumerate(parts):
-            codes = np.frombuffer(buffers[2 * i], dtype=np.uint8)
-            scales = np.frombuffer(buffers[2 * i + 1], dtype=np.uint8)
-            digests = _kernel_digests(g, pack4, codes.size)
-            sdigests = _segment_array(scales.size)
-            (a, b, c), bad = _encode(x, g, qmax, pack4, codes, scales, measure, threads, digests, sdigests)
+        for i, (flags, dims, per, nchunks, (c0, c1), (b0, b1), cd, (d0, d1), g) in enumerate(plan.launches):
+            _pieces(nchunks, threads)
+            bad, a, b, c = _kernel("ENCODE", (*flags, measure))(
+                x, *dims, q, per, arr[c0:c1], arr[b0:b1], seg, _NO_DIGESTS if cd is None else digs[cd[0]:cd[1]],
+                digs[d0:d1])
             if bad:
                 raise CodecError(f"codec {codec!r} cannot encode NaN or inf values; use 'none', 'bf16', 'fp16' or 'zstd'")
-            writer.digests[2 * i], writer.digests[2 * i + 1] = digests, sdigests
+            hashed[2 * i] = cd is not None
+            hashed[2 * i + 1] = True
             if measure >= 2:
                 a, b, c = _bound_sums(g, qmax, a, b, c)
             s0 += a
@@ -457,24 +439,52 @@ def quantize_parts(x: np.ndarray, parts: list[Geometry], qmax: int, pack4: bool,
     return (s0, s1, s2)[:_WIDTH[measure]]
 
 
-def dequantize_parts(out: np.ndarray, parts: list[Geometry], pack4: bool, buffers, codec: str,
-                     digests: list | None = None) -> None:
-    """Inverse of :func:`quantize_parts` into ``out`` (flat, :func:`as_bits`'s dtype); checks buffer sizes.
-    ``digests`` (a list with a slot per payload buffer): the kernels hash the codes as they read them into
-    the codes' slots where they can (see :func:`_kernel_digests`), for the caller to check the payload's digest."""
-    todo = []
-    for i, g in enumerate(parts):
-        cbuf, sbuf = memoryview(buffers[2 * i]), memoryview(buffers[2 * i + 1])
-        need = (_ncodes(g, pack4), 4 * g.nscales)
-        if (cbuf.nbytes, sbuf.nbytes) != need:
-            raise CodecError(f"corrupt {codec!r} payload: buffers of {[cbuf.nbytes, sbuf.nbytes]} bytes, layout needs {list(need)}")
-        codes = np.frombuffer(cbuf, dtype=np.uint8) if need[0] else np.zeros(0, np.uint8)
-        scales = np.frombuffer(sbuf, dtype=np.uint8) if need[1] else np.zeros(0, np.uint8)
-        d = _kernel_digests(g, pack4, codes.size) if digests is not None else None
-        sd = _segment_array(scales.size) if digests is not None else _NO_DIGESTS
-        todo.append((g, codes, scales, d, sd))
-        if digests is not None:
-            digests[2 * i], digests[2 * i + 1] = d, sd
+class DecodePlan:
+    """A payload layout's fused decode, derived once per layout (codecs keep one per recorded groups and buffer
+    lengths): each part's launch -- kernel flags, integer arguments, and where its codes' and scales' digests
+    sit in the payload's :class:`base.SegmentDigests` -- once the buffer lengths were checked against the parts
+    (a corrupt payload's differ: the kernels must never read past a buffer). Why: as :class:`EncodePlan`."""
+
+    __slots__ = ("parts", "pack4", "lengths", "launches", "digest_spans", "nseg", "chunk", "segment")
+
+    def __init__(self, parts: list[Geometry], pack4: bool, lengths: tuple[int, ...], codec: str):
+        self.parts, self.pack4, self.lengths = parts, pack4, lengths
+        self.chunk, self.segment = CHUNK_ELEMS, _base.SEGMENT
+        self.digest_spans, self.nseg = _base.digest_spans(lengths)
+        self.launches = []
+        for i, g in enumerate(parts):
+            need = (_ncodes(g, pack4), 4 * g.nscales)
+            if tuple(lengths[2 * i: 2 * i + 2]) != need:
+                raise CodecError(f"corrupt {codec!r} payload: buffers of {list(lengths[2 * i: 2 * i + 2])} bytes, "
+                                 f"layout needs {list(need)}")
+            codes_digests = self.digest_spans[2 * i] if _kernel_hashes(g, pack4, need[0]) else None
+            self.launches.append(((g.post == 1, pack4), g.dims, g.per, g.nchunks, codes_digests,
+                                  self.digest_spans[2 * i + 1]))
+
+    def fresh(self) -> bool:
+        """As :meth:`EncodePlan.fresh`."""
+        return self.chunk == CHUNK_ELEMS and self.segment == _base.SEGMENT
+
+
+_EMPTY = np.zeros(0, np.uint8)
+
+
+def dequantize_parts(out: np.ndarray, plan: DecodePlan, buffers, digests: _base.SegmentDigests | None = None) -> None:
+    """Inverse of :func:`quantize_parts` into ``out`` (flat, :func:`as_bits`'s dtype), from a payload whose buffer
+    lengths are ``plan.lengths`` (callers key their plans by them). ``digests`` (built on ``plan.digest_spans``):
+    the kernels hash the codes as they read them where they can (see :func:`_kernel_hashes`), and the scales, for
+    the caller to check the payload's digest."""
+    seg = _base.SEGMENT
+    arr = digests.array if digests is not None else None
     with _LOCK, _Launches() as threads:  # one thread setup for every part
-        for g, codes, scales, d, sd in todo:
-            _decode(out, g, pack4, codes, scales, threads, d, sd)
+        for i, (flags, dims, per, nchunks, cd, (d0, d1)) in enumerate(plan.launches):
+            codes = np.frombuffer(buffers[2 * i], dtype=np.uint8) if plan.lengths[2 * i] else _EMPTY
+            scales = np.frombuffer(buffers[2 * i + 1], dtype=np.uint8) if plan.lengths[2 * i + 1] else _EMPTY
+            _pieces(nchunks, threads)
+            if arr is None:
+                _kernel("DECODE", flags)(out, *dims, per, codes, scales, seg, _NO_DIGESTS, _NO_DIGESTS)
+                continue
+            _kernel("DECODE", flags)(out, *dims, per, codes, scales, seg,
+                                     _NO_DIGESTS if cd is None else arr[cd[0]:cd[1]], arr[d0:d1])
+            digests.hashed[2 * i] = cd is not None
+            digests.hashed[2 * i + 1] = True

@@ -20,16 +20,16 @@ from qwen3vl_ray.codecs import fused as F
 from qwen3vl_ray.codecs import gpu_fused as GF
 from qwen3vl_ray.codecs import groups as G
 from qwen3vl_ray.codecs.base import (
-    _VIEW_AS, Codec, PayloadWriter, check_digest, dtype_from_name, dtype_name, pack_payload, payload_header,
-    register_codec, tensor_bytes,
+    _VIEW_AS, Codec, PayloadLayout, PayloadWriter, SegmentDigests, check_digest, dtype_from_name, dtype_name,
+    pack_payload, payload_header, register_codec, tensor_bytes,
 )
 from qwen3vl_ray.errors import CodecError
 
 _KEY_AXIS, _VALUE_AXIS = -2, -1  # in the [..., heads, tokens, head_dim] view of one of k / v
-#: the fused encode's layout per (codec, group, shape, dtype, cut): see KVQuantCodec._fused_layout
-_LAYOUTS: dict[tuple, tuple] = {}
-#: the fused decode's parts per payload layout (shape, cut, recorded groups), checked against the shape once
-_DECODE_PARTS: dict[tuple, list] = {}
+#: the fused encode's plan per (codec, group, shape, dtype, cut): see KVQuantCodec._plan
+_LAYOUTS: dict[tuple, F.EncodePlan] = {}
+#: the fused decode's plan per payload layout (bits, shape, cut, recorded groups, buffer lengths), checked once
+_DECODE_PLANS: dict[tuple, F.DecodePlan] = {}
 
 
 class KVQuantCodec(Codec):
@@ -79,7 +79,7 @@ class KVQuantCodec(Codec):
         cut = self._fused_cut(tensor, GF.available)
         if cut is None:
             return None
-        parts = self._fused_layout(tensor, cut)[0]
+        parts = self._plan(tensor, cut).parts
         return cut if all(GF.supports(g, self.bits == 4) for g in parts) else None
 
     def encode(self, tensor: torch.Tensor) -> bytearray:
@@ -134,12 +134,12 @@ class KVQuantCodec(Codec):
 
     def _encode_fused(self, t: torch.Tensor, cut: int, measure: int = 0) -> tuple[bytearray, tuple[float, ...], float]:
         """CPU fast path: one numba pass per part straight into the payload (same bytes as the other paths);
-        with ``measure``, also the kernels' sums (:func:`fused.encode`) and the squared norm of the residual
+        with ``measure``, also the kernels' sums (:func:`fused.quantize_parts`) and the squared norm of the residual
         window (stored exactly)."""
         t = t.detach()
-        parts, lengths, header = self._fused_layout(t, cut)
-        w = PayloadWriter(self.name, self.version, None, lengths, header)
-        sums = F.quantize_parts(F.as_bits(t), parts, self.qmax, self.bits == 4, w, self.name, measure)
+        plan = self._plan(t, cut)
+        w = PayloadWriter.of(plan.layout)
+        sums = F.quantize_parts(F.as_bits(t), plan, self.qmax, w, self.name, measure)
         rest2 = 0.0
         if cut < t.shape[-2]:
             rest = self._parts(t, cut)[2]
@@ -151,19 +151,20 @@ class KVQuantCodec(Codec):
         """GPU path: the Triton kernels quantize keys and values in device memory; only codes, scales and the
         residual window cross to the host (same bytes as the other paths)."""
         t = t.detach()
-        parts, lengths, header = self._fused_layout(t, cut)
-        w = PayloadWriter(self.name, self.version, None, lengths, header)
-        GF.quantize_parts(t, parts, self.qmax, self.bits == 4, w, self.name)
+        plan = self._plan(t, cut)
+        w = PayloadWriter.of(plan.layout)
+        GF.quantize_parts(t, plan.parts, self.qmax, self.bits == 4, w, self.name)
         if cut < t.shape[-2]:
             self._write_rest(w, self._parts(t, cut)[2])
         return w.finish()
 
-    def _fused_layout(self, t: torch.Tensor, cut: int) -> tuple[list[F.Geometry], list[int], bytes]:
-        """(parts, buffer lengths, payload header) of ``t``'s shape and dtype, kept per layout (:data:`_LAYOUTS`):
-        entries of one kind repeat them, and building them costs ~15 us, ~10% of a 2 MiB chunk's encode."""
+    def _plan(self, t: torch.Tensor, cut: int) -> F.EncodePlan:
+        """The fused encode's plan of ``t``'s shape and dtype (parts, payload layout, launches), kept per layout
+        (:data:`_LAYOUTS`): entries of one kind repeat it, and building it costs ~25 us, ~15% of a 2 MiB chunk's
+        encode."""
         key = (self.name, self.version, self.group, tuple(t.shape), t.dtype, cut)
         got = _LAYOUTS.get(key)
-        if got is not None:
+        if got is not None and got.fresh():
             return got
         parts = list(F.kv_parts(t.shape, cut, self.group))
         pack4 = self.bits == 4
@@ -175,7 +176,8 @@ class KVQuantCodec(Codec):
         head = list(t.shape[:-4]) + list(t.shape[-3:-2]) + [cut, t.shape[-1]]
         gk, gv = (G.grouping(head, axis % len(head), self.group) for axis in (_KEY_AXIS, _VALUE_AXIS))
         meta = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "cut": cut, "k": gk.meta(), "v": gv.meta()}
-        return F.remember(_LAYOUTS, key, (parts, lengths, payload_header(self.name, self.version, meta, lengths)))
+        layout = PayloadLayout(payload_header(self.name, self.version, meta, lengths), lengths)
+        return F.remember(_LAYOUTS, key, F.EncodePlan(parts, pack4, layout))
 
     def _encode_blocked(self, tensor: torch.Tensor, cut: int) -> bytearray:
         """CPU fast path: cache-sized tiles quantized straight into the payload (same bytes as the plain path)."""
@@ -222,10 +224,7 @@ class KVQuantCodec(Codec):
             fused = on_cpu and cut and len(shape) >= 4 and all(shape) and F.available(torch.empty(0, dtype=dtype))
         if not fused:
             return super().decode_checked(meta, buffers, device, out, check)
-        digests = [None] * len(buffers)
-        y = self._decode_fused(meta, buffers, dtype, shape if out is None else list(out.shape), cut, out, digests)
-        check_digest(check, buffers, digests)
-        return y
+        return self._decode_fused(meta, buffers, dtype, shape if out is None else list(out.shape), cut, out, check)
 
     def decode_into(self, meta: dict[str, Any], buffers, out: torch.Tensor) -> None:
         cut = int(meta["cut"])
@@ -235,32 +234,40 @@ class KVQuantCodec(Codec):
             out.copy_(self.decode_parts(meta, buffers, out.device))
 
     def _decode_fused(self, meta: dict[str, Any], buffers, dtype: torch.dtype, shape: list[int], cut: int,
-                      out: torch.Tensor | None = None, digests: list | None = None) -> torch.Tensor:
-        parts = self._decode_layout(meta, buffers, shape, cut)
+                      out: torch.Tensor | None = None, check=None) -> torch.Tensor:
+        """The fused decode; with ``check`` (see :func:`base.check_digest`), the kernels hash the codes as they read
+        them and the payload's digest is checked after."""
+        plan = self._decode_plan(meta, buffers, shape, cut)
+        digests = None if check is None else SegmentDigests(plan.digest_spans, plan.nseg)
         out = B.empty(shape, dtype) if out is None else out
-        F.dequantize_parts(F.as_bits(out), parts, self.bits == 4, buffers, self.name, digests)
-        return self._read_rest(out, buffers, cut)
+        F.dequantize_parts(F.as_bits(out), plan, buffers, digests)
+        out = self._read_rest(out, buffers, cut)
+        if check is not None:
+            check_digest(check, buffers, digests)
+        return out
 
-    def _decode_layout(self, meta: dict[str, Any], buffers, shape: list[int], cut: int) -> list[F.Geometry]:
-        """The keys' and values' parts of a payload, from the groups it recorded (decode builds this codec with
-        default parameters), checked against its shape once per layout (:data:`_DECODE_PARTS`)."""
+    def _decode_plan(self, meta: dict[str, Any], buffers, shape: list[int], cut: int) -> F.DecodePlan:
+        """The keys' and values' decode plan of a payload, from the groups it recorded (decode builds this codec with
+        default parameters), checked against its shape and buffer lengths once per layout (:data:`_DECODE_PLANS`)."""
         if len(buffers) != 5 or shape[-4] != 2 or not 0 < cut <= shape[-2]:
             raise CodecError(f"corrupt {self.name!r} payload: shape {shape}, cut {cut}, {len(buffers)} buffers")
-        key = (tuple(shape), cut, tuple(meta["k"]), tuple(meta["v"]))  # TypeError (corrupt) where not flat
-        parts = _DECODE_PARTS.get(key)
-        if parts is None:
+        lengths = tuple(len(b) for b in buffers)
+        # TypeError (corrupt) where a recorded group is not flat
+        key = (self.bits, tuple(shape), cut, tuple(meta["k"]), tuple(meta["v"]), lengths)
+        plan = _DECODE_PLANS.get(key)
+        if plan is None or not plan.fresh():
             parts = list(F.kv_parts(shape, cut, int(meta["k"][3]), int(meta["v"][3])))
             for tag, g in zip(("k", "v"), parts):
                 if G.Grouping.from_meta(meta[tag]).meta() != [g.U * g.H * g.T, g.n, g.post, g.group]:
                     raise CodecError(f"corrupt {self.name!r} payload: {tag} groups {meta[tag]} do not fit shape {shape}")
-            F.remember(_DECODE_PARTS, key, parts)
-        return parts
+            plan = F.remember(_DECODE_PLANS, key, F.DecodePlan(parts, self.bits == 4, lengths, self.name))
+        return plan
 
     def _decode_gpu(self, meta: dict[str, Any], buffers, dtype: torch.dtype, shape: list[int], cut: int,
                     device) -> torch.Tensor | None:
         """GPU path: codes and scales go up in one copy, the Triton kernels dequantize them there; None where
         the kernels do not take the payload's parts."""
-        parts = self._decode_layout(meta, buffers, shape, cut)
+        parts = self._decode_plan(meta, buffers, shape, cut).parts
         if not all(GF.supports(g, self.bits == 4) for g in parts):
             return None
         out = torch.empty(shape, dtype=dtype, device=device)

@@ -16,13 +16,15 @@ from qwen3vl_ray.codecs import fused as F
 from qwen3vl_ray.codecs import gpu_fused as GF
 from qwen3vl_ray.codecs import groups as G
 from qwen3vl_ray.codecs.base import (
-    Codec, IdentityCodec, PayloadWriter, check_digest, dtype_from_name, dtype_name, pack_payload, payload_header,
-    register_codec,
+    Codec, IdentityCodec, PayloadLayout, PayloadWriter, SegmentDigests, check_digest, dtype_from_name, dtype_name,
+    pack_payload, payload_header, register_codec,
 )
 from qwen3vl_ray.errors import CodecError
 
-#: the fused encode's (parts, buffer lengths, header) per (codec, group, axis, shape, dtype)
-_LAYOUTS: dict[tuple, tuple] = {}
+#: the fused encode's plan per (codec, group, axis, shape, dtype)
+_LAYOUTS: dict[tuple, F.EncodePlan] = {}
+#: the fused decode's plan per (kind, groups, buffer lengths), the lengths checked once
+_DECODE_PLANS: dict[tuple, F.DecodePlan] = {}
 
 
 def _part(g: G.Grouping) -> F.Geometry:
@@ -120,15 +122,13 @@ class GroupQuantCodec(Codec):
     def _encode_fused(self, tensor: torch.Tensor, measure: int = 0) -> tuple[bytearray, tuple[float, ...]]:
         """CPU fast path: one numba pass straight into the payload (same bytes as the other paths)."""
         key = (self.name, self.version, self.group, self.axis, tuple(tensor.shape), tensor.dtype)
-        got = _LAYOUTS.get(key)
-        if got is None:  # built once per layout: ~10 us, several percent of a 2 MiB tensor's encode
+        plan = _LAYOUTS.get(key)
+        if plan is None or not plan.fresh():  # once per layout: ~10 us, several percent of a 2 MiB tensor's encode
             g, meta, lengths = self._layout(tensor)
-            got = F.remember(_LAYOUTS, key, ([_part(g)], lengths,
-                                             payload_header(self.name, self.version, meta, lengths)))
-        parts, lengths, header = got
-        w = PayloadWriter(self.name, self.version, None, lengths, header)
-        sums = F.quantize_parts(F.as_bits(tensor.detach()), parts, self.qmax, self.kind == "int4", w, self.name,
-                                measure)
+            layout = PayloadLayout(payload_header(self.name, self.version, meta, lengths), lengths)
+            plan = F.remember(_LAYOUTS, key, F.EncodePlan([_part(g)], self.kind == "int4", layout))
+        w = PayloadWriter.of(plan.layout)
+        sums = F.quantize_parts(F.as_bits(tensor.detach()), plan, self.qmax, w, self.name, measure)
         return w.finish(), sums
 
     def _encode_blocked(self, tensor: torch.Tensor) -> bytearray:
@@ -183,10 +183,7 @@ class GroupQuantCodec(Codec):
             fused = on_cpu and g.pre * g.padded * g.post > 0 and F.available(torch.empty(0, dtype=dtype))
         if not fused:
             return super().decode_checked(meta, buffers, device, out, check)
-        digests = [None] * len(buffers)
-        y = self._decode_fused(meta, g, dtype, buffers, out, digests)
-        check_digest(check, buffers, digests)
-        return y
+        return self._decode_fused(meta, g, dtype, buffers, out, check)
 
     def decode_into(self, meta: dict[str, Any], buffers, out: torch.Tensor) -> None:
         g = G.Grouping.from_meta(meta["groups"])
@@ -196,14 +193,23 @@ class GroupQuantCodec(Codec):
             out.copy_(self.decode_parts(meta, buffers, out.device))
 
     def _decode_fused(self, meta: dict[str, Any], g: G.Grouping, dtype: torch.dtype, buffers,
-                      out: torch.Tensor | None = None, digests: list | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, check=None) -> torch.Tensor:
+        """The fused decode; with ``check`` (see :func:`base.check_digest`), the kernel hashes the codes as it reads
+        them and the payload's digest is checked after."""
         if len(buffers) != 2:
             raise CodecError(f"corrupt {self.name!r} payload: {len(buffers)} buffers, layout needs 2")
         out = B.empty(meta["shape"], dtype) if out is None else out
         if out.numel() != g.pre * g.n * g.post:
             raise CodecError(f"corrupt {self.name!r} payload: shape {meta['shape']} does not match groups {g.meta()}")
-        F.dequantize_parts(F.as_bits(out), [_part(g)], self.kind == "int4",
-                           buffers, self.name, digests)
+        lengths = tuple(len(b) for b in buffers)
+        key = (self.kind, g.pre, g.n, g.post, g.group, lengths)
+        plan = _DECODE_PLANS.get(key)
+        if plan is None or not plan.fresh():
+            plan = F.remember(_DECODE_PLANS, key, F.DecodePlan([_part(g)], self.kind == "int4", lengths, self.name))
+        digests = None if check is None else SegmentDigests(plan.digest_spans, plan.nseg)
+        F.dequantize_parts(F.as_bits(out), plan, buffers, digests)
+        if check is not None:
+            check_digest(check, buffers, digests)
         return out
 
     def _decode_gpu(self, meta: dict[str, Any], part: F.Geometry, dtype: torch.dtype, buffers, device) -> torch.Tensor:
