@@ -160,7 +160,7 @@ class KVQuantCodec(Codec):
 
     def _plan(self, t: torch.Tensor, cut: int) -> F.EncodePlan:
         """The fused encode's plan of ``t``'s shape and dtype (parts, payload layout, launches), kept per layout
-        (:data:`_LAYOUTS`): entries of one kind repeat it, and building it costs ~25 us, ~15% of a 2 MiB chunk's
+        (:data:`_LAYOUTS`): entries of one kind repeat it, and building it costs ~35 us, ~20% of a 2 MiB chunk's
         encode."""
         key = (self.name, self.version, self.group, tuple(t.shape), t.dtype, cut)
         got = _LAYOUTS.get(key)

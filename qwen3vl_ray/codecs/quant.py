@@ -123,7 +123,7 @@ class GroupQuantCodec(Codec):
         """CPU fast path: one numba pass straight into the payload (same bytes as the other paths)."""
         key = (self.name, self.version, self.group, self.axis, tuple(tensor.shape), tensor.dtype)
         plan = _LAYOUTS.get(key)
-        if plan is None or not plan.fresh():  # once per layout: ~10 us, several percent of a 2 MiB tensor's encode
+        if plan is None or not plan.fresh():  # once per layout: ~35 us, ~25% of a 2 MiB tensor's encode
             g, meta, lengths = self._layout(tensor)
             layout = PayloadLayout(payload_header(self.name, self.version, meta, lengths), lengths)
             plan = F.remember(_LAYOUTS, key, F.EncodePlan([_part(g)], self.kind == "int4", layout))
