@@ -373,29 +373,42 @@ def _bound_sums(g: Geometry, qmax: int, lanes: float, q2: float, z2: float) -> t
     return g.group * q2, lanes / (1 + gam) * (1 - 2.0 ** -40), g.group * z2 * (qmax * (1 + 2.0 ** -22)) ** 2
 
 
-class EncodePlan:
-    """A payload layout's fused encode, derived once per layout (codecs keep one per shape, dtype and parameters,
-    see :func:`remember`): its :class:`base.PayloadLayout` and each part's launch -- kernel flags, integer
-    arguments, where its codes and scales sit in the payload and their digests in the writer's array. Why: an
-    entry of a known kind then costs a handful of Python steps around its kernels, not a per-part rebuild of
-    views, digest arrays and checks (~20 us warm on a 2 MiB KV chunk, more right after a launch)."""
+class _Plan:
+    """What an encode and a decode plan share: each part's launch -- kernel flags, integer arguments, chunks,
+    the range of its codes' digests in the payload's :class:`base.SegmentDigests` (None where the kernel does
+    not hash them, see :func:`_kernel_hashes`) and of its scales' -- and the :data:`CHUNK_ELEMS` and
+    :data:`base.SEGMENT` they were derived under."""
 
-    __slots__ = ("parts", "pack4", "layout", "launches", "chunk")
+    __slots__ = ("parts", "pack4", "launches", "chunk", "segment")
+
+    def __init__(self, parts: list[Geometry], pack4: bool, digest_spans: tuple[tuple[int, int], ...]):
+        self.parts, self.pack4 = parts, pack4
+        self.chunk, self.segment = CHUNK_ELEMS, _base.SEGMENT
+        self.launches = [((g.post == 1, pack4), g.dims, g.per, g.nchunks,
+                          digest_spans[2 * i] if _kernel_hashes(g, pack4, _ncodes(g, pack4)) else None,
+                          digest_spans[2 * i + 1], g) for i, g in enumerate(parts)]
+
+    def fresh(self) -> bool:
+        """False once the tests changed :data:`CHUNK_ELEMS` or :data:`base.SEGMENT` since it was derived."""
+        return self.chunk == CHUNK_ELEMS and self.segment == _base.SEGMENT
+
+
+class EncodePlan(_Plan):
+    """A payload layout's fused encode, derived once per layout (codecs keep one per shape, dtype and parameters,
+    see :func:`remember`): its :class:`base.PayloadLayout` (where each part's codes and scales sit in the
+    payload) and each part's launch. Why: an entry of a known kind then costs a handful of Python steps around
+    its kernels, not a per-part rebuild of views, digest arrays and checks (~20 us warm on a 2 MiB KV chunk, more
+    right after a launch)."""
+
+    __slots__ = ("layout",)
 
     def __init__(self, parts: list[Geometry], pack4: bool, layout: _base.PayloadLayout):
-        self.parts, self.pack4, self.layout, self.chunk = parts, pack4, layout, CHUNK_ELEMS
-        self.launches = []
         for i, g in enumerate(parts):
             (c0, c1), (s0, s1) = layout.spans[2 * i: 2 * i + 2]
             if (c1 - c0, s1 - s0) != (_ncodes(g, pack4), 4 * g.nscales):
                 raise AssertionError(f"payload buffers {c1 - c0}/{s1 - s0} B do not fit {g}")
-            codes_digests = layout.digest_spans[2 * i] if _kernel_hashes(g, pack4, c1 - c0) else None
-            self.launches.append(((g.post == 1, pack4), g.dims, g.per, g.nchunks, (c0, c1), (s0, s1), codes_digests,
-                                  layout.digest_spans[2 * i + 1], g))
-
-    def fresh(self) -> bool:
-        """False once the tests changed :data:`CHUNK_ELEMS` or :data:`base.SEGMENT` since it was derived."""
-        return self.chunk == CHUNK_ELEMS and self.layout.segment == _base.SEGMENT
+        super().__init__(parts, pack4, layout.digest_spans)
+        self.layout = layout
 
 
 def quantize_parts(x: np.ndarray, plan: EncodePlan, qmax: int, writer: _base.PayloadWriter, codec: str,
@@ -418,11 +431,13 @@ def quantize_parts(x: np.ndarray, plan: EncodePlan, qmax: int, writer: _base.Pay
     if writer.layout is not plan.layout:
         raise AssertionError("the payload writer was not built on the plan's layout")
     arr, digs, hashed = writer.array, writer.digests.array, writer.digests.hashed
+    spans = plan.layout.spans
     measure = int(measure)
     q, seg = np.float32(qmax), _base.SEGMENT
     s0 = s1 = s2 = 0.0
     with _LOCK, _Launches() as threads:  # one thread setup for every part
-        for i, (flags, dims, per, nchunks, (c0, c1), (b0, b1), cd, (d0, d1), g) in enumerate(plan.launches):
+        for i, (flags, dims, per, nchunks, cd, (d0, d1), g) in enumerate(plan.launches):
+            (c0, c1), (b0, b1) = spans[2 * i], spans[2 * i + 1]
             _pieces(nchunks, threads)
             bad, a, b, c = _kernel("ENCODE", (*flags, measure))(
                 x, *dims, q, per, arr[c0:c1], arr[b0:b1], seg, _NO_DIGESTS if cd is None else digs[cd[0]:cd[1]],
@@ -439,31 +454,23 @@ def quantize_parts(x: np.ndarray, plan: EncodePlan, qmax: int, writer: _base.Pay
     return (s0, s1, s2)[:_WIDTH[measure]]
 
 
-class DecodePlan:
+class DecodePlan(_Plan):
     """A payload layout's fused decode, derived once per layout (codecs keep one per recorded groups and buffer
-    lengths): each part's launch -- kernel flags, integer arguments, and where its codes' and scales' digests
-    sit in the payload's :class:`base.SegmentDigests` -- once the buffer lengths were checked against the parts
-    (a corrupt payload's differ: the kernels must never read past a buffer). Why: as :class:`EncodePlan`."""
+    lengths): each part's launch, once the buffer lengths were checked against the parts (a corrupt payload's
+    differ: the kernels must never read past a buffer), and where every buffer's digests sit in the payload's
+    :class:`base.SegmentDigests`. Why: as :class:`EncodePlan`."""
 
-    __slots__ = ("parts", "pack4", "lengths", "launches", "digest_spans", "nseg", "chunk", "segment")
+    __slots__ = ("lengths", "digest_spans", "nseg")
 
     def __init__(self, parts: list[Geometry], pack4: bool, lengths: tuple[int, ...], codec: str):
-        self.parts, self.pack4, self.lengths = parts, pack4, lengths
-        self.chunk, self.segment = CHUNK_ELEMS, _base.SEGMENT
-        self.digest_spans, self.nseg = _base.digest_spans(lengths)
-        self.launches = []
         for i, g in enumerate(parts):
             need = (_ncodes(g, pack4), 4 * g.nscales)
             if tuple(lengths[2 * i: 2 * i + 2]) != need:
                 raise CodecError(f"corrupt {codec!r} payload: buffers of {list(lengths[2 * i: 2 * i + 2])} bytes, "
                                  f"layout needs {list(need)}")
-            codes_digests = self.digest_spans[2 * i] if _kernel_hashes(g, pack4, need[0]) else None
-            self.launches.append(((g.post == 1, pack4), g.dims, g.per, g.nchunks, codes_digests,
-                                  self.digest_spans[2 * i + 1]))
-
-    def fresh(self) -> bool:
-        """As :meth:`EncodePlan.fresh`."""
-        return self.chunk == CHUNK_ELEMS and self.segment == _base.SEGMENT
+        self.lengths = lengths
+        self.digest_spans, self.nseg = _base.digest_spans(lengths)
+        super().__init__(parts, pack4, self.digest_spans)
 
 
 _EMPTY = np.zeros(0, np.uint8)
@@ -477,14 +484,13 @@ def dequantize_parts(out: np.ndarray, plan: DecodePlan, buffers, digests: _base.
     seg = _base.SEGMENT
     arr = digests.array if digests is not None else None
     with _LOCK, _Launches() as threads:  # one thread setup for every part
-        for i, (flags, dims, per, nchunks, cd, (d0, d1)) in enumerate(plan.launches):
+        for i, (flags, dims, per, nchunks, cd, (d0, d1), _) in enumerate(plan.launches):
             codes = np.frombuffer(buffers[2 * i], dtype=np.uint8) if plan.lengths[2 * i] else _EMPTY
             scales = np.frombuffer(buffers[2 * i + 1], dtype=np.uint8) if plan.lengths[2 * i + 1] else _EMPTY
             _pieces(nchunks, threads)
-            if arr is None:
-                _kernel("DECODE", flags)(out, *dims, per, codes, scales, seg, _NO_DIGESTS, _NO_DIGESTS)
-                continue
             _kernel("DECODE", flags)(out, *dims, per, codes, scales, seg,
-                                     _NO_DIGESTS if cd is None else arr[cd[0]:cd[1]], arr[d0:d1])
-            digests.hashed[2 * i] = cd is not None
-            digests.hashed[2 * i + 1] = True
+                                     _NO_DIGESTS if arr is None or cd is None else arr[cd[0]:cd[1]],
+                                     _NO_DIGESTS if arr is None else arr[d0:d1])
+            if digests is not None:
+                digests.hashed[2 * i] = cd is not None
+                digests.hashed[2 * i + 1] = True
