@@ -24,9 +24,9 @@ Choices are remembered per tensor kind (shape, dtype, device type): entries of o
 its vision features) are alike, so the next tensor of that kind goes straight to the last winner's
 whole-tensor encode and, when its error meets the budget, takes it without screening. That encode first
 takes only an upper bound of the error (``encode_bounded``, see ``fused.bound_error``): the cheap one (the
-norm's lower bound from the squares of every other group's inputs and the other groups' largest, ~7% of a KV
-chunk's kernel time on one thread, ~2.2-3.1x above the true error there), then the full one (every input's
-square, ~25%, ~1.8-2.5x above), then the exact
+norm's lower bound from the squares of every other group's inputs and the other groups' largest, ~10% over a
+2 MiB KV chunk's plain kernel time on one thread and ~18% on two, ~2.2-3.1x above the true error there), then
+the full one (every input's square, ~18% / ~25%, ~1.8-2.5x above), then the exact
 measure (``encode_measured``, ~2.4x an encode), each only where the one before it misses the budget; the kind
 then starts at the check that served until it is screened again (and keeps it when a re-screen confirms the
 winner: a winner that close to the budget stays close). A kind
