@@ -45,25 +45,31 @@ def _run_demo(tmp_path: Path, runner: str) -> tuple[dict, str, Path]:
             r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=f, text=True, timeout=900)
         assert r.returncode == 0, r.stdout[-2000:] + err.read_text()[-2000:]
         return json.loads(r.stdout.strip().splitlines()[-1]), r.stdout, err
-    with open(err, "w") as f:
-        p = subprocess.Popen(cmd + ["--keep-alive"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=f, text=True)
-        try:
-            lines = []
-            for line in p.stdout:  # the JSON summary is the last line before the demo waits
-                lines.append(line)
-                if line.startswith("{"):
-                    break
-            assert lines and lines[-1].startswith("{"), "".join(lines)[-2000:] + err.read_text()[-2000:]
-            summary = json.loads(lines[-1])
-            url = summary["dashboard"]
-            assert url.startswith("http") and _answers(url)  # up while the demo waits
-            assert p.poll() is None  # --keep-alive: still running after the summary
-            p.send_signal(signal.SIGINT)
-            assert p.wait(timeout=120) == 0, err.read_text()[-3000:]
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    # Ctrl-C as in a terminal: a suite run as a background job of a non-interactive shell (nohup ... &) has SIGINT
+    # ignored, the demo would inherit that, and Python installs no KeyboardInterrupt handler for an ignored SIGINT
+    outer = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        with open(err, "w") as f:  # the child keeps its own copy of the descriptor
+            p = subprocess.Popen(cmd + ["--keep-alive"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=f, text=True)
+    finally:
+        signal.signal(signal.SIGINT, outer)
+    try:
+        lines = []
+        for line in p.stdout:  # the JSON summary is the last line before the demo waits
+            lines.append(line)
+            if line.startswith("{"):
+                break
+        assert lines and lines[-1].startswith("{"), "".join(lines)[-2000:] + err.read_text()[-2000:]
+        summary = json.loads(lines[-1])
+        url = summary["dashboard"]
+        assert url.startswith("http") and _answers(url)  # up while the demo waits
+        assert p.poll() is None  # --keep-alive: still running after the summary
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=120) == 0, err.read_text()[-3000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     deadline = time.monotonic() + 30
     while _answers(url) and time.monotonic() < deadline:  # the embedded Ray's dashboard stops with it
         time.sleep(1)
