@@ -143,22 +143,34 @@ def test_every_panel_of_the_tiers_row_has_data_after_two_jobs(embedded_ray, tmp_
 
     scraper = Scraper(f"http://127.0.0.1:{embedded_ray}/metrics")
     scraper.start()
+
+    def wait_until(done, what: str) -> None:
+        deadline = time.time() + 60
+        while not done():
+            assert time.time() < deadline, f"{what} never reached the endpoint"
+            time.sleep(0.5)
+
+    def served_tokens() -> float:
+        return scraper.total("ray_qwen3vl_ray_hits_total") + scraper.total("ray_qwen3vl_ray_misses_total")
+
     try:
         for name in ("cold", "warm"):
-            summary = infer.run(str(tmp_path / "in.jsonl"), str(tmp_path / f"{name}.parquet"), settings,
+            job = f"{name}.parquet"
+            summary = infer.run(str(tmp_path / "in.jsonl"), str(tmp_path / job), settings,
                                 runner="service", progress=False)
             assert summary["rows_run"] == n_rows and summary["errors_run"] == 0, summary
+            # every value of this job has been scraped before the next job starts. rate() is taken from the
+            # change between samples: had both jobs run within one export interval (or before the agent's
+            # endpoint came up, as on a loaded machine), every series would first appear at its final value,
+            # every rate would be 0 and the ratio panels 0/0.
+            rows = n_rows if name == "cold" else 2 * n_rows
+            wait_until(lambda: (scraper.total("ray_qwen3vl_ray_job_rows_total", job=job) == n_rows
+                                and scraper.total("ray_qwen3vl_ray_job_ttft_seconds_count", job=job) == n_rows
+                                and scraper.total("ray_qwen3vl_ray_ttft_seconds_count") == rows
+                                and scraper.total("ray_qwen3vl_ray_cached_token_ratio_count") == rows
+                                and served_tokens() == scraper.total("ray_qwen3vl_ray_job_prompt_tokens_total")),
+                       f"the {name} job's metrics")
         assert summary["cached_tokens"] > 0  # the warm pass reused the cold pass's prefixes
-
-        def exported() -> bool:
-            # the last rows of the warm job and its TTFTs have reached the endpoint
-            return (scraper.total("ray_qwen3vl_ray_job_rows_total", job="warm.parquet") == n_rows
-                    and scraper.total("ray_qwen3vl_ray_job_ttft_seconds_count", job="warm.parquet") == n_rows)
-
-        deadline = time.time() + 60
-        while not exported():
-            assert time.time() < deadline, "the warm job's metrics never reached the endpoint"
-            time.sleep(0.5)
         seen = scraper.scrapes
         while scraper.scrapes < seen + 2:  # two more samples of every final value
             time.sleep(0.2)
