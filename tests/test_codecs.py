@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from qwen3vl_ray.codecs import available_codecs, decode, make_codec, relative_error, transcode, unpack_payload
+from qwen3vl_ray.codecs import auto, available_codecs, decode, make_codec, relative_error, transcode, unpack_payload
 from qwen3vl_ray.errors import CodecError
 from tests.test_codecs_inputs import DTYPES, float_tensors, kv_tensors, make_tensor
 
@@ -109,6 +109,36 @@ def test_auto_picks_small_codecs_when_they_fit():
     sp[1, 2] = 3.0
     chosen, payload = make_codec("auto").choose(sp)
     assert chosen.name == "sparse" and torch.equal(decode(payload), sp)
+
+
+def test_auto_takes_the_most_accurate_of_equal_size_candidates():
+    # vision-like features: per-channel scales and a few hot channels. int8 per token and per channel (axis=0)
+    # store the same bytes; per channel errs several times less, whichever order the candidates are listed in
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 1024, generator=gen) * torch.exp(torch.randn(1024, generator=gen) * 0.5)
+    x[:, torch.randperm(1024, generator=gen)[:8]] *= 8
+    x = x.to(torch.bfloat16)
+    per_token, per_channel = make_codec("int8"), make_codec("int8:axis=0")
+    assert len(per_token.encode(x)) == len(per_channel.encode(x))
+    err = {c.spec(): relative_error(x, decode(c.encode(x))) for c in (per_token, per_channel)}
+    assert err[per_channel.spec()] < 0.5 * err[per_token.spec()] < 0.01, err
+    for candidates in ("int8|int8:axis=0", "int8:axis=0|int8"):
+        chosen, payload = make_codec(f"auto:candidates={candidates}").choose(x)
+        assert chosen.spec() == per_channel.spec()
+        assert relative_error(x, decode(payload)) == err[per_channel.spec()]
+    chosen, _ = make_codec("auto").choose(x)  # the defaults list both
+    assert chosen.spec() == per_channel.spec()
+    # under a budget the first listed meets with room (its error at most RANK_ABOVE of it), the rest are not
+    # screened to rank them: the first is taken
+    roomy = err[per_token.spec()] / auto.RANK_ABOVE * 1.5
+    assert make_codec(f"auto:max_error={roomy},candidates=int8|int8:axis=0").choose(x)[0].spec() == per_token.spec()
+    # without a sample to rank them on (a small tensor), the listed order decides among near-equal sizes
+    small = x[:64, :128].contiguous()
+    assert small.numel() < auto.SAMPLE_MIN_ELEMS
+    assert make_codec("auto:candidates=int8|int8:axis=0").choose(small)[0].spec() == per_token.spec()
+    # a candidate more accurate but larger (per channel of a KV chunk: groups of its 2 layers) does not win
+    kv = make_tensor((2, 2, 4, 128, 64), torch.bfloat16, "normal", 2)
+    assert make_codec("auto:candidates=int8:axis=0|int8").choose(kv)[0].spec() == per_token.spec()
 
 
 def test_auto_with_nan_stays_lossless():

@@ -15,8 +15,13 @@ for an ``axis=0`` quantizer, slices of the last dim). A candidate whose sample e
 tried on the whole tensor, nor is one at the rate of a fixed-rate winner or above; lowrank is screened by
 the energy a row sample (2 x its columns) keeps at the largest rank that could still win. Screening can only make the
 choice less thrifty, never break the budget. Fixed-rate codecs go in order of bits per element and stop
-at the first one within budget (nothing after it can be smaller); then the variable-size ones (sparse,
-lowrank, ``+zstd``). ``none`` is the last resort. The result is the chosen codec's own payload, so it
+at the first rate with one within budget (nothing after it can be smaller). Within a rate, candidates of
+near-equal size (``SAME_SIZE``) keep the listed order unless one errs clearly less on its sample
+(``MORE_ACCURATE``): it goes first. That ranking screens every candidate of the rate, so it is done only when
+the first to pass errs above ``RANK_ABOVE`` of the budget, where accuracy decides how cheaply a remembered
+winner is checked: on vision features with hot channels int8 per channel (``int8:axis=0``) errs 2.5x less
+than per token at the same bytes, which its cheap bound proves within 2% where per token's needs the exact
+measure (~1.2x an encode). Then the variable-size ones (sparse, lowrank, ``+zstd``). ``none`` is the last resort. The result is the chosen codec's own payload, so it
 records the choice and ``decode`` needs nothing from ``auto``. Tensors with NaN/inf only end up with
 lossless candidates (lossy ones refuse them or fail the budget).
 
@@ -55,7 +60,8 @@ from qwen3vl_ray.errors import CodecError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CANDIDATES = ("sparse", "lowrank", "kv-int4", "int4", "int4:axis=0", "kv-int8", "int8", "fp8", "bf16", "fp16")
+DEFAULT_CANDIDATES = ("sparse", "lowrank", "kv-int4", "int4", "int4:axis=0", "kv-int8", "int8", "int8:axis=0", "fp8",
+                      "bf16", "fp16")
 #: bits per element of the fixed-rate codecs, ignoring the scales (they only add a few percent)
 _BITS = {"int4": 4, "kv-int4": 4, "int8": 8, "kv-int8": 8, "fp8": 8, "bf16": 16, "fp16": 16}
 #: tensors below this many elements are not screened (a whole-tensor trial is already cheap)
@@ -69,6 +75,17 @@ RESCREEN_EVERY = 16
 #: the longest interval between re-screens: it doubles from ``RESCREEN_EVERY`` each time a re-screen confirms
 #: the winner, and resets when one picks another
 RESCREEN_MAX = 256
+#: same-rate candidates whose sizes, scaled from the sample, are within this factor of the smallest count as the
+#: same size and go most accurate first: the scaled size is ~0.5% off (the headers are scaled with the codes), and
+#: same-rate payloads of one tensor differ by their headers, a few dozen bytes, unless their groups differ
+SAME_SIZE = 1.02
+#: ... and the most accurate of them goes ahead of the first listed only when its sample error is below this
+#: factor of the first's (near-equal errors, as kv-int4's and int4's on Gaussian values, keep the listed order)
+MORE_ACCURATE = 0.8
+#: the other same-rate candidates are screened to rank them only when the first to pass errs above this share of
+#: the budget on its sample: below it the first is taken on its cheap bound anyway (~2.2-3.1x its error, plus
+#: bf16's rounding), and screening the rest (~0.3 ms each on a 2 MiB KV chunk) would double a re-screen's cost
+RANK_ABOVE = 0.25
 #: tensor kinds remembered (oldest forgotten first)
 MEMO_KINDS = 64
 #: the checks a remembered winner's tensor can start at, cheapest first (each falls to the one below it)
@@ -246,18 +263,22 @@ class AutoCodec(Codec):
         raw = tensor.numel() * tensor.element_size()
         samples: dict[bool, torch.Tensor | None] = {}
 
-        def screened_out(codec: Codec) -> bool:
+        def screen(codec: Codec) -> tuple[float, float] | None:
+            """(payload size scaled from the sample, the sample's error) of a candidate that passes the
+            screen, ``(inf, inf)`` where the tensor has no sample to screen on; None where it is screened out."""
             axis0 = getattr(codec, "axis", None) is not None and codec.axis % max(tensor.dim(), 1) == 0
             if axis0 not in samples:
                 samples[axis0] = sample(tensor, axis0)
             part = samples[axis0]
             if part is None or not self._applicable(codec, part):
-                return False
+                return math.inf, math.inf
             got = self._trial(codec, part)
             if got is None:
-                return True
+                return None
             est = len(got[0]) * tensor.numel() / part.numel()
-            return got[1] > self.max_error * SCREEN_SLACK or (best is not None and est >= best[0] * 0.995)
+            if got[1] > self.max_error * SCREEN_SLACK or (best is not None and est >= best[0] * 0.995):
+                return None
+            return est, got[1]
 
         def consider(codec: Codec) -> None:
             nonlocal best
@@ -274,14 +295,42 @@ class AutoCodec(Codec):
             if codec.lossless or err <= self.max_error:
                 best = (len(payload), codec, payload)
 
-        # fixed-rate codecs in order of bits per element: the first that meets the budget beats every later
-        # one, so they stop there; variable-size ones (sparse, lowrank, +zstd) come after, against that size
-        fixed = sorted((c for c in self.candidates if _BITS.get(c.name)), key=lambda c: _BITS[c.name])
-        variable = [c for c in self.candidates if not _BITS.get(c.name)]
-        for codec in fixed + variable:
-            if best is not None and _BITS.get(codec.name) and (tensor.numel() * _BITS[codec.name] / 8 >= best[0] or (
-                    _BITS.get(best[1].name, 99) <= _BITS[codec.name])):
-                continue  # a fixed-rate winner is as small as anything at its rate or above (near-ties keep it)
+        # fixed-rate codecs by bits per element: the first rate with a candidate within budget beats every
+        # rate above it, so they stop there. Within a rate, the candidates the screen passes go smallest first
+        # and, among near-equal sizes, most accurate first (on the samples' errors): int8 per channel
+        # (axis=0) and per token store the same bytes, and on vision features with hot channels the former
+        # errs 2.5x less -- which is also what lets a remembered winner be taken on its cheap bound. Without a
+        # sample (a small tensor) they keep the listed order. Variable-size ones (sparse, lowrank, +zstd) come
+        # after, against that size
+        rates: dict[int, list[Codec]] = {}
+        for c in self.candidates:
+            if _BITS.get(c.name):
+                rates.setdefault(_BITS[c.name], []).append(c)
+        for bits in sorted(rates):
+            pending = [(order, codec) for order, codec in enumerate(rates[bits]) if self._applicable(codec, tensor)]
+            while pending and best is None:
+                passed = []
+                while pending:
+                    order, codec = pending.pop(0)
+                    got = screen(codec) if not codec.lossless else (math.inf, math.inf)
+                    if got is not None:
+                        passed.append((got, order, codec))
+                    if passed and passed[0][0][1] <= RANK_ABOVE * self.max_error:
+                        break  # the first to pass errs little: no need to screen the rest to rank them
+                if passed:
+                    near = min(est for (est, _), _, _ in passed) * SAME_SIZE
+                    passed.sort(key=lambda p: (p[0][0] > near, p[0][0] if p[0][0] > near else 0, p[1]))
+                    top = min((p for p in passed if p[0][0] <= near), key=lambda p: p[0][1])
+                    if top[0][1] < MORE_ACCURATE * passed[0][0][1]:  # clearly more accurate, not a sample's noise
+                        passed.remove(top)
+                        passed.insert(0, top)
+                for _, _, codec in passed:
+                    consider(codec)
+                    if best is not None:
+                        break
+            if best is not None:
+                break  # a fixed-rate winner is as small as anything at its rate or above
+        for codec in (c for c in self.candidates if not _BITS.get(c.name)):
             if codec.name == "lowrank" and (not self._applicable(codec, tensor) or (
                     best is not None and self._lowrank_hopeless(codec, tensor, best[0]))):
                 continue
@@ -292,7 +341,7 @@ class AutoCodec(Codec):
                 part = samples[False]
                 if part is not None and int(torch.count_nonzero(part)) * 2 > part.numel():
                     continue
-            if not codec.lossless and screened_out(codec):
+            if not codec.lossless and screen(codec) is None:
                 continue
             if not self._applicable(codec, tensor):
                 continue
