@@ -341,11 +341,11 @@ def test_auto_remembers_a_kinds_winner_and_still_keeps_the_budget(monkeypatch):
 
 @pytest.mark.parametrize("spec", ["int8", "int4:group=5", "int8:axis=0,group=3", "int4:group=1", "kv-int8", "kv-int4:group=3,residual=2"])
 @settings(max_examples=30, deadline=None)
-@given(x=float_tensors() | kv_tensors(), chunk=st.sampled_from([2, 64, 1 << 15]), cheap=st.booleans())
-def test_error_bound_is_above_relative_error(spec, x, chunk, cheap):
-    # the bounds auto takes a remembered winner on (full and cheap): never below the decoded tensor's true
-    # error, same bytes
-    got = _error_with_payload(spec, "encode_bounded", x, chunk, cheap=cheap)
+@given(x=float_tensors() | kv_tensors(), chunk=st.sampled_from([2, 64, 1 << 15]), bound=st.sampled_from(list(fused.BOUNDS)))
+def test_error_bound_is_above_relative_error(spec, x, chunk, bound):
+    # the bounds auto takes a remembered winner on (cheap, full and steps): never below the decoded tensor's
+    # true error, same bytes
+    got = _error_with_payload(spec, "encode_bounded", x, chunk, bound=bound)
     if got is not None:
         want, bound = got
         assert bound >= want
@@ -371,26 +371,29 @@ def _adversarial(dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("spec", ["int8", "int4", "int8:axis=0", "int4:group=1", "kv-int8", "kv-int4", "kv-int4:residual=3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("scale", [1.0, 1e-5, 1e-30, 1e4])
-@pytest.mark.parametrize("cheap", [False, True])
-def test_error_bound_adversarial(spec, dtype, scale, cheap):
+@pytest.mark.parametrize("bound", list(fused.BOUNDS))
+def test_error_bound_adversarial(spec, dtype, scale, bound):
     from qwen3vl_ray.codecs import relative_error
 
     x = (_adversarial(torch.float64) * scale).to(dtype)
     if dtype == torch.float16:
         x = _adversarial(torch.float64).mul(scale).clamp(-6e4, 6e4).to(dtype)
     codec = make_codec(spec)
-    payload, bound = codec.encode_bounded(x, cheap)
+    payload, err = codec.encode_bounded(x, bound)
     assert bytes(payload) == bytes(codec.encode(x))
     true = relative_error(x, decode(payload))
-    assert bound >= true
+    assert err >= true
     _, measured = codec.encode_measured(x)
-    assert bound >= measured * (1 - 1e-5) - 2e-6  # the exact sums sit below it too
+    assert err >= measured * (1 - 1e-5) - 2e-6  # the exact sums sit below it too
+    if bound == "steps":  # the exact steps never exceed half a step each: never looser than the full bound
+        assert err <= codec.encode_bounded(x, "full")[1] * (1 + 1e-6)
 
 
 def test_auto_takes_a_remembered_winner_on_its_cheapest_bound_that_proves_the_budget(monkeypatch):
     # a winner well within the budget: the next tensors of its kind cost the cheap bounded encode only; one
-    # nearer the budget falls to the full bound, and one nearer still to the exact measure, each on the same
-    # tensor, and the kind then starts at the check that served; every payload stays within the budget
+    # nearer the budget falls to the full bound, one nearer still to the steps bound, and one nearer still to
+    # the exact measure, each on the same tensor, and the kind then starts at the check that served; every
+    # payload stays within the budget
     from qwen3vl_ray.codecs import relative_error
     from qwen3vl_ray.codecs.kv import KVQuantCodec
 
@@ -398,16 +401,19 @@ def test_auto_takes_a_remembered_winner_on_its_cheapest_bound_that_proves_the_bu
     real_m, real_b = KVQuantCodec.encode_measured, KVQuantCodec.encode_bounded
     monkeypatch.setattr(KVQuantCodec, "encode_measured", lambda self, t: calls.append("exact") or real_m(self, t))
     monkeypatch.setattr(KVQuantCodec, "encode_bounded",
-                        lambda self, t, cheap=False: calls.append("cheap" if cheap else "full") or real_b(self, t, cheap))
+                        lambda self, t, bound="full": calls.append(bound) or real_b(self, t, bound))
     xs = [make_tensor((8, 2, 4, 64, 64), torch.bfloat16, "normal", seed) for seed in range(4)]
     kv4 = make_codec("kv-int4")
-    bounds = {cheap: kv4.encode_bounded(xs[1], cheap)[1] for cheap in (False, True)}
-    err = relative_error(xs[1], decode(kv4.encode(xs[1])))
-    # kv-int4 errs ~0.11 here: the full bound ~0.19, the cheap one ~0.24
-    assert err < bounds[False] < bounds[True]
-    for budget, want in ((0.30, ["cheap"] * 3), (0.22, ["cheap", "full", "full", "full"]),
-                         (0.15, ["cheap", "full", "exact", "exact", "exact"])):
-        assert bounds[True] < 0.30 and bounds[False] < 0.22 < bounds[True] and 0.15 < bounds[False]
+    # kv-int4 errs ~0.11 here, the steps bound ~0.115, the full one ~0.19, the cheap one ~0.24: a budget
+    # between each two of them (over every remembered tensor) is first met by the looser of the two
+    errs = [relative_error(x, decode(kv4.encode(x))) for x in xs]
+    bounds = {b: [kv4.encode_bounded(x, b)[1] for x in xs] for b in ("steps", "full", "cheap")}
+    levels = [errs, bounds["steps"], bounds["full"], bounds["cheap"], [0.5]]
+    assert all(max(lo) < min(hi) for lo, hi in zip(levels, levels[1:])), levels
+    between = [(max(lo) + min(hi)) / 2 for lo, hi in zip(levels, levels[1:])]
+    for budget, want in ((between[3], ["cheap"] * 3), (between[2], ["cheap", "full", "full", "full"]),
+                         (between[1], ["cheap", "full", "steps", "steps", "steps"]),
+                         (between[0], ["cheap", "full", "steps", "exact", "exact", "exact"])):
         codec = make_codec(f"auto:max_error={budget}")
         assert codec.choose(xs[0])[0].name == "kv-int4"
         calls.clear()

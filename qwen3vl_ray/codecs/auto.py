@@ -21,8 +21,9 @@ near-equal size (``SAME_SIZE``) keep the listed order unless one errs clearly le
 the first to pass errs above ``RANK_ABOVE`` of the budget, where accuracy decides how cheaply a remembered
 winner is checked: on vision features with hot channels int8 per channel (``int8:axis=0``) errs 2.5x less
 than per token at the same bytes, which its cheap bound proves within 2% where per token's needs the exact
-measure (~1.2x an encode). Then the variable-size ones (sparse, lowrank, ``+zstd``). ``none`` is the last resort. The result is the chosen codec's own payload, so it
-records the choice and ``decode`` needs nothing from ``auto``. Tensors with NaN/inf only end up with
+measure (~1.2x an encode). Then the variable-size ones (sparse, lowrank, ``+zstd``). ``none`` is the last
+resort. The result is the chosen codec's own payload, so it records the choice and ``decode`` needs nothing
+from ``auto``. Tensors with NaN/inf only end up with
 lossless candidates (lossy ones refuse them or fail the budget).
 
 Choices are remembered per tensor kind (shape, dtype, device type): entries of one kind (a model's KV chunks,
@@ -31,8 +32,10 @@ whole-tensor encode and, when its error meets the budget, takes it without scree
 takes only an upper bound of the error (``encode_bounded``, see ``fused.bound_error``): the cheap one (the
 norm's lower bound from the squares of every other group's inputs and the other groups' largest, ~10% over a
 2 MiB KV chunk's plain kernel time on one thread and ~18% on two, ~2.2-3.1x above the true error there), then
-the full one (every input's square, ~18% / ~25%, ~1.8-2.5x above), then the exact
-measure (``encode_measured``, ~2.4x an encode), each only where the one before it misses the budget; the kind
+the full one (every input's square, ~18% / ~25%, ~1.8-2.5x above), then the steps one (the codes' rounding
+steps summed exactly: only the store's rounding, 2^-8 relative in bf16, taken at its worst; ~1.05-1.4x above),
+then the exact measure (``encode_measured``, ~2.2x an encode), each only where the one before it misses the
+budget; the kind
 then starts at the check that served until it is screened again (and keeps it when a re-screen confirms the
 winner: a winner that close to the budget stays close). A kind
 is chosen afresh after its winner served an interval of tensors (and whenever the remembered winner misses
@@ -88,8 +91,10 @@ MORE_ACCURATE = 0.8
 RANK_ABOVE = 0.25
 #: tensor kinds remembered (oldest forgotten first)
 MEMO_KINDS = 64
-#: the checks a remembered winner's tensor can start at, cheapest first (each falls to the one below it)
-BOUND_CHEAP, BOUND_FULL, BOUND_NONE = 2, 1, 0
+#: the checks a remembered winner's tensor can start at, cheapest first (each falls to the one below it):
+#: the kernels' bounds (``fused.BOUNDS``), then the exact measure
+BOUND_CHEAP, BOUND_FULL, BOUND_STEPS, BOUND_NONE = 3, 2, 1, 0
+_BOUND_OF_LEVEL = {BOUND_CHEAP: "cheap", BOUND_FULL: "full", BOUND_STEPS: "steps"}
 
 
 def sample(tensor: torch.Tensor, axis0: bool = False) -> torch.Tensor | None:
@@ -175,17 +180,18 @@ class AutoCodec(Codec):
             err = 0.0 if codec.lossless else relative_error(tensor, decode(payload, tensor.device))
         return payload, err
 
-    def _bounded(self, codec: Codec, tensor: torch.Tensor, cheap: bool = False) -> tuple[bytearray, float] | None:
-        """(payload, upper bound of its relative error) from ``codec.encode_bounded`` (``cheap``: its cheaper,
-        looser bound), or None where the codec has no such path, refuses the tensor or could not bound it."""
+    def _bounded(self, codec: Codec, tensor: torch.Tensor, bound: str = "full") -> tuple[bytearray, float] | None:
+        """(payload, upper bound of its relative error) from ``codec.encode_bounded`` (``bound``: which of its
+        bounds, ``fused.BOUNDS``), or None where the codec has no such path, refuses the tensor or could not
+        bound it."""
         if not hasattr(codec, "encode_bounded"):
             return None
         try:
-            payload, bound = codec.encode_bounded(tensor, cheap)
+            payload, err = codec.encode_bounded(tensor, bound)
         except CodecError as exc:
             log.debug("auto: remembered %s refused the tensor: %s", codec.spec(), exc)
             return None
-        return None if bound is None else (payload, bound)
+        return None if err is None else (payload, err)
 
     def _lowrank_hopeless(self, codec: Codec, tensor: torch.Tensor, best: int) -> bool:
         """True when, on a row sample, the largest rank whose factors still beat ``best`` bytes keeps less
@@ -228,13 +234,13 @@ class AutoCodec(Codec):
                 level = memo[2]
         if winner is not None:
             raw = tensor.numel() * tensor.element_size()
-            # the kernels' upper bounds of the error first, the cheaper one while it proves the budget: a
-            # winner chosen with room to spare is taken on it. A bound over the budget (the winner near the
-            # budget, or no fused path) falls to the next check on the same tensor -- the full bound, then the
-            # exact measure -- and the kind starts there until it is screened again
+            # the kernels' upper bounds of the error first, the cheapest one that proves the budget: a winner
+            # chosen with room to spare is taken on the cheap one. A bound over the budget (the winner near the
+            # budget, or no fused path) falls to the next check on the same tensor -- the full bound, the steps
+            # bound, then the exact measure -- and the kind starts there until it is screened again
             got = None
             while level and got is None:
-                got = self._bounded(winner, tensor, cheap=level == BOUND_CHEAP)
+                got = self._bounded(winner, tensor, _BOUND_OF_LEVEL[level])
                 if got is None or not (len(got[0]) < raw and got[1] <= self.max_error):
                     # no bound at all (no fused path for this tensor, a refusal): straight to the exact measure
                     got, level = None, BOUND_NONE if got is None else level - 1
@@ -282,7 +288,7 @@ class AutoCodec(Codec):
 
         def consider(codec: Codec) -> None:
             nonlocal best
-            # the cheap bound first (see choose); the exact measure where it misses the budget
+            # the full bound first (see choose); the exact measure where it misses the budget
             got = self._bounded(codec, tensor)
             if got is None or got[1] > self.max_error:
                 got = self._trial(codec, tensor)

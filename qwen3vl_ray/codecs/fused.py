@@ -287,7 +287,11 @@ _NO_DIGESTS = np.zeros(0, dtype=np.uint64)
 
 
 #: how many of the kernel's sums each ``measure`` fills
-_WIDTH = (0, 2, 3, 3)
+_WIDTH = (0, 2, 3, 3, 3)
+#: the kernels' upper bounds of the error (see :func:`bound_error`), cheapest and loosest first, and the
+#: ``measure`` of :func:`quantize_parts` that takes each: ``cheap`` the norm's lower bound from some inputs' squares,
+#: ``full`` from every input's, ``steps`` also the codes' rounding steps exactly instead of half a step each
+BOUNDS = {"cheap": 3, "full": 2, "steps": 4}
 
 
 def _kernel_hashes(g: Geometry, pack4: bool, ncodes: int) -> bool:
@@ -317,9 +321,11 @@ _STORE = {torch.bfloat16: (2.0 ** -8, 2.0 ** -134), torch.float16: (2.0 ** -11, 
           torch.float32: (0.0, 0.0), torch.float64: (0.0, 0.0)}
 
 
-def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype, exact_x2: float = 0.0) -> float:
-    """An upper bound of ``relative_error(x, decode(payload))`` from :func:`quantize_parts`' ``measure`` 2 or 3
-    sums: ``sq`` (group size x ``scale^2`` summed over the quantized groups), ``f2_lo`` (a lower bound of the squared
+def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype, exact_x2: float = 0.0,
+                exact_steps: bool = False) -> float:
+    """An upper bound of ``relative_error(x, decode(payload))`` from :func:`quantize_parts`' ``measure`` 2, 3 or
+    4 sums (:data:`BOUNDS`): ``sq`` (group size x ``scale^2`` summed over the quantized groups; ``exact_steps``,
+    ``measure`` 4: the squared steps themselves, ``scale^2 (x * inv - code)^2`` summed), ``f2_lo`` (a lower bound of the squared
     norm of the quantized groups' float32 inputs) and ``zz`` (a bound of the squared error of the groups stored
     as zeros: their inputs, each at most ``amax = qmax * scale``); ``exact_x2`` is the squared norm of inputs
     stored exactly (a KV residual window). ``inf`` where it cannot bound (an overflowing sum, a zero norm bound).
@@ -336,7 +342,9 @@ def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype
     ``fused_kernels.BOUND_STRIDE`` (2) and takes the others' largest, ~1.2-1.4x below the norm on KV chunks.
     Half a step per element is what a code can lose at most; uniform rounding loses ``1/sqrt(12)`` of a step on
     average, so the full bound sits ~1.7-2.5x above the true error (the cheap one ~2.2-3.1x), plus ``u`` (~0.4%
-    for bf16): it proves a budget with room to spare; :func:`error_bound`'s exact sums decide the close calls.
+    for bf16): it proves a budget with room to spare. The steps bound (``measure`` 4) sums the steps exactly and
+    keeps only the store's worst case, ``u``: ~1.3x the true error on bf16 vision features, for ~60% of an exact
+    measure's cost; :func:`error_bound`'s exact sums decide the closest calls.
     """
     sq, f2_lo, zz = sums
     if not all(map(math.isfinite, (sq, f2_lo, zz, exact_x2))):
@@ -345,7 +353,9 @@ def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype
     u, sub = _STORE.get(dtype, (2.0 ** -8, 2.0 ** -25))
     u1 = u + 2.0 ** -23  # the store, and code * scale's float32 rounding
     abs_ = math.sqrt(numel) * (sub + 2.0 ** -147)  # subnormal stores, float32 underflow of inputs and products
-    steps = 0.5 * math.sqrt(sq) * (1 + 2.0 ** -20)  # half a step per element, 1/inv within 2^-22 of scale
+    # half a step per element (1/inv within 2^-22 of scale), or the steps summed exactly (``steps``: the sum is
+    # of ``x * inv - code`` times the scale, and x * inv within ~2^-21 of x / scale: the 2^-20 ||f|| below)
+    steps = (math.sqrt(sq) if exact_steps else 0.5 * math.sqrt(sq)) * (1 + 2.0 ** -20)
     # ||x_q - d|| <= 2 x_in ||f|| + ||f - q scale|| + u1 ||q scale|| + abs_, with ||f - q scale|| <= steps +
     # 2^-20 ||f|| (y's and scale's rounding) and ||q scale|| <= ||f|| + ||f - q scale||: A + B ||f||
     a = steps * (1 + u1) + abs_
@@ -362,15 +372,25 @@ def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype
     return math.sqrt((a / lo + b) ** 2 + zz * (1 + 2.0 ** -40) / (lo * lo)) * (1 + 2.0 ** -30) + 2.0 ** -30
 
 
-def _bound_sums(g: Geometry, qmax: int, lanes: float, q2: float, z2: float) -> tuple[float, float, float]:
-    """:func:`bound_error`'s ``(sq, f2_lo, zz)`` of one part from the kernel's ``measure`` 2 or 3 sums
+def _bound_sums(g: Geometry, qmax: int, lanes: float, q2: float, z2: float,
+                exact_steps: bool = False) -> tuple[float, float, float]:
+    """:func:`bound_error`'s ``(sq, f2_lo, zz)`` of one part from the kernel's ``measure`` 2, 3 or 4 sums
     ``lanes, q2, z2``: every group holds at most ``group`` elements per scale (``sq = group * q2``); a group
     stored as zeros (amax <= TINY) errs by its inputs, each <= amax = qmax * scale (within 2^-23); the lanes'
     float32 sums (squares of inputs, or of some of them, plus the cheap bound's float64 sum of the other groups'
-    squared amax) are rounded down by their worst case (at most CHUNK_ELEMS + 1 terms per lane)."""
+    squared amax) are rounded down by their worst case (at most CHUNK_ELEMS + 1 terms per lane).
+
+    ``exact_steps`` (``measure`` 4): ``q2`` is already the squared steps, ``sum(scale^2 * (y - code)^2)``, each group's
+    float32 sum of at most ``group`` exact differences' squares rounded up by its worst case, the float64
+    products and sums by 2^-20 (2^33 terms at 2^-53 each)."""
     gam = (CHUNK_ELEMS + 3) * 2.0 ** -24
     gam /= 1 - gam
-    return g.group * q2, lanes / (1 + gam) * (1 - 2.0 ** -40), g.group * z2 * (qmax * (1 + 2.0 ** -22)) ** 2
+    if exact_steps:
+        gs = (g.group + 2) * 2.0 ** -24
+        sq = q2 * (1 + gs / (1 - gs)) * (1 + 2.0 ** -20)
+    else:
+        sq = g.group * q2
+    return sq, lanes / (1 + gam) * (1 - 2.0 ** -40), g.group * z2 * (qmax * (1 + 2.0 ** -22)) ** 2
 
 
 class _Plan:
@@ -426,7 +446,8 @@ def quantize_parts(x: np.ndarray, plan: EncodePlan, qmax: int, writer: _base.Pay
     it), scaled back by ``1 / inv^2`` in float64; groups stored as zeros add their inputs' squares exactly.
     ``measure`` 2 and 3: :func:`bound_error`'s sums, its norm bound from every input's square (2) or, cheaper and
     looser, from some inputs' (3: one group's in ``fused_kernels.BOUND_STRIDE`` and the others' largest, see
-    ``fused_kernels.ENCODE``). Else ().
+    ``fused_kernels.ENCODE``); ``measure`` 4: as 2 with the codes' squared rounding steps exactly, each group's
+    scaled by its squared scale, instead of the squared scales (``BOUNDS``). Else ().
     """
     if writer.layout is not plan.layout:
         raise AssertionError("the payload writer was not built on the plan's layout")
@@ -447,7 +468,7 @@ def quantize_parts(x: np.ndarray, plan: EncodePlan, qmax: int, writer: _base.Pay
             hashed[2 * i] = cd is not None
             hashed[2 * i + 1] = True
             if measure >= 2:
-                a, b, c = _bound_sums(g, qmax, a, b, c)
+                a, b, c = _bound_sums(g, qmax, a, b, c, exact_steps=measure == 4)
             s0 += a
             s1 += b
             s2 += c

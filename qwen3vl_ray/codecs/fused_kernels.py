@@ -339,6 +339,19 @@ def _code_err(xs, inv, scale, m):
     return e2, y2
 
 
+@numba.njit(fastmath={"reassoc"}, cache=True, nogil=True)
+def _steps2(xs, s, m):
+    """Sum of the squared rounding steps of one group's codes in code units, ``(y - rint(y))^2`` with ``y = x * s``
+    as _code8 and _nib compute it (the steps bound, ``measure`` 4). ``y - rint(y)`` is exact in float32 (rint(y)
+    is 0 or within a factor 2 of y); the squares and their sum round (fused._bound_sums allows for it)."""
+    e2 = np.float32(0.0)
+    for j in range(m):
+        y = _load(xs, j) * s
+        e = y - np.rint(y)
+        e2 += e * e
+    return e2
+
+
 @numba.njit(cache=True, nogil=True)
 def _tiny_err(xs, m):
     """A group stored as zeros (amax <= TINY): every input is its own error (float64: squares of 1e-30)."""
@@ -462,17 +475,20 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
         i1 = min(items, i0 + per)
         e2 = 0.0
         x2 = 0.0
+        ssum = 0.0  # the steps bound's (measure 4) squared steps, scaled back by the groups' squared scales
         amax = _keys(x, post)
         inv = np.empty(post, np.float32)
         scl = np.empty(post, np.float32)
         # per-channel error sums in code units (measure only): one lane per channel, no reduction to reorder
-        ek = np.zeros(post if measure == 1 and post > 1 else 0, np.float32)
+        ek = np.zeros(post if (measure == 1 or measure == 4) and post > 1 else 0, np.float32)
         yk = np.zeros(post if measure == 1 and post > 1 else 0, np.float32)
         # bound (measure >= 2): squared float32 inputs in per-lane float32 sums (one lane per channel, or per
         # position in a row's group: no reduction to reorder, so the loops stay vectorized); the rest of the
         # bound comes from the scales (_scale_sums, at the chunk's end). The cheap bound (measure == 3) sums them over one
         # group in BOUND_STRIDE only: the others run the plain loops, so it costs a fraction of the full one
         xl = np.zeros((post if post > 1 else group) if measure >= 2 else 0, np.float32)
+        # steps bound, per channel: each channel's squared steps times its squared scale, one float64 lane each
+        sl = np.zeros(post if measure == 4 and post > 1 else 0, np.float64)
         # int4 packs straight into the payload when every group (or, per channel, every row) starts on a
         # byte; else (odd sizes) and when measuring, nibbles go through the chunk's scratch first
         direct = pack4 and (group % 2 == 0 if post == 1 else post % 2 == 0)
@@ -491,7 +507,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
             cb = it * gsize
             nb = (it - i0) * gsize
             # this group's inputs are squared (the bound; the cheap one: one group in BOUND_STRIDE)
-            squares = measure == 2 or (measure == 3 and it % BOUND_STRIDE == 0)
+            squares = measure == 2 or measure == 4 or (measure == 3 and it % BOUND_STRIDE == 0)
             if rows:
                 m = _key0(x)
                 xs = x[src + j0: src + j1]
@@ -529,6 +545,8 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                         cs[j] = _code8(_load(xs, j), s)
                     for j in range(j1 - j0, group):
                         cs[j] = np.uint8(0)
+                if measure == 4 and s > 0:  # one float64 add per group: its chain is not what the loop waits on
+                    ssum += np.float64(_steps2(xs, s, j1 - j0)) * (np.float64(sa) * np.float64(sa))
                 if measure == 1:
                     if s > 0:
                         ce, cy = _code_err(xs, s, sa, j1 - j0)
@@ -611,6 +629,16 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                             e, y = _err_terms(xs, _load(xs, k), inv[k], scl[k])
                             ek[k] += e * e
                             yk[k] += y * y
+                    if measure == 4 and j < j1:  # one lane per channel (inside the codes' loop it cost the same)
+                        for k in range(post):
+                            y = _load(xs, k) * inv[k]
+                            e = y - np.rint(y)
+                            ek[k] += e * e
+                if measure == 4:
+                    for k in range(post):
+                        w = np.float64(scl[k]) * np.float64(scl[k])
+                        sl[k] += np.float64(ek[k]) * w if inv[k] > 0 else 0.0
+                        ek[k] = np.float32(0.0)
                 if measure == 1:
                     for k in range(post):
                         if inv[k] > 0:
@@ -646,7 +674,7 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
             # median per call on two cores)
             q2, z2, a2 = _scale_sums(scales, i0, i1, post, qmax, measure == 3)
             err[3 * c] = x2 + _lane_sum(xl) + a2
-            err[3 * c + 1] = q2
+            err[3 * c + 1] = ssum + _lane_sum(sl) if measure == 4 else q2
             err[3 * c + 2] = z2
         elif measure:
             err[2 * c] = e2
@@ -758,7 +786,7 @@ def _encode_kernel(rows: bool, pack4: bool, measure: int):
         return _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, rows,
                             measure, seg, digests, sdigests)
     # distinct names: numba's on-disk cache tells closures of one source line apart by them
-    kernel.__name__ = kernel.__qualname__ = f"encode_{'rows' if rows else 'cols'}_{'int4' if pack4 else 'int8'}{('', '_measure', '_bound', '_cheap_bound')[measure]}"
+    kernel.__name__ = kernel.__qualname__ = f"encode_{'rows' if rows else 'cols'}_{'int4' if pack4 else 'int8'}{('', '_measure', '_bound', '_cheap_bound', '_steps_bound')[measure]}"
     return numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)(kernel)
 
 
@@ -778,10 +806,12 @@ _FLAGS = (False, True)
 #: a row position's over a chunk's groups), squared scales of the quantized groups, squared scales of the groups
 #: stored as zeros); 3: as 2, but the first sum squares the inputs of one group in ``BOUND_STRIDE`` only and
 #: takes each other quantized group's squared amax (per channel, such a group has ``post``): a lower bound of the
-#: norm at a fraction of the cost. ``digests`` (unless empty) gets the xxh3_64 of each ``seg``-byte segment of
+#: norm at a fraction of the cost; 4: as 2, but the second sum is the codes' rounding steps, exactly (squared
+#: ``x * inv - code`` in float32 per group, times the group's squared scale in float64) instead of half a step
+#: each. ``digests`` (unless empty) gets the xxh3_64 of each ``seg``-byte segment of
 #: ``codes`` (each chunk's codes must fill whole segments); ``sdigests`` gets those of ``scales`` (always: their
 #: pass is serial, after the chunks)
-ENCODE = {(r, p, m): _encode_kernel(r, p, m) for r in _FLAGS for p in _FLAGS for m in (0, 1, 2, 3)}
+ENCODE = {(r, p, m): _encode_kernel(r, p, m) for r in _FLAGS for p in _FLAGS for m in (0, 1, 2, 3, 4)}
 #: ``DECODE[rows, pack4]``: write ``codes * scales`` into one part of ``out`` (``scales``, ``seg``, ``digests`` and
 #: ``sdigests`` as in ENCODE)
 DECODE = {(r, p): _decode_kernel(r, p) for r in _FLAGS for p in _FLAGS}

@@ -122,15 +122,16 @@ class KVQuantCodec(Codec):
         payload, (e2, x2), rest2 = self._encode_fused(tensor, cut, measure=1)
         return payload, F.error_bound(e2, x2 + rest2, tensor.numel(), tensor.dtype)
 
-    def encode_bounded(self, tensor: torch.Tensor, cheap: bool = False) -> tuple[bytearray, float | None]:
+    def encode_bounded(self, tensor: torch.Tensor, bound: str = "full") -> tuple[bytearray, float | None]:
         """The payload and an upper bound of its ``relative_error`` (:func:`fused.bound_error`) from sums the
         kernels take as they quantize, at a fraction of :meth:`encode_measured`'s cost; None where the fused
-        path does not run. ``cheap``: as in ``quant.GroupQuantCodec.encode_bounded``."""
+        path does not run. ``bound``: as in ``quant.GroupQuantCodec.encode_bounded``."""
+        measure = F.BOUNDS[bound]
         cut = self._fused_cut(tensor)
         if cut is None:
             return self.encode(tensor), None
-        payload, sums, rest2 = self._encode_fused(tensor, cut, measure=3 if cheap else 2)
-        return payload, F.bound_error(sums, tensor.numel(), tensor.dtype, rest2)
+        payload, sums, rest2 = self._encode_fused(tensor, cut, measure=measure)
+        return payload, F.bound_error(sums, tensor.numel(), tensor.dtype, rest2, exact_steps=bound == "steps")
 
     def _encode_fused(self, t: torch.Tensor, cut: int, measure: int = 0) -> tuple[bytearray, tuple[float, ...], float]:
         """CPU fast path: one numba pass per part straight into the payload (same bytes as the other paths);

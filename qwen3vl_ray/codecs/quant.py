@@ -108,16 +108,18 @@ class GroupQuantCodec(Codec):
         payload, sums = self._encode_fused(tensor, measure=1)
         return payload, F.error_bound(*sums, tensor.numel(), tensor.dtype)
 
-    def encode_bounded(self, tensor: torch.Tensor, cheap: bool = False) -> tuple[bytearray, float | None]:
+    def encode_bounded(self, tensor: torch.Tensor, bound: str = "full") -> tuple[bytearray, float | None]:
         """The payload and an upper bound of its ``relative_error`` (:func:`fused.bound_error`: ~1.7x the error
         plus ~0.4% for bf16) from sums the kernel takes as it quantizes, at a fraction of
-        :meth:`encode_measured`'s cost; None where the fused path does not run. ``cheap``: the norm's lower
-        bound from the squares of one group's inputs in two and the other groups' largest
-        (``fused_kernels.ENCODE``'s ``measure`` 3): about half the extra cost, the bound ~1.1-1.4x looser."""
+        :meth:`encode_measured`'s cost; None where the fused path does not run. ``bound`` (:data:`fused.BOUNDS`):
+        ``full``; ``cheap``, the norm's lower bound from the squares of one group's inputs in two and the other
+        groups' largest: about half the extra cost, the bound ~1.1-1.4x looser; ``steps``, the codes' rounding
+        steps summed exactly: the tightest (~1.3x the error on bf16), the dearest."""
+        measure = F.BOUNDS[bound]
         if not self._fused(tensor):
             return self.encode(tensor), None
-        payload, sums = self._encode_fused(tensor, measure=3 if cheap else 2)
-        return payload, F.bound_error(sums, tensor.numel(), tensor.dtype)
+        payload, sums = self._encode_fused(tensor, measure=measure)
+        return payload, F.bound_error(sums, tensor.numel(), tensor.dtype, exact_steps=bound == "steps")
 
     def _encode_fused(self, tensor: torch.Tensor, measure: int = 0) -> tuple[bytearray, tuple[float, ...]]:
         """CPU fast path: one numba pass straight into the payload (same bytes as the other paths)."""
