@@ -325,10 +325,11 @@ def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype
                 exact_steps: bool = False) -> float:
     """An upper bound of ``relative_error(x, decode(payload))`` from :func:`quantize_parts`' ``measure`` 2, 3 or
     4 sums (:data:`BOUNDS`): ``sq`` (group size x ``scale^2`` summed over the quantized groups; ``exact_steps``,
-    ``measure`` 4: the squared steps themselves, ``scale^2 (x * inv - code)^2`` summed), ``f2_lo`` (a lower bound of the squared
-    norm of the quantized groups' float32 inputs) and ``zz`` (a bound of the squared error of the groups stored
-    as zeros: their inputs, each at most ``amax = qmax * scale``); ``exact_x2`` is the squared norm of inputs
-    stored exactly (a KV residual window). ``inf`` where it cannot bound (an overflowing sum, a zero norm bound).
+    ``measure`` 4: the squared steps themselves, ``scale^2 (x * inv - code)^2`` summed), ``f2_lo`` (a lower
+    bound of the squared norm of the quantized groups' float32 inputs) and ``zz`` (a bound of the squared error
+    of the groups stored as zeros: their inputs, each at most ``amax = qmax * scale``); ``exact_x2`` is the
+    squared norm of inputs stored exactly (a KV residual window). ``inf`` where it cannot bound (an overflowing
+    sum, a zero norm bound).
 
     Per quantized element, ``x - decoded`` is the code's rounding step (at most half a step: ``scale / 2``) plus
     float32 rounding of ``x * inv``, of ``scale`` against ``1 / inv`` and of ``code * scale`` (each within 2^-24
@@ -380,9 +381,9 @@ def _bound_sums(g: Geometry, qmax: int, lanes: float, q2: float, z2: float,
     float32 sums (squares of inputs, or of some of them, plus the cheap bound's float64 sum of the other groups'
     squared amax) are rounded down by their worst case (at most CHUNK_ELEMS + 1 terms per lane).
 
-    ``exact_steps`` (``measure`` 4): ``q2`` is already the squared steps, ``sum(scale^2 * (y - code)^2)``, each group's
-    float32 sum of at most ``group`` exact differences' squares rounded up by its worst case, the float64
-    products and sums by 2^-20 (2^33 terms at 2^-53 each)."""
+    ``exact_steps`` (``measure`` 4): ``q2`` is already the squared steps, ``sum(scale^2 * (y - code)^2)``, each
+    group's float32 sum of at most ``group`` exact differences' squares rounded up by its worst case, the
+    float64 products and sums by 2^-20 (2^33 terms at 2^-53 each)."""
     gam = (CHUNK_ELEMS + 3) * 2.0 ** -24
     gam /= 1 - gam
     if exact_steps:
