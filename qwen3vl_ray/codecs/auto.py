@@ -33,7 +33,7 @@ takes only an upper bound of the error (``encode_bounded``, see ``fused.bound_er
 norm's lower bound from the squares of every other group's inputs and the other groups' largest, ~10% over a
 2 MiB KV chunk's plain kernel time on one thread and ~18% on two, ~2.2-3.1x above the true error there), then
 the full one (every input's square, ~18% / ~25%, ~1.8-2.5x above), then the steps one (the codes' rounding
-steps summed exactly: only the store's rounding, 2^-8 relative in bf16, taken at its worst; ~1.05-1.4x above),
+steps summed exactly: only the store's rounding, 2^-8 relative in bf16, taken at its worst; 1.1-1.8x above),
 then the exact measure (``encode_measured``, ~2.2x an encode), each only where the one before it misses the
 budget; the kind
 then starts at the check that served until it is screened again (and keeps it when a re-screen confirms the

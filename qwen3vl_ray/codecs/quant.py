@@ -114,7 +114,7 @@ class GroupQuantCodec(Codec):
         :meth:`encode_measured`'s cost; None where the fused path does not run. ``bound`` (:data:`fused.BOUNDS`):
         ``full``; ``cheap``, the norm's lower bound from the squares of one group's inputs in two and the other
         groups' largest: about half the extra cost, the bound ~1.1-1.4x looser; ``steps``, the codes' rounding
-        steps summed exactly: the tightest (~1.3x the error on bf16), the dearest."""
+        steps summed exactly: the tightest (1.1-1.8x the error on bf16), the dearest."""
         measure = F.BOUNDS[bound]
         if not self._fused(tensor):
             return self.encode(tensor), None
