@@ -178,8 +178,8 @@ def _measure(name: str, x: torch.Tensor | list[torch.Tensor], spec: str, repeats
 
     def enc():
         # one round of the entries at a time: earlier rounds' payloads are dropped as the next is made, as in every
-        # other row (a list of all of a cycle's payloads put 257 x 1 MiB of fresh pages into each timed run of a
-        # 2 MiB chunk's auto row)
+        # other row (a list of all of a cycle's payloads put RESCREEN_MAX + 1 payloads of 1 MiB, fresh pages, into
+        # each timed run of a 2 MiB chunk's auto row)
         ps = None
         for _ in range(cycle):
             ps = [codec.encode(t) for t in xs]

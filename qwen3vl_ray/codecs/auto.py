@@ -44,9 +44,10 @@ The interval adapts: ``RESCREEN_EVERY`` tensors after a new winner, doubled each
 picks the same winner again, up to ``RESCREEN_MAX``, and back to ``RESCREEN_EVERY`` when a re-screen picks
 another. The budget stays a guarantee (every payload's error is checked on the whole tensor, by the bound or
 the exact measure, whatever the interval); what the memory costs is at most ``RESCREEN_MAX - 1`` tensors of a
-long-settled kind stored one codec larger than a fresh choice would have made them. Why: screening is several
-sample encodes (~5 encodes' time on a 2 MiB KV chunk); every 17th tensor that was 12-30% of the encode time,
-at the cap under 2%.
+long-settled kind stored one codec larger than a fresh choice would have made them. Why: a re-screen costs
+7-10 encodes' time (sample encodes of the candidates, the winner's bounded encode, lowrank's range finder: 1.1 ms
+on a 2 MiB KV chunk, 1.6-2.1 ms on 4 MiB vision features, measured): every 17th tensor that was 12-30% of the
+encode time, at a cap of 256 ~3%, at the cap of 1024 under 1%.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ SCREEN_SLACK = 1.25
 RESCREEN_EVERY = 16
 #: the longest interval between re-screens: it doubles from ``RESCREEN_EVERY`` each time a re-screen confirms
 #: the winner, and resets when one picks another
-RESCREEN_MAX = 256
+RESCREEN_MAX = 1024
 #: same-rate candidates whose sizes, scaled from the sample, are within this factor of the smallest count as the
 #: same size and go most accurate first: the scaled size is ~0.5% off (the headers are scaled with the codes), and
 #: same-rate payloads of one tensor differ by their headers, a few dozen bytes, unless their groups differ
