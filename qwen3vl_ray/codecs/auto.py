@@ -30,10 +30,10 @@ Choices are remembered per tensor kind (shape, dtype, device type): entries of o
 its vision features) are alike, so the next tensor of that kind goes straight to the last winner's
 whole-tensor encode and, when its error meets the budget, takes it without screening. That encode first
 takes only an upper bound of the error (``encode_bounded``, see ``fused.bound_error``): the cheap one (the
-norm's lower bound from the squares of every other group's inputs and the other groups' largest, ~10% over a
-2 MiB KV chunk's plain kernel time on one thread and ~18% on two, ~2.2-3.1x above the true error there), then
-the full one (every input's square, ~18% / ~25%, ~1.8-2.5x above), then the steps one (the codes' rounding
-steps summed exactly: only the store's rounding, 2^-8 relative in bf16, taken at its worst; 1.1-1.8x above),
+norm's lower bound from the squares of every other group's inputs and the other groups' largest, ~12% over a
+2 MiB KV chunk's plain kernel time on one thread or two, ~2.2-3.1x above the true error there), then the full
+one (every input's square, ~26%, ~1.8-2.5x above), then the steps one (the codes' rounding steps summed
+exactly, ~90-100%: only the store's rounding, 2^-8 relative in bf16, taken at its worst; 1.1-1.8x above),
 then the exact measure (``encode_measured``, ~2.2x an encode), each only where the one before it misses the
 budget; the kind
 then starts at the check that served until it is screened again (and keeps it when a re-screen confirms the
