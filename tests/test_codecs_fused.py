@@ -389,6 +389,15 @@ def test_error_bound_adversarial(spec, dtype, scale, bound):
         assert err <= codec.encode_bounded(x, "full")[1] * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("spec", ["int8", "int4:axis=0", "kv-int8"])
+def test_an_unknown_error_bound_is_refused_by_name(spec):
+    x = torch.randn(2, 2, 4, 16, 32).to(torch.bfloat16)
+    with pytest.raises(CodecError, match=r"unknown error bound 'tight'; one of cheap, full, steps"):
+        make_codec(spec).encode_bounded(x, "tight")
+    with pytest.raises(CodecError, match="unknown error bound None"):
+        make_codec(spec).encode_bounded(x, None)
+
+
 def test_auto_takes_a_remembered_winner_on_its_cheapest_bound_that_proves_the_budget(monkeypatch):
     # a winner well within the budget: the next tensors of its kind cost the cheap bounded encode only; one
     # nearer the budget falls to the full bound, one nearer still to the steps bound, and one nearer still to

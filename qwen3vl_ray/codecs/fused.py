@@ -294,6 +294,15 @@ _WIDTH = (0, 2, 3, 3, 3)
 BOUNDS = {"cheap": 3, "full": 2, "steps": 4}
 
 
+def bound_measure(bound: str, codec: str) -> int:
+    """The kernels' ``measure`` that takes ``bound`` (a key of :data:`BOUNDS`), for ``codec``'s
+    ``encode_bounded``; a :class:`CodecError` naming the choices for any other."""
+    try:
+        return BOUNDS[bound]
+    except (KeyError, TypeError):
+        raise CodecError(f"codec {codec!r}: unknown error bound {bound!r}; one of {', '.join(BOUNDS)}") from None
+
+
 def _kernel_hashes(g: Geometry, pack4: bool, ncodes: int) -> bool:
     """True when each kernel chunk's codes fill whole :data:`SEGMENT`s, so the kernel hashes them (else the payload
     writer hashes the buffer after the launch). Default groups always fill them."""

@@ -126,7 +126,7 @@ class KVQuantCodec(Codec):
         """The payload and an upper bound of its ``relative_error`` (:func:`fused.bound_error`) from sums the
         kernels take as they quantize, at a fraction of :meth:`encode_measured`'s cost; None where the fused
         path does not run. ``bound``: as in ``quant.GroupQuantCodec.encode_bounded``."""
-        measure = F.BOUNDS[bound]
+        measure = F.bound_measure(bound, self.name)
         cut = self._fused_cut(tensor)
         if cut is None:
             return self.encode(tensor), None

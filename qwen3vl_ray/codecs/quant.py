@@ -115,7 +115,7 @@ class GroupQuantCodec(Codec):
         ``full``; ``cheap``, the norm's lower bound from the squares of one group's inputs in two and the other
         groups' largest: about half the extra cost, the bound ~1.1-1.4x looser; ``steps``, the codes' rounding
         steps summed exactly: the tightest (1.1-1.8x the error on bf16), the dearest."""
-        measure = F.BOUNDS[bound]
+        measure = F.bound_measure(bound, self.name)
         if not self._fused(tensor):
             return self.encode(tensor), None
         payload, sums = self._encode_fused(tensor, measure=measure)
