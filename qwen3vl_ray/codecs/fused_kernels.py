@@ -470,7 +470,8 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
     width = 3 if measure >= 2 else 2 if measure else 0
     # empty, not zeros: every chunk writes its own sums, and here, outside the prange, numba makes np.zeros a
     # parallel loop of its own -- a second OpenMP launch per part, which cost the bounds ~3-5 us of their ~8-12 us
-    # over a plain encode of each 1 MiB part of a 2 MiB KV chunk (two threads, paired runs)
+    # over a plain encode of each 1 MiB part of a 2 MiB KV chunk, and a plain encode ~1-3 us for an empty array
+    # (two threads, paired runs; NUMBA_DEBUG_ARRAY_OPT_STATS=1 lists the parallel loops numba made)
     err = np.empty(width * nchunks, np.float64)
     bad = 0  # groups whose scale is not finite (a NaN or inf input): the caller refuses the tensor
     for c in prange(nchunks):
