@@ -33,7 +33,9 @@ costs: ``auto``'s encode time over the chosen codec's own encode time, minus one
 each tensor kind's winner and screens the kind afresh after an interval that doubles from ``RESCREEN_EVERY`` to
 ``RESCREEN_MAX`` tensors while re-screens confirm the winner: the row first encodes through that ramp (untimed),
 then each timed run spans ``RESCREEN_MAX + 1`` encodes, one full cycle (the steady state, its re-screen included),
-and the chosen codecs' own encodes are timed over runs of the same length. ``--clock cpu`` (with ``--threads 1``) times the thread's CPU
+and the chosen codecs' own encodes are timed over runs of the same length, alternated with ``auto``'s (this host's
+speed drifts by a quarter within minutes: timed one after the other, the same build's ``choose`` moved by 10-15
+points between runs). ``--clock cpu`` (with ``--threads 1``) times the thread's CPU
 time instead of wall time, which removes the time other tenants hold the core but not their cache and
 memory-bandwidth pressure.
 
@@ -129,6 +131,22 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
     return min(ts), out
 
 
+def _timed_pair(fa, fb, repeats: int) -> tuple[float, object, float]:
+    """(best time of ``fa``, its last result, best time of ``fb``), their runs alternated: a drift of the host's
+    speed then lands on both, not on whichever ran in its slow phase."""
+    out = fa()  # warm-up
+    fb()
+    ta, tb = [], []
+    for _ in range(repeats):
+        t0 = _CLOCK()
+        out = fa()
+        ta.append(_CLOCK() - t0)
+        t0 = _CLOCK()
+        fb()
+        tb.append(_CLOCK() - t0)
+    return min(ta), out, min(tb)
+
+
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -192,10 +210,28 @@ def _measure(name: str, x: torch.Tensor | list[torch.Tensor], spec: str, repeats
     def dec_alloc():
         ys = [decode(p, device) for p in payloads]; _sync(device); return ys
 
+    chosen = None
+    if codec.name == "auto":
+        # what choosing costs: auto's encode against the chosen codecs' own encodes of the same entries, timed
+        # over runs as long as auto's (cycle encodes of each entry): on a shared host a long run rarely escapes
+        # every stall of a descheduled thread, a single encode often does, and best-of-N would then charge the
+        # stalls to choosing
+        chosen = [codec.choose(t)[0] for t in xs]
+
+    def chosen_enc():
+        ps = None
+        for _ in range(cycle):
+            ps = [c.encode(t) for c, t in zip(chosen, xs)]
+        _sync(device)
+        return ps
+
     heavy = codec.name == "lowrank"
     reps = max(1, repeats // 5) if heavy else repeats
     t_copy, _ = _timed(copy, repeats)
-    t_enc, payloads = _timed(enc, reps)
+    if chosen is None:
+        t_enc, payloads = _timed(enc, reps)
+    else:
+        t_enc, payloads, t_chosen = _timed_pair(enc, chosen_enc, reps)
     t_enc /= cycle
     t_copy2, _ = _timed(copy, repeats)
     t_dec, ys = _timed(dec, reps)
@@ -217,22 +253,7 @@ def _measure(name: str, x: torch.Tensor | list[torch.Tensor], spec: str, repeats
 
         t_d2h, _ = _timed(d2h, repeats)
         t_h2d, _ = _timed(h2d, repeats)
-    choose = None
-    if codec.name == "auto":
-        # what choosing costs: auto's encode against the chosen codecs' own encodes of the same entries
-        chosen = [codec.choose(t)[0] for t in xs]
-        # timed over runs as long as auto's (cycle encodes of each entry): on a shared host a long run rarely
-        # escapes every stall of a descheduled thread, a single encode often does, and best-of-N would then
-        # charge the stalls to choosing
-        def chosen_enc():
-            ps = None
-            for _ in range(cycle):
-                ps = [c.encode(t) for c, t in zip(chosen, xs)]
-            _sync(device)
-            return ps
-
-        t_chosen, _ = _timed(chosen_enc, reps)
-        choose = t_enc / (t_chosen / cycle) - 1
+    choose = None if chosen is None else t_enc / (t_chosen / cycle) - 1
     ref = torch.cat([t.reshape(-1) for t in xs])
     y = torch.cat([t.reshape(-1) for t in ys])
     a, b = ref.double(), y.double()

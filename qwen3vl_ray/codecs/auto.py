@@ -26,20 +26,20 @@ resort. The result is the chosen codec's own payload, so it records the choice a
 from ``auto``. Tensors with NaN/inf only end up with
 lossless candidates (lossy ones refuse them or fail the budget).
 
-Choices are remembered per tensor kind (shape, dtype, device type): entries of one kind (a model's KV chunks,
+Choices are remembered per tensor kind (shape, dtype, device): entries of one kind (a model's KV chunks,
 its vision features) are alike, so the next tensor of that kind goes straight to the last winner's
 whole-tensor encode and, when its error meets the budget, takes it without screening. That encode first
 takes only an upper bound of the error (``encode_bounded``, see ``fused.bound_error``): the cheap one (the
-norm's lower bound from the squares of every other group's inputs and the other groups' largest, ~12% over a
-2 MiB KV chunk's plain kernel time on one thread or two, ~2.2-3.1x above the true error there), then the full
-one (every input's square, ~26%, ~1.8-2.5x above), then the steps one (the codes' rounding steps summed
-exactly, ~90-100%: only the store's rounding, 2^-8 relative in bf16, taken at its worst; 1.1-1.8x above),
-then the exact measure (``encode_measured``, ~2.2x an encode), each only where the one before it misses the
-budget; the kind
-then starts at the check that served until it is screened again (and keeps it when a re-screen confirms the
-winner: a winner that close to the budget stays close). A kind
-is chosen afresh after its winner served an interval of tensors (and whenever the remembered winner misses
-the budget or refuses a tensor), so a kind whose data grows more compressible finds the smaller codec again.
+norm's lower bound from the squares of the largest of each two inputs along a channel or four in a row's
+group, which the kernels find anyway: ~6-10% over a 2 MiB KV chunk's plain kernel time on two threads,
+~2.5-2.9x above the true error there), then the full one (every input's square, ~26%, ~1.8-2.5x above), then
+the steps one (the codes' rounding steps summed exactly, ~90-100%: only the store's rounding, 2^-8 relative in
+bf16, taken at its worst; 1.1-1.8x above), then the exact measure (``encode_measured``, ~2.2x an encode), each
+only where the one before it misses the budget; the kind then starts at the check that served until it is
+screened again (and keeps it when a re-screen confirms the winner: a winner that close to the budget stays
+close). A kind is chosen afresh after its winner served an interval of tensors (and whenever the remembered
+winner misses the budget or refuses a tensor), so a kind whose data grows more compressible finds the smaller
+codec again.
 The interval adapts: ``RESCREEN_EVERY`` tensors after a new winner, doubled each time a scheduled re-screen
 picks the same winner again, up to ``RESCREEN_MAX``, and back to ``RESCREEN_EVERY`` when a re-screen picks
 another. The budget stays a guarantee (every payload's error is checked on the whole tensor, by the bound or
@@ -87,7 +87,7 @@ SAME_SIZE = 1.02
 #: factor of the first's (near-equal errors, as kv-int4's and int4's on Gaussian values, keep the listed order)
 MORE_ACCURATE = 0.8
 #: the other same-rate candidates are screened to rank them only when the first to pass errs above this share of
-#: the budget on its sample: below it the first is taken on its cheap bound anyway (~2.2-3.1x its error, plus
+#: the budget on its sample: below it the first is taken on its cheap bound anyway (~2.0-2.9x its error, plus
 #: bf16's rounding), and screening the rest (~0.3 ms each on a 2 MiB KV chunk) would double a re-screen's cost
 RANK_ABOVE = 0.25
 #: tensor kinds remembered (oldest forgotten first)
@@ -140,9 +140,9 @@ class AutoCodec(Codec):
         if any(s.split(":")[0].split("+")[0] == "auto" for s in specs):
             raise CodecError("codec 'auto' cannot list itself as a candidate")
         self._specs = None if candidates is None else specs
-        # (shape, dtype, device type) -> [winner, tensors it has served since it was chosen, the check its
-        # tensors start at (BOUND_CHEAP, BOUND_FULL or BOUND_NONE: the exact measure), tensors it serves
-        # before the next re-screen] (see the docstring)
+        # (shape, dtype, device) -> [winner, tensors it has served since it was chosen, the check its
+        # tensors start at (BOUND_CHEAP, BOUND_FULL, BOUND_STEPS or BOUND_NONE: the exact measure), tensors it
+        # serves before the next re-screen, the kind's bytes] (see the docstring)
         self._memo: dict[tuple, list] = {}
         self._memo_lock = threading.Lock()  # tiers encode from several threads
         self.candidates = [make_codec(s) for s in specs]
@@ -224,7 +224,8 @@ class AutoCodec(Codec):
         if not tensor.is_floating_point() or tensor.numel() == 0:
             fallback = IdentityCodec()
             return fallback, fallback.encode(tensor)
-        kind = (tensor.shape, tensor.dtype, tensor.device.type)  # torch.Size hashes as the tuple it is
+        # torch.Size hashes as the tuple it is; the device itself, not its type string (~0.3 us less a payload)
+        kind = (tensor.shape, tensor.dtype, tensor.device)
         with self._memo_lock:
             memo = self._memo.get(kind)
             winner = memo[0] if memo is not None and memo[1] < memo[3] else None
@@ -232,23 +233,21 @@ class AutoCodec(Codec):
             due = memo is not None and winner is None
             if winner is not None:
                 memo[1] += 1
-                level = memo[2]
+                level, raw = memo[2], memo[4]
         if winner is not None:
-            raw = tensor.numel() * tensor.element_size()
             # the kernels' upper bounds of the error first, the cheapest one that proves the budget: a winner
             # chosen with room to spare is taken on the cheap one. A bound over the budget (the winner near the
             # budget, or no fused path) falls to the next check on the same tensor -- the full bound, the steps
             # bound, then the exact measure -- and the kind starts there until it is screened again
-            got = None
-            while level and got is None:
+            while level:
                 got = self._bounded(winner, tensor, _BOUND_OF_LEVEL[level])
-                if got is None or not (len(got[0]) < raw and got[1] <= self.max_error):
-                    # no bound at all (no fused path for this tensor, a refusal): straight to the exact measure
-                    got, level = None, BOUND_NONE if got is None else level - 1
-                    with self._memo_lock:
-                        memo[2] = level
-            if got is None:
-                got = self._trial(winner, tensor)
+                if got is not None and len(got[0]) < raw and got[1] <= self.max_error:
+                    return winner, got[0]
+                # no bound at all (no fused path for this tensor, a refusal): straight to the exact measure
+                level = BOUND_NONE if got is None else level - 1
+                with self._memo_lock:
+                    memo[2] = level
+            got = self._trial(winner, tensor)
             if got is not None and len(got[0]) < raw and (winner.lossless or got[1] <= self.max_error):
                 return winner, got[0]
         fallback = IdentityCodec()
@@ -261,7 +260,7 @@ class AutoCodec(Codec):
                 confirmed = due and old is not None and old[0] is codec
                 interval = min(2 * old[3], RESCREEN_MAX) if confirmed else RESCREEN_EVERY
                 level = old[2] if confirmed else BOUND_CHEAP if hasattr(codec, "encode_bounded") else BOUND_NONE
-                self._memo[kind] = [codec, 0, level, interval]
+                self._memo[kind] = [codec, 0, level, interval, tensor.numel() * tensor.element_size()]
         return codec, payload
 
     def _choose_afresh(self, tensor: torch.Tensor, fallback: Codec) -> tuple[Codec, bytearray]:

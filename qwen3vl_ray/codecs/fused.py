@@ -41,6 +41,7 @@ launch instead when one thread runs measured slower still (a launch of its own).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -330,6 +331,23 @@ _STORE = {torch.bfloat16: (2.0 ** -8, 2.0 ** -134), torch.float16: (2.0 ** -11, 
           torch.float32: (0.0, 0.0), torch.float64: (0.0, 0.0)}
 
 
+@functools.lru_cache(maxsize=256)
+def _bound_terms(numel: int, dtype: torch.dtype) -> tuple[float, float, float, float, float]:
+    """:func:`bound_error`'s terms that depend on the tensor kind alone (kept: ~0.5 us of a remembered ``auto``
+    winner's Python per payload): ``(x_in, u1, abs_, B * abs_, B (1 + x_in))``, see there."""
+    x_in = 2.0 ** -24 if dtype == torch.float64 else 0.0  # float64 inputs rounded to float32
+    u, sub = _STORE.get(dtype, (2.0 ** -8, 2.0 ** -25))
+    u1 = u + 2.0 ** -23  # the store, and code * scale's float32 rounding
+    abs_ = math.sqrt(numel) * (sub + 2.0 ** -147)  # subnormal stores, float32 underflow of inputs and products
+    # ||x_q - d|| <= 2 x_in ||f|| + ||f - q scale|| + u1 ||q scale|| + abs_, with ||f - q scale|| <= steps +
+    # 2^-20 ||f|| (y's and scale's rounding) and ||q scale|| <= ||f|| + ||f - q scale||: A + B ||f||, A =
+    # steps (1 + u1) + abs_
+    b = 2 * x_in + 2.0 ** -20 * (1 + u1) + u1
+    # ||f|| <= (1 + x_in) ||x_q|| + abs_ (float64 inputs round up to 2^-24 relative, or by underflow), and
+    # ||x_q|| <= ||x||: A += B abs_, B *= 1 + x_in
+    return x_in, u1, abs_, b * abs_, b * (1 + x_in)
+
+
 def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype, exact_x2: float = 0.0,
                 exact_steps: bool = False) -> float:
     """An upper bound of ``relative_error(x, decode(payload))`` from :func:`quantize_parts`' ``measure`` 2, 3 or
@@ -348,10 +366,11 @@ def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype
     subnormal terms and ``B`` the relative ones (``u`` and the 2^-2x roundings). Dividing by ``||x||``, which is
     at least ``||f||`` (within the float64 rounding) and at least ``X``, the norm's lower bound: the relative
     error is at most ``sqrt((A / X + B)^2 + zz / X^2)``. Only a lower bound of the norm is needed, which is
-    what lets the kernels take it cheaply: ``measure`` 3 squares the inputs of one group in
-    ``fused_kernels.BOUND_STRIDE`` (2) and takes the others' largest, ~1.2-1.4x below the norm on KV chunks.
+    what lets the kernels take it cheaply: ``measure`` 3 squares only the largest of each two inputs along a
+    channel or four in a row's group (which the amax loops find anyway, see ``fused_kernels.ENCODE``),
+    ~1.0-1.3x below the norm on KV chunks and vision features.
     Half a step per element is what a code can lose at most; uniform rounding loses ``1/sqrt(12)`` of a step on
-    average, so the full bound sits ~1.7-2.5x above the true error (the cheap one ~2.2-3.1x), plus ``u`` (~0.4%
+    average, so the full bound sits ~1.7-2.5x above the true error (the cheap one ~2.0-2.9x), plus ``u`` (~0.4%
     for bf16): it proves a budget with room to spare. The steps bound (``measure`` 4) sums the steps exactly and
     keeps only the store's worst case, ``u``: 1.1-1.8x the true error on bf16 (the most where the error is
     smallest, ``u`` being absolute), for ~60% of an exact measure's cost; :func:`error_bound`'s exact sums
@@ -360,21 +379,11 @@ def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype
     sq, f2_lo, zz = sums
     if not all(map(math.isfinite, (sq, f2_lo, zz, exact_x2))):
         return math.inf
-    x_in = 2.0 ** -24 if dtype == torch.float64 else 0.0  # float64 inputs rounded to float32
-    u, sub = _STORE.get(dtype, (2.0 ** -8, 2.0 ** -25))
-    u1 = u + 2.0 ** -23  # the store, and code * scale's float32 rounding
-    abs_ = math.sqrt(numel) * (sub + 2.0 ** -147)  # subnormal stores, float32 underflow of inputs and products
+    x_in, u1, abs_, b_abs, b = _bound_terms(numel, dtype)
     # half a step per element (1/inv within 2^-22 of scale), or the steps summed exactly (``steps``: the sum is
     # of ``x * inv - code`` times the scale, and x * inv within ~2^-21 of x / scale: the 2^-20 ||f|| below)
     steps = (math.sqrt(sq) if exact_steps else 0.5 * math.sqrt(sq)) * (1 + 2.0 ** -20)
-    # ||x_q - d|| <= 2 x_in ||f|| + ||f - q scale|| + u1 ||q scale|| + abs_, with ||f - q scale|| <= steps +
-    # 2^-20 ||f|| (y's and scale's rounding) and ||q scale|| <= ||f|| + ||f - q scale||: A + B ||f||
-    a = steps * (1 + u1) + abs_
-    b = 2 * x_in + 2.0 ** -20 * (1 + u1) + u1
-    # ||f|| <= (1 + x_in) ||x_q|| + abs_ (float64 inputs round up to 2^-24 relative, or by underflow), and
-    # ||x_q|| <= ||x||
-    a += b * abs_
-    b *= 1 + x_in
+    a = steps * (1 + u1) + abs_ + b_abs
     x_lo = max(0.0, (math.sqrt(max(f2_lo, 0.0)) - abs_) * (1 - 2 * x_in))
     x2 = x_lo * x_lo + exact_x2 * (1 - 2.0 ** -40)
     if x2 == 0.0:
@@ -388,13 +397,13 @@ def _bound_sums(g: Geometry, qmax: int, lanes: float, q2: float, z2: float,
     """:func:`bound_error`'s ``(sq, f2_lo, zz)`` of one part from the kernel's ``measure`` 2, 3 or 4 sums
     ``lanes, q2, z2``: every group holds at most ``group`` elements per scale (``sq = group * q2``); a group
     stored as zeros (amax <= TINY) errs by its inputs, each <= amax = qmax * scale (within 2^-23); the lanes'
-    float32 sums (squares of inputs, or of some of them, plus the cheap bound's float64 sum of the other groups'
-    squared amax) are rounded down by their worst case (at most CHUNK_ELEMS + 1 terms per lane).
+    float32 sums (squares of inputs, or of some of them) are rounded down by their worst case: a lane sums at
+    most one term per group of a kernel chunk (a position in a row's group) or per row of them (a channel).
 
     ``exact_steps`` (``measure`` 4): ``q2`` is already the squared steps, ``sum(scale^2 * (y - code)^2)``, each
     group's float32 sum of at most ``group`` exact differences' squares rounded up by its worst case, the
     float64 products and sums by 2^-20 (2^33 terms at 2^-53 each)."""
-    gam = (CHUNK_ELEMS + 3) * 2.0 ** -24
+    gam = (g.per * (g.group if g.post > 1 else 1) + 3) * 2.0 ** -24
     gam /= 1 - gam
     if exact_steps:
         gs = (g.group + 2) * 2.0 ** -24
@@ -456,9 +465,9 @@ def quantize_parts(x: np.ndarray, plan: EncodePlan, qmax: int, writer: _base.Pay
     (``(x - decoded) * inv`` and ``x * inv``, the decoded value rounded to the output dtype as decode rounds
     it), scaled back by ``1 / inv^2`` in float64; groups stored as zeros add their inputs' squares exactly.
     ``measure`` 2 and 3: :func:`bound_error`'s sums, its norm bound from every input's square (2) or, cheaper and
-    looser, from some inputs' (3: one group's in ``fused_kernels.BOUND_STRIDE`` and the others' largest, see
-    ``fused_kernels.ENCODE``); ``measure`` 4: as 2 with the codes' squared rounding steps exactly, each group's
-    scaled by its squared scale, instead of the squared scales (``BOUNDS``). Else ().
+    looser, from some inputs' (3: the largest of each two or four, see ``fused_kernels.ENCODE``); ``measure`` 4:
+    as 2 with the codes' squared rounding steps exactly, each group's scaled by its squared scale, instead of the
+    squared scales (``BOUNDS``). Else ().
     """
     if writer.layout is not plan.layout:
         raise AssertionError("the payload writer was not built on the plan's layout")

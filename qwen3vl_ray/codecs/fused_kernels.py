@@ -113,9 +113,6 @@ def _get_f32(typingctx, buf, at):
     return sig, codegen
 
 
-#: the cheap bound (``measure`` 3) squares the inputs of one group in this many (the first of each run of them in
-#: the flat group order) and takes each other group's largest input (its amax, known anyway) in its place
-BOUND_STRIDE = 2
 #: llvm.prefetch locality: 3 (prefetcht0, L1), 2 (prefetcht1, L2)
 PREFETCH_LOCALITY = 2
 #: how far ahead of the loads the encode kernels ask for the input (bytes)
@@ -363,42 +360,26 @@ def _tiny_err(xs, m):
 
 
 @numba.njit(fastmath={"reassoc"}, cache=True, nogil=True)
-def _scale_sums(scales, g0, g1, post, qmax, cheap):
+def _scale_sums(scales, g0, g1, post, qmax):
     """The bound's sums of the scales of groups ``[g0, g1)`` (``post`` each; float32 at any byte offset of
-    ``scales``), in float64: (their squares where the group was quantized, where it was stored as zeros, and,
-    for the ``cheap`` bound, a lower bound of the squared amax of the quantized groups whose inputs it does not
-    square: those not first in a run of BOUND_STRIDE).
+    ``scales``), in float64: their squares where the group was quantized, and where it was stored as zeros.
 
     Taken from the scales the chunk just wrote, in loops that vectorize, instead of as each group is quantized
     (float64 adds in a chain per group and channel): the cheap bound's cost over a plain encode of a 2 MiB KV
     chunk went from 14% to 10% on one thread, 22% to 18.5% on two (kernels alone, paired runs). A group was
     quantized iff its amax exceeds TINY (``_inv``); ``scale = amax / qmax`` rounds monotonically, so a scale
     above ``TINY / qmax`` (rounded) says quantized, one below says zeros, and one equal to it is counted as both
-    in the error's sums and as neither in the norm's (an upper bound either way). ``amax >= scale * qmax /
-    (1 + 2^-24)``: the squared amax is at least ``(scale * qmax)^2 (1 - 2^-22)``. Any order of the adds: the
-    bound's rounding allowances (fused.bound_error, fused._bound_sums) cover a float64 sum's rounding."""
+    (an upper bound of the error either way). Any order of the adds: the bound's rounding allowances
+    (fused.bound_error, fused._bound_sums) cover a float64 sum's rounding."""
     thr = np.float32(np.float32(TINY) / qmax)
     q2 = 0.0
     z2 = 0.0
-    a2 = 0.0
-    if post == 1:  # a scale per group: one flat loop (the stride's test is a mask, no division)
-        for b in range(g0, g1):
-            sa = _get_f32(scales, 4 * b)
-            s2 = np.float64(sa) * np.float64(sa)
-            q2 += s2 if sa >= thr else 0.0
-            z2 += s2 if sa <= thr else 0.0
-            a2 += s2 if cheap and b % BOUND_STRIDE != 0 and sa > thr else 0.0
-    else:
-        for g in range(g0, g1):
-            norm = cheap and g % BOUND_STRIDE != 0
-            for b in range(g * post, (g + 1) * post):
-                sa = _get_f32(scales, 4 * b)
-                s2 = np.float64(sa) * np.float64(sa)
-                q2 += s2 if sa >= thr else 0.0
-                z2 += s2 if sa <= thr else 0.0
-                a2 += s2 if norm and sa > thr else 0.0
-    q = np.float64(qmax)
-    return q2, z2, a2 * (q * q) * (1.0 - 2.0 ** -22)
+    for b in range(g0 * post, g1 * post):
+        sa = _get_f32(scales, 4 * b)
+        s2 = np.float64(sa) * np.float64(sa)
+        q2 += s2 if sa >= thr else 0.0
+        z2 += s2 if sa <= thr else 0.0
+    return q2, z2
 
 
 @numba.njit(fastmath={"reassoc"}, cache=True, nogil=True)
@@ -449,14 +430,20 @@ def _next_group(u, h, t, gi, G, H, T):
 
 
 @numba.njit(inline="always")
-def _max4(xs, k, post, m):
-    """The largest of ``m`` and the keys of ``xs[k + i * post]``, ``i`` < 4 (four rows of one channel)."""
+def _max2x2(xs, k, post):
+    """(the larger key of ``xs[k]`` and ``xs[k + post]``, that of ``xs[k + 2 * post]`` and ``xs[k + 3 * post]``):
+    four rows of one channel in pairs."""
     b0 = _key(xs, k)
     b1 = _key(xs, k + post)
     b2 = _key(xs, k + 2 * post)
     b3 = _key(xs, k + 3 * post)
-    b0 = b0 if b0 > b1 else b1
-    b2 = b2 if b2 > b3 else b3
+    return (b0 if b0 > b1 else b1), (b2 if b2 > b3 else b3)
+
+
+@numba.njit(inline="always")
+def _max4(xs, k, post, m):
+    """The largest of ``m`` and the keys of ``xs[k + i * post]``, ``i`` < 4 (four rows of one channel)."""
+    b0, b2 = _max2x2(xs, k, post)
     b0 = b0 if b0 > b2 else b2
     return b0 if b0 > m else m
 
@@ -488,8 +475,8 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
         yk = np.zeros(post if measure == 1 and post > 1 else 0, np.float32)
         # bound (measure >= 2): squared float32 inputs in per-lane float32 sums (one lane per channel, or per
         # position in a row's group: no reduction to reorder, so the loops stay vectorized); the rest of the
-        # bound comes from the scales (_scale_sums, at the chunk's end). The cheap bound (measure == 3) sums them over one
-        # group in BOUND_STRIDE only: the others run the plain loops, so it costs a fraction of the full one
+        # bound comes from the scales (_scale_sums, at the chunk's end). The cheap bound (measure == 3) squares
+        # only the largest of each two or four inputs, which the amax loops find anyway (see ENCODE)
         xl = np.zeros((post if post > 1 else group) if measure >= 2 else 0, np.float32)
         # steps bound, per channel: each channel's squared steps times its squared scale, one float64 lane each
         sl = np.zeros(post if measure == 4 and post > 1 else 0, np.float64)
@@ -510,14 +497,38 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
             # codes of this group: codes[cb:] for int8, nib[nb:] (chunk scratch) for int4
             cb = it * gsize
             nb = (it - i0) * gsize
-            # this group's inputs are squared (the bound; the cheap one: one group in BOUND_STRIDE)
-            squares = measure == 2 or measure == 4 or (measure == 3 and it % BOUND_STRIDE == 0)
+            # this group's inputs are squared (the full and steps bounds)
+            squares = measure == 2 or measure == 4
             if rows:
                 m = _key0(x)
                 xs = x[src + j0: src + j1]
-                for j in range(j1 - j0):
-                    b = _key(xs, j)
-                    m = b if b > m else m
+                if measure == 3 and j1 - j0 == 128:
+                    # the cheap bound: the largest of each four inputs j, j + q, j + 2q, j + 3q (q a quarter of the
+                    # group: whole vectors, no shuffles), squared in the amax loop. The default group gets a
+                    # constant trip count: a 2 MiB KV chunk's values then cost +5-10% over a plain encode
+                    # against +26-28% with q known only at run time, and +16-17% for squaring every other
+                    # group's inputs in a loop of their own (kernels alone, two threads, paired runs)
+                    for j in range(32):
+                        b = _max4(xs, j, 32, _key0(x))
+                        m = b if b > m else m
+                        f = _unkey(x, b)
+                        xl[j] += f * f
+                elif measure == 3:
+                    q = (j1 - j0) // 4
+                    for j in range(q):
+                        b = _max4(xs, j, q, _key0(x))
+                        m = b if b > m else m
+                        f = _unkey(x, b)
+                        xl[j] += f * f
+                    for j in range(4 * q, j1 - j0):
+                        b = _key(xs, j)
+                        m = b if b > m else m
+                        f = _unkey(x, b)
+                        xl[j] += f * f
+                else:
+                    for j in range(j1 - j0):
+                        b = _key(xs, j)
+                        m = b if b > m else m
                 if squares:  # a loop of its own: in the max loop it costs 3x more (measured)
                     for j in range(j1 - j0):
                         f = _load(xs, j)
@@ -579,12 +590,24 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                             f2 = _load(xs, k + 2 * post)
                             f3 = _load(xs, k + 3 * post)
                             xl[k] += (f0 * f0 + f1 * f1) + (f2 * f2 + f3 * f3)
+                    elif measure == 3:
+                        # the cheap bound: the larger of each two rows (found anyway), squared. Not of four: a
+                        # channel steady across tokens (a RoPE'd key's outlier) then keeps only a quarter of its
+                        # squared norm, and such channels hold most of the keys' (the bound went from 3.0x to 3.4x
+                        # the error on the benchmark's KV chunk; two rows: 2.8x, for a cost within the noise)
+                        for k in range(post):
+                            b0, b2 = _max2x2(xs, k, post)
+                            b = b0 if b0 > b2 else b2
+                            amax[k] = b if b > amax[k] else amax[k]
+                            f = _unkey(x, b0)
+                            g = _unkey(x, b2)
+                            xl[k] += f * f + g * g
                     else:
                         for k in range(post):
                             amax[k] = _max4(xs, k, post, amax[k])
                 for j in range(jq, j1):
                     xs = x[src + j * post: src + (j + 1) * post]
-                    if squares:
+                    if squares or measure == 3:
                         for k in range(post):
                             b = _key(xs, k)
                             amax[k] = b if b > amax[k] else amax[k]
@@ -672,12 +695,11 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
                 _hash_range(codes, i0 * gsize, i1 * gsize, seg, digests)
         if measure >= 2:
             # the scales' sums from the chunk's scales, after its groups (see _scale_sums): squared scales of the
-            # quantized groups (q2) and of those stored as zeros (z2), and the cheap bound's squared amax of the
-            # groups whose inputs it did not square (a2). Summed here, not by numpy after the launch: np.dot's
-            # OpenBLAS threads then fight numba's still-spinning OpenMP workers for the cores (measured ~3.5 ms
-            # median per call on two cores)
-            q2, z2, a2 = _scale_sums(scales, i0, i1, post, qmax, measure == 3)
-            err[3 * c] = x2 + _lane_sum(xl) + a2
+            # quantized groups (q2) and of those stored as zeros (z2). Summed here, not by numpy after the launch:
+            # np.dot's OpenBLAS threads then fight numba's still-spinning OpenMP workers for the cores (measured
+            # ~3.5 ms median per call on two cores)
+            q2, z2 = _scale_sums(scales, i0, i1, post, qmax)
+            err[3 * c] = _lane_sum(xl)
             err[3 * c + 1] = ssum + _lane_sum(sl) if measure == 4 else q2
             err[3 * c + 2] = z2
         elif measure:
@@ -808,9 +830,10 @@ _FLAGS = (False, True)
 #: and the measure's sums (zeros without one). ``measure`` 1: (squared error, squared norm) of the decoded
 #: values; 2: (squared float32 inputs (in per-lane float32 sums: a channel's over the ``group`` rows of a group,
 #: a row position's over a chunk's groups), squared scales of the quantized groups, squared scales of the groups
-#: stored as zeros); 3: as 2, but the first sum squares the inputs of one group in ``BOUND_STRIDE`` only and
-#: takes each other quantized group's squared amax (per channel, such a group has ``post``): a lower bound of the
-#: norm at a fraction of the cost; 4: as 2, but the second sum is the codes' rounding steps, exactly (squared
+#: stored as zeros); 3: as 2, but the first sum squares only the largest of some inputs: per channel, of each
+#: two rows (~82% of the squared norm on Gaussian inputs, half on a channel steady across rows); in a row's
+#: group, of each four inputs a quarter of the group apart (~62% on Gaussian inputs), any tail squared whole:
+#: a lower bound of the norm for a half or a quarter of the squares; 4: as 2, but the second sum is the codes' rounding steps, exactly (squared
 #: ``x * inv - code`` in float32 per group, times the group's squared scale in float64) instead of half a step
 #: each. ``digests`` (unless empty) gets the xxh3_64 of each ``seg``-byte segment of
 #: ``codes`` (each chunk's codes must fill whole segments); ``sdigests`` gets those of ``scales`` (always: their
