@@ -833,10 +833,10 @@ _FLAGS = (False, True)
 #: stored as zeros); 3: as 2, but the first sum squares only the largest of some inputs: per channel, of each
 #: two rows (~82% of the squared norm on Gaussian inputs, half on a channel steady across rows); in a row's
 #: group, of each four inputs a quarter of the group apart (~62% on Gaussian inputs), any tail squared whole:
-#: a lower bound of the norm for a half or a quarter of the squares; 4: as 2, but the second sum is the codes' rounding steps, exactly (squared
-#: ``x * inv - code`` in float32 per group, times the group's squared scale in float64) instead of half a step
-#: each. ``digests`` (unless empty) gets the xxh3_64 of each ``seg``-byte segment of
-#: ``codes`` (each chunk's codes must fill whole segments); ``sdigests`` gets those of ``scales`` (always: their
+#: a lower bound of the norm for a half or a quarter of the squares; 4: as 2, but the second sum is the codes'
+#: rounding steps, exactly (squared ``x * inv - code`` in float32 per group, times the group's squared scale in
+#: float64) instead of half a step each. ``digests`` (unless empty) gets the xxh3_64 of each ``seg``-byte segment
+#: of ``codes`` (each chunk's codes must fill whole segments); ``sdigests`` gets those of ``scales`` (always: their
 #: pass is serial, after the chunks)
 ENCODE = {(r, p, m): _encode_kernel(r, p, m) for r in _FLAGS for p in _FLAGS for m in (0, 1, 2, 3, 4)}
 #: ``DECODE[rows, pack4]``: write ``codes * scales`` into one part of ``out`` (``scales``, ``seg``, ``digests`` and
