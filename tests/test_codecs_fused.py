@@ -393,7 +393,7 @@ def test_error_bound_adversarial(spec, dtype, scale, bound):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_the_cheap_bound_squares_enough_of_the_norm(spec, dtype):
     # the cheap bound squares only the largest of each two inputs along a channel, or of each four in a row's
-    # group (the default group of 128 has a loop of its own; 131 leaves a tail of 3): never tighter than the
+    # group (the default group of 128 has a constant trip count; 131 leaves a tail of 3): never tighter than the
     # full bound, which squares them all, and on Gaussian inputs, which keep ~62% (four) or ~82% (two) of
     # their squared norm so, at most ~1.27x above it (1.35 allowed; squaring every other group's inputs, as
     # before, was ~1.37x, and the groups' largest alone ~4x)
