@@ -48,8 +48,8 @@ from qwen3vl_ray.tiers.base import Placement, Tier
 log = logging.getLogger(__name__)
 
 #: rounds a write waits for room being vacated in its tier (victims read out in the next round; another
-#: thread may take the room meanwhile, and more victims are staged) before it gives up (a put then returns
-#: False, a victim goes on down, a promotion leaves the entry where it was)
+#: thread may take the room meanwhile, and more victims are staged) before it gives up (a put or a victim then
+#: goes on down, a promotion leaves the entry where it was)
 ROOM_WAITS = 8
 #: seconds a write waits (the lock released) for readers still copying victims' bytes out of the room it needs:
 #: a copy out of a tier takes milliseconds, so this only bounds a reader that is stuck
@@ -886,7 +886,7 @@ class TierManager:
     def _rehome(self, e: EntryRecord, dst: int) -> EntryRecord:
         """A new record for ``e``'s entry in tier ``dst`` (its stay there), with what the store knows of it; the
         index points at it from now on. Never for an entry being read or written (never moved then), except a
-        staged victim passed on down (``_pass_down``): its readers read the staged bytes, not the tier's."""
+        staged victim or put passed on down (``_pass_down``): its readers read the staged bytes, not the tier's."""
         rec = self._record(dst, e.key, e.parent)
         rec.last_access, rec.hits = e.last_access, e.hits
         self._index[e.key] = rec
@@ -1001,8 +1001,9 @@ class TierManager:
     def rooms_held(self, writes: Sequence[PendingWrite], later: list[PendingWrite]) -> None:
         """Hold room for each of a round's writes that has none yet. A write whose room is still being vacated
         (victims staged now, read out in the next round) waits for the next round, at most ``ROOM_WAITS``
-        times; a victim its tier cannot take goes on down (``_pass_down``): both go to ``later``, as do the
-        victims staged to make room. The others cannot be called off any more: their bytes are written next."""
+        times; a victim or a new value's put its tier cannot take goes on down (``_pass_down``): both go to
+        ``later``, as do the victims staged to make room. The others cannot be called off any more: their bytes
+        are written next."""
         with self._lock:
             # puts and promotions first: the room being vacated was made for them; victims make their own
             for w in sorted(writes, key=lambda w: w.src is not None and not w.is_promotion):
@@ -1063,25 +1064,32 @@ class TierManager:
         return False
 
     def _pass_down(self, w: PendingWrite) -> bool:
-        """Send a staged victim that ``w.dst`` could not take (no room could be made: its entries pinned or
-        being read; or its codec refused the tensor) on to the next tier below that holds room, to be written
-        in the next round (lock held), as ``_evict_one`` would have sent it there. False for a put or a
-        promotion, whose write then fails (``_finish``: the value it replaces stays, the put returns False, the
-        promoted entry stays below), and below the last tier that holds room: the victim leaves the cache."""
-        if w.src is None or w.is_promotion or w.item is not None or self._index.get(w.key) is not w.entry:
+        """Send a write that ``w.dst`` could not take (no room could be made: its entries pinned or being read
+        or written, as by another thread's loads promoting into it; or its codec refused the tensor) on to the
+        next tier below that holds room, to be written in the next round (lock held): a staged victim, as
+        ``_evict_one`` would have sent it there, or a put of a new value, as ``put_many`` sends on what a tier
+        refuses. False for a promotion (the entry stays below), for a put that replaces a value it would fall
+        back to (that value stays, the put returns False: two stays of one key in a tier are not tracked), and
+        below the last tier that holds room (a victim leaves the cache, a put returns False): ``_finish``
+        settles those."""
+        if w.is_promotion or w.replaced is not None or self._index.get(w.key) is not w.entry:
             return False
         dst = next((d for d in range(w.dst + 1, len(self.tiers)) if self.tiers[d].holds_room), None)
         if dst is None:
             return False
         e = w.entry
-        self.policies[w.dst].demote(e)
+        if w.src is None:  # a put: it never landed here, which is no choice of this tier's policy
+            self.policies[w.dst].delete(e)
+            self._counters[w.dst].rejected += 1
+        else:
+            self.policies[w.dst].demote(e)
         # a reader of the staged bytes still holds ``e``, and releases its mark there: the new record's in
         # flight mark is the write's alone
         rec = self._rehome(e, dst)
         rec.in_flight = 1
         self.policies[dst].insert(rec, w.tensor.numel() * w.tensor.element_size(), self._up(dst, rec.parent))
         self._moved(w.key, w.dst, dst, w.tensor)
-        w.entry, w.dst, w.prepared = rec, dst, None
+        w.entry, w.dst, w.prepared, w.waits = rec, dst, None, 0
         if dst == len(self.tiers) - 1:
             self._queued[w.key] = w
         return True
