@@ -468,3 +468,38 @@ def test_a_parent_that_leaves_and_comes_back_is_its_stayed_childs_parent_again(n
     assert list(p.victims(ALL)) == [k("c"), k("p")]
     p.on_evict(k("c"))
     assert list(p.victims(ALL)) == [k("p")]
+
+
+@pytest.mark.parametrize("held", ["in_flight", "loc"])
+@pytest.mark.parametrize("name", ["prefix-lru", "prefix-2q", "chain-arc", "prefix-return"])
+def test_a_parent_that_comes_back_while_its_old_record_is_held_gets_a_new_one_and_keeps_its_child(name, held):
+    """Driven as the store drives it: a chain head leaves while a reader still copies it (its in-flight mark) or
+    its bytes are still to be read out (its location), and comes back before that hold ends. Its old record must
+    stay as the holder left it (the holder releases it later), so the new stay gets a record of its own, and the
+    child that stayed is that record's child."""
+    p = make_policy(name)
+    recs: dict = {}
+    p.bind(lambda: list(recs.values()))
+
+    def arrive(key, parent=None):
+        rec = recs[key] = p.new_record(key, 0, parent, 0.0)
+        p.insert(rec, 1, recs.get(parent) if parent is not None else None)
+        return rec
+
+    head = arrive(k("p"))
+    child = arrive(k("c"), k("p"))
+    if held == "in_flight":
+        head.in_flight = 1
+    else:
+        head.loc = ("slab", 0)
+    del recs[k("p")]
+    p.delete(head)
+    again = arrive(k("p"))
+    assert again is not head
+    assert (head.in_flight, head.loc) == ((1, None) if held == "in_flight" else (0, ("slab", 0)))
+    p.hit(child)  # the chain is read again: the child is the most recent
+    assert [r.key for r in p.walk(ALL)] == [k("c"), k("p")]  # leaf-first still: the child is linked to the new record
+    # unheld, the old record is reused as before
+    p.delete(again)
+    del recs[k("p")]
+    assert arrive(k("p")) is again

@@ -114,6 +114,45 @@ def test_a_put_whose_room_another_thread_takes_before_its_write_goes_on_to_disk(
         assert_nothing_dropped_and_exact(c, prompts)
 
 
+def test_a_head_read_while_its_put_goes_down_and_promoted_back_before_the_read_ends_stays_evictable(tmp_path):
+    """The race above with a reader and a chain: a block's child waits in host, the block's own put loses its
+    room and goes on to disk while a reader copies the staged bytes, and a later read promotes the block back
+    into host before the first reader finishes. The default policy keeps a departed head's record for its next
+    stay (its child stays linked); the reader still holds that record, so the new stay must get its own: else
+    the reader's release lands on the new stay (its in-flight count at -1: never evictable, never removable)."""
+    with connector_store(tmp_path, None) as c:
+        prompts = {1: prompt(1)}
+        assert c.put_many(prompts[1][1]) == [True] * PROMPT
+        head, child = prefix_key(NS, None, [7, 0]), prefix_key(NS, prefix_key(NS, None, [7, 0]), [7, 1])
+        head_t, child_t = torch.full((ELEMS,), 7.0), torch.full((ELEMS,), 8.0)
+        assert c.put_many([(child, child_t, head)]) == [True]  # the child first: it waits on its head's key
+        assert c.where(child) == "host"
+        taker_key, taker = prefix_key(NS, None, [99, 0]), torch.full((ELEMS,), -1.0)
+        sources_read, held, reads = c._movers._sources_read, [], []
+
+        def then_another_thread_takes_the_room_and_a_reader_starts(writes):
+            sources_read(writes)
+            if not held:
+                assert c.put(taker_key, taker)
+                held.extend(k for k in prompts[1][0] + [taker_key, child] if c.where(k) == "host")
+                for k in held:
+                    assert c.pin(k)
+                reads.append(c.manager.begin_load(head))  # a reader of the head's staged bytes
+
+        c._movers._sources_read = then_another_thread_takes_the_room_and_a_reader_starts
+        assert c.put_many([(head, head_t, None)]) == [True]
+        c._movers._sources_read = sources_read
+        assert c.where(head) == "disk" and reads and reads[0] is not None
+        for k in held:
+            assert c.unpin(k)
+        assert torch.equal(c.get(head), head_t) and c.where(head) == "host"  # promoted back
+        assert c.manager.end_load(head, reads[0], head_t.clone(), False, None, []) is not None  # the first read ends
+        assert c.longest_prefix([head, child]) == 2
+        assert c.demote(head)  # evictable: nothing holds its new stay
+        assert c.where(head) == "disk" and torch.equal(c.get(head, promote=False), head_t)
+        assert c.stats()["dropped"] == 0
+
+
 @pytest.mark.parametrize("policy", [None, "lru"])
 def test_a_save_while_a_prompt_is_pinned_in_host_lands_on_disk(tmp_path, policy):
     with connector_store(tmp_path, policy) as c:

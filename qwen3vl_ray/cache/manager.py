@@ -1083,8 +1083,9 @@ class TierManager:
             self._counters[w.dst].rejected += 1
         else:
             self.policies[w.dst].demote(e)
-        # a reader of the staged bytes still holds ``e``, and releases its mark there: the new record's in
-        # flight mark is the write's alone
+        # the write's in-flight mark moves to the new record; a reader of the staged bytes still holds ``e``
+        # and releases its own mark there (so a policy that keeps ``e`` for a later stay sees it held until then)
+        e.in_flight -= 1
         rec = self._rehome(e, dst)
         rec.in_flight = 1
         self.policies[dst].insert(rec, w.tensor.numel() * w.tensor.element_size(), self._up(dst, rec.parent))

@@ -143,6 +143,13 @@ class PrefixLRUPolicy(EvictionPolicy):
     def new_record(self, key: CacheKey, tier: int, parent: CacheKey | None, last_access: float,
                    in_flight: int = 0) -> EntryRecord:
         node = self._departed.pop(key, None)
+        if node is not None and (node.in_flight or node.loc is not None):
+            # The earlier stay is still held where it was: a reader copying it, or the bytes of a victim the
+            # store has not read out yet (its in-flight mark, its location). Reinitialising it would hand their
+            # release to the new stay (a count that goes negative, the new stay's bytes freed), so the new stay
+            # gets a record of its own and the children wait on the key, to link to it as it arrives.
+            self._unlink_children(node)
+            node = None
         if node is None:
             return super().new_record(key, tier, parent, last_access, in_flight)
         # the store's fields start afresh; the child count (children still here) and the heap mark stay: a stale
@@ -206,6 +213,15 @@ class PrefixLRUPolicy(EvictionPolicy):
 
     def _on_gone(self, node: PrefixRecord) -> None:
         """Hook for subclasses: ``node`` left the tier."""
+
+    def _unlink_children(self, node: PrefixRecord) -> None:
+        """Make the children still linked to the departed ``node`` wait on its key instead. O(n) over the tier's
+        records: only for a departed record still held when its key comes back (``new_record``), which is rare."""
+        for child in list(self._members()):
+            if getattr(child, "up", None) is node:
+                child.up = node.key
+                self._wait(node.key, child)
+        node.children = 0
 
     def _wait(self, parent: CacheKey, node: PrefixRecord) -> None:
         have = self._waiting.get(parent)
