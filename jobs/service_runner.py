@@ -166,6 +166,9 @@ def _init_ray(s: S.Settings, address: str | None, quiet: bool = False) -> None:
             text = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             if attempt == attempts:
                 raise ClusterError(f"cannot attach to the Ray cluster at {address}: {text}") from None
+            # A head that went down meanwhile is the probe's one line now, not more attempts that each wait out
+            # Ray's own connect timeouts (a minute or more, some of it in its C++ client's retries).
+            check_cluster(address)
             logger.warning("attaching to the Ray cluster at %s failed (%s); trying again", address, text)
             time.sleep(ATTACH_RETRY_S)
 

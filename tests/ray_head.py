@@ -19,12 +19,14 @@ RAY = str(BIN / "ray")
 
 
 def free_ports(names) -> dict[str, int]:
-    """Distinct free ports (all held open until every one is picked, so none is handed out twice)."""
+    """Distinct free ports (all held open until every one is picked, so none is handed out twice). Picked on the
+    wildcard address: a port picked on 127.0.0.1 may still be held on the node's own address (Ray's processes
+    listen there) by a cluster that is still stopping, and the head's component given it would fail."""
     socks = []
     try:
         for _ in names:
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            s.bind(("", 0))
             socks.append(s)
         return {name: s.getsockname()[1] for name, s in zip(names, socks)}
     finally:
@@ -61,10 +63,47 @@ def start_head(env: dict, temp: str, log) -> tuple[subprocess.Popen, dict[str, i
     raise AssertionError("unreachable")
 
 
+# Run with the head's own environment (its auth mode and token): polls the GCS until a node is ALIVE.
+_WAIT_FOR_NODE = r"""
+import sys, time
+from ray._raylet import GcsClient
+from ray.core.generated.gcs_pb2 import GcsNodeInfo
+client, deadline, last = GcsClient(address=sys.argv[1]), time.time() + float(sys.argv[2]), "no node yet"
+while time.time() < deadline:
+    try:
+        if client.get_all_node_info(timeout=5, state_filter=GcsNodeInfo.GcsNodeState.ALIVE):
+            sys.exit(0)
+    except Exception as e:  # the GCS not answering yet
+        last = repr(e)
+    time.sleep(0.5)
+sys.exit(f"no ALIVE node in the GCS: {last}")
+"""
+
+
+def head_logs(temp: str) -> str:
+    """The tails of the head's own log and its GCS's and raylet's: what a failed wait reports."""
+    logs = Path(temp, "session_latest", "logs")
+    parts = []
+    for path in (Path(temp, "head.log"), logs / "gcs_server.out", logs / "raylet.out"):
+        text = path.read_text(errors="replace")[-2000:] if path.exists() else "(none)"
+        parts.append(f"--- {path.name}\n{text}")
+    return "\n".join(parts)
+
+
+def wait_for_node(env: dict, gcs_port: int, timeout_s: float, temp: str) -> None:
+    """Until the head's raylet has registered with its GCS. ``ray start --head --block`` never says when the
+    head is up; a driver attaching before its node registers waits inside ``ray.init`` instead (60 s, then an
+    error), so every test starts on a whole head."""
+    r = subprocess.run([sys.executable, "-c", _WAIT_FOR_NODE, f"127.0.0.1:{gcs_port}", str(timeout_s)], env=env,
+                       capture_output=True, text=True, timeout=timeout_s + 60)
+    assert r.returncode == 0, f"{r.stderr[-2000:]}\n{head_logs(temp)}"
+
+
 @contextlib.contextmanager
 def running_head(env: dict, wait_dashboard: bool = True):
     """A head with ``env`` (set RAY_AUTH_MODE=token and the token there for token auth) for the ``with`` block;
-    yields ``(ports, temp dir)``. With ``wait_dashboard``, the dashboard answers before the block starts."""
+    yields ``(ports, temp dir)``. Its raylet has registered before the block starts; with ``wait_dashboard``,
+    the dashboard answers too."""
     temp = tempfile.mkdtemp(prefix="q3r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # nothing to drain: tear down at once
     env.pop("RAY_ADDRESS", None)
@@ -72,6 +111,7 @@ def running_head(env: dict, wait_dashboard: bool = True):
     proc, ports = start_head(env, temp, log)
     try:
         assert proc.poll() is None, Path(temp, "head.log").read_text()[-3000:]
+        wait_for_node(env, ports["gcs"], 120, temp)
         deadline = time.time() + 120
         while wait_dashboard:
             try:
@@ -84,6 +124,9 @@ def running_head(env: dict, wait_dashboard: bool = True):
                 assert time.time() < deadline, "ray head did not come up in 120 s"
                 time.sleep(0.5)
         yield ports, temp
+        # A head that died under the tests (a component's port taken late, say) is named here, with its logs,
+        # rather than only as the hangs and refusals of the tests after it.
+        assert proc.poll() is None, f"the head exited with {proc.returncode} during the tests:\n{head_logs(temp)}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -37,9 +37,19 @@ def _env(**extra) -> dict:
     return {**env, **extra}
 
 
-def _run(args: list[str], env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=ROOT, env=env if env is not None else _env(), capture_output=True, text=True,
-                          timeout=timeout)
+def _run(args: list[str], env: dict | None = None, timeout: float = 120,
+         head_temp: str | None = None) -> subprocess.CompletedProcess:
+    """``args`` run to the end; one that runs past ``timeout`` fails with its whole stderr tail (pytest's repr
+    of the exception cuts out its middle) and, with ``head_temp``, the tails of that Ray head's logs."""
+    try:
+        return subprocess.run(args, cwd=ROOT, env=env if env is not None else _env(), capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        from tests.ray_head import head_logs
+
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        logs = head_logs(head_temp) if head_temp else ""
+        raise AssertionError(f"{args[1:]} ran past {timeout} s; its stderr:\n{stderr[-6000:]}\n{logs}") from None
 
 
 def _assert_one_line_error(r: subprocess.CompletedProcess, status: int, *words: str) -> str:
@@ -54,7 +64,7 @@ def _assert_one_line_error(r: subprocess.CompletedProcess, status: int, *words: 
 
 def _closed_port() -> int:
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    s.bind(("", 0))  # free on every address: Ray's probe goes to the node's own address, not 127.0.0.1
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
     return port
@@ -132,6 +142,46 @@ def test_nothing_at_the_address_fails_fast_in_one_line(tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
+def _attach_with(monkeypatch, cluster_up: list[bool], attach_ok: list[bool]) -> list[str]:
+    """``jobs.service_runner._init_ray`` against a cluster whose probes answer as ``cluster_up`` says, in turn,
+    and whose ``ray.init`` attempts succeed as ``attach_ok`` says; returns the attempts made."""
+    import ray
+
+    import actors.service
+    from jobs import service_runner
+    from qwen3vl_ray.errors import ClusterError
+
+    attempts = []
+
+    def probe(address):
+        if not cluster_up.pop(0):
+            raise ClusterError(f"no Ray cluster at {address} (connection refused)")
+
+    def attach(address, **kwargs):
+        attempts.append(address)
+        if not attach_ok.pop(0):
+            raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # whatever Ray this test process started before
+    monkeypatch.setattr(service_runner, "check_cluster", probe)
+    monkeypatch.setattr(actors.service, "attach_ray", attach)
+    monkeypatch.setattr(service_runner, "ATTACH_RETRY_S", 0)
+    service_runner._init_ray(S.resolve({}, env={}), "10.0.0.1:6379")
+    return attempts
+
+
+def test_a_busy_head_is_attached_to_on_a_later_attempt(monkeypatch):
+    assert _attach_with(monkeypatch, [True, True], [False, True]) == ["10.0.0.1:6379"] * 2
+
+
+def test_a_head_that_goes_down_while_attaching_is_one_line_at_once(monkeypatch):
+    from qwen3vl_ray.errors import ClusterError
+
+    # the first ray.init fails because the head went down: the probe before the next attempt says so
+    with pytest.raises(ClusterError, match=r"^no Ray cluster at 10\.0\.0\.1:6379 \(connection refused\)$"):
+        _attach_with(monkeypatch, [True, False], [False, True])
+
+
 def test_status_with_no_cluster_on_this_machine_is_one_line():
     # `status` defaults to --address auto; other Rays on this (shared) machine are hidden from its look-up
     code = ("import ray._private.services as s; none = lambda: []; none.cache_clear = lambda: None; "
@@ -194,8 +244,8 @@ def token_head(tmp_path_factory):
     (home / ".ray" / "auth_token").write_text(token)
     env = _env(HOME=str(home), RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                PYTHONPATH=str(ROOT))  # the service's actors import this checkout
-    with running_head(env, wait_dashboard=False) as (ports, _):
-        yield {"gcs": f"127.0.0.1:{ports['gcs']}", "env": env, "home": home, "token": token}
+    with running_head(env, wait_dashboard=False) as (ports, temp):
+        yield {"gcs": f"127.0.0.1:{ports['gcs']}", "env": env, "home": home, "token": token, "temp": temp}
 
 
 @pytest.mark.ray
@@ -226,12 +276,13 @@ def test_service_with_zero_workers_then_status_with_the_token(token_head, tmp_pa
     # for a service without workers
     env = _env(HOME=str(token_head["home"]), RAY_AUTH_MODE="token", QWEN3VL_RAY_DISK_DIR=str(tmp_path / "disk"),
                QWEN3VL_RAY_ENGINE="actors.synthetic_engine:SyntheticKVEngine")
-    r = _run([CLI, "status", "--address", gcs], env=env, timeout=120)  # nothing started there yet
+    temp = token_head["temp"]  # its logs are in a hang's report
+    r = _run([CLI, "status", "--address", gcs], env=env, timeout=120, head_temp=temp)  # nothing started there yet
     _assert_one_line_error(r, 2, f"no qwen3vl-ray coordinator on the Ray cluster at {gcs}", "qwen3vl-ray service")
     # the head's own start command: coordinator and node agents, no workers
-    r = _run([CLI, "service", "--address", gcs, "--num-workers", "0"], env=env, timeout=300)
+    r = _run([CLI, "service", "--address", gcs, "--num-workers", "0"], env=env, timeout=300, head_temp=temp)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert json.loads(r.stdout)["nodes"]
-    r = _run([CLI, "status", "--address", gcs], env=env, timeout=120)
+    r = _run([CLI, "status", "--address", gcs], env=env, timeout=120, head_temp=temp)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "1 node(s)" in r.stdout and "Traceback" not in r.stderr

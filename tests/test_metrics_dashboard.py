@@ -64,7 +64,7 @@ def test_every_dashboard_row_is_evaluated_by_a_test_and_every_panel_sits_in_a_ro
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))  # free on every address (Ray listens on the node's own one)
         return s.getsockname()[1]
 
 
