@@ -92,8 +92,8 @@ def head_logs(temp: str) -> str:
 
 def wait_for_node(env: dict, gcs_port: int, timeout_s: float, temp: str) -> None:
     """Until the head's raylet has registered with its GCS. ``ray start --head --block`` never says when the
-    head is up; a driver attaching before its node registers waits inside ``ray.init`` instead (60 s, then an
-    error), so every test starts on a whole head."""
+    head is up. A driver attaching earlier waits for the node inside ``ray.init`` (up to 60 s), so a raylet that
+    never comes up would show only as the first test's slow failure; here it fails with the head's logs."""
     r = subprocess.run([sys.executable, "-c", _WAIT_FOR_NODE, f"127.0.0.1:{gcs_port}", str(timeout_s)], env=env,
                        capture_output=True, text=True, timeout=timeout_s + 60)
     assert r.returncode == 0, f"{r.stderr[-2000:]}\n{head_logs(temp)}"
