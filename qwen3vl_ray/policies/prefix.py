@@ -218,7 +218,7 @@ class PrefixLRUPolicy(EvictionPolicy):
         """Make the children still linked to the departed ``node`` wait on its key instead. O(n) over the tier's
         records: only for a departed record still held when its key comes back (``new_record``), which is rare."""
         for child in list(self._members()):
-            if getattr(child, "up", None) is node:
+            if child.up is node:
                 child.up = node.key
                 self._wait(node.key, child)
         node.children = 0
