@@ -81,11 +81,11 @@ sys.exit(f"no ALIVE node in the GCS: {last}")
 
 
 def head_logs(temp: str) -> str:
-    """The tails of the head's own log and its GCS's and raylet's: what a failed wait reports."""
+    """The tails of the head's own log and its GCS's and raylet's: what a failed start or wait reports."""
     logs = Path(temp, "session_latest", "logs")
     parts = []
     for path in (Path(temp, "head.log"), logs / "gcs_server.out", logs / "raylet.out"):
-        text = path.read_text(errors="replace")[-2000:] if path.exists() else "(none)"
+        text = path.read_text(errors="replace")[-3000:] if path.exists() else "(none)"
         parts.append(f"--- {path.name}\n{text}")
     return "\n".join(parts)
 
@@ -110,7 +110,7 @@ def running_head(env: dict, wait_dashboard: bool = True):
     log = open(os.path.join(temp, "head.log"), "w")
     proc, ports = start_head(env, temp, log)
     try:
-        assert proc.poll() is None, Path(temp, "head.log").read_text()[-3000:]
+        assert proc.poll() is None, head_logs(temp)
         wait_for_node(env, ports["gcs"], 120, temp)
         deadline = time.time() + 120
         while wait_dashboard:
@@ -120,8 +120,8 @@ def running_head(env: dict, wait_dashboard: bool = True):
             except urllib.error.HTTPError:
                 break  # it answers (401 without the token): up
             except OSError:
-                assert proc.poll() is None, Path(temp, "head.log").read_text()[-3000:]
-                assert time.time() < deadline, "ray head did not come up in 120 s"
+                assert proc.poll() is None, head_logs(temp)
+                assert time.time() < deadline, f"the dashboard did not answer in 120 s:\n{head_logs(temp)}"
                 time.sleep(0.5)
         yield ports, temp
         # A head that died under the tests (a component's port taken late, say) is named here, with its logs,
