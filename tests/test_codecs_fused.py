@@ -409,18 +409,45 @@ def test_the_cheap_bound_squares_enough_of_the_norm(spec, dtype):
     assert relative_error(x, decode(payload)) <= full <= cheap <= 1.35 * full
 
 
+@pytest.mark.parametrize("spec", ["int8", "int4", "int8:axis=0", "kv-int8", "kv-int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_amax_bound_reads_the_row_groups_norm_from_their_scales(spec, dtype):
+    # the amax bound counts only each row group's largest input (from its scale; along a channel it is the cheap
+    # bound): same bytes, never tighter than the cheap bound, the same as it per channel, and on a KV chunk whose
+    # keys carry outlier channels (most of the norm, per channel) within a few percent of it, while on row
+    # groups of Gaussian inputs it is much looser (a group of 128 keeps ~1/15 of its squared norm)
+    from qwen3vl_ray.codecs import relative_error
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 2, 4, 128, 128, generator=gen, dtype=torch.float64)
+    x[:, 0, :, :, :4] = x[:, 0, :, :, :4] * 4 + 15  # outlier key channels, steady across tokens
+    x[:, 1] *= 0.5
+    x = x.to(dtype)
+    codec = make_codec(spec)
+    payload, amax = codec.encode_bounded(x, "amax")
+    assert bytes(payload) == bytes(codec.encode(x))
+    cheap = codec.encode_bounded(x, "cheap")[1]
+    assert relative_error(x, decode(payload)) <= cheap <= amax
+    if "axis=0" in spec:
+        assert amax == cheap
+    elif spec.startswith("kv"):
+        assert amax <= 1.05 * cheap
+    else:
+        assert amax >= 1.15 * cheap
+
+
 @pytest.mark.parametrize("spec", ["int8", "int4:axis=0", "kv-int8"])
 def test_an_unknown_error_bound_is_refused_by_name(spec):
     x = torch.randn(2, 2, 4, 16, 32).to(torch.bfloat16)
-    with pytest.raises(CodecError, match=r"unknown error bound 'tight'; one of cheap, full, steps"):
+    with pytest.raises(CodecError, match=r"unknown error bound 'tight'; one of amax, cheap, full, steps"):
         make_codec(spec).encode_bounded(x, "tight")
     with pytest.raises(CodecError, match="unknown error bound None"):
         make_codec(spec).encode_bounded(x, None)
 
 
 def test_auto_takes_a_remembered_winner_on_its_cheapest_bound_that_proves_the_budget(monkeypatch):
-    # a winner well within the budget: the next tensors of its kind cost the cheap bounded encode only; one
-    # nearer the budget falls to the full bound, one nearer still to the steps bound, and one nearer still to
+    # a winner well within the budget: the next tensors of its kind cost the amax bounded encode only; one
+    # nearer the budget falls to the cheap bound, one nearer still to the full bound, then the steps bound, then
     # the exact measure, each on the same tensor, and the kind then starts at the check that served; every
     # payload stays within the budget
     from qwen3vl_ray.codecs import relative_error
@@ -433,16 +460,18 @@ def test_auto_takes_a_remembered_winner_on_its_cheapest_bound_that_proves_the_bu
                         lambda self, t, bound="full": calls.append(bound) or real_b(self, t, bound))
     xs = [make_tensor((8, 2, 4, 64, 64), torch.bfloat16, "normal", seed) for seed in range(4)]
     kv4 = make_codec("kv-int4")
-    # kv-int4 errs ~0.11 here, the steps bound ~0.115, the full one ~0.19, the cheap one ~0.24: a budget
-    # between each two of them (over every remembered tensor) is first met by the looser of the two
+    # kv-int4 errs ~0.108 here, the steps bound ~0.112, the full one ~0.19, the cheap one ~0.23, the amax one
+    # ~0.28 (values as large as the keys: their groups' largest inputs alone hold a small share of the norm): a
+    # budget between each two of them (over every remembered tensor) is first met by the looser of the two
     errs = [relative_error(x, decode(kv4.encode(x))) for x in xs]
-    bounds = {b: [kv4.encode_bounded(x, b)[1] for x in xs] for b in ("steps", "full", "cheap")}
-    levels = [errs, bounds["steps"], bounds["full"], bounds["cheap"], [0.5]]
+    bounds = {b: [kv4.encode_bounded(x, b)[1] for x in xs] for b in ("steps", "full", "cheap", "amax")}
+    levels = [errs, bounds["steps"], bounds["full"], bounds["cheap"], bounds["amax"], [0.5]]
     assert all(max(lo) < min(hi) for lo, hi in zip(levels, levels[1:])), levels
     between = [(max(lo) + min(hi)) / 2 for lo, hi in zip(levels, levels[1:])]
-    for budget, want in ((between[3], ["cheap"] * 3), (between[2], ["cheap", "full", "full", "full"]),
-                         (between[1], ["cheap", "full", "steps", "steps", "steps"]),
-                         (between[0], ["cheap", "full", "steps", "exact", "exact", "exact"])):
+    for budget, want in ((between[4], ["amax"] * 3), (between[3], ["amax", "cheap", "cheap", "cheap"]),
+                         (between[2], ["amax", "cheap", "full", "full", "full"]),
+                         (between[1], ["amax", "cheap", "full", "steps", "steps", "steps"]),
+                         (between[0], ["amax", "cheap", "full", "steps", "exact", "exact", "exact"])):
         codec = make_codec(f"auto:max_error={budget}")
         assert codec.choose(xs[0])[0].name == "kv-int4"
         calls.clear()
@@ -459,7 +488,7 @@ def test_auto_takes_a_remembered_winner_on_its_cheapest_bound_that_proves_the_bu
     for x in xs[1:]:
         chosen, payload = codec.choose(x)
         assert chosen.name == "kv-int4" and relative_error(x, decode(payload)) <= 0.30
-    assert calls == ["cheap", "exact", "exact", "exact"]
+    assert calls == ["amax", "exact", "exact", "exact"]
 
 
 def test_auto_rescreen_interval_adapts_and_still_catches_a_changed_winner(monkeypatch):

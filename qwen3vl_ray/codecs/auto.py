@@ -29,12 +29,15 @@ lossless candidates (lossy ones refuse them or fail the budget).
 Choices are remembered per tensor kind (shape, dtype, device): entries of one kind (a model's KV chunks,
 its vision features) are alike, so the next tensor of that kind goes straight to the last winner's
 whole-tensor encode and, when its error meets the budget, takes it without screening. That encode first
-takes only an upper bound of the error (``encode_bounded``, see ``fused.bound_error``): the cheap one (the
-norm's lower bound from the squares of the largest of each two inputs along a channel or four in a row's
-group, which the kernels find anyway: ~6-10% over a 2 MiB KV chunk's plain kernel time on two threads,
-~2.5-2.9x above the true error there), then the full one (every input's square, ~26%, ~1.8-2.5x above), then
-the steps one (the codes' rounding steps summed exactly, ~90-100%: only the store's rounding, 2^-8 relative in
-bf16, taken at its worst; 1.1-1.8x above), then the exact measure (``encode_measured``, ~2.2x an encode), each
+takes only an upper bound of the error (``encode_bounded``, see ``fused.bound_error``): the amax one (the
+norm's lower bound from the squares of the largest of each two inputs along a channel, which the kernels find
+anyway, and of each row group's largest input, read back from its scale: ~4-6% over a 2 MiB KV chunk's plain
+kernel time on two threads, against ~6-10% for the cheap one; on a KV chunk, whose keys hold most of the norm,
+as tight as the cheap one, ~2.9x above the true error), then the cheap one (also the largest of each four
+inputs in a row's group squared: ~2.0-2.9x above the true error where row groups hold the norm, as per-token
+int8's do), then the full one (every input's square, ~26%, ~1.8-2.5x above), then the steps one (the codes'
+rounding steps summed exactly, ~90-100%: only the store's rounding, 2^-8 relative in bf16, taken at its worst;
+1.1-1.8x above), then the exact measure (``encode_measured``, ~2.2x an encode), each
 only where the one before it misses the budget; the kind then starts at the check that served until it is
 screened again (and keeps it when a re-screen confirms the winner: a winner that close to the budget stays
 close). A kind is chosen afresh after its winner served an interval of tensors (and whenever the remembered
@@ -94,8 +97,8 @@ RANK_ABOVE = 0.25
 MEMO_KINDS = 64
 #: the checks a remembered winner's tensor can start at, cheapest first (each falls to the one below it):
 #: the kernels' bounds (``fused.BOUNDS``), then the exact measure
-BOUND_CHEAP, BOUND_FULL, BOUND_STEPS, BOUND_NONE = 3, 2, 1, 0
-_BOUND_OF_LEVEL = {BOUND_CHEAP: "cheap", BOUND_FULL: "full", BOUND_STEPS: "steps"}
+BOUND_AMAX, BOUND_CHEAP, BOUND_FULL, BOUND_STEPS, BOUND_NONE = 4, 3, 2, 1, 0
+_BOUND_OF_LEVEL = {BOUND_AMAX: "amax", BOUND_CHEAP: "cheap", BOUND_FULL: "full", BOUND_STEPS: "steps"}
 
 
 def sample(tensor: torch.Tensor, axis0: bool = False) -> torch.Tensor | None:
@@ -141,8 +144,8 @@ class AutoCodec(Codec):
             raise CodecError("codec 'auto' cannot list itself as a candidate")
         self._specs = None if candidates is None else specs
         # (shape, dtype, device) -> [winner, tensors it has served since it was chosen, the check its
-        # tensors start at (BOUND_CHEAP, BOUND_FULL, BOUND_STEPS or BOUND_NONE: the exact measure), tensors it
-        # serves before the next re-screen, the kind's bytes] (see the docstring)
+        # tensors start at (BOUND_AMAX, BOUND_CHEAP, BOUND_FULL, BOUND_STEPS or BOUND_NONE: the exact measure),
+        # tensors it serves before the next re-screen, the kind's bytes] (see the docstring)
         self._memo: dict[tuple, list] = {}
         self._memo_lock = threading.Lock()  # tiers encode from several threads
         self.candidates = [make_codec(s) for s in specs]
@@ -236,9 +239,10 @@ class AutoCodec(Codec):
                 level, raw = memo[2], memo[4]
         if winner is not None:
             # the kernels' upper bounds of the error first, the cheapest one that proves the budget: a winner
-            # chosen with room to spare is taken on the cheap one. A bound over the budget (the winner near the
-            # budget, or no fused path) falls to the next check on the same tensor -- the full bound, the steps
-            # bound, then the exact measure -- and the kind starts there until it is screened again
+            # chosen with room to spare is taken on the amax one. A bound over the budget (the winner near the
+            # budget, row groups holding the norm, or no fused path) falls to the next check on the same tensor
+            # -- the cheap bound, the full one, the steps one, then the exact measure -- and the kind starts
+            # there until it is screened again
             while level:
                 got = self._bounded(winner, tensor, _BOUND_OF_LEVEL[level])
                 if got is not None and len(got[0]) < raw and got[1] <= self.max_error:
@@ -259,7 +263,7 @@ class AutoCodec(Codec):
             if codec is not fallback:
                 confirmed = due and old is not None and old[0] is codec
                 interval = min(2 * old[3], RESCREEN_MAX) if confirmed else RESCREEN_EVERY
-                level = old[2] if confirmed else BOUND_CHEAP if hasattr(codec, "encode_bounded") else BOUND_NONE
+                level = old[2] if confirmed else BOUND_AMAX if hasattr(codec, "encode_bounded") else BOUND_NONE
                 self._memo[kind] = [codec, 0, level, interval, tensor.numel() * tensor.element_size()]
         return codec, payload
 

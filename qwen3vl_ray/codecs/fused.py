@@ -288,11 +288,13 @@ _NO_DIGESTS = np.zeros(0, dtype=np.uint64)
 
 
 #: how many of the kernel's sums each ``measure`` fills
-_WIDTH = (0, 2, 3, 3, 3)
+_WIDTH = (0, 2, 3, 3, 3, 3)
 #: the kernels' upper bounds of the error (see :func:`bound_error`), cheapest and loosest first, and the
-#: ``measure`` of :func:`quantize_parts` that takes each: ``cheap`` the norm's lower bound from some inputs' squares,
-#: ``full`` from every input's, ``steps`` also the codes' rounding steps exactly instead of half a step each
-BOUNDS = {"cheap": 3, "full": 2, "steps": 4}
+#: ``measure`` of :func:`quantize_parts` that takes each: ``amax`` the norm's lower bound from each row group's
+#: largest input alone (read back from its scale: no work in the group's loop) and, along a channel, from the
+#: larger of each two inputs; ``cheap`` also from the largest of each four in a row's group; ``full`` from every
+#: input's square; ``steps`` also the codes' rounding steps exactly instead of half a step each
+BOUNDS = {"amax": 5, "cheap": 3, "full": 2, "steps": 4}
 
 
 def bound_measure(bound: str, codec: str) -> int:
@@ -350,8 +352,8 @@ def _bound_terms(numel: int, dtype: torch.dtype) -> tuple[float, float, float, f
 
 def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype, exact_x2: float = 0.0,
                 exact_steps: bool = False) -> float:
-    """An upper bound of ``relative_error(x, decode(payload))`` from :func:`quantize_parts`' ``measure`` 2, 3 or
-    4 sums (:data:`BOUNDS`): ``sq`` (group size x ``scale^2`` summed over the quantized groups; ``exact_steps``,
+    """An upper bound of ``relative_error(x, decode(payload))`` from :func:`quantize_parts`' ``measure`` 2 to
+    5 sums (:data:`BOUNDS`): ``sq`` (group size x ``scale^2`` summed over the quantized groups; ``exact_steps``,
     ``measure`` 4: the squared steps themselves, ``scale^2 (x * inv - code)^2`` summed), ``f2_lo`` (a lower
     bound of the squared norm of the quantized groups' float32 inputs) and ``zz`` (a bound of the squared error
     of the groups stored as zeros: their inputs, each at most ``amax = qmax * scale``); ``exact_x2`` is the
@@ -394,7 +396,7 @@ def bound_error(sums: tuple[float, float, float], numel: int, dtype: torch.dtype
 
 def _bound_sums(g: Geometry, qmax: int, lanes: float, q2: float, z2: float,
                 exact_steps: bool = False) -> tuple[float, float, float]:
-    """:func:`bound_error`'s ``(sq, f2_lo, zz)`` of one part from the kernel's ``measure`` 2, 3 or 4 sums
+    """:func:`bound_error`'s ``(sq, f2_lo, zz)`` of one part from the kernel's ``measure`` 2 to 5 sums
     ``lanes, q2, z2``: every group holds at most ``group`` elements per scale (``sq = group * q2``); a group
     stored as zeros (amax <= TINY) errs by its inputs, each <= amax = qmax * scale (within 2^-23); the lanes'
     float32 sums (squares of inputs, or of some of them) are rounded down by their worst case: a lane sums at
@@ -464,10 +466,10 @@ def quantize_parts(x: np.ndarray, plan: EncodePlan, qmax: int, writer: _base.Pay
     cache (what ``auto`` needs, without a decode; see :func:`error_bound`): float32 sums in code units per group
     (``(x - decoded) * inv`` and ``x * inv``, the decoded value rounded to the output dtype as decode rounds
     it), scaled back by ``1 / inv^2`` in float64; groups stored as zeros add their inputs' squares exactly.
-    ``measure`` 2 and 3: :func:`bound_error`'s sums, its norm bound from every input's square (2) or, cheaper and
-    looser, from some inputs' (3: the largest of each two or four, see ``fused_kernels.ENCODE``); ``measure`` 4:
-    as 2 with the codes' squared rounding steps exactly, each group's scaled by its squared scale, instead of the
-    squared scales (``BOUNDS``). Else ().
+    ``measure`` 2, 3 and 5: :func:`bound_error`'s sums, its norm bound from every input's square (2) or, cheaper
+    and looser, from some inputs' (3: the largest of each two or four; 5: in a row's group only the largest, see
+    ``fused_kernels.ENCODE``); ``measure`` 4: as 2 with the codes' squared rounding steps exactly, each group's
+    scaled by its squared scale, instead of the squared scales (``BOUNDS``). Else ().
     """
     if writer.layout is not plan.layout:
         raise AssertionError("the payload writer was not built on the plan's layout")

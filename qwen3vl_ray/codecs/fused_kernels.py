@@ -360,7 +360,7 @@ def _tiny_err(xs, m):
 
 
 @numba.njit(fastmath={"reassoc"}, cache=True, nogil=True)
-def _scale_sums(scales, g0, g1, post, qmax):
+def _scale_sums(scales, g0, g1, post, qmax, largest):
     """The bound's sums of the scales of groups ``[g0, g1)`` (``post`` each; float32 at any byte offset of
     ``scales``), in float64: their squares where the group was quantized, and where it was stored as zeros.
 
@@ -370,16 +370,25 @@ def _scale_sums(scales, g0, g1, post, qmax):
     quantized iff its amax exceeds TINY (``_inv``); ``scale = amax / qmax`` rounds monotonically, so a scale
     above ``TINY / qmax`` (rounded) says quantized, one below says zeros, and one equal to it is counted as both
     (an upper bound of the error either way). Any order of the adds: the bound's rounding allowances
-    (fused.bound_error, fused._bound_sums) cover a float64 sum's rounding."""
+    (fused.bound_error, fused._bound_sums) cover a float64 sum's rounding.
+
+    The third sum (only where ``largest``, else 0), ``qmax^2`` times the normal scales' squares (rounded down by
+    2^-22), is a lower bound of the squared norm of the groups' largest inputs (the ``amax`` bound's, see ENCODE):
+    ``scale = fl(amax / qmax)`` is at most ``amax / qmax (1 + 2^-24)``, and a subnormal scale, rounded by an
+    absolute 2^-150, is left out."""
     thr = np.float32(np.float32(TINY) / qmax)
+    normal = np.float32(np.finfo(np.float32).tiny)
     q2 = 0.0
     z2 = 0.0
+    a2 = 0.0
     for b in range(g0 * post, g1 * post):
         sa = _get_f32(scales, 4 * b)
         s2 = np.float64(sa) * np.float64(sa)
         q2 += s2 if sa >= thr else 0.0
         z2 += s2 if sa <= thr else 0.0
-    return q2, z2
+        a2 += s2 if largest and sa >= normal else 0.0
+    qq = np.float64(qmax) * np.float64(qmax)
+    return q2, z2, a2 * qq * (1.0 - 2.0 ** -22)
 
 
 @numba.njit(fastmath={"reassoc"}, cache=True, nogil=True)
@@ -477,7 +486,9 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
         # position in a row's group: no reduction to reorder, so the loops stay vectorized); the rest of the
         # bound comes from the scales (_scale_sums, at the chunk's end). The cheap bound (measure == 3) squares
         # only the largest of each two or four inputs, which the amax loops find anyway (see ENCODE)
-        xl = np.zeros((post if post > 1 else group) if measure >= 2 else 0, np.float32)
+        # (the amax bound, measure 5, squares none: a row group's largest input comes from its scale; along a
+        # channel ENCODE runs the measure 3 kernel for it, so no per-channel kernel sees measure 5)
+        xl = np.zeros((post if post > 1 else group) if measure >= 2 and measure != 5 else 0, np.float32)
         # steps bound, per channel: each channel's squared steps times its squared scale, one float64 lane each
         sl = np.zeros(post if measure == 4 and post > 1 else 0, np.float64)
         # int4 packs straight into the payload when every group (or, per channel, every row) starts on a
@@ -698,8 +709,8 @@ def _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per,
             # quantized groups (q2) and of those stored as zeros (z2). Summed here, not by numpy after the launch:
             # np.dot's OpenBLAS threads then fight numba's still-spinning OpenMP workers for the cores (measured
             # ~3.5 ms median per call on two cores)
-            q2, z2 = _scale_sums(scales, i0, i1, post, qmax)
-            err[3 * c] = _lane_sum(xl)
+            q2, z2, a2 = _scale_sums(scales, i0, i1, post, qmax, measure == 5)
+            err[3 * c] = a2 if measure == 5 else _lane_sum(xl)
             err[3 * c + 1] = ssum + _lane_sum(sl) if measure == 4 else q2
             err[3 * c + 2] = z2
         elif measure:
@@ -812,7 +823,8 @@ def _encode_kernel(rows: bool, pack4: bool, measure: int):
         return _encode_body(x, base, U, su, H, sh, T, st, n, post, group, qmax, pack4, per, codes, scales, rows,
                             measure, seg, digests, sdigests)
     # distinct names: numba's on-disk cache tells closures of one source line apart by them
-    kernel.__name__ = kernel.__qualname__ = f"encode_{'rows' if rows else 'cols'}_{'int4' if pack4 else 'int8'}{('', '_measure', '_bound', '_cheap_bound', '_steps_bound')[measure]}"
+    suffix = ("", "_measure", "_bound", "_cheap_bound", "_steps_bound", "_amax_bound")[measure]
+    kernel.__name__ = kernel.__qualname__ = f"encode_{'rows' if rows else 'cols'}_{'int4' if pack4 else 'int8'}{suffix}"
     return numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)(kernel)
 
 
@@ -835,10 +847,15 @@ _FLAGS = (False, True)
 #: group, of each four inputs a quarter of the group apart (~62% on Gaussian inputs), any tail squared whole:
 #: a lower bound of the norm for a half or a quarter of the squares; 4: as 2, but the second sum is the codes'
 #: rounding steps, exactly (squared ``x * inv - code`` in float32 per group, times the group's squared scale in
-#: float64) instead of half a step each. ``digests`` (unless empty) gets the xxh3_64 of each ``seg``-byte segment
-#: of ``codes`` (each chunk's codes must fill whole segments); ``sdigests`` gets those of ``scales`` (always: their
-#: pass is serial, after the chunks)
+#: float64) instead of half a step each; 5: as 3 along a channel, but in a row's group only its largest input is
+#: counted, read back from its scale (``_scale_sums``): no squares in the group's loop, and ~1/15 of the squared
+#: norm of a group of 128 Gaussian inputs, so it proves a budget only where row groups hold little of the norm (a
+#: KV chunk's values beside outlier keys). ``digests`` (unless empty) gets the xxh3_64 of each ``seg``-byte
+#: segment of ``codes`` (each chunk's codes must fill whole segments); ``sdigests`` gets those of ``scales`` (always:
+#: their pass is serial, after the chunks)
 ENCODE = {(r, p, m): _encode_kernel(r, p, m) for r in _FLAGS for p in _FLAGS for m in (0, 1, 2, 3, 4)}
+# measure 5 along a channel is measure 3: the same kernel, not one more specialization to compile
+ENCODE.update({(r, p, 5): _encode_kernel(r, p, 5) if r else ENCODE[r, p, 3] for r in _FLAGS for p in _FLAGS})
 #: ``DECODE[rows, pack4]``: write ``codes * scales`` into one part of ``out`` (``scales``, ``seg``, ``digests`` and
 #: ``sdigests`` as in ENCODE)
 DECODE = {(r, p): _decode_kernel(r, p) for r in _FLAGS for p in _FLAGS}

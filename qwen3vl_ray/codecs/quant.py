@@ -113,8 +113,10 @@ class GroupQuantCodec(Codec):
         plus ~0.4% for bf16) from sums the kernel takes as it quantizes, at a fraction of
         :meth:`encode_measured`'s cost; None where the fused path does not run. ``bound`` (:data:`fused.BOUNDS`):
         ``full``; ``cheap``, the norm's lower bound from the squares of the largest of each two or four inputs
-        (``fused_kernels.ENCODE``): a third to a half of the extra cost, the bound ~1.0-1.3x looser; ``steps``,
-        the codes' rounding steps summed exactly: the tightest (1.1-1.8x the error on bf16), the dearest."""
+        (``fused_kernels.ENCODE``): a third to a half of the extra cost, the bound ~1.0-1.3x looser; ``amax``,
+        per channel the cheap bound, in a row's group its largest input alone (from its scale): cheaper still,
+        and far looser on row groups; ``steps``, the codes' rounding steps summed exactly: the tightest (1.1-1.8x
+        the error on bf16), the dearest."""
         measure = F.bound_measure(bound, self.name)
         if not self._fused(tensor):
             return self.encode(tensor), None
