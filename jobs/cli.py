@@ -10,6 +10,9 @@
                                              start (or reuse) the coordinator, node agents and workers on a
                                              running cluster (refused on an embedded Ray, which would stop with it)
     qwen3vl-ray make-checkpoint tiny|bench-2b [--path P]
+    qwen3vl-ray warm-kernels [--dtypes D ...] [--codecs C ...] [--jobs N]
+                                             compile the fused codec kernels into numba's disk cache before
+                                             serving (a cold process compiles each on first use, seconds each)
     qwen3vl-ray bench [NAME [ARGS...]]       list the benchmarks, or run one
     qwen3vl-ray config [--markdown]          the resolved settings, or the configuration reference
 
@@ -26,6 +29,7 @@ import os
 import pkgutil
 import subprocess
 import sys
+import time
 
 from jobs.log_levels import FORMAT, apply_log_levels
 from qwen3vl_ray import settings as S
@@ -51,6 +55,36 @@ def cmd_make_checkpoint(argv: list[str]) -> int:
     path = args.path or os.path.join(s.checkpoint_dir, args.preset)
     out = make_checkpoint(args.preset, path, seed=args.seed)
     print(out)
+    return 0
+
+
+# -- warm-kernels ----------------------------------------------------------------------------------------
+
+def cmd_warm_kernels(argv: list[str]) -> int:
+    from qwen3vl_ray.codecs import warmup
+
+    p = argparse.ArgumentParser(prog=f"{PROG} warm-kernels", description=warmup.__doc__.split("\n\n")[0])
+    p.add_argument("--dtypes", nargs="+", default=list(warmup.DTYPES), metavar="DTYPE",
+                   help=f"the tensor dtypes to compile for, any of {', '.join(warmup.DTYPES)} [default: all]; a "
+                        "model's KV and vision features take its dtype (bfloat16 for Qwen3-VL)")
+    p.add_argument("--codecs", nargs="+", default=list(warmup.CODECS), metavar="CODEC",
+                   help=f"the codecs whose kernels to compile, any of {', '.join(warmup.CODECS)} [default: all; "
+                        "kv-int8 and kv-int4 run int8's and int4's kernels]")
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                   help="processes compiling at once [default: this process's cores]")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of a line per item")
+    args = p.parse_args(argv)
+
+    def line(w):
+        if not args.json:
+            print(f"{w.codec:12} {w.dtype:9} {w.seconds:7.1f} s", flush=True)
+
+    start = time.perf_counter()
+    done = warmup.warm_kernels(args.dtypes, jobs=args.jobs, progress=line, codecs=args.codecs)
+    if args.json:
+        print(json.dumps([vars(w) for w in done]))
+    else:
+        print(f"{len(done)} codec/dtype pairs warm in {time.perf_counter() - start:.1f} s", flush=True)
     return 0
 
 
@@ -157,6 +191,7 @@ COMMANDS = {
     "status": (cmd_status, "per-node, per-tier table (used/budget, entries, hit ratio, pressure)"),
     "service": (cmd_service, "start or reuse the coordinator, node agents and workers on a cluster"),
     "make-checkpoint": (cmd_make_checkpoint, "write a generated tiny or bench-2b checkpoint"),
+    "warm-kernels": (cmd_warm_kernels, "compile the fused codec kernels into numba's disk cache before serving"),
     "bench": (cmd_bench, "list the benchmarks, or run one"),
     "config": (cmd_config, "print the resolved settings (or --markdown: the configuration reference)"),
 }

@@ -100,7 +100,11 @@ _full_width_vectors()
 # concurrent launches would only split the same cores: callers take turns
 _LOCK = threading.Lock()
 if numba is not None:
+    from qwen3vl_ray.codecs import numba_cache_lock
     from qwen3vl_ray.codecs import fused_kernels as K  # noqa: E402  (after the threading layer is chosen)
+
+    # before any kernel compiles: every process of a node saves its kernels into one cache directory
+    numba_cache_lock.install()
 
 # GNU OpenMP is not fork-safe: a child forked after this process launched a parallel kernel must not launch
 # one (numba aborts it). Such a child runs the serial twins of the kernels instead.
