@@ -9,11 +9,10 @@ signature while N holds the other's machine code. A later process loads that cod
 or the wrong kernel variant: silently wrong payloads, or a crash. The same can happen to a load that reads a data
 file between another process's index and data writes.
 
-:func:`install` wraps ``IndexDataCacheFile.save`` and ``load`` in an ``flock`` on ``<index>.lock`` beside
-the index (and ``flush``, which empties the index): an exclusive lock for the read-modify-write of a save, and
-a shared one for a load (its index
-read, then its data read). Compiling stays outside the lock, so processes still compile in parallel. Only the
-few milliseconds of file I/O are serialized. Where the lock file cannot be opened (a read-only cache
+:func:`install` wraps ``IndexDataCacheFile.save``, ``flush`` (which empties the index) and ``load`` in an
+``flock`` on ``<index>.lock`` beside the index: an exclusive lock for a save's read-modify-write and a flush, a
+shared one for a load (its index read, then its data read). Compiling stays outside the lock, so processes still
+compile in parallel. Only the few milliseconds of file I/O are serialized. Where the lock file cannot be opened (a read-only cache
 directory), numba runs as before, unlocked.
 """
 
@@ -61,13 +60,14 @@ def install() -> bool:
     """Lock numba's cache file I/O across processes (idempotent). False where this numba has no
     ``IndexDataCacheFile`` with ``save`` and ``load`` (its cache then runs unlocked, as numba ships it)."""
     try:
+        import numba
         from numba.core import caching
     except ImportError:
         return False
     cls = getattr(caching, "IndexDataCacheFile", None)
     if cls is None or not all(callable(getattr(cls, name, None)) for name in ("save", "load")):
         log.warning("numba %s has no IndexDataCacheFile.save/load: its kernel cache stays unlocked across processes",
-                    getattr(__import__("numba"), "__version__", "?"))
+                    numba.__version__)
         return False
     if getattr(cls, _MARK, False):
         return True

@@ -24,6 +24,7 @@ single-threaded, so two jobs on two cores halve the wall time. Their saves into 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import time
 from dataclasses import dataclass
@@ -55,12 +56,10 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def warm_one(codec_spec: str, dtype: str) -> Warmed:
-    """Run ``codec_spec``'s every fused kernel on ``dtype`` once (see the module docstring)."""
+    """Run ``codec_spec``'s every fused kernel on ``dtype`` once (see the module docstring); where the kernels
+    are off its codec runs the torch paths, so :func:`warm_kernels` refuses such a host first."""
     from qwen3vl_ray.codecs import base, decode, fused, make_codec
 
-    if not fused.available():
-        raise ConfigError("warm-kernels: the fused codec kernels are off on this host (numba missing, a big-endian "
-                          "host, or QWEN3VL_CODEC_KERNELS=torch): there is nothing to compile")
     start = time.perf_counter()
     codec = make_codec(codec_spec)
     # two groups of 128 along each axis, so both quantize one group per row or channel, and odd tails stay out
@@ -97,19 +96,21 @@ def warm_kernels(dtypes: tuple[str, ...] | list[str] = DTYPES, jobs: int = 1, pr
         if spec not in CODECS:
             raise ConfigError(f"warm-kernels: {spec!r} is not one of the codecs whose kernels cover all of them: "
                               f"{', '.join(CODECS)} (the kv- codecs run the same kernels)")
+    from qwen3vl_ray.codecs import fused
+
+    if not fused.available():
+        raise ConfigError("warm-kernels: the fused codec kernels are off on this host (numba missing, a big-endian "
+                          "host, or QWEN3VL_CODEC_KERNELS=torch): there is nothing to compile")
     items = [(c, d) for d in dict.fromkeys(dtypes) for c in dict.fromkeys(codecs)]
     done: list[Warmed] = []
-    if jobs == 1:
-        for item in items:
-            done.append(warm_one(*item))
-            if progress:
-                progress(done[-1])
-        return done
     # spawned, not forked: a child forked from a process that launched a kernel runs serial twins that are
     # never cached (fused._kernel), and compiling is what this is for
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, len(items)), mp_context=ctx) as pool:
-        for warmed in pool.map(_warm_item, items):
+    with contextlib.ExitStack() as stack:
+        run = map
+        if jobs > 1:
+            run = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                max_workers=min(jobs, len(items)), mp_context=multiprocessing.get_context("spawn"))).map
+        for warmed in run(_warm_item, items):
             done.append(warmed)
             if progress:
                 progress(warmed)
